@@ -1,0 +1,39 @@
+"""The content: blob store, manifest and tag index, single-flight fills.
+
+Exports what proxy may use. Imports ``moorage.config`` and ``moorage.upstreams``; never proxy
+and never ``aiohttp.web``.
+"""
+
+from ._cache import (
+    BlobAnswer,
+    Cache,
+    CacheResult,
+    FillingBlob,
+    ManifestAnswer,
+    TagsAnswer,
+    WarmBlob,
+    open_cache,
+)
+from ._fill import FillReader
+from ._source import Source
+from ._store import BlobStore, DirectoryStore
+from .errors import CacheError, DigestMismatch, FillAborted, StoreFailure
+
+__all__ = [
+    "BlobAnswer",
+    "BlobStore",
+    "Cache",
+    "CacheError",
+    "CacheResult",
+    "DigestMismatch",
+    "DirectoryStore",
+    "FillAborted",
+    "FillReader",
+    "FillingBlob",
+    "ManifestAnswer",
+    "Source",
+    "StoreFailure",
+    "TagsAnswer",
+    "WarmBlob",
+    "open_cache",
+]

@@ -1,0 +1,36 @@
+"""Every index key shape, in one place; the builders here are the only way to make a key.
+
+Keys are tuples, never joined strings, so ``("org/a_b",)`` and ``("org_a", "b")`` cannot
+collide whatever characters the grammar allows. Values are plain tuples of str/float/bytes so
+that the on-disk index does not depend on class paths.
+
+=========================================  =================================================
+key                                        value
+=========================================  =================================================
+("tag", upstream, repository, tag, accept)  (digest, media type, checked at, fetched at)
+("manifest", digest)                        media type of a stored manifest
+("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
+=========================================  =================================================
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
+
+__all__ = ["IndexKey", "manifest_key", "tag_key", "tags_list_key"]
+
+IndexKey: TypeAlias = tuple[str, ...]
+
+
+def tag_key(upstream: str, repository: RepositoryName, tag: Tag, accept: AcceptClass) -> IndexKey:
+    return ("tag", upstream, str(repository), str(tag), accept)
+
+
+def manifest_key(digest: Digest) -> IndexKey:
+    return ("manifest", str(digest))
+
+
+def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:
+    return ("tags", upstream, str(repository), n or "", last or "")

@@ -1,0 +1,31 @@
+"""What the cache needs from an upstream, as a Protocol.
+
+``moorage.upstreams.RegistryClient`` is the real one; cache tests may plug in a fake.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from moorage.upstreams import BlobBody, FetchedManifest, ManifestHead, TagsPage
+from moorage.upstreams.reference import AcceptClass, Digest, Reference, RepositoryName
+
+__all__ = ["Source"]
+
+
+class Source(Protocol):
+    @property
+    def host(self) -> str: ...
+
+    async def get_manifest(
+        self, repository: RepositoryName, reference: Reference, accept: AcceptClass
+    ) -> FetchedManifest: ...
+    async def head_manifest(
+        self, repository: RepositoryName, reference: Reference, accept: AcceptClass
+    ) -> ManifestHead: ...
+    async def head_blob(self, repository: RepositoryName, digest: Digest) -> int: ...
+    def open_blob(
+        self, repository: RepositoryName, digest: Digest, offset: int = 0
+    ) -> AbstractAsyncContextManager[BlobBody]: ...
+    async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage: ...

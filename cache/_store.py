@@ -1,0 +1,145 @@
+"""The content-addressed blob store: what a store must do, and the directory store.
+
+Manifests and layers alike live once, by digest: ``blobs/<algorithm>/<2 hex>/<hex>`` under
+the store root. Bytes reach that path only through :meth:`PendingBlob.commit`, which checks
+the digest, fsyncs and renames a temporary from ``tmp/`` into place; so a crash at any moment
+leaves no partial blob visible, and :meth:`DirectoryStore.sweep_temporaries` clears what a
+crash left behind at the next start. Every method here blocks: callers run whole operations
+in a thread, one hop each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from moorage.upstreams.reference import Digest
+
+from .errors import DigestMismatch, StoreFailure
+
+__all__ = ["BlobStore", "DirectoryStore", "PendingBlob"]
+
+TEMP_SUFFIX = ".partial"
+
+
+class PendingBlob(Protocol):
+    """A blob being written; invisible until ``commit`` verified it."""
+
+    def write(self, chunk: bytes) -> None: ...
+    def pread(self, size: int, offset: int) -> bytes: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def size_of(self, digest: Digest) -> int | None: ...
+    def local_path(self, digest: Digest) -> Path | None: ...
+    def read_small(self, digest: Digest, limit: int) -> bytes | None: ...
+    def begin(self, digest: Digest) -> PendingBlob: ...
+    def sweep_temporaries(self) -> int: ...
+
+
+class _PendingFile:
+    def __init__(self, store: DirectoryStore, digest: Digest) -> None:
+        self._store = store
+        self._digest = digest
+        self._hasher = digest.hasher()
+        self._temp = store.tmp_dir / f"{digest.algorithm}-{digest.encoded}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._closed = False
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise StoreFailure(f"cannot write {self._digest}: {exc.strerror}") from exc
+        self._hasher.update(chunk)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def commit(self) -> None:
+        actual = self._hasher.hexdigest()
+        if actual != self._digest.encoded:
+            self.discard()
+            raise DigestMismatch(str(self._digest), f"{self._digest.algorithm}:{actual}", "upstream blob")
+        final = self._store.path_of(self._digest)
+        try:
+            os.fsync(self._fd)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self._temp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            self.discard()
+            raise StoreFailure(f"cannot store {self._digest}: {exc.strerror}") from exc
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._temp)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectoryStore:
+    """Blobs as files under a root directory; sendfile-capable."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs_dir = root / "blobs"
+        self.tmp_dir = root / "tmp"
+        for directory in (self.blobs_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, digest: Digest) -> Path:
+        return self.blobs_dir / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def size_of(self, digest: Digest) -> int | None:
+        try:
+            return self.path_of(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def local_path(self, digest: Digest) -> Path | None:
+        return self.path_of(digest)
+
+    def read_small(self, digest: Digest, limit: int) -> bytes | None:
+        try:
+            with open(self.path_of(digest), "rb") as handle:
+                return handle.read(limit + 1)
+        except FileNotFoundError:
+            return None
+
+    def begin(self, digest: Digest) -> PendingBlob:
+        try:
+            return _PendingFile(self, digest)
+        except OSError as exc:
+            raise StoreFailure(f"cannot start writing {digest}: {exc.strerror}") from exc
+
+    def sweep_temporaries(self) -> int:
+        """Remove what an interrupted fill left in ``tmp/``; call before serving."""
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed

@@ -1,0 +1,34 @@
+"""What can go wrong inside the cache, as one exception tree.
+
+    CacheError
+    ├── DigestMismatch   bytes from upstream did not hash to the digest asked for; nothing kept
+    ├── FillAborted      the fill a reader was following failed; the reader's response must be
+    │                    cut (never finished), and nothing was kept
+    └── StoreFailure     the store could not write (disk full, permissions); nothing kept
+
+Upstream failures keep their own types (``moorage.upstreams.errors``); a fill that fails for
+an upstream reason hands readers a FillAborted whose ``__cause__`` is that error.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CacheError", "DigestMismatch", "FillAborted", "StoreFailure"]
+
+
+class CacheError(Exception):
+    pass
+
+
+class DigestMismatch(CacheError):
+    def __init__(self, expected: str, actual: str, where: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{where}: content hashed to {actual}, expected {expected}; not kept")
+
+
+class FillAborted(CacheError):
+    pass
+
+
+class StoreFailure(CacheError):
+    pass

@@ -1,0 +1,30 @@
+"""Configuration: one typed settings model, read from a YAML file and ``MOORAGE_*`` variables.
+
+Imported by every room; imports none of them. ``load_settings`` builds a frozen
+:class:`Settings` once at start-up; each room is handed only its own section.
+"""
+
+from ._load import CONFIG_ENV, ConfigError, load_settings
+from ._model import (
+    DEFAULT_UPSTREAMS,
+    RetrySettings,
+    Settings,
+    StorageSettings,
+    TimeoutSettings,
+    UpstreamSettings,
+)
+from ._units import parse_duration, parse_size
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_UPSTREAMS",
+    "ConfigError",
+    "RetrySettings",
+    "Settings",
+    "StorageSettings",
+    "TimeoutSettings",
+    "UpstreamSettings",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]

@@ -1,0 +1,117 @@
+"""Building the settings: the YAML file, then ``MOORAGE_*`` environment overrides.
+
+Nothing else in Moorage reads ``os.environ`` or the config file. An override's name is
+``MOORAGE_`` plus the key path joined with ``__`` (``MOORAGE_STORAGE__PATH``,
+``MOORAGE_UPSTREAMS__0__USERNAME``). Every problem becomes one :class:`ConfigError` whose
+lines name the file (or variable) and the key, e.g. ``upstreams[1].url: not a URL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ._model import DEFAULT_UPSTREAMS, Settings
+
+__all__ = ["CONFIG_ENV", "ConfigError", "load_settings"]
+
+ENV_PREFIX = "MOORAGE_"
+#: Names the config file; not a setting itself.
+CONFIG_ENV = "MOORAGE_CONFIG"
+
+
+class ConfigError(Exception):
+    """Settings that cannot be used; ``problems`` are ``key: what is wrong`` lines."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings from ``path`` (optional) overlaid with ``environ``'s ``MOORAGE_*`` keys."""
+    environ = environ or {}
+    data: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        source = str(path)
+        data = _read_file(path)
+    overrides = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != CONFIG_ENV}
+    for name in sorted(overrides):
+        _apply_override(data, name, overrides[name], source)
+    if overrides:
+        source += " and the environment" if path else "the environment"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(str(path), [f"{line}not valid YAML: {problem}"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(path), [f"the file must hold a mapping of keys, not {type(loaded).__name__}"])
+    return loaded
+
+
+def _apply_override(data: dict[str, Any], name: str, value: str, source: str) -> None:
+    path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+    node: Any = data
+    for depth, key in enumerate(path[:-1]):
+        child = _child(node, key)
+        if child is None:
+            if key == "upstreams":
+                child = [u.model_dump(exclude_defaults=True, mode="json") for u in DEFAULT_UPSTREAMS]
+            else:
+                child = {}
+            _set(node, key, child, name)
+        elif not isinstance(child, dict | list):
+            raise ConfigError("the environment", [f"{name}: {'.'.join(path[: depth + 1])} is not a section"])
+        node = child
+    _set(node, path[-1], value, name)
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, list):
+        return node[int(key)] if key.isdigit() and int(key) < len(node) else None
+    return node.get(key)
+
+
+def _set(node: Any, key: str, value: Any, name: str) -> None:
+    if isinstance(node, list):
+        if not key.isdigit() or int(key) >= len(node):
+            raise ConfigError("the environment", [f"{name}: no list entry {key!r} to override"])
+        node[int(key)] = value
+    else:
+        node[key] = value
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ""
+    for part in error["loc"]:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    message = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key missing"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{key}: {message}" if key else message

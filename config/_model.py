@@ -1,0 +1,181 @@
+"""The settings model: every key Moorage reads, its type, default and validation.
+
+One frozen pydantic model per section. Unknown keys are errors (a typo such as ``tag_tll``
+must not pass silently). Defaults run with no file at all: Docker Hub as the default upstream
+plus the other big public registries, anonymously, on ``0.0.0.0:5000`` with the store in
+``./moorage-data``. Each room receives only its own section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from ._units import parse_duration, parse_size
+
+__all__ = [
+    "DEFAULT_UPSTREAMS",
+    "RetrySettings",
+    "Settings",
+    "StorageSettings",
+    "TimeoutSettings",
+    "UpstreamSettings",
+]
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+Bytes = Annotated[int, BeforeValidator(parse_size)]
+
+_PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageSettings(_Section):
+    #: Directory holding blobs, manifests, the index and temporaries.
+    path: Path = Path("./moorage-data")
+
+
+class TimeoutSettings(_Section):
+    """httpx's four timeouts. ``read`` is idle time between chunks, never a total deadline."""
+
+    connect: Seconds = 10.0
+    read: Seconds = 60.0
+    write: Seconds = 60.0
+    pool: Seconds = 30.0
+
+
+class RetrySettings(_Section):
+    """Retries before any byte reached a client: connect errors, 5xx and 429."""
+
+    attempts: int = Field(default=3, ge=1, le=10)
+    #: Longest wait between two attempts; a 429 whose Retry-After is longer fails at once
+    #: (and the cache answers from what it holds, if anything).
+    max_wait: Seconds = 5.0
+
+
+class UpstreamSettings(_Section):
+    #: The registry's name in image references and in containerd's ``?ns=``.
+    host: str
+    #: Where its API lives (``https://registry-1.docker.io``).
+    url: str
+    #: Answers ``/v2/<name>/...`` that carry no prefix and no ``ns``.
+    default: bool = False
+    #: Other names for this registry accepted in ``?ns=`` and as a path prefix.
+    aliases: tuple[str, ...] = ()
+    #: Extra path prefixes (``/v2/<prefix>/<repository>/...``); the host always works as one.
+    prefixes: tuple[str, ...] = ()
+    username: str = ""
+    #: A file holding the password or token for ``username``; read at start, never logged.
+    password_file: Path | None = None
+    #: Freshness of a tag answer for this upstream; the global ``tag_ttl`` when unset.
+    tag_ttl: Seconds | None = None
+    #: Add ``library/`` to one-component names (Docker Hub's official images).
+    #: Unset: on for docker.io, off for every other upstream.
+    library_prefix: bool | None = None
+    timeouts: TimeoutSettings = TimeoutSettings()
+    retries: RetrySettings = RetrySettings()
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value or "/" in value or " " in value:
+            raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not a URL: {value!r} (expected http://… or https://…)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"not a registry URL: {value!r} (no query or fragment)")
+        return value.rstrip("/")
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().lower() for v in values)
+
+    @field_validator("prefixes")
+    @classmethod
+    def _prefixes(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if not value or not set(value) <= _PREFIX_CHARS or not value[0].isalnum():
+                raise ValueError(f"not a path prefix: {value!r} (one lowercase name component, e.g. docker-hub)")
+        return values
+
+    @property
+    def adds_library_prefix(self) -> bool:
+        if self.library_prefix is not None:
+            return self.library_prefix
+        return self.host == "docker.io"
+
+
+DEFAULT_UPSTREAMS: tuple[UpstreamSettings, ...] = (
+    UpstreamSettings(
+        host="docker.io",
+        url="https://registry-1.docker.io",
+        default=True,
+        aliases=("registry-1.docker.io", "index.docker.io"),
+        prefixes=("docker-hub",),
+    ),
+    UpstreamSettings(host="ghcr.io", url="https://ghcr.io", prefixes=("ghcr",)),
+    UpstreamSettings(host="quay.io", url="https://quay.io", prefixes=("quay",)),
+    UpstreamSettings(host="registry.k8s.io", url="https://registry.k8s.io", aliases=("k8s.gcr.io",), prefixes=("k8s",)),
+    UpstreamSettings(host="gcr.io", url="https://gcr.io", prefixes=("gcr",)),
+    UpstreamSettings(host="public.ecr.aws", url="https://public.ecr.aws", prefixes=("ecr-public",)),
+    UpstreamSettings(host="mcr.microsoft.com", url="https://mcr.microsoft.com", prefixes=("mcr",)),
+)
+
+
+class Settings(_Section):
+    #: ``host:port`` to listen on.
+    listen: str = "0.0.0.0:5000"
+    storage: StorageSettings = StorageSettings()
+    #: Default freshness of a tag→digest answer; older answers are revalidated with HEAD.
+    tag_ttl: Seconds = 900.0
+    #: Freshness of a cached ``tags/list`` answer.
+    tags_list_ttl: Seconds = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: How long shutdown waits for requests in flight before closing them.
+    shutdown_timeout: Seconds = 30.0
+    upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        _, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"not a listen address: {value!r} (expected host:port, e.g. 0.0.0.0:5000)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: dict[str, str] = {}
+        defaults = [u.host for u in self.upstreams if u.default]
+        if len(defaults) > 1:
+            raise ValueError(f"upstreams: more than one default upstream ({', '.join(defaults)})")
+        for upstream in self.upstreams:
+            for name in {upstream.host, *upstream.aliases, *upstream.prefixes}:
+                if name in seen and seen[name] != upstream.host:
+                    raise ValueError(f"upstreams: {name!r} names both {seen[name]} and {upstream.host}")
+                seen[name] = upstream.host
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def tag_ttl_of(self, upstream: UpstreamSettings) -> float:
+        return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl

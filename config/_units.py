@@ -1,0 +1,73 @@
+"""Human units in settings: durations ("15m", "1h30m", "90s", 30) and sizes ("50GiB")."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = ["parse_duration", "parse_size"]
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``15m``, ``1h30m``, ``500ms``, ``90`` (seconds) or a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r} (expected e.g. 30s, 15m, 1h30m)")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"not a duration: {value!r} (must not be negative)")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"not a duration: {value!r} (expected e.g. 30s, 15m, 1h30m)")
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(text) or not text:
+        raise ValueError(f"not a duration: {value!r} (expected e.g. 30s, 15m, 1h30m)")
+    return total
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``50GiB``, ``500MB``, ``1024`` or a number."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r} (expected e.g. 500MiB, 50GiB)")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"not a size: {value!r} (must not be negative)")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"not a size: {value!r} (expected e.g. 500MiB, 50GiB)")
+    match = _SIZE_RE.fullmatch(value.strip())
+    unit = (match.group(2) or "").lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (expected e.g. 500MiB, 50GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

@@ -1,0 +1,74 @@
+"""Assembling the application: middlewares, routes, and each room's resources in order.
+
+``build_app(settings)`` returns a fresh aiohttp application; nothing is global, so every test
+builds its own. The cache (store, index, sweep of temporaries, fills) and the upstream clients
+are opened in ``cleanup_ctx`` and closed in reverse order, each only if it opened.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator
+from typing import Final
+
+import httpx
+from aiohttp import web
+
+from moorage.cache import open_cache
+from moorage.config import Settings
+from moorage.upstreams import open_upstreams
+
+from ._handlers import add_routes
+from ._metrics import Metrics
+from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
+from .errors import Handler, error_middleware
+
+__all__ = ["build_app"]
+
+MAX_REQUEST_LINE: Final = 8190
+MAX_HEADER_FIELD: Final = 8190
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request[RequestNote.REQUEST_ID] = given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
+    return await handler(request)
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-Id"] = request.get(RequestNote.REQUEST_ID, "")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    transport = app.get(UPSTREAM_TRANSPORT)
+    async with (
+        open_cache(settings.storage) as cache,
+        open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
+    ):
+        app[CACHE] = cache
+        app[ROUTER] = router
+        metrics.track_fills(lambda: len(cache.fills), lambda: cache.resumes)
+        yield
+
+
+def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=64 * 1024,
+        handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    if upstream_transport is not None:
+        app[UPSTREAM_TRANSPORT] = upstream_transport
+    app.on_response_prepare.append(_common_headers)
+    app.cleanup_ctx.append(_resources)
+    add_routes(app)
+    return app

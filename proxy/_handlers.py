@@ -1,0 +1,245 @@
+"""The OCI pull routes: ``/v2/``, manifests, blobs, tag lists; and health and metrics.
+
+Handlers parse at the door (path, name, reference, digest), ask the router for an upstream
+and the cache for an answer, and turn the answer into headers and bytes. They raise errors
+and never build error JSON (``errors.error_middleware`` does). Warm blobs go out through
+aiohttp's FileResponse (sendfile, Range, 416); blobs being filled are streamed from the fill
+in 1 MiB chunks, and a fill that fails cuts the connection so no client ever takes a short
+body for a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer
+from moorage.upstreams import RegistryClient, Route
+from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
+
+from ._paths import V2Path, parse_v2_path
+from ._state import CACHE, METRICS, ROUTER, SETTINGS, RequestNote
+from .errors import OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
+
+__all__ = ["add_routes"]
+
+log = logging.getLogger("moorage.proxy")
+CHUNK_SIZE: Final = 1024 * 1024
+STALE_WARNING: Final = '110 - "stale"'
+API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
+READ_ONLY: Final = "this cache is read-only: push, delete and upload are not supported"
+
+
+class ReferrersUnsupported(OCIError):
+    """404 is how the spec says "no referrers API"; clients then use the tag schema."""
+
+    code, status = "UNSUPPORTED", 404
+
+
+async def api_base(request: web.Request) -> web.Response:
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def v2(request: web.Request) -> web.StreamResponse:
+    target = parse_v2_path(request.raw_path)
+    if target is None:
+        raise RouteUnknown(f"no such route: {request.method} {request.path[:200]}")
+    if target.kind == "upload" or request.method not in ("GET", "HEAD"):
+        raise Unsupported(READ_ONLY, headers={"Allow": "GET, HEAD"})
+    request[RequestNote.KIND] = target.kind
+    route = request.app[ROUTER].resolve(target.name, request.query.get("ns"))
+    request[RequestNote.UPSTREAM] = route.upstream.host
+    request[RequestNote.REPOSITORY] = str(route.repository)
+    if target.kind == "manifest":
+        return await manifest(request, route, target)
+    if target.kind == "blob":
+        return await blob(request, route, target)
+    if target.kind == "tags":
+        if request.method != "GET":
+            raise Unsupported("tags/list answers GET only", headers={"Allow": "GET"})
+        return await tags(request, route, target)
+    raise ReferrersUnsupported("the referrers API is not supported; use the sha256-<hex> tag schema")
+
+
+# -- manifests ------------------------------------------------------------------------------------
+
+
+async def manifest(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
+    reference = parse_reference(target.reference)
+    request[RequestNote.REFERENCE] = str(reference)
+    settings = request.app[SETTINGS]
+    answer = await request.app[CACHE].manifest(
+        route.upstream,
+        route.repository,
+        reference,
+        accept_class(request.headers.getall("Accept", [])),
+        settings.tag_ttl_of(route.upstream.settings),
+    )
+    request[RequestNote.RESULT] = answer.result
+    headers = _manifest_headers(answer)
+    if request.method == "HEAD":
+        return web.Response(headers=headers)
+    return web.Response(body=answer.body, headers=headers)
+
+
+def _manifest_headers(answer: ManifestAnswer) -> dict[str, str]:
+    headers = {
+        **API_VERSION,
+        "Content-Type": answer.media_type,
+        "Content-Length": str(len(answer.body)),
+        "Docker-Content-Digest": str(answer.digest),
+        "ETag": f'"{answer.digest}"',
+    }
+    if answer.result == "stale":
+        headers["Warning"] = STALE_WARNING
+    return headers
+
+
+# -- blobs ----------------------------------------------------------------------------------------
+
+
+async def blob(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.StreamResponse:
+    digest = parse_digest(target.reference)
+    request[RequestNote.REFERENCE] = str(digest)
+    cache = request.app[CACHE]
+    headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
+    if request.method == "HEAD":
+        size, result = await cache.blob_size(route.upstream, route.repository, digest)
+        request[RequestNote.RESULT] = result
+        return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
+    answer = await cache.blob(route.upstream, route.repository, digest)
+    request[RequestNote.RESULT] = answer.result
+    if isinstance(answer, FillingBlob):
+        return await _stream_fill(request, answer.reader, headers)
+    if answer.path is None:
+        raise AssertionError("stores without local files are not served yet")
+    return web.FileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` asked by a Range header, None for the whole blob."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise RangeInvalid(f"unreadable Range header: {request.headers['Range'][:100]!r}") from None
+    start, stop = wanted.start, wanted.stop
+    if start is None and stop is None:
+        return None
+    if start is None:
+        start = 0
+    if start < 0:  # a suffix, bytes=-N
+        start = max(0, size + start)
+        stop = size
+    stop = size if stop is None else min(stop, size)
+    if start >= size or start >= stop:
+        raise RangeInvalid(
+            f"range {request.headers['Range'][:100]!r} not satisfiable for {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return start, stop
+
+
+async def _stream_fill(request: web.Request, reader: FillReader, headers: dict[str, str]) -> web.StreamResponse:
+    try:
+        size = await reader.wait_started()
+        wanted = _byte_range(request, size)
+        start, end = wanted if wanted is not None else (0, size)
+        response = web.StreamResponse(status=206 if wanted is not None else 200, headers=headers)
+        response.headers["Accept-Ranges"] = "bytes"
+        if wanted is not None:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response.content_length = end - start
+        await response.prepare(request)
+        try:
+            async for chunk in reader.read(start, end):
+                await response.write(chunk)
+        except FillAborted as exc:
+            # Headers are out: the only honest signal left is a cut connection, which makes the
+            # body visibly short of its Content-Length.
+            log.warning(
+                "cutting response: fill failed",
+                extra={"event": "response_cut", "digest": str(reader.digest), "error": str(exc.__cause__ or exc)},
+            )
+            request[RequestNote.ERROR] = "FILL_ABORTED"
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        reader.close()
+
+
+# -- tag lists ------------------------------------------------------------------------------------
+
+
+async def tags(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
+    n = request.query.get("n")
+    last = request.query.get("last")
+    if n is not None and (not n.isdigit() or len(n) > 6):
+        raise PaginationInvalid(f"n must be a whole number, not {n[:20]!r}")
+    if last is not None:
+        last = str(parse_tag(last))
+    settings = request.app[SETTINGS]
+    answer = await request.app[CACHE].tags(route.upstream, route.repository, n, last, settings.tags_list_ttl)
+    request[RequestNote.RESULT] = answer.result
+    try:
+        document = json.loads(answer.body)
+        document["name"] = target.name
+        body = json.dumps(document).encode()
+    except (ValueError, TypeError):
+        body = answer.body
+    headers = {**API_VERSION, "Content-Type": "application/json"}
+    if answer.next_last is not None:
+        query = f"last={answer.next_last}" + (f"&n={answer.next_n}" if answer.next_n else "")
+        if "ns" in request.query:
+            query += f"&ns={request.query['ns']}"
+        headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
+    if answer.result == "stale":
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=body, headers=headers)
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    probe = settings.storage.path / "tmp" / ".readyz"
+
+    def writable() -> bool:
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
+    ok = await asyncio.to_thread(writable)
+    return web.json_response({"status": "ok" if ok else "store not writable"}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def add_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_get("/v2", api_base)
+    router.add_get("/v2/", api_base)
+    router.add_route("*", "/v2/{tail:.*}", v2)
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    router.add_get("/metrics", metrics)

@@ -1,0 +1,48 @@
+"""Reading ``/v2/...`` request paths, from the raw (still percent-encoded) path.
+
+aiohttp decodes ``%2F`` to ``/`` in ``match_info``, so the route is read from
+``request.raw_path``; any ``%`` (an encoded slash, dot or NUL) is refused outright, because
+nothing in the spec grammar needs one. The name is the longest prefix before the last
+``/manifests/``, ``/blobs/``, ``/tags/list`` or ``/referrers/``, so a repository may itself
+contain a component called ``manifests``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from moorage.upstreams.reference import InvalidReference
+
+__all__ = ["V2Path", "parse_v2_path"]
+
+PathKind = Literal["manifest", "blob", "upload", "tags", "referrers"]
+
+_PATTERNS: Final[tuple[tuple[PathKind, re.Pattern[str]], ...]] = (
+    ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/(?P<ref>[^/]*))?/?")),
+    ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
+    ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
+    ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class V2Path:
+    kind: PathKind
+    #: The client's name, unparsed (routing parses it).
+    name: str
+    reference: str
+
+
+def parse_v2_path(raw_path: str) -> V2Path | None:
+    """What a ``/v2/<name>/...`` path asks for; None for no known route."""
+    path = raw_path.split("?", 1)[0]
+    if "%" in path or "\x00" in path:
+        raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
+    for kind, pattern in _PATTERNS:
+        match = pattern.fullmatch(path)
+        if match:
+            return V2Path(kind, match.group("name"), match.groupdict().get("ref") or "")
+    return None

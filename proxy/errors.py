@@ -1,0 +1,216 @@
+"""OCI error responses, and the one place where failures become HTTP.
+
+Each :class:`OCIError` subclass fixes a spec code and a status. Handlers raise, they never
+build error JSON. :func:`error_middleware` renders ``{"errors": [{code, message, detail}]}``
+for OCI errors, and translates everything the lower rooms raise: grammar errors, routing
+errors, upstream errors (429 → TOOMANYREQUESTS with ``Retry-After``; unreachable → 503;
+a broken answer → 502) and cache errors. aiohttp's own 404/405/416 get OCI bodies too.
+An unexpected exception is logged with its traceback and answered 500 without one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Literal, NotRequired, TypedDict
+
+from aiohttp import web
+
+from moorage.cache import CacheError, DigestMismatch, FillAborted, StoreFailure
+from moorage.upstreams import (
+    NoRoute,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from moorage.upstreams.reference import InvalidReference
+
+from ._state import RequestNote
+
+__all__ = [
+    "BlobUnknown",
+    "DigestInvalid",
+    "ManifestInvalid",
+    "ManifestUnknown",
+    "NameInvalid",
+    "NameUnknown",
+    "OCIError",
+    "PaginationInvalid",
+    "RangeInvalid",
+    "RouteUnknown",
+    "TooManyRequests",
+    "Unsupported",
+    "error_middleware",
+]
+
+log = logging.getLogger("moorage.proxy")
+RouteKind = Literal["manifest", "blob", "tags", "other"]
+
+
+class OCIErrorEntry(TypedDict):
+    code: str
+    message: str
+    detail: NotRequired[object]
+
+
+class OCIErrorBody(TypedDict):
+    errors: list[OCIErrorEntry]
+
+
+class OCIError(Exception):
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, detail: object = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> OCIErrorBody:
+        entry: OCIErrorEntry = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        return {"errors": [entry]}
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.body()).encode(),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+class BlobUnknown(OCIError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class ManifestUnknown(OCIError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class NameUnknown(OCIError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class RouteUnknown(OCIError):
+    code, status = "NOT_FOUND", 404
+
+
+class NameInvalid(OCIError):
+    code, status = "NAME_INVALID", 400
+
+
+class DigestInvalid(OCIError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class ManifestInvalid(OCIError):
+    code, status = "MANIFEST_INVALID", 400
+
+
+class TagInvalid(OCIError):
+    code, status = "TAG_INVALID", 400
+
+
+class PaginationInvalid(OCIError):
+    code, status = "PAGINATION_NUMBER_INVALID", 400
+
+
+class RangeInvalid(OCIError):
+    code, status = "RANGE_INVALID", 416
+
+
+class Unsupported(OCIError):
+    code, status = "UNSUPPORTED", 405
+
+
+class TooManyRequests(OCIError):
+    code, status = "TOOMANYREQUESTS", 429
+
+
+class Unavailable(OCIError):
+    code, status = "UNAVAILABLE", 503
+
+
+class BadGateway(OCIError):
+    code, status = "UNKNOWN", 502
+
+
+def _from_reference(error: InvalidReference) -> OCIError:
+    if error.kind == "name":
+        return NameInvalid(str(error), detail={"name": error.value[:300]})
+    if error.kind == "digest":
+        return DigestInvalid(str(error), detail={"digest": error.value[:300]})
+    return ManifestInvalid(str(error), detail={"reference": error.value[:300]})
+
+
+def _from_upstream(error: UpstreamError, kind: RouteKind) -> OCIError:
+    detail = {"upstream": error.upstream}
+    if isinstance(error, UpstreamNotFound):
+        if kind == "blob":
+            return BlobUnknown(str(error), detail)
+        if kind == "manifest":
+            return ManifestUnknown(str(error), detail)
+        return NameUnknown(str(error), detail)
+    if isinstance(error, UpstreamRateLimited):
+        headers = {"Retry-After": str(math.ceil(error.retry_after))} if error.retry_after is not None else {}
+        return TooManyRequests(f"{error} and nothing cached to answer with", detail, headers)
+    if isinstance(error, UpstreamUnavailable):
+        return Unavailable(f"{error} and nothing cached to answer with", detail)
+    if isinstance(error, UpstreamAuthFailed):
+        return BadGateway(f"{error}; check this upstream's credentials in the cache's configuration", detail)
+    return BadGateway(str(error), detail)
+
+
+def _from_cache(error: CacheError) -> OCIError:
+    if isinstance(error, StoreFailure):
+        return Unavailable(f"the cache cannot store content: {error}")
+    if isinstance(error, DigestMismatch | FillAborted):
+        return BadGateway(str(error))
+    return BadGateway(str(error))
+
+
+def _from_http(error: web.HTTPException, request: web.Request) -> OCIError:
+    if error.status == 404:
+        return RouteUnknown(f"no such route: {request.method} {request.path[:200]}")
+    if error.status == 405:
+        return Unsupported(f"{request.method} is not supported: this cache is read-only")
+    if error.status == 416:
+        return RangeInvalid(f"range not satisfiable: {request.headers.get('Range', '')[:100]}")
+    if error.status == 413:
+        return OCIError("request body too large")
+    raise error
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OCIError as error:
+        failure: OCIError = error
+    except InvalidReference as error:
+        failure = _from_reference(error)
+    except NoRoute as error:
+        failure = NameUnknown(str(error))
+    except UpstreamError as error:
+        failure = _from_upstream(error, request.get(RequestNote.KIND, "other"))
+    except CacheError as error:
+        failure = _from_cache(error)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        failure = _from_http(error, request)
+    except Exception:
+        log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
+        failure = OCIError("internal error; the cache's log has the details")
+    request[RequestNote.ERROR] = failure.code
+    return failure.response()

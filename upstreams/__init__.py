@@ -1,0 +1,49 @@
+"""Upstream registries: routing a name to an upstream, and the registry client.
+
+Exports what proxy and cache may use. Imports ``moorage.config`` only; never cache or proxy.
+"""
+
+from ._client import (
+    BlobBody,
+    FetchedManifest,
+    ManifestHead,
+    NullObserver,
+    RegistryClient,
+    TagsPage,
+    UpstreamObserver,
+)
+from ._pool import open_upstreams
+from ._ratelimit import RateLimitState, parse_ratelimit
+from ._routing import NoRoute, Route, Router
+from .errors import (
+    ManifestTooLarge,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+
+__all__ = [
+    "BlobBody",
+    "FetchedManifest",
+    "ManifestHead",
+    "ManifestTooLarge",
+    "NoRoute",
+    "NullObserver",
+    "RateLimitState",
+    "RegistryClient",
+    "Route",
+    "Router",
+    "TagsPage",
+    "UpstreamAuthFailed",
+    "UpstreamError",
+    "UpstreamNotFound",
+    "UpstreamObserver",
+    "UpstreamProtocolError",
+    "UpstreamRateLimited",
+    "UpstreamUnavailable",
+    "open_upstreams",
+    "parse_ratelimit",
+]

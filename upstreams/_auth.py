@@ -1,0 +1,164 @@
+"""The registry token dance, as an ``httpx.Auth``.
+
+A request goes out with the cached Bearer token for its scope (``repository:<name>:pull``),
+or bare. On a 401 from the upstream's own host the challenge is read:
+
+- ``Bearer realm=…,service=…[,scope=…]``: a token is fetched from the realm (anonymously or
+  with Basic credentials), cached per scope until shortly before it expires (``expires_in``,
+  60 s when absent), and the request is sent once more. Concurrent requests that need the same
+  scope share one token fetch.
+- ``Basic``: the configured credentials are sent, and from then on sent up front.
+
+A 401 from another host (a CDN after a redirect) is not ours to answer. httpx drops the
+``Authorization`` header itself when a redirect leaves the upstream's origin.
+Limits: one challenge per header is read (Bearer preferred); no token refresh grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from typing import Final, NotRequired, TypedDict
+
+import httpx
+
+from .errors import UpstreamAuthFailed, UpstreamUnavailable
+
+__all__ = ["RegistryAuth", "TokenResponse", "parse_challenge", "scope_for_path"]
+
+DEFAULT_EXPIRES_IN: Final = 60
+MAX_CACHED_SCOPES: Final = 4096
+_PARAM_RE: Final = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+_SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+
+
+class TokenResponse(TypedDict):
+    token: NotRequired[str]
+    access_token: NotRequired[str]
+    expires_in: NotRequired[int]
+    issued_at: NotRequired[str]
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """(scheme, params) of a ``WWW-Authenticate`` value; scheme in lower case."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)) for m in _PARAM_RE.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def scope_for_path(path: str) -> str | None:
+    match = _SCOPE_PATH_RE.search(path)
+    return f"repository:{match.group(1)}:pull" if match else None
+
+
+class RegistryAuth(httpx.Auth):
+    def __init__(
+        self,
+        upstream: str,
+        origin: httpx.URL,
+        token_client: httpx.AsyncClient,
+        credentials: tuple[str, str] | None = None,
+        on_token_fetch: Callable[[], None] | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._origin = (origin.scheme, origin.host, origin.port)
+        self._token_client = token_client
+        self._credentials = credentials
+        self._on_token_fetch = on_token_fetch
+        self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._fetching: dict[str, asyncio.Task[str]] = {}
+        self._basic_up_front = False
+
+    def _is_ours(self, url: httpx.URL) -> bool:
+        return (url.scheme, url.host, url.port) == self._origin
+
+    def _cached(self, scope: str) -> str | None:
+        entry = self._tokens.get(scope)
+        if entry is None:
+            return None
+        token, expires_at = entry
+        if time.monotonic() >= expires_at:
+            del self._tokens[scope]
+            return None
+        return token
+
+    def _basic_header(self) -> str:
+        assert self._credentials is not None
+        raw = f"{self._credentials[0]}:{self._credentials[1]}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        scope = scope_for_path(request.url.path)
+        token = self._cached(scope) if scope else None
+        if token:
+            request.headers["Authorization"] = f"Bearer {token}"
+        elif self._basic_up_front and self._credentials:
+            request.headers["Authorization"] = self._basic_header()
+        response = yield request
+        if response.status_code != 401 or not self._is_ours(response.url):
+            return
+        scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
+        if scheme == "bearer" and params.get("realm"):
+            scope = params.get("scope") or scope
+            if scope:
+                self._tokens.pop(scope, None)
+            token = await self._token(params, scope)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+        elif scheme == "basic" and self._credentials and not self._basic_up_front:
+            self._basic_up_front = True
+            request.headers["Authorization"] = self._basic_header()
+            yield request
+
+    async def _token(self, challenge: dict[str, str], scope: str | None) -> str:
+        key = f"{challenge.get('realm')}|{challenge.get('service')}|{scope}"
+        task = self._fetching.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch_token(challenge, scope))
+            self._fetching[key] = task
+            task.add_done_callback(lambda _: self._fetching.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:
+        params = {"service": challenge["service"]} if challenge.get("service") else {}
+        if scope:
+            params["scope"] = scope
+        headers = {"Authorization": self._basic_header()} if self._credentials else {}
+        if self._on_token_fetch:
+            self._on_token_fetch()
+        try:
+            response = await self._token_client.get(challenge["realm"], params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailable(self._upstream, f"token service unreachable: {type(exc).__name__}") from None
+        if response.status_code in (401, 403):
+            raise UpstreamAuthFailed(
+                self._upstream,
+                f"token service refused {'the configured credentials' if self._credentials else 'anonymous access'}"
+                f" for {scope or 'the registry'} (HTTP {response.status_code})",
+                status=response.status_code,
+            )
+        if response.status_code >= 400:
+            raise UpstreamUnavailable(
+                self._upstream, f"token service answered HTTP {response.status_code}", status=response.status_code
+            )
+        try:
+            body: TokenResponse = response.json()
+        except ValueError:
+            raise UpstreamAuthFailed(self._upstream, "token service answered something other than JSON") from None
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise UpstreamAuthFailed(self._upstream, "token service answered without a token")
+        expires_in = body.get("expires_in") or DEFAULT_EXPIRES_IN
+        lifetime = max(int(expires_in), DEFAULT_EXPIRES_IN)
+        if scope:
+            self._tokens[scope] = (token, time.monotonic() + lifetime - min(10.0, lifetime * 0.1))
+            self._tokens.move_to_end(scope)
+            while len(self._tokens) > MAX_CACHED_SCOPES:
+                self._tokens.popitem(last=False)
+        return token

@@ -1,0 +1,344 @@
+"""The registry client: one pooled httpx client per upstream, speaking the pull API.
+
+It asks, it does not judge: bodies come back with the upstream's own media type and digest
+header, and ``cache/`` verifies them. Requests are retried (tenacity, exponential backoff,
+``Retry-After`` honoured up to ``retries.max_wait``) on network errors, 5xx and 429 only
+until a response is in hand; a body cut later is the caller's to resume with
+:meth:`RegistryClient.open_blob` and an offset. Redirects are followed here, and httpx drops
+``Authorization`` when a redirect leaves the upstream's origin.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from moorage.config import UpstreamSettings
+
+from ._auth import RegistryAuth
+from ._ratelimit import RateLimitState, parse_ratelimit
+from ._transport import mapped_errors, raise_for_status
+from .errors import ManifestTooLarge, UpstreamError, UpstreamProtocolError, UpstreamRateLimited, UpstreamUnavailable
+from .reference import (
+    ACCEPT_ALL_MANIFESTS,
+    ACCEPT_IMAGE_MANIFESTS,
+    MAX_MANIFEST_BYTES,
+    AcceptClass,
+    Digest,
+    InvalidReference,
+    Reference,
+    RepositoryName,
+    parse_digest,
+    sniff_media_type,
+)
+
+__all__ = [
+    "BlobBody",
+    "FetchedManifest",
+    "ManifestHead",
+    "NullObserver",
+    "RegistryClient",
+    "TagsPage",
+    "UpstreamObserver",
+]
+
+CHUNK_SIZE: Final = 1024 * 1024
+USER_AGENT: Final = "moorage/0.1"
+RequestKind = Literal["manifest", "blob", "tags", "token", "other"]
+
+
+class UpstreamObserver(Protocol):
+    """What the client reports as it works; proxy turns it into metrics."""
+
+    def on_response(self, upstream: str, method: str, kind: RequestKind, status: int, seconds: float) -> None: ...
+    def on_token_fetch(self, upstream: str) -> None: ...
+    def on_retry(self, upstream: str, error: UpstreamError) -> None: ...
+    def on_ratelimit(self, upstream: str, state: RateLimitState) -> None: ...
+
+
+class NullObserver:
+    def on_response(self, upstream: str, method: str, kind: RequestKind, status: int, seconds: float) -> None:
+        pass
+
+    def on_token_fetch(self, upstream: str) -> None:
+        pass
+
+    def on_retry(self, upstream: str, error: UpstreamError) -> None:
+        pass
+
+    def on_ratelimit(self, upstream: str, state: RateLimitState) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedManifest:
+    body: bytes
+    media_type: str
+    #: What the upstream's Docker-Content-Digest header claimed, if it sent a valid one.
+    claimed_digest: Digest | None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    digest: Digest | None
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TagsPage:
+    body: bytes
+    #: The ``last`` and ``n`` of the upstream's next page, when it announced one.
+    next_last: str | None
+    next_n: str | None
+
+
+class BlobBody:
+    """An upstream blob answer whose body is being read."""
+
+    def __init__(self, upstream: str, response: httpx.Response, offset: int, size: int | None) -> None:
+        self._upstream = upstream
+        self._response = response
+        #: Position in the blob of the first byte ``chunks()`` yields.
+        self.offset = offset
+        #: Size of the whole blob, when the upstream said.
+        self.size = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with mapped_errors(self._upstream, "blob body"):
+            async for chunk in self._response.aiter_bytes(CHUNK_SIZE):
+                yield chunk
+
+
+def _media_type(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("content-type")
+    if not value:
+        return None
+    value = value.split(";", 1)[0].strip()
+    return value if value not in ("application/json", "text/plain", "application/octet-stream") else None
+
+
+def _claimed_digest(headers: Mapping[str, str]) -> Digest | None:
+    value = headers.get("docker-content-digest")
+    if not value:
+        return None
+    try:
+        return parse_digest(value.strip())
+    except InvalidReference:
+        return None
+
+
+def _kind(path: str) -> RequestKind:
+    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags")):
+        if marker in path:
+            return kind  # type: ignore[return-value]
+    return "other"
+
+
+class RegistryClient:
+    """Pull-side calls to one upstream registry."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        password: str | None = None,
+        observer: UpstreamObserver | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = settings.host
+        self.ratelimit: RateLimitState | None = None
+        self._observer: UpstreamObserver = observer or NullObserver()
+        timeout = httpx.Timeout(
+            connect=settings.timeouts.connect,
+            read=settings.timeouts.read,
+            write=settings.timeouts.write,
+            pool=settings.timeouts.pool,
+        )
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30)
+        common = {"timeout": timeout, "limits": limits, "headers": {"User-Agent": USER_AGENT}, "transport": transport}
+        self._http = httpx.AsyncClient(
+            base_url=settings.url,
+            follow_redirects=True,
+            event_hooks={"response": [self._observe_response]},
+            **common,  # type: ignore[arg-type]
+        )
+        self._token_http = httpx.AsyncClient(follow_redirects=True, **common)  # type: ignore[arg-type]
+        credentials = (settings.username, password) if settings.username and password is not None else None
+        self._auth = RegistryAuth(
+            self.host,
+            httpx.URL(settings.url),
+            self._token_http,
+            credentials,
+            on_token_fetch=lambda: self._observer.on_token_fetch(self.host),
+        )
+        self._attempts = settings.retries.attempts
+        self._max_wait = settings.retries.max_wait
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._token_http.aclose()
+
+    async def _observe_response(self, response: httpx.Response) -> None:
+        request = response.request
+        started = request.extensions.get("moorage_started")
+        elapsed = time.monotonic() - started if isinstance(started, float) else 0.0
+        self._observer.on_response(self.host, request.method, _kind(request.url.path), response.status_code, elapsed)
+        state = parse_ratelimit(response.headers)
+        if state is not None:
+            self.ratelimit = state
+            self._observer.on_ratelimit(self.host, state)
+
+    # -- retries -----------------------------------------------------------------------------
+
+    def _retryable(self, error: BaseException) -> bool:
+        if isinstance(error, UpstreamRateLimited):
+            return error.retry_after is None or error.retry_after <= self._max_wait
+        return isinstance(error, UpstreamUnavailable)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
+            return float(error.retry_after)
+        backoff: float = min(self._max_wait, 0.2 * 2.0 ** (state.attempt_number - 1))
+        return backoff * random.uniform(0.5, 1.0)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, UpstreamError):
+            self._observer.on_retry(self.host, error)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """One answer below 400, after retries; a streamed answer is the caller's to close."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=self._wait,
+            retry=retry_if_exception(self._retryable),
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                with mapped_errors(self.host, what):
+                    request = self._http.build_request(method, path, headers=headers, params=params)
+                    request.extensions["moorage_started"] = time.monotonic()
+                    response = await self._http.send(request, auth=self._auth, stream=stream)
+                if response.status_code >= 400:
+                    await response.aclose()
+                    raise_for_status(self.host, what, response)
+                return response
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    # -- the pull API --------------------------------------------------------------------------
+
+    async def get_manifest(
+        self, repository: RepositoryName, reference: Reference, accept: AcceptClass
+    ) -> FetchedManifest:
+        what = (
+            f"manifest {repository}:{reference}"
+            if not isinstance(reference, Digest)
+            else f"manifest {repository}@{reference}"
+        )
+        response = await self._send(
+            "GET", f"/v2/{repository}/manifests/{reference}", what, headers=self._accept(accept), stream=True
+        )
+        try:
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+                raise ManifestTooLarge(self.host, f"{what}: {declared} bytes, above the {MAX_MANIFEST_BYTES} limit")
+            body = bytearray()
+            with mapped_errors(self.host, what):
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_BYTES:
+                        raise ManifestTooLarge(self.host, f"{what}: above the {MAX_MANIFEST_BYTES} byte limit")
+        finally:
+            await response.aclose()
+        data = bytes(body)
+        media_type = _media_type(response.headers) or sniff_media_type(data)
+        return FetchedManifest(data, media_type, _claimed_digest(response.headers))
+
+    async def head_manifest(
+        self, repository: RepositoryName, reference: Reference, accept: AcceptClass
+    ) -> ManifestHead:
+        response = await self._send(
+            "HEAD",
+            f"/v2/{repository}/manifests/{reference}",
+            f"manifest {repository}:{reference}",
+            headers=self._accept(accept),
+        )
+        length = response.headers.get("content-length")
+        return ManifestHead(
+            _claimed_digest(response.headers),
+            _media_type(response.headers),
+            int(length) if length and length.isdigit() else None,
+        )
+
+    async def head_blob(self, repository: RepositoryName, digest: Digest) -> int:
+        what = f"blob {repository}@{digest}"
+        response = await self._send("HEAD", f"/v2/{repository}/blobs/{digest}", what)
+        length = response.headers.get("content-length")
+        if not length or not length.isdigit():
+            raise UpstreamProtocolError(self.host, f"{what}: HEAD answered without a Content-Length")
+        return int(length)
+
+    @asynccontextmanager
+    async def open_blob(self, repository: RepositoryName, digest: Digest, offset: int = 0) -> AsyncIterator[BlobBody]:
+        """The blob's body from ``offset`` (a Range request), or from 0 when the upstream ignores Range."""
+        what = f"blob {repository}@{digest}"
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
+        try:
+            start, size = 0, None
+            length = response.headers.get("content-length")
+            if response.status_code == 206:
+                start, size = self._content_range(what, response.headers.get("content-range", ""))
+                if start != offset:
+                    raise UpstreamProtocolError(self.host, f"{what}: asked for bytes from {offset}, got from {start}")
+            elif length and length.isdigit():
+                size = int(length)
+            yield BlobBody(self.host, response, start, size)
+        finally:
+            await response.aclose()
+
+    def _content_range(self, what: str, value: str) -> tuple[int, int | None]:
+        try:
+            _, _, spec = value.partition(" ")
+            span, _, total = spec.partition("/")
+            start = int(span.split("-", 1)[0])
+            return start, (int(total) if total.isdigit() else None)
+        except ValueError:
+            raise UpstreamProtocolError(self.host, f"{what}: unreadable Content-Range {value!r}") from None
+
+    async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage:
+        params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
+        response = await self._send("GET", f"/v2/{repository}/tags/list", f"tags of {repository}", params=params)
+        next_last = next_n = None
+        link = response.headers.get("link", "")
+        if 'rel="next"' in link and "<" in link:
+            query = parse_qs(urlsplit(link[link.index("<") + 1 : link.index(">")]).query)
+            next_last = query.get("last", [None])[0]
+            next_n = query.get("n", [None])[0]
+        return TagsPage(response.content, next_last, next_n)
+
+    @staticmethod
+    def _accept(accept: AcceptClass) -> dict[str, str]:
+        return {"Accept": ACCEPT_ALL_MANIFESTS if accept == "index" else ACCEPT_IMAGE_MANIFESTS}

@@ -1,0 +1,49 @@
+"""The set of upstream clients built from the settings, as one async resource.
+
+``open_upstreams`` reads each upstream's ``password_file`` once at start (a missing file is
+a configuration error naming the upstream), builds one pooled client per upstream, and closes
+them all on exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import httpx
+
+from moorage.config import ConfigError, UpstreamSettings
+
+from ._client import RegistryClient, UpstreamObserver
+from ._routing import Router
+
+__all__ = ["open_upstreams"]
+
+
+def _password(index: int, settings: UpstreamSettings) -> str | None:
+    if settings.password_file is None:
+        return None
+    try:
+        return settings.password_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            "the configuration",
+            [f"upstreams[{index}].password_file: cannot read {settings.password_file}: {exc.strerror}"],
+        ) from None
+
+
+@asynccontextmanager
+async def open_upstreams(
+    upstreams: Sequence[UpstreamSettings],
+    observer: UpstreamObserver | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Router[RegistryClient]]:
+    clients = [
+        RegistryClient(settings, password=_password(i, settings), observer=observer, transport=transport)
+        for i, settings in enumerate(upstreams)
+    ]
+    try:
+        yield Router(clients)
+    finally:
+        for client in clients:
+            await client.aclose()

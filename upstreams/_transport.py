@@ -1,0 +1,75 @@
+"""Where httpx ends: its exceptions and HTTP statuses become ``upstreams.errors``.
+
+Every call to an upstream goes through :func:`mapped_errors` and :func:`raise_for_status`;
+nothing above this module catches ``httpx.*``. A change of HTTP client touches this file
+and ``_client``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from .errors import (
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+
+__all__ = ["mapped_errors", "raise_for_status", "retry_after_seconds"]
+
+
+@contextmanager
+def mapped_errors(upstream: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__})") from None
+    except httpx.TooManyRedirects:
+        raise UpstreamProtocolError(upstream, f"{what}: too many redirects") from None
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    # Never echo a URL: a CDN URL carries a signature.
+    return text.split("http", 1)[0].strip(" :'\"") or type(exc).__name__
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    error: UpstreamError
+    if status == 404:
+        error = UpstreamNotFound(upstream, f"{what}: not found")
+    elif status == 429:
+        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        error = UpstreamRateLimited(upstream, f"{what}: rate limited (HTTP 429)", retry_after=retry_after)
+    elif status in (401, 403):
+        error = UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status})", status=status)
+    elif status >= 500 or status == 408:
+        error = UpstreamUnavailable(upstream, f"{what}: HTTP {status}", status=status)
+    else:
+        error = UpstreamProtocolError(upstream, f"{what}: unexpected HTTP {status}")
+    raise error

@@ -1,0 +1,61 @@
+"""What can go wrong when asking an upstream registry, as one exception tree.
+
+    UpstreamError                 base; ``upstream`` names the registry host
+    ├── UpstreamUnavailable       network error, timeout, cut body, 5xx (``status`` when known)
+    ├── UpstreamRateLimited       429; ``retry_after`` seconds when the upstream said
+    ├── UpstreamNotFound          404: the repository, tag or digest is unknown there
+    ├── UpstreamAuthFailed        401/403 after the token dance, or the token service refused
+    └── UpstreamProtocolError     an answer that breaks the protocol
+        └── ManifestTooLarge      a manifest above the 4 MiB limit
+
+httpx exceptions never leave ``upstreams/``: they are translated once, in ``_transport``.
+Messages carry the upstream and what was asked, never a credential or token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ManifestTooLarge",
+    "UpstreamAuthFailed",
+    "UpstreamError",
+    "UpstreamNotFound",
+    "UpstreamProtocolError",
+    "UpstreamRateLimited",
+    "UpstreamUnavailable",
+]
+
+
+class UpstreamError(Exception):
+    def __init__(self, upstream: str, message: str) -> None:
+        self.upstream = upstream
+        super().__init__(f"{upstream}: {message}")
+
+
+class UpstreamUnavailable(UpstreamError):
+    def __init__(self, upstream: str, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(upstream, message)
+
+
+class UpstreamRateLimited(UpstreamError):
+    def __init__(self, upstream: str, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(upstream, message)
+
+
+class UpstreamNotFound(UpstreamError):
+    pass
+
+
+class UpstreamAuthFailed(UpstreamError):
+    def __init__(self, upstream: str, message: str, *, status: int = 401) -> None:
+        self.status = status
+        super().__init__(upstream, message)
+
+
+class UpstreamProtocolError(UpstreamError):
+    pass
+
+
+class ManifestTooLarge(UpstreamProtocolError):
+    pass

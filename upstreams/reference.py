@@ -1,0 +1,193 @@
+"""The OCI distribution vocabulary: repository names, tags, digests and media types.
+
+This is a leaf module. It imports nothing from moorage and no HTTP library, so every room
+(proxy, cache, upstreams) may use it. The grammar is the distribution spec's; only the
+parsers here construct a :class:`RepositoryName`, :class:`Tag` or :class:`Digest`, and only
+those types may become part of a file path or an upstream URL. A value that fails to parse
+raises :class:`InvalidReference` whose ``kind`` tells which OCI error code fits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = [
+    "ACCEPT_ALL_MANIFESTS",
+    "ACCEPT_IMAGE_MANIFESTS",
+    "DOCKER_MANIFEST_LIST",
+    "DOCKER_MANIFEST_V2",
+    "INDEX_MEDIA_TYPES",
+    "MANIFEST_MEDIA_TYPES",
+    "MAX_MANIFEST_BYTES",
+    "OCI_IMAGE_INDEX",
+    "OCI_IMAGE_MANIFEST",
+    "AcceptClass",
+    "Digest",
+    "InvalidReference",
+    "Reference",
+    "RepositoryName",
+    "Tag",
+    "accept_class",
+    "parse_digest",
+    "parse_reference",
+    "parse_repository",
+    "parse_tag",
+    "sniff_media_type",
+]
+
+DOCKER_MANIFEST_V2: Final = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_IMAGE_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_IMAGE_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST_V1_SIGNED: Final = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+INDEX_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_LIST, OCI_IMAGE_INDEX})
+IMAGE_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_V2, OCI_IMAGE_MANIFEST})
+MANIFEST_MEDIA_TYPES: Final = INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES
+
+#: What we send upstream for a client that accepts indexes: every manifest type we serve.
+ACCEPT_ALL_MANIFESTS: Final = ", ".join([OCI_IMAGE_INDEX, DOCKER_MANIFEST_LIST, OCI_IMAGE_MANIFEST, DOCKER_MANIFEST_V2])
+#: What we send upstream for a client that accepts only image manifests (the upstream then
+#: resolves an index to its default platform, as Docker Hub does).
+ACCEPT_IMAGE_MANIFESTS: Final = ", ".join([OCI_IMAGE_MANIFEST, DOCKER_MANIFEST_V2])
+
+#: Manifests above this size are refused (the limit distribution and containerd apply).
+MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
+
+MAX_NAME_LENGTH: Final = 255
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME_RE: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+_DIGEST_ALGORITHMS: Final = {
+    "sha256": re.compile(r"[a-f0-9]{64}"),
+    "sha512": re.compile(r"[a-f0-9]{128}"),
+}
+
+ErrorKind = Literal["name", "tag", "digest", "reference"]
+
+
+class InvalidReference(ValueError):
+    """A name, tag, digest or reference that does not follow the distribution grammar."""
+
+    def __init__(self, kind: ErrorKind, value: str, expected: str) -> None:
+        self.kind: ErrorKind = kind
+        self.value = value
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        super().__init__(f"invalid {kind} {shown!r}: expected {expected}")
+
+
+class RepositoryName(str):
+    """A repository name that matched the spec grammar (``library/alpine``)."""
+
+    __slots__ = ()
+
+    @property
+    def components(self) -> list[str]:
+        return self.split("/")
+
+
+class Tag(str):
+    """A tag that matched the spec grammar (``3.19``)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content digest, ``algorithm:encoded``; sha256 and sha512 are understood."""
+
+    algorithm: str
+    encoded: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.encoded}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    def matches(self, data: bytes) -> bool:
+        return hashlib.new(self.algorithm, data).hexdigest() == self.encoded
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+Reference = Tag | Digest
+
+
+def parse_repository(value: str) -> RepositoryName:
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidReference("name", value, f"at most {MAX_NAME_LENGTH} characters")
+    if not _NAME_RE.fullmatch(value):
+        raise InvalidReference(
+            "name", value, "lowercase components [a-z0-9] joined by '.', '_', '__' or '-', separated by '/'"
+        )
+    return RepositoryName(value)
+
+
+def parse_tag(value: str) -> Tag:
+    if not _TAG_RE.fullmatch(value):
+        raise InvalidReference("tag", value, "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+    return Tag(value)
+
+
+def parse_digest(value: str) -> Digest:
+    algorithm, sep, encoded = value.partition(":")
+    pattern = _DIGEST_ALGORITHMS.get(algorithm)
+    if not sep or pattern is None:
+        raise InvalidReference("digest", value, "sha256:<64 lowercase hex> or sha512:<128 lowercase hex>")
+    if not pattern.fullmatch(encoded):
+        raise InvalidReference("digest", value, f"{algorithm}:<{64 if algorithm == 'sha256' else 128} lowercase hex>")
+    return Digest(algorithm, encoded)
+
+
+def parse_reference(value: str) -> Reference:
+    """A tag or a digest, as it appears after ``/manifests/``."""
+    if ":" in value:
+        return parse_digest(value)
+    return parse_tag(value)
+
+
+AcceptClass = Literal["index", "image"]
+
+
+def accept_class(accept_header_values: list[str]) -> AcceptClass:
+    """Which class of manifest a client can take, from its Accept header(s).
+
+    ``index``: the client takes manifest lists / OCI indexes (or sent no preference at all),
+    so we may answer with whatever the upstream holds for the tag. ``image``: it names manifest
+    types but no index type, so a multi-platform tag must be answered with one platform's image.
+    """
+    types: set[str] = set()
+    for value in accept_header_values:
+        for part in value.split(","):
+            media_type = part.split(";", 1)[0].strip().lower()
+            if media_type:
+                types.add(media_type)
+    if not types or "*/*" in types or types & INDEX_MEDIA_TYPES:
+        return "index"
+    if types & (IMAGE_MEDIA_TYPES | {DOCKER_MANIFEST_V1_SIGNED, "application/json"}):
+        return "image"
+    return "index"
+
+
+def sniff_media_type(body: bytes) -> str:
+    """The media type a manifest declares, or the one its shape implies."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return DOCKER_MANIFEST_V2
+    if not isinstance(document, dict):
+        return DOCKER_MANIFEST_V2
+    declared = document.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if "manifests" in document:
+        return OCI_IMAGE_INDEX
+    return OCI_IMAGE_MANIFEST
