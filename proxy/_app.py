@@ -19,6 +19,7 @@ from moorage.cache import open_cache
 from moorage.config import Settings
 from moorage.upstreams import open_upstreams
 
+from ._access import access_middleware
 from ._handlers import add_routes
 from ._metrics import Metrics
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
@@ -60,7 +61,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, access_middleware, error_middleware],
         client_max_size=64 * 1024,
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )

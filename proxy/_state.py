@@ -24,12 +24,12 @@ UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTran
 
 
 class RequestNote:
-    """Names of the ``request[...]`` fields the access log and metrics read."""
+    """Typed ``request[...]`` keys: what handlers note for the access log and metrics."""
 
-    REQUEST_ID: Final = "moorage.request_id"
-    KIND: Final = "moorage.kind"
-    UPSTREAM: Final = "moorage.upstream"
-    REPOSITORY: Final = "moorage.repository"
-    REFERENCE: Final = "moorage.reference"
-    RESULT: Final = "moorage.result"
-    ERROR: Final = "moorage.error"
+    REQUEST_ID: Final = web.RequestKey("moorage_request_id", str)
+    KIND: Final = web.RequestKey("moorage_kind", str)
+    UPSTREAM: Final = web.RequestKey("moorage_upstream", str)
+    REPOSITORY: Final = web.RequestKey("moorage_repository", str)
+    REFERENCE: Final = web.RequestKey("moorage_reference", str)
+    RESULT: Final = web.RequestKey("moorage_result", str)
+    ERROR: Final = web.RequestKey("moorage_error", str)

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from moorage.config import CONFIG_ENV, ConfigError, Settings, load_settings
 
-from ._access import AccessRecorder
 from ._app import build_app
 from ._logging import configure_logging
 
@@ -103,8 +102,7 @@ def _serve(settings: Settings) -> int:
         build_app(settings),
         host=settings.listen_host,
         port=settings.listen_port,
-        access_log_class=AccessRecorder,
-        access_log=logging.getLogger("moorage.access"),
+        access_log=None,  # access_middleware writes the access log
         shutdown_timeout=settings.shutdown_timeout,
         print=lambda message: log.info("listening", extra={"event": "listening", "listen": settings.listen}),
     )
