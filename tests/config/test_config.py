@@ -1,0 +1,192 @@
+"""Settings: defaults with no file, the file, MOORAGE_* overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moorage.config import ConfigError, load_settings, parse_duration, parse_size
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_mirror_docker_hub_and_the_big_public_registries() -> None:
+    settings = load_settings()
+    assert settings.listen == "0.0.0.0:5000"
+    assert settings.storage.path == Path("./moorage-data")
+    assert settings.tag_ttl == 900
+    hosts = [u.host for u in settings.upstreams]
+    assert hosts == [
+        "docker.io",
+        "ghcr.io",
+        "quay.io",
+        "registry.k8s.io",
+        "gcr.io",
+        "public.ecr.aws",
+        "mcr.microsoft.com",
+    ]
+    default = [u for u in settings.upstreams if u.default]
+    assert [u.host for u in default] == ["docker.io"]
+    assert default[0].adds_library_prefix
+    assert not settings.upstreams[1].adds_library_prefix
+
+
+def test_file_keys_from_the_contract(tmp_path: Path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    path = write(
+        tmp_path,
+        f"""
+listen: "127.0.0.1:6000"
+storage:
+  path: "{tmp_path}/data"
+tag_ttl: "1h30m"
+upstreams:
+  - host: docker.io
+    url: https://registry-1.docker.io
+    default: true
+    aliases: [registry-1.docker.io, index.docker.io]
+    prefixes: [docker-hub]
+    username: "bob"
+    password_file: "{password}"
+    tag_ttl: "5m"
+  - host: ghcr.io
+    url: https://ghcr.io/
+""",
+    )
+    settings = load_settings(path)
+    assert settings.listen_host == "127.0.0.1" and settings.listen_port == 6000
+    assert settings.tag_ttl == 5400
+    hub, ghcr = settings.upstreams
+    assert settings.tag_ttl_of(hub) == 300 and settings.tag_ttl_of(ghcr) == 5400
+    assert hub.aliases == ("registry-1.docker.io", "index.docker.io")
+    assert ghcr.url == "https://ghcr.io"
+    assert "s3cret" not in repr(settings)
+
+
+def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 0.0.0.0:5000\n")
+    settings = load_settings(
+        path,
+        {
+            "MOORAGE_LISTEN": "127.0.0.1:7000",
+            "MOORAGE_STORAGE__PATH": "/var/lib/moorage",
+            "MOORAGE_TAG_TTL": "30s",
+            "MOORAGE_UPSTREAMS__1__USERNAME": "octocat",
+            "MOORAGE_CONFIG": str(path),
+            "UNRELATED": "x",
+        },
+    )
+    assert settings.listen == "127.0.0.1:7000"
+    assert settings.storage.path == Path("/var/lib/moorage")
+    assert settings.tag_ttl == 30
+    assert settings.upstreams[1].host == "ghcr.io" and settings.upstreams[1].username == "octocat"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "upstreams:\n  - host: a.io\n    url: https://a.io\n  - host: b.io\n    url: nope\n",
+            "upstreams[1].url: not a URL",
+            id="bad_url",
+        ),
+        pytest.param("tag_tll: 1m\n", "tag_tll: unknown key", id="typo_key"),
+        pytest.param("tag_ttl: soon\n", "tag_ttl: not a duration", id="bad_duration"),
+        pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
+        pytest.param("listen: 5000\n", "listen: Input should be a valid string", id="listen_not_text"),
+        pytest.param(
+            "upstreams:\n  - url: https://a.io\n", "upstreams[0].host: required key missing", id="missing_host"
+        ),
+        pytest.param("storage:\n  size: 1\n", "storage.size: unknown key", id="nested_unknown"),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', default: true}\n"
+            "  - {host: b.io, url: 'https://b.io', default: true}\n",
+            "more than one default upstream",
+            id="two_defaults",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', prefixes: [x]}\n"
+            "  - {host: b.io, url: 'https://b.io', prefixes: [x]}\n",
+            "'x' names both a.io and b.io",
+            id="shared_prefix",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', prefixes: ['Bad/Prefix']}\n",
+            "upstreams[0].prefixes: not a path prefix",
+            id="bad_prefix",
+        ),
+        pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
+        pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_unknown_environment_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="tag_tll: unknown key"):
+        load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("15m", 900), ("1h30m", 5400), ("90", 90), ("500ms", 0.5), ("2d", 172800), (30, 30)],
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m15", "15 minutes", "-1", "1h-5m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "size"), [("50GiB", 50 * 2**30), ("500MB", 500 * 10**6), ("1024", 1024), (7, 7)])
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_check_config_command_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "upstreams:\n  - host: a.io\n    url: https://a.io\n  - host: b.io\n    url: nope\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "check-config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2
+    assert "upstreams[1].url: not a URL" in bad.stderr and str(path) in bad.stderr
+    assert "Traceback" not in bad.stderr
+    good = write(tmp_path, "tag_ttl: 5m\n")
+    ok = subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "check-config", str(good)], capture_output=True, text=True, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_serve_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "tag_tll: 1m\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert "tag_tll: unknown key" in run.stderr and "Traceback" not in run.stderr

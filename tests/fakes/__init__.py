@@ -1,0 +1,41 @@
+"""Test doubles that speak the wire: a fake upstream registry and its CDN."""
+
+from .registry import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_MANIFEST_V2,
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    FakeCDN,
+    FakeImage,
+    FakeRegistry,
+    RecordedRequest,
+    digest_of,
+    image_manifest,
+    index_manifest,
+)
+
+__all__ = [
+    "DOCKER_CONFIG",
+    "DOCKER_LAYER",
+    "DOCKER_MANIFEST_LIST",
+    "DOCKER_MANIFEST_V2",
+    "INDEX_MEDIA_TYPES",
+    "MANIFEST_MEDIA_TYPES",
+    "OCI_CONFIG",
+    "OCI_INDEX",
+    "OCI_LAYER",
+    "OCI_MANIFEST",
+    "FakeCDN",
+    "FakeImage",
+    "FakeRegistry",
+    "RecordedRequest",
+    "digest_of",
+    "image_manifest",
+    "index_manifest",
+]

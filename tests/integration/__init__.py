@@ -1,0 +1,1 @@
+"""Integration tests: Moorage against a real registry and real container clients."""

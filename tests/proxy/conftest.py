@@ -1,0 +1,76 @@
+"""Fixtures for proxy tests: Moorage in-process (aiohttp test server on a real socket) in
+front of the fake upstream registry, and a reader of its /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from moorage.config import Settings
+from moorage.proxy import build_app
+from tests.fakes import FakeRegistry
+
+StartMoorage = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def settings_for(upstream: FakeRegistry, store: Path, **overrides: Any) -> Settings:
+    upstream_overrides = overrides.pop("upstream_settings", {})
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "storage": {"path": str(store)},
+        "tag_ttl": "15m",
+        "upstreams": [
+            {
+                "host": "docker.io",
+                "url": upstream.url,
+                "default": True,
+                "prefixes": ["docker-hub"],
+                "retries": {"attempts": 3, "max_wait": "0.5s"},
+                "timeouts": {"connect": "2s", "read": "2s"},
+                **upstream_overrides,
+            },
+            {"host": "ghcr.io", "url": "http://127.0.0.1:9", "prefixes": ["ghcr"], "retries": {"attempts": 1}},
+        ],
+        **overrides,
+    }
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeRegistry]:
+    async with FakeRegistry() as registry:
+        yield registry
+
+
+@pytest.fixture
+def start_moorage(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    upstream: FakeRegistry,
+    tmp_path: Path,
+) -> StartMoorage:
+    async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(build_app(settings_for(upstream, tmp_path / "store", **overrides)))
+
+    return start
+
+
+@pytest.fixture
+async def moorage(start_moorage: StartMoorage) -> TestClient[web.Request, web.Application]:
+    return await start_moorage()
+
+
+async def metric(client: TestClient[web.Request, web.Application], name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (0 when absent)."""
+    text = await (await client.get("/metrics")).text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

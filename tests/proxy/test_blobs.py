@@ -1,0 +1,228 @@
+"""Blobs through Moorage: one upstream GET per digest for any number of clients, readers that
+follow a growing fill, resumed cuts, refused wrong bytes, ranges, CDN redirects."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage, metric
+
+Client = TestClient[web.Request, web.Application]
+MiB = 1024 * 1024
+
+
+def stored_files(store: Path) -> list[Path]:
+    return [p for p in (store / "blobs").rglob("*") if p.is_file()]
+
+
+def temporaries(store: Path) -> list[Path]:
+    return [p for p in (store / "tmp").iterdir()]
+
+
+async def read_all(response: aiohttp.ClientResponse) -> bytes:
+    return await response.read()
+
+
+async def test_cold_blob_fetched_once_for_16_concurrent_clients(moorage: Client, upstream: FakeRegistry) -> None:
+    data = os.urandom(8 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.slow_blob(digest, chunk=256 * 1024, delay=0.01)
+    responses = await asyncio.gather(*(moorage.get(f"/v2/alpine/blobs/{digest}") for _ in range(16)))
+    bodies = await asyncio.gather(*(read_all(r) for r in responses))
+    assert all(r.status == 200 for r in responses)
+    assert all(hashlib.sha256(b).hexdigest() == digest.split(":")[1] for b in bodies)
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+    results = [
+        await metric(moorage, "moorage_cache_results_total", kind="blob", result=r) for r in ("miss", "coalesced")
+    ]
+    assert results == [1, 15]
+
+
+async def test_late_joiner_gets_its_first_byte_before_the_fill_ends(moorage: Client, upstream: FakeRegistry) -> None:
+    data = os.urandom(4 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.slow_blob(digest, chunk=64 * 1024, delay=0.02)  # about 1.3 s for the whole blob
+    first = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    first_body = asyncio.ensure_future(first.read())
+    await asyncio.sleep(0.3)
+    late = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert late.status == 200
+    chunk = await late.content.readany()
+    assert chunk and not first_body.done(), "the late client must not wait for the end of the fill"
+    rest = await late.read()
+    assert chunk + rest == data
+    assert await first_body == data
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_warm_blob_needs_no_upstream_and_survives_a_restart(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    data = os.urandom(3 * MiB + 17)
+    digest = upstream.add_blob(data)
+    moorage = await start_moorage()
+    assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
+    await moorage.close()
+    upstream.reset_requests()
+    again = await start_moorage()
+    response = await again.get(f"/v2/library/alpine/blobs/{digest}")
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert response.headers["Content-Length"] == str(len(data))
+    assert await response.read() == data
+    assert upstream.requests == []
+
+
+async def test_cut_body_is_resumed_with_range(moorage: Client, upstream: FakeRegistry, tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.cut_blob(digest, after_bytes=2 * MiB + 5)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await response.read() == data
+    gets = [r for r in upstream.requests if r.method == "GET" and digest in r.path]
+    assert len(gets) == 2
+    # Resumed from what was stored when the cut came (chunks arrive in up to 1 MiB pieces).
+    resumed_at = int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= 2 * MiB + 5
+    assert await metric(moorage, "moorage_fill_resumes_total") == 1
+    assert len(stored_files(tmp_path / "store")) == 1
+
+
+async def test_cut_body_is_refetched_when_upstream_ignores_range(moorage: Client, upstream: FakeRegistry) -> None:
+    upstream.support_ranges = False
+    data = os.urandom(3 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.cut_blob(digest, after_bytes=MiB)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await response.read() == data
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+
+
+async def test_failed_fill_cuts_every_reader_and_keeps_nothing(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.cut_blob(digest, after_bytes=100_000, times=10)  # every attempt and every resume is cut
+    responses = await asyncio.gather(*(moorage.get(f"/v2/alpine/blobs/{digest}") for _ in range(3)))
+    for response in responses:
+        assert response.status == 200  # headers went out before the cut
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    store = tmp_path / "store"
+    assert stored_files(store) == []
+    assert temporaries(store) == []
+    upstream.clear_faults()
+    upstream.reset_requests()
+    assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
+    assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_wrong_bytes_are_never_completed_nor_kept(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.corrupt_blob(digest, times=1)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+    assert stored_files(tmp_path / "store") == []
+    assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
+
+
+async def test_stalled_body_is_resumed_after_the_read_timeout(moorage: Client, upstream: FakeRegistry) -> None:
+    data = os.urandom(2 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.stall_blob(digest, after_bytes=MiB, seconds=None, times=1)  # read timeout is 2 s
+    started = time.monotonic()
+    assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
+    assert 1.5 < time.monotonic() - started < 15
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+
+
+async def test_unknown_blob_is_blob_unknown(moorage: Client) -> None:
+    response = await moorage.get(f"/v2/alpine/blobs/sha256:{'0' * 64}")
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_head_on_uncached_blob_does_not_download(moorage: Client, upstream: FakeRegistry, tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    digest = upstream.add_blob(data)
+    head = await moorage.head(f"/v2/alpine/blobs/{digest}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(data))
+    assert head.headers["Docker-Content-Digest"] == digest
+    assert upstream.count("HEAD", f"/blobs/{digest}") == 1
+    assert upstream.count("GET", f"/blobs/{digest}") == 0
+    assert stored_files(tmp_path / "store") == []
+
+
+async def test_head_on_warm_blob_is_local(moorage: Client, upstream: FakeRegistry) -> None:
+    data = os.urandom(1000)
+    digest = upstream.add_blob(data)
+    await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    upstream.reset_requests()
+    head = await moorage.head(f"/v2/alpine/blobs/{digest}")
+    assert head.headers["Content-Length"] == "1000"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        pytest.param("bytes=1000-", 1000, None, id="open_end"),
+        pytest.param("bytes=10-19", 10, 20, id="closed"),
+        pytest.param("bytes=-100", -100, None, id="suffix"),
+    ],
+)
+async def test_ranges(
+    moorage: Client, upstream: FakeRegistry, warm: bool, header: str, start: int, end: int | None
+) -> None:
+    data = os.urandom(2 * MiB)
+    digest = upstream.add_blob(data)
+    if warm:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    else:
+        upstream.slow_blob(digest, chunk=128 * 1024, delay=0.01)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": header})
+    assert response.status == 206
+    expected = data[start:end]
+    assert await response.read() == expected
+    first = start if start >= 0 else len(data) + start
+    assert response.headers["Content-Range"] == f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
+async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistry, warm: bool) -> None:
+    data = os.urandom(1000)
+    digest = upstream.add_blob(data)
+    if warm:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=5000-"})
+    assert response.status == 416
+
+
+async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    upstream.auth = "bearer"
+    cdn = await upstream.start_cdn()
+    data = os.urandom(MiB)
+    digest = upstream.add_blob(data)
+    moorage = await start_moorage()
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await response.read() == data
+    assert cdn.count("GET", digest) == 1
+    assert cdn.leaked_authorization == 0
+    assert "location" not in {k.lower() for k in response.headers}

@@ -1,0 +1,270 @@
+"""Manifests through Moorage: fetch once, fresh tags free, stale tags revalidated with HEAD,
+stale answers when the upstream fails, Accept negotiation, size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, Digest
+from tests.fakes import DOCKER_MANIFEST_LIST, OCI_MANIFEST, FakeRegistry
+
+from .conftest import StartMoorage, metric
+
+Client = TestClient[web.Request, web.Application]
+ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
+
+
+async def test_cold_then_warm_tag_costs_one_upstream_get(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("library/alpine", "3.19", [b"layer-1"])
+    first = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert first.status == 200
+    assert await first.read() == image.manifest
+    assert first.headers["Docker-Content-Digest"] == image.digest
+    assert first.headers["Content-Type"] == DOCKER_MANIFEST_V2
+    assert first.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    upstream.reset_requests()
+    for _ in range(3):
+        again = await moorage.get("/v2/library/alpine/manifests/3.19", headers=ALL)
+        assert await again.read() == image.manifest
+    assert upstream.requests == []
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="hit") == 3
+
+
+async def test_by_digest_is_served_from_the_store_and_verified(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("library/alpine", "3.19", media_type=OCI_MANIFEST)
+    response = await moorage.get(f"/v2/alpine/manifests/{image.digest}", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    assert response.headers["Content-Type"] == OCI_MANIFEST
+    upstream.reset_requests()
+    head = await moorage.head(f"/v2/alpine/manifests/{image.digest}")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(image.manifest))
+    assert head.headers["Docker-Content-Digest"] == image.digest
+    assert upstream.requests == []
+
+
+async def test_tag_fetched_once_for_concurrent_clients(moorage: Client, upstream: FakeRegistry) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    upstream.delay_next(1, 0.3, paths=r"/manifests/")
+    responses = await asyncio.gather(*(moorage.get("/v2/alpine/manifests/3.19", headers=ALL) for _ in range(16)))
+    assert {r.status for r in responses} == {200}
+    assert upstream.count("GET", "/manifests/") == 1
+
+
+async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(tag_ttl="1s")
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    stale = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert stale.status == 200 and await stale.read() == image.manifest
+    assert upstream.count("HEAD", "/manifests/3.19") == 1
+    assert upstream.count("GET", "/manifests/") == 0
+    # Revalidation refreshed the answer's age: the next pull is free again.
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    assert upstream.requests == []
+    assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 1
+
+
+async def test_changed_tag_is_fetched_again(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    moorage = await start_moorage(tag_ttl="1s")
+    upstream.add_image("library/alpine", "3.19", [b"old"])
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    new = upstream.add_image("library/alpine", "3.19", [b"new"])
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.headers["Docker-Content-Digest"] == new.digest
+    assert await response.read() == new.manifest
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        pytest.param({"status": 429, "retry_after": 60}, "429", id="rate_limited"),
+        pytest.param({"status": 503}, "503", id="server_error"),
+        pytest.param(None, "down", id="unreachable"),
+    ],
+)
+async def test_stale_answer_when_upstream_fails(
+    start_moorage: StartMoorage, upstream: FakeRegistry, fault: dict[str, int] | None, reason: str
+) -> None:
+    moorage = await start_moorage(tag_ttl="1s")
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await asyncio.sleep(1.1)
+    if fault is None:
+        await upstream.stop_listening()
+    else:
+        upstream.fail_next(10, fault["status"], retry_after=fault.get("retry_after"))
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200, await response.text()
+    assert await response.read() == image.manifest
+    assert response.headers["Warning"] == '110 - "stale"'
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="stale") == 1
+
+
+async def test_upstream_429_with_nothing_cached_is_toomanyrequests(moorage: Client, upstream: FakeRegistry) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    upstream.fail_next(5, 429, retry_after=120)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "120"
+    body = await response.json()
+    assert body["errors"][0]["code"] == "TOOMANYREQUESTS"
+    # Retry-After above the configured max wait: no retry, the client learns at once.
+    assert upstream.count("GET", "/manifests/") == 1
+
+
+async def test_short_429_and_5xx_are_retried(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("library/alpine", "3.19")
+    upstream.fail_next(1, 429, retry_after=0)
+    upstream.fail_next(1, 502)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    assert upstream.count("GET", "/manifests/") == 3
+    assert await metric(moorage, "moorage_upstream_retries_total") == 2
+
+
+async def test_upstream_down_with_nothing_cached_is_503(moorage: Client, upstream: FakeRegistry) -> None:
+    await upstream.stop_listening()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 503
+    assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_unknown_tag_is_manifest_unknown(moorage: Client) -> None:
+    response = await moorage.get("/v2/alpine/manifests/nope", headers=ALL)
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_index_for_clients_that_take_indexes_and_platform_image_for_those_that_do_not(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    amd = upstream.add_image("library/multi", None, [b"amd"], architecture="amd64")
+    arm = upstream.add_image("library/multi", None, [b"arm"], architecture="arm64")
+    index = upstream.add_index("library/multi", "1", [(amd.digest, "linux", "amd64"), (arm.digest, "linux", "arm64")])
+    full = await moorage.get("/v2/multi/manifests/1", headers=ALL)
+    assert full.headers["Docker-Content-Digest"] == index
+    assert full.headers["Content-Type"] == DOCKER_MANIFEST_LIST
+    single = await moorage.get("/v2/multi/manifests/1", headers={"Accept": DOCKER_MANIFEST_V2})
+    assert single.headers["Docker-Content-Digest"] == amd.digest
+    assert await single.read() == amd.manifest
+    # Each answer is cached under its own Accept class.
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/multi/manifests/1", headers=ALL)).headers["Docker-Content-Digest"] == index
+    assert (await moorage.get("/v2/multi/manifests/1", headers={"Accept": DOCKER_MANIFEST_V2})).headers[
+        "Docker-Content-Digest"
+    ] == amd.digest
+    assert upstream.requests == []
+
+
+async def test_wrong_manifest_bytes_are_refused_and_not_kept(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("library/alpine", "3.19")
+    fake_digest = str(Digest.of(b"something else"))
+    upstream.add_manifest("library/alpine", None, image.manifest, DOCKER_MANIFEST_V2)
+    # Serve the image's bytes under a digest they do not hash to.
+    upstream._manifests[fake_digest] = upstream._manifests[image.digest]
+    upstream._repo_manifests["library/alpine"].add(fake_digest)
+    response = await moorage.get(f"/v2/alpine/manifests/{fake_digest}", headers=ALL)
+    assert response.status == 502
+    assert "expected " + fake_digest in (await response.json())["errors"][0]["message"]
+    upstream.reset_requests()
+    again = await moorage.get(f"/v2/alpine/manifests/{fake_digest}", headers=ALL)
+    assert again.status == 502
+    assert upstream.count("GET", "/manifests/") == 1  # asked again: nothing was kept
+
+
+async def test_manifest_above_4_mib_is_refused(moorage: Client, upstream: FakeRegistry) -> None:
+    body = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_V2, "pad": "x" * MAX_MANIFEST_BYTES}).encode()
+    upstream.add_manifest("library/huge", "1", body, DOCKER_MANIFEST_V2)
+    response = await moorage.get("/v2/huge/manifests/1", headers=ALL)
+    assert response.status == 502
+    assert "limit" in (await response.json())["errors"][0]["message"]
+
+
+async def test_tag_answers_survive_a_restart(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("library/alpine", "3.19")
+    first = await start_moorage()
+    assert (await first.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await first.close()
+    upstream.reset_requests()
+    second = await start_moorage()
+    response = await second.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert await response.read() == image.manifest
+    assert upstream.requests == []
+
+
+async def test_tags_list_is_proxied_paginated_and_served_stale(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(tags_list_ttl="1s")
+    for tag in ("a", "b", "c"):
+        upstream.add_image("owner/app", tag, [tag.encode()])
+    page = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2")
+    assert page.status == 200
+    assert await page.json() == {"name": "docker-hub/owner/app", "tags": ["a", "b"]}
+    assert page.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=2>; rel="next"'
+    rest = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2&last=b")
+    assert (await rest.json())["tags"] == ["c"]
+    await asyncio.sleep(1.1)
+    await upstream.stop_listening()
+    stale = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2")
+    assert stale.status == 200 and stale.headers["Warning"] == '110 - "stale"'
+    assert (await stale.json())["tags"] == ["a", "b"]
+
+
+async def test_rate_limit_budget_is_exported(moorage: Client, upstream: FakeRegistry) -> None:
+    upstream.ratelimit = (100, 76)
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    assert await metric(moorage, "moorage_upstream_ratelimit_limit", upstream="docker.io") == 100
+    assert await metric(moorage, "moorage_upstream_ratelimit_remaining", upstream="docker.io") == 76
+
+
+async def test_token_is_fetched_once_for_many_requests(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    upstream.auth = "bearer"
+    upstream.token_expires_in = None  # absent: 60 s by the spec
+    image = upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    responses = await asyncio.gather(
+        *(moorage.get(f"/v2/alpine/manifests/{image.digest}", headers=ALL) for _ in range(8)),
+        *(moorage.get(f"/v2/alpine/blobs/{layer}") for layer in image.layer_digests),
+    )
+    assert {r.status for r in responses} == {200}
+    assert upstream.tokens_issued == 1
+    started = time.monotonic()
+    assert (await moorage.get(f"/v2/alpine/blobs/{image.config_digest}")).status == 200
+    assert upstream.tokens_issued == 1, "a cached token must be reused"
+    assert time.monotonic() - started < 5
+
+
+async def test_upstream_credentials_are_sent_to_the_token_service(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    password = tmp_path / "password"
+    password.write_text("hunter2\n")
+    upstream.auth = "bearer"
+    upstream.credentials = ("bob", "hunter2")
+    upstream.add_image("private/app", "1")
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
+    assert response.status == 200
+    upstream.add_image("private/app", "2")
+    wrong = await start_moorage(upstream_settings={"username": "bob"})  # no password: anonymous
+    refused = await wrong.get("/v2/private/app/manifests/2", headers=ALL)
+    assert refused.status == 502
+    assert "credentials" in (await refused.json())["errors"][0]["message"]

@@ -1,0 +1,69 @@
+"""Routing of /v2/<name>: ns first, then a prefix, then the default upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
+from moorage.upstreams import NoRoute, Router
+from moorage.upstreams.reference import InvalidReference
+
+
+@dataclass
+class Upstream:
+    settings: UpstreamSettings
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
+
+
+@pytest.fixture
+def router() -> Router[Upstream]:
+    return Router(Upstream(s) for s in DEFAULT_UPSTREAMS)
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "host", "repository"),
+    [
+        pytest.param("alpine", None, "docker.io", "library/alpine", id="official_image"),
+        pytest.param("library/alpine", None, "docker.io", "library/alpine", id="library_explicit"),
+        pytest.param("bitnami/redis", None, "docker.io", "bitnami/redis", id="user_image"),
+        pytest.param("library/alpine", "docker.io", "docker.io", "library/alpine", id="ns_docker"),
+        pytest.param("alpine", "index.docker.io", "docker.io", "library/alpine", id="ns_alias"),
+        pytest.param("owner/app", "ghcr.io", "ghcr.io", "owner/app", id="ns_ghcr"),
+        pytest.param("ghcr.io/owner/app", None, "ghcr.io", "owner/app", id="host_prefix"),
+        pytest.param("ghcr/owner/app", None, "ghcr.io", "owner/app", id="named_prefix"),
+        pytest.param("docker-hub/library/nginx", None, "docker.io", "library/nginx", id="docker_hub_prefix"),
+        pytest.param("docker-hub/nginx", None, "docker.io", "library/nginx", id="docker_hub_prefix_short"),
+        pytest.param("registry.k8s.io/pause", None, "registry.k8s.io", "pause", id="k8s_no_library"),
+        pytest.param("ghcr", None, "docker.io", "library/ghcr", id="prefix_alone_is_a_name"),
+        pytest.param("ghcr.io/owner/app", "docker.io", "docker.io", "ghcr.io/owner/app", id="ns_beats_prefix"),
+    ],
+)
+def test_routes(router: Router[Upstream], name: str, ns: str | None, host: str, repository: str) -> None:
+    route = router.resolve(name, ns)
+    assert route.upstream.host == host
+    assert route.repository == repository
+
+
+def test_unknown_ns_names_the_configured_hosts(router: Router[Upstream]) -> None:
+    with pytest.raises(NoRoute) as caught:
+        router.resolve("library/alpine", "registry.example.com")
+    assert "registry.example.com" in str(caught.value)
+    assert "ghcr.io" in str(caught.value) and "docker.io" in str(caught.value)
+
+
+def test_no_default_upstream_asks_for_a_prefix() -> None:
+    router = Router([Upstream(UpstreamSettings(host="ghcr.io", url="https://ghcr.io", prefixes=("ghcr",)))])
+    with pytest.raises(NoRoute, match="ghcr"):
+        router.resolve("owner/app")
+    assert router.resolve("ghcr/owner/app").repository == "owner/app"
+
+
+@pytest.mark.parametrize("name", ["Upper/case", "a/../b", "ghcr.io/", "x" * 256])
+def test_names_are_parsed_before_routing(router: Router[Upstream], name: str) -> None:
+    with pytest.raises(InvalidReference):
+        router.resolve(name)
