@@ -106,9 +106,14 @@ class RegistryAuth(httpx.Auth):
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
             scope = params.get("scope") or scope
-            if scope:
-                self._tokens.pop(scope, None)
-            token = await self._token(params, scope)
+            fresh = self._cached(scope) if scope else None
+            if fresh is None or fresh == token:
+                # No token yet, or the one we sent was refused: fetch one. A token another
+                # request fetched while this one waited for its 401 is used as it is.
+                if scope:
+                    self._tokens.pop(scope, None)
+                fresh = await self._token(params, scope)
+            token = fresh
             request.headers["Authorization"] = f"Bearer {token}"
             yield request
         elif scheme == "basic" and self._credentials and not self._basic_up_front:

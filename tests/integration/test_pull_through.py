@@ -1,0 +1,246 @@
+"""Real clients pulling through a real Moorage process from a real registry.
+
+The upstream is Debian's ``docker-registry`` (CNCF Distribution), seeded once per module with
+skopeo from OCI layouts these tests write; its access log counts what reached it. Moorage runs
+as a user runs it (``moorage serve --config``), with a fresh store per test unless a test says
+otherwise. Clients: skopeo, podman (vfs, a registries.conf mirror) and containerd's ctr
+(hosts.toml, which adds ``?ns=``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .harness import images
+from .harness.clients import Containerd, Podman, skopeo_copy, skopeo_inspect_raw
+from .harness.moorage import MoorageProcess
+from .harness.registry import RealRegistry
+
+pytestmark = pytest.mark.integration
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Seeded:
+    registry: RealRegistry
+    app: images.ImageRef  # library/app:1, OCI, three layers
+    app_docker: images.ImageRef  # library/app-docker:1, Docker schema 2, the same blobs
+    multi: images.ImageRef  # library/multi:1, OCI index linux/amd64 + linux/arm64
+    multi_docker: images.ImageRef  # library/multi-docker:1, Docker manifest list
+    tool: images.ImageRef  # owner/tool:1, reached through the "ghcr.io" upstream
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
+    work = tmp_path_factory.mktemp("upstream")
+    with RealRegistry(work / "registry") as registry:
+        layout = work / "layout"
+        layers = [images.random_layer(2 * MiB, 1), images.random_layer(MiB, 2), images.random_layer(512 * 1024, 3)]
+        images.write_oci_image(layout, "app", layers)
+        app = images.push(layout, "app", registry.host, "library/app", "1")
+        app_docker = images.push(layout, "app", registry.host, "library/app-docker", "1", docker_v2s2=True)
+        images.write_oci_index(layout, "multi", [("linux", "amd64"), ("linux", "arm64")])
+        multi = images.push(layout, "multi", registry.host, "library/multi", "1", all_platforms=True)
+        multi_docker = images.push(
+            layout, "multi", registry.host, "library/multi-docker", "1", all_platforms=True, docker_v2s2=True
+        )
+        images.write_oci_image(layout, "tool", [images.random_layer(300 * 1024, 4)])
+        tool = images.push(layout, "tool", registry.host, "owner/tool", "1")
+        yield Seeded(registry, app, app_docker, multi, multi_docker, tool)
+
+
+def start_moorage(workdir: Path, registry: RealRegistry, **settings: object) -> MoorageProcess:
+    return MoorageProcess(
+        workdir,
+        [
+            {"host": "docker.io", "url": registry.url, "default": True, "prefixes": ["docker-hub"]},
+            {"host": "ghcr.io", "url": registry.url, "prefixes": ["ghcr"]},
+        ],
+        **settings,
+    )
+
+
+@pytest.fixture
+def moorage(tmp_path: Path, seeded: Seeded) -> Iterator[MoorageProcess]:
+    with start_moorage(tmp_path / "moorage", seeded.registry) as process:
+        yield process
+
+
+def upstream_counts(registry: RealRegistry, since: int) -> dict[str, int]:
+    """Requests that reached the upstream since ``since``, by method and kind."""
+    counts: dict[str, int] = {}
+    for request in registry.requests_since(since):
+        kind = "blob" if "/blobs/" in request.path else "manifest" if "/manifests/" in request.path else "other"
+        key = f"{request.method} {kind}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def blob_gets(registry: RealRegistry, since: int) -> dict[str, int]:
+    gets: dict[str, int] = {}
+    for request in registry.requests_since(since):
+        if request.method == "GET" and "/blobs/" in request.path:
+            digest = request.path.rsplit("/", 1)[1]
+            gets[digest] = gets.get(digest, 0) + 1
+    return gets
+
+
+def assert_dir_image(out: Path, image: images.ImageRef) -> None:
+    """skopeo's dir: output holds every blob of the image, with verified bytes."""
+    for digest in image.blob_digests:
+        data = (out / digest.split(":", 1)[1]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+
+
+def test_skopeo_cold_then_warm_pull(moorage: MoorageProcess, seeded: Seeded, tmp_path: Path) -> None:
+    registry, app = seeded.registry, seeded.app
+    mark = registry.mark()
+    skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'cold'}")
+    assert_dir_image(tmp_path / "cold", app)
+    cold = upstream_counts(registry, mark)
+    assert blob_gets(registry, mark) == {d: 1 for d in app.blob_digests}
+    assert cold.get("GET manifest") == 1
+    mark = registry.mark()
+    skopeo_copy(f"docker://{moorage.host}/library/app:1", f"dir:{tmp_path / 'warm'}")
+    assert_dir_image(tmp_path / "warm", app)
+    assert registry.requests_since(mark) == [], "a warm pull of a fresh tag must not reach the upstream"
+    print(f"\nupstream requests: cold pull {cold}, warm pull {{}} ({len(app.blob_digests)} blobs)")
+
+
+def test_skopeo_by_digest_docker_schema_2_and_shared_layers(
+    moorage: MoorageProcess, seeded: Seeded, tmp_path: Path
+) -> None:
+    registry = seeded.registry
+    skopeo_copy(f"docker://{moorage.host}/app@{seeded.app.manifest_digest}", f"dir:{tmp_path / 'oci'}")
+    mark = registry.mark()
+    skopeo_copy(f"docker://{moorage.host}/app-docker:1", f"dir:{tmp_path / 'docker'}")
+    assert_dir_image(tmp_path / "docker", seeded.app_docker)
+    raw = (tmp_path / "docker" / "manifest.json").read_bytes()
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == seeded.app_docker.manifest_digest
+    # The Docker image shares config and layers with the OCI one: only its manifest is new.
+    assert blob_gets(registry, mark) == {}
+    assert upstream_counts(registry, mark).get("GET manifest") == 1
+
+
+@pytest.mark.parametrize("name", ["multi", "multi-docker"])
+def test_skopeo_multi_arch_index_all_platforms(
+    moorage: MoorageProcess, seeded: Seeded, tmp_path: Path, name: str
+) -> None:
+    index = seeded.multi if name == "multi" else seeded.multi_docker
+    raw = skopeo_inspect_raw(f"docker://{moorage.host}/{name}:1")
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == index.manifest_digest
+    mark = seeded.registry.mark()
+    skopeo_copy(f"docker://{moorage.host}/{name}:1", f"oci:{tmp_path / 'out'}:x", all_platforms=True)
+    wanted = {d for child in index.children for d in child.blob_digests}
+    assert set(blob_gets(seeded.registry, mark)) == wanted
+    assert all(n == 1 for n in blob_gets(seeded.registry, mark).values())
+
+
+def test_sixteen_concurrent_cold_pulls_fetch_each_blob_once(
+    moorage: MoorageProcess, seeded: Seeded, tmp_path: Path
+) -> None:
+    registry, app = seeded.registry, seeded.app
+    mark = registry.mark()
+
+    def pull(i: int) -> None:
+        skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / f'out{i}'}")
+        assert_dir_image(tmp_path / f"out{i}", app)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(pull, range(16)))
+    assert blob_gets(registry, mark) == {d: 1 for d in app.blob_digests}
+    counts = upstream_counts(registry, mark)
+    assert counts.get("GET manifest") == 1, counts
+
+
+def test_podman_pulls_through_the_mirror(moorage: MoorageProcess, seeded: Seeded, tmp_path: Path) -> None:
+    registry = seeded.registry
+    with Podman(tmp_path / "podman-a", moorage.host) as podman:
+        podman.pull("docker.io/library/app:1")
+        assert podman.image_exists("docker.io/library/app:1")
+        podman.pull("docker.io/library/multi:1", arch="arm64")
+        arm64 = seeded.multi.child("linux/arm64").manifest_digest
+        assert f"docker.io/library/multi@{arm64}" in podman.repo_digests("docker.io/library/multi:1")
+    mark = registry.mark()
+    with Podman(tmp_path / "podman-b", f"{moorage.host}/docker-hub") as podman:  # a mirror with a path prefix
+        podman.pull("docker.io/library/app:1")
+    assert blob_gets(registry, mark) == {}, "a second node's pull must come from the store"
+
+
+def test_containerd_pulls_through_hosts_toml_with_ns(moorage: MoorageProcess, seeded: Seeded, tmp_path: Path) -> None:
+    registry = seeded.registry
+    with Containerd(tmp_path / "containerd") as containerd:
+        containerd.write_hosts("docker.io", moorage.url)
+        containerd.write_hosts("ghcr.io", moorage.url)
+        containerd.pull("docker.io/library/app:1")
+        containerd.pull("docker.io/library/multi-docker:1", platform="linux/arm64")
+        containerd.pull("ghcr.io/owner/tool:1")  # ?ns=ghcr.io picks the ghcr.io upstream
+        assert containerd.image_digest("ghcr.io/owner/tool:1") == seeded.tool.manifest_digest
+        assert containerd.image_digest("docker.io/library/app:1") == seeded.app.manifest_digest
+    mark = registry.mark()
+    with Containerd(tmp_path / "containerd-2") as second:
+        second.write_hosts("docker.io", moorage.url)
+        second.pull("docker.io/library/app:1")
+    assert registry.requests_since(mark) == []
+    routed = [line for line in moorage.log_lines() if line.get("event") == "request" and line.get("upstream")]
+    assert {"docker.io", "ghcr.io"} <= {line["upstream"] for line in routed}
+
+
+def test_restart_keeps_the_store(seeded: Seeded, tmp_path: Path) -> None:
+    registry = seeded.registry
+    with start_moorage(tmp_path / "m", registry) as moorage:
+        skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'a'}")
+        moorage.restart()
+        mark = registry.mark()
+        skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'b'}")
+        assert_dir_image(tmp_path / "b", seeded.app)
+        assert blob_gets(registry, mark) == {}
+
+
+def test_kill_9_mid_fill_leaves_nothing_partial(seeded: Seeded, tmp_path: Path) -> None:
+    registry = seeded.registry
+    with start_moorage(tmp_path / "m", registry) as moorage:
+        big = images.random_layer(64 * MiB, 9)
+        digest = images.push_blob(registry.url, "library/big", big)
+        reader = subprocess.Popen(
+            ["curl", "-s", "--limit-rate", "4M", "-o", "/dev/null", f"{moorage.url}/v2/big/blobs/{digest}"]
+        )
+        deadline = time.monotonic() + 10
+        temporaries = moorage.store / "tmp"
+        while time.monotonic() < deadline and not any(temporaries.iterdir()):
+            time.sleep(0.05)
+        assert moorage._proc is not None
+        moorage.kill()
+        reader.wait(10)
+        blob_path = moorage.store / "blobs" / "sha256" / digest[7:9] / digest[7:]
+        assert not blob_path.exists()
+        moorage.start()
+        assert not any(temporaries.iterdir()), "start-up clears temporaries"
+        out = subprocess.run(
+            ["curl", "-sf", f"{moorage.url}/v2/big/blobs/{digest}"], capture_output=True, check=True, timeout=60
+        ).stdout
+        assert hashlib.sha256(out).hexdigest() == digest[7:]
+
+
+def test_cached_tags_pull_while_the_upstream_is_down(seeded: Seeded, tmp_path: Path) -> None:
+    # A registry of its own: this test stops it.
+    with RealRegistry(tmp_path / "registry") as registry:
+        layout = tmp_path / "layout"
+        images.write_oci_image(layout, "x", [images.random_layer(256 * 1024, 7)])
+        image = images.push(layout, "x", registry.host, "library/down", "1")
+        with start_moorage(tmp_path / "m", registry, tag_ttl="1s") as moorage:
+            skopeo_copy(f"docker://{moorage.host}/down:1", f"dir:{tmp_path / 'a'}")
+            registry.stop()
+            time.sleep(1.2)  # the tag is stale now: revalidation fails, the stale answer is served
+            skopeo_copy(f"docker://{moorage.host}/down:1", f"dir:{tmp_path / 'b'}")
+            assert_dir_image(tmp_path / "b", image)
+            stale = [line for line in moorage.log_lines() if line.get("result") == "stale"]
+            assert stale, "the manifest must have been answered stale"

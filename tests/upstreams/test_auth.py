@@ -1,0 +1,150 @@
+"""The token dance (unit level, no network): httpx.MockTransport plays registry and realm.
+
+The fake-upstream tests in tests/proxy cover the same flow over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import httpx
+import pytest
+
+from moorage.upstreams._auth import RegistryAuth, parse_challenge, scope_for_path
+
+REGISTRY = "https://registry.test"
+CHALLENGE = 'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:library/alpine:pull"'
+
+
+class Upstream:
+    """A registry that wants a Bearer token, and its token service; counts token fetches."""
+
+    def __init__(self, expires_in: int | None = 300) -> None:
+        self.tokens_issued = 0
+        self.expires_in = expires_in
+        self.valid: set[str] = set()
+        self.token_requests: list[httpx.Request] = []
+        self.hold_401 = asyncio.Event()
+        self.hold_401.set()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            self.token_requests.append(request)
+            self.tokens_issued += 1
+            token = f"t{self.tokens_issued}"
+            self.valid.add(token)
+            body: dict[str, object] = {"token": token}
+            if self.expires_in is not None:
+                body["expires_in"] = self.expires_in
+            return httpx.Response(200, json=body)
+        auth = request.headers.get("authorization", "")
+        if auth.removeprefix("Bearer ") in self.valid:
+            return httpx.Response(200, content=b"ok")
+        if request.url.path.endswith("/held"):
+            await self.hold_401.wait()
+        return httpx.Response(401, headers={"WWW-Authenticate": CHALLENGE})
+
+
+def make(upstream: Upstream, credentials: tuple[str, str] | None = None) -> tuple[httpx.AsyncClient, RegistryAuth]:
+    transport = httpx.MockTransport(upstream)
+    token_client = httpx.AsyncClient(transport=transport)
+    auth = RegistryAuth("registry.test", httpx.URL(REGISTRY), token_client, credentials)
+    return httpx.AsyncClient(base_url=REGISTRY, transport=transport, auth=auth), auth
+
+
+async def test_concurrent_requests_share_one_token_fetch() -> None:
+    upstream = Upstream()
+    client, _ = make(upstream)
+    responses = await asyncio.gather(*(client.get("/v2/library/alpine/manifests/3.19") for _ in range(10)))
+    assert [r.status_code for r in responses] == [200] * 10
+    assert upstream.tokens_issued == 1
+    assert (await client.get("/v2/library/alpine/blobs/sha256:x")).status_code == 200
+    assert upstream.tokens_issued == 1
+
+
+async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
+    upstream = Upstream()
+    client, _ = make(upstream)
+    upstream.hold_401.clear()
+    late = asyncio.ensure_future(client.get("/v2/library/alpine/manifests/held"))
+    await asyncio.sleep(0.05)  # the late request, sent bare, waits for its 401
+    first = await client.get("/v2/library/alpine/manifests/2")  # fetches the token meanwhile
+    upstream.hold_401.set()
+    assert first.status_code == 200 and (await late).status_code == 200
+    assert upstream.tokens_issued == 1
+
+
+async def test_a_refused_token_is_replaced_once() -> None:
+    upstream = Upstream()
+    client, _ = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    upstream.valid.clear()  # revoked upstream
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    assert upstream.tokens_issued == 2
+
+
+async def test_missing_expires_in_means_60_seconds() -> None:
+    upstream = Upstream(expires_in=None)
+    client, auth = make(upstream)
+    await client.get("/v2/library/alpine/manifests/1")
+    _, expires_at = auth._tokens["repository:library/alpine:pull"]
+    assert 50 <= expires_at - time.monotonic() <= 60
+
+
+async def test_credentials_go_to_the_token_service_as_basic() -> None:
+    upstream = Upstream()
+    client, _ = make(upstream, ("bob", "hunter2"))
+    await client.get("/v2/library/alpine/manifests/1")
+    sent = upstream.token_requests[0]
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"bob:hunter2").decode()
+    assert sent.url.params["scope"] == "repository:library/alpine:pull"
+    assert sent.url.params["service"] == "registry.test"
+
+
+async def test_basic_challenge_sends_credentials() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        if request.headers.get("authorization", "").startswith("Basic "):
+            return httpx.Response(200)
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    transport = httpx.MockTransport(handler)
+    auth = RegistryAuth("r", httpx.URL(REGISTRY), httpx.AsyncClient(transport=transport), ("u", "p"))
+    client = httpx.AsyncClient(base_url=REGISTRY, transport=transport, auth=auth)
+    assert (await client.get("/v2/a/manifests/1")).status_code == 200
+    assert (await client.get("/v2/a/manifests/2")).status_code == 200
+    assert seen[0] == "" and seen[1].startswith("Basic ") and seen[2].startswith("Basic ")
+
+
+async def test_a_401_from_another_host_is_not_ours_to_answer() -> None:
+    upstream = Upstream()
+    transport = httpx.MockTransport(upstream)
+    auth = RegistryAuth("registry.test", httpx.URL("https://other.test"), httpx.AsyncClient(transport=transport))
+    client = httpx.AsyncClient(base_url=REGISTRY, transport=transport, auth=auth)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 401
+    assert upstream.tokens_issued == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "scheme", "params"),
+    [
+        (
+            CHALLENGE,
+            "bearer",
+            {"realm": "https://auth.test/token", "service": "registry.test", "scope": "repository:library/alpine:pull"},
+        ),
+        ('Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}),
+        ("Bearer realm=https://x/token,service=x", "bearer", {"realm": "https://x/token", "service": "x"}),
+    ],
+)
+def test_parse_challenge(header: str, scheme: str, params: dict[str, str]) -> None:
+    assert parse_challenge(header) == (scheme, params)
+
+
+def test_scope_for_path() -> None:
+    assert scope_for_path("/v2/library/alpine/manifests/1") == "repository:library/alpine:pull"
+    assert scope_for_path("/prefix/v2/a/b/blobs/sha256:x") == "repository:a/b:pull"
+    assert scope_for_path("/v2/") is None
