@@ -24,7 +24,7 @@ from typing import Final, Literal
 from moorage.upstreams import UpstreamProtocolError, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
-from ._source import Source
+from ._source import BlobSource
 from ._store import BlobStore, PendingBlob
 from .errors import FillAborted
 
@@ -61,7 +61,7 @@ class Fill:
         self._progress.set()
         self._progress = asyncio.Event()
 
-    async def run(self, store: BlobStore, source: Source, repository: RepositoryName) -> None:
+    async def run(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
         try:
             self._pending = await asyncio.to_thread(store.begin, self.digest)
             await self._download(source, repository)
@@ -83,7 +83,7 @@ class Fill:
             self._notify()
             self._maybe_close()
 
-    async def _download(self, source: Source, repository: RepositoryName) -> None:
+    async def _download(self, source: BlobSource, repository: RepositoryName) -> None:
         assert self._pending is not None
         resumes = 0
         while True:
@@ -226,7 +226,7 @@ class Fills:
         fill = self._fills.get(digest)
         return fill.add_reader() if fill is not None else None
 
-    def start(self, source: Source, repository: RepositoryName, digest: Digest) -> FillReader:
+    def start(self, source: BlobSource, repository: RepositoryName, digest: Digest) -> FillReader:
         """A reader of a new fill; call only after :meth:`join` found none."""
         assert digest not in self._fills
 

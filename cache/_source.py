@@ -11,12 +11,22 @@ from typing import Protocol
 from moorage.upstreams import BlobBody, FetchedManifest, ManifestHead, TagsPage
 from moorage.upstreams.reference import AcceptClass, Digest, Reference, RepositoryName
 
-__all__ = ["Source"]
+__all__ = ["BlobSource", "Source"]
 
 
-class Source(Protocol):
+class BlobSource(Protocol):
+    """What a fill needs: the upstream's name and a blob body from an offset."""
+
     @property
     def host(self) -> str: ...
+
+    def open_blob(
+        self, repository: RepositoryName, digest: Digest, offset: int = 0
+    ) -> AbstractAsyncContextManager[BlobBody]: ...
+
+
+class Source(BlobSource, Protocol):
+    """What the cache needs from an upstream for every kind of answer."""
 
     async def get_manifest(
         self, repository: RepositoryName, reference: Reference, accept: AcceptClass
@@ -25,7 +35,4 @@ class Source(Protocol):
         self, repository: RepositoryName, reference: Reference, accept: AcceptClass
     ) -> ManifestHead: ...
     async def head_blob(self, repository: RepositoryName, digest: Digest) -> int: ...
-    def open_blob(
-        self, repository: RepositoryName, digest: Digest, offset: int = 0
-    ) -> AbstractAsyncContextManager[BlobBody]: ...
     async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage: ...

@@ -1,0 +1,186 @@
+"""Single flight at the unit level, with an in-memory upstream whose body the test feeds
+chunk by chunk: readers follow a growing fill, the last byte waits for verification, a
+failure aborts every reader, nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from moorage.cache import DirectoryStore, FillAborted
+from moorage.cache._fill import Fills
+from moorage.upstreams import BlobBody, UpstreamNotFound, UpstreamUnavailable
+from moorage.upstreams.reference import Digest, RepositoryName
+
+REPO = RepositoryName("library/x")
+
+
+class FedBody(BlobBody):
+    def __init__(self, queue: asyncio.Queue[bytes | Exception | None], size: int, offset: int) -> None:
+        self._queue = queue
+        self.offset = offset
+        self.size = size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class FedSource:
+    """An upstream whose blob body arrives when the test puts chunks in ``queue``."""
+
+    host = "test"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+        self.opened: list[int] = []
+        self.missing = False
+
+    @asynccontextmanager
+    async def open_blob(self, repository: RepositoryName, digest: Digest, offset: int = 0) -> AsyncIterator[BlobBody]:
+        self.opened.append(offset)
+        if self.missing:
+            raise UpstreamNotFound(self.host, "blob: not found")
+        yield FedBody(self.queue, self.size, offset)
+
+
+async def collect(reader_iter: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in reader_iter])
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Poll a condition the code under test offers no event for (a background fill's end)."""
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached in 2 s")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DirectoryStore:
+    return DirectoryStore(tmp_path)
+
+
+async def test_readers_follow_the_fill_and_the_last_byte_waits_for_the_commit(store: DirectoryStore) -> None:
+    data = os.urandom(3000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    first = fills.start(source, REPO, digest)
+    assert await asyncio.wait_for(first.wait_started(), 1) == 3000
+    received = bytearray()
+    reading = asyncio.ensure_future(collect(first.read(0, 3000)))
+    await source.queue.put(data[:1000])
+    second = fills.join(digest)
+    assert second is not None, "a client asking meanwhile joins the same fill"
+    await source.queue.put(data[1000:])
+    late = asyncio.ensure_future(collect(second.read(0, 3000)))
+    await asyncio.sleep(0.05)
+    assert not reading.done() and not late.done(), "all bytes written, but not yet verified and committed"
+    await source.queue.put(None)
+    received += await reading
+    assert bytes(received) == data and await late == data
+    assert source.opened == [0]
+    first.close()
+    second.close()
+    assert len(fills) == 0
+    assert store.size_of(digest) == 3000
+    assert fills.recently_committed(digest) == 3000
+
+
+async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: DirectoryStore, tmp_path: Path) -> None:
+    data = os.urandom(2000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    readers = [fills.start(source, REPO, digest)]
+    await readers[0].wait_started()
+    readers.append(fills.join(digest))  # type: ignore[arg-type]
+    tasks = [asyncio.ensure_future(collect(r.read(0, 2000))) for r in readers]
+    await source.queue.put(data[:500])
+    for _ in range(4):  # the first cut and three resumes
+        await source.queue.put(UpstreamUnavailable("test", "cut"))
+    for task in tasks:
+        with pytest.raises(FillAborted):
+            await task
+    assert source.opened == [0, 500, 500, 500]
+    for reader in readers:
+        reader.close()
+    await wait_for(lambda: len(fills) == 0)
+    assert store.size_of(digest) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    again = fills.start(source, REPO, digest)
+    assert again is not readers[0], "a new pull starts a new fill"
+    again.close()
+    await fills.aclose()
+
+
+async def test_wrong_bytes_abort_the_reader_before_its_last_byte(store: DirectoryStore) -> None:
+    data = os.urandom(1000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, digest)
+    await reader.wait_started()
+    got = bytearray()
+
+    async def read() -> None:
+        async for chunk in reader.read(0, 1000):
+            got.extend(chunk)
+
+    task = asyncio.ensure_future(read())
+    await source.queue.put(bytes(1000))  # right length, wrong bytes
+    await source.queue.put(None)
+    with pytest.raises(FillAborted):
+        await task
+    assert len(got) < 1000
+    reader.close()
+    assert store.size_of(digest) is None
+
+
+async def test_upstream_not_found_reaches_the_first_reader_as_itself(store: DirectoryStore) -> None:
+    source = FedSource(10)
+    source.missing = True
+    reader = Fills(store).start(source, REPO, Digest.of(b"nope"))
+    with pytest.raises(UpstreamNotFound):
+        await reader.wait_started()
+    reader.close()
+
+
+async def test_a_reader_that_leaves_does_not_stop_the_fill(store: DirectoryStore) -> None:
+    data = os.urandom(5000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, digest)
+    await reader.wait_started()
+    reader.close()  # the only client went away
+    await source.queue.put(data)
+    await source.queue.put(None)
+    await wait_for(lambda: store.size_of(digest) == 5000)
+
+
+async def test_shutdown_cancels_fills_and_removes_temporaries(store: DirectoryStore, tmp_path: Path) -> None:
+    data = os.urandom(100)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, Digest.of(data))
+    await reader.wait_started()
+    await source.queue.put(data[:50])
+    await wait_for(lambda: any((tmp_path / "tmp").iterdir()))
+    await fills.aclose()
+    reader.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert len(fills) == 0

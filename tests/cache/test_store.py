@@ -1,0 +1,64 @@
+"""The directory store: nothing becomes visible before its digest matched; temporaries go."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from moorage.cache import DigestMismatch, DirectoryStore
+from moorage.upstreams.reference import Digest
+
+
+def test_commit_makes_a_verified_blob_visible(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    data = os.urandom(100_000)
+    digest = Digest.of(data)
+    pending = store.begin(digest)
+    pending.write(data[:50_000])
+    assert store.size_of(digest) is None, "invisible while being written"
+    assert pending.pread(10, 0) == data[:10]
+    pending.write(data[50_000:])
+    pending.commit()
+    pending.close()
+    assert store.size_of(digest) == len(data)
+    path = store.local_path(digest)
+    assert path is not None and path.read_bytes() == data
+    assert path == tmp_path / "blobs" / "sha256" / digest.encoded[:2] / digest.encoded
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_wrong_bytes_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    digest = Digest.of(b"expected")
+    pending = store.begin(digest)
+    pending.write(b"something else")
+    with pytest.raises(DigestMismatch, match=str(digest)):
+        pending.commit()
+    pending.close()
+    assert store.size_of(digest) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not any((tmp_path / "blobs").rglob("*"))
+
+
+def test_sweep_removes_what_a_crash_left(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    digest = Digest.of(b"x")
+    store.begin(digest).write(b"x")  # never committed: a crash
+    assert len(list((tmp_path / "tmp").iterdir())) == 1
+    assert DirectoryStore(tmp_path).sweep_temporaries() == 1
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_read_small_is_bounded(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    data = b"m" * 100
+    digest = Digest.of(data)
+    pending = store.begin(digest)
+    pending.write(data)
+    pending.commit()
+    pending.close()
+    assert store.read_small(digest, 1000) == data
+    assert store.read_small(digest, 10) == data[:11], "one byte past the limit tells the caller it is too large"
+    assert store.read_small(Digest.of(b"absent"), 10) is None
