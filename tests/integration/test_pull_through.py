@@ -203,6 +203,9 @@ def test_restart_keeps_the_store(seeded: Seeded, tmp_path: Path) -> None:
         skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'b'}")
         assert_dir_image(tmp_path / "b", seeded.app)
         assert blob_gets(registry, mark) == {}
+        lines = moorage.log_lines()
+        assert [line for line in lines if "unparsed" in line] == [], "every log line is JSON"
+        assert {"starting", "listening", "request"} <= {line.get("event") for line in lines}
 
 
 def test_kill_9_mid_fill_leaves_nothing_partial(seeded: Seeded, tmp_path: Path) -> None:
