@@ -41,6 +41,7 @@ __all__ = [
     "OCIError",
     "PaginationInvalid",
     "RangeInvalid",
+    "RequestTooLarge",
     "RouteUnknown",
     "TooManyRequests",
     "Unsupported",
@@ -126,6 +127,10 @@ class RangeInvalid(OCIError):
     code, status = "RANGE_INVALID", 416
 
 
+class RequestTooLarge(OCIError):
+    code, status = "SIZE_INVALID", 413
+
+
 class Unsupported(OCIError):
     code, status = "UNSUPPORTED", 405
 
@@ -184,7 +189,7 @@ def _from_http(error: web.HTTPException, request: web.Request) -> OCIError:
     if error.status == 416:
         return RangeInvalid(f"range not satisfiable: {request.headers.get('Range', '')[:100]}")
     if error.status == 413:
-        return OCIError("request body too large")
+        return RequestTooLarge("request body too large: this cache is read-only and takes no bodies")
     raise error
 
 
