@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from moorage.config import StorageSettings
-from moorage.upstreams import UpstreamError, UpstreamNotFound
+from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
     MAX_MANIFEST_BYTES,
     AcceptClass,
@@ -40,7 +41,7 @@ from moorage.upstreams.reference import (
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
 from ._index import Index, TagEntry, TagsEntry
-from ._keys import IndexKey, tag_key, tags_list_key
+from ._keys import IndexKey, manifest_flight_key, tag_key, tags_list_key
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from .errors import CacheError, DigestMismatch
@@ -57,6 +58,8 @@ __all__ = [
 ]
 
 CacheResult = Literal["hit", "miss", "coalesced", "revalidated", "refreshed", "stale"]
+_CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
+MAX_FAILING_TAGS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,10 @@ class WarmBlob:
 
 @dataclass(frozen=True, slots=True)
 class FillingBlob:
+    """A blob being fetched; its upstream has answered, so its size is known."""
+
     reader: FillReader
+    size: int
     result: CacheResult
 
 
@@ -102,13 +108,26 @@ class _Stored:
 
 
 class Cache:
-    def __init__(self, store: BlobStore, index: Index, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: Index,
+        *,
+        revalidate_timeout: float = 5.0,
+        stale_backoff: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._index = index
         self._clock = clock
+        self._revalidate_timeout = revalidate_timeout
+        self._stale_backoff = stale_backoff
+        #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
+        #: without asking the upstream again.
+        self._failing: OrderedDict[IndexKey, float] = OrderedDict()
         self.resumes = 0
         self.fills = Fills(store, on_resume=self._count_resume)
-        self._manifest_flights: SingleFlight[IndexKey | Digest, ManifestAnswer] = SingleFlight()
+        self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
     def _count_resume(self) -> None:
@@ -134,33 +153,65 @@ class Cache:
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "hit")
             return await self._manifest_by_digest(source, repository, entry.digest)
-        try:
+        if stored is None:  # nothing to fall back on: wait for the upstream, however long
             return await self._flight(
                 key, lambda: self._revalidate(source, repository, reference, accept, key, entry, stored)
             )
-        except (UpstreamError, CacheError) as exc:
-            if isinstance(exc, UpstreamNotFound) or stored is None:
-                raise
-            return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=str(exc))
+        return await self._revalidate_or_stale(source, repository, reference, accept, key, entry, stored)
 
-    async def _flight(
-        self, key: IndexKey | Digest, fetch: Callable[[], asyncio.Future[ManifestAnswer] | object]
+    async def _revalidate_or_stale(
+        self,
+        source: Source,
+        repository: RepositoryName,
+        tag: Tag,
+        accept: AcceptClass,
+        key: IndexKey,
+        entry: TagEntry,
+        stored: _Stored,
     ) -> ManifestAnswer:
-        answer, joined = await self._manifest_flights.run(key, fetch)  # type: ignore[arg-type]
-        return replace(answer, result="coalesced") if joined and answer.result == "miss" else answer
+        """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
+        serve the stale answer, and for ``stale_backoff`` keep serving it without asking."""
+
+        def stale(reason: str) -> ManifestAnswer:
+            return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=reason)
+
+        until = self._failing.get(key)
+        if until is not None and time.monotonic() < until:
+            return stale("the upstream failed lately; asking again after a back-off")
+        try:
+            async with asyncio.timeout(self._revalidate_timeout):
+                answer = await self._flight(
+                    key, lambda: self._revalidate(source, repository, tag, accept, key, entry, stored)
+                )
+        except (UpstreamError, CacheError, TimeoutError) as exc:
+            if isinstance(exc, UpstreamNotFound):
+                raise
+            self._failing[key] = time.monotonic() + self._stale_backoff
+            self._failing.move_to_end(key)
+            while len(self._failing) > MAX_FAILING_TAGS:
+                self._failing.popitem(last=False)
+            if isinstance(exc, TimeoutError):
+                return stale(f"{source.host}: no answer within {self._revalidate_timeout:g} s")
+            return stale(str(exc))
+        self._failing.pop(key, None)
+        return answer
+
+    async def _flight(self, key: IndexKey, fetch: Callable[[], Awaitable[ManifestAnswer]]) -> ManifestAnswer:
+        answer, joined = await self._manifest_flights.run(key, fetch)
+        # A caller that joined did not cause the upstream request it shares.
+        return replace(answer, result="coalesced") if joined and answer.result in _CAUSED_UPSTREAM else answer
 
     async def _manifest_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
         stored = await asyncio.to_thread(self._load_manifest, digest)
         if stored is not None:
             return ManifestAnswer(digest, stored.media_type, stored.body, "hit")
-        return await self._flight(digest, lambda: self._fetch_by_digest(source, repository, digest))
+        key = manifest_flight_key(source.host, repository, digest)
+        return await self._flight(key, lambda: self._fetch_by_digest(source, repository, digest))
 
     async def _fetch_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
         fetched = await source.get_manifest(repository, digest, "index")
-        if not digest.matches(fetched.body):
-            actual = Digest.of(fetched.body, digest.algorithm)
-            raise DigestMismatch(str(digest), str(actual), f"manifest {repository}@{digest} from {source.host}")
-        await asyncio.to_thread(self._save_manifest, digest, fetched.body, fetched.media_type, None)
+        where = f"manifest {repository}@{digest} from {source.host}"
+        await asyncio.to_thread(self._keep_manifest, fetched, where, digest, None)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
 
     async def _fetch_tag(
@@ -173,12 +224,8 @@ class Cache:
         result: CacheResult = "miss",
     ) -> ManifestAnswer:
         fetched = await source.get_manifest(repository, tag, accept)
-        digest = Digest.of(fetched.body)
-        claimed = fetched.claimed_digest
-        if claimed is not None and claimed.algorithm == digest.algorithm and claimed != digest:
-            raise DigestMismatch(str(claimed), str(digest), f"manifest {repository}:{tag} from {source.host}")
-        entry = TagEntry(digest, fetched.media_type, self._clock())
-        await asyncio.to_thread(self._save_manifest, digest, fetched.body, fetched.media_type, (key, entry))
+        where = f"manifest {repository}:{tag} from {source.host}"
+        digest = await asyncio.to_thread(self._keep_manifest, fetched, where, None, key)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
     async def _revalidate(
@@ -212,9 +259,19 @@ class Cache:
             return None
         return _Stored(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
 
-    def _save_manifest(
-        self, digest: Digest, body: bytes, media_type: str, tag: tuple[IndexKey, TagEntry] | None
-    ) -> None:
+    def _keep_manifest(
+        self, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
+    ) -> Digest:
+        """Hash, verify, store and index a manifest from upstream; nothing is kept on a mismatch.
+
+        ``expected``: the digest it was asked by. For a tag, the upstream's own
+        Docker-Content-Digest (when it sent one) must match instead.
+        """
+        body = fetched.body
+        digest = Digest.of(body, expected.algorithm if expected is not None else "sha256")
+        claimed = expected or fetched.claimed_digest
+        if claimed is not None and claimed.algorithm == digest.algorithm and claimed != digest:
+            raise DigestMismatch(str(claimed), str(digest), where)
         if self._store.size_of(digest) is None:
             pending = self._store.begin(digest)
             try:
@@ -222,35 +279,58 @@ class Cache:
                 pending.commit()
             finally:
                 pending.close()
-        self._index.put_manifest(digest, media_type)
+        self._index.put_manifest(digest, fetched.media_type)
         if tag is not None:
-            self._index.put_tag(*tag)
+            self._index.put_tag(tag, TagEntry(digest, fetched.media_type, self._clock()))
+        return digest
 
     # -- blobs ----------------------------------------------------------------------------------
 
     async def blob(self, source: Source, repository: RepositoryName, digest: Digest) -> BlobAnswer:
-        """The stored blob, or a reader of its fill (joined or started now)."""
+        """The stored blob, or a started reader of its fill (joined, or started now)."""
         reader = self.fills.join(digest)
+        if reader is None:
+            size = await asyncio.to_thread(self._store.size_of, digest)
+            if size is None:
+                size = self.fills.recently_committed(digest)
+            if size is not None:
+                return WarmBlob(digest, size, self._store.local_path(digest))
+            reader = self.fills.join(digest)
         if reader is not None:
-            return FillingBlob(reader, "coalesced")
-        size = await asyncio.to_thread(self._store.size_of, digest)
-        if size is None:
-            size = self.fills.recently_committed(digest)
-        if size is not None:
-            return WarmBlob(digest, size, self._store.local_path(digest))
-        reader = self.fills.join(digest)
-        if reader is not None:
-            return FillingBlob(reader, "coalesced")
-        return FillingBlob(self.fills.start(source, repository, digest), "miss")
+            size = await self._started(reader, source, repository)
+            if size is not None:
+                return FillingBlob(reader, size, "coalesced")
+        reader = self.fills.join(digest) or self.fills.start(source, repository, digest)
+        size = await self._started(reader, source, repository, own=True)
+        assert size is not None
+        return FillingBlob(reader, size, "miss")
+
+    @staticmethod
+    async def _started(
+        reader: FillReader, source: Source, repository: RepositoryName, *, own: bool = False
+    ) -> int | None:
+        """The blob's size once its fill answered. None when another route's fill failed before
+        its first byte: that failure (a 404, a refused credential) is not this caller's answer,
+        and the caller fetches for itself. The reader is closed unless a size is returned."""
+        try:
+            return await reader.wait_started()
+        except UpstreamError:
+            reader.close()
+            if own or reader.origin == (source.host, str(repository)):
+                raise
+            return None
+        except BaseException:
+            reader.close()
+            raise
 
     async def blob_size(self, source: Source, repository: RepositoryName, digest: Digest) -> tuple[int, CacheResult]:
         """For HEAD: the size from the store or a fill in flight, else one upstream HEAD."""
         reader = self.fills.join(digest)
         if reader is not None:
-            try:
-                return await reader.wait_started(), "coalesced"
-            finally:
+            size = await self._started(reader, source, repository)
+            if size is not None:
                 reader.close()
+                return size, "coalesced"
         size = await asyncio.to_thread(self._store.size_of, digest)
         if size is not None:
             return size, "hit"
@@ -282,7 +362,9 @@ class Cache:
 
 
 @asynccontextmanager
-async def open_cache(settings: StorageSettings) -> AsyncIterator[Cache]:
+async def open_cache(
+    settings: StorageSettings, *, revalidate_timeout: float = 5.0, stale_backoff: float = 30.0
+) -> AsyncIterator[Cache]:
     """The store and index under ``settings.path``; temporaries of a previous run are swept."""
 
     def open_sync() -> tuple[DirectoryStore, Index]:
@@ -293,7 +375,7 @@ async def open_cache(settings: StorageSettings) -> AsyncIterator[Cache]:
         return store, Index(root / "index")
 
     store, index = await asyncio.to_thread(open_sync)
-    cache = Cache(store, index)
+    cache = Cache(store, index, revalidate_timeout=revalidate_timeout, stale_backoff=stale_backoff)
     try:
         yield cache
     finally:

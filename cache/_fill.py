@@ -35,6 +35,11 @@ MAX_RESUMES: Final = 3
 RECENTLY_COMMITTED: Final = 1024
 log = logging.getLogger("moorage.cache")
 
+
+def _nothing() -> None:
+    pass
+
+
 #: Closes handed to the executor and not awaited (nobody needs to wait for them).
 _CLOSING: set[asyncio.Future[None]] = set()
 
@@ -42,8 +47,12 @@ FillState = Literal["starting", "running", "committed", "failed"]
 
 
 class Fill:
-    def __init__(self, digest: Digest, on_resume: Callable[[], None], on_done: Callable[[], None]) -> None:
+    def __init__(
+        self, digest: Digest, origin: tuple[str, str], on_resume: Callable[[], None], on_done: Callable[[], None]
+    ) -> None:
         self.digest = digest
+        #: (upstream host, repository) the fill fetches from.
+        self.origin = origin
         self.state: FillState = "starting"
         self.size: int | None = None
         self.written = 0
@@ -70,6 +79,7 @@ class Fill:
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             self.state = "failed"
             self.error = exc
+            self._leave_registry()  # before any await: no client may join a failed fill
             if self._pending is not None:
                 await asyncio.shield(asyncio.to_thread(self._pending.discard))
             if isinstance(exc, asyncio.CancelledError):
@@ -78,7 +88,7 @@ class Fill:
         finally:
             # Leave the registry before the file may close: a later client finds the stored
             # blob (committed) or starts a new fill (failed), never a closed one.
-            self._on_done()
+            self._leave_registry()
             self._task_done = True
             self._notify()
             self._maybe_close()
@@ -127,6 +137,10 @@ class Fill:
                     extra={"event": "fill_resume", "digest": str(self.digest), "offset": self.written},
                 )
 
+    def _leave_registry(self) -> None:
+        on_done, self._on_done = self._on_done, _nothing
+        on_done()
+
     # -- readers ------------------------------------------------------------------------------
 
     def add_reader(self) -> FillReader:
@@ -164,6 +178,10 @@ class FillReader:
     @property
     def size(self) -> int | None:
         return self._fill.size
+
+    @property
+    def origin(self) -> tuple[str, str]:
+        return self._fill.origin
 
     async def wait_started(self) -> int:
         """The blob's size, once the upstream answered; the fill's error if it failed first."""
@@ -238,7 +256,7 @@ class Fills:
                 while len(self._committed) > RECENTLY_COMMITTED:
                     self._committed.popitem(last=False)
 
-        fill = Fill(digest, self._on_resume, done)
+        fill = Fill(digest, (source.host, str(repository)), self._on_resume, done)
         self._fills[digest] = fill
         reader = fill.add_reader()
         task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))

@@ -11,6 +11,9 @@ key                                        value
 ("manifest", digest)                        media type of a stored manifest
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
 =========================================  =================================================
+
+Single-flight keys (in memory only) use the same builders: ``tag_key`` for a tag's fetch or
+revalidation, ``manifest_flight_key`` for a manifest fetched by digest through one route.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import TypeAlias
 
 from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
 
-__all__ = ["IndexKey", "manifest_key", "tag_key", "tags_list_key"]
+__all__ = ["IndexKey", "manifest_flight_key", "manifest_key", "tag_key", "tags_list_key"]
 
 IndexKey: TypeAlias = tuple[str, ...]
 
@@ -30,6 +33,10 @@ def tag_key(upstream: str, repository: RepositoryName, tag: Tag, accept: AcceptC
 
 def manifest_key(digest: Digest) -> IndexKey:
     return ("manifest", str(digest))
+
+
+def manifest_flight_key(upstream: str, repository: RepositoryName, digest: Digest) -> IndexKey:
+    return ("manifest-fetch", upstream, str(repository), str(digest))
 
 
 def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:

@@ -50,7 +50,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     transport = app.get(UPSTREAM_TRANSPORT)
     async with (
-        open_cache(settings.storage) as cache,
+        open_cache(
+            settings.storage,
+            revalidate_timeout=settings.revalidate_timeout,
+            stale_backoff=settings.stale_backoff,
+        ) as cache,
         open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
     ):
         app[CACHE] = cache

@@ -16,9 +16,10 @@ import logging
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer
+from moorage.cache import FillAborted, FillingBlob, ManifestAnswer
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
 
@@ -115,10 +116,24 @@ async def blob(request: web.Request, route: Route[RegistryClient], target: V2Pat
     answer = await cache.blob(route.upstream, route.repository, digest)
     request[RequestNote.RESULT] = answer.result
     if isinstance(answer, FillingBlob):
-        return await _stream_fill(request, answer.reader, headers)
+        return await _stream_fill(request, answer, headers)
     if answer.path is None:
         raise AssertionError("stores without local files are not served yet")
-    return web.FileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
+    _byte_range(request, answer.size)  # an unsatisfiable range gets the OCI 416, as for fills
+    return BlobFileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
+
+
+class BlobFileResponse(web.FileResponse):
+    """aiohttp's FileResponse (sendfile, Range, 206), sent once.
+
+    The access middleware sends every response before it records it; aiohttp then calls
+    ``prepare`` again, which a FileResponse would take as a request to send the file twice.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -146,9 +161,9 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-async def _stream_fill(request: web.Request, reader: FillReader, headers: dict[str, str]) -> web.StreamResponse:
+async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[str, str]) -> web.StreamResponse:
+    reader, size = answer.reader, answer.size
     try:
-        size = await reader.wait_started()
         wanted = _byte_range(request, size)
         start, end = wanted if wanted is not None else (0, size)
         response = web.StreamResponse(status=206 if wanted is not None else 200, headers=headers)
@@ -160,14 +175,20 @@ async def _stream_fill(request: web.Request, reader: FillReader, headers: dict[s
         try:
             async for chunk in reader.read(start, end):
                 await response.write(chunk)
-        except FillAborted as exc:
+        except ConnectionError:
+            request[RequestNote.ERROR] = "CLIENT_GONE"  # the fill goes on without this client
+            return response
+        except Exception as exc:
             # Headers are out: the only honest signal left is a cut connection, which makes the
-            # body visibly short of its Content-Length.
-            log.warning(
-                "cutting response: fill failed",
-                extra={"event": "response_cut", "digest": str(reader.digest), "error": str(exc.__cause__ or exc)},
-            )
-            request[RequestNote.ERROR] = "FILL_ABORTED"
+            # body visibly short of its Content-Length. No error body may follow a 200.
+            if isinstance(exc, FillAborted):
+                log.warning(
+                    "cutting response: fill failed",
+                    extra={"event": "response_cut", "digest": str(reader.digest), "error": str(exc.__cause__ or exc)},
+                )
+            else:
+                log.exception("cutting response", extra={"event": "response_cut", "digest": str(reader.digest)})
+            request[RequestNote.ERROR] = "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL"
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -103,6 +103,7 @@ def _serve(settings: Settings) -> int:
         host=settings.listen_host,
         port=settings.listen_port,
         access_log=None,  # access_middleware writes the access log
+        handler_cancellation=False,  # a client that leaves ends its handler at the next write
         shutdown_timeout=settings.shutdown_timeout,
         print=lambda message: log.info("listening", extra={"event": "listening", "listen": settings.listen}),
     )

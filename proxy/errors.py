@@ -218,4 +218,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
         failure = OCIError("internal error; the cache's log has the details")
     request[RequestNote.ERROR] = failure.code
+    started = request.writer is not None and request.writer.output_size > 0
+    if started and request.transport is not None:
+        # A handler failed after its response started: an error body would land inside it.
+        request.transport.close()
     return failure.response()

@@ -1,13 +1,28 @@
-"""Fixtures for every test: a clean environment (no MOORAGE_* or proxy variables leak in)."""
+"""Fixtures for every test: a clean environment (no MOORAGE_* or proxy variables leak in), and
+no unexpected error logged by the server."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
 import pytest
 
 _HONOURED = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+@pytest.fixture(autouse=True)
+def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A test fails when the server logged an error it did not expect: a traceback in
+    aiohttp or Moorage is a bug even when the client saw the right answer."""
+    yield
+    errors = [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and r.name.startswith(("aiohttp", "moorage"))
+    ]
+    assert not errors, "errors logged during the test:\n" + "\n".join(errors)
 
 
 @pytest.fixture(autouse=True)

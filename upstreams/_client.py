@@ -261,20 +261,24 @@ class RegistryClient:
             "GET", f"/v2/{repository}/manifests/{reference}", what, headers=self._accept(accept), stream=True
         )
         try:
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-                raise ManifestTooLarge(self.host, f"{what}: {declared} bytes, above the {MAX_MANIFEST_BYTES} limit")
-            body = bytearray()
-            with mapped_errors(self.host, what):
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MANIFEST_BYTES:
-                        raise ManifestTooLarge(self.host, f"{what}: above the {MAX_MANIFEST_BYTES} byte limit")
+            data = await self._read_bounded(response, what)
         finally:
             await response.aclose()
-        data = bytes(body)
         media_type = _media_type(response.headers) or sniff_media_type(data)
         return FetchedManifest(data, media_type, _claimed_digest(response.headers))
+
+    async def _read_bounded(self, response: httpx.Response, what: str) -> bytes:
+        """A small body (manifest, tag list), refused above the 4 MiB manifest limit."""
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
+            raise ManifestTooLarge(self.host, f"{what}: {declared} bytes, above the {MAX_MANIFEST_BYTES} limit")
+        body = bytearray()
+        with mapped_errors(self.host, what):
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise ManifestTooLarge(self.host, f"{what}: above the {MAX_MANIFEST_BYTES} byte limit")
+        return bytes(body)
 
     async def head_manifest(
         self, repository: RepositoryName, reference: Reference, accept: AcceptClass
@@ -330,14 +334,19 @@ class RegistryClient:
 
     async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage:
         params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
-        response = await self._send("GET", f"/v2/{repository}/tags/list", f"tags of {repository}", params=params)
+        what = f"tags of {repository}"
+        response = await self._send("GET", f"/v2/{repository}/tags/list", what, params=params, stream=True)
+        try:
+            body = await self._read_bounded(response, what)
+        finally:
+            await response.aclose()
         next_last = next_n = None
         link = response.headers.get("link", "")
         if 'rel="next"' in link and "<" in link:
             query = parse_qs(urlsplit(link[link.index("<") + 1 : link.index(">")]).query)
             next_last = query.get("last", [None])[0]
             next_n = query.get("n", [None])[0]
-        return TagsPage(response.content, next_last, next_n)
+        return TagsPage(body, next_last, next_n)
 
     @staticmethod
     def _accept(accept: AcceptClass) -> dict[str, str]:

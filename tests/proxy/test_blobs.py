@@ -213,6 +213,8 @@ async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistr
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
     response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=5000-"})
     assert response.status == 416
+    assert response.headers["Content-Range"] == "bytes */1000"
+    assert (await response.json())["errors"][0]["code"] == "RANGE_INVALID"
 
 
 async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
@@ -226,3 +228,67 @@ async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorag
     assert cdn.count("GET", digest) == 1
     assert cdn.leaked_authorization == 0
     assert "location" not in {k.lower() for k in response.headers}
+
+
+async def test_warm_blobs_keep_the_connection_alive(moorage: Client, upstream: FakeRegistry) -> None:
+    data = os.urandom(100_000)
+    digest = upstream.add_blob(data)
+    await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    connector = moorage.session.connector
+    assert connector is not None
+    for _ in range(5):
+        response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+        assert await response.read() == data
+    # One pooled connection served them all: the response was complete and well formed.
+    assert sum(len(c) for c in connector._conns.values()) == 1
+
+
+async def test_a_client_leaving_mid_body_does_not_stop_the_fill(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    data = os.urandom(4 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.slow_blob(digest, chunk=256 * 1024, delay=0.02)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await response.content.readany()
+    response.close()  # the client hangs up
+    for _ in range(200):
+        if stored_files(tmp_path / "store"):
+            break
+        await asyncio.sleep(0.02)
+    assert [p.name for p in stored_files(tmp_path / "store")] == [digest.split(":")[1]]
+    for _ in range(100):  # the handler notices the hang-up
+        if await metric(moorage, "moorage_requests_total", kind="blob") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await metric(moorage, "moorage_requests_total", kind="blob") == 1, "the request is recorded once"
+    upstream.reset_requests()
+    assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
+    assert upstream.requests == []
+
+
+async def test_another_routes_failure_is_not_this_clients_answer(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """The same digest asked through ghcr.io (which lacks it, slowly) and docker.io (which has it)."""
+    async with FakeRegistry() as other:
+        moorage = await start_moorage(
+            upstreams=[
+                {"host": "docker.io", "url": upstream.url, "default": True},
+                {"host": "ghcr.io", "url": other.url, "prefixes": ["ghcr"]},
+            ]
+        )
+        data = os.urandom(MiB)
+        digest = upstream.add_blob(data)
+        other.delay_next(1, 0.5, paths="/blobs/")
+        missing = asyncio.ensure_future(moorage.get(f"/v2/ghcr/owner/app/blobs/{digest}"))
+        for _ in range(100):  # until the ghcr.io fill is waiting on its upstream
+            if other.count("GET", "/blobs/"):
+                break
+            await asyncio.sleep(0.01)
+        healthy = await moorage.get(f"/v2/alpine/blobs/{digest}")
+        assert healthy.status == 200 and await healthy.read() == data
+        answer = await missing
+        assert answer.status == 404
+        assert "library/alpine" not in await answer.text()
+        assert upstream.count("GET", f"/blobs/{digest}") == 1
