@@ -102,6 +102,17 @@ class TagsAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class _TagAsk:
+    """One client's question about a tag: where to ask, what, and under which index key."""
+
+    source: Source
+    repository: RepositoryName
+    tag: Tag
+    accept: AcceptClass
+    key: IndexKey
+
+
+@dataclass(frozen=True, slots=True)
 class _Stored:
     body: bytes
     media_type: str
@@ -145,44 +156,32 @@ class Cache:
     ) -> ManifestAnswer:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(source, repository, reference)
-        key = tag_key(source.host, repository, reference, accept)
-        entry, stored = await asyncio.to_thread(self._lookup_tag, key)
+        ask = _TagAsk(source, repository, reference, accept, tag_key(source.host, repository, reference, accept))
+        entry, stored = await asyncio.to_thread(self._lookup_tag, ask.key)
         if entry is None:
-            return await self._flight(key, lambda: self._fetch_tag(source, repository, reference, accept, key))
+            return await self._flight(ask.key, lambda: self._fetch_tag(ask))
         if self._clock() - entry.checked_at < ttl:
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "hit")
             return await self._manifest_by_digest(source, repository, entry.digest)
         if stored is None:  # nothing to fall back on: wait for the upstream, however long
-            return await self._flight(
-                key, lambda: self._revalidate(source, repository, reference, accept, key, entry, stored)
-            )
-        return await self._revalidate_or_stale(source, repository, reference, accept, key, entry, stored)
+            return await self._flight(ask.key, lambda: self._revalidate(ask, entry, stored))
+        return await self._revalidate_or_stale(ask, entry, stored)
 
-    async def _revalidate_or_stale(
-        self,
-        source: Source,
-        repository: RepositoryName,
-        tag: Tag,
-        accept: AcceptClass,
-        key: IndexKey,
-        entry: TagEntry,
-        stored: _Stored,
-    ) -> ManifestAnswer:
+    async def _revalidate_or_stale(self, ask: _TagAsk, entry: TagEntry, stored: _Stored) -> ManifestAnswer:
         """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
         serve the stale answer, and for ``stale_backoff`` keep serving it without asking."""
 
         def stale(reason: str) -> ManifestAnswer:
             return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=reason)
 
+        key = ask.key
         until = self._failing.get(key)
         if until is not None and time.monotonic() < until:
             return stale("the upstream failed lately; asking again after a back-off")
         try:
             async with asyncio.timeout(self._revalidate_timeout):
-                answer = await self._flight(
-                    key, lambda: self._revalidate(source, repository, tag, accept, key, entry, stored)
-                )
+                answer = await self._flight(key, lambda: self._revalidate(ask, entry, stored))
         except (UpstreamError, CacheError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise
@@ -191,7 +190,7 @@ class Cache:
             while len(self._failing) > MAX_FAILING_TAGS:
                 self._failing.popitem(last=False)
             if isinstance(exc, TimeoutError):
-                return stale(f"{source.host}: no answer within {self._revalidate_timeout:g} s")
+                return stale(f"{ask.source.host}: no answer within {self._revalidate_timeout:g} s")
             return stale(str(exc))
         self._failing.pop(key, None)
         return answer
@@ -214,38 +213,21 @@ class Cache:
         await asyncio.to_thread(self._keep_manifest, fetched, where, digest, None)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
 
-    async def _fetch_tag(
-        self,
-        source: Source,
-        repository: RepositoryName,
-        tag: Tag,
-        accept: AcceptClass,
-        key: IndexKey,
-        result: CacheResult = "miss",
-    ) -> ManifestAnswer:
-        fetched = await source.get_manifest(repository, tag, accept)
-        where = f"manifest {repository}:{tag} from {source.host}"
-        digest = await asyncio.to_thread(self._keep_manifest, fetched, where, None, key)
+    async def _fetch_tag(self, ask: _TagAsk, result: CacheResult = "miss") -> ManifestAnswer:
+        fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
+        where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
+        digest = await asyncio.to_thread(self._keep_manifest, fetched, where, None, ask.key)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
-    async def _revalidate(
-        self,
-        source: Source,
-        repository: RepositoryName,
-        tag: Tag,
-        accept: AcceptClass,
-        key: IndexKey,
-        entry: TagEntry,
-        stored: _Stored | None,
-    ) -> ManifestAnswer:
-        head = await source.head_manifest(repository, tag, accept)
+    async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: _Stored | None) -> ManifestAnswer:
+        head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)
         if head.digest == entry.digest:
-            await asyncio.to_thread(self._index.put_tag, key, replace(entry, checked_at=self._clock()))
+            await asyncio.to_thread(self._index.put_tag, ask.key, replace(entry, checked_at=self._clock()))
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
-            answer = await self._fetch_by_digest(source, repository, entry.digest)
+            answer = await self._fetch_by_digest(ask.source, ask.repository, entry.digest)
             return replace(answer, result="revalidated")
-        return await self._fetch_tag(source, repository, tag, accept, key, result="refreshed")
+        return await self._fetch_tag(ask, result="refreshed")
 
     # Blocking helpers: each is one whole operation for one thread hop.
 
