@@ -14,7 +14,9 @@ from ._cache import (
     WarmBlob,
     open_cache,
 )
+from ._catalog import CachedTag, StoreSummary, read_catalog, read_summary
 from ._fill import FillReader
+from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from .errors import CacheError, DigestMismatch, FillAborted, StoreFailure
@@ -24,16 +26,23 @@ __all__ = [
     "BlobStore",
     "Cache",
     "CacheError",
+    "CacheObserver",
     "CacheResult",
+    "CachedTag",
+    "ContentKind",
     "DigestMismatch",
     "DirectoryStore",
     "FillAborted",
     "FillReader",
     "FillingBlob",
     "ManifestAnswer",
+    "NullCacheObserver",
     "Source",
     "StoreFailure",
+    "StoreSummary",
     "TagsAnswer",
     "WarmBlob",
     "open_cache",
+    "read_catalog",
+    "read_summary",
 ]

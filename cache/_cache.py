@@ -40,8 +40,9 @@ from moorage.upstreams.reference import (
 
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._index import Index, TagEntry, TagsEntry
-from ._keys import IndexKey, manifest_flight_key, tag_key, tags_list_key
+from ._index import Index, TagEntry, TagsEntry, Usage
+from ._keys import IndexKey, manifest_flight_key, pulled_key, tag_key, tags_list_key
+from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from .errors import CacheError, DigestMismatch
@@ -126,28 +127,62 @@ class Cache:
         *,
         revalidate_timeout: float = 5.0,
         stale_backoff: float = 30.0,
+        observer: CacheObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._index = index
         self._clock = clock
+        self._observer = _Bookkeeping(self, observer or NullCacheObserver())
+        totals = index.store_totals() or (0, 0)
+        #: Bytes and entries in the blob store, kept as blobs are stored.
+        self.store_bytes, self.store_entries = totals
+        self._usage: Usage = {}
+        self._pulled: dict[IndexKey, float] = {}
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
         #: without asking the upstream again.
         self._failing: OrderedDict[IndexKey, float] = OrderedDict()
-        self.resumes = 0
-        self.fills = Fills(store, on_resume=self._count_resume)
+        self.fills = Fills(store, self._observer)
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
-
-    def _count_resume(self) -> None:
-        self.resumes += 1
 
     async def aclose(self) -> None:
         await self.fills.aclose()
         await self._manifest_flights.aclose()
         await self._tags_flights.aclose()
+        await self.flush()
+
+    def check(self) -> tuple[str | None, str | None]:
+        """(store problem, index problem), None where all is well; blocks (run in a thread)."""
+        return self._store.check_writable(), self._index.check()
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def record(self, upstream: str, result: CacheResult, sent_bytes: int) -> None:
+        """Count an answer a client received (for ``moorage stats`` across restarts)."""
+        counters = self._usage.setdefault(upstream, {})
+        counters[result] = counters.get(result, 0) + 1
+        counters["served_bytes"] = counters.get("served_bytes", 0) + sent_bytes
+        if result == "hit":
+            counters["hit_bytes"] = counters.get("hit_bytes", 0) + sent_bytes
+
+    def _count_fetched(self, upstream: str, count: int) -> None:
+        counters = self._usage.setdefault(upstream, {})
+        counters["upstream_bytes"] = counters.get("upstream_bytes", 0) + count
+
+    async def flush(self) -> None:
+        """Write usage counters, pull times and store totals to the index, in one batch."""
+        usage, self._usage = self._usage, {}
+        pulled, self._pulled = self._pulled, {}
+        await asyncio.to_thread(self._index.write_batch, usage, pulled, (self.store_bytes, self.store_entries))
+
+    async def flush_every(self, seconds: float) -> None:
+        """Batch bookkeeping writes instead of one per request; runs until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush()
 
     # -- manifests ------------------------------------------------------------------------------
 
@@ -157,6 +192,7 @@ class Cache:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(source, repository, reference)
         ask = _TagAsk(source, repository, reference, accept, tag_key(source.host, repository, reference, accept))
+        self._pulled[pulled_key(source.host, repository, reference)] = self._clock()
         entry, stored = await asyncio.to_thread(self._lookup_tag, ask.key)
         if entry is None:
             return await self._flight(ask.key, lambda: self._fetch_tag(ask))
@@ -210,13 +246,26 @@ class Cache:
     async def _fetch_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
         fetched = await source.get_manifest(repository, digest, "index")
         where = f"manifest {repository}@{digest} from {source.host}"
-        await asyncio.to_thread(self._keep_manifest, fetched, where, digest, None)
+        await self._keep(source.host, fetched, where, digest, None)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
+
+    async def _keep(
+        self, upstream: str, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
+    ) -> Digest:
+        self._observer.on_fetched_bytes(upstream, "manifest", len(fetched.body))
+        try:
+            digest, new = await asyncio.to_thread(self._keep_manifest, fetched, where, expected, tag)
+        except DigestMismatch:
+            self._observer.on_digest_mismatch(upstream, "manifest")
+            raise
+        if new:
+            self._observer.on_stored("manifest", len(fetched.body))
+        return digest
 
     async def _fetch_tag(self, ask: _TagAsk, result: CacheResult = "miss") -> ManifestAnswer:
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
         where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
-        digest = await asyncio.to_thread(self._keep_manifest, fetched, where, None, ask.key)
+        digest = await self._keep(ask.source.host, fetched, where, None, ask.key)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
     async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: _Stored | None) -> ManifestAnswer:
@@ -243,8 +292,9 @@ class Cache:
 
     def _keep_manifest(
         self, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
-    ) -> Digest:
+    ) -> tuple[Digest, bool]:
         """Hash, verify, store and index a manifest from upstream; nothing is kept on a mismatch.
+        Returns the digest and whether the store did not hold it before.
 
         ``expected``: the digest it was asked by. For a tag, the upstream's own
         Docker-Content-Digest (when it sent one) must match instead.
@@ -254,7 +304,8 @@ class Cache:
         claimed = expected or fetched.claimed_digest
         if claimed is not None and claimed.algorithm == digest.algorithm and claimed != digest:
             raise DigestMismatch(str(claimed), str(digest), where)
-        if self._store.size_of(digest) is None:
+        new = self._store.size_of(digest) is None
+        if new:
             pending = self._store.begin(digest)
             try:
                 pending.write(body)
@@ -264,7 +315,7 @@ class Cache:
         self._index.put_manifest(digest, fetched.media_type)
         if tag is not None:
             self._index.put_tag(tag, TagEntry(digest, fetched.media_type, self._clock()))
-        return digest
+        return digest, new
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -343,23 +394,61 @@ class Cache:
         return replace(answer, result="coalesced") if joined else answer
 
 
+class _Bookkeeping:
+    """Forwards cache events to the caller's observer and keeps the cache's own totals."""
+
+    def __init__(self, cache: Cache, observer: CacheObserver) -> None:
+        self._cache = cache
+        self._observer = observer
+
+    def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
+        self._cache._count_fetched(upstream, count)
+        self._observer.on_fetched_bytes(upstream, kind, count)
+
+    def on_fill_resumed(self, upstream: str) -> None:
+        self._observer.on_fill_resumed(upstream)
+
+    def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
+        self._observer.on_digest_mismatch(upstream, kind)
+
+    def on_stored(self, kind: ContentKind, size: int) -> None:
+        self._cache.store_bytes += size
+        self._cache.store_entries += 1
+        self._observer.on_stored(kind, size)
+
+
+#: How often usage counters, pull times and store totals are written to the index.
+FLUSH_INTERVAL: Final = 10.0
+
+
 @asynccontextmanager
 async def open_cache(
-    settings: StorageSettings, *, revalidate_timeout: float = 5.0, stale_backoff: float = 30.0
+    settings: StorageSettings,
+    *,
+    revalidate_timeout: float = 5.0,
+    stale_backoff: float = 30.0,
+    observer: CacheObserver | None = None,
 ) -> AsyncIterator[Cache]:
-    """The store and index under ``settings.path``; temporaries of a previous run are swept."""
-
-    def open_sync() -> tuple[DirectoryStore, Index]:
-        root = settings.path
-        root.mkdir(parents=True, exist_ok=True)
-        store = DirectoryStore(root)
-        store.sweep_temporaries()
-        return store, Index(root / "index")
-
-    store, index = await asyncio.to_thread(open_sync)
-    cache = Cache(store, index, revalidate_timeout=revalidate_timeout, stale_backoff=stale_backoff)
+    """The store and index under ``settings.path``; temporaries of a previous run are swept,
+    and bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end."""
+    store, index = await asyncio.to_thread(open_store, settings.path)
+    cache = Cache(store, index, revalidate_timeout=revalidate_timeout, stale_backoff=stale_backoff, observer=observer)
+    flusher = asyncio.get_running_loop().create_task(cache.flush_every(FLUSH_INTERVAL))
     try:
         yield cache
     finally:
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
         await cache.aclose()
         await asyncio.to_thread(index.close)
+
+
+def open_store(root: Path) -> tuple[DirectoryStore, Index]:
+    """Open (creating) the store and index under ``root`` and sweep temporaries; blocks."""
+    root.mkdir(parents=True, exist_ok=True)
+    store = DirectoryStore(root)
+    store.sweep_temporaries()
+    index = Index(root / "index")
+    if index.store_totals() is None:  # a store from before totals were kept: count once
+        index.write_batch({}, {}, store.count())
+    return store, index

@@ -24,9 +24,10 @@ from typing import Final, Literal
 from moorage.upstreams import UpstreamProtocolError, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
+from ._observer import CacheObserver, NullCacheObserver
 from ._source import BlobSource
 from ._store import BlobStore, PendingBlob
-from .errors import FillAborted
+from .errors import DigestMismatch, FillAborted
 
 __all__ = ["Fill", "FillReader", "Fills"]
 
@@ -48,7 +49,7 @@ FillState = Literal["starting", "running", "committed", "failed"]
 
 class Fill:
     def __init__(
-        self, digest: Digest, origin: tuple[str, str], on_resume: Callable[[], None], on_done: Callable[[], None]
+        self, digest: Digest, origin: tuple[str, str], observer: CacheObserver, on_done: Callable[[], None]
     ) -> None:
         self.digest = digest
         #: (upstream host, repository) the fill fetches from.
@@ -61,7 +62,7 @@ class Fill:
         self._progress = asyncio.Event()
         self._readers = 0
         self._task_done = False
-        self._on_resume = on_resume
+        self._observer = observer
         self._on_done = on_done
 
     # -- the writer ---------------------------------------------------------------------------
@@ -76,7 +77,10 @@ class Fill:
             await self._download(source, repository)
             await asyncio.to_thread(self._pending.commit)
             self.state = "committed"
+            self._observer.on_stored("blob", self.written)
         except BaseException as exc:  # every failure, cancellation included, aborts readers
+            if isinstance(exc, DigestMismatch):
+                self._observer.on_digest_mismatch(self.origin[0], "blob")
             self.state = "failed"
             self.error = exc
             self._leave_registry()  # before any await: no client may join a failed fill
@@ -117,6 +121,7 @@ class Fill:
                                 continue
                         await asyncio.to_thread(self._pending.write, chunk)
                         self.written += len(chunk)
+                        self._observer.on_fetched_bytes(source.host, "blob", len(chunk))
                         if self.size is not None and self.written > self.size:
                             raise UpstreamProtocolError(source.host, f"blob {self.digest}: more bytes than announced")
                         self._notify()
@@ -131,7 +136,7 @@ class Fill:
                 if self.state == "starting" or resumes >= MAX_RESUMES:
                     raise
                 resumes += 1
-                self._on_resume()
+                self._observer.on_fill_resumed(source.host)
                 log.info(
                     "resuming cut blob body",
                     extra={"event": "fill_resume", "digest": str(self.digest), "offset": self.written},
@@ -229,15 +234,20 @@ class FillReader:
 class Fills:
     """The registry of fills in flight, keyed by digest."""
 
-    def __init__(self, store: BlobStore, on_resume: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: BlobStore, observer: CacheObserver | None = None) -> None:
         self._store = store
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._on_resume = on_resume
+        self._observer: CacheObserver = observer or NullCacheObserver()
         self._committed: OrderedDict[Digest, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._fills)
+
+    @property
+    def readers(self) -> int:
+        """Clients following a fill right now."""
+        return sum(fill._readers for fill in self._fills.values())
 
     def join(self, digest: Digest) -> FillReader | None:
         """A reader of the fill in flight for ``digest``, if there is one."""
@@ -256,7 +266,7 @@ class Fills:
                 while len(self._committed) > RECENTLY_COMMITTED:
                     self._committed.popitem(last=False)
 
-        fill = Fill(digest, (source.host, str(repository)), self._on_resume, done)
+        fill = Fill(digest, (source.host, str(repository)), self._observer, done)
         self._fills[digest] = fill
         reader = fill.add_reader()
         task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))

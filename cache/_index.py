@@ -6,6 +6,7 @@ Entries leave this module as frozen values.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import diskcache
 
 from moorage.upstreams.reference import Digest, parse_digest
 
-from ._keys import IndexKey, manifest_key
+from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, manifest_key
 
-__all__ = ["Index", "TagEntry", "TagsEntry"]
+__all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
+
+#: Counters per upstream, by name: cache results (hit, miss, …) and byte totals.
+Usage = dict[str, dict[str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,14 @@ class Index:
 
     def close(self) -> None:
         self._db.close()
+
+    def check(self) -> str | None:
+        """None when the index answers a read, else what went wrong."""
+        try:
+            self._db.get(("check",))
+        except Exception as exc:  # diskcache raises sqlite3 errors of many kinds
+            return f"index unreadable: {exc}"
+        return None
 
     def tag(self, key: IndexKey) -> TagEntry | None:
         value = self._db.get(key)
@@ -68,3 +80,39 @@ class Index:
 
     def put_tags(self, key: IndexKey, entry: TagsEntry) -> None:
         self._db.set(key, (entry.body, entry.next_last, entry.next_n, entry.fetched_at))
+
+    # -- bookkeeping, written in batches by the cache ------------------------------------------
+
+    def usage(self) -> Usage:
+        value = self._db.get(USAGE_KEY)
+        return value if isinstance(value, dict) else {}
+
+    def store_totals(self) -> tuple[int, int] | None:
+        value = self._db.get(STORE_TOTALS_KEY)
+        return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
+
+    def write_batch(self, usage_deltas: Usage, pulled: Mapping[IndexKey, float], store_totals: tuple[int, int]) -> None:
+        """One transaction: add usage deltas, record pull times, set the store totals."""
+        with self._db.transact():
+            if usage_deltas:
+                usage = self.usage()
+                for upstream, deltas in usage_deltas.items():
+                    counters = usage.setdefault(upstream, {})
+                    for name, delta in deltas.items():
+                        counters[name] = counters.get(name, 0) + delta
+                self._db.set(USAGE_KEY, usage)
+            for key, when in pulled.items():
+                self._db.set(key, when)
+            self._db.set(STORE_TOTALS_KEY, store_totals)
+
+    def tag_entries(self) -> Iterator[tuple[IndexKey, TagEntry]]:
+        """Every tag answer held, with its key (upstream, repository, tag, accept class)."""
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and key and key[0] == "tag":
+                entry = self.tag(key)
+                if entry is not None:
+                    yield key, entry
+
+    def pulled_at(self, key: IndexKey) -> float | None:
+        value = self._db.get(key)
+        return float(value) if isinstance(value, int | float) else None

@@ -10,6 +10,9 @@ key                                        value
 ("tag", upstream, repository, tag, accept)  (digest, media type, checked at, fetched at)
 ("manifest", digest)                        media type of a stored manifest
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
+("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
+("usage",)                                  {upstream: {counter: total}} since the store began
+("store",)                                  (bytes, entries) in the blob store
 =========================================  =================================================
 
 Single-flight keys (in memory only) use the same builders: ``tag_key`` for a tag's fetch or
@@ -22,7 +25,16 @@ from typing import TypeAlias
 
 from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
 
-__all__ = ["IndexKey", "manifest_flight_key", "manifest_key", "tag_key", "tags_list_key"]
+__all__ = [
+    "STORE_TOTALS_KEY",
+    "USAGE_KEY",
+    "IndexKey",
+    "manifest_flight_key",
+    "manifest_key",
+    "pulled_key",
+    "tag_key",
+    "tags_list_key",
+]
 
 IndexKey: TypeAlias = tuple[str, ...]
 
@@ -41,3 +53,11 @@ def manifest_flight_key(upstream: str, repository: RepositoryName, digest: Diges
 
 def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:
     return ("tags", upstream, str(repository), n or "", last or "")
+
+
+def pulled_key(upstream: str, repository: RepositoryName, tag: Tag) -> IndexKey:
+    return ("pulled", upstream, str(repository), str(tag))
+
+
+USAGE_KEY: IndexKey = ("usage",)
+STORE_TOTALS_KEY: IndexKey = ("store",)

@@ -41,6 +41,8 @@ class BlobStore(Protocol):
     def local_path(self, digest: Digest) -> Path | None: ...
     def read_small(self, digest: Digest, limit: int) -> bytes | None: ...
     def begin(self, digest: Digest) -> PendingBlob: ...
+    def count(self) -> tuple[int, int]: ...
+    def check_writable(self) -> str | None: ...
     def sweep_temporaries(self) -> int: ...
 
 
@@ -132,6 +134,25 @@ class DirectoryStore:
             return _PendingFile(self, digest)
         except OSError as exc:
             raise StoreFailure(f"cannot start writing {digest}: {exc.strerror}") from exc
+
+    def check_writable(self) -> str | None:
+        """None when a temporary can be written in the store, else what went wrong."""
+        probe = self.tmp_dir / f".writable-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write in {self.tmp_dir}: {exc.strerror}"
+        return None
+
+    def count(self) -> tuple[int, int]:
+        """(bytes, entries) of every stored blob; walks the whole store."""
+        total = entries = 0
+        for path in self.blobs_dir.rglob("*"):
+            if path.is_file():
+                total += path.stat().st_size
+                entries += 1
+        return total, entries
 
     def sweep_temporaries(self) -> int:
         """Remove what an interrupted fill left in ``tmp/``; call before serving."""

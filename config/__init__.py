@@ -12,6 +12,7 @@ from ._model import (
     StorageSettings,
     TimeoutSettings,
     UpstreamSettings,
+    split_address,
 )
 from ._units import parse_duration, parse_size
 
@@ -27,4 +28,5 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_size",
+    "split_address",
 ]

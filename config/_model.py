@@ -23,6 +23,7 @@ __all__ = [
     "StorageSettings",
     "TimeoutSettings",
     "UpstreamSettings",
+    "split_address",
 ]
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
@@ -148,13 +149,19 @@ class Settings(_Section):
     #: After a failed revalidation, how long the stale answer is served without asking again.
     stale_backoff: Seconds = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``json`` lines, ``text`` for people, or ``auto``: text on a terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    #: Serve ``/metrics`` on this ``host:port`` instead of the main listener (unset: main).
+    metrics_listen: str | None = None
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         _, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"not a listen address: {value!r} (expected host:port, e.g. 0.0.0.0:5000)")
@@ -175,11 +182,17 @@ class Settings(_Section):
 
     @property
     def listen_host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        return split_address(self.listen)[0]
 
     @property
     def listen_port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_address(self.listen)[1]
 
     def tag_ttl_of(self, upstream: UpstreamSettings) -> float:
         return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """(host, port) of a validated ``host:port``; an empty host means every address."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)

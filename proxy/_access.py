@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ._state import METRICS, RequestNote
+from ._state import CACHE, METRICS, RequestNote
 from .errors import Handler
 
 __all__ = ["access_middleware"]
@@ -26,6 +26,7 @@ log = logging.getLogger("moorage.access")
 #: Recorded for a request whose client left before its answer was complete (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
 _FIELDS = {
+    "user": RequestNote.USER,
     "kind": RequestNote.KIND,
     "upstream": RequestNote.UPSTREAM,
     "repository": RequestNote.REPOSITORY,
@@ -82,6 +83,8 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
     metrics.requests.labels(kind, request.method, str(status)).inc()
     metrics.request_latency.labels(kind).observe(seconds)
     result = request.get(RequestNote.RESULT)
-    if result is not None:
-        metrics.cache_results.labels(kind, request.get(RequestNote.UPSTREAM, ""), result).inc()
+    upstream = request.get(RequestNote.UPSTREAM)
+    if result is not None and upstream is not None:
+        metrics.cache_results.labels(kind, upstream, result).inc()
         metrics.served_bytes.labels(kind, result).inc(sent)
+        request.app[CACHE].record(upstream, result, sent)

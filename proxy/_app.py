@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 
 import httpx
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import open_cache
 from moorage.config import Settings
@@ -25,7 +27,7 @@ from ._metrics import Metrics
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
 from .errors import Handler, error_middleware
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "metrics_app"]
 
 MAX_REQUEST_LINE: Final = 8190
 MAX_HEADER_FIELD: Final = 8190
@@ -36,11 +38,21 @@ _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request[RequestNote.REQUEST_ID] = given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
+    request[RequestNote.STARTED] = time.monotonic()
     return await handler(request)
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, and the blob time-to-first-byte (headers going out)."""
+    if request.get(RequestNote.KIND) == "blob" and request.method == "GET" and response.status in (200, 206):
+        started = request.get(RequestNote.STARTED)
+        if started is not None:
+            result = request.get(RequestNote.RESULT, "miss")
+            request.app[METRICS].first_byte.labels(result).observe(time.monotonic() - started)
     response.headers["X-Request-Id"] = request.get(RequestNote.REQUEST_ID, "")
+    result = request.get(RequestNote.RESULT)
+    if result is not None:
+        response.headers["X-Moorage-Cache"] = result
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
 
@@ -54,12 +66,18 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             settings.storage,
             revalidate_timeout=settings.revalidate_timeout,
             stale_backoff=settings.stale_backoff,
+            observer=metrics,
         ) as cache,
         open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
     ):
         app[CACHE] = cache
         app[ROUTER] = router
-        metrics.track_fills(lambda: len(cache.fills), lambda: cache.resumes)
+        metrics.track(
+            fills=lambda: len(cache.fills),
+            readers=lambda: cache.fills.readers,
+            store_bytes=lambda: cache.store_bytes,
+            store_entries=lambda: cache.store_entries,
+        )
         yield
 
 
@@ -75,5 +93,16 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
         app[UPSTREAM_TRANSPORT] = upstream_transport
     app.on_response_prepare.append(_common_headers)
     app.cleanup_ctx.append(_resources)
-    add_routes(app)
+    add_routes(app, metrics_here=settings.metrics_listen is None)
+    return app
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """``/metrics`` of ``main``, for a listener of its own (``metrics_listen``)."""
+    app = web.Application()
+
+    async def serve_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=main[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", serve_metrics)
     return app

@@ -30,6 +30,8 @@ from .errors import OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Uns
 __all__ = ["add_routes"]
 
 log = logging.getLogger("moorage.proxy")
+#: One line per manifest pulled: who pulled which digest from which upstream.
+audit = logging.getLogger("moorage.audit")
 CHUNK_SIZE: Final = 1024 * 1024
 STALE_WARNING: Final = '110 - "stale"'
 API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -85,6 +87,21 @@ async def manifest(request: web.Request, route: Route[RegistryClient], target: V
     headers = _manifest_headers(answer)
     if request.method == "HEAD":
         return web.Response(headers=headers)
+    audit.info(
+        "pull",
+        extra={
+            "event": "pull",
+            "request_id": request.get(RequestNote.REQUEST_ID),
+            "client": request.remote,
+            "user": request.get(RequestNote.USER),
+            "upstream": route.upstream.host,
+            "repository": str(route.repository),
+            "reference": str(reference),
+            "digest": str(answer.digest),
+            "media_type": answer.media_type,
+            "result": answer.result,
+        },
+    )
     return web.Response(body=answer.body, headers=headers)
 
 
@@ -236,19 +253,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    probe = settings.storage.path / "tmp" / ".readyz"
-
-    def writable() -> bool:
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-            return True
-        except OSError:
-            return False
-
-    ok = await asyncio.to_thread(writable)
-    return web.json_response({"status": "ok" if ok else "store not writable"}, status=200 if ok else 503)
+    """Ready when the store is writable and the index answers. Upstreams are reported, not
+    required: a cache serves what it holds while they are down."""
+    cache = request.app[CACHE]
+    store, index = await asyncio.to_thread(cache.check)
+    upstreams = {client.host: client.health() for client in request.app[ROUTER].upstreams}
+    ready = store is None and index is None
+    body = {
+        "status": "ok" if ready else "not ready",
+        "store": store or "ok",
+        "index": index or "ok",
+        "upstreams": upstreams,
+    }
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -256,11 +273,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, *, metrics_here: bool = True) -> None:
     router = app.router
     router.add_get("/v2", api_base)
     router.add_get("/v2/", api_base)
     router.add_route("*", "/v2/{tail:.*}", v2)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
-    router.add_get("/metrics", metrics)
+    if metrics_here:
+        router.add_get("/metrics", metrics)

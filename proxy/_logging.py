@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Final
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
 
 _STANDARD_ATTRS: Final = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
@@ -40,11 +40,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr, written by a background thread so the event loop never blocks on
-    a slow terminal or pipe."""
+class TextFormatter(JsonFormatter):
+    """The same fields for a person at a terminal: ``time level event key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = json.loads(super().format(record))
+        head = f"{line.pop('time')} {line.pop('level'):<7} {line.pop('event')}"
+        line.pop("logger", None)
+        traceback = line.pop("traceback", None)
+        fields = " ".join(f"{key}={_text(value)}" for key, value in line.items() if value is not None)
+        return f"{head} {fields}".rstrip() + (f"\n{traceback}" if traceback else "")
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def configure_logging(level: str = "info", log_format: str = "auto") -> None:
+    """Lines on stderr (JSON, or text on a terminal), written by a background thread so the
+    event loop never blocks on a slow terminal or pipe."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    text = log_format == "text" or (log_format == "auto" and sys.stderr.isatty())
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     listener.start()

@@ -1,8 +1,9 @@
 """Prometheus metrics, in a registry per application (so every test builds a fresh one).
 
-Labels are bounded: upstream host, kind (manifest|blob|tags), result, method, status class.
-Never a repository, digest, user or credential. Also the upstream observer: the registry
-client reports responses, token fetches, retries and rate-limit budgets here.
+Labels are bounded: upstream host, kind (manifest|blob|tags|other), result, method, status.
+Never a repository, digest, user or credential. This class is also the upstream observer
+(responses, tokens, retries, rate-limit budgets) and the cache observer (bytes fetched,
+resumes, digest mismatches, stored content).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from moorage.cache import ContentKind
 from moorage.upstreams import RateLimitState, UpstreamError
 
 __all__ = ["Metrics"]
@@ -36,7 +38,16 @@ class Metrics:
             registry=r,
         )
         self.served_bytes = Counter(
-            "moorage_served_bytes", "Body bytes sent to clients, by kind and result.", ["kind", "result"], registry=r
+            "moorage_served_bytes",
+            "Body bytes sent to clients, by kind and result; result=hit is bandwidth saved.",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "moorage_upstream_fetched_bytes",
+            "Body bytes received from upstreams into the store.",
+            ["upstream", "kind"],
+            registry=r,
         )
         self.upstream_requests = Counter(
             "moorage_upstream_requests",
@@ -50,6 +61,9 @@ class Metrics:
             ["upstream", "kind"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
+        )
+        self.rate_limited = Counter(
+            "moorage_upstream_rate_limited", "429 answers received from upstreams.", ["upstream"], registry=r
         )
         self.token_fetches = Counter(
             "moorage_upstream_token_fetches", "Tokens fetched from upstream token services.", ["upstream"], registry=r
@@ -68,25 +82,41 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.first_byte = Histogram(
+            "moorage_blob_first_byte_seconds",
+            "Time from a blob request to its response headers, by result (hit: sendfile; miss: upstream answered).",
+            ["result"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.fills_in_flight = Gauge("moorage_fills_in_flight", "Blob fills running now.", registry=r)
-        self.fill_resumes = Counter("moorage_fill_resumes", "Upstream blob bodies resumed after a cut.", registry=r)
+        self.fill_readers = Gauge("moorage_fill_readers", "Clients following a blob fill now.", registry=r)
+        self.fill_resumes = Counter(
+            "moorage_fill_resumes", "Upstream blob bodies resumed after a cut.", ["upstream"], registry=r
+        )
+        self.digest_mismatches = Counter(
+            "moorage_digest_mismatches",
+            "Upstream content that did not hash to its digest (refused, not kept).",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.store_bytes = Gauge("moorage_store_bytes", "Bytes in the blob store.", registry=r)
+        self.store_entries = Gauge("moorage_store_entries", "Blobs and manifests in the store.", registry=r)
 
-    def track_fills(self, count: Callable[[], int], resumes: Callable[[], int]) -> None:
-        self.fills_in_flight.set_function(lambda: float(count()))
-        previous = [0]
-
-        def collect_resumes() -> None:
-            now = resumes()
-            if now > previous[0]:
-                self.fill_resumes.inc(now - previous[0])
-                previous[0] = now
-
-        self._collect_resumes = collect_resumes
+    def track(
+        self,
+        fills: Callable[[], int],
+        readers: Callable[[], int],
+        store_bytes: Callable[[], int],
+        store_entries: Callable[[], int],
+    ) -> None:
+        """Gauges read at scrape time from the cache."""
+        self.fills_in_flight.set_function(lambda: float(fills()))
+        self.fill_readers.set_function(lambda: float(readers()))
+        self.store_bytes.set_function(lambda: float(store_bytes()))
+        self.store_entries.set_function(lambda: float(store_entries()))
 
     def render(self) -> bytes:
-        collect = getattr(self, "_collect_resumes", None)
-        if collect is not None:
-            collect()
         return generate_latest(self.registry)
 
     # -- UpstreamObserver -----------------------------------------------------------------------
@@ -94,6 +124,8 @@ class Metrics:
     def on_response(self, upstream: str, method: str, kind: str, status: int, seconds: float) -> None:
         self.upstream_requests.labels(upstream, method, kind, str(status)).inc()
         self.upstream_latency.labels(upstream, kind).observe(seconds)
+        if status == 429:
+            self.rate_limited.labels(upstream).inc()
 
     def on_token_fetch(self, upstream: str) -> None:
         self.token_fetches.labels(upstream).inc()
@@ -106,3 +138,17 @@ class Metrics:
             self.ratelimit_limit.labels(upstream).set(state.limit)
         if state.remaining is not None:
             self.ratelimit_remaining.labels(upstream).set(state.remaining)
+
+    # -- CacheObserver --------------------------------------------------------------------------
+
+    def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
+        self.upstream_bytes.labels(upstream, kind).inc(count)
+
+    def on_fill_resumed(self, upstream: str) -> None:
+        self.fill_resumes.labels(upstream).inc()
+
+    def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
+        self.digest_mismatches.labels(upstream, kind).inc()
+
+    def on_stored(self, kind: ContentKind, size: int) -> None:
+        pass  # store_bytes and store_entries are read from the cache at scrape time

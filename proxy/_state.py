@@ -27,6 +27,8 @@ class RequestNote:
     """Typed ``request[...]`` keys: what handlers note for the access log and metrics."""
 
     REQUEST_ID: Final = web.RequestKey("moorage_request_id", str)
+    STARTED: Final = web.RequestKey("moorage_started", float)
+    USER: Final = web.RequestKey("moorage_user", str)
     KIND: Final = web.RequestKey("moorage_kind", str)
     UPSTREAM: Final = web.RequestKey("moorage_upstream", str)
     REPOSITORY: Final = web.RequestKey("moorage_repository", str)

@@ -1,30 +1,44 @@
-"""The ``moorage`` command: ``serve``, ``check-config`` and ``--version``.
+"""The ``moorage`` command: run the cache, check settings, look inside, warm it, set clients up.
 
-A user mistake (a bad config file, an unreadable password file, a port in use) is one line
-on stderr and exit code 2, never a traceback.
+Every command has ``--help`` with examples. A user mistake (a bad config file, an unknown
+image, a store that is not there) is one line on stderr and exit code 2, never a traceback;
+``healthcheck`` exits 0 or 1 for container health checks.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import asyncio
+import json
 import os
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NoReturn
 
-from aiohttp import web
+import click
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
 
-from moorage.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from moorage.cache import StoreSummary, read_catalog, read_summary
+from moorage.config import CONFIG_ENV, ConfigError, Settings, StorageSettings, load_settings, split_address
+from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
-from ._app import build_app
+from ._client_config import CLIENTS, Client, client_files
 from ._logging import configure_logging
+from ._serve import running, serve
+from ._warm import WarmedImage, WarmFailed, progress_bars, warm
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-log = logging.getLogger("moorage")
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 def _version() -> str:
@@ -34,77 +48,340 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moorage",
-        description="A pull-through cache for container registries.",
-        epilog="Example: moorage serve --config /etc/moorage/config.yaml",
-    )
-    parser.add_argument("--version", action="version", version=f"moorage {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "serve",
-        help="run the cache",
-        description="Run the cache. With no config file it mirrors Docker Hub and other public registries "
-        "on 0.0.0.0:5000 with the store in ./moorage-data.",
-        epilog=f"Examples: moorage serve | moorage serve --config config.yaml | {CONFIG_ENV}=config.yaml moorage serve",
-    )
-    serve.add_argument("--config", type=Path, help=f"YAML settings file (default: ${CONFIG_ENV}, else none)")
-    check = commands.add_parser(
-        "check-config",
-        help="validate a settings file without serving",
-        epilog="Example: moorage check-config config.yaml",
-    )
-    check.add_argument("file", type=Path)
-    return parser
+def fail(message: str) -> NoReturn:
+    stderr.print(f"moorage: {message}", markup=False, highlight=False)
+    sys.exit(EXIT_USAGE)
 
 
-def _settings(path: Path | None) -> Settings:
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
-    return load_settings(path, os.environ)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def settings_from(config: Path | None) -> Settings:
+    """The settings from ``--config``, else ``$MOORAGE_CONFIG``, else defaults; overlaid with
+    ``MOORAGE_*``. A bad file ends the command with exit code 2."""
+    if config is None and os.environ.get(CONFIG_ENV):
+        config = Path(os.environ[CONFIG_ENV])
     try:
-        if args.command == "check-config":
-            settings = load_settings(args.file, os.environ)
-            print(f"{args.file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path})")
-            return 0
-        settings = _settings(args.config)
+        return load_settings(config, os.environ)
     except ConfigError as error:
-        print(f"moorage: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    configure_logging(settings.log_level)
+        fail(str(error))
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help=f"YAML settings file (default: ${CONFIG_ENV}, else the built-in defaults).",
+)
+store_option = click.option(
+    "--store",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Store directory (default: storage.path from the settings).",
+)
+
+
+def _store_path(config: Path | None, store: Path | None) -> Path:
+    return store if store is not None else settings_from(config).storage.path
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Run 'moorage COMMAND --help' for a command's options and examples.",
+)
+@click.version_option(_version(), "--version", prog_name="moorage", message="%(prog)s %(version)s")
+def main() -> None:
+    """A pull-through cache for container registries."""
+
+
+@main.command("serve", epilog="Examples:\n\n  moorage serve\n\n  moorage serve --config /etc/moorage/config.yaml")
+@config_option
+def serve_command(config: Path | None) -> None:
+    """Run the cache.
+
+    With no settings file it mirrors Docker Hub (the default upstream) and ghcr.io, quay.io,
+    registry.k8s.io, gcr.io, public.ecr.aws and mcr.microsoft.com on 0.0.0.0:5000, with the
+    store in ./moorage-data.
+    """
+    settings = settings_from(config)
+    configure_logging(settings.log_level, settings.log_format)
     try:
-        return _serve(settings)
+        asyncio.run(serve(settings, _version()))
     except ConfigError as error:
-        print(f"moorage: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        fail(str(error))
     except OSError as error:
-        print(f"moorage: cannot listen on {settings.listen}: {error.strerror or error}", file=sys.stderr)
-        return EXIT_USAGE
+        fail(f"cannot listen on {settings.listen}: {error.strerror or error}")
 
 
-def _serve(settings: Settings) -> int:
-    log.info(
-        "starting",
-        extra={
-            "event": "starting",
-            "version": _version(),
-            "listen": settings.listen,
-            "store": str(settings.storage.path),
-            "upstreams": [u.host for u in settings.upstreams],
-        },
-    )
-    web.run_app(
-        build_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        access_log=None,  # access_middleware writes the access log
-        handler_cancellation=False,  # a client that leaves ends its handler at the next write
-        shutdown_timeout=settings.shutdown_timeout,
-        print=lambda message: log.info("listening", extra={"event": "listening", "listen": settings.listen}),
-    )
-    return 0
+@main.command("check-config", epilog="Example:\n\n  moorage check-config /etc/moorage/config.yaml")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def check_config(file: Path) -> None:
+    """Validate a settings file (and MOORAGE_* variables) without serving."""
+    try:
+        settings = load_settings(file, os.environ)
+    except ConfigError as error:
+        fail(str(error))
+    click.echo(f"{file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path})")
+
+
+@main.command(
+    epilog="Examples:\n\n  moorage healthcheck\n\n  moorage healthcheck --url http://127.0.0.1:5000\n\n"
+    "  HEALTHCHECK CMD moorage healthcheck"
+)
+@click.option("--url", help="Base URL of the cache (default: from the settings' listen address).")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
+@config_option
+def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
+    """Exit 0 when the cache answers /healthz, 1 otherwise (for container health checks)."""
+    if url is None:
+        host, port = split_address(settings_from(config).listen)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout) as response:
+            healthy = response.status == 200
+    except (urllib.error.URLError, OSError) as error:
+        stderr.print(f"moorage: {url} is not healthy: {error}", markup=False)
+        sys.exit(1)
+    sys.exit(0 if healthy else 1)
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(value)
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+@main.command(
+    "ls",
+    epilog="Examples:\n\n  moorage ls\n\n  moorage ls 'docker.io/library/*'\n\n  moorage ls 'ghcr.io/*' --json",
+)
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per tag instead of a table.")
+@config_option
+@store_option
+def ls(pattern: str | None, as_json: bool, config: Path | None, store: Path | None) -> None:
+    """List cached tags: digest, size, last pulled, upstream.
+
+    PATTERN is a glob over UPSTREAM/REPOSITORY:TAG or over the repository alone.
+    """
+    path = _store_path(config, store)
+    try:
+        tags = read_catalog(path, pattern)
+    except FileNotFoundError as error:
+        fail(str(error))
+    if as_json:
+        for tag in tags:
+            click.echo(json.dumps(asdict(tag)))
+        return
+    table = Table("UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "SIZE", "LAST PULLED", box=None, pad_edge=False)
+    for tag in tags:
+        table.add_row(tag.upstream, tag.repository, tag.tag, tag.digest[:19], _size(tag.size), _when(tag.pulled_at))
+    stdout.print(table)
+    if not tags:
+        stderr.print(f"no cached tags{' match ' + pattern if pattern else ''} in {path}", markup=False)
+
+
+def _summary_from_metrics(url: str) -> dict[str, dict[str, float]]:
+    """Per upstream counters from a running daemon's /metrics."""
+    with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    usage: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "moorage_cache_results_total":
+                counters = usage.setdefault(sample.labels["upstream"], {})
+                counters[sample.labels["result"]] = counters.get(sample.labels["result"], 0) + sample.value
+            elif sample.name == "moorage_upstream_fetched_bytes_total":
+                counters = usage.setdefault(sample.labels["upstream"], {})
+                counters["upstream_bytes"] = counters.get("upstream_bytes", 0) + sample.value
+            elif sample.name == "moorage_served_bytes_total":
+                counters = usage.setdefault("*", {})
+                key = "hit_bytes" if sample.labels["result"] == "hit" else "other_bytes"
+                counters[key] = counters.get(key, 0) + sample.value
+                counters["served_bytes"] = counters.get("served_bytes", 0) + sample.value
+            elif sample.name in ("moorage_store_bytes", "moorage_store_entries"):
+                usage.setdefault("*", {})[sample.name] = sample.value
+    return usage
+
+
+@dataclass
+class StatsReport:
+    source: str
+    store_bytes: int
+    store_entries: int
+    #: Counters per upstream: cache results (hit, miss, ...) and byte totals.
+    upstreams: dict[str, dict[str, float]]
+
+
+def _hit_ratio(counters: dict[str, float]) -> float:
+    """Answers that cost no upstream GET, out of all answers."""
+    hits = counters.get("hit", 0) + counters.get("revalidated", 0) + counters.get("stale", 0)
+    total = hits + counters.get("miss", 0) + counters.get("coalesced", 0) + counters.get("refreshed", 0)
+    return hits / total if total else 0.0
+
+
+def _ratio(counters: dict[str, float]) -> str:
+    return f"{100 * _hit_ratio(counters):.1f}%" if any(k in counters for k in ("hit", "miss")) else "-"
+
+
+@main.command(
+    epilog="Examples:\n\n  moorage stats\n\n  moorage stats --url http://127.0.0.1:5000\n\n  moorage stats --json"
+)
+@click.option("--url", help="Ask a running daemon (its /metrics, since it started) instead of the store.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@config_option
+@store_option
+def stats(url: str | None, as_json: bool, config: Path | None, store: Path | None) -> None:
+    """Hit ratio, bytes saved and store size, per upstream.
+
+    From the store (counted since the store began, flushed every 10 s) or, with --url, from a
+    running daemon (since it started).
+    """
+    if url is not None:
+        try:
+            upstreams = _summary_from_metrics(url)
+        except (urllib.error.URLError, OSError) as error:
+            fail(f"cannot read {url}/metrics: {error}")
+        totals = upstreams.pop("*", {})
+        report = StatsReport(
+            url, int(totals.get("moorage_store_bytes", 0)), int(totals.get("moorage_store_entries", 0)), upstreams
+        )
+    else:
+        try:
+            summary: StoreSummary = read_summary(_store_path(config, store))
+        except FileNotFoundError as error:
+            fail(str(error))
+        upstreams = {u: {k: float(v) for k, v in c.items()} for u, c in summary.usage.items()}
+        for upstream, count in summary.tags.items():
+            upstreams.setdefault(upstream, {})["tags"] = count
+        report = StatsReport(summary.path, summary.bytes, summary.entries, upstreams)
+    if as_json:
+        for counters in report.upstreams.values():
+            counters["hit_ratio"] = _hit_ratio(counters)
+        click.echo(json.dumps(asdict(report)))
+        return
+    stdout.print(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs ({report.source})")
+    table = Table("UPSTREAM", "HIT RATIO", "HITS", "MISSES", "STALE", "SERVED FROM STORE", "FETCHED", box=None)
+    for upstream, counters in sorted(report.upstreams.items()):
+        table.add_row(
+            upstream,
+            _ratio(counters),
+            str(int(counters.get("hit", 0))),
+            str(int(counters.get("miss", 0))),
+            str(int(counters.get("stale", 0))),
+            _size(int(counters["hit_bytes"])) if "hit_bytes" in counters else "-",
+            _size(int(counters.get("upstream_bytes", 0))),
+        )
+    stdout.print(table)
+
+
+def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
+    names = list(images)
+    if file is not None:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            fail(f"cannot read {file}: {error.strerror}")
+        names += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        fail("name at least one image (or -f FILE)")
+    return names
+
+
+@main.command(
+    "warm",
+    epilog="Examples:\n\n  moorage warm alpine:3.19 ghcr.io/owner/app:1\n\n"
+    "  moorage warm -f images.txt --all-platforms --url http://moorage.example:5000\n\n"
+    "  moorage warm --platform linux/arm64 --store /var/lib/moorage nginx:1.27",
+)
+@click.argument("images", nargs=-1)
+@click.option("-f", "--file", type=click.Path(path_type=Path, dir_okay=False), help="Images, one per line.")
+@click.option("--platform", "platforms", multiple=True, help="os/arch[/variant] of an index to warm (repeatable).")
+@click.option("--all-platforms", is_flag=True, help="Every platform of an index.")
+@click.option("--url", help="Warm a running daemon at this base URL (default: work on the store directly).")
+@config_option
+@store_option
+def warm_command(
+    images: tuple[str, ...],
+    file: Path | None,
+    platforms: tuple[str, ...],
+    all_platforms: bool,
+    url: str | None,
+    config: Path | None,
+    store: Path | None,
+) -> None:
+    """Pre-pull images into the cache.
+
+    Each IMAGE is written as for docker pull (alpine:3.19, ghcr.io/owner/app@sha256:...). For a
+    multi-platform image, linux/amd64 is warmed unless --platform or --all-platforms says otherwise.
+    """
+    if platforms and all_platforms:
+        fail("--platform and --all-platforms exclude each other")
+    try:
+        references = [parse_image_reference(name) for name in _read_images(images, file)]
+    except InvalidReference as error:
+        fail(str(error))
+    wanted = None if all_platforms else list(platforms or ["linux/amd64"])
+
+    async def run() -> list[WarmedImage]:
+        with progress_bars(stderr.is_terminal) as progress:
+            if url is not None:
+                return await warm(url, references, wanted, progress)
+            settings = settings_from(config)
+            if store is not None:
+                settings = settings.model_copy(update={"storage": StorageSettings(path=store)})
+            async with running(settings) as local:
+                return await warm(local, references, wanted, progress)
+
+    try:
+        warmed = asyncio.run(run())
+    except WarmFailed as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"cannot reach the cache: {error}")
+    for image in warmed:
+        results = ", ".join(f"{count} {result}" for result, count in sorted(image.results.items()))
+        platforms_text = f" [{', '.join(image.platforms)}]" if image.platforms else ""
+        click.echo(f"{image.image}{platforms_text}: {image.blobs} blobs, {_size(image.bytes)} ({results})")
+
+
+@main.command(
+    "client-config",
+    epilog="Examples:\n\n  moorage client-config docker --url http://moorage.example:5000\n\n"
+    "  moorage client-config containerd --url http://moorage.example:5000 "
+    "--output-dir /etc/containerd/certs.d\n\n"
+    "  moorage client-config podman --url http://moorage.example:5000 --registries docker.io,ghcr.io",
+)
+@click.argument("client", type=click.Choice(list(CLIENTS)))
+@click.option("--url", required=True, help="The cache's base URL as clients reach it.")
+@click.option("--registries", help="Comma-separated registries to mirror (default: every configured upstream).")
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write the files under this directory (for containerd: the certs.d directory itself).",
+)
+@config_option
+def client_config(
+    client: Client, url: str, registries: str | None, output_dir: Path | None, config: Path | None
+) -> None:
+    """Print (or write) a working client configuration for pulling through this cache."""
+    hosts = [r.strip() for r in registries.split(",") if r.strip()] if registries else None
+    if hosts is None:
+        hosts = [u.host for u in settings_from(config).upstreams]
+    try:
+        files = client_files(client, url, hosts)
+    except ValueError as error:
+        fail(str(error))
+    for path, content in files.items():
+        if output_dir is None:
+            click.echo(f"# file: {path}\n{content}")
+            continue
+        relative = path.removeprefix("/etc/containerd/certs.d/") if client == "containerd" else Path(path).name
+        target = output_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+        click.echo(f"wrote {target}")

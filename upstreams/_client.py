@@ -15,7 +15,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from datetime import UTC, datetime
+from typing import Final, Literal, Protocol, TypedDict
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -26,7 +27,14 @@ from moorage.config import UpstreamSettings
 from ._auth import RegistryAuth
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
-from .errors import ManifestTooLarge, UpstreamError, UpstreamProtocolError, UpstreamRateLimited, UpstreamUnavailable
+from .errors import (
+    ManifestTooLarge,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from .reference import (
     ACCEPT_ALL_MANIFESTS,
     ACCEPT_IMAGE_MANIFESTS,
@@ -51,6 +59,24 @@ __all__ = [
 ]
 
 CHUNK_SIZE: Final = 1024 * 1024
+
+
+class FailureReport(TypedDict):
+    at: str
+    error: str
+
+
+class UpstreamHealth(TypedDict):
+    #: None until the upstream was asked anything.
+    reachable: bool | None
+    last_answer: str | None
+    last_failure: FailureReport | None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
 USER_AGENT: Final = "moorage/0.1"
 RequestKind = Literal["manifest", "blob", "tags", "token", "other"]
 
@@ -183,10 +209,25 @@ class RegistryClient:
         )
         self._attempts = settings.retries.attempts
         self._max_wait = settings.retries.max_wait
+        self._last_answer: float | None = None
+        self._last_failure: tuple[float, str] | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
         await self._token_http.aclose()
+
+    def health(self) -> UpstreamHealth:
+        """When the upstream last answered, and the last failure (no probing: observed only)."""
+        health: UpstreamHealth = {"reachable": None, "last_answer": None, "last_failure": None}
+        if self._last_answer is not None:
+            health["last_answer"] = _iso(self._last_answer)
+        if self._last_failure is not None:
+            health["last_failure"] = {"at": _iso(self._last_failure[0]), "error": self._last_failure[1]}
+        if self._last_answer is not None or self._last_failure is not None:
+            health["reachable"] = self._last_failure is None or (
+                self._last_answer is not None and self._last_answer > self._last_failure[0]
+            )
+        return health
 
     async def _observe_response(self, response: httpx.Response) -> None:
         request = response.request
@@ -235,16 +276,21 @@ class RegistryClient:
             before_sleep=self._before_sleep,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                with mapped_errors(self.host, what):
-                    request = self._http.build_request(method, path, headers=headers, params=params)
-                    request.extensions["moorage_started"] = time.monotonic()
-                    response = await self._http.send(request, auth=self._auth, stream=stream)
-                if response.status_code >= 400:
-                    await response.aclose()
-                    raise_for_status(self.host, what, response)
-                return response
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    with mapped_errors(self.host, what):
+                        request = self._http.build_request(method, path, headers=headers, params=params)
+                        request.extensions["moorage_started"] = time.monotonic()
+                        response = await self._http.send(request, auth=self._auth, stream=stream)
+                    if response.status_code >= 400:
+                        await response.aclose()
+                        raise_for_status(self.host, what, response)
+                    self._last_answer = time.time()
+                    return response
+        except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
+            self._last_failure = (time.time(), str(error))
+            raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     # -- the pull API --------------------------------------------------------------------------

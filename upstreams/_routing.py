@@ -60,6 +60,10 @@ class Router(Generic[U]):
                 self._default = upstream
 
     @property
+    def upstreams(self) -> Sequence[U]:
+        return self._upstreams
+
+    @property
     def hosts(self) -> list[str]:
         return [u.settings.host for u in self._upstreams]
 

@@ -27,12 +27,14 @@ __all__ = [
     "OCI_IMAGE_MANIFEST",
     "AcceptClass",
     "Digest",
+    "ImageReference",
     "InvalidReference",
     "Reference",
     "RepositoryName",
     "Tag",
     "accept_class",
     "parse_digest",
+    "parse_image_reference",
     "parse_reference",
     "parse_repository",
     "parse_tag",
@@ -191,3 +193,32 @@ def sniff_media_type(body: bytes) -> str:
     if "manifests" in document:
         return OCI_IMAGE_INDEX
     return OCI_IMAGE_MANIFEST
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReference:
+    """A full image name as people write it: ``[registry/]repository[:tag][@digest]``."""
+
+    registry: str
+    repository: RepositoryName
+    reference: Reference
+
+    def __str__(self) -> str:
+        separator = "@" if isinstance(self.reference, Digest) else ":"
+        return f"{self.registry}/{self.repository}{separator}{self.reference}"
+
+
+def parse_image_reference(value: str, default_registry: str = "docker.io") -> ImageReference:
+    """``alpine`` → docker.io/library/alpine:latest; ``ghcr.io/o/a@sha256:…``; ``host:5000/a:1``."""
+    rest, at, digest = value.partition("@")
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, remainder
+    else:
+        registry, path = default_registry, rest
+    name, colon, tag = path.rpartition(":") if ":" in path else (path, "", "")
+    repository = parse_repository(name)
+    if registry == "docker.io" and "/" not in repository:
+        repository = RepositoryName(f"library/{repository}")
+    reference: Reference = parse_digest(digest) if at else parse_tag(tag if colon else "latest")
+    return ImageReference(registry, repository, reference)

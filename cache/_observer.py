@@ -1,0 +1,41 @@
+"""What the cache reports as it works; proxy turns it into metrics.
+
+A Protocol, so the cache knows nothing of Prometheus, and a do-nothing default for tests and
+tools that do not count.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+__all__ = ["CacheObserver", "ContentKind", "NullCacheObserver"]
+
+ContentKind = Literal["manifest", "blob"]
+
+
+class CacheObserver(Protocol):
+    def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
+        """Body bytes received from an upstream and written to the store."""
+
+    def on_fill_resumed(self, upstream: str) -> None:
+        """A cut upstream body was resumed (or refetched)."""
+
+    def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
+        """Bytes from upstream did not hash to their digest; nothing was kept."""
+
+    def on_stored(self, kind: ContentKind, size: int) -> None:
+        """A verified blob or manifest entered the store."""
+
+
+class NullCacheObserver:
+    def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
+        pass
+
+    def on_fill_resumed(self, upstream: str) -> None:
+        pass
+
+    def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
+        pass
+
+    def on_stored(self, kind: ContentKind, size: int) -> None:
+        pass

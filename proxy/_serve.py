@@ -1,0 +1,84 @@
+"""Running the server: the main listener, an optional metrics listener, and a staged stop.
+
+On SIGTERM or SIGINT: stop accepting, give requests in flight ``shutdown_timeout``, then
+close the cache (fills still running are cancelled and their temporaries removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from moorage.config import Settings, split_address
+
+from ._app import build_app, metrics_app
+
+__all__ = ["running", "serve"]
+
+log = logging.getLogger("moorage")
+
+
+async def serve(settings: Settings, version: str) -> None:
+    app = build_app(settings)
+    runners: list[web.AppRunner] = []
+    main_runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=False, shutdown_timeout=settings.shutdown_timeout
+    )
+    runners.append(main_runner)
+    log.info(
+        "starting",
+        extra={
+            "event": "starting",
+            "version": version,
+            "listen": settings.listen,
+            "store": str(settings.storage.path),
+            "upstreams": [u.host for u in settings.upstreams],
+        },
+    )
+    try:
+        await main_runner.setup()
+        host, port = split_address(settings.listen)
+        await web.TCPSite(main_runner, host, port).start()
+        if settings.metrics_listen is not None:
+            metrics_runner = web.AppRunner(metrics_app(app), access_log=None)
+            runners.append(metrics_runner)
+            await metrics_runner.setup()
+            metrics_host, metrics_port = split_address(settings.metrics_listen)
+            await web.TCPSite(metrics_runner, metrics_host, metrics_port).start()
+        log.info(
+            "listening",
+            extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+    log.info("stopped", extra={"event": "stopped"})
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[str]:
+    """Moorage on the settings' store, in this process, on a free loopback port; its base URL.
+
+    For commands that work "directly on a store" (``moorage warm --store``): they then speak
+    to it exactly as they would to a daemon.
+    """
+    runner = web.AppRunner(build_app(settings), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
