@@ -14,7 +14,7 @@ import logging.handlers
 import queue
 import sys
 import time
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
 
@@ -57,18 +57,28 @@ def _text(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def configure_logging(level: str = "info", log_format: str = "auto") -> None:
-    """Lines on stderr (JSON, or text on a terminal), written by a background thread so the
-    event loop never blocks on a slow terminal or pipe."""
-    handler = logging.StreamHandler(sys.stderr)
-    text = log_format == "text" or (log_format == "auto" and sys.stderr.isatty())
+def _flush(listener: logging.handlers.QueueListener) -> None:
+    if listener._thread is not None:  # not stopped already
+        listener.stop()
+
+
+def configure_logging(
+    level: str = "info", log_format: str = "auto", stream: TextIO | None = None
+) -> logging.handlers.QueueListener:
+    """Lines on ``stream`` (stderr; JSON, or text on a terminal), written by a background
+    thread so the event loop never blocks on a slow terminal or pipe. Returns the writer
+    thread's listener; ``stop()`` flushes it."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    text = log_format == "text" or (log_format == "auto" and stream.isatty())
     handler.setFormatter(TextFormatter() if text else JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     listener.start()
-    atexit.register(listener.stop)
+    atexit.register(_flush, listener)
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return listener

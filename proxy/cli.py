@@ -37,7 +37,8 @@ from ._warm import WarmedImage, WarmFailed, progress_bars, warm
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-stdout = Console(soft_wrap=True)
+#: Tables keep their rows whole when piped (rich would wrap them at 80 columns).
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 400)
 stderr = Console(stderr=True, soft_wrap=True)
 
 

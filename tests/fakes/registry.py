@@ -943,6 +943,11 @@ class FakeRegistry(_RecordingServer):
 
     # -- tokens
 
+    @property
+    def issued_tokens(self) -> list[str]:
+        """Every token handed out and still known, for tests that grep for leaks."""
+        return list(self._tokens)
+
     def expire_tokens(self) -> None:
         """Make every token issued so far invalid (401 ``invalid_token``)."""
         self._tokens.clear()

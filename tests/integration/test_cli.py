@@ -1,0 +1,189 @@
+"""The moorage command against a real registry: warm (on a store and through a daemon), ls,
+stats, healthcheck, and client-config snippets fed to real containerd and podman."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .harness import images
+from .harness.clients import Containerd, Podman, skopeo_copy
+from .harness.moorage import MoorageProcess
+from .harness.registry import RealRegistry
+from .harness.tools import closed_port
+
+pytestmark = pytest.mark.integration
+KiB = 1024
+
+
+@dataclass(frozen=True)
+class Upstream:
+    registry: RealRegistry
+    tiny: images.ImageRef
+    multi: images.ImageRef
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    work = tmp_path_factory.mktemp("cli-upstream")
+    with RealRegistry(work / "registry") as registry:
+        layout = work / "layout"
+        images.write_oci_image(layout, "tiny", [images.random_layer(200 * KiB, 21), images.random_layer(50 * KiB, 22)])
+        tiny = images.push(layout, "tiny", registry.host, "library/tiny", "1")
+        images.write_oci_index(layout, "multi", [("linux", "amd64"), ("linux", "arm64")], seed=5)
+        multi = images.push(layout, "multi", registry.host, "library/multi", "1", all_platforms=True)
+        yield Upstream(registry, tiny, multi)
+
+
+def upstream_settings(registry: RealRegistry) -> list[dict[str, object]]:
+    return [
+        {"host": "docker.io", "url": registry.url, "default": True},
+        {"host": "ghcr.io", "url": registry.url, "prefixes": ["ghcr"]},
+    ]
+
+
+def moorage(*args: str, config: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "moorage.proxy", *args]
+    if config is not None:
+        argv += ["--config", str(config)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def write_config(tmp_path: Path, registry: RealRegistry) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"storage": {"path": str(tmp_path / "store")}, "upstreams": upstream_settings(registry)})
+    )
+    return path
+
+
+def blob_gets(registry: RealRegistry, since: int) -> dict[str, int]:
+    gets: dict[str, int] = {}
+    for request in registry.requests_since(since):
+        if request.method == "GET" and "/blobs/" in request.path:
+            digest = request.path.rsplit("/", 1)[1]
+            gets[digest] = gets.get(digest, 0) + 1
+    return gets
+
+
+def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstream: Upstream, tmp_path: Path) -> None:
+    registry = upstream.registry
+    config = write_config(tmp_path, registry)
+    mark = registry.mark()
+    warmed = moorage("warm", "tiny:1", "docker.io/library/multi:1", "--all-platforms", config=config)
+    wanted = {*upstream.tiny.blob_digests, *(d for c in upstream.multi.children for d in c.blob_digests)}
+    assert blob_gets(registry, mark) == {d: 1 for d in wanted}
+    assert "docker.io/library/tiny:1: 3 blobs" in warmed.stdout
+    assert "[linux/amd64, linux/arm64]" in warmed.stdout
+
+    listed = [json.loads(line) for line in moorage("ls", "--json", config=config).stdout.splitlines()]
+    assert {(t["upstream"], t["repository"], t["tag"]) for t in listed} == {
+        ("docker.io", "library/tiny", "1"),
+        ("docker.io", "library/multi", "1"),
+    }
+    tiny = next(t for t in listed if t["repository"] == "library/tiny")
+    assert tiny["digest"] == upstream.tiny.manifest_digest
+    assert tiny["size"] == (upstream.tiny.config_size or 0) + sum(upstream.tiny.layer_sizes)
+    assert tiny["pulled_at"] is not None
+    table = moorage("ls", "docker.io/library/t*", config=config).stdout
+    assert "library/tiny" in table and "library/multi" not in table
+    print("\n" + moorage("ls", config=config).stdout)
+
+    stats = json.loads(moorage("stats", "--json", config=config).stdout)
+    assert stats["store_entries"] == len(wanted) + 2 + 2  # blobs, two tag manifests, two child manifests
+    assert stats["upstreams"]["docker.io"]["miss"] >= len(wanted)
+    assert stats["upstreams"]["docker.io"]["upstream_bytes"] > 250 * KiB
+
+    with MoorageProcess(
+        tmp_path / "daemon", upstream_settings(registry), storage={"path": str(tmp_path / "store")}
+    ) as m:
+        mark = registry.mark()
+        skopeo_copy(f"docker://{m.host}/tiny:1", f"dir:{tmp_path / 'out'}")
+        assert blob_gets(registry, mark) == {}, "warm filled the store: the pull needed no upstream blob"
+
+
+def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream, tmp_path: Path) -> None:
+    registry = upstream.registry
+    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon:
+        mark = registry.mark()
+        out = moorage("warm", "multi:1", "--platform", "linux/arm64", "--url", daemon.url).stdout
+        assert "[linux/arm64]" in out
+        assert set(blob_gets(registry, mark)) == set(upstream.multi.child("linux/arm64").blob_digests)
+        again = moorage("warm", "multi:1", "--platform", "linux/arm64", "--url", daemon.url).stdout
+        assert "miss" not in again and "hit" in again
+        stats = json.loads(moorage("stats", "--json", "--url", daemon.url).stdout)
+        docker = stats["upstreams"]["docker.io"]
+        assert docker["hit"] >= 3 and docker["miss"] >= 3 and 0 < docker["hit_ratio"] < 1
+        assert stats["store_entries"] > 0
+
+        assert moorage("healthcheck", "--url", daemon.url).returncode == 0
+    down = moorage("healthcheck", "--url", f"http://127.0.0.1:{closed_port()}", check=False)
+    assert down.returncode == 1 and "not healthy" in down.stderr
+
+
+def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Path) -> None:
+    config = write_config(tmp_path, upstream.registry)
+    for args, message in [
+        (("warm", "Bad/Name:1"), "invalid name"),
+        (("warm", "nothing-here:1"), "MANIFEST_UNKNOWN"),
+        (("warm",), "name at least one image"),
+        (("ls", "--store", str(tmp_path / "absent")), "no Moorage store"),
+        (("client-config", "docker", "--url", "moorage:5000"), "not the cache's base URL"),
+    ]:
+        result = moorage(*args, config=config if "--store" not in args else None, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_containerd_pulls_with_the_generated_hosts_toml(upstream: Upstream, tmp_path: Path) -> None:
+    registry = upstream.registry
+    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon, Containerd(tmp_path / "c") as ctr:
+        moorage(
+            "client-config",
+            "containerd",
+            "--url",
+            daemon.url,
+            "--registries",
+            "docker.io,ghcr.io",
+            "--output-dir",
+            str(ctr.hosts_dir),
+        )
+        assert (ctr.hosts_dir / "_default" / "hosts.toml").is_file()
+        ctr.pull("docker.io/library/tiny:1")
+        ctr.pull("ghcr.io/library/multi:1", platform="linux/arm64")
+        assert ctr.image_digest("docker.io/library/tiny:1") == upstream.tiny.manifest_digest
+        requests = [line for line in daemon.log_lines() if line.get("event") == "request" and "upstream" in line]
+        assert {line["upstream"] for line in requests} == {"docker.io", "ghcr.io"}
+
+
+def test_podman_pulls_with_the_generated_registries_conf(upstream: Upstream, tmp_path: Path) -> None:
+    registry = upstream.registry
+    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon:
+        with Podman(tmp_path / "podman", daemon.host) as podman:
+            snippet = moorage(
+                "client-config",
+                "podman",
+                "--url",
+                daemon.url,
+                "--registries",
+                "docker.io,ghcr.io",
+                "--output-dir",
+                str(tmp_path / "generated"),
+            )
+            assert "registries.conf" in snippet.stdout
+            podman.registries_conf.write_text((tmp_path / "generated" / "registries.conf").read_text())
+            podman.pull("docker.io/library/tiny:1")
+            podman.pull("ghcr.io/library/multi:1", arch="arm64")
+            assert podman.image_exists("ghcr.io/library/multi:1")
+        requests = [line for line in daemon.log_lines() if line.get("event") == "request" and "upstream" in line]
+        assert {line["upstream"] for line in requests} == {"docker.io", "ghcr.io"}

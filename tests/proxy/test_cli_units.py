@@ -1,0 +1,90 @@
+"""Command-line pieces that need no server: image names, platform choice, client snippets."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import yaml
+
+from moorage.proxy._client_config import client_files
+from moorage.proxy._warm import platform_matches
+from moorage.upstreams.reference import InvalidReference, parse_image_reference
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("alpine", "docker.io/library/alpine:latest"),
+        ("alpine:3.19", "docker.io/library/alpine:3.19"),
+        ("bitnami/redis:7", "docker.io/bitnami/redis:7"),
+        ("ghcr.io/owner/app:1", "ghcr.io/owner/app:1"),
+        ("localhost:5000/a/b:2", "localhost:5000/a/b:2"),
+        ("registry.k8s.io/pause@sha256:" + "a" * 64, "registry.k8s.io/pause@sha256:" + "a" * 64),
+    ],
+)
+def test_image_names_as_people_write_them(name: str, expected: str) -> None:
+    assert str(parse_image_reference(name)) == expected
+
+
+@pytest.mark.parametrize("name", ["Alpine:1", "alpine:-x", "alpine@sha256:abc", "a//b:1"])
+def test_bad_image_names(name: str) -> None:
+    with pytest.raises(InvalidReference):
+        parse_image_reference(name)
+
+
+@pytest.mark.parametrize(
+    ("platform", "wanted", "matches"),
+    [
+        ({"os": "linux", "architecture": "arm64", "variant": "v8"}, "linux/arm64", True),
+        ({"os": "linux", "architecture": "arm64", "variant": "v8"}, "linux/arm64/v8", True),
+        ({"os": "linux", "architecture": "arm", "variant": "v7"}, "linux/arm/v6", False),
+        ({"os": "linux", "architecture": "amd64"}, "linux/arm64", False),
+        ({"os": "windows", "architecture": "amd64"}, "linux/amd64", False),
+    ],
+)
+def test_platform_matches(platform: dict[str, str], wanted: str, matches: bool) -> None:
+    assert platform_matches({"platform": platform}, wanted) is matches
+
+
+URL = "http://moorage.example:5000"
+REGISTRIES = ["docker.io", "ghcr.io"]
+
+
+def test_docker_snippet_is_json_with_insecure_for_http() -> None:
+    (content,) = client_files("docker", URL, REGISTRIES).values()
+    assert json.loads(content) == {"registry-mirrors": [URL], "insecure-registries": ["moorage.example:5000"]}
+    (secure,) = client_files("docker", "https://moorage.example", REGISTRIES).values()
+    assert "insecure-registries" not in json.loads(secure)
+
+
+def test_containerd_snippets_per_registry_and_default() -> None:
+    files = client_files("containerd", URL, REGISTRIES)
+    assert set(files) == {f"/etc/containerd/certs.d/{r}/hosts.toml" for r in [*REGISTRIES, "_default"]}
+    hub = tomllib.loads(files["/etc/containerd/certs.d/docker.io/hosts.toml"])
+    assert hub["server"] == "https://registry-1.docker.io"
+    assert hub["host"][URL]["capabilities"] == ["pull", "resolve"]
+
+
+def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
+    (content,) = client_files("podman", URL, REGISTRIES).values()
+    config = tomllib.loads(content)
+    mirrors = {r["prefix"]: r["mirror"][0] for r in config["registry"]}
+    assert mirrors["docker.io"] == {"location": "moorage.example:5000", "insecure": True}
+    assert mirrors["ghcr.io"]["location"] == "moorage.example:5000/ghcr.io"
+
+
+def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
+    (k3s,) = client_files("k3s", URL, REGISTRIES).values()
+    assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in [*REGISTRIES, "*"]}}
+    (kind,) = client_files("kind", URL, REGISTRIES).values()
+    patches = yaml.safe_load(kind)["containerdConfigPatches"][0]
+    assert tomllib.loads(patches)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"]["ghcr.io"] == {
+        "endpoint": [URL]
+    }
+
+
+def test_a_url_with_a_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="base URL"):
+        client_files("docker", "http://moorage.example:5000/v2", REGISTRIES)

@@ -1,0 +1,122 @@
+"""Logs: one JSON line per request, an audit line per manifest pulled, a text form for people,
+and no secret anywhere: not the upstream password, a token, or a signed CDN URL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from moorage.proxy._logging import TextFormatter, configure_logging
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage
+
+PASSWORD = "s3cr3t-Upstream-Passw0rd"
+
+
+class Captured:
+    """What the server's own logging setup wrote (at debug level, the most talkative)."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.listener = configure_logging("debug", "json", self.stream)
+
+    def getvalue(self) -> str:
+        self.listener.stop()  # flushes the writer thread
+        self.listener.start()
+        return self.stream.getvalue()
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Captured]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    captured = Captured()
+    try:
+        yield captured
+    finally:
+        captured.listener.stop()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name in ("httpx", "httpcore", "aiohttp.access"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+async def test_no_secret_reaches_a_log_line_a_metric_or_a_response(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, log_lines: Captured
+) -> None:
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD)
+    upstream.auth = "bearer"
+    upstream.credentials = ("robot", PASSWORD)
+    cdn = await upstream.start_cdn()
+    image = upstream.add_image("private/app", "1", [b"layer bytes" * 1000])
+    moorage = await start_moorage(upstream_settings={"username": "robot", "password_file": str(password_file)})
+    seen: list[str] = []
+    manifest = await moorage.get("/v2/private/app/manifests/1", headers={"Accept": ACCEPT_ALL_MANIFESTS})
+    seen += [str(manifest.headers), (await manifest.read()).decode()]
+    for blob in (image.config_digest, *image.layer_digests):
+        response = await moorage.get(f"/v2/private/app/blobs/{blob}")
+        seen += [str(response.headers), repr(await response.read())]
+    failing = await moorage.get("/v2/private/app/manifests/nope")
+    seen += [str(failing.headers), await failing.text()]
+    metrics = await (await moorage.get("/metrics")).text()
+    readiness = await (await moorage.get("/readyz")).text()
+    assert cdn.count("GET", "/blobs/") == 2, "the blobs went through the CDN"
+    secrets = [PASSWORD, *upstream.issued_tokens, *(cdn.signed_url(d).split("?")[1] for d in image.layer_digests)]
+    assert len(secrets) >= 3
+    logged = log_lines.getvalue()
+    assert '"event": "request"' in logged and '"event": "pull"' in logged, "the log was captured"
+    for secret in secrets:
+        for where, text in (("log", logged), ("metrics", metrics), ("readyz", readiness), ("responses", "".join(seen))):
+            assert secret not in text, f"a secret reached the {where}"
+    assert "Bearer " not in logged and "Basic " not in logged
+
+
+async def test_one_json_line_per_request_and_an_audit_line_per_pull(
+    moorage: object, upstream: FakeRegistry, log_lines: Captured
+) -> None:
+    from aiohttp.test_utils import TestClient
+
+    assert isinstance(moorage, TestClient)
+    image = upstream.add_image("library/alpine", "3.19")
+    await moorage.get("/v2/alpine/manifests/3.19", headers={"X-Request-Id": "job-7"})
+    await moorage.head("/v2/alpine/manifests/3.19")
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    requests = [line for line in lines if line["event"] == "request"]
+    assert len(requests) == 2
+    first = requests[0]
+    assert first["request_id"] == "job-7" and first["client"] == "127.0.0.1" and first["method"] == "GET"
+    assert first["path"] == "/v2/alpine/manifests/3.19" and first["status"] == 200
+    assert first["upstream"] == "docker.io" and first["repository"] == "library/alpine"
+    assert first["reference"] == "3.19" and first["result"] == "miss" and first["bytes"] == len(image.manifest)
+    assert first["duration_ms"] >= 0 and first["time"].endswith("Z")
+    pulls = [line for line in lines if line["event"] == "pull"]
+    assert len(pulls) == 1, "HEAD is not a pull"
+    assert pulls[0]["logger"] == "moorage.audit"
+    assert pulls[0]["digest"] == image.digest and pulls[0]["upstream"] == "docker.io"
+    assert pulls[0]["repository"] == "library/alpine" and pulls[0]["client"] == "127.0.0.1"
+
+
+def test_text_format_for_people() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "moorage.access",
+            "levelname": "INFO",
+            "msg": "request",
+            "event": "request",
+            "status": 200,
+            "path": "/v2/a b",
+            "result": "hit",
+        }
+    )
+    line = TextFormatter().format(record)
+    assert " info    request " in line
+    assert "status=200" in line and 'path="/v2/a b"' in line and "result=hit" in line
+    assert not line.startswith("{")

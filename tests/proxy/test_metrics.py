@@ -1,0 +1,134 @@
+"""/metrics after a scripted sequence of pulls (cold, warm, concurrent, stale): exact deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage
+
+Client = TestClient[web.Request, web.Application]
+ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
+#: Counters whose every change the test accounts for (histograms and timings are left out).
+COUNTED = (
+    "moorage_requests_total",
+    "moorage_cache_results_total",
+    "moorage_served_bytes_total",
+    "moorage_upstream_fetched_bytes_total",
+    "moorage_upstream_requests_total",
+    "moorage_upstream_rate_limited_total",
+    "moorage_upstream_retries_total",
+    "moorage_fill_resumes_total",
+    "moorage_digest_mismatches_total",
+    "moorage_upstream_token_fetches_total",
+)
+
+
+async def scrape(client: Client) -> dict[str, float]:
+    text = await (await client.get("/metrics")).text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    changes = {}
+    for key, value in after.items():
+        if key.startswith(COUNTED) and value != before.get(key, 0.0):
+            changes[key] = value - before.get(key, 0.0)
+    return changes
+
+
+def without_metrics_requests(changes: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in changes.items() if not k.startswith("moorage_requests_total{kind=other,method=GET")}
+
+
+async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(tag_ttl="1s", revalidate_timeout="5s")
+    layer = os.urandom(100_000)
+    image = upstream.add_image("library/app", "1", [layer], config=b'{"os":"linux"}')
+    manifest_size, config_size = len(image.manifest), len(b'{"os":"linux"}')
+
+    async def pull() -> None:
+        assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+        for blob in (image.config_digest, *image.layer_digests):
+            assert (await (await moorage.get(f"/v2/app/blobs/{blob}")).read()) is not None
+
+    # Cold: everything is a miss and is fetched once.
+    before = await scrape(moorage)
+    await pull()
+    assert without_metrics_requests(delta(before, await scrape(moorage))) == {
+        "moorage_requests_total{kind=manifest,method=GET,status=200}": 1,
+        "moorage_requests_total{kind=blob,method=GET,status=200}": 2,
+        "moorage_cache_results_total{kind=manifest,result=miss,upstream=docker.io}": 1,
+        "moorage_cache_results_total{kind=blob,result=miss,upstream=docker.io}": 2,
+        "moorage_served_bytes_total{kind=manifest,result=miss}": manifest_size,
+        "moorage_served_bytes_total{kind=blob,result=miss}": config_size + len(layer),
+        "moorage_upstream_fetched_bytes_total{kind=manifest,upstream=docker.io}": manifest_size,
+        "moorage_upstream_fetched_bytes_total{kind=blob,upstream=docker.io}": config_size + len(layer),
+        "moorage_upstream_requests_total{kind=manifest,method=GET,status=200,upstream=docker.io}": 1,
+        "moorage_upstream_requests_total{kind=blob,method=GET,status=200,upstream=docker.io}": 2,
+    }
+    after = await scrape(moorage)
+    assert after["moorage_store_entries{}"] == 3
+    assert after["moorage_store_bytes{}"] == manifest_size + config_size + len(layer)
+
+    # Warm (within the tag's freshness): all hits, nothing upstream.
+    before = after
+    await pull()
+    assert without_metrics_requests(delta(before, await scrape(moorage))) == {
+        "moorage_requests_total{kind=manifest,method=GET,status=200}": 1,
+        "moorage_requests_total{kind=blob,method=GET,status=200}": 2,
+        "moorage_cache_results_total{kind=manifest,result=hit,upstream=docker.io}": 1,
+        "moorage_cache_results_total{kind=blob,result=hit,upstream=docker.io}": 2,
+        "moorage_served_bytes_total{kind=manifest,result=hit}": manifest_size,
+        "moorage_served_bytes_total{kind=blob,result=hit}": config_size + len(layer),
+    }
+
+    # Concurrent: four clients, one fill; three join it.
+    big = os.urandom(1_000_000)
+    digest = upstream.add_blob(big)
+    upstream.slow_blob(digest, chunk=100_000, delay=0.02)
+    before = await scrape(moorage)
+    responses = await asyncio.gather(*(moorage.get(f"/v2/app/blobs/{digest}") for _ in range(4)))
+    assert [len(await r.read()) for r in responses] == [len(big)] * 4
+    assert without_metrics_requests(delta(before, await scrape(moorage))) == {
+        "moorage_requests_total{kind=blob,method=GET,status=200}": 4,
+        "moorage_cache_results_total{kind=blob,result=miss,upstream=docker.io}": 1,
+        "moorage_cache_results_total{kind=blob,result=coalesced,upstream=docker.io}": 3,
+        "moorage_served_bytes_total{kind=blob,result=miss}": len(big),
+        "moorage_served_bytes_total{kind=blob,result=coalesced}": 3 * len(big),
+        "moorage_upstream_fetched_bytes_total{kind=blob,upstream=docker.io}": len(big),
+        "moorage_upstream_requests_total{kind=blob,method=GET,status=200,upstream=docker.io}": 1,
+    }
+
+    # Stale: the tag aged, the upstream rate-limits the HEAD; the last answer is served.
+    await asyncio.sleep(1.1)
+    upstream.fail_next(1, 429, retry_after=60)
+    before = await scrape(moorage)
+    stale = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert stale.headers["Warning"] == '110 - "stale"'
+    assert without_metrics_requests(delta(before, await scrape(moorage))) == {
+        "moorage_requests_total{kind=manifest,method=GET,status=200}": 1,
+        "moorage_cache_results_total{kind=manifest,result=stale,upstream=docker.io}": 1,
+        "moorage_served_bytes_total{kind=manifest,result=stale}": manifest_size,
+        "moorage_upstream_requests_total{kind=manifest,method=HEAD,status=429,upstream=docker.io}": 1,
+        "moorage_upstream_rate_limited_total{upstream=docker.io}": 1,
+    }
+
+
+async def test_metrics_can_move_to_their_own_listener(start_moorage: StartMoorage) -> None:
+    moorage = await start_moorage(metrics_listen="127.0.0.1:0")
+    assert (await moorage.get("/metrics")).status == 404
