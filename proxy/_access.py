@@ -86,5 +86,5 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
     upstream = request.get(RequestNote.UPSTREAM)
     if result is not None and upstream is not None:
         metrics.cache_results.labels(kind, upstream, result).inc()
-        metrics.served_bytes.labels(kind, result).inc(sent)
+        metrics.served_bytes.labels(kind, upstream, result).inc(sent)
         request.app[CACHE].record(upstream, result, sent)

@@ -39,8 +39,8 @@ class Metrics:
         )
         self.served_bytes = Counter(
             "moorage_served_bytes",
-            "Body bytes sent to clients, by kind and result; result=hit is bandwidth saved.",
-            ["kind", "result"],
+            "Body bytes sent to clients, by kind, upstream and result; result=hit is bandwidth saved.",
+            ["kind", "upstream", "result"],
             registry=r,
         )
         self.upstream_bytes = Counter(

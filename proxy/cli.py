@@ -200,9 +200,9 @@ def _summary_from_metrics(url: str) -> dict[str, dict[str, float]]:
                 counters = usage.setdefault(sample.labels["upstream"], {})
                 counters["upstream_bytes"] = counters.get("upstream_bytes", 0) + sample.value
             elif sample.name == "moorage_served_bytes_total":
-                counters = usage.setdefault("*", {})
-                key = "hit_bytes" if sample.labels["result"] == "hit" else "other_bytes"
-                counters[key] = counters.get(key, 0) + sample.value
+                counters = usage.setdefault(sample.labels["upstream"], {})
+                if sample.labels["result"] == "hit":
+                    counters["hit_bytes"] = counters.get("hit_bytes", 0) + sample.value
                 counters["served_bytes"] = counters.get("served_bytes", 0) + sample.value
             elif sample.name in ("moorage_store_bytes", "moorage_store_entries"):
                 usage.setdefault("*", {})[sample.name] = sample.value

@@ -74,8 +74,8 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
         "moorage_requests_total{kind=blob,method=GET,status=200}": 2,
         "moorage_cache_results_total{kind=manifest,result=miss,upstream=docker.io}": 1,
         "moorage_cache_results_total{kind=blob,result=miss,upstream=docker.io}": 2,
-        "moorage_served_bytes_total{kind=manifest,result=miss}": manifest_size,
-        "moorage_served_bytes_total{kind=blob,result=miss}": config_size + len(layer),
+        "moorage_served_bytes_total{kind=manifest,result=miss,upstream=docker.io}": manifest_size,
+        "moorage_served_bytes_total{kind=blob,result=miss,upstream=docker.io}": config_size + len(layer),
         "moorage_upstream_fetched_bytes_total{kind=manifest,upstream=docker.io}": manifest_size,
         "moorage_upstream_fetched_bytes_total{kind=blob,upstream=docker.io}": config_size + len(layer),
         "moorage_upstream_requests_total{kind=manifest,method=GET,status=200,upstream=docker.io}": 1,
@@ -93,8 +93,8 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
         "moorage_requests_total{kind=blob,method=GET,status=200}": 2,
         "moorage_cache_results_total{kind=manifest,result=hit,upstream=docker.io}": 1,
         "moorage_cache_results_total{kind=blob,result=hit,upstream=docker.io}": 2,
-        "moorage_served_bytes_total{kind=manifest,result=hit}": manifest_size,
-        "moorage_served_bytes_total{kind=blob,result=hit}": config_size + len(layer),
+        "moorage_served_bytes_total{kind=manifest,result=hit,upstream=docker.io}": manifest_size,
+        "moorage_served_bytes_total{kind=blob,result=hit,upstream=docker.io}": config_size + len(layer),
     }
 
     # Concurrent: four clients, one fill; three join it.
@@ -108,8 +108,8 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
         "moorage_requests_total{kind=blob,method=GET,status=200}": 4,
         "moorage_cache_results_total{kind=blob,result=miss,upstream=docker.io}": 1,
         "moorage_cache_results_total{kind=blob,result=coalesced,upstream=docker.io}": 3,
-        "moorage_served_bytes_total{kind=blob,result=miss}": len(big),
-        "moorage_served_bytes_total{kind=blob,result=coalesced}": 3 * len(big),
+        "moorage_served_bytes_total{kind=blob,result=miss,upstream=docker.io}": len(big),
+        "moorage_served_bytes_total{kind=blob,result=coalesced,upstream=docker.io}": 3 * len(big),
         "moorage_upstream_fetched_bytes_total{kind=blob,upstream=docker.io}": len(big),
         "moorage_upstream_requests_total{kind=blob,method=GET,status=200,upstream=docker.io}": 1,
     }
@@ -123,7 +123,7 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
     assert without_metrics_requests(delta(before, await scrape(moorage))) == {
         "moorage_requests_total{kind=manifest,method=GET,status=200}": 1,
         "moorage_cache_results_total{kind=manifest,result=stale,upstream=docker.io}": 1,
-        "moorage_served_bytes_total{kind=manifest,result=stale}": manifest_size,
+        "moorage_served_bytes_total{kind=manifest,result=stale,upstream=docker.io}": manifest_size,
         "moorage_upstream_requests_total{kind=manifest,method=HEAD,status=429,upstream=docker.io}": 1,
         "moorage_upstream_rate_limited_total{upstream=docker.io}": 1,
     }
