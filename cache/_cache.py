@@ -40,6 +40,7 @@ from moorage.upstreams.reference import (
 
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
+from ._hot import HotAnswers, StoredManifest
 from ._index import Index, TagEntry, TagsEntry, Usage
 from ._keys import IndexKey, manifest_flight_key, pulled_key, tag_key, tags_list_key
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
@@ -113,12 +114,6 @@ class _TagAsk:
     key: IndexKey
 
 
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    body: bytes
-    media_type: str
-
-
 class Cache:
     def __init__(
         self,
@@ -137,6 +132,7 @@ class Cache:
         totals = index.store_totals() or (0, 0)
         #: Bytes and entries in the blob store, kept as blobs are stored.
         self.store_bytes, self.store_entries = totals
+        self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
         self._revalidate_timeout = revalidate_timeout
@@ -193,7 +189,11 @@ class Cache:
             return await self._manifest_by_digest(source, repository, reference)
         ask = _TagAsk(source, repository, reference, accept, tag_key(source.host, repository, reference, accept))
         self._pulled[pulled_key(source.host, repository, reference)] = self._clock()
-        entry, stored = await asyncio.to_thread(self._lookup_tag, ask.key)
+        entry = self._hot.tag(ask.key)
+        stored = self._hot.manifest(entry.digest) if entry is not None else None
+        if entry is None or stored is None:  # not in memory: one thread hop for index and store
+            entry, stored = await asyncio.to_thread(self._lookup_tag, ask.key)
+            self._remember(ask.key, entry, stored)
         if entry is None:
             return await self._flight(ask.key, lambda: self._fetch_tag(ask))
         if self._clock() - entry.checked_at < ttl:
@@ -204,7 +204,7 @@ class Cache:
             return await self._flight(ask.key, lambda: self._revalidate(ask, entry, stored))
         return await self._revalidate_or_stale(ask, entry, stored)
 
-    async def _revalidate_or_stale(self, ask: _TagAsk, entry: TagEntry, stored: _Stored) -> ManifestAnswer:
+    async def _revalidate_or_stale(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest) -> ManifestAnswer:
         """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
         serve the stale answer, and for ``stale_backoff`` keep serving it without asking."""
 
@@ -237,7 +237,10 @@ class Cache:
         return replace(answer, result="coalesced") if joined and answer.result in _CAUSED_UPSTREAM else answer
 
     async def _manifest_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
-        stored = await asyncio.to_thread(self._load_manifest, digest)
+        stored = self._hot.manifest(digest)
+        if stored is None:
+            stored = await asyncio.to_thread(self._load_manifest, digest)
+            self._remember(None, None, stored, digest)
         if stored is not None:
             return ManifestAnswer(digest, stored.media_type, stored.body, "hit")
         key = manifest_flight_key(source.host, repository, digest)
@@ -254,13 +257,24 @@ class Cache:
     ) -> Digest:
         self._observer.on_fetched_bytes(upstream, "manifest", len(fetched.body))
         try:
-            digest, new = await asyncio.to_thread(self._keep_manifest, fetched, where, expected, tag)
+            digest, entry, new = await asyncio.to_thread(self._keep_manifest, fetched, where, expected, tag)
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
+        self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest
+
+    def _remember(
+        self, key: IndexKey | None, entry: TagEntry | None, stored: StoredManifest | None, digest: Digest | None = None
+    ) -> None:
+        """Keep what the index and store just said in the in-memory front."""
+        if key is not None and entry is not None:
+            self._hot.put_tag(key, entry)
+        digest = digest or (entry.digest if entry is not None else None)
+        if stored is not None and digest is not None:
+            self._hot.put_manifest(digest, stored)
 
     async def _fetch_tag(self, ask: _TagAsk, result: CacheResult = "miss") -> ManifestAnswer:
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
@@ -268,10 +282,12 @@ class Cache:
         digest = await self._keep(ask.source.host, fetched, where, None, ask.key)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
-    async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: _Stored | None) -> ManifestAnswer:
+    async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None) -> ManifestAnswer:
         head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)
         if head.digest == entry.digest:
-            await asyncio.to_thread(self._index.put_tag, ask.key, replace(entry, checked_at=self._clock()))
+            confirmed = replace(entry, checked_at=self._clock())
+            await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
+            self._hot.put_tag(ask.key, confirmed)
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
             answer = await self._fetch_by_digest(ask.source, ask.repository, entry.digest)
@@ -280,21 +296,21 @@ class Cache:
 
     # Blocking helpers: each is one whole operation for one thread hop.
 
-    def _lookup_tag(self, key: IndexKey) -> tuple[TagEntry | None, _Stored | None]:
+    def _lookup_tag(self, key: IndexKey) -> tuple[TagEntry | None, StoredManifest | None]:
         entry = self._index.tag(key)
         return entry, (self._load_manifest(entry.digest) if entry is not None else None)
 
-    def _load_manifest(self, digest: Digest) -> _Stored | None:
+    def _load_manifest(self, digest: Digest) -> StoredManifest | None:
         body = self._store.read_small(digest, MAX_MANIFEST_BYTES)
         if body is None:
             return None
-        return _Stored(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
+        return StoredManifest(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
 
     def _keep_manifest(
         self, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
-    ) -> tuple[Digest, bool]:
+    ) -> tuple[Digest, TagEntry | None, bool]:
         """Hash, verify, store and index a manifest from upstream; nothing is kept on a mismatch.
-        Returns the digest and whether the store did not hold it before.
+        Returns the digest, the tag entry written (if a tag), and whether the store is new to it.
 
         ``expected``: the digest it was asked by. For a tag, the upstream's own
         Docker-Content-Digest (when it sent one) must match instead.
@@ -313,9 +329,11 @@ class Cache:
             finally:
                 pending.close()
         self._index.put_manifest(digest, fetched.media_type)
+        entry = None
         if tag is not None:
-            self._index.put_tag(tag, TagEntry(digest, fetched.media_type, self._clock()))
-        return digest, new
+            entry = TagEntry(digest, fetched.media_type, self._clock())
+            self._index.put_tag(tag, entry)
+        return digest, entry, new
 
     # -- blobs ----------------------------------------------------------------------------------
 

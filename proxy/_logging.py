@@ -10,13 +10,13 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
+from collections import deque
 from typing import Any, Final, TextIO
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["BackgroundWriter", "JsonFormatter", "TextFormatter", "configure_logging"]
 
 _STANDARD_ATTRS: Final = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
@@ -57,28 +57,71 @@ def _text(value: Any) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
-def _flush(listener: logging.handlers.QueueListener) -> None:
-    if listener._thread is not None:  # not stopped already
-        listener.stop()
+class BackgroundWriter(logging.Handler):
+    """Formats each record where it is logged (cheap) and leaves the writing to a thread.
+
+    The thread wakes every ``FLUSH_SECONDS`` and writes every waiting line in one call; it
+    never competes with the event loop for the GIL per line. Should the stream stall, lines
+    beyond ``MAX_WAITING`` are dropped and counted, so memory stays bounded.
+    """
+
+    FLUSH_SECONDS: Final = 0.05
+    MAX_WAITING: Final = 100_000
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._waiting: deque[str] = deque()
+        self.dropped = 0
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moorage-log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if len(self._waiting) >= self.MAX_WAITING:
+                self.dropped += 1
+                return
+            self._waiting.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def _run(self) -> None:
+        while not self._closing.wait(self.FLUSH_SECONDS):
+            self._write_waiting()
+        self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        batch = []
+        while self._waiting:
+            batch.append(self._waiting.popleft())
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            batch.append(json.dumps({"level": "warning", "event": "log_lines_dropped", "count": dropped}))
+        if batch:
+            self._stream.write("\n".join(batch) + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        """Write what is waiting, then stop the thread."""
+        if self._thread.is_alive():
+            self._closing.set()
+            self._thread.join(timeout=5)
+        super().close()
 
 
-def configure_logging(
-    level: str = "info", log_format: str = "auto", stream: TextIO | None = None
-) -> logging.handlers.QueueListener:
+def configure_logging(level: str = "info", log_format: str = "auto", stream: TextIO | None = None) -> BackgroundWriter:
     """Lines on ``stream`` (stderr; JSON, or text on a terminal), written by a background
-    thread so the event loop never blocks on a slow terminal or pipe. Returns the writer
-    thread's listener; ``stop()`` flushes it."""
+    thread so the event loop never blocks on a slow terminal or pipe. Returns the handler;
+    ``close()`` flushes it."""
     stream = stream or sys.stderr
-    handler = logging.StreamHandler(stream)
+    handler = BackgroundWriter(stream)
     text = log_format == "text" or (log_format == "auto" and stream.isatty())
     handler.setFormatter(TextFormatter() if text else JsonFormatter())
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
-    listener.start()
-    atexit.register(_flush, listener)
+    atexit.register(handler.close)
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return listener
+    return handler

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference
@@ -126,12 +127,14 @@ async def _warm_one(
     return warmed
 
 
-def progress_bars(enabled: bool) -> Progress:
+def progress_bars(console: Console) -> Progress:
+    """A bar per blob on a terminal; nothing when the output is not one."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        disable=not enabled,
+        console=console,
+        disable=not console.is_terminal,
         transient=True,
     )

@@ -18,12 +18,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Console
-from rich.table import Table
 
 from moorage.cache import StoreSummary, read_catalog, read_summary
 from moorage.config import CONFIG_ENV, ConfigError, Settings, StorageSettings, load_settings, split_address
@@ -32,14 +30,24 @@ from moorage.upstreams.reference import InvalidReference, parse_image_reference
 from ._client_config import CLIENTS, Client, client_files
 from ._logging import configure_logging
 from ._serve import running, serve
-from ._warm import WarmedImage, WarmFailed, progress_bars, warm
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-#: Tables keep their rows whole when piped (rich would wrap them at 80 columns).
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 400)
-stderr = Console(stderr=True, soft_wrap=True)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ._warm import WarmedImage
+
+
+def console(err: bool = False) -> Console:
+    """A rich console, imported only by the commands that print tables or progress (rich is
+    a few MiB the server does not need). Rows stay whole when piped."""
+    from rich.console import Console
+
+    stream = sys.stderr if err else sys.stdout
+    return Console(file=stream, soft_wrap=True, width=None if stream.isatty() else 400)
 
 
 def _version() -> str:
@@ -50,7 +58,7 @@ def _version() -> str:
 
 
 def fail(message: str) -> NoReturn:
-    stderr.print(f"moorage: {message}", markup=False, highlight=False)
+    click.echo(f"moorage: {message}", err=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -136,7 +144,7 @@ def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
         with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
-        stderr.print(f"moorage: {url} is not healthy: {error}", markup=False)
+        click.echo(f"moorage: {url} is not healthy: {error}", err=True)
         sys.exit(1)
     sys.exit(0 if healthy else 1)
 
@@ -178,12 +186,14 @@ def ls(pattern: str | None, as_json: bool, config: Path | None, store: Path | No
         for tag in tags:
             click.echo(json.dumps(asdict(tag)))
         return
+    from rich.table import Table
+
     table = Table("UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "SIZE", "LAST PULLED", box=None, pad_edge=False)
     for tag in tags:
         table.add_row(tag.upstream, tag.repository, tag.tag, tag.digest[:19], _size(tag.size), _when(tag.pulled_at))
-    stdout.print(table)
+    console().print(table)
     if not tags:
-        stderr.print(f"no cached tags{' match ' + pattern if pattern else ''} in {path}", markup=False)
+        click.echo(f"no cached tags{' match ' + pattern if pattern else ''} in {path}", err=True)
 
 
 def _summary_from_metrics(url: str) -> dict[str, dict[str, float]]:
@@ -265,7 +275,9 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
             counters["hit_ratio"] = _hit_ratio(counters)
         click.echo(json.dumps(asdict(report)))
         return
-    stdout.print(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs ({report.source})")
+    from rich.table import Table
+
+    click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs ({report.source})")
     table = Table("UPSTREAM", "HIT RATIO", "HITS", "MISSES", "STALE", "SERVED FROM STORE", "FETCHED", box=None)
     for upstream, counters in sorted(report.upstreams.items()):
         table.add_row(
@@ -277,7 +289,7 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
             _size(int(counters["hit_bytes"])) if "hit_bytes" in counters else "-",
             _size(int(counters.get("upstream_bytes", 0))),
         )
-    stdout.print(table)
+    console().print(table)
 
 
 def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
@@ -327,9 +339,10 @@ def warm_command(
     except InvalidReference as error:
         fail(str(error))
     wanted = None if all_platforms else list(platforms or ["linux/amd64"])
+    from ._warm import WarmFailed, progress_bars, warm
 
     async def run() -> list[WarmedImage]:
-        with progress_bars(stderr.is_terminal) as progress:
+        with progress_bars(console(err=True)) as progress:
             if url is not None:
                 return await warm(url, references, wanted, progress)
             settings = settings_from(config)

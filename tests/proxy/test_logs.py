@@ -25,11 +25,10 @@ class Captured:
 
     def __init__(self) -> None:
         self.stream = io.StringIO()
-        self.listener = configure_logging("debug", "json", self.stream)
+        self.handler = configure_logging("debug", "json", self.stream)
 
     def getvalue(self) -> str:
-        self.listener.stop()  # flushes the writer thread
-        self.listener.start()
+        self.handler.close()  # writes what is waiting
         return self.stream.getvalue()
 
 
@@ -41,7 +40,7 @@ def log_lines() -> Iterator[Captured]:
     try:
         yield captured
     finally:
-        captured.listener.stop()
+        captured.handler.close()
         root.handlers[:] = handlers
         root.setLevel(level)
         for name in ("httpx", "httpcore", "aiohttp.access"):

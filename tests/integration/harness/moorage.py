@@ -101,6 +101,17 @@ class MoorageProcess:
         return values
 
     def log_lines(self) -> list[dict[str, Any]]:
+        """Every line logged so far. Moorage writes its log in batches (every 50 ms): wait
+        until the file has stopped growing for a few batches before reading."""
+        deadline = time.monotonic() + 5
+        size, stable_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now = self.log_path.stat().st_size
+            if now != size:
+                size, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since > 0.2:
+                break
+            time.sleep(0.02)
         lines = []
         for raw in self.log_path.read_text().splitlines():
             try:

@@ -1,0 +1,600 @@
+"""The benchmark: what Moorage takes from the upstream and how fast it serves what it holds,
+measured in one run beside the references a user would compare it with.
+
+- upstream: Debian's ``docker-registry`` seeded with a 300 MB image in 8 layers, an image with
+  a 1 GiB layer and 40 small repositories; its access log counts what reaches it;
+- distribution: the same binary in proxy mode (``proxy.remoteurl``), what most users run;
+- nginx: the 1 GiB blob as a static file with sendfile, the physical limit here;
+- direct: skopeo pulling from the upstream itself, the floor for a cold pull;
+- moorage: ``moorage serve`` on a fresh store.
+
+Every load is bounded in count and time and stays on 127.0.0.1. Prints one table with ratios
+and one JSON line per figure. ``--quick`` shrinks images and load for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from tests.integration.harness import images
+from tests.integration.harness.moorage import MoorageProcess
+from tests.integration.harness.process import BackgroundProcess
+from tests.integration.harness.registry import RealRegistry
+from tests.integration.harness.tools import free_port, require_tool
+
+MiB = 1024 * 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ACCEPT = {"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"}
+SYSTEMS = ("moorage", "distribution", "nginx", "direct")
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    #: True when a larger number is better (throughput), False for times and counts.
+    higher_is_better: bool
+    values: dict[str, float] = field(default_factory=dict)
+    target: str = ""
+
+
+class Report:
+    def __init__(self) -> None:
+        self.figures: list[Figure] = []
+
+    def add(self, name: str, unit: str, higher: bool, values: Mapping[str, float | None], target: str = "") -> None:
+        figure = Figure(name, unit, higher, {k: v for k, v in values.items() if v is not None}, target)
+        self.figures.append(figure)
+        print(json.dumps({"figure": name, "unit": unit, **figure.values}), flush=True)
+
+    def table(self) -> str:
+        head = f"{'figure':<44} {'unit':<9}" + "".join(f"{s:>13}" for s in SYSTEMS)
+        head += f"{'M/dist':>9}{'M/nginx':>9}  target"
+        lines = [head, "-" * len(head)]
+        for f in self.figures:
+            cells = "".join(f"{_fmt(f.values.get(s)):>13}" for s in SYSTEMS)
+            lines.append(
+                f"{f.name:<44} {f.unit:<9}{cells}{_ratio(f, 'distribution'):>9}{_ratio(f, 'nginx'):>9}  {f.target}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == int(value) and abs(value) < 1e6:
+        return f"{int(value)}"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+
+
+def _ratio(figure: Figure, other: str) -> str:
+    mine, theirs = figure.values.get("moorage"), figure.values.get(other)
+    if mine is None or not theirs:
+        return "-"
+    return f"{mine / theirs:.2f}"
+
+
+@dataclass
+class Seed:
+    big: str  # library/big:1, 8 layers
+    big_blobs: list[str]
+    huge_blob: str
+    huge_file: Path
+    small_digest: str  # small/app-0:1
+
+
+def seed(registry: RealRegistry, work: Path, layer_size: int, huge_size: int) -> Seed:
+    """Images pushed through the registry API (raw random layers: skopeo copies them to dir:
+    without unpacking, and gzip would only cost seeding time)."""
+    started = time.monotonic()
+    layers = []
+    for i in range(8):
+        data = images.random_layer(layer_size, 100 + i)
+        layers.append((images.push_blob(registry.url, "library/big", data), len(data)))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    config_digest = images.push_blob(registry.url, "library/big", config)
+    manifest = _manifest((config_digest, len(config)), layers)
+    big = images.push_manifest(registry.url, "library/big", "1", manifest, OCI_MANIFEST)
+    huge_file = work / "huge.bin"
+    huge_blob = images.write_random_file(huge_file, huge_size, seed=7)
+    images.push_blob(registry.url, "library/huge", huge_file)
+    huge_config = images.push_blob(registry.url, "library/huge", config)
+    images.push_manifest(
+        registry.url, "library/huge", "1", _manifest((huge_config, len(config)), [(huge_blob, huge_size)]), OCI_MANIFEST
+    )
+    small_digest = ""
+    for i in range(40):
+        layer = images.random_layer(4096, 1000 + i)
+        layer_digest = images.push_blob(registry.url, f"small/app-{i}", layer)
+        small_config = images.push_blob(registry.url, f"small/app-{i}", config)
+        body = _manifest((small_config, len(config)), [(layer_digest, len(layer))])
+        digest = images.push_manifest(registry.url, f"small/app-{i}", "1", body, OCI_MANIFEST)
+        small_digest = small_digest or digest
+    print(f"# seeded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return Seed(big, [config_digest, *(d for d, _ in layers)], huge_blob, huge_file, small_digest)
+
+
+def _manifest(config: tuple[str, int], layers: list[tuple[str, int]]) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config[0], "size": config[1]},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s} for d, s in layers
+            ],
+        }
+    ).encode()
+
+
+# -- the systems under test ------------------------------------------------------------------------
+
+
+class System:
+    name: str
+    host: str
+    repo_prefix: str = ""
+
+    def pid(self) -> int:
+        raise NotImplementedError
+
+    def peak_rss_mib(self) -> float:
+        return _status(self.pid(), "VmHWM") / 1024
+
+    def image(self, repository: str) -> str:
+        return f"{self.repo_prefix}{repository}"
+
+
+def _status(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class MoorageSystem(System):
+    name = "moorage"
+
+    def __init__(self, work: Path, upstream: RealRegistry) -> None:
+        self.process = MoorageProcess(
+            work,
+            [{"host": "docker.io", "url": upstream.url, "default": True}],
+            log_level="warning",
+        )
+        self.host = self.process.host
+
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class DistributionSystem(System):
+    name = "distribution"
+
+    def __init__(self, work: Path, upstream: RealRegistry) -> None:
+        self.registry = RealRegistry(
+            work, extra_config={"proxy": {"remoteurl": upstream.url}, "log": {"level": "warn"}}
+        )
+        self.host = self.registry.host
+
+    def pid(self) -> int:
+        assert self.registry._proc is not None
+        return self.registry._proc.pid
+
+    def stop(self) -> None:
+        self.registry.stop()
+
+
+class DirectSystem(System):
+    name = "direct"
+
+    def __init__(self, upstream: RealRegistry) -> None:
+        self.registry = upstream
+        self.host = upstream.host
+
+    def pid(self) -> int:
+        assert self.registry._proc is not None
+        return self.registry._proc.pid
+
+
+class NginxSystem(System):
+    name = "nginx"
+
+    def __init__(self, work: Path, blob: Path, digest: str) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        port = free_port()
+        root = work / "root" / "v2" / "library" / "huge" / "blobs"
+        root.mkdir(parents=True)
+        os.link(blob, root / digest) if blob.stat().st_dev == root.stat().st_dev else shutil.copy(blob, root / digest)
+        (work / "logs").mkdir()
+        conf = work / "nginx.conf"
+        conf.write_text(
+            f"""daemon off; master_process off; worker_processes 1; user root;
+error_log {work}/logs/error.log; pid {work}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
+  client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp;
+  uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
+  server {{ listen 127.0.0.1:{port}; root {work}/root; default_type application/octet-stream; }} }}
+"""
+        )
+        self.process = BackgroundProcess(
+            [nginx, "-c", str(conf), "-p", str(work)],
+            stdout=work / "logs" / "out.log",
+            stderr=work / "logs" / "out.log",
+        )
+        self.host = f"127.0.0.1:{port}"
+        _wait_http(f"http://{self.host}/v2/library/huge/blobs/{digest}")
+
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def _wait_http(url: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(["curl", "-sfI", "-o", "/dev/null", url], check=False).returncode == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    started = time.monotonic()
+    end: list[float] = []
+    yield lambda: (end[0] if end else time.monotonic()) - started
+    end.append(time.monotonic())
+
+
+def skopeo_pull(system: System, image: str, out_root: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=out_root))
+    try:
+        with timed() as elapsed:
+            subprocess.run(
+                [
+                    "skopeo",
+                    "copy",
+                    "-q",
+                    "--src-tls-verify=false",
+                    f"docker://{system.host}/{system.image(image)}",
+                    f"dir:{out}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+        return elapsed()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def curl_pulls(system: System, repository: str, blobs: list[str], clients: int) -> float:
+    """``clients`` concurrent pulls (manifest, then every blob), bytes discarded; wall seconds."""
+    base = f"http://{system.host}/v2/{system.image(repository)}"
+    argv = ["curl", "-sf", "-H", f"Accept: {ACCEPT['Accept']}", "-o", "/dev/null", f"{base}/manifests/1"]
+    for blob in blobs:
+        argv += ["-o", "/dev/null", f"{base}/blobs/{blob}"]
+    with timed() as elapsed:
+        procs = [subprocess.Popen(argv) for _ in range(clients)]
+        codes = [p.wait(600) for p in procs]
+    if any(codes):
+        raise RuntimeError(f"{system.name}: a concurrent pull failed: {codes}")
+    return elapsed()
+
+
+def blob_throughput(url: str, streams: int, size: int) -> float:
+    """Aggregate MB/s of ``streams`` concurrent downloads of one blob."""
+    with timed() as elapsed:
+        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(streams)]
+        codes = [p.wait(600) for p in procs]
+    if any(codes):
+        raise RuntimeError(f"download of {url} failed: {codes}")
+    return streams * size / elapsed() / 1e6
+
+
+def wrk(url: str, seconds: int, connections: int, accept: bool = True) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) with wrk on one thread."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if accept:
+        argv[1:1] = ["-H", f"Accept: {ACCEPT['Accept']}"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=seconds + 30).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk {url}: {errors.group(1)} error responses")
+    return rate, _latency(out, "50%"), _latency(out, "99%")
+
+
+def _latency(out: str, percentile: str) -> float:
+    value, unit = re.search(rf"{percentile}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def head_load(url: str, requests: int, concurrency: int) -> tuple[float, float, float]:
+    """HEAD load (wrk cannot): (requests/s, p50 ms, p99 ms), bounded by ``requests``."""
+    latencies: list[float] = []
+    queue = list(range(requests))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                started = time.perf_counter()
+                async with session.head(url, headers=ACCEPT) as response:
+                    assert response.status == 200, response.status
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        with timed() as elapsed:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    latencies.sort()
+    return requests / elapsed(), latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+
+
+def upstream_gets_per_blob(upstream: RealRegistry, since: int, blobs: list[str]) -> float:
+    gets = sum(1 for r in upstream.requests_since(since) if r.method == "GET" and r.path.rsplit("/", 1)[-1] in blobs)
+    return gets / len(blobs)
+
+
+def upstream_requests(upstream: RealRegistry, since: int) -> int:
+    return len(upstream.requests_since(since))
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def fresh(kind: str, work: Path, upstream: RealRegistry) -> MoorageSystem | DistributionSystem:
+    """A cache of ``kind`` on an empty store."""
+    return (fresh_moorage if kind == "moorage" else fresh_distribution)(work, upstream)
+
+
+def fresh_moorage(work: Path, upstream: RealRegistry) -> MoorageSystem:
+    return MoorageSystem(Path(tempfile.mkdtemp(prefix="moorage-", dir=work)), upstream)
+
+
+def fresh_distribution(work: Path, upstream: RealRegistry) -> DistributionSystem:
+    return DistributionSystem(Path(tempfile.mkdtemp(prefix="distribution-", dir=work)), upstream)
+
+
+def run(args: argparse.Namespace) -> Report:
+    for tool in ("docker-registry", "skopeo", "wrk", "curl"):
+        require_tool(tool)
+    quick = args.quick
+    layer_size = 4 * MiB if quick else 300 * MiB // 8
+    huge_size = 64 * MiB if quick else 1024 * MiB
+    load_seconds = 3 if quick else 8
+    report = Report()
+    work = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.workdir))
+    shm = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    upstream = RealRegistry(work / "upstream", extra_config={"log": {"level": "warn"}})
+    try:
+        data = seed(upstream, work, layer_size, huge_size)
+        blobs = data.big_blobs
+        image_mb = (8 * layer_size) / 1e6
+
+        # Cold pull of the big image, one client, fresh caches; and the direct floor.
+        cold: dict[str, float] = {}
+        per_blob: dict[str, float] = {}
+        for kind in ("moorage", "distribution"):
+            system = fresh(kind, work, upstream)
+            mark = upstream.mark()
+            cold[kind] = skopeo_pull(system, "library/big:1", shm)
+            per_blob[kind] = upstream_gets_per_blob(upstream, mark, blobs)
+            mark = upstream.mark()
+            warm_seconds = skopeo_pull(system, "library/big:1", shm)
+            warm_requests = upstream_requests(upstream, mark)
+            report.add(f"warm pull {image_mb:.0f} MB image (skopeo)", "s", False, {kind: warm_seconds})
+            report.add("warm pull: upstream requests", "count", False, {kind: warm_requests}, "0")
+            system.stop()
+        direct = DirectSystem(upstream)
+        cold["direct"] = skopeo_pull(direct, "library/big:1", shm)
+        report.add(f"cold pull {image_mb:.0f} MB image (skopeo)", "s", False, cold, "<= 1.1 x direct")
+        report.add("cold pull: upstream GETs per blob", "count", False, per_blob, "1.00")
+        _merge_rows(report)
+
+        # Concurrent cold pulls.
+        for clients in (8, 32):
+            seconds: dict[str, float] = {}
+            gets: dict[str, float] = {}
+            for kind in ("moorage", "distribution"):
+                system = fresh(kind, work, upstream)
+                mark = upstream.mark()
+                seconds[kind] = curl_pulls(system, "library/big", blobs, clients)
+                gets[kind] = upstream_gets_per_blob(upstream, mark, blobs)
+                system.stop()
+            report.add(f"{clients} concurrent cold pulls (curl)", "s", False, seconds)
+            report.add(f"{clients} concurrent cold pulls: GETs per blob", "count", False, gets, "1.00")
+
+        # Warm 1 GiB blob, then manifests, then peak memory while serving 16 streams.
+        moorage = fresh_moorage(work, upstream)
+        distribution = fresh_distribution(work, upstream)
+        nginx = NginxSystem(work / "nginx", data.huge_file, data.huge_blob)
+        urls = {
+            s.name: f"http://{s.host}/v2/{s.image('library/huge')}/blobs/{data.huge_blob}"
+            for s in (moorage, distribution, nginx)
+        }
+        for name in ("moorage", "distribution"):
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", urls[name]], check=True, timeout=600)  # fill
+        for streams in (1, 16):
+            rates = {name: blob_throughput(url, streams, huge_size) for name, url in urls.items()}
+            target = ">= 0.9 x nginx, > distribution" if streams == 16 else ""
+            report.add(f"warm {huge_size // MiB} MiB blob, {streams} stream(s)", "MB/s", True, rates, target)
+
+        tag_path = "v2/small/app-0/manifests/1"
+        digest_path = f"v2/small/app-0/manifests/{data.small_digest}"
+        for system in (moorage, distribution):
+            subprocess.run(
+                [
+                    "curl",
+                    "-sf",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    f"Accept: {ACCEPT['Accept']}",
+                    f"http://{system.host}/{digest_path}",
+                ],
+                check=True,
+            )
+        for label, path in (("fresh tag", tag_path), ("digest", digest_path)):
+            figures = {s.name: wrk(f"http://{s.host}/{path}", load_seconds, 16) for s in (moorage, distribution)}
+            target = ">= 3000/s; >= 4 x dist by digest" if label == "fresh tag" else ""
+            report.add(f"manifest GET by {label}", "req/s", True, {k: v[0] for k, v in figures.items()}, target)
+            report.add(f"manifest GET by {label} p50", "ms", False, {k: v[1] for k, v in figures.items()})
+            report.add(
+                f"manifest GET by {label} p99",
+                "ms",
+                False,
+                {k: v[2] for k, v in figures.items()},
+                "< 20 ms" if label == "fresh tag" else "",
+            )
+        heads = {
+            s.name: asyncio.run(head_load(f"http://{s.host}/{tag_path}", 1000 if quick else 5000, 16))
+            for s in (moorage, distribution)
+        }
+        report.add("manifest HEAD by fresh tag", "req/s", True, {k: v[0] for k, v in heads.items()})
+        report.add("manifest HEAD by fresh tag p99", "ms", False, {k: v[2] for k, v in heads.items()})
+        mark = upstream.mark()
+        subprocess.run(
+            [
+                "curl",
+                "-sf",
+                "-o",
+                "/dev/null",
+                "-H",
+                f"Accept: {ACCEPT['Accept']}",
+                f"http://{moorage.host}/{tag_path}",
+            ],
+            check=True,
+        )
+        moorage_fresh = upstream_requests(upstream, mark)
+        mark = upstream.mark()
+        subprocess.run(
+            [
+                "curl",
+                "-sf",
+                "-o",
+                "/dev/null",
+                "-H",
+                f"Accept: {ACCEPT['Accept']}",
+                f"http://{distribution.host}/{tag_path}",
+            ],
+            check=True,
+        )
+        report.add(
+            "fresh tag pull: upstream requests",
+            "count",
+            False,
+            {"moorage": moorage_fresh, "distribution": upstream_requests(upstream, mark)},
+            "0",
+        )
+        report.add(
+            "peak RSS during the run",
+            "MiB",
+            False,
+            {
+                "moorage": moorage.peak_rss_mib(),
+                "distribution": distribution.peak_rss_mib(),
+                "nginx": nginx.peak_rss_mib(),
+            },
+        )
+        moorage.process.restart()
+        blob_throughput(urls["moorage"], 16, huge_size)
+        report.add(
+            f"peak RSS serving 16 x {huge_size // MiB} MiB warm",
+            "MiB",
+            False,
+            {"moorage": moorage.peak_rss_mib()},
+            "<= 80",
+        )
+        moorage.stop()
+        distribution.stop()
+        nginx.stop()
+
+        index_figures(report, work, quick)
+        return report
+    finally:
+        upstream.stop()
+        shutil.rmtree(shm, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _merge_rows(report: Report) -> None:
+    """Fold the per-system warm rows added in the cold loop into one row each."""
+    merged: dict[str, Figure] = {}
+    kept: list[Figure] = []
+    for figure in report.figures:
+        if figure.name in merged:
+            merged[figure.name].values.update(figure.values)
+            continue
+        merged[figure.name] = figure
+        kept.append(figure)
+    report.figures = kept
+
+
+def index_figures(report: Report, work: Path, quick: bool) -> None:
+    """Start-up time and tag-lookup cost with a large synthetic index (in a subprocess)."""
+    blobs, tags = (100_000, 10_000) if quick else (1_000_000, 100_000)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.index", str(work / "index-bench"), str(blobs), str(tags)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    ).stdout
+    figures = json.loads(out.splitlines()[-1])
+    report.add(
+        f"start-up, index of {blobs:,} blobs + {tags:,} tags",
+        "s",
+        False,
+        {"moorage": figures["startup_seconds"]},
+        "< 2 s",
+    )
+    report.add(
+        f"tag lookup with {tags:,} tags (vs 100)",
+        "us",
+        False,
+        {"moorage": figures["lookup_us_large"]},
+        f"same as with 100 ({figures['lookup_us_small']} us)",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="tests/bench/run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small images and short load (a smoke run)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--workdir", default=None, help="where to put stores and registries (default: $TMPDIR)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    report = run(args)
+    print()
+    print(report.table())
+    print(f"\n# {time.monotonic() - started:.0f} s on {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
