@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Final, Literal
+from typing import BinaryIO, Final, Literal
 
 from moorage.upstreams import UpstreamProtocolError, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
@@ -33,12 +34,28 @@ __all__ = ["Fill", "FillReader", "Fills"]
 
 CHUNK_SIZE: Final = 1024 * 1024
 MAX_RESUMES: Final = 3
+#: Pieces of CHUNK_SIZE waiting for the writer: bounds memory per fill to about 4 MiB.
+WRITE_QUEUE: Final = 3
 RECENTLY_COMMITTED: Final = 1024
 log = logging.getLogger("moorage.cache")
 
 
 def _nothing() -> None:
     pass
+
+
+async def _put(
+    queue: asyncio.Queue[list[bytes] | None], writer: asyncio.Future[None], item: list[bytes] | None
+) -> None:
+    """Queue a piece for the writer; if the writer failed (disk full), raise its error."""
+    if writer.done():
+        writer.result()
+        raise AssertionError("the writer stopped before the end of the body")
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        writer.result()  # raises the writer's error
 
 
 #: Closes handed to the executor and not awaited (nobody needs to wait for them).
@@ -109,22 +126,9 @@ class Fill:
                                 source.host, f"blob {self.digest}: size changed from {self.size} to {body.size}"
                             )
                         self.size = body.size
-                    skip = self.written - body.offset
                     self.state = "running"
                     self._notify()
-                    async for received in body.chunks():
-                        chunk = received
-                        if skip:  # the upstream ignored Range: drop what we already hold
-                            dropped = min(skip, len(chunk))
-                            chunk, skip = chunk[dropped:], skip - dropped
-                            if not chunk:
-                                continue
-                        await asyncio.to_thread(self._pending.write, chunk)
-                        self.written += len(chunk)
-                        self._observer.on_fetched_bytes(source.host, "blob", len(chunk))
-                        if self.size is not None and self.written > self.size:
-                            raise UpstreamProtocolError(source.host, f"blob {self.digest}: more bytes than announced")
-                        self._notify()
+                    await self._pipe(source.host, body.chunks(), skip=self.written - body.offset)
                 if self.size is None:
                     self.size = self.written
                 if self.written == self.size:
@@ -141,6 +145,49 @@ class Fill:
                     "resuming cut blob body",
                     extra={"event": "fill_resume", "digest": str(self.digest), "offset": self.written},
                 )
+
+    async def _pipe(self, upstream: str, chunks: AsyncIterator[bytes], skip: int) -> None:
+        """Copy a body into the file. Network reads and disk writes (with hashing) overlap: the
+        body is gathered into 1 MiB pieces for a writer task through a short queue, so the
+        socket is read while the previous piece is written. ``written`` only counts what is
+        in the file, so a resume after a cut starts exactly there."""
+        queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE)
+        writer = asyncio.ensure_future(self._write_from(queue, upstream))
+        queued = self.written
+        piece: list[bytes] = []
+        piece_size = 0
+        try:
+            async for received in chunks:
+                chunk = received
+                if skip:  # the upstream ignored Range: drop what we already hold
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                    if not chunk:
+                        continue
+                piece.append(chunk)
+                piece_size += len(chunk)
+                if self.size is not None and queued + piece_size > self.size:
+                    raise UpstreamProtocolError(upstream, f"blob {self.digest}: more bytes than announced")
+                if piece_size >= CHUNK_SIZE:
+                    queued += piece_size
+                    await _put(queue, writer, piece)
+                    piece, piece_size = [], 0
+        finally:
+            # Whatever happened upstream, what was received is written before anyone resumes.
+            if not writer.done():
+                if piece:
+                    await _put(queue, writer, piece)
+                await _put(queue, writer, None)
+            await writer
+
+    async def _write_from(self, queue: asyncio.Queue[list[bytes] | None], upstream: str) -> None:
+        assert self._pending is not None
+        while (piece := await queue.get()) is not None:
+            await asyncio.to_thread(self._pending.write_many, piece)
+            size = sum(len(chunk) for chunk in piece)
+            self.written += size
+            self._observer.on_fetched_bytes(upstream, "blob", size)
+            self._notify()
 
     def _leave_registry(self) -> None:
         on_done, self._on_done = self._on_done, _nothing
@@ -204,26 +251,40 @@ class FillReader:
         assert fill.size is not None
         return fill.size
 
-    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)``; the last one only after the blob was verified."""
+    async def ranges(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """(offset, count) spans of ``[start, end)`` as they become readable in the file;
+        the last byte only once the blob was verified and committed. Raises FillAborted
+        when the fill fails. The caller must have sent each span before asking for the next."""
         fill = self._fill
         position = start
         while position < end:
             if fill.state == "failed":
                 raise fill._aborted()
-            committed = fill.state == "committed"
-            deliverable = end if committed else min(fill.written, end - 1)
+            deliverable = end if fill.state == "committed" else min(fill.written, end - 1)
             if position >= deliverable:
                 await fill._progress.wait()
                 continue
-            pending = fill._pending
+            yield position, deliverable - position
+            position = deliverable
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` in chunks of at most 1 MiB (see :meth:`ranges`)."""
+        async for offset, count in self.ranges(start, end):
+            pending = self._fill._pending
             assert pending is not None
-            size = min(CHUNK_SIZE, deliverable - position)
-            chunk = await asyncio.to_thread(pending.pread, size, position)
-            if not chunk:
-                raise fill._aborted()
-            position += len(chunk)
-            yield chunk
+            done = 0
+            while done < count:
+                chunk = await asyncio.to_thread(pending.pread, min(CHUNK_SIZE, count - done), offset + done)
+                if not chunk:
+                    raise self._fill._aborted()
+                done += len(chunk)
+                yield chunk
+
+    def open_file(self) -> BinaryIO:
+        """A file object of its own on the growing file (for sendfile); close it when done."""
+        pending = self._fill._pending
+        assert pending is not None, "the file stays open while a reader holds the fill"
+        return os.fdopen(os.dup(pending.fileno()), "rb", buffering=0)
 
     def close(self) -> None:
         if not self._closed:

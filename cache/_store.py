@@ -30,7 +30,9 @@ class PendingBlob(Protocol):
     """A blob being written; invisible until ``commit`` verified it."""
 
     def write(self, chunk: bytes) -> None: ...
+    def write_many(self, chunks: list[bytes]) -> None: ...
     def pread(self, size: int, offset: int) -> bytes: ...
+    def fileno(self) -> int: ...
     def commit(self) -> None: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
@@ -53,19 +55,48 @@ class _PendingFile:
         self._hasher = digest.hasher()
         self._temp = store.tmp_dir / f"{digest.algorithm}-{digest.encoded}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
         self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._size = 0
         self._closed = False
 
     def write(self, chunk: bytes) -> None:
-        view = memoryview(chunk)
+        # Positioned writes: readers hold other descriptors of this file (for sendfile) whose
+        # shared file offset they may move; the writer must not depend on it.
+        self._write_unhashed(chunk)
+        self._hasher.update(chunk)
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        """Several chunks in one vectored write (no joining copy), hashed in order."""
+        total = sum(len(c) for c in chunks)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = os.pwritev(self._fd, chunks, self._size)
         except OSError as exc:
             raise StoreFailure(f"cannot write {self._digest}: {exc.strerror}") from exc
-        self._hasher.update(chunk)
+        if written != total:  # a short vectored write: finish with plain writes
+            rest = b"".join(chunks)[written:]
+            self._size += written
+            for chunk in chunks:
+                self._hasher.update(chunk)
+            self._write_unhashed(rest)
+            return
+        self._size += written
+        for chunk in chunks:
+            self._hasher.update(chunk)
+
+    def _write_unhashed(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, self._size)
+                self._size += written
+                view = view[written:]
+        except OSError as exc:
+            raise StoreFailure(f"cannot write {self._digest}: {exc.strerror}") from exc
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self._fd, size, offset)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def commit(self) -> None:
         actual = self._hasher.hexdigest()

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from moorage.cache import FillAborted, FillingBlob, ManifestAnswer
+from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
 
@@ -190,8 +190,7 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         response.content_length = end - start
         await response.prepare(request)
         try:
-            async for chunk in reader.read(start, end):
-                await response.write(chunk)
+            await _send_growing(request, response, reader, start, end)
         except ConnectionError:
             request[RequestNote.ERROR] = "CLIENT_GONE"  # the fill goes on without this client
             return response
@@ -213,6 +212,29 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         return response
     finally:
         reader.close()
+
+
+async def _send_growing(
+    request: web.Request, response: web.StreamResponse, reader: FillReader, start: int, end: int
+) -> None:
+    """Send ``[start, end)`` of a blob being filled: with sendfile span by span as the file
+    grows (no copy through Python), or by reading and writing 1 MiB chunks where the
+    transport cannot sendfile (TLS)."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client gone")
+    loop = asyncio.get_running_loop()
+    with reader.open_file() as file:
+        async for offset, count in reader.ranges(start, end):
+            try:
+                await loop.sendfile(transport, file, offset, count, fallback=False)
+            except NotImplementedError:
+                break
+        else:
+            return
+    position = offset  # sendfile is not possible here: copy the rest through Python
+    async for chunk in reader.read(position, end):
+        await response.write(chunk)
 
 
 # -- tag lists ------------------------------------------------------------------------------------

@@ -139,8 +139,10 @@ class BlobBody:
         self.size = size
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives off the socket (no re-chunking, no decoding: blobs are asked
+        for with ``Accept-Encoding: identity``, so these are the digest's bytes)."""
         with mapped_errors(self._upstream, "blob body"):
-            async for chunk in self._response.aiter_bytes(CHUNK_SIZE):
+            async for chunk in self._response.aiter_raw():
                 yield chunk
 
 
@@ -354,7 +356,9 @@ class RegistryClient:
     async def open_blob(self, repository: RepositoryName, digest: Digest, offset: int = 0) -> AsyncIterator[BlobBody]:
         """The blob's body from ``offset`` (a Range request), or from 0 when the upstream ignores Range."""
         what = f"blob {repository}@{digest}"
-        headers = {"Range": f"bytes={offset}-"} if offset else None
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
         try:
             start, size = 0, None

@@ -174,7 +174,6 @@ class MoorageSystem(System):
         self.process = MoorageProcess(
             work,
             [{"host": "docker.io", "url": upstream.url, "default": True}],
-            log_level="warning",
         )
         self.host = self.process.host
 
@@ -229,7 +228,7 @@ class NginxSystem(System):
             f"""daemon off; master_process off; worker_processes 1; user root;
 error_log {work}/logs/error.log; pid {work}/nginx.pid;
 events {{ worker_connections 1024; }}
-http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
+http {{ access_log off; sendfile on; sendfile_max_chunk 0; tcp_nopush on; keepalive_requests 100000;
   client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp;
   uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
   server {{ listen 127.0.0.1:{port}; root {work}/root; default_type application/octet-stream; }} }}
@@ -567,14 +566,14 @@ def index_figures(report: Report, work: Path, quick: bool) -> None:
     ).stdout
     figures = json.loads(out.splitlines()[-1])
     report.add(
-        f"start-up, index of {blobs:,} blobs + {tags:,} tags",
+        f"start-up, {blobs:,} blobs + {tags:,} tags",
         "s",
         False,
         {"moorage": figures["startup_seconds"]},
         "< 2 s",
     )
     report.add(
-        f"tag lookup with {tags:,} tags (vs 100)",
+        f"tag lookup, {tags:,} tags (vs 100)",
         "us",
         False,
         {"moorage": figures["lookup_us_large"]},

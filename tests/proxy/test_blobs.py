@@ -1,5 +1,6 @@
 """Blobs through Moorage: one upstream GET per digest for any number of clients, readers that
-follow a growing fill, resumed cuts, refused wrong bytes, ranges, CDN redirects."""
+follow a growing fill, resumed cuts, refused wrong bytes, ranges, CDN redirects; each with
+sendfile and without."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ from .conftest import StartMoorage, metric
 
 Client = TestClient[web.Request, web.Application]
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True, params=["sendfile", "no_sendfile"])
+def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: with sendfile, and as over TLS, where the loop cannot sendfile
+    and blobs (warm and in flight) are copied through Python in chunks."""
+    if request.param == "no_sendfile":
+
+        async def no_sendfile(*args: object, **kwargs: object) -> int:
+            raise NotImplementedError
+
+        monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+    return str(request.param)
 
 
 def stored_files(store: Path) -> list[Path]:

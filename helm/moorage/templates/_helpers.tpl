@@ -1,0 +1,60 @@
+{{- define "moorage.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "moorage.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moorage.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moorage.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "moorage.labels" -}}
+{{ include "moorage.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* The settings file the pod reads; upstream passwords are files from Secrets. */}}
+{{- define "moorage.config" -}}
+listen: "0.0.0.0:5000"
+storage:
+  path: /var/lib/moorage
+tag_ttl: {{ .Values.config.tagTtl | quote }}
+tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
+log_level: {{ .Values.config.logLevel }}
+log_format: json
+shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
+{{- with .Values.upstreams }}
+upstreams:
+{{- range . }}
+  - host: {{ .host | quote }}
+    url: {{ .url | quote }}
+    {{- if .default }}
+    default: true
+    {{- end }}
+    {{- with .aliases }}
+    aliases: {{ toJson . }}
+    {{- end }}
+    {{- with .prefixes }}
+    prefixes: {{ toJson . }}
+    {{- end }}
+    {{- with .tagTtl }}
+    tag_ttl: {{ . | quote }}
+    {{- end }}
+    {{- with .username }}
+    username: {{ . | quote }}
+    {{- end }}
+    {{- if .passwordSecret }}
+    password_file: {{ printf "/etc/moorage/credentials/%s/password" .host | quote }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
