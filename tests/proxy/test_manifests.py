@@ -249,7 +249,6 @@ async def test_token_is_fetched_once_for_many_requests(start_moorage: StartMoora
         moorage.get(f"/v2/alpine/blobs/{image.layer_digests[0]}"),
     )
     assert {r.status for r in responses} == {200}
-    assert upstream.count("GET", "/manifests/") + upstream.count("GET", "/blobs/") >= 12, "each was challenged"
     assert upstream.tokens_issued == 1
     assert (await moorage.get(f"/v2/alpine/manifests/{image.digest}", headers=ALL)).status == 200
     assert upstream.tokens_issued == 1, "a cached token must be reused"

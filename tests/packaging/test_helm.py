@@ -1,0 +1,154 @@
+"""The Helm chart, rendered by Helm itself (the Helm SDK bundled by helm-python-sdk) for the
+defaults and several value sets; every object validated against Kubernetes 1.30's schemas
+(kubernetes-validate, strict); the config the pod gets accepted by Moorage; bad values
+refused by the chart's schema with a message that names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from moorage.config import load_settings
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "moorage"
+KUBERNETES = "1.30"
+#: CRDs have no schema in kubernetes-validate; they are checked by hand below.
+CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "exposed": {
+        "service": {"type": "NodePort", "nodePort": 30500},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "host": "moorage.example.com",
+            "tls": [{"secretName": "moorage-tls", "hosts": ["moorage.example.com"]}],
+        },
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+        "podDisruptionBudget": {"enabled": True},
+        "networkPolicy": {"enabled": True, "allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+    },
+    "upstreams": {
+        "config": {"tagTtl": "30m", "logLevel": "debug"},
+        "upstreams": [
+            {
+                "host": "docker.io",
+                "url": "https://registry-1.docker.io",
+                "default": True,
+                "aliases": ["index.docker.io"],
+                "prefixes": ["docker-hub"],
+                "username": "robot",
+                "passwordSecret": "dockerhub-password",
+            },
+            {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h"},
+        ],
+        "persistence": {"size": "200Gi", "storageClassName": "fast"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "image": {"repository": "registry.example.com/moorage", "tag": "0.1.0"},
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name="cache", namespace="registry")
+    objects = []
+    for path, text in files.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_renders_objects_that_kubernetes_accepts(name: str) -> None:
+    objects = render(VALUE_SETS[name])
+    kinds = sorted(o["kind"] for o in objects)
+    print(f"\n{name}: {len(objects)} objects: {', '.join(kinds)}")
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            endpoints = obj["spec"]["endpoints"]
+            assert endpoints == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+            continue
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    expected = {"defaults": 3, "exposed": 7, "upstreams": 3}[name]
+    assert len(objects) == expected
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> None:
+    config_map = by_kind(render(VALUE_SETS[name]), "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    settings = load_settings(path)
+    assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
+    if name == "upstreams":
+        hub, ghcr = settings.upstreams
+        assert hub.default and hub.username == "robot"
+        assert str(hub.password_file) == "/etc/moorage/credentials/docker.io/password"
+        assert settings.tag_ttl_of(ghcr) == 3600 and settings.tag_ttl == 1800
+
+
+def test_credentials_are_mounted_files_never_env_or_configmap() -> None:
+    objects = render(VALUE_SETS["upstreams"])
+    pod = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "env" not in container and "envFrom" not in container
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert list(secrets.values()) == ["dockerhub-password"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[next(iter(secrets))] == "/etc/moorage/credentials/docker.io"
+    assert "password:" not in by_kind(objects, "ConfigMap")["data"]["config.yaml"]
+
+
+def test_the_pod_runs_locked_down_with_probes() -> None:
+    statefulset = by_kind(render({}), "StatefulSet")
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert container["image"] == "moorage:0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param({"replicaCount": "2"}, "/replicaCount", id="string_replicas"),
+        pytest.param({"replicaCount": 3}, "/replicaCount", id="replicas_on_one_volume"),
+        pytest.param({"service": {"type": "Internal"}}, "/service/type", id="service_type"),
+        pytest.param({"service": {"port": 70000}}, "/service/port", id="port_range"),
+        pytest.param({"upstreams": [{"host": "quay.io"}]}, "url", id="upstream_without_url"),
+        pytest.param({"upstreams": [{"host": "q.io", "url": "ftp://q.io"}]}, "/upstreams/0/url", id="upstream_url"),
+        pytest.param({"config": {"tagTtl": "soon"}}, "/config/tagTtl", id="bad_duration"),
+        pytest.param({"replicas": 2}, "replicas", id="unknown_key"),
+        pytest.param({"ingress": {"enabled": True}}, "/ingress/host", id="ingress_without_host"),
+    ],
+)
+def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render(values)
+    assert message in str(caught.value)
+
+
+def test_lint_finds_no_error() -> None:
+    for values in VALUE_SETS.values():
+        result = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBERNETES}.0")
+        assert result.get("errors") in (None, []), result
