@@ -11,6 +11,7 @@ from ._model import (
     Settings,
     StorageSettings,
     TimeoutSettings,
+    TlsSettings,
     UpstreamSettings,
     split_address,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "TimeoutSettings",
+    "TlsSettings",
     "UpstreamSettings",
     "load_settings",
     "parse_duration",

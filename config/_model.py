@@ -22,6 +22,7 @@ __all__ = [
     "Settings",
     "StorageSettings",
     "TimeoutSettings",
+    "TlsSettings",
     "UpstreamSettings",
     "split_address",
 ]
@@ -39,6 +40,15 @@ class _Section(BaseModel):
 class StorageSettings(_Section):
     #: Directory holding blobs, manifests, the index and temporaries.
     path: Path = Path("./moorage-data")
+
+
+class TlsSettings(_Section):
+    """HTTPS on the listener. Files are PEM; they are read again on SIGHUP and when they change."""
+
+    cert_file: Path
+    key_file: Path
+    #: Require client certificates signed by this CA (mutual TLS); unset: no client certificate.
+    client_ca_file: Path | None = None
 
 
 class TimeoutSettings(_Section):
@@ -153,6 +163,8 @@ class Settings(_Section):
     log_format: Literal["auto", "json", "text"] = "auto"
     #: Serve ``/metrics`` on this ``host:port`` instead of the main listener (unset: main).
     metrics_listen: str | None = None
+    #: HTTPS on ``listen`` (unset: plain HTTP; terminate TLS in front instead).
+    tls: TlsSettings | None = None
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS

@@ -223,16 +223,18 @@ async def _send_growing(
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client gone")
-    loop = asyncio.get_running_loop()
-    with reader.open_file() as file:
-        async for offset, count in reader.ranges(start, end):
+    position = start
+    if transport.get_extra_info("sslcontext") is None:  # TLS cannot sendfile
+        loop = asyncio.get_running_loop()
+        with reader.open_file() as file:
             try:
-                await loop.sendfile(transport, file, offset, count, fallback=False)
-            except NotImplementedError:
-                break
-        else:
-            return
-    position = offset  # sendfile is not possible here: copy the rest through Python
+                async for offset, count in reader.ranges(start, end):
+                    position = offset
+                    await loop.sendfile(transport, file, offset, count, fallback=False)
+                    position = offset + count
+                return
+            except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile
+                pass
     async for chunk in reader.read(position, end):
         await response.write(chunk)
 

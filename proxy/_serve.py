@@ -1,4 +1,5 @@
-"""Running the server: the main listener, an optional metrics listener, and a staged stop.
+"""Running the server: the main listener (HTTPS when ``tls`` is set, its certificate reloaded on
+SIGHUP or change), an optional metrics listener, and a staged stop.
 
 On SIGTERM or SIGINT: stop accepting, give requests in flight ``shutdown_timeout``, then
 close the cache (fills still running are cancelled and their temporaries removed).
@@ -17,6 +18,7 @@ from aiohttp import web
 from moorage.config import Settings, split_address
 
 from ._app import build_app, metrics_app
+from ._tls import ServerTls
 
 __all__ = ["running", "serve"]
 
@@ -40,10 +42,12 @@ async def serve(settings: Settings, version: str) -> None:
             "upstreams": [u.host for u in settings.upstreams],
         },
     )
+    tls = ServerTls(settings.tls) if settings.tls is not None else None
+    watcher: asyncio.Task[None] | None = None
     try:
         await main_runner.setup()
         host, port = split_address(settings.listen)
-        await web.TCPSite(main_runner, host, port).start()
+        await web.TCPSite(main_runner, host, port, ssl_context=tls.context if tls else None).start()
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(metrics_app(app), access_log=None)
             runners.append(metrics_runner)
@@ -58,9 +62,14 @@ async def serve(settings: Settings, version: str) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+            watcher = loop.create_task(tls.watch())
         await stop.wait()
         log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for runner in reversed(runners):
             await runner.cleanup()
     log.info("stopped", extra={"event": "stopped"})

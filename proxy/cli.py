@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -137,11 +138,18 @@ def check_config(file: Path) -> None:
 @config_option
 def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
     """Exit 0 when the cache answers /healthz, 1 otherwise (for container health checks)."""
+    context = None
     if url is None:
-        host, port = split_address(settings_from(config).listen)
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        settings = settings_from(config)
+        host, port = split_address(settings.listen)
+        scheme = "https" if settings.tls is not None else "http"
+        url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        if settings.tls is not None:  # its own listener: the name in the certificate may differ
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout) as response:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout, context=context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
         click.echo(f"moorage: {url} is not healthy: {error}", err=True)

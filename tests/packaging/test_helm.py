@@ -54,6 +54,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "image": {"repository": "registry.example.com/moorage", "tag": "0.1.0"},
     },
+    "tls": {"tls": {"enabled": True, "secretName": "moorage-tls"}},
 }
 
 
@@ -84,7 +85,7 @@ def test_renders_objects_that_kubernetes_accepts(name: str) -> None:
             assert endpoints == [{"port": "http", "path": "/metrics", "interval": "30s"}]
             continue
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
-    expected = {"defaults": 3, "exposed": 7, "upstreams": 3}[name]
+    expected = {"defaults": 3, "exposed": 7, "upstreams": 3, "tls": 3}[name]
     assert len(objects) == expected
 
 
@@ -95,6 +96,11 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
     path.write_text(config_map["data"]["config.yaml"])
     settings = load_settings(path)
     assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
+    if name == "tls":
+        assert settings.tls is not None and str(settings.tls.cert_file) == "/etc/moorage/tls/tls.crt"
+        pod = by_kind(render(VALUE_SETS[name]), "StatefulSet")["spec"]["template"]["spec"]
+        assert {"name": "tls", "secret": {"secretName": "moorage-tls"}} in pod["volumes"]
+        assert pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     if name == "upstreams":
         hub, ghcr = settings.upstreams
         assert hub.default and hub.username == "robot"
@@ -140,6 +146,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"config": {"tagTtl": "soon"}}, "/config/tagTtl", id="bad_duration"),
         pytest.param({"replicas": 2}, "replicas", id="unknown_key"),
         pytest.param({"ingress": {"enabled": True}}, "/ingress/host", id="ingress_without_host"),
+        pytest.param({"tls": {"enabled": True}}, "/tls/secretName", id="tls_without_secret"),
     ],
 )
 def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> None:

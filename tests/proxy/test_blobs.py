@@ -29,8 +29,10 @@ def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     and blobs (warm and in flight) are copied through Python in chunks."""
     if request.param == "no_sendfile":
 
-        async def no_sendfile(*args: object, **kwargs: object) -> int:
-            raise NotImplementedError
+        async def no_sendfile(self: asyncio.AbstractEventLoop, *args: object, **kwargs: object) -> int:
+            if kwargs.get("fallback", True):  # aiohttp's FileResponse: copy through the loop
+                raise NotImplementedError
+            raise asyncio.SendfileNotAvailableError("not over TLS")  # what an SSL transport raises
 
         monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
     return str(request.param)

@@ -32,6 +32,11 @@ tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
+{{- if .Values.tls.enabled }}
+tls:
+  cert_file: /etc/moorage/tls/tls.crt
+  key_file: /etc/moorage/tls/tls.key
+{{- end }}
 {{- with .Values.upstreams }}
 upstreams:
 {{- range . }}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.request
@@ -24,7 +25,15 @@ __all__ = ["MoorageProcess"]
 
 
 class MoorageProcess:
-    def __init__(self, workdir: Path, upstreams: list[dict[str, Any]], **settings: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstreams: list[dict[str, Any]],
+        *,
+        client_cert: tuple[Path, Path] | None = None,
+        **settings: Any,
+    ) -> None:
+        self.client_cert = client_cert
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -38,6 +47,7 @@ class MoorageProcess:
             **settings,
         }
         self.config_path.write_text(yaml.safe_dump(config))
+        self.tls = "tls" in settings
         self._proc: BackgroundProcess | None = None
         self.start()
 
@@ -47,7 +57,7 @@ class MoorageProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def pid(self) -> int:
@@ -64,8 +74,11 @@ class MoorageProcess:
         while time.monotonic() < deadline:
             if not self._proc.running():
                 raise RuntimeError(f"moorage exited at start:\n{tail(self.log_path)}")
+            context = ssl._create_unverified_context() if self.tls else None  # only asks "are you up?"
+            if context is not None and self.client_cert is not None:
+                context.load_cert_chain(*self.client_cert)
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1, context=context) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -78,6 +91,16 @@ class MoorageProcess:
         code = self._proc.stop()
         self._proc = None
         return code
+
+    def signal_hup(self) -> None:
+        """SIGHUP: reload the TLS certificate; waits until the log says it did."""
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(line.get("event") in ("tls_reloaded", "tls_reload_failed") for line in self.log_lines()):
+                return
+        raise AssertionError("no reload in the log")
 
     def kill(self) -> None:
         """SIGKILL, as an OOM killer or a power cut would."""

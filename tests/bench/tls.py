@@ -1,0 +1,82 @@
+"""Warm blob throughput with Moorage's own TLS on and off (``python -m tests.bench.tls``).
+
+Python's TLS cannot use sendfile, so this is the figure that decides where to terminate TLS.
+Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.integration.harness import images
+from tests.integration.harness.moorage import MoorageProcess
+from tests.integration.harness.registry import RealRegistry
+
+GiB = 1024**3
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="moorage-tls-bench-"))
+    try:
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(work / "k.pem"),
+                "-out",
+                str(work / "c.pem"),
+                "-days",
+                "1",
+                "-subj",
+                "/CN=bench",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        registry = RealRegistry(work / "registry", extra_config={"log": {"level": "warn"}})
+        blob = work / "blob.bin"
+        digest = images.write_random_file(blob, GiB, 9)
+        images.push_blob(registry.url, "library/t", blob)
+        blob.unlink()
+        for tls in (False, True):
+            settings = {"tls": {"cert_file": str(work / "c.pem"), "key_file": str(work / "k.pem")}} if tls else {}
+            upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
+            with MoorageProcess(work / f"moorage-{tls}", upstreams, **settings) as moorage:
+                url = f"{moorage.url}/v2/t/blobs/{digest}"
+                ca = ["--cacert", str(work / "c.pem")] if tls else []
+                subprocess.run(["curl", "-sf", "-o", "/dev/null", *ca, url], check=True)  # fill
+                for streams in (1, 16):
+                    started = time.monotonic()
+                    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", *ca, url]) for _ in range(streams)]
+                    assert all(p.wait(900) == 0 for p in procs)
+                    rate = streams * GiB / (time.monotonic() - started) / 1e6
+                    print(
+                        json.dumps(
+                            {
+                                "tls": tls,
+                                "streams": streams,
+                                "MB/s": round(rate),
+                                "peak_rss_MiB": moorage.memory_kib()["VmHWM"] // 1024,
+                            }
+                        ),
+                        flush=True,
+                    )
+        registry.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
