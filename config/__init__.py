@@ -7,6 +7,7 @@ Imported by every room; imports none of them. ``load_settings`` builds a frozen
 from ._load import CONFIG_ENV, ConfigError, load_settings
 from ._model import (
     DEFAULT_UPSTREAMS,
+    AuthSettings,
     RetrySettings,
     Settings,
     StorageSettings,
@@ -20,6 +21,7 @@ from ._units import parse_duration, parse_size
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_UPSTREAMS",
+    "AuthSettings",
     "ConfigError",
     "RetrySettings",
     "Settings",

@@ -18,6 +18,7 @@ from ._units import parse_duration, parse_size
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
+    "AuthSettings",
     "RetrySettings",
     "Settings",
     "StorageSettings",
@@ -49,6 +50,22 @@ class TlsSettings(_Section):
     key_file: Path
     #: Require client certificates signed by this CA (mutual TLS); unset: no client certificate.
     client_ca_file: Path | None = None
+
+
+class AuthSettings(_Section):
+    """Who may pull. With no ``htpasswd_file`` everyone may (the cache's default)."""
+
+    #: Users and bcrypt hashes, as ``htpasswd -B`` writes them; reloaded when the file changes.
+    htpasswd_file: Path | None = None
+    #: ``pull``: requests without credentials may pull; ``none``: they get 401. Unset: ``none``
+    #: when ``htpasswd_file`` is set, ``pull`` otherwise.
+    anonymous: Literal["pull", "none"] | None = None
+
+    @property
+    def anonymous_may_pull(self) -> bool:
+        if self.anonymous is not None:
+            return self.anonymous == "pull"
+        return self.htpasswd_file is None
 
 
 class TimeoutSettings(_Section):
@@ -165,6 +182,7 @@ class Settings(_Section):
     metrics_listen: str | None = None
     #: HTTPS on ``listen`` (unset: plain HTTP; terminate TLS in front instead).
     tls: TlsSettings | None = None
+    auth: AuthSettings = AuthSettings()
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS

@@ -7,10 +7,11 @@ are opened in ``cleanup_ctx`` and closed in reverse order, each only if it opene
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import httpx
@@ -22,6 +23,7 @@ from moorage.config import Settings
 from moorage.upstreams import open_upstreams
 
 from ._access import access_middleware
+from ._auth import USERS, Htpasswd, auth_middleware
 from ._handlers import add_routes
 from ._metrics import Metrics
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
@@ -81,9 +83,20 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+def _watching(users: Htpasswd) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def watch(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(users.watch())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return watch
+
+
 def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:
+    users = Htpasswd(settings.auth.htpasswd_file) if settings.auth.htpasswd_file is not None else None
     app = web.Application(
-        middlewares=[request_id_middleware, access_middleware, error_middleware],
+        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware(settings.auth, users)],
         client_max_size=64 * 1024,
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )
@@ -93,6 +106,9 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
         app[UPSTREAM_TRANSPORT] = upstream_transport
     app.on_response_prepare.append(_common_headers)
     app.cleanup_ctx.append(_resources)
+    if users is not None:
+        app[USERS] = users
+        app.cleanup_ctx.append(_watching(users))
     add_routes(app, metrics_here=settings.metrics_listen is None)
     return app
 

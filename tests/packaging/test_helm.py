@@ -54,7 +54,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "image": {"repository": "registry.example.com/moorage", "tag": "0.1.0"},
     },
-    "tls": {"tls": {"enabled": True, "secretName": "moorage-tls"}},
+    "tls": {"tls": {"enabled": True, "secretName": "moorage-tls"}, "auth": {"htpasswdSecret": "moorage-users"}},
 }
 
 
@@ -101,6 +101,13 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
         pod = by_kind(render(VALUE_SETS[name]), "StatefulSet")["spec"]["template"]["spec"]
         assert {"name": "tls", "secret": {"secretName": "moorage-tls"}} in pod["volumes"]
         assert pod["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        assert str(settings.auth.htpasswd_file) == "/etc/moorage/auth/htpasswd"
+        assert not settings.auth.anonymous_may_pull
+        htpasswd = {
+            "name": "htpasswd",
+            "secret": {"secretName": "moorage-users", "items": [{"key": "htpasswd", "path": "htpasswd"}]},
+        }
+        assert htpasswd in pod["volumes"]
     if name == "upstreams":
         hub, ghcr = settings.upstreams
         assert hub.default and hub.username == "robot"
@@ -147,6 +154,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"replicas": 2}, "replicas", id="unknown_key"),
         pytest.param({"ingress": {"enabled": True}}, "/ingress/host", id="ingress_without_host"),
         pytest.param({"tls": {"enabled": True}}, "/tls/secretName", id="tls_without_secret"),
+        pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
     ],
 )
 def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> None:

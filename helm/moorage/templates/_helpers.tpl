@@ -32,6 +32,15 @@ tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
+{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous }}
+auth:
+  {{- if .Values.auth.htpasswdSecret }}
+  htpasswd_file: /etc/moorage/auth/htpasswd
+  {{- end }}
+  {{- with .Values.auth.anonymous }}
+  anonymous: {{ . }}
+  {{- end }}
+{{- end }}
 {{- if .Values.tls.enabled }}
 tls:
   cert_file: /etc/moorage/tls/tls.crt

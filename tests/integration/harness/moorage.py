@@ -30,7 +30,7 @@ class MoorageProcess:
         workdir: Path,
         upstreams: list[dict[str, Any]],
         *,
-        client_cert: tuple[Path, Path] | None = None,
+        client_cert: Any = None,  # (cert, key) for the readiness probe under mutual TLS
         **settings: Any,
     ) -> None:
         self.client_cert = client_cert

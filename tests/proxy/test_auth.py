@@ -1,0 +1,102 @@
+"""Client authentication with an htpasswd file: Basic credentials, anonymous pulls as a
+policy, 401 with a challenge, the user in the logs, and the password nowhere."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import bcrypt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from moorage.config import ConfigError, Settings
+from moorage.proxy import build_app
+from moorage.proxy._auth import USERS
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage
+
+PASSWORD = "correct horse battery staple"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "Accept": ACCEPT_ALL_MANIFESTS}
+
+
+@pytest.fixture
+def htpasswd(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode().replace("$2b$", "$2y$", 1)
+    path.write_text(f"# CI robots\nci:{hashed}\n")
+    return path
+
+
+async def test_users_pull_and_strangers_get_a_challenge(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    anonymous = await moorage.get("/v2/alpine/manifests/3.19")
+    assert anonymous.status == 401
+    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="moorage"'
+    assert (await anonymous.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    assert (await moorage.get("/v2/")).status == 401, "docker login probes /v2/ first"
+    wrong = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "guess"))
+    assert wrong.status == 401
+    caplog.set_level("INFO")
+    for _ in range(3):  # the first check runs bcrypt; the others are remembered
+        ok = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))
+        assert ok.status == 200
+    assert (await moorage.get("/v2/", headers=basic("ci", PASSWORD))).status == 200
+    assert (await moorage.get("/healthz")).status == 200, "health stays open for probes"
+    users = {getattr(r, "user", None) for r in caplog.records if getattr(r, "event", "") in ("request", "pull")}
+    assert "ci" in users
+    assert not any(PASSWORD in r.getMessage() or PASSWORD in str(r.__dict__) for r in caplog.records)
+
+
+async def test_anonymous_pulls_can_be_allowed_beside_users(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path
+) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd), "anonymous": "pull"})
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "guess"))).status == 401
+
+
+async def test_without_an_htpasswd_file_everyone_pulls_and_credentials_are_refused(
+    moorage: TestClient[web.Request, web.Application], upstream: FakeRegistry
+) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 401
+
+
+async def test_the_file_is_reloaded_when_it_changes(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path
+) -> None:
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    hashed = bcrypt.hashpw(b"new secret", bcrypt.gensalt(4)).decode()
+    htpasswd.write_text(f"ops:{hashed}\n")
+    moorage.app[USERS].reload_if_changed()  # what the watcher does every 10 s
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", "new secret"))).status == 200
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 401
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("ci:plaintext\n", "line 1: expected user:bcrypt-hash"),
+        ("ci:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n", "line 1: expected user:bcrypt-hash"),
+    ],
+)
+def test_a_bad_htpasswd_file_is_a_configuration_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "htpasswd"
+    path.write_text(content)
+    settings = Settings.model_validate({"storage": {"path": str(tmp_path / "s")}, "auth": {"htpasswd_file": str(path)}})
+    with pytest.raises(ConfigError, match=message):
+        build_app(settings)
