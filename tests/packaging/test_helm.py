@@ -5,6 +5,8 @@ refused by the chart's schema with a message that names the key."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,10 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
     path.write_text(config_map["data"]["config.yaml"])
     settings = load_settings(path)
     assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
+    checked = subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "check-config", str(path)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
     if name == "tls":
         assert settings.tls is not None and str(settings.tls.cert_file) == "/etc/moorage/tls/tls.crt"
         pod = by_kind(render(VALUE_SETS[name]), "StatefulSet")["spec"]["template"]["spec"]
