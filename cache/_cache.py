@@ -18,6 +18,7 @@ costs a GET. Upstream errors reach the caller only when the cache has nothing to
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from moorage.upstreams.reference import (
     sniff_media_type,
 )
 
+from ._evict import evict_to, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
 from ._hot import HotAnswers, StoredManifest
@@ -59,6 +61,7 @@ __all__ = [
     "open_cache",
 ]
 
+log = logging.getLogger("moorage.cache")
 CacheResult = Literal["hit", "miss", "coalesced", "revalidated", "refreshed", "stale"]
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
@@ -123,6 +126,8 @@ class Cache:
         revalidate_timeout: float = 5.0,
         stale_backoff: float = 30.0,
         observer: CacheObserver | None = None,
+        max_size: int | None = None,
+        watermarks: tuple[float, float] = (0.95, 0.85),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -135,6 +140,11 @@ class Cache:
         self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
+        #: Blobs and manifests read since the last flush, and when (for least-recently-used).
+        self._accessed: dict[Digest, float] = {}
+        self.max_size = max_size
+        self._high, self._low = watermarks
+        self._evicting: asyncio.Task[None] | None = None
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
@@ -145,6 +155,8 @@ class Cache:
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
     async def aclose(self) -> None:
+        if self._evicting is not None:
+            await asyncio.gather(self._evicting, return_exceptions=True)
         await self.fills.aclose()
         await self._manifest_flights.aclose()
         await self._tags_flights.aclose()
@@ -169,10 +181,60 @@ class Cache:
         counters["upstream_bytes"] = counters.get("upstream_bytes", 0) + count
 
     async def flush(self) -> None:
-        """Write usage counters, pull times and store totals to the index, in one batch."""
+        """Write usage counters, pull times, store totals and read times, in one batch."""
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
-        await asyncio.to_thread(self._index.write_batch, usage, pulled, (self.store_bytes, self.store_entries))
+        accessed, self._accessed = self._accessed, {}
+        totals = (self.store_bytes, self.store_entries)
+
+        def write() -> None:
+            self._index.write_batch(usage, pulled, totals)
+            if isinstance(self._store, DirectoryStore):
+                touch(self._store, accessed)
+
+        await asyncio.to_thread(write)
+
+    # -- the size cap ---------------------------------------------------------------------------
+
+    def _over_cap(self) -> bool:
+        return self.max_size is not None and self.store_bytes > self.max_size * self._high
+
+    def _schedule_eviction(self) -> None:
+        if self._over_cap() and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.get_running_loop().create_task(self.evict())
+
+    async def evict(self) -> None:
+        """One pass: least recently used content out until the store is under the low watermark."""
+        if self.max_size is None or not isinstance(self._store, DirectoryStore):
+            return
+        target = int(self.max_size * self._low)
+        protected = set(self.fills.digests)
+        accessed = dict(self._accessed)
+        before = self.store_bytes
+        result = await asyncio.to_thread(evict_to, self._store, self._index, target, protected, accessed)
+        self.store_bytes = max(0, self.store_bytes - result.freed_bytes)
+        self.store_entries = max(0, self.store_entries - len(result.evicted))
+        self.fills.forget_committed(result.evicted)
+        for digest in result.evicted:
+            self._hot.forget_manifest(digest)
+        self._observer.on_evicted("size", len(result.evicted), result.freed_bytes)
+        log.info(
+            "evicted",
+            extra={
+                "event": "evicted",
+                "reason": "size",
+                "blobs": len(result.evicted),
+                "freed_bytes": result.freed_bytes,
+                "store_bytes_before": before,
+                "store_bytes_after": self.store_bytes,
+                "max_size": self.max_size,
+            },
+        )
+        if self.store_bytes > target:
+            log.warning(
+                "store above its cap after eviction: what is left was read in the last seconds or is being filled",
+                extra={"event": "eviction_short", "store_bytes": self.store_bytes, "target_bytes": target},
+            )
 
     async def flush_every(self, seconds: float) -> None:
         """Batch bookkeeping writes instead of one per request; runs until cancelled."""
@@ -198,6 +260,7 @@ class Cache:
             return await self._flight(ask.key, lambda: self._fetch_tag(ask))
         if self._clock() - entry.checked_at < ttl:
             if stored is not None:
+                self._accessed[entry.digest] = self._clock()
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "hit")
             return await self._manifest_by_digest(source, repository, entry.digest)
         if stored is None:  # nothing to fall back on: wait for the upstream, however long
@@ -242,6 +305,7 @@ class Cache:
             stored = await asyncio.to_thread(self._load_manifest, digest)
             self._remember(None, None, stored, digest)
         if stored is not None:
+            self._accessed[digest] = self._clock()
             return ManifestAnswer(digest, stored.media_type, stored.body, "hit")
         key = manifest_flight_key(source.host, repository, digest)
         return await self._flight(key, lambda: self._fetch_by_digest(source, repository, digest))
@@ -345,6 +409,7 @@ class Cache:
             if size is None:
                 size = self.fills.recently_committed(digest)
             if size is not None:
+                self._accessed[digest] = self._clock()
                 return WarmBlob(digest, size, self._store.local_path(digest))
             reader = self.fills.join(digest)
         if reader is not None:
@@ -433,6 +498,10 @@ class _Bookkeeping:
         self._cache.store_bytes += size
         self._cache.store_entries += 1
         self._observer.on_stored(kind, size)
+        self._cache._schedule_eviction()
+
+    def on_evicted(self, reason: str, count: int, size: int) -> None:
+        self._observer.on_evicted(reason, count, size)
 
 
 #: How often usage counters, pull times and store totals are written to the index.
@@ -450,7 +519,16 @@ async def open_cache(
     """The store and index under ``settings.path``; temporaries of a previous run are swept,
     and bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end."""
     store, index = await asyncio.to_thread(open_store, settings.path)
-    cache = Cache(store, index, revalidate_timeout=revalidate_timeout, stale_backoff=stale_backoff, observer=observer)
+    cache = Cache(
+        store,
+        index,
+        revalidate_timeout=revalidate_timeout,
+        stale_backoff=stale_backoff,
+        observer=observer,
+        max_size=settings.max_size,
+        watermarks=(settings.high_watermark, settings.low_watermark),
+    )
+    cache._schedule_eviction()  # a cap lowered since the last run applies at once
     flusher = asyncio.get_running_loop().create_task(cache.flush_every(FLUSH_INTERVAL))
     try:
         yield cache

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import BinaryIO, Final, Literal
 
 from moorage.upstreams import UpstreamProtocolError, UpstreamUnavailable
@@ -334,6 +334,16 @@ class Fills:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return reader
+
+    @property
+    def digests(self) -> list[Digest]:
+        """The digests being filled now."""
+        return list(self._fills)
+
+    def forget_committed(self, digests: Iterable[Digest]) -> None:
+        """Evicted content is no longer "recently committed"."""
+        for digest in digests:
+            self._committed.pop(digest, None)
 
     def recently_committed(self, digest: Digest) -> int | None:
         """The size of a blob a fill committed lately.

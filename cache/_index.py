@@ -116,3 +116,19 @@ class Index:
     def pulled_at(self, key: IndexKey) -> float | None:
         value = self._db.get(key)
         return float(value) if isinstance(value, int | float) else None
+
+    def forget(self, digests: set[Digest]) -> int:
+        """Drop manifest entries for ``digests`` and every tag answer pointing at one of them;
+        the number of tag answers dropped."""
+        names = {str(d) for d in digests}
+        dropped = 0
+        with self._db.transact():
+            for digest in digests:
+                self._db.delete(manifest_key(digest))
+            for key in list(self._db.iterkeys()):
+                if isinstance(key, tuple) and key and key[0] == "tag":
+                    value = self._db.get(key)
+                    if value is not None and value[0] in names:
+                        self._db.delete(key)
+                        dropped += 1
+        return dropped

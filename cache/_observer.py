@@ -26,6 +26,9 @@ class CacheObserver(Protocol):
     def on_stored(self, kind: ContentKind, size: int) -> None:
         """A verified blob or manifest entered the store."""
 
+    def on_evicted(self, reason: str, count: int, size: int) -> None:
+        """Content left the store (``reason``: size)."""
+
 
 class NullCacheObserver:
     def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
@@ -38,4 +41,7 @@ class NullCacheObserver:
         pass
 
     def on_stored(self, kind: ContentKind, size: int) -> None:
+        pass
+
+    def on_evicted(self, reason: str, count: int, size: int) -> None:
         pass

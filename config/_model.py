@@ -41,6 +41,20 @@ class _Section(BaseModel):
 class StorageSettings(_Section):
     #: Directory holding blobs, manifests, the index and temporaries.
     path: Path = Path("./moorage-data")
+    #: The store's size cap (``50GiB``); least recently used content goes first. Unset: no cap.
+    max_size: Bytes | None = None
+    #: Above this share of ``max_size`` an eviction pass starts ...
+    high_watermark: float = Field(default=0.95, gt=0, le=1)
+    #: ... and removes content until the store is below this share.
+    low_watermark: float = Field(default=0.85, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> StorageSettings:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError(
+                f"storage: low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})"
+            )
+        return self
 
 
 class TlsSettings(_Section):

@@ -79,6 +79,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             readers=lambda: cache.fills.readers,
             store_bytes=lambda: cache.store_bytes,
             store_entries=lambda: cache.store_entries,
+            store_max_bytes=cache.max_size,
         )
         yield
 

@@ -101,6 +101,13 @@ class Metrics:
             registry=r,
         )
         self.store_bytes = Gauge("moorage_store_bytes", "Bytes in the blob store.", registry=r)
+        self.store_max_bytes = Gauge("moorage_store_max_bytes", "The store's size cap (0: none).", registry=r)
+        self.evictions = Counter(
+            "moorage_evictions", "Blobs and manifests removed from the store, by reason.", ["reason"], registry=r
+        )
+        self.evicted_bytes = Counter(
+            "moorage_evicted_bytes", "Bytes freed by removing content, by reason.", ["reason"], registry=r
+        )
         self.store_entries = Gauge("moorage_store_entries", "Blobs and manifests in the store.", registry=r)
 
     def track(
@@ -109,12 +116,14 @@ class Metrics:
         readers: Callable[[], int],
         store_bytes: Callable[[], int],
         store_entries: Callable[[], int],
+        store_max_bytes: int | None = None,
     ) -> None:
         """Gauges read at scrape time from the cache."""
         self.fills_in_flight.set_function(lambda: float(fills()))
         self.fill_readers.set_function(lambda: float(readers()))
         self.store_bytes.set_function(lambda: float(store_bytes()))
         self.store_entries.set_function(lambda: float(store_entries()))
+        self.store_max_bytes.set(store_max_bytes or 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -152,3 +161,7 @@ class Metrics:
 
     def on_stored(self, kind: ContentKind, size: int) -> None:
         pass  # store_bytes and store_entries are read from the cache at scrape time
+
+    def on_evicted(self, reason: str, count: int, size: int) -> None:
+        self.evictions.labels(reason).inc(count)
+        self.evicted_bytes.labels(reason).inc(size)

@@ -50,7 +50,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             },
             {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h"},
         ],
-        "persistence": {"size": "200Gi", "storageClassName": "fast"},
+        "persistence": {"size": "200Gi", "storageClassName": "fast", "maxSize": "180GiB"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
@@ -119,6 +119,7 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
         assert hub.default and hub.username == "robot"
         assert str(hub.password_file) == "/etc/moorage/credentials/docker.io/password"
         assert settings.tag_ttl_of(ghcr) == 3600 and settings.tag_ttl == 1800
+        assert settings.storage.max_size == 180 * 1024**3
 
 
 def test_credentials_are_mounted_files_never_env_or_configmap() -> None:
@@ -161,6 +162,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"ingress": {"enabled": True}}, "/ingress/host", id="ingress_without_host"),
         pytest.param({"tls": {"enabled": True}}, "/tls/secretName", id="tls_without_secret"),
         pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
+        pytest.param({"persistence": {"size": "1Gi", "maxSize": "lots"}}, "/persistence/maxSize", id="max_size"),
     ],
 )
 def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> None:

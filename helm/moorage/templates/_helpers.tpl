@@ -27,6 +27,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 listen: "0.0.0.0:5000"
 storage:
   path: /var/lib/moorage
+  {{- with .Values.persistence.maxSize }}
+  max_size: {{ . | quote }}
+  {{- end }}
 tag_ttl: {{ .Values.config.tagTtl | quote }}
 tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}

@@ -1,0 +1,91 @@
+"""The size cap: least recently used content leaves when the store passes its high watermark.
+
+Last access is the blob file's modification time, brought forward in batches (with the other
+bookkeeping, every 10 s) for what clients read, so a hit costs no write. A pass walks the
+store in a thread, sorts by last access (the in-memory accesses not yet written count too),
+and deletes from the oldest until the store is under the low watermark. It never removes a
+blob being filled or read in the last few seconds. A manifest's tag entries go with it (and the
+in-memory front forgets it), so the next pull fetches it again. Passes never overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
+
+from ._index import Index
+from ._store import DirectoryStore
+
+__all__ = ["EvictionResult", "evict_to", "touch"]
+
+log = logging.getLogger("moorage.cache")
+#: Content read this recently is never evicted: its reader may still be opening the file (once
+#: open, a file removed from under a reader stays readable).
+RECENT_SECONDS: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionResult:
+    evicted: tuple[Digest, ...]
+    freed_bytes: int
+    #: The store's size and entries after the pass, as walked.
+    store_bytes: int
+    store_entries: int
+
+
+def _walk(store: DirectoryStore) -> list[tuple[float, int, Digest, Path]]:
+    found = []
+    for algorithm_dir in store.blobs_dir.iterdir():
+        for path in algorithm_dir.glob("*/*"):
+            try:
+                digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
+                info = path.stat()
+            except (InvalidReference, FileNotFoundError):
+                continue
+            found.append((info.st_mtime, info.st_size, digest, path))
+    return found
+
+
+def evict_to(
+    store: DirectoryStore,
+    index: Index,
+    target_bytes: int,
+    protected: set[Digest],
+    accessed: dict[Digest, float],
+) -> EvictionResult:
+    """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks."""
+    entries = _walk(store)
+    total = sum(size for _, size, _, _ in entries)
+    count = len(entries)
+    recent = time.time() - RECENT_SECONDS
+    entries.sort(key=lambda e: max(e[0], accessed.get(e[2], 0.0)))
+    evicted: list[Digest] = []
+    freed = 0
+    for _, size, digest, path in entries:
+        if total - freed <= target_bytes:
+            break
+        if digest in protected or accessed.get(digest, 0.0) >= recent:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        evicted.append(digest)
+        freed += size
+    if evicted:
+        index.forget(set(evicted))
+    return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))
+
+
+def touch(store: DirectoryStore, accessed: dict[Digest, float]) -> None:
+    """Bring files' modification times forward to their last read. Blocks."""
+    for digest, when in accessed.items():
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(store.path_of(digest), (when, when))

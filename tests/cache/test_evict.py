@@ -1,0 +1,63 @@
+"""The size cap: a store filled past its cap shrinks to the low watermark, least recently used
+first; content read in the last minute, or being filled, stays; evicted manifests take their
+tag answers with them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from moorage.cache._evict import evict_to
+from moorage.cache._index import Index, TagEntry
+from moorage.cache._keys import tag_key
+from moorage.cache._store import DirectoryStore
+from moorage.upstreams.reference import OCI_IMAGE_MANIFEST, Digest, RepositoryName, Tag
+
+KiB = 1024
+
+
+def put(store: DirectoryStore, data: bytes, age_seconds: float) -> Digest:
+    digest = Digest.of(data)
+    pending = store.begin(digest)
+    pending.write(data)
+    pending.commit()
+    pending.close()
+    when = time.time() - age_seconds
+    os.utime(store.path_of(digest), (when, when))
+    return digest
+
+
+def test_least_recently_used_go_first_down_to_the_target(tmp_path: Path) -> None:
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    blobs = [put(store, os.urandom(100 * KiB) + bytes([i]), age_seconds=3600 - i * 60) for i in range(10)]
+    result = evict_to(store, index, target_bytes=550 * KiB, protected=set(), accessed={})
+    assert result.evicted == tuple(blobs[:5]), "the five oldest"
+    assert all(store.size_of(d) is None for d in blobs[:5])
+    assert all(store.size_of(d) is not None for d in blobs[5:])
+    assert result.store_bytes <= 550 * KiB and result.store_entries == 5
+    assert result.freed_bytes == sum(100 * KiB + 1 for _ in range(5))
+
+
+def test_reads_not_yet_written_back_count_and_recent_or_filling_blobs_stay(tmp_path: Path) -> None:
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    old, read_lately, filling, read_before = (put(store, os.urandom(100 * KiB), age_seconds=3600) for _ in range(4))
+    accessed = {read_lately: time.time() - 1, read_before: time.time() - 600}
+    result = evict_to(store, index, target_bytes=0, protected={filling}, accessed=accessed)
+    assert set(result.evicted) == {old, read_before}
+    assert result.evicted[0] == old, "read ten minutes ago is younger than written an hour ago"
+    assert store.size_of(read_lately) is not None and store.size_of(filling) is not None
+
+
+def test_an_evicted_manifest_takes_its_tags_along(tmp_path: Path) -> None:
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    manifest = put(store, b'{"schemaVersion": 2}', age_seconds=3600)
+    kept = put(store, b'{"schemaVersion": 2, "kept": true}', age_seconds=0)
+    index.put_manifest(manifest, OCI_IMAGE_MANIFEST)
+    gone_key = tag_key("docker.io", RepositoryName("library/a"), Tag("1"), "index")
+    kept_key = tag_key("docker.io", RepositoryName("library/b"), Tag("1"), "index")
+    index.put_tag(gone_key, TagEntry(manifest, OCI_IMAGE_MANIFEST, time.time()))
+    index.put_tag(kept_key, TagEntry(kept, OCI_IMAGE_MANIFEST, time.time()))
+    evict_to(store, index, target_bytes=40, protected=set(), accessed={})
+    assert index.tag(gone_key) is None and index.manifest_media_type(manifest) is None
+    assert index.tag(kept_key) is not None

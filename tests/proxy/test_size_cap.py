@@ -1,0 +1,70 @@
+"""A store with a size cap, filled past it through real requests: it shrinks to the low
+watermark, pulls keep succeeding with verified bytes, and what was evicted is fetched again."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage, metric
+
+KiB = 1024
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file())
+
+
+async def test_filling_past_the_cap_evicts_least_recently_used(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    moorage = await start_moorage(storage={"path": str(tmp_path / "store"), "max_size": "1MiB"})
+    blobs = [upstream.add_blob(os.urandom(100 * KiB)) for _ in range(20)]
+    sizes = []
+    for digest in blobs:
+        body = await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        await asyncio.sleep(0.01)  # let an eviction pass run between pulls, as traffic would
+        sizes.append(store_bytes(tmp_path / "store"))
+    for _ in range(100):
+        if store_bytes(tmp_path / "store") <= 0.85 * 1024 * KiB:
+            break
+        await asyncio.sleep(0.02)
+    after = store_bytes(tmp_path / "store")
+    print(f"\nstore bytes after each pull: {sizes}; at rest: {after} (cap {1024 * KiB})")
+    fetched = await metric(moorage, "moorage_upstream_fetched_bytes_total", kind="blob")
+    assert fetched == 20 * 100 * KiB > 1024 * KiB, "twice the cap went into the store"
+    assert max(sizes) <= 0.95 * 1024 * KiB, "never above the high watermark once a pass ran"
+    assert after <= 0.85 * 1024 * KiB
+    assert await metric(moorage, "moorage_evictions_total", reason="size") >= 10
+    assert await metric(moorage, "moorage_store_max_bytes") == 1024 * KiB
+    assert await metric(moorage, "moorage_store_bytes") == after
+    stored = {p.name for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()}
+    assert blobs[-1].split(":")[1] in stored, "the most recent stays"
+    assert blobs[0].split(":")[1] not in stored, "the oldest went first"
+    upstream.reset_requests()
+    again = await (await moorage.get(f"/v2/alpine/blobs/{blobs[0]}")).read()
+    assert "sha256:" + hashlib.sha256(again).hexdigest() == blobs[0]
+    assert upstream.count("GET", f"/blobs/{blobs[0]}") == 1, "evicted content is simply fetched again"
+
+
+async def test_an_evicted_manifest_is_fetched_again_for_its_tag(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    moorage = await start_moorage(storage={"path": str(tmp_path / "store"), "max_size": "300KiB"})
+    image = upstream.add_image("library/alpine", "3.19", [b"small layer"])
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    for _ in range(4):  # push the manifest out
+        digest = upstream.add_blob(os.urandom(100 * KiB))
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await asyncio.sleep(0.05)
+    stored = {p.name for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()}
+    assert image.digest.split(":")[1] not in stored
+    upstream.reset_requests()
+    again = await moorage.get("/v2/alpine/manifests/3.19")
+    assert again.status == 200 and await again.read() == image.manifest
+    assert upstream.count("GET", "/manifests/") == 1
