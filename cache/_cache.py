@@ -145,6 +145,7 @@ class Cache:
         self.max_size = max_size
         self._high, self._low = watermarks
         self._evicting: asyncio.Task[None] | None = None
+        self._stored_during_pass: tuple[int, int] | None = None
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
@@ -209,11 +210,16 @@ class Cache:
             return
         target = int(self.max_size * self._low)
         protected = set(self.fills.digests)
-        accessed = dict(self._accessed)
         before = self.store_bytes
-        result = await asyncio.to_thread(evict_to, self._store, self._index, target, protected, accessed)
-        self.store_bytes = max(0, self.store_bytes - result.freed_bytes)
-        self.store_entries = max(0, self.store_entries - len(result.evicted))
+        self._stored_during_pass = (0, 0)
+        # The live map: a blob read while the pass runs is skipped when its turn comes.
+        result = await asyncio.to_thread(evict_to, self._store, self._index, target, protected, self._accessed)
+        stored_bytes, stored_entries = self._stored_during_pass
+        self._stored_during_pass = None
+        # The walk counted what is on disk; add what was stored meanwhile. This also corrects
+        # any drift of the running totals (two writers of one manifest both counting it).
+        self.store_bytes = result.store_bytes + stored_bytes
+        self.store_entries = result.store_entries + stored_entries
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._hot.forget_manifest(digest)
@@ -405,9 +411,10 @@ class Cache:
         """The stored blob, or a started reader of its fill (joined, or started now)."""
         reader = self.fills.join(digest)
         if reader is None:
+            looked = time.monotonic()
             size = await asyncio.to_thread(self._store.size_of, digest)
             if size is None:
-                size = self.fills.recently_committed(digest)
+                size = self.fills.recently_committed(digest, since=looked)
             if size is not None:
                 self._accessed[digest] = self._clock()
                 return WarmBlob(digest, size, self._store.local_path(digest))
@@ -497,6 +504,9 @@ class _Bookkeeping:
     def on_stored(self, kind: ContentKind, size: int) -> None:
         self._cache.store_bytes += size
         self._cache.store_entries += 1
+        if self._cache._stored_during_pass is not None:
+            stored_bytes, stored_entries = self._cache._stored_during_pass
+            self._cache._stored_during_pass = (stored_bytes + size, stored_entries + 1)
         self._observer.on_stored(kind, size)
         self._cache._schedule_eviction()
 

@@ -65,7 +65,8 @@ def evict_to(
     total = sum(size for _, size, _, _ in entries)
     count = len(entries)
     recent = time.time() - RECENT_SECONDS
-    entries.sort(key=lambda e: max(e[0], accessed.get(e[2], 0.0)))
+    seen = dict(accessed)  # ordering by a snapshot; the skip below reads the live map
+    entries.sort(key=lambda e: max(e[0], seen.get(e[2], 0.0)))
     evicted: list[Digest] = []
     freed = 0
     for _, size, digest, path in entries:

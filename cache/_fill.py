@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import BinaryIO, Final, Literal
@@ -52,7 +53,11 @@ async def _put(
         writer.result()
         raise AssertionError("the writer stopped before the end of the body")
     put = asyncio.ensure_future(queue.put(item))
-    await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        put.cancel()
+        raise
     if not put.done():
         put.cancel()
         writer.result()  # raises the writer's error
@@ -170,8 +175,12 @@ class Fill:
                     raise UpstreamProtocolError(upstream, f"blob {self.digest}: more bytes than announced")
                 if piece_size >= CHUNK_SIZE:
                     queued += piece_size
-                    await _put(queue, writer, piece)
-                    piece, piece_size = [], 0
+                    ready, piece, piece_size = piece, [], 0
+                    await _put(queue, writer, ready)
+        except asyncio.CancelledError:
+            writer.cancel()  # shutdown: the writer finishes the write in hand, then stops
+            await asyncio.gather(writer, return_exceptions=True)
+            raise
         finally:
             # Whatever happened upstream, what was received is written before anyone resumes.
             if not writer.done():
@@ -183,7 +192,14 @@ class Fill:
     async def _write_from(self, queue: asyncio.Queue[list[bytes] | None], upstream: str) -> None:
         assert self._pending is not None
         while (piece := await queue.get()) is not None:
-            await asyncio.to_thread(self._pending.write_many, piece)
+            write = asyncio.ensure_future(asyncio.to_thread(self._pending.write_many, piece))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # The thread cannot be stopped: wait for it, so the file is never closed under
+                # a write in progress.
+                await asyncio.gather(write, return_exceptions=True)
+                raise
             size = sum(len(chunk) for chunk in piece)
             self.written += size
             self._observer.on_fetched_bytes(upstream, "blob", size)
@@ -300,7 +316,7 @@ class Fills:
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._observer: CacheObserver = observer or NullCacheObserver()
-        self._committed: OrderedDict[Digest, int] = OrderedDict()
+        self._committed: OrderedDict[Digest, tuple[int, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._fills)
@@ -323,7 +339,7 @@ class Fills:
             if self._fills.get(digest) is fill:
                 del self._fills[digest]
             if fill.state == "committed" and fill.size is not None:
-                self._committed[digest] = fill.size
+                self._committed[digest] = (fill.size, time.monotonic())
                 while len(self._committed) > RECENTLY_COMMITTED:
                     self._committed.popitem(last=False)
 
@@ -345,13 +361,15 @@ class Fills:
         for digest in digests:
             self._committed.pop(digest, None)
 
-    def recently_committed(self, digest: Digest) -> int | None:
-        """The size of a blob a fill committed lately.
+    def recently_committed(self, digest: Digest, since: float) -> int | None:
+        """The size of a blob a fill committed after ``since`` (monotonic).
 
         Closes the gap between a fill leaving the registry and a caller whose look at the store
-        (in a thread) happened just before the commit: that caller must not start a second fill.
+        (in a thread, started at ``since``) happened just before the commit: that caller must
+        not start a second fill. An older commit is no evidence: the blob may be evicted since.
         """
-        return self._committed.get(digest)
+        entry = self._committed.get(digest)
+        return entry[0] if entry is not None and entry[1] >= since else None
 
     async def aclose(self) -> None:
         """Cancel fills in flight; their temporaries are removed, readers are aborted."""

@@ -120,10 +120,13 @@ class Index:
     def forget(self, digests: set[Digest]) -> int:
         """Drop manifest entries for ``digests`` and every tag answer pointing at one of them;
         the number of tag answers dropped."""
-        names = {str(d) for d in digests}
+        manifests = {d for d in digests if self._db.get(manifest_key(d)) is not None}
+        if not manifests:  # only layers went: no tag can point at them
+            return 0
+        names = {str(d) for d in manifests}
         dropped = 0
         with self._db.transact():
-            for digest in digests:
+            for digest in manifests:
                 self._db.delete(manifest_key(digest))
             for key in list(self._db.iterkeys()):
                 if isinstance(key, tuple) and key and key[0] == "tag":

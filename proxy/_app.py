@@ -90,6 +90,7 @@ def _watching(users: Htpasswd) -> Callable[[web.Application], AsyncIterator[None
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        users.executor.shutdown(wait=False, cancel_futures=True)
 
     return watch
 

@@ -19,6 +19,7 @@ import hmac
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -51,6 +52,11 @@ class Htpasswd:
         self._mtime = 0.0
         self._remembered: dict[bytes, float] = {}
         self._key = secrets.token_bytes(32)
+        self._generation = 0
+        self._dummy = _DUMMY
+        #: bcrypt checks get threads of their own: a flood of bad passwords must not starve
+        #: the pool that serves files and the index.
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moorage-bcrypt")
         self.load()
 
     def load(self) -> None:
@@ -73,7 +79,11 @@ class Htpasswd:
                     [f"auth.htpasswd_file: {self.path} line {number}: expected user:bcrypt-hash (htpasswd -B)"],
                 )
             users[user] = hashed.encode()
+        costs = {int(h[4:6]) for h in users.values() if h[4:6].isdigit()}
+        # An unknown user costs what a known one does, so timing does not tell names apart.
+        self._dummy = bcrypt.hashpw(b"dummy", bcrypt.gensalt(max(costs))) if costs else _DUMMY
         self._users, self._mtime, self._remembered = users, mtime, {}
+        self._generation += 1
 
     def reload_if_changed(self) -> None:
         try:
@@ -97,13 +107,18 @@ class Htpasswd:
 
     def check(self, user: str, password: str) -> bool:
         """bcrypt check (slow: call from a thread); remembers a success."""
+        generation = self._generation
         hashed = self._users.get(user)
-        if hashed is None:
-            bcrypt.checkpw(b"timing", _DUMMY)  # the same cost for an unknown user
+        try:
+            if hashed is None:
+                bcrypt.checkpw(b"timing", self._dummy)  # the same cost for an unknown user
+                return False
+            if not bcrypt.checkpw(password.encode(), hashed.replace(b"$2y$", b"$2b$", 1)):
+                return False
+        except ValueError:  # a password bcrypt refuses (over 72 bytes): not a match
             return False
-        if not bcrypt.checkpw(password.encode(), hashed.replace(b"$2y$", b"$2b$", 1)):
-            return False
-        self._remembered[self._token(user, password)] = time.monotonic() + REMEMBER_SECONDS
+        if generation == self._generation:  # not if the file was reloaded meanwhile
+            self._remembered[self._token(user, password)] = time.monotonic() + REMEMBER_SECONDS
         return True
 
     async def watch(self) -> None:
@@ -145,7 +160,10 @@ def auth_middleware(settings: AuthSettings, users: Htpasswd | None) -> Middlewar
         if credentials is None or users is None:
             raise Unauthorized("only Basic credentials of a configured user are accepted", headers=challenge)
         user, password = credentials
-        if not users.remembered(user, password) and not await asyncio.to_thread(users.check, user, password):
+        known = users.remembered(user, password) or await asyncio.get_running_loop().run_in_executor(
+            users.executor, users.check, user, password
+        )
+        if not known:
             log.info(
                 "authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote}
             )

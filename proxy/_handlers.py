@@ -230,7 +230,14 @@ async def _send_growing(
             try:
                 async for offset, count in reader.ranges(start, end):
                     position = offset
-                    await loop.sendfile(transport, file, offset, count, fallback=False)
+                    if transport.is_closing():
+                        raise ConnectionResetError("client gone")
+                    try:
+                        await loop.sendfile(transport, file, offset, count, fallback=False)
+                    except RuntimeError:
+                        if transport.is_closing():  # asyncio's word for "the client left"
+                            raise ConnectionResetError("client gone") from None
+                        raise
                     position = offset + count
                 return
             except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile

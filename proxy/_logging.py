@@ -99,8 +99,11 @@ class BackgroundWriter(logging.Handler):
             dropped, self.dropped = self.dropped, 0
             batch.append(json.dumps({"level": "warning", "event": "log_lines_dropped", "count": dropped}))
         if batch:
-            self._stream.write("\n".join(batch) + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write("\n".join(batch) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # a full pipe, a closed stream: count, go on
+                self.dropped += len(batch)
 
     def close(self) -> None:
         """Write what is waiting, then stop the thread."""

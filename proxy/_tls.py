@@ -1,10 +1,10 @@
 """HTTPS for the listener: the server's SSL context, and reloading its certificate.
 
-The context is built once; ``reload`` loads the certificate and key again into the same
-context, so connections already open keep going and new ones get the new certificate. It is
-called on SIGHUP and when the files' modification times change (checked every 30 s). A file
-that cannot be read or does not match is a configuration error naming the key; on a reload
-the old certificate stays in use and the failure is logged.
+``reload`` builds a new context from the files and, only if it loads, makes it the one new
+handshakes use; connections already open keep going. It is called on SIGHUP and when the
+files' modification times change (checked every 30 s). A file that cannot be read or does not
+match is a configuration error naming the key at start; on a reload the old certificate stays
+in use and the failure is logged.
 """
 
 from __future__ import annotations
@@ -24,41 +24,63 @@ CHECK_SECONDS: Final = 30.0
 
 
 class ServerTls:
+    """The listener's context, and the certificate it serves.
+
+    A reload builds a whole new context and checks it before switching: the listener's
+    context hands every new handshake to the current one (``sni_callback``), so a bad reload
+    changes nothing and a good one never leaves a half-loaded certificate in use.
+    """
+
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._load()
+        self._current = self._build()
+        self.context = self._build()
+        self.context.sni_callback = self._select
         self._stamp = self._mtimes()
 
-    def _load(self) -> None:
+    def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self._current
+
+    def _build(self) -> ssl.SSLContext:
         settings = self.settings
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            self.context.load_cert_chain(settings.cert_file, settings.key_file)
+            context.load_cert_chain(settings.cert_file, settings.key_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 "the configuration", [f"tls.cert_file/tls.key_file: cannot load {settings.cert_file}: {exc}"]
             ) from None
         if settings.client_ca_file is not None:
             try:
-                self.context.load_verify_locations(settings.client_ca_file)
+                context.load_verify_locations(settings.client_ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(
                     "the configuration", [f"tls.client_ca_file: cannot load {settings.client_ca_file}: {exc}"]
                 ) from None
-            self.context.verify_mode = ssl.CERT_REQUIRED
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def _mtimes(self) -> tuple[float, ...]:
-        files = [self.settings.cert_file, self.settings.key_file, self.settings.client_ca_file]
-        return tuple(Path(f).stat().st_mtime if f is not None and Path(f).exists() else 0.0 for f in files)
+        stamps = []
+        for name in (self.settings.cert_file, self.settings.key_file, self.settings.client_ca_file):
+            try:
+                stamps.append(Path(name).stat().st_mtime if name is not None else 0.0)
+            except OSError:
+                stamps.append(0.0)
+        return tuple(stamps)
 
     def reload(self) -> None:
-        """Load the files again; keep the current certificate if they are broken."""
+        """Build a context from the files; switch to it only if it loads (key matching cert)."""
         try:
-            self._load()
+            context = self._build()
         except ConfigError as error:
-            log.error("certificate not reloaded", extra={"event": "tls_reload_failed", "error": str(error)})
+            log.error(
+                "certificate not reloaded; the previous one stays in use",
+                extra={"event": "tls_reload_failed", "error": str(error)},
+            )
             return
+        self._current = context
         self._stamp = self._mtimes()
         log.info("certificate reloaded", extra={"event": "tls_reloaded", "cert_file": str(self.settings.cert_file)})
 

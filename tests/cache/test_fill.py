@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -97,7 +98,8 @@ async def test_readers_follow_the_fill_and_the_last_byte_waits_for_the_commit(st
     second.close()
     assert len(fills) == 0
     assert store.size_of(digest) == 3000
-    assert fills.recently_committed(digest) == 3000
+    assert fills.recently_committed(digest, since=0.0) == 3000
+    assert fills.recently_committed(digest, since=time.monotonic()) is None, "an older commit is no evidence"
 
 
 async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: DirectoryStore, tmp_path: Path) -> None:

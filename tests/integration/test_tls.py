@@ -108,6 +108,14 @@ def test_clients_pull_over_verified_tls_and_the_certificate_reloads(upstream: Re
         moorage.signal_hup()
         after = served_certificate(moorage.port, ca[0])
         assert after != before, "SIGHUP loads the new certificate without a restart"
+        # A renewal tool that has written the certificate but not yet its key: the reload
+        # fails, and the certificate in use stays (handshakes keep working).
+        (tmp_path / "pki2").mkdir()
+        new_cert, _ = issue(ca, tmp_path / "pki2", "server")
+        cert.write_bytes(new_cert.read_bytes())
+        moorage.signal_hup()
+        assert served_certificate(moorage.port, ca[0]) == after
+        assert any(line.get("event") == "tls_reload_failed" for line in moorage.log_lines())
         healthy = subprocess.run(
             [sys.executable, "-m", "moorage.proxy", "healthcheck", "--config", str(moorage.config_path)],
             check=False,

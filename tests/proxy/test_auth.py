@@ -47,6 +47,8 @@ async def test_users_pull_and_strangers_get_a_challenge(
     assert (await moorage.get("/v2/")).status == 401, "docker login probes /v2/ first"
     wrong = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "guess"))
     assert wrong.status == 401
+    too_long = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "x" * 100))
+    assert too_long.status == 401, "a password bcrypt cannot take is a mismatch, not a 500"
     caplog.set_level("INFO")
     for _ in range(3):  # the first check runs bcrypt; the others are remembered
         ok = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))

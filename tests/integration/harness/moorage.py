@@ -95,10 +95,15 @@ class MoorageProcess:
     def signal_hup(self) -> None:
         """SIGHUP: reload the TLS certificate; waits until the log says it did."""
         assert self._proc is not None
+
+        def reloads() -> int:
+            return sum(line.get("event") in ("tls_reloaded", "tls_reload_failed") for line in self.log_lines())
+
+        before = reloads()
         os.kill(self._proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if any(line.get("event") in ("tls_reloaded", "tls_reload_failed") for line in self.log_lines()):
+            if reloads() > before:
                 return
         raise AssertionError("no reload in the log")
 
