@@ -305,6 +305,14 @@ def curl_pulls(system: System, repository: str, blobs: list[str], clients: int) 
     return elapsed()
 
 
+def get_manifest(system: System, path: str) -> None:
+    """One manifest GET (fills the cache, or counts what a pull costs upstream)."""
+    subprocess.run(
+        ["curl", "-sf", "-o", "/dev/null", "-H", f"Accept: {ACCEPT['Accept']}", f"http://{system.host}/{path}"],
+        check=True,
+    )
+
+
 def blob_throughput(url: str, streams: int, size: int) -> float:
     """Aggregate MB/s of ``streams`` concurrent downloads of one blob."""
     with timed() as elapsed:
@@ -445,18 +453,7 @@ def run(args: argparse.Namespace) -> Report:
         tag_path = "v2/small/app-0/manifests/1"
         digest_path = f"v2/small/app-0/manifests/{data.small_digest}"
         for system in (moorage, distribution):
-            subprocess.run(
-                [
-                    "curl",
-                    "-sf",
-                    "-o",
-                    "/dev/null",
-                    "-H",
-                    f"Accept: {ACCEPT['Accept']}",
-                    f"http://{system.host}/{digest_path}",
-                ],
-                check=True,
-            )
+            get_manifest(system, digest_path)
         for label, path in (("fresh tag", tag_path), ("digest", digest_path)):
             figures = {s.name: wrk(f"http://{s.host}/{path}", load_seconds, 16) for s in (moorage, distribution)}
             target = ">= 3000/s; >= 4 x dist by digest" if label == "fresh tag" else ""
@@ -476,32 +473,10 @@ def run(args: argparse.Namespace) -> Report:
         report.add("manifest HEAD by fresh tag", "req/s", True, {k: v[0] for k, v in heads.items()})
         report.add("manifest HEAD by fresh tag p99", "ms", False, {k: v[2] for k, v in heads.items()})
         mark = upstream.mark()
-        subprocess.run(
-            [
-                "curl",
-                "-sf",
-                "-o",
-                "/dev/null",
-                "-H",
-                f"Accept: {ACCEPT['Accept']}",
-                f"http://{moorage.host}/{tag_path}",
-            ],
-            check=True,
-        )
+        get_manifest(moorage, tag_path)
         moorage_fresh = upstream_requests(upstream, mark)
         mark = upstream.mark()
-        subprocess.run(
-            [
-                "curl",
-                "-sf",
-                "-o",
-                "/dev/null",
-                "-H",
-                f"Accept: {ACCEPT['Accept']}",
-                f"http://{distribution.host}/{tag_path}",
-            ],
-            check=True,
-        )
+        get_manifest(distribution, tag_path)
         report.add(
             "fresh tag pull: upstream requests",
             "count",

@@ -67,22 +67,13 @@ def write_config(tmp_path: Path, registry: RealRegistry) -> Path:
     return path
 
 
-def blob_gets(registry: RealRegistry, since: int) -> dict[str, int]:
-    gets: dict[str, int] = {}
-    for request in registry.requests_since(since):
-        if request.method == "GET" and "/blobs/" in request.path:
-            digest = request.path.rsplit("/", 1)[1]
-            gets[digest] = gets.get(digest, 0) + 1
-    return gets
-
-
 def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstream: Upstream, tmp_path: Path) -> None:
     registry = upstream.registry
     config = write_config(tmp_path, registry)
     mark = registry.mark()
     warmed = moorage("warm", "tiny:1", "docker.io/library/multi:1", "--all-platforms", config=config)
     wanted = {*upstream.tiny.blob_digests, *(d for c in upstream.multi.children for d in c.blob_digests)}
-    assert blob_gets(registry, mark) == {d: 1 for d in wanted}
+    assert registry.blob_gets(mark) == {d: 1 for d in wanted}
     assert "docker.io/library/tiny:1: 3 blobs" in warmed.stdout
     assert "[linux/amd64, linux/arm64]" in warmed.stdout
 
@@ -109,7 +100,7 @@ def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstr
     ) as m:
         mark = registry.mark()
         skopeo_copy(f"docker://{m.host}/tiny:1", f"dir:{tmp_path / 'out'}")
-        assert blob_gets(registry, mark) == {}, "warm filled the store: the pull needed no upstream blob"
+        assert registry.blob_gets(mark) == {}, "warm filled the store: the pull needed no upstream blob"
 
 
 def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream, tmp_path: Path) -> None:
@@ -118,7 +109,7 @@ def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream
         mark = registry.mark()
         out = moorage("warm", "multi:1", "--platform", "linux/arm64", "--url", daemon.url).stdout
         assert "[linux/arm64]" in out
-        assert set(blob_gets(registry, mark)) == set(upstream.multi.child("linux/arm64").blob_digests)
+        assert set(registry.blob_gets(mark)) == set(upstream.multi.child("linux/arm64").blob_digests)
         again = moorage("warm", "multi:1", "--platform", "linux/arm64", "--url", daemon.url).stdout
         assert "miss" not in again and "hit" in again
         stats = json.loads(moorage("stats", "--json", "--url", daemon.url).stdout)

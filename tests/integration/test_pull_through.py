@@ -84,15 +84,6 @@ def upstream_counts(registry: RealRegistry, since: int) -> dict[str, int]:
     return counts
 
 
-def blob_gets(registry: RealRegistry, since: int) -> dict[str, int]:
-    gets: dict[str, int] = {}
-    for request in registry.requests_since(since):
-        if request.method == "GET" and "/blobs/" in request.path:
-            digest = request.path.rsplit("/", 1)[1]
-            gets[digest] = gets.get(digest, 0) + 1
-    return gets
-
-
 def assert_dir_image(out: Path, image: images.ImageRef) -> None:
     """skopeo's dir: output holds every blob of the image, with verified bytes."""
     for digest in image.blob_digests:
@@ -106,7 +97,7 @@ def test_skopeo_cold_then_warm_pull(moorage: MoorageProcess, seeded: Seeded, tmp
     skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'cold'}")
     assert_dir_image(tmp_path / "cold", app)
     cold = upstream_counts(registry, mark)
-    assert blob_gets(registry, mark) == {d: 1 for d in app.blob_digests}
+    assert registry.blob_gets(mark) == {d: 1 for d in app.blob_digests}
     assert cold.get("GET manifest") == 1
     mark = registry.mark()
     skopeo_copy(f"docker://{moorage.host}/library/app:1", f"dir:{tmp_path / 'warm'}")
@@ -126,7 +117,7 @@ def test_skopeo_by_digest_docker_schema_2_and_shared_layers(
     raw = (tmp_path / "docker" / "manifest.json").read_bytes()
     assert "sha256:" + hashlib.sha256(raw).hexdigest() == seeded.app_docker.manifest_digest
     # The Docker image shares config and layers with the OCI one: only its manifest is new.
-    assert blob_gets(registry, mark) == {}
+    assert registry.blob_gets(mark) == {}
     assert upstream_counts(registry, mark).get("GET manifest") == 1
 
 
@@ -140,8 +131,8 @@ def test_skopeo_multi_arch_index_all_platforms(
     mark = seeded.registry.mark()
     skopeo_copy(f"docker://{moorage.host}/{name}:1", f"oci:{tmp_path / 'out'}:x", all_platforms=True)
     wanted = {d for child in index.children for d in child.blob_digests}
-    assert set(blob_gets(seeded.registry, mark)) == wanted
-    assert all(n == 1 for n in blob_gets(seeded.registry, mark).values())
+    assert set(seeded.registry.blob_gets(mark)) == wanted
+    assert all(n == 1 for n in seeded.registry.blob_gets(mark).values())
 
 
 def test_sixteen_concurrent_cold_pulls_fetch_each_blob_once(
@@ -156,7 +147,7 @@ def test_sixteen_concurrent_cold_pulls_fetch_each_blob_once(
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(pull, range(16)))
-    assert blob_gets(registry, mark) == {d: 1 for d in app.blob_digests}
+    assert registry.blob_gets(mark) == {d: 1 for d in app.blob_digests}
     counts = upstream_counts(registry, mark)
     assert counts.get("GET manifest") == 1, counts
 
@@ -172,7 +163,7 @@ def test_podman_pulls_through_the_mirror(moorage: MoorageProcess, seeded: Seeded
     mark = registry.mark()
     with Podman(tmp_path / "podman-b", f"{moorage.host}/docker-hub") as podman:  # a mirror with a path prefix
         podman.pull("docker.io/library/app:1")
-    assert blob_gets(registry, mark) == {}, "a second node's pull must come from the store"
+    assert registry.blob_gets(mark) == {}, "a second node's pull must come from the store"
 
 
 def test_containerd_pulls_through_hosts_toml_with_ns(moorage: MoorageProcess, seeded: Seeded, tmp_path: Path) -> None:
@@ -202,7 +193,7 @@ def test_restart_keeps_the_store(seeded: Seeded, tmp_path: Path) -> None:
         mark = registry.mark()
         skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'b'}")
         assert_dir_image(tmp_path / "b", seeded.app)
-        assert blob_gets(registry, mark) == {}
+        assert registry.blob_gets(mark) == {}
         lines = moorage.log_lines()
         assert [line for line in lines if "unparsed" in line] == [], "every log line is JSON"
         assert {"starting", "listening", "request"} <= {line.get("event") for line in lines}

@@ -330,6 +330,15 @@ class RealRegistry:
 
     # -- path helpers ------------------------------------------------------------------
 
+    def blob_gets(self, since: int = 0) -> dict[str, int]:
+        """GETs per blob digest that reached the registry since ``since``."""
+        gets: dict[str, int] = {}
+        for logged in self.requests_since(since):
+            if logged.method == "GET" and "/blobs/" in logged.path:
+                digest = logged.path.rsplit("/", 1)[1]
+                gets[digest] = gets.get(digest, 0) + 1
+        return gets
+
     @staticmethod
     def manifest_path(repo: str, reference: str) -> str:
         """Regex matching ``/v2/<repo>/manifests/<reference>`` exactly."""
