@@ -9,7 +9,8 @@ or bare. On a 401 from the upstream's own host the challenge is read:
   scope share one token fetch.
 - ``Basic``: the configured credentials are sent, and from then on sent up front.
 
-A 401 from another host (a CDN after a redirect) is not ours to answer. httpx drops the
+A rotated ``password_file`` is picked up (checked at most every 10 s) and drops the cached
+tokens. A 401 from another host (a CDN after a redirect) is not ours to answer. httpx drops the
 ``Authorization`` header itself when a redirect leaves the upstream's origin.
 Limits: one challenge per header is read (Bearer preferred); no token refresh grants.
 """
@@ -22,6 +23,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Final, NotRequired, TypedDict
 
 import httpx
@@ -32,6 +34,7 @@ __all__ = ["RegistryAuth", "TokenResponse", "parse_challenge", "scope_for_path"]
 
 DEFAULT_EXPIRES_IN: Final = 60
 MAX_CACHED_SCOPES: Final = 4096
+PASSWORD_CHECK_SECONDS: Final = 10.0
 _PARAM_RE: Final = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 
@@ -52,6 +55,14 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime, info.st_size
+
+
 def scope_for_path(path: str) -> str | None:
     match = _SCOPE_PATH_RE.search(path)
     return f"repository:{match.group(1)}:pull" if match else None
@@ -65,11 +76,16 @@ class RegistryAuth(httpx.Auth):
         token_client: httpx.AsyncClient,
         credentials: tuple[str, str] | None = None,
         on_token_fetch: Callable[[], None] | None = None,
+        password_file: Path | None = None,
     ) -> None:
         self._upstream = upstream
         self._origin = (origin.scheme, origin.host, origin.port)
         self._token_client = token_client
         self._credentials = credentials
+        # The password is read again when its file changes (rotation without a restart).
+        self._password_file = password_file
+        self._password_stamp = _stamp(password_file) if password_file is not None else None
+        self._password_checked = time.monotonic()
         self._on_token_fetch = on_token_fetch
         self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._fetching: dict[str, asyncio.Task[str]] = {}
@@ -88,12 +104,32 @@ class RegistryAuth(httpx.Auth):
             return None
         return token
 
+    async def _refresh_credentials(self) -> None:
+        """Reread the password file if it changed (looked at most every PASSWORD_CHECK s)."""
+        if self._password_file is None or self._credentials is None:
+            return
+        if time.monotonic() - self._password_checked < PASSWORD_CHECK_SECONDS:
+            return
+        self._password_checked = time.monotonic()
+        path = self._password_file
+        stamp = await asyncio.to_thread(_stamp, path)
+        if stamp is None or stamp == self._password_stamp:
+            return
+        try:
+            password = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
+        except OSError:
+            return  # keep the password we have; the next change is picked up
+        self._credentials = (self._credentials[0], password)
+        self._password_stamp = stamp
+        self._tokens.clear()  # tokens fetched with the old password may outlive it
+
     def _basic_header(self) -> str:
         assert self._credentials is not None
         raw = f"{self._credentials[0]}:{self._credentials[1]}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        await self._refresh_credentials()
         scope = scope_for_path(request.url.path)
         token = self._cached(scope) if scope else None
         if token:

@@ -208,6 +208,7 @@ class RegistryClient:
             self._token_http,
             credentials,
             on_token_fetch=lambda: self._observer.on_token_fetch(self.host),
+            password_file=settings.password_file,
         )
         self._attempts = settings.retries.attempts
         self._max_wait = settings.retries.max_wait

@@ -1,8 +1,9 @@
 """The set of upstream clients built from the settings, as one async resource.
 
-``open_upstreams`` reads each upstream's ``password_file`` once at start (a missing file is
-a configuration error naming the upstream), builds one pooled client per upstream, and closes
-them all on exit.
+``open_upstreams`` reads each upstream's ``password_file`` at start (a missing file is
+a configuration error naming the upstream; each client rereads the file when it changes, so a
+rotated password needs no restart), builds one pooled client per upstream, and closes them all
+on exit.
 """
 
 from __future__ import annotations

@@ -289,3 +289,23 @@ async def test_a_slow_upstream_gets_a_stale_answer_within_the_deadline_then_back
     backed_off = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert backed_off.headers["Warning"] == '110 - "stale"'
     assert upstream.requests == [], "within the back-off the upstream is not asked again"
+
+
+async def test_a_rotated_upstream_password_is_used_without_a_restart(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("moorage.upstreams._auth.PASSWORD_CHECK_SECONDS", 0.0)
+    password = tmp_path / "password"
+    password.write_text("first\n")
+    upstream.auth = "bearer"
+    upstream.credentials = ("bob", "first")
+    for tag in ("1", "2"):
+        upstream.add_image("private/app", tag, [tag.encode()])
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    assert (await moorage.get("/v2/private/app/manifests/1", headers=ALL)).status == 200
+    upstream.credentials = ("bob", "second")  # the registry rotated it ...
+    upstream.expire_tokens()
+    password.write_text("second-and-longer\n")  # ... and so did the operator (new size and mtime)
+    upstream.credentials = ("bob", "second-and-longer")
+    response = await moorage.get("/v2/private/app/manifests/2", headers=ALL)
+    assert response.status == 200, await response.text()
