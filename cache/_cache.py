@@ -48,7 +48,7 @@ from ._keys import IndexKey, manifest_flight_key, pulled_key, tag_key, tags_list
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
-from .errors import CacheError, DigestMismatch
+from .errors import CacheError, DigestMismatch, StoreFailure
 
 __all__ = [
     "BlobAnswer",
@@ -200,15 +200,22 @@ class Cache:
     def _over_cap(self) -> bool:
         return self.max_size is not None and self.store_bytes > self.max_size * self._high
 
-    def _schedule_eviction(self) -> None:
-        if self._over_cap() and (self._evicting is None or self._evicting.done()):
-            self._evicting = asyncio.get_running_loop().create_task(self.evict())
+    def _schedule_eviction(self, reason: str = "size") -> None:
+        wanted = reason == "disk_full" or self._over_cap()
+        if wanted and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
 
-    async def evict(self) -> None:
-        """One pass: least recently used content out until the store is under the low watermark."""
-        if self.max_size is None or not isinstance(self._store, DirectoryStore):
+    async def evict(self, reason: str = "size") -> None:
+        """One pass: least recently used content out until the store is under the low watermark
+        of its cap (``size``), or of what it holds now when the disk filled up (``disk_full``)."""
+        if not isinstance(self._store, DirectoryStore):
             return
-        target = int(self.max_size * self._low)
+        if reason == "disk_full":
+            target = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
+        elif self.max_size is not None:
+            target = int(self.max_size * self._low)
+        else:
+            return
         protected = set(self.fills.digests)
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
@@ -223,12 +230,12 @@ class Cache:
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._hot.forget_manifest(digest)
-        self._observer.on_evicted("size", len(result.evicted), result.freed_bytes)
+        self._observer.on_evicted(reason, len(result.evicted), result.freed_bytes)
         log.info(
             "evicted",
             extra={
                 "event": "evicted",
-                "reason": "size",
+                "reason": reason,
                 "blobs": len(result.evicted),
                 "freed_bytes": result.freed_bytes,
                 "store_bytes_before": before,
@@ -330,6 +337,9 @@ class Cache:
             digest, entry, new = await asyncio.to_thread(self._keep_manifest, fetched, where, expected, tag)
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
+            raise
+        except StoreFailure:
+            self._observer.on_store_full()
             raise
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
@@ -512,6 +522,10 @@ class _Bookkeeping:
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         self._observer.on_evicted(reason, count, size)
+
+    def on_store_full(self) -> None:
+        self._observer.on_store_full()
+        self._cache._schedule_eviction("disk_full")
 
 
 #: How often usage counters, pull times and store totals are written to the index.

@@ -29,7 +29,7 @@ from moorage.upstreams.reference import Digest, RepositoryName
 from ._observer import CacheObserver, NullCacheObserver
 from ._source import BlobSource
 from ._store import BlobStore, PendingBlob
-from .errors import DigestMismatch, FillAborted
+from .errors import DigestMismatch, FillAborted, StoreFailure
 
 __all__ = ["Fill", "FillReader", "Fills"]
 
@@ -103,6 +103,8 @@ class Fill:
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             if isinstance(exc, DigestMismatch):
                 self._observer.on_digest_mismatch(self.origin[0], "blob")
+            if isinstance(exc, StoreFailure):
+                self._observer.on_store_full()
             self.state = "failed"
             self.error = exc
             self._leave_registry()  # before any await: no client may join a failed fill

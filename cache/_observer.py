@@ -27,7 +27,10 @@ class CacheObserver(Protocol):
         """A verified blob or manifest entered the store."""
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
-        """Content left the store (``reason``: size)."""
+        """Content left the store (``reason``: size, disk_full)."""
+
+    def on_store_full(self) -> None:
+        """A write to the store failed (disk full, permissions): nothing was kept."""
 
 
 class NullCacheObserver:
@@ -44,4 +47,7 @@ class NullCacheObserver:
         pass
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
+        pass
+
+    def on_store_full(self) -> None:
         pass
