@@ -19,6 +19,7 @@ from ._fill import FillReader
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
+from ._verify import VerifyReport, verify_store
 from .errors import CacheError, DigestMismatch, FillAborted, StoreFailure
 
 __all__ = [
@@ -41,8 +42,10 @@ __all__ = [
     "StoreFailure",
     "StoreSummary",
     "TagsAnswer",
+    "VerifyReport",
     "WarmBlob",
     "open_cache",
     "read_catalog",
     "read_summary",
+    "verify_store",
 ]

@@ -24,8 +24,16 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 from prometheus_client.parser import text_string_to_metric_families
 
-from moorage.cache import StoreSummary, read_catalog, read_summary
-from moorage.config import CONFIG_ENV, ConfigError, Settings, StorageSettings, load_settings, split_address
+from moorage.cache import StoreSummary, read_catalog, read_summary, verify_store
+from moorage.config import (
+    CONFIG_ENV,
+    ConfigError,
+    Settings,
+    StorageSettings,
+    load_settings,
+    parse_size,
+    split_address,
+)
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._client_config import CLIENTS, Client, client_files
@@ -369,6 +377,34 @@ def warm_command(
         results = ", ".join(f"{count} {result}" for result, count in sorted(image.results.items()))
         platforms_text = f" [{', '.join(image.platforms)}]" if image.platforms else ""
         click.echo(f"{image.image}{platforms_text}: {image.blobs} blobs, {_size(image.bytes)} ({results})")
+
+
+@main.command(epilog="Examples:\n\n  moorage verify\n\n  moorage verify --repair --rate 50MiB --store /var/lib/moorage")
+@click.option("--repair", is_flag=True, help="Move corrupt blobs to quarantine/ and forget them (refetched on pull).")
+@click.option("--rate", default="100MiB", show_default=True, help="Read at most this many bytes per second.")
+@config_option
+@store_option
+def verify(repair: bool, rate: str, config: Path | None, store: Path | None) -> None:
+    """Rehash every stored blob; report (and with --repair quarantine) those that do not match.
+
+    Exit code 0 when every blob matched (or every corrupt one was quarantined), 1 otherwise.
+    Safe beside a running daemon: a quarantined blob reads as missing and is fetched again.
+    """
+    path = _store_path(config, store)
+    try:
+        rate_bytes = parse_size(rate)
+    except ValueError as error:
+        fail(f"--rate: {error}")
+    if not (path / "blobs").is_dir():
+        fail(f"no Moorage store at {path}")
+    report = verify_store(path, repair=repair, rate_bytes=rate_bytes or None)
+    for digest in report.corrupt:
+        click.echo(f"corrupt: {digest}" + (" (quarantined)" if digest in report.quarantined else ""))
+    click.echo(
+        f"checked {report.checked} blobs, {_size(report.checked_bytes)}: {len(report.corrupt)} corrupt"
+        + (f", {len(report.quarantined)} quarantined" if repair else "")
+    )
+    sys.exit(0 if len(report.corrupt) == len(report.quarantined) else 1)
 
 
 @main.command(
