@@ -16,6 +16,7 @@ from ._cache import (
 )
 from ._catalog import CachedTag, StoreSummary, read_catalog, read_summary
 from ._fill import FillReader
+from ._gc import GcReport, collect_garbage
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
@@ -36,6 +37,7 @@ __all__ = [
     "FillAborted",
     "FillReader",
     "FillingBlob",
+    "GcReport",
     "ManifestAnswer",
     "NullCacheObserver",
     "Source",
@@ -44,6 +46,7 @@ __all__ = [
     "TagsAnswer",
     "VerifyReport",
     "WarmBlob",
+    "collect_garbage",
     "open_cache",
     "read_catalog",
     "read_summary",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import diskcache
 
-from moorage.upstreams.reference import Digest, parse_digest
+from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
 from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, manifest_key
 
@@ -135,3 +135,14 @@ class Index:
                         self._db.delete(key)
                         dropped += 1
         return dropped
+
+    def manifest_digests(self) -> set[Digest]:
+        """Every manifest the index knows (tagged or pulled by digest)."""
+        found = set()
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and len(key) == 2 and key[0] == "manifest":
+                try:
+                    found.add(parse_digest(key[1]))
+                except InvalidReference:
+                    continue
+        return found

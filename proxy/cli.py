@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 from prometheus_client.parser import text_string_to_metric_families
 
-from moorage.cache import StoreSummary, read_catalog, read_summary, verify_store
+from moorage.cache import StoreSummary, collect_garbage, read_catalog, read_summary, verify_store
 from moorage.config import (
     CONFIG_ENV,
     ConfigError,
     Settings,
     StorageSettings,
     load_settings,
+    parse_duration,
     parse_size,
     split_address,
 )
@@ -405,6 +406,34 @@ def verify(repair: bool, rate: str, config: Path | None, store: Path | None) -> 
         + (f", {len(report.quarantined)} quarantined" if repair else "")
     )
     sys.exit(0 if len(report.corrupt) == len(report.quarantined) else 1)
+
+
+@main.command(epilog="Examples:\n\n  moorage gc --dry-run\n\n  moorage gc --grace 6h --store /var/lib/moorage")
+@click.option("--grace", default="1h", show_default=True, help="Keep unreferenced blobs younger than this.")
+@click.option("--dry-run", is_flag=True, help="Report what would go; remove nothing.")
+@config_option
+@store_option
+def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> None:
+    """Remove blobs no stored manifest refers to (older than the grace period).
+
+    Every manifest the cache holds, tagged or pulled by digest, is kept, with everything it
+    refers to. Safe beside a running daemon: anything removed by mistake is fetched again.
+    """
+    path = _store_path(config, store)
+    try:
+        grace_seconds = parse_duration(grace)
+    except ValueError as error:
+        fail(f"--grace: {error}")
+    if not (path / "index").is_dir():
+        fail(f"no Moorage store at {path}")
+    report = collect_garbage(path, grace_seconds=grace_seconds, dry_run=dry_run)
+    for digest in report.swept:
+        click.echo(f"{'would remove' if dry_run else 'removed'}: {digest}")
+    click.echo(
+        f"{report.roots} manifests, {report.reachable} blobs reachable; "
+        f"{'would remove' if dry_run else 'removed'} {len(report.swept)} ({_size(report.swept_bytes)}); "
+        f"{report.kept_young} unreferenced but younger than {grace}"
+    )
 
 
 @main.command(

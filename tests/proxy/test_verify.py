@@ -15,8 +15,12 @@ from .conftest import StartMoorage
 
 
 def verify(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return command("verify", store, *args)
+
+
+def command(name: str, store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "moorage.proxy", "verify", "--store", str(store), *args],
+        [sys.executable, "-m", "moorage.proxy", name, "--store", str(store), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -59,3 +63,24 @@ async def test_a_corrupt_blob_is_found_quarantined_and_fetched_again(
 def test_verify_names_a_missing_store(tmp_path: Path) -> None:
     result = verify(tmp_path / "nothing")
     assert result.returncode == 2 and "no Moorage store" in result.stderr
+
+
+async def test_gc_keeps_an_image_and_removes_what_nothing_refers_to(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage = await start_moorage()
+    image = upstream.add_image("library/alpine", "3.19", [b"layer of the image"])
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    for digest in (image.config_digest, *image.layer_digests):
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    stray = upstream.add_blob(os.urandom(5000))  # pulled by digest, referred to by nothing stored
+    await (await moorage.get(f"/v2/alpine/blobs/{stray}")).read()
+    kept = command("gc", store)
+    assert kept.returncode == 0, kept.stderr
+    assert "removed 0" in kept.stdout and "1 unreferenced but younger than 1h" in kept.stdout
+    swept = command("gc", store, "--grace", "0s")
+    assert swept.returncode == 0, swept.stderr
+    assert f"removed: {stray}" in swept.stdout and swept.stdout.count("removed:") == 1
+    for digest in (image.digest, image.config_digest, *image.layer_digests):
+        assert (store / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()

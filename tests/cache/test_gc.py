@@ -1,0 +1,59 @@
+"""GC: blobs no stored manifest reaches are swept once older than the grace period; everything
+an image or an index refers to stays, and so does anything young."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from moorage.cache import collect_garbage
+from moorage.cache._index import Index
+from moorage.cache._store import DirectoryStore
+from moorage.upstreams.reference import OCI_IMAGE_INDEX, OCI_IMAGE_MANIFEST, Digest
+
+
+def put(store: DirectoryStore, data: bytes, age: float = 7200) -> Digest:
+    digest = Digest.of(data)
+    pending = store.begin(digest)
+    pending.write(data)
+    pending.commit()
+    pending.close()
+    os.utime(store.path_of(digest), (time.time() - age, time.time() - age))
+    return digest
+
+
+def image(store: DirectoryStore, layers: list[Digest], config: Digest) -> Digest:
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_IMAGE_MANIFEST,
+            "config": {"digest": str(config), "size": 1},
+            "layers": [{"digest": str(d), "size": 1} for d in layers],
+        }
+    ).encode()
+    return put(store, body)
+
+
+def test_sweeps_only_what_no_manifest_reaches(tmp_path: Path) -> None:
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    layer, config, child_layer, child_config = (put(store, os.urandom(100)) for _ in range(4))
+    orphan, young_orphan = put(store, os.urandom(100)), put(store, os.urandom(100), age=60)
+    tagged = image(store, [layer], config)
+    child = image(store, [child_layer], child_config)
+    top = put(store, json.dumps({"mediaType": OCI_IMAGE_INDEX, "manifests": [{"digest": str(child)}]}).encode())
+    index.put_manifest(tagged, OCI_IMAGE_MANIFEST)
+    index.put_manifest(top, OCI_IMAGE_INDEX)  # the child is reached through the index only
+    index.close()
+
+    dry = collect_garbage(tmp_path, dry_run=True)
+    assert dry.swept == [str(orphan)] and store.size_of(orphan) is not None
+
+    report = collect_garbage(tmp_path)
+    assert report.swept == [str(orphan)]
+    assert report.kept_young == 1 and store.size_of(young_orphan) is not None
+    for digest in (layer, config, tagged, top, child, child_layer, child_config):
+        assert store.size_of(digest) is not None, digest
+    assert store.size_of(orphan) is None
+    assert report.roots == 2 and report.reachable == 7
