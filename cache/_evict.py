@@ -15,10 +15,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
-from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
+from moorage.upstreams.reference import Digest
 
 from ._index import Index
 from ._store import DirectoryStore
@@ -40,19 +39,6 @@ class EvictionResult:
     store_entries: int
 
 
-def _walk(store: DirectoryStore) -> list[tuple[float, int, Digest, Path]]:
-    found = []
-    for algorithm_dir in store.blobs_dir.iterdir():
-        for path in algorithm_dir.glob("*/*"):
-            try:
-                digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
-                info = path.stat()
-            except (InvalidReference, FileNotFoundError):
-                continue
-            found.append((info.st_mtime, info.st_size, digest, path))
-    return found
-
-
 def evict_to(
     store: DirectoryStore,
     index: Index,
@@ -61,25 +47,25 @@ def evict_to(
     accessed: dict[Digest, float],
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks."""
-    entries = _walk(store)
-    total = sum(size for _, size, _, _ in entries)
+    entries = list(store.entries())
+    total = sum(blob.size for blob in entries)
     count = len(entries)
     recent = time.time() - RECENT_SECONDS
     seen = dict(accessed)  # ordering by a snapshot; the skip below reads the live map
-    entries.sort(key=lambda e: max(e[0], seen.get(e[2], 0.0)))
+    entries.sort(key=lambda blob: max(blob.mtime, seen.get(blob.digest, 0.0)))
     evicted: list[Digest] = []
     freed = 0
-    for _, size, digest, path in entries:
+    for blob in entries:
         if total - freed <= target_bytes:
             break
-        if digest in protected or accessed.get(digest, 0.0) >= recent:
+        if blob.digest in protected or accessed.get(blob.digest, 0.0) >= recent:
             continue
         try:
-            path.unlink()
+            blob.path.unlink()
         except FileNotFoundError:
             continue
-        evicted.append(digest)
-        freed += size
+        evicted.append(blob.digest)
+        freed += blob.size
     if evicted:
         index.forget(set(evicted))
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))

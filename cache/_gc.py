@@ -1,7 +1,8 @@
 """Garbage collection: blobs no stored manifest refers to leave the store.
 
 Mark: every manifest the index knows (tagged or pulled by digest) is a root; an index leads to
-its child manifests, an image manifest to its config and layers. Sweep: a stored file that no
+its child manifests, an image manifest to its config and layers. Only manifests are read,
+never a layer. Sweep: a stored file that no
 root reaches and that is older than the grace period (default 1 h, so a pull in progress
 whose manifest is not stored yet is never swept) is removed. Manifests with an index entry are
 never swept here (the size cap and lifecycle rules decide about them). Blocking; safe beside a
@@ -32,21 +33,26 @@ class GcReport:
     kept_young: int = 0
 
 
-def _references(body: bytes) -> list[Digest]:
+def _references(body: bytes) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, config and layers) a manifest refers to."""
     try:
         document = json.loads(body)
     except ValueError:
-        return []
+        return [], []
     if not isinstance(document, dict):
-        return []
-    descriptors = [*document.get("manifests", []), document.get("config") or {}, *document.get("layers", [])]
-    found = []
-    for descriptor in descriptors:
-        try:
-            found.append(parse_digest(str(descriptor.get("digest", ""))))
-        except (InvalidReference, AttributeError):
-            continue
-    return found
+        return [], []
+
+    def digests(descriptors: list[object]) -> list[Digest]:
+        found = []
+        for descriptor in descriptors:
+            try:
+                found.append(parse_digest(str(descriptor.get("digest", ""))))  # type: ignore[attr-defined]
+            except (InvalidReference, AttributeError):
+                continue
+        return found
+
+    children = digests(list(document.get("manifests", [])))
+    return children, digests([document.get("config") or {}, *document.get("layers", [])])
 
 
 def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
@@ -57,33 +63,29 @@ def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool 
         roots = index.manifest_digests()
         report.roots = len(roots)
         reachable: set[Digest] = set()
-        pending = list(roots)
-        while pending:
-            digest = pending.pop()
+        manifests = list(roots)
+        while manifests:  # only manifests are read; configs and layers are only marked
+            digest = manifests.pop()
             if digest in reachable:
                 continue
             reachable.add(digest)
             body = store.read_small(digest, MAX_MANIFEST_BYTES)
-            if body is not None and len(body) <= MAX_MANIFEST_BYTES and body[:1] == b"{":
-                pending.extend(d for d in _references(body) if d not in reachable)
+            if body is not None and len(body) <= MAX_MANIFEST_BYTES:
+                children, blobs = _references(body)
+                manifests.extend(d for d in children if d not in reachable)
+                reachable.update(blobs)
         report.reachable = len(reachable)
         young = time.time() - grace_seconds
-        for algorithm_dir in store.blobs_dir.iterdir():
-            for path in algorithm_dir.glob("*/*"):
-                try:
-                    digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
-                    info = path.stat()
-                except (InvalidReference, FileNotFoundError):
-                    continue
-                if digest in reachable:
-                    continue
-                if info.st_mtime > young:
-                    report.kept_young += 1
-                    continue
-                if not dry_run:
-                    path.unlink(missing_ok=True)
-                report.swept.append(str(digest))
-                report.swept_bytes += info.st_size
+        for blob in store.entries():
+            if blob.digest in reachable:
+                continue
+            if blob.mtime > young:
+                report.kept_young += 1
+                continue
+            if not dry_run:
+                blob.path.unlink(missing_ok=True)
+            report.swept.append(str(blob.digest))
+            report.swept_bytes += blob.size
         if report.swept and not dry_run:
             totals = index.store_totals()
             if totals is not None:  # keep the daemon's running totals honest at its next start

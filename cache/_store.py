@@ -14,16 +14,27 @@ import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from moorage.upstreams.reference import Digest
+from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
 from .errors import DigestMismatch, StoreFailure
 
-__all__ = ["BlobStore", "DirectoryStore", "PendingBlob"]
+__all__ = ["BlobStore", "DirectoryStore", "PendingBlob", "StoredBlob"]
 
 TEMP_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    digest: Digest
+    path: Path
+    size: int
+    #: Last written or (brought forward in batches) last read; epoch seconds.
+    mtime: float
 
 
 class PendingBlob(Protocol):
@@ -176,13 +187,24 @@ class DirectoryStore:
             return f"cannot write in {self.tmp_dir}: {exc.strerror}"
         return None
 
+    def entries(self) -> Iterator[StoredBlob]:
+        """Every stored blob with its size and modification time; walks the whole store.
+        Files that are not ours, or that vanish while walking, are passed over."""
+        for algorithm_dir in sorted(self.blobs_dir.iterdir()):
+            for path in sorted(algorithm_dir.glob("*/*")):
+                try:
+                    digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
+                    info = path.stat()
+                except (InvalidReference, FileNotFoundError):
+                    continue
+                yield StoredBlob(digest, path, info.st_size, info.st_mtime)
+
     def count(self) -> tuple[int, int]:
         """(bytes, entries) of every stored blob; walks the whole store."""
         total = entries = 0
-        for path in self.blobs_dir.rglob("*"):
-            if path.is_file():
-                total += path.stat().st_size
-                entries += 1
+        for blob in self.entries():
+            total += blob.size
+            entries += 1
         return total, entries
 
     def sweep_temporaries(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
+from moorage.upstreams.reference import Digest
 
 from ._index import Index
 from ._store import DirectoryStore
@@ -63,25 +63,21 @@ def verify_store(
 
     quarantine = root / "quarantine"
     bad: set[Digest] = set()
-    for algorithm_dir in sorted(store.blobs_dir.iterdir()):
-        for path in sorted(algorithm_dir.glob("*/*")):
-            try:
-                digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
-            except InvalidReference:
-                continue  # not a blob of ours
-            try:
-                actual = _digest_of_file(path, digest.algorithm, throttle)
-            except FileNotFoundError:
-                continue  # evicted meanwhile
-            report.checked += 1
-            if actual == digest.encoded:
-                continue
-            report.corrupt.append(str(digest))
-            if repair:
-                quarantine.mkdir(exist_ok=True)
-                path.rename(quarantine / f"{digest.algorithm}-{digest.encoded}")
-                report.quarantined.append(str(digest))
-                bad.add(digest)
+    for blob in store.entries():
+        digest = blob.digest
+        try:
+            actual = _digest_of_file(blob.path, digest.algorithm, throttle)
+        except FileNotFoundError:
+            continue  # evicted meanwhile
+        report.checked += 1
+        if actual == digest.encoded:
+            continue
+        report.corrupt.append(str(digest))
+        if repair:
+            quarantine.mkdir(exist_ok=True)
+            blob.path.rename(quarantine / f"{digest.algorithm}-{digest.encoded}")
+            report.quarantined.append(str(digest))
+            bad.add(digest)
     if bad:
         index = Index(root / "index")
         try:
