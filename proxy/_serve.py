@@ -63,7 +63,14 @@ async def serve(settings: Settings, version: str) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         if tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+            reloads: set[asyncio.Task[None]] = set()
+
+            def reload_soon() -> None:  # the files are read in a thread, not on the loop
+                task = loop.create_task(asyncio.to_thread(tls.reload))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
+
+            loop.add_signal_handler(signal.SIGHUP, reload_soon)
             watcher = loop.create_task(tls.watch())
         await stop.wait()
         log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})

@@ -95,6 +95,11 @@ store_option = click.option(
 )
 
 
+def _require_store(path: Path) -> None:
+    if not (path / "index").is_dir() or not (path / "blobs").is_dir():
+        fail(f"no Moorage store at {path}")
+
+
 def _store_path(config: Path | None, store: Path | None) -> Path:
     return store if store is not None else settings_from(config).storage.path
 
@@ -396,8 +401,7 @@ def verify(repair: bool, rate: str, config: Path | None, store: Path | None) -> 
         rate_bytes = parse_size(rate)
     except ValueError as error:
         fail(f"--rate: {error}")
-    if not (path / "blobs").is_dir():
-        fail(f"no Moorage store at {path}")
+    _require_store(path)
     report = verify_store(path, repair=repair, rate_bytes=rate_bytes or None)
     for digest in report.corrupt:
         click.echo(f"corrupt: {digest}" + (" (quarantined)" if digest in report.quarantined else ""))
@@ -424,8 +428,7 @@ def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> No
         grace_seconds = parse_duration(grace)
     except ValueError as error:
         fail(f"--grace: {error}")
-    if not (path / "index").is_dir():
-        fail(f"no Moorage store at {path}")
+    _require_store(path)
     report = collect_garbage(path, grace_seconds=grace_seconds, dry_run=dry_run)
     for digest in report.swept:
         click.echo(f"{'would remove' if dry_run else 'removed'}: {digest}")
