@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -47,7 +47,8 @@ from ._index import Index, TagEntry, TagsEntry, Usage
 from ._keys import IndexKey, manifest_flight_key, pulled_key, tag_key, tags_list_key
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
-from ._store import BlobStore, DirectoryStore
+from ._store import BlobStore, DirectoryStore, Fingerprint
+from ._verify import hash_file
 from .errors import CacheError, DigestMismatch, StoreFailure
 
 __all__ = [
@@ -151,7 +152,13 @@ class Cache:
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
         #: without asking the upstream again.
         self._failing: OrderedDict[IndexKey, float] = OrderedDict()
-        self.fills = Fills(store, self._observer)
+        #: Fingerprints of files known good (hashed on their way in, or again since) that the
+        #: index does not hold yet; written with the bookkeeping batch.
+        self._trusted: dict[Digest, Fingerprint] = {}
+        self._verifications: SingleFlight[Digest, int | None] = SingleFlight()
+        #: Corrupt files moved aside by a thread, for the event loop to account for.
+        self._quarantined: deque[tuple[Digest, int, ContentKind]] = deque()
+        self.fills = Fills(store, self._observer, on_commit=self._trust)
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
@@ -161,6 +168,7 @@ class Cache:
         await self.fills.aclose()
         await self._manifest_flights.aclose()
         await self._tags_flights.aclose()
+        await self._verifications.aclose()
         await self.flush()
 
     def check(self) -> tuple[str | None, str | None]:
@@ -182,18 +190,28 @@ class Cache:
         counters["upstream_bytes"] = counters.get("upstream_bytes", 0) + count
 
     async def flush(self) -> None:
-        """Write usage counters, pull times, store totals and read times, in one batch."""
+        """Write usage counters, pull times, store totals, read times and fingerprints of
+        files known good, in one batch."""
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
         accessed, self._accessed = self._accessed, {}
         totals = (self.store_bytes, self.store_entries)
+        trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
 
-        def write() -> None:
-            self._index.write_batch(usage, pulled, totals)
+        def write() -> dict[Digest, Fingerprint]:
+            fingerprints = dict(trusted)
             if isinstance(self._store, DirectoryStore):
-                touch(self._store, accessed)
+                fingerprints.update(touch(self._store, self._index, accessed, trusted))
+            self._index.write_batch(usage, pulled, totals, fingerprints)
+            return fingerprints
 
-        await asyncio.to_thread(write)
+        written = await asyncio.to_thread(write)
+        for digest, fingerprint in written.items():  # in the index now; newer ones stay
+            if self._trusted.get(digest) == fingerprint:
+                del self._trusted[digest]
+
+    def _trust(self, digest: Digest, fingerprint: Fingerprint) -> None:
+        self._trusted[digest] = fingerprint
 
     # -- the size cap ---------------------------------------------------------------------------
 
@@ -268,6 +286,7 @@ class Cache:
         stored = self._hot.manifest(entry.digest) if entry is not None else None
         if entry is None or stored is None:  # not in memory: one thread hop for index and store
             entry, stored = await asyncio.to_thread(self._lookup_tag, ask.key)
+            self._account_quarantined()
             self._remember(ask.key, entry, stored)
         if entry is None:
             return await self._flight(ask.key, lambda: self._fetch_tag(ask))
@@ -316,6 +335,7 @@ class Cache:
         stored = self._hot.manifest(digest)
         if stored is None:
             stored = await asyncio.to_thread(self._load_manifest, digest)
+            self._account_quarantined()
             self._remember(None, None, stored, digest)
         if stored is not None:
             self._accessed[digest] = self._clock()
@@ -381,8 +401,13 @@ class Cache:
         return entry, (self._load_manifest(entry.digest) if entry is not None else None)
 
     def _load_manifest(self, digest: Digest) -> StoredManifest | None:
+        """A stored manifest, hashed on every load (it is small, and loads are rare: the
+        in-memory front answers repeats); a corrupt one is quarantined and reads as absent."""
         body = self._store.read_small(digest, MAX_MANIFEST_BYTES)
         if body is None:
+            return None
+        if Digest.of(body, digest.algorithm) != digest:
+            self._quarantine(digest, len(body), "manifest")
             return None
         return StoredManifest(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
 
@@ -405,7 +430,7 @@ class Cache:
             pending = self._store.begin(digest)
             try:
                 pending.write(body)
-                pending.commit()
+                self._trusted[digest] = pending.commit()
             finally:
                 pending.close()
         self._index.put_manifest(digest, fetched.media_type)
@@ -422,7 +447,7 @@ class Cache:
         reader = self.fills.join(digest)
         if reader is None:
             looked = time.monotonic()
-            size = await asyncio.to_thread(self._store.size_of, digest)
+            size = await self._stored_size(digest)
             if size is None:
                 size = self.fills.recently_committed(digest, since=looked)
             if size is not None:
@@ -437,6 +462,75 @@ class Cache:
         size = await self._started(reader, source, repository, own=True)
         assert size is not None
         return FillingBlob(reader, size, "miss")
+
+    async def _stored_size(self, digest: Digest) -> int | None:
+        """The size of a stored blob whose bytes are known good, None when it is not stored.
+
+        A file whose fingerprint differs from the one recorded when its bytes were last known
+        good (rewritten, truncated, restored from elsewhere) is hashed again first, once however
+        many clients ask; if it fails it is quarantined and reads as absent, so the caller
+        fetches it again. A stored blob never reaches a client unverified.
+        """
+        known = self._trusted.get(digest)
+        fingerprint, known = await asyncio.to_thread(self._fingerprints, digest, known)
+        if fingerprint is None:
+            return None
+        if fingerprint == known:
+            return fingerprint.size
+        size, _ = await self._verifications.run(digest, lambda: self._reverify(digest))
+        return size
+
+    def _fingerprints(self, digest: Digest, known: Fingerprint | None) -> tuple[Fingerprint | None, Fingerprint | None]:
+        """(the file's fingerprint now, the one last known good); blocks."""
+        fingerprint = self._store.fingerprint(digest)
+        if fingerprint is None or known is not None:
+            return fingerprint, known
+        return fingerprint, self._index.fingerprint(digest)
+
+    async def _reverify(self, digest: Digest) -> int | None:
+        fingerprint = await asyncio.to_thread(self._rehash, digest)
+        self._account_quarantined()
+        if fingerprint is None:
+            return None
+        self._trust(digest, fingerprint)
+        return fingerprint.size
+
+    def _rehash(self, digest: Digest) -> Fingerprint | None:
+        """Hash a stored file again: its fingerprint when good; None when it is gone, or was
+        corrupt and is quarantined now (its index entries dropped). Blocks."""
+        path = self._store.local_path(digest)
+        before = self._store.fingerprint(digest)
+        if path is None or before is None:
+            return None
+        try:
+            actual = hash_file(path, digest.algorithm)
+        except FileNotFoundError:
+            return None
+        if actual == digest.encoded:
+            return before
+        self._quarantine(digest, before.size, "blob")
+        return None
+
+    def _quarantine(self, digest: Digest, size: int, kind: ContentKind) -> None:
+        """Move a corrupt stored file aside and forget it; blocks. The event loop accounts for
+        it at its next :meth:`_account_quarantined`."""
+        if self._store.quarantine(digest):
+            self._index.forget({digest})
+            self._quarantined.append((digest, size, kind))
+
+    def _account_quarantined(self) -> None:
+        while self._quarantined:
+            digest, size, kind = self._quarantined.popleft()
+            self.store_bytes = max(0, self.store_bytes - size)
+            self.store_entries = max(0, self.store_entries - 1)
+            self._trusted.pop(digest, None)
+            self.fills.forget_committed([digest])
+            self._hot.forget_manifest(digest)
+            self._observer.on_evicted("corrupt", 1, size)
+            log.warning(
+                "stored file failed its digest; quarantined, the next pull fetches it again",
+                extra={"event": "quarantined", "digest": str(digest), "kind": kind, "size": size},
+            )
 
     @staticmethod
     async def _started(
@@ -464,7 +558,7 @@ class Cache:
             if size is not None:
                 reader.close()
                 return size, "coalesced"
-        size = await asyncio.to_thread(self._store.size_of, digest)
+        size = await self._stored_size(digest)
         if size is not None:
             return size, "hit"
         return await source.head_blob(repository, digest), "miss"

@@ -10,7 +10,6 @@ in-memory front forgets it), so the next pull fetches it again. Passes never ove
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from typing import Final
 from moorage.upstreams.reference import Digest
 
 from ._index import Index
-from ._store import DirectoryStore
+from ._store import DirectoryStore, Fingerprint
 
 __all__ = ["EvictionResult", "evict_to", "touch"]
 
@@ -71,8 +70,26 @@ def evict_to(
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))
 
 
-def touch(store: DirectoryStore, accessed: dict[Digest, float]) -> None:
-    """Bring files' modification times forward to their last read. Blocks."""
+def touch(
+    store: DirectoryStore, index: Index, accessed: dict[Digest, float], trusted: dict[Digest, Fingerprint]
+) -> dict[Digest, Fingerprint]:
+    """Bring files' modification times forward to their last read. Blocks.
+
+    A file known good (its fingerprint matches ``trusted`` or the index) stays known good: its
+    new fingerprint is returned, to be written to the index. A file changed behind the cache's
+    back is touched but not vouched for; it is hashed again before it is next served.
+    """
+    renewed: dict[Digest, Fingerprint] = {}
     for digest, when in accessed.items():
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(store.path_of(digest), (when, when))
+        path = store.path_of(digest)
+        try:
+            before = Fingerprint.of(path.stat())
+            known = trusted.get(digest) or index.fingerprint(digest)
+            stamp = int(when * 1_000_000_000)
+            os.utime(path, ns=(stamp, stamp))
+        except FileNotFoundError:
+            continue
+        if known == before:
+            renewed[digest] = before._replace(mtime_ns=stamp)
+            trusted[digest] = renewed[digest]  # a serve between here and the index write agrees
+    return renewed

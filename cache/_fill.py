@@ -28,7 +28,7 @@ from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._observer import CacheObserver, NullCacheObserver
 from ._source import BlobSource
-from ._store import BlobStore, PendingBlob
+from ._store import BlobStore, Fingerprint, PendingBlob
 from .errors import DigestMismatch, FillAborted, StoreFailure
 
 __all__ = ["Fill", "FillReader", "Fills"]
@@ -71,7 +71,12 @@ FillState = Literal["starting", "running", "committed", "failed"]
 
 class Fill:
     def __init__(
-        self, digest: Digest, origin: tuple[str, str], observer: CacheObserver, on_done: Callable[[], None]
+        self,
+        digest: Digest,
+        origin: tuple[str, str],
+        observer: CacheObserver,
+        on_done: Callable[[], None],
+        on_commit: Callable[[Digest, Fingerprint], None],
     ) -> None:
         self.digest = digest
         #: (upstream host, repository) the fill fetches from.
@@ -86,6 +91,7 @@ class Fill:
         self._task_done = False
         self._observer = observer
         self._on_done = on_done
+        self._on_commit = on_commit
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -97,8 +103,9 @@ class Fill:
         try:
             self._pending = await asyncio.to_thread(store.begin, self.digest)
             await self._download(source, repository)
-            await asyncio.to_thread(self._pending.commit)
+            fingerprint = await asyncio.to_thread(self._pending.commit)
             self.state = "committed"
+            self._on_commit(self.digest, fingerprint)
             self._observer.on_stored("blob", self.written)
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             if isinstance(exc, DigestMismatch):
@@ -313,8 +320,15 @@ class FillReader:
 class Fills:
     """The registry of fills in flight, keyed by digest."""
 
-    def __init__(self, store: BlobStore, observer: CacheObserver | None = None) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        observer: CacheObserver | None = None,
+        on_commit: Callable[[Digest, Fingerprint], None] | None = None,
+    ) -> None:
         self._store = store
+        #: Told of every committed blob and the fingerprint of its verified file.
+        self._on_commit = on_commit or (lambda digest, fingerprint: None)
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._observer: CacheObserver = observer or NullCacheObserver()
@@ -345,7 +359,7 @@ class Fills:
                 while len(self._committed) > RECENTLY_COMMITTED:
                     self._committed.popitem(last=False)
 
-        fill = Fill(digest, (source.host, str(repository)), self._observer, done)
+        fill = Fill(digest, (source.host, str(repository)), self._observer, done, self._on_commit)
         self._fills[digest] = fill
         reader = fill.add_reader()
         task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))

@@ -14,7 +14,8 @@ import diskcache
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
-from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, manifest_key
+from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key
+from ._store import Fingerprint
 
 __all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
 
@@ -71,6 +72,10 @@ class Index:
     def put_manifest(self, digest: Digest, media_type: str) -> None:
         self._db.set(manifest_key(digest), media_type)
 
+    def fingerprint(self, digest: Digest) -> Fingerprint | None:
+        value = self._db.get(blob_key(digest))
+        return Fingerprint(*value) if isinstance(value, tuple) and len(value) == 3 else None
+
     def tags(self, key: IndexKey) -> TagsEntry | None:
         value = self._db.get(key)
         if value is None:
@@ -91,9 +96,18 @@ class Index:
         value = self._db.get(STORE_TOTALS_KEY)
         return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
 
-    def write_batch(self, usage_deltas: Usage, pulled: Mapping[IndexKey, float], store_totals: tuple[int, int]) -> None:
-        """One transaction: add usage deltas, record pull times, set the store totals."""
+    def write_batch(
+        self,
+        usage_deltas: Usage,
+        pulled: Mapping[IndexKey, float],
+        store_totals: tuple[int, int],
+        fingerprints: Mapping[Digest, Fingerprint] | None = None,
+    ) -> None:
+        """One transaction: add usage deltas, record pull times, set the store totals, and
+        the fingerprints of files known good."""
         with self._db.transact():
+            for digest, fingerprint in (fingerprints or {}).items():
+                self._db.set(blob_key(digest), tuple(fingerprint))
             if usage_deltas:
                 usage = self.usage()
                 for upstream, deltas in usage_deltas.items():
@@ -118,8 +132,11 @@ class Index:
         return float(value) if isinstance(value, int | float) else None
 
     def forget(self, digests: set[Digest]) -> int:
-        """Drop manifest entries for ``digests`` and every tag answer pointing at one of them;
-        the number of tag answers dropped."""
+        """Drop what the index says of blobs that left the store: their fingerprints, manifest
+        entries, and every tag answer pointing at one of them; the number of tag answers dropped."""
+        with self._db.transact():
+            for digest in digests:
+                self._db.delete(blob_key(digest))
         manifests = {d for d in digests if self._db.get(manifest_key(d)) is not None}
         if not manifests:  # only layers went: no tag can point at them
             return 0

@@ -9,6 +9,7 @@ key                                        value
 =========================================  =================================================
 ("tag", upstream, repository, tag, accept)  (digest, media type, checked at, fetched at)
 ("manifest", digest)                        media type of a stored manifest
+("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
 ("usage",)                                  {upstream: {counter: total}} since the store began
@@ -29,6 +30,7 @@ __all__ = [
     "STORE_TOTALS_KEY",
     "USAGE_KEY",
     "IndexKey",
+    "blob_key",
     "manifest_flight_key",
     "manifest_key",
     "pulled_key",
@@ -45,6 +47,10 @@ def tag_key(upstream: str, repository: RepositoryName, tag: Tag, accept: AcceptC
 
 def manifest_key(digest: Digest) -> IndexKey:
     return ("manifest", str(digest))
+
+
+def blob_key(digest: Digest) -> IndexKey:
+    return ("blob", str(digest))
 
 
 def manifest_flight_key(upstream: str, repository: RepositoryName, digest: Digest) -> IndexKey:

@@ -27,7 +27,7 @@ class CacheObserver(Protocol):
         """A verified blob or manifest entered the store."""
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
-        """Content left the store (``reason``: size, disk_full)."""
+        """Content left the store (``reason``: size, disk_full, corrupt, lifecycle, gc)."""
 
     def on_store_full(self) -> None:
         """A write to the store failed (disk full, permissions): nothing was kept."""

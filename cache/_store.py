@@ -17,15 +17,29 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
 from .errors import DigestMismatch, StoreFailure
 
-__all__ = ["BlobStore", "DirectoryStore", "PendingBlob", "StoredBlob"]
+__all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob"]
 
 TEMP_SUFFIX = ".partial"
+
+
+class Fingerprint(NamedTuple):
+    """What a stored file looked like when its bytes were last known good. A file whose
+    fingerprint still matches was not rewritten since (any write moves its mtime); one that
+    differs is hashed again before it is served."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> Fingerprint:
+        return cls(info.st_size, info.st_mtime_ns, info.st_ino)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +58,15 @@ class PendingBlob(Protocol):
     def write_many(self, chunks: list[bytes]) -> None: ...
     def pread(self, size: int, offset: int) -> bytes: ...
     def fileno(self) -> int: ...
-    def commit(self) -> None: ...
+    def commit(self) -> Fingerprint: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
 
 
 class BlobStore(Protocol):
     def size_of(self, digest: Digest) -> int | None: ...
+    def fingerprint(self, digest: Digest) -> Fingerprint | None: ...
+    def quarantine(self, digest: Digest) -> bool: ...
     def local_path(self, digest: Digest) -> Path | None: ...
     def read_small(self, digest: Digest, limit: int) -> bytes | None: ...
     def begin(self, digest: Digest) -> PendingBlob: ...
@@ -109,7 +125,7 @@ class _PendingFile:
     def fileno(self) -> int:
         return self._fd
 
-    def commit(self) -> None:
+    def commit(self) -> Fingerprint:
         actual = self._hasher.hexdigest()
         if actual != self._digest.encoded:
             self.discard()
@@ -120,6 +136,7 @@ class _PendingFile:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self._temp, final)
             _fsync_dir(final.parent)
+            return Fingerprint.of(os.fstat(self._fd))
         except OSError as exc:
             self.discard()
             raise StoreFailure(f"cannot store {self._digest}: {exc.strerror}") from exc
@@ -160,6 +177,23 @@ class DirectoryStore:
             return self.path_of(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def fingerprint(self, digest: Digest) -> Fingerprint | None:
+        try:
+            return Fingerprint.of(self.path_of(digest).stat())
+        except FileNotFoundError:
+            return None
+
+    def quarantine(self, digest: Digest) -> bool:
+        """Move a stored blob out of the store into ``quarantine/`` (kept for inspection);
+        False when it was not there."""
+        target = self.root / "quarantine"
+        target.mkdir(exist_ok=True)
+        try:
+            os.rename(self.path_of(digest), target / f"{digest.algorithm}-{digest.encoded}")
+        except FileNotFoundError:
+            return False
+        return True
 
     def local_path(self, digest: Digest) -> Path | None:
         return self.path_of(digest)

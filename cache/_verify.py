@@ -22,7 +22,7 @@ from moorage.upstreams.reference import Digest
 from ._index import Index
 from ._store import DirectoryStore
 
-__all__ = ["VerifyReport", "verify_store"]
+__all__ = ["VerifyReport", "hash_file", "verify_store"]
 
 READ_SIZE: Final = 1024 * 1024
 
@@ -35,12 +35,14 @@ class VerifyReport:
     quarantined: list[str] = field(default_factory=list)
 
 
-def _digest_of_file(path: Path, algorithm: str, throttle: Callable[[int], None]) -> str:
+def hash_file(path: Path, algorithm: str, throttle: Callable[[int], None] | None = None) -> str:
+    """The hex digest of a file's bytes; blocks."""
     hasher = hashlib.new(algorithm)
     with path.open("rb") as handle:
         while chunk := handle.read(READ_SIZE):
             hasher.update(chunk)
-            throttle(len(chunk))
+            if throttle is not None:
+                throttle(len(chunk))
     return str(hasher.hexdigest())
 
 
@@ -61,21 +63,18 @@ def verify_store(
             if ahead > 0:
                 time.sleep(ahead)
 
-    quarantine = root / "quarantine"
     bad: set[Digest] = set()
     for blob in store.entries():
         digest = blob.digest
         try:
-            actual = _digest_of_file(blob.path, digest.algorithm, throttle)
+            actual = hash_file(blob.path, digest.algorithm, throttle)
         except FileNotFoundError:
             continue  # evicted meanwhile
         report.checked += 1
         if actual == digest.encoded:
             continue
         report.corrupt.append(str(digest))
-        if repair:
-            quarantine.mkdir(exist_ok=True)
-            blob.path.rename(quarantine / f"{digest.algorithm}-{digest.encoded}")
+        if repair and store.quarantine(digest):
             report.quarantined.append(str(digest))
             bad.add(digest)
     if bad:

@@ -1,0 +1,128 @@
+"""Stored files that changed or vanished behind the cache's back: the client gets the right
+bytes (fetched again from upstream) or a clean error, never the wrong ones."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage, metric
+
+Client = TestClient[web.Request, web.Application]
+
+
+def stored_file(store: Path, digest: str) -> Path:
+    algorithm, hex_digest = digest.split(":")
+    return store / "blobs" / algorithm / hex_digest[:2] / hex_digest
+
+
+async def pull_blob(moorage: Client, digest: str) -> bytes:
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert response.status == 200
+    return await response.read()
+
+
+async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(300_000)
+    digest = upstream.add_blob(content)
+    assert await pull_blob(moorage, digest) == content
+    path = stored_file(store, digest)
+    path.write_bytes(b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
+
+    assert await pull_blob(moorage, digest) == content
+    assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
+    quarantined = store / "quarantine" / digest.replace(":", "-")
+    assert quarantined.read_bytes() == b"X" * len(content), "kept aside for inspection"
+    assert path.read_bytes() == content, "the store holds the good copy again"
+    assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 1
+    assert await pull_blob(moorage, digest) == content
+    assert upstream.count("GET", f"/blobs/{digest}") == 2, "the fresh copy is trusted: a plain hit"
+
+
+async def test_a_truncated_blob_is_never_served_short(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(200_000)
+    digest = upstream.add_blob(content)
+    await pull_blob(moorage, digest)
+    with stored_file(store, digest).open("r+b") as handle:
+        handle.truncate(1000)
+    head = await moorage.head(f"/v2/alpine/blobs/{digest}")
+    assert head.headers["Content-Length"] == str(len(content)), "HEAD does not trust the short file either"
+    assert await pull_blob(moorage, digest) == content
+
+
+async def test_a_vanished_blob_is_fetched_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(50_000)
+    digest = upstream.add_blob(content)
+    await pull_blob(moorage, digest)
+    stored_file(store, digest).unlink()
+    assert await pull_blob(moorage, digest) == content
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+
+
+async def test_a_corrupt_blob_whose_upstream_is_gone_is_a_clean_error(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(10_000)
+    digest = upstream.add_blob(content)
+    await pull_blob(moorage, digest)
+    stored_file(store, digest).write_bytes(os.urandom(len(content)))
+    del upstream.blobs[digest]
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_a_store_from_another_run_is_verified_once_then_trusted(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Files the index holds no fingerprint for (a store restored from a backup, or written by
+    an older version) are hashed on first serve; good ones are then served without rehashing."""
+    store = tmp_path / "store"
+    content = os.urandom(100_000)
+    digest = upstream.add_blob(content)
+    path = stored_file(store, digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    moorage = await start_moorage(storage={"path": str(store)})
+    assert await pull_blob(moorage, digest) == content
+    assert upstream.count("GET", f"/blobs/{digest}") == 0, "a good file is served, not refetched"
+    assert not (store / "quarantine").exists()
+
+
+async def test_a_corrupt_manifest_is_fetched_again_after_a_restart(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    image = upstream.add_image("library/alpine", "3.19", [b"layer"])
+    first = await start_moorage(storage={"path": str(store)})
+    body = await (await first.get(f"/v2/alpine/manifests/{image.digest}")).read()
+    await first.close()  # the in-memory front goes with the process
+    stored_file(store, image.digest).write_bytes(body.replace(b"{", b"[", 1))
+
+    second = await start_moorage(storage={"path": str(store)})
+    response = await second.get(f"/v2/alpine/manifests/{image.digest}")
+    assert response.status == 200
+    fetched = await response.read()
+    assert "sha256:" + hashlib.sha256(fetched).hexdigest() == image.digest
+    assert upstream.count("GET", f"/manifests/{image.digest}") == 2
+    assert await metric(second, "moorage_evictions_total", reason="corrupt") == 1
