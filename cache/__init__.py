@@ -17,6 +17,8 @@ from ._cache import (
 from ._catalog import CachedTag, StoreSummary, read_catalog, read_summary
 from ._fill import FillReader
 from ._gc import GcReport, collect_garbage
+from ._lifecycle import CachedImage, Expiry, LifecycleResult, evaluate, policy_resolver
+from ._lifecycle import preview as preview_lifecycle
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
@@ -30,14 +32,17 @@ __all__ = [
     "CacheError",
     "CacheObserver",
     "CacheResult",
+    "CachedImage",
     "CachedTag",
     "ContentKind",
     "DigestMismatch",
     "DirectoryStore",
+    "Expiry",
     "FillAborted",
     "FillReader",
     "FillingBlob",
     "GcReport",
+    "LifecycleResult",
     "ManifestAnswer",
     "NullCacheObserver",
     "Source",
@@ -47,7 +52,10 @@ __all__ = [
     "VerifyReport",
     "WarmBlob",
     "collect_garbage",
+    "evaluate",
     "open_cache",
+    "policy_resolver",
+    "preview_lifecycle",
     "read_catalog",
     "read_summary",
     "verify_store",

@@ -21,13 +21,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
-from moorage.config import StorageSettings
+from moorage.config import StorageSettings, UpstreamSettings
 from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
     MAX_MANIFEST_BYTES,
@@ -36,15 +36,26 @@ from moorage.upstreams.reference import (
     Reference,
     RepositoryName,
     Tag,
+    parse_digest,
     sniff_media_type,
 )
 
-from ._evict import evict_to, touch
+from ._evict import RECENT_SECONDS, ReadGuard, evict_to, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
+from ._gc import GcReport, sweep
 from ._hot import HotAnswers, StoredManifest
 from ._index import Index, TagEntry, TagsEntry, Usage
-from ._keys import IndexKey, manifest_flight_key, pulled_key, tag_key, tags_list_key
+from ._keys import (
+    IndexKey,
+    image_key,
+    image_pulled_key,
+    manifest_flight_key,
+    pulled_key,
+    tag_key,
+    tags_list_key,
+)
+from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy_resolver
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
@@ -143,9 +154,13 @@ class Cache:
         self._pulled: dict[IndexKey, float] = {}
         #: Blobs and manifests read since the last flush, and when (for least-recently-used).
         self._accessed: dict[Digest, float] = {}
+        #: Reads of stored files, for sweepers: a file a client found is not removed under it.
+        self._guard = ReadGuard()
         self.max_size = max_size
         self._high, self._low = watermarks
         self._evicting: asyncio.Task[None] | None = None
+        #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
+        self._maintenance = asyncio.Lock()
         self._stored_during_pass: tuple[int, int] | None = None
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
@@ -194,7 +209,12 @@ class Cache:
         files known good, in one batch."""
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
-        accessed, self._accessed = self._accessed, {}
+        accessed = self._accessed
+        # What was read in the last seconds stays in the live map: it protects those blobs from
+        # every sweeper (eviction, gc, lifecycle) while their readers may still be opening them.
+        recent = self._clock() - RECENT_SECONDS
+        self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
+        self._guard.prune()
         totals = (self.store_bytes, self.store_entries)
         trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
 
@@ -228,6 +248,10 @@ class Cache:
         of its cap (``size``), or of what it holds now when the disk filled up (``disk_full``)."""
         if not isinstance(self._store, DirectoryStore):
             return
+        async with self._maintenance:
+            await self._evict(self._store, reason)
+
+    async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
             target = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
         elif self.max_size is not None:
@@ -238,7 +262,7 @@ class Cache:
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
         # The live map: a blob read while the pass runs is skipped when its turn comes.
-        result = await asyncio.to_thread(evict_to, self._store, self._index, target, protected, self._accessed)
+        result = await asyncio.to_thread(evict_to, store, self._index, target, protected, self._accessed, self._guard)
         stored_bytes, stored_entries = self._stored_during_pass
         self._stored_during_pass = None
         # The walk counted what is on disk; add what was stored meanwhile. This also corrects
@@ -248,6 +272,7 @@ class Cache:
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._hot.forget_manifest(digest)
+            self._trusted.pop(digest, None)
         self._observer.on_evicted(reason, len(result.evicted), result.freed_bytes)
         log.info(
             "evicted",
@@ -267,6 +292,98 @@ class Cache:
                 extra={"event": "eviction_short", "store_bytes": self.store_bytes, "target_bytes": target},
             )
 
+    # -- garbage collection and lifecycle policies ------------------------------------------------
+
+    async def collect_garbage(self, grace_seconds: float) -> GcReport:
+        """One garbage collection beside serving: blobs no manifest reaches, and nobody read
+        for ``grace_seconds``, leave the store."""
+        if not isinstance(self._store, DirectoryStore):
+            return GcReport()
+        async with self._maintenance:
+            started = time.monotonic()
+            report = await asyncio.to_thread(
+                sweep,
+                self._store,
+                self._index,
+                grace_seconds=grace_seconds,
+                protected=frozenset(self.fills.digests),
+                accessed=self._accessed,
+                guard=self._guard,
+            )
+            self._removed([parse_digest(d) for d in report.swept], report.swept_bytes, "gc")
+            seconds = time.monotonic() - started
+            self._observer.on_maintenance("gc", seconds)
+        log.info(
+            "garbage collected",
+            extra={
+                "event": "gc",
+                "blobs": len(report.swept),
+                "freed_bytes": report.swept_bytes,
+                "reachable": report.reachable,
+                "kept_young": report.kept_young,
+                "seconds": round(seconds, 3),
+            },
+        )
+        return report
+
+    async def apply_lifecycle(self, policy_for: PolicyFor) -> LifecycleResult:
+        """Expire what the lifecycle policies say, now; pull times are written first so the
+        rules see them."""
+        if not isinstance(self._store, DirectoryStore):
+            return LifecycleResult()
+        store = self._store
+        async with self._maintenance:
+            started = time.monotonic()
+            await self.flush()
+
+            def run() -> LifecycleResult:
+                expiries = plan(store, self._index, policy_for, self._clock())
+                return apply_expiries(
+                    store, self._index, expiries, protected=frozenset(self.fills.digests), guard=self._guard
+                )
+
+            result = await asyncio.to_thread(run)
+            for key in result.dropped_tags:
+                self._hot.forget_tag(key)
+            for expiry in result.expired:
+                self._hot.forget_manifest(expiry.image.digest)
+            self._removed(result.removed, result.freed_bytes, "lifecycle")
+            counts: dict[tuple[str, int], int] = {}
+            for expiry in result.expired:
+                where = (expiry.image.upstream, expiry.rule.rulePriority)
+                counts[where] = counts.get(where, 0) + 1
+                log.info(
+                    "image expired",
+                    extra={"event": "image_expired", "image": expiry.image.name, "rule": expiry.reason},
+                )
+            for (upstream, rule), count in counts.items():
+                self._observer.on_images_expired(upstream, rule, count)
+            self._observer.on_maintenance("lifecycle", time.monotonic() - started)
+        return result
+
+    def _removed(self, digests: list[Digest], freed: int, reason: str) -> None:
+        """Account for blobs a maintenance pass removed."""
+        self.store_bytes = max(0, self.store_bytes - freed)
+        self.store_entries = max(0, self.store_entries - len(digests))
+        self.fills.forget_committed(digests)
+        for digest in digests:
+            self._hot.forget_manifest(digest)
+            self._trusted.pop(digest, None)
+        if digests:
+            self._observer.on_evicted(reason, len(digests), freed)
+
+    async def every(self, seconds: float, task: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run a maintenance job every ``seconds`` until cancelled; a failed pass is logged and
+        the next one runs on time."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception as exc:
+                log.error(
+                    "maintenance pass failed", extra={"event": "maintenance_failed", "task": task, "error": str(exc)}
+                )
+
     async def flush_every(self, seconds: float) -> None:
         """Batch bookkeeping writes instead of one per request; runs until cancelled."""
         while True:
@@ -276,6 +393,14 @@ class Cache:
     # -- manifests ------------------------------------------------------------------------------
 
     async def manifest(
+        self, source: Source, repository: RepositoryName, reference: Reference, accept: AcceptClass, ttl: float
+    ) -> ManifestAnswer:
+        answer = await self._manifest(source, repository, reference, accept, ttl)
+        # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
+        self._pulled[image_pulled_key(source.host, repository, answer.digest)] = self._clock()
+        return answer
+
+    async def _manifest(
         self, source: Source, repository: RepositoryName, reference: Reference, accept: AcceptClass, ttl: float
     ) -> ManifestAnswer:
         if isinstance(reference, Digest):
@@ -346,15 +471,23 @@ class Cache:
     async def _fetch_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
         fetched = await source.get_manifest(repository, digest, "index")
         where = f"manifest {repository}@{digest} from {source.host}"
-        await self._keep(source.host, fetched, where, digest, None)
+        await self._keep(source.host, repository, fetched, where, digest, None)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
 
     async def _keep(
-        self, upstream: str, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
+        self,
+        upstream: str,
+        repository: RepositoryName,
+        fetched: FetchedManifest,
+        where: str,
+        expected: Digest | None,
+        tag: IndexKey | None,
     ) -> Digest:
         self._observer.on_fetched_bytes(upstream, "manifest", len(fetched.body))
         try:
-            digest, entry, new = await asyncio.to_thread(self._keep_manifest, fetched, where, expected, tag)
+            digest, entry, new = await asyncio.to_thread(
+                self._keep_manifest, fetched, where, expected, tag, (upstream, str(repository))
+            )
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
@@ -379,7 +512,7 @@ class Cache:
     async def _fetch_tag(self, ask: _TagAsk, result: CacheResult = "miss") -> ManifestAnswer:
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
         where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
-        digest = await self._keep(ask.source.host, fetched, where, None, ask.key)
+        digest = await self._keep(ask.source.host, ask.repository, fetched, where, None, ask.key)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
     async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None) -> ManifestAnswer:
@@ -412,7 +545,12 @@ class Cache:
         return StoredManifest(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
 
     def _keep_manifest(
-        self, fetched: FetchedManifest, where: str, expected: Digest | None, tag: IndexKey | None
+        self,
+        fetched: FetchedManifest,
+        where: str,
+        expected: Digest | None,
+        tag: IndexKey | None,
+        image: tuple[str, str],
     ) -> tuple[Digest, TagEntry | None, bool]:
         """Hash, verify, store and index a manifest from upstream; nothing is kept on a mismatch.
         Returns the digest, the tag entry written (if a tag), and whether the store is new to it.
@@ -434,6 +572,7 @@ class Cache:
             finally:
                 pending.close()
         self._index.put_manifest(digest, fetched.media_type)
+        self._index.add_image(image_key(*image, digest), self._clock())
         entry = None
         if tag is not None:
             entry = TagEntry(digest, fetched.media_type, self._clock())
@@ -481,8 +620,9 @@ class Cache:
         return size
 
     def _fingerprints(self, digest: Digest, known: Fingerprint | None) -> tuple[Fingerprint | None, Fingerprint | None]:
-        """(the file's fingerprint now, the one last known good); blocks."""
-        fingerprint = self._store.fingerprint(digest)
+        """(the file's fingerprint now, the one last known good); blocks. The look counts as a
+        read: no sweeper removes the file before the client opened it."""
+        fingerprint = self._guard.looking(digest, lambda: self._store.fingerprint(digest))
         if fingerprint is None or known is not None:
             return fingerprint, known
         return fingerprint, self._index.fingerprint(digest)
@@ -621,6 +761,12 @@ class _Bookkeeping:
         self._observer.on_store_full()
         self._cache._schedule_eviction("disk_full")
 
+    def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
+        self._observer.on_images_expired(upstream, rule, count)
+
+    def on_maintenance(self, task: str, seconds: float) -> None:
+        self._observer.on_maintenance(task, seconds)
+
 
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
@@ -633,9 +779,11 @@ async def open_cache(
     revalidate_timeout: float = 5.0,
     stale_backoff: float = 30.0,
     observer: CacheObserver | None = None,
+    upstreams: Sequence[UpstreamSettings] = (),
 ) -> AsyncIterator[Cache]:
     """The store and index under ``settings.path``; temporaries of a previous run are swept,
-    and bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end."""
+    bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end, and garbage
+    collection and the upstreams' lifecycle policies run at their intervals."""
     store, index = await asyncio.to_thread(open_store, settings.path)
     cache = Cache(
         store,
@@ -647,12 +795,25 @@ async def open_cache(
         watermarks=(settings.high_watermark, settings.low_watermark),
     )
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
-    flusher = asyncio.get_running_loop().create_task(cache.flush_every(FLUSH_INTERVAL))
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(cache.flush_every(FLUSH_INTERVAL))]
+    if settings.gc_interval > 0:
+        grace = settings.gc_grace
+        tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", lambda: cache.collect_garbage(grace))))
+    if settings.lifecycle_interval > 0 and any(upstream.lifecycle for upstream in upstreams):
+        tasks.append(
+            loop.create_task(
+                cache.every(
+                    settings.lifecycle_interval, "lifecycle", lambda: cache.apply_lifecycle(policy_resolver(upstreams))
+                )
+            )
+        )
     try:
         yield cache
     finally:
-        flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await cache.aclose()
         await asyncio.to_thread(index.close)
 

@@ -12,21 +12,67 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Final, TypeVar
 
 from moorage.upstreams.reference import Digest
 
 from ._index import Index
 from ._store import DirectoryStore, Fingerprint
 
-__all__ = ["EvictionResult", "evict_to", "touch"]
+__all__ = ["EvictionResult", "ReadGuard", "evict_to", "touch"]
 
 log = logging.getLogger("moorage.cache")
 #: Content read this recently is never evicted: its reader may still be opening the file (once
 #: open, a file removed from under a reader stays readable).
 RECENT_SECONDS: Final = 5.0
+T = TypeVar("T")
+
+
+class ReadGuard:
+    """Closes the race between a sweeper removing a blob and a client about to read it.
+
+    A client's look at a stored file (:meth:`looking`) and a sweeper's removal
+    (:meth:`remove_unless_read`) take the same lock: either the look comes first, and the
+    sweeper sees a fresh read and keeps the file, or the removal does, and the client finds no
+    file and fetches it again. A file a client found is never removed before it is opened.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reads: dict[Digest, float] = {}
+
+    def looking(self, digest: Digest, look: Callable[[], T | None]) -> T | None:
+        """Run ``look`` (a stat of the stored file); when it found the file, that is a read
+        of ``digest``. Blocks."""
+        with self._lock:
+            found = look()
+            if found is not None:
+                self._reads[digest] = time.time()
+            return found
+
+    def remove_unless_read(self, path: Path, digest: Digest) -> int | None:
+        """Unlink a stored file unless it was read in the last ``RECENT_SECONDS``; its size
+        when removed, None when kept or already gone."""
+        with self._lock:
+            if self._reads.get(digest, 0.0) >= time.time() - RECENT_SECONDS:
+                return None
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                return None
+            return size
+
+    def prune(self) -> None:
+        """Forget reads older than ``RECENT_SECONDS``."""
+        recent = time.time() - RECENT_SECONDS
+        with self._lock:
+            self._reads = {digest: when for digest, when in self._reads.items() if when >= recent}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,27 +90,26 @@ def evict_to(
     target_bytes: int,
     protected: set[Digest],
     accessed: dict[Digest, float],
+    guard: ReadGuard,
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks."""
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)
-    recent = time.time() - RECENT_SECONDS
-    seen = dict(accessed)  # ordering by a snapshot; the skip below reads the live map
+    seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
     entries.sort(key=lambda blob: max(blob.mtime, seen.get(blob.digest, 0.0)))
     evicted: list[Digest] = []
     freed = 0
     for blob in entries:
         if total - freed <= target_bytes:
             break
-        if blob.digest in protected or accessed.get(blob.digest, 0.0) >= recent:
+        if blob.digest in protected:
             continue
-        try:
-            blob.path.unlink()
-        except FileNotFoundError:
+        size = guard.remove_unless_read(blob.path, blob.digest)
+        if size is None:
             continue
         evicted.append(blob.digest)
-        freed += blob.size
+        freed += size
     if evicted:
         index.forget(set(evicted))
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
+from ._evict import ReadGuard
 from ._index import Index
-from ._store import DirectoryStore
+from ._store import BlobStore, DirectoryStore
 
-__all__ = ["GcReport", "collect_garbage"]
+__all__ = ["GcReport", "collect_garbage", "mark", "references", "sweep"]
 
 
 @dataclass
@@ -33,7 +35,7 @@ class GcReport:
     kept_young: int = 0
 
 
-def _references(body: bytes) -> tuple[list[Digest], list[Digest]]:
+def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
     """(child manifests, config and layers) a manifest refers to."""
     try:
         document = json.loads(body)
@@ -55,37 +57,74 @@ def _references(body: bytes) -> tuple[list[Digest], list[Digest]]:
     return children, digests([document.get("config") or {}, *document.get("layers", [])])
 
 
+def mark(store: BlobStore, roots: set[Digest]) -> set[Digest]:
+    """Every blob the ``roots`` manifests reach (themselves included); reads only manifests."""
+    reachable: set[Digest] = set()
+    manifests = list(roots)
+    while manifests:
+        digest = manifests.pop()
+        if digest in reachable:
+            continue
+        reachable.add(digest)
+        body = store.read_small(digest, MAX_MANIFEST_BYTES)
+        if body is not None and len(body) <= MAX_MANIFEST_BYTES:
+            children, blobs = references(body)
+            manifests.extend(d for d in children if d not in reachable)
+            reachable.update(blobs)
+    return reachable
+
+
+def sweep(
+    store: DirectoryStore,
+    index: Index,
+    *,
+    grace_seconds: float,
+    dry_run: bool = False,
+    protected: frozenset[Digest] = frozenset(),
+    accessed: Mapping[Digest, float] | None = None,
+    guard: ReadGuard | None = None,
+) -> GcReport:
+    """One collection over an open store and index. Blocks; safe beside serving: a blob being
+    filled (``protected``), read within the grace period (``accessed``, the live map), found
+    by a client in the last seconds (``guard``), or reached by a manifest stored while the walk
+    ran, is kept."""
+    report = GcReport()
+    roots = index.manifest_digests()
+    report.roots = len(roots)
+    reachable = mark(store, roots)
+    young = time.time() - grace_seconds
+    candidates = []
+    for blob in store.entries():
+        if blob.digest in reachable or blob.digest in protected:
+            continue
+        if blob.mtime > young or (accessed or {}).get(blob.digest, 0.0) > young:
+            report.kept_young += 1
+            continue
+        candidates.append(blob)
+    if candidates:  # manifests stored while the store was walked are roots too
+        reachable |= mark(store, index.manifest_digests() - roots)
+    report.reachable = len(reachable)
+    swept: set[Digest] = set()
+    guard = guard or ReadGuard()
+    for blob in candidates:
+        if blob.digest in reachable:
+            continue
+        if not dry_run and guard.remove_unless_read(blob.path, blob.digest) is None:
+            continue
+        swept.add(blob.digest)
+        report.swept.append(str(blob.digest))
+        report.swept_bytes += blob.size
+    if swept and not dry_run:
+        index.forget(swept)
+    return report
+
+
 def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """``moorage gc``: one collection of the store under ``root``, beside or without a daemon."""
     store = DirectoryStore(root)
     index = Index(root / "index")
-    report = GcReport()
     try:
-        roots = index.manifest_digests()
-        report.roots = len(roots)
-        reachable: set[Digest] = set()
-        manifests = list(roots)
-        while manifests:  # only manifests are read; configs and layers are only marked
-            digest = manifests.pop()
-            if digest in reachable:
-                continue
-            reachable.add(digest)
-            body = store.read_small(digest, MAX_MANIFEST_BYTES)
-            if body is not None and len(body) <= MAX_MANIFEST_BYTES:
-                children, blobs = _references(body)
-                manifests.extend(d for d in children if d not in reachable)
-                reachable.update(blobs)
-        report.reachable = len(reachable)
-        young = time.time() - grace_seconds
-        for blob in store.entries():
-            if blob.digest in reachable:
-                continue
-            if blob.mtime > young:
-                report.kept_young += 1
-                continue
-            if not dry_run:
-                blob.path.unlink(missing_ok=True)
-            report.swept.append(str(blob.digest))
-            report.swept_bytes += blob.size
+        report = sweep(store, index, grace_seconds=grace_seconds, dry_run=dry_run)
         if report.swept and not dry_run:
             totals = index.store_totals()
             if totals is not None:  # keep the daemon's running totals honest at its next start

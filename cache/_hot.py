@@ -48,6 +48,9 @@ class HotAnswers:
         while len(self._tags) > self._max_tags:
             self._tags.popitem(last=False)
 
+    def forget_tag(self, key: IndexKey) -> None:
+        self._tags.pop(key, None)
+
     def manifest(self, digest: Digest) -> StoredManifest | None:
         stored = self._manifests.get(digest)
         if stored is not None:

@@ -117,6 +117,8 @@ class Index:
                 self._db.set(USAGE_KEY, usage)
             for key, when in pulled.items():
                 self._db.set(key, when)
+                if key[0] == "image-pulled":  # an image first seen in this repository by a hit
+                    self._db.add(("image", *key[1:]), when)
             self._db.set(STORE_TOTALS_KEY, store_totals)
 
     def tag_entries(self) -> Iterator[tuple[IndexKey, TagEntry]]:
@@ -126,6 +128,24 @@ class Index:
                 entry = self.tag(key)
                 if entry is not None:
                     yield key, entry
+
+    def add_image(self, key: IndexKey, when: float) -> None:
+        """Record when a manifest was first cached for a repository (kept if already known)."""
+        self._db.add(key, when)
+
+    def entries(self, kinds: frozenset[str]) -> Iterator[tuple[IndexKey, object]]:
+        """Every entry whose key is of one of ``kinds`` (``tag``, ``image``, …); one walk of
+        the whole index. Entries deleted meanwhile are passed over."""
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and key and key[0] in kinds:
+                value = self._db.get(key)
+                if value is not None:
+                    yield key, value
+
+    def delete(self, keys: list[IndexKey]) -> None:
+        with self._db.transact():
+            for key in keys:
+                self._db.delete(key)
 
     def pulled_at(self, key: IndexKey) -> float | None:
         value = self._db.get(key)

@@ -12,6 +12,8 @@ key                                        value
 ("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
+("image", upstream, repository, digest)     when the manifest was first cached for the repository
+("image-pulled", upstream, repository, d)   when a client last pulled the manifest there
 ("usage",)                                  {upstream: {counter: total}} since the store began
 ("store",)                                  (bytes, entries) in the blob store
 =========================================  =================================================
@@ -31,6 +33,8 @@ __all__ = [
     "USAGE_KEY",
     "IndexKey",
     "blob_key",
+    "image_key",
+    "image_pulled_key",
     "manifest_flight_key",
     "manifest_key",
     "pulled_key",
@@ -63,6 +67,14 @@ def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last
 
 def pulled_key(upstream: str, repository: RepositoryName, tag: Tag) -> IndexKey:
     return ("pulled", upstream, str(repository), str(tag))
+
+
+def image_key(upstream: str, repository: RepositoryName | str, digest: Digest | str) -> IndexKey:
+    return ("image", upstream, str(repository), str(digest))
+
+
+def image_pulled_key(upstream: str, repository: RepositoryName | str, digest: Digest | str) -> IndexKey:
+    return ("image-pulled", upstream, str(repository), str(digest))
 
 
 USAGE_KEY: IndexKey = ("usage",)

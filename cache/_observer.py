@@ -32,6 +32,12 @@ class CacheObserver(Protocol):
     def on_store_full(self) -> None:
         """A write to the store failed (disk full, permissions): nothing was kept."""
 
+    def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
+        """A lifecycle pass expired ``count`` images of ``upstream`` by the rule of that priority."""
+
+    def on_maintenance(self, task: str, seconds: float) -> None:
+        """A maintenance pass (``gc``, ``lifecycle``) finished after ``seconds``."""
+
 
 class NullCacheObserver:
     def on_fetched_bytes(self, upstream: str, kind: ContentKind, count: int) -> None:
@@ -50,4 +56,10 @@ class NullCacheObserver:
         pass
 
     def on_store_full(self) -> None:
+        pass
+
+    def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
+        pass
+
+    def on_maintenance(self, task: str, seconds: float) -> None:
         pass

@@ -4,10 +4,12 @@ Imported by every room; imports none of them. ``load_settings`` builds a frozen
 :class:`Settings` once at start-up; each room is handed only its own section.
 """
 
+from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy
 from ._load import CONFIG_ENV, ConfigError, load_settings
 from ._model import (
     DEFAULT_UPSTREAMS,
     AuthSettings,
+    LifecycleBinding,
     RetrySettings,
     Settings,
     StorageSettings,
@@ -23,12 +25,18 @@ __all__ = [
     "DEFAULT_UPSTREAMS",
     "AuthSettings",
     "ConfigError",
+    "LifecycleBinding",
+    "LifecyclePolicy",
+    "LifecyclePolicyError",
+    "LifecycleRule",
     "RetrySettings",
+    "Selection",
     "Settings",
     "StorageSettings",
     "TimeoutSettings",
     "TlsSettings",
     "UpstreamSettings",
+    "load_lifecycle_policy",
     "load_settings",
     "parse_duration",
     "parse_size",

@@ -14,11 +14,13 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, load_lifecycle_policy
 from ._units import parse_duration, parse_size
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
     "AuthSettings",
+    "LifecycleBinding",
     "RetrySettings",
     "Settings",
     "StorageSettings",
@@ -47,6 +49,13 @@ class StorageSettings(_Section):
     high_watermark: float = Field(default=0.95, gt=0, le=1)
     #: ... and removes content until the store is below this share.
     low_watermark: float = Field(default=0.85, gt=0, lt=1)
+    #: How often lifecycle policies are applied while serving (``0``: never).
+    lifecycle_interval: Seconds = Field(default=3600.0, ge=0)
+    #: How often garbage collection runs while serving (``0``: never) ...
+    gc_interval: Seconds = Field(default=6 * 3600.0, ge=0)
+    #: ... sweeping only blobs no manifest has referred to for at least this long, so a pull
+    #: whose manifest is not stored yet never loses its layers.
+    gc_grace: Seconds = Field(default=3600.0, ge=0)
 
     @model_validator(mode="after")
     def _watermarks(self) -> StorageSettings:
@@ -100,6 +109,26 @@ class RetrySettings(_Section):
     max_wait: Seconds = 5.0
 
 
+class LifecycleBinding(_Section):
+    """An ECR lifecycle policy file and the repositories of one upstream it applies to."""
+
+    #: A glob over repository names (``library/*``, ``myorg/**`` is the same as ``myorg/*``).
+    repositories: str = "*"
+    policy_file: Path
+
+    @model_validator(mode="after")
+    def _readable(self) -> LifecycleBinding:
+        self.policy()
+        return self
+
+    def policy(self) -> LifecyclePolicy:
+        """The policy as the file says now (it is read again at every pass)."""
+        try:
+            return load_lifecycle_policy(self.policy_file)
+        except LifecyclePolicyError as exc:
+            raise ValueError(str(exc)) from None
+
+
 class UpstreamSettings(_Section):
     #: The registry's name in image references and in containerd's ``?ns=``.
     host: str
@@ -121,6 +150,27 @@ class UpstreamSettings(_Section):
     library_prefix: bool | None = None
     timeouts: TimeoutSettings = TimeoutSettings()
     retries: RetrySettings = RetrySettings()
+    #: An ECR lifecycle policy for every repository of this upstream (the same JSON).
+    lifecycle_policy_file: Path | None = None
+    #: Policies for repository globs; the first match wins, before ``lifecycle_policy_file``.
+    lifecycle_policies: tuple[LifecycleBinding, ...] = ()
+
+    @field_validator("lifecycle_policy_file")
+    @classmethod
+    def _policy_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                load_lifecycle_policy(value)
+            except LifecyclePolicyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def lifecycle(self) -> tuple[LifecycleBinding, ...]:
+        """Every policy binding of this upstream, most specific first."""
+        if self.lifecycle_policy_file is None:
+            return self.lifecycle_policies
+        return (*self.lifecycle_policies, LifecycleBinding(policy_file=self.lifecycle_policy_file))
 
     @field_validator("host")
     @classmethod

@@ -69,6 +69,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             revalidate_timeout=settings.revalidate_timeout,
             stale_backoff=settings.stale_backoff,
             observer=metrics,
+            upstreams=settings.upstreams,
         ) as cache,
         open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
     ):

@@ -112,6 +112,24 @@ class Metrics:
             "moorage_evicted_bytes", "Bytes freed by removing content, by reason.", ["reason"], registry=r
         )
         self.store_entries = Gauge("moorage_store_entries", "Blobs and manifests in the store.", registry=r)
+        self.images_expired = Counter(
+            "moorage_lifecycle_expired_images",
+            "Images expired by lifecycle policies, by upstream and rule priority.",
+            ["upstream", "rule"],
+            registry=r,
+        )
+        self.maintenance_seconds = Gauge(
+            "moorage_maintenance_last_duration_seconds",
+            "How long the last maintenance pass took, by task (gc, lifecycle).",
+            ["task"],
+            registry=r,
+        )
+        self.maintenance_finished = Gauge(
+            "moorage_maintenance_last_finished_timestamp_seconds",
+            "When the last maintenance pass finished, by task (gc, lifecycle).",
+            ["task"],
+            registry=r,
+        )
 
     def track(
         self,
@@ -171,3 +189,10 @@ class Metrics:
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         self.evictions.labels(reason).inc(count)
         self.evicted_bytes.labels(reason).inc(size)
+
+    def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
+        self.images_expired.labels(upstream, str(rule)).inc(count)
+
+    def on_maintenance(self, task: str, seconds: float) -> None:
+        self.maintenance_seconds.labels(task).set(seconds)
+        self.maintenance_finished.labels(task).set_to_current_time()

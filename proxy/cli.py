@@ -24,10 +24,18 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 from prometheus_client.parser import text_string_to_metric_families
 
-from moorage.cache import StoreSummary, collect_garbage, read_catalog, read_summary, verify_store
+from moorage.cache import (
+    StoreSummary,
+    collect_garbage,
+    preview_lifecycle,
+    read_catalog,
+    read_summary,
+    verify_store,
+)
 from moorage.config import (
     CONFIG_ENV,
     ConfigError,
+    LifecyclePolicyError,
     Settings,
     StorageSettings,
     load_settings,
@@ -437,6 +445,67 @@ def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> No
         f"{'would remove' if dry_run else 'removed'} {len(report.swept)} ({_size(report.swept_bytes)}); "
         f"{report.kept_young} unreferenced but younger than {grace}"
     )
+
+
+@main.group()
+def lifecycle() -> None:
+    """ECR lifecycle policies over the cached images (see the README)."""
+
+
+@lifecycle.command(
+    epilog="Examples:\n\n  moorage lifecycle preview\n\n"
+    "  moorage lifecycle preview --upstream docker.io --repository 'library/*' --config /etc/moorage/config.yaml"
+)
+@click.option("--upstream", help="Only this upstream (host as configured, e.g. docker.io).")
+@click.option("--repository", help="Only repositories matching this glob (e.g. library/*).")
+@click.option("--format", "output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@config_option
+@store_option
+def preview(upstream: str | None, repository: str | None, output: str, config: Path | None, store: Path | None) -> None:
+    """List the images the next lifecycle pass would expire, and the rule that expires each.
+
+    Changes nothing; safe beside a running daemon. Policies are read from the config's
+    upstreams (lifecycle_policy_file, lifecycle_policies).
+    """
+    settings = settings_from(config)
+    path = _store_path(config, store)
+    if upstream is not None and upstream not in {u.host for u in settings.upstreams}:
+        fail(f"--upstream: {upstream!r} is not a configured upstream")
+    _require_store(path)
+    try:
+        expiries = preview_lifecycle(path, settings.upstreams, upstream=upstream, repository=repository)
+    except LifecyclePolicyError as error:
+        fail(str(error))
+    if output == "json":
+        for expiry in expiries:
+            image = expiry.image
+            record = {
+                "upstream": image.upstream,
+                "repository": image.repository,
+                "digest": str(image.digest),
+                "tags": sorted(image.tags),
+                "first_cached": image.pushed_at,
+                "last_pulled": image.pulled_at,
+                "rule": expiry.rule.rulePriority,
+                "reason": expiry.reason,
+            }
+            click.echo(json.dumps(record))
+        return
+    from rich.table import Table
+
+    table = Table("IMAGE", "TAGS", "DIGEST", "FIRST CACHED", "LAST PULLED", "EXPIRED BY", box=None, pad_edge=False)
+    for expiry in expiries:
+        image = expiry.image
+        table.add_row(
+            f"{image.upstream}/{image.repository}",
+            ",".join(sorted(image.tags)) or "<untagged>",
+            str(image.digest)[:19],
+            _when(image.pushed_at),
+            _when(image.pulled_at),
+            expiry.reason,
+        )
+    console().print(table)
+    click.echo(f"{len(expiries)} images would expire")
 
 
 @main.command(

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from moorage.cache._evict import evict_to
+from moorage.cache._evict import ReadGuard, evict_to
 from moorage.cache._index import Index, TagEntry
 from moorage.cache._keys import tag_key
 from moorage.cache._store import DirectoryStore
@@ -31,7 +31,7 @@ def put(store: DirectoryStore, data: bytes, age_seconds: float) -> Digest:
 def test_least_recently_used_go_first_down_to_the_target(tmp_path: Path) -> None:
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
     blobs = [put(store, os.urandom(100 * KiB) + bytes([i]), age_seconds=3600 - i * 60) for i in range(10)]
-    result = evict_to(store, index, target_bytes=550 * KiB, protected=set(), accessed={})
+    result = evict_to(store, index, target_bytes=550 * KiB, protected=set(), accessed={}, guard=ReadGuard())
     assert result.evicted == tuple(blobs[:5]), "the five oldest"
     assert all(store.size_of(d) is None for d in blobs[:5])
     assert all(store.size_of(d) is not None for d in blobs[5:])
@@ -43,7 +43,9 @@ def test_reads_not_yet_written_back_count_and_recent_or_filling_blobs_stay(tmp_p
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
     old, read_lately, filling, read_before = (put(store, os.urandom(100 * KiB), age_seconds=3600) for _ in range(4))
     accessed = {read_lately: time.time() - 1, read_before: time.time() - 600}
-    result = evict_to(store, index, target_bytes=0, protected={filling}, accessed=accessed)
+    guard = ReadGuard()
+    guard.looking(read_lately, lambda: store.size_of(read_lately))  # a client just found it
+    result = evict_to(store, index, target_bytes=0, protected={filling}, accessed=accessed, guard=guard)
     assert set(result.evicted) == {old, read_before}
     assert result.evicted[0] == old, "read ten minutes ago is younger than written an hour ago"
     assert store.size_of(read_lately) is not None and store.size_of(filling) is not None
@@ -58,6 +60,6 @@ def test_an_evicted_manifest_takes_its_tags_along(tmp_path: Path) -> None:
     kept_key = tag_key("docker.io", RepositoryName("library/b"), Tag("1"), "index")
     index.put_tag(gone_key, TagEntry(manifest, OCI_IMAGE_MANIFEST, time.time()))
     index.put_tag(kept_key, TagEntry(kept, OCI_IMAGE_MANIFEST, time.time()))
-    evict_to(store, index, target_bytes=40, protected=set(), accessed={})
+    evict_to(store, index, target_bytes=40, protected=set(), accessed={}, guard=ReadGuard())
     assert index.tag(gone_key) is None and index.manifest_media_type(manifest) is None
     assert index.tag(kept_key) is not None

@@ -1,0 +1,286 @@
+"""ECR lifecycle policies applied to the cached images of each repository.
+
+An *image* is a manifest cached for a repository of an upstream: its tags are the cached tags
+pointing at it, its push time is when it was first cached there, its pull time when a client
+last pulled it through the cache. A multi-platform index and its platform manifests are one
+image: the platform manifests, untagged and referred to by the index, are not judged alone,
+and go with the index.
+
+Evaluation follows ECR (see :func:`evaluate`): every rule identifies the images its tag
+criteria match and picks, among those, the ones its count criteria condemn; rules then apply
+in priority order, and an image identified by a higher-priority rule is never expired by a
+lower one, even when that rule kept it. Expiring drops the image's tags and records from the
+index; blobs no remaining manifest reaches leave the store at once (those read in the last
+seconds or being filled stay until the next garbage collection). Blocking functions; the cache
+runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moorage.config import LifecyclePolicy, LifecycleRule, UpstreamSettings, load_lifecycle_policy
+from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
+
+from ._evict import ReadGuard
+from ._gc import mark, references
+from ._index import Index
+from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key
+from ._store import BlobStore, DirectoryStore
+
+__all__ = [
+    "CachedImage",
+    "Expiry",
+    "LifecycleResult",
+    "PolicyFor",
+    "apply_expiries",
+    "evaluate",
+    "plan",
+    "policy_resolver",
+    "preview",
+]
+
+DAY = 86400.0
+
+#: The policy for an (upstream host, repository), None when none applies.
+PolicyFor = Callable[[str, str], LifecyclePolicy | None]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedImage:
+    upstream: str
+    repository: str
+    digest: Digest
+    tags: frozenset[str]
+    #: First cached for this repository (ECR's push time), epoch seconds.
+    pushed_at: float
+    #: Last pulled through the cache; None when never (ECR then uses the push time).
+    pulled_at: float | None = None
+    #: Platform manifests of an index, which go with it.
+    children: tuple[Digest, ...] = ()
+
+    @property
+    def name(self) -> str:
+        tags = ",".join(sorted(self.tags)) or "<untagged>"
+        return f"{self.upstream}/{self.repository}@{self.digest} [{tags}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    image: CachedImage
+    rule: LifecycleRule
+
+    @property
+    def reason(self) -> str:
+        selection = self.rule.selection
+        if selection.countType == "imageCountMoreThan":
+            why = f"more than {selection.countNumber} images match"
+        elif selection.countType == "sinceImagePushed":
+            why = f"first cached more than {selection.countNumber} days ago"
+        else:
+            why = f"not pulled for more than {selection.countNumber} days"
+        return f"{self.rule.name}: {why}"
+
+
+@dataclass
+class LifecycleResult:
+    expired: list[Expiry] = field(default_factory=list)
+    #: Tag answers dropped from the index (the in-memory front must forget them too).
+    dropped_tags: list[IndexKey] = field(default_factory=list)
+    removed: list[Digest] = field(default_factory=list)
+    freed_bytes: int = 0
+
+
+def evaluate(policy: LifecyclePolicy, images: Iterable[CachedImage], now: float) -> list[Expiry]:
+    """What ECR would expire among one repository's images (pure; ``now`` in epoch seconds)."""
+    images = list(images)
+    seen: set[Digest] = set()  # identified by a rule of higher priority
+    expired: dict[Digest, Expiry] = {}
+    for rule in policy.ordered:
+        selection = rule.selection
+        identified = [image for image in images if selection.matches(image.tags)]
+        if selection.countType == "imageCountMoreThan":
+            youngest_first = sorted(identified, key=lambda image: image.pushed_at, reverse=True)
+            condemned = youngest_first[selection.countNumber :]
+        else:
+            limit = now - selection.countNumber * DAY
+            if selection.countType == "sinceImagePushed":
+                condemned = [image for image in identified if image.pushed_at < limit]
+            else:
+                condemned = [image for image in identified if (image.pulled_at or image.pushed_at) < limit]
+        for image in sorted(condemned, key=lambda image: image.pushed_at):  # oldest first, as ECR
+            if image.digest not in seen and image.digest not in expired:
+                expired[image.digest] = Expiry(image, rule)
+        seen.update(image.digest for image in identified)
+    return sorted(expired.values(), key=lambda expiry: expiry.image.pushed_at)
+
+
+def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[CachedImage]]:
+    """Every cached image, by (upstream, repository); one walk of the index. Blocks."""
+    pushed: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    pulled: dict[tuple[str, str, str], float] = {}
+    tags: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for key, value in index.entries(frozenset({"image", "image-pulled", "tag"})):
+        kind, upstream, repository = key[0], key[1], key[2]
+        if kind == "image" and isinstance(value, int | float):
+            pushed[upstream, repository][key[3]] = float(value)
+        elif kind == "image-pulled" and isinstance(value, int | float):
+            pulled[upstream, repository, key[3]] = float(value)
+        elif kind == "tag" and isinstance(value, tuple):
+            tagged, checked_at = str(value[0]), float(value[2])
+            tags[upstream, repository, tagged].add(key[3])
+            known = pushed[upstream, repository]
+            known.setdefault(tagged, checked_at)  # a tag cached before image records were kept
+    images: dict[tuple[str, str], list[CachedImage]] = {}
+    for (upstream, repository), digests in pushed.items():
+        found: list[CachedImage] = []
+        for digest_text, pushed_at in digests.items():
+            try:
+                digest = parse_digest(digest_text)
+            except InvalidReference:
+                continue
+            body = store.read_small(digest, MAX_MANIFEST_BYTES)
+            children = tuple(references(body)[0]) if body is not None else ()
+            found.append(
+                CachedImage(
+                    upstream,
+                    repository,
+                    digest,
+                    frozenset(tags.get((upstream, repository, digest_text), ())),
+                    pushed_at,
+                    pulled.get((upstream, repository, digest_text)),
+                    children,
+                )
+            )
+        images[upstream, repository] = _fold_platforms(found)
+    return images
+
+
+def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
+    """An untagged manifest an index of the repository refers to is part of that image."""
+    referred = {child for image in images for child in image.children}
+    return [image for image in images if image.tags or image.digest not in referred]
+
+
+def plan(
+    store: BlobStore,
+    index: Index,
+    policy_for: PolicyFor,
+    now: float,
+    *,
+    wanted: Callable[[str, str], bool] = lambda upstream, repository: True,
+) -> list[Expiry]:
+    """What the policies expire now, over every repository ``wanted`` selects. Blocks."""
+    expiries: list[Expiry] = []
+    for (upstream, repository), images in sorted(read_images(store, index).items()):
+        if not wanted(upstream, repository):
+            continue
+        policy = policy_for(upstream, repository)
+        if policy is not None:
+            expiries.extend(evaluate(policy, images, now))
+    return expiries
+
+
+def apply_expiries(
+    store: DirectoryStore,
+    index: Index,
+    expiries: list[Expiry],
+    *,
+    protected: frozenset[Digest] = frozenset(),
+    guard: ReadGuard | None = None,
+) -> LifecycleResult:
+    """Expire images: drop their tags and records, then remove the blobs nothing else reaches.
+    Blocks."""
+    result = LifecycleResult(expired=list(expiries))
+    if not expiries:
+        return result
+    gone: set[Digest] = set()
+    for expiry in expiries:
+        image = expiry.image
+        for digest in (image.digest, *image.children):
+            keys: list[IndexKey] = [
+                image_key(image.upstream, image.repository, digest),
+                image_pulled_key(image.upstream, image.repository, digest),
+            ]
+            index.delete(keys)
+            gone.add(digest)
+    # Tag answers pointing at an expired image in its repository, whatever the accept class.
+    expired_in = {(e.image.upstream, e.image.repository, str(e.image.digest)) for e in expiries}
+    tag_keys = [
+        key
+        for key, value in index.entries(frozenset({"tag"}))
+        if isinstance(value, tuple) and (key[1], key[2], str(value[0])) in expired_in
+    ]
+    pulled_keys = [pulled_key_of(key) for key in tag_keys]
+    index.delete(tag_keys + pulled_keys)
+    result.dropped_tags = tag_keys
+    # A manifest still cached for another repository (or tagged there) stays.
+    still_used = {
+        str(value[0]) if key[0] == "tag" and isinstance(value, tuple) else key[3]
+        for key, value in index.entries(frozenset({"image", "tag"}))
+    }
+    unused = {digest for digest in gone if str(digest) not in still_used}
+    index.delete([manifest_key(digest) for digest in unused])
+    reachable = mark(store, index.manifest_digests())
+    guard = guard or ReadGuard()
+    for digest in sorted(mark(store, unused) - reachable, key=str):
+        if digest in protected:
+            continue
+        size = guard.remove_unless_read(store.path_of(digest), digest)
+        if size is None:
+            continue  # read in the last seconds: left for the next garbage collection
+        result.removed.append(digest)
+        result.freed_bytes += size
+    index.delete([blob_key(digest) for digest in result.removed])
+    return result
+
+
+def preview(
+    root: Path,
+    upstreams: Iterable[UpstreamSettings],
+    *,
+    upstream: str | None = None,
+    repository: str | None = None,
+    now: float | None = None,
+) -> list[Expiry]:
+    """``moorage lifecycle preview``: what a pass would expire now, changing nothing. Blocks;
+    safe beside a serving daemon."""
+
+    def wanted(host: str, name: str) -> bool:
+        return upstream in (None, host) and (repository is None or fnmatch.fnmatchcase(name, repository))
+
+    store = DirectoryStore(root)
+    index = Index(root / "index")
+    try:
+        return plan(store, index, policy_resolver(upstreams), time.time() if now is None else now, wanted=wanted)
+    finally:
+        index.close()
+
+
+def pulled_key_of(tag_index_key: IndexKey) -> IndexKey:
+    """The pull-time key of the tag a tag answer is for."""
+    _, upstream, repository, tag, _accept = tag_index_key
+    return ("pulled", upstream, repository, tag)
+
+
+def policy_resolver(upstreams: Iterable[UpstreamSettings]) -> PolicyFor:
+    """A :data:`PolicyFor` from the upstreams' settings: the first binding whose glob matches
+    the repository. Each policy file is read once per resolver (one resolver per pass), so an
+    edited file applies at the next pass; an unreadable one raises LifecyclePolicyError."""
+    bindings = {upstream.host: upstream.lifecycle for upstream in upstreams}
+    loaded: dict[tuple[str, int], LifecyclePolicy] = {}
+
+    def policy_for(upstream: str, repository: str) -> LifecyclePolicy | None:
+        for position, binding in enumerate(bindings.get(upstream, ())):
+            if fnmatch.fnmatchcase(repository, binding.repositories):
+                if (upstream, position) not in loaded:
+                    loaded[upstream, position] = load_lifecycle_policy(binding.policy_file)
+                return loaded[upstream, position]
+        return None
+
+    return policy_for

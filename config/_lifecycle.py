@@ -1,0 +1,158 @@
+"""ECR lifecycle policies: the same JSON documents, read and checked by ECR's rules.
+
+A policy is ``{"rules": [...]}``; each rule has ``rulePriority`` (unique), an optional
+``description``, a ``selection`` (``tagStatus``, ``tagPrefixList`` or ``tagPatternList``,
+``countType``, ``countUnit``, ``countNumber``) and ``action: {"type": "expire"}``. The checks
+are ECR's: a ``tagged`` rule needs exactly one of the two lists, ``untagged`` and ``any`` take
+neither, a ``tagStatus: any`` rule has the highest priority, only one rule selects untagged
+images, a pattern has at most four ``*``, ``countUnit`` (``days``) goes with the ``since*``
+types only, ``countNumber`` is at least 1.
+
+One difference, because a cache has no archive tier: ``sinceImagePulled`` may ``expire``
+(in ECR it may only ``transition``). Evaluation lives in ``moorage.cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+
+__all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
+
+MAX_WILDCARDS = 4
+
+
+class LifecyclePolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the rule's key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Selection(_Strict):
+    tagStatus: Literal["tagged", "untagged", "any"]  # ECR's own key names
+    tagPrefixList: tuple[str, ...] | None = None
+    tagPatternList: tuple[str, ...] | None = None
+    countType: Literal["imageCountMoreThan", "sinceImagePushed", "sinceImagePulled"]
+    countUnit: Literal["days"] | None = None
+    countNumber: StrictInt = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ecr_rules(self) -> Selection:
+        lists = [name for name in ("tagPrefixList", "tagPatternList") if getattr(self, name) is not None]
+        if self.tagStatus == "tagged":
+            if len(lists) != 1:
+                raise ValueError("tagStatus tagged needs exactly one of tagPrefixList and tagPatternList")
+            values = self.tagPrefixList or self.tagPatternList or ()
+            if not values or any(not value for value in values):
+                raise ValueError(f"{lists[0]} must hold at least one non-empty entry")
+        elif lists:
+            raise ValueError(f"tagStatus {self.tagStatus} takes no {' or '.join(lists)} (only tagged does)")
+        for pattern in self.tagPatternList or ():
+            if pattern.count("*") > MAX_WILDCARDS:
+                raise ValueError(f"tagPatternList entry {pattern!r} has more than {MAX_WILDCARDS} wildcards (*)")
+        if self.countType == "imageCountMoreThan" and self.countUnit is not None:
+            raise ValueError("countUnit goes only with sinceImagePushed and sinceImagePulled")
+        if self.countType != "imageCountMoreThan" and self.countUnit is None:
+            raise ValueError(f"countType {self.countType} needs countUnit (days)")
+        return self
+
+    def matches(self, tags: frozenset[str]) -> bool:
+        """Whether an image with these tags is one this selection identifies (ECR: every
+        entry of the list is matched by at least one of the image's tags)."""
+        if self.tagStatus == "any":
+            return True
+        if self.tagStatus == "untagged":
+            return not tags
+        if not tags:
+            return False
+        if self.tagPrefixList is not None:
+            return all(any(tag.startswith(prefix) for tag in tags) for prefix in self.tagPrefixList)
+        return all(any(_pattern(p).fullmatch(tag) for tag in tags) for p in self.tagPatternList or ())
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in text.split("*")))
+
+
+class Action(_Strict):
+    type: Literal["expire"]
+
+
+class LifecycleRule(_Strict):
+    rulePriority: StrictInt = Field(ge=1)
+    description: str = ""
+    selection: Selection
+    action: Action
+
+    @property
+    def name(self) -> str:
+        described = f" ({self.description})" if self.description else ""
+        return f"rule {self.rulePriority}{described}"
+
+
+class LifecyclePolicy(_Strict):
+    rules: tuple[LifecycleRule, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ecr_policy_rules(self) -> LifecyclePolicy:
+        priorities = [rule.rulePriority for rule in self.rules]
+        repeated = sorted({p for p in priorities if priorities.count(p) > 1})
+        if repeated:
+            raise ValueError(f"rulePriority must be unique; repeated: {', '.join(map(str, repeated))}")
+        highest = max(priorities)
+        for rule in self.rules:
+            if rule.selection.tagStatus == "any" and rule.rulePriority != highest:
+                raise ValueError(
+                    f"rule {rule.rulePriority} has tagStatus any, so it must have the highest rulePriority"
+                )
+        untagged = [r.rulePriority for r in self.rules if r.selection.tagStatus == "untagged"]
+        if len(untagged) > 1:
+            raise ValueError(f"only one rule may select untagged images; rules {untagged} do")
+        prefixes: dict[str, int] = {}
+        for rule in self.rules:
+            for prefix in rule.selection.tagPrefixList or ():
+                if prefix in prefixes:
+                    raise ValueError(
+                        f"tag prefix {prefix!r} appears in rules {prefixes[prefix]} and {rule.rulePriority}; "
+                        "each prefix belongs to one rule"
+                    )
+                prefixes[prefix] = rule.rulePriority
+        return self
+
+    @property
+    def ordered(self) -> tuple[LifecycleRule, ...]:
+        return tuple(sorted(self.rules, key=lambda rule: rule.rulePriority))
+
+
+def load_lifecycle_policy(path: Path) -> LifecyclePolicy:
+    """Read and check a policy file; every problem is a :class:`LifecyclePolicyError` naming
+    the file and the key (``rules[1].selection.countUnit``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LifecyclePolicyError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise LifecyclePolicyError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        return LifecyclePolicy.model_validate(document)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ""
+            for part in error["loc"]:
+                key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif error["type"] == "missing":
+                message = "required key missing"
+            problems.append(f"{key}: {message}" if key else message)
+        raise LifecyclePolicyError(f"{path}: " + "; ".join(problems)) from None

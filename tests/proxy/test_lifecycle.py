@@ -1,0 +1,214 @@
+"""Lifecycle policies, garbage collection and eviction on a serving cache: exactly the images a
+policy names leave (tags, manifests and the layers only they used), the preview command says
+so beforehand, and pulls running throughout all succeed with verified bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
+
+from moorage.cache import policy_resolver
+from moorage.config import UpstreamSettings
+from moorage.proxy._state import CACHE
+from moorage.proxy.cli import main
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage, metric, settings_for
+
+Client = TestClient[web.Request, web.Application]
+
+KEEP_TWO_RELEASES = {
+    "rules": [
+        {
+            "rulePriority": 1,
+            "description": "keep the last two releases",
+            "selection": {
+                "tagStatus": "tagged",
+                "tagPatternList": ["v*"],
+                "countType": "imageCountMoreThan",
+                "countNumber": 2,
+            },
+            "action": {"type": "expire"},
+        }
+    ]
+}
+
+
+def release_config(tag: str) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {"Labels": {"version": tag}}}).encode()
+
+
+def stored(store: Path, digest: str) -> bool:
+    algorithm, hex_digest = digest.split(":")
+    return (store / "blobs" / algorithm / hex_digest[:2] / hex_digest).exists()
+
+
+async def pull(moorage: Client, repository: str, reference: str) -> None:
+    """A whole image pull, every byte checked against its digest."""
+    response = await moorage.get(f"/v2/{repository}/manifests/{reference}")
+    assert response.status == 200, await response.text()
+    body = await response.read()
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == response.headers["Docker-Content-Digest"]
+    document = json.loads(body)
+    for descriptor in [document["config"], *document["layers"]]:
+        blob = await moorage.get(f"/v2/{repository}/blobs/{descriptor['digest']}")
+        assert blob.status == 200
+        assert "sha256:" + hashlib.sha256(await blob.read()).hexdigest() == descriptor["digest"]
+
+
+async def test_a_policy_expires_exactly_the_images_it_names(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    policy = tmp_path / "lifecycle.json"
+    policy.write_text(json.dumps(KEEP_TWO_RELEASES))
+    shared = os.urandom(1000)  # a base layer every release shares
+    releases = {
+        tag: upstream.add_image("team/app", tag, [shared, os.urandom(2000)], config=release_config(tag))
+        for tag in ("v1", "v2", "v3", "v4")
+    }
+    latest = upstream.add_image("team/app", "latest", [shared, os.urandom(2000)])
+    other = upstream.add_image("team/other", "v1", [os.urandom(500)])
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": 0, "gc_interval": 0},
+        upstream_settings={"lifecycle_policies": [{"repositories": "team/app", "policy_file": str(policy)}]},
+    )
+    for tag in ("v1", "v2", "v3", "v4", "latest"):
+        await pull(moorage, "team/app", tag)
+        await asyncio.sleep(0.01)  # distinct first-cached times, in release order
+    await pull(moorage, "team/other", "v1")
+    await moorage.app[CACHE].flush()
+
+    config = tmp_path / "config.yaml"
+    settings = settings_for(
+        upstream,
+        store,
+        upstream_settings={"lifecycle_policies": [{"repositories": "team/app", "policy_file": str(policy)}]},
+    )
+    config.write_text(json.dumps(settings.model_dump(mode="json")))
+    preview = CliRunner().invoke(main, ["lifecycle", "preview", "--config", str(config), "--format", "json"])
+    assert preview.exit_code == 0, preview.output
+    listed = [json.loads(line) for line in preview.output.splitlines()]
+    assert [(r["repository"], r["tags"], r["rule"]) for r in listed] == [
+        ("team/app", ["v1"], 1),
+        ("team/app", ["v2"], 1),
+    ]
+    assert listed[0]["reason"] == "rule 1 (keep the last two releases): more than 2 images match"
+
+    result = await moorage.app[CACHE].apply_lifecycle(policy_resolver(settings.upstreams))
+    assert sorted(sorted(e.image.tags) for e in result.expired) == [["v1"], ["v2"]]
+    for tag in ("v1", "v2"):
+        image = releases[tag]
+        assert not stored(store, image.digest), f"{tag}'s manifest left the store"
+        assert not stored(store, image.layer_digests[1]), f"{tag}'s own layer left the store"
+        assert not stored(store, image.config_digest), f"{tag}'s config left the store"
+    assert stored(store, releases["v1"].layer_digests[0]), "the shared layer stays: newer releases use it"
+    for kept in (releases["v3"], releases["v4"], latest, other):
+        assert all(stored(store, d) for d in (kept.digest, kept.config_digest, *kept.layer_digests))
+    assert await metric(moorage, "moorage_lifecycle_expired_images_total", upstream="docker.io", rule="1") == 2
+    assert await metric(moorage, "moorage_evictions_total", reason="lifecycle") == len(result.removed) == 6
+    assert await metric(moorage, "moorage_evicted_bytes_total", reason="lifecycle") == result.freed_bytes > 4000
+
+    upstream.reset_requests()
+    await pull(moorage, "team/app", "v3")
+    assert upstream.count() == 0, "a kept release is still a plain hit"
+    await pull(moorage, "team/app", "v1")
+    assert upstream.count("GET", "/manifests/v1") == 1, "an expired tag is fetched again"
+    assert upstream.count("GET", f"/blobs/{releases['v1'].layer_digests[1]}") == 1
+
+    again = CliRunner().invoke(main, ["lifecycle", "preview", "--config", str(config)])
+    assert again.exit_code == 0, again.output
+    assert "team/app" in again.output and "v2" not in again.output
+
+
+async def test_scheduled_passes_run_while_serving(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    policy = tmp_path / "lifecycle.json"
+    policy.write_text(json.dumps(KEEP_TWO_RELEASES))
+    for tag in ("v1", "v2", "v3"):
+        upstream.add_image("team/app", tag, [os.urandom(3000)])
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": "0.2s", "gc_interval": "0.2s", "gc_grace": "0s"},
+        upstream_settings={"lifecycle_policy_file": str(policy)},
+    )
+    orphan = "sha256:" + hashlib.sha256(b"left behind").hexdigest()  # a blob no manifest refers to
+    orphan_path = store / "blobs" / "sha256" / orphan[7:9] / orphan[7:]
+    orphan_path.parent.mkdir(parents=True, exist_ok=True)
+    orphan_path.write_bytes(b"left behind")
+    os.utime(orphan_path, (1e9, 1e9))
+    for tag in ("v1", "v2", "v3"):
+        await pull(moorage, "team/app", tag)
+        await asyncio.sleep(0.01)
+    for _ in range(100):
+        if await metric(moorage, "moorage_lifecycle_expired_images_total") >= 1 and not stored(store, orphan):
+            break
+        await asyncio.sleep(0.05)
+    assert await metric(moorage, "moorage_lifecycle_expired_images_total", rule="1") == 1
+    assert not stored(store, orphan), "gc swept the blob no manifest refers to"
+    assert await metric(moorage, "moorage_evictions_total", reason="gc") >= 1
+    assert await metric(moorage, "moorage_maintenance_last_finished_timestamp_seconds", task="gc") > 0
+    assert await metric(moorage, "moorage_maintenance_last_finished_timestamp_seconds", task="lifecycle") > 0
+
+
+async def test_pulls_succeed_while_gc_eviction_and_lifecycle_run(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The worst case for a sweeper: a zero grace period and a cap smaller than the images."""
+    store = tmp_path / "store"
+    policy = tmp_path / "lifecycle.json"
+    policy.write_text(json.dumps(KEEP_TWO_RELEASES))
+    tags = [f"v{n}" for n in range(8)]
+    for tag in tags:
+        upstream.add_image("team/app", tag, [os.urandom(40_000), os.urandom(40_000)])
+    moorage = await start_moorage(
+        storage={"path": str(store), "max_size": "300KiB", "lifecycle_interval": 0, "gc_interval": 0},
+        upstream_settings={"lifecycle_policy_file": str(policy)},
+    )
+    cache = moorage.app[CACHE]
+    resolve = policy_resolver(cache_upstreams(policy))
+    pulls = 0
+    stop = asyncio.Event()
+
+    async def puller(offset: int) -> None:
+        nonlocal pulls
+        n = offset
+        while not stop.is_set():
+            await pull(moorage, "team/app", tags[n % len(tags)])
+            pulls += 1
+            n += 1
+
+    async def maintainer() -> int:
+        passes = 0
+        for _ in range(30):
+            await cache.collect_garbage(0.0)
+            await cache.evict()
+            await cache.apply_lifecycle(resolve)
+            passes += 1
+            await asyncio.sleep(0.005)
+        stop.set()
+        return passes
+
+    results = await asyncio.gather(maintainer(), puller(0), puller(3), puller(5))
+    assert results[0] == 30
+    assert pulls >= 30, "pulls ran throughout"
+    assert (
+        await metric(moorage, "moorage_evictions_total", reason="gc")
+        + await metric(moorage, "moorage_evictions_total", reason="size")
+        + await metric(moorage, "moorage_evictions_total", reason="lifecycle")
+        > 0
+    ), "the sweepers really removed things"
+    for tag in tags:  # and afterwards everything is still pullable
+        await pull(moorage, "team/app", tag)
+
+
+def cache_upstreams(policy: Path) -> list[UpstreamSettings]:
+    return [UpstreamSettings(host="docker.io", url="http://127.0.0.1:9", lifecycle_policy_file=policy)]
