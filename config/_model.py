@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, load_lifecycle_policy
 from ._units import parse_duration, parse_size
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_UPSTREAMS",
     "AuthSettings",
     "LifecycleBinding",
+    "PolicyRule",
     "RetrySettings",
     "Settings",
     "StorageSettings",
@@ -75,14 +76,56 @@ class TlsSettings(_Section):
     client_ca_file: Path | None = None
 
 
+class PolicyRule(_Section):
+    """One access rule: who, what, allow or deny. The first rule that matches decides."""
+
+    effect: Literal["allow", "deny"]
+    description: str = ""
+    #: User names from the htpasswd file; ``*`` is any signed-in user.
+    users: tuple[str, ...] = ()
+    #: Groups from ``auth.groups_file``.
+    groups: tuple[str, ...] = ()
+    #: Whether the rule covers requests without credentials.
+    anonymous: bool = False
+    #: Client networks (``10.0.0.0/8``); the rule covers only clients inside one of them.
+    cidrs: tuple[IPvAnyNetwork, ...] = ()
+    #: Globs over ``<upstream host>/<repository>`` (``docker.io/library/*``, ``nvcr.io/*``).
+    repositories: tuple[str, ...] = ("*",)
+
+    @model_validator(mode="after")
+    def _someone(self) -> PolicyRule:
+        if not self.repositories:
+            raise ValueError("repositories: at least one glob (use '*' for every repository)")
+        return self
+
+    @property
+    def who_is_anyone(self) -> bool:
+        """No user, group or anonymous named: the rule covers every requester (in ``cidrs``)."""
+        return not self.users and not self.groups and not self.anonymous
+
+
 class AuthSettings(_Section):
     """Who may pull. With no ``htpasswd_file`` everyone may (the cache's default)."""
 
     #: Users and bcrypt hashes, as ``htpasswd -B`` writes them; reloaded when the file changes.
     htpasswd_file: Path | None = None
+    #: Groups of those users, one per line: ``group: user1 user2`` (Apache's AuthGroupFile).
+    groups_file: Path | None = None
     #: ``pull``: requests without credentials may pull; ``none``: they get 401. Unset: ``none``
     #: when ``htpasswd_file`` is set, ``pull`` otherwise.
     anonymous: Literal["pull", "none"] | None = None
+    #: Lifetime of the tokens ``/token`` and ``moorage login-password`` issue.
+    token_lifetime: Seconds = Field(default=12 * 3600.0, ge=60, le=31 * 86400)
+    #: The ES256 key tokens are signed with (PKCS#8 PEM). Unset: ``<storage.path>/auth/token-key.pem``,
+    #: generated at the first start. Replicas sharing a store share the key.
+    token_signing_key_file: Path | None = None
+    #: The token service's URL as clients reach it (``https://cache.example/token``). Unset:
+    #: built from each request's scheme and Host header.
+    token_realm: str | None = None
+    #: Token requests allowed per client address and minute (password guessing is slow work).
+    token_requests_per_minute: int = Field(default=120, ge=1)
+    #: Access rules, evaluated in order; the first that matches decides, none matching allows.
+    policy: tuple[PolicyRule, ...] = ()
 
     @property
     def anonymous_may_pull(self) -> bool:

@@ -19,14 +19,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import open_cache
-from moorage.config import Settings
+from moorage.config import ConfigError, Settings
 from moorage.upstreams import open_upstreams
 
 from ._access import access_middleware
-from ._auth import USERS, Htpasswd, auth_middleware
+from ._auth import AUTHENTICATOR, USERS, Authenticator, Htpasswd, auth_middleware
 from ._handlers import add_routes
 from ._metrics import Metrics
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
+from ._token_service import RATE_LIMITER, RateLimiter
+from ._tokens import TokenKeys
 from .errors import Handler, error_middleware
 
 __all__ = ["build_app", "metrics_app"]
@@ -96,15 +98,30 @@ def _watching(users: Htpasswd) -> Callable[[web.Application], AsyncIterator[None
     return watch
 
 
+def _token_keys(settings: Settings) -> TokenKeys:
+    """The token signing key: the configured file, or one generated in the store."""
+    configured = settings.auth.token_signing_key_file
+    path = configured or settings.storage.path / "auth" / "token-key.pem"
+    try:
+        return TokenKeys.load(path, create=configured is None)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("the configuration", [f"auth.token_signing_key_file: {exc}"]) from None
+
+
 def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:
-    users = Htpasswd(settings.auth.htpasswd_file) if settings.auth.htpasswd_file is not None else None
+    auth = settings.auth
+    users = Htpasswd(auth.htpasswd_file, auth.groups_file) if auth.htpasswd_file is not None else None
+    tokens = _token_keys(settings) if users is not None else None
+    authenticator = Authenticator(auth, users, tokens)
     app = web.Application(
-        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware(settings.auth, users)],
+        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware(authenticator)],
         client_max_size=64 * 1024,
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[AUTHENTICATOR] = authenticator
+    app[RATE_LIMITER] = RateLimiter(auth.token_requests_per_minute)
     if upstream_transport is not None:
         app[UPSTREAM_TRANSPORT] = upstream_transport
     app.on_response_prepare.append(_common_headers)

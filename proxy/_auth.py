@@ -1,12 +1,17 @@
-"""Client authentication: HTTP Basic against an htpasswd file of bcrypt entries.
+"""Client authentication: an htpasswd file of bcrypt entries, bearer tokens, Basic credentials.
 
-:class:`Htpasswd` holds the users; it is read at start and again when the file changes
-(checked every 10 s). bcrypt is slow on purpose (tens of milliseconds per check), and clients
-send their credentials with every request, so a successful check is remembered for a few
-minutes by a keyed hash of user and password (never the password itself), and checks run in a
-thread. :func:`auth_middleware` guards ``/v2/``: anonymous requests pass when
-``auth.anonymous`` allows pulls, a valid user passes and is noted for the access and audit
-logs, anything else gets 401 UNAUTHORIZED with a Basic challenge.
+:class:`Htpasswd` holds the users (and their groups, from ``auth.groups_file``); both files are
+read at start and again when either changes (checked every 10 s). bcrypt is slow on purpose
+(tens of milliseconds per check), so a successful check is remembered for a few minutes by a
+keyed hash of user and password (never the password itself), and checks run on two threads of
+their own. A password may also be a login token of its user (``moorage login-password``).
+
+:func:`auth_middleware` guards ``/v2/``. With users configured, a request without credentials
+gets the token service's challenge (``Bearer realm=".../token",service="moorage"``, with the
+repository's ``scope``), as a registry's own; a bearer token is verified, Basic credentials are
+accepted directly. Anonymous requests pass when ``auth.anonymous`` allows pulls. Which
+repositories a token grants, and the access policy, are checked once the route is known
+(:func:`authorize_pull`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from aiohttp.typedefs import Middleware
 
 from moorage.config import AuthSettings, ConfigError
 
+from ._paths import parse_v2_path
+from ._policy import AccessDenied, Requester, authorize
 from ._state import RequestNote
+from ._tokens import SERVICE, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError
 
-__all__ = ["USERS", "Htpasswd", "Unauthorized", "auth_middleware"]
+__all__ = ["AUTHENTICATOR", "USERS", "Authenticator", "Htpasswd", "Unauthorized", "auth_middleware", "authorize_pull"]
 
 log = logging.getLogger("moorage")
 REMEMBER_SECONDS: Final = 300.0
@@ -46,10 +54,12 @@ class Unauthorized(OCIError):
 
 
 class Htpasswd:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, groups_path: Path | None = None) -> None:
         self.path = path
+        self.groups_path = groups_path
         self._users: dict[str, bytes] = {}
-        self._mtime = 0.0
+        self._groups: dict[str, frozenset[str]] = {}
+        self._mtime: tuple[float, float] = (0.0, 0.0)
         self._remembered: dict[bytes, float] = {}
         self._key = secrets.token_bytes(32)
         self._generation = 0
@@ -79,15 +89,52 @@ class Htpasswd:
                     [f"auth.htpasswd_file: {self.path} line {number}: expected user:bcrypt-hash (htpasswd -B)"],
                 )
             users[user] = hashed.encode()
+        groups, groups_mtime = self._load_groups()
         costs = {int(h[4:6]) for h in users.values() if h[4:6].isdigit()}
         # An unknown user costs what a known one does, so timing does not tell names apart.
         self._dummy = bcrypt.hashpw(b"dummy", bcrypt.gensalt(max(costs))) if costs else _DUMMY
-        self._users, self._mtime, self._remembered = users, mtime, {}
+        self._users, self._groups, self._remembered = users, groups, {}
+        self._mtime = (mtime, groups_mtime)
         self._generation += 1
+
+    def _load_groups(self) -> tuple[dict[str, frozenset[str]], float]:
+        """``group: user1 user2`` lines, as user → groups."""
+        if self.groups_path is None:
+            return {}, 0.0
+        try:
+            text = self.groups_path.read_text(encoding="utf-8")
+            mtime = self.groups_path.stat().st_mtime
+        except OSError as exc:
+            raise ConfigError(
+                "the configuration", [f"auth.groups_file: cannot read {self.groups_path}: {exc.strerror}"]
+            ) from None
+        members: dict[str, set[str]] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            group, sep, names = line.partition(":")
+            if not sep or not group.strip():
+                raise ConfigError(
+                    "the configuration",
+                    [f"auth.groups_file: {self.groups_path} line {number}: expected 'group: user1 user2'"],
+                )
+            for user in names.split():
+                members.setdefault(user, set()).add(group.strip())
+        return {user: frozenset(groups) for user, groups in members.items()}, mtime
+
+    def has_user(self, user: str) -> bool:
+        return user in self._users
+
+    def groups_of(self, user: str | None) -> frozenset[str]:
+        return self._groups.get(user, frozenset()) if user is not None else frozenset()
+
+    def _mtimes(self) -> tuple[float, float]:
+        groups = self.groups_path.stat().st_mtime if self.groups_path is not None else 0.0
+        return self.path.stat().st_mtime, groups
 
     def reload_if_changed(self) -> None:
         try:
-            changed = self.path.stat().st_mtime != self._mtime
+            changed = self._mtimes() != self._mtime
         except OSError:
             return
         if changed:
@@ -132,7 +179,7 @@ _DUMMY: Final = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))
 USERS: Final = web.AppKey("users", Htpasswd)
 
 
-def _basic_credentials(header: str) -> tuple[str, str] | None:
+def basic_credentials(header: str) -> tuple[str, str] | None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
         return None
@@ -143,9 +190,47 @@ def _basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
-def auth_middleware(settings: AuthSettings, users: Htpasswd | None) -> Middleware:
-    anonymous_may_pull = settings.anonymous_may_pull
-    challenge = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+class Authenticator:
+    """Who a request is: from a bearer token, Basic credentials, or nobody."""
+
+    def __init__(self, settings: AuthSettings, users: Htpasswd | None, tokens: TokenKeys | None) -> None:
+        self.settings = settings
+        self.users = users
+        self.tokens = tokens
+
+    async def password_ok(self, user: str, password: str) -> bool:
+        """An htpasswd user's password, or a login token of that user."""
+        users = self.users
+        if users is None:
+            return False
+        if self.tokens is not None and password.count(".") == 2 and password.startswith("ey"):
+            try:
+                grant = self.tokens.verify(password, "login")
+            except TokenInvalid:
+                return False
+            return grant.user == user and users.has_user(user)
+        if users.remembered(user, password):
+            return True
+        return await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password)
+
+    def challenge(self, request: web.Request, error: str | None = None) -> dict[str, str]:
+        if self.tokens is None:
+            return {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+        realm = self.settings.token_realm or f"{request.scheme}://{request.host}/token"
+        value = f'Bearer realm="{realm}",service="{SERVICE}"'
+        target = parse_v2_path(request.raw_path)
+        if target is not None and target.name:
+            value += f',scope="repository:{target.name}:pull"'
+        if error is not None:
+            value += f',error="{error}"'
+        return {"WWW-Authenticate": value}
+
+    def refuse(self, request: web.Request, message: str, error: str | None = None) -> Unauthorized:
+        return Unauthorized(message, headers=self.challenge(request, error))
+
+
+def auth_middleware(authenticator: Authenticator) -> Middleware:
+    anonymous_may_pull = authenticator.settings.anonymous_may_pull
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -155,20 +240,47 @@ def auth_middleware(settings: AuthSettings, users: Htpasswd | None) -> Middlewar
         if header is None:
             if anonymous_may_pull:
                 return await handler(request)
-            raise Unauthorized("authentication required", headers=challenge)
-        credentials = _basic_credentials(header)
-        if credentials is None or users is None:
-            raise Unauthorized("only Basic credentials of a configured user are accepted", headers=challenge)
+            raise authenticator.refuse(request, "authentication required")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and authenticator.tokens is not None:
+            try:
+                grant = authenticator.tokens.verify(value.strip())
+            except TokenInvalid as exc:
+                raise authenticator.refuse(request, str(exc), error="invalid_token") from None
+            if grant.user:
+                request[RequestNote.USER] = grant.user
+            request[RequestNote.GRANTED] = grant.repositories
+            return await handler(request)
+        credentials = basic_credentials(header)
+        if credentials is None or authenticator.users is None:
+            raise authenticator.refuse(request, "only credentials of a configured user are accepted")
         user, password = credentials
-        known = users.remembered(user, password) or await asyncio.get_running_loop().run_in_executor(
-            users.executor, users.check, user, password
-        )
-        if not known:
+        if not await authenticator.password_ok(user, password):
             log.info(
                 "authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote}
             )
-            raise Unauthorized("unknown user or wrong password", headers=challenge)
+            raise authenticator.refuse(request, "unknown user or wrong password")
         request[RequestNote.USER] = user
         return await handler(request)
 
     return middleware
+
+
+def authorize_pull(request: web.Request, name: str, upstream: str, repository: str) -> None:
+    """Once the route is known: the token must grant this repository, and the access policy
+    must not deny it. Raises AccessDenied (403 DENIED) naming the reason."""
+    granted = request.get(RequestNote.GRANTED)
+    if granted is not None and name not in granted:
+        raise AccessDenied(
+            f"the token grants no pull of {name}; ask the token service for scope repository:{name}:pull"
+        )
+    authenticator = request.app[AUTHENTICATOR]
+    rules = authenticator.settings.policy
+    if rules:
+        user = request.get(RequestNote.USER)
+        groups = authenticator.users.groups_of(user) if authenticator.users is not None else frozenset()
+        authorize(rules, Requester(user, groups, request.remote), upstream, repository)
+
+
+#: How the application tells who a request is.
+AUTHENTICATOR: Final = web.AppKey("authenticator", Authenticator)

@@ -23,8 +23,10 @@ from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
 
+from ._auth import authorize_pull
 from ._paths import V2Path, parse_v2_path
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, RequestNote
+from ._token_service import token_endpoint
 from .errors import OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
 
 __all__ = ["add_routes"]
@@ -58,6 +60,7 @@ async def v2(request: web.Request) -> web.StreamResponse:
     route = request.app[ROUTER].resolve(target.name, request.query.get("ns"))
     request[RequestNote.UPSTREAM] = route.upstream.host
     request[RequestNote.REPOSITORY] = str(route.repository)
+    authorize_pull(request, target.name, route.upstream.host, str(route.repository))
     if target.kind == "manifest":
         return await manifest(request, route, target)
     if target.kind == "blob":
@@ -309,6 +312,8 @@ def add_routes(app: web.Application, *, metrics_here: bool = True) -> None:
     router.add_get("/v2", api_base)
     router.add_get("/v2/", api_base)
     router.add_route("*", "/v2/{tail:.*}", v2)
+    router.add_route("GET", "/token", token_endpoint)
+    router.add_route("POST", "/token", token_endpoint)
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
     if metrics_here:

@@ -29,6 +29,10 @@ class RequestNote:
     REQUEST_ID: Final = web.RequestKey("moorage_request_id", str)
     STARTED: Final = web.RequestKey("moorage_started", float)
     USER: Final = web.RequestKey("moorage_user", str)
+    #: Groups of the signed-in user (``auth.groups_file``).
+    GROUPS: Final = web.RequestKey("moorage_groups", frozenset)
+    #: The repositories a bearer token grants; absent for Basic and anonymous requests.
+    GRANTED: Final = web.RequestKey("moorage_granted", frozenset)
     KIND: Final = web.RequestKey("moorage_kind", str)
     UPSTREAM: Final = web.RequestKey("moorage_upstream", str)
     REPOSITORY: Final = web.RequestKey("moorage_repository", str)

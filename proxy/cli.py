@@ -45,9 +45,11 @@ from moorage.config import (
 )
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
+from ._auth import Htpasswd
 from ._client_config import CLIENTS, Client, client_files
 from ._logging import configure_logging
 from ._serve import running, serve
+from ._tokens import TokenKeys
 
 __all__ = ["main"]
 
@@ -445,6 +447,44 @@ def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> No
         f"{'would remove' if dry_run else 'removed'} {len(report.swept)} ({_size(report.swept_bytes)}); "
         f"{report.kept_young} unreferenced but younger than {grace}"
     )
+
+
+@main.command(
+    "login-password",
+    epilog="Examples:\n\n  moorage login-password --user ci | docker login --username ci --password-stdin "
+    'cache.example:5000\n\n  podman login --username ci --password "$(moorage login-password --user ci)" '
+    "cache.example:5000",
+)
+@click.option("--user", required=True, help="A user of auth.htpasswd_file.")
+@click.option("--lifetime", help="How long the token works (default: auth.token_lifetime, 12h).")
+@config_option
+def login_password(user: str, lifetime: str | None, config: Path | None) -> None:
+    """Print a short-lived password for USER, for docker/podman login --password-stdin.
+
+    Like ECR's get-login-password: the token works as USER's password until it expires, and
+    needs no stored secret on the client. Whoever can read the token signing key can mint
+    these, so run it where the cache runs.
+    """
+    settings = settings_from(config)
+    auth = settings.auth
+    if auth.htpasswd_file is None:
+        fail("auth.htpasswd_file is not set: there are no users to sign in as")
+    try:
+        seconds = parse_duration(lifetime) if lifetime is not None else auth.token_lifetime
+    except ValueError as error:
+        fail(f"--lifetime: {error}")
+    try:
+        users = Htpasswd(auth.htpasswd_file, auth.groups_file)
+    except ConfigError as error:
+        fail(str(error))
+    if not users.has_user(user):
+        fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
+    configured = auth.token_signing_key_file
+    try:
+        keys = TokenKeys.load(configured or settings.storage.path / "auth" / "token-key.pem", create=configured is None)
+    except (ValueError, OSError) as error:
+        fail(f"auth.token_signing_key_file: {error}")
+    click.echo(keys.issue(user, frozenset(), seconds, kind="login"))
 
 
 @main.group()

@@ -1,16 +1,19 @@
-"""Client authentication with real clients: skopeo with --src-creds, podman after podman login
-to the mirror host; without credentials both are refused."""
+"""Client authentication with real clients, through the token service: skopeo with
+--src-creds, podman after podman login (with the password, and with a token from
+``moorage login-password``), containerd with --user (its OAuth2 POST); without credentials,
+or with a wrong password, each is refused."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import bcrypt
 import pytest
 
 from .harness import images
-from .harness.clients import ClientError, Podman, skopeo_copy
+from .harness.clients import ClientError, Containerd, Podman, skopeo_copy
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
 
@@ -38,6 +41,36 @@ def test_skopeo_and_podman_pull_with_credentials_and_not_without(tmp_path: Path)
                 podman.login(moorage.host, "ci", PASSWORD)
                 podman.pull("docker.io/library/app:1")
                 assert podman.image_exists("docker.io/library/app:1")
+            login = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "moorage.proxy",
+                    "login-password",
+                    "--user",
+                    "ci",
+                    "--config",
+                    str(moorage.config_path),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            with Podman(tmp_path / "podman-token", moorage.host) as podman:
+                podman.login(moorage.host, "ci", login)
+                podman.pull("docker.io/library/app:1")
+            with Containerd(tmp_path / "containerd") as containerd:
+                containerd.write_hosts("docker.io", moorage.url)
+                refused_ctr = containerd.pull("docker.io/library/app:1", user="ci:wrong", check=False, timeout=120)
+                assert refused_ctr.returncode != 0
+                containerd.pull("docker.io/library/app:1", user=f"ci:{PASSWORD}")
+            token_requests = [
+                (line.get("method"), line.get("status"))
+                for line in moorage.log_lines()
+                if line.get("event") == "request" and str(line.get("path", "")).startswith("/token")
+            ]
+            assert ("GET", 200) in token_requests, "skopeo and podman fetch tokens with GET"
+            assert ("POST", 200) in token_requests, "containerd fetches its token with the OAuth2 POST"
             users = {line.get("user") for line in moorage.log_lines() if line.get("event") == "pull"}
             assert users == {"ci"}
             assert PASSWORD not in moorage.log_path.read_text()

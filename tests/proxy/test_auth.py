@@ -42,7 +42,10 @@ async def test_users_pull_and_strangers_get_a_challenge(
     moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
     anonymous = await moorage.get("/v2/alpine/manifests/3.19")
     assert anonymous.status == 401
-    assert anonymous.headers["WWW-Authenticate"] == 'Basic realm="moorage"'
+    realm = f"http://{moorage.host}:{moorage.port}/token"
+    assert anonymous.headers["WWW-Authenticate"] == (
+        f'Bearer realm="{realm}",service="moorage",scope="repository:alpine:pull"'
+    ), "the token service's challenge, as a registry's own"
     assert (await anonymous.json())["errors"][0]["code"] == "UNAUTHORIZED"
     assert (await moorage.get("/v2/")).status == 401, "docker login probes /v2/ first"
     wrong = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "guess"))

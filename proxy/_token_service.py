@@ -1,0 +1,125 @@
+"""``/token``: the token service clients are sent to by the ``Bearer`` challenge.
+
+As a registry's own (the distribution token spec, and its OAuth2 form): ``GET /token`` with
+Basic credentials and ``service``, ``scope`` (repeatable, or space-separated) parameters, as
+docker, podman and skopeo send it; ``POST /token`` with a form (``grant_type=password``,
+``username``, ``password``, ``scope``), as containerd sends it. The answer is a signed token
+(``token`` and ``access_token``, ``expires_in``, ``issued_at``) granting ``pull`` of the
+repositories asked for; this cache is read-only, so other actions are never granted. Wrong
+credentials are 401, never an anonymous token (a wrong password must not "log in"); no
+credentials give an anonymous token only when anonymous pulls are allowed. Refresh tokens are
+not issued, so clients keep sending their password; ``grant_type=refresh_token`` is 400, on
+which containerd falls back to ``GET``. Requests are limited per client address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Final
+
+from aiohttp import web
+
+from moorage.upstreams.reference import InvalidReference, parse_repository
+
+from ._auth import AUTHENTICATOR, basic_credentials
+from ._state import RequestNote
+from .errors import OCIError, TooManyRequests
+
+__all__ = ["RateLimiter", "token_endpoint"]
+
+MAX_SCOPES: Final = 32
+MAX_CLIENTS_TRACKED: Final = 10_000
+
+
+class TokenRefused(OCIError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class GrantUnsupported(OCIError):
+    code, status = "UNSUPPORTED", 400
+
+
+class RateLimiter:
+    """A token bucket per client address: ``per_minute`` requests, refilled continuously."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._rate = per_minute / 60.0
+        self._capacity = float(per_minute)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, client: str) -> float | None:
+        """None when allowed; else the seconds until the next request would be."""
+        now = time.monotonic()
+        tokens, since = self._buckets.pop(client, (self._capacity, now))
+        tokens = min(self._capacity, tokens + (now - since) * self._rate)
+        wait = None
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self._rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > MAX_CLIENTS_TRACKED:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+RATE_LIMITER: Final = web.AppKey("token_rate_limiter", RateLimiter)
+
+
+def _pulls_asked(scopes: list[str]) -> frozenset[str]:
+    """Repository names asked for with ``pull``; other resource types and actions are ignored."""
+    names = set()
+    for scope in (part for value in scopes for part in value.split()):
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if kind.split("(")[0] != "repository" or ("pull" not in actions.split(",") and "*" not in actions):
+            continue
+        try:
+            parse_repository(name)
+        except InvalidReference:
+            continue
+        names.add(name)
+        if len(names) >= MAX_SCOPES:
+            break
+    return frozenset(names)
+
+
+async def token_endpoint(request: web.Request) -> web.Response:
+    authenticator = request.app[AUTHENTICATOR]
+    tokens = authenticator.tokens
+    if tokens is None:
+        raise web.HTTPNotFound()
+    wait = request.app[RATE_LIMITER].allow(request.remote or "")
+    if wait is not None:
+        raise TooManyRequests("too many token requests; slow down", headers={"Retry-After": str(int(wait) + 1)})
+    user: str | None
+    password: str | None
+    if request.method == "POST":
+        form = await request.post()
+        grant_type = str(form.get("grant_type", ""))
+        if grant_type != "password":
+            raise GrantUnsupported(f"grant_type {grant_type[:40]!r} is not supported; use password, or GET with Basic")
+        user, password = str(form.get("username", "")), str(form.get("password", ""))
+        scopes = [str(value) for value in form.getall("scope", [])]
+    else:
+        credentials = basic_credentials(request.headers.get("Authorization", ""))
+        user, password = credentials if credentials is not None else (None, None)
+        scopes = request.query.getall("scope", [])
+    if user is None or password is None:
+        if not authenticator.settings.anonymous_may_pull:
+            raise TokenRefused("credentials required", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
+        subject = ""
+    elif await authenticator.password_ok(user, password):
+        subject = user
+        request[RequestNote.USER] = user
+    else:
+        raise TokenRefused("unknown user or wrong password", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
+    lifetime = authenticator.settings.token_lifetime
+    token = tokens.issue(subject, _pulls_asked(scopes), lifetime)
+    issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return web.json_response(
+        {"token": token, "access_token": token, "expires_in": int(lifetime), "issued_at": issued},
+        headers={"Cache-Control": "no-store"},
+    )

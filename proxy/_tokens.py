@@ -1,0 +1,133 @@
+"""Signed tokens: what ``/token`` hands out and ``moorage login-password`` prints.
+
+Tokens are ES256 JWTs (PyJWT over cryptography), signed with one P-256 key kept as a PKCS#8
+PEM file (generated at the first start when none is configured, readable by its owner only).
+Two kinds, told apart by their audience, so neither passes for the other:
+
+- *access* tokens (audience ``moorage``), from ``/token``: the ``access`` claim lists the
+  repositories they may pull, as the distribution token spec has it
+  (``[{"type": "repository", "name": "library/alpine", "actions": ["pull"]}]``);
+- *login* tokens (audience ``moorage:login``), from ``moorage login-password``: accepted as the
+  password of their user, the way ECR's ``get-login-password`` output is; never as a bearer.
+
+Verification allows 60 s of clock skew, like distribution, and remembers good tokens until
+they expire (ES256 verification costs about 0.1 ms; manifests are served in less).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+__all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys"]
+
+SERVICE: Final = "moorage"
+ISSUER: Final = "moorage"
+LOGIN_AUDIENCE: Final = "moorage:login"
+LEEWAY: Final = 60
+REMEMBERED_TOKENS: Final = 10_000
+TokenKind = Literal["access", "login"]
+
+
+class TokenInvalid(Exception):
+    """A token that is malformed, forged, expired, or of the other kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token says: who (``""`` for anonymous) and which repositories."""
+
+    user: str
+    repositories: frozenset[str]
+    expires_at: float
+
+
+class TokenKeys:
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+        self._public = key.public_key()
+        self._verified: OrderedDict[str, Grant] = OrderedDict()
+
+    @classmethod
+    def load(cls, path: Path, *, create: bool) -> TokenKeys:
+        """The key in ``path``; with ``create``, a new one is written there when it is missing.
+        Raises ValueError naming the file when it is unreadable or not a P-256 key. Blocks."""
+        if create and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = ec.generate_private_key(ec.SECP256R1())
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(pem)
+            with contextlib.suppress(FileExistsError):  # another replica was first: use its key
+                os.link(temporary, path)
+            temporary.unlink()
+        try:
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except OSError as exc:
+            raise ValueError(f"cannot read the token signing key {path}: {exc.strerror}") from None
+        except ValueError:
+            raise ValueError(f"{path} is not a PEM private key (expected PKCS#8, unencrypted)") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
+            raise ValueError(f"{path}: the token signing key must be an EC P-256 key (ES256)")
+        return cls(loaded)
+
+    def issue(self, user: str, repositories: frozenset[str], lifetime: float, kind: TokenKind = "access") -> str:
+        now = int(time.time())
+        claims: dict[str, object] = {
+            "iss": ISSUER,
+            "sub": user,
+            "aud": SERVICE if kind == "access" else LOGIN_AUDIENCE,
+            "iat": now,
+            "nbf": now,
+            "exp": now + int(lifetime),
+            "jti": secrets.token_hex(12),
+        }
+        if kind == "access":
+            claims["access"] = [
+                {"type": "repository", "name": name, "actions": ["pull"]} for name in sorted(repositories)
+            ]
+        return jwt.encode(claims, self._key, algorithm="ES256")
+
+    def verify(self, token: str, kind: TokenKind = "access") -> Grant:
+        remembered = self._verified.get(token) if kind == "access" else None
+        if remembered is not None and remembered.expires_at > time.time() - LEEWAY:
+            return remembered
+        try:
+            claims = jwt.decode(
+                token,
+                self._public,
+                algorithms=["ES256"],
+                audience=SERVICE if kind == "access" else LOGIN_AUDIENCE,
+                issuer=ISSUER,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenInvalid("the token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenInvalid(f"the token is not valid here: {exc}") from None
+        repositories = frozenset(
+            str(item.get("name"))
+            for item in claims.get("access") or []
+            if isinstance(item, dict) and item.get("type") == "repository" and "pull" in (item.get("actions") or [])
+        )
+        grant = Grant(str(claims["sub"]), repositories, float(claims["exp"]))
+        if kind == "access":
+            self._verified[token] = grant
+            while len(self._verified) > REMEMBERED_TOKENS:
+                self._verified.popitem(last=False)
+        return grant

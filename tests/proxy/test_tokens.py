@@ -1,0 +1,235 @@
+"""The token service and the access policy: tokens as a registry's own (GET with Basic, the
+OAuth2 POST containerd sends), scoped to repositories, short-lived, signed; login tokens as
+passwords; policy rules by user, group, anonymous and client network, denials naming the rule."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
+
+from moorage.proxy.cli import main
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from tests.fakes import FakeRegistry
+
+from .conftest import StartMoorage
+
+Client = TestClient[web.Request, web.Application]
+PASSWORD = "correct horse battery staple"
+OTHER_PASSWORD = "another long passphrase"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "Accept": ACCEPT_ALL_MANIFESTS}
+
+
+@pytest.fixture
+def auth_files(tmp_path: Path) -> dict[str, str]:
+    def entry(user: str, password: str) -> str:
+        return f"{user}:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"{entry('ci', PASSWORD)}\n{entry('alice', OTHER_PASSWORD)}\n")
+    groups = tmp_path / "groups"
+    groups.write_text("# teams\nml: alice\n")
+    return {"htpasswd_file": str(htpasswd), "groups_file": str(groups)}
+
+
+@pytest.fixture
+def images(upstream: FakeRegistry) -> FakeRegistry:
+    upstream.add_image("library/alpine", "3.19")
+    upstream.add_image("library/busybox", "1")
+    upstream.add_image("team/model", "v1")
+    return upstream
+
+
+async def fetch_token(moorage: Client, user: str, password: str, *scopes: str) -> str:
+    query = [("service", "moorage"), *(("scope", s) for s in scopes)]
+    response = await moorage.get("/token", params=query, headers=basic(user, password))
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["token"] == body["access_token"]
+    assert body["expires_in"] == 12 * 3600, "ECR's 12 hours by default"
+    assert body["issued_at"].endswith("Z")
+    return str(body["token"])
+
+
+async def test_the_token_dance_of_docker_podman_and_skopeo(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    probe = await moorage.get("/v2/")
+    assert probe.status == 401
+    assert probe.headers["WWW-Authenticate"].startswith("Bearer realm=")
+    token = await fetch_token(moorage, "ci", PASSWORD, "repository:alpine:pull")
+    assert (await moorage.get("/v2/", headers=bearer(token))).status == 200
+    pulled = await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))
+    assert pulled.status == 200
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["access"] == [{"type": "repository", "name": "alpine", "actions": ["pull"]}]
+    assert claims["sub"] == "ci" and claims["aud"] == "moorage"
+    assert jwt.get_unverified_header(token)["alg"] == "ES256"
+
+
+async def test_a_token_for_one_repository_is_denied_on_another(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    token = await fetch_token(moorage, "ci", PASSWORD, "repository:alpine:pull")
+    response = await moorage.get("/v2/busybox/manifests/1", headers=bearer(token))
+    assert response.status == 403
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "DENIED" and "busybox" in error["message"]
+
+
+async def test_push_is_never_granted(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    token = await fetch_token(moorage, "ci", PASSWORD, "repository:alpine:push", "repository:busybox:pull,push")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["access"] == [{"type": "repository", "name": "busybox", "actions": ["pull"]}]
+
+
+async def test_wrong_passwords_expired_and_forged_tokens_are_401(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], tmp_path: Path
+) -> None:
+    moorage = await start_moorage(auth={**auth_files, "token_lifetime": "60s"})
+    wrong = await moorage.get("/token", params={"scope": "repository:alpine:pull"}, headers=basic("ci", "guess"))
+    assert wrong.status == 401, "a wrong password never gets an anonymous token"
+    unknown = await moorage.get("/token", headers=basic("mallory", PASSWORD))
+    assert unknown.status == 401
+    assert (await moorage.get("/token")).status == 401, "anonymous pulls are off once users exist"
+
+    key = (tmp_path / "store" / "auth" / "token-key.pem").read_bytes()
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": "moorage",
+        "sub": "ci",
+        "aud": "moorage",
+        "iat": now - 7200,
+        "nbf": now - 7200,
+        "exp": now - 3600,
+        "access": [{"type": "repository", "name": "alpine", "actions": ["pull"]}],
+    }
+    expired = jwt.encode(claims, key, algorithm="ES256")
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(expired))
+    assert response.status == 401
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert "expired" in (await response.json())["errors"][0]["message"]
+    forged = jwt.encode(
+        {**claims, "exp": now + 3600}, "a guessed secret, at least thirty-two bytes long", algorithm="HS256"
+    )
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(forged))).status == 401
+
+
+async def test_containerd_oauth2_post(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    form = {
+        "grant_type": "password",
+        "username": "ci",
+        "password": PASSWORD,
+        "service": "moorage",
+        "client_id": "containerd-client",
+        "scope": "repository:alpine:pull repository:busybox:pull",
+    }
+    response = await moorage.post("/token", data=form)
+    assert response.status == 200
+    token = (await response.json())["access_token"]
+    for path in ("/v2/alpine/manifests/3.19", "/v2/busybox/manifests/1"):
+        assert (await moorage.get(path, headers=bearer(token))).status == 200
+    wrong = await moorage.post("/token", data={**form, "password": "guess"})
+    assert wrong.status == 401
+    refresh = await moorage.post("/token", data={"grant_type": "refresh_token", "refresh_token": "x"})
+    assert refresh.status == 400, "containerd falls back to GET on 400"
+
+
+async def test_login_password_prints_a_token_that_works_as_a_password(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], tmp_path: Path
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"storage": {"path": str(tmp_path / "store")}, "auth": auth_files}))
+    printed = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)])
+    assert printed.exit_code == 0, printed.output
+    login = printed.output.strip()
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", login))).status == 200
+    token = await fetch_token(moorage, "ci", login, "repository:alpine:pull")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 200
+    assert (await moorage.get("/v2/", headers=basic("alice", login))).status == 401, "it is ci's, not alice's"
+    assert (await moorage.get("/v2/", headers=bearer(login))).status == 401, "a login token is no bearer"
+    assert (await moorage.get("/v2/", headers=basic("ci", token))).status == 401, "an access token is no password"
+    stranger = CliRunner().invoke(main, ["login-password", "--user", "mallory", "--config", str(config)])
+    assert stranger.exit_code == 2 and "mallory" in stranger.output
+
+
+async def test_token_requests_are_rate_limited_per_client(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 5})
+    statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(8)]
+    assert statuses[:5] == [401] * 5
+    assert statuses[5:] == [429] * 3
+    limited = await moorage.get("/token", headers=basic("ci", PASSWORD))
+    assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+
+
+POLICY = [
+    {
+        "effect": "allow",
+        "description": "CI pulls everything from docker.io",
+        "users": ["ci"],
+        "repositories": ["docker.io/*"],
+    },
+    {"effect": "allow", "description": "ml pulls the models", "groups": ["ml"], "repositories": ["docker.io/team/*"]},
+    {"effect": "deny", "description": "nobody else", "repositories": ["*"]},
+]
+
+
+async def test_policy_rules_by_user_and_group_deny_naming_the_rule(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth={**auth_files, "policy": POLICY})
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200
+    assert (await moorage.get("/v2/team/model/manifests/v1", headers=basic("alice", OTHER_PASSWORD))).status == 200
+    denied = await moorage.get("/v2/alpine/manifests/3.19", headers=basic("alice", OTHER_PASSWORD))
+    assert denied.status == 403
+    error = (await denied.json())["errors"][0]
+    assert error["code"] == "DENIED"
+    assert error["message"] == (
+        "pull of docker.io/library/alpine by user 'alice' is denied by access policy rule 3 (nobody else)"
+    )
+    token = await fetch_token(moorage, "alice", OTHER_PASSWORD, "repository:alpine:pull")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 403, (
+        "a token does not get round the policy"
+    )
+
+
+async def test_policy_rules_by_network_and_for_anonymous_pulls(
+    start_moorage: StartMoorage, images: FakeRegistry
+) -> None:
+    policy = [
+        {"effect": "deny", "description": "outside the office", "anonymous": True, "cidrs": ["10.0.0.0/8"]},
+        {"effect": "allow", "anonymous": True, "cidrs": ["127.0.0.0/8"], "repositories": ["docker.io/library/*"]},
+        {"effect": "deny", "description": "the rest", "anonymous": True},
+    ]
+    moorage = await start_moorage(auth={"anonymous": "pull", "policy": policy})
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    denied = await moorage.get("/v2/team/model/manifests/v1")
+    assert denied.status == 403
+    assert "rule 3 (the rest)" in (await denied.json())["errors"][0]["message"]
