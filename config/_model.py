@@ -193,6 +193,8 @@ class UpstreamSettings(_Section):
     library_prefix: bool | None = None
     timeouts: TimeoutSettings = TimeoutSettings()
     retries: RetrySettings = RetrySettings()
+    #: Blob downloads from this upstream at once; more wait their turn.
+    max_concurrent_fills: int = Field(default=32, ge=1, le=1024)
     #: An ECR lifecycle policy for every repository of this upstream (the same JSON).
     lifecycle_policy_file: Path | None = None
     #: Policies for repository globs; the first match wins, before ``lifecycle_policy_file``.
@@ -292,6 +294,9 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
+    #: A client connection with no complete request for this long is closed (idle keep-alive
+    #: connections, and clients sending their request head byte by byte).
+    client_idle_timeout: Seconds = Field(default=60.0, gt=0)
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
     @field_validator("listen", "metrics_listen")

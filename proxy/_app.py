@@ -25,6 +25,7 @@ from moorage.upstreams import open_upstreams
 from ._access import access_middleware
 from ._auth import AUTHENTICATOR, USERS, Authenticator, Htpasswd, auth_middleware
 from ._handlers import add_routes
+from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
 from ._token_service import RATE_LIMITER, RateLimiter
@@ -109,6 +110,7 @@ def _token_keys(settings: Settings) -> TokenKeys:
 
 
 def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:
+    MalformedRequests.install()
     auth = settings.auth
     users = Htpasswd(auth.htpasswd_file, auth.groups_file) if auth.htpasswd_file is not None else None
     tokens = _token_keys(settings) if users is not None else None

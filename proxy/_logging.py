@@ -16,9 +16,34 @@ import time
 from collections import deque
 from typing import Any, Final, TextIO
 
-__all__ = ["BackgroundWriter", "JsonFormatter", "TextFormatter", "configure_logging"]
+from aiohttp.http_exceptions import HttpProcessingError
+
+__all__ = ["BackgroundWriter", "JsonFormatter", "MalformedRequests", "TextFormatter", "configure_logging"]
 
 _STANDARD_ATTRS: Final = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (too long a line, a bad header) as an error with
+    a traceback. That is the client's mistake, and anyone can send such requests by the
+    thousand: one warning line without traceback, naming the client and the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = "malformed request refused", (), None, None
+            record.event = "malformed_request"
+            record.client = client
+            record.error = str(getattr(exc, "message", exc))[:200]
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        server = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, cls) for f in server.filters):
+            server.addFilter(cls())
 
 
 class JsonFormatter(logging.Formatter):

@@ -25,12 +25,22 @@ __all__ = ["running", "serve"]
 log = logging.getLogger("moorage")
 
 
+def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """The runner of the pull routes. aiohttp's keep-alive timeout also runs while a request
+    head is being received, so it drops idle clients and byte-by-byte (slowloris) ones alike."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=False,
+        shutdown_timeout=settings.shutdown_timeout,
+        keepalive_timeout=settings.client_idle_timeout,
+    )
+
+
 async def serve(settings: Settings, version: str) -> None:
     app = build_app(settings)
     runners: list[web.AppRunner] = []
-    main_runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=False, shutdown_timeout=settings.shutdown_timeout
-    )
+    main_runner = _runner(app, settings)
     runners.append(main_runner)
     log.info(
         "starting",
@@ -89,7 +99,7 @@ async def running(settings: Settings) -> AsyncIterator[str]:
     For commands that work "directly on a store" (``moorage warm --store``): they then speak
     to it exactly as they would to a daemon.
     """
-    runner = web.AppRunner(build_app(settings), access_log=None)
+    runner = _runner(build_app(settings), settings)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

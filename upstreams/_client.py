@@ -10,6 +10,7 @@ until a response is in hand; a body cut later is the caller's to resume with
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -192,7 +193,12 @@ class RegistryClient:
             write=settings.timeouts.write,
             pool=settings.timeouts.pool,
         )
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30)
+        # Blob bodies take at most max_concurrent_fills connections; manifests, HEADs and tokens
+        # always find one of the others.
+        self._fill_slots = asyncio.Semaphore(settings.max_concurrent_fills)
+        limits = httpx.Limits(
+            max_connections=settings.max_concurrent_fills + 32, max_keepalive_connections=32, keepalive_expiry=30
+        )
         common = {"timeout": timeout, "limits": limits, "headers": {"User-Agent": USER_AGENT}, "transport": transport}
         self._http = httpx.AsyncClient(
             base_url=settings.url,
@@ -360,7 +366,16 @@ class RegistryClient:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
+        # A body waits its turn for a slot rather than failing on a pool timeout.
+        async with self._fill_slots, self._open_blob(what, repository, digest, headers, offset) as body:
+            yield body
+
+    @asynccontextmanager
+    async def _open_blob(
+        self, what: str, repository: RepositoryName, digest: Digest, headers: dict[str, str], offset: int
+    ) -> AsyncIterator[BlobBody]:
+        path = f"/v2/{repository}/blobs/{digest}"
+        response = await self._send("GET", path, what, headers=headers, stream=True)
         try:
             start, size = 0, None
             length = response.headers.get("content-length")

@@ -823,6 +823,9 @@ class FakeRegistry(_RecordingServer):
         self._cuts: dict[str, _Cut] = {}
         self._stalls: dict[str, _Stall] = {}
         self._slow: dict[str, _Slow] = {}
+        #: Blob GETs being answered now, and the most at once (the cache's fill limit shows here).
+        self.blob_bodies_in_flight = 0
+        self.most_blob_bodies_in_flight = 0
         self._corrupt: dict[str, int | None] = {}
         self._cdn: FakeCDN | None = None
         self._owned_cdn: FakeCDN | None = None
@@ -1201,7 +1204,14 @@ class FakeRegistry(_RecordingServer):
                     "Docker-Distribution-API-Version": "registry/2.0",
                 },
             )
-        return await self._serve_blob(request, self, digest, data, support_ranges=self.support_ranges)
+        if request.method != "GET":
+            return await self._serve_blob(request, self, digest, data, support_ranges=self.support_ranges)
+        self.blob_bodies_in_flight += 1
+        self.most_blob_bodies_in_flight = max(self.most_blob_bodies_in_flight, self.blob_bodies_in_flight)
+        try:
+            return await self._serve_blob(request, self, digest, data, support_ranges=self.support_ranges)
+        finally:
+            self.blob_bodies_in_flight -= 1
 
     # -- tags and referrers
 
