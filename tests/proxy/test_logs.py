@@ -3,12 +3,14 @@ and no secret anywhere: not the upstream password, a token, or a signed CDN URL.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from moorage.proxy._logging import TextFormatter, configure_logging
@@ -18,6 +20,8 @@ from tests.fakes import FakeRegistry
 from .conftest import StartMoorage
 
 PASSWORD = "s3cr3t-Upstream-Passw0rd"
+CLIENT_PASSWORD = "Cl1ent-Passw0rd-of-ci"
+WRONG_PASSWORD = "a-Wrong-Guess-by-ci"
 
 
 class Captured:
@@ -56,20 +60,42 @@ async def test_no_secret_reaches_a_log_line_a_metric_or_a_response(
     upstream.credentials = ("robot", PASSWORD)
     cdn = await upstream.start_cdn()
     image = upstream.add_image("private/app", "1", [b"layer bytes" * 1000])
-    moorage = await start_moorage(upstream_settings={"username": "robot", "password_file": str(password_file)})
-    seen: list[str] = []
-    manifest = await moorage.get("/v2/private/app/manifests/1", headers={"Accept": ACCEPT_ALL_MANIFESTS})
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:" + bcrypt.hashpw(CLIENT_PASSWORD.encode(), bcrypt.gensalt(4)).decode() + "\n")
+    moorage = await start_moorage(
+        upstream_settings={"username": "robot", "password_file": str(password_file)},
+        auth={"htpasswd_file": str(htpasswd)},
+    )
+    client_basic = "Basic " + base64.b64encode(f"ci:{CLIENT_PASSWORD}".encode()).decode()
+    issued = await moorage.get(
+        "/token", params={"scope": "repository:private/app:pull"}, headers={"Authorization": client_basic}
+    )
+    client_token = (await issued.json())["token"]  # that answer is the one place it may appear
+    wrong = await moorage.get(
+        "/token", headers={"Authorization": "Basic " + base64.b64encode(b"ci:" + WRONG_PASSWORD.encode()).decode()}
+    )
+    assert wrong.status == 401
+    seen: list[str] = [str(wrong.headers), await wrong.text()]
+    bearer = {"Accept": ACCEPT_ALL_MANIFESTS, "Authorization": f"Bearer {client_token}"}
+    manifest = await moorage.get("/v2/private/app/manifests/1", headers=bearer)
     seen += [str(manifest.headers), (await manifest.read()).decode()]
     for blob in (image.config_digest, *image.layer_digests):
-        response = await moorage.get(f"/v2/private/app/blobs/{blob}")
+        response = await moorage.get(f"/v2/private/app/blobs/{blob}", headers={"Authorization": client_basic})
         seen += [str(response.headers), repr(await response.read())]
-    failing = await moorage.get("/v2/private/app/manifests/nope")
+    failing = await moorage.get("/v2/private/app/manifests/nope", headers=bearer)
     seen += [str(failing.headers), await failing.text()]
     metrics = await (await moorage.get("/metrics")).text()
     readiness = await (await moorage.get("/readyz")).text()
     assert cdn.count("GET", "/blobs/") == 2, "the blobs went through the CDN"
-    secrets = [PASSWORD, *upstream.issued_tokens, *(cdn.signed_url(d).split("?")[1] for d in image.layer_digests)]
-    assert len(secrets) >= 3
+    secrets = [
+        PASSWORD,
+        CLIENT_PASSWORD,
+        WRONG_PASSWORD,
+        client_token,
+        *upstream.issued_tokens,
+        *(cdn.signed_url(d).split("?")[1] for d in image.layer_digests),
+    ]
+    assert len(secrets) >= 6
     logged = log_lines.getvalue()
     assert '"event": "request"' in logged and '"event": "pull"' in logged, "the log was captured"
     for secret in secrets:
