@@ -336,11 +336,11 @@ class Cache:
             started = time.monotonic()
             await self.flush()
 
+            protected = frozenset(self.fills.digests)  # taken on the loop, which changes the fills
+
             def run() -> LifecycleResult:
                 expiries = plan(store, self._index, policy_for, self._clock())
-                return apply_expiries(
-                    store, self._index, expiries, protected=frozenset(self.fills.digests), guard=self._guard
-                )
+                return apply_expiries(store, self._index, expiries, protected=protected, guard=self._guard)
 
             result = await asyncio.to_thread(run)
             for key in result.dropped_tags:
@@ -647,7 +647,9 @@ class Cache:
         except FileNotFoundError:
             return None
         if actual == digest.encoded:
-            return before
+            # Hashing a large file takes a while: the client's look counts from now, so no
+            # sweeper removes the file before the client opens it.
+            return self._guard.looking(digest, lambda: self._store.fingerprint(digest))
         self._quarantine(digest, before.size, "blob")
         return None
 

@@ -65,6 +65,9 @@ class Index:
     def put_tag(self, key: IndexKey, entry: TagEntry) -> None:
         self._db.set(key, (str(entry.digest), entry.media_type, entry.checked_at))
 
+    def has_manifest(self, digest: Digest) -> bool:
+        return self._db.get(manifest_key(digest)) is not None
+
     def manifest_media_type(self, digest: Digest) -> str | None:
         value = self._db.get(manifest_key(digest))
         return value if isinstance(value, str) else None
@@ -166,11 +169,15 @@ class Index:
             for digest in manifests:
                 self._db.delete(manifest_key(digest))
             for key in list(self._db.iterkeys()):
-                if isinstance(key, tuple) and key and key[0] == "tag":
+                if not isinstance(key, tuple) or not key:
+                    continue
+                if key[0] == "tag":
                     value = self._db.get(key)
                     if value is not None and value[0] in names:
                         self._db.delete(key)
                         dropped += 1
+                elif key[0] in ("image", "image-pulled") and len(key) == 4 and key[3] in names:
+                    self._db.delete(key)  # the image left the cache with its manifest
         return dropped
 
     def manifest_digests(self) -> set[Digest]:

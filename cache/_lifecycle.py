@@ -21,7 +21,7 @@ import fnmatch
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moorage.config import LifecyclePolicy, LifecycleRule, UpstreamSettings, load_lifecycle_policy
@@ -61,7 +61,7 @@ class CachedImage:
     pushed_at: float
     #: Last pulled through the cache; None when never (ECR then uses the push time).
     pulled_at: float | None = None
-    #: Platform manifests of an index, which go with it.
+    #: Platform manifests of an index cached for the repository, which go with it.
     children: tuple[Digest, ...] = ()
 
     @property
@@ -144,6 +144,8 @@ def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[Ca
                 digest = parse_digest(digest_text)
             except InvalidReference:
                 continue
+            if not index.has_manifest(digest):
+                continue  # evicted or quarantined meanwhile: no longer an image of the cache
             body = store.read_small(digest, MAX_MANIFEST_BYTES)
             children = tuple(references(body)[0]) if body is not None else ()
             found.append(
@@ -162,9 +164,22 @@ def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[Ca
 
 
 def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
-    """An untagged manifest an index of the repository refers to is part of that image."""
-    referred = {child for image in images for child in image.children}
-    return [image for image in images if image.tags or image.digest not in referred]
+    """A platform manifest an index of the repository refers to is part of that image when it
+    has no tags the index lacks (a tag cached for old clients as the platform manifest is
+    the same tag); the index then carries it as a child, and it is not judged alone."""
+    tags_of = {image.digest: image.tags for image in images}
+    folded: dict[Digest, set[Digest]] = {}
+    absorbed: set[Digest] = set()
+    for parent in images:
+        for child in parent.children:
+            if child in tags_of and child != parent.digest and tags_of[child] <= parent.tags:
+                folded.setdefault(parent.digest, set()).add(child)
+                absorbed.add(child)
+    return [
+        replace(image, children=tuple(sorted(folded.get(image.digest, ()), key=str)))
+        for image in images
+        if image.digest not in absorbed
+    ]
 
 
 def plan(
@@ -226,9 +241,12 @@ def apply_expiries(
     }
     unused = {digest for digest in gone if str(digest) not in still_used}
     index.delete([manifest_key(digest) for digest in unused])
-    reachable = mark(store, index.manifest_digests())
+    roots = index.manifest_digests()
+    reachable = mark(store, roots)
+    candidates = mark(store, unused) - reachable
+    reachable |= mark(store, index.manifest_digests() - roots)  # manifests stored meanwhile
     guard = guard or ReadGuard()
-    for digest in sorted(mark(store, unused) - reachable, key=str):
+    for digest in sorted(candidates - reachable, key=str):
         if digest in protected:
             continue
         size = guard.remove_unless_read(store.path_of(digest), digest)

@@ -27,8 +27,8 @@ from ._auth import AUTHENTICATOR, USERS, Authenticator, Htpasswd, auth_middlewar
 from ._handlers import add_routes
 from ._logging import MalformedRequests
 from ._metrics import Metrics
+from ._ratelimit import RATE_LIMITER, RateLimiter
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
-from ._token_service import RATE_LIMITER, RateLimiter
 from ._tokens import TokenKeys
 from .errors import Handler, error_middleware
 

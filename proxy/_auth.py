@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +35,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from moorage.config import AuthSettings, ConfigError
+from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, authorize
+from ._ratelimit import RATE_LIMITER
 from ._state import RequestNote
-from ._tokens import SERVICE, TokenInvalid, TokenKeys
-from .errors import Handler, OCIError
+from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
+from .errors import Handler, OCIError, TooManyRequests
 
 __all__ = ["AUTHENTICATOR", "USERS", "Authenticator", "Htpasswd", "Unauthorized", "auth_middleware", "authorize_pull"]
 
@@ -47,6 +51,7 @@ REMEMBER_SECONDS: Final = 300.0
 CHECK_SECONDS: Final = 10.0
 REALM: Final = "moorage"
 _BCRYPT_PREFIXES: Final = (b"$2y$", b"$2a$", b"$2b$")
+_SAFE_HOST: Final = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")
 
 
 class Unauthorized(OCIError):
@@ -124,6 +129,12 @@ class Htpasswd:
 
     def has_user(self, user: str) -> bool:
         return user in self._users
+
+    def password_version(self, user: str) -> str | None:
+        """A short fingerprint of the user's password hash; None for no such user. Tokens carry
+        it, so a changed password or a removed user ends the tokens issued before."""
+        hashed = self._users.get(user)
+        return hashlib.sha256(hashed).hexdigest()[:16] if hashed is not None else None
 
     def groups_of(self, user: str | None) -> frozenset[str]:
         return self._groups.get(user, frozenset()) if user is not None else frozenset()
@@ -203,24 +214,35 @@ class Authenticator:
         users = self.users
         if users is None:
             return False
-        if self.tokens is not None and password.count(".") == 2 and password.startswith("ey"):
+        if self.tokens is not None and password.count(".") == 2 and password.startswith("eyJ"):
             try:
                 grant = self.tokens.verify(password, "login")
             except TokenInvalid:
-                return False
-            return grant.user == user and users.has_user(user)
+                grant = None  # not one of ours: it may still be the user's real password
+            if grant is not None:
+                return grant.user == user and self.still_valid(grant)
         if users.remembered(user, password):
             return True
         return await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password)
 
+    def still_valid(self, grant: Grant) -> bool:
+        """A token's user still exists with the same password; an anonymous token only while
+        anonymous pulls are allowed."""
+        if not grant.user:
+            return self.settings.anonymous_may_pull
+        version = self.users.password_version(grant.user) if self.users is not None else None
+        return version is not None and version == grant.password_version
+
     def challenge(self, request: web.Request, error: str | None = None) -> dict[str, str]:
         if self.tokens is None:
             return {"WWW-Authenticate": f'Basic realm="{REALM}"'}
-        realm = self.settings.token_realm or f"{request.scheme}://{request.host}/token"
+        host = request.host if _SAFE_HOST.fullmatch(request.host) else "localhost"  # no header injection
+        realm = self.settings.token_realm or f"{request.scheme}://{host}/token"
         value = f'Bearer realm="{realm}",service="{SERVICE}"'
         target = parse_v2_path(request.raw_path)
         if target is not None and target.name:
-            value += f',scope="repository:{target.name}:pull"'
+            with contextlib.suppress(InvalidReference):  # an invalid name gets NAME_INVALID, no scope
+                value += f',scope="repository:{parse_repository(target.name)}:pull"'
         if error is not None:
             value += f',error="{error}"'
         return {"WWW-Authenticate": value}
@@ -247,6 +269,12 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
                 grant = authenticator.tokens.verify(value.strip())
             except TokenInvalid as exc:
                 raise authenticator.refuse(request, str(exc), error="invalid_token") from None
+            if not authenticator.still_valid(grant):
+                raise authenticator.refuse(
+                    request,
+                    "the token's user was removed or changed password, or anonymous pulls ended",
+                    error="invalid_token",
+                )
             if grant.user:
                 request[RequestNote.USER] = grant.user
             request[RequestNote.GRANTED] = grant.repositories
@@ -255,7 +283,11 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
         if credentials is None or authenticator.users is None:
             raise authenticator.refuse(request, "only credentials of a configured user are accepted")
         user, password = credentials
+        limiter = request.app[RATE_LIMITER]
+        if limiter.waiting(request.remote or ""):  # guessing passwords on /v2/ is limited too
+            raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": "60"})
         if not await authenticator.password_ok(user, password):
+            limiter.allow(request.remote or "")  # a failure costs from the same budget as /token
             log.info(
                 "authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote}
             )

@@ -36,7 +36,9 @@ class MalformedRequests(logging.Filter):
             record.msg, record.args, record.exc_info, record.exc_text = "malformed request refused", (), None, None
             record.event = "malformed_request"
             record.client = client
-            record.error = str(getattr(exc, "message", exc))[:200]
+            # The parser's message quotes the offending line, which may be a credential: only
+            # the kind of problem and the status go to the log.
+            record.error = f"{type(exc).__name__} ({getattr(exc, 'code', 400)})"
         return True
 
     @classmethod

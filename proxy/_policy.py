@@ -40,6 +40,8 @@ def _covers_requester(rule: PolicyRule, requester: Requester) -> bool:
             address = ipaddress.ip_address(requester.address or "")
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 client on a dual-stack listener
         if not any(address in network for network in rule.cidrs):
             return False
     if rule.who_is_anyone:

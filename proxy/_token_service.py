@@ -14,8 +14,6 @@ which containerd falls back to ``GET``. Requests are limited per client address.
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Final
 
@@ -24,13 +22,13 @@ from aiohttp import web
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._auth import AUTHENTICATOR, basic_credentials
+from ._ratelimit import RATE_LIMITER
 from ._state import RequestNote
 from .errors import OCIError, TooManyRequests
 
-__all__ = ["RateLimiter", "token_endpoint"]
+__all__ = ["token_endpoint"]
 
 MAX_SCOPES: Final = 32
-MAX_CLIENTS_TRACKED: Final = 10_000
 
 
 class TokenRefused(OCIError):
@@ -39,33 +37,6 @@ class TokenRefused(OCIError):
 
 class GrantUnsupported(OCIError):
     code, status = "UNSUPPORTED", 400
-
-
-class RateLimiter:
-    """A token bucket per client address: ``per_minute`` requests, refilled continuously."""
-
-    def __init__(self, per_minute: int) -> None:
-        self._rate = per_minute / 60.0
-        self._capacity = float(per_minute)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def allow(self, client: str) -> float | None:
-        """None when allowed; else the seconds until the next request would be."""
-        now = time.monotonic()
-        tokens, since = self._buckets.pop(client, (self._capacity, now))
-        tokens = min(self._capacity, tokens + (now - since) * self._rate)
-        wait = None
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / self._rate
-        self._buckets[client] = (tokens, now)
-        while len(self._buckets) > MAX_CLIENTS_TRACKED:
-            self._buckets.popitem(last=False)
-        return wait
-
-
-RATE_LIMITER: Final = web.AppKey("token_rate_limiter", RateLimiter)
 
 
 def _pulls_asked(scopes: list[str]) -> frozenset[str]:
@@ -117,7 +88,8 @@ async def token_endpoint(request: web.Request) -> web.Response:
     else:
         raise TokenRefused("unknown user or wrong password", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
     lifetime = authenticator.settings.token_lifetime
-    token = tokens.issue(subject, _pulls_asked(scopes), lifetime)
+    version = authenticator.users.password_version(subject) if subject and authenticator.users else None
+    token = tokens.issue(subject, _pulls_asked(scopes), lifetime, password_version=version or "")
     issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return web.json_response(
         {"token": token, "access_token": token, "expires_in": int(lifetime), "issued_at": issued},

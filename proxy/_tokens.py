@@ -50,6 +50,9 @@ class Grant:
     user: str
     repositories: frozenset[str]
     expires_at: float
+    #: The user's password version when the token was issued: a changed password (or a
+    #: removed user) ends every token issued before.
+    password_version: str = ""
 
 
 class TokenKeys:
@@ -85,11 +88,19 @@ class TokenKeys:
             raise ValueError(f"{path}: the token signing key must be an EC P-256 key (ES256)")
         return cls(loaded)
 
-    def issue(self, user: str, repositories: frozenset[str], lifetime: float, kind: TokenKind = "access") -> str:
+    def issue(
+        self,
+        user: str,
+        repositories: frozenset[str],
+        lifetime: float,
+        kind: TokenKind = "access",
+        password_version: str = "",
+    ) -> str:
         now = int(time.time())
         claims: dict[str, object] = {
             "iss": ISSUER,
             "sub": user,
+            "pwv": password_version,
             "aud": SERVICE if kind == "access" else LOGIN_AUDIENCE,
             "iat": now,
             "nbf": now,
@@ -125,7 +136,7 @@ class TokenKeys:
             for item in claims.get("access") or []
             if isinstance(item, dict) and item.get("type") == "repository" and "pull" in (item.get("actions") or [])
         )
-        grant = Grant(str(claims["sub"]), repositories, float(claims["exp"]))
+        grant = Grant(str(claims["sub"]), repositories, float(claims["exp"]), str(claims.get("pwv", "")))
         if kind == "access":
             self._verified[token] = grant
             while len(self._verified) > REMEMBERED_TOKENS:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import click
 from prometheus_client.parser import text_string_to_metric_families
@@ -449,6 +449,10 @@ def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> No
     )
 
 
+#: As auth.token_lifetime allows.
+MAX_TOKEN_LIFETIME: Final = 31 * 86400
+
+
 @main.command(
     "login-password",
     epilog="Examples:\n\n  moorage login-password --user ci | docker login --username ci --password-stdin "
@@ -477,14 +481,17 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
         users = Htpasswd(auth.htpasswd_file, auth.groups_file)
     except ConfigError as error:
         fail(str(error))
-    if not users.has_user(user):
+    version = users.password_version(user)
+    if version is None:
         fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
+    if not 60 <= seconds <= MAX_TOKEN_LIFETIME:
+        fail("--lifetime: between 1m and 31d")
     configured = auth.token_signing_key_file
     try:
         keys = TokenKeys.load(configured or settings.storage.path / "auth" / "token-key.pem", create=configured is None)
     except (ValueError, OSError) as error:
         fail(f"auth.token_signing_key_file: {error}")
-    click.echo(keys.issue(user, frozenset(), seconds, kind="login"))
+    click.echo(keys.issue(user, frozenset(), seconds, kind="login", password_version=version))
 
 
 @main.group()

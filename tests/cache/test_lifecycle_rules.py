@@ -280,3 +280,19 @@ def test_the_documentation_example_policies_load(tmp_path: Path) -> None:
     )
     policy = load_lifecycle_policy(path)
     assert [r.rulePriority for r in policy.ordered] == [1, 2, 3]
+
+
+def test_a_tag_cached_both_as_an_index_and_as_its_platform_manifest_is_one_image() -> None:
+    from dataclasses import replace
+
+    from moorage.cache._lifecycle import _fold_platforms
+
+    platform = image("platform", ["v1"], 5)
+    untagged_platform = image("untagged-platform", [], 5)
+    own_release = image("own-release", ["arm-only"], 5)
+    index = replace(image("index", ["v1"], 5), children=(platform.digest, untagged_platform.digest, own_release.digest))
+    folded = _fold_platforms([index, platform, untagged_platform, own_release])
+    assert [img.digest for img in folded] == [index.digest, own_release.digest]
+    assert set(folded[0].children) == {platform.digest, untagged_platform.digest}, (
+        "expiring the index takes the platforms it absorbed, not an image tagged on its own"
+    )

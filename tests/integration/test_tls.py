@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .harness import images
+from .harness.clients import Containerd, Podman
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
 from .harness.tools import require_tool
@@ -103,6 +104,14 @@ def test_clients_pull_over_verified_tls_and_the_certificate_reloads(upstream: Re
         assert warm.returncode == 0, warm.stderr
         refused = skopeo(moorage.host, tmp_path / "out2")  # verification on, the test CA unknown
         assert refused.returncode != 0 and "certificate" in refused.stderr
+        with Podman(tmp_path / "podman", moorage.host, tls_verify=True) as podman:
+            untrusted = podman.pull("docker.io/library/app:1", check=False, timeout=120)
+            assert untrusted.returncode != 0, "podman verifies the mirror's certificate"
+            podman.pull("docker.io/library/app:1", extra=["--cert-dir", str(certs_dir)])
+            assert podman.image_exists("docker.io/library/app:1")
+        with Containerd(tmp_path / "containerd") as containerd:
+            containerd.write_hosts("docker.io", f"https://{moorage.host}", ca=ca[0])
+            containerd.pull("docker.io/library/app:1")
         before = served_certificate(moorage.port, ca[0])
         issue(ca, tmp_path / "pki", "server")  # a new certificate in the same files
         moorage.signal_hup()

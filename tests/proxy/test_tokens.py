@@ -5,7 +5,10 @@ passwords; policy rules by user, group, anonymous and client network, denials na
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,14 @@ import bcrypt
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+from moorage.config import PolicyRule
+from moorage.proxy._auth import USERS
+from moorage.proxy._logging import MalformedRequests
+from moorage.proxy._policy import AccessDenied, Requester, authorize
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
@@ -233,3 +241,72 @@ async def test_policy_rules_by_network_and_for_anonymous_pulls(
     denied = await moorage.get("/v2/team/model/manifests/v1")
     assert denied.status == 403
     assert "rule 3 (the rest)" in (await denied.json())["errors"][0]["message"]
+
+
+async def test_a_changed_password_or_a_removed_user_ends_their_tokens(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], tmp_path: Path
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    token = await fetch_token(moorage, "ci", PASSWORD, "repository:alpine:pull")
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"storage": {"path": str(tmp_path / "store")}, "auth": auth_files}))
+    login = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)]).output.strip()
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 200
+    htpasswd = Path(auth_files["htpasswd_file"])
+    kept = [line for line in htpasswd.read_text().splitlines() if not line.startswith("ci:")]
+    new_hash = bcrypt.hashpw(b"a brand new passphrase", bcrypt.gensalt(4)).decode()
+    htpasswd.write_text("\n".join([*kept, f"ci:{new_hash}"]) + "\n")
+    os.utime(htpasswd, (time.time() + 5, time.time() + 5))  # a visibly newer file
+    moorage.app[USERS].reload_if_changed()
+    revoked = await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))
+    assert revoked.status == 401 and 'error="invalid_token"' in revoked.headers["WWW-Authenticate"]
+    assert (await moorage.get("/v2/", headers=basic("ci", login))).status == 401, "login tokens end too"
+    assert (await moorage.get("/v2/", headers=basic("ci", "a brand new passphrase"))).status == 200
+
+
+async def test_failed_basic_sign_ins_on_v2_share_the_token_budget(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 3})
+    statuses = [(await moorage.get("/v2/", headers=basic("ci", f"guess {n}"))).status for n in range(5)]
+    assert statuses == [401, 401, 401, 429, 429]
+    assert (await moorage.get("/token", headers=basic("ci", PASSWORD))).status == 429
+
+
+async def test_the_challenge_takes_nothing_unchecked_from_the_request(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    moorage = await start_moorage(auth=auth_files)
+    forged_host = await moorage.get("/v2/alpine/manifests/3.19", headers={"Host": 'x",realm="http://evil'})
+    assert forged_host.headers["WWW-Authenticate"].count("realm=") == 1
+    assert "evil" not in forged_host.headers["WWW-Authenticate"]
+    bad_name = await moorage.get("/v2/Bad-Name/manifests/1")  # upper case: not a repository name
+    assert bad_name.status == 401
+    assert "scope=" not in bad_name.headers["WWW-Authenticate"], "no scope made of an invalid name"
+
+
+def test_cidr_rules_see_ipv4_clients_of_a_dual_stack_listener() -> None:
+    rule = PolicyRule(effect="deny", description="the lab", cidrs=(ipaddress.ip_network("10.0.0.0/8"),))
+    with pytest.raises(AccessDenied, match="rule 1 \\(the lab\\)"):
+        authorize((rule,), Requester(None, frozenset(), "::ffff:10.1.2.3"), "docker.io", "library/alpine")
+    authorize((rule,), Requester(None, frozenset(), "192.168.1.1"), "docker.io", "library/alpine")
+
+
+def test_a_malformed_request_logs_no_excerpt_of_it() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "aiohttp.server",
+            "levelno": logging.ERROR,
+            "msg": "Error handling request from %s",
+            "args": ("10.0.0.9",),
+        }
+    )
+    record.exc_info = (
+        BadHttpMessage,
+        BadHttpMessage("Invalid header value char: b'Authorization: Basic c2VjcmV0'"),
+        None,
+    )
+    MalformedRequests().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert "c2VjcmV0" not in str(record.__dict__)
+    assert record.client == "10.0.0.9"

@@ -163,8 +163,11 @@ class Podman:
     with an empty store.
     """
 
-    def __init__(self, workdir: Path, mirror: str | Mapping[str, str]) -> None:
+    def __init__(self, workdir: Path, mirror: str | Mapping[str, str], *, tls_verify: bool = False) -> None:
+        """``tls_verify``: the mirror is HTTPS with a certificate podman must verify (give it
+        the CA with ``pull(extra=["--cert-dir", DIR])``); otherwise it is marked insecure."""
         self.binary = require_tool("podman")
+        self.tls_verify = tls_verify
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mirrors = {"docker.io": mirror} if isinstance(mirror, str) else dict(mirror)
@@ -190,7 +193,7 @@ class Podman:
                 "insecure = true",
                 "[[registry.mirror]]",
                 f"location = {_toml_str(location)}",
-                "insecure = true",
+                f"insecure = {'false' if self.tls_verify else 'true'}",
             ]
         self.registries_conf.write_text("\n".join(lines) + "\n")
         self.storage_conf.write_text(
@@ -405,6 +408,7 @@ class Containerd:
         override_path: bool = False,
         server: str | None = None,
         capabilities: Sequence[str] = ("pull", "resolve"),
+        ca: Path | None = None,
     ) -> Path:
         """Write ``HOSTS_DIR/<registry>/hosts.toml`` sending ``registry`` (``docker.io``,
         ``ghcr.io``, ``_default``...) to ``mirror_url`` (``http://127.0.0.1:PORT``).
@@ -426,6 +430,8 @@ class Containerd:
         ]
         if override_path:
             lines.append("  override_path = true")
+        if ca is not None:  # an HTTPS mirror verified against this CA
+            lines.append(f"  ca = {_toml_str(str(ca))}")
         path = directory / "hosts.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
