@@ -137,6 +137,10 @@ async def test_failed_fill_cuts_every_reader_and_keeps_nothing(
             await response.read()
     store = tmp_path / "store"
     assert stored_files(store) == []
+    for _ in range(100):  # readers are cut at once; the temporary is removed in a thread just after
+        if not temporaries(store):
+            break
+        await asyncio.sleep(0.02)
     assert temporaries(store) == []
     upstream.clear_faults()
     upstream.reset_requests()
