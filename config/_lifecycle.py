@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
+from ._describe import describe_error
+
 __all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
 
 MAX_WILDCARDS = 4
@@ -144,15 +146,5 @@ def load_lifecycle_policy(path: Path) -> LifecyclePolicy:
     try:
         return LifecyclePolicy.model_validate(document)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ""
-            for part in error["loc"]:
-                key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                message = "unknown key"
-            elif error["type"] == "missing":
-                message = "required key missing"
-            problems.append(f"{key}: {message}" if key else message)
+        problems = [describe_error(error) for error in exc.errors()]
         raise LifecyclePolicyError(f"{path}: " + "; ".join(problems)) from None

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ._describe import describe_error
 from ._model import DEFAULT_UPSTREAMS, Settings
 
 __all__ = ["CONFIG_ENV", "ConfigError", "load_settings"]
@@ -49,7 +50,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(error) for error in exc.errors()]) from None
+        raise ConfigError(source, [describe_error(error) for error in exc.errors()]) from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -101,17 +102,3 @@ def _set(node: Any, key: str, value: Any, name: str) -> None:
         node[int(key)] = value
     else:
         node[key] = value
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    key = ""
-    for part in error["loc"]:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    message = str(error["msg"])
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "missing":
-        message = "required key missing"
-    elif message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    return f"{key}: {message}" if key else message

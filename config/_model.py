@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
-from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, load_lifecycle_policy
+from ._lifecycle import LifecyclePolicyError, load_lifecycle_policy
 from ._units import parse_duration, parse_size
 
 __all__ = [
@@ -161,15 +161,16 @@ class LifecycleBinding(_Section):
 
     @model_validator(mode="after")
     def _readable(self) -> LifecycleBinding:
-        self.policy()
+        _check_policy(self.policy_file)
         return self
 
-    def policy(self) -> LifecyclePolicy:
-        """The policy as the file says now (it is read again at every pass)."""
-        try:
-            return load_lifecycle_policy(self.policy_file)
-        except LifecyclePolicyError as exc:
-            raise ValueError(str(exc)) from None
+
+def _check_policy(path: Path) -> None:
+    """A policy file must load when the settings do (it is read again at every pass)."""
+    try:
+        load_lifecycle_policy(path)
+    except LifecyclePolicyError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class UpstreamSettings(_Section):
@@ -204,10 +205,7 @@ class UpstreamSettings(_Section):
     @classmethod
     def _policy_readable(cls, value: Path | None) -> Path | None:
         if value is not None:
-            try:
-                load_lifecycle_policy(value)
-            except LifecyclePolicyError as exc:
-                raise ValueError(str(exc)) from None
+            _check_policy(value)
         return value
 
     @property
@@ -215,7 +213,9 @@ class UpstreamSettings(_Section):
         """Every policy binding of this upstream, most specific first."""
         if self.lifecycle_policy_file is None:
             return self.lifecycle_policies
-        return (*self.lifecycle_policies, LifecycleBinding(policy_file=self.lifecycle_policy_file))
+        # Checked when the settings loaded: no second read of the file here.
+        every = LifecycleBinding.model_construct(repositories="*", policy_file=self.lifecycle_policy_file)
+        return (*self.lifecycle_policies, every)
 
     @field_validator("host")
     @classmethod

@@ -101,10 +101,8 @@ def _watching(users: Htpasswd) -> Callable[[web.Application], AsyncIterator[None
 
 def _token_keys(settings: Settings) -> TokenKeys:
     """The token signing key: the configured file, or one generated in the store."""
-    configured = settings.auth.token_signing_key_file
-    path = configured or settings.storage.path / "auth" / "token-key.pem"
     try:
-        return TokenKeys.load(path, create=configured is None)
+        return TokenKeys.for_settings(settings)
     except (ValueError, OSError) as exc:
         raise ConfigError("the configuration", [f"auth.token_signing_key_file: {exc}"]) from None
 

@@ -29,6 +29,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from moorage.config import Settings
+
 __all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys"]
 
 SERVICE: Final = "moorage"
@@ -87,6 +89,13 @@ class TokenKeys:
         if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
             raise ValueError(f"{path}: the token signing key must be an EC P-256 key (ES256)")
         return cls(loaded)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> TokenKeys:
+        """The configured key (which must exist), or the store's own, generated when missing."""
+        configured = settings.auth.token_signing_key_file
+        path = configured or settings.storage.path / "auth" / "token-key.pem"
+        return cls.load(path, create=configured is None)
 
     def issue(
         self,

@@ -486,9 +486,8 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
         fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
     if not 60 <= seconds <= MAX_TOKEN_LIFETIME:
         fail("--lifetime: between 1m and 31d")
-    configured = auth.token_signing_key_file
     try:
-        keys = TokenKeys.load(configured or settings.storage.path / "auth" / "token-key.pem", create=configured is None)
+        keys = TokenKeys.for_settings(settings)
     except (ValueError, OSError) as error:
         fail(f"auth.token_signing_key_file: {error}")
     click.echo(keys.issue(user, frozenset(), seconds, kind="login", password_version=version))
