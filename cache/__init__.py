@@ -20,6 +20,7 @@ from ._gc import GcReport, collect_garbage
 from ._lifecycle import CachedImage, Expiry, LifecycleResult, evaluate, policy_resolver
 from ._lifecycle import preview as preview_lifecycle
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
+from ._routes import MayRead
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from ._verify import VerifyReport, verify_store
@@ -44,6 +45,7 @@ __all__ = [
     "GcReport",
     "LifecycleResult",
     "ManifestAnswer",
+    "MayRead",
     "NullCacheObserver",
     "Source",
     "StoreFailure",

@@ -52,11 +52,13 @@ from ._keys import (
     image_pulled_key,
     manifest_flight_key,
     pulled_key,
+    route_flight_key,
     tag_key,
     tags_list_key,
 )
 from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy_resolver
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
+from ._routes import ContentRoute, MayRead, RouteBook
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
 from ._verify import hash_file
@@ -173,7 +175,10 @@ class Cache:
         self._verifications: SingleFlight[Digest, int | None] = SingleFlight()
         #: Corrupt files moved aside by a thread, for the event loop to account for.
         self._quarantined: deque[tuple[Digest, int, ContentKind]] = deque()
-        self.fills = Fills(store, self._observer, on_commit=self._trust)
+        #: The routes each stored digest is known under (see ``_routes``).
+        self._routes = RouteBook()
+        self._route_flights: SingleFlight[IndexKey, None] = SingleFlight()
+        self.fills = Fills(store, self._observer, on_commit=self._committed)
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
@@ -184,6 +189,7 @@ class Cache:
         await self._manifest_flights.aclose()
         await self._tags_flights.aclose()
         await self._verifications.aclose()
+        await self._route_flights.aclose()
         await self.flush()
 
     def check(self) -> tuple[str | None, str | None]:
@@ -217,12 +223,13 @@ class Cache:
         self._guard.prune()
         totals = (self.store_bytes, self.store_entries)
         trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
+        routes = self._routes.take_learnt()
 
         def write() -> dict[Digest, Fingerprint]:
             fingerprints = dict(trusted)
             if isinstance(self._store, DirectoryStore):
                 fingerprints.update(touch(self._store, self._index, accessed, trusted))
-            self._index.write_batch(usage, pulled, totals, fingerprints)
+            self._index.write_batch(usage, pulled, totals, fingerprints, routes)
             return fingerprints
 
         written = await asyncio.to_thread(write)
@@ -232,6 +239,17 @@ class Cache:
 
     def _trust(self, digest: Digest, fingerprint: Fingerprint) -> None:
         self._trusted[digest] = fingerprint
+
+    def _committed(self, digest: Digest, fingerprint: Fingerprint, origin: ContentRoute) -> None:
+        """A fill stored a blob fetched through ``origin``."""
+        self._trust(digest, fingerprint)
+        self._routes.learn(digest, origin)
+
+    def _forget(self, digest: Digest) -> None:
+        """What the event loop holds of content that left the store."""
+        self._hot.forget_manifest(digest)
+        self._trusted.pop(digest, None)
+        self._routes.forget(digest)
 
     # -- the size cap ---------------------------------------------------------------------------
 
@@ -271,8 +289,7 @@ class Cache:
         self.store_entries = result.store_entries + stored_entries
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
-            self._hot.forget_manifest(digest)
-            self._trusted.pop(digest, None)
+            self._forget(digest)
         self._observer.on_evicted(reason, len(result.evicted), result.freed_bytes)
         log.info(
             "evicted",
@@ -367,8 +384,7 @@ class Cache:
         self.store_entries = max(0, self.store_entries - len(digests))
         self.fills.forget_committed(digests)
         for digest in digests:
-            self._hot.forget_manifest(digest)
-            self._trusted.pop(digest, None)
+            self._forget(digest)
         if digests:
             self._observer.on_evicted(reason, len(digests), freed)
 
@@ -393,18 +409,32 @@ class Cache:
     # -- manifests ------------------------------------------------------------------------------
 
     async def manifest(
-        self, source: Source, repository: RepositoryName, reference: Reference, accept: AcceptClass, ttl: float
+        self,
+        source: Source,
+        repository: RepositoryName,
+        reference: Reference,
+        accept: AcceptClass,
+        ttl: float,
+        may_read: MayRead = None,
     ) -> ManifestAnswer:
-        answer = await self._manifest(source, repository, reference, accept, ttl)
+        """The manifest for a tag or digest. ``may_read`` tells which routes the caller may read
+        (None: all); a stored manifest known only under other routes is confirmed upstream first."""
+        answer = await self._manifest(source, repository, reference, accept, ttl, may_read)
         # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
         self._pulled[image_pulled_key(source.host, repository, answer.digest)] = self._clock()
         return answer
 
     async def _manifest(
-        self, source: Source, repository: RepositoryName, reference: Reference, accept: AcceptClass, ttl: float
+        self,
+        source: Source,
+        repository: RepositoryName,
+        reference: Reference,
+        accept: AcceptClass,
+        ttl: float,
+        may_read: MayRead,
     ) -> ManifestAnswer:
         if isinstance(reference, Digest):
-            return await self._manifest_by_digest(source, repository, reference)
+            return await self._manifest_by_digest(source, repository, reference, may_read)
         ask = _TagAsk(source, repository, reference, accept, tag_key(source.host, repository, reference, accept))
         self._pulled[pulled_key(source.host, repository, reference)] = self._clock()
         entry = self._hot.tag(ask.key)
@@ -456,13 +486,18 @@ class Cache:
         # A caller that joined did not cause the upstream request it shares.
         return replace(answer, result="coalesced") if joined and answer.result in _CAUSED_UPSTREAM else answer
 
-    async def _manifest_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
+    async def _manifest_by_digest(
+        self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead = None
+    ) -> ManifestAnswer:
+        """By digest: from the store when held (``may_read`` as in :meth:`manifest`; a tag's
+        own answer passes None, since the tag's entry belongs to this route), else fetched."""
         stored = self._hot.manifest(digest)
         if stored is None:
             stored = await asyncio.to_thread(self._load_manifest, digest)
             self._account_quarantined()
             self._remember(None, None, stored, digest)
         if stored is not None:
+            await self._check_route(source, repository, digest, "manifest", may_read)
             self._accessed[digest] = self._clock()
             return ManifestAnswer(digest, stored.media_type, stored.body, "hit")
         key = manifest_flight_key(source.host, repository, digest)
@@ -496,6 +531,7 @@ class Cache:
             raise
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
+        self._routes.learn(digest, (upstream, str(repository)))
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest
 
@@ -581,8 +617,14 @@ class Cache:
 
     # -- blobs ----------------------------------------------------------------------------------
 
-    async def blob(self, source: Source, repository: RepositoryName, digest: Digest) -> BlobAnswer:
-        """The stored blob, or a started reader of its fill (joined, or started now)."""
+    async def blob(
+        self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead = None
+    ) -> BlobAnswer:
+        """The stored blob, or a started reader of its fill (joined, or started now).
+
+        ``may_read`` tells which routes the caller may read (None: all). Content known only
+        under routes it may not read is confirmed under this one with an upstream HEAD first;
+        the upstream's 404 is then the caller's answer (see ``_routes``)."""
         reader = self.fills.join(digest)
         if reader is None:
             looked = time.monotonic()
@@ -590,12 +632,14 @@ class Cache:
             if size is None:
                 size = self.fills.recently_committed(digest, since=looked)
             if size is not None:
+                await self._check_route(source, repository, digest, "blob", may_read)
                 self._accessed[digest] = self._clock()
                 return WarmBlob(digest, size, self._store.local_path(digest))
             reader = self.fills.join(digest)
         if reader is not None:
             size = await self._started(reader, source, repository)
             if size is not None:
+                await self._check_joined(reader, source, repository, may_read)
                 return FillingBlob(reader, size, "coalesced")
         reader = self.fills.join(digest) or self.fills.start(source, repository, digest)
         size = await self._started(reader, source, repository, own=True)
@@ -665,14 +709,71 @@ class Cache:
             digest, size, kind = self._quarantined.popleft()
             self.store_bytes = max(0, self.store_bytes - size)
             self.store_entries = max(0, self.store_entries - 1)
-            self._trusted.pop(digest, None)
             self.fills.forget_committed([digest])
-            self._hot.forget_manifest(digest)
+            self._forget(digest)
             self._observer.on_evicted("corrupt", 1, size)
             log.warning(
                 "stored file failed its digest; quarantined, the next pull fetches it again",
                 extra={"event": "quarantined", "digest": str(digest), "kind": kind, "size": size},
             )
+
+    # -- routes: content is read only through routes it is known under -------------------------
+
+    async def _check_route(
+        self,
+        source: Source,
+        repository: RepositoryName,
+        digest: Digest,
+        kind: ContentKind,
+        may_read: MayRead,
+        fill_origin: ContentRoute | None = None,
+    ) -> None:
+        """Return when the caller may read held content ``digest`` through this route: it is
+        known under this route, or under one the caller may read. Otherwise ask the upstream
+        once (HEAD, single flight) whether this route has it: its refusal (404, …) is raised."""
+        if may_read is None:
+            return
+        route: ContentRoute = (source.host, str(repository))
+        routes = self._routes.known(digest)
+        if routes is None:
+            self._routes.remember(digest, await asyncio.to_thread(self._index.routes, digest))
+            routes = self._routes.known(digest) or ()
+        if fill_origin is not None:
+            routes = (*routes, fill_origin)
+        if route in routes or any(may_read(upstream, name) for upstream, name in routes):
+            return
+        key = route_flight_key(source.host, repository, digest)
+        await self._route_flights.run(key, lambda: self._confirm_route(source, repository, digest, kind))
+
+    async def _confirm_route(
+        self, source: Source, repository: RepositoryName, digest: Digest, kind: ContentKind
+    ) -> None:
+        if kind == "blob":
+            await source.head_blob(repository, digest)
+        else:
+            await source.head_manifest(repository, digest, "index")
+        self._routes.learn(digest, (source.host, str(repository)))
+        log.info(
+            "route confirmed",
+            extra={
+                "event": "route_confirmed",
+                "upstream": source.host,
+                "repository": str(repository),
+                "digest": str(digest),
+                "kind": kind,
+            },
+        )
+
+    async def _check_joined(
+        self, reader: FillReader, source: Source, repository: RepositoryName, may_read: MayRead
+    ) -> None:
+        """:meth:`_check_route` for a fill in flight, whose origin counts as a known route;
+        the reader is closed when the check refuses."""
+        try:
+            await self._check_route(source, repository, reader.digest, "blob", may_read, reader.origin)
+        except BaseException:
+            reader.close()
+            raise
 
     @staticmethod
     async def _started(
@@ -692,16 +793,21 @@ class Cache:
             reader.close()
             raise
 
-    async def blob_size(self, source: Source, repository: RepositoryName, digest: Digest) -> tuple[int, CacheResult]:
-        """For HEAD: the size from the store or a fill in flight, else one upstream HEAD."""
+    async def blob_size(
+        self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead = None
+    ) -> tuple[int, CacheResult]:
+        """For HEAD: the size from the store or a fill in flight, else one upstream HEAD
+        (``may_read`` as in :meth:`blob`)."""
         reader = self.fills.join(digest)
         if reader is not None:
             size = await self._started(reader, source, repository)
             if size is not None:
+                await self._check_joined(reader, source, repository, may_read)
                 reader.close()
                 return size, "coalesced"
         size = await self._stored_size(digest)
         if size is not None:
+            await self._check_route(source, repository, digest, "blob", may_read)
             return size, "hit"
         return await source.head_blob(repository, digest), "miss"
 

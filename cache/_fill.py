@@ -76,7 +76,7 @@ class Fill:
         origin: tuple[str, str],
         observer: CacheObserver,
         on_done: Callable[[], None],
-        on_commit: Callable[[Digest, Fingerprint], None],
+        on_commit: Callable[[Digest, Fingerprint, tuple[str, str]], None],
     ) -> None:
         self.digest = digest
         #: (upstream host, repository) the fill fetches from.
@@ -105,7 +105,7 @@ class Fill:
             await self._download(source, repository)
             fingerprint = await asyncio.to_thread(self._pending.commit)
             self.state = "committed"
-            self._on_commit(self.digest, fingerprint)
+            self._on_commit(self.digest, fingerprint, self.origin)
             self._observer.on_stored("blob", self.written)
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             if isinstance(exc, DigestMismatch):
@@ -324,11 +324,11 @@ class Fills:
         self,
         store: BlobStore,
         observer: CacheObserver | None = None,
-        on_commit: Callable[[Digest, Fingerprint], None] | None = None,
+        on_commit: Callable[[Digest, Fingerprint, tuple[str, str]], None] | None = None,
     ) -> None:
         self._store = store
-        #: Told of every committed blob and the fingerprint of its verified file.
-        self._on_commit = on_commit or (lambda digest, fingerprint: None)
+        #: Told of every committed blob, the fingerprint of its verified file and its origin.
+        self._on_commit = on_commit or (lambda digest, fingerprint, origin: None)
         self._fills: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._observer: CacheObserver = observer or NullCacheObserver()

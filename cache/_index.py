@@ -14,7 +14,8 @@ import diskcache
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
-from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key
+from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
+from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 
 __all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
@@ -79,6 +80,24 @@ class Index:
         value = self._db.get(blob_key(digest))
         return Fingerprint(*value) if isinstance(value, tuple) and len(value) == 3 else None
 
+    def routes(self, digest: Digest) -> tuple[ContentRoute, ...]:
+        """The routes ``digest`` was fetched or confirmed under, oldest first."""
+        value = self._db.get(routes_key(digest))
+        if not isinstance(value, tuple):
+            return ()
+        return tuple((str(upstream), str(repository)) for upstream, repository in value)
+
+    def add_routes(self, digest: Digest, routes: list[ContentRoute]) -> None:
+        """Add routes of ``digest`` (the most recent ``MAX_ROUTES_PER_DIGEST`` are kept)."""
+        with self._db.transact():
+            self._add_routes(digest, routes)
+
+    def _add_routes(self, digest: Digest, routes: list[ContentRoute]) -> None:
+        current = self.routes(digest)
+        merged = bounded((*current, *routes))
+        if merged != current:
+            self._db.set(routes_key(digest), merged)
+
     def tags(self, key: IndexKey) -> TagsEntry | None:
         value = self._db.get(key)
         if value is None:
@@ -105,10 +124,13 @@ class Index:
         pulled: Mapping[IndexKey, float],
         store_totals: tuple[int, int],
         fingerprints: Mapping[Digest, Fingerprint] | None = None,
+        routes: Mapping[Digest, list[ContentRoute]] | None = None,
     ) -> None:
-        """One transaction: add usage deltas, record pull times, set the store totals, and
-        the fingerprints of files known good."""
+        """One transaction: add usage deltas, record pull times, set the store totals, the
+        fingerprints of files known good and the routes content was learnt under."""
         with self._db.transact():
+            for digest, learnt in (routes or {}).items():
+                self._add_routes(digest, learnt)
             for digest, fingerprint in (fingerprints or {}).items():
                 self._db.set(blob_key(digest), tuple(fingerprint))
             if usage_deltas:
@@ -160,6 +182,7 @@ class Index:
         with self._db.transact():
             for digest in digests:
                 self._db.delete(blob_key(digest))
+                self._db.delete(routes_key(digest))
         manifests = {d for d in digests if self._db.get(manifest_key(d)) is not None}
         if not manifests:  # only layers went: no tag can point at them
             return 0

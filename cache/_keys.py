@@ -14,12 +14,14 @@ key                                        value
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
 ("image", upstream, repository, digest)     when the manifest was first cached for the repository
 ("image-pulled", upstream, repository, d)   when a client last pulled the manifest there
+("routes", digest)                          ((upstream, repository), ...) the content is known under
 ("usage",)                                  {upstream: {counter: total}} since the store began
 ("store",)                                  (bytes, entries) in the blob store
 =========================================  =================================================
 
 Single-flight keys (in memory only) use the same builders: ``tag_key`` for a tag's fetch or
-revalidation, ``manifest_flight_key`` for a manifest fetched by digest through one route.
+revalidation, ``manifest_flight_key`` for a manifest fetched by digest through one route,
+``route_flight_key`` for the upstream HEAD that confirms stored content under a new route.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ __all__ = [
     "manifest_flight_key",
     "manifest_key",
     "pulled_key",
+    "route_flight_key",
+    "routes_key",
     "tag_key",
     "tags_list_key",
 ]
@@ -59,6 +63,14 @@ def blob_key(digest: Digest) -> IndexKey:
 
 def manifest_flight_key(upstream: str, repository: RepositoryName, digest: Digest) -> IndexKey:
     return ("manifest-fetch", upstream, str(repository), str(digest))
+
+
+def routes_key(digest: Digest) -> IndexKey:
+    return ("routes", str(digest))
+
+
+def route_flight_key(upstream: str, repository: RepositoryName, digest: Digest) -> IndexKey:
+    return ("route-confirm", upstream, str(repository), str(digest))
 
 
 def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:

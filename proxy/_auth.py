@@ -34,11 +34,12 @@ import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from moorage.cache import MayRead
 from moorage.config import AuthSettings, ConfigError
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
-from ._policy import AccessDenied, Requester, authorize
+from ._policy import AccessDenied, Requester, allows, authorize
 from ._ratelimit import RATE_LIMITER
 from ._state import RequestNote
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
@@ -298,9 +299,13 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
     return middleware
 
 
-def authorize_pull(request: web.Request, name: str, upstream: str, repository: str) -> None:
+def authorize_pull(request: web.Request, name: str, upstream: str, repository: str) -> MayRead:
     """Once the route is known: the token must grant this repository, and the access policy
-    must not deny it. Raises AccessDenied (403 DENIED) naming the reason."""
+    must not deny it. Raises AccessDenied (403 DENIED) naming the reason.
+
+    Returns which routes the requester may read content through, for the cache's check of
+    content held under other routes; None (every route) when there is no policy. A token's
+    grant narrows nothing further: the token service grants whatever the policy allows."""
     granted = request.get(RequestNote.GRANTED)
     if granted is not None and name not in granted:
         raise AccessDenied(
@@ -308,10 +313,13 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
         )
     authenticator = request.app[AUTHENTICATOR]
     rules = authenticator.settings.policy
-    if rules:
-        user = request.get(RequestNote.USER)
-        groups = authenticator.users.groups_of(user) if authenticator.users is not None else frozenset()
-        authorize(rules, Requester(user, groups, request.remote), upstream, repository)
+    if not rules:
+        return None
+    user = request.get(RequestNote.USER)
+    groups = authenticator.users.groups_of(user) if authenticator.users is not None else frozenset()
+    requester = Requester(user, groups, request.remote)
+    authorize(rules, requester, upstream, repository)
+    return lambda other_upstream, other_repository: allows(rules, requester, other_upstream, other_repository)
 
 
 #: How the application tells who a request is.

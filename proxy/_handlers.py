@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer
+from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
 
@@ -60,11 +60,11 @@ async def v2(request: web.Request) -> web.StreamResponse:
     route = request.app[ROUTER].resolve(target.name, request.query.get("ns"))
     request[RequestNote.UPSTREAM] = route.upstream.host
     request[RequestNote.REPOSITORY] = str(route.repository)
-    authorize_pull(request, target.name, route.upstream.host, str(route.repository))
+    may_read = authorize_pull(request, target.name, route.upstream.host, str(route.repository))
     if target.kind == "manifest":
-        return await manifest(request, route, target)
+        return await manifest(request, route, target, may_read)
     if target.kind == "blob":
-        return await blob(request, route, target)
+        return await blob(request, route, target, may_read)
     if target.kind == "tags":
         if request.method != "GET":
             raise Unsupported("tags/list answers GET only", headers={"Allow": "GET"})
@@ -75,7 +75,9 @@ async def v2(request: web.Request) -> web.StreamResponse:
 # -- manifests ------------------------------------------------------------------------------------
 
 
-async def manifest(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
+async def manifest(
+    request: web.Request, route: Route[RegistryClient], target: V2Path, may_read: MayRead
+) -> web.Response:
     reference = parse_reference(target.reference)
     request[RequestNote.REFERENCE] = str(reference)
     settings = request.app[SETTINGS]
@@ -85,6 +87,7 @@ async def manifest(request: web.Request, route: Route[RegistryClient], target: V
         reference,
         accept_class(request.headers.getall("Accept", [])),
         settings.tag_ttl_of(route.upstream.settings),
+        may_read,
     )
     request[RequestNote.RESULT] = answer.result
     headers = _manifest_headers(answer)
@@ -124,16 +127,18 @@ def _manifest_headers(answer: ManifestAnswer) -> dict[str, str]:
 # -- blobs ----------------------------------------------------------------------------------------
 
 
-async def blob(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.StreamResponse:
+async def blob(
+    request: web.Request, route: Route[RegistryClient], target: V2Path, may_read: MayRead
+) -> web.StreamResponse:
     digest = parse_digest(target.reference)
     request[RequestNote.REFERENCE] = str(digest)
     cache = request.app[CACHE]
     headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
     if request.method == "HEAD":
-        size, result = await cache.blob_size(route.upstream, route.repository, digest)
+        size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read)
         request[RequestNote.RESULT] = result
         return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
-    answer = await cache.blob(route.upstream, route.repository, digest)
+    answer = await cache.blob(route.upstream, route.repository, digest, may_read)
     request[RequestNote.RESULT] = answer.result
     if isinstance(answer, FillingBlob):
         return await _stream_fill(request, answer, headers)

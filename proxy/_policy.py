@@ -18,7 +18,7 @@ from moorage.config import PolicyRule
 
 from .errors import OCIError
 
-__all__ = ["AccessDenied", "Requester", "authorize", "matching_rule"]
+__all__ = ["AccessDenied", "Requester", "allows", "authorize", "matching_rule"]
 
 
 class AccessDenied(OCIError):
@@ -57,6 +57,12 @@ def matching_rule(rules: tuple[PolicyRule, ...], requester: Requester, target: s
         if _covers_requester(rule, requester) and any(fnmatch.fnmatchcase(target, g) for g in rule.repositories):
             return position, rule
     return None
+
+
+def allows(rules: tuple[PolicyRule, ...], requester: Requester, upstream: str, repository: str) -> bool:
+    """Whether the policy lets ``requester`` pull ``<upstream>/<repository>``."""
+    found = matching_rule(rules, requester, f"{upstream}/{repository}")
+    return found is None or found[1].effect == "allow"
 
 
 def authorize(rules: tuple[PolicyRule, ...], requester: Requester, upstream: str, repository: str) -> None:

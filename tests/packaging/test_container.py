@@ -21,7 +21,7 @@ from typing import IO
 import pytest
 
 from tests.integration.harness import images
-from tests.integration.harness.clients import skopeo_copy
+from tests.integration.harness.clients import ClientError, skopeo_copy
 from tests.integration.harness.registry import RealRegistry
 from tests.integration.harness.tools import free_port, require_tool
 
@@ -175,7 +175,10 @@ def test_the_container_serves_pulls_and_stops_cleanly(built: Podman, tmp_path: P
             while built("exec", name, "moorage", "healthcheck", check=False).returncode != 0:
                 assert time.monotonic() < deadline, built("logs", name).stderr
                 time.sleep(0.3)
-            skopeo_copy(f"docker://127.0.0.1:{port}/app:1", f"dir:{tmp_path / 'out'}")
+            try:
+                skopeo_copy(f"docker://127.0.0.1:{port}/app:1", f"dir:{tmp_path / 'out'}")
+            except ClientError as exc:  # the cache's own log says why a pull failed
+                raise AssertionError(f"{exc}\n--- moorage log ---\n{built('logs', name).stderr[-8000:]}") from exc
             assert (tmp_path / "out" / image.layer_digests[0].split(":")[1]).is_file()
             started = time.monotonic()
             built("stop", "-t", "20", name)

@@ -1,0 +1,182 @@
+"""Content is read only through routes it is known under.
+
+The store is shared by digest, so without this a client the access policy confines to some
+repositories could read any cached blob or manifest by digest through one it may pull,
+including content of a private upstream. These tests cache a private image through one
+upstream, then ask for its content through another route as a confined client: the upstream
+of that route decides (404 when it lacks the digest), confirmation costs one HEAD once, and a
+client with no confinement (no policy) never causes one."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from tests.fakes import FakeImage, FakeRegistry
+
+from .conftest import StartMoorage
+
+Client = TestClient[web.Request, web.Application]
+PASSWORD = "a long enough passphrase"
+SHARED_LAYER = b"a base layer both registries serve" * 1000
+SECRET_LAYER = b"a layer only the private registry has" * 1000
+POLICY = [
+    {"effect": "allow", "description": "admins pull everything", "users": ["admin"], "repositories": ["*"]},
+    {"effect": "allow", "description": "ci pulls from docker.io", "users": ["ci"], "repositories": ["docker.io/*"]},
+    {"effect": "deny", "description": "nobody else", "repositories": ["*"]},
+]
+
+
+def basic(user: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+    return {"Authorization": f"Basic {token}", "Accept": ACCEPT_ALL_MANIFESTS}
+
+
+@pytest.fixture
+async def private() -> AsyncIterator[FakeRegistry]:
+    async with FakeRegistry() as registry:
+        yield registry
+
+
+@pytest.fixture
+def htpasswd(tmp_path: Path) -> str:
+    path = tmp_path / "htpasswd"
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    path.write_text(f"admin:{hashed}\nci:{hashed}\n")
+    return str(path)
+
+
+def two_upstreams(upstream: FakeRegistry, private: FakeRegistry) -> list[dict[str, Any]]:
+    return [
+        {"host": "docker.io", "url": upstream.url, "default": True, "retries": {"attempts": 1}},
+        {"host": "registry.example.com", "url": private.url, "prefixes": ["private"], "retries": {"attempts": 1}},
+    ]
+
+
+async def cache_private_image(moorage: Client, image: FakeImage) -> None:
+    """The admin pulls the private image: manifest and every blob are in the store after."""
+    base = "/v2/private/team/secret"
+    assert (await moorage.get(f"{base}/manifests/1", headers=basic("admin"))).status == 200
+    for digest in (image.config_digest, *image.layer_digests):
+        response = await moorage.get(f"{base}/blobs/{digest}", headers=basic("admin"))
+        assert response.status == 200
+        await response.read()
+
+
+async def test_a_confined_client_cannot_read_private_content_through_a_route_it_may_pull(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
+    moorage = await start_moorage(
+        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
+    )
+    await cache_private_image(moorage, image)
+    secret_layer = image.layer_digests[1]
+
+    # Through its own route the confined client is refused by the policy, naming the rule.
+    denied = await moorage.get(f"/v2/private/team/secret/blobs/{secret_layer}", headers=basic("ci"))
+    assert denied.status == 403
+    assert "rule 3 (nobody else)" in (await denied.json())["errors"][0]["message"]
+
+    # Through a route it may pull, the digest is held, but docker.io does not have it there.
+    upstream.reset_requests()
+    for method in ("GET", "HEAD"):
+        response = await moorage.request(method, f"/v2/library/alpine/blobs/{secret_layer}", headers=basic("ci"))
+        assert response.status == 404, method
+        if method == "GET":
+            assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    manifest = await moorage.get(f"/v2/library/alpine/manifests/{image.digest}", headers=basic("ci"))
+    assert manifest.status == 404
+    assert (await manifest.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert upstream.count("GET", "/blobs/") == 0, "the store's copy was not served, and none was fetched"
+    assert upstream.count("HEAD", f"/blobs/{secret_layer}") == 2, "each question went to the route's upstream"
+    assert upstream.count("HEAD", f"/manifests/{image.digest}") == 1
+
+
+async def test_content_the_route_also_has_is_confirmed_once_with_a_head_and_then_served(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
+    moorage = await start_moorage(
+        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
+    )
+    await cache_private_image(moorage, image)
+    shared = image.layer_digests[0]
+    upstream.reset_requests()
+    for _ in range(3):
+        response = await moorage.get(f"/v2/library/alpine/blobs/{shared}", headers=basic("ci"))
+        assert response.status == 200
+        assert await response.read() == SHARED_LAYER
+        assert response.headers["X-Moorage-Cache"] == "hit"
+    head = await moorage.head(f"/v2/library/alpine/blobs/{shared}", headers=basic("ci"))
+    assert head.status == 200
+    assert upstream.count("HEAD", f"/blobs/{shared}") == 1, "one HEAD confirms the route, for good"
+    assert upstream.count("GET") == 0, "the bytes came from the store"
+
+    # The route is remembered across a restart.
+    await moorage.close()
+    upstream.reset_requests()
+    again = await start_moorage(
+        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
+    )
+    response = await again.get(f"/v2/library/alpine/blobs/{shared}", headers=basic("ci"))
+    assert await response.read() == SHARED_LAYER
+    assert upstream.requests == []
+
+
+async def test_a_client_allowed_on_the_origin_route_reads_without_asking(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    moorage = await start_moorage(
+        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
+    )
+    await cache_private_image(moorage, image)
+    upstream.reset_requests()
+    response = await moorage.get(f"/v2/library/alpine/blobs/{image.layer_digests[1]}", headers=basic("admin"))
+    assert response.status == 200, "the admin may pull the origin route, so nothing is revealed"
+    assert await response.read() == SECRET_LAYER
+    assert upstream.requests == []
+
+
+async def test_without_a_policy_content_is_shared_by_digest_at_no_upstream_cost(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry
+) -> None:
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    moorage = await start_moorage(upstreams=two_upstreams(upstream, private))
+    base = "/v2/private/team/secret"
+    assert (await moorage.get(f"{base}/manifests/1", headers={"Accept": ACCEPT_ALL_MANIFESTS})).status == 200
+    await (await moorage.get(f"{base}/blobs/{image.layer_digests[0]}")).read()
+    upstream.reset_requests()
+    response = await moorage.get(f"/v2/library/alpine/blobs/{image.layer_digests[0]}")
+    assert response.status == 200
+    assert await response.read() == SHARED_LAYER
+    assert upstream.requests == [], "every client may read every route: no confirmation is asked"
+
+
+async def test_a_confined_client_joining_another_routes_fill_is_confirmed_first(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    moorage = await start_moorage(
+        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
+    )
+    secret_layer = image.layer_digests[1]
+    private.slow_blob(secret_layer, chunk=4096, delay=0.02)
+    admin = await moorage.get(f"/v2/private/team/secret/blobs/{secret_layer}", headers=basic("admin"))
+    assert admin.status == 200  # its fill is in flight now, sending slowly
+    upstream.reset_requests()
+    refused = await moorage.get(f"/v2/library/alpine/blobs/{secret_layer}", headers=basic("ci"))
+    assert refused.status == 404, "the fill in flight is not shared with a route whose upstream lacks it"
+    assert upstream.count("HEAD", f"/blobs/{secret_layer}") == 1
+    assert await admin.read() == SECRET_LAYER
