@@ -57,7 +57,73 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/moorage", "tag": "0.1.0"},
     },
     "tls": {"tls": {"enabled": True, "secretName": "moorage-tls"}, "auth": {"htpasswdSecret": "moorage-users"}},
+    "policy": {
+        "auth": {
+            "htpasswdSecret": "moorage-users",
+            "anonymous": "pull",
+            "groups": {"ml": ["alice", "bob"], "ci": ["robot"]},
+            "policy": [
+                {
+                    "effect": "allow",
+                    "description": "CI pulls docker.io",
+                    "groups": ["ci"],
+                    "repositories": ["docker.io/*"],
+                },
+                {"effect": "allow", "groups": ["ml"], "repositories": ["nvcr.io/*"]},
+                {
+                    "effect": "allow",
+                    "anonymous": True,
+                    "cidrs": ["10.20.0.0/16"],
+                    "repositories": ["docker.io/library/*"],
+                },
+                {"effect": "deny", "description": "nothing else"},
+            ],
+        },
+        "upstreams": [
+            {
+                "host": "docker.io",
+                "url": "https://registry-1.docker.io",
+                "default": True,
+                "lifecyclePolicy": {
+                    "rules": [
+                        {
+                            "rulePriority": 1,
+                            "description": "unpulled for 30 days",
+                            "selection": {
+                                "tagStatus": "any",
+                                "countType": "sinceImagePulled",
+                                "countUnit": "days",
+                                "countNumber": 30,
+                            },
+                            "action": {"type": "expire"},
+                        }
+                    ]
+                },
+                "lifecyclePolicies": [
+                    {
+                        "repositories": "library/*",
+                        "policy": {
+                            "rules": [
+                                {
+                                    "rulePriority": 1,
+                                    "selection": {
+                                        "tagStatus": "tagged",
+                                        "tagPatternList": ["v*"],
+                                        "countType": "imageCountMoreThan",
+                                        "countNumber": 5,
+                                    },
+                                    "action": {"type": "expire"},
+                                }
+                            ]
+                        },
+                    }
+                ],
+            },
+            {"host": "nvcr.io", "url": "https://nvcr.io", "prefixes": ["ngc"]},
+        ],
+    },
 }
+SETTINGS_DIR = "/etc/moorage/settings"
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -87,15 +153,27 @@ def test_renders_objects_that_kubernetes_accepts(name: str) -> None:
             assert endpoints == [{"port": "http", "path": "/metrics", "interval": "30s"}]
             continue
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
-    expected = {"defaults": 3, "exposed": 7, "upstreams": 3, "tls": 3}[name]
+    expected = {"defaults": 3, "exposed": 7, "upstreams": 3, "tls": 3, "policy": 3}[name]
     assert len(objects) == expected
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> None:
-    config_map = by_kind(render(VALUE_SETS[name]), "ConfigMap")
+    objects = render(VALUE_SETS[name])
+    config_map = by_kind(objects, "ConfigMap")
+    # The files the pod finds beside its config (groups, lifecycle policies), where it finds them.
+    files = {key: text for key, text in config_map["data"].items() if key != "config.yaml"}
+    pod = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]
+    mounted = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == SETTINGS_DIR]
+    if files:
+        (settings_volume,) = [v for v in pod["volumes"] if v["name"] == mounted[0]["name"]]
+        assert sorted(item["key"] for item in settings_volume["configMap"]["items"]) == sorted(files)
+    else:
+        assert not mounted
+    for key, text in files.items():
+        (tmp_path / key).write_text(text)
     path = tmp_path / "config.yaml"
-    path.write_text(config_map["data"]["config.yaml"])
+    path.write_text(config_map["data"]["config.yaml"].replace(SETTINGS_DIR, str(tmp_path)))
     settings = load_settings(path)
     assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
     checked = subprocess.run(
@@ -114,6 +192,14 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
             "secret": {"secretName": "moorage-users", "items": [{"key": "htpasswd", "path": "htpasswd"}]},
         }
         assert htpasswd in pod["volumes"]
+    if name == "policy":
+        assert settings.auth.groups_file == tmp_path / "groups"
+        assert (tmp_path / "groups").read_text().splitlines() == ["ci: robot", "ml: alice bob"]
+        assert [rule.effect for rule in settings.auth.policy] == ["allow", "allow", "allow", "deny"]
+        assert settings.auth.policy[2].cidrs[0].compressed == "10.20.0.0/16"
+        hub, ngc = settings.upstreams
+        assert [binding.repositories for binding in hub.lifecycle] == ["library/*", "*"]
+        assert ngc.lifecycle == ()
     if name == "upstreams":
         hub, ghcr = settings.upstreams
         assert hub.default and hub.username == "robot"
@@ -163,6 +249,14 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"tls": {"enabled": True}}, "/tls/secretName", id="tls_without_secret"),
         pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": "lots"}}, "/persistence/maxSize", id="max_size"),
+        pytest.param({"auth": {"policy": [{"effect": "permit"}]}}, "/auth/policy/0/effect", id="policy_effect"),
+        pytest.param({"auth": {"policy": [{"effect": "deny", "who": "me"}]}}, "who", id="policy_unknown_key"),
+        pytest.param({"auth": {"groups": {"ml": "alice"}}}, "/auth/groups/ml", id="groups_not_a_list"),
+        pytest.param(
+            {"upstreams": [{"host": "q.io", "url": "https://q.io", "lifecyclePolicy": {"rulez": []}}]},
+            "rules",
+            id="lifecycle_without_rules",
+        ),
     ],
 )
 def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> None:

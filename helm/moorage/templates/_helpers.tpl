@@ -35,13 +35,19 @@ tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
-{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous }}
+{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy }}
 auth:
   {{- if .Values.auth.htpasswdSecret }}
   htpasswd_file: /etc/moorage/auth/htpasswd
   {{- end }}
+  {{- if .Values.auth.groups }}
+  groups_file: /etc/moorage/settings/groups
+  {{- end }}
   {{- with .Values.auth.anonymous }}
   anonymous: {{ . }}
+  {{- end }}
+  {{- with .Values.auth.policy }}
+  policy: {{ toJson . }}
   {{- end }}
 {{- end }}
 {{- if .Values.tls.enabled }}
@@ -72,6 +78,42 @@ upstreams:
     {{- if .passwordSecret }}
     password_file: {{ printf "/etc/moorage/credentials/%s/password" .host | quote }}
     {{- end }}
+    {{- $host := .host }}
+    {{- if .lifecyclePolicy }}
+    lifecycle_policy_file: {{ printf "/etc/moorage/settings/%s" (include "moorage.lifecycleFile" (list $host "all")) | quote }}
+    {{- end }}
+    {{- with .lifecyclePolicies }}
+    lifecycle_policies:
+    {{- range $i, $binding := . }}
+      - repositories: {{ $binding.repositories | quote }}
+        policy_file: {{ printf "/etc/moorage/settings/%s" (include "moorage.lifecycleFile" (list $host $i)) | quote }}
+    {{- end }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The name of a lifecycle policy file in the settings ConfigMap: (list host index). */}}
+{{- define "moorage.lifecycleFile" -}}
+{{- printf "lifecycle-%s-%v.json" (index . 0 | replace ":" "-") (index . 1) -}}
+{{- end -}}
+
+{{/* Files beside config.yaml, mounted at /etc/moorage/settings: the groups file and the
+     upstreams' lifecycle policies (ECR's JSON), which Moorage reads again when they change. */}}
+{{- define "moorage.settingsFiles" -}}
+{{- with .Values.auth.groups }}
+groups: |
+  {{- range $group, $users := . }}
+  {{ $group }}: {{ join " " $users }}
+  {{- end }}
+{{- end }}
+{{- range .Values.upstreams }}
+{{- $host := .host }}
+{{- with .lifecyclePolicy }}
+{{ include "moorage.lifecycleFile" (list $host "all") }}: {{ toJson . | quote }}
+{{- end }}
+{{- range $i, $binding := .lifecyclePolicies }}
+{{ include "moorage.lifecycleFile" (list $host $i) }}: {{ toJson $binding.policy | quote }}
 {{- end }}
 {{- end }}
 {{- end -}}
