@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from moorage.config import UpstreamSettings
 
 from ._auth import RegistryAuth
+from ._network import wide_read_transport
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from .errors import (
@@ -204,7 +205,7 @@ class RegistryClient:
             base_url=settings.url,
             follow_redirects=True,
             event_hooks={"response": [self._observe_response]},
-            **common,  # type: ignore[arg-type]
+            **{**common, "transport": transport or wide_read_transport(limits)},  # type: ignore[arg-type]
         )
         self._token_http = httpx.AsyncClient(follow_redirects=True, **common)  # type: ignore[arg-type]
         credentials = (settings.username, password) if settings.username and password is not None else None
