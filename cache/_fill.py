@@ -5,9 +5,11 @@ that disconnects does not cancel it. It writes the upstream body to a temporary 
 hashing; readers (every client asking for the digest while it runs, including one that joins
 late) read that file with ``pread`` up to the bytes written so far, so they get their first
 byte without waiting for the end. The last byte of any reader's response is held back until
-the fill has verified the digest and committed the blob, so a reader can never see a complete
-response of wrong bytes. If the fill fails, every reader gets :class:`FillAborted` (its
-response must be cut) and nothing is kept. A body cut mid-way is resumed from the offset
+the fill has verified the digest, so a reader can never see a complete response of wrong
+bytes; it does not wait for the blob to be made durable (fsync, rename), which follows. If the
+fill fails before the digest is verified, every reader gets :class:`FillAborted` (its
+response must be cut) and nothing is kept; if only storing fails after, readers finish from
+the open file (their bytes are verified) and nothing is kept. A body cut mid-way is resumed from the offset
 reached (``Range``), or refetched and the known prefix skipped, up to ``MAX_RESUMES`` times;
 the digest is still verified end to end. The digest's entry leaves the registry in
 ``finally``, so nothing leaks.
@@ -84,6 +86,8 @@ class Fill:
         self.state: FillState = "starting"
         self.size: int | None = None
         self.written = 0
+        #: The bytes in the file hashed to the digest: readers may have all of them.
+        self.verified = False
         self.error: BaseException | None = None
         self._pending: PendingBlob | None = None
         self._progress = asyncio.Event()
@@ -103,6 +107,9 @@ class Fill:
         try:
             self._pending = await asyncio.to_thread(store.begin, self.digest)
             await self._download(source, repository)
+            self._pending.verify()  # the hash is done: this only compares
+            self.verified = True
+            self._notify()  # readers may send their last byte while the blob is made durable
             fingerprint = await asyncio.to_thread(self._pending.commit)
             self.state = "committed"
             self._on_commit(self.digest, fingerprint, self.origin)
@@ -283,9 +290,9 @@ class FillReader:
         fill = self._fill
         position = start
         while position < end:
-            if fill.state == "failed":
+            if fill.state == "failed" and not fill.verified:
                 raise fill._aborted()
-            deliverable = end if fill.state == "committed" else min(fill.written, end - 1)
+            deliverable = end if fill.verified else min(fill.written, end - 1)
             if position >= deliverable:
                 await fill._progress.wait()
                 continue
@@ -330,7 +337,8 @@ class Fills:
         #: Told of every committed blob, the fingerprint of its verified file and its origin.
         self._on_commit = on_commit or (lambda digest, fingerprint, origin: None)
         self._fills: dict[Digest, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Every fill's task, until it ended (a fill leaves ``_fills`` before its task ends).
+        self._tasks: dict[asyncio.Task[None], Fill] = {}
         self._observer: CacheObserver = observer or NullCacheObserver()
         self._committed: OrderedDict[Digest, tuple[int, float]] = OrderedDict()
 
@@ -363,8 +371,8 @@ class Fills:
         self._fills[digest] = fill
         reader = fill.add_reader()
         task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fill
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return reader
 
     @property
@@ -388,8 +396,11 @@ class Fills:
         return entry[0] if entry is not None and entry[1] >= since else None
 
     async def aclose(self) -> None:
-        """Cancel fills in flight; their temporaries are removed, readers are aborted."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Cancel fills still downloading (their temporaries are removed, readers are
+        aborted); wait for those already verified to store their blob."""
+        tasks = list(self._tasks.items())
+        for task, fill in tasks:
+            if not fill.verified:  # a verified fill is storing its blob: let it finish
+                task.cancel()
+        if tasks:
+            await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)

@@ -52,12 +52,14 @@ class StoredBlob:
 
 
 class PendingBlob(Protocol):
-    """A blob being written; invisible until ``commit`` verified it."""
+    """A blob being written; invisible until ``commit`` verified it. ``verify`` checks the
+    digest alone, so that readers may have the last byte before the file is made durable."""
 
     def write(self, chunk: bytes) -> None: ...
     def write_many(self, chunks: list[bytes]) -> None: ...
     def pread(self, size: int, offset: int) -> bytes: ...
     def fileno(self) -> int: ...
+    def verify(self) -> None: ...
     def commit(self) -> Fingerprint: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
@@ -125,11 +127,19 @@ class _PendingFile:
     def fileno(self) -> int:
         return self._fd
 
-    def commit(self) -> Fingerprint:
+    def verify(self) -> None:
+        """Raise DigestMismatch unless the bytes written hash to the digest. Cheap (the hash
+        was computed as the bytes were written) and touches no file."""
         actual = self._hasher.hexdigest()
         if actual != self._digest.encoded:
-            self.discard()
             raise DigestMismatch(str(self._digest), f"{self._digest.algorithm}:{actual}", "upstream blob")
+
+    def commit(self) -> Fingerprint:
+        try:
+            self.verify()
+        except DigestMismatch:
+            self.discard()
+            raise
         final = self._store.path_of(self._digest)
         try:
             os.fsync(self._fd)

@@ -1,20 +1,23 @@
 """Single flight at the unit level, with an in-memory upstream whose body the test feeds
-chunk by chunk: readers follow a growing fill, the last byte waits for verification, a
-failure aborts every reader, nothing leaks."""
+chunk by chunk: readers follow a growing fill, the last byte waits for verification (not for
+the blob to be made durable), a failure aborts every reader, nothing leaks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from moorage.cache import DirectoryStore, FillAborted
+from moorage.cache import DirectoryStore, FillAborted, StoreFailure
 from moorage.cache._fill import Fills
+from moorage.cache._store import Fingerprint, PendingBlob
 from moorage.upstreams import BlobBody, UpstreamNotFound, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
@@ -74,7 +77,7 @@ def store(tmp_path: Path) -> DirectoryStore:
     return DirectoryStore(tmp_path)
 
 
-async def test_readers_follow_the_fill_and_the_last_byte_waits_for_the_commit(store: DirectoryStore) -> None:
+async def test_readers_follow_the_fill_and_the_last_byte_waits_for_verification(store: DirectoryStore) -> None:
     data = os.urandom(3000)
     digest = Digest.of(data)
     source = FedSource(len(data))
@@ -89,17 +92,82 @@ async def test_readers_follow_the_fill_and_the_last_byte_waits_for_the_commit(st
     await source.queue.put(data[1000:])
     late = asyncio.ensure_future(collect(second.read(0, 3000)))
     await asyncio.sleep(0.05)
-    assert not reading.done() and not late.done(), "all bytes written, but not yet verified and committed"
+    assert not reading.done() and not late.done(), "all bytes written, but not yet verified"
     await source.queue.put(None)
     received += await reading
     assert bytes(received) == data and await late == data
     assert source.opened == [0]
     first.close()
     second.close()
-    assert len(fills) == 0
+    await wait_for(lambda: len(fills) == 0)  # after the commit, which the readers did not wait for
     assert store.size_of(digest) == 3000
     assert fills.recently_committed(digest, since=0.0) == 3000
     assert fills.recently_committed(digest, since=time.monotonic()) is None, "an older commit is no evidence"
+
+
+class GatedCommits(DirectoryStore):
+    """A store whose commits (fsync and rename) wait for ``release``, then fail if ``fail``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = threading.Event()
+        self.fail = False
+
+    def begin(self, digest: Digest) -> PendingBlob:
+        pending = super().begin(digest)
+        store = self
+
+        class Gated:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pending, name)
+
+            def commit(self) -> Fingerprint:
+                assert store.release.wait(5)
+                if store.fail:
+                    pending.discard()
+                    raise StoreFailure(f"cannot store {digest}: No space left on device")
+                return pending.commit()
+
+        return cast(PendingBlob, Gated())
+
+
+async def test_the_last_byte_does_not_wait_for_the_blob_to_be_made_durable(tmp_path: Path) -> None:
+    store = GatedCommits(tmp_path)
+    data = os.urandom(5000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, digest)
+    await reader.wait_started()
+    await source.queue.put(data)
+    await source.queue.put(None)
+    assert await asyncio.wait_for(collect(reader.read(0, len(data))), 2) == data
+    assert store.size_of(digest) is None, "the reader had every byte while the commit was still waiting"
+    store.release.set()
+    reader.close()
+    await wait_for(lambda: store.size_of(digest) == len(data))
+    await fills.aclose()
+
+
+async def test_readers_finish_with_verified_bytes_when_storing_fails_after(tmp_path: Path) -> None:
+    store = GatedCommits(tmp_path)
+    store.fail = True
+    data = os.urandom(5000)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    first = fills.start(source, REPO, digest)
+    await first.wait_started()
+    await source.queue.put(data)
+    await source.queue.put(None)
+    await wait_for(lambda: fills._fills[digest].verified)
+    store.release.set()
+    await wait_for(lambda: len(fills) == 0)  # the commit failed: the fill left the registry
+    assert await collect(first.read(0, len(data))) == data, "the bytes were verified before the disk failed"
+    first.close()
+    assert store.size_of(digest) is None
+    await wait_for(lambda: not any((tmp_path / "tmp").iterdir()))
+    await fills.aclose()
 
 
 async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: DirectoryStore, tmp_path: Path) -> None:

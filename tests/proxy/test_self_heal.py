@@ -3,6 +3,7 @@ bytes (fetched again from upstream) or a clean error, never the wrong ones."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -22,6 +23,17 @@ def stored_file(store: Path, digest: str) -> Path:
     return store / "blobs" / algorithm / hex_digest[:2] / hex_digest
 
 
+async def until_stored(store: Path, digest: str, content: bytes) -> Path:
+    """The stored file, once it holds ``content``: a client has its last byte as soon as the
+    digest is verified, and the blob is made durable and put in place just after."""
+    path = stored_file(store, digest)
+    for _ in range(400):
+        if path.is_file() and path.stat().st_size == len(content) and path.read_bytes() == content:
+            return path
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{digest} was not stored within 2 s")
+
+
 async def pull_blob(moorage: Client, digest: str) -> bytes:
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert response.status == 200
@@ -36,14 +48,14 @@ async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
     content = os.urandom(300_000)
     digest = upstream.add_blob(content)
     assert await pull_blob(moorage, digest) == content
-    path = stored_file(store, digest)
+    path = await until_stored(store, digest, content)
     path.write_bytes(b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
 
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
     quarantined = store / "quarantine" / digest.replace(":", "-")
     assert quarantined.read_bytes() == b"X" * len(content), "kept aside for inspection"
-    assert path.read_bytes() == content, "the store holds the good copy again"
+    assert await until_stored(store, digest, content) == path, "the store holds the good copy again"
     assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 1
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "the fresh copy is trusted: a plain hit"
@@ -57,7 +69,7 @@ async def test_a_truncated_blob_is_never_served_short(
     content = os.urandom(200_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    with stored_file(store, digest).open("r+b") as handle:
+    with (await until_stored(store, digest, content)).open("r+b") as handle:
         handle.truncate(1000)
     head = await moorage.head(f"/v2/alpine/blobs/{digest}")
     assert head.headers["Content-Length"] == str(len(content)), "HEAD does not trust the short file either"
@@ -72,7 +84,7 @@ async def test_a_vanished_blob_is_fetched_again(
     content = os.urandom(50_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    stored_file(store, digest).unlink()
+    (await until_stored(store, digest, content)).unlink()
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2
 
@@ -85,7 +97,7 @@ async def test_a_corrupt_blob_whose_upstream_is_gone_is_a_clean_error(
     content = os.urandom(10_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    stored_file(store, digest).write_bytes(os.urandom(len(content)))
+    (await until_stored(store, digest, content)).write_bytes(os.urandom(len(content)))
     del upstream.blobs[digest]
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert response.status == 404
