@@ -38,6 +38,7 @@ import hashlib
 import json
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -341,6 +342,8 @@ class _RecordingServer:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.down: bool = False
+        #: Serve HTTPS with this context (set before `start`); None: plain HTTP.
+        self.ssl_context: ssl.SSLContext | None = None
         self._rules: list[_Rule] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[web.TCPSite] = []
@@ -401,12 +404,12 @@ class _RecordingServer:
 
     async def _listen(self) -> None:
         assert self._runner is not None
-        site = web.TCPSite(self._runner, "127.0.0.1", self._port or 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port or 0, ssl_context=self.ssl_context)
         await site.start()
         self._sites = [site]
         self._port = site.port
         for host in self.extra_bind_hosts:
-            extra = web.TCPSite(self._runner, host, self._port)
+            extra = web.TCPSite(self._runner, host, self._port, ssl_context=self.ssl_context)
             try:
                 await extra.start()
             except OSError:  # no such address family here: 127.0.0.1 is enough
@@ -429,7 +432,7 @@ class _RecordingServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{self.host}"
 
     # -- request log
 

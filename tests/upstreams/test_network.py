@@ -1,6 +1,8 @@
-"""The socket layer under the upstream client: reads ask for ``READ_SIZE``, not httpcore's 64 KiB,
-so a blob body reaches the fill in the large pieces the socket holds (over real sockets, against
-the fake upstream), byte for byte; TLS streams are wrapped the same way."""
+"""The socket layer under the upstream client (``upstreams/_network.py``): reads ask for
+``READ_SIZE``, and over real sockets against the fake upstream bodies arrive whole and in large
+pieces, over plain HTTP and verified TLS; a connection the server closed is not reused; a body
+the server cuts, a server that stalls, and a port nobody listens on are the upstream errors
+the cache knows how to handle."""
 
 from __future__ import annotations
 
@@ -8,18 +10,41 @@ import asyncio
 import hashlib
 import os
 import ssl
-import typing
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpcore
+import pytest
 
 from moorage.config import UpstreamSettings
-from moorage.upstreams import RegistryClient
+from moorage.upstreams import RegistryClient, UpstreamUnavailable
 from moorage.upstreams._network import READ_SIZE, WideReadStream
-from moorage.upstreams.reference import RepositoryName, parse_digest
+from moorage.upstreams.reference import Digest, RepositoryName, parse_digest
 from tests.fakes import FakeRegistry
+from tests.integration.harness.tools import require_tool
 
 KiB = 1024
 MiB = 1024 * KiB
+REPO = RepositoryName("library/x")
+
+
+def client_for(upstream: FakeRegistry, **settings: object) -> RegistryClient:
+    return RegistryClient(
+        UpstreamSettings.model_validate(
+            {"host": "docker.io", "url": upstream.url, "retries": {"attempts": 1}, **settings}
+        )
+    )
+
+
+async def read_blob(client: RegistryClient, digest: Digest, pause: float = 0.0) -> tuple[bytes, list[int]]:
+    pieces: list[bytes] = []
+    async with client.open_blob(REPO, digest) as body:
+        async for chunk in body.chunks():
+            pieces.append(chunk)
+            if pause:
+                await asyncio.sleep(pause)  # a busy cache: the socket fills up meanwhile
+    return b"".join(pieces), [len(p) for p in pieces]
 
 
 class RecordingStream(httpcore.AsyncNetworkStream):
@@ -42,9 +67,6 @@ class RecordingStream(httpcore.AsyncNetworkStream):
         self.tls.append(server_hostname)
         return self
 
-    def get_extra_info(self, info: str) -> typing.Any:
-        return f"extra:{info}"
-
 
 async def test_reads_ask_for_read_size_and_tls_streams_stay_wide() -> None:
     inner = RecordingStream()
@@ -56,24 +78,105 @@ async def test_reads_ask_for_read_size_and_tls_streams_stay_wide() -> None:
     assert isinstance(secured, WideReadStream) and inner.tls == ["registry.example"]
     await secured.read(16 * KiB)
     assert inner.asked[-1] == READ_SIZE
-    assert stream.get_extra_info("server_addr") == "extra:server_addr"
 
 
-async def test_a_blob_body_arrives_in_pieces_larger_than_64_kib() -> None:
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeRegistry]:
+    async with FakeRegistry() as registry:
+        yield registry
+
+
+async def test_a_blob_body_arrives_whole_and_in_pieces_larger_than_64_kib(upstream: FakeRegistry) -> None:
     data = os.urandom(8 * MiB)
-    async with FakeRegistry() as upstream:
-        digest = parse_digest(upstream.add_blob(data))
-        settings = UpstreamSettings.model_validate({"host": "docker.io", "url": upstream.url})
-        client = RegistryClient(settings)
+    digest = parse_digest(upstream.add_blob(data))
+    client = client_for(upstream)
+    try:
+        received, sizes = await read_blob(client, digest, pause=0.01)
+        again, _ = await read_blob(client, digest)
+    finally:
+        await client.aclose()
+    assert hashlib.sha256(received).hexdigest() == digest.encoded and again == data
+    assert max(sizes) > 64 * KiB, f"pieces of at most {max(sizes)} bytes: reads are still 64 KiB"
+    assert upstream.count("GET", "/blobs/") == 2
+
+
+async def test_a_connection_the_server_closed_is_not_reused(upstream: FakeRegistry) -> None:
+    data = os.urandom(300 * KiB)
+    digest = parse_digest(upstream.add_blob(data))
+    client = client_for(upstream)
+    try:
+        assert (await read_blob(client, digest))[0] == data
+        await upstream.stop_listening()  # drops the kept-alive connection
+        await upstream.resume()
+        assert (await read_blob(client, digest))[0] == data, "a fresh connection, not the dead one"
+    finally:
+        await client.aclose()
+
+
+async def test_a_cut_body_a_stall_and_a_closed_port_are_upstream_errors(upstream: FakeRegistry) -> None:
+    data = os.urandom(2 * MiB)
+    digest = parse_digest(upstream.add_blob(data))
+    client = client_for(upstream, timeouts={"read": "0.5s", "connect": "1s"})
+    try:
+        upstream.cut_blob(str(digest), after_bytes=MiB)
+        with pytest.raises(UpstreamUnavailable):
+            await read_blob(client, digest)
+        upstream.stall_blob(str(digest), after_bytes=1000, seconds=None)
+        with pytest.raises(UpstreamUnavailable, match="timed out"):
+            await read_blob(client, digest)
+        upstream.clear_faults()
+        assert (await read_blob(client, digest))[0] == data, "the client recovers"
+        await upstream.stop_listening()
+        with pytest.raises(UpstreamUnavailable):
+            await read_blob(client, digest)
+    finally:
+        await client.aclose()
+
+
+async def test_bodies_arrive_over_verified_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            require_tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    registry = FakeRegistry()
+    registry.ssl_context = server_context
+    data = os.urandom(3 * MiB + 5)
+    async with registry:
+        digest = parse_digest(registry.add_blob(data))
+        assert registry.url.startswith("https://")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the upstream's certificate is trusted
+        client = client_for(registry)
         try:
-            sizes: list[int] = []
-            hasher = hashlib.sha256()
-            async with client.open_blob(RepositoryName("library/x"), digest) as body:
-                async for chunk in body.chunks():
-                    sizes.append(len(chunk))
-                    hasher.update(chunk)
-                    await asyncio.sleep(0.01)  # a busy cache: the socket fills up meanwhile
+            assert (await read_blob(client, digest, pause=0.01))[0] == data
+            assert (await read_blob(client, digest))[0] == data
         finally:
             await client.aclose()
-    assert "sha256:" + hasher.hexdigest() == str(digest) and sum(sizes) == len(data)
-    assert max(sizes) > 64 * KiB, f"pieces of at most {max(sizes)} bytes: reads are still 64 KiB"
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusting = client_for(registry)
+        try:
+            with pytest.raises(UpstreamUnavailable, match="ConnectError"):
+                await read_blob(untrusting, digest)
+        finally:
+            await untrusting.aclose()
