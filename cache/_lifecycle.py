@@ -30,7 +30,7 @@ from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidRefer
 from ._evict import ReadGuard
 from ._gc import mark, references
 from ._index import Index
-from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key
+from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, routes_key
 from ._store import BlobStore, DirectoryStore
 
 __all__ = [
@@ -254,7 +254,7 @@ def apply_expiries(
             continue  # read in the last seconds: left for the next garbage collection
         result.removed.append(digest)
         result.freed_bytes += size
-    index.delete([blob_key(digest) for digest in result.removed])
+    index.delete([key for digest in result.removed for key in (blob_key(digest), routes_key(digest))])
     return result
 
 

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -501,19 +502,45 @@ def run(args: argparse.Namespace) -> Report:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of the child processes this one has waited for (skopeo, curl)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cold_pulls(
     report: Report, upstream: RealRegistry, work: Path, shm: Path, blobs: list[str], image_mb: float, repeat: int
 ) -> None:
     """Cold pulls of the big image, one client, each on a fresh cache; the direct pull is the
     floor. ``repeat`` rounds, interleaved so that the systems share the machine's moods; the
-    median of each is reported (a single cold pull varies by 10 to 30 % here)."""
+    median of each is reported (a single cold pull varies by 10 to 30 % here). The CPU time
+    each process spent on a pull is reported too: on a machine whose cores the client, the
+    upstream and the cache share, their sum over the cores bounds how fast the pull can be."""
     samples: dict[str, list[float]] = {"moorage": [], "distribution": [], "direct": []}
+    cpu: dict[str, dict[str, list[float]]] = {"cache": {}, "skopeo": {}, "upstream": {}}
     per_blob: dict[str, float] = {}
+    upstream_pid = DirectSystem(upstream).pid()
+
+    def pull(system: System, kind: str) -> None:
+        before = (cpu_seconds(system.pid()), cpu_seconds(upstream_pid), children_cpu_seconds())
+        samples[kind].append(skopeo_pull(system, "library/big:1", shm))
+        after = (cpu_seconds(system.pid()), cpu_seconds(upstream_pid), children_cpu_seconds())
+        if kind != "direct":
+            cpu["cache"].setdefault(kind, []).append(after[0] - before[0])
+        cpu["upstream"].setdefault(kind, []).append(after[1] - before[1])
+        cpu["skopeo"].setdefault(kind, []).append(after[2] - before[2])
+
     for round_number in range(repeat):
         for kind in ("moorage", "distribution"):
             system = fresh(kind, work, upstream)
             mark = upstream.mark()
-            samples[kind].append(skopeo_pull(system, "library/big:1", shm))
+            pull(system, kind)
             per_blob[kind] = max(per_blob.get(kind, 0.0), upstream_gets_per_blob(upstream, mark, blobs))
             if round_number == 0:
                 mark = upstream.mark()
@@ -522,7 +549,7 @@ def cold_pulls(
                 report.add(f"warm pull {image_mb:.0f} MB image (skopeo)", "s", False, {kind: warm_seconds})
                 report.add("warm pull: upstream requests", "count", False, {kind: warm_requests}, "0")
             system.stop()
-        samples["direct"].append(skopeo_pull(DirectSystem(upstream), "library/big:1", shm))
+        pull(DirectSystem(upstream), "direct")
     print(f"# cold pull samples (s): {json.dumps(samples)}", file=sys.stderr, flush=True)
     cold = {kind: statistics.median(values) for kind, values in samples.items()}
     report.add(f"cold pull {image_mb:.0f} MB image (skopeo, median of {repeat})", "s", False, cold, "<= 1.1 x direct")
@@ -534,6 +561,15 @@ def cold_pulls(
         "<= 1.1",
     )
     report.add("cold pull: upstream GETs per blob", "count", False, per_blob, "1.00")
+    medians = {who: {k: statistics.median(v) for k, v in by_kind.items()} for who, by_kind in cpu.items()}
+    for who, label in (("cache", "the cache process"), ("skopeo", "skopeo"), ("upstream", "the upstream")):
+        report.add(f"cold pull CPU: {label}", "s", False, medians[who])
+    cores = os.cpu_count() or 1
+    floor = {
+        kind: sum(medians[who].get(kind, 0.0) for who in medians) / cores / cold["direct"]
+        for kind in ("moorage", "distribution", "direct")
+    }
+    report.add(f"cold pull CPU / {cores} cores / direct pull", "ratio", False, floor)
     _merge_rows(report)
 
 
