@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.integration.harness import images
 from tests.integration.harness.moorage import MoorageProcess
 from tests.integration.harness.registry import RealRegistry
+from tests.integration.harness.tools import self_signed_certificate
 
 GiB = 1024**3
 
@@ -23,39 +24,18 @@ GiB = 1024**3
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moorage-tls-bench-"))
     try:
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                str(work / "k.pem"),
-                "-out",
-                str(work / "c.pem"),
-                "-days",
-                "1",
-                "-subj",
-                "/CN=bench",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ],
-            capture_output=True,
-            check=True,
-        )
+        cert, key = self_signed_certificate(work, "bench")
         registry = RealRegistry(work / "registry", extra_config={"log": {"level": "warn"}})
         blob = work / "blob.bin"
         digest = images.write_random_file(blob, GiB, 9)
         images.push_blob(registry.url, "library/t", blob)
         blob.unlink()
         for tls in (False, True):
-            settings = {"tls": {"cert_file": str(work / "c.pem"), "key_file": str(work / "k.pem")}} if tls else {}
+            settings = {"tls": {"cert_file": str(cert), "key_file": str(key)}} if tls else {}
             upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
             with MoorageProcess(work / f"moorage-{tls}", upstreams, **settings) as moorage:
                 url = f"{moorage.url}/v2/t/blobs/{digest}"
-                ca = ["--cacert", str(work / "c.pem")] if tls else []
+                ca = ["--cacert", str(cert)] if tls else []
                 subprocess.run(["curl", "-sf", "-o", "/dev/null", *ca, url], check=True)  # fill
                 for streams in (1, 16):
                     started = time.monotonic()

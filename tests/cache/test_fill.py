@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pytest
 
-from moorage.cache import DirectoryStore, FillAborted, StoreFailure
+from moorage.cache import DirectoryStore, FillAborted, FillReader, StoreFailure
 from moorage.cache._fill import Fills
 from moorage.cache._store import Fingerprint, PendingBlob
 from moorage.upstreams import BlobBody, UpstreamNotFound, UpstreamUnavailable
@@ -131,16 +131,22 @@ class GatedCommits(DirectoryStore):
         return cast(PendingBlob, Gated())
 
 
+async def fed_whole(store: DirectoryStore, data: bytes) -> tuple[Fills, FillReader]:
+    """A fill of ``data`` whose whole body the upstream has sent, and its first reader."""
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, Digest.of(data))
+    await reader.wait_started()
+    await source.queue.put(data)
+    await source.queue.put(None)
+    return fills, reader
+
+
 async def test_the_last_byte_does_not_wait_for_the_blob_to_be_made_durable(tmp_path: Path) -> None:
     store = GatedCommits(tmp_path)
     data = os.urandom(5000)
     digest = Digest.of(data)
-    source = FedSource(len(data))
-    fills = Fills(store)
-    reader = fills.start(source, REPO, digest)
-    await reader.wait_started()
-    await source.queue.put(data)
-    await source.queue.put(None)
+    fills, reader = await fed_whole(store, data)
     assert await asyncio.wait_for(collect(reader.read(0, len(data))), 2) == data
     assert store.size_of(digest) is None, "the reader had every byte while the commit was still waiting"
     store.release.set()
@@ -154,12 +160,7 @@ async def test_readers_finish_with_verified_bytes_when_storing_fails_after(tmp_p
     store.fail = True
     data = os.urandom(5000)
     digest = Digest.of(data)
-    source = FedSource(len(data))
-    fills = Fills(store)
-    first = fills.start(source, REPO, digest)
-    await first.wait_started()
-    await source.queue.put(data)
-    await source.queue.put(None)
+    fills, first = await fed_whole(store, data)
     await wait_for(lambda: fills._fills[digest].verified)
     store.release.set()
     await wait_for(lambda: len(fills) == 0)  # the commit failed: the fill left the registry

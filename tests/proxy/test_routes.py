@@ -61,6 +61,11 @@ def two_upstreams(upstream: FakeRegistry, private: FakeRegistry) -> list[dict[st
     ]
 
 
+def confined(upstream: FakeRegistry, private: FakeRegistry, htpasswd: str) -> dict[str, Any]:
+    """Settings with both upstreams, the users and the access policy."""
+    return {"upstreams": two_upstreams(upstream, private), "auth": {"htpasswd_file": htpasswd, "policy": POLICY}}
+
+
 async def cache_private_image(moorage: Client, image: FakeImage) -> None:
     """The admin pulls the private image: manifest and every blob are in the store after."""
     base = "/v2/private/team/secret"
@@ -76,9 +81,7 @@ async def test_a_confined_client_cannot_read_private_content_through_a_route_it_
 ) -> None:
     image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
     upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
-    moorage = await start_moorage(
-        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
-    )
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
     await cache_private_image(moorage, image)
     secret_layer = image.layer_digests[1]
 
@@ -107,9 +110,7 @@ async def test_content_the_route_also_has_is_confirmed_once_with_a_head_and_then
 ) -> None:
     image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
     upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
-    moorage = await start_moorage(
-        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
-    )
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
     await cache_private_image(moorage, image)
     shared = image.layer_digests[0]
     upstream.reset_requests()
@@ -126,9 +127,7 @@ async def test_content_the_route_also_has_is_confirmed_once_with_a_head_and_then
     # The route is remembered across a restart.
     await moorage.close()
     upstream.reset_requests()
-    again = await start_moorage(
-        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
-    )
+    again = await start_moorage(**confined(upstream, private, htpasswd))
     response = await again.get(f"/v2/library/alpine/blobs/{shared}", headers=basic("ci"))
     assert await response.read() == SHARED_LAYER
     assert upstream.requests == []
@@ -138,9 +137,7 @@ async def test_a_client_allowed_on_the_origin_route_reads_without_asking(
     start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
 ) -> None:
     image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
-    moorage = await start_moorage(
-        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
-    )
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
     await cache_private_image(moorage, image)
     upstream.reset_requests()
     response = await moorage.get(f"/v2/library/alpine/blobs/{image.layer_digests[1]}", headers=basic("admin"))
@@ -168,9 +165,7 @@ async def test_a_confined_client_joining_another_routes_fill_is_confirmed_first(
     start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
 ) -> None:
     image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
-    moorage = await start_moorage(
-        upstreams=two_upstreams(upstream, private), auth={"htpasswd_file": htpasswd, "policy": POLICY}
-    )
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
     secret_layer = image.layer_digests[1]
     private.slow_blob(secret_layer, chunk=4096, delay=0.02)
     admin = await moorage.get(f"/v2/private/team/secret/blobs/{secret_layer}", headers=basic("admin"))

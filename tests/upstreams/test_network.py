@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from moorage.upstreams import RegistryClient, UpstreamUnavailable
 from moorage.upstreams._network import READ_SIZE, WideReadStream
 from moorage.upstreams.reference import Digest, RepositoryName, parse_digest
 from tests.fakes import FakeRegistry
-from tests.integration.harness.tools import require_tool
+from tests.integration.harness.tools import self_signed_certificate
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -134,30 +133,7 @@ async def test_a_cut_body_a_stall_and_a_closed_port_are_upstream_errors(upstream
 
 
 async def test_bodies_arrive_over_verified_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    await asyncio.to_thread(
-        subprocess.run,
-        [
-            require_tool("openssl"),
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = await asyncio.to_thread(self_signed_certificate, tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     registry = FakeRegistry()

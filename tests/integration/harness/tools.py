@@ -1,4 +1,4 @@
-"""Locating external tools and allocating loopback ports for integration tests.
+"""Locating external tools, allocating loopback ports and making a test certificate.
 
 ``require_tool`` skips a test when a tool is missing on a developer machine, but fails
 it under CI (``CI=true``), where the test command is expected to have installed it.
@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-__all__ = ["closed_port", "free_port", "in_ci", "require_tool"]
+__all__ = ["closed_port", "free_port", "in_ci", "require_tool", "self_signed_certificate"]
 
 
 def in_ci() -> bool:
@@ -61,3 +63,32 @@ def closed_port() -> int:
     to anything real.
     """
     return free_port()
+
+
+def self_signed_certificate(directory: Path, name: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA): (cert.pem, key.pem) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            require_tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
