@@ -232,10 +232,36 @@ class Cache:
             self._index.write_batch(usage, pulled, totals, fingerprints, routes)
             return fingerprints
 
-        written = await asyncio.to_thread(write)
+        try:
+            written = await asyncio.to_thread(write)
+        except Exception as exc:  # a full disk, a broken index: keep the batch for the next try
+            self._keep_for_next_flush(usage, pulled, accessed, routes)
+            log.error(
+                "bookkeeping not written; kept for the next try",
+                extra={"event": "flush_failed", "error": str(exc)},
+            )
+            return
         for digest, fingerprint in written.items():  # in the index now; newer ones stay
             if self._trusted.get(digest) == fingerprint:
                 del self._trusted[digest]
+
+    def _keep_for_next_flush(
+        self,
+        usage: Usage,
+        pulled: dict[IndexKey, float],
+        accessed: dict[Digest, float],
+        routes: dict[Digest, list[ContentRoute]],
+    ) -> None:
+        """Put a batch that could not be written back under what came in meanwhile."""
+        for upstream, deltas in usage.items():
+            counters = self._usage.setdefault(upstream, {})
+            for name, delta in deltas.items():
+                counters[name] = counters.get(name, 0) + delta
+        for key, when in pulled.items():
+            self._pulled.setdefault(key, when)
+        for digest, when in accessed.items():
+            self._accessed.setdefault(digest, when)
+        self._routes.relearn(routes)
 
     def _trust(self, digest: Digest, fingerprint: Fingerprint) -> None:
         self._trusted[digest] = fingerprint

@@ -79,6 +79,11 @@ class RouteBook:
         learnt, self._learnt = self._learnt, {}
         return learnt
 
+    def relearn(self, learnt: dict[Digest, list[ContentRoute]]) -> None:
+        """Routes taken for a batch that could not be written: to be written with the next."""
+        for digest, routes in learnt.items():
+            self._learnt.setdefault(digest, []).extend(routes)
+
     def forget(self, digest: Digest) -> None:
         """The content left the store: its routes go with it."""
         self._known.pop(digest, None)

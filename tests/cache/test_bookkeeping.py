@@ -1,0 +1,56 @@
+"""Bookkeeping (usage counters, pull times, routes) is written in batches; a batch the index
+cannot take (a full disk) is kept and written with the next one, never lost and never fatal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moorage.cache import Cache, DirectoryStore
+from moorage.cache._index import Index
+from moorage.cache._keys import pulled_key
+from moorage.upstreams.reference import Digest, RepositoryName, Tag
+
+
+class FailingOnce(Index):
+    """An index whose first batch write fails, as SQLite does on a full disk."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.failures = 1
+
+    def write_batch(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(28, "No space left on device")
+        super().write_batch(*args, **kwargs)
+
+
+async def test_a_batch_the_index_refused_is_written_with_the_next(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, index = DirectoryStore(tmp_path), FailingOnce(tmp_path / "index")
+    cache = Cache(store, index)
+    key = pulled_key("docker.io", RepositoryName("library/alpine"), Tag("3.19"))
+    digest = Digest.of(b"a layer")
+    cache.record("docker.io", "hit", 100)
+    cache._pulled[key] = 1000.0
+    cache._routes.learn(digest, ("docker.io", "library/alpine"))
+    await cache.flush()  # refused: logged, kept
+    assert index.usage() == {}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "bookkeeping not written; kept for the next try"
+    ]
+    caplog.clear()  # the one error this test expects
+    cache.record("docker.io", "hit", 50)
+    await cache.flush()
+    usage: Mapping[str, Mapping[str, int]] = index.usage()
+    assert usage["docker.io"]["hit"] == 2 and usage["docker.io"]["served_bytes"] == 150, "nothing lost"
+    assert index.pulled_at(key) == 1000.0
+    assert index.routes(digest) == (("docker.io", "library/alpine"),)
+    await cache.aclose()
+    index.close()
