@@ -16,7 +16,7 @@ from .harness import images
 from .harness.clients import Containerd, Podman
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
-from .harness.tools import require_tool
+from .harness.tools import require_tool, self_signed_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -26,24 +26,8 @@ def openssl(*args: str) -> None:
 
 
 def make_ca(directory: Path) -> tuple[Path, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    key, cert = directory / "ca.key", directory / "ca.crt"
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(key),
-        "-out",
-        str(cert),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Moorage test CA",
-    )
-    return cert, key
+    """A CA certificate and key, (cert, key)."""
+    return self_signed_certificate(directory, "Moorage test CA")
 
 
 def issue(ca: tuple[Path, Path], directory: Path, name: str, *, client: bool = False) -> tuple[Path, Path]:

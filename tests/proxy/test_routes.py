@@ -66,6 +66,17 @@ def confined(upstream: FakeRegistry, private: FakeRegistry, htpasswd: str) -> di
     return {"upstreams": two_upstreams(upstream, private), "auth": {"htpasswd_file": htpasswd, "policy": POLICY}}
 
 
+async def private_image_cached(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> tuple[Client, FakeImage]:
+    """A confined cache holding the private image, whose first layer docker.io's alpine shares."""
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
+    await cache_private_image(moorage, image)
+    return moorage, image
+
+
 async def cache_private_image(moorage: Client, image: FakeImage) -> None:
     """The admin pulls the private image: manifest and every blob are in the store after."""
     base = "/v2/private/team/secret"
@@ -79,10 +90,7 @@ async def cache_private_image(moorage: Client, image: FakeImage) -> None:
 async def test_a_confined_client_cannot_read_private_content_through_a_route_it_may_pull(
     start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
 ) -> None:
-    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
-    upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
-    moorage = await start_moorage(**confined(upstream, private, htpasswd))
-    await cache_private_image(moorage, image)
+    moorage, image = await private_image_cached(start_moorage, upstream, private, htpasswd)
     secret_layer = image.layer_digests[1]
 
     # Through its own route the confined client is refused by the policy, naming the rule.
@@ -108,10 +116,7 @@ async def test_a_confined_client_cannot_read_private_content_through_a_route_it_
 async def test_content_the_route_also_has_is_confirmed_once_with_a_head_and_then_served(
     start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
 ) -> None:
-    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
-    upstream.add_image("library/alpine", "3.19", [SHARED_LAYER])
-    moorage = await start_moorage(**confined(upstream, private, htpasswd))
-    await cache_private_image(moorage, image)
+    moorage, image = await private_image_cached(start_moorage, upstream, private, htpasswd)
     shared = image.layer_digests[0]
     upstream.reset_requests()
     for _ in range(3):
