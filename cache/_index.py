@@ -87,12 +87,9 @@ class Index:
             return ()
         return tuple((str(upstream), str(repository)) for upstream, repository in value)
 
-    def add_routes(self, digest: Digest, routes: list[ContentRoute]) -> None:
-        """Add routes of ``digest`` (the most recent ``MAX_ROUTES_PER_DIGEST`` are kept)."""
-        with self._db.transact():
-            self._add_routes(digest, routes)
-
     def _add_routes(self, digest: Digest, routes: list[ContentRoute]) -> None:
+        """Add routes of ``digest`` (the most recent ``MAX_ROUTES_PER_DIGEST`` are kept); call
+        inside a transaction."""
         current = self.routes(digest)
         merged = bounded((*current, *routes))
         if merged != current:

@@ -205,7 +205,8 @@ class RegistryClient:
             base_url=settings.url,
             follow_redirects=True,
             event_hooks={"response": [self._observe_response]},
-            **{**common, "transport": transport or wide_read_transport(limits)},  # type: ignore[arg-type]
+            # Blob bodies come through this client: its reads ask for 1 MiB (``_network``).
+            **(common | {"transport": transport or wide_read_transport(limits)}),  # type: ignore[arg-type]
         )
         self._token_http = httpx.AsyncClient(follow_redirects=True, **common)  # type: ignore[arg-type]
         credentials = (settings.username, password) if settings.username and password is not None else None
