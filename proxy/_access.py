@@ -1,6 +1,7 @@
-"""What every request leaves behind: one access-log line and its metrics.
+"""What every request leaves behind: its request id, one access-log line and its metrics.
 
-:func:`access_middleware` is the outermost middleware. It lets the handler (and the error
+:func:`access_middleware` is the outermost middleware. It gives the request its id (the
+client's own ``X-Request-Id`` when well formed), lets the handler (and the error
 middleware) produce the response, sends it completely itself, and only then records status,
 bytes and duration, so a FileResponse's sendfile and a streamed fill are included. Handlers
 only note what they served (``RequestNote`` keys); this is the one place that turns notes
@@ -11,12 +12,16 @@ CLIENT_GONE (and status 499 where the server cancels the handler).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import re
+import secrets
 import time
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
+from ._logging import log_fields
 from ._state import CACHE, METRICS, RequestNote
 from .errors import Handler
 
@@ -25,6 +30,10 @@ __all__ = ["access_middleware"]
 log = logging.getLogger("moorage.access")
 #: Recorded for a request whose client left before its answer was complete (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: Request ids: a random prefix per process (replicas differ) and a counter, 16 hex digits.
+_PROCESS_PREFIX: Final = secrets.token_hex(4)
+_request_numbers = itertools.count()
 _FIELDS = {
     "user": RequestNote.USER,
     "kind": RequestNote.KIND,
@@ -39,6 +48,11 @@ _FIELDS = {
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
+    given = request.headers.get("X-Request-Id", "")
+    request[RequestNote.REQUEST_ID] = (
+        given if _REQUEST_ID_RE.fullmatch(given) else f"{_PROCESS_PREFIX}{next(_request_numbers) & 0xFFFFFFFF:08x}"
+    )
+    request[RequestNote.STARTED] = started
     try:
         response = await handler(request)
     except asyncio.CancelledError:
@@ -65,7 +79,6 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
     kind = request.get(RequestNote.KIND, "other")
     sent = _body_bytes(request, content_length)
     fields: dict[str, Any] = {
-        "event": "request",
         "request_id": request.get(RequestNote.REQUEST_ID),
         "client": request.remote,
         "method": request.method,
@@ -78,13 +91,9 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
         value = request.get(note)
         if value is not None:
             fields[name] = value
-    log.info("request", extra=fields)
-    metrics = request.app[METRICS]
-    metrics.requests.labels(kind, request.method, str(status)).inc()
-    metrics.request_latency.labels(kind).observe(seconds)
+    log_fields(log, "request", fields)
     result = request.get(RequestNote.RESULT)
     upstream = request.get(RequestNote.UPSTREAM)
+    request.app[METRICS].on_request(kind, request.method, status, seconds, upstream, result, sent)
     if result is not None and upstream is not None:
-        metrics.cache_results.labels(kind, upstream, result).inc()
-        metrics.served_bytes.labels(kind, upstream, result).inc(sent)
         request.app[CACHE].record(upstream, result, sent)

@@ -8,8 +8,6 @@ are opened in ``cleanup_ctx`` and closed in reverse order, each only if it opene
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -30,21 +28,12 @@ from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
 from ._tokens import TokenKeys
-from .errors import Handler, error_middleware
+from .errors import error_middleware
 
 __all__ = ["build_app", "metrics_app"]
 
 MAX_REQUEST_LINE: Final = 8190
 MAX_HEADER_FIELD: Final = 8190
-_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-Id", "")
-    request[RequestNote.REQUEST_ID] = given if _REQUEST_ID_RE.fullmatch(given) else secrets.token_hex(8)
-    request[RequestNote.STARTED] = time.monotonic()
-    return await handler(request)
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -114,7 +103,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
     tokens = _token_keys(settings) if users is not None else None
     authenticator = Authenticator(auth, users, tokens)
     app = web.Application(
-        middlewares=[request_id_middleware, access_middleware, error_middleware, auth_middleware(authenticator)],
+        middlewares=[access_middleware, error_middleware, auth_middleware(authenticator)],
         client_max_size=64 * 1024,
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )

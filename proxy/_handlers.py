@@ -24,6 +24,7 @@ from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
 
 from ._auth import authorize_pull
+from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, RequestNote
 from ._token_service import token_endpoint
@@ -93,10 +94,10 @@ async def manifest(
     headers = _manifest_headers(answer)
     if request.method == "HEAD":
         return web.Response(headers=headers)
-    audit.info(
+    log_fields(
+        audit,
         "pull",
-        extra={
-            "event": "pull",
+        {
             "request_id": request.get(RequestNote.REQUEST_ID),
             "client": request.remote,
             "user": request.get(RequestNote.USER),

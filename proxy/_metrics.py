@@ -20,9 +20,14 @@ __all__ = ["Metrics"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+_MAX_REQUEST_CHILDREN = 4096
+_RequestChildren = tuple[Counter, Histogram, Counter | None, Counter | None]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, str, int, str | None, str | None], _RequestChildren] = {}
         r = self.registry
         self.requests = Counter(
             "moorage_requests",
@@ -148,6 +153,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def on_request(
+        self, kind: str, method: str, status: int, seconds: float, upstream: str | None, result: str | None, sent: int
+    ) -> None:
+        """One client request's counters. This runs for every request, so its labelled
+        children are kept in a map of their own instead of looked up through ``labels()``
+        (which converts and locks) each time; the map is bounded, as methods come from clients."""
+        key = (kind, method, status, upstream, result)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(kind, method, str(status)),
+                self.request_latency.labels(kind),
+                self.cache_results.labels(kind, upstream, result) if upstream and result else None,
+                self.served_bytes.labels(kind, upstream, result) if upstream and result else None,
+            )
+            if len(self._request_children) < _MAX_REQUEST_CHILDREN:
+                self._request_children[key] = children
+        count, latency, results, served = children
+        count.inc()
+        latency.observe(seconds)
+        if results is not None and served is not None:
+            results.inc()
+            served.inc(sent)
 
     # -- UpstreamObserver -----------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from moorage.proxy._logging import TextFormatter, configure_logging
+from moorage.proxy._logging import TextFormatter, configure_logging, log_fields
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
@@ -97,7 +97,8 @@ async def test_no_secret_reaches_a_log_line_a_metric_or_a_response(
     ]
     assert len(secrets) >= 6
     logged = log_lines.getvalue()
-    assert '"event": "request"' in logged and '"event": "pull"' in logged, "the log was captured"
+    events = {json.loads(line)["event"] for line in logged.splitlines()}
+    assert {"request", "pull"} <= events, "the log was captured"
     for secret in secrets:
         for where, text in (("log", logged), ("metrics", metrics), ("readyz", readiness), ("responses", "".join(seen))):
             assert secret not in text, f"a secret reached the {where}"
@@ -145,3 +146,24 @@ def test_text_format_for_people() -> None:
     assert " info    request " in line
     assert "status=200" in line and 'path="/v2/a b"' in line and "result=hit" in line
     assert not line.startswith("{")
+
+
+def test_per_request_lines_are_records_like_any_other(log_lines: Captured, caplog: pytest.LogCaptureFixture) -> None:
+    """The access and audit lines skip LogRecord's constructor; what they write, and who sees
+    them (levels, pytest's capture), must not differ from ``logger.info(..., extra=...)``."""
+    access = logging.getLogger("moorage.access")
+    fields = {"request_id": "r1", "status": 200, "big": 2**70, "path": "/v2/a"}
+    with caplog.at_level(logging.INFO):
+        log_fields(access, "request", fields)
+        access.info("request", extra={"event": "request", **fields})
+        logging.getLogger("moorage").setLevel(logging.WARNING)
+        try:
+            log_fields(access, "request", {"request_id": "not-written"})
+        finally:
+            logging.getLogger("moorage").setLevel(logging.NOTSET)
+    fast, usual = (json.loads(line) for line in log_lines.getvalue().splitlines())
+    assert fast.pop("time")[:19] == usual.pop("time")[:19]
+    assert fast == usual == {"level": "info", "logger": "moorage.access", "event": "request", **fields}
+    assert list(fast) == list(usual), "the same field order"
+    assert [getattr(r, "request_id", None) for r in caplog.records] == ["r1", "r1"]
+    assert caplog.records[0].created <= caplog.records[1].created
