@@ -19,12 +19,13 @@ __all__ = ["V2Path", "parse_v2_path"]
 
 PathKind = Literal["manifest", "blob", "upload", "tags", "referrers"]
 
-_PATTERNS: Final[tuple[tuple[PathKind, re.Pattern[str]], ...]] = (
-    ("upload", re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/(?P<ref>[^/]*))?/?")),
-    ("manifest", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
-    ("blob", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
-    ("tags", re.compile(r"/v2/(?P<name>.+)/tags/list")),
-    ("referrers", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
+#: Each kind with the text its paths must contain (a cheap test before the pattern).
+_PATTERNS: Final[tuple[tuple[PathKind, str, re.Pattern[str]], ...]] = (
+    ("upload", "/blobs/uploads", re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/(?P<ref>[^/]*))?/?")),
+    ("manifest", "/manifests/", re.compile(r"/v2/(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
+    ("blob", "/blobs/", re.compile(r"/v2/(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
+    ("tags", "/tags/list", re.compile(r"/v2/(?P<name>.+)/tags/list")),
+    ("referrers", "/referrers/", re.compile(r"/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
 )
 
 
@@ -41,8 +42,8 @@ def parse_v2_path(raw_path: str) -> V2Path | None:
     path = raw_path.split("?", 1)[0]
     if "%" in path or "\x00" in path:
         raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
-    for kind, pattern in _PATTERNS:
-        match = pattern.fullmatch(path)
+    for kind, marker, pattern in _PATTERNS:
+        match = pattern.fullmatch(path) if marker in path else None
         if match:
             return V2Path(kind, match.group("name"), match.groupdict().get("ref") or "")
     return None

@@ -43,12 +43,17 @@ class Route(Generic[U]):
     repository: RepositoryName
 
 
+#: How many resolved names a router keeps (all forgotten at once when full).
+MAX_REMEMBERED_ROUTES = 4096
+
+
 class Router(Generic[U]):
     def __init__(self, upstreams: Iterable[U]) -> None:
         self._upstreams: Sequence[U] = tuple(upstreams)
         self._by_ns: dict[str, U] = {}
         self._by_prefix: dict[str, U] = {}
         self._default: U | None = None
+        self._resolved: dict[tuple[str, str | None], Route[U]] = {}
         for upstream in self._upstreams:
             settings = upstream.settings
             for name in (settings.host, *settings.aliases):
@@ -68,7 +73,20 @@ class Router(Generic[U]):
         return [u.settings.host for u in self._upstreams]
 
     def resolve(self, name: str, ns: str | None = None) -> Route[U]:
-        """The upstream and repository for a client's ``<name>``; raises InvalidReference or NoRoute."""
+        """The upstream and repository for a client's ``<name>``; raises InvalidReference or NoRoute.
+
+        Every request resolves its name, and the upstreams never change: the answers for the
+        last few thousand names are kept (a failure is not)."""
+        key = (name, ns)
+        route = self._resolved.get(key)
+        if route is None:
+            route = self._resolve(name, ns)
+            if len(self._resolved) >= MAX_REMEMBERED_ROUTES:
+                self._resolved.clear()
+            self._resolved[key] = route
+        return route
+
+    def _resolve(self, name: str, ns: str | None) -> Route[U]:
         full = parse_repository(name)
         if ns is not None:
             upstream = self._by_ns.get(ns.strip().lower())

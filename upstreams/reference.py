@@ -9,6 +9,7 @@ raises :class:`InvalidReference` whose ``kind`` tells which OCI error code fits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -165,7 +166,13 @@ def accept_class(accept_header_values: list[str]) -> AcceptClass:
     ``index``: the client takes manifest lists / OCI indexes (or sent no preference at all),
     so we may answer with whatever the upstream holds for the tag. ``image``: it names manifest
     types but no index type, so a multi-platform tag must be answered with one platform's image.
+    A client sends the same header on every pull, so answers are remembered (a bounded few).
     """
+    return _accept_class(tuple(accept_header_values))
+
+
+@functools.lru_cache(maxsize=256)
+def _accept_class(accept_header_values: tuple[str, ...]) -> AcceptClass:
     types: set[str] = set()
     for value in accept_header_values:
         for part in value.split(","):

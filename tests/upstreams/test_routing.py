@@ -8,6 +8,7 @@ import pytest
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.upstreams import NoRoute, Router
+from moorage.upstreams._routing import MAX_REMEMBERED_ROUTES
 from moorage.upstreams.reference import InvalidReference
 
 
@@ -67,3 +68,16 @@ def test_no_default_upstream_asks_for_a_prefix() -> None:
 def test_names_are_parsed_before_routing(router: Router[Upstream], name: str) -> None:
     with pytest.raises(InvalidReference):
         router.resolve(name)
+
+
+def test_remembered_names_answer_as_before_and_failures_are_not_kept(router: Router[Upstream]) -> None:
+    first = router.resolve("alpine")
+    for _ in range(2):
+        with pytest.raises(InvalidReference):
+            router.resolve("Upper/case")
+        with pytest.raises(NoRoute):
+            router.resolve("owner/app", "nowhere.example")
+    for i in range(MAX_REMEMBERED_ROUTES + 10):  # past the bound: the map starts again
+        assert router.resolve(f"team/app-{i}", "ghcr.io").repository == f"team/app-{i}"
+    assert router.resolve("alpine") == first
+    assert router.resolve("alpine", "ghcr.io").upstream.host == "ghcr.io", "ns is part of what is remembered"
