@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -23,23 +22,45 @@ from aiohttp.http_exceptions import HttpProcessingError
 __all__ = ["BackgroundWriter", "JsonFormatter", "MalformedRequests", "TextFormatter", "configure_logging", "log_fields"]
 
 _STANDARD_ATTRS: Final = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-#: Where log_fields leaves its fields on a record, for the formatter to take as they are.
+#: Where log_fields leaves its fields on a record, for the formatter to take as they are
+#: instead of scanning every attribute (a filter may drop such a record, not rewrite them).
 _EXTRA: Final = "moorage_fields"
 _NOT_FIELDS: Final = frozenset(_STANDARD_ATTRS | {"event", _EXTRA})
-_PROCESS_ID: Final = os.getpid()
 _LEVELS: Final = {level: logging.getLevelName(level).lower() for level in (10, 20, 30, 40, 50)}
-_TEMPLATE_RECORD: Final = logging.LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None)
-_TEMPLATE: Final = {**_TEMPLATE_RECORD.__dict__, "thread": None, "threadName": None, "processName": None}
+#: What LogRecord's constructor gives once the per-record lookups are off (configure_logging).
+_TEMPLATE_RECORD: Final = logging.LogRecord("", logging.INFO, "(unknown file)", 0, "", (), None, "(unknown function)")
+_LOOKED_UP: Final = ("thread", "threadName", "processName", "process", "taskName")  # taskName: Python 3.12+
+_TEMPLATE: Final = {name: None if name in _LOOKED_UP else value for name, value in _TEMPLATE_RECORD.__dict__.items()}
 _STARTED: Final = _TEMPLATE_RECORD.created - _TEMPLATE_RECORD.relativeCreated / 1000
+#: The switches configure_logging turns off; while any is on, records are built the usual way.
+_LOOKUPS: Final = ("logThreads", "logProcesses", "logMultiprocessing", "logAsyncioTasks")
 
 
 def log_fields(logger: logging.Logger, event: str, fields: dict[str, Any]) -> None:
-    """``logger.info(event, extra={"event": event, **fields})`` for the lines written on every request (access
-    and audit). The record is copied from a template instead of built by LogRecord's
-    constructor, which works out file, module, thread and process names each time; then it
-    is handled like any other record (levels, filters, handlers, propagation)."""
+    """``logger.info(event, extra={"event": event, **fields})``, for the lines written on
+    every request (access and audit).
+
+    Once configure_logging has turned off logging's caller, thread and process lookups, the
+    record is copied from a template of what LogRecord's constructor would then produce,
+    instead of built by it (a third of a manifest GET's logging cost); it is then handled as
+    any record (levels, filters, handlers, propagation), though the line carries the fields as
+    given: a filter may drop such a record, not rewrite its fields. Before that, or under
+    another record factory, this is ``logger.info`` itself. A field may not reuse a record
+    attribute's name (as with ``extra``)."""
     if not logger.isEnabledFor(logging.INFO):
         return
+    if (
+        logging._srcfile is not None
+        or logging.logThreads
+        or logging.logProcesses
+        or logging.logMultiprocessing
+        or getattr(logging, "logAsyncioTasks", False)
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        logger.info(event, extra={"event": event, **fields}, stacklevel=2)
+        return
+    if not _NOT_FIELDS.isdisjoint(fields):
+        raise KeyError(f"fields overwrite record attributes: {sorted(_NOT_FIELDS.intersection(fields))}")
     record = logging.LogRecord.__new__(logging.LogRecord)
     attributes = record.__dict__
     attributes.update(_TEMPLATE)
@@ -49,7 +70,6 @@ def log_fields(logger: logging.Logger, event: str, fields: dict[str, Any]) -> No
     attributes["created"] = created
     attributes["msecs"] = (created - int(created)) * 1000 // 1
     attributes["relativeCreated"] = (created - _STARTED) * 1000
-    attributes["process"] = _PROCESS_ID
     attributes.update(fields)
     attributes[_EXTRA] = fields
     logger.handle(record)
@@ -85,8 +105,8 @@ class JsonFormatter(logging.Formatter):
     what the generic formatter repeats: the time text is built once per second, and the
     record's ``extra`` fields are copied in one pass."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._second: tuple[int, str] = (-1, "")
 
     def _stamp(self, created: float) -> str:
@@ -109,9 +129,9 @@ class JsonFormatter(logging.Formatter):
         }
         if message != event:
             line["message"] = message
-        extra = fields.get(_EXTRA)
-        if extra is not None:  # from log_fields: its fields, without looking through the rest
-            line.update(extra)
+        given = fields.get(_EXTRA)
+        if given is not None:  # from log_fields: its fields, without looking through the rest
+            line.update(given)
         else:
             line.update({key: value for key, value in fields.items() if key not in _NOT_FIELDS})
         if record.exc_info:
@@ -210,7 +230,8 @@ def configure_logging(level: str = "info", log_format: str = "auto", stream: Tex
     atexit.register(handler.close)
     # None of these reach a line, and each costs a lookup per record (the logging docs'
     # "Optimization" section names these switches).
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    for switch in _LOOKUPS:  # logAsyncioTasks exists from Python 3.12 on
+        setattr(logging, switch, False)
     logging._srcfile = None  # no caller frame walk: file and line are not logged
     root = logging.getLogger()
     root.handlers[:] = [handler]

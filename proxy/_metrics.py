@@ -163,11 +163,12 @@ class Metrics:
         key = (kind, method, status, upstream, result)
         children = self._request_children.get(key)
         if children is None:
+            answered = upstream is not None and result is not None
             children = (
                 self.requests.labels(kind, method, str(status)),
                 self.request_latency.labels(kind),
-                self.cache_results.labels(kind, upstream, result) if upstream and result else None,
-                self.served_bytes.labels(kind, upstream, result) if upstream and result else None,
+                self.cache_results.labels(kind, upstream, result) if answered else None,
+                self.served_bytes.labels(kind, upstream, result) if answered else None,
             )
             if len(self._request_children) < _MAX_REQUEST_CHILDREN:
                 self._request_children[key] = children

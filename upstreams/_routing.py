@@ -77,10 +77,10 @@ class Router(Generic[U]):
 
         Every request resolves its name, and the upstreams never change: the answers for the
         last few thousand names are kept (a failure is not)."""
-        key = (name, ns)
+        key = (name, None if ns is None else ns.strip().lower())
         route = self._resolved.get(key)
         if route is None:
-            route = self._resolve(name, ns)
+            route = self._resolve(name, key[1])
             if len(self._resolved) >= MAX_REMEMBERED_ROUTES:
                 self._resolved.clear()
             self._resolved[key] = route

@@ -166,9 +166,17 @@ def accept_class(accept_header_values: list[str]) -> AcceptClass:
     ``index``: the client takes manifest lists / OCI indexes (or sent no preference at all),
     so we may answer with whatever the upstream holds for the tag. ``image``: it names manifest
     types but no index type, so a multi-platform tag must be answered with one platform's image.
-    A client sends the same header on every pull, so answers are remembered (a bounded few).
+    A client sends the same header on every pull, so answers for headers of ordinary size are
+    remembered (a bounded few; a huge header is classified afresh, and not kept in memory).
     """
-    return _accept_class(tuple(accept_header_values))
+    values = tuple(accept_header_values)
+    if len(values) <= _REMEMBERED_ACCEPT_VALUES and sum(map(len, values)) <= _REMEMBERED_ACCEPT_BYTES:
+        return _accept_class(values)
+    return _accept_class.__wrapped__(values)
+
+
+_REMEMBERED_ACCEPT_VALUES: Final = 8
+_REMEMBERED_ACCEPT_BYTES: Final = 2048
 
 
 @functools.lru_cache(maxsize=256)

@@ -36,10 +36,15 @@ class Captured:
         return self.stream.getvalue()
 
 
+#: The process-wide switches configure_logging turns off.
+LOOKUPS = ("logThreads", "logProcesses", "logMultiprocessing", "logAsyncioTasks", "_srcfile")
+
+
 @pytest.fixture
 def log_lines() -> Iterator[Captured]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    switches = {name: getattr(logging, name) for name in LOOKUPS if hasattr(logging, name)}
     captured = Captured()
     try:
         yield captured
@@ -47,6 +52,8 @@ def log_lines() -> Iterator[Captured]:
         captured.handler.close()
         root.handlers[:] = handlers
         root.setLevel(level)
+        for name, value in switches.items():
+            setattr(logging, name, value)
         for name in ("httpx", "httpcore", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.NOTSET)
 
@@ -149,8 +156,9 @@ def test_text_format_for_people() -> None:
 
 
 def test_per_request_lines_are_records_like_any_other(log_lines: Captured, caplog: pytest.LogCaptureFixture) -> None:
-    """The access and audit lines skip LogRecord's constructor; what they write, and who sees
-    them (levels, pytest's capture), must not differ from ``logger.info(..., extra=...)``."""
+    """The access and audit lines skip LogRecord's constructor; the records, what they write,
+    and who sees them (levels, pytest's capture) must not differ from ``logger.info(...,
+    extra=...)`` under the server's logging switches."""
     access = logging.getLogger("moorage.access")
     fields = {"request_id": "r1", "status": 200, "big": 2**70, "path": "/v2/a"}
     with caplog.at_level(logging.INFO):
@@ -161,9 +169,23 @@ def test_per_request_lines_are_records_like_any_other(log_lines: Captured, caplo
             log_fields(access, "request", {"request_id": "not-written"})
         finally:
             logging.getLogger("moorage").setLevel(logging.NOTSET)
+        with pytest.raises(KeyError, match="msg"):
+            log_fields(access, "request", {"msg": "a record attribute"})
     fast, usual = (json.loads(line) for line in log_lines.getvalue().splitlines())
     assert fast.pop("time")[:19] == usual.pop("time")[:19]
     assert fast == usual == {"level": "info", "logger": "moorage.access", "event": "request", **fields}
     assert list(fast) == list(usual), "the same field order"
     assert [getattr(r, "request_id", None) for r in caplog.records] == ["r1", "r1"]
-    assert caplog.records[0].created <= caplog.records[1].created
+    moments = {"created", "msecs", "relativeCreated", "moorage_fields"}
+    attributes = [{k: v for k, v in vars(r).items() if k not in moments} for r in caplog.records]
+    assert attributes[0] == attributes[1], "the same record but for its time"
+
+
+def test_per_request_lines_are_usual_records_before_logging_is_configured(caplog: pytest.LogCaptureFixture) -> None:
+    """Before configure_logging turns the lookups off (a library user, a test), log_fields is
+    plain ``logger.info``, reporting its caller."""
+    with caplog.at_level(logging.INFO, logger="moorage.access"):
+        log_fields(logging.getLogger("moorage.access"), "request", {"status": 200})
+    (record,) = caplog.records
+    assert record.funcName == "test_per_request_lines_are_usual_records_before_logging_is_configured"
+    assert record.filename == "test_logs.py" and getattr(record, "status", None) == 200

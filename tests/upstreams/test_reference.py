@@ -12,6 +12,7 @@ from moorage.upstreams.reference import (
     Digest,
     InvalidReference,
     Tag,
+    _accept_class,
     accept_class,
     parse_digest,
     parse_reference,
@@ -114,6 +115,17 @@ def test_digest_of_and_matches() -> None:
 )
 def test_accept_class(accept: list[str], expected: str) -> None:
     assert accept_class(accept) == expected
+    assert accept_class(accept) == expected, "the same when remembered"
+
+
+def test_a_huge_accept_header_is_classified_but_not_kept() -> None:
+    """Answers are remembered per header: a client sending 100 KiB headers must not make the
+    cache hold them."""
+    huge = [f"{DOCKER_MANIFEST_V2}, " + ", ".join(f"application/x-{i}" for i in range(5000))]
+    before = _accept_class.cache_info().currsize
+    assert accept_class(huge) == "image"
+    assert accept_class([*huge, OCI_IMAGE_INDEX]) == "index"
+    assert _accept_class.cache_info().currsize == before
 
 
 def test_sniff_media_type() -> None:

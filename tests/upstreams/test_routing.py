@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
-from moorage.upstreams import NoRoute, Router
+from moorage.upstreams import NoRoute, Route, Router
 from moorage.upstreams._routing import MAX_REMEMBERED_ROUTES
 from moorage.upstreams.reference import InvalidReference
 
@@ -70,14 +70,26 @@ def test_names_are_parsed_before_routing(router: Router[Upstream], name: str) ->
         router.resolve(name)
 
 
-def test_remembered_names_answer_as_before_and_failures_are_not_kept(router: Router[Upstream]) -> None:
+def test_remembered_names_answer_as_before_and_failures_are_not_kept(
+    router: Router[Upstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worked_out: list[tuple[str, str | None]] = []
+    resolve = router._resolve
+
+    def counted(name: str, ns: str | None) -> Route[Upstream]:
+        worked_out.append((name, ns))
+        return resolve(name, ns)
+
+    monkeypatch.setattr(router, "_resolve", counted)
     first = router.resolve("alpine")
+    assert router.resolve("alpine") is first and worked_out == [("alpine", None)], "the second is remembered"
+    assert router.resolve("alpine", " GHCR.io ") is router.resolve("alpine", "ghcr.io"), "ns as routing reads it"
     for _ in range(2):
         with pytest.raises(InvalidReference):
             router.resolve("Upper/case")
         with pytest.raises(NoRoute):
             router.resolve("owner/app", "nowhere.example")
+    assert worked_out.count(("Upper/case", None)) == 2 and worked_out.count(("owner/app", "nowhere.example")) == 2
     for i in range(MAX_REMEMBERED_ROUTES + 10):  # past the bound: the map starts again
         assert router.resolve(f"team/app-{i}", "ghcr.io").repository == f"team/app-{i}"
     assert router.resolve("alpine") == first
-    assert router.resolve("alpine", "ghcr.io").upstream.host == "ghcr.io", "ns is part of what is remembered"
