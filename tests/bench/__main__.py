@@ -433,10 +433,11 @@ def run(args: argparse.Namespace) -> Report:
         }
         for name in ("moorage", "distribution"):
             subprocess.run(["curl", "-sf", "-o", "/dev/null", urls[name]], check=True, timeout=600)  # fill
-        # Both caches store the blob after the client has it (Moorage fsyncs it then, Distribution
-        # leaves it to the kernel): write everything out, so that neither disk flush runs during
-        # the measurements of serving a warm blob.
-        time.sleep(1)
+        # Both caches store the blob after the client has it: Moorage fsyncs it then, and
+        # Distribution goes on copying it into its storage for seconds (a full core for 6 s
+        # here). Wait until neither works any more, then write everything out, so that no
+        # cache's storing runs during the measurements of serving a warm blob.
+        settle([moorage.pid(), distribution.pid()])
         os.sync()
         # Rounds interleaved, median reported: one round here varies by up to a third.
         for streams in (1, 16):
@@ -520,6 +521,19 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pids: list[int], quiet: float = 0.05, window: float = 0.5, timeout: float = 60.0) -> None:
+    """Wait until none of ``pids`` uses more than ``quiet`` CPU seconds per ``window``."""
+    deadline = time.monotonic() + timeout
+    before = [cpu_seconds(pid) for pid in pids]
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = [cpu_seconds(pid) for pid in pids]
+        if all(after - earlier <= quiet for earlier, after in zip(before, now, strict=True)):
+            return
+        before = now
+    raise RuntimeError(f"processes {pids} still busy after {timeout:g} s")
 
 
 def children_cpu_seconds() -> float:
