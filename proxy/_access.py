@@ -92,8 +92,7 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
         if value is not None:
             fields[name] = value
     log_fields(log, "request", fields)
-    result = request.get(RequestNote.RESULT)
-    upstream = request.get(RequestNote.UPSTREAM)
+    result, upstream = fields.get("result"), fields.get("upstream")
     request.app[METRICS].on_request(kind, request.method, status, seconds, upstream, result, sent)
     if result is not None and upstream is not None:
         request.app[CACHE].record(upstream, result, sent)
