@@ -6,6 +6,8 @@ what happened, in the words used everywhere (logs, metrics, README):
 - ``hit``: from the store, no upstream request;
 - ``miss``: fetched from upstream now (a fill, for blobs);
 - ``coalesced``: joined a fetch another client had started;
+- ``prefetched``: a blob fetched ahead of this request, when its image's manifest came from
+  the upstream (see ``_prefetch``); like ``miss``, it cost an upstream fetch;
 - ``revalidated``: a stale tag confirmed unchanged with one upstream HEAD;
 - ``refreshed``: a stale tag whose digest changed, fetched again;
 - ``stale``: the upstream failed (network, 5xx, 429, auth) and the last good answer is served;
@@ -21,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +60,7 @@ from ._keys import (
 )
 from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy_resolver
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
+from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
@@ -76,9 +79,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("moorage.cache")
-CacheResult = Literal["hit", "miss", "coalesced", "revalidated", "refreshed", "stale"]
+CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "refreshed", "stale"]
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
+#: Prefetched blobs no client has asked for yet, remembered to answer the first one "prefetched".
+MAX_UNCLAIMED_PREFETCHES: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,7 @@ class Cache:
         max_size: int | None = None,
         watermarks: tuple[float, float] = (0.95, 0.85),
         clock: Callable[[], float] = time.time,
+        prefetch: Mapping[str, int] | None = None,
     ) -> None:
         self._store = store
         self._index = index
@@ -179,12 +185,17 @@ class Cache:
         self._routes = RouteBook()
         self._route_flights: SingleFlight[IndexKey, None] = SingleFlight()
         self.fills = Fills(store, self._observer, on_commit=self._committed)
+        #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
+        self._prefetch_at_once = dict(prefetch or {})
+        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started)
+        self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
     async def aclose(self) -> None:
         if self._evicting is not None:
             await asyncio.gather(self._evicting, return_exceptions=True)
+        await self.prefetches.aclose()
         await self.fills.aclose()
         await self._manifest_flights.aclose()
         await self._tags_flights.aclose()
@@ -276,6 +287,7 @@ class Cache:
         self._hot.forget_manifest(digest)
         self._trusted.pop(digest, None)
         self._routes.forget(digest)
+        self._unclaimed.pop(digest, None)
 
     # -- the size cap ---------------------------------------------------------------------------
 
@@ -533,6 +545,7 @@ class Cache:
         fetched = await source.get_manifest(repository, digest, "index")
         where = f"manifest {repository}@{digest} from {source.host}"
         await self._keep(source.host, repository, fetched, where, digest, None)
+        self._prefetch(source, repository, fetched)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
 
     async def _keep(
@@ -561,6 +574,24 @@ class Cache:
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest
 
+    def _prefetch(self, source: Source, repository: RepositoryName, fetched: FetchedManifest) -> None:
+        """Arm the prefetch of an image manifest just fetched (see ``_prefetch``)."""
+        at_once = self._prefetch_at_once.get(source.host, 0)
+        if at_once:
+            self.prefetches.arm(source, repository, fetched.body, at_once)
+
+    def _prefetch_started(self, digest: Digest) -> None:
+        self._unclaimed[digest] = None
+        while len(self._unclaimed) > MAX_UNCLAIMED_PREFETCHES:
+            self._unclaimed.popitem(last=False)
+
+    def _claimed(self, digest: Digest, result: CacheResult) -> CacheResult:
+        """``prefetched`` for the first client a prefetched blob reaches, else ``result``."""
+        if self._unclaimed and digest in self._unclaimed:
+            del self._unclaimed[digest]
+            return "prefetched"
+        return result
+
     def _remember(
         self, key: IndexKey | None, entry: TagEntry | None, stored: StoredManifest | None, digest: Digest | None = None
     ) -> None:
@@ -575,6 +606,7 @@ class Cache:
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
         where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
         digest = await self._keep(ask.source.host, ask.repository, fetched, where, None, ask.key)
+        self._prefetch(ask.source, ask.repository, fetched)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
     async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None) -> ManifestAnswer:
@@ -590,6 +622,9 @@ class Cache:
         return await self._fetch_tag(ask, result="refreshed")
 
     # Blocking helpers: each is one whole operation for one thread hop.
+
+    def _held(self, digests: Sequence[Digest]) -> set[Digest]:
+        return {digest for digest in digests if self._store.size_of(digest) is not None}
 
     def _lookup_tag(self, key: IndexKey) -> tuple[TagEntry | None, StoredManifest | None]:
         entry = self._index.tag(key)
@@ -650,7 +685,13 @@ class Cache:
 
         ``may_read`` tells which routes the caller may read (None: all). Content known only
         under routes it may not read is confirmed under this one with an upstream HEAD first;
-        the upstream's 404 is then the caller's answer (see ``_routes``)."""
+        the upstream's 404 is then the caller's answer (see ``_routes``). An answer fires the
+        prefetch this blob arms, if any (see ``_prefetch``)."""
+        answer = await self._blob(source, repository, digest, may_read)
+        self.prefetches.fire(source.host, repository, digest)
+        return answer
+
+    async def _blob(self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead) -> BlobAnswer:
         reader = self.fills.join(digest)
         if reader is None:
             looked = time.monotonic()
@@ -660,13 +701,13 @@ class Cache:
             if size is not None:
                 await self._check_route(source, repository, digest, "blob", may_read)
                 self._accessed[digest] = self._clock()
-                return WarmBlob(digest, size, self._store.local_path(digest))
+                return WarmBlob(digest, size, self._store.local_path(digest), self._claimed(digest, "hit"))
             reader = self.fills.join(digest)
         if reader is not None:
             size = await self._started(reader, source, repository)
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
-                return FillingBlob(reader, size, "coalesced")
+                return FillingBlob(reader, size, self._claimed(digest, "coalesced"))
         reader = self.fills.join(digest) or self.fills.start(source, repository, digest)
         size = await self._started(reader, source, repository, own=True)
         assert size is not None
@@ -927,6 +968,7 @@ async def open_cache(
         observer=observer,
         max_size=settings.max_size,
         watermarks=(settings.high_watermark, settings.low_watermark),
+        prefetch={upstream.host: upstream.prefetch_blobs for upstream in upstreams},
     )
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()

@@ -283,6 +283,13 @@ class FillReader:
         assert fill.size is not None
         return fill.size
 
+    async def finished(self) -> bool:
+        """Wait until the fill ended; True when it stored the blob."""
+        fill = self._fill
+        while not fill._task_done:
+            await fill._progress.wait()
+        return fill.state == "committed"
+
     async def ranges(self, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
         """(offset, count) spans of ``[start, end)`` as they become readable in the file;
         the last byte only once the blob was verified and committed. Raises FillAborted

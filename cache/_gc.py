@@ -35,8 +35,9 @@ class GcReport:
     kept_young: int = 0
 
 
-def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
-    """(child manifests, config and layers) a manifest refers to."""
+def references(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, config and layers) a manifest refers to. ``distributable`` leaves out
+    foreign layers, those with ``urls``: their registry is not the one the manifest came from."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -47,6 +48,8 @@ def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
     def digests(descriptors: list[object]) -> list[Digest]:
         found = []
         for descriptor in descriptors:
+            if distributable and isinstance(descriptor, dict) and descriptor.get("urls"):
+                continue
             try:
                 found.append(parse_digest(str(descriptor.get("digest", ""))))  # type: ignore[attr-defined]
             except (InvalidReference, AttributeError):

@@ -38,7 +38,7 @@ class Metrics:
         self.cache_results = Counter(
             "moorage_cache_results",
             "Answers by kind, upstream and how they were obtained "
-            "(hit, miss, coalesced, revalidated, refreshed, stale).",
+            "(hit, miss, coalesced, prefetched, revalidated, refreshed, stale).",
             ["kind", "upstream", "result"],
             registry=r,
         )

@@ -263,12 +263,13 @@ class StatsReport:
 def _hit_ratio(counters: dict[str, float]) -> float:
     """Answers that cost no upstream GET, out of all answers."""
     hits = counters.get("hit", 0) + counters.get("revalidated", 0) + counters.get("stale", 0)
-    total = hits + counters.get("miss", 0) + counters.get("coalesced", 0) + counters.get("refreshed", 0)
+    fetched = ("miss", "coalesced", "prefetched", "refreshed")
+    total = hits + sum(counters.get(result, 0) for result in fetched)
     return hits / total if total else 0.0
 
 
 def _ratio(counters: dict[str, float]) -> str:
-    return f"{100 * _hit_ratio(counters):.1f}%" if any(k in counters for k in ("hit", "miss")) else "-"
+    return f"{100 * _hit_ratio(counters):.1f}%" if any(k in counters for k in ("hit", "miss", "prefetched")) else "-"
 
 
 @main.command(
@@ -310,13 +311,16 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
     from rich.table import Table
 
     click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs ({report.source})")
-    table = Table("UPSTREAM", "HIT RATIO", "HITS", "MISSES", "STALE", "SERVED FROM STORE", "FETCHED", box=None)
+    table = Table(
+        "UPSTREAM", "HIT RATIO", "HITS", "MISSES", "PREFETCHED", "STALE", "SERVED FROM STORE", "FETCHED", box=None
+    )
     for upstream, counters in sorted(report.upstreams.items()):
         table.add_row(
             upstream,
             _ratio(counters),
             str(int(counters.get("hit", 0))),
             str(int(counters.get("miss", 0))),
+            str(int(counters.get("prefetched", 0))),
             str(int(counters.get("stale", 0))),
             _size(int(counters["hit_bytes"])) if "hit_bytes" in counters else "-",
             _size(int(counters.get("upstream_bytes", 0))),

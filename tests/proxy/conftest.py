@@ -33,6 +33,8 @@ def settings_for(upstream: FakeRegistry, store: Path, **overrides: Any) -> Setti
                 "prefixes": ["docker-hub"],
                 "retries": {"attempts": 3, "max_wait": "0.5s"},
                 "timeouts": {"connect": "2s", "read": "2s"},
+                # Tests here count each request's upstream fetches; prefetching has its own tests.
+                "prefetch_blobs": 0,
                 **upstream_overrides,
             },
             {"host": "ghcr.io", "url": "http://127.0.0.1:9", "prefixes": ["ghcr"], "retries": {"attempts": 1}},

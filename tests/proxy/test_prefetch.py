@@ -1,0 +1,207 @@
+"""Prefetch: an image manifest from the upstream arms a prefetch, and the client's first layer
+request fires it: the image's other blobs are fetched ahead of the client, a few at a time.
+Each blob is still fetched once, and the client's first answer for each says ``prefetched``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from moorage.proxy._state import CACHE
+from tests.fakes import FakeRegistry
+from tests.fakes.registry import DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, digest_of
+
+from .conftest import StartMoorage, metric
+
+Client = TestClient[web.Request, web.Application]
+BLOB_PATHS = r"/blobs/"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Return once ``condition`` holds; fail after 10 s."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition did not come true within 10 s")
+
+
+async def blob(moorage: Client, repository: str, digest: str) -> str:
+    """GET a blob, check its bytes against the digest; the X-Moorage-Cache answer."""
+    response = await moorage.get(f"/v2/{repository}/blobs/{digest}")
+    assert response.status == 200, await response.text()
+    assert digest_of(await response.read()) == digest
+    return response.headers["X-Moorage-Cache"]
+
+
+async def test_a_pull_finds_the_rest_of_its_image_fetched_once_and_ahead_of_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    image = upstream.add_image("team/app", "1", [os.urandom(200_000) for _ in range(4)])
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    cache = moorage.app[CACHE]
+
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    assert cache.prefetches.armed == 4 and upstream.count("GET", BLOB_PATHS) == 0
+    # The config alone is what inspecting tools read: it fires nothing.
+    assert await blob(moorage, "team/app", image.config_digest) == "miss"
+    assert cache.prefetches.armed == 4 and len(cache.prefetches) == 0
+
+    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+    assert cache.prefetches.armed == 0
+    # Before the client asks for them, the other layers are fetched, each once.
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 5 and not cache.fills.digests)
+    for digest in image.layer_digests[1:]:
+        assert await blob(moorage, "team/app", digest) == "prefetched"
+    assert await blob(moorage, "team/app", image.layer_digests[1]) == "hit"
+    assert upstream.count("GET", BLOB_PATHS) == 5
+    assert await metric(moorage, "moorage_cache_results_total", kind="blob", result="prefetched") == 3
+
+
+async def test_a_client_asking_during_a_prefetch_joins_it(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("team/app", "1", [os.urandom(1000), os.urandom(2 * 1024 * 1024)])
+    upstream.slow_blob(image.layer_digests[1], chunk=256 * 1024, delay=0.02)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 2})
+
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+    await until(lambda: image.layer_digests[1] in map(str, moorage.app[CACHE].fills.digests))
+    assert await blob(moorage, "team/app", image.layer_digests[1]) == "prefetched"
+    assert upstream.count("GET", image.layer_digests[1]) == 1
+
+
+async def test_at_most_prefetch_blobs_fetches_run_for_an_image(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    image = upstream.add_image("team/app", "1", [os.urandom(1000) for _ in range(5)])
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 2})
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    upstream.delay_next(6, 1.5, paths=BLOB_PATHS)  # every blob answers late
+
+    first = asyncio.ensure_future(blob(moorage, "team/app", image.layer_digests[0]))
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 3)  # the client's, and two
+    await asyncio.sleep(0.3)  # a fourth would have been asked for by now
+    assert upstream.count("GET", BLOB_PATHS) == 3
+    # In the manifest's order: the config and the next layer (started together).
+    asked = {r.path.rsplit("/", 1)[1] for r in upstream.requests if "/blobs/" in r.path}
+    assert asked == {image.layer_digests[0], image.config_digest, image.layer_digests[1]}
+    assert await first == "miss"
+
+
+async def test_nothing_armed_for_an_index_a_stored_manifest_or_when_off(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    amd = upstream.add_image("team/multi", None, [os.urandom(1000)])
+    upstream.add_index("team/multi", "1", [(amd.digest, "linux", "amd64")])
+    plain = upstream.add_image("team/plain", "1", [os.urandom(1000)])
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    prefetches = moorage.app[CACHE].prefetches
+
+    index = await moorage.get("/v2/team/multi/manifests/1", headers={"Accept": DOCKER_MANIFEST_LIST})
+    assert index.status == 200
+    assert prefetches.armed == 0  # an index names manifests, not blobs
+    assert (await moorage.get(f"/v2/team/multi/manifests/{amd.digest}")).status == 200
+    assert prefetches.armed == 1  # the platform's manifest, fetched by digest, arms its own
+
+    # Fetched from the upstream, a manifest arms its prefetch; answered from the store, not.
+    assert (await moorage.get("/v2/team/plain/manifests/1")).status == 200
+    assert prefetches.armed == 2
+    await blob(moorage, "team/plain", plain.layer_digests[0])
+    await until(lambda: len(prefetches) == 0)
+    assert (await moorage.get("/v2/team/plain/manifests/1")).status == 200
+    assert prefetches.armed == 1
+
+    off = await start_moorage(upstream_settings={"prefetch_blobs": 0})
+    upstream.add_image("team/plain", "2", [os.urandom(1000)])
+    assert (await off.get("/v2/team/plain/manifests/2")).status == 200
+    assert off.app[CACHE].prefetches.armed == 0
+
+
+async def test_only_the_route_that_fetched_the_manifest_fires_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    shared = os.urandom(1000)
+    image = upstream.add_image("team/app", "1", [shared, os.urandom(1000)])
+    upstream.add_image("team/other", "1", [shared])
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    prefetches = moorage.app[CACHE].prefetches
+
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    # The same layer pulled through another repository is another image's pull.
+    assert await blob(moorage, "team/other", image.layer_digests[0]) == "miss"
+    assert prefetches.armed == 2 and len(prefetches) == 0
+
+
+async def test_foreign_layers_are_left_to_their_urls(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    config = json.dumps({"architecture": "amd64", "os": "windows"}).encode()
+    layers = [os.urandom(1000), os.urandom(1000)]
+    config_digest = upstream.add_blob(config)
+    digests = [upstream.add_blob(layer) for layer in layers]
+    foreign = "sha256:" + hashlib.sha256(b"a base layer from elsewhere").hexdigest()
+    layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST_V2,
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": len(config),
+                "digest": config_digest,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                    "size": 27,
+                    "digest": foreign,
+                    "urls": ["https://example.invalid/base.tar.gz"],
+                },
+                *({"mediaType": layer_type, "size": 1000, "digest": digest} for digest in digests),
+            ],
+        }
+    ).encode()
+    upstream.add_manifest("team/win", "1", body)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+
+    assert (await moorage.get("/v2/team/win/manifests/1")).status == 200
+    assert moorage.app[CACHE].prefetches.armed == 2
+    await blob(moorage, "team/win", digests[0])
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 3 and len(moorage.app[CACHE].prefetches) == 0)
+    assert upstream.count("GET", foreign) == 0
+
+
+async def test_a_failed_prefetch_is_not_the_clients_answer(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("team/app", "1", [os.urandom(1000), os.urandom(1000)])
+    upstream.fail_next(1, 404, paths=image.layer_digests[1])
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    await blob(moorage, "team/app", image.layer_digests[0])
+    await until(lambda: len(moorage.app[CACHE].prefetches) == 0)
+    assert upstream.count("GET", image.layer_digests[1]) == 1
+    assert await blob(moorage, "team/app", image.layer_digests[1]) == "miss"
+    assert upstream.count("GET", image.layer_digests[1]) == 2
+
+
+async def test_shutdown_stops_prefetches_and_leaves_no_temporaries(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    image = upstream.add_image("team/app", "1", [os.urandom(1000), os.urandom(4 * 1024 * 1024)])
+    upstream.slow_blob(image.layer_digests[1], chunk=64 * 1024, delay=0.05)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    cache = moorage.app[CACHE]
+
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    await blob(moorage, "team/app", image.layer_digests[0])
+    await until(lambda: image.layer_digests[1] in map(str, cache.fills.digests))
+    await moorage.close()
+    assert len(cache.prefetches) == 0 and not cache.fills.digests
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    hex_digest = image.layer_digests[1].split(":")[1]
+    assert not (tmp_path / "store" / "blobs" / "sha256" / hex_digest[:2] / hex_digest).exists()
