@@ -6,7 +6,8 @@ measured in one run beside the references a user would compare it with.
 - distribution: the same binary in proxy mode (``proxy.remoteurl``), what most users run;
 - nginx: the 1 GiB blob as a static file with sendfile, the physical limit here;
 - direct: skopeo pulling from the upstream itself, the floor for a cold pull;
-- moorage: ``moorage serve`` on a fresh store.
+- moorage: ``moorage serve`` on a fresh store (and once more with prefetching off);
+- a long link (``link``) in front of the upstream, for cold pulls as across the internet.
 
 Every load is bounded in count and time and stays on 127.0.0.1. Prints one table with ratios
 and one JSON line per figure. ``--quick`` shrinks images and load for a smoke run.
@@ -39,12 +40,17 @@ from tests.integration.harness.process import BackgroundProcess
 from tests.integration.harness.registry import RealRegistry
 from tests.integration.harness.tools import free_port, require_tool
 
+from .link import Link
+
 MiB = 1024 * 1024
 #: Rounds of each warm-blob measurement (median reported).
 WARM_ROUNDS = 3
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"}
 SYSTEMS = ("moorage", "distribution", "nginx", "direct")
+#: The link of a cold pull across the internet: rate per connection (bytes/s) and round trip.
+LINK_RATE = 25e6
+LINK_RTT = 0.020
 
 
 @dataclass
@@ -174,11 +180,11 @@ def _status(pid: int, field_name: str) -> int:
 class MoorageSystem(System):
     name = "moorage"
 
-    def __init__(self, work: Path, upstream: RealRegistry) -> None:
-        self.process = MoorageProcess(
-            work,
-            [{"host": "docker.io", "url": upstream.url, "default": True}],
-        )
+    def __init__(self, work: Path, upstream_url: str, prefetch_blobs: int | None = None) -> None:
+        upstream: dict[str, object] = {"host": "docker.io", "url": upstream_url, "default": True}
+        if prefetch_blobs is not None:
+            upstream["prefetch_blobs"] = prefetch_blobs
+        self.process = MoorageProcess(work, [upstream])
         self.host = self.process.host
 
     def pid(self) -> int:
@@ -191,9 +197,9 @@ class MoorageSystem(System):
 class DistributionSystem(System):
     name = "distribution"
 
-    def __init__(self, work: Path, upstream: RealRegistry) -> None:
+    def __init__(self, work: Path, upstream_url: str) -> None:
         self.registry = RealRegistry(
-            work, extra_config={"proxy": {"remoteurl": upstream.url}, "log": {"level": "warn"}}
+            work, extra_config={"proxy": {"remoteurl": upstream_url}, "log": {"level": "warn"}}
         )
         self.host = self.registry.host
 
@@ -208,9 +214,10 @@ class DistributionSystem(System):
 class DirectSystem(System):
     name = "direct"
 
-    def __init__(self, upstream: RealRegistry) -> None:
+    def __init__(self, upstream: RealRegistry, host: str | None = None) -> None:
         self.registry = upstream
-        self.host = upstream.host
+        #: Where skopeo pulls from: the upstream itself, or a link in front of it.
+        self.host = host or upstream.host
 
     def pid(self) -> int:
         assert self.registry._proc is not None
@@ -377,17 +384,19 @@ def upstream_requests(upstream: RealRegistry, since: int) -> int:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def fresh(kind: str, work: Path, upstream: RealRegistry) -> MoorageSystem | DistributionSystem:
-    """A cache of ``kind`` on an empty store."""
+def fresh(kind: str, work: Path, upstream: RealRegistry | Link) -> MoorageSystem | DistributionSystem:
+    """A cache of ``kind`` on an empty store, in front of ``upstream`` (or a link to it)."""
+    if kind == "moorage-no-prefetch":
+        return fresh_moorage(work, upstream, prefetch_blobs=0)
     return (fresh_moorage if kind == "moorage" else fresh_distribution)(work, upstream)
 
 
-def fresh_moorage(work: Path, upstream: RealRegistry) -> MoorageSystem:
-    return MoorageSystem(Path(tempfile.mkdtemp(prefix="moorage-", dir=work)), upstream)
+def fresh_moorage(work: Path, upstream: RealRegistry | Link, prefetch_blobs: int | None = None) -> MoorageSystem:
+    return MoorageSystem(Path(tempfile.mkdtemp(prefix="moorage-", dir=work)), upstream.url, prefetch_blobs)
 
 
-def fresh_distribution(work: Path, upstream: RealRegistry) -> DistributionSystem:
-    return DistributionSystem(Path(tempfile.mkdtemp(prefix="distribution-", dir=work)), upstream)
+def fresh_distribution(work: Path, upstream: RealRegistry | Link) -> DistributionSystem:
+    return DistributionSystem(Path(tempfile.mkdtemp(prefix="distribution-", dir=work)), upstream.url)
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -407,6 +416,7 @@ def run(args: argparse.Namespace) -> Report:
         image_mb = (8 * layer_size) / 1e6
 
         cold_pulls(report, upstream, work, shm, blobs, image_mb, args.repeat)
+        linked_cold_pulls(report, upstream, work, shm, image_mb)
         if args.only == "cold":
             return report
 
@@ -550,7 +560,7 @@ def cold_pulls(
     median of each is reported (a single cold pull varies by 10 to 30 % here). The CPU time
     each process spent on a pull is reported too: on a machine whose cores the client, the
     upstream and the cache share, their sum over the cores bounds how fast the pull can be."""
-    samples: dict[str, list[float]] = {"moorage": [], "distribution": [], "direct": []}
+    samples: dict[str, list[float]] = {"moorage": [], "moorage-no-prefetch": [], "distribution": [], "direct": []}
     cpu: dict[str, dict[str, list[float]]] = {"cache": {}, "skopeo": {}, "upstream": {}}
     per_blob: dict[str, float] = {}
     upstream_pid = DirectSystem(upstream).pid()
@@ -565,12 +575,12 @@ def cold_pulls(
         cpu["skopeo"].setdefault(kind, []).append(after[2] - before[2])
 
     for round_number in range(repeat):
-        for kind in ("moorage", "distribution"):
+        for kind in ("moorage", "moorage-no-prefetch", "distribution"):
             system = fresh(kind, work, upstream)
             mark = upstream.mark()
             pull(system, kind)
             per_blob[kind] = max(per_blob.get(kind, 0.0), upstream_gets_per_blob(upstream, mark, blobs))
-            if round_number == 0:
+            if round_number == 0 and kind in SYSTEMS:
                 mark = upstream.mark()
                 warm_seconds = skopeo_pull(system, "library/big:1", shm)
                 warm_requests = upstream_requests(upstream, mark)
@@ -580,6 +590,7 @@ def cold_pulls(
         pull(DirectSystem(upstream), "direct")
     print(f"# cold pull samples (s): {json.dumps(samples)}", file=sys.stderr, flush=True)
     cold = {kind: statistics.median(values) for kind, values in samples.items()}
+    off = cold.pop("moorage-no-prefetch")
     report.add(f"cold pull {image_mb:.0f} MB image (skopeo, median of {repeat})", "s", False, cold, "<= 1.1 x direct")
     report.add(
         "cold pull / direct pull",
@@ -588,8 +599,12 @@ def cold_pulls(
         {kind: cold[kind] / cold["direct"] for kind in ("moorage", "distribution")},
         "<= 1.1",
     )
+    report.add("cold pull, prefetch_blobs: 0 / direct pull", "ratio", False, {"moorage": off / cold["direct"]})
+    per_blob["moorage"] = max(per_blob["moorage"], per_blob.pop("moorage-no-prefetch"))
     report.add("cold pull: upstream GETs per blob", "count", False, per_blob, "1.00")
-    medians = {who: {k: statistics.median(v) for k, v in by_kind.items()} for who, by_kind in cpu.items()}
+    medians = {
+        who: {k: statistics.median(v) for k, v in by_kind.items() if k in SYSTEMS} for who, by_kind in cpu.items()
+    }
     for who, label in (("cache", "the cache process"), ("skopeo", "skopeo"), ("upstream", "the upstream")):
         report.add(f"cold pull CPU: {label}", "s", False, medians[who])
     cores = os.cpu_count() or 1
@@ -599,6 +614,27 @@ def cold_pulls(
     }
     report.add(f"cold pull CPU / {cores} cores / direct pull", "ratio", False, floor)
     _merge_rows(report)
+
+
+def linked_cold_pulls(report: Report, upstream: RealRegistry, work: Path, shm: Path, image_mb: float) -> None:
+    """One cold pull of the big image by each system through a long link (see ``link``), as
+    across the internet, where each connection has a rate of its own. One round each: pulls
+    bound by the link vary little."""
+    host, _, port = upstream.host.rpartition(":")
+    link = Link(host, int(port), LINK_RATE, LINK_RTT)
+    seconds: dict[str, float] = {}
+    try:
+        for kind in ("moorage", "distribution"):
+            system = fresh(kind, work, link)
+            seconds[kind] = skopeo_pull(system, "library/big:1", shm)
+            system.stop()
+        seconds["direct"] = skopeo_pull(DirectSystem(upstream, link.host), "library/big:1", shm)
+    finally:
+        link.close()
+    where = f"a link of {LINK_RATE / 1e6:.0f} MB/s per connection, {LINK_RTT * 1000:.0f} ms RTT"
+    report.add(f"cold pull {image_mb:.0f} MB image over {where}", "s", False, seconds)
+    ratios = {kind: seconds[kind] / seconds["direct"] for kind in ("moorage", "distribution")}
+    report.add("cold pull over the link / direct pull", "ratio", False, ratios, "<= 1.1")
 
 
 def _merge_rows(report: Report) -> None:
