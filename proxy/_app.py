@@ -55,7 +55,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     transport = app.get(UPSTREAM_TRANSPORT)
+    # The cache closes first: its fills and prefetches are cancelled while the upstream
+    # clients they read from are still open, so every upstream connection is closed by its user.
     async with (
+        open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
         open_cache(
             settings.storage,
             revalidate_timeout=settings.revalidate_timeout,
@@ -63,7 +66,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             observer=metrics,
             upstreams=settings.upstreams,
         ) as cache,
-        open_upstreams(settings.upstreams, observer=metrics, transport=transport) as router,
     ):
         app[CACHE] = cache
         app[ROUTER] = router
