@@ -187,7 +187,7 @@ class Cache:
         self.fills = Fills(store, self._observer, on_commit=self._committed)
         #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
         self._prefetch_at_once = dict(prefetch or {})
-        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started)
+        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started, self._unclaimed_forget)
         self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
@@ -585,6 +585,10 @@ class Cache:
         while len(self._unclaimed) > MAX_UNCLAIMED_PREFETCHES:
             self._unclaimed.popitem(last=False)
 
+    def _unclaimed_forget(self, digest: Digest) -> None:
+        """A prefetch stored nothing, or a client fetches the blob for itself."""
+        self._unclaimed.pop(digest, None)
+
     def _claimed(self, digest: Digest, result: CacheResult) -> CacheResult:
         """``prefetched`` for the first client a prefetched blob reaches, else ``result``."""
         if self._unclaimed and digest in self._unclaimed:
@@ -708,10 +712,16 @@ class Cache:
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
                 return FillingBlob(reader, size, self._claimed(digest, "coalesced"))
-        reader = self.fills.join(digest) or self.fills.start(source, repository, digest)
+        result: CacheResult = "miss"
+        reader = self.fills.join(digest)
+        if reader is None:
+            reader = self.fills.start(source, repository, digest)
+            self._unclaimed_forget(digest)  # this client's own fetch, whatever a prefetch did
+        else:
+            result = self._claimed(digest, result)
         size = await self._started(reader, source, repository, own=True)
         assert size is not None
-        return FillingBlob(reader, size, "miss")
+        return FillingBlob(reader, size, result)
 
     async def _stored_size(self, digest: Digest) -> int | None:
         """The size of a stored blob whose bytes are known good, None when it is not stored.

@@ -23,7 +23,7 @@ from ._evict import ReadGuard
 from ._index import Index
 from ._store import BlobStore, DirectoryStore
 
-__all__ = ["GcReport", "collect_garbage", "mark", "references", "sweep"]
+__all__ = ["GcReport", "collect_garbage", "mark", "parts", "references", "sweep"]
 
 
 @dataclass
@@ -38,12 +38,19 @@ class GcReport:
 def references(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest]]:
     """(child manifests, config and layers) a manifest refers to. ``distributable`` leaves out
     foreign layers, those with ``urls``: their registry is not the one the manifest came from."""
+    children, config, layers = parts(body, distributable=distributable)
+    return children, config + layers
+
+
+def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest], list[Digest]]:
+    """(child manifests, config, layers) a manifest refers to, each in the manifest's order
+    (``distributable`` as in :func:`references`); nothing for a body that is not one."""
     try:
         document = json.loads(body)
     except ValueError:
-        return [], []
+        return [], [], []
     if not isinstance(document, dict):
-        return [], []
+        return [], [], []
 
     def digests(descriptors: list[object]) -> list[Digest]:
         found = []
@@ -57,7 +64,7 @@ def references(body: bytes, *, distributable: bool = False) -> tuple[list[Digest
         return found
 
     children = digests(list(document.get("manifests", [])))
-    return children, digests([document.get("config") or {}, *document.get("layers", [])])
+    return children, digests([document.get("config") or {}]), digests(list(document.get("layers", [])))
 
 
 def mark(store: BlobStore, roots: set[Digest]) -> set[Digest]:

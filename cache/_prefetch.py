@@ -22,6 +22,7 @@ own request starts the fill again and gets the upstream's answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -30,10 +31,12 @@ from dataclasses import dataclass
 from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._fill import Fills
-from ._gc import references
+from ._gc import parts
 from ._source import BlobSource
 
 __all__ = ["MAX_ARMED_LAYERS", "Prefetcher", "prefetchable"]
+
+log = logging.getLogger("moorage.cache")
 
 #: Layers of armed prefetches remembered; the oldest are forgotten first.
 MAX_ARMED_LAYERS = 16_384
@@ -42,10 +45,8 @@ MAX_ARMED_LAYERS = 16_384
 def prefetchable(body: bytes) -> tuple[list[Digest], list[Digest]]:
     """(config, layers) of an image manifest that its registry serves, in the manifest's
     order; nothing for an index or for a body that is not a manifest."""
-    children, blobs = references(body, distributable=True)
-    if children or not blobs:
-        return [], []
-    return blobs[:1], blobs[1:]
+    children, config, layers = parts(body, distributable=True)
+    return ([], []) if children else (config, layers)
 
 
 @dataclass(eq=False)
@@ -65,15 +66,20 @@ class Prefetcher:
         fills: Fills,
         stored: Callable[[Sequence[Digest]], set[Digest]],
         on_start: Callable[[Digest], None],
+        on_failed: Callable[[Digest], None],
     ) -> None:
         self._fills = fills
         #: Which of these digests the store holds; blocks (run in a thread).
         self._stored = stored
-        #: Told of each fill a prefetch started (not of those it joined).
+        #: Told of each fill a prefetch started (not of those it found running) ...
         self._on_start = on_start
-        #: (upstream host, repository, layer) -> the plan that layer's first request fires.
-        self._armed: OrderedDict[tuple[str, str, Digest], _Plan] = OrderedDict()
+        #: ... and of each of those that stored nothing.
+        self._on_failed = on_failed
+        #: (upstream host, repository, layer) -> the plan that layer's first request fires;
+        #: None for a layer that two armed images share, which fires neither.
+        self._armed: OrderedDict[tuple[str, str, Digest], _Plan | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def __len__(self) -> int:
         """Prefetches running now."""
@@ -82,18 +88,21 @@ class Prefetcher:
     @property
     def armed(self) -> int:
         """Layers whose first request would fire a prefetch."""
-        return len(self._armed)
+        return sum(1 for plan in self._armed.values() if plan is not None)
 
     def arm(self, source: BlobSource, repository: RepositoryName, manifest: bytes, at_once: int) -> None:
         """Prefetch the blobs ``manifest`` refers to, ``at_once`` at a time, once a client asks
         for one of its layers through this route (``at_once`` 0: never)."""
         config, layers = prefetchable(manifest)
-        if at_once <= 0 or not layers:
+        if at_once <= 0 or not layers or self._closed:
             return
         plan = _Plan(source, repository, list(dict.fromkeys([*config, *layers])), at_once)
         for layer in layers:
             key = (source.host, str(repository), layer)
-            self._armed[key] = plan  # a layer shared with an image armed earlier: the latest wins
+            armed = self._armed.get(key, plan)
+            # A layer two images share (a base layer) tells neither apart: a pull of one must
+            # not fetch the other, so such a layer fires nothing; each image's own layers do.
+            self._armed[key] = plan if armed is plan or (armed is not None and armed.blobs == plan.blobs) else None
             self._armed.move_to_end(key)
         while len(self._armed) > MAX_ARMED_LAYERS:
             self._armed.popitem(last=False)
@@ -102,10 +111,10 @@ class Prefetcher:
         """A client asked for blob ``digest`` through this route: start the prefetch it arms."""
         if not self._armed:
             return
-        plan = self._armed.pop((host, str(repository), digest), None)
+        plan = self._armed.get((host, str(repository), digest))
         if plan is None:
             return
-        for blob in plan.blobs:  # disarm the plan's other layers
+        for blob in plan.blobs:  # disarm the plan's layers
             key = (host, str(repository), blob)
             if self._armed.get(key) is plan:
                 del self._armed[key]
@@ -115,26 +124,38 @@ class Prefetcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, plan: _Plan, digests: list[Digest]) -> None:
-        looked = time.monotonic()
-        held = await asyncio.to_thread(self._stored, digests)
         slots = asyncio.Semaphore(plan.at_once)
 
         async def one(digest: Digest) -> None:
             async with slots:
+                # Looked at when its turn came: a client may have stored it meanwhile.
+                looked = time.monotonic()
+                if await asyncio.to_thread(self._stored, [digest]):
+                    return
                 if self._fills.recently_committed(digest, since=looked) is not None:
-                    return  # a client's fill stored it meanwhile
-                reader = self._fills.join(digest)
-                if reader is None:
-                    reader = self._fills.start(plan.source, plan.repository, digest)
-                    self._on_start(digest)
+                    return
+                running = self._fills.join(digest)
+                if running is not None:  # a client's fetch: it needs no slot of ours
+                    running.close()
+                    return
+                reader = self._fills.start(plan.source, plan.repository, digest)
+                self._on_start(digest)
                 try:
-                    await reader.finished()
+                    if not await reader.finished():
+                        self._on_failed(digest)
                 finally:
                     reader.close()
 
-        await asyncio.gather(*(one(digest) for digest in digests if digest not in held))
+        outcomes = await asyncio.gather(*(one(digest) for digest in digests), return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        if errors:  # a store that cannot be read, say: the clients' own requests will tell them
+            log.warning(
+                "prefetch failed",
+                extra={"event": "prefetch_failed", "repository": str(plan.repository), "error": str(errors[0])},
+            )
 
     async def aclose(self) -> None:
+        self._closed = True
         self._armed.clear()
         for task in list(self._tasks):
             task.cancel()

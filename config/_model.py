@@ -196,8 +196,8 @@ class UpstreamSettings(_Section):
     retries: RetrySettings = RetrySettings()
     #: Blob downloads from this upstream at once; more wait their turn.
     max_concurrent_fills: int = Field(default=32, ge=1, le=1024)
-    #: Once a client asks for the first layer of an image whose manifest came from this upstream,
-    #: the image's other blobs are fetched ahead of it, this many at a time (``0``: never).
+    #: Once a client asks for a layer of an image whose manifest came from this upstream, the
+    #: image's other blobs are fetched ahead of it, this many at a time per image (``0``: never).
     prefetch_blobs: int = Field(default=3, ge=0, le=64)
     #: An ECR lifecycle policy for every repository of this upstream (the same JSON).
     lifecycle_policy_file: Path | None = None

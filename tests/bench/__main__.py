@@ -626,8 +626,10 @@ def linked_cold_pulls(report: Report, upstream: RealRegistry, work: Path, shm: P
     try:
         for kind in ("moorage", "distribution"):
             system = fresh(kind, work, link)
-            seconds[kind] = skopeo_pull(system, "library/big:1", shm)
-            system.stop()
+            try:
+                seconds[kind] = skopeo_pull(system, "library/big:1", shm)
+            finally:
+                system.stop()
         seconds["direct"] = skopeo_pull(DirectSystem(upstream, link.host), "library/big:1", shm)
     finally:
         link.close()
