@@ -6,8 +6,8 @@ what happened, in the words used everywhere (logs, metrics, README):
 - ``hit``: from the store, no upstream request;
 - ``miss``: fetched from upstream now (a fill, for blobs);
 - ``coalesced``: joined a fetch another client had started;
-- ``prefetched``: a blob fetched ahead of this request, when its image's manifest came from
-  the upstream (see ``_prefetch``); like ``miss``, it cost an upstream fetch;
+- ``prefetched``: a blob fetched ahead of this request, once a client had started pulling its
+  image (see ``_prefetch``); like ``miss``, it cost an upstream fetch;
 - ``revalidated``: a stale tag confirmed unchanged with one upstream HEAD;
 - ``refreshed``: a stale tag whose digest changed, fetched again;
 - ``stale``: the upstream failed (network, 5xx, 429, auth) and the last good answer is served;
@@ -187,7 +187,7 @@ class Cache:
         self.fills = Fills(store, self._observer, on_commit=self._committed)
         #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
         self._prefetch_at_once = dict(prefetch or {})
-        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started, self._unclaimed_forget)
+        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started, self._forget_unclaimed)
         self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
@@ -585,7 +585,7 @@ class Cache:
         while len(self._unclaimed) > MAX_UNCLAIMED_PREFETCHES:
             self._unclaimed.popitem(last=False)
 
-    def _unclaimed_forget(self, digest: Digest) -> None:
+    def _forget_unclaimed(self, digest: Digest) -> None:
         """A prefetch stored nothing, or a client fetches the blob for itself."""
         self._unclaimed.pop(digest, None)
 
@@ -716,7 +716,7 @@ class Cache:
         reader = self.fills.join(digest)
         if reader is None:
             reader = self.fills.start(source, repository, digest)
-            self._unclaimed_forget(digest)  # this client's own fetch, whatever a prefetch did
+            self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
         else:
             result = self._claimed(digest, result)
         size = await self._started(reader, source, repository, own=True)
