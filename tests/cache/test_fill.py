@@ -8,7 +8,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +20,7 @@ from moorage.cache._fill import Fills
 from moorage.cache._store import Fingerprint, PendingBlob
 from moorage.upstreams import BlobBody, UpstreamNotFound, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
+from tests.polling import until
 
 REPO = RepositoryName("library/x")
 
@@ -63,15 +64,6 @@ async def collect(reader_iter: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in reader_iter])
 
 
-async def wait_for(condition: Callable[[], bool]) -> None:
-    """Poll a condition the code under test offers no event for (a background fill's end)."""
-    for _ in range(400):
-        if condition():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached in 2 s")
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> DirectoryStore:
     return DirectoryStore(tmp_path)
@@ -99,7 +91,7 @@ async def test_readers_follow_the_fill_and_the_last_byte_waits_for_verification(
     assert source.opened == [0]
     first.close()
     second.close()
-    await wait_for(lambda: len(fills) == 0)  # after the commit, which the readers did not wait for
+    await until(lambda: len(fills) == 0)  # after the commit, which the readers did not wait for
     assert store.size_of(digest) == 3000
     assert fills.recently_committed(digest, since=0.0) == 3000
     assert fills.recently_committed(digest, since=time.monotonic()) is None, "an older commit is no evidence"
@@ -151,7 +143,7 @@ async def test_the_last_byte_does_not_wait_for_the_blob_to_be_made_durable(tmp_p
     assert store.size_of(digest) is None, "the reader had every byte while the commit was still waiting"
     store.release.set()
     reader.close()
-    await wait_for(lambda: store.size_of(digest) == len(data))
+    await until(lambda: store.size_of(digest) == len(data))
     await fills.aclose()
 
 
@@ -161,13 +153,13 @@ async def test_readers_finish_with_verified_bytes_when_storing_fails_after(tmp_p
     data = os.urandom(5000)
     digest = Digest.of(data)
     fills, first = await fed_whole(store, data)
-    await wait_for(lambda: fills._fills[digest].verified)
+    await until(lambda: fills._fills[digest].verified)
     store.release.set()
-    await wait_for(lambda: len(fills) == 0)  # the commit failed: the fill left the registry
+    await until(lambda: len(fills) == 0)  # the commit failed: the fill left the registry
     assert await collect(first.read(0, len(data))) == data, "the bytes were verified before the disk failed"
     first.close()
     assert store.size_of(digest) is None
-    await wait_for(lambda: not any((tmp_path / "tmp").iterdir()))
+    await until(lambda: not any((tmp_path / "tmp").iterdir()))
     await fills.aclose()
 
 
@@ -190,7 +182,7 @@ async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: Direct
     for reader in readers:
         reader.close()
     assert len(fills) == 0, "a failed fill leaves the registry before its readers hear of it"
-    await wait_for(lambda: not any((tmp_path / "tmp").iterdir()))
+    await until(lambda: not any((tmp_path / "tmp").iterdir()))
     assert store.size_of(digest) is None
     again = fills.start(source, REPO, digest)
     assert again is not readers[0], "a new pull starts a new fill"
@@ -240,7 +232,7 @@ async def test_a_reader_that_leaves_does_not_stop_the_fill(store: DirectoryStore
     reader.close()  # the only client went away
     await source.queue.put(data)
     await source.queue.put(None)
-    await wait_for(lambda: store.size_of(digest) == 5000)
+    await until(lambda: store.size_of(digest) == 5000)
 
 
 async def test_shutdown_cancels_fills_and_removes_temporaries(store: DirectoryStore, tmp_path: Path) -> None:
@@ -250,7 +242,7 @@ async def test_shutdown_cancels_fills_and_removes_temporaries(store: DirectorySt
     reader = fills.start(source, REPO, Digest.of(data))
     await reader.wait_started()
     await source.queue.put(data[:50])
-    await wait_for(lambda: any((tmp_path / "tmp").iterdir()))
+    await until(lambda: any((tmp_path / "tmp").iterdir()))
     await fills.aclose()
     reader.close()
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -272,6 +264,6 @@ async def test_a_reader_cancelled_mid_read_releases_the_file(store: DirectorySto
     reader.close()
     await source.queue.put(data[1000:])
     await source.queue.put(None)
-    await wait_for(lambda: store.size_of(digest) == 4000)
-    await wait_for(lambda: fill._pending is None)  # the file descriptor was handed back
+    await until(lambda: store.size_of(digest) == 4000)
+    await until(lambda: fill._pending is None)  # the file descriptor was handed back
     assert len(fills) == 0

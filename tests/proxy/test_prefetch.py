@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -17,20 +16,12 @@ from aiohttp.test_utils import TestClient
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
 from tests.fakes.registry import DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, digest_of
+from tests.polling import until
 
 from .conftest import StartMoorage, metric
 
 Client = TestClient[web.Request, web.Application]
 BLOB_PATHS = r"/blobs/"
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Return once ``condition`` holds; fail after 10 s."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition did not come true within 10 s")
 
 
 async def blob(moorage: Client, repository: str, digest: str) -> str:

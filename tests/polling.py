@@ -1,0 +1,20 @@
+"""Waiting in tests for what the code under test offers no event for (a background fill's end,
+a prefetch's requests): poll a condition, fail with a clear message when it never comes true."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["until"]
+
+INTERVAL = 0.005
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    """Return once ``condition()`` holds; raise AssertionError after ``within`` seconds."""
+    for _ in range(max(1, round(within / INTERVAL))):
+        if condition():
+            return
+        await asyncio.sleep(INTERVAL)
+    raise AssertionError(f"the condition did not come true within {within:g} s")
