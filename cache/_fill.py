@@ -284,7 +284,7 @@ class FillReader:
         return fill.size
 
     async def finished(self) -> bool:
-        """Wait until the fill ended; True when it stored the blob."""
+        """Wait until the fill ended; True when it stored the blob. Works after ``close``."""
         fill = self._fill
         while not fill._task_done:
             await fill._progress.wait()

@@ -34,12 +34,15 @@ from ._fill import Fills
 from ._gc import parts
 from ._source import BlobSource
 
-__all__ = ["MAX_ARMED_LAYERS", "Prefetcher", "prefetchable"]
+__all__ = ["MAX_ARMED_LAYERS", "MAX_ARMED_MANIFEST", "Prefetcher", "prefetchable"]
 
 log = logging.getLogger("moorage.cache")
 
 #: Layers of armed prefetches remembered; the oldest are forgotten first.
 MAX_ARMED_LAYERS = 16_384
+#: A larger manifest is not armed: it is parsed on the event loop. An image manifest this size
+#: would name about a thousand layers; Docker's limit is 127.
+MAX_ARMED_MANIFEST = 256 * 1024
 
 
 def prefetchable(body: bytes) -> tuple[list[Digest], list[Digest]]:
@@ -93,8 +96,10 @@ class Prefetcher:
     def arm(self, source: BlobSource, repository: RepositoryName, manifest: bytes, at_once: int) -> None:
         """Prefetch the blobs ``manifest`` refers to, ``at_once`` at a time, once a client asks
         for one of its layers through this route (``at_once`` 0: never)."""
+        if at_once <= 0 or len(manifest) > MAX_ARMED_MANIFEST or self._closed:
+            return
         config, layers = prefetchable(manifest)
-        if at_once <= 0 or not layers or self._closed:
+        if not layers:
             return
         plan = _Plan(source, repository, list(dict.fromkeys([*config, *layers])), at_once)
         for layer in layers:
@@ -139,12 +144,10 @@ class Prefetcher:
                     running.close()
                     return
                 reader = self._fills.start(plan.source, plan.repository, digest)
+                reader.close()  # the fill goes on; a prefetch is not a client following it
                 self._on_start(digest)
-                try:
-                    if not await reader.finished():
-                        self._on_failed(digest)
-                finally:
-                    reader.close()
+                if not await reader.finished():
+                    self._on_failed(digest)
 
         outcomes = await asyncio.gather(*(one(digest) for digest in digests), return_exceptions=True)
         errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]

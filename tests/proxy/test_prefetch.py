@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.cache._prefetch import MAX_ARMED_MANIFEST
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
 from tests.fakes.registry import DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, digest_of
@@ -64,7 +65,9 @@ async def test_a_client_asking_during_a_prefetch_joins_it(start_moorage: StartMo
 
     assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
     assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
-    await until(lambda: image.layer_digests[1] in map(str, moorage.app[CACHE].fills.digests))
+    fills = moorage.app[CACHE].fills
+    await until(lambda: [str(digest) for digest in fills.digests] == [image.layer_digests[1]])
+    assert fills.readers == 0  # a prefetch is no client following a fill (moorage_fill_readers)
     assert await blob(moorage, "team/app", image.layer_digests[1]) == "prefetched"
     assert upstream.count("GET", image.layer_digests[1]) == 1
 
@@ -108,6 +111,12 @@ async def test_nothing_armed_for_an_index_a_stored_manifest_or_when_off(
     await blob(moorage, "team/plain", plain.layer_digests[0])
     await until(lambda: len(prefetches) == 0)
     assert (await moorage.get("/v2/team/plain/manifests/1")).status == 200
+    assert prefetches.armed == 1
+
+    # A manifest too large to parse on the event loop (about 2,000 layers) is not armed.
+    huge = upstream.add_image("team/plain", "huge", [i.to_bytes(4, "big") for i in range(2000)])
+    assert len(huge.manifest) > MAX_ARMED_MANIFEST
+    assert (await moorage.get("/v2/team/plain/manifests/huge")).status == 200
     assert prefetches.armed == 1
 
     off = await start_moorage(upstream_settings={"prefetch_blobs": 0})
