@@ -35,16 +35,16 @@ class GcReport:
     kept_young: int = 0
 
 
-def references(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest]]:
-    """(child manifests, config and layers) a manifest refers to. ``distributable`` leaves out
-    foreign layers, those with ``urls``: their registry is not the one the manifest came from."""
-    children, config, layers = parts(body, distributable=distributable)
+def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
+    """(child manifests, config and layers) a manifest refers to."""
+    children, config, layers = parts(body)
     return children, config + layers
 
 
 def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest], list[Digest]]:
-    """(child manifests, config, layers) a manifest refers to, each in the manifest's order
-    (``distributable`` as in :func:`references`); nothing for a body that is not one."""
+    """(child manifests, config, layers) a manifest refers to, each in the manifest's order;
+    nothing for a body that is not one. ``distributable`` leaves out foreign layers, those with
+    ``urls``: their registry is not the one the manifest came from."""
     try:
         document = json.loads(body)
     except ValueError:
