@@ -48,7 +48,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "username": "robot",
                 "passwordSecret": "dockerhub-password",
             },
-            {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h"},
+            {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h", "prefetchBlobs": 0},
         ],
         "persistence": {"size": "200Gi", "storageClassName": "fast", "maxSize": "180GiB"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -205,6 +205,7 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
         assert hub.default and hub.username == "robot"
         assert str(hub.password_file) == "/etc/moorage/credentials/docker.io/password"
         assert settings.tag_ttl_of(ghcr) == 3600 and settings.tag_ttl == 1800
+        assert hub.prefetch_blobs == 3 and ghcr.prefetch_blobs == 0  # 0 is rendered, not dropped
         assert settings.storage.max_size == 180 * 1024**3
 
 

@@ -72,6 +72,9 @@ upstreams:
     {{- with .tagTtl }}
     tag_ttl: {{ . | quote }}
     {{- end }}
+    {{- if hasKey . "prefetchBlobs" }}
+    prefetch_blobs: {{ .prefetchBlobs }}
+    {{- end }}
     {{- with .username }}
     username: {{ . | quote }}
     {{- end }}
