@@ -149,6 +149,7 @@ class Cache:
         watermarks: tuple[float, float] = (0.95, 0.85),
         clock: Callable[[], float] = time.time,
         prefetch: Mapping[str, int] | None = None,
+        prefetch_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._store = store
         self._index = index
@@ -187,7 +188,9 @@ class Cache:
         self.fills = Fills(store, self._observer, on_commit=self._committed)
         #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
         self._prefetch_at_once = dict(prefetch or {})
-        self.prefetches = Prefetcher(self.fills, self._held, self._prefetch_started, self._forget_unclaimed)
+        self.prefetches = Prefetcher(
+            self.fills, self._held, self._prefetch_started, self._forget_unclaimed, dict(prefetch_limits or {})
+        )
         self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
@@ -979,6 +982,8 @@ async def open_cache(
         max_size=settings.max_size,
         watermarks=(settings.high_watermark, settings.low_watermark),
         prefetch={upstream.host: upstream.prefetch_blobs for upstream in upstreams},
+        # Prefetches take at most half an upstream's download slots: clients' own come first.
+        prefetch_limits={upstream.host: max(1, upstream.max_concurrent_fills // 2) for upstream in upstreams},
     )
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()

@@ -22,10 +22,11 @@ own request starts the fill again and gets the upstream's answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from moorage.upstreams.reference import Digest, RepositoryName
@@ -70,6 +71,7 @@ class Prefetcher:
         stored: Callable[[Sequence[Digest]], set[Digest]],
         on_start: Callable[[Digest], None],
         on_failed: Callable[[Digest], None],
+        limits: Mapping[str, int] | None = None,
     ) -> None:
         self._fills = fills
         #: Which of these digests the store holds; blocks (run in a thread).
@@ -83,6 +85,9 @@ class Prefetcher:
         self._armed: OrderedDict[tuple[str, str, Digest], _Plan | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: Prefetch downloads at once from each upstream, across images (absent: unlimited).
+        self._limits = dict(limits or {})
+        self._upstream_slots: dict[str, asyncio.Semaphore] = {}
 
     def __len__(self) -> int:
         """Prefetches running now."""
@@ -128,11 +133,21 @@ class Prefetcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _slots_of(self, host: str) -> contextlib.AbstractAsyncContextManager[object]:
+        """The upstream's prefetch slots, shared by all its images' prefetches."""
+        limit = self._limits.get(host)
+        if limit is None:
+            return contextlib.nullcontext()
+        if host not in self._upstream_slots:
+            self._upstream_slots[host] = asyncio.Semaphore(limit)
+        return self._upstream_slots[host]
+
     async def _run(self, plan: _Plan, digests: list[Digest]) -> None:
         slots = asyncio.Semaphore(plan.at_once)
+        upstream_slots = self._slots_of(plan.source.host)
 
         async def one(digest: Digest) -> None:
-            async with slots:
+            async with slots, upstream_slots:
                 # Looked at when its turn came: a client may have stored it meanwhile.
                 looked = time.monotonic()
                 if await asyncio.to_thread(self._stored, [digest]):

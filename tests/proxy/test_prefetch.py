@@ -90,6 +90,25 @@ async def test_at_most_prefetch_blobs_fetches_run_for_an_image(
     assert await first == "miss"
 
 
+async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    images = [upstream.add_image("team/app", tag, [os.urandom(1000) for _ in range(4)]) for tag in ("1", "2")]
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3, "max_concurrent_fills": 6})
+    for tag in ("1", "2"):
+        assert (await moorage.get(f"/v2/team/app/manifests/{tag}")).status == 200
+    upstream.delay_next(20, 1.5, paths=BLOB_PATHS)  # every blob answers late
+
+    # Two clients start two pulls: their own two fetches, and prefetches of both images.
+    pulls = [asyncio.ensure_future(blob(moorage, "team/app", image.layer_digests[0])) for image in images]
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 5)
+    await asyncio.sleep(0.3)  # a sixth would have been asked for by now
+    # Prefetches hold 3 of the 6 slots; without the limit they would hold the other 4, and a
+    # third client's fetch would wait behind them.
+    assert upstream.count("GET", BLOB_PATHS) == 5
+    assert await asyncio.gather(*pulls) == ["miss", "miss"]
+
+
 async def test_nothing_armed_for_an_index_a_stored_manifest_or_when_off(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
