@@ -189,7 +189,7 @@ class Cache:
         #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
         self._prefetch_at_once = dict(prefetch or {})
         self.prefetches = Prefetcher(
-            self.fills, self._held, self._prefetch_started, self._forget_unclaimed, dict(prefetch_limits or {})
+            self.fills, self._is_stored, self._prefetch_started, self._forget_unclaimed, dict(prefetch_limits or {})
         )
         self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
@@ -630,8 +630,8 @@ class Cache:
 
     # Blocking helpers: each is one whole operation for one thread hop.
 
-    def _held(self, digests: Sequence[Digest]) -> set[Digest]:
-        return {digest for digest in digests if self._store.size_of(digest) is not None}
+    def _is_stored(self, digest: Digest) -> bool:
+        return self._store.size_of(digest) is not None
 
     def _lookup_tag(self, key: IndexKey) -> tuple[TagEntry | None, StoredManifest | None]:
         entry = self._index.tag(key)

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from moorage.upstreams.reference import Digest, RepositoryName
@@ -68,13 +68,13 @@ class Prefetcher:
     def __init__(
         self,
         fills: Fills,
-        stored: Callable[[Sequence[Digest]], set[Digest]],
+        stored: Callable[[Digest], bool],
         on_start: Callable[[Digest], None],
         on_failed: Callable[[Digest], None],
         limits: Mapping[str, int] | None = None,
     ) -> None:
         self._fills = fills
-        #: Which of these digests the store holds; blocks (run in a thread).
+        #: Whether the store holds a digest; blocks (run in a thread).
         self._stored = stored
         #: Told of each fill a prefetch started (not of those it found running) ...
         self._on_start = on_start
@@ -150,7 +150,7 @@ class Prefetcher:
             async with slots, upstream_slots:
                 # Looked at when its turn came: a client may have stored it meanwhile.
                 looked = time.monotonic()
-                if await asyncio.to_thread(self._stored, [digest]):
+                if await asyncio.to_thread(self._stored, digest):
                     return
                 if self._fills.recently_committed(digest, since=looked) is not None:
                     return

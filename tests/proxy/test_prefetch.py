@@ -60,7 +60,8 @@ async def test_a_pull_finds_the_rest_of_its_image_fetched_once_and_ahead_of_it(
 
 async def test_a_client_asking_during_a_prefetch_joins_it(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
     image = upstream.add_image("team/app", "1", [os.urandom(1000), os.urandom(2 * 1024 * 1024)])
-    upstream.slow_blob(image.layer_digests[1], chunk=256 * 1024, delay=0.1)  # 0.8 s
+    # The prefetch's body stops for a second half-way: the client arrives while it runs.
+    upstream.stall_blob(image.layer_digests[1], after_bytes=1024 * 1024, seconds=1.0)
     moorage = await start_moorage(upstream_settings={"prefetch_blobs": 2})
 
     assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
@@ -68,7 +69,10 @@ async def test_a_client_asking_during_a_prefetch_joins_it(start_moorage: StartMo
     fills = moorage.app[CACHE].fills
     await until(lambda: [str(digest) for digest in fills.digests] == [image.layer_digests[1]])
     assert fills.readers == 0  # a prefetch is no client following a fill (moorage_fill_readers)
-    assert await blob(moorage, "team/app", image.layer_digests[1]) == "prefetched"
+    response = await moorage.get(f"/v2/team/app/blobs/{image.layer_digests[1]}")
+    assert response.status == 200 and response.headers["X-Moorage-Cache"] == "prefetched"
+    assert fills.readers == 1 and [str(digest) for digest in fills.digests] == [image.layer_digests[1]]
+    assert digest_of(await response.read()) == image.layer_digests[1]
     assert upstream.count("GET", image.layer_digests[1]) == 1
 
 
