@@ -4,7 +4,7 @@
 client's own ``X-Request-Id`` when well formed), lets the handler (and the error
 middleware) produce the response, sends it completely itself, and only then records status,
 bytes and duration, so a FileResponse's sendfile and a streamed fill are included. Handlers
-only note what they served (``RequestNote`` keys); this is the one place that turns notes
+only note what they served (``RequestNotes``); this is the one place that turns notes
 into a log line and counters. A client that leaves early is recorded with ``error``
 CLIENT_GONE (and status 499 where the server cancels the handler).
 """
@@ -22,7 +22,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ._logging import log_fields
-from ._state import CACHE, METRICS, RequestNote
+from ._state import CACHE, METRICS, NOTES, RequestNotes
 from .errors import Handler
 
 __all__ = ["access_middleware"]
@@ -34,52 +34,44 @@ _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Request ids: a random prefix per process (replicas differ) and a counter, 16 hex digits.
 _PROCESS_PREFIX: Final = secrets.token_hex(4)
 _request_numbers = itertools.count()
-_FIELDS = {
-    "user": RequestNote.USER,
-    "kind": RequestNote.KIND,
-    "upstream": RequestNote.UPSTREAM,
-    "repository": RequestNote.REPOSITORY,
-    "reference": RequestNote.REFERENCE,
-    "result": RequestNote.RESULT,
-    "error": RequestNote.ERROR,
-}
+
+
+def _next_request_id() -> str:
+    return f"{_PROCESS_PREFIX}{next(_request_numbers) & 0xFFFFFFFF:08x}"
 
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
     given = request.headers.get("X-Request-Id", "")
-    request[RequestNote.REQUEST_ID] = (
-        given if _REQUEST_ID_RE.fullmatch(given) else f"{_PROCESS_PREFIX}{next(_request_numbers) & 0xFFFFFFFF:08x}"
-    )
-    request[RequestNote.STARTED] = started
+    request_id = given if _REQUEST_ID_RE.fullmatch(given) else _next_request_id()
+    note = request[NOTES] = RequestNotes(request_id=request_id, started=started)
     try:
         response = await handler(request)
     except asyncio.CancelledError:
         # A server run with handler cancellation cancels the handler when the client leaves.
-        request[RequestNote.ERROR] = "CLIENT_GONE"
-        _record(request, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)
+        note.error = "CLIENT_GONE"
+        _record(request, note, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)
         raise
     try:
         await response.prepare(request)
         await response.write_eof()
     except ConnectionError:
-        request[RequestNote.ERROR] = request.get(RequestNote.ERROR) or "CLIENT_GONE"
-    _record(request, response.status, response.content_length, time.monotonic() - started)
+        note.error = note.error or "CLIENT_GONE"
+    _record(request, note, response.status, response.content_length, time.monotonic() - started)
     return response
 
 
-def _body_bytes(request: web.Request, content_length: int | None) -> int:
-    if request.method == "HEAD" or request.get(RequestNote.ERROR) or content_length is None:
+def _body_bytes(request: web.Request, note: RequestNotes, content_length: int | None) -> int:
+    if request.method == "HEAD" or note.error or content_length is None:
         return 0
     return content_length
 
 
-def _record(request: web.Request, status: int, content_length: int | None, seconds: float) -> None:
-    kind = request.get(RequestNote.KIND, "other")
-    sent = _body_bytes(request, content_length)
+def _record(request: web.Request, note: RequestNotes, status: int, content_length: int | None, seconds: float) -> None:
+    sent = _body_bytes(request, note, content_length)
     fields: dict[str, Any] = {
-        "request_id": request.get(RequestNote.REQUEST_ID),
+        "request_id": note.request_id,
         "client": request.remote,
         "method": request.method,
         "path": request.path[:512],
@@ -87,12 +79,19 @@ def _record(request: web.Request, status: int, content_length: int | None, secon
         "bytes": sent,
         "duration_ms": round(seconds * 1000, 2),
     }
-    for name, note in _FIELDS.items():
-        value = request.get(note)
+    for name, value in (
+        ("user", note.user),
+        ("kind", note.kind),
+        ("upstream", note.upstream),
+        ("repository", note.repository),
+        ("reference", note.reference),
+        ("result", note.result),
+        ("error", note.error),
+    ):
         if value is not None:
             fields[name] = value
     log_fields(log, "request", fields)
-    result, upstream = fields.get("result"), fields.get("upstream")
-    request.app[METRICS].on_request(kind, request.method, status, seconds, upstream, result, sent)
+    result, upstream = note.result, note.upstream
+    request.app[METRICS].on_request(note.kind or "other", request.method, status, seconds, upstream, result, sent)
     if result is not None and upstream is not None:
         request.app[CACHE].record(upstream, result, sent)

@@ -26,7 +26,7 @@ from ._handlers import add_routes
 from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
-from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, RequestNote
+from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, notes
 from ._tokens import TokenKeys
 from .errors import error_middleware
 
@@ -38,15 +38,12 @@ MAX_HEADER_FIELD: Final = 8190
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response carries, and the blob time-to-first-byte (headers going out)."""
-    if request.get(RequestNote.KIND) == "blob" and request.method == "GET" and response.status in (200, 206):
-        started = request.get(RequestNote.STARTED)
-        if started is not None:
-            result = request.get(RequestNote.RESULT, "miss")
-            request.app[METRICS].first_byte.labels(result).observe(time.monotonic() - started)
-    response.headers["X-Request-Id"] = request.get(RequestNote.REQUEST_ID, "")
-    result = request.get(RequestNote.RESULT)
-    if result is not None:
-        response.headers["X-Moorage-Cache"] = result
+    note = notes(request)
+    if note.kind == "blob" and request.method == "GET" and response.status in (200, 206) and note.started is not None:
+        request.app[METRICS].first_byte.labels(note.result or "miss").observe(time.monotonic() - note.started)
+    response.headers["X-Request-Id"] = note.request_id
+    if note.result is not None:
+        response.headers["X-Moorage-Cache"] = note.result
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
 

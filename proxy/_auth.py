@@ -41,7 +41,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
 from ._ratelimit import RATE_LIMITER
-from ._state import RequestNote
+from ._state import notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
 
@@ -276,9 +276,10 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
                     "the token's user was removed or changed password, or anonymous pulls ended",
                     error="invalid_token",
                 )
+            note = notes(request)
             if grant.user:
-                request[RequestNote.USER] = grant.user
-            request[RequestNote.GRANTED] = grant.repositories
+                note.user = grant.user
+            note.granted = grant.repositories
             return await handler(request)
         credentials = basic_credentials(header)
         if credentials is None or authenticator.users is None:
@@ -293,7 +294,7 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
                 "authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote}
             )
             raise authenticator.refuse(request, "unknown user or wrong password")
-        request[RequestNote.USER] = user
+        notes(request).user = user
         return await handler(request)
 
     return middleware
@@ -306,7 +307,8 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
     Returns which routes the requester may read content through, for the cache's check of
     content held under other routes; None (every route) when there is no policy. A token's
     grant narrows nothing further: the token service grants whatever the policy allows."""
-    granted = request.get(RequestNote.GRANTED)
+    note = notes(request)
+    granted = note.granted
     if granted is not None and name not in granted:
         raise AccessDenied(
             f"the token grants no pull of {name}; ask the token service for scope repository:{name}:pull"
@@ -315,7 +317,7 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
     rules = authenticator.settings.policy
     if not rules:
         return None
-    user = request.get(RequestNote.USER)
+    user = note.user
     groups = authenticator.users.groups_of(user) if authenticator.users is not None else frozenset()
     requester = Requester(user, groups, request.remote)
     authorize(rules, requester, upstream, repository)

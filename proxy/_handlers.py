@@ -26,7 +26,7 @@ from moorage.upstreams.reference import accept_class, parse_digest, parse_refere
 from ._auth import authorize_pull
 from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
-from ._state import CACHE, METRICS, ROUTER, SETTINGS, RequestNote
+from ._state import CACHE, METRICS, ROUTER, SETTINGS, notes
 from ._token_service import token_endpoint
 from .errors import OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
 
@@ -57,11 +57,12 @@ async def v2(request: web.Request) -> web.StreamResponse:
         raise RouteUnknown(f"no such route: {request.method} {request.path[:200]}")
     if target.kind == "upload" or request.method not in ("GET", "HEAD"):
         raise Unsupported(READ_ONLY, headers={"Allow": "GET, HEAD"})
-    request[RequestNote.KIND] = target.kind
+    note = notes(request)
+    note.kind = target.kind
     route = request.app[ROUTER].resolve(target.name, request.query.get("ns"))
-    request[RequestNote.UPSTREAM] = route.upstream.host
-    request[RequestNote.REPOSITORY] = str(route.repository)
-    may_read = authorize_pull(request, target.name, route.upstream.host, str(route.repository))
+    note.upstream = route.upstream.host
+    note.repository = repository = str(route.repository)
+    may_read = authorize_pull(request, target.name, route.upstream.host, repository)
     if target.kind == "manifest":
         return await manifest(request, route, target, may_read)
     if target.kind == "blob":
@@ -80,7 +81,8 @@ async def manifest(
     request: web.Request, route: Route[RegistryClient], target: V2Path, may_read: MayRead
 ) -> web.Response:
     reference = parse_reference(target.reference)
-    request[RequestNote.REFERENCE] = str(reference)
+    note = notes(request)
+    note.reference = str(reference)
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].manifest(
         route.upstream,
@@ -90,7 +92,7 @@ async def manifest(
         settings.tag_ttl_of(route.upstream.settings),
         may_read,
     )
-    request[RequestNote.RESULT] = answer.result
+    note.result = answer.result
     headers = _manifest_headers(answer)
     if request.method == "HEAD":
         return web.Response(headers=headers)
@@ -98,12 +100,12 @@ async def manifest(
         audit,
         "pull",
         {
-            "request_id": request.get(RequestNote.REQUEST_ID),
+            "request_id": note.request_id,
             "client": request.remote,
-            "user": request.get(RequestNote.USER),
-            "upstream": route.upstream.host,
-            "repository": str(route.repository),
-            "reference": str(reference),
+            "user": note.user,
+            "upstream": note.upstream,
+            "repository": note.repository,
+            "reference": note.reference,
             "digest": str(answer.digest),
             "media_type": answer.media_type,
             "result": answer.result,
@@ -132,15 +134,16 @@ async def blob(
     request: web.Request, route: Route[RegistryClient], target: V2Path, may_read: MayRead
 ) -> web.StreamResponse:
     digest = parse_digest(target.reference)
-    request[RequestNote.REFERENCE] = str(digest)
+    note = notes(request)
+    note.reference = str(digest)
     cache = request.app[CACHE]
     headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
     if request.method == "HEAD":
         size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read)
-        request[RequestNote.RESULT] = result
+        note.result = result
         return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
     answer = await cache.blob(route.upstream, route.repository, digest, may_read)
-    request[RequestNote.RESULT] = answer.result
+    note.result = answer.result
     if isinstance(answer, FillingBlob):
         return await _stream_fill(request, answer, headers)
     if answer.path is None:
@@ -201,7 +204,7 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         try:
             await _send_growing(request, response, reader, start, end)
         except ConnectionError:
-            request[RequestNote.ERROR] = "CLIENT_GONE"  # the fill goes on without this client
+            notes(request).error = "CLIENT_GONE"  # the fill goes on without this client
             return response
         except Exception as exc:
             # Headers are out: the only honest signal left is a cut connection, which makes the
@@ -213,7 +216,7 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
                 )
             else:
                 log.exception("cutting response", extra={"event": "response_cut", "digest": str(reader.digest)})
-            request[RequestNote.ERROR] = "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL"
+            notes(request).error = "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL"
             if request.transport is not None:
                 request.transport.close()
             return response
@@ -267,7 +270,7 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
         last = str(parse_tag(last))
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].tags(route.upstream, route.repository, n, last, settings.tags_list_ttl)
-    request[RequestNote.RESULT] = answer.result
+    notes(request).result = answer.result
     try:
         document = json.loads(answer.body)
         document["name"] = target.name

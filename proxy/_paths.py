@@ -15,7 +15,7 @@ from typing import Final, Literal
 
 from moorage.upstreams.reference import InvalidReference
 
-__all__ = ["V2Path", "parse_v2_path"]
+__all__ = ["PathKind", "V2Path", "parse_v2_path"]
 
 PathKind = Literal["manifest", "blob", "upload", "tags", "referrers"]
 

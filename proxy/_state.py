@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 import httpx
 from aiohttp import web
 
-from moorage.cache import Cache
+from moorage.cache import Cache, CacheResult
 from moorage.config import Settings
 from moorage.upstreams import RegistryClient, Router
 
 from ._metrics import Metrics
+from ._paths import PathKind
 
-__all__ = ["CACHE", "METRICS", "ROUTER", "SETTINGS", "UPSTREAM_TRANSPORT", "RequestNote"]
+__all__ = ["CACHE", "METRICS", "NOTES", "ROUTER", "SETTINGS", "UPSTREAM_TRANSPORT", "RequestNotes", "notes"]
 
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -23,19 +25,36 @@ ROUTER: Final = web.AppKey("router", Router[RegistryClient])
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
 
 
-class RequestNote:
-    """Typed ``request[...]`` keys: what handlers note for the access log and metrics."""
+@dataclass(slots=True)
+class RequestNotes:
+    """What handlers note on a request for its access line, audit line and metrics.
 
-    REQUEST_ID: Final = web.RequestKey("moorage_request_id", str)
-    STARTED: Final = web.RequestKey("moorage_started", float)
-    USER: Final = web.RequestKey("moorage_user", str)
-    #: Groups of the signed-in user (``auth.groups_file``).
-    GROUPS: Final = web.RequestKey("moorage_groups", frozenset)
-    #: The repositories a bearer token grants; absent for Basic and anonymous requests.
-    GRANTED: Final = web.RequestKey("moorage_granted", frozenset)
-    KIND: Final = web.RequestKey("moorage_kind", str)
-    UPSTREAM: Final = web.RequestKey("moorage_upstream", str)
-    REPOSITORY: Final = web.RequestKey("moorage_repository", str)
-    REFERENCE: Final = web.RequestKey("moorage_reference", str)
-    RESULT: Final = web.RequestKey("moorage_result", str)
-    ERROR: Final = web.RequestKey("moorage_error", str)
+    Plain attributes, read and written on every request (a ``request[key]`` miss costs a
+    KeyError raised and caught inside aiohttp's mapping)."""
+
+    request_id: str = ""
+    #: ``time.monotonic()`` when the access middleware took the request.
+    started: float | None = None
+    user: str | None = None
+    #: The repositories a bearer token grants; None for Basic and anonymous requests.
+    granted: frozenset[str] | None = None
+    kind: PathKind | None = None
+    upstream: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    result: CacheResult | None = None
+    error: str | None = None
+
+
+#: Set by the access middleware; read through notes().
+NOTES: Final = web.RequestKey("moorage_notes", RequestNotes)
+
+
+def notes(request: web.BaseRequest) -> RequestNotes:
+    """The request's notes. The access middleware gives every request its own; one it never
+    saw (a request aiohttp refused before routing) gets fresh ones here."""
+    try:
+        return request[NOTES]
+    except KeyError:
+        made = request[NOTES] = RequestNotes()
+        return made

@@ -23,7 +23,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._auth import AUTHENTICATOR, basic_credentials
 from ._ratelimit import RATE_LIMITER
-from ._state import RequestNote
+from ._state import notes
 from .errors import OCIError, TooManyRequests
 
 __all__ = ["token_endpoint"]
@@ -84,7 +84,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
         subject = ""
     elif await authenticator.password_ok(user, password):
         subject = user
-        request[RequestNote.USER] = user
+        notes(request).user = user
     else:
         raise TokenRefused("unknown user or wrong password", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
     lifetime = authenticator.settings.token_lifetime

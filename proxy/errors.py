@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import ClassVar, Literal, NotRequired, TypedDict
+from typing import ClassVar, NotRequired, TypedDict
 
 from aiohttp import web
 
@@ -29,7 +29,8 @@ from moorage.upstreams import (
 )
 from moorage.upstreams.reference import InvalidReference
 
-from ._state import RequestNote
+from ._paths import PathKind
+from ._state import notes
 
 __all__ = [
     "BlobUnknown",
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("moorage.proxy")
-RouteKind = Literal["manifest", "blob", "tags", "other"]
 
 
 class OCIErrorEntry(TypedDict):
@@ -155,7 +155,7 @@ def _from_reference(error: InvalidReference) -> OCIError:
     return ManifestInvalid(str(error), detail={"reference": error.value[:300]})
 
 
-def _from_upstream(error: UpstreamError, kind: RouteKind) -> OCIError:
+def _from_upstream(error: UpstreamError, kind: PathKind | None) -> OCIError:
     detail = {"upstream": error.upstream}
     if isinstance(error, UpstreamNotFound):
         if kind == "blob":
@@ -207,7 +207,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except NoRoute as error:
         failure = NameUnknown(str(error))
     except UpstreamError as error:
-        failure = _from_upstream(error, request.get(RequestNote.KIND, "other"))
+        failure = _from_upstream(error, notes(request).kind)
     except CacheError as error:
         failure = _from_cache(error)
     except web.HTTPException as error:
@@ -217,7 +217,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
         failure = OCIError("internal error; the cache's log has the details")
-    request[RequestNote.ERROR] = failure.code
+    notes(request).error = failure.code
     started = request.writer is not None and request.writer.output_size > 0
     if started and request.transport is not None:
         # A handler failed after its response started: an error body would land inside it.
