@@ -4,6 +4,7 @@ and no secret anywhere: not the upstream password, a token, or a signed CDN URL.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -27,9 +28,9 @@ WRONG_PASSWORD = "a-Wrong-Guess-by-ci"
 class Captured:
     """What the server's own logging setup wrote (at debug level, the most talkative)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_format: str) -> None:
         self.stream = io.StringIO()
-        self.handler = configure_logging("debug", "json", self.stream)
+        self.handler = configure_logging("debug", log_format, self.stream)
 
     def getvalue(self) -> str:
         self.handler.close()  # writes what is waiting
@@ -40,12 +41,13 @@ class Captured:
 LOOKUPS = ("logThreads", "logProcesses", "logMultiprocessing", "logAsyncioTasks", "_srcfile")
 
 
-@pytest.fixture
-def log_lines() -> Iterator[Captured]:
+@contextlib.contextmanager
+def server_logging(log_format: str = "json") -> Iterator[Captured]:
+    """The server's logging setup for one test, undone afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     switches = {name: getattr(logging, name) for name in LOOKUPS if hasattr(logging, name)}
-    captured = Captured()
+    captured = Captured(log_format)
     try:
         yield captured
     finally:
@@ -56,6 +58,12 @@ def log_lines() -> Iterator[Captured]:
             setattr(logging, name, value)
         for name in ("httpx", "httpcore", "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Captured]:
+    with server_logging() as captured:
+        yield captured
 
 
 async def test_no_secret_reaches_a_log_line_a_metric_or_a_response(
@@ -155,30 +163,69 @@ def test_text_format_for_people() -> None:
     assert not line.startswith("{")
 
 
-def test_per_request_lines_are_records_like_any_other(log_lines: Captured, caplog: pytest.LogCaptureFixture) -> None:
-    """The access and audit lines skip LogRecord's constructor; the records, what they write,
-    and who sees them (levels, pytest's capture) must not differ from ``logger.info(...,
-    extra=...)`` under the server's logging switches."""
+def test_per_request_lines_are_the_lines_logging_would_write(log_lines: Captured) -> None:
+    """Under the server's setup the access and audit lines are made from their fields without
+    a LogRecord; each must be the line ``logger.info(..., extra=...)`` writes, levels included."""
     access = logging.getLogger("moorage.access")
     fields = {"request_id": "r1", "status": 200, "big": 2**70, "path": "/v2/a"}
-    with caplog.at_level(logging.INFO):
-        log_fields(access, "request", fields)
-        access.info("request", extra={"event": "request", **fields})
-        logging.getLogger("moorage").setLevel(logging.WARNING)
-        try:
-            log_fields(access, "request", {"request_id": "not-written"})
-        finally:
-            logging.getLogger("moorage").setLevel(logging.NOTSET)
-        with pytest.raises(KeyError, match="msg"):
-            log_fields(access, "request", {"msg": "a record attribute"})
+    log_fields(access, "request", fields)
+    access.info("request", extra={"event": "request", **fields})
+    logging.getLogger("moorage").setLevel(logging.WARNING)
+    try:
+        log_fields(access, "request", {"request_id": "not-written"})
+    finally:
+        logging.getLogger("moorage").setLevel(logging.NOTSET)
+    with pytest.raises(KeyError, match="msg"):
+        log_fields(access, "request", {"msg": "a record attribute"})
     fast, usual = (json.loads(line) for line in log_lines.getvalue().splitlines())
     assert fast.pop("time")[:19] == usual.pop("time")[:19]
     assert fast == usual == {"level": "info", "logger": "moorage.access", "event": "request", **fields}
     assert list(fast) == list(usual), "the same field order"
-    assert [getattr(r, "request_id", None) for r in caplog.records] == ["r1", "r1"]
-    moments = {"created", "msecs", "relativeCreated", "moorage_fields"}
-    attributes = [{k: v for k, v in vars(r).items() if k not in moments} for r in caplog.records]
-    assert attributes[0] == attributes[1], "the same record but for its time"
+
+
+def test_per_request_lines_in_text_form_too() -> None:
+    with server_logging("text") as captured:
+        log_fields(logging.getLogger("moorage.access"), "request", {"status": 200, "path": "/v2/a b"})
+    (line,) = captured.getvalue().splitlines()
+    assert line.endswith(' info    request status=200 path="/v2/a b"') and not line.startswith("{")
+
+
+class Collecting(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_filters_and_other_handlers_see_per_request_records(log_lines: Captured) -> None:
+    """A filter may drop or rewrite an access line, and another handler gets the record:
+    with either, the lines go through logging as any other."""
+    access = logging.getLogger("moorage.access")
+
+    def redact(record: logging.LogRecord) -> bool:
+        record.path = "/redacted"
+        return getattr(record, "request_id", "") != "dropped"
+
+    access.addFilter(redact)
+    try:
+        log_fields(access, "request", {"request_id": "kept", "path": "/v2/secret-name/manifests/1"})
+        log_fields(access, "request", {"request_id": "dropped", "path": "/v2/a"})
+    finally:
+        access.removeFilter(redact)
+    other = Collecting()
+    access.addHandler(other)
+    try:
+        log_fields(access, "request", {"request_id": "also elsewhere"})
+    finally:
+        access.removeHandler(other)
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    assert [(line["request_id"], line.get("path")) for line in lines] == [
+        ("kept", "/redacted"),
+        ("also elsewhere", None),
+    ]
+    assert [getattr(r, "request_id", None) for r in other.records] == ["also elsewhere"]
 
 
 def test_per_request_lines_are_usual_records_before_logging_is_configured(caplog: pytest.LogCaptureFixture) -> None:
