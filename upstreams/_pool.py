@@ -2,8 +2,8 @@
 
 ``open_upstreams`` reads each upstream's ``password_file`` at start (a missing file is
 a configuration error naming the upstream; each client rereads the file when it changes, so a
-rotated password needs no restart), builds one pooled client per upstream, and closes them all
-on exit.
+rotated password needs no restart), loads the network modules the first request would
+otherwise import, builds one pooled client per upstream, and closes them all on exit.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 from moorage.config import ConfigError, UpstreamSettings
 
 from ._client import RegistryClient, UpstreamObserver
+from ._network import load_network_modules
 from ._routing import Router
 
 __all__ = ["open_upstreams"]
@@ -39,6 +40,7 @@ async def open_upstreams(
     observer: UpstreamObserver | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Router[RegistryClient]]:
+    await load_network_modules()
     clients = [
         RegistryClient(settings, password=_password(i, settings), observer=observer, transport=transport)
         for i, settings in enumerate(upstreams)

@@ -2,7 +2,7 @@
 ``READ_SIZE``, and over real sockets against the fake upstream bodies arrive whole and in large
 pieces, over plain HTTP and verified TLS; a connection the server closed is not reused; a body
 the server cuts, a server that stalls, and a port nobody listens on are the upstream errors
-the cache knows how to handle."""
+the cache knows how to handle; and no request has to import or search for a module."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import ssl
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -187,3 +188,46 @@ async def test_an_upstream_request_searches_for_no_module(upstream: FakeRegistry
     finally:
         await client.aclose()
     assert searches.names == [], f"imports searched for on every request: {sorted(set(searches.names))}"
+
+
+#: Run in a fresh process: the test process has long imported everything.
+FIRST_REQUEST = """
+import asyncio, os, sys
+from moorage.config import UpstreamSettings
+from moorage.upstreams import open_upstreams
+from moorage.upstreams.reference import parse_digest
+from tests.fakes import FakeRegistry
+from tests.upstreams.test_network import ImportSearches
+
+
+async def main() -> None:
+    async with FakeRegistry() as upstream:
+        digest = parse_digest(upstream.add_blob(os.urandom(4096)))
+        settings = UpstreamSettings.model_validate({"host": "docker.io", "url": upstream.url})
+        async with open_upstreams([settings]) as router:
+            route = router.resolve("docker.io/library/x")
+            searches = ImportSearches()
+            sys.meta_path.insert(0, searches)
+            try:
+                async with route.upstream.open_blob(route.repository, digest) as body:
+                    async for _ in body.chunks():
+                        pass
+            finally:
+                sys.meta_path.remove(searches)
+        print(" ".join(sorted(set(searches.names))))
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_first_upstream_request_of_a_process_imports_nothing() -> None:
+    """anyio imports its parts on first use: the first upstream request of a fresh process
+    paid about 35 ms for them, and the first client's pull with it. The upstream clients
+    load them when they open."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_REQUEST], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [], f"imported by the first request: {done.stdout.strip()}"
