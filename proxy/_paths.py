@@ -9,6 +9,7 @@ contain a component called ``manifests``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -37,8 +38,11 @@ class V2Path:
     reference: str
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_v2_path(raw_path: str) -> V2Path | None:
-    """What a ``/v2/<name>/...`` path asks for; None for no known route."""
+    """What a ``/v2/<name>/...`` path asks for; None for no known route. Every request asks,
+    and the same tags are pulled over and over: the last few thousand answers are kept (a
+    refusal is not)."""
     path = raw_path.split("?", 1)[0]
     if "%" in path or "\x00" in path:
         raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
