@@ -86,6 +86,8 @@ class Fill:
         self.state: FillState = "starting"
         self.size: int | None = None
         self.written = 0
+        #: Bytes received from the upstream: those written and those on their way to the file.
+        self.received = 0
         #: The bytes in the file hashed to the digest: readers may have all of them.
         self.verified = False
         self.error: BaseException | None = None
@@ -174,7 +176,7 @@ class Fill:
         in the file, so a resume after a cut starts exactly there."""
         queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE)
         writer = asyncio.ensure_future(self._write_from(queue, upstream))
-        queued = self.written
+        queued = self.received = self.written
         piece: list[bytes] = []
         piece_size = 0
         try:
@@ -187,6 +189,7 @@ class Fill:
                         continue
                 piece.append(chunk)
                 piece_size += len(chunk)
+                self.received += len(chunk)
                 if self.size is not None and queued + piece_size > self.size:
                     raise UpstreamProtocolError(upstream, f"blob {self.digest}: more bytes than announced")
                 if piece_size >= CHUNK_SIZE:
@@ -266,6 +269,11 @@ class FillReader:
     @property
     def origin(self) -> tuple[str, str]:
         return self._fill.origin
+
+    @property
+    def received(self) -> int:
+        """Bytes received from the upstream so far (also after ``close``)."""
+        return self._fill.received
 
     async def wait_started(self) -> int:
         """The blob's size, once the upstream answered; the fill's error if it failed first."""

@@ -10,9 +10,11 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.cache import _prefetch
 from moorage.cache._prefetch import MAX_ARMED_MANIFEST
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
@@ -92,6 +94,43 @@ async def test_at_most_prefetch_blobs_fetches_run_for_an_image(
     asked = {r.path.rsplit("/", 1)[1] for r in upstream.requests if "/blobs/" in r.path}
     assert asked == {image.layer_digests[0], image.config_digest, image.layer_digests[1]}
     assert await first == "miss"
+
+
+async def most_downloads_at_once(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch, fast_rate: int
+) -> int:
+    """Pull an image of four 1 MiB layers the upstream sends at about 6.5 MB/s, with
+    ``FAST_FILL_RATE`` at ``fast_rate``; how many blob bodies the upstream sent at once."""
+    monkeypatch.setattr(_prefetch, "FAST_FILL_RATE", fast_rate)
+    monkeypatch.setattr(_prefetch, "RAMP_SECONDS", 0.05)
+    image = upstream.add_image("team/app", "1", [os.urandom(1024 * 1024) for _ in range(4)])
+    for digest in image.layer_digests:
+        upstream.slow_blob(digest, chunk=64 * 1024, delay=0.01)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    cache = moorage.app[CACHE]
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 5 and not cache.fills.digests)
+    for digest in image.layer_digests[1:]:
+        assert await blob(moorage, "team/app", digest) == "prefetched"
+    assert upstream.count("GET", BLOB_PATHS) == 5
+    return upstream.most_blob_bodies_in_flight
+
+
+async def test_one_prefetch_at_a_time_while_downloads_run_fast(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where one connection brings more than ``FAST_FILL_RATE``, more at once would only
+    share the cache's and the client's CPU: the client's download and one prefetch."""
+    assert await most_downloads_at_once(start_moorage, upstream, monkeypatch, fast_rate=1_000_000) == 2
+
+
+async def test_prefetch_blobs_at_once_while_downloads_run_slow(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where each connection is slow (across the internet), the prefetch widens to
+    ``prefetch_blobs`` at once: here the client's download and more than one prefetch."""
+    assert await most_downloads_at_once(start_moorage, upstream, monkeypatch, fast_rate=50_000_000) >= 3
 
 
 async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
