@@ -38,12 +38,24 @@ class V2Path:
     reference: str
 
 
-@functools.lru_cache(maxsize=4096)
 def parse_v2_path(raw_path: str) -> V2Path | None:
     """What a ``/v2/<name>/...`` path asks for; None for no known route. Every request asks,
-    and the same tags are pulled over and over: the last few thousand answers are kept (a
-    refusal is not)."""
+    and the same tags are pulled over and over: the answers for the last few thousand paths
+    of ordinary length are kept (a longer one is parsed afresh and not kept in memory, nor is
+    a refusal)."""
     path = raw_path.split("?", 1)[0]
+    if len(path) <= _REMEMBERED_PATH_LENGTH:
+        return _parse(path)
+    return _parse.__wrapped__(path)
+
+
+#: Longer paths than this are parsed afresh each time, so the kept answers take at most about
+#: 4,096 x (2 x 256) bytes of text.
+_REMEMBERED_PATH_LENGTH: Final = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(path: str) -> V2Path | None:
     if "%" in path or "\x00" in path:
         raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
     for kind, marker, pattern in _PATTERNS:
