@@ -51,8 +51,9 @@ def log_fields(logger: logging.Logger, event: str, fields: dict[str, Any]) -> No
 
 
 def _sole_writer(logger: logging.Logger) -> BackgroundWriter | None:
-    """The BackgroundWriter (with Moorage's formatter) that is the only handler an INFO
-    record of ``logger`` reaches, with no filter on any logger or handler on the way."""
+    """The BackgroundWriter (with one of Moorage's formatters, not a subclass that may format
+    otherwise) that is the only handler an INFO record of ``logger`` reaches, with no filter on
+    any logger or handler on the way."""
     if logging.getLogRecordFactory() is not logging.LogRecord:
         return None
     found: BackgroundWriter | None = None
@@ -63,7 +64,7 @@ def _sole_writer(logger: logging.Logger) -> BackgroundWriter | None:
         for handler in current.handlers:
             if found is not None or not isinstance(handler, BackgroundWriter) or handler.filters:
                 return None
-            if handler.level > logging.INFO or not isinstance(handler.formatter, JsonFormatter):
+            if handler.level > logging.INFO or type(handler.formatter) not in _OWN_FORMATTERS:
                 return None
             found = handler
         current = current.parent if current.propagate else None
@@ -157,6 +158,10 @@ class TextFormatter(JsonFormatter):
         return _as_text(super().format_fields(created, name, event, fields))
 
 
+#: The formatters whose lines log_fields may write without a record.
+_OWN_FORMATTERS: Final = (JsonFormatter, TextFormatter)
+
+
 def _as_text(json_line: str) -> str:
     line = json.loads(json_line)
     head = f"{line.pop('time')} {line.pop('level'):<7} {line.pop('event')}"
@@ -193,22 +198,29 @@ class BackgroundWriter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if len(self._waiting) >= self.MAX_WAITING:
-                self.dropped += 1
-                return
-            self._waiting.append(self.format(record))
+            if self._room():
+                self._waiting.append(self.format(record))
         except Exception:
             self.handleError(record)
 
     def write_fields(self, name: str, event: str, fields: dict[str, Any]) -> None:
         """Queue the line of an INFO record of ``event`` with ``fields``, made without the
-        record (log_fields; the formatter is a JsonFormatter)."""
+        record (log_fields; the formatter is Moorage's own). A failure is handled as
+        ``emit``'s: reported on stderr, never raised to the request."""
+        try:
+            if self._room():
+                formatter = self.formatter
+                assert isinstance(formatter, JsonFormatter)
+                self._waiting.append(formatter.format_fields(time.time(), name, event, fields))
+        except Exception:
+            self.handleError(logging.makeLogRecord({"name": name, "msg": event, "levelno": logging.INFO}))
+
+    def _room(self) -> bool:
+        """Whether another line may wait; one beyond ``MAX_WAITING`` is dropped and counted."""
         if len(self._waiting) >= self.MAX_WAITING:
             self.dropped += 1
-            return
-        formatter = self.formatter
-        assert isinstance(formatter, JsonFormatter)
-        self._waiting.append(formatter.format_fields(time.time(), name, event, fields))
+            return False
+        return True
 
     def _run(self) -> None:
         while not self._closing.wait(self.FLUSH_SECONDS):

@@ -10,11 +10,12 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
 
-from moorage.proxy._logging import TextFormatter, configure_logging, log_fields
+from moorage.proxy._logging import BackgroundWriter, TextFormatter, configure_logging, log_fields
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
@@ -163,31 +164,49 @@ def test_text_format_for_people() -> None:
     assert not line.startswith("{")
 
 
-def test_per_request_lines_are_the_lines_logging_would_write(log_lines: Captured) -> None:
+@pytest.fixture
+def direct_lines(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The events the server's writer took straight from log_fields, without a record."""
+    events: list[str] = []
+    write_fields = BackgroundWriter.write_fields
+
+    def spy(self: BackgroundWriter, name: str, event: str, fields: dict[str, Any]) -> None:
+        events.append(event)
+        write_fields(self, name, event, fields)
+
+    monkeypatch.setattr(BackgroundWriter, "write_fields", spy)
+    return events
+
+
+def test_per_request_lines_are_the_lines_logging_would_write(direct_lines: list[str]) -> None:
     """Under the server's setup the access and audit lines are made from their fields without
-    a LogRecord; each must be the line ``logger.info(..., extra=...)`` writes, levels included."""
+    a LogRecord; each must be the line ``logger.info(..., extra=...)`` writes, levels included.
+    (Set up in the test itself: pytest adds its capturing handlers once a test has begun.)"""
     access = logging.getLogger("moorage.access")
-    fields = {"request_id": "r1", "status": 200, "big": 2**70, "path": "/v2/a"}
-    log_fields(access, "request", fields)
-    access.info("request", extra={"event": "request", **fields})
-    logging.getLogger("moorage").setLevel(logging.WARNING)
-    try:
-        log_fields(access, "request", {"request_id": "not-written"})
-    finally:
-        logging.getLogger("moorage").setLevel(logging.NOTSET)
-    with pytest.raises(KeyError, match="msg"):
-        log_fields(access, "request", {"msg": "a record attribute"})
-    fast, usual = (json.loads(line) for line in log_lines.getvalue().splitlines())
+    fields = {"request_id": "r1", "status": 200, "big": 2**70, "path": "/v2/a", "none": None}
+    with server_logging() as captured:
+        log_fields(access, "request", fields)
+        access.info("request", extra={"event": "request", **fields})
+        logging.getLogger("moorage").setLevel(logging.WARNING)
+        try:
+            log_fields(access, "request", {"request_id": "not-written"})
+        finally:
+            logging.getLogger("moorage").setLevel(logging.NOTSET)
+        with pytest.raises(KeyError, match="msg"):
+            log_fields(access, "request", {"msg": "a record attribute"})
+    assert direct_lines == ["request"], "the line was written without a record"
+    fast, usual = (json.loads(line) for line in captured.getvalue().splitlines())
     assert fast.pop("time")[:19] == usual.pop("time")[:19]
     assert fast == usual == {"level": "info", "logger": "moorage.access", "event": "request", **fields}
     assert list(fast) == list(usual), "the same field order"
 
 
-def test_per_request_lines_in_text_form_too() -> None:
+def test_per_request_lines_in_text_form_too(direct_lines: list[str]) -> None:
     with server_logging("text") as captured:
         log_fields(logging.getLogger("moorage.access"), "request", {"status": 200, "path": "/v2/a b"})
     (line,) = captured.getvalue().splitlines()
     assert line.endswith(' info    request status=200 path="/v2/a b"') and not line.startswith("{")
+    assert direct_lines == ["request"]
 
 
 class Collecting(logging.Handler):
@@ -199,33 +218,39 @@ class Collecting(logging.Handler):
         self.records.append(record)
 
 
-def test_filters_and_other_handlers_see_per_request_records(log_lines: Captured) -> None:
-    """A filter may drop or rewrite an access line, and another handler gets the record:
-    with either, the lines go through logging as any other."""
+def test_filters_levels_and_other_handlers_see_per_request_records(direct_lines: list[str]) -> None:
+    """A filter may drop or rewrite an access line, a handler's level holds it back, and
+    another handler gets the record: with any of them, the lines go through logging as any
+    other."""
     access = logging.getLogger("moorage.access")
 
     def redact(record: logging.LogRecord) -> bool:
         record.path = "/redacted"
         return getattr(record, "request_id", "") != "dropped"
 
-    access.addFilter(redact)
-    try:
-        log_fields(access, "request", {"request_id": "kept", "path": "/v2/secret-name/manifests/1"})
-        log_fields(access, "request", {"request_id": "dropped", "path": "/v2/a"})
-    finally:
-        access.removeFilter(redact)
-    other = Collecting()
-    access.addHandler(other)
-    try:
-        log_fields(access, "request", {"request_id": "also elsewhere"})
-    finally:
-        access.removeHandler(other)
-    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    with server_logging() as captured:
+        access.addFilter(redact)
+        try:
+            log_fields(access, "request", {"request_id": "kept", "path": "/v2/secret-name/manifests/1"})
+            log_fields(access, "request", {"request_id": "dropped", "path": "/v2/a"})
+        finally:
+            access.removeFilter(redact)
+        other = Collecting()
+        access.addHandler(other)
+        try:
+            log_fields(access, "request", {"request_id": "also elsewhere"})
+        finally:
+            access.removeHandler(other)
+        captured.handler.setLevel(logging.WARNING)
+        log_fields(access, "request", {"request_id": "below the handler's level"})
+        captured.handler.setLevel(logging.NOTSET)
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
     assert [(line["request_id"], line.get("path")) for line in lines] == [
         ("kept", "/redacted"),
         ("also elsewhere", None),
     ]
     assert [getattr(r, "request_id", None) for r in other.records] == ["also elsewhere"]
+    assert direct_lines == [], "none of these lines could skip logging's own handling"
 
 
 def test_per_request_lines_are_usual_records_before_logging_is_configured(caplog: pytest.LogCaptureFixture) -> None:
