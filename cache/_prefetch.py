@@ -13,17 +13,14 @@ start for the other blobs the manifest refers to and the store does not hold, in
 manifest's order. A client asking for one of them joins the fill in flight (single flight), so
 each blob is still fetched once.
 
-How many at once: one, and up to ``at_once`` per image once a prefetch has run for
-``RAMP_SECONDS`` at less than ``FAST_FILL_RATE``. Several downloads at once help where each
-connection is slow (a registry across the internet); where one connection already brings
-100 MB/s, the cache's event loop and the client's own work (digests, disk) are what a pull
-waits for, and more downloads would only share them (measured: a cold pull with the client
-and the cache on the same two cores took a tenth longer with three at once than with none).
-
-Never armed for an index (its platforms' manifests are fetched by digest when a client picks
-one, and arm their own), nor for a manifest answered from the store. Foreign layers (with
-``urls``) are skipped. A failed prefetch is logged by its fill and nothing else: the client's
-own request starts the fill again and gets the upstream's answer.
+How many at once: one, and up to ``at_once`` per image from the moment a prefetch has run
+for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE`` while still receiving its body. Several
+downloads at once help where each connection is slow (a registry across the internet); where
+one connection already brings 100 MB/s, the cache's event loop and the client's own work
+(digests, disk) are what a pull waits for, and more downloads would only share them
+(measured: a cold pull with the client and the cache on the same two cores took a tenth
+longer with three at once than with none). An image whose downloads all end within
+``RAMP_SECONDS`` (small layers) is fetched one blob at a time.
 """
 
 from __future__ import annotations
@@ -110,8 +107,8 @@ class Prefetcher:
         return sum(1 for plan in self._armed.values() if plan is not None)
 
     def arm(self, source: BlobSource, repository: RepositoryName, manifest: bytes, at_once: int) -> None:
-        """Prefetch the blobs ``manifest`` refers to, ``at_once`` at a time, once a client asks
-        for one of its layers through this route (``at_once`` 0: never)."""
+        """Prefetch the blobs ``manifest`` refers to, up to ``at_once`` at a time, once a client
+        asks for one of its layers through this route (``at_once`` 0: never)."""
         if at_once <= 0 or len(manifest) > MAX_ARMED_MANIFEST or self._closed:
             return
         config, layers = prefetchable(manifest)
@@ -168,9 +165,9 @@ class Prefetcher:
                         return
                     if self._fills.recently_committed(digest, since=looked) is not None:
                         return
-                    running = self._fills.join(digest)
-                    if running is not None:  # a client's fetch: it needs no slot of ours
-                        running.close()
+                    clients = self._fills.join(digest)
+                    if clients is not None:  # a client's fetch: it needs no slot of ours
+                        clients.close()
                         return
                     reader = self._fills.start(plan.source, plan.repository, digest)
                     reader.close()  # the fill goes on; a prefetch is not a client following it
@@ -185,13 +182,16 @@ class Prefetcher:
                 errors.append(exc)
 
         waiting = deque(digests)
+        wide = False  # once a download of the image ran slow, the rest go at_once at a time
         async with asyncio.TaskGroup() as group:
             running: set[asyncio.Task[None]] = set()
             while waiting or running:
-                width = plan.at_once if _any_slow(downloading.values()) else 1
-                while waiting and len(running) < width:
+                wide = wide or _any_slow(downloading.values())
+                while waiting and len(running) < (plan.at_once if wide else 1):
                     running.add(group.create_task(one(waiting.popleft())))
-                _, pending = await asyncio.wait(running, timeout=RAMP_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(
+                    running, timeout=_until_judged(downloading.values()), return_when=asyncio.FIRST_COMPLETED
+                )
                 running = set(pending)
         if errors:  # the clients' own requests will tell them
             log.warning(
@@ -208,10 +208,23 @@ class Prefetcher:
 
 
 def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
-    """Whether a download has run for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE``: then
-    the connection, not the cache, sets the pace, and more at once will help."""
+    """Whether a download still receiving its body has run for ``RAMP_SECONDS`` at less than
+    ``FAST_FILL_RATE``: then the connection, not the cache, sets the pace, and more at once
+    will help. (One whose body is in is only being verified and made durable.)"""
     now = time.monotonic()
     return any(
-        now - started >= RAMP_SECONDS and reader.received < FAST_FILL_RATE * (now - started)
+        now - started >= RAMP_SECONDS and not _body_in(reader) and reader.received < FAST_FILL_RATE * (now - started)
         for started, reader in downloading
     )
+
+
+def _until_judged(downloading: Iterable[tuple[float, FillReader]]) -> float:
+    """Seconds until the youngest download still receiving can be judged (``_any_slow``)."""
+    now = time.monotonic()
+    ages = [now - started for started, reader in downloading if not _body_in(reader)]
+    young = [RAMP_SECONDS - age for age in ages if age < RAMP_SECONDS]
+    return max(0.01, min(young)) if young else RAMP_SECONDS
+
+
+def _body_in(reader: FillReader) -> bool:
+    return reader.size is not None and reader.received >= reader.size

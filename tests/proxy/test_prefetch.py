@@ -90,7 +90,7 @@ async def test_at_most_prefetch_blobs_fetches_run_for_an_image(
     await until(lambda: upstream.count("GET", BLOB_PATHS) == 3)  # the client's, and two
     await asyncio.sleep(0.3)  # a fourth would have been asked for by now
     assert upstream.count("GET", BLOB_PATHS) == 3
-    # In the manifest's order: the config and the next layer (started together).
+    # In the manifest's order: the config, then (its download slow) the next layer.
     asked = {r.path.rsplit("/", 1)[1] for r in upstream.requests if "/blobs/" in r.path}
     assert asked == {image.layer_digests[0], image.config_digest, image.layer_digests[1]}
     assert await first == "miss"
