@@ -128,5 +128,5 @@ async def load_network_modules() -> None:
     sockets and timeouts, and its asyncio backend): about 35 ms that the first upstream
     request of a process, and the client waiting behind it, would otherwise pay."""
     for name in _ANYIO_NAMES:
-        getattr(anyio, name)
+        getattr(anyio, name, None)  # a name a later anyio drops is only not loaded early
     anyio.Event().set()  # the asyncio backend, imported for the first primitive made in a loop
