@@ -21,6 +21,11 @@ one connection already brings 100 MB/s, the cache's event loop and the client's 
 (measured: a cold pull with the client and the cache on the same two cores took a tenth
 longer with three at once than with none). An image whose downloads all end within
 ``RAMP_SECONDS`` (small layers) is fetched one blob at a time.
+
+Never armed for an index (its platforms' manifests are fetched by digest when a client picks
+one, and arm their own), nor for a manifest answered from the store. Foreign layers (with
+``urls``) are skipped. A failed prefetch is logged by its fill and nothing else: the client's
+own request starts the fill again and gets the upstream's answer.
 """
 
 from __future__ import annotations
@@ -189,9 +194,8 @@ class Prefetcher:
                 wide = wide or _any_slow(downloading.values())
                 while waiting and len(running) < (plan.at_once if wide else 1):
                     running.add(group.create_task(one(waiting.popleft())))
-                _, pending = await asyncio.wait(
-                    running, timeout=_until_judged(downloading.values()), return_when=asyncio.FIRST_COMPLETED
-                )
+                judge_in = None if wide else _until_judged(downloading.values())
+                _, pending = await asyncio.wait(running, timeout=judge_in, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
         if errors:  # the clients' own requests will tell them
             log.warning(
@@ -219,7 +223,8 @@ def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
 
 
 def _until_judged(downloading: Iterable[tuple[float, FillReader]]) -> float:
-    """Seconds until the youngest download still receiving can be judged (``_any_slow``)."""
+    """Seconds until the next download still receiving its body has run ``RAMP_SECONDS`` and
+    can be judged (``_any_slow``); ``RAMP_SECONDS`` when none is that young (or none runs)."""
     now = time.monotonic()
     ages = [now - started for started, reader in downloading if not _body_in(reader)]
     young = [RAMP_SECONDS - age for age in ages if age < RAMP_SECONDS]
