@@ -90,6 +90,8 @@ class Fill:
         self.received = 0
         #: The bytes in the file hashed to the digest: readers may have all of them.
         self.verified = False
+        #: Seconds from the fill's start until its whole body was in the file (None until then).
+        self.body_seconds: float | None = None
         self.error: BaseException | None = None
         self._pending: PendingBlob | None = None
         self._progress = asyncio.Event()
@@ -106,9 +108,11 @@ class Fill:
         self._progress = asyncio.Event()
 
     async def run(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
+        began = time.monotonic()
         try:
             self._pending = await asyncio.to_thread(store.begin, self.digest)
             await self._download(source, repository)
+            self.body_seconds = time.monotonic() - began
             self._pending.verify()  # the hash is done: this only compares
             self.verified = True
             self._notify()  # readers may send their last byte while the blob is made durable
@@ -274,6 +278,12 @@ class FillReader:
     def received(self) -> int:
         """Bytes received from the upstream so far (also after ``close``)."""
         return self._fill.received
+
+    @property
+    def body_seconds(self) -> float | None:
+        """Seconds the fill took to get the whole body into the file, from its start (before
+        the digest check and fsync); None until then."""
+        return self._fill.body_seconds
 
     async def wait_started(self) -> int:
         """The blob's size, once the upstream answered; the fill's error if it failed first."""

@@ -13,14 +13,16 @@ start for the other blobs the manifest refers to and the store does not hold, in
 manifest's order. A client asking for one of them joins the fill in flight (single flight), so
 each blob is still fetched once.
 
-How many at once: one, and up to ``at_once`` per image from the moment a prefetch has run
-for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE`` while still receiving its body. Several
-downloads at once help where each connection is slow (a registry across the internet); where
-one connection already brings 100 MB/s, the cache's event loop and the client's own work
-(digests, disk) are what a pull waits for, and more downloads would only share them
-(measured: a cold pull with the client and the cache on the same two cores took a tenth
-longer with three at once than with none). An image whose downloads all end within
-``RAMP_SECONDS`` (small layers) is fetched one blob at a time.
+How many at once: one, and up to ``at_once`` per image from the moment the image's downloads
+ran slow: one has run for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE`` while still
+receiving its body, or ``FAR_DOWNLOADS`` have each taken ``FAR_LATENCY`` longer than their
+bytes need at that rate (a far registry, where each request waits round trips, however small
+its blob). Several downloads at once help where each connection is slow or far (a registry
+across the internet); where one connection already brings 100 MB/s within a few
+milliseconds, the cache's event loop and the client's own work (digests, disk) are what a
+pull waits for, and more downloads would only share them (measured: a cold pull with the
+client and the cache on the same two cores took a tenth longer with three at once than with
+none).
 
 Never armed for an index (its platforms' manifests are fetched by digest when a client picks
 one, and arm their own), nor for a manifest answered from the store. Foreign layers (with
@@ -44,7 +46,16 @@ from ._fill import FillReader, Fills
 from ._gc import parts
 from ._source import BlobSource
 
-__all__ = ["FAST_FILL_RATE", "MAX_ARMED_LAYERS", "MAX_ARMED_MANIFEST", "RAMP_SECONDS", "Prefetcher", "prefetchable"]
+__all__ = [
+    "FAR_DOWNLOADS",
+    "FAR_LATENCY",
+    "FAST_FILL_RATE",
+    "MAX_ARMED_LAYERS",
+    "MAX_ARMED_MANIFEST",
+    "RAMP_SECONDS",
+    "Prefetcher",
+    "prefetchable",
+]
 
 log = logging.getLogger("moorage.cache")
 
@@ -57,6 +68,12 @@ MAX_ARMED_MANIFEST = 256 * 1024
 FAST_FILL_RATE = 100_000_000
 #: How long a prefetch runs before its rate counts.
 RAMP_SECONDS = 0.25
+#: Seconds a finished download took beyond what its bytes need at ``FAST_FILL_RATE`` that tell
+#: a far upstream (each request waits round trips) ...
+FAR_LATENCY = 0.03
+#: ... once this many of an image's downloads did: then its prefetches run ``at_once`` at a
+#: time. (One is not enough: a fresh process's first download locally can take that long.)
+FAR_DOWNLOADS = 2
 
 
 def prefetchable(body: bytes) -> tuple[list[Digest], list[Digest]]:
@@ -159,6 +176,8 @@ class Prefetcher:
         upstream_slots = self._slots_of(plan.source.host)
         #: The image's prefetch downloads in flight: when each started, and its fill.
         downloading: dict[Digest, tuple[float, FillReader]] = {}
+        #: The image's finished downloads that waited on the upstream (``_waited_long``).
+        waited_long: list[Digest] = []
         errors: list[Exception] = []
 
         async def one(digest: Digest) -> None:
@@ -181,17 +200,19 @@ class Prefetcher:
                     try:
                         if not await reader.finished():
                             self._on_failed(digest)
+                        elif _waited_long(reader):
+                            waited_long.append(digest)
                     finally:
                         del downloading[digest]
             except Exception as exc:  # a store that cannot be read, say
                 errors.append(exc)
 
         waiting = deque(digests)
-        wide = False  # once a download of the image ran slow, the rest go at_once at a time
+        wide = False  # once the image's downloads ran slow, the rest go at_once at a time
         async with asyncio.TaskGroup() as group:
             running: set[asyncio.Task[None]] = set()
             while waiting or running:
-                wide = wide or _any_slow(downloading.values())
+                wide = wide or len(waited_long) >= FAR_DOWNLOADS or _any_slow(downloading.values())
                 while waiting and len(running) < (plan.at_once if wide else 1):
                     running.add(group.create_task(one(waiting.popleft())))
                 judge_in = None if wide else _until_judged(downloading.values())
@@ -220,6 +241,14 @@ def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
         now - started >= RAMP_SECONDS and not _body_in(reader) and reader.received < FAST_FILL_RATE * (now - started)
         for started, reader in downloading
     )
+
+
+def _waited_long(reader: FillReader) -> bool:
+    """Whether a finished download took ``FAR_LATENCY`` longer than its bytes need at
+    ``FAST_FILL_RATE``: time spent waiting on the upstream (round trips, redirects), not on
+    the cache."""
+    seconds = reader.body_seconds
+    return seconds is not None and seconds - reader.received / FAST_FILL_RATE >= FAR_LATENCY
 
 
 def _until_judged(downloading: Iterable[tuple[float, FillReader]]) -> float:

@@ -198,7 +198,7 @@ class UpstreamSettings(_Section):
     max_concurrent_fills: int = Field(default=32, ge=1, le=1024)
     #: Once a client asks for a layer of an image whose manifest came from this upstream, the
     #: image's other blobs are fetched ahead of it, up to this many at a time per image (one
-    #: while a download runs fast; ``0``: never), across images at most half of
+    #: while downloads come fast and soon; ``0``: never), across images at most half of
     #: ``max_concurrent_fills``.
     prefetch_blobs: int = Field(default=3, ge=0, le=64)
     #: An ECR lifecycle policy for every repository of this upstream (the same JSON).

@@ -133,6 +133,56 @@ async def test_prefetch_blobs_at_once_while_downloads_run_slow(
     assert await most_downloads_at_once(start_moorage, upstream, monkeypatch, fast_rate=50_000_000) >= 3
 
 
+async def most_downloads_at_once_with_late_bodies(
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    config_late: float,
+    layers_late: float,
+) -> int:
+    """Pull an image of five small layers whose bodies start ``layers_late`` seconds after the
+    request (the config's ``config_late``), as a far registry's do, with ``FAR_LATENCY`` at
+    0.25 s (and no download running long enough to be judged by its rate); how many blob
+    bodies the upstream sent at once."""
+    monkeypatch.setattr(_prefetch, "FAR_LATENCY", 0.25)
+    monkeypatch.setattr(_prefetch, "RAMP_SECONDS", 5.0)
+    image = upstream.add_image("team/app", "1", [os.urandom(1000) for _ in range(5)])
+    upstream.stall_blob(image.config_digest, after_bytes=0, seconds=config_late)
+    for digest in image.layer_digests:
+        upstream.stall_blob(digest, after_bytes=0, seconds=layers_late)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    cache = moorage.app[CACHE]
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == 6 and not cache.fills.digests)
+    for digest in image.layer_digests[1:]:
+        assert await blob(moorage, "team/app", digest) == "prefetched"
+    assert upstream.count("GET", BLOB_PATHS) == 6
+    return upstream.most_blob_bodies_in_flight
+
+
+async def test_prefetch_blobs_at_once_from_a_far_upstream(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small blobs end before a download's rate is judged, but across the internet each one
+    waits round trips: after two such downloads the rest go ``prefetch_blobs`` at once."""
+    most = await most_downloads_at_once_with_late_bodies(
+        start_moorage, upstream, monkeypatch, config_late=0.4, layers_late=0.4
+    )
+    assert most >= 3
+
+
+async def test_one_late_download_leaves_the_prefetch_one_at_a_time(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh process's first download can be late on its own (connection, threads): the
+    others answering at once, the prefetch stays at the client's download and one more."""
+    most = await most_downloads_at_once_with_late_bodies(
+        start_moorage, upstream, monkeypatch, config_late=0.4, layers_late=0.05
+    )
+    assert most == 2
+
+
 async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
