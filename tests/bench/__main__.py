@@ -1,8 +1,9 @@
 """The benchmark: what Moorage takes from the upstream and how fast it serves what it holds,
 measured in one run beside the references a user would compare it with.
 
-- upstream: Debian's ``docker-registry`` seeded with a 300 MB image in 8 layers, an image with
-  a 1 GiB layer and 40 small repositories; its access log counts what reaches it;
+- upstream: Debian's ``docker-registry`` seeded with a 300 MB image in 8 layers, a 25 MB image
+  in 12 small layers (as most application images are), an image with a 1 GiB layer and 40
+  small repositories; its access log counts what reaches it;
 - distribution: the same binary in proxy mode (``proxy.remoteurl``), what most users run;
 - nginx: the 1 GiB blob as a static file with sendfile, the physical limit here;
 - direct: skopeo pulling from the upstream itself, the floor for a cold pull;
@@ -51,6 +52,8 @@ SYSTEMS = ("moorage", "distribution", "nginx", "direct")
 #: The link of a cold pull across the internet: rate per connection (bytes/s) and round trip.
 LINK_RATE = 25e6
 LINK_RTT = 0.020
+#: Layer sizes (MiB) of library/layered:1, an image of small layers (24 MiB in all).
+LAYERED_MIB = (2, 0.5, 3, 1, 4, 0.2, 3, 1.5, 2, 4, 1, 2)
 
 
 @dataclass
@@ -120,6 +123,13 @@ def seed(registry: RealRegistry, work: Path, layer_size: int, huge_size: int) ->
     config_digest = images.push_blob(registry.url, "library/big", config)
     manifest = _manifest((config_digest, len(config)), layers)
     big = images.push_manifest(registry.url, "library/big", "1", manifest, OCI_MANIFEST)
+    small_layers = []
+    for i, size in enumerate(LAYERED_MIB):
+        data = images.random_layer(int(size * MiB), 200 + i)
+        small_layers.append((images.push_blob(registry.url, "library/layered", data), len(data)))
+    layered_config = images.push_blob(registry.url, "library/layered", config)
+    layered = _manifest((layered_config, len(config)), small_layers)
+    images.push_manifest(registry.url, "library/layered", "1", layered, OCI_MANIFEST)
     huge_file = work / "huge.bin"
     huge_blob = images.write_random_file(huge_file, huge_size, seed=7)
     images.push_blob(registry.url, "library/huge", huge_file)
@@ -617,26 +627,34 @@ def cold_pulls(
 
 
 def linked_cold_pulls(report: Report, upstream: RealRegistry, work: Path, shm: Path) -> None:
-    """One cold pull of the big image by each system through a long link (see ``link``), as
-    across the internet, where each connection has a rate of its own. One round each: pulls
-    bound by the link vary little."""
+    """One cold pull of each of two images (large layers, small layers) by each system through
+    a long link (see ``link``), as across the internet, where each connection has a rate of
+    its own. One round each: pulls bound by the link vary little."""
     host, _, port = upstream.host.rpartition(":")
     link = Link(host, int(port), LINK_RATE, LINK_RTT)
-    seconds: dict[str, float] = {}
+    layered_mb = sum(LAYERED_MIB) * MiB / 1e6
+    layered = f"cold pull, {layered_mb:.0f} MB in {len(LAYERED_MIB)} layers, link"
+    link_name = f"cold pull over a {LINK_RATE / 1e6:.0f} MB/s, {LINK_RTT * 1000:.0f} ms link"
+    # The rate is per connection (see ``link``).
+    labels = {
+        "library/big:1": (link_name, "cold pull over the link / direct pull"),
+        "library/layered:1": (layered, f"{layered} / direct"),
+    }
     try:
-        for kind in ("moorage", "distribution"):
-            system = fresh(kind, work, link)
-            try:
-                seconds[kind] = skopeo_pull(system, "library/big:1", shm)
-            finally:
-                system.stop()
-        seconds["direct"] = skopeo_pull(DirectSystem(upstream, link.host), "library/big:1", shm)
+        for image, (label, ratio_label) in labels.items():
+            seconds: dict[str, float] = {}
+            for kind in ("moorage", "distribution"):
+                system = fresh(kind, work, link)
+                try:
+                    seconds[kind] = skopeo_pull(system, image, shm)
+                finally:
+                    system.stop()
+            seconds["direct"] = skopeo_pull(DirectSystem(upstream, link.host), image, shm)
+            report.add(label, "s", False, seconds)
+            ratios = {kind: seconds[kind] / seconds["direct"] for kind in ("moorage", "distribution")}
+            report.add(ratio_label, "ratio", False, ratios, "<= 1.1")
     finally:
         link.close()
-    # The rate is per connection (see ``link``).
-    report.add(f"cold pull over a {LINK_RATE / 1e6:.0f} MB/s, {LINK_RTT * 1000:.0f} ms link", "s", False, seconds)
-    ratios = {kind: seconds[kind] / seconds["direct"] for kind in ("moorage", "distribution")}
-    report.add("cold pull over the link / direct pull", "ratio", False, ratios, "<= 1.1")
 
 
 def _merge_rows(report: Report) -> None:
