@@ -3,9 +3,10 @@
 :func:`access_middleware` is the outermost middleware. It gives the request its id (the
 client's own ``X-Request-Id`` when well formed), lets the handler (and the error
 middleware) produce the response, sends it completely itself, and only then records status,
-bytes and duration, so a FileResponse's sendfile and a streamed fill are included. Handlers
-only note what they served (``RequestNotes``); this is the one place that turns notes
-into a log line and counters. A client that leaves early is recorded with ``error``
+bytes and duration, so a FileResponse's sendfile and a streamed fill are included (an
+HTTPException the error middleware passes on, a redirect, is recorded as raised: aiohttp
+sends it). Handlers only note what they served (``RequestNotes``); this is the one place
+that turns notes into a log line and counters. A client that leaves early is recorded with ``error``
 CLIENT_GONE (and status 499 where the server cancels the handler).
 """
 
@@ -52,6 +53,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         # A server run with handler cancellation cancels the handler when the client leaves.
         note.error = "CLIENT_GONE"
         _record(request, note, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)
+        raise
+    except web.HTTPException as passed_on:
+        # One the error middleware lets through (a redirect): aiohttp sends it as it is.
+        _record(request, note, passed_on.status, passed_on.content_length, time.monotonic() - started)
         raise
     try:
         await response.prepare(request)

@@ -14,12 +14,14 @@ from typing import Any
 
 import bcrypt
 import pytest
+from aiohttp import web
 
+from moorage.proxy import _handlers
 from moorage.proxy._logging import BackgroundWriter, TextFormatter, configure_logging, log_fields
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage
+from .conftest import StartMoorage, metric
 
 PASSWORD = "s3cr3t-Upstream-Passw0rd"
 CLIENT_PASSWORD = "Cl1ent-Passw0rd-of-ci"
@@ -144,6 +146,24 @@ async def test_one_json_line_per_request_and_an_audit_line_per_pull(
     assert pulls[0]["logger"] == "moorage.audit"
     assert pulls[0]["digest"] == image.digest and pulls[0]["upstream"] == "docker.io"
     assert pulls[0]["repository"] == "library/alpine" and pulls[0]["client"] == "127.0.0.1"
+
+
+async def test_an_answer_the_error_middleware_passes_on_is_logged_and_counted_too(
+    start_moorage: StartMoorage, monkeypatch: pytest.MonkeyPatch, log_lines: Captured
+) -> None:
+    """aiohttp sends a raised redirect itself, past the access middleware's usual path."""
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/readyz")
+
+    monkeypatch.setattr(_handlers, "healthz", moved)
+    moorage = await start_moorage()
+    response = await moorage.get("/healthz", allow_redirects=False)
+    assert response.status == 302 and response.headers["Location"] == "/readyz"
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    answered = [(line["path"], line["status"]) for line in lines if line["event"] == "request"]
+    assert answered == [("/healthz", 302)]
+    assert await metric(moorage, "moorage_requests_total", method="GET", status="302") == 1
 
 
 def test_text_format_for_people() -> None:
