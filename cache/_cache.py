@@ -7,7 +7,8 @@ what happened, in the words used everywhere (logs, metrics, README):
 - ``miss``: fetched from upstream now (a fill, for blobs);
 - ``coalesced``: joined a fetch another client had started;
 - ``prefetched``: a blob fetched ahead of this request, once a client had started pulling its
-  image (see ``_prefetch``); like ``miss``, it cost an upstream fetch;
+  image (see ``_prefetch``); like ``miss``, it cost an upstream fetch, which this route's
+  first answer for it reports (to another route it is content in store);
 - ``revalidated``: a stale tag confirmed unchanged with one upstream HEAD;
 - ``refreshed``: a stale tag whose digest changed, fetched again;
 - ``stale``: the upstream failed (network, 5xx, 429, auth) and the last good answer is served;
@@ -82,7 +83,8 @@ log = logging.getLogger("moorage.cache")
 CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "refreshed", "stale"]
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
-#: Prefetched blobs no client has asked for yet, remembered to answer the first one "prefetched".
+#: Prefetched blobs no client of their route has asked for yet, remembered to answer the first
+#: one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
 
 
@@ -191,7 +193,8 @@ class Cache:
         self.prefetches = Prefetcher(
             self.fills, self._is_stored, self._prefetch_started, self._forget_unclaimed, dict(prefetch_limits or {})
         )
-        self._unclaimed: OrderedDict[Digest, None] = OrderedDict()
+        #: Prefetched blob -> the upstream host whose prefetch fetched it, until claimed.
+        self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
@@ -583,8 +586,8 @@ class Cache:
         if at_once:
             self.prefetches.arm(source, repository, fetched.body, at_once)
 
-    def _prefetch_started(self, digest: Digest) -> None:
-        self._unclaimed[digest] = None
+    def _prefetch_started(self, host: str, digest: Digest) -> None:
+        self._unclaimed[digest] = host
         while len(self._unclaimed) > MAX_UNCLAIMED_PREFETCHES:
             self._unclaimed.popitem(last=False)
 
@@ -592,9 +595,10 @@ class Cache:
         """A prefetch stored nothing, or a client fetches the blob for itself."""
         self._unclaimed.pop(digest, None)
 
-    def _claimed(self, digest: Digest, result: CacheResult) -> CacheResult:
-        """``prefetched`` for the first client a prefetched blob reaches, else ``result``."""
-        if self._unclaimed and digest in self._unclaimed:
+    def _claimed(self, host: str, digest: Digest, result: CacheResult) -> CacheResult:
+        """``prefetched`` for the first client of the prefetch's route (upstream) a prefetched
+        blob reaches, else ``result``: to a client of another route it was content in store."""
+        if self._unclaimed and self._unclaimed.get(digest) == host:
             del self._unclaimed[digest]
             return "prefetched"
         return result
@@ -708,20 +712,20 @@ class Cache:
             if size is not None:
                 await self._check_route(source, repository, digest, "blob", may_read)
                 self._accessed[digest] = self._clock()
-                return WarmBlob(digest, size, self._store.local_path(digest), self._claimed(digest, "hit"))
+                return WarmBlob(digest, size, self._store.local_path(digest), self._claimed(source.host, digest, "hit"))
             reader = self.fills.join(digest)
         if reader is not None:
             size = await self._started(reader, source, repository)
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
-                return FillingBlob(reader, size, self._claimed(digest, "coalesced"))
+                return FillingBlob(reader, size, self._claimed(source.host, digest, "coalesced"))
         result: CacheResult = "miss"
         reader = self.fills.join(digest)
         if reader is None:
             reader = self.fills.start(source, repository, digest)
             self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
         else:
-            result = self._claimed(digest, result)
+            result = self._claimed(source.host, digest, result)
         size = await self._started(reader, source, repository, own=True)
         assert size is not None
         return FillingBlob(reader, size, result)

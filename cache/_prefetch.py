@@ -99,14 +99,15 @@ class Prefetcher:
         self,
         fills: Fills,
         stored: Callable[[Digest], bool],
-        on_start: Callable[[Digest], None],
+        on_start: Callable[[str, Digest], None],
         on_failed: Callable[[Digest], None],
         limits: Mapping[str, int] | None = None,
     ) -> None:
         self._fills = fills
         #: Whether the store holds a digest; blocks (run in a thread).
         self._stored = stored
-        #: Told of each fill a prefetch started (not of those it found running) ...
+        #: Told of each fill a prefetch started (upstream host, digest; not of those it found
+        #: running) ...
         self._on_start = on_start
         #: ... and of each of those that stored nothing.
         self._on_failed = on_failed
@@ -195,7 +196,7 @@ class Prefetcher:
                         return
                     reader = self._fills.start(plan.source, plan.repository, digest)
                     reader.close()  # the fill goes on; a prefetch is not a client following it
-                    self._on_start(digest)
+                    self._on_start(plan.source.host, digest)
                     downloading[digest] = (time.monotonic(), reader)
                     try:
                         if not await reader.finished():

@@ -202,6 +202,39 @@ async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
     assert await asyncio.gather(*pulls) == ["miss", "miss"]
 
 
+async def test_a_prefetched_blob_is_prefetched_only_for_its_own_upstreams_clients(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """The first answer under the prefetch's upstream label reports the fetch it cost; to a
+    client of another upstream that shares the blob, it was already in store."""
+    shared = os.urandom(3000)
+    upstream.add_image("library/alpine", "3.19", [shared])
+    async with FakeRegistry() as private:
+        image = private.add_image("team/app", "1", [os.urandom(2000), shared])
+        moorage = await start_moorage(
+            upstreams=[
+                {"host": "docker.io", "url": upstream.url, "default": True},
+                {"host": "registry.example.com", "url": private.url, "prefixes": ["private"], "prefetch_blobs": 3},
+            ]
+        )
+        cache = moorage.app[CACHE]
+        assert (await moorage.get("/v2/private/team/app/manifests/1")).status == 200
+        assert await blob(moorage, "private/team/app", image.layer_digests[0]) == "miss"
+        await until(lambda: private.count("GET", BLOB_PATHS) == 3 and not cache.fills.digests)
+
+        assert await blob(moorage, "library/alpine", image.layer_digests[1]) == "hit"
+        assert await blob(moorage, "private/team/app", image.layer_digests[1]) == "prefetched"
+        assert await blob(moorage, "private/team/app", image.layer_digests[1]) == "hit"
+    assert upstream.count("GET", BLOB_PATHS) == 0
+    assert await metric(moorage, "moorage_cache_results_total", upstream="docker.io", result="prefetched") == 0
+    hits = await metric(moorage, "moorage_cache_results_total", upstream="docker.io", kind="blob", result="hit")
+    assert hits == 1
+    prefetched = await metric(
+        moorage, "moorage_cache_results_total", upstream="registry.example.com", result="prefetched"
+    )
+    assert prefetched == 1
+
+
 async def test_nothing_armed_for_an_index_a_stored_manifest_or_when_off(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
