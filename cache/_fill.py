@@ -18,6 +18,7 @@ the digest is still verified end to end. The digest's entry leaves the registry 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -65,6 +66,24 @@ async def _put(
         writer.result()  # raises the writer's error
 
 
+async def _opened(store: BlobStore, digest: Digest) -> PendingBlob:
+    """``store.begin`` in a thread. Cancelled, it still waits for the thread and removes the
+    temporary the thread made, which nobody would otherwise remove (or close)."""
+    opening = asyncio.ensure_future(asyncio.to_thread(store.begin, digest))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            pending = await opening
+            await asyncio.to_thread(_discarded, pending)
+        raise
+
+
+def _discarded(pending: PendingBlob) -> None:
+    pending.discard()
+    pending.close()
+
+
 #: Closes handed to the executor and not awaited (nobody needs to wait for them).
 _CLOSING: set[asyncio.Future[None]] = set()
 
@@ -110,7 +129,7 @@ class Fill:
     async def run(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
         began = time.monotonic()
         try:
-            self._pending = await asyncio.to_thread(store.begin, self.digest)
+            self._pending = await _opened(store, self.digest)
             await self._download(source, repository)
             self.body_seconds = time.monotonic() - began
             self._pending.verify()  # the hash is done: this only compares

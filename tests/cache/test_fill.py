@@ -249,6 +249,33 @@ async def test_shutdown_cancels_fills_and_removes_temporaries(store: DirectorySt
     assert len(fills) == 0
 
 
+class SlowTemporaries(DirectoryStore):
+    """A store whose temporaries take ``seconds`` to create (a slow or busy disk)."""
+
+    def __init__(self, root: Path, seconds: float) -> None:
+        super().__init__(root)
+        self.seconds = seconds
+
+    def begin(self, digest: Digest) -> PendingBlob:
+        time.sleep(self.seconds)
+        return super().begin(digest)
+
+
+async def test_shutdown_while_a_temporary_is_created_leaves_none(tmp_path: Path) -> None:
+    """The thread creating the temporary goes on after the fill is cancelled: the fill waits
+    for it and removes what it made."""
+    store = SlowTemporaries(tmp_path, 0.3)
+    data = os.urandom(100)
+    fills = Fills(store)
+    reader = fills.start(FedSource(len(data)), REPO, Digest.of(data))
+    await asyncio.sleep(0.1)  # the thread is in begin()
+    await fills.aclose()
+    reader.close()
+    await asyncio.sleep(0.4)  # long enough for a thread left behind to have made its file
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert len(fills) == 0
+
+
 async def test_a_reader_cancelled_mid_read_releases_the_file(store: DirectoryStore) -> None:
     data = os.urandom(4000)
     digest = Digest.of(data)
