@@ -320,6 +320,13 @@ class FillReader:
         assert fill.size is not None
         return fill.size
 
+    async def body_received(self) -> None:
+        """Wait until the whole body is in the file (the digest check and fsync follow) or the
+        fill ended. Works after ``close``."""
+        fill = self._fill
+        while fill.body_seconds is None and not fill._task_done:
+            await fill._progress.wait()
+
     async def finished(self) -> bool:
         """Wait until the fill ended; True when it stored the blob. Works after ``close``."""
         fill = self._fill

@@ -22,7 +22,7 @@ across the internet); where one connection already brings 100 MB/s within a few
 milliseconds, the cache's event loop and the client's own work (digests, disk) are what a
 pull waits for, and more downloads would only share them (measured: a cold pull with the
 client and the cache on the same two cores took a tenth longer with three at once than with
-none).
+none). A download counts until its body is in; its digest check and fsync go on without it.
 
 Never armed for an index (its platforms' manifests are fetched by digest when a client picks
 one, and arm their own), nor for a manifest answered from the store. Foreign layers (with
@@ -181,44 +181,54 @@ class Prefetcher:
         waited_long: list[Digest] = []
         errors: list[Exception] = []
 
-        async def one(digest: Digest) -> None:
+        async def one(digest: Digest) -> FillReader | None:
+            """Download ``digest`` unless it is stored or being fetched; its fill once the body
+            is in (verifying and storing it need no slot), None when none was started."""
             try:
                 async with upstream_slots:
                     # Looked at when its turn came: a client may have stored it meanwhile.
                     looked = time.monotonic()
                     if await asyncio.to_thread(self._stored, digest):
-                        return
+                        return None
                     if self._fills.recently_committed(digest, since=looked) is not None:
-                        return
+                        return None
                     clients = self._fills.join(digest)
                     if clients is not None:  # a client's fetch: it needs no slot of ours
                         clients.close()
-                        return
+                        return None
                     reader = self._fills.start(plan.source, plan.repository, digest)
                     reader.close()  # the fill goes on; a prefetch is not a client following it
                     self._on_start(plan.source.host, digest)
                     downloading[digest] = (time.monotonic(), reader)
                     try:
-                        if not await reader.finished():
-                            self._on_failed(digest)
-                        elif _waited_long(reader):
-                            waited_long.append(digest)
+                        await reader.body_received()
                     finally:
                         del downloading[digest]
+                    if _waited_long(reader):
+                        waited_long.append(digest)
+                    return reader
             except Exception as exc:  # a store that cannot be read, say
                 errors.append(exc)
+                return None
+
+        async def stored(reader: FillReader) -> None:
+            if not await reader.finished():
+                self._on_failed(reader.digest)
 
         waiting = deque(digests)
         wide = False  # once the image's downloads ran slow, the rest go at_once at a time
         async with asyncio.TaskGroup() as group:
-            running: set[asyncio.Task[None]] = set()
+            running: set[asyncio.Task[FillReader | None]] = set()
             while waiting or running:
                 wide = wide or len(waited_long) >= FAR_DOWNLOADS or _any_slow(downloading.values())
                 while waiting and len(running) < (plan.at_once if wide else 1):
                     running.add(group.create_task(one(waiting.popleft())))
                 judge_in = None if wide else _until_judged(downloading.values())
-                _, pending = await asyncio.wait(running, timeout=judge_in, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(running, timeout=judge_in, return_when=asyncio.FIRST_COMPLETED)
                 running = set(pending)
+                for task in done:
+                    if (reader := task.result()) is not None:
+                        group.create_task(stored(reader))
         if errors:  # the clients' own requests will tell them
             log.warning(
                 "prefetch failed",

@@ -8,13 +8,14 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from moorage.cache import _prefetch
+from moorage.cache import _prefetch, _store
 from moorage.cache._prefetch import MAX_ARMED_MANIFEST
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
@@ -94,6 +95,34 @@ async def test_at_most_prefetch_blobs_fetches_run_for_an_image(
     asked = {r.path.rsplit("/", 1)[1] for r in upstream.requests if "/blobs/" in r.path}
     assert asked == {image.layer_digests[0], image.config_digest, image.layer_digests[1]}
     assert await first == "miss"
+
+
+async def test_the_next_prefetch_download_runs_while_the_last_blob_is_made_durable(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making a blob durable (fsync, rename) needs no download slot: with the commits of the
+    image's blobs held up, the one-at-a-time prefetch still fetches all of them."""
+    image = upstream.add_image("team/app", "1", [os.urandom(1000) for _ in range(3)])
+    blobs = {image.config_digest, *image.layer_digests}
+    release = threading.Event()
+    commit = _store._PendingFile.commit
+
+    def held_commit(pending: _store._PendingFile) -> _store.Fingerprint:
+        if str(pending._digest) in blobs:
+            release.wait(10)
+        return commit(pending)
+
+    monkeypatch.setattr(_store._PendingFile, "commit", held_commit)
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    try:
+        assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+        assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+        await until(lambda: upstream.count("GET", BLOB_PATHS) == 4, within=5)
+    finally:
+        release.set()
+    for digest in image.layer_digests[1:]:
+        assert await blob(moorage, "team/app", digest) == "prefetched"
+    assert upstream.count("GET", BLOB_PATHS) == 4
 
 
 async def most_downloads_at_once(
