@@ -7,8 +7,8 @@ what happened, in the words used everywhere (logs, metrics, README):
 - ``miss``: fetched from upstream now (a fill, for blobs);
 - ``coalesced``: joined a fetch another client had started;
 - ``prefetched``: a blob fetched ahead of this request, once a client had started pulling its
-  image (see ``_prefetch``); like ``miss``, it cost an upstream fetch, which this route's
-  first answer for it reports (to another route it is content in store);
+  image (see ``_prefetch``); like ``miss``, it cost an upstream fetch, which the first answer
+  for it through that upstream reports (through another upstream it is content in store);
 - ``revalidated``: a stale tag confirmed unchanged with one upstream HEAD;
 - ``refreshed``: a stale tag whose digest changed, fetched again;
 - ``stale``: the upstream failed (network, 5xx, 429, auth) and the last good answer is served;
@@ -83,8 +83,8 @@ log = logging.getLogger("moorage.cache")
 CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "refreshed", "stale"]
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
-#: Prefetched blobs no client of their route has asked for yet, remembered to answer the first
-#: one "prefetched".
+#: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
+#: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
 
 
@@ -596,8 +596,8 @@ class Cache:
         self._unclaimed.pop(digest, None)
 
     def _claimed(self, host: str, digest: Digest, result: CacheResult) -> CacheResult:
-        """``prefetched`` for the first client of the prefetch's route (upstream) a prefetched
-        blob reaches, else ``result``: to a client of another route it was content in store."""
+        """``prefetched`` for the first client a prefetched blob reaches through the upstream
+        that fetched it, else ``result``: to a client of another upstream it was in store."""
         if self._unclaimed and self._unclaimed.get(digest) == host:
             del self._unclaimed[digest]
             return "prefetched"

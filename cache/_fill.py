@@ -67,21 +67,30 @@ async def _put(
 
 
 async def _opened(store: BlobStore, digest: Digest) -> PendingBlob:
-    """``store.begin`` in a thread. Cancelled, it still waits for the thread and removes the
-    temporary the thread made, which nobody would otherwise remove (or close)."""
+    """``store.begin`` in a thread. Cancelled, the thread still makes the temporary, which
+    nobody would remove (or close): a task of its own waits for the thread and removes it,
+    and the caller waits for that task unless cancelled again."""
     opening = asyncio.ensure_future(asyncio.to_thread(store.begin, digest))
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            pending = await opening
-            await asyncio.to_thread(_discarded, pending)
+        removing = asyncio.ensure_future(_remove_when_opened(opening))
+        _CLOSING.add(removing)
+        removing.add_done_callback(_CLOSING.discard)
+        await asyncio.shield(removing)
         raise
 
 
+async def _remove_when_opened(opening: asyncio.Future[PendingBlob]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.to_thread(_discarded, await opening)
+
+
 def _discarded(pending: PendingBlob) -> None:
-    pending.discard()
-    pending.close()
+    try:
+        pending.discard()
+    finally:
+        pending.close()
 
 
 #: Closes handed to the executor and not awaited (nobody needs to wait for them).
@@ -109,7 +118,8 @@ class Fill:
         self.received = 0
         #: The bytes in the file hashed to the digest: readers may have all of them.
         self.verified = False
-        #: Seconds from the fill's start until its whole body was in the file (None until then).
+        #: Seconds from asking the upstream (waiting for one of its download slots, the request,
+        #: round trips, redirects) until the whole body was in the file; None until then.
         self.body_seconds: float | None = None
         self.error: BaseException | None = None
         self._pending: PendingBlob | None = None
@@ -127,9 +137,9 @@ class Fill:
         self._progress = asyncio.Event()
 
     async def run(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
-        began = time.monotonic()
         try:
             self._pending = await _opened(store, self.digest)
+            began = time.monotonic()
             await self._download(source, repository)
             self.body_seconds = time.monotonic() - began
             self._pending.verify()  # the hash is done: this only compares
@@ -300,8 +310,8 @@ class FillReader:
 
     @property
     def body_seconds(self) -> float | None:
-        """Seconds the fill took to get the whole body into the file, from its start (before
-        the digest check and fsync); None until then."""
+        """Seconds from asking the upstream until the whole body was in the file (see
+        ``Fill.body_seconds``; the digest check and fsync follow); None until then."""
         return self._fill.body_seconds
 
     async def wait_started(self) -> int:

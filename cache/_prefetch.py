@@ -177,13 +177,14 @@ class Prefetcher:
         upstream_slots = self._slots_of(plan.source.host)
         #: The image's prefetch downloads in flight: when each started, and its fill.
         downloading: dict[Digest, tuple[float, FillReader]] = {}
-        #: The image's finished downloads that waited on the upstream (``_waited_long``).
-        waited_long: list[Digest] = []
+        #: The image's downloads whose body is in that waited on the upstream (``_waited_long``).
+        far = 0
         errors: list[Exception] = []
 
         async def one(digest: Digest) -> FillReader | None:
             """Download ``digest`` unless it is stored or being fetched; its fill once the body
             is in (verifying and storing it need no slot), None when none was started."""
+            nonlocal far
             try:
                 async with upstream_slots:
                     # Looked at when its turn came: a client may have stored it meanwhile.
@@ -205,7 +206,7 @@ class Prefetcher:
                     finally:
                         del downloading[digest]
                     if _waited_long(reader):
-                        waited_long.append(digest)
+                        far += 1
                     return reader
             except Exception as exc:  # a store that cannot be read, say
                 errors.append(exc)
@@ -220,7 +221,7 @@ class Prefetcher:
         async with asyncio.TaskGroup() as group:
             running: set[asyncio.Task[FillReader | None]] = set()
             while waiting or running:
-                wide = wide or len(waited_long) >= FAR_DOWNLOADS or _any_slow(downloading.values())
+                wide = wide or far >= FAR_DOWNLOADS or _any_slow(downloading.values())
                 while waiting and len(running) < (plan.at_once if wide else 1):
                     running.add(group.create_task(one(waiting.popleft())))
                 judge_in = None if wide else _until_judged(downloading.values())
@@ -246,7 +247,7 @@ class Prefetcher:
 def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
     """Whether a download still receiving its body has run for ``RAMP_SECONDS`` at less than
     ``FAST_FILL_RATE``: then the connection, not the cache, sets the pace, and more at once
-    will help. (One whose body is in is only being verified and made durable.)"""
+    will help. (One whose bytes are all received is only writing its last pieces.)"""
     now = time.monotonic()
     return any(
         now - started >= RAMP_SECONDS and not _body_in(reader) and reader.received < FAST_FILL_RATE * (now - started)
@@ -255,9 +256,9 @@ def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
 
 
 def _waited_long(reader: FillReader) -> bool:
-    """Whether a finished download took ``FAR_LATENCY`` longer than its bytes need at
-    ``FAST_FILL_RATE``: time spent waiting on the upstream (round trips, redirects), not on
-    the cache."""
+    """Whether a download whose body is in took ``FAR_LATENCY`` longer than its bytes need at
+    ``FAST_FILL_RATE``: time spent waiting on the upstream (round trips, redirects, or the
+    upstream's download slots, all taken), not on the cache's CPU."""
     seconds = reader.body_seconds
     return seconds is not None and seconds - reader.received / FAST_FILL_RATE >= FAR_LATENCY
 

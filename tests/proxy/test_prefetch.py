@@ -209,7 +209,7 @@ async def test_one_late_download_leaves_the_prefetch_one_at_a_time(
     most = await most_downloads_at_once_with_late_bodies(
         start_moorage, upstream, monkeypatch, config_late=0.4, layers_late=0.05
     )
-    assert most == 2
+    assert most <= 2
 
 
 async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
