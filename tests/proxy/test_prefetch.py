@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from moorage.cache import _prefetch, _store
 from moorage.cache._prefetch import MAX_ARMED_MANIFEST
 from moorage.proxy._state import CACHE
-from tests.fakes import FakeRegistry
+from tests.fakes import FakeImage, FakeRegistry
 from tests.fakes.registry import DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, digest_of
 from tests.polling import until
 
@@ -125,6 +125,22 @@ async def test_the_next_prefetch_download_runs_while_the_last_blob_is_made_durab
     assert upstream.count("GET", BLOB_PATHS) == 4
 
 
+async def pull_with_prefetch(start_moorage: StartMoorage, upstream: FakeRegistry, image: FakeImage) -> int:
+    """Pull team/app:1 as skopeo does: its first layer fires the prefetch, which fetches every
+    other blob once, and each later layer's first answer is ``prefetched``; how many blob
+    bodies the upstream sent at once."""
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
+    cache = moorage.app[CACHE]
+    blobs = 1 + len(image.layer_digests)
+    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
+    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
+    await until(lambda: upstream.count("GET", BLOB_PATHS) == blobs and not cache.fills.digests)
+    for digest in image.layer_digests[1:]:
+        assert await blob(moorage, "team/app", digest) == "prefetched"
+    assert upstream.count("GET", BLOB_PATHS) == blobs
+    return upstream.most_blob_bodies_in_flight
+
+
 async def most_downloads_at_once(
     start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch, fast_rate: int
 ) -> int:
@@ -135,15 +151,7 @@ async def most_downloads_at_once(
     image = upstream.add_image("team/app", "1", [os.urandom(1024 * 1024) for _ in range(4)])
     for digest in image.layer_digests:
         upstream.slow_blob(digest, chunk=64 * 1024, delay=0.01)
-    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
-    cache = moorage.app[CACHE]
-    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
-    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
-    await until(lambda: upstream.count("GET", BLOB_PATHS) == 5 and not cache.fills.digests)
-    for digest in image.layer_digests[1:]:
-        assert await blob(moorage, "team/app", digest) == "prefetched"
-    assert upstream.count("GET", BLOB_PATHS) == 5
-    return upstream.most_blob_bodies_in_flight
+    return await pull_with_prefetch(start_moorage, upstream, image)
 
 
 async def test_one_prefetch_at_a_time_while_downloads_run_fast(
@@ -179,15 +187,7 @@ async def most_downloads_at_once_with_late_bodies(
     upstream.stall_blob(image.config_digest, after_bytes=0, seconds=config_late)
     for digest in image.layer_digests:
         upstream.stall_blob(digest, after_bytes=0, seconds=layers_late)
-    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 3})
-    cache = moorage.app[CACHE]
-    assert (await moorage.get("/v2/team/app/manifests/1")).status == 200
-    assert await blob(moorage, "team/app", image.layer_digests[0]) == "miss"
-    await until(lambda: upstream.count("GET", BLOB_PATHS) == 6 and not cache.fills.digests)
-    for digest in image.layer_digests[1:]:
-        assert await blob(moorage, "team/app", digest) == "prefetched"
-    assert upstream.count("GET", BLOB_PATHS) == 6
-    return upstream.most_blob_bodies_in_flight
+    return await pull_with_prefetch(start_moorage, upstream, image)
 
 
 async def test_prefetch_blobs_at_once_from_a_far_upstream(
