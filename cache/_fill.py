@@ -66,6 +66,10 @@ async def _put(
         writer.result()  # raises the writer's error
 
 
+#: Closes and removals of temporaries handed off and not awaited: a strong reference until done.
+_CLOSING: set[asyncio.Future[None]] = set()
+
+
 async def _opened(store: BlobStore, digest: Digest) -> PendingBlob:
     """``store.begin`` in a thread. Cancelled, the thread still makes the temporary, which
     nobody would remove (or close): a task of its own waits for the thread and removes it,
@@ -92,9 +96,6 @@ def _discarded(pending: PendingBlob) -> None:
     finally:
         pending.close()
 
-
-#: Closes handed to the executor and not awaited (nobody needs to wait for them).
-_CLOSING: set[asyncio.Future[None]] = set()
 
 FillState = Literal["starting", "running", "committed", "failed"]
 

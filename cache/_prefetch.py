@@ -68,8 +68,8 @@ MAX_ARMED_MANIFEST = 256 * 1024
 FAST_FILL_RATE = 100_000_000
 #: How long a prefetch runs before its rate counts.
 RAMP_SECONDS = 0.25
-#: Seconds a finished download took beyond what its bytes need at ``FAST_FILL_RATE`` that tell
-#: a far upstream (each request waits round trips) ...
+#: Seconds a download took to the end of its body beyond what its bytes need at
+#: ``FAST_FILL_RATE`` that tell a far upstream (each request waits round trips) ...
 FAR_LATENCY = 0.03
 #: ... once this many of an image's downloads did: then its prefetches run ``at_once`` at a
 #: time. (One is not enough: a fresh process's first download locally can take that long.)

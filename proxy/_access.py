@@ -6,8 +6,8 @@ middleware) produce the response, sends it completely itself, and only then reco
 bytes and duration, so a FileResponse's sendfile and a streamed fill are included (an
 HTTPException the error middleware passes on, a redirect, is recorded as raised: aiohttp
 sends it). Handlers only note what they served (``RequestNotes``); this is the one place
-that turns notes into a log line and counters. A client that leaves early is recorded with ``error``
-CLIENT_GONE (and status 499 where the server cancels the handler).
+that turns notes into a log line and counters. A client that leaves early is recorded with
+``error`` CLIENT_GONE (and status 499 where the server cancels the handler).
 """
 
 from __future__ import annotations
