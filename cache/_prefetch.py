@@ -13,6 +13,11 @@ start for the other blobs the manifest refers to and the store does not hold, in
 manifest's order. A client asking for one of them joins the fill in flight (single flight), so
 each blob is still fetched once.
 
+The client's own download of the layer that fired the prefetch goes first while it runs at
+``FAST_FILL_RATE`` or more (a near upstream, where a prefetch beside it would only share the
+cores with it); a slower one, looked at every ``CLIENT_LOOK_SECONDS``, lets the prefetch start
+beside it.
+
 How many at once: one, and up to ``at_once`` per image from the moment the image's downloads
 ran slow: one has run for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE`` while still
 receiving its body, or ``FAR_DOWNLOADS`` have each taken ``FAR_LATENCY`` longer than their
@@ -47,6 +52,7 @@ from ._gc import parts
 from ._source import BlobSource
 
 __all__ = [
+    "CLIENT_LOOK_SECONDS",
     "FAR_DOWNLOADS",
     "FAR_LATENCY",
     "FAST_FILL_RATE",
@@ -68,6 +74,9 @@ MAX_ARMED_MANIFEST = 256 * 1024
 FAST_FILL_RATE = 100_000_000
 #: How long a prefetch runs before its rate counts.
 RAMP_SECONDS = 0.25
+#: How often a client's own download of the layer that fired a prefetch is looked at while the
+#: prefetch waits for it (``_while_fast``).
+CLIENT_LOOK_SECONDS = 0.05
 #: Seconds a download took to the end of its body beyond what its bytes need at
 #: ``FAST_FILL_RATE`` that tell a far upstream (each request waits round trips) ...
 FAR_LATENCY = 0.03
@@ -160,7 +169,7 @@ class Prefetcher:
             if self._armed.get(key) is plan:
                 del self._armed[key]
         wanted = [blob for blob in plan.blobs if blob != digest]  # the client fetches that one
-        task = asyncio.get_running_loop().create_task(self._run(plan, wanted))
+        task = asyncio.get_running_loop().create_task(self._run(plan, wanted, digest))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -173,12 +182,23 @@ class Prefetcher:
             self._upstream_slots[host] = asyncio.Semaphore(limit)
         return self._upstream_slots[host]
 
-    async def _run(self, plan: _Plan, digests: list[Digest]) -> None:
+    async def _after_the_client(self, digest: Digest) -> bool:
+        """Wait for the client's own download of ``digest`` (the layer that fired the prefetch)
+        while it runs fast (``_while_fast``); whether it waited on the upstream (``_waited_long``)."""
+        client = self._fills.join(digest)
+        if client is None:  # stored, or already in
+            return False
+        client.close()  # only looked at, not followed
+        await _while_fast(client)
+        return _waited_long(client)
+
+    async def _run(self, plan: _Plan, digests: list[Digest], fired_by: Digest) -> None:
         upstream_slots = self._slots_of(plan.source.host)
         #: The image's prefetch downloads in flight: when each started, and its fill.
         downloading: dict[Digest, tuple[float, FillReader]] = {}
-        #: The image's downloads whose body is in that waited on the upstream (``_waited_long``).
-        far = 0
+        #: The image's downloads whose body is in that waited on the upstream (``_waited_long``),
+        #: the client's own among them.
+        far = 1 if await self._after_the_client(fired_by) else 0
         errors: list[Exception] = []
 
         async def one(digest: Digest) -> FillReader | None:
@@ -253,6 +273,20 @@ def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
         now - started >= RAMP_SECONDS and not _body_in(reader) and reader.received < FAST_FILL_RATE * (now - started)
         for started, reader in downloading
     )
+
+
+async def _while_fast(client: FillReader) -> None:
+    """Wait while a client's download runs at ``FAST_FILL_RATE`` or more (looked at every
+    ``CLIENT_LOOK_SECONDS``), until its body is in: from a near upstream a prefetch beside it
+    would only share the cores with it. A slower one (a far upstream) waits for nothing."""
+    started, received = time.monotonic(), client.received
+    while True:
+        try:
+            await asyncio.wait_for(client.body_received(), CLIENT_LOOK_SECONDS)
+            return
+        except TimeoutError:
+            if client.received - received < FAST_FILL_RATE * (time.monotonic() - started):
+                return
 
 
 def _waited_long(reader: FillReader) -> bool:
