@@ -14,9 +14,10 @@ manifest's order. A client asking for one of them joins the fill in flight (sing
 each blob is still fetched once.
 
 The client's own download of the layer that fired the prefetch goes first while it runs at
-``FAST_FILL_RATE`` or more (a near upstream, where a prefetch beside it would only share the
-cores with it); a slower one, looked at every ``CLIENT_LOOK_SECONDS``, lets the prefetch start
-beside it.
+``FAST_FILL_RATE`` or more, looked at every ``CLIENT_LOOK_SECONDS``: then the cores set its
+pace (a near upstream, or a far one on a fast link), and a prefetch beside it would only share
+them. Found slower at a look, it lets the prefetch start beside it. Its body in, it counts
+toward ``FAR_DOWNLOADS`` like the prefetch's own downloads.
 
 How many at once: one, and up to ``at_once`` per image from the moment the image's downloads
 ran slow: one has run for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE`` while still
@@ -276,16 +277,18 @@ def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
 
 
 async def _while_fast(client: FillReader) -> None:
-    """Wait while a client's download runs at ``FAST_FILL_RATE`` or more (looked at every
-    ``CLIENT_LOOK_SECONDS``), until its body is in: from a near upstream a prefetch beside it
-    would only share the cores with it. A slower one (a far upstream) waits for nothing."""
-    started, received = time.monotonic(), client.received
+    """Wait until a client's download has its body in, while each look at it (every
+    ``CLIENT_LOOK_SECONDS``) finds it received ``FAST_FILL_RATE`` or more since the last one:
+    then the cores, not the connection, set its pace, and a prefetch beside it would only
+    share them. Found slower (a far or slow upstream, or a stall), the wait ends at that look."""
     while True:
+        looked, received = time.monotonic(), client.received
         try:
-            await asyncio.wait_for(client.body_received(), CLIENT_LOOK_SECONDS)
+            async with asyncio.timeout(CLIENT_LOOK_SECONDS):
+                await client.body_received()
             return
         except TimeoutError:
-            if client.received - received < FAST_FILL_RATE * (time.monotonic() - started):
+            if client.received - received < FAST_FILL_RATE * (time.monotonic() - looked):
                 return
 
 

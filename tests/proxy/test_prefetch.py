@@ -228,6 +228,21 @@ async def test_one_late_download_leaves_the_prefetch_one_at_a_time(
     assert most <= 2
 
 
+async def test_the_clients_own_late_download_counts_toward_a_far_upstream(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's first layer, answered late, and the config, late too, are the two far
+    downloads that widen the prefetch: the other layers, answered soon, then go at once."""
+    monkeypatch.setattr(_prefetch, "FAR_LATENCY", 0.25)
+    monkeypatch.setattr(_prefetch, "RAMP_SECONDS", 5.0)
+    image = upstream.add_image("team/app", "1", [os.urandom(1000) for _ in range(5)])
+    upstream.delay_next(1, 0.4, paths=image.layer_digests[0])
+    upstream.stall_blob(image.config_digest, after_bytes=0, seconds=0.4)
+    for digest in image.layer_digests[1:]:
+        upstream.stall_blob(digest, after_bytes=0, seconds=0.1)
+    assert await pull_with_prefetch(start_moorage, upstream, image) >= 3
+
+
 async def test_prefetches_take_at_most_half_an_upstreams_download_slots(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
