@@ -195,7 +195,8 @@ class Prefetcher:
 
     async def _run(self, plan: _Plan, digests: list[Digest], fired_by: Digest) -> None:
         upstream_slots = self._slots_of(plan.source.host)
-        #: The image's prefetch downloads in flight: when each started, and its fill.
+        #: The image's prefetch downloads still receiving their body: when each started, and its
+        #: fill (each leaves once its body is in).
         downloading: dict[Digest, tuple[float, FillReader]] = {}
         #: The image's downloads whose body is in that waited on the upstream (``_waited_long``),
         #: the client's own among them.
@@ -266,12 +267,12 @@ class Prefetcher:
 
 
 def _any_slow(downloading: Iterable[tuple[float, FillReader]]) -> bool:
-    """Whether a download still receiving its body has run for ``RAMP_SECONDS`` at less than
-    ``FAST_FILL_RATE``: then the connection, not the cache, sets the pace, and more at once
-    will help. (One whose bytes are all received is only writing its last pieces.)"""
+    """Whether a download still receiving its body (the only ones ``downloading`` holds) has
+    run for ``RAMP_SECONDS`` at less than ``FAST_FILL_RATE``: then the connection, not the
+    cache, sets the pace, and more at once will help."""
     now = time.monotonic()
     return any(
-        now - started >= RAMP_SECONDS and not _body_in(reader) and reader.received < FAST_FILL_RATE * (now - started)
+        now - started >= RAMP_SECONDS and reader.received < FAST_FILL_RATE * (now - started)
         for started, reader in downloading
     )
 
@@ -304,10 +305,5 @@ def _until_judged(downloading: Iterable[tuple[float, FillReader]]) -> float:
     """Seconds until the next download still receiving its body has run ``RAMP_SECONDS`` and
     can be judged (``_any_slow``); ``RAMP_SECONDS`` when none is that young (or none runs)."""
     now = time.monotonic()
-    ages = [now - started for started, reader in downloading if not _body_in(reader)]
-    young = [RAMP_SECONDS - age for age in ages if age < RAMP_SECONDS]
+    young = [RAMP_SECONDS - (now - started) for started, _ in downloading if now - started < RAMP_SECONDS]
     return max(0.01, min(young)) if young else RAMP_SECONDS
-
-
-def _body_in(reader: FillReader) -> bool:
-    return reader.size is not None and reader.received >= reader.size
