@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from moorage.config import UpstreamSettings
 
 from ._auth import RegistryAuth
+from ._body import DirectBody
 from ._network import wide_read_transport
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
@@ -142,10 +143,17 @@ class BlobBody:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives off the socket (no re-chunking, no decoding: blobs are asked
-        for with ``Accept-Encoding: identity``, so these are the digest's bytes)."""
+        for with ``Accept-Encoding: identity``, so these are the digest's bytes). What h11
+        buffered with the head comes through httpx, the rest straight from the connection
+        where that is possible (``_body``)."""
+        direct = DirectBody.of(self._response)
+        timeout = self._response.request.extensions.get("timeout", {}).get("read")
         with mapped_errors(self._upstream, "blob body"):
             async for chunk in self._response.aiter_raw():
                 yield chunk
+                if direct is not None:
+                    async for rest in direct.rest(timeout):
+                        yield rest
 
 
 def _media_type(headers: Mapping[str, str]) -> str | None:

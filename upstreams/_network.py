@@ -40,6 +40,11 @@ class WideReadStream(httpcore.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return await self._stream.read(max(max_bytes, READ_SIZE), timeout)
 
+    async def read_at_most(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """A read that never takes more than ``max_bytes``: for a body read past h11, whose
+        end must stay where the answer said it is (``_body``)."""
+        return await self._stream.read(max_bytes, timeout)
+
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         await self._stream.write(buffer, timeout)
 

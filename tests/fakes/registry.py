@@ -209,6 +209,8 @@ class RecordedRequest:
     query_string: str = ""
     body: bytes = b""
     at: float = field(default_factory=time.monotonic)
+    #: The client's ``address:port``: one per connection, so kept-alive reuse shows.
+    peer: str = ""
 
 
 @dataclass
@@ -287,6 +289,11 @@ def _default_code(status: int) -> str:
         404: "NAME_UNKNOWN",
         429: "TOOMANYREQUESTS",
     }.get(status, "UNKNOWN")
+
+
+def _peer(request: web.Request) -> str:
+    address = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{address[0]}:{address[1]}" if address else ""
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -545,6 +552,7 @@ class _RecordingServer:
                 host=request.host,
                 query_string=request.query_string,
                 body=body,
+                peer=_peer(request),
             )
         )
         if self.down:
