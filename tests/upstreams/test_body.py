@@ -1,13 +1,17 @@
 """Blob bodies read past h11 (``upstreams/_body.py``), over real sockets against the fake
 upstream: the bulk of a body never goes through h11, the kept-alive connection is reused for
-the next blob, and a body that was cut, stalled or abandoned half-read leaves a connection
-that is never reused (a reused one would hand the next blob the old one's bytes)."""
+the next blob, over plain HTTP and TLS, and a body that was cut, stalled or abandoned half-read
+leaves a connection that is never reused (a reused one would hand the next blob the old one's
+bytes)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import h11
 import pytest
@@ -16,6 +20,7 @@ from moorage.upstreams import RegistryClient, UpstreamUnavailable
 from moorage.upstreams._network import READ_SIZE
 from moorage.upstreams.reference import Digest, parse_digest
 from tests.fakes import FakeRegistry
+from tests.integration.harness.tools import self_signed_certificate
 from tests.upstreams.test_network import REPO, MiB, client_for, read_blob
 
 
@@ -94,7 +99,9 @@ async def half_read(client: RegistryClient, digest: Digest, wanted: int) -> int:
     return got
 
 
-async def test_a_body_left_half_read_never_leaks_into_the_next_answer(upstream: FakeRegistry) -> None:
+async def test_a_body_left_half_read_never_leaks_into_the_next_answer(
+    upstream: FakeRegistry, fed_to_h11: list[int]
+) -> None:
     one, other = os.urandom(8 * MiB), os.urandom(8 * MiB)
     one_digest, other_digest = parse_digest(upstream.add_blob(one)), parse_digest(upstream.add_blob(other))
     client = client_for(upstream)
@@ -106,3 +113,26 @@ async def test_a_body_left_half_read_never_leaks_into_the_next_answer(upstream: 
     finally:
         await client.aclose()
     assert connections(upstream) == 2, "the half-read connection was closed, the next one kept"
+    assert sum(fed_to_h11) <= 3 * READ_SIZE, "the half-read body was being read past h11"
+
+
+async def test_over_tls_the_bulk_of_a_body_bypasses_h11_and_the_connection_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fed_to_h11: list[int]
+) -> None:
+    cert, key = await asyncio.to_thread(self_signed_certificate, tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    registry = FakeRegistry()
+    registry.ssl_context = server_context
+    data = os.urandom(6 * MiB + 1)
+    async with registry:
+        digest = parse_digest(registry.add_blob(data))
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        client = client_for(registry)
+        try:
+            assert (await read_blob(client, digest))[0] == data
+            assert (await read_blob(client, digest))[0] == data
+        finally:
+            await client.aclose()
+        assert connections(registry) == 1
+    assert sum(fed_to_h11) <= 2 * READ_SIZE, f"h11 parsed {sum(fed_to_h11)} bytes of two 6 MiB bodies"
