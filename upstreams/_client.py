@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -156,6 +157,12 @@ class BlobBody:
                         yield rest
 
 
+def _proxied_from_environment() -> bool:
+    """Whether ``HTTP_PROXY``, ``HTTPS_PROXY`` or ``ALL_PROXY`` (any case) names a proxy, as
+    httpx reads them."""
+    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies())
+
+
 def _media_type(headers: Mapping[str, str]) -> str | None:
     value = headers.get("content-type")
     if not value:
@@ -209,13 +216,18 @@ class RegistryClient:
             max_connections=settings.max_concurrent_fills + 32, max_keepalive_connections=32, keepalive_expiry=30
         )
         common = {"timeout": timeout, "limits": limits, "headers": {"User-Agent": USER_AGENT}, "transport": transport}
+        if transport is None and not _proxied_from_environment():
+            # Blob bodies come through this client: its reads ask for 1 MiB (``_network``). With
+            # a proxy set in the environment httpx's own transport is kept, the one that honours
+            # the proxy settings (a transport of ours would make httpx ignore them).
+            common["transport"] = wide_read_transport(limits)
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             follow_redirects=True,
             event_hooks={"response": [self._observe_response]},
-            # Blob bodies come through this client: its reads ask for 1 MiB (``_network``).
-            **(common | {"transport": transport or wide_read_transport(limits)}),  # type: ignore[arg-type]
+            **common,  # type: ignore[arg-type]
         )
+        common["transport"] = transport
         self._token_http = httpx.AsyncClient(follow_redirects=True, **common)  # type: ignore[arg-type]
         credentials = (settings.username, password) if settings.username and password is not None else None
         self._auth = RegistryAuth(

@@ -107,8 +107,9 @@ class _WideReadTransport(httpx.AsyncHTTPTransport):
 
 
 def wide_read_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """An httpx transport with ``limits`` whose reads ask for ``READ_SIZE`` bytes. Proxies
-    from the environment still apply: httpx mounts its proxy transports beside this one."""
+    """An httpx transport with ``limits`` whose reads ask for ``READ_SIZE`` bytes. It goes
+    straight to the server: a client given a transport of its own ignores the proxies set in
+    the environment, so the registry client uses this one only where none is set."""
     return _WideReadTransport(limits)
 
 

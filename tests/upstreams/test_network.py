@@ -2,7 +2,8 @@
 ``READ_SIZE``, and over real sockets against the fake upstream bodies arrive whole and in large
 pieces, over plain HTTP and verified TLS; a connection the server closed is not reused; a body
 the server cuts, a server that stalls, and a port nobody listens on are the upstream errors
-the cache knows how to handle; and no request has to import or search for a module."""
+the cache knows how to handle; an upstream behind the environment's HTTP proxy is reached
+through it; and no request has to import or search for a module."""
 
 from __future__ import annotations
 
@@ -231,3 +232,26 @@ def test_the_first_upstream_request_of_a_process_imports_nothing() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [], f"imported by the first request: {done.stdout.strip()}"
+
+
+async def test_an_upstream_behind_the_environments_http_proxy_is_reached_through_it(
+    upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a corporate proxy the upstream's name does not even resolve: every request,
+    blobs included, must go through ``HTTP_PROXY``. The fake serves as that proxy (it answers
+    absolute-form requests as if it were the registry named in them)."""
+    data = os.urandom(3 * MiB)
+    digest = parse_digest(upstream.add_blob(data))
+    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = RegistryClient(
+        UpstreamSettings.model_validate(
+            {"host": "docker.io", "url": "http://registry.invalid", "retries": {"attempts": 1}}
+        )
+    )
+    try:
+        assert (await read_blob(client, digest))[0] == data
+    finally:
+        await client.aclose()
+    assert [request.host for request in upstream.requests] == ["registry.invalid"]
