@@ -41,7 +41,8 @@ _HAPPY_EYEBALLS_DELAY: Final = 0.25
 
 
 class _Receiver(asyncio.Protocol):
-    """What a connection received and has not handed over yet, and whether it ended."""
+    """What a connection received and has not handed over yet, and whether it ended. One
+    reader waits at a time (httpcore reads an HTTP/1.1 connection from one task)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -158,7 +159,12 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(str(self._receiver.error))
 
     async def aclose(self) -> None:
-        self._transport.close()
+        if self._transport.get_extra_info("ssl_object") is not None:
+            # Not close(): asyncio's TLS transport would send close_notify and wait up to 30 s
+            # for the server's, holding the socket, and a reader would wait as long.
+            self._transport.abort()
+        else:
+            self._transport.close()
 
     async def start_tls(
         self,
@@ -166,6 +172,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        if self._receiver.ended or self._transport.is_closing():
+            self._transport.abort()
+            raise httpcore.ConnectError("the server closed the connection before the TLS handshake")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -205,8 +214,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         sock = self._transport.get_extra_info("socket")
         if sock is None or sock.fileno() < 0:
             return True
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
+        poller = select.poll()  # not select(): it cannot take descriptors above 1023
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
 
 async def connect_tcp(
@@ -232,6 +242,10 @@ async def connect_tcp(
     except OSError as exc:
         raise httpcore.ConnectError(str(exc) or type(exc).__name__) from exc
     sock = transport.get_extra_info("socket")
-    for option in socket_options or ():
-        sock.setsockopt(*option)  # asyncio has already set TCP_NODELAY
+    try:
+        for option in socket_options or ():
+            sock.setsockopt(*option)  # asyncio has already set TCP_NODELAY
+    except OSError as exc:
+        transport.abort()
+        raise httpcore.ConnectError(f"socket option refused: {exc}") from exc
     return AsyncioStream(transport, receiver)

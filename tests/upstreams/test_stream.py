@@ -1,20 +1,27 @@
 """Upstream connections on asyncio's transports (``upstreams/_stream.py``), against small
 servers on real sockets: a slow reader never has a whole body buffered in memory and still
 gets every byte in order; a server that accepts but never finishes the TLS handshake is a
-connect timeout; a server that closes an idle connection makes it unreadable for reuse."""
+connect timeout; a server that closes an idle connection makes it unreadable for reuse, also
+on descriptors above 1023; closing a TLS connection frees its socket without waiting for the
+server's close_notify."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import resource
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpcore
 import pytest
 
 from moorage.upstreams._stream import _HIGH_WATER, AsyncioStream, connect_tcp
+from tests.integration.harness.tools import self_signed_certificate
 
 MiB = 1024 * 1024
 
@@ -105,3 +112,69 @@ async def test_an_idle_connection_the_server_closed_reads_as_not_reusable(
 async def test_a_refused_connection_is_a_connect_error() -> None:
     with pytest.raises(httpcore.ConnectError):
         await connect_tcp("127.0.0.1", 1, timeout=2)
+
+
+async def test_readability_is_checked_on_descriptors_above_1023(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """A busy cache holds more than a thousand sockets and files; ``select()`` cannot take a
+    descriptor above 1023, and httpcore asks before every reuse of a connection."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    port = await serve(hold)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        stream = await connect_tcp("127.0.0.1", port, timeout=5)
+        try:
+            assert stream.get_extra_info("socket").fileno() > 1023
+            assert stream.get_extra_info("is_readable") is False, "an open idle connection is reusable"
+        finally:
+            await stream.aclose()
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _tls_server_that_never_closes(cert: Path, key: Path, ready: threading.Event, stop: threading.Event) -> int:
+    """A TLS server (a thread, plain sockets) that completes handshakes, then neither reads
+    nor answers: a close_notify sent to it is never answered."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
+
+    def run() -> None:
+        with listener:
+            connection, _ = listener.accept()
+            with context.wrap_socket(connection, server_side=True) as secured:
+                ready.set()
+                stop.wait(10)
+                secured.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return port
+
+
+async def test_closing_a_tls_connection_frees_its_socket_at_once(tmp_path: Path) -> None:
+    cert, key = await asyncio.to_thread(self_signed_certificate, tmp_path)
+    ready, stop = threading.Event(), threading.Event()
+    port = _tls_server_that_never_closes(cert, key, ready, stop)
+    try:
+        plain = await connect_tcp("127.0.0.1", port, timeout=5)
+        stream = await plain.start_tls(ssl.create_default_context(cafile=str(cert)), "127.0.0.1", timeout=5)
+        assert await asyncio.to_thread(ready.wait, 5)
+        raw = stream.get_extra_info("socket")
+        await stream.aclose()
+        for _ in range(50):
+            if raw.fileno() < 0:
+                break
+            await asyncio.sleep(0.01)
+        assert raw.fileno() < 0, "the socket waits for the server's close_notify"
+    finally:
+        stop.set()
