@@ -1,9 +1,9 @@
 """Upstream connections on asyncio's transports (``upstreams/_stream.py``), against small
 servers on real sockets: a slow reader never has a whole body buffered in memory and still
 gets every byte in order; a server that accepts but never finishes the TLS handshake is a
-connect timeout; a server that closes an idle connection makes it unreadable for reuse, also
-on descriptors above 1023; closing a TLS connection frees its socket without waiting for the
-server's close_notify."""
+connect timeout, one that already closed the connection a connect error at once; a server
+that closes an idle connection makes it unreadable for reuse, also on descriptors above 1023;
+closing a TLS connection frees its socket without waiting for the server's close_notify."""
 
 from __future__ import annotations
 
@@ -178,3 +178,22 @@ async def test_closing_a_tls_connection_frees_its_socket_at_once(tmp_path: Path)
         assert raw.fileno() < 0, "the socket waits for the server's close_notify"
     finally:
         stop.set()
+
+
+async def test_a_tls_handshake_on_a_connection_the_server_closed_fails_at_once(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """Not a wait for the whole handshake timeout: asyncio would send the ClientHello into a
+    closed transport and never hear back."""
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    port = await serve(close_at_once)
+    stream = await connect_tcp("127.0.0.1", port, timeout=5)
+    for _ in range(50):  # until the event loop has seen the server's FIN
+        if stream._receiver.ended:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(httpcore.ConnectError, match="closed the connection"):
+        await stream.start_tls(ssl.create_default_context(), "registry.example", timeout=2)
