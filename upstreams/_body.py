@@ -43,8 +43,8 @@ __all__ = ["DirectBody"]
 #: httpcore stream, httpcore's pool stream, its HTTP/1.1 stream, the connection, h11's state.
 _TO_H11: Final = ("_stream", "_httpcore_stream", "_stream", "_connection", "_h11_state")
 
-#: The most one read asks for (asyncio hands over at most 256 KiB per socket read, and a TLS
-#: stream one record of at most 16 KiB, so this only caps the ask).
+#: The most one read asks for: it only caps the ask, as a read hands over one piece the event
+#: loop received (at most 256 KiB per socket read, or the records decrypted from one).
 _READ_AT_MOST: Final = 4 * 1024 * 1024
 
 

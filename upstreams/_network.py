@@ -24,7 +24,6 @@ import typing
 from typing import Final
 
 import anyio
-import anyio.streams.tls
 import httpcore
 import httpx
 
@@ -121,7 +120,8 @@ def wide_read_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     return _WideReadTransport(limits)
 
 
-#: What httpcore's anyio backend uses, each imported by anyio on first access.
+#: What httpcore uses of anyio (its locks, events and cancel scopes, and for Unix sockets its
+#: streams), each imported by anyio on first access. TCP and TLS go over asyncio (``_stream``).
 _ANYIO_NAMES: Final = (
     "BrokenResourceError",
     "CancelScope",
@@ -130,7 +130,6 @@ _ANYIO_NAMES: Final = (
     "Event",
     "Lock",
     "Semaphore",
-    "connect_tcp",
     "connect_unix",
     "fail_after",
     "sleep",
