@@ -158,8 +158,15 @@ class Cache:
         self._clock = clock
         self._observer = _Bookkeeping(self, observer or NullCacheObserver())
         totals = index.store_totals() or (0, 0)
-        #: Bytes and entries in the blob store, kept as blobs are stored.
-        self.store_bytes, self.store_entries = totals
+        #: Bytes and entries in the blob store, kept as blobs are stored and removed, and
+        #: brought up to date at each flush with what other processes changed in the index.
+        self.store_bytes, self.store_entries = max(0, totals[0]), max(0, totals[1])
+        #: The totals the index held after the last flush: a flush adds what changed since.
+        self._flushed_totals = totals
+        #: How many eviction walks counted the store; a flush writes the count of the last.
+        self._counts = 0
+        self._counts_flushed = 0
+        self._flushing = asyncio.Lock()
         self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
@@ -230,6 +237,10 @@ class Cache:
     async def flush(self) -> None:
         """Write usage counters, pull times, store totals, read times and fingerprints of
         files known good, in one batch."""
+        async with self._flushing:  # one at a time: each adds what changed since the last
+            await self._flush()
+
+    async def _flush(self) -> None:
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
         accessed = self._accessed
@@ -239,18 +250,23 @@ class Cache:
         self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
         self._guard.prune()
         totals = (self.store_bytes, self.store_entries)
+        counts = self._counts
+        # Since the last flush: what this process stored and removed, or, after an eviction
+        # walk counted the store, that count (with what was stored meanwhile).
+        counted = totals if counts != self._counts_flushed else None
+        change = (totals[0] - self._flushed_totals[0], totals[1] - self._flushed_totals[1])
         trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
         routes = self._routes.take_learnt()
 
-        def write() -> dict[Digest, Fingerprint]:
+        def write() -> tuple[dict[Digest, Fingerprint], tuple[int, int]]:
             fingerprints = dict(trusted)
             if isinstance(self._store, DirectoryStore):
                 fingerprints.update(touch(self._store, self._index, accessed, trusted))
-            self._index.write_batch(usage, pulled, totals, fingerprints, routes)
-            return fingerprints
+            held = self._index.write_batch(usage, pulled, change, fingerprints, routes, counted_totals=counted)
+            return fingerprints, held
 
         try:
-            written = await asyncio.to_thread(write)
+            written, held = await asyncio.to_thread(write)
         except Exception as exc:  # a full disk, a broken index: keep the batch for the next try
             self._keep_for_next_flush(usage, pulled, accessed, routes)
             log.error(
@@ -261,6 +277,13 @@ class Cache:
         for digest, fingerprint in written.items():  # in the index now; newer ones stay
             if self._trusted.get(digest) == fingerprint:
                 del self._trusted[digest]
+        self._counts_flushed = counts
+        if counts == self._counts:  # no walk counted the store meanwhile: take in the others'
+            # What other processes changed (moorage gc or verify --repair run beside this
+            # daemon) is in ``held`` and not in ``totals``.
+            self.store_bytes = max(0, self.store_bytes + held[0] - totals[0])
+            self.store_entries = max(0, self.store_entries + held[1] - totals[1])
+        self._flushed_totals = held
 
     def _keep_for_next_flush(
         self,
@@ -331,6 +354,7 @@ class Cache:
         # any drift of the running totals (two writers of one manifest both counting it).
         self.store_bytes = result.store_bytes + stored_bytes
         self.store_entries = result.store_entries + stored_entries
+        self._counts += 1
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._forget(digest)
@@ -1020,5 +1044,5 @@ def open_store(root: Path) -> tuple[DirectoryStore, Index]:
     store.sweep_temporaries()
     index = Index(root / "index")
     if index.store_totals() is None:  # a store from before totals were kept: count once
-        index.write_batch({}, {}, store.count())
+        index.write_batch({}, {}, counted_totals=store.count())
     return store, index

@@ -87,6 +87,7 @@ def read_summary(root: Path) -> StoreSummary:
     store, index = _open(root)
     try:
         totals = index.store_totals() or store.count()
+        totals = (max(0, totals[0]), max(0, totals[1]))  # below zero a moment (see Index)
         tags: dict[str, int] = {}
         for key, _ in index.tag_entries():
             tags[key[1]] = tags.get(key[1], 0) + 1

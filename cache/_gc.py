@@ -135,11 +135,9 @@ def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool 
     index = Index(root / "index")
     try:
         report = sweep(store, index, grace_seconds=grace_seconds, dry_run=dry_run)
-        if report.swept and not dry_run:
-            totals = index.store_totals()
-            if totals is not None:  # keep the daemon's running totals honest at its next start
-                kept = (max(0, totals[0] - report.swept_bytes), max(0, totals[1] - len(report.swept)))
-                index.write_batch({}, {}, kept)
+        if report.swept and not dry_run and index.store_totals() is not None:
+            # A daemon serving this store picks the change up at its next flush.
+            index.write_batch({}, {}, (-report.swept_bytes, -len(report.swept)))
     finally:
         index.close()
     return report

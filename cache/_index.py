@@ -112,6 +112,9 @@ class Index:
         return value if isinstance(value, dict) else {}
 
     def store_totals(self) -> tuple[int, int] | None:
+        """(bytes, entries) in the blob store, as the processes sharing it added them up;
+        None for a store from before totals were kept. Briefly below zero at times (see
+        ``write_batch``)."""
         value = self._db.get(STORE_TOTALS_KEY)
         return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
 
@@ -119,12 +122,20 @@ class Index:
         self,
         usage_deltas: Usage,
         pulled: Mapping[IndexKey, float],
-        store_totals: tuple[int, int],
+        store_change: tuple[int, int] = (0, 0),
         fingerprints: Mapping[Digest, Fingerprint] | None = None,
         routes: Mapping[Digest, list[ContentRoute]] | None = None,
-    ) -> None:
-        """One transaction: add usage deltas, record pull times, set the store totals, the
-        fingerprints of files known good and the routes content was learnt under."""
+        *,
+        counted_totals: tuple[int, int] | None = None,
+    ) -> tuple[int, int]:
+        """One transaction: add usage deltas, record pull times, the fingerprints of files
+        known good and the routes content was learnt under, and add ``store_change`` (bytes,
+        entries) to the store totals, or set them to ``counted_totals`` where a walk of the
+        store just counted them. Returns the store totals now held.
+
+        The totals are changed, not overwritten, so that what several processes store and
+        remove adds up: a daemon's batches, and ``moorage gc`` and ``moorage verify --repair``
+        run beside it."""
         with self._db.transact():
             for digest, learnt in (routes or {}).items():
                 self._add_routes(digest, learnt)
@@ -141,7 +152,15 @@ class Index:
                 self._db.set(key, when)
                 if key[0] == "image-pulled":  # an image first seen in this repository by a hit
                     self._db.add(("image", *key[1:]), when)
-            self._db.set(STORE_TOTALS_KEY, store_totals)
+            if counted_totals is not None:
+                totals = counted_totals
+            else:
+                # No floor at zero: a command may remove what a daemon stored and has not
+                # added yet, so the sum may be below zero until the daemon's batch comes.
+                held = self.store_totals() or (0, 0)
+                totals = (held[0] + store_change[0], held[1] + store_change[1])
+            self._db.set(STORE_TOTALS_KEY, totals)
+            return totals
 
     def tag_entries(self) -> Iterator[tuple[IndexKey, TagEntry]]:
         """Every tag answer held, with its key (upstream, repository, tag, accept class)."""

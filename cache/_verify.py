@@ -33,6 +33,7 @@ class VerifyReport:
     checked_bytes: int = 0
     corrupt: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    quarantined_bytes: int = 0
 
 
 def hash_file(path: Path, algorithm: str, throttle: Callable[[int], None] | None = None) -> str:
@@ -76,11 +77,14 @@ def verify_store(
         report.corrupt.append(str(digest))
         if repair and store.quarantine(digest):
             report.quarantined.append(str(digest))
+            report.quarantined_bytes += blob.size
             bad.add(digest)
     if bad:
         index = Index(root / "index")
         try:
             index.forget(bad)
+            if index.store_totals() is not None:  # a daemon serving the store picks it up
+                index.write_batch({}, {}, (-report.quarantined_bytes, -len(bad)))
         finally:
             index.close()
     return report

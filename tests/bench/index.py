@@ -38,7 +38,7 @@ def fill(root: Path, blobs: int, tags: int) -> None:
             for i in range(start, min(tags, start + BATCH)):
                 key = tag_key("docker.io", RepositoryName(f"org/repo-{i % 5000}"), Tag(f"v{i}"), "index")
                 index.put_tag(key, TagEntry(digest(i), OCI_IMAGE_MANIFEST, time.time()))
-    index.write_batch({}, {}, (blobs * 1000, blobs))
+    index.write_batch({}, {}, counted_totals=(blobs * 1000, blobs))
     index.close()
 
 

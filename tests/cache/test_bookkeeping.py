@@ -3,6 +3,7 @@ cannot take (a full disk) is kept and written with the next one, never lost and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,11 +24,11 @@ class FailingOnce(Index):
         super().__init__(directory)
         self.failures = 1
 
-    def write_batch(self, *args: Any, **kwargs: Any) -> None:
+    def write_batch(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         if self.failures:
             self.failures -= 1
             raise OSError(28, "No space left on device")
-        super().write_batch(*args, **kwargs)
+        return super().write_batch(*args, **kwargs)
 
 
 async def test_a_batch_the_index_refused_is_written_with_the_next(
@@ -52,5 +53,18 @@ async def test_a_batch_the_index_refused_is_written_with_the_next(
     assert usage["docker.io"]["hit"] == 2 and usage["docker.io"]["served_bytes"] == 150, "nothing lost"
     assert index.pulled_at(key) == 1000.0
     assert index.routes(digest) == (("docker.io", "library/alpine"),)
+    await cache.aclose()
+    index.close()
+
+
+async def test_the_store_size_is_added_once_by_flushes_that_overlap(tmp_path: Path) -> None:
+    """Each flush adds what was stored since the last one (so that a command run beside the
+    daemon is not overwritten); two at once, as a lifecycle pass and the timer may start
+    them, must not add it twice."""
+    index = Index(tmp_path / "index")
+    cache = Cache(DirectoryStore(tmp_path), index)
+    cache._observer.on_stored("blob", 100)
+    await asyncio.gather(cache.flush(), cache.flush())
+    assert index.store_totals() == (100, 1)
     await cache.aclose()
     index.close()

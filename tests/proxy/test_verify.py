@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
+from tests.polling import until
 
-from .conftest import StartMoorage
+from .conftest import StartMoorage, metric
 
 
 def verify(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +86,45 @@ async def test_gc_keeps_an_image_and_removes_what_nothing_refers_to(
     assert f"removed: {stray}" in swept.stdout and swept.stdout.count("removed:") == 1
     for digest in (image.digest, image.config_digest, *image.layer_digests):
         assert (store / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+
+
+async def test_gc_and_verify_beside_a_daemon_correct_its_store_size(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """What the commands remove reaches the running daemon's store size at its next flush,
+    also what the daemon stored and had not written to the index yet, and what the daemon
+    stores meanwhile is kept: the size decides when eviction starts."""
+    store = tmp_path / "store"
+    moorage = await start_moorage()
+    cache = moorage.app[CACHE]
+
+    async def pull(size: int) -> str:
+        digest = upstream.add_blob(os.urandom(size))
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until(lambda: len(cache.fills) == 0)  # stored (the client has its bytes first)
+        return digest
+
+    stray, damaged = await pull(5000), await pull(7000)
+    await cache.flush()
+    assert await metric(moorage, "moorage_store_bytes") == on_disk(store) == 12000
+    unflushed = await pull(4000)  # in the daemon's totals, not in the index yet
+    blob_path(store, damaged).write_bytes(os.urandom(7000))
+    repaired = verify(store, "--repair")
+    assert "1 quarantined" in repaired.stdout, repaired.stdout + repaired.stderr
+    swept = command("gc", store, "--grace", "0s")
+    assert {f"removed: {stray}", f"removed: {unflushed}"} <= set(swept.stdout.splitlines()), swept.stdout
+    await pull(3000)  # stored by the daemon after the commands ran
+    await cache.flush()
+    assert on_disk(store) == 3000
+    assert await metric(moorage, "moorage_store_bytes") == 3000
+    assert await metric(moorage, "moorage_store_entries") == 1
+    await cache.flush()  # a flush with nothing new changes nothing
+    assert await metric(moorage, "moorage_store_bytes") == 3000
+
+
+def blob_path(store: Path, digest: str) -> Path:
+    return store / "blobs" / "sha256" / digest[7:9] / digest[7:]
+
+
+def on_disk(store: Path) -> int:
+    return sum(p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file())
