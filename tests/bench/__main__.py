@@ -108,6 +108,7 @@ class Seed:
     big_blobs: list[str]
     huge_blob: str
     huge_file: Path
+    huge_size: int
     small_digest: str  # small/app-0:1
 
 
@@ -146,7 +147,7 @@ def seed(registry: RealRegistry, work: Path, layer_size: int, huge_size: int) ->
         digest = images.push_manifest(registry.url, f"small/app-{i}", "1", body, OCI_MANIFEST)
         small_digest = small_digest or digest
     print(f"# seeded in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-    return Seed(big, [config_digest, *(d for d, _ in layers)], huge_blob, huge_file, small_digest)
+    return Seed(big, [config_digest, *(d for d, _ in layers)], huge_blob, huge_file, huge_size, small_digest)
 
 
 def _manifest(config: tuple[str, int], layers: list[tuple[str, int]]) -> bytes:
@@ -409,13 +410,20 @@ def fresh_distribution(work: Path, upstream: RealRegistry | Link) -> Distributio
     return DistributionSystem(Path(tempfile.mkdtemp(prefix="distribution-", dir=work)), upstream.url)
 
 
+@contextmanager
+def part_of_run(name: str) -> Iterator[None]:
+    """Say on stderr how long one part of the run took."""
+    with timed() as elapsed:
+        yield
+    print(f"# {name}: {elapsed():.0f} s", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> Report:
     for tool in ("docker-registry", "skopeo", "wrk", "curl"):
         require_tool(tool)
     quick = args.quick
     layer_size = 4 * MiB if quick else 300 * MiB // 8
     huge_size = 64 * MiB if quick else 1024 * MiB
-    load_seconds = 3 if quick else 8
     report = Report()
     work = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir=args.workdir))
     shm = Path(tempfile.mkdtemp(prefix="moorage-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
@@ -425,110 +433,21 @@ def run(args: argparse.Namespace) -> Report:
         blobs = data.big_blobs
         image_mb = (8 * layer_size) / 1e6
 
-        cold_pulls(report, upstream, work, shm, blobs, image_mb, args.repeat)
-        linked_cold_pulls(report, upstream, work, shm)
+        with part_of_run("cold pulls on one machine"):
+            cold_pulls(report, upstream, work, shm, blobs, image_mb, args.repeat)
+        with part_of_run("cold pulls over the link"):
+            linked_cold_pulls(report, upstream, work, shm)
         if args.only == "cold":
             return report
 
-        # Concurrent cold pulls.
-        for clients in (8, 32):
-            seconds: dict[str, float] = {}
-            gets: dict[str, float] = {}
-            for kind in ("moorage", "distribution"):
-                system = fresh(kind, work, upstream)
-                mark = upstream.mark()
-                seconds[kind] = curl_pulls(system, "library/big", blobs, clients)
-                gets[kind] = upstream_gets_per_blob(upstream, mark, blobs)
-                system.stop()
-            report.add(f"{clients} concurrent cold pulls (curl)", "s", False, seconds)
-            report.add(f"{clients} concurrent cold pulls: GETs per blob", "count", False, gets, "1.00")
+        with part_of_run("concurrent cold pulls"):
+            concurrent_cold_pulls(report, upstream, work, blobs)
 
-        # Warm 1 GiB blob, then manifests, then peak memory while serving 16 streams.
-        moorage = fresh_moorage(work, upstream)
-        distribution = fresh_distribution(work, upstream)
-        nginx = NginxSystem(work / "nginx", data.huge_file, data.huge_blob)
-        urls = {
-            s.name: f"http://{s.host}/v2/{s.image('library/huge')}/blobs/{data.huge_blob}"
-            for s in (moorage, distribution, nginx)
-        }
-        for name in ("moorage", "distribution"):
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", urls[name]], check=True, timeout=600)  # fill
-        # Both caches store the blob after the client has it: Moorage fsyncs it then, and
-        # Distribution goes on copying it into its storage for seconds (a full core for 6 s
-        # here). Wait until neither works any more, then write everything out, so that no
-        # cache's storing runs during the measurements of serving a warm blob.
-        settle([moorage.pid(), distribution.pid()])
-        os.sync()
-        # Rounds interleaved, median reported: one round here varies by up to a third.
-        for streams in (1, 16):
-            samples: dict[str, list[float]] = {name: [] for name in urls}
-            for _ in range(WARM_ROUNDS):
-                for name, url in urls.items():
-                    samples[name].append(blob_throughput(url, streams, huge_size))
-            print(f"# warm {streams} stream(s) samples (MB/s): {json.dumps(samples)}", file=sys.stderr, flush=True)
-            rates = {name: statistics.median(values) for name, values in samples.items()}
-            target = ">= 0.9 x nginx, > distribution" if streams == 16 else ""
-            label = f"warm {huge_size // MiB} MiB blob, {streams} stream(s), median of {WARM_ROUNDS}"
-            report.add(label, "MB/s", True, rates, target)
+        with part_of_run("warm blobs, manifests and memory"):
+            serving_figures(report, upstream, work, data, quick)
 
-        tag_path = "v2/small/app-0/manifests/1"
-        digest_path = f"v2/small/app-0/manifests/{data.small_digest}"
-        for system in (moorage, distribution):
-            get_manifest(system, digest_path)
-        for label, path in (("fresh tag", tag_path), ("digest", digest_path)):
-            figures = {s.name: wrk(f"http://{s.host}/{path}", load_seconds, 16) for s in (moorage, distribution)}
-            target = ">= 3000/s; >= 4 x dist by digest" if label == "fresh tag" else ""
-            report.add(f"manifest GET by {label}", "req/s", True, {k: v[0] for k, v in figures.items()}, target)
-            report.add(f"manifest GET by {label} p50", "ms", False, {k: v[1] for k, v in figures.items()})
-            report.add(
-                f"manifest GET by {label} p99",
-                "ms",
-                False,
-                {k: v[2] for k, v in figures.items()},
-                "< 20 ms" if label == "fresh tag" else "",
-            )
-        heads = {
-            s.name: asyncio.run(head_load(f"http://{s.host}/{tag_path}", 1000 if quick else 5000, 16))
-            for s in (moorage, distribution)
-        }
-        report.add("manifest HEAD by fresh tag", "req/s", True, {k: v[0] for k, v in heads.items()})
-        report.add("manifest HEAD by fresh tag p99", "ms", False, {k: v[2] for k, v in heads.items()})
-        mark = upstream.mark()
-        get_manifest(moorage, tag_path)
-        moorage_fresh = upstream_requests(upstream, mark)
-        mark = upstream.mark()
-        get_manifest(distribution, tag_path)
-        report.add(
-            "fresh tag pull: upstream requests",
-            "count",
-            False,
-            {"moorage": moorage_fresh, "distribution": upstream_requests(upstream, mark)},
-            "0",
-        )
-        report.add(
-            "peak RSS during the run",
-            "MiB",
-            False,
-            {
-                "moorage": moorage.peak_rss_mib(),
-                "distribution": distribution.peak_rss_mib(),
-                "nginx": nginx.peak_rss_mib(),
-            },
-        )
-        moorage.process.restart()
-        blob_throughput(urls["moorage"], 16, huge_size)
-        report.add(
-            f"peak RSS serving 16 x {huge_size // MiB} MiB warm",
-            "MiB",
-            False,
-            {"moorage": moorage.peak_rss_mib()},
-            "<= 80",
-        )
-        moorage.stop()
-        distribution.stop()
-        nginx.stop()
-
-        index_figures(report, work, quick)
+        with part_of_run("index scale"):
+            index_figures(report, work, quick)
         return report
     finally:
         upstream.stop()
@@ -655,6 +574,113 @@ def linked_cold_pulls(report: Report, upstream: RealRegistry, work: Path, shm: P
             report.add(ratio_label, "ratio", False, ratios, "<= 1.1")
     finally:
         link.close()
+
+
+def serving_figures(report: Report, upstream: RealRegistry, work: Path, data: Seed, quick: bool) -> None:
+    """Serving what the caches hold: a warm 1 GiB blob beside nginx, manifests under load, a
+    fresh tag's upstream requests, and the memory each server needed."""
+    huge_size = data.huge_size
+    load_seconds = 3 if quick else 8
+    # Warm 1 GiB blob, then manifests, then peak memory while serving 16 streams.
+    moorage = fresh_moorage(work, upstream)
+    distribution = fresh_distribution(work, upstream)
+    nginx = NginxSystem(work / "nginx", data.huge_file, data.huge_blob)
+    urls = {
+        s.name: f"http://{s.host}/v2/{s.image('library/huge')}/blobs/{data.huge_blob}"
+        for s in (moorage, distribution, nginx)
+    }
+    for name in ("moorage", "distribution"):
+        subprocess.run(["curl", "-sf", "-o", "/dev/null", urls[name]], check=True, timeout=600)  # fill
+    # Both caches store the blob after the client has it: Moorage fsyncs it then, and
+    # Distribution goes on copying it into its storage for seconds (a full core for 6 s
+    # here). Wait until neither works any more, then write everything out, so that no
+    # cache's storing runs during the measurements of serving a warm blob.
+    settle([moorage.pid(), distribution.pid()])
+    os.sync()
+    # Rounds interleaved, median reported: one round here varies by up to a third.
+    for streams in (1, 16):
+        samples: dict[str, list[float]] = {name: [] for name in urls}
+        for _ in range(WARM_ROUNDS):
+            for name, url in urls.items():
+                samples[name].append(blob_throughput(url, streams, huge_size))
+        print(f"# warm {streams} stream(s) samples (MB/s): {json.dumps(samples)}", file=sys.stderr, flush=True)
+        rates = {name: statistics.median(values) for name, values in samples.items()}
+        target = ">= 0.9 x nginx, > distribution" if streams == 16 else ""
+        label = f"warm {huge_size // MiB} MiB blob, {streams} stream(s), median of {WARM_ROUNDS}"
+        report.add(label, "MB/s", True, rates, target)
+
+    tag_path = "v2/small/app-0/manifests/1"
+    digest_path = f"v2/small/app-0/manifests/{data.small_digest}"
+    for system in (moorage, distribution):
+        get_manifest(system, digest_path)
+    for label, path in (("fresh tag", tag_path), ("digest", digest_path)):
+        figures = {s.name: wrk(f"http://{s.host}/{path}", load_seconds, 16) for s in (moorage, distribution)}
+        target = ">= 3000/s; >= 4 x dist by digest" if label == "fresh tag" else ""
+        report.add(f"manifest GET by {label}", "req/s", True, {k: v[0] for k, v in figures.items()}, target)
+        report.add(f"manifest GET by {label} p50", "ms", False, {k: v[1] for k, v in figures.items()})
+        report.add(
+            f"manifest GET by {label} p99",
+            "ms",
+            False,
+            {k: v[2] for k, v in figures.items()},
+            "< 20 ms" if label == "fresh tag" else "",
+        )
+    heads = {
+        s.name: asyncio.run(head_load(f"http://{s.host}/{tag_path}", 1000 if quick else 5000, 16))
+        for s in (moorage, distribution)
+    }
+    report.add("manifest HEAD by fresh tag", "req/s", True, {k: v[0] for k, v in heads.items()})
+    report.add("manifest HEAD by fresh tag p99", "ms", False, {k: v[2] for k, v in heads.items()})
+    mark = upstream.mark()
+    get_manifest(moorage, tag_path)
+    moorage_fresh = upstream_requests(upstream, mark)
+    mark = upstream.mark()
+    get_manifest(distribution, tag_path)
+    report.add(
+        "fresh tag pull: upstream requests",
+        "count",
+        False,
+        {"moorage": moorage_fresh, "distribution": upstream_requests(upstream, mark)},
+        "0",
+    )
+    report.add(
+        "peak RSS during the run",
+        "MiB",
+        False,
+        {
+            "moorage": moorage.peak_rss_mib(),
+            "distribution": distribution.peak_rss_mib(),
+            "nginx": nginx.peak_rss_mib(),
+        },
+    )
+    moorage.process.restart()
+    blob_throughput(urls["moorage"], 16, huge_size)
+    report.add(
+        f"peak RSS serving 16 x {huge_size // MiB} MiB warm",
+        "MiB",
+        False,
+        {"moorage": moorage.peak_rss_mib()},
+        "<= 80",
+    )
+    moorage.stop()
+    distribution.stop()
+    nginx.stop()
+
+
+def concurrent_cold_pulls(report: Report, upstream: RealRegistry, work: Path, blobs: list[str]) -> None:
+    """8 and 32 curl clients pulling the big image's blobs at once from each fresh cache, and
+    how many times the upstream was asked for each blob."""
+    for clients in (8, 32):
+        seconds: dict[str, float] = {}
+        gets: dict[str, float] = {}
+        for kind in ("moorage", "distribution"):
+            system = fresh(kind, work, upstream)
+            mark = upstream.mark()
+            seconds[kind] = curl_pulls(system, "library/big", blobs, clients)
+            gets[kind] = upstream_gets_per_blob(upstream, mark, blobs)
+            system.stop()
+        report.add(f"{clients} concurrent cold pulls (curl)", "s", False, seconds)
+        report.add(f"{clients} concurrent cold pulls: GETs per blob", "count", False, gets, "1.00")
 
 
 def _merge_rows(report: Report) -> None:
