@@ -21,7 +21,8 @@ from moorage.upstreams._network import READ_SIZE
 from moorage.upstreams.reference import Digest, parse_digest
 from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import self_signed_certificate
-from tests.upstreams.test_network import REPO, MiB, client_for, read_blob
+
+from .clients import REPO, MiB, client_for, read_blob
 
 
 @pytest.fixture
