@@ -265,8 +265,18 @@ class Cache:
             held = self._index.write_batch(usage, pulled, change, fingerprints, routes, counted_totals=counted)
             return fingerprints, held
 
+        writing = asyncio.ensure_future(asyncio.to_thread(write))
         try:
-            written, held = await asyncio.to_thread(write)
+            written, held = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # Shutdown: the thread writes the batch regardless. Wait for it and take note of
+            # what it wrote, or the last flush would add this batch's store change again.
+            await asyncio.gather(writing, return_exceptions=True)
+            if writing.exception() is None:
+                self._note_written(*writing.result(), counts, totals)
+            else:
+                self._keep_for_next_flush(usage, pulled, accessed, routes)
+            raise
         except Exception as exc:  # a full disk, a broken index: keep the batch for the next try
             self._keep_for_next_flush(usage, pulled, accessed, routes)
             log.error(
@@ -274,6 +284,13 @@ class Cache:
                 extra={"event": "flush_failed", "error": str(exc)},
             )
             return
+        self._note_written(written, held, counts, totals)
+
+    def _note_written(
+        self, written: dict[Digest, Fingerprint], held: tuple[int, int], counts: int, totals: tuple[int, int]
+    ) -> None:
+        """After a batch is in the index: ``held`` is the store totals it holds now, written
+        from ``totals`` (this process's, taken when the batch was) and ``counts`` walks."""
         for digest, fingerprint in written.items():  # in the index now; newer ones stay
             if self._trusted.get(digest) == fingerprint:
                 del self._trusted[digest]

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from moorage.upstreams.reference import Digest
-
 from ._index import Index
 from ._store import DirectoryStore
 
@@ -33,7 +31,6 @@ class VerifyReport:
     checked_bytes: int = 0
     corrupt: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
-    quarantined_bytes: int = 0
 
 
 def hash_file(path: Path, algorithm: str, throttle: Callable[[int], None] | None = None) -> str:
@@ -64,27 +61,28 @@ def verify_store(
             if ahead > 0:
                 time.sleep(ahead)
 
-    bad: set[Digest] = set()
-    for blob in store.entries():
-        digest = blob.digest
-        try:
-            actual = hash_file(blob.path, digest.algorithm, throttle)
-        except FileNotFoundError:
-            continue  # evicted meanwhile
-        report.checked += 1
-        if actual == digest.encoded:
-            continue
-        report.corrupt.append(str(digest))
-        if repair and store.quarantine(digest):
-            report.quarantined.append(str(digest))
-            report.quarantined_bytes += blob.size
-            bad.add(digest)
-    if bad:
-        index = Index(root / "index")
-        try:
-            index.forget(bad)
-            if index.store_totals() is not None:  # a daemon serving the store picks it up
-                index.write_batch({}, {}, (-report.quarantined_bytes, -len(bad)))
-        finally:
+    index: Index | None = None  # opened at the first quarantine
+    try:
+        for blob in store.entries():
+            digest = blob.digest
+            try:
+                actual = hash_file(blob.path, digest.algorithm, throttle)
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            report.checked += 1
+            if actual == digest.encoded:
+                continue
+            report.corrupt.append(str(digest))
+            if repair and store.quarantine(digest):
+                report.quarantined.append(str(digest))
+                # At once, not at the end of a run that may last hours: a daemon serving the
+                # store takes the smaller size in at its next flush, and an interrupted run
+                # leaves nothing behind in the index.
+                index = index or Index(root / "index")
+                index.forget({digest})
+                if index.store_totals() is not None:
+                    index.write_batch({}, {}, (-blob.size, -1))
+    finally:
+        if index is not None:
             index.close()
     return report
