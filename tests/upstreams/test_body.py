@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import os
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import h11
@@ -23,12 +22,6 @@ from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import self_signed_certificate
 
 from .clients import REPO, MiB, client_for, read_blob
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeRegistry]:
-    async with FakeRegistry() as registry:
-        yield registry
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import os
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpcore
@@ -60,12 +59,6 @@ async def test_reads_ask_for_read_size_and_tls_streams_stay_wide() -> None:
     assert isinstance(secured, WideReadStream) and inner.tls == ["registry.example"]
     await secured.read(16 * KiB)
     assert inner.asked[-1] == READ_SIZE
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeRegistry]:
-    async with FakeRegistry() as registry:
-        yield registry
 
 
 async def test_a_blob_body_arrives_whole_and_in_pieces_larger_than_64_kib(upstream: FakeRegistry) -> None:
