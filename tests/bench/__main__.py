@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -506,16 +506,18 @@ def cold_pulls(
     for round_number in range(repeat):
         for kind in ("moorage", "moorage-no-prefetch", "distribution"):
             system = fresh(kind, work, upstream)
-            mark = upstream.mark()
-            pull(system, kind)
-            per_blob[kind] = max(per_blob.get(kind, 0.0), upstream_gets_per_blob(upstream, mark, blobs))
-            if round_number == 0 and kind in SYSTEMS:
+            try:
                 mark = upstream.mark()
-                warm_seconds = skopeo_pull(system, "library/big:1", shm)
-                warm_requests = upstream_requests(upstream, mark)
-                report.add(f"warm pull {image_mb:.0f} MB image (skopeo)", "s", False, {kind: warm_seconds})
-                report.add("warm pull: upstream requests", "count", False, {kind: warm_requests}, "0")
-            system.stop()
+                pull(system, kind)
+                per_blob[kind] = max(per_blob.get(kind, 0.0), upstream_gets_per_blob(upstream, mark, blobs))
+                if round_number == 0 and kind in SYSTEMS:
+                    mark = upstream.mark()
+                    warm_seconds = skopeo_pull(system, "library/big:1", shm)
+                    warm_requests = upstream_requests(upstream, mark)
+                    report.add(f"warm pull {image_mb:.0f} MB image (skopeo)", "s", False, {kind: warm_seconds})
+                    report.add("warm pull: upstream requests", "count", False, {kind: warm_requests}, "0")
+            finally:
+                system.stop()
         pull(DirectSystem(upstream), "direct")
     print(f"# cold pull samples (s): {json.dumps(samples)}", file=sys.stderr, flush=True)
     cold = {kind: statistics.median(values) for kind, values in samples.items()}
@@ -579,12 +581,22 @@ def linked_cold_pulls(report: Report, upstream: RealRegistry, work: Path, shm: P
 def serving_figures(report: Report, upstream: RealRegistry, work: Path, data: Seed, quick: bool) -> None:
     """Serving what the caches hold: a warm 1 GiB blob beside nginx, manifests under load, a
     fresh tag's upstream requests, and the memory each server needed."""
+    with ExitStack() as running:  # every server stopped, however the part ends
+        _serving_figures(report, upstream, work, data, quick, running)
+
+
+def _serving_figures(
+    report: Report, upstream: RealRegistry, work: Path, data: Seed, quick: bool, running: ExitStack
+) -> None:
     huge_size = data.huge_size
     load_seconds = 3 if quick else 8
     # Warm 1 GiB blob, then manifests, then peak memory while serving 16 streams.
     moorage = fresh_moorage(work, upstream)
+    running.callback(moorage.stop)
     distribution = fresh_distribution(work, upstream)
+    running.callback(distribution.stop)
     nginx = NginxSystem(work / "nginx", data.huge_file, data.huge_blob)
+    running.callback(nginx.stop)
     urls = {
         s.name: f"http://{s.host}/v2/{s.image('library/huge')}/blobs/{data.huge_blob}"
         for s in (moorage, distribution, nginx)
@@ -662,9 +674,6 @@ def serving_figures(report: Report, upstream: RealRegistry, work: Path, data: Se
         {"moorage": moorage.peak_rss_mib()},
         "<= 80",
     )
-    moorage.stop()
-    distribution.stop()
-    nginx.stop()
 
 
 def concurrent_cold_pulls(report: Report, upstream: RealRegistry, work: Path, blobs: list[str]) -> None:
@@ -675,10 +684,12 @@ def concurrent_cold_pulls(report: Report, upstream: RealRegistry, work: Path, bl
         gets: dict[str, float] = {}
         for kind in ("moorage", "distribution"):
             system = fresh(kind, work, upstream)
-            mark = upstream.mark()
-            seconds[kind] = curl_pulls(system, "library/big", blobs, clients)
-            gets[kind] = upstream_gets_per_blob(upstream, mark, blobs)
-            system.stop()
+            try:
+                mark = upstream.mark()
+                seconds[kind] = curl_pulls(system, "library/big", blobs, clients)
+                gets[kind] = upstream_gets_per_blob(upstream, mark, blobs)
+            finally:
+                system.stop()
         report.add(f"{clients} concurrent cold pulls (curl)", "s", False, seconds)
         report.add(f"{clients} concurrent cold pulls: GETs per blob", "count", False, gets, "1.00")
 
