@@ -65,7 +65,7 @@ from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
-from ._verify import hash_file
+from ._verify import counted_size, hash_file
 from .errors import CacheError, DigestMismatch, StoreFailure
 
 __all__ = [
@@ -811,6 +811,7 @@ class Cache:
         before = self._store.fingerprint(digest)
         if path is None or before is None:
             return None
+        known_good = self._trusted.get(digest) or self._index.fingerprint(digest)
         try:
             actual = hash_file(path, digest.algorithm)
         except FileNotFoundError:
@@ -819,7 +820,7 @@ class Cache:
             # Hashing a large file takes a while: the client's look counts from now, so no
             # sweeper removes the file before the client opens it.
             return self._guard.looking(digest, lambda: self._store.fingerprint(digest))
-        self._quarantine(digest, before.size, "blob")
+        self._quarantine(digest, counted_size(known_good, before.size), "blob")
         return None
 
     def _quarantine(self, digest: Digest, size: int, kind: ContentKind) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Final
 
 from ._index import Index
-from ._store import DirectoryStore
+from ._store import DirectoryStore, Fingerprint
 
-__all__ = ["VerifyReport", "hash_file", "verify_store"]
+__all__ = ["VerifyReport", "counted_size", "hash_file", "verify_store"]
 
 READ_SIZE: Final = 1024 * 1024
 
@@ -42,6 +42,13 @@ def hash_file(path: Path, algorithm: str, throttle: Callable[[int], None] | None
             if throttle is not None:
                 throttle(len(chunk))
     return str(hasher.hexdigest())
+
+
+def counted_size(known_good: Fingerprint | None, on_disk: int) -> int:
+    """The size a corrupt file was counted with in the store totals: the size it had when it
+    was known good, not what is left of it (a truncated file would leave the totals off by
+    what was cut); the size on disk when it was never known good here."""
+    return known_good.size if known_good is not None else on_disk
 
 
 def verify_store(
@@ -79,9 +86,10 @@ def verify_store(
                 # store takes the smaller size in at its next flush, and an interrupted run
                 # leaves nothing behind in the index.
                 index = index or Index(root / "index")
+                counted = counted_size(index.fingerprint(digest), blob.size)
                 index.forget({digest})
                 if index.store_totals() is not None:
-                    index.write_batch({}, {}, (-blob.size, -1))
+                    index.write_batch({}, {}, (-counted, -1))
     finally:
         if index is not None:
             index.close()

@@ -74,6 +74,9 @@ async def test_a_truncated_blob_is_never_served_short(
     head = await moorage.head(f"/v2/alpine/blobs/{digest}")
     assert head.headers["Content-Length"] == str(len(content)), "HEAD does not trust the short file either"
     assert await pull_blob(moorage, digest) == content
+    await until_stored(store, digest, content)
+    # The short file's whole counted size left the totals, not the 1,000 bytes left of it.
+    assert await metric(moorage, "moorage_store_bytes") == len(content)
 
 
 async def test_a_vanished_blob_is_fetched_again(
