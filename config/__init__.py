@@ -5,7 +5,7 @@ Imported by every room; imports none of them. ``load_settings`` builds a frozen
 """
 
 from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy
-from ._load import CONFIG_ENV, ConfigError, load_settings
+from ._load import CONFIG_ENV, ConfigError, load_settings, settings_source
 from ._model import (
     DEFAULT_UPSTREAMS,
     AuthSettings,
@@ -42,5 +42,6 @@ __all__ = [
     "load_settings",
     "parse_duration",
     "parse_size",
+    "settings_source",
     "split_address",
 ]

@@ -1,25 +1,78 @@
 """One line per pydantic validation error: ``key.path[0].name: what is wrong``.
 
-Shared by the settings file and the lifecycle policy files, so both speak alike.
+Shared by the settings file and the lifecycle policy files, so both speak alike: in the words
+of a YAML file (a list, a section of keys, text, a whole number), not of Python's types.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["describe_error"]
 
+#: What a value of the wrong shape should have been, by pydantic's error type.
+_EXPECTED: Final = {
+    "tuple_type": "must be a list ([a, b] or '- a' lines)",
+    "list_type": "must be a list ([a, b] or '- a' lines)",
+    "dict_type": "must be a section of keys ('key: value' lines)",
+    "model_type": "must be a section of keys ('key: value' lines)",
+    "model_attributes_type": "must be a section of keys ('key: value' lines)",
+    "string_type": "must be text (quote it)",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+}
+#: Bounds, by pydantic's error type: the words and the key of the bound in the error's context.
+_BOUNDS: Final = {
+    "greater_than_equal": ("at least", "ge"),
+    "greater_than": ("above", "gt"),
+    "less_than_equal": ("at most", "le"),
+    "less_than": ("below", "lt"),
+}
 
-def describe_error(error: Mapping[str, Any]) -> str:
+
+def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset()) -> str:
+    """``key: what is wrong``; a bound of a key named in ``seconds`` is given in seconds."""
     key = ""
     for part in error["loc"]:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    kind = error["type"]
     message = str(error["msg"])
-    if error["type"] == "extra_forbidden":
+    if kind == "extra_forbidden":
         message = "unknown key"
-    elif error["type"] == "missing":
+    elif kind == "missing":
         message = "required key missing"
+    elif kind in _EXPECTED:
+        message = f"{_EXPECTED[kind]}, not {_shown(error.get('input'))}"
+    elif kind in _BOUNDS and isinstance(error.get("ctx"), Mapping):
+        words, bound = _BOUNDS[kind]
+        unit = " s" if error["loc"] and str(error["loc"][-1]) in seconds else ""
+        message = f"must be {words} {_number(error['ctx'][bound])}{unit}, not {_number(error.get('input'))}{unit}"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return f"{key}: {message}" if key else message
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _shown(value: object) -> str:
+    """The offending value as the user wrote it, cut short."""
+    text = repr(value) if isinstance(value, str) else _yaml_words(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _yaml_words(value: object) -> str:
+    if isinstance(value, dict):
+        return "a section of keys"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "nothing" if value is None else str(value)

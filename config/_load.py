@@ -16,9 +16,9 @@ import yaml
 from pydantic import ValidationError
 
 from ._describe import describe_error
-from ._model import DEFAULT_UPSTREAMS, Settings
+from ._model import DEFAULT_UPSTREAMS, DURATION_KEYS, Settings
 
-__all__ = ["CONFIG_ENV", "ConfigError", "load_settings"]
+__all__ = ["CONFIG_ENV", "ConfigError", "load_settings", "settings_source"]
 
 ENV_PREFIX = "MOORAGE_"
 #: Names the config file; not a setting itself.
@@ -26,31 +26,57 @@ CONFIG_ENV = "MOORAGE_CONFIG"
 
 
 class ConfigError(Exception):
-    """Settings that cannot be used; ``problems`` are ``key: what is wrong`` lines."""
+    """Settings that cannot be used; ``problems`` are ``key: what is wrong`` lines. ``source``
+    names the file (or the environment) they came from; None where the code that found the
+    problem (reading a certificate, opening the store) does not know it: see :meth:`named`."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(self, source: str | None, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  {p}" for p in problems))
+        where = source or "the configuration"
+        super().__init__(f"invalid configuration in {where}:\n" + "\n".join(f"  {p}" for p in problems))
+
+    def named(self, source: str) -> ConfigError:
+        """This error naming ``source`` (the settings' :func:`settings_source`) if it named none."""
+        return self if self.source is not None else ConfigError(source, self.problems)
+
+
+def settings_source(path: Path | None, environ: Mapping[str, str] | None = None) -> str:
+    """How errors name where settings came from: the file, the environment, both, or neither."""
+    overridden = any(k.startswith(ENV_PREFIX) and k != CONFIG_ENV for k in (environ or {}))
+    if path is None:
+        return "the environment" if overridden else "the defaults"
+    return f"{path} and the environment" if overridden else str(path)
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings from ``path`` (optional) overlaid with ``environ``'s ``MOORAGE_*`` keys."""
     environ = environ or {}
     data: dict[str, Any] = {}
-    source = "the defaults"
+    source = settings_source(path, environ)
     if path is not None:
-        source = str(path)
         data = _read_file(path)
     overrides = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != CONFIG_ENV}
     for name in sorted(overrides):
         _apply_override(data, name, overrides[name], source)
-    if overrides:
-        source += " and the environment" if path else "the environment"
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [describe_error(error) for error in exc.errors()]) from None
+        raise ConfigError(source, [_with_variable(error, overrides) for error in exc.errors()]) from None
+
+
+def _with_variable(error: Mapping[str, Any], overrides: Mapping[str, str]) -> str:
+    """The error's line, naming the ``MOORAGE_*`` variable that set the key, if one did: the
+    file may not hold the key at all (``MOORAGE_TAG_TLL`` is reported as ``tag_tll``)."""
+    line = describe_error(error, DURATION_KEYS)
+    where = [str(part).lower() for part in error["loc"]]
+    for name in sorted(overrides):
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if where and (where[: len(path)] == path or path[: len(where)] == where):
+            if error["type"] in ("tuple_type", "list_type"):
+                return f"{line} (set by {name}; a variable sets one value, lists belong in the file)"
+            return f"{line} (set by {name})"
+    return line
 
 
 def _read_file(path: Path) -> dict[str, Any]:

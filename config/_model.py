@@ -9,7 +9,7 @@ plus the other big public registries, anonymously, on ``0.0.0.0:5000`` with the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
@@ -19,6 +19,7 @@ from ._units import parse_duration, parse_size
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
+    "DURATION_KEYS",
     "AuthSettings",
     "LifecycleBinding",
     "PolicyRule",
@@ -33,6 +34,15 @@ __all__ = [
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 Bytes = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _blank_is_unset(value: object) -> object:
+    """``password_file: ""`` means no file, not the current directory."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+#: A file an optional key names; an empty value leaves it unset.
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset)]
 
 _PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -73,7 +83,7 @@ class TlsSettings(_Section):
     cert_file: Path
     key_file: Path
     #: Require client certificates signed by this CA (mutual TLS); unset: no client certificate.
-    client_ca_file: Path | None = None
+    client_ca_file: OptionalFile = None
 
 
 class PolicyRule(_Section):
@@ -108,9 +118,9 @@ class AuthSettings(_Section):
     """Who may pull. With no ``htpasswd_file`` everyone may (the cache's default)."""
 
     #: Users and bcrypt hashes, as ``htpasswd -B`` writes them; reloaded when the file changes.
-    htpasswd_file: Path | None = None
+    htpasswd_file: OptionalFile = None
     #: Groups of those users, one per line: ``group: user1 user2`` (Apache's AuthGroupFile).
-    groups_file: Path | None = None
+    groups_file: OptionalFile = None
     #: ``pull``: requests without credentials may pull; ``none``: they get 401. Unset: ``none``
     #: when ``htpasswd_file`` is set, ``pull`` otherwise.
     anonymous: Literal["pull", "none"] | None = None
@@ -118,7 +128,7 @@ class AuthSettings(_Section):
     token_lifetime: Seconds = Field(default=12 * 3600.0, ge=60, le=31 * 86400)
     #: The ES256 key tokens are signed with (PKCS#8 PEM). Unset: ``<storage.path>/auth/token-key.pem``,
     #: generated at the first start. Replicas sharing a store share the key.
-    token_signing_key_file: Path | None = None
+    token_signing_key_file: OptionalFile = None
     #: The token service's URL as clients reach it (``https://cache.example/token``). Unset:
     #: built from each request's scheme and Host header.
     token_realm: str | None = None
@@ -186,7 +196,7 @@ class UpstreamSettings(_Section):
     prefixes: tuple[str, ...] = ()
     username: str = ""
     #: A file holding the password or token for ``username``; read at start, never logged.
-    password_file: Path | None = None
+    password_file: OptionalFile = None
     #: Freshness of a tag answer for this upstream; the global ``tag_ttl`` when unset.
     tag_ttl: Seconds | None = None
     #: Add ``library/`` to one-component names (Docker Hub's official images).
@@ -202,7 +212,7 @@ class UpstreamSettings(_Section):
     #: ``max_concurrent_fills``.
     prefetch_blobs: int = Field(default=3, ge=0, le=64)
     #: An ECR lifecycle policy for every repository of this upstream (the same JSON).
-    lifecycle_policy_file: Path | None = None
+    lifecycle_policy_file: OptionalFile = None
     #: Policies for repository globs; the first match wins, before ``lifecycle_policy_file``.
     lifecycle_policies: tuple[LifecycleBinding, ...] = ()
 
@@ -225,10 +235,7 @@ class UpstreamSettings(_Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        value = value.strip().lower()
-        if not value or "/" in value or " " in value:
-            raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
-        return value
+        return _host_name(value)
 
     @field_validator("url")
     @classmethod
@@ -243,7 +250,7 @@ class UpstreamSettings(_Section):
     @field_validator("aliases")
     @classmethod
     def _aliases(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.strip().lower() for v in values)
+        return tuple(_host_name(value) for value in values)
 
     @field_validator("prefixes")
     @classmethod
@@ -258,6 +265,15 @@ class UpstreamSettings(_Section):
         if self.library_prefix is not None:
             return self.library_prefix
         return self.host == "docker.io"
+
+
+def _host_name(value: str) -> str:
+    """A registry's name as image references and ``?ns=`` give it (``ghcr.io``,
+    ``registry.local:5000``), lowercased."""
+    value = value.strip().lower()
+    if not value or "/" in value or any(c.isspace() for c in value):
+        raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
+    return value
 
 
 DEFAULT_UPSTREAMS: tuple[UpstreamSettings, ...] = (
@@ -314,6 +330,13 @@ class Settings(_Section):
             raise ValueError(f"not a listen address: {value!r} (expected host:port, e.g. 0.0.0.0:5000)")
         return value
 
+    @field_validator("upstreams")
+    @classmethod
+    def _some_upstream(cls, values: tuple[UpstreamSettings, ...]) -> tuple[UpstreamSettings, ...]:
+        if not values:
+            raise ValueError("at least one upstream is needed (leave the key out for the built-in ones)")
+        return values
+
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
         seen: dict[str, str] = {}
@@ -343,3 +366,16 @@ def split_address(value: str) -> tuple[str, int]:
     """(host, port) of a validated ``host:port``; an empty host means every address."""
     host, _, port = value.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _duration_keys(*sections: type[BaseModel]) -> frozenset[str]:
+    """Keys whose values are durations, so that errors about their bounds speak of seconds."""
+    return frozenset(
+        name
+        for section in sections
+        for name, field in section.model_fields.items()
+        if any(getattr(rule, "func", None) is parse_duration for rule in field.metadata)
+    )
+
+
+DURATION_KEYS: Final = _duration_keys(Settings, StorageSettings, AuthSettings, TimeoutSettings, RetrySettings)

@@ -101,7 +101,23 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param("tag_tll: 1m\n", "tag_tll: unknown key", id="typo_key"),
         pytest.param("tag_ttl: soon\n", "tag_ttl: not a duration", id="bad_duration"),
         pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
-        pytest.param("listen: 5000\n", "listen: Input should be a valid string", id="listen_not_text"),
+        pytest.param("listen: 5000\n", "listen: must be text (quote it), not 5000", id="listen_not_text"),
+        pytest.param("upstreams: {a: 1}\n", "upstreams: must be a list", id="upstreams_not_a_list"),
+        pytest.param("storage: /tmp/x\n", "storage: must be a section of keys", id="section_not_a_mapping"),
+        pytest.param(
+            "auth: {token_lifetime: 10s}\n", "auth.token_lifetime: must be at least 60 s, not 10 s", id="bound_seconds"
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', retries: {attempts: 0}}\n",
+            "upstreams[0].retries.attempts: must be at least 1, not 0",
+            id="bound_count",
+        ),
+        pytest.param("upstreams: []\n", "upstreams: at least one upstream is needed", id="no_upstreams"),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', aliases: ['has space']}\n",
+            "upstreams[0].aliases: not a registry host name: 'has space'",
+            id="bad_alias",
+        ),
         pytest.param(
             "upstreams:\n  - url: https://a.io\n", "upstreams[0].host: required key missing", id="missing_host"
         ),
@@ -135,9 +151,32 @@ def test_bad_files_name_the_file_and_the_key(tmp_path: Path, text: str, expected
     assert expected in str(caught.value)
 
 
-def test_unknown_environment_key_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="tag_tll: unknown key"):
+def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"tag_tll: unknown key \(set by MOORAGE_TAG_TLL\)"):
         load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
+
+
+def test_a_list_set_from_the_environment_says_lists_belong_in_the_file() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"MOORAGE_UPSTREAMS__0__ALIASES": "a,b"})
+    assert "upstreams[0].aliases: must be a list" in str(caught.value)
+    assert "set by MOORAGE_UPSTREAMS__0__ALIASES; a variable sets one value, lists belong in the file" in str(
+        caught.value
+    )
+
+
+def test_an_empty_file_key_means_no_file(tmp_path: Path) -> None:
+    """``password_file: ""`` (as a template renders an unset value) is no file, not the
+    current directory, which serving would then fail to read."""
+    path = write(
+        tmp_path,
+        "upstreams:\n  - {host: a.io, url: 'https://a.io', password_file: '', lifecycle_policy_file: ''}\n"
+        "auth: {htpasswd_file: ' ', groups_file: '', token_signing_key_file: ''}\n",
+    )
+    settings = load_settings(path)
+    assert settings.upstreams[0].password_file is None and settings.upstreams[0].lifecycle_policy_file is None
+    assert settings.auth.htpasswd_file is None and settings.auth.groups_file is None
+    assert settings.auth.token_signing_key_file is None and settings.auth.anonymous_may_pull
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
