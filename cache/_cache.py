@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal
 
-from moorage.config import StorageSettings, UpstreamSettings
+from moorage.config import ConfigError, StorageSettings, UpstreamSettings
 from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
     MAX_MANIFEST_BYTES,
@@ -1018,7 +1018,11 @@ async def open_cache(
     """The store and index under ``settings.path``; temporaries of a previous run are swept,
     bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end, and garbage
     collection and the upstreams' lifecycle policies run at their intervals."""
-    store, index = await asyncio.to_thread(open_store, settings.path)
+    try:
+        store, index = await asyncio.to_thread(open_store, settings.path)
+    except OSError as exc:  # a file where the directory should be, no permission, a full disk
+        reason = exc.strerror or str(exc)
+        raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {reason}"]) from None
     cache = Cache(
         store,
         index,

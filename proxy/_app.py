@@ -92,7 +92,7 @@ def _token_keys(settings: Settings) -> TokenKeys:
     try:
         return TokenKeys.for_settings(settings)
     except (ValueError, OSError) as exc:
-        raise ConfigError("the configuration", [f"auth.token_signing_key_file: {exc}"]) from None
+        raise ConfigError(None, [f"auth.token_signing_key_file: {exc}"]) from None
 
 
 def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTransport | None = None) -> web.Application:

@@ -81,9 +81,7 @@ class Htpasswd:
             text = self.path.read_text(encoding="utf-8")
             mtime = self.path.stat().st_mtime
         except OSError as exc:
-            raise ConfigError(
-                "the configuration", [f"auth.htpasswd_file: cannot read {self.path}: {exc.strerror}"]
-            ) from None
+            raise ConfigError(None, [f"auth.htpasswd_file: cannot read {self.path}: {exc.strerror}"]) from None
         users: dict[str, bytes] = {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -91,7 +89,7 @@ class Htpasswd:
             user, sep, hashed = line.strip().partition(":")
             if not sep or not hashed.encode().startswith(_BCRYPT_PREFIXES):
                 raise ConfigError(
-                    "the configuration",
+                    None,
                     [f"auth.htpasswd_file: {self.path} line {number}: expected user:bcrypt-hash (htpasswd -B)"],
                 )
             users[user] = hashed.encode()
@@ -111,9 +109,7 @@ class Htpasswd:
             text = self.groups_path.read_text(encoding="utf-8")
             mtime = self.groups_path.stat().st_mtime
         except OSError as exc:
-            raise ConfigError(
-                "the configuration", [f"auth.groups_file: cannot read {self.groups_path}: {exc.strerror}"]
-            ) from None
+            raise ConfigError(None, [f"auth.groups_file: cannot read {self.groups_path}: {exc.strerror}"]) from None
         members: dict[str, set[str]] = {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -121,7 +117,7 @@ class Htpasswd:
             group, sep, names = line.partition(":")
             if not sep or not group.strip():
                 raise ConfigError(
-                    "the configuration",
+                    None,
                     [f"auth.groups_file: {self.groups_path} line {number}: expected 'group: user1 user2'"],
                 )
             for user in names.split():

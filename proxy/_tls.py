@@ -48,16 +48,12 @@ class ServerTls:
         try:
             context.load_cert_chain(settings.cert_file, settings.key_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "the configuration", [f"tls.cert_file/tls.key_file: cannot load {settings.cert_file}: {exc}"]
-            ) from None
+            raise ConfigError(None, [f"tls.cert_file/tls.key_file: cannot load {settings.cert_file}: {exc}"]) from None
         if settings.client_ca_file is not None:
             try:
                 context.load_verify_locations(settings.client_ca_file)
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    "the configuration", [f"tls.client_ca_file: cannot load {settings.client_ca_file}: {exc}"]
-                ) from None
+                raise ConfigError(None, [f"tls.client_ca_file: cannot load {settings.client_ca_file}: {exc}"]) from None
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 

@@ -41,6 +41,7 @@ from moorage.config import (
     load_settings,
     parse_duration,
     parse_size,
+    settings_source,
     split_address,
 )
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
@@ -48,6 +49,7 @@ from moorage.upstreams.reference import InvalidReference, parse_image_reference
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, Client, client_files
 from ._logging import configure_logging
+from ._preflight import file_problems
 from ._serve import running, serve
 from ._tokens import TokenKeys
 
@@ -82,15 +84,27 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+def settings_file(config: Path | None) -> Path | None:
+    """``--config``, else ``$MOORAGE_CONFIG``, else none (the defaults)."""
+    if config is None and os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return config
+
+
 def settings_from(config: Path | None) -> Settings:
     """The settings from ``--config``, else ``$MOORAGE_CONFIG``, else defaults; overlaid with
     ``MOORAGE_*``. A bad file ends the command with exit code 2."""
-    if config is None and os.environ.get(CONFIG_ENV):
-        config = Path(os.environ[CONFIG_ENV])
     try:
-        return load_settings(config, os.environ)
+        return load_settings(settings_file(config), os.environ)
     except ConfigError as error:
         fail(str(error))
+
+
+def check_files(settings: Settings, source: str) -> None:
+    """End the command with exit code 2 if serving would refuse a file the settings name."""
+    problems = file_problems(settings)
+    if problems:
+        fail(str(ConfigError(source, problems)))
 
 
 config_option = click.option(
@@ -133,24 +147,39 @@ def serve_command(config: Path | None) -> None:
     store in ./moorage-data.
     """
     settings = settings_from(config)
+    source = settings_source(settings_file(config), os.environ)
+    check_files(settings, source)
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings, _version()))
     except ConfigError as error:
-        fail(str(error))
+        fail(str(error.named(source)))
     except OSError as error:
         fail(f"cannot listen on {settings.listen}: {error.strerror or error}")
 
 
-@main.command("check-config", epilog="Example:\n\n  moorage check-config /etc/moorage/config.yaml")
+@main.command(
+    "check-config",
+    epilog="Examples:\n\n  moorage check-config /etc/moorage/config.yaml\n\n"
+    "  moorage check-config --skip-files config.yaml   # away from the machine that serves it",
+)
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-def check_config(file: Path) -> None:
-    """Validate a settings file (and MOORAGE_* variables) without serving."""
+@click.option(
+    "--skip-files",
+    is_flag=True,
+    help="Check the settings alone: do not read the certificates, htpasswd, groups, key and password "
+    "files they name, nor look at the store directory (lifecycle policies are always read).",
+)
+def check_config(file: Path, skip_files: bool) -> None:
+    """Validate a settings file (and MOORAGE_* variables) as serving would, without serving."""
     try:
         settings = load_settings(file, os.environ)
     except ConfigError as error:
         fail(str(error))
-    click.echo(f"{file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path})")
+    if not skip_files:
+        check_files(settings, settings_source(file, os.environ))
+    read = "files not read" if skip_files else "files read"
+    click.echo(f"{file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path}; {read})")
 
 
 @main.command(
@@ -190,6 +219,14 @@ def _size(value: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(value)
+
+
+def _duration(seconds: float) -> str:
+    """``3600.0`` as ``1h``: the largest whole unit."""
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length and seconds % length == 0:
+            return f"{seconds // length:.0f}{unit}"
+    return f"{seconds:g}s"
 
 
 def _when(epoch: float | None) -> str:
@@ -289,7 +326,10 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
         try:
             upstreams = _summary_from_metrics(url)
         except (urllib.error.URLError, OSError) as error:
-            fail(f"cannot read {url}/metrics: {error}")
+            hint = ""
+            if isinstance(error, urllib.error.HTTPError) and error.code == 404:
+                hint = " (with metrics_listen set, /metrics is served there: pass that address)"
+            fail(f"cannot read {url}/metrics: {error}{hint}")
         totals = upstreams.pop("*", {})
         report = StatsReport(
             url, int(totals.get("moorage_store_bytes", 0)), int(totals.get("moorage_store_entries", 0)), upstreams
@@ -365,13 +405,16 @@ def warm_command(
 ) -> None:
     """Pre-pull images into the cache.
 
-    Each IMAGE is written as for docker pull (alpine:3.19, ghcr.io/owner/app@sha256:...). For a
-    multi-platform image, linux/amd64 is warmed unless --platform or --all-platforms says otherwise.
+    Each IMAGE is written as for docker pull (alpine:3.19, ghcr.io/owner/app@sha256:...); a name
+    without a registry goes to the default upstream of the settings (Docker Hub unless
+    configured otherwise). For a multi-platform image, linux/amd64 is warmed unless --platform
+    or --all-platforms says otherwise.
     """
     if platforms and all_platforms:
         fail("--platform and --all-platforms exclude each other")
+    default = next((u.host for u in settings_from(config).upstreams if u.default), "docker.io")
     try:
-        references = [parse_image_reference(name) for name in _read_images(images, file)]
+        references = [parse_image_reference(name, default) for name in _read_images(images, file)]
     except InvalidReference as error:
         fail(str(error))
     wanted = None if all_platforms else list(platforms or ["linux/amd64"])
@@ -427,21 +470,23 @@ def verify(repair: bool, rate: str, config: Path | None, store: Path | None) -> 
 
 
 @main.command(epilog="Examples:\n\n  moorage gc --dry-run\n\n  moorage gc --grace 6h --store /var/lib/moorage")
-@click.option("--grace", default="1h", show_default=True, help="Keep unreferenced blobs younger than this.")
+@click.option("--grace", help="Keep unreferenced blobs younger than this (default: storage.gc_grace, 1h).")
 @click.option("--dry-run", is_flag=True, help="Report what would go; remove nothing.")
 @config_option
 @store_option
-def gc(grace: str, dry_run: bool, config: Path | None, store: Path | None) -> None:
+def gc(grace: str | None, dry_run: bool, config: Path | None, store: Path | None) -> None:
     """Remove blobs no stored manifest refers to (older than the grace period).
 
     Every manifest the cache holds, tagged or pulled by digest, is kept, with everything it
     refers to. Safe beside a running daemon: anything removed by mistake is fetched again.
     """
-    path = _store_path(config, store)
+    settings = settings_from(config)
+    path = store if store is not None else settings.storage.path
     try:
-        grace_seconds = parse_duration(grace)
+        grace_seconds = parse_duration(grace) if grace is not None else settings.storage.gc_grace
     except ValueError as error:
         fail(f"--grace: {error}")
+    grace = grace or _duration(grace_seconds)
     _require_store(path)
     report = collect_garbage(path, grace_seconds=grace_seconds, dry_run=dry_run)
     for digest in report.swept:

@@ -12,7 +12,7 @@ from ._client import (
     TagsPage,
     UpstreamObserver,
 )
-from ._pool import open_upstreams
+from ._pool import open_upstreams, read_password
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
 from .errors import (
@@ -46,4 +46,5 @@ __all__ = [
     "UpstreamUnavailable",
     "open_upstreams",
     "parse_ratelimit",
+    "read_password",
 ]

@@ -19,17 +19,18 @@ from ._client import RegistryClient, UpstreamObserver
 from ._network import load_network_modules
 from ._routing import Router
 
-__all__ = ["open_upstreams"]
+__all__ = ["open_upstreams", "read_password"]
 
 
-def _password(index: int, settings: UpstreamSettings) -> str | None:
+def read_password(index: int, settings: UpstreamSettings) -> str | None:
+    """The password of ``upstreams[index]``, from its ``password_file``; blocks."""
     if settings.password_file is None:
         return None
     try:
         return settings.password_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(
-            "the configuration",
+            None,
             [f"upstreams[{index}].password_file: cannot read {settings.password_file}: {exc.strerror}"],
         ) from None
 
@@ -42,7 +43,7 @@ async def open_upstreams(
 ) -> AsyncIterator[Router[RegistryClient]]:
     await load_network_modules()
     clients = [
-        RegistryClient(settings, password=_password(i, settings), observer=observer, transport=transport)
+        RegistryClient(settings, password=read_password(i, settings), observer=observer, transport=transport)
         for i, settings in enumerate(upstreams)
     ]
     try:

@@ -105,6 +105,21 @@ def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstr
         assert registry.blob_gets(mark) == {}, "warm filled the store: the pull needed no upstream blob"
 
 
+def test_warm_sends_short_names_to_the_configured_default_upstream(upstream: Upstream, tmp_path: Path) -> None:
+    """Not to Docker Hub when another registry is the default, as the daemon routes them."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"path": str(tmp_path / "store")},
+                "upstreams": [{"host": "registry.internal", "url": upstream.registry.url, "default": True}],
+            }
+        )
+    )
+    warmed = moorage("warm", "library/tiny:1", config=config)
+    assert "registry.internal/library/tiny:1: 3 blobs" in warmed.stdout
+
+
 def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream, tmp_path: Path) -> None:
     registry = upstream.registry
     with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon:

@@ -176,8 +176,12 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
     path.write_text(config_map["data"]["config.yaml"].replace(SETTINGS_DIR, str(tmp_path)))
     settings = load_settings(path)
     assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
+    # The secrets the pod mounts (certificate, htpasswd, credentials) exist only in a cluster.
     checked = subprocess.run(
-        [sys.executable, "-m", "moorage.proxy", "check-config", str(path)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "moorage.proxy", "check-config", "--skip-files", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert checked.returncode == 0, checked.stderr
     if name == "tls":

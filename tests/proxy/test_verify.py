@@ -81,6 +81,10 @@ async def test_gc_keeps_an_image_and_removes_what_nothing_refers_to(
     kept = command("gc", store)
     assert kept.returncode == 0, kept.stderr
     assert "removed 0" in kept.stdout and "1 unreferenced but younger than 1h" in kept.stdout
+    settings = tmp_path / "config.yaml"
+    settings.write_text("storage: {gc_grace: 2h}\n")
+    configured = command("gc", store, "--config", str(settings))  # the grace from the settings
+    assert "1 unreferenced but younger than 2h" in configured.stdout, configured.stdout + configured.stderr
     swept = command("gc", store, "--grace", "0s")
     assert swept.returncode == 0, swept.stderr
     assert f"removed: {stray}" in swept.stdout and swept.stdout.count("removed:") == 1

@@ -1,0 +1,72 @@
+"""Reading every file the settings name, as serving would, before serving.
+
+``moorage check-config`` and ``moorage serve`` both call :func:`file_problems`, so a settings
+file that passes the check does not fail at start on a certificate, an htpasswd or groups file,
+a token signing key, an upstream's password file or the store directory. All problems are
+reported at once, one ``key: what is wrong`` line each. Blocking (it reads files).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from moorage.config import ConfigError, Settings
+from moorage.upstreams import read_password
+
+from ._auth import Htpasswd
+from ._tls import ServerTls
+from ._tokens import TokenKeys
+
+__all__ = ["file_problems"]
+
+
+def file_problems(settings: Settings) -> list[str]:
+    """What serving these settings would refuse in the files they name; empty when nothing."""
+    problems: list[str] = []
+    tls, auth = settings.tls, settings.auth
+    if tls is not None:
+        _collect(problems, partial(ServerTls, tls))
+    htpasswd_file = auth.htpasswd_file
+    if htpasswd_file is not None:
+        _collect(problems, partial(_read_users, htpasswd_file, auth.groups_file))
+    if auth.token_signing_key_file is not None:
+        try:
+            TokenKeys.load(auth.token_signing_key_file, create=False)
+        except ValueError as exc:
+            problems.append(f"auth.token_signing_key_file: {exc}")
+    for index, upstream in enumerate(settings.upstreams):
+        _collect(problems, partial(read_password, index, upstream))
+    store = _store_problem(settings.storage.path)
+    if store is not None:
+        problems.append(f"storage.path: {store}")
+    return problems
+
+
+def _collect(problems: list[str], read: Callable[[], object]) -> None:
+    try:
+        read()
+    except ConfigError as error:
+        problems.extend(error.problems)
+
+
+def _read_users(htpasswd_file: Path, groups_file: Path | None) -> None:
+    Htpasswd(htpasswd_file, groups_file).executor.shutdown()
+
+
+def _store_problem(path: Path) -> str | None:
+    """Why ``path`` cannot hold the store (it is created at start if missing), or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {parent} is not writable"
+    return None

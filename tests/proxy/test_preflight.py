@@ -1,0 +1,125 @@
+"""``check-config`` reads every file the settings name, as ``serve`` does, and both name the
+settings file in what they report: a config that passes the check does not fail at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import bcrypt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from moorage.cache import open_cache
+from moorage.config import ConfigError, StorageSettings
+from tests.integration.harness.tools import self_signed_certificate
+
+
+def moorage(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+
+
+def write_config(directory: Path, **files: Path) -> Path:
+    """A settings file naming ``files``: cert, key, htpasswd, groups, signing_key, password, store."""
+    config = directory / "config.yaml"
+    config.write_text(
+        f"""listen: 127.0.0.1:0
+storage: {{path: "{files["store"]}"}}
+tls: {{cert_file: "{files["cert"]}", key_file: "{files["key"]}"}}
+auth:
+  htpasswd_file: "{files["htpasswd"]}"
+  groups_file: "{files["groups"]}"
+  token_signing_key_file: "{files["signing_key"]}"
+upstreams:
+  - {{host: a.io, url: "https://a.io", default: true, username: robot, password_file: "{files["password"]}"}}
+"""
+    )
+    return config
+
+
+def good_files(directory: Path) -> dict[str, Path]:
+    cert, key = self_signed_certificate(directory / "tls")
+    htpasswd = directory / "htpasswd"
+    htpasswd.write_text(f"ci:{bcrypt.hashpw(b'secret', bcrypt.gensalt(4)).decode()}\n")
+    groups = directory / "groups"
+    groups.write_text("robots: ci\n")
+    signing_key = directory / "token-key.pem"
+    signing_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    password = directory / "password"
+    password.write_text("hunter2\n")
+    return {
+        "cert": cert,
+        "key": key,
+        "htpasswd": htpasswd,
+        "groups": groups,
+        "signing_key": signing_key,
+        "password": password,
+        "store": directory / "store",
+    }
+
+
+def test_a_config_whose_files_serve_would_read_passes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, **good_files(tmp_path))
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "files read" in checked.stdout
+    assert not (tmp_path / "store").exists(), "the check creates nothing"
+
+
+def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> None:
+    files = good_files(tmp_path)
+    files["htpasswd"].write_text("ci:plaintext\n")  # not a bcrypt hash
+    files["signing_key"].write_text("not a key\n")
+    files["store"].write_text("a file where the store should be\n")
+    broken = {
+        **files,
+        "cert": tmp_path / "absent.crt",
+        "groups": tmp_path / "absent-groups",
+        "password": tmp_path / "absent-password",
+    }
+    config = write_config(tmp_path, **broken)
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 2, checked.stdout
+    assert "Traceback" not in checked.stderr
+    assert f"invalid configuration in {config}" in checked.stderr
+    for problem in (
+        "tls.cert_file/tls.key_file: cannot load",
+        "auth.htpasswd_file:",
+        "auth.token_signing_key_file:",
+        "upstreams[0].password_file: cannot read",
+        f"storage.path: {files['store']} is not a directory",
+    ):
+        assert problem in checked.stderr, checked.stderr
+    # Away from the machine that serves it, the settings alone can be checked.
+    assert moorage("check-config", "--skip-files", str(config)).returncode == 0
+    # serve refuses the same config, naming the file, before it listens.
+    served = moorage("serve", "--config", str(config))
+    assert served.returncode == 2
+    assert f"invalid configuration in {config}" in served.stderr and "cannot listen" not in served.stderr
+    assert "storage.path:" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_a_groups_file_is_read_even_when_the_rest_is_good(tmp_path: Path) -> None:
+    files = good_files(tmp_path)
+    files["groups"].write_text("no colon here\n")
+    checked = moorage("check-config", str(write_config(tmp_path, **files)))
+    assert checked.returncode == 2
+    assert "auth.groups_file:" in checked.stderr and "line 1" in checked.stderr
+
+
+async def test_a_store_that_cannot_be_opened_is_a_storage_path_error(tmp_path: Path) -> None:
+    """Not blamed on the listen address, as an OSError at start once was."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        async with open_cache(StorageSettings(path=blocker / "store")):
+            pass
+    assert caught.value.problems == [f"storage.path: cannot use {blocker / 'store'} as the store: Not a directory"]
