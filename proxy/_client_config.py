@@ -1,9 +1,11 @@
 """Client setup snippets: how Docker, containerd, podman/CRI-O, k3s and kind pull through Moorage.
 
-Each generator returns files as ``{path: content}``; the command prints them (with a
-``# file:`` line before each) or writes them under a directory. Registries other than Docker
-Hub are reached by ``?ns=`` (containerd, k3s, kind add it) or by the registry's host as a
-path prefix (podman, Docker's ``pull <moorage>/<registry>/...``).
+Each generator takes the upstreams to mirror, as configured, and returns files as
+``{path: content}``; the command prints them (with a ``# file:`` line before each) or writes
+them under a directory. Registries other than the default upstream are reached by ``?ns=``
+(containerd, k3s, kind add it) or by a path prefix (podman, Docker's ``pull
+<moorage>/<registry>/...``): the host, or a configured prefix where the host has a port (the
+image name grammar has no ``:``). containerd's fallback ``server`` is the upstream's ``url``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from collections.abc import Callable, Sequence
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
-__all__ = ["CLIENTS", "Client", "client_files"]
+from moorage.config import UpstreamSettings
+
+__all__ = ["CLIENTS", "Client", "client_files", "path_prefix"]
 
 Client = Literal["docker", "containerd", "podman", "k3s", "kind"]
-#: Where each registry's own API lives, for containerd's fallback ``server``.
-_SERVERS: Final = {"docker.io": "https://registry-1.docker.io"}
+Upstreams = Sequence[UpstreamSettings]
 
 
-def _server(registry: str) -> str:
-    return _SERVERS.get(registry, f"https://{registry}")
+def path_prefix(upstream: UpstreamSettings) -> str | None:
+    """The first path component that routes to ``upstream``: its host, or where the host has a
+    port, its first prefix; None when no path component can."""
+    if ":" not in upstream.host:
+        return upstream.host
+    return upstream.prefixes[0] if upstream.prefixes else None
 
 
 def _address(url: str) -> tuple[str, bool]:
@@ -30,7 +37,7 @@ def _address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "http"
 
 
-def _docker(url: str, registries: Sequence[str]) -> dict[str, str]:
+def _docker(url: str, upstreams: Upstreams) -> dict[str, str]:
     address, insecure = _address(url)
     config: dict[str, list[str]] = {"registry-mirrors": [url.rstrip("/")]}
     if insecure:
@@ -38,21 +45,28 @@ def _docker(url: str, registries: Sequence[str]) -> dict[str, str]:
     return {"/etc/docker/daemon.json": json.dumps(config, indent=2) + "\n"}
 
 
-def _containerd(url: str, registries: Sequence[str]) -> dict[str, str]:
+def _containerd(url: str, upstreams: Upstreams) -> dict[str, str]:
     files = {}
-    for registry in [*registries, "_default"]:
-        server = f'server = "{_server(registry)}"\n\n' if registry != "_default" else ""
+    servers: dict[str, str | None] = {u.host: u.url for u in upstreams}
+    for registry, server in [*servers.items(), ("_default", None)]:
+        fallback = f'server = "{server}"\n\n' if server is not None else ""
         files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = (
-            f'{server}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n'
+            f'{fallback}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n'
         )
     return files
 
 
-def _podman(url: str, registries: Sequence[str]) -> dict[str, str]:
+def _podman(url: str, upstreams: Upstreams) -> dict[str, str]:
     address, insecure = _address(url)
-    blocks = ['unqualified-search-registries = ["docker.io"]\n']
-    for registry in registries:
-        mirror = address if registry == "docker.io" else f"{address}/{registry}"
+    hosts = [u.host for u in upstreams]
+    default = next((u.host for u in upstreams if u.default), "docker.io" if "docker.io" in hosts else None)
+    blocks = [f'unqualified-search-registries = ["{default}"]\n'] if default else []
+    for upstream in upstreams:
+        registry, prefix = upstream.host, path_prefix(upstream)
+        if not upstream.default and prefix is None:
+            blocks.append(f"# {registry}: its host has a port; give it a prefix in the settings to mirror it here\n")
+            continue
+        mirror = address if upstream.default else f"{address}/{prefix}"
         block = f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
         block += f'[[registry.mirror]]\nlocation = "{mirror}"\n'
         if insecure:
@@ -61,21 +75,21 @@ def _podman(url: str, registries: Sequence[str]) -> dict[str, str]:
     return {"/etc/containers/registries.conf": "\n".join(blocks)}
 
 
-def _k3s(url: str, registries: Sequence[str]) -> dict[str, str]:
+def _k3s(url: str, upstreams: Upstreams) -> dict[str, str]:
     lines = ["mirrors:"]
-    for registry in [*registries, "*"]:
+    for registry in [*(u.host for u in upstreams), "*"]:
         lines += [f'  "{registry}":', "    endpoint:", f'      - "{url.rstrip("/")}"']
     return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n"}
 
 
-def _kind(url: str, registries: Sequence[str]) -> dict[str, str]:
+def _kind(url: str, upstreams: Upstreams) -> dict[str, str]:
     lines = [
         "kind: Cluster",
         "apiVersion: kind.x-k8s.io/v1alpha4",
         "containerdConfigPatches:",
         "  - |-",
     ]
-    for registry in registries:
+    for registry in (u.host for u in upstreams):
         lines += [
             f'    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]',
             f'      endpoint = ["{url.rstrip("/")}"]',
@@ -83,7 +97,7 @@ def _kind(url: str, registries: Sequence[str]) -> dict[str, str]:
     return {"kind-config.yaml": "\n".join(lines) + "\n"}
 
 
-CLIENTS: Final[dict[Client, Callable[[str, Sequence[str]], dict[str, str]]]] = {
+CLIENTS: Final[dict[Client, Callable[[str, Upstreams], dict[str, str]]]] = {
     "docker": _docker,
     "containerd": _containerd,
     "podman": _podman,
@@ -92,8 +106,15 @@ CLIENTS: Final[dict[Client, Callable[[str, Sequence[str]], dict[str, str]]]] = {
 }
 
 
-def client_files(client: Client, url: str, registries: Sequence[str]) -> dict[str, str]:
+def client_files(client: Client, url: str, upstreams: Upstreams) -> dict[str, str]:
+    """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")
-    return CLIENTS[client](url, registries)
+    if client == "docker" and not any(u.host == "docker.io" and u.default for u in upstreams):
+        # The daemon sends a mirror Hub's paths alone, which the cache routes to its default.
+        raise ValueError(
+            "Docker's registry-mirrors mirror Docker Hub only, so docker.io must be the default upstream; "
+            "pull other registries as <cache>/<registry>/<image> instead"
+        )
+    return CLIENTS[client](url, upstreams)

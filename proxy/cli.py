@@ -623,11 +623,17 @@ def client_config(
     client: Client, url: str, registries: str | None, output_dir: Path | None, config: Path | None
 ) -> None:
     """Print (or write) a working client configuration for pulling through this cache."""
-    hosts = [r.strip() for r in registries.split(",") if r.strip()] if registries else None
-    if hosts is None:
-        hosts = [u.host for u in settings_from(config).upstreams]
+    upstreams = settings_from(config).upstreams
+    if registries:
+        wanted = [r.strip().lower() for r in registries.split(",") if r.strip()]
+        by_name = {name: u for u in upstreams for name in (u.host, *u.aliases)}
+        unknown = [name for name in wanted if name not in by_name]
+        if unknown:
+            configured = ", ".join(u.host for u in upstreams)
+            fail(f"--registries: not a configured upstream: {', '.join(unknown)} (configured: {configured})")
+        upstreams = tuple(dict.fromkeys(by_name[name] for name in wanted))
     try:
-        files = client_files(client, url, hosts)
+        files = client_files(client, url, upstreams)
     except ValueError as error:
         fail(str(error))
     for path, content in files.items():

@@ -148,6 +148,7 @@ def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Pat
         (("warm",), "name at least one image"),
         (("ls", "--store", str(tmp_path / "absent")), "no Moorage store"),
         (("client-config", "docker", "--url", "moorage:5000"), "not the cache's base URL"),
+        (("client-config", "podman", "--url", "http://m:5000", "--registries", "nvcr.io"), "not a configured upstream"),
     ]:
         result = moorage(*args, config=config if "--store" not in args else None, check=False)
         assert result.returncode == 2, (args, result.stderr)

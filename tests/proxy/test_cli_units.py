@@ -8,6 +8,7 @@ import tomllib
 import pytest
 import yaml
 
+from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import client_files
 from moorage.proxy._warm import platform_matches
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
@@ -49,7 +50,9 @@ def test_platform_matches(platform: dict[str, str], wanted: str, matches: bool) 
 
 
 URL = "http://moorage.example:5000"
-REGISTRIES = ["docker.io", "ghcr.io"]
+HUB, GHCR = DEFAULT_UPSTREAMS[0], DEFAULT_UPSTREAMS[1]
+REGISTRIES = [HUB, GHCR]
+INTERNAL = UpstreamSettings(host="registry.internal:5000", url="http://10.0.0.7:5000", prefixes=("internal",))
 
 
 def test_docker_snippet_is_json_with_insecure_for_http() -> None:
@@ -61,10 +64,17 @@ def test_docker_snippet_is_json_with_insecure_for_http() -> None:
 
 def test_containerd_snippets_per_registry_and_default() -> None:
     files = client_files("containerd", URL, REGISTRIES)
-    assert set(files) == {f"/etc/containerd/certs.d/{r}/hosts.toml" for r in [*REGISTRIES, "_default"]}
+    assert set(files) == {f"/etc/containerd/certs.d/{r}/hosts.toml" for r in ["docker.io", "ghcr.io", "_default"]}
     hub = tomllib.loads(files["/etc/containerd/certs.d/docker.io/hosts.toml"])
     assert hub["server"] == "https://registry-1.docker.io"
     assert hub["host"][URL]["capabilities"] == ["pull", "resolve"]
+
+
+def test_containerd_falls_back_to_the_upstreams_own_url() -> None:
+    """Not to https://<host>, which for an internal registry may not even resolve."""
+    files = client_files("containerd", URL, [HUB, INTERNAL])
+    internal = tomllib.loads(files["/etc/containerd/certs.d/registry.internal:5000/hosts.toml"])
+    assert internal["server"] == "http://10.0.0.7:5000"
 
 
 def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
@@ -73,11 +83,28 @@ def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
     mirrors = {r["prefix"]: r["mirror"][0] for r in config["registry"]}
     assert mirrors["docker.io"] == {"location": "moorage.example:5000", "insecure": True}
     assert mirrors["ghcr.io"]["location"] == "moorage.example:5000/ghcr.io"
+    assert config["unqualified-search-registries"] == ["docker.io"]
+
+
+def test_podman_reaches_a_host_with_a_port_by_its_prefix_and_short_names_the_default() -> None:
+    default = INTERNAL.model_copy(update={"default": True})
+    (content,) = client_files("podman", URL, [default, GHCR.model_copy(update={"prefixes": ()})]).values()
+    config = tomllib.loads(content)
+    mirrors = {r["prefix"]: r["mirror"][0]["location"] for r in config["registry"]}
+    assert mirrors == {"registry.internal:5000": "moorage.example:5000", "ghcr.io": "moorage.example:5000/ghcr.io"}
+    assert config["unqualified-search-registries"] == ["registry.internal:5000"]
+    (other,) = client_files("podman", URL, [HUB, INTERNAL]).values()
+    assert "moorage.example:5000/internal" in other, "a port cannot be a path component: the prefix is"
+
+
+def test_docker_mirrors_only_a_default_docker_hub() -> None:
+    with pytest.raises(ValueError, match=r"docker\.io must be the default upstream"):
+        client_files("docker", URL, [HUB.model_copy(update={"default": False}), INTERNAL])
 
 
 def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
     (k3s,) = client_files("k3s", URL, REGISTRIES).values()
-    assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in [*REGISTRIES, "*"]}}
+    assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in ["docker.io", "ghcr.io", "*"]}}
     (kind,) = client_files("kind", URL, REGISTRIES).values()
     patches = yaml.safe_load(kind)["containerdConfigPatches"][0]
     assert tomllib.loads(patches)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"]["ghcr.io"] == {
