@@ -201,8 +201,12 @@ def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+    if not url.startswith(("http://", "https://")):  # exit 1 all the same: Docker reserves 2
+        click.echo(f"moorage: --url: expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url!r}", err=True)
+        sys.exit(1)
+    base = url.rstrip("/").removesuffix("/healthz")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=timeout, context=context) as response:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=timeout, context=context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
         click.echo(f"moorage: {url} is not healthy: {error}", err=True)
@@ -350,7 +354,7 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
         return
     from rich.table import Table
 
-    click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs ({report.source})")
+    click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs and manifests ({report.source})")
     table = Table(
         "UPSTREAM", "HIT RATIO", "HITS", "MISSES", "PREFETCHED", "STALE", "SERVED FROM STORE", "FETCHED", box=None
     )
@@ -567,6 +571,8 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
     if upstream is not None and upstream not in {u.host for u in settings.upstreams}:
         fail(f"--upstream: {upstream!r} is not a configured upstream")
     _require_store(path)
+    if not any(u.lifecycle for u in settings.upstreams):
+        click.echo("moorage: no upstream has a lifecycle policy (lifecycle_policy_file, lifecycle_policies)", err=True)
     try:
         expiries = preview_lifecycle(path, settings.upstreams, upstream=upstream, repository=repository)
     except LifecyclePolicyError as error:

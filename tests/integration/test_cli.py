@@ -136,6 +136,9 @@ def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream
         assert stats["store_entries"] > 0
 
         assert moorage("healthcheck", "--url", daemon.url).returncode == 0
+        assert moorage("healthcheck", "--url", f"{daemon.url}/healthz").returncode == 0, "the endpoint's URL too"
+        bare = moorage("healthcheck", "--url", daemon.host, check=False)
+        assert bare.returncode == 1 and "expected the cache's base URL" in bare.stderr
     down = moorage("healthcheck", "--url", f"http://127.0.0.1:{closed_port()}", check=False)
     assert down.returncode == 1 and "not healthy" in down.stderr
 
