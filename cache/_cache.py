@@ -33,6 +33,7 @@ from typing import Final, Literal
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
 from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
+    INDEX_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     AcceptClass,
     Digest,
@@ -529,7 +530,12 @@ class Cache:
             self._account_quarantined()
             self._remember(ask.key, entry, stored)
         if entry is None:
-            return await self._flight(ask.key, lambda: self._fetch_tag(ask))
+            single = await self._single_image(ask) if ask.accept == "image" else None
+            if single is None:
+                return await self._flight(ask.key, lambda: self._fetch_tag(ask))
+            # The answer held for clients that take indexes is one image: the same manifest
+            # answers this client once the upstream confirms it (one HEAD), or stale.
+            return await self._revalidate_or_stale(ask, *single)
         if self._clock() - entry.checked_at < ttl:
             if stored is not None:
                 self._accessed[entry.digest] = self._clock()
@@ -538,6 +544,20 @@ class Cache:
         if stored is None:  # nothing to fall back on: wait for the upstream, however long
             return await self._flight(ask.key, lambda: self._revalidate(ask, entry, stored))
         return await self._revalidate_or_stale(ask, entry, stored)
+
+    async def _single_image(self, ask: _TagAsk) -> tuple[TagEntry, StoredManifest] | None:
+        """For a client that takes no index: the tag's answer held for clients that do, when
+        that answer is an image manifest (the tag names one platform's image); else None."""
+        key = tag_key(ask.source.host, ask.repository, ask.tag, "index")
+        entry = self._hot.tag(key)
+        stored = self._hot.manifest(entry.digest) if entry is not None else None
+        if entry is None or stored is None:
+            entry, stored = await asyncio.to_thread(self._lookup_tag, key)
+            self._account_quarantined()
+            self._remember(key, entry, stored)
+        if entry is None or stored is None or stored.media_type in INDEX_MEDIA_TYPES:
+            return None
+        return entry, stored
 
     async def _revalidate_or_stale(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest) -> ManifestAnswer:
         """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else

@@ -172,6 +172,39 @@ async def test_index_for_clients_that_take_indexes_and_platform_image_for_those_
     assert upstream.requests == []
 
 
+async def test_a_client_that_takes_no_index_is_answered_from_a_single_image_held_for_others(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """A one-platform tag held for clients that take indexes answers a client that takes only
+    image manifests after one HEAD (no GET), and while the upstream is down, stale rather
+    than 503: upstream trouble stays upstream."""
+    image = upstream.add_image("library/alpine", "3.19", media_type=OCI_MANIFEST)
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    upstream.reset_requests()
+    only_oci = {"Accept": OCI_MANIFEST}
+    confirmed = await moorage.get("/v2/alpine/manifests/3.19", headers=only_oci)
+    assert confirmed.status == 200 and await confirmed.read() == image.manifest
+    assert upstream.count("HEAD", "/manifests/3.19") == 1 and upstream.count("GET", "/manifests/") == 0
+
+    other = upstream.add_image("library/alpine", "3.20", media_type=OCI_MANIFEST)
+    assert (await moorage.get("/v2/alpine/manifests/3.20", headers=ALL)).status == 200
+    await upstream.stop_listening()
+    stale = await moorage.get("/v2/alpine/manifests/3.20", headers=only_oci)
+    assert stale.status == 200, await stale.text()
+    assert await stale.read() == other.manifest and stale.headers["Warning"] == '110 - "stale"'
+
+
+async def test_an_index_held_for_others_does_not_answer_a_client_that_takes_no_index(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    amd = upstream.add_image("library/multi", None, [b"amd"], architecture="amd64")
+    index = upstream.add_index("library/multi", "1", [(amd.digest, "linux", "amd64")])
+    assert (await moorage.get("/v2/multi/manifests/1", headers=ALL)).headers["Docker-Content-Digest"] == index
+    await upstream.stop_listening()
+    single = await moorage.get("/v2/multi/manifests/1", headers={"Accept": DOCKER_MANIFEST_V2})
+    assert single.status == 503, "the index is not an answer for it, and the upstream cannot pick a platform"
+
+
 async def test_wrong_manifest_bytes_are_refused_and_not_kept(moorage: Client, upstream: FakeRegistry) -> None:
     image = upstream.add_image("library/alpine", "3.19")
     fake_digest = str(Digest.of(b"something else"))
