@@ -41,8 +41,17 @@ def _blank_is_unset(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _blank_is_refused(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty; leave the key out (or write null) to turn it off")
+    return value
+
+
 #: A file an optional key names; an empty value leaves it unset.
 OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset)]
+#: A file whose absence turns a protection off (users, client certificates): an empty value is
+#: refused rather than taken as unset, so that an unset template variable fails closed.
+GuardFile = Annotated[Path | None, BeforeValidator(_blank_is_refused)]
 
 _PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -83,7 +92,7 @@ class TlsSettings(_Section):
     cert_file: Path
     key_file: Path
     #: Require client certificates signed by this CA (mutual TLS); unset: no client certificate.
-    client_ca_file: OptionalFile = None
+    client_ca_file: GuardFile = None
 
 
 class PolicyRule(_Section):
@@ -118,7 +127,7 @@ class AuthSettings(_Section):
     """Who may pull. With no ``htpasswd_file`` everyone may (the cache's default)."""
 
     #: Users and bcrypt hashes, as ``htpasswd -B`` writes them; reloaded when the file changes.
-    htpasswd_file: OptionalFile = None
+    htpasswd_file: GuardFile = None
     #: Groups of those users, one per line: ``group: user1 user2`` (Apache's AuthGroupFile).
     groups_file: OptionalFile = None
     #: ``pull``: requests without credentials may pull; ``none``: they get 401. Unset: ``none``

@@ -2,8 +2,10 @@
 
 ``moorage check-config`` and ``moorage serve`` both call :func:`file_problems`, so a settings
 file that passes the check does not fail at start on a certificate, an htpasswd or groups file,
-a token signing key, an upstream's password file or the store directory. All problems are
-reported at once, one ``key: what is wrong`` line each. Blocking (it reads files).
+a token signing key, an upstream's password file or the store directory. It reads what serving
+reads and nothing more (the token key only where there are users), and reports one
+``key: what is wrong`` line per setting (within a setting, its first problem: a groups file is
+read once its htpasswd file is good). Blocking (it reads files).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ def file_problems(settings: Settings) -> list[str]:
     htpasswd_file = auth.htpasswd_file
     if htpasswd_file is not None:
         _collect(problems, partial(_read_users, htpasswd_file, auth.groups_file))
-    if auth.token_signing_key_file is not None:
+    # As serving does: the key signs tokens only for users; unset, the store's own is used
+    # (generated at the first start, so only checked once it exists).
+    key = auth.token_signing_key_file or settings.storage.path / "auth" / "token-key.pem"
+    if htpasswd_file is not None and (auth.token_signing_key_file is not None or key.exists()):
         try:
-            TokenKeys.load(auth.token_signing_key_file, create=False)
+            TokenKeys.load(key, create=False)
         except ValueError as exc:
             problems.append(f"auth.token_signing_key_file: {exc}")
     for index, upstream in enumerate(settings.upstreams):

@@ -171,12 +171,36 @@ def test_an_empty_file_key_means_no_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "upstreams:\n  - {host: a.io, url: 'https://a.io', password_file: '', lifecycle_policy_file: ''}\n"
-        "auth: {htpasswd_file: ' ', groups_file: '', token_signing_key_file: ''}\n",
+        "auth: {groups_file: '', token_signing_key_file: ' '}\n",
     )
     settings = load_settings(path)
     assert settings.upstreams[0].password_file is None and settings.upstreams[0].lifecycle_policy_file is None
-    assert settings.auth.htpasswd_file is None and settings.auth.groups_file is None
-    assert settings.auth.token_signing_key_file is None and settings.auth.anonymous_may_pull
+    assert settings.auth.groups_file is None and settings.auth.token_signing_key_file is None
+
+
+TLS_FILES = {"MOORAGE_TLS__CERT_FILE": "c.pem", "MOORAGE_TLS__KEY_FILE": "k.pem"}
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key"),
+    [
+        ("auth: {htpasswd_file: ''}\n", {"MOORAGE_AUTH__HTPASSWD_FILE": ""}, "auth.htpasswd_file"),
+        (
+            "tls: {cert_file: c.pem, key_file: k.pem, client_ca_file: ' '}\n",
+            {**TLS_FILES, "MOORAGE_TLS__CLIENT_CA_FILE": ""},
+            "tls.client_ca_file",
+        ),
+    ],
+)
+def test_an_empty_file_that_guards_access_is_refused(
+    tmp_path: Path, text: str, environ: dict[str, str], key: str
+) -> None:
+    """Taken as unset, it would open the cache to anonymous pulls or drop client certificates:
+    an unset template or environment variable must fail closed."""
+    with pytest.raises(ConfigError, match=f"{key}: empty; leave the key out"):
+        load_settings(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=f"{key}: empty"):
+        load_settings(None, environ)
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -82,7 +82,6 @@ def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> N
     broken = {
         **files,
         "cert": tmp_path / "absent.crt",
-        "groups": tmp_path / "absent-groups",
         "password": tmp_path / "absent-password",
     }
     config = write_config(tmp_path, **broken)
@@ -105,6 +104,18 @@ def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> N
     assert served.returncode == 2
     assert f"invalid configuration in {config}" in served.stderr and "cannot listen" not in served.stderr
     assert "storage.path:" in served.stderr and "Traceback" not in served.stderr
+
+
+def test_a_token_key_is_read_only_where_serving_reads_it(tmp_path: Path) -> None:
+    """Without users no token is signed: a key file mounted only at run time (or not yet
+    generated in the store) stops neither the check nor the start."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'listen: 127.0.0.1:0\nstorage: {{path: "{tmp_path / "store"}"}}\n'
+        'auth: {token_signing_key_file: "/run/secrets/absent-token-key.pem"}\n'
+    )
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_a_groups_file_is_read_even_when_the_rest_is_good(tmp_path: Path) -> None:
