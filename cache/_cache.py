@@ -33,7 +33,7 @@ from typing import Final, Literal
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
 from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
-    INDEX_MEDIA_TYPES,
+    IMAGE_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     AcceptClass,
     Digest,
@@ -535,7 +535,7 @@ class Cache:
                 return await self._flight(ask.key, lambda: self._fetch_tag(ask))
             # The answer held for clients that take indexes is one image: the same manifest
             # answers this client once the upstream confirms it (one HEAD), or stale.
-            return await self._revalidate_or_stale(ask, *single)
+            return await self._revalidate_or_stale(ask, *single, changed="miss")
         if self._clock() - entry.checked_at < ttl:
             if stored is not None:
                 self._accessed[entry.digest] = self._clock()
@@ -555,13 +555,16 @@ class Cache:
             entry, stored = await asyncio.to_thread(self._lookup_tag, key)
             self._account_quarantined()
             self._remember(key, entry, stored)
-        if entry is None or stored is None or stored.media_type in INDEX_MEDIA_TYPES:
+        if entry is None or stored is None or stored.media_type not in IMAGE_MEDIA_TYPES:
             return None
         return entry, stored
 
-    async def _revalidate_or_stale(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest) -> ManifestAnswer:
+    async def _revalidate_or_stale(
+        self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest, changed: CacheResult = "refreshed"
+    ) -> ManifestAnswer:
         """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
-        serve the stale answer, and for ``stale_backoff`` keep serving it without asking."""
+        serve the stale answer, and for ``stale_backoff`` keep serving it without asking.
+        ``changed`` is the result when the upstream's digest differs."""
 
         def stale(reason: str) -> ManifestAnswer:
             return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=reason)
@@ -572,7 +575,7 @@ class Cache:
             return stale("the upstream failed lately; asking again after a back-off")
         try:
             async with asyncio.timeout(self._revalidate_timeout):
-                answer = await self._flight(key, lambda: self._revalidate(ask, entry, stored))
+                answer = await self._flight(key, lambda: self._revalidate(ask, entry, stored, changed))
         except (UpstreamError, CacheError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise
@@ -681,7 +684,9 @@ class Cache:
         self._prefetch(ask.source, ask.repository, fetched)
         return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
 
-    async def _revalidate(self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None) -> ManifestAnswer:
+    async def _revalidate(
+        self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None, changed: CacheResult = "refreshed"
+    ) -> ManifestAnswer:
         head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)
         if head.digest == entry.digest:
             confirmed = replace(entry, checked_at=self._clock())
@@ -691,7 +696,7 @@ class Cache:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
             answer = await self._fetch_by_digest(ask.source, ask.repository, entry.digest)
             return replace(answer, result="revalidated")
-        return await self._fetch_tag(ask, result="refreshed")
+        return await self._fetch_tag(ask, result=changed)
 
     # Blocking helpers: each is one whole operation for one thread hop.
 

@@ -37,7 +37,7 @@ def _address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "http"
 
 
-def _docker(url: str, upstreams: Upstreams) -> dict[str, str]:
+def _docker(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
     address, insecure = _address(url)
     config: dict[str, list[str]] = {"registry-mirrors": [url.rstrip("/")]}
     if insecure:
@@ -45,7 +45,7 @@ def _docker(url: str, upstreams: Upstreams) -> dict[str, str]:
     return {"/etc/docker/daemon.json": json.dumps(config, indent=2) + "\n"}
 
 
-def _containerd(url: str, upstreams: Upstreams) -> dict[str, str]:
+def _containerd(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
     files = {}
     servers: dict[str, str | None] = {u.host: u.url for u in upstreams}
     for registry, server in [*servers.items(), ("_default", None)]:
@@ -56,17 +56,16 @@ def _containerd(url: str, upstreams: Upstreams) -> dict[str, str]:
     return files
 
 
-def _podman(url: str, upstreams: Upstreams) -> dict[str, str]:
+def _podman(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
     address, insecure = _address(url)
-    hosts = [u.host for u in upstreams]
-    default = next((u.host for u in upstreams if u.default), "docker.io" if "docker.io" in hosts else None)
     blocks = [f'unqualified-search-registries = ["{default}"]\n'] if default else []
     for upstream in upstreams:
         registry, prefix = upstream.host, path_prefix(upstream)
-        if not upstream.default and prefix is None:
+        routed_by_default = registry == default
+        if not routed_by_default and prefix is None:
             blocks.append(f"# {registry}: its host has a port; give it a prefix in the settings to mirror it here\n")
             continue
-        mirror = address if upstream.default else f"{address}/{prefix}"
+        mirror = address if routed_by_default else f"{address}/{prefix}"
         block = f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
         block += f'[[registry.mirror]]\nlocation = "{mirror}"\n'
         if insecure:
@@ -75,14 +74,14 @@ def _podman(url: str, upstreams: Upstreams) -> dict[str, str]:
     return {"/etc/containers/registries.conf": "\n".join(blocks)}
 
 
-def _k3s(url: str, upstreams: Upstreams) -> dict[str, str]:
+def _k3s(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
     lines = ["mirrors:"]
     for registry in [*(u.host for u in upstreams), "*"]:
         lines += [f'  "{registry}":', "    endpoint:", f'      - "{url.rstrip("/")}"']
     return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n"}
 
 
-def _kind(url: str, upstreams: Upstreams) -> dict[str, str]:
+def _kind(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
     lines = [
         "kind: Cluster",
         "apiVersion: kind.x-k8s.io/v1alpha4",
@@ -97,7 +96,7 @@ def _kind(url: str, upstreams: Upstreams) -> dict[str, str]:
     return {"kind-config.yaml": "\n".join(lines) + "\n"}
 
 
-CLIENTS: Final[dict[Client, Callable[[str, Upstreams], dict[str, str]]]] = {
+CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None], dict[str, str]]]] = {
     "docker": _docker,
     "containerd": _containerd,
     "podman": _podman,
@@ -106,15 +105,16 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams], dict[str, str]]]] = {
 }
 
 
-def client_files(client: Client, url: str, upstreams: Upstreams) -> dict[str, str]:
-    """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``."""
+def client_files(client: Client, url: str, upstreams: Upstreams, default: str | None = None) -> dict[str, str]:
+    """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``;
+    ``default`` is the host of the cache's default upstream (which may not be among them)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")
-    if client == "docker" and not any(u.host == "docker.io" and u.default for u in upstreams):
+    if client == "docker" and default != "docker.io":
         # The daemon sends a mirror Hub's paths alone, which the cache routes to its default.
         raise ValueError(
             "Docker's registry-mirrors mirror Docker Hub only, so docker.io must be the default upstream; "
             "pull other registries as <cache>/<registry>/<image> instead"
         )
-    return CLIENTS[client](url, upstreams)
+    return CLIENTS[client](url, upstreams, default)

@@ -201,7 +201,7 @@ def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-    if not url.startswith(("http://", "https://")):  # exit 1 all the same: Docker reserves 2
+    if not url.lower().startswith(("http://", "https://")):  # exit 1 all the same: Docker reserves 2
         click.echo(f"moorage: --url: expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url!r}", err=True)
         sys.exit(1)
     base = url.rstrip("/").removesuffix("/healthz")
@@ -484,10 +484,9 @@ def gc(grace: str | None, dry_run: bool, config: Path | None, store: Path | None
     Every manifest the cache holds, tagged or pulled by digest, is kept, with everything it
     refers to. Safe beside a running daemon: anything removed by mistake is fetched again.
     """
-    settings = settings_from(config)
-    path = store if store is not None else settings.storage.path
+    path = _store_path(config, store)
     try:
-        grace_seconds = parse_duration(grace) if grace is not None else settings.storage.gc_grace
+        grace_seconds = parse_duration(grace) if grace is not None else settings_from(config).storage.gc_grace
     except ValueError as error:
         fail(f"--grace: {error}")
     grace = grace or _duration(grace_seconds)
@@ -630,6 +629,7 @@ def client_config(
 ) -> None:
     """Print (or write) a working client configuration for pulling through this cache."""
     upstreams = settings_from(config).upstreams
+    default = next((u.host for u in upstreams if u.default), None)
     if registries:
         wanted = [r.strip().lower() for r in registries.split(",") if r.strip()]
         by_name = {name: u for u in upstreams for name in (u.host, *u.aliases)}
@@ -639,7 +639,7 @@ def client_config(
             fail(f"--registries: not a configured upstream: {', '.join(unknown)} (configured: {configured})")
         upstreams = tuple(dict.fromkeys(by_name[name] for name in wanted))
     try:
-        files = client_files(client, url, upstreams)
+        files = client_files(client, url, upstreams, default)
     except ValueError as error:
         fail(str(error))
     for path, content in files.items():

@@ -56,9 +56,9 @@ INTERNAL = UpstreamSettings(host="registry.internal:5000", url="http://10.0.0.7:
 
 
 def test_docker_snippet_is_json_with_insecure_for_http() -> None:
-    (content,) = client_files("docker", URL, REGISTRIES).values()
+    (content,) = client_files("docker", URL, REGISTRIES, "docker.io").values()
     assert json.loads(content) == {"registry-mirrors": [URL], "insecure-registries": ["moorage.example:5000"]}
-    (secure,) = client_files("docker", "https://moorage.example", REGISTRIES).values()
+    (secure,) = client_files("docker", "https://moorage.example", REGISTRIES, "docker.io").values()
     assert "insecure-registries" not in json.loads(secure)
 
 
@@ -78,7 +78,7 @@ def test_containerd_falls_back_to_the_upstreams_own_url() -> None:
 
 
 def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
-    (content,) = client_files("podman", URL, REGISTRIES).values()
+    (content,) = client_files("podman", URL, REGISTRIES, "docker.io").values()
     config = tomllib.loads(content)
     mirrors = {r["prefix"]: r["mirror"][0] for r in config["registry"]}
     assert mirrors["docker.io"] == {"location": "moorage.example:5000", "insecure": True}
@@ -87,19 +87,20 @@ def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
 
 
 def test_podman_reaches_a_host_with_a_port_by_its_prefix_and_short_names_the_default() -> None:
-    default = INTERNAL.model_copy(update={"default": True})
-    (content,) = client_files("podman", URL, [default, GHCR.model_copy(update={"prefixes": ()})]).values()
+    (content,) = client_files("podman", URL, [INTERNAL, GHCR], "registry.internal:5000").values()
     config = tomllib.loads(content)
     mirrors = {r["prefix"]: r["mirror"][0]["location"] for r in config["registry"]}
     assert mirrors == {"registry.internal:5000": "moorage.example:5000", "ghcr.io": "moorage.example:5000/ghcr.io"}
     assert config["unqualified-search-registries"] == ["registry.internal:5000"]
-    (other,) = client_files("podman", URL, [HUB, INTERNAL]).values()
+    (other,) = client_files("podman", URL, [HUB, INTERNAL], "docker.io").values()
     assert "moorage.example:5000/internal" in other, "a port cannot be a path component: the prefix is"
 
 
 def test_docker_mirrors_only_a_default_docker_hub() -> None:
     with pytest.raises(ValueError, match=r"docker\.io must be the default upstream"):
-        client_files("docker", URL, [HUB.model_copy(update={"default": False}), INTERNAL])
+        client_files("docker", URL, [HUB, INTERNAL], "registry.internal:5000")
+    # Mirroring Docker Hub needs it as the default, not among the registries picked.
+    assert client_files("docker", URL, [GHCR], "docker.io")
 
 
 def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
@@ -114,4 +115,4 @@ def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
 
 def test_a_url_with_a_path_is_refused() -> None:
     with pytest.raises(ValueError, match="base URL"):
-        client_files("docker", "http://moorage.example:5000/v2", REGISTRIES)
+        client_files("docker", "http://moorage.example:5000/v2", REGISTRIES, "docker.io")

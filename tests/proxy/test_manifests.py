@@ -194,6 +194,20 @@ async def test_a_client_that_takes_no_index_is_answered_from_a_single_image_held
     assert await stale.read() == other.manifest and stale.headers["Warning"] == '110 - "stale"'
 
 
+async def test_a_single_image_the_upstream_moved_since_is_a_miss_for_a_client_that_takes_no_index(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """Counted as what it is for that client, a miss, not as a cached answer refreshed."""
+    upstream.add_image("library/alpine", "3.19", [b"old"], media_type=OCI_MANIFEST)
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    moved = upstream.add_image("library/alpine", "3.19", [b"new"], media_type=OCI_MANIFEST)
+    misses = await metric(moorage, "moorage_cache_results_total", kind="manifest", result="miss")
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers={"Accept": OCI_MANIFEST})
+    assert response.headers["Docker-Content-Digest"] == moved.digest and await response.read() == moved.manifest
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="miss") == misses + 1
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="refreshed") == 0
+
+
 async def test_an_index_held_for_others_does_not_answer_a_client_that_takes_no_index(
     moorage: Client, upstream: FakeRegistry
 ) -> None:
