@@ -168,6 +168,10 @@ class Cache:
         self._counts = 0
         self._counts_flushed = 0
         self._flushing = asyncio.Lock()
+        #: Whether the last flush wrote its batch (a clean stop needs the last one to).
+        self.flushed = True
+        #: Set while the store must be counted again (after a crash) and has not been yet.
+        self.count_pending = False
         self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
@@ -279,6 +283,7 @@ class Cache:
                 self._keep_for_next_flush(usage, pulled, accessed, routes)
             raise
         except Exception as exc:  # a full disk, a broken index: keep the batch for the next try
+            self.flushed = False
             self._keep_for_next_flush(usage, pulled, accessed, routes)
             log.error(
                 "bookkeeping not written; kept for the next try",
@@ -286,6 +291,7 @@ class Cache:
             )
             return
         self._note_written(written, held, counts, totals)
+        self.flushed = True
 
     def _note_written(
         self, written: dict[Digest, Fingerprint], held: tuple[int, int], counts: int, totals: tuple[int, int]
@@ -353,6 +359,28 @@ class Cache:
             return
         async with self._maintenance:
             await self._evict(self._store, reason)
+
+    async def recount(self) -> None:
+        """Count the store again (after a daemon stopped without writing its last totals), then
+        evict if that shows it above its cap. Serving goes on meanwhile."""
+        if not isinstance(self._store, DirectoryStore):
+            return
+        store = self._store
+        async with self._maintenance:
+            before = self.store_bytes
+            self._stored_during_pass = (0, 0)
+            counted_bytes, counted_entries = await asyncio.to_thread(store.count)
+            stored_bytes, stored_entries = self._stored_during_pass
+            self._stored_during_pass = None
+            self.store_bytes = counted_bytes + stored_bytes
+            self.store_entries = counted_entries + stored_entries
+            self._counts += 1
+            self.count_pending = False
+        log.warning(
+            "the last run did not stop cleanly; the store was counted again",
+            extra={"event": "store_counted", "store_bytes_before": before, "store_bytes": self.store_bytes},
+        )
+        self._schedule_eviction()
 
     async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
@@ -1060,9 +1088,13 @@ async def open_cache(
         # Prefetches take at most half an upstream's download slots: clients' own come first.
         prefetch_limits={upstream.host: max(1, upstream.max_concurrent_fills // 2) for upstream in upstreams},
     )
+    crashed = await asyncio.to_thread(index.begin_serving, time.time())
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(cache.flush_every(FLUSH_INTERVAL))]
+    if crashed:  # its last seconds of stores are in no total: count, in the background
+        cache.count_pending = True
+        tasks.append(loop.create_task(cache.recount()))
     if settings.gc_interval > 0:
         grace = settings.gc_grace
         tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", lambda: cache.collect_garbage(grace))))
@@ -1081,6 +1113,8 @@ async def open_cache(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await cache.aclose()
+        if cache.flushed and not cache.count_pending:  # else the next start counts the store
+            await asyncio.to_thread(index.end_serving)
         await asyncio.to_thread(index.close)
 
 

@@ -14,7 +14,7 @@ import diskcache
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
-from ._keys import STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
+from ._keys import SERVING_KEY, STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 
@@ -117,6 +117,19 @@ class Index:
         ``write_batch``)."""
         value = self._db.get(STORE_TOTALS_KEY)
         return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
+
+    def begin_serving(self, now: float) -> bool:
+        """Mark the store as served by a daemon; True when the mark was already there: the
+        last daemon did not stop cleanly, and what it had not flushed (up to its last seconds of
+        store totals) is lost."""
+        with self._db.transact():
+            crashed = self._db.get(SERVING_KEY) is not None
+            self._db.set(SERVING_KEY, now)
+        return crashed
+
+    def end_serving(self) -> None:
+        """A clean stop: everything is flushed."""
+        self._db.delete(SERVING_KEY)
 
     def write_batch(
         self,

@@ -17,6 +17,8 @@ key                                        value
 ("routes", digest)                          ((upstream, repository), ...) the content is known under
 ("usage",)                                  {upstream: {counter: total}} since the store began
 ("store",)                                  (bytes, entries) in the blob store
+("serving",)                                when a daemon began serving the store; gone after
+                                            a clean stop, so found at a start it means a crash
 =========================================  =================================================
 
 Single-flight keys (in memory only) use the same builders: ``tag_key`` for a tag's fetch or
@@ -31,6 +33,7 @@ from typing import TypeAlias
 from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
 
 __all__ = [
+    "SERVING_KEY",
     "STORE_TOTALS_KEY",
     "USAGE_KEY",
     "IndexKey",
@@ -91,3 +94,4 @@ def image_pulled_key(upstream: str, repository: RepositoryName | str, digest: Di
 
 USAGE_KEY: IndexKey = ("usage",)
 STORE_TOTALS_KEY: IndexKey = ("store",)
+SERVING_KEY: IndexKey = ("serving",)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -221,6 +222,43 @@ def test_kill_9_mid_fill_leaves_nothing_partial(seeded: Seeded, tmp_path: Path) 
             ["curl", "-sf", f"{moorage.url}/v2/big/blobs/{digest}"], capture_output=True, check=True, timeout=60
         ).stdout
         assert hashlib.sha256(out).hexdigest() == digest[7:]
+
+
+def store_metric(moorage: MoorageProcess) -> float:
+    with urllib.request.urlopen(f"{moorage.url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    (line,) = [line for line in text.splitlines() if line.startswith("moorage_store_bytes ")]
+    return float(line.split()[1])
+
+
+def bytes_on_disk(store: Path) -> int:
+    return sum(path.stat().st_size for path in (store / "blobs").rglob("*") if path.is_file())
+
+
+def test_after_kill_9_the_store_is_counted_again_and_its_cap_holds(seeded: Seeded, tmp_path: Path) -> None:
+    """The daemon writes its store totals every 10 s: a crash loses its last seconds of them.
+    The next start finds the store was not closed cleanly and counts it, so the size metric
+    and the size cap (which acts on that size) are true again."""
+    registry = seeded.registry
+    store = tmp_path / "store"
+    with start_moorage(tmp_path / "first", registry, storage={"path": str(store)}) as moorage:
+        skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'a'}")
+        moorage.kill()  # within the 10 s between flushes: the pull is in no total yet
+    on_disk = bytes_on_disk(store)
+    assert on_disk > 3 * MiB
+    cap = 2 * MiB  # below what the crash left: only a count can tell
+    with start_moorage(tmp_path / "second", registry, storage={"path": str(store), "max_size": cap}) as moorage:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and bytes_on_disk(store) > 0.85 * cap:
+            time.sleep(0.05)
+        assert bytes_on_disk(store) <= 0.85 * cap, "counted, found above the cap, evicted"
+        assert store_metric(moorage) == bytes_on_disk(store)
+        assert [line["event"] for line in moorage.log_lines() if line.get("event") == "store_counted"] == [
+            "store_counted"
+        ]
+    with start_moorage(tmp_path / "third", registry, storage={"path": str(store)}) as moorage:
+        assert store_metric(moorage) == bytes_on_disk(store), "a clean stop wrote the totals"
+        assert not [line for line in moorage.log_lines() if line.get("event") == "store_counted"], "no count needed"
 
 
 def test_cached_tags_pull_while_the_upstream_is_down(seeded: Seeded, tmp_path: Path) -> None:
