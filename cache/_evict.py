@@ -92,12 +92,16 @@ def evict_to(
     accessed: dict[Digest, float],
     guard: ReadGuard,
 ) -> EvictionResult:
-    """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks."""
+    """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks.
+
+    A blob larger than ``target_bytes`` goes first, however recent: it can never stay under
+    the cap, and taking the least recently used first would empty the store around it before
+    reaching it (a 200 MB layer in an 8 MiB cache). Its client has its bytes already."""
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)
     seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
-    entries.sort(key=lambda blob: max(blob.mtime, seen.get(blob.digest, 0.0)))
+    entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
     evicted: list[Digest] = []
     freed = 0
     for blob in entries:

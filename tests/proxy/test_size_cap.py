@@ -68,3 +68,25 @@ async def test_an_evicted_manifest_is_fetched_again_for_its_tag(
     again = await moorage.get("/v2/alpine/manifests/3.19")
     assert again.status == 200 and await again.read() == image.manifest
     assert upstream.count("GET", "/manifests/") == 1
+
+
+async def test_a_blob_larger_than_the_cap_goes_alone(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """It can never stay under the cap: it leaves the store, not everything else before it."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store), "max_size": "300KiB"})
+    small = [upstream.add_blob(os.urandom(30 * KiB)) for _ in range(5)]
+    for digest in small:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    big = upstream.add_blob(os.urandom(1024 * KiB))
+    body = await (await moorage.get(f"/v2/alpine/blobs/{big}")).read()
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == big, "its client has every byte"
+    for _ in range(200):  # the client has its bytes before the blob is made durable and stored
+        if await metric(moorage, "moorage_evictions_total", reason="size") > 0:
+            break
+        await asyncio.sleep(0.02)
+    stored = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
+    assert stored == {digest.split(":")[1] for digest in small}, "the small ones stay, the big one went"
+    assert await metric(moorage, "moorage_evictions_total", reason="size") == 1
+    assert await metric(moorage, "moorage_store_bytes") == store_bytes(store) == 5 * 30 * KiB
