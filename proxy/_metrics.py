@@ -56,7 +56,7 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "moorage_upstream_requests",
-            "Requests sent upstream, by upstream, method, kind and status.",
+            "Requests sent upstream, by upstream, method, kind and status (error: no answer).",
             ["upstream", "method", "kind", "status"],
             registry=r,
         )
@@ -186,6 +186,9 @@ class Metrics:
         self.upstream_latency.labels(upstream, kind).observe(seconds)
         if status == 429:
             self.rate_limited.labels(upstream).inc()
+
+    def on_no_response(self, upstream: str, method: str, kind: str) -> None:
+        self.upstream_requests.labels(upstream, method, kind, "error").inc()
 
     def on_token_fetch(self, upstream: str) -> None:
         self.token_fetches.labels(upstream).inc()

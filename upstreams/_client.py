@@ -89,6 +89,9 @@ class UpstreamObserver(Protocol):
     """What the client reports as it works; proxy turns it into metrics."""
 
     def on_response(self, upstream: str, method: str, kind: RequestKind, status: int, seconds: float) -> None: ...
+    def on_no_response(self, upstream: str, method: str, kind: RequestKind) -> None:
+        """A request that got no answer: refused, reset, timed out."""
+
     def on_token_fetch(self, upstream: str) -> None: ...
     def on_retry(self, upstream: str, error: UpstreamError) -> None: ...
     def on_ratelimit(self, upstream: str, state: RateLimitState) -> None: ...
@@ -96,6 +99,9 @@ class UpstreamObserver(Protocol):
 
 class NullObserver:
     def on_response(self, upstream: str, method: str, kind: RequestKind, status: int, seconds: float) -> None:
+        pass
+
+    def on_no_response(self, upstream: str, method: str, kind: RequestKind) -> None:
         pass
 
     def on_token_fetch(self, upstream: str) -> None:
@@ -313,7 +319,11 @@ class RegistryClient:
                     with mapped_errors(self.host, what):
                         request = self._http.build_request(method, path, headers=headers, params=params)
                         request.extensions["moorage_started"] = time.monotonic()
-                        response = await self._http.send(request, auth=self._auth, stream=stream)
+                        try:
+                            response = await self._http.send(request, auth=self._auth, stream=stream)
+                        except httpx.TransportError:  # an outage shows in the request counts too
+                            self._observer.on_no_response(self.host, method, _kind(path))
+                            raise
                     if response.status_code >= 400:
                         await response.aclose()
                         raise_for_status(self.host, what, response)

@@ -134,6 +134,20 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
     }
 
 
+async def test_an_upstream_that_does_not_answer_shows_in_the_request_counts(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """A refused connection has no HTTP status; counted as ``error``, an outage is on the
+    dashboard's upstream requests panel, not only in the retry count."""
+    upstream.add_image("library/app", "1")
+    await upstream.stop_listening()
+    before = await scrape(moorage)
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 503
+    changes = delta(before, await scrape(moorage))
+    attempts = changes["moorage_upstream_requests_total{kind=manifest,method=GET,status=error,upstream=docker.io}"]
+    assert attempts == 1 + changes["moorage_upstream_retries_total{upstream=docker.io}"] >= 2
+
+
 async def test_metrics_can_move_to_their_own_listener(start_moorage: StartMoorage) -> None:
     moorage = await start_moorage(metrics_listen="127.0.0.1:0")
     assert (await moorage.get("/metrics")).status == 404
