@@ -7,7 +7,8 @@ bytes and duration, so a FileResponse's sendfile and a streamed fill are include
 HTTPException the error middleware passes on, a redirect, is recorded as raised: aiohttp
 sends it). Handlers only note what they served (``RequestNotes``); this is the one place
 that turns notes into a log line and counters. A client that leaves early is recorded with
-``error`` CLIENT_GONE (and status 499 where the server cancels the handler).
+``error`` CLIENT_GONE (and status 499 where the server cancels the handler); one the
+server's stop cut, past ``shutdown_timeout``, with ``error`` SHUTDOWN and status 503.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ._logging import log_fields
-from ._state import CACHE, METRICS, NOTES, RequestNotes
+from ._state import CACHE, METRICS, NOTES, STOPPING, RequestNotes
 from .errors import Handler
 
 __all__ = ["access_middleware"]
@@ -31,6 +32,8 @@ __all__ = ["access_middleware"]
 log = logging.getLogger("moorage.access")
 #: Recorded for a request whose client left before its answer was complete (nginx's 499).
 CLIENT_CLOSED_REQUEST = 499
+#: Recorded for a request the server's stop cut (still running after ``shutdown_timeout``).
+CUT_BY_SHUTDOWN = 503
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: Request ids: a random prefix per process (replicas differ) and a counter, 16 hex digits.
 _PROCESS_PREFIX: Final = secrets.token_hex(4)
@@ -50,6 +53,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
     except asyncio.CancelledError:
+        if request.app[STOPPING].is_set():  # past shutdown_timeout: the stop cut it
+            note.error = "SHUTDOWN"
+            _record(request, note, CUT_BY_SHUTDOWN, None, time.monotonic() - started)
+            raise
         # A server run with handler cancellation cancels the handler when the client leaves.
         note.error = "CLIENT_GONE"
         _record(request, note, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)

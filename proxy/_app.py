@@ -26,7 +26,7 @@ from ._handlers import add_routes
 from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
-from ._state import CACHE, METRICS, ROUTER, SETTINGS, UPSTREAM_TRANSPORT, notes
+from ._state import CACHE, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
 from ._tokens import TokenKeys
 from .errors import error_middleware
 
@@ -107,6 +107,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )
     app[SETTINGS] = settings
+    app[STOPPING] = asyncio.Event()
     app[METRICS] = Metrics()
     app[AUTHENTICATOR] = authenticator
     app[RATE_LIMITER] = RateLimiter(auth.token_requests_per_minute)

@@ -18,6 +18,7 @@ from aiohttp import web
 from moorage.config import Settings, split_address
 
 from ._app import build_app, metrics_app
+from ._state import STOPPING
 from ._tls import ServerTls
 
 __all__ = ["running", "serve"]
@@ -83,6 +84,7 @@ async def serve(settings: Settings, version: str) -> None:
             loop.add_signal_handler(signal.SIGHUP, reload_soon)
             watcher = loop.create_task(tls.watch())
         await stop.wait()
+        app[STOPPING].set()
         log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
     finally:
         if watcher is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Final
 
@@ -15,12 +16,24 @@ from moorage.upstreams import RegistryClient, Router
 from ._metrics import Metrics
 from ._paths import PathKind
 
-__all__ = ["CACHE", "METRICS", "NOTES", "ROUTER", "SETTINGS", "UPSTREAM_TRANSPORT", "RequestNotes", "notes"]
+__all__ = [
+    "CACHE",
+    "METRICS",
+    "NOTES",
+    "ROUTER",
+    "SETTINGS",
+    "STOPPING",
+    "UPSTREAM_TRANSPORT",
+    "RequestNotes",
+    "notes",
+]
 
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 CACHE: Final = web.AppKey("cache", Cache)
 ROUTER: Final = web.AppKey("router", Router[RegistryClient])
+#: Set when the server begins to stop: requests cut after that were cut by the stop.
+STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 #: Tests may plug an httpx transport in front of every upstream.
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
 

@@ -224,6 +224,25 @@ def test_kill_9_mid_fill_leaves_nothing_partial(seeded: Seeded, tmp_path: Path) 
         assert hashlib.sha256(out).hexdigest() == digest[7:]
 
 
+def test_sigterm_cuts_a_slow_download_after_shutdown_timeout_and_says_so(seeded: Seeded, tmp_path: Path) -> None:
+    """Past ``shutdown_timeout`` the stop cuts what is still running: exit code 0, nothing
+    partial kept, and the request logged as cut by the stop, not as a client that left."""
+    registry = seeded.registry
+    source = tmp_path / "slow.bin"
+    digest = images.write_random_file(source, 32 * MiB, seed=12)
+    images.push_blob(registry.url, "library/slow", source)
+    with start_moorage(tmp_path / "m", registry, shutdown_timeout="300ms") as moorage:
+        reader = subprocess.Popen(
+            ["curl", "-s", "--limit-rate", "4M", "-o", "/dev/null", f"{moorage.url}/v2/slow/blobs/{digest}"]
+        )
+        time.sleep(1.0)  # a few MB in: the fill is done or nearly, the client far from it
+        assert moorage.stop() == 0
+        reader.wait(10)
+        assert not any((moorage.store / "tmp").iterdir())
+        cut = [line for line in moorage.log_lines() if line.get("event") == "request" and digest in line["path"]]
+        assert [(line["status"], line.get("error")) for line in cut] == [(503, "SHUTDOWN")]
+
+
 def store_metric(moorage: MoorageProcess) -> float:
     with urllib.request.urlopen(f"{moorage.url}/metrics", timeout=5) as response:
         text = response.read().decode()
