@@ -47,7 +47,7 @@ from moorage.upstreams.reference import (
 from ._evict import RECENT_SECONDS, ReadGuard, evict_to, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._gc import GcReport, sweep
+from ._gc import GcReport, parts, sweep
 from ._hot import HotAnswers, StoredManifest
 from ._index import Index, TagEntry, TagsEntry, Usage
 from ._keys import (
@@ -87,6 +87,10 @@ MAX_FAILING_TAGS: Final = 10_000
 #: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
 #: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
+#: Manifests whose references are remembered, and how long a served manifest keeps its blobs
+#: ahead in the eviction order (they are what its client asks for next).
+MAX_REFERENCED_MANIFESTS: Final = 4096
+REFERENCED_SECONDS: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,11 @@ class Cache:
         self._accessed: dict[Digest, float] = {}
         #: Reads of stored files, for sweepers: a file a client found is not removed under it.
         self._guard = ReadGuard()
+        #: Blobs and child manifests of manifests served lately, and when: the eviction order
+        #: counts them as just read, so that a pass does not remove an image's config or layers
+        #: between its manifest and its client's next requests. In memory only.
+        self._referenced: dict[Digest, float] = {}
+        self._references: OrderedDict[Digest, tuple[Digest, ...]] = OrderedDict()
         self.max_size = max_size
         self._high, self._low = watermarks
         self._evicting: asyncio.Task[None] | None = None
@@ -254,6 +263,8 @@ class Cache:
         recent = self._clock() - RECENT_SECONDS
         self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
         self._guard.prune()
+        referenced_since = self._clock() - REFERENCED_SECONDS
+        self._referenced = {digest: when for digest, when in self._referenced.items() if when >= referenced_since}
         totals = (self.store_bytes, self.store_entries)
         counts = self._counts
         # Since the last flush: what this process stored and removed, or, after an eviction
@@ -393,7 +404,9 @@ class Cache:
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
         # The live map: a blob read while the pass runs is skipped when its turn comes.
-        result = await asyncio.to_thread(evict_to, store, self._index, target, protected, self._accessed, self._guard)
+        # Reads, and the references of manifests served lately (see ``_referenced``), for the order.
+        seen = self._referenced | self._accessed
+        result = await asyncio.to_thread(evict_to, store, self._index, target, protected, seen, self._guard)
         stored_bytes, stored_entries = self._stored_during_pass
         self._stored_during_pass = None
         # The walk counted what is on disk; add what was stored meanwhile. This also corrects
@@ -535,8 +548,21 @@ class Cache:
         (None: all); a stored manifest known only under other routes is confirmed upstream first."""
         answer = await self._manifest(source, repository, reference, accept, ttl, may_read)
         # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
-        self._pulled[image_pulled_key(source.host, repository, answer.digest)] = self._clock()
+        now = self._clock()
+        self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
+        for digest in self._references_of(answer):
+            self._referenced[digest] = now
         return answer
+
+    def _references_of(self, answer: ManifestAnswer) -> tuple[Digest, ...]:
+        """The child manifests, config and layers a manifest names; parsed once per digest."""
+        found = self._references.get(answer.digest)
+        if found is None:
+            children, config, layers = parts(answer.body)
+            found = self._references[answer.digest] = (*children, *config, *layers)
+            while len(self._references) > MAX_REFERENCED_MANIFESTS:
+                self._references.popitem(last=False)
+        return found
 
     async def _manifest(
         self,

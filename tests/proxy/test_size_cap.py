@@ -90,3 +90,33 @@ async def test_a_blob_larger_than_the_cap_goes_alone(
     assert stored == {digest.split(":")[1] for digest in small}, "the small ones stay, the big one went"
     assert await metric(moorage, "moorage_evictions_total", reason="size") == 1
     assert await metric(moorage, "moorage_store_bytes") == store_bytes(store) == 5 * 30 * KiB
+
+
+async def test_an_image_whose_manifest_was_just_served_keeps_its_blobs_through_a_pass(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Its client asks for the config and layers next: a pass between the manifest and them
+    takes older content first, instead of those blobs because they were stored long ago."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store), "max_size": "400KiB"})
+    image = upstream.add_image("library/alpine", "3.19", [os.urandom(60 * KiB), os.urandom(60 * KiB)])
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    for digest in (image.config_digest, *image.layer_digests):
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    others = [upstream.add_blob(os.urandom(40 * KiB)) for _ in range(5)]
+    for digest in others:  # read after the image: more recent than its blobs
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200  # a new pull begins
+    trigger = upstream.add_blob(os.urandom(100 * KiB))
+    await (await moorage.get(f"/v2/alpine/blobs/{trigger}")).read()
+    for _ in range(200):
+        if await metric(moorage, "moorage_evictions_total", reason="size") > 0:
+            break
+        await asyncio.sleep(0.02)
+    stored = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
+    assert {digest.split(":")[1] for digest in image.layer_digests} <= stored, "the pull's layers stayed"
+    assert others[0].split(":")[1] not in stored, "older content went instead"
+    upstream.reset_requests()
+    for digest in image.layer_digests:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    assert upstream.count("GET", "/blobs/") == 0
