@@ -7,10 +7,12 @@ and ``_client``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
+from typing import Final
 
 import httpx
 
@@ -38,10 +40,17 @@ def mapped_errors(upstream: str, what: str) -> Iterator[None]:
         raise UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}") from None
 
 
+#: The socket address an OS error names (``('10.0.0.7', 5000)``, IPv6 with flow and scope).
+_ADDRESS: Final = re.compile(r"\s*\(\s*'[^']*',\s*\d+[^)]*\)")
+
+
 def _short(exc: Exception) -> str:
+    """The error's text for a client and the log, without what it must not show: a URL (a
+    CDN URL carries a signature) or the upstream's network address (a private registry's
+    address is not the clients' business)."""
     text = str(exc) or type(exc).__name__
-    # Never echo a URL: a CDN URL carries a signature.
-    return text.split("http", 1)[0].strip(" :'\"") or type(exc).__name__
+    text = _ADDRESS.sub("", text.split("http", 1)[0])
+    return text.strip(" :'\"") or type(exc).__name__
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -142,7 +142,11 @@ async def test_an_upstream_that_does_not_answer_shows_in_the_request_counts(
     upstream.add_image("library/app", "1")
     await upstream.stop_listening()
     before = await scrape(moorage)
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 503
+    refused = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert refused.status == 503
+    message = (await refused.json())["errors"][0]["message"]
+    assert "docker.io" in message and "Connect call failed" in message
+    assert "127.0.0.1" not in message, "the upstream's network address is not the client's business"
     changes = delta(before, await scrape(moorage))
     attempts = changes["moorage_upstream_requests_total{kind=manifest,method=GET,status=error,upstream=docker.io}"]
     assert attempts == 1 + changes["moorage_upstream_retries_total{upstream=docker.io}"] >= 2
