@@ -183,10 +183,11 @@ class Cache:
         self._accessed: dict[Digest, float] = {}
         #: Reads of stored files, for sweepers: a file a client found is not removed under it.
         self._guard = ReadGuard()
-        #: Blobs and child manifests of manifests served lately, and when: the eviction order
-        #: counts them as just read, so that a pass does not remove an image's config or layers
-        #: between its manifest and its client's next requests. In memory only.
-        self._referenced: dict[Digest, float] = {}
+        #: Manifests served for reading lately, and when: the eviction order counts what they
+        #: name as read then, so that a pass does not remove an image's config or layers between
+        #: its manifest and its client's next requests. In memory only.
+        self._served: dict[Digest, float] = {}
+        #: What each manifest names (child manifests, config, layers), least recently served first.
         self._references: OrderedDict[Digest, tuple[Digest, ...]] = OrderedDict()
         self.max_size = max_size
         self._high, self._low = watermarks
@@ -263,8 +264,8 @@ class Cache:
         recent = self._clock() - RECENT_SECONDS
         self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
         self._guard.prune()
-        referenced_since = self._clock() - REFERENCED_SECONDS
-        self._referenced = {digest: when for digest, when in self._referenced.items() if when >= referenced_since}
+        served_since = self._clock() - REFERENCED_SECONDS
+        self._served = {digest: when for digest, when in self._served.items() if when >= served_since}
         totals = (self.store_bytes, self.store_entries)
         counts = self._counts
         # Since the last flush: what this process stored and removed, or, after an eviction
@@ -404,8 +405,7 @@ class Cache:
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
         # The live map: a blob read while the pass runs is skipped when its turn comes.
-        # Reads, and the references of manifests served lately (see ``_referenced``), for the order.
-        seen = self._referenced | self._accessed
+        seen = self._eviction_order()
         result = await asyncio.to_thread(evict_to, store, self._index, target, protected, seen, self._guard)
         stored_bytes, stored_entries = self._stored_during_pass
         self._stored_during_pass = None
@@ -543,26 +543,45 @@ class Cache:
         accept: AcceptClass,
         ttl: float,
         may_read: MayRead = None,
+        *,
+        reading: bool = True,
     ) -> ManifestAnswer:
         """The manifest for a tag or digest. ``may_read`` tells which routes the caller may read
-        (None: all); a stored manifest known only under other routes is confirmed upstream first."""
+        (None: all); a stored manifest known only under other routes is confirmed upstream first.
+        ``reading``: the client reads the body (a GET), so its blobs come next; not for a HEAD,
+        which pollers (kubelet's Always, update bots) send without pulling anything."""
         answer = await self._manifest(source, repository, reference, accept, ttl, may_read)
         # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
         now = self._clock()
         self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
-        for digest in self._references_of(answer):
-            self._referenced[digest] = now
+        if reading:
+            self._mark_references(answer, now)
         return answer
 
-    def _references_of(self, answer: ManifestAnswer) -> tuple[Digest, ...]:
-        """The child manifests, config and layers a manifest names; parsed once per digest."""
-        found = self._references.get(answer.digest)
-        if found is None:
+    def _mark_references(self, answer: ManifestAnswer, now: float) -> None:
+        """Note a manifest served for reading, and what it names (parsed once per digest), for
+        the eviction order (see ``_served``)."""
+        self._served[answer.digest] = now
+        if answer.digest in self._references:
+            self._references.move_to_end(answer.digest)
+            return
+        try:
             children, config, layers = parts(answer.body)
-            found = self._references[answer.digest] = (*children, *config, *layers)
-            while len(self._references) > MAX_REFERENCED_MANIFESTS:
-                self._references.popitem(last=False)
-        return found
+        except Exception:  # bookkeeping: an odd manifest must never fail its pull
+            log.exception("references not read", extra={"event": "internal_error", "digest": str(answer.digest)})
+            return
+        self._references[answer.digest] = (*children, *config, *layers)
+        while len(self._references) > MAX_REFERENCED_MANIFESTS:
+            self._references.popitem(last=False)
+
+    def _eviction_order(self) -> dict[Digest, float]:
+        """When each digest was last read, or named by a manifest served for reading."""
+        seen = dict(self._accessed)
+        for manifest, when in self._served.items():
+            for digest in self._references.get(manifest, ()):
+                if seen.get(digest, 0.0) < when:
+                    seen[digest] = when
+        return seen
 
     async def _manifest(
         self,

@@ -63,8 +63,16 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
                 continue
         return found
 
-    children = digests(list(document.get("manifests", [])))
-    return children, digests([document.get("config") or {}]), digests(list(document.get("layers", [])))
+    def listed(key: str) -> list[object]:  # Go writes a nil slice as null
+        value = document.get(key)
+        return value if isinstance(value, list) else []
+
+    config = document.get("config")
+    return (
+        digests(listed("manifests")),
+        digests([config] if isinstance(config, dict) else []),
+        digests(listed("layers")),
+    )
 
 
 def mark(store: BlobStore, roots: set[Digest]) -> set[Digest]:

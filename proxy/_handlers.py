@@ -91,6 +91,7 @@ async def manifest(
         accept_class(request.headers.getall("Accept", [])),
         settings.tag_ttl_of(route.upstream.settings),
         may_read,
+        reading=request.method == "GET",
     )
     note.result = answer.result
     headers = _manifest_headers(answer)

@@ -219,6 +219,17 @@ async def test_an_index_held_for_others_does_not_answer_a_client_that_takes_no_i
     assert single.status == 503, "the index is not an answer for it, and the upstream cannot pick a platform"
 
 
+@pytest.mark.parametrize("odd", ['"layers": null', '"layers": 7, "config": null', '"manifests": null'])
+async def test_a_manifest_with_null_lists_is_served(moorage: Client, upstream: FakeRegistry, odd: str) -> None:
+    """Go writes a nil slice as null: reading what such a manifest names (for the eviction
+    order, gc and prefetch) finds nothing, and never fails the pull."""
+    body = f'{{"schemaVersion": 2, "mediaType": "{OCI_MANIFEST}", {odd}}}'.encode()
+    upstream.add_manifest("library/odd", "1", body, OCI_MANIFEST)
+    for _ in range(2):
+        response = await moorage.get("/v2/odd/manifests/1", headers=ALL)
+        assert response.status == 200 and await response.read() == body
+
+
 async def test_wrong_manifest_bytes_are_refused_and_not_kept(moorage: Client, upstream: FakeRegistry) -> None:
     image = upstream.add_image("library/alpine", "3.19")
     fake_digest = str(Digest.of(b"something else"))
