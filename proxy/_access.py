@@ -53,25 +53,32 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         response = await handler(request)
     except asyncio.CancelledError:
-        if request.app[STOPPING].is_set():  # past shutdown_timeout: the stop cut it
-            note.error = "SHUTDOWN"
-            _record(request, note, CUT_BY_SHUTDOWN, None, time.monotonic() - started)
-            raise
-        # A server run with handler cancellation cancels the handler when the client leaves.
-        note.error = "CLIENT_GONE"
-        _record(request, note, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)
+        _record_cancelled(request, note, started)
         raise
     except web.HTTPException as passed_on:
         # One the error middleware lets through (a redirect): aiohttp sends it as it is.
         _record(request, note, passed_on.status, passed_on.content_length, time.monotonic() - started)
         raise
     try:
-        await response.prepare(request)
+        await response.prepare(request)  # a stored blob's whole body goes out here (sendfile)
         await response.write_eof()
     except ConnectionError:
         note.error = note.error or "CLIENT_GONE"
+    except asyncio.CancelledError:
+        _record_cancelled(request, note, started)
+        raise
     _record(request, note, response.status, response.content_length, time.monotonic() - started)
     return response
+
+
+def _record_cancelled(request: web.Request, note: RequestNotes, started: float) -> None:
+    if request.app[STOPPING].is_set():  # past shutdown_timeout: the stop cut it
+        note.error = "SHUTDOWN"
+        _record(request, note, CUT_BY_SHUTDOWN, None, time.monotonic() - started)
+        return
+    # A server run with handler cancellation cancels the handler when the client leaves.
+    note.error = "CLIENT_GONE"
+    _record(request, note, CLIENT_CLOSED_REQUEST, None, time.monotonic() - started)
 
 
 def _body_bytes(request: web.Request, note: RequestNotes, content_length: int | None) -> int:

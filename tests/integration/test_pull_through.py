@@ -232,15 +232,22 @@ def test_sigterm_cuts_a_slow_download_after_shutdown_timeout_and_says_so(seeded:
     digest = images.write_random_file(source, 32 * MiB, seed=12)
     images.push_blob(registry.url, "library/slow", source)
     with start_moorage(tmp_path / "m", registry, shutdown_timeout="300ms") as moorage:
-        reader = subprocess.Popen(
-            ["curl", "-s", "--limit-rate", "4M", "-o", "/dev/null", f"{moorage.url}/v2/slow/blobs/{digest}"]
-        )
-        time.sleep(1.0)  # a few MB in: the fill is done or nearly, the client far from it
+        url = f"{moorage.url}/v2/slow/blobs/{digest}"
+        cold = subprocess.Popen(["curl", "-s", "--limit-rate", "4M", "-o", "/dev/null", url])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any((moorage.store / "blobs").rglob(digest[7:])):
+            time.sleep(0.05)  # stored: the next reader is a hit, sent from the file
+        warm = subprocess.Popen(["curl", "-s", "--limit-rate", "4M", "-o", "/dev/null", url])
+        time.sleep(1.0)  # a few MB in, both clients far from the end
         assert moorage.stop() == 0
-        reader.wait(10)
+        cold.wait(10)
+        warm.wait(10)
         assert not any((moorage.store / "tmp").iterdir())
         cut = [line for line in moorage.log_lines() if line.get("event") == "request" and digest in line["path"]]
-        assert [(line["status"], line.get("error")) for line in cut] == [(503, "SHUTDOWN")]
+        assert sorted((line["status"], line.get("error"), line.get("result")) for line in cut) == [
+            (503, "SHUTDOWN", "hit"),
+            (503, "SHUTDOWN", "miss"),
+        ]
 
 
 def store_metric(moorage: MoorageProcess) -> float:
