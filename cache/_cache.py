@@ -64,6 +64,7 @@ from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
+from ._serving import ServingLock
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
 from ._verify import counted_size, hash_file
@@ -381,9 +382,16 @@ class Cache:
         async with self._maintenance:
             before = self.store_bytes
             self._stored_during_pass = (0, 0)
-            counted_bytes, counted_entries = await asyncio.to_thread(store.count)
-            stored_bytes, stored_entries = self._stored_during_pass
-            self._stored_during_pass = None
+            try:
+                counted_bytes, counted_entries = await asyncio.to_thread(store.count)
+                stored_bytes, stored_entries = self._stored_during_pass
+            except Exception as exc:  # the count stays owed: the next start tries again
+                log.error(
+                    "store not counted", extra={"event": "maintenance_failed", "task": "count", "error": str(exc)}
+                )
+                return
+            finally:
+                self._stored_during_pass = None
             self.store_bytes = counted_bytes + stored_bytes
             self.store_entries = counted_entries + stored_entries
             self._counts += 1
@@ -1133,7 +1141,8 @@ async def open_cache(
         # Prefetches take at most half an upstream's download slots: clients' own come first.
         prefetch_limits={upstream.host: max(1, upstream.max_concurrent_fills // 2) for upstream in upstreams},
     )
-    crashed = await asyncio.to_thread(index.begin_serving, time.time())
+    serving = ServingLock(settings.path, index)
+    crashed = await asyncio.to_thread(serving.acquire, time.time())
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(cache.flush_every(FLUSH_INTERVAL))]
@@ -1158,8 +1167,8 @@ async def open_cache(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await cache.aclose()
-        if cache.flushed and not cache.count_pending:  # else the next start counts the store
-            await asyncio.to_thread(index.end_serving)
+        # Unless the last flush failed or a count is still owed: then the next start counts.
+        await asyncio.to_thread(serving.release, cache.flushed and not cache.count_pending)
         await asyncio.to_thread(index.close)
 
 
