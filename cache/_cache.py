@@ -412,7 +412,8 @@ class Cache:
         protected = set(self.fills.digests)
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
-        # The live map: a blob read while the pass runs is skipped when its turn comes.
+        # Reads and the manifests served lately order the pass; a blob read while it runs is
+        # skipped when its turn comes (the read guard).
         seen = self._eviction_order()
         result = await asyncio.to_thread(evict_to, store, self._index, target, protected, seen, self._guard)
         stored_bytes, stored_entries = self._stored_during_pass
