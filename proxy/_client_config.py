@@ -82,18 +82,26 @@ def _k3s(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
 
 
 def _kind(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
+    """A kind config that mounts hosts.toml files into every node. kind's node images (v0.20
+    on) read registry settings from ``/etc/containerd/certs.d`` and refuse the older
+    ``registry.mirrors`` beside it; the patch sets that path for older images too."""
+    mount = ["    extraMounts:", "      - hostPath: ./certs.d", "        containerPath: /etc/containerd/certs.d"]
     lines = [
+        "# Create the cluster from the directory holding certs.d/: kind create cluster --config kind-config.yaml",
         "kind: Cluster",
         "apiVersion: kind.x-k8s.io/v1alpha4",
         "containerdConfigPatches:",
         "  - |-",
+        '    [plugins."io.containerd.grpc.v1.cri".registry]',
+        '      config_path = "/etc/containerd/certs.d"',
+        "nodes:  # give every node you add the same extraMounts",
+        "  - role: control-plane",
+        *mount,
     ]
-    for registry in (u.host for u in upstreams):
-        lines += [
-            f'    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]',
-            f'      endpoint = ["{url.rstrip("/")}"]',
-        ]
-    return {"kind-config.yaml": "\n".join(lines) + "\n"}
+    files = {"kind-config.yaml": "\n".join(lines) + "\n"}
+    for path, content in _containerd(url, upstreams, default).items():
+        files[path.replace("/etc/containerd/", "", 1)] = content
+    return files
 
 
 CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None], dict[str, str]]]] = {

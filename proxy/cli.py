@@ -646,7 +646,10 @@ def client_config(
         if output_dir is None:
             click.echo(f"# file: {path}\n{content}")
             continue
-        relative = path.removeprefix("/etc/containerd/certs.d/") if client == "containerd" else Path(path).name
+        if client == "containerd":
+            relative = path.removeprefix("/etc/containerd/certs.d/")
+        else:  # kind's files are relative already (kind-config.yaml beside certs.d/)
+            relative = path if client == "kind" else Path(path).name
         target = output_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)

@@ -106,11 +106,16 @@ def test_docker_mirrors_only_a_default_docker_hub() -> None:
 def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
     (k3s,) = client_files("k3s", URL, REGISTRIES).values()
     assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in ["docker.io", "ghcr.io", "*"]}}
-    (kind,) = client_files("kind", URL, REGISTRIES).values()
-    patches = yaml.safe_load(kind)["containerdConfigPatches"][0]
-    assert tomllib.loads(patches)["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"]["ghcr.io"] == {
-        "endpoint": [URL]
-    }
+    files = client_files("kind", URL, REGISTRIES, "docker.io")
+    config = yaml.safe_load(files["kind-config.yaml"])
+    # Current kind nodes read certs.d and refuse registry.mirrors beside it: hosts.toml only.
+    patch = tomllib.loads(config["containerdConfigPatches"][0])
+    assert patch["plugins"]["io.containerd.grpc.v1.cri"]["registry"] == {"config_path": "/etc/containerd/certs.d"}
+    mounts = [node["extraMounts"] for node in config["nodes"]]
+    assert mounts and all(m == [{"hostPath": "./certs.d", "containerPath": "/etc/containerd/certs.d"}] for m in mounts)
+    hosts = tomllib.loads(files["certs.d/ghcr.io/hosts.toml"])
+    assert hosts["server"] == "https://ghcr.io" and hosts["host"][URL]["capabilities"] == ["pull", "resolve"]
+    assert "certs.d/_default/hosts.toml" in files
 
 
 def test_a_url_with_a_path_is_refused() -> None:
