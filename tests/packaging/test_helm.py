@@ -274,3 +274,38 @@ def test_lint_finds_no_error() -> None:
     for values in VALUE_SETS.values():
         result = helm.lint(str(CHART), values, strict=True, kube_version=f"v{KUBERNETES}.0")
         assert result.get("errors") in (None, []), result
+
+
+def notes(values: dict[str, Any]) -> str:
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name="cache", namespace="registry")
+    (text,) = [text for path, text in files.items() if path.endswith("NOTES.txt")]
+    return text
+
+
+@pytest.mark.parametrize(
+    ("values", "url", "hint"),
+    [
+        pytest.param({}, "http://MOORAGE_ADDRESS:5000", False, id="cluster_ip"),
+        pytest.param(VALUE_SETS["exposed"], "http://MOORAGE_ADDRESS:30500", False, id="node_port"),
+        pytest.param(
+            {"service": {"type": "NodePort"}}, "http://MOORAGE_ADDRESS:NODE_PORT", True, id="node_port_chosen"
+        ),
+        pytest.param(VALUE_SETS["tls"], "https://MOORAGE_ADDRESS:5000", False, id="tls"),
+    ],
+)
+def test_the_notes_tell_nodes_the_address_they_reach(values: dict[str, Any], url: str, hint: bool) -> None:
+    """Nodes reach a NodePort on the node port, not the Service port, and a TLS listener over
+    https: the snippets printed after install must say so."""
+    text = notes(values)
+    assert f'[host."{url}"]' in text and f'endpoint: ["{url}"]' in text and f"--url {url}" in text
+    assert ("jsonpath='{.spec.ports[0].nodePort}'" in text) is hint
+
+
+def test_a_tls_listener_is_scraped_over_https() -> None:
+    values = {
+        "tls": {"enabled": True, "secretName": "moorage-tls"},
+        "metrics": {"serviceMonitor": {"enabled": True, "tlsConfig": {"serverName": "moorage"}}},
+    }
+    (endpoint,) = by_kind(render(values), "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"serverName": "moorage"}
