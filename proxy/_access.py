@@ -64,6 +64,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         await response.write_eof()
     except ConnectionError:
         note.error = note.error or "CLIENT_GONE"
+        note.cut = True
     except asyncio.CancelledError:
         _record_cancelled(request, note, started)
         raise
@@ -72,6 +73,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _record_cancelled(request: web.Request, note: RequestNotes, started: float) -> None:
+    note.cut = True
     if request.app[STOPPING].is_set():  # past shutdown_timeout: the stop cut it
         note.error = "SHUTDOWN"
         _record(request, note, CUT_BY_SHUTDOWN, None, time.monotonic() - started)
@@ -82,7 +84,8 @@ def _record_cancelled(request: web.Request, note: RequestNotes, started: float) 
 
 
 def _body_bytes(request: web.Request, note: RequestNotes, content_length: int | None) -> int:
-    if request.method == "HEAD" or note.error or content_length is None:
+    """The body's bytes, an error answer's included; 0 for a cut body (not known) or a HEAD."""
+    if request.method == "HEAD" or note.cut or content_length is None:
         return 0
     return content_length
 

@@ -205,7 +205,8 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         try:
             await _send_growing(request, response, reader, start, end)
         except ConnectionError:
-            notes(request).error = "CLIENT_GONE"  # the fill goes on without this client
+            note = notes(request)
+            note.error, note.cut = "CLIENT_GONE", True  # the fill goes on without this client
             return response
         except Exception as exc:
             # Headers are out: the only honest signal left is a cut connection, which makes the
@@ -217,7 +218,8 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
                 )
             else:
                 log.exception("cutting response", extra={"event": "response_cut", "digest": str(reader.digest)})
-            notes(request).error = "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL"
+            note = notes(request)
+            note.error, note.cut = ("FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL"), True
             if request.transport is not None:
                 request.transport.close()
             return response

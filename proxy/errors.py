@@ -217,9 +217,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
         failure = OCIError("internal error; the cache's log has the details")
-    notes(request).error = failure.code
+    note = notes(request)
+    note.error = failure.code
     started = request.writer is not None and request.writer.output_size > 0
     if started and request.transport is not None:
         # A handler failed after its response started: an error body would land inside it.
+        note.cut = True
         request.transport.close()
     return failure.response()

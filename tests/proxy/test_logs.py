@@ -148,6 +148,19 @@ async def test_one_json_line_per_request_and_an_audit_line_per_pull(
     assert pulls[0]["repository"] == "library/alpine" and pulls[0]["client"] == "127.0.0.1"
 
 
+async def test_an_error_answer_logs_the_bytes_of_its_body(moorage: object, log_lines: Captured) -> None:
+    """An OCI error body is sent whole: its size is known, unlike a cut body's."""
+    from aiohttp.test_utils import TestClient
+
+    assert isinstance(moorage, TestClient)
+    response = await moorage.get("/v2/Bad/manifests/1")
+    body = await response.read()
+    assert response.status == 400 and body
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (answered,) = [line for line in lines if line["event"] == "request"]
+    assert answered["error"] == "NAME_INVALID" and answered["bytes"] == len(body)
+
+
 async def test_an_answer_the_error_middleware_passes_on_is_logged_and_counted_too(
     start_moorage: StartMoorage, monkeypatch: pytest.MonkeyPatch, log_lines: Captured
 ) -> None:
