@@ -257,7 +257,10 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
             return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:
-            if anonymous_may_pull:
+            # With users, the API check answers as Docker Hub's does: a challenge, so that
+            # clients holding credentials sign in (docker, containerd, containers/image send
+            # them only when challenged) and the others take an anonymous token.
+            if anonymous_may_pull and (authenticator.users is None or request.path not in ("/v2", "/v2/")):
                 return await handler(request)
             raise authenticator.refuse(request, "authentication required")
         scheme, _, value = header.partition(" ")
@@ -302,7 +305,8 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
 
     Returns which routes the requester may read content through, for the cache's check of
     content held under other routes; None (every route) when there is no policy. A token's
-    grant narrows nothing further: the token service grants whatever the policy allows."""
+    grant narrows nothing further: the token service grants the repositories asked for, and the
+    policy is checked here on every request."""
     note = notes(request)
     granted = note.granted
     if granted is not None and name not in granted:
@@ -316,7 +320,12 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
     user = note.user
     groups = authenticator.users.groups_of(user) if authenticator.users is not None else frozenset()
     requester = Requester(user, groups, request.remote)
-    authorize(rules, requester, upstream, repository)
+    try:
+        authorize(rules, requester, upstream, repository)
+    except AccessDenied as denied:
+        if user is None and authenticator.users is not None:  # a user might be allowed: ask
+            raise authenticator.refuse(request, f"{denied.message}; sign in") from None
+        raise
     return lambda other_upstream, other_repository: allows(rules, requester, other_upstream, other_repository)
 
 

@@ -76,3 +76,35 @@ def test_skopeo_and_podman_pull_with_credentials_and_not_without(tmp_path: Path)
             assert PASSWORD not in moorage.log_path.read_text()
             grep = subprocess.run(["grep", "-r", PASSWORD, str(moorage.store)], capture_output=True, check=False)
             assert grep.returncode == 1, "the password is in no stored file"
+
+
+def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tmp_path: Path) -> None:
+    """``anonymous: pull`` with a policy that keeps one repository for users: skopeo sends its
+    credentials only when challenged, so the API check challenges (as Docker Hub's does), and
+    a pull anonymous requests may not make asks for a sign-in rather than refusing."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ci:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(5)).decode()}\n")
+    policy = [
+        {"effect": "allow", "users": ["ci"], "repositories": ["*"]},
+        {"effect": "deny", "anonymous": True, "repositories": ["docker.io/team/*"]},
+    ]
+    with RealRegistry(tmp_path / "registry") as registry:
+        layout = tmp_path / "layout"
+        images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, 52)])
+        images.push(layout, "app", registry.host, "team/app", "1")
+        images.push(layout, "app", registry.host, "library/open", "1")
+        upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
+        auth = {"htpasswd_file": str(htpasswd), "anonymous": "pull", "policy": policy}
+        with MoorageProcess(tmp_path / "m", upstreams, auth=auth) as moorage:
+            skopeo_copy(f"docker://{moorage.host}/open:1", f"dir:{tmp_path / 'open'}")  # anonymous
+            with pytest.raises(ClientError, match=r"authentication|unauthorized|401"):
+                skopeo_copy(f"docker://{moorage.host}/team/app:1", f"dir:{tmp_path / 'denied'}")
+            skopeo_copy(
+                f"docker://{moorage.host}/team/app:1", f"dir:{tmp_path / 'ok'}", extra=["--src-creds", f"ci:{PASSWORD}"]
+            )
+            pulls = {
+                (line.get("repository"), line.get("user"))
+                for line in moorage.log_lines()
+                if line.get("event") == "pull"
+            }
+            assert pulls == {("library/open", None), ("team/app", "ci")}
