@@ -25,13 +25,11 @@ from aiohttp import web
 
 from ._logging import log_fields
 from ._state import CACHE, METRICS, NOTES, STOPPING, RequestNotes
-from .errors import Handler
+from .errors import CLIENT_CLOSED_REQUEST, Handler
 
 __all__ = ["access_middleware"]
 
 log = logging.getLogger("moorage.access")
-#: Recorded for a request whose client left before its answer was complete (nginx's 499).
-CLIENT_CLOSED_REQUEST = 499
 #: Recorded for a request the server's stop cut (still running after ``shutdown_timeout``).
 CUT_BY_SHUTDOWN = 503
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")

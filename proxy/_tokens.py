@@ -36,7 +36,9 @@ __all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys"]
 SERVICE: Final = "moorage"
 ISSUER: Final = "moorage"
 LOGIN_AUDIENCE: Final = "moorage:login"
-LEEWAY: Final = 60
+#: Clock skew allowed when checking a token's times: the process that checks a token issued
+#: it, or a replica sharing its key, so a few seconds (a token is valid for what it says).
+LEEWAY: Final = 5
 REMEMBERED_TOKENS: Final = 10_000
 TokenKind = Literal["access", "login"]
 

@@ -194,6 +194,8 @@ def _from_http(error: web.HTTPException, request: web.Request) -> OCIError:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Recorded for a request whose client left before its answer was complete (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 
 
 @web.middleware
@@ -214,6 +216,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise
         failure = _from_http(error, request)
+    except ConnectionResetError:  # the client left while its request was read: no one to answer
+        note = notes(request)
+        note.error, note.cut = "CLIENT_GONE", True
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
         failure = OCIError("internal error; the cache's log has the details")

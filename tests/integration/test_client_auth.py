@@ -5,8 +5,10 @@ or with a wrong password, each is refused."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bcrypt
@@ -108,3 +110,29 @@ def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tm
                 if line.get("event") == "pull"
             }
             assert pulls == {("library/open", None), ("team/app", "ci")}
+
+
+def test_a_client_that_leaves_while_posting_to_the_token_service_is_gone_not_an_error(tmp_path: Path) -> None:
+    """The token service needs no credentials: a client cutting its form short must cost a
+    499 line, not a 500 and an alert-worthy internal_error with a traceback (the served
+    daemon, whose handlers are not cancelled when a client leaves)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ci:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(5)).decode()}\n")
+    upstreams = [{"host": "docker.io", "url": "http://127.0.0.1:9", "default": True}]
+    with MoorageProcess(tmp_path / "m", upstreams, auth={"htpasswd_file": str(htpasswd)}) as moorage:
+        with socket.create_connection(("127.0.0.1", moorage.port)) as client:
+            client.sendall(
+                b"POST /token HTTP/1.1\r\nHost: cache\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 100\r\n\r\ngrant_type"
+            )
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        lines: list[dict[str, object]] = []
+        while time.monotonic() < deadline:
+            lines = moorage.log_lines()
+            if any(line.get("path") == "/token" for line in lines):
+                break
+            time.sleep(0.05)
+        token_lines = [(line.get("status"), line.get("error")) for line in lines if line.get("path") == "/token"]
+        assert token_lines == [(499, "CLIENT_GONE")]
+        assert not [line for line in lines if line.get("event") == "internal_error"]

@@ -138,6 +138,9 @@ async def test_wrong_passwords_expired_and_forged_tokens_are_401(
     assert response.status == 401
     assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
     assert "expired" in (await response.json())["errors"][0]["message"]
+    # Valid for its lifetime, not a minute longer: the clock skew allowed is a few seconds.
+    just_expired = jwt.encode({**claims, "iat": now - 90, "nbf": now - 90, "exp": now - 30}, key, algorithm="ES256")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(just_expired))).status == 401
     forged = jwt.encode(
         {**claims, "exp": now + 3600}, "a guessed secret, at least thirty-two bytes long", algorithm="HS256"
     )
