@@ -12,12 +12,15 @@ no such view, and one that stops while others serve leaves the mark to them. Blo
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from ._index import Index
 
 __all__ = ["ServingLock"]
+
+log = logging.getLogger("moorage.cache")
 
 
 class ServingLock:
@@ -50,6 +53,12 @@ class ServingLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     return  # others still serve: the mark is theirs
-                self._index.end_serving()
+                try:
+                    self._index.end_serving()
+                except Exception as exc:  # a full disk, a broken index: the next start counts
+                    log.warning(
+                        "serving mark not cleared; the next start counts the store",
+                        extra={"event": "maintenance_failed", "task": "stop", "error": str(exc)},
+                    )
         finally:
             os.close(fd)  # drops the lock

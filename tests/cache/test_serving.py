@@ -4,6 +4,7 @@ alone, never by one that starts beside a running one, and a clean stop leaves no
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,18 @@ def test_a_process_beside_a_running_one_neither_counts_nor_clears(tmp_path: Path
     assert after.acquire(4.0) is True, "so the next start alone counts the store"
     after.release(clean=False)
     assert ServingLock(tmp_path, index).acquire(5.0) is True, "a stop with a failed flush leaves the mark"
+
+
+def test_a_mark_that_cannot_be_cleared_is_left_for_the_next_start(tmp_path: Path) -> None:
+    """A stop on a full disk or a broken index must still stop: the mark stays, and the next
+    start counts the store."""
+    index = Index(tmp_path / "index")
+    serving = ServingLock(tmp_path, index)
+    assert serving.acquire(1.0) is False
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    index.end_serving = broken  # type: ignore[method-assign]
+    serving.release(clean=True)
+    assert ServingLock(tmp_path, Index(tmp_path / "index")).acquire(2.0) is True
