@@ -141,7 +141,8 @@ class AuthSettings(_Section):
     #: The token service's URL as clients reach it (``https://cache.example/token``). Unset:
     #: built from each request's scheme and Host header.
     token_realm: str | None = None
-    #: Token requests allowed per client address and minute (password guessing is slow work).
+    #: Failed sign-ins allowed per client address and minute, on /token and /v2/ alike (sign-ins
+    #: that succeed and anonymous token requests cost nothing).
     token_requests_per_minute: int = Field(default=120, ge=1)
     #: Access rules, evaluated in order; the first that matches decides, none matching allows.
     policy: tuple[PolicyRule, ...] = ()

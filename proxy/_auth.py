@@ -45,7 +45,16 @@ from ._state import notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
 
-__all__ = ["AUTHENTICATOR", "USERS", "Authenticator", "Htpasswd", "Unauthorized", "auth_middleware", "authorize_pull"]
+__all__ = [
+    "AUTHENTICATOR",
+    "USERS",
+    "Authenticator",
+    "Htpasswd",
+    "Unauthorized",
+    "auth_middleware",
+    "authorize_pull",
+    "check_password",
+]
 
 log = logging.getLogger("moorage")
 REMEMBER_SECONDS: Final = 300.0
@@ -248,8 +257,29 @@ class Authenticator:
         return Unauthorized(message, headers=self.challenge(request, error))
 
 
+async def check_password(request: web.Request, user: str, password: str) -> bool:
+    """A sign-in's password, charged to the client's budget of failures (``/token`` and ``/v2/``
+    alike); 429 once that budget is spent."""
+    limiter, client = request.app[RATE_LIMITER], request.remote or ""
+    wait = limiter.allow(client)
+    if wait is not None:
+        raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
+    if await request.app[AUTHENTICATOR].password_ok(user, password):
+        limiter.refund(client)
+        return True
+    log.info("authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote})
+    return False
+
+
 def auth_middleware(authenticator: Authenticator) -> Middleware:
     anonymous_may_pull = authenticator.settings.anonymous_may_pull
+    # With users and a policy (which may keep repositories for users), the API check answers as
+    # Docker Hub's does: a challenge, so that clients holding credentials sign in (docker,
+    # containerd and containers/image send them only when challenged) and the others take an
+    # anonymous token. Without a policy an anonymous request may pull all a user may, so the
+    # check answers 200: a challenge would only make docker send its Docker Hub login to its
+    # mirror, have it refused, and pull past the cache.
+    challenge_api_check = authenticator.users is not None and bool(authenticator.settings.policy)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -257,10 +287,7 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
             return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:
-            # With users, the API check answers as Docker Hub's does: a challenge, so that
-            # clients holding credentials sign in (docker, containerd, containers/image send
-            # them only when challenged) and the others take an anonymous token.
-            if anonymous_may_pull and (authenticator.users is None or request.path not in ("/v2", "/v2/")):
+            if anonymous_may_pull and not (challenge_api_check and request.path in ("/v2", "/v2/")):
                 return await handler(request)
             raise authenticator.refuse(request, "authentication required")
         scheme, _, value = header.partition(" ")
@@ -284,14 +311,7 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
         if credentials is None or authenticator.users is None:
             raise authenticator.refuse(request, "only credentials of a configured user are accepted")
         user, password = credentials
-        limiter = request.app[RATE_LIMITER]
-        if limiter.waiting(request.remote or ""):  # guessing passwords on /v2/ is limited too
-            raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": "60"})
-        if not await authenticator.password_ok(user, password):
-            limiter.allow(request.remote or "")  # a failure costs from the same budget as /token
-            log.info(
-                "authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote}
-            )
+        if not await check_password(request, user, password):
             raise authenticator.refuse(request, "unknown user or wrong password")
         notes(request).user = user
         return await handler(request)

@@ -1,5 +1,10 @@
-"""Sign-in attempts per client: a token bucket per address, for ``/token`` and failed Basic
-sign-ins on ``/v2/`` alike (guessing passwords costs from one budget wherever it is tried).
+"""Failed sign-ins per client: a token bucket per address, for ``/token`` and Basic sign-ins on
+``/v2/`` alike (guessing passwords costs from one budget wherever it is tried).
+
+Each password check is charged before it runs, so a burst of guesses sent at once cannot pass
+before the first fails, and a check that succeeds is refunded: clients that sign in correctly,
+and anonymous token requests (which check nothing), are never limited, however many share an
+address behind a NAT or an ingress.
 
 Addresses are keyed by client: an IPv4 address, or the /64 network of an IPv6 one (a single
 host usually holds a whole /64, so keying by address would give it unlimited buckets).
@@ -32,7 +37,7 @@ def client_key(address: str) -> str:
 
 
 class RateLimiter:
-    """``per_minute`` requests per client, refilled continuously."""
+    """``per_minute`` sign-ins per client, refilled continuously."""
 
     def __init__(self, per_minute: int) -> None:
         self._rate = per_minute / 60.0
@@ -42,10 +47,6 @@ class RateLimiter:
     def _level(self, key: str, now: float) -> float:
         tokens, since = self._buckets.get(key, (self._capacity, now))
         return min(self._capacity, tokens + (now - since) * self._rate)
-
-    def waiting(self, address: str) -> bool:
-        """Whether the client has used its budget (nothing is spent)."""
-        return self._level(client_key(address), time.monotonic()) < 1
 
     def allow(self, address: str) -> float | None:
         """Spend one request: None when allowed, else the seconds until the next one is."""
@@ -61,6 +62,12 @@ class RateLimiter:
         while len(self._buckets) > MAX_CLIENTS_TRACKED:
             self._buckets.popitem(last=False)
         return wait
+
+    def refund(self, address: str) -> None:
+        """Give back the request spent on a sign-in that succeeded."""
+        key, now = client_key(address), time.monotonic()
+        if key in self._buckets:
+            self._buckets[key] = (min(self._capacity, self._level(key, now) + 1), now)
 
 
 RATE_LIMITER: Final = web.AppKey("sign_in_rate_limiter", RateLimiter)

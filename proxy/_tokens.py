@@ -10,8 +10,9 @@ Two kinds, told apart by their audience, so neither passes for the other:
 - *login* tokens (audience ``moorage:login``), from ``moorage login-password``: accepted as the
   password of their user, the way ECR's ``get-login-password`` output is; never as a bearer.
 
-Verification allows 60 s of clock skew, like distribution, and remembers good tokens until
-they expire (ES256 verification costs about 0.1 ms; manifests are served in less).
+Verification allows 5 s of clock skew (the process that checks a token issued it, or a
+replica sharing its key and clock source), and remembers good tokens until they expire (ES256
+verification costs about 0.1 ms; manifests are served in less).
 """
 
 from __future__ import annotations

@@ -70,6 +70,11 @@ async def test_anonymous_pulls_can_be_allowed_beside_users(
     moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd), "anonymous": "pull"})
     assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", "guess"))).status == 401
+    # Without a policy users may pull nothing more, so the API check asks no one to sign in:
+    # a docker daemon logged in to Docker Hub would send that login to its mirror, have it
+    # refused, and pull past the cache.
+    api_check = await moorage.get("/v2/")
+    assert api_check.status == 200 and "WWW-Authenticate" not in api_check.headers
 
 
 async def test_without_an_htpasswd_file_everyone_pulls_and_credentials_are_refused(

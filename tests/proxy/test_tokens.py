@@ -200,6 +200,19 @@ async def test_token_requests_are_rate_limited_per_client(
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
 
 
+async def test_sign_ins_that_succeed_and_anonymous_tokens_are_never_limited(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """Behind a NAT or an ingress a whole fleet shares one address: only failures count."""
+    moorage = await start_moorage(auth={**auth_files, "anonymous": "pull", "token_requests_per_minute": 2})
+    for _ in range(6):
+        assert (await moorage.get("/token", headers=basic("ci", PASSWORD))).status == 200
+        assert (await moorage.get("/token", params={"scope": "repository:alpine:pull"})).status == 200
+        assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200
+    statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(3)]
+    assert statuses == [401, 401, 429]
+
+
 POLICY = [
     {
         "effect": "allow",
@@ -244,6 +257,22 @@ async def test_policy_rules_by_network_and_for_anonymous_pulls(
     denied = await moorage.get("/v2/team/model/manifests/v1")
     assert denied.status == 403
     assert "rule 3 (the rest)" in (await denied.json())["errors"][0]["message"]
+
+
+async def test_with_users_and_a_policy_the_api_check_asks_clients_to_sign_in(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """Clients send credentials only when challenged; a policy may keep repositories for users."""
+    policy = [{"effect": "deny", "anonymous": True, "repositories": ["docker.io/team/*"]}]
+    moorage = await start_moorage(auth={**auth_files, "anonymous": "pull", "policy": policy})
+    api_check = await moorage.get("/v2/")
+    assert api_check.status == 401
+    assert api_check.headers["WWW-Authenticate"].startswith('Bearer realm="http://')
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200, "anonymous pulls go on"
+    kept = await moorage.get("/v2/team/model/manifests/v1")
+    assert kept.status == 401 and "scope=" in kept.headers["WWW-Authenticate"], "denied anonymously: sign in"
+    token = await fetch_token(moorage, "ci", PASSWORD, "repository:team/model:pull")
+    assert (await moorage.get("/v2/team/model/manifests/v1", headers=bearer(token))).status == 200
 
 
 async def test_a_changed_password_or_a_removed_user_ends_their_tokens(
