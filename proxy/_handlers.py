@@ -177,6 +177,8 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     start, stop = wanted.start, wanted.stop
     if start is None and stop is None:
         return None
+    if start == 0 and stop is None and request.headers["Range"].lower().startswith("bytes=-"):
+        start = size  # the last 0 bytes (aiohttp reads ``-0`` as 0-): never satisfiable
     if start is None:
         start = 0
     if start < 0:  # a suffix, bytes=-N

@@ -198,6 +198,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED_REQUEST = 499
 
 
+def _client_left(request: web.Request) -> bool:
+    """The client's connection is gone (a reset raised by something else is a fault of ours)."""
+    return request.transport is None or request.transport.is_closing()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -216,15 +221,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise
         failure = _from_http(error, request)
-    except ConnectionResetError:  # the client left while its request was read: no one to answer
-        note = notes(request)
-        note.error, note.cut = "CLIENT_GONE", True
-        return web.Response(status=CLIENT_CLOSED_REQUEST)
-    except Exception:
+    except Exception as error:
+        if isinstance(error, ConnectionResetError) and _client_left(request):
+            note = notes(request)  # it left while its request was read: no one to answer
+            note.error, note.cut = "CLIENT_GONE", True
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
         log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
         failure = OCIError("internal error; the cache's log has the details")
     note = notes(request)
     note.error = failure.code
+    note.result = None  # an error answer is no cache result: its body counts toward no hit rate
     started = request.writer is not None and request.writer.output_size > 0
     if started and request.transport is not None:
         # A handler failed after its response started: an error body would land inside it.

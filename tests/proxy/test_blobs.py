@@ -230,15 +230,20 @@ async def test_ranges(
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
-async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistry, warm: bool) -> None:
+@pytest.mark.parametrize("asked", ["bytes=5000-", "bytes=-0"])
+async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistry, warm: bool, asked: str) -> None:
     data = os.urandom(1000)
     digest = upstream.add_blob(data)
     if warm:
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
-    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=5000-"})
+    served = await metric(moorage, "moorage_served_bytes_total", kind="blob")
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": asked})
     assert response.status == 416
     assert response.headers["Content-Range"] == "bytes */1000"
     assert (await response.json())["errors"][0]["code"] == "RANGE_INVALID"
+    # The error body is no blob served: hit rates and the bandwidth saved leave it out.
+    assert await metric(moorage, "moorage_served_bytes_total", kind="blob") == served
+    assert "X-Moorage-Cache" not in response.headers
 
 
 async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
