@@ -717,8 +717,8 @@ class Cache:
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
-        except StoreFailure:
-            self._observer.on_store_full()
+        except StoreFailure as failure:
+            self._observer.on_store_failure(failure.disk_full)
             raise
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
@@ -1098,9 +1098,10 @@ class _Bookkeeping:
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         self._observer.on_evicted(reason, count, size)
 
-    def on_store_full(self) -> None:
-        self._observer.on_store_full()
-        self._cache._schedule_eviction("disk_full")
+    def on_store_failure(self, disk_full: bool) -> None:
+        self._observer.on_store_failure(disk_full)
+        if disk_full:  # a permission error or a vanished temporary file frees nothing by evicting
+            self._cache._schedule_eviction("disk_full")
 
     def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
         self._observer.on_images_expired(upstream, rule, count)
@@ -1122,7 +1123,8 @@ async def open_cache(
     observer: CacheObserver | None = None,
     upstreams: Sequence[UpstreamSettings] = (),
 ) -> AsyncIterator[Cache]:
-    """The store and index under ``settings.path``; temporaries of a previous run are swept,
+    """The store and index under ``settings.path``; temporaries of a previous run are swept
+    (when no other process serves the store),
     bookkeeping is written to the index every ``FLUSH_INTERVAL`` and at the end, and garbage
     collection and the upstreams' lifecycle policies run at their intervals."""
     try:
@@ -1130,6 +1132,16 @@ async def open_cache(
     except OSError as exc:  # a file where the directory should be, no permission, a full disk
         reason = exc.strerror or str(exc)
         raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {reason}"]) from None
+    serving = ServingLock(settings.path, index)
+    try:
+        started = await asyncio.to_thread(serving.acquire, time.time())
+        if started.alone:  # beside another process, its downloads in flight are in tmp/
+            await asyncio.to_thread(store.sweep_temporaries)
+    except OSError as exc:  # a lock file of another owner, a file system without flock
+        await asyncio.to_thread(serving.release, False)
+        await asyncio.to_thread(index.close)
+        reason = exc.strerror or str(exc)
+        raise ConfigError(None, [f"storage.path: cannot lock {settings.path / 'serving.lock'}: {reason}"]) from None
     cache = Cache(
         store,
         index,
@@ -1142,12 +1154,10 @@ async def open_cache(
         # Prefetches take at most half an upstream's download slots: clients' own come first.
         prefetch_limits={upstream.host: max(1, upstream.max_concurrent_fills // 2) for upstream in upstreams},
     )
-    serving = ServingLock(settings.path, index)
-    crashed = await asyncio.to_thread(serving.acquire, time.time())
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(cache.flush_every(FLUSH_INTERVAL))]
-    if crashed:  # its last seconds of stores are in no total: count, in the background
+    if started.crashed:  # its last seconds of stores are in no total: count, in the background
         cache.count_pending = True
         tasks.append(loop.create_task(cache.recount()))
     if settings.gc_interval > 0:
@@ -1174,10 +1184,10 @@ async def open_cache(
 
 
 def open_store(root: Path) -> tuple[DirectoryStore, Index]:
-    """Open (creating) the store and index under ``root`` and sweep temporaries; blocks."""
+    """Open (creating) the store and index under ``root``; blocks. Temporaries are swept by
+    ``open_cache`` once it knows no other process is filling into them."""
     root.mkdir(parents=True, exist_ok=True)
     store = DirectoryStore(root)
-    store.sweep_temporaries()
     index = Index(root / "index")
     if index.store_totals() is None:  # a store from before totals were kept: count once
         index.write_batch({}, {}, counted_totals=store.count())

@@ -154,7 +154,7 @@ class Fill:
             if isinstance(exc, DigestMismatch):
                 self._observer.on_digest_mismatch(self.origin[0], "blob")
             if isinstance(exc, StoreFailure):
-                self._observer.on_store_full()
+                self._observer.on_store_failure(exc.disk_full)
             self.state = "failed"
             self.error = exc
             self._leave_registry()  # before any await: no client may join a failed fill

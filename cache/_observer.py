@@ -29,8 +29,8 @@ class CacheObserver(Protocol):
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         """Content left the store (``reason``: size, disk_full, corrupt, lifecycle, gc)."""
 
-    def on_store_full(self) -> None:
-        """A write to the store failed (disk full, permissions): nothing was kept."""
+    def on_store_failure(self, disk_full: bool) -> None:
+        """A write to the store failed (the disk full, or permissions): nothing was kept."""
 
     def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
         """A lifecycle pass expired ``count`` images of ``upstream`` by the rule of that priority."""
@@ -55,7 +55,7 @@ class NullCacheObserver:
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         pass
 
-    def on_store_full(self) -> None:
+    def on_store_failure(self, disk_full: bool) -> None:
         pass
 
     def on_images_expired(self, upstream: str, rule: int, count: int) -> None:

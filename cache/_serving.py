@@ -5,8 +5,10 @@ Every process that serves the store (the daemon, ``moorage warm --store``) holds
 ends, however it ends. The index holds a mark (``("serving",)``) from a process's start until the
 last one stops cleanly. A process that starts alone (it takes the lock exclusively) and finds
 the mark knows the last run crashed: what it had not flushed, up to 10 s of store totals, is
-lost, and the store must be counted again. A process that starts beside a running one takes
-no such view, and one that stops while others serve leaves the mark to them. Blocking.
+lost, and the store must be counted again, and what its ``tmp/`` holds is partial downloads
+nobody will finish. A process that starts beside a running one takes no such view (those
+temporaries are the other's downloads in flight), and one that stops while others serve
+leaves the mark to them. Blocking.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from ._index import Index
 
-__all__ = ["ServingLock"]
+__all__ = ["ServingLock", "Started"]
 
 log = logging.getLogger("moorage.cache")
+
+
+class Started(NamedTuple):
+    #: No other process serves the store: what lies in its ``tmp/`` is a dead run's leftovers.
+    alone: bool
+    #: Alone, and the last run did not stop cleanly: the store must be counted again.
+    crashed: bool
 
 
 class ServingLock:
@@ -29,18 +39,22 @@ class ServingLock:
         self._index = index
         self._fd: int | None = None
 
-    def acquire(self, now: float) -> bool:
-        """Begin serving; True when this process is alone and the last run did not stop cleanly."""
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+    def acquire(self, now: float) -> Started:
+        """Begin serving: whether this process is alone, and whether the last run crashed."""
+        # Read-only: flock needs no more, and a lock file a root-run command created stays usable.
+        fd = os.open(self._path, os.O_RDONLY | os.O_CREAT, 0o644)
         self._fd = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
         except BlockingIOError:
-            alone = False
+            # Others serve, or one is starting or stopping. The mark is set only once the shared
+            # lock is held, so a process stopping now cannot clear it after it was set.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._index.begin_serving(now)
+            return Started(alone=False, crashed=False)
         crashed = self._index.begin_serving(now)
         fcntl.flock(fd, fcntl.LOCK_SH)  # others may begin serving beside this one now
-        return alone and crashed
+        return Started(alone=True, crashed=crashed)
 
     def release(self, clean: bool) -> None:
         """Stop serving: the last process, with everything flushed (``clean``), clears the mark."""

@@ -99,7 +99,7 @@ class _PendingFile:
         try:
             written = os.pwritev(self._fd, chunks, self._size)
         except OSError as exc:
-            raise StoreFailure(f"cannot write {self._digest}: {exc.strerror}") from exc
+            raise StoreFailure.of(f"cannot write {self._digest}", exc) from exc
         if written != total:  # a short vectored write: finish with plain writes
             rest = b"".join(chunks)[written:]
             self._size += written
@@ -119,7 +119,7 @@ class _PendingFile:
                 self._size += written
                 view = view[written:]
         except OSError as exc:
-            raise StoreFailure(f"cannot write {self._digest}: {exc.strerror}") from exc
+            raise StoreFailure.of(f"cannot write {self._digest}", exc) from exc
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self._fd, size, offset)
@@ -149,7 +149,7 @@ class _PendingFile:
             return Fingerprint.of(os.fstat(self._fd))
         except OSError as exc:
             self.discard()
-            raise StoreFailure(f"cannot store {self._digest}: {exc.strerror}") from exc
+            raise StoreFailure.of(f"cannot store {self._digest}", exc) from exc
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -219,7 +219,7 @@ class DirectoryStore:
         try:
             return _PendingFile(self, digest)
         except OSError as exc:
-            raise StoreFailure(f"cannot start writing {digest}: {exc.strerror}") from exc
+            raise StoreFailure.of(f"cannot start writing {digest}", exc) from exc
 
     def check_writable(self) -> str | None:
         """None when a temporary can be written in the store, else what went wrong."""

@@ -12,6 +12,8 @@ an upstream reason hands readers a FillAborted whose ``__cause__`` is that error
 
 from __future__ import annotations
 
+import errno
+
 __all__ = ["CacheError", "DigestMismatch", "FillAborted", "StoreFailure"]
 
 
@@ -31,4 +33,12 @@ class FillAborted(CacheError):
 
 
 class StoreFailure(CacheError):
-    pass
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        #: The disk (or the user's quota) is full: an eviction pass can help, unlike with a
+        #: permission error or a file another process removed.
+        self.disk_full = disk_full
+
+    @classmethod
+    def of(cls, what: str, error: OSError) -> StoreFailure:
+        return cls(f"{what}: {error.strerror}", disk_full=error.errno in (errno.ENOSPC, errno.EDQUOT))

@@ -111,7 +111,9 @@ class Metrics:
             "moorage_evictions", "Blobs and manifests removed from the store, by reason.", ["reason"], registry=r
         )
         self.store_failures = Counter(
-            "moorage_store_write_failures", "Writes to the store that failed (disk full); nothing kept.", registry=r
+            "moorage_store_write_failures",
+            "Writes to the store that failed (disk full, permissions); nothing kept.",
+            registry=r,
         )
         self.evicted_bytes = Counter(
             "moorage_evicted_bytes", "Bytes freed by removing content, by reason.", ["reason"], registry=r
@@ -216,7 +218,7 @@ class Metrics:
     def on_stored(self, kind: ContentKind, size: int) -> None:
         pass  # store_bytes and store_entries are read from the cache at scrape time
 
-    def on_store_full(self) -> None:
+    def on_store_failure(self, disk_full: bool) -> None:
         self.store_failures.inc()
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:

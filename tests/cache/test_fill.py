@@ -117,7 +117,7 @@ class GatedCommits(DirectoryStore):
                 assert store.release.wait(5)
                 if store.fail:
                     pending.discard()
-                    raise StoreFailure(f"cannot store {digest}: No space left on device")
+                    raise StoreFailure(f"cannot store {digest}: No space left on device", disk_full=True)
                 return pending.commit()
 
         return cast(PendingBlob, Gated())

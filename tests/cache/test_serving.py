@@ -1,25 +1,30 @@
 """Whether the last run stopped cleanly: a crash is seen by the next process that starts
-alone, never by one that starts beside a running one, and a clean stop leaves no mark."""
+alone, never by one that starts beside a running one, and a clean stop leaves no mark. A
+process beside a running one leaves the store's temporaries alone: they are downloads in flight."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+from moorage.cache import open_cache
 from moorage.cache._index import Index
 from moorage.cache._serving import ServingLock
+from moorage.config import StorageSettings
 
 
 def test_a_clean_stop_leaves_nothing_to_count(tmp_path: Path) -> None:
     index = Index(tmp_path / "index")
     first = ServingLock(tmp_path, index)
-    assert first.acquire(1.0) is False, "a new store: nothing to count"
+    assert first.acquire(1.0).crashed is False, "a new store: nothing to count"
     first.release(clean=True)
     again = ServingLock(tmp_path, index)
-    assert again.acquire(2.0) is False
+    assert again.acquire(2.0).crashed is False
     again.release(clean=True)
 
 
@@ -35,7 +40,7 @@ def test_a_process_that_died_serving_is_seen_by_the_next_start(tmp_path: Path) -
     )
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
     after = ServingLock(tmp_path, Index(tmp_path / "index"))
-    assert after.acquire(2.0) is True
+    assert after.acquire(2.0).crashed is True
     after.release(clean=True)
 
 
@@ -43,9 +48,9 @@ def test_a_process_beside_a_running_one_neither_counts_nor_clears(tmp_path: Path
     """``moorage warm --store`` beside a daemon: the daemon's mark is the daemon's."""
     index = Index(tmp_path / "index")
     daemon = ServingLock(tmp_path, index)
-    assert daemon.acquire(1.0) is False
+    assert daemon.acquire(1.0).crashed is False
     beside = ServingLock(tmp_path, index)
-    assert beside.acquire(2.0) is False, "the daemon's mark is no crash"
+    assert beside.acquire(2.0).crashed is False, "the daemon's mark is no crash"
     beside.release(clean=True)
     assert index.begin_serving(3.0) is True, "the mark stays while the daemon serves"
     fd = daemon._fd
@@ -53,9 +58,9 @@ def test_a_process_beside_a_running_one_neither_counts_nor_clears(tmp_path: Path
     os.close(fd)  # the daemon dies without a clean stop
     daemon._fd = None
     after = ServingLock(tmp_path, index)
-    assert after.acquire(4.0) is True, "so the next start alone counts the store"
+    assert after.acquire(4.0).crashed is True, "so the next start alone counts the store"
     after.release(clean=False)
-    assert ServingLock(tmp_path, index).acquire(5.0) is True, "a stop with a failed flush leaves the mark"
+    assert ServingLock(tmp_path, index).acquire(5.0).crashed is True, "a stop with a failed flush leaves the mark"
 
 
 def test_a_mark_that_cannot_be_cleared_is_left_for_the_next_start(tmp_path: Path) -> None:
@@ -63,11 +68,43 @@ def test_a_mark_that_cannot_be_cleared_is_left_for_the_next_start(tmp_path: Path
     start counts the store."""
     index = Index(tmp_path / "index")
     serving = ServingLock(tmp_path, index)
-    assert serving.acquire(1.0) is False
+    assert serving.acquire(1.0).crashed is False
 
     def broken() -> None:
         raise sqlite3.OperationalError("unable to open database file")
 
     index.end_serving = broken  # type: ignore[method-assign]
     serving.release(clean=True)
-    assert ServingLock(tmp_path, Index(tmp_path / "index")).acquire(2.0) is True
+    assert ServingLock(tmp_path, Index(tmp_path / "index")).acquire(2.0).crashed is True
+
+
+def test_a_mark_set_while_another_process_stops_survives_its_stop(tmp_path: Path) -> None:
+    """The stopping process clears the mark under the exclusive lock; one starting meanwhile
+    sets its mark only after, or a later crash of the starting one would go unseen."""
+    index = Index(tmp_path / "index")
+    last = ServingLock(tmp_path, index)
+    assert last.acquire(1.0).crashed is False
+    stopping = last._fd
+    assert stopping is not None
+    fcntl.flock(stopping, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it stops, alone, about to clear the mark
+    starting = ServingLock(tmp_path, index)
+    started = threading.Thread(target=starting.acquire, args=(2.0,))
+    started.start()
+    started.join(0.2)
+    assert started.is_alive(), "it waits for the stop to end"
+    index.end_serving()
+    os.close(stopping)
+    started.join(5)
+    assert index.begin_serving(3.0) is True, "its mark is there: were it to die now, the next start would count"
+
+
+async def test_only_a_process_alone_sweeps_the_temporaries(tmp_path: Path) -> None:
+    settings = StorageSettings(path=tmp_path / "store")
+    async with open_cache(settings):
+        in_flight = tmp_path / "store" / "tmp" / "a-download-in-flight"
+        in_flight.write_bytes(b"partial")
+        async with open_cache(settings):  # moorage warm --store beside the daemon
+            pass
+        assert in_flight.exists(), "the daemon's download in flight is not swept away"
+    async with open_cache(settings):  # the next start, alone: nobody will finish it
+        assert not in_flight.exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moorage.cache import DigestMismatch, DirectoryStore
+from moorage.cache import DigestMismatch, DirectoryStore, StoreFailure
 from moorage.upstreams.reference import Digest
 
 
@@ -49,6 +49,24 @@ def test_sweep_removes_what_a_crash_left(tmp_path: Path) -> None:
     assert len(list((tmp_path / "tmp").iterdir())) == 1
     assert DirectoryStore(tmp_path).sweep_temporaries() == 1
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_vanished_temporary_fails_the_commit_but_is_no_full_disk(tmp_path: Path) -> None:
+    """Only a full disk calls for an evicting pass; a temporary another process swept, or a
+    permission error, would not be helped by deleting stored content."""
+    store = DirectoryStore(tmp_path)
+    data = os.urandom(1000)
+    pending = store.begin(Digest.of(data))
+    pending.write(data)
+    for leftover in (tmp_path / "tmp").iterdir():
+        leftover.unlink()
+    with pytest.raises(StoreFailure) as failure:
+        pending.commit()
+    pending.close()
+    assert failure.value.disk_full is False
+    assert store.size_of(Digest.of(data)) is None
+    full = StoreFailure.of("cannot write", OSError(28, "No space left on device"))
+    assert full.disk_full is True and str(full) == "cannot write: No space left on device"
 
 
 def test_read_small_is_bounded(tmp_path: Path) -> None:
