@@ -2,25 +2,40 @@
 
 Each generator takes the upstreams to mirror, as configured, and returns files as
 ``{path: content}``; the command prints them (with a ``# file:`` line before each) or writes
-them under a directory. Registries other than the default upstream are reached by ``?ns=``
-(containerd, k3s, kind add it) or by a path prefix (podman, Docker's ``pull
-<moorage>/<registry>/...``): the host, or a configured prefix where the host has a port (the
-image name grammar has no ``:``). containerd's fallback ``server`` is the upstream's ``url``.
+them under a directory. Registries are named to the cache by ``?ns=`` (containerd, k3s, kind
+add it) or by a path prefix (podman, Docker's ``pull <moorage>/<registry>/...``): the host, or
+a configured prefix where the host has a port (the image name grammar has no ``:``); only
+Docker's ``registry-mirrors`` send Docker Hub's paths alone. containerd's fallback ``server``
+is the upstream's ``url``. For a cache served over https with a private CA, the CA goes where
+each client looks for it (``ca``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from pathlib import PurePosixPath
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from moorage.config import UpstreamSettings
 
-__all__ = ["CLIENTS", "Client", "client_files", "path_prefix"]
+__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "client_files", "path_prefix"]
 
 Client = Literal["docker", "containerd", "podman", "k3s", "kind"]
 Upstreams = Sequence[UpstreamSettings]
+#: Where each client's files live; ``--output-dir`` stands for this directory.
+CONFIG_DIRS: Final[dict[Client, str]] = {
+    "docker": "/etc/docker/",
+    "containerd": "/etc/containerd/certs.d/",
+    "podman": "/etc/containers/",
+    "k3s": "/etc/rancher/k3s/",
+    "kind": "",
+}
+#: The cache's CA for containerd, at the top of certs.d; hosts.toml names it relative to its
+#: own directory (containerd resolves it so), which holds wherever certs.d is (kind's nodes).
+CONTAINERD_CA: Final = "/etc/containerd/certs.d/moorage-ca.crt"
+K3S_CA: Final = "/etc/rancher/k3s/moorage-ca.crt"
 
 
 def path_prefix(upstream: UpstreamSettings) -> str | None:
@@ -37,54 +52,72 @@ def _address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "http"
 
 
-def _docker(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
+def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
     address, insecure = _address(url)
     config: dict[str, list[str]] = {"registry-mirrors": [url.rstrip("/")]}
     if insecure:
         config["insecure-registries"] = [address]
-    return {"/etc/docker/daemon.json": json.dumps(config, indent=2) + "\n"}
-
-
-def _containerd(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
-    files = {}
-    servers: dict[str, str | None] = {u.host: u.url for u in upstreams}
-    for registry, server in [*servers.items(), ("_default", None)]:
-        fallback = f'server = "{server}"\n\n' if server is not None else ""
-        files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = (
-            f'{fallback}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+    files = {"/etc/docker/daemon.json": json.dumps(config, indent=2) + "\n"}
+    if ca is not None:
+        files[f"/etc/docker/certs.d/{address}/ca.crt"] = ca
     return files
 
 
-def _podman(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
+def _containerd(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+    files = {}
+    servers: dict[str, str | None] = {u.host: u.url for u in upstreams}
+    trust = f'  ca = "../{PurePosixPath(CONTAINERD_CA).name}"\n' if ca is not None else ""
+    for registry, server in [*servers.items(), ("_default", None)]:
+        fallback = f'server = "{server}"\n\n' if server is not None else ""
+        files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = (
+            f'{fallback}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n{trust}'
+        )
+    if ca is not None:
+        files[CONTAINERD_CA] = ca
+    return files
+
+
+def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+    """Every registry through its path prefix, Docker Hub's too: a mirror without one would
+    send the cache bare paths, and a Docker Hub namespace named like a configured prefix
+    (``quay/tool``) would then be routed to that other upstream."""
     address, insecure = _address(url)
     blocks = [f'unqualified-search-registries = ["{default}"]\n'] if default else []
     for upstream in upstreams:
-        registry, prefix = upstream.host, path_prefix(upstream)
-        routed_by_default = registry == default
-        if not routed_by_default and prefix is None:
-            blocks.append(f"# {registry}: its host has a port; give it a prefix in the settings to mirror it here\n")
+        prefix = path_prefix(upstream)
+        if prefix is None and upstream.host != default:
+            blocks.append(
+                f"# {upstream.host}: its host has a port; give it a prefix in the settings to mirror it here\n"
+            )
             continue
-        mirror = address if routed_by_default else f"{address}/{prefix}"
-        block = f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
-        block += f'[[registry.mirror]]\nlocation = "{mirror}"\n'
-        if insecure:
-            block += "insecure = true\n"
-        blocks.append(block)
-    return {"/etc/containers/registries.conf": "\n".join(blocks)}
+        mirror = address if prefix is None else f"{address}/{prefix}"  # no prefix: the default's bare paths
+        for registry in (upstream.host, *upstream.aliases):
+            block = f'[[registry]]\nprefix = "{registry}"\nlocation = "{registry}"\n\n'
+            block += f'[[registry.mirror]]\nlocation = "{mirror}"\n'
+            if insecure:
+                block += "insecure = true\n"
+            blocks.append(block)
+    files = {"/etc/containers/registries.conf": "\n".join(blocks)}
+    if ca is not None:
+        files[f"/etc/containers/certs.d/{address}/ca.crt"] = ca
+    return files
 
 
-def _k3s(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
+def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
     lines = ["mirrors:"]
-    for registry in [*(u.host for u in upstreams), "*"]:
+    for registry in [*(name for u in upstreams for name in (u.host, *u.aliases)), "*"]:
         lines += [f'  "{registry}":', "    endpoint:", f'      - "{url.rstrip("/")}"']
-    return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n"}
+    files = {}
+    if ca is not None:
+        lines += ["configs:", f'  "{_address(url)[0]}":', "    tls:", f'      ca_file: "{K3S_CA}"']
+        files[K3S_CA] = ca
+    return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n", **files}
 
 
-def _kind(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]:
-    """A kind config that mounts hosts.toml files into every node. kind's node images (v0.20
-    on) read registry settings from ``/etc/containerd/certs.d`` and refuse the older
-    ``registry.mirrors`` beside it; the patch sets that path for older images too."""
+def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+    """A kind config that mounts hosts.toml files into every node. kind's node images (v0.27
+    on) read registry settings from ``/etc/containerd/certs.d``; the patch sets that path for
+    older images too. The CA, if any, is in certs.d, beside the hosts.toml directories."""
     mount = ["    extraMounts:", "      - hostPath: ./certs.d", "        containerPath: /etc/containerd/certs.d"]
     lines = [
         "# Create the cluster from the directory holding certs.d/: kind create cluster --config kind-config.yaml",
@@ -99,12 +132,12 @@ def _kind(url: str, upstreams: Upstreams, default: str | None) -> dict[str, str]
         *mount,
     ]
     files = {"kind-config.yaml": "\n".join(lines) + "\n"}
-    for path, content in _containerd(url, upstreams, default).items():
+    for path, content in _containerd(url, upstreams, default, ca).items():
         files[path.replace("/etc/containerd/", "", 1)] = content
     return files
 
 
-CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None], dict[str, str]]]] = {
+CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None], dict[str, str]]]] = {
     "docker": _docker,
     "containerd": _containerd,
     "podman": _podman,
@@ -113,16 +146,21 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None], dict[str, str
 }
 
 
-def client_files(client: Client, url: str, upstreams: Upstreams, default: str | None = None) -> dict[str, str]:
+def client_files(
+    client: Client, url: str, upstreams: Upstreams, default: str | None = None, ca: str | None = None
+) -> dict[str, str]:
     """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``;
-    ``default`` is the host of the cache's default upstream (which may not be among them)."""
+    ``default`` is the host of the cache's default upstream (which may not be among them), and
+    ``ca`` the PEM certificate(s) the cache's https certificate is signed by."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")
+    if ca is not None and parts.scheme != "https":
+        raise ValueError(f"a CA is for a cache served over https, and {url!r} is plain http")
     if client == "docker" and default != "docker.io":
         # The daemon sends a mirror Hub's paths alone, which the cache routes to its default.
         raise ValueError(
             "Docker's registry-mirrors mirror Docker Hub only, so docker.io must be the default upstream; "
             "pull other registries as <cache>/<registry>/<image> instead"
         )
-    return CLIENTS[client](url, upstreams, default)
+    return CLIENTS[client](url, upstreams, default, ca)

@@ -47,7 +47,7 @@ from moorage.config import (
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
-from ._client_config import CLIENTS, Client, client_files
+from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files
 from ._logging import configure_logging
 from ._preflight import file_problems
 from ._serve import running, serve
@@ -608,6 +608,16 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
     click.echo(f"{len(expiries)} images would expire")
 
 
+def _read_ca(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        fail(f"--ca: cannot read {path}: {getattr(error, 'strerror', None) or error}")
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        fail(f"--ca: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return text if text.endswith("\n") else text + "\n"
+
+
 @main.command(
     "client-config",
     epilog="Examples:\n\n  moorage client-config docker --url http://moorage.example:5000\n\n"
@@ -623,11 +633,23 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
     type=click.Path(path_type=Path, file_okay=False),
     help="Write the files under this directory (for containerd: the certs.d directory itself).",
 )
+@click.option(
+    "--ca",
+    "ca_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The CA (PEM) that signed the cache's https certificate, placed where the client trusts it.",
+)
 @config_option
 def client_config(
-    client: Client, url: str, registries: str | None, output_dir: Path | None, config: Path | None
+    client: Client,
+    url: str,
+    registries: str | None,
+    output_dir: Path | None,
+    ca_file: Path | None,
+    config: Path | None,
 ) -> None:
     """Print (or write) a working client configuration for pulling through this cache."""
+    ca = _read_ca(ca_file) if ca_file is not None else None
     upstreams = settings_from(config).upstreams
     default = next((u.host for u in upstreams if u.default), None)
     if registries:
@@ -639,18 +661,14 @@ def client_config(
             fail(f"--registries: not a configured upstream: {', '.join(unknown)} (configured: {configured})")
         upstreams = tuple(dict.fromkeys(by_name[name] for name in wanted))
     try:
-        files = client_files(client, url, upstreams, default)
+        files = client_files(client, url, upstreams, default, ca)
     except ValueError as error:
         fail(str(error))
     for path, content in files.items():
         if output_dir is None:
             click.echo(f"# file: {path}\n{content}")
             continue
-        if client == "containerd":
-            relative = path.removeprefix("/etc/containerd/certs.d/")
-        else:  # kind's files are relative already (kind-config.yaml beside certs.d/)
-            relative = path if client == "kind" else Path(path).name
-        target = output_dir / relative
+        target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
         click.echo(f"wrote {target}")

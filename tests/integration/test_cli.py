@@ -180,8 +180,11 @@ def test_containerd_pulls_with_the_generated_hosts_toml(upstream: Upstream, tmp_
 
 
 def test_podman_pulls_with_the_generated_registries_conf(upstream: Upstream, tmp_path: Path) -> None:
+    """Every registry by its path, Docker Hub's too, and an upstream's aliases as the upstream."""
     registry = upstream.registry
-    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon:
+    settings = upstream_settings(registry)
+    settings[1]["aliases"] = ["ghcr.example"]
+    with MoorageProcess(tmp_path / "daemon", settings) as daemon:
         with Podman(tmp_path / "podman", daemon.host) as podman:
             snippet = moorage(
                 "client-config",
@@ -192,11 +195,16 @@ def test_podman_pulls_with_the_generated_registries_conf(upstream: Upstream, tmp
                 "docker.io,ghcr.io",
                 "--output-dir",
                 str(tmp_path / "generated"),
+                config=daemon.config_path,
             )
             assert "registries.conf" in snippet.stdout
             podman.registries_conf.write_text((tmp_path / "generated" / "registries.conf").read_text())
             podman.pull("docker.io/library/tiny:1")
             podman.pull("ghcr.io/library/multi:1", arch="arm64")
             assert podman.image_exists("ghcr.io/library/multi:1")
+            podman.pull("ghcr.example/library/tiny:1")  # the alias resolves nowhere else here
         requests = [line for line in daemon.log_lines() if line.get("event") == "request" and "upstream" in line]
         assert {line["upstream"] for line in requests} == {"docker.io", "ghcr.io"}
+        hub = [line["path"] for line in requests if line["upstream"] == "docker.io"]
+        assert hub and all(path.startswith("/v2/docker.io/library/tiny/") for path in hub)
+        assert any(line["path"].startswith("/v2/ghcr.io/library/tiny/") for line in requests)

@@ -93,9 +93,22 @@ def test_clients_pull_over_verified_tls_and_the_certificate_reloads(upstream: Re
             assert untrusted.returncode != 0, "podman verifies the mirror's certificate"
             podman.pull("docker.io/library/app:1", extra=["--cert-dir", str(certs_dir)])
             assert podman.image_exists("docker.io/library/app:1")
-        with Containerd(tmp_path / "containerd") as containerd:
-            containerd.write_hosts("docker.io", f"https://{moorage.host}", ca=ca[0])
+        with Containerd(tmp_path / "containerd") as containerd:  # trusting the CA as client-config sets it
+            generated = subprocess.run(
+                [
+                    *(sys.executable, "-m", "moorage.proxy", "client-config", "containerd"),
+                    *("--config", str(moorage.config_path), "--url", f"https://{moorage.host}"),
+                    *("--ca", str(ca[0]), "--output-dir", str(containerd.hosts_dir)),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert generated.returncode == 0, generated.stderr
+            served = len([line for line in moorage.log_lines() if line.get("event") == "request"])
             containerd.pull("docker.io/library/app:1")
+            # Not through its fallback server (the upstream itself): the cache answered.
+            assert len([line for line in moorage.log_lines() if line.get("event") == "request"]) > served
         before = served_certificate(moorage.port, ca[0])
         issue(ca, tmp_path / "pki", "server")  # a new certificate in the same files
         moorage.signal_hup()

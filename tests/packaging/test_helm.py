@@ -300,6 +300,10 @@ def test_the_notes_tell_nodes_the_address_they_reach(values: dict[str, Any], url
     text = notes(values)
     assert f'[host."{url}"]' in text and f'endpoint: ["{url}"]' in text and f"--url {url}" in text
     assert ("jsonpath='{.spec.ports[0].nodePort}'" in text) is hint
+    tls = url.startswith("https")
+    assert ('ca = "../moorage-ca.crt"' in text) is tls, "containerd must be told the CA, or it pulls past the cache"
+    assert ("--ca ca.crt" in text) is tls
+    assert ("ca_file: /etc/rancher/k3s/moorage-ca.crt" in text) is tls
 
 
 def test_a_tls_listener_is_scraped_over_https() -> None:

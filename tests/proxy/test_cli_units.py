@@ -77,20 +77,45 @@ def test_containerd_falls_back_to_the_upstreams_own_url() -> None:
     assert internal["server"] == "http://10.0.0.7:5000"
 
 
-def test_podman_snippet_routes_other_registries_by_path_prefix() -> None:
+def test_podman_snippet_names_every_registry_by_path_prefix() -> None:
+    """Docker Hub's too: with bare paths a Hub namespace named like a prefix (``ghcr/app``)
+    would be routed to that other upstream."""
     (content,) = client_files("podman", URL, REGISTRIES, "docker.io").values()
     config = tomllib.loads(content)
     mirrors = {r["prefix"]: r["mirror"][0] for r in config["registry"]}
-    assert mirrors["docker.io"] == {"location": "moorage.example:5000", "insecure": True}
+    assert mirrors["docker.io"] == {"location": "moorage.example:5000/docker.io", "insecure": True}
     assert mirrors["ghcr.io"]["location"] == "moorage.example:5000/ghcr.io"
+    assert mirrors["index.docker.io"]["location"] == "moorage.example:5000/docker.io", "aliases too"
     assert config["unqualified-search-registries"] == ["docker.io"]
+
+
+def test_a_ca_goes_where_each_client_trusts_it() -> None:
+    secure, ca = "https://moorage.example:5000", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    docker = client_files("docker", secure, REGISTRIES, "docker.io", ca)
+    assert docker["/etc/docker/certs.d/moorage.example:5000/ca.crt"] == ca
+    podman = client_files("podman", secure, REGISTRIES, "docker.io", ca)
+    assert podman["/etc/containers/certs.d/moorage.example:5000/ca.crt"] == ca
+    containerd = client_files("containerd", secure, REGISTRIES, None, ca)
+    assert containerd["/etc/containerd/certs.d/moorage-ca.crt"] == ca
+    hub = tomllib.loads(containerd["/etc/containerd/certs.d/docker.io/hosts.toml"])
+    assert hub["host"][secure]["ca"] == "../moorage-ca.crt", "relative to hosts.toml: kind's nodes mount certs.d"
+    k3s = client_files("k3s", secure, REGISTRIES, None, ca)
+    registries = yaml.safe_load(k3s["/etc/rancher/k3s/registries.yaml"])
+    assert registries["configs"] == {"moorage.example:5000": {"tls": {"ca_file": "/etc/rancher/k3s/moorage-ca.crt"}}}
+    assert k3s["/etc/rancher/k3s/moorage-ca.crt"] == ca
+    assert client_files("kind", secure, REGISTRIES, None, ca)["certs.d/moorage-ca.crt"] == ca
+    with pytest.raises(ValueError, match="plain http"):
+        client_files("containerd", URL, REGISTRIES, None, ca)
 
 
 def test_podman_reaches_a_host_with_a_port_by_its_prefix_and_short_names_the_default() -> None:
     (content,) = client_files("podman", URL, [INTERNAL, GHCR], "registry.internal:5000").values()
     config = tomllib.loads(content)
     mirrors = {r["prefix"]: r["mirror"][0]["location"] for r in config["registry"]}
-    assert mirrors == {"registry.internal:5000": "moorage.example:5000", "ghcr.io": "moorage.example:5000/ghcr.io"}
+    assert mirrors == {
+        "registry.internal:5000": "moorage.example:5000/internal",
+        "ghcr.io": "moorage.example:5000/ghcr.io",
+    }
     assert config["unqualified-search-registries"] == ["registry.internal:5000"]
     (other,) = client_files("podman", URL, [HUB, INTERNAL], "docker.io").values()
     assert "moorage.example:5000/internal" in other, "a port cannot be a path component: the prefix is"
@@ -105,7 +130,8 @@ def test_docker_mirrors_only_a_default_docker_hub() -> None:
 
 def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
     (k3s,) = client_files("k3s", URL, REGISTRIES).values()
-    assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in ["docker.io", "ghcr.io", "*"]}}
+    names = ["docker.io", "registry-1.docker.io", "index.docker.io", "ghcr.io", "*"]
+    assert yaml.safe_load(k3s) == {"mirrors": {r: {"endpoint": [URL]} for r in names}}
     files = client_files("kind", URL, REGISTRIES, "docker.io")
     config = yaml.safe_load(files["kind-config.yaml"])
     # Current kind nodes read certs.d and refuse registry.mirrors beside it: hosts.toml only.
