@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from moorage.config import UpstreamSettings
 
-__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "client_files", "path_prefix"]
+__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "address_warning", "client_files", "path_prefix"]
 
 Client = Literal["docker", "containerd", "podman", "k3s", "kind"]
 Upstreams = Sequence[UpstreamSettings]
@@ -144,6 +144,18 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None], d
     "k3s": _k3s,
     "kind": _kind,
 }
+
+
+def address_warning(client: Client, url: str) -> str | None:
+    """Why ``url`` will not reach the cache from ``client``'s side, when that can be told."""
+    host = urlsplit(url).hostname or ""
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    if client == "kind" and loopback:
+        return (
+            f"kind's nodes are containers, where {host} is the node itself: give an address the nodes "
+            "reach, such as the host's address on the kind network (docker network inspect kind)"
+        )
+    return None
 
 
 def client_files(

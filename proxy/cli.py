@@ -47,7 +47,7 @@ from moorage.config import (
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
-from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files
+from ._client_config import CLIENTS, CONFIG_DIRS, Client, address_warning, client_files
 from ._logging import configure_logging
 from ._preflight import file_problems
 from ._serve import running, serve
@@ -664,6 +664,9 @@ def client_config(
         files = client_files(client, url, upstreams, default, ca)
     except ValueError as error:
         fail(str(error))
+    warning = address_warning(client, url)
+    if warning is not None:
+        click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
         if output_dir is None:
             click.echo(f"# file: {path}\n{content}")

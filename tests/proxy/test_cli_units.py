@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
-from moorage.proxy._client_config import client_files
+from moorage.proxy._client_config import address_warning, client_files
 from moorage.proxy._warm import platform_matches
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
@@ -147,3 +147,10 @@ def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
 def test_a_url_with_a_path_is_refused() -> None:
     with pytest.raises(ValueError, match="base URL"):
         client_files("docker", "http://moorage.example:5000/v2", REGISTRIES, "docker.io")
+
+
+def test_kind_is_warned_that_localhost_is_the_node_itself() -> None:
+    assert "the node itself" in (address_warning("kind", "http://localhost:5000") or "")
+    assert "the node itself" in (address_warning("kind", "http://127.0.0.1:5000") or "")
+    assert address_warning("kind", "http://172.18.0.1:5000") is None
+    assert address_warning("containerd", "http://localhost:5000") is None, "a host's containerd reaches it"
