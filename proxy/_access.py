@@ -24,7 +24,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ._logging import log_fields
-from ._state import CACHE, METRICS, NOTES, STOPPING, RequestNotes
+from ._state import CACHE, IN_FLIGHT, METRICS, NOTES, STOPPING, RequestNotes
 from .errors import CLIENT_CLOSED_REQUEST, Handler
 
 __all__ = ["access_middleware"]
@@ -44,6 +44,17 @@ def _next_request_id() -> str:
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    task, in_flight = asyncio.current_task(), request.app[IN_FLIGHT]
+    if task is None:
+        return await _access(request, handler)
+    in_flight.add(task)  # the stop waits for it, then cuts it
+    try:
+        return await _access(request, handler)
+    finally:
+        in_flight.discard(task)
+
+
+async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID_RE.fullmatch(given) else _next_request_id()

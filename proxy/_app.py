@@ -26,7 +26,7 @@ from ._handlers import add_routes
 from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
-from ._state import CACHE, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
+from ._state import CACHE, IN_FLIGHT, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
 from ._tokens import TokenKeys
 from .errors import error_middleware
 
@@ -108,6 +108,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
     )
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
+    app[IN_FLIGHT] = set()
     app[METRICS] = Metrics()
     app[AUTHENTICATOR] = authenticator
     app[RATE_LIMITER] = RateLimiter(auth.token_requests_per_minute)

@@ -18,7 +18,7 @@ from aiohttp import web
 from moorage.config import Settings, split_address
 
 from ._app import build_app, metrics_app
-from ._state import STOPPING
+from ._state import IN_FLIGHT, STOPPING
 from ._tls import ServerTls
 
 __all__ = ["running", "serve"]
@@ -86,12 +86,33 @@ async def serve(settings: Settings, version: str) -> None:
         await stop.wait()
         app[STOPPING].set()
         log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
+        await _drain(main_runner, app, settings.shutdown_timeout)
     finally:
         if watcher is not None:
             watcher.cancel()
         for runner in reversed(runners):
             await runner.cleanup()
     log.info("stopped", extra={"event": "stopped"})
+
+
+async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> None:
+    """Stop taking connections and requests, give those in flight ``grace`` seconds to finish,
+    then cut the rest. (aiohttp's own shutdown waits its timeout for them, then asks them to
+    stop by failing their request body, which a handler sending a blob never reads, and waits
+    as long again: a slow client kept the process up for twice ``shutdown_timeout``.)"""
+    for site in runner.sites:
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle connections close; busy ones after their request
+    in_flight = app[IN_FLIGHT]
+    deadline = asyncio.get_running_loop().time() + grace
+    while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        await asyncio.wait(set(in_flight), timeout=left)
+    late = set(in_flight)
+    for task in late:
+        task.cancel()  # the access log records each as cut by the stop
+    if late:
+        await asyncio.wait(late, timeout=5)
 
 
 @asynccontextmanager

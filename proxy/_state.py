@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import httpx
 from aiohttp import web
@@ -18,6 +18,7 @@ from ._paths import PathKind
 
 __all__ = [
     "CACHE",
+    "IN_FLIGHT",
     "METRICS",
     "NOTES",
     "ROUTER",
@@ -34,6 +35,8 @@ CACHE: Final = web.AppKey("cache", Cache)
 ROUTER: Final = web.AppKey("router", Router[RegistryClient])
 #: Set when the server begins to stop: requests cut after that were cut by the stop.
 STOPPING: Final = web.AppKey("stopping", asyncio.Event)
+#: The tasks running a request's handlers now, for the stop to wait for (and then cut).
+IN_FLIGHT: Final = web.AppKey("in_flight", set[asyncio.Task[Any]])
 #: Tests may plug an httpx transport in front of every upstream.
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
 
