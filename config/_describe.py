@@ -6,10 +6,10 @@ of a YAML file (a list, a section of keys, text, a whole number), not of Python'
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-__all__ = ["describe_error"]
+__all__ = ["describe_error", "without_echoes"]
 
 #: What a value of the wrong shape should have been, by pydantic's error type.
 _EXPECTED: Final = {
@@ -36,6 +36,22 @@ _BOUNDS: Final = {
 }
 
 
+def without_echoes(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The errors less a list's "too short" that only echoes its own items' errors (pydantic
+    counts a list whose one item failed as empty)."""
+    return [
+        error
+        for error in errors
+        if not (
+            error["type"] == "too_short"
+            and any(
+                other is not error and tuple(other["loc"][: len(error["loc"])]) == tuple(error["loc"])
+                for other in errors
+            )
+        )
+    ]
+
+
 def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset()) -> str:
     """``key: what is wrong``; a bound of a key named in ``seconds`` is given in seconds."""
     key = ""
@@ -49,6 +65,9 @@ def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset
         message = "required key missing"
     elif kind in _EXPECTED:
         message = f"{_EXPECTED[kind]}, not {_shown(error.get('input'))}"
+    elif kind == "too_short" and isinstance(error.get("ctx"), Mapping):
+        least = error["ctx"].get("min_length", 1)
+        message = f"must list at least {least} {'entry' if least == 1 else 'entries'}"
     elif kind in _BOUNDS and isinstance(error.get("ctx"), Mapping):
         words, bound = _BOUNDS[kind]
         unit = " s" if error["loc"] and str(error["loc"][-1]) in seconds else ""

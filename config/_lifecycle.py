@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from ._describe import describe_error
+from ._describe import describe_error, without_echoes
 
 __all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
 
@@ -146,5 +146,5 @@ def load_lifecycle_policy(path: Path) -> LifecyclePolicy:
     try:
         return LifecyclePolicy.model_validate(document)
     except ValidationError as exc:
-        problems = [describe_error(error) for error in exc.errors()]
+        problems = [describe_error(error) for error in without_echoes(exc.errors())]
         raise LifecyclePolicyError(f"{path}: " + "; ".join(problems)) from None

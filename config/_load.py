@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ._describe import describe_error
+from ._describe import describe_error, without_echoes
 from ._model import DEFAULT_UPSTREAMS, DURATION_KEYS, Settings
 
 __all__ = ["CONFIG_ENV", "ConfigError", "load_settings", "settings_source"]
@@ -62,7 +62,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_with_variable(error, overrides) for error in exc.errors()]) from None
+        raise ConfigError(
+            source, [_with_variable(error, overrides) for error in without_echoes(exc.errors())]
+        ) from None
 
 
 def _with_variable(error: Mapping[str, Any], overrides: Mapping[str, str]) -> str:

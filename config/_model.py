@@ -81,7 +81,7 @@ class StorageSettings(_Section):
     def _watermarks(self) -> StorageSettings:
         if self.low_watermark >= self.high_watermark:
             raise ValueError(
-                f"storage: low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})"
+                f"low_watermark ({self.low_watermark}) must be below high_watermark ({self.high_watermark})"
             )
         return self
 
@@ -330,6 +330,13 @@ class Settings(_Section):
     client_idle_timeout: Seconds = Field(default=60.0, gt=0)
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
+    @field_validator("listen", "metrics_listen", mode="before")
+    @classmethod
+    def _port_alone(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):  # listen: 5000
+            raise ValueError(f'must be host:port, quoted, e.g. "0.0.0.0:{value}", not {value}')
+        return value
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _listen(cls, value: str | None) -> str | None:
@@ -342,23 +349,21 @@ class Settings(_Section):
 
     @field_validator("upstreams")
     @classmethod
-    def _some_upstream(cls, values: tuple[UpstreamSettings, ...]) -> tuple[UpstreamSettings, ...]:
+    def _upstreams(cls, values: tuple[UpstreamSettings, ...]) -> tuple[UpstreamSettings, ...]:
+        """Checked with the upstreams alone, so that the check is reported beside errors in
+        other sections, not only once they are fixed."""
         if not values:
             raise ValueError("at least one upstream is needed (leave the key out for the built-in ones)")
-        return values
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
-        seen: dict[str, str] = {}
-        defaults = [u.host for u in self.upstreams if u.default]
+        defaults = [u.host for u in values if u.default]
         if len(defaults) > 1:
-            raise ValueError(f"upstreams: more than one default upstream ({', '.join(defaults)})")
-        for upstream in self.upstreams:
+            raise ValueError(f"more than one default upstream ({', '.join(defaults)})")
+        seen: dict[str, str] = {}
+        for upstream in values:
             for name in {upstream.host, *upstream.aliases, *upstream.prefixes}:
                 if name in seen and seen[name] != upstream.host:
-                    raise ValueError(f"upstreams: {name!r} names both {seen[name]} and {upstream.host}")
+                    raise ValueError(f"{name!r} names both {seen[name]} and {upstream.host}")
                 seen[name] = upstream.host
-        return self
+        return values
 
     @property
     def listen_host(self) -> str:

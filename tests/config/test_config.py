@@ -101,7 +101,7 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param("tag_tll: 1m\n", "tag_tll: unknown key", id="typo_key"),
         pytest.param("tag_ttl: soon\n", "tag_ttl: not a duration", id="bad_duration"),
         pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
-        pytest.param("listen: 5000\n", "listen: must be text (quote it), not 5000", id="listen_not_text"),
+        pytest.param("listen: 5000\n", 'listen: must be host:port, quoted, e.g. "0.0.0.0:5000"', id="listen_a_port"),
         pytest.param("upstreams: {a: 1}\n", "upstreams: must be a list", id="upstreams_not_a_list"),
         pytest.param("storage: /tmp/x\n", "storage: must be a section of keys", id="section_not_a_mapping"),
         pytest.param(
@@ -149,6 +149,43 @@ def test_bad_files_name_the_file_and_the_key(tmp_path: Path, text: str, expected
         load_settings(path)
     assert str(path) in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_problems_in_several_sections_are_reported_at_once(tmp_path: Path) -> None:
+    """One round of fixes, not one per problem; each line names its key once."""
+    path = write(
+        tmp_path,
+        "storage: {low_watermark: 0.99, high_watermark: 0.95}\nlog_level: loud\n"
+        "upstreams:\n  - {host: a.io, url: 'https://a.io', default: true}\n"
+        "  - {host: b.io, url: 'https://b.io', default: true}\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    lines = str(caught.value).splitlines()[1:]
+    assert [line.strip() for line in lines] == [
+        "storage: low_watermark (0.99) must be below high_watermark (0.95)",
+        "log_level: Input should be 'debug', 'info', 'warning' or 'error'",
+        "upstreams: more than one default upstream (a.io, b.io)",
+    ]
+
+
+def test_a_policy_rule_in_error_is_reported_once(tmp_path: Path) -> None:
+    """Not also as an empty list of rules, which pydantic counts when its one rule failed."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        '{"rules": [{"rulePriority": 1, "selection": {"tagStatus": "any", "countType": "imageCountMoreThan",'
+        ' "countNumber": 0}, "action": {"type": "expire"}}]}'
+    )
+    path = write(tmp_path, f"upstreams:\n  - {{host: a.io, url: 'https://a.io', lifecycle_policy_file: {policy}}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value).endswith(f"{policy}: rules[0].selection.countNumber: must be at least 1, not 0")
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"rules": []}')
+    with pytest.raises(ConfigError, match="rules: must list at least 1 entry"):
+        load_settings(
+            write(tmp_path, f"upstreams:\n  - {{host: a.io, url: 'https://a.io', lifecycle_policy_file: {empty}}}\n")
+        )
 
 
 def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
