@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from moorage.config import UpstreamSettings
 
-__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "address_warning", "client_files", "path_prefix"]
+__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "client_files", "client_warnings", "path_prefix"]
 
 Client = Literal["docker", "containerd", "podman", "k3s", "kind"]
 Upstreams = Sequence[UpstreamSettings]
@@ -146,16 +146,23 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None], d
 }
 
 
-def address_warning(client: Client, url: str) -> str | None:
-    """Why ``url`` will not reach the cache from ``client``'s side, when that can be told."""
+def client_warnings(client: Client, url: str, upstreams: Upstreams, default: str | None = None) -> list[str]:
+    """What the files will not do, when that can be told: each line for stderr."""
+    warnings = []
     host = urlsplit(url).hostname or ""
-    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
-    if client == "kind" and loopback:
-        return (
+    if client == "kind" and (host == "localhost" or host.startswith("127.") or host == "::1"):
+        warnings.append(
             f"kind's nodes are containers, where {host} is the node itself: give an address the nodes "
             "reach, such as the host's address on the kind network (docker network inspect kind)"
         )
-    return None
+    if client == "podman":
+        for upstream in upstreams:
+            if path_prefix(upstream) is None and upstream.host != default:
+                warnings.append(
+                    f"{upstream.host} is left out: a path cannot name a host with a port, so give it a prefix "
+                    "in the settings (upstreams[].prefixes) to mirror it"
+                )
+    return warnings
 
 
 def client_files(

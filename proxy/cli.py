@@ -47,7 +47,7 @@ from moorage.config import (
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
-from ._client_config import CLIENTS, CONFIG_DIRS, Client, address_warning, client_files
+from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files, client_warnings
 from ._logging import configure_logging
 from ._preflight import file_problems
 from ._serve import running, serve
@@ -121,7 +121,11 @@ store_option = click.option(
 
 def _require_store(path: Path) -> None:
     if not (path / "index").is_dir() or not (path / "blobs").is_dir():
-        fail(f"no Moorage store at {path}")
+        where = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
+        fail(
+            f"no Moorage store at {where}; name the one serve uses with --store DIR, "
+            f"or its settings with --config FILE or ${CONFIG_ENV}"
+        )
 
 
 def _store_path(config: Path | None, store: Path | None) -> Path:
@@ -251,6 +255,7 @@ def ls(pattern: str | None, as_json: bool, config: Path | None, store: Path | No
     PATTERN is a glob over UPSTREAM/REPOSITORY:TAG or over the repository alone.
     """
     path = _store_path(config, store)
+    _require_store(path)
     try:
         tags = read_catalog(path, pattern)
     except FileNotFoundError as error:
@@ -332,15 +337,22 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
         except (urllib.error.URLError, OSError) as error:
             hint = ""
             if isinstance(error, urllib.error.HTTPError) and error.code == 404:
-                hint = " (with metrics_listen set, /metrics is served there: pass that address)"
+                metrics_listen = settings_from(config).metrics_listen
+                hint = (
+                    f" (the settings serve /metrics on {metrics_listen}: pass --url http://{metrics_listen})"
+                    if metrics_listen is not None
+                    else " (with metrics_listen set, /metrics is served there: pass that address)"
+                )
             fail(f"cannot read {url}/metrics: {error}{hint}")
         totals = upstreams.pop("*", {})
         report = StatsReport(
             url, int(totals.get("moorage_store_bytes", 0)), int(totals.get("moorage_store_entries", 0)), upstreams
         )
     else:
+        path = _store_path(config, store)
+        _require_store(path)
         try:
-            summary: StoreSummary = read_summary(_store_path(config, store))
+            summary: StoreSummary = read_summary(path)
         except FileNotFoundError as error:
             fail(str(error))
         upstreams = {u: {k: float(v) for k, v in c.items()} for u, c in summary.usage.items()}
@@ -664,8 +676,7 @@ def client_config(
         files = client_files(client, url, upstreams, default, ca)
     except ValueError as error:
         fail(str(error))
-    warning = address_warning(client, url)
-    if warning is not None:
+    for warning in client_warnings(client, url, upstreams, default):
         click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
         if output_dir is None:

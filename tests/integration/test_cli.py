@@ -17,7 +17,7 @@ from .harness import images
 from .harness.clients import Containerd, Podman, skopeo_copy
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
-from .harness.tools import closed_port
+from .harness.tools import closed_port, free_port
 
 pytestmark = pytest.mark.integration
 KiB = 1024
@@ -143,6 +143,14 @@ def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream
     assert down.returncode == 1 and "not healthy" in down.stderr
 
 
+def test_stats_from_the_main_port_names_the_metrics_address(upstream: Upstream, tmp_path: Path) -> None:
+    metrics = f"127.0.0.1:{free_port()}"
+    with MoorageProcess(tmp_path / "daemon", upstream_settings(upstream.registry), metrics_listen=metrics) as daemon:
+        wrong = moorage("stats", "--url", daemon.url, "--config", str(daemon.config_path), check=False)
+        assert wrong.returncode == 2 and f"pass --url http://{metrics}" in wrong.stderr, wrong.stderr
+        assert moorage("stats", "--url", f"http://{metrics}").returncode == 0
+
+
 def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Path) -> None:
     config = write_config(tmp_path, upstream.registry)
     for args, message in [
@@ -150,6 +158,7 @@ def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Pat
         (("warm", "nothing-here:1"), "MANIFEST_UNKNOWN"),
         (("warm",), "name at least one image"),
         (("ls", "--store", str(tmp_path / "absent")), "no Moorage store"),
+        (("stats", "--store", str(tmp_path / "absent")), "name the one serve uses with --store DIR"),
         (("client-config", "docker", "--url", "moorage:5000"), "not the cache's base URL"),
         (("client-config", "podman", "--url", "http://m:5000", "--registries", "nvcr.io"), "not a configured upstream"),
     ]:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
-from moorage.proxy._client_config import address_warning, client_files
+from moorage.proxy._client_config import client_files, client_warnings
 from moorage.proxy._warm import platform_matches
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
@@ -150,7 +150,14 @@ def test_a_url_with_a_path_is_refused() -> None:
 
 
 def test_kind_is_warned_that_localhost_is_the_node_itself() -> None:
-    assert "the node itself" in (address_warning("kind", "http://localhost:5000") or "")
-    assert "the node itself" in (address_warning("kind", "http://127.0.0.1:5000") or "")
-    assert address_warning("kind", "http://172.18.0.1:5000") is None
-    assert address_warning("containerd", "http://localhost:5000") is None, "a host's containerd reaches it"
+    assert "the node itself" in " ".join(client_warnings("kind", "http://localhost:5000", REGISTRIES))
+    assert "the node itself" in " ".join(client_warnings("kind", "http://127.0.0.1:5000", REGISTRIES))
+    assert client_warnings("kind", "http://172.18.0.1:5000", REGISTRIES) == []
+    assert client_warnings("containerd", "http://localhost:5000", REGISTRIES) == [], "a host's containerd reaches it"
+
+
+def test_podman_is_warned_of_a_registry_it_cannot_name() -> None:
+    portal = UpstreamSettings(host="registry.local:5999", url="http://10.0.0.8:5999")
+    (warning,) = client_warnings("podman", URL, [HUB, portal], "docker.io")
+    assert warning.startswith("registry.local:5999 is left out") and "prefixes" in warning
+    assert client_warnings("podman", URL, [portal], "registry.local:5999") == [], "the default needs no path"
