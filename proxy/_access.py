@@ -47,11 +47,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     task, in_flight = asyncio.current_task(), request.app[IN_FLIGHT]
     if task is None:
         return await _access(request, handler)
-    in_flight.add(task)  # the stop waits for it, then cuts it
+    in_flight[task] = request.protocol  # the stop waits for it, then cuts it
     try:
         return await _access(request, handler)
     finally:
-        in_flight.discard(task)
+        del in_flight[task]
 
 
 async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -108,7 +108,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
     )
     app[SETTINGS] = settings
     app[STOPPING] = asyncio.Event()
-    app[IN_FLIGHT] = set()
+    app[IN_FLIGHT] = {}
     app[METRICS] = Metrics()
     app[AUTHENTICATOR] = authenticator
     app[RATE_LIMITER] = RateLimiter(auth.token_requests_per_minute)

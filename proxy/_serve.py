@@ -102,9 +102,14 @@ async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> N
     as long again: a slow client kept the process up for twice ``shutdown_timeout``.)"""
     for site in runner.sites:
         await site.stop()
-    if runner.server is not None:
-        runner.server.pre_shutdown()  # idle connections close; busy ones after their request
+    await asyncio.sleep(0)  # requests already read reach the access middleware, and are tracked
     in_flight = app[IN_FLIGHT]
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # a busy connection closes after its response
+        busy = set(in_flight.values())
+        for connection in runner.server.connections:
+            if connection not in busy:  # an idle one now: closed, so its client opens another
+                connection.force_close()
     deadline = asyncio.get_running_loop().time() + grace
     while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
         await asyncio.wait(set(in_flight), timeout=left)

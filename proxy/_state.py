@@ -35,8 +35,9 @@ CACHE: Final = web.AppKey("cache", Cache)
 ROUTER: Final = web.AppKey("router", Router[RegistryClient])
 #: Set when the server begins to stop: requests cut after that were cut by the stop.
 STOPPING: Final = web.AppKey("stopping", asyncio.Event)
-#: The tasks running a request's handlers now, for the stop to wait for (and then cut).
-IN_FLIGHT: Final = web.AppKey("in_flight", set[asyncio.Task[Any]])
+#: The tasks running a request's handlers now, each with its connection, for the stop to wait
+#: for (and then cut) while it closes the connections that serve nothing.
+IN_FLIGHT: Final = web.AppKey("in_flight", dict[asyncio.Task[Any], object])
 #: Tests may plug an httpx transport in front of every upstream.
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
 

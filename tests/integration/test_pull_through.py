@@ -10,6 +10,9 @@ otherwise. Clients: skopeo, podman (vfs, a registries.conf mirror) and container
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -247,7 +250,14 @@ def test_sigterm_cuts_a_slow_download_after_shutdown_timeout_and_says_so(seeded:
         ending = subprocess.Popen(  # about 1.5 s: it ends within the timeout
             ["curl", "-s", "--limit-rate", "4M", "-o", str(received), f"{moorage.url}/v2/slow/blobs/{short_digest}"]
         )
+        idle = socket.create_connection(("127.0.0.1", moorage.port))  # a pooled keep-alive connection
+        idle.sendall(b"GET /v2/ HTTP/1.1\r\nHost: moorage\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200")
         time.sleep(1.0)  # a few MB in, both clients far from the end
+        os.kill(moorage.pid, signal.SIGTERM)
+        idle.settimeout(1.5)  # within shutdown_timeout, the downloads still running
+        assert idle.recv(65536) == b"", "an idle connection is closed at once, so its client opens another"
+        idle.close()
         assert moorage.stop() == 0
         cold.wait(10)
         warm.wait(10)
