@@ -1134,14 +1134,14 @@ async def open_cache(
         raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {reason}"]) from None
     serving = ServingLock(settings.path, index)
     try:
-        started = await asyncio.to_thread(serving.acquire, time.time())
-        if started.alone:  # beside another process, its downloads in flight are in tmp/
-            await asyncio.to_thread(store.sweep_temporaries)
-    except OSError as exc:  # a lock file of another owner, a file system without flock
+        # Alone, a dead run's temporaries are swept; beside another process, they are its
+        # downloads in flight.
+        started = await asyncio.to_thread(serving.acquire, time.time(), store.sweep_temporaries)
+    except OSError as exc:  # a file system without flock, a tmp/ entry that cannot be removed
         await asyncio.to_thread(serving.release, False)
         await asyncio.to_thread(index.close)
-        reason = exc.strerror or str(exc)
-        raise ConfigError(None, [f"storage.path: cannot lock {settings.path / 'serving.lock'}: {reason}"]) from None
+        reason, what = exc.strerror or str(exc), exc.filename or settings.path / "serving.lock"
+        raise ConfigError(None, [f"storage.path: cannot use {what}: {reason}"]) from None
     cache = Cache(
         store,
         index,

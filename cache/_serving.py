@@ -13,9 +13,11 @@ leaves the mark to them. Blocking.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,10 +41,11 @@ class ServingLock:
         self._index = index
         self._fd: int | None = None
 
-    def acquire(self, now: float) -> Started:
-        """Begin serving: whether this process is alone, and whether the last run crashed."""
-        # Read-only: flock needs no more, and a lock file a root-run command created stays usable.
-        fd = os.open(self._path, os.O_RDONLY | os.O_CREAT, 0o644)
+    def acquire(self, now: float, when_alone: Callable[[], object] = lambda: None) -> Started:
+        """Begin serving: whether this process is alone, and whether the last run crashed.
+        ``when_alone`` (sweeping a dead run's temporaries) runs under the exclusive lock, so
+        that no process starting meanwhile has a temporary of its own there yet."""
+        fd = self._open()
         self._fd = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,8 +56,20 @@ class ServingLock:
             self._index.begin_serving(now)
             return Started(alone=False, crashed=False)
         crashed = self._index.begin_serving(now)
+        when_alone()
         fcntl.flock(fd, fcntl.LOCK_SH)  # others may begin serving beside this one now
         return Started(alone=True, crashed=crashed)
+
+    def _open(self) -> int:
+        """Read-write where possible: flock on NFS is a byte-range lock, which needs it. A lock
+        file another user (a root-run command) created is opened read-only, which suffices for
+        flock on a local file system."""
+        try:
+            return os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return os.open(self._path, os.O_RDONLY)
 
     def release(self, clean: bool) -> None:
         """Stop serving: the last process, with everything flushed (``clean``), clears the mark."""
