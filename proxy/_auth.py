@@ -214,6 +214,24 @@ class Authenticator:
         self.settings = settings
         self.users = users
         self.tokens = tokens
+        #: Password checks running, by a keyed hash of user and password: the same sign-in
+        #: sent many times at once (a fleet starting) is checked, and charged, once.
+        self._checks: dict[bytes, asyncio.Task[bool]] = {}
+        self._check_key = secrets.token_bytes(32)
+
+    def _check_of(self, user: str, password: str) -> bytes:
+        return hmac.new(self._check_key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+    def check_running(self, user: str, password: str) -> asyncio.Task[bool] | None:
+        """The check of this very sign-in already running, if one is."""
+        return self._checks.get(self._check_of(user, password))
+
+    def start_check(self, user: str, password: str) -> asyncio.Task[bool]:
+        key = self._check_of(user, password)
+        task = asyncio.get_running_loop().create_task(self.password_ok(user, password))
+        self._checks[key] = task
+        task.add_done_callback(lambda _: self._checks.pop(key, None))
+        return task
 
     async def password_ok(self, user: str, password: str) -> bool:
         """An htpasswd user's password, or a login token of that user."""
@@ -259,13 +277,23 @@ class Authenticator:
 
 async def check_password(request: web.Request, user: str, password: str) -> bool:
     """A sign-in's password, charged to the client's budget of failures (``/token`` and ``/v2/``
-    alike); 429 once that budget is spent."""
+    alike) before the check and refunded when it succeeds; 429 once that budget is spent. A
+    success already remembered costs nothing, and a sign-in being checked for another request
+    is waited for, not charged again."""
+    authenticator = request.app[AUTHENTICATOR]
+    if authenticator.users is not None and authenticator.users.remembered(user, password):
+        return True
     limiter, client = request.app[RATE_LIMITER], request.remote or ""
-    wait = limiter.allow(client)
-    if wait is not None:
-        raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
-    if await request.app[AUTHENTICATOR].password_ok(user, password):
-        limiter.refund(client)
+    running = authenticator.check_running(user, password)
+    charged = running is None
+    if running is None:
+        wait = limiter.allow(client)
+        if wait is not None:
+            raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
+        running = authenticator.start_check(user, password)
+    if await asyncio.shield(running):  # a request that leaves does not end others' check
+        if charged:
+            limiter.refund(client)
         return True
     log.info("authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote})
     return False

@@ -4,6 +4,7 @@ passwords; policy rules by user, group, anonymous and client network, denials na
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
@@ -211,6 +212,28 @@ async def test_sign_ins_that_succeed_and_anonymous_tokens_are_never_limited(
         assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200
     statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(3)]
     assert statuses == [401, 401, 429]
+
+
+async def test_a_fleet_signing_in_at_once_is_checked_once_and_not_limited(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many nodes behind one NAT address start together with the same credentials: while the
+    first check runs (bcrypt, on two threads), the others wait for it instead of each spending
+    from the budget of failures."""
+    moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 2})
+    users = moorage.app[USERS]
+    checks = []
+    real_check = users.check
+
+    def slow_check(user: str, password: str) -> bool:
+        checks.append(user)
+        time.sleep(0.3)  # a production bcrypt cost
+        return real_check(user, password)
+
+    monkeypatch.setattr(users, "check", slow_check)
+    statuses = await asyncio.gather(*(moorage.get("/token", headers=basic("ci", PASSWORD)) for _ in range(6)))
+    assert [response.status for response in statuses] == [200] * 6
+    assert checks == ["ci"], "one bcrypt check for six sign-ins"
 
 
 POLICY = [
