@@ -85,8 +85,11 @@ async def serve(settings: Settings, version: str) -> None:
             watcher = loop.create_task(tls.watch())
         await stop.wait()
         app[STOPPING].set()
+        hurry = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, hurry.set)  # a second signal (Ctrl-C again): cut them now
         log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
-        await _drain(main_runner, app, settings.shutdown_timeout)
+        await _drain(main_runner, app, settings.shutdown_timeout, hurry)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -95,11 +98,12 @@ async def serve(settings: Settings, version: str) -> None:
     log.info("stopped", extra={"event": "stopped"})
 
 
-async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> None:
-    """Stop taking connections and requests, give those in flight ``grace`` seconds to finish,
-    then cut the rest. (aiohttp's own shutdown waits its timeout for them, then asks them to
-    stop by failing their request body, which a handler sending a blob never reads, and waits
-    as long again: a slow client kept the process up for twice ``shutdown_timeout``.)"""
+async def _drain(runner: web.AppRunner, app: web.Application, grace: float, hurry: asyncio.Event) -> None:
+    """Stop taking connections and requests, give those in flight ``grace`` seconds to finish
+    (less if ``hurry`` is set), then cut the rest. (aiohttp's own shutdown waits its timeout for
+    them, then asks them to stop by failing their request body, which a handler sending a blob
+    never reads, and waits as long again: a slow client kept the process up for twice
+    ``shutdown_timeout``.)"""
     for site in runner.sites:
         await site.stop()
     await asyncio.sleep(0)  # requests already read reach the access middleware, and are tracked
@@ -111,8 +115,12 @@ async def _drain(runner: web.AppRunner, app: web.Application, grace: float) -> N
             if connection not in busy:  # an idle one now: closed, so its client opens another
                 connection.force_close()
     deadline = asyncio.get_running_loop().time() + grace
-    while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
-        await asyncio.wait(set(in_flight), timeout=left)
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        while in_flight and not hurry.is_set() and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait({*in_flight, hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hurried.cancel()
     late = set(in_flight)
     for task in late:
         task.cancel()  # the access log records each as cut by the stop

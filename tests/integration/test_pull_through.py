@@ -252,13 +252,13 @@ def test_sigterm_cuts_a_slow_download_after_shutdown_timeout_and_says_so(seeded:
         )
         idle = socket.create_connection(("127.0.0.1", moorage.port))  # a pooled keep-alive connection
         idle.sendall(b"GET /v2/ HTTP/1.1\r\nHost: moorage\r\n\r\n")
-        assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+        assert read_response(idle).startswith(b"HTTP/1.1 200")
         time.sleep(1.0)  # a few MB in, both clients far from the end
         os.kill(moorage.pid, signal.SIGTERM)
         idle.settimeout(1.5)  # within shutdown_timeout, the downloads still running
         assert idle.recv(65536) == b"", "an idle connection is closed at once, so its client opens another"
         idle.close()
-        assert moorage.stop() == 0
+        assert moorage.wait(15) == 0  # no second signal: that would cut at once
         cold.wait(10)
         warm.wait(10)
         assert ending.wait(10) == 0 and images.sha256_digest(received.read_bytes()) == short_digest
@@ -271,6 +271,40 @@ def test_sigterm_cuts_a_slow_download_after_shutdown_timeout_and_says_so(seeded:
         (stopping,) = [log_time(line) for line in moorage.log_lines() if line.get("event") == "stopping"]
         waited = [log_time(line) - stopping for line in cut]
         assert all(1.9 <= seconds < 3.5 for seconds in waited), waited
+
+
+def test_a_second_sigterm_cuts_at_once(seeded: Seeded, tmp_path: Path) -> None:
+    """As a second Ctrl-C does: an operator who will not wait for shutdown_timeout."""
+    registry = seeded.registry
+    source = tmp_path / "slow.bin"
+    digest = images.write_random_file(source, 32 * MiB, seed=14)
+    images.push_blob(registry.url, "library/slow", source)
+    with start_moorage(tmp_path / "m", registry, shutdown_timeout="60s") as moorage:
+        slow = subprocess.Popen(
+            ["curl", "-s", "--limit-rate", "2M", "-o", "/dev/null", f"{moorage.url}/v2/slow/blobs/{digest}"]
+        )
+        time.sleep(1.0)
+        os.kill(moorage.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(moorage.pid, signal.SIGTERM)
+        assert moorage.wait(15) == 0
+        slow.wait(10)
+        (cut,) = [line for line in moorage.log_lines() if line.get("event") == "request" and digest in line["path"]]
+        assert (cut["status"], cut.get("error")) == (503, "SHUTDOWN")
+        (stopping,) = [log_time(line) for line in moorage.log_lines() if line.get("event") == "stopping"]
+        assert log_time(cut) - stopping < 5, "cut at the second signal, not after shutdown_timeout"
+
+
+def read_response(connection: socket.socket) -> bytes:
+    """One whole response with a Content-Length, however the segments fall."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    (length,) = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    while len(body) < length:
+        body += connection.recv(65536)
+    return data
 
 
 def log_time(line: dict[str, object]) -> float:

@@ -85,6 +85,11 @@ class MoorageProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"moorage did not become healthy:\n{tail(self.log_path)}")
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to end by itself (after a signal the test sent); its exit code."""
+        assert self._proc is not None
+        return self._proc.popen.wait(timeout)
+
     def stop(self) -> int | None:
         if self._proc is None:
             return None
