@@ -69,7 +69,10 @@ class ServingLock:
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            return os.open(self._path, os.O_RDONLY)
+            try:
+                return os.open(self._path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise exc from None  # it could not be made: the first error says why
 
     def release(self, clean: bool) -> None:
         """Stop serving: the last process, with everything flushed (``clean``), clears the mark."""

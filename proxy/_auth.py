@@ -162,6 +162,11 @@ class Htpasswd:
                 return
             log.info("htpasswd reloaded", extra={"event": "htpasswd_reloaded", "users": len(self._users)})
 
+    @property
+    def generation(self) -> int:
+        """Changes with every reload of the file."""
+        return self._generation
+
     def _token(self, user: str, password: str) -> bytes:
         return hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
 
@@ -220,7 +225,11 @@ class Authenticator:
         self._check_key = secrets.token_bytes(32)
 
     def _check_of(self, user: str, password: str) -> bytes:
-        return hmac.new(self._check_key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        """The sign-in, against the users file as loaded now (a check begun before a reload
+        must not answer for the new file)."""
+        generation = self.users.generation if self.users is not None else 0
+        text = f"{generation}:{len(user)}:{user}{password}"
+        return hmac.new(self._check_key, text.encode(), hashlib.sha256).digest()
 
     def check_running(self, user: str, password: str) -> asyncio.Task[bool] | None:
         """The check of this very sign-in already running, if one is."""
@@ -230,7 +239,13 @@ class Authenticator:
         key = self._check_of(user, password)
         task = asyncio.get_running_loop().create_task(self.password_ok(user, password))
         self._checks[key] = task
-        task.add_done_callback(lambda _: self._checks.pop(key, None))
+
+        def done(finished: asyncio.Task[bool]) -> None:
+            self._checks.pop(key, None)
+            if not finished.cancelled():
+                finished.exception()  # retrieved even when every waiter has left
+
+        task.add_done_callback(done)
         return task
 
     async def password_ok(self, user: str, password: str) -> bool:

@@ -106,7 +106,8 @@ async def _drain(runner: web.AppRunner, app: web.Application, grace: float, hurr
     ``shutdown_timeout``.)"""
     for site in runner.sites:
         await site.stop()
-    await asyncio.sleep(0)  # requests already read reach the access middleware, and are tracked
+    for _ in range(3):  # a request already read reaches the access middleware, and is tracked:
+        await asyncio.sleep(0)  # one turn wakes its connection, the next runs its handler's task
     in_flight = app[IN_FLIGHT]
     if runner.server is not None:
         runner.server.pre_shutdown()  # a busy connection closes after its response

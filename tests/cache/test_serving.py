@@ -108,3 +108,26 @@ async def test_only_a_process_alone_sweeps_the_temporaries(tmp_path: Path) -> No
         assert in_flight.exists(), "the daemon's download in flight is not swept away"
     async with open_cache(settings):  # the next start, alone: nobody will finish it
         assert not in_flight.exists()
+
+
+def test_a_process_alone_sweeps_while_no_other_can_start(tmp_path: Path) -> None:
+    """Under the exclusive lock: a process starting meanwhile waits, so it has no temporary
+    of its own in tmp/ yet that the sweep could take."""
+    index = Index(tmp_path / "index")
+    seen: list[bool] = []
+
+    def sweep() -> None:
+        other = os.open(tmp_path / "serving.lock", os.O_RDONLY)
+        try:
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            seen.append(False)
+        except BlockingIOError:
+            seen.append(True)
+        finally:
+            os.close(other)
+
+    serving = ServingLock(tmp_path, index)
+    assert serving.acquire(1.0, sweep).alone is True
+    assert seen == [True], "the sweep ran, and no other process could have begun serving"
+    beside = ServingLock(tmp_path, index)
+    assert beside.acquire(2.0, sweep).alone is False and seen == [True], "beside a running one: no sweep"

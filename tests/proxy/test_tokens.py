@@ -236,6 +236,32 @@ async def test_a_fleet_signing_in_at_once_is_checked_once_and_not_limited(
     assert checks == ["ci"], "one bcrypt check for six sign-ins"
 
 
+async def test_a_sign_in_after_a_password_change_is_checked_anew(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It does not join a check of the same password begun against the old file."""
+    moorage = await start_moorage(auth=auth_files)
+    users = moorage.app[USERS]
+    real_check = users.check
+
+    def slow_check(user: str, password: str) -> bool:
+        verdict = real_check(user, password)  # against the file as it is when the check begins
+        time.sleep(0.3)
+        return verdict
+
+    monkeypatch.setattr(users, "check", slow_check)
+    before = asyncio.ensure_future(moorage.get("/token", headers=basic("ci", PASSWORD)))
+    await asyncio.sleep(0.1)  # its check is running
+    htpasswd = Path(auth_files["htpasswd_file"])
+    changed = bcrypt.hashpw(b"a new passphrase", bcrypt.gensalt(4)).decode()
+    htpasswd.write_text(f"ci:{changed}\n")
+    os.utime(htpasswd, (time.time() + 5, time.time() + 5))
+    users.reload_if_changed()
+    after = await moorage.get("/token", headers=basic("ci", PASSWORD))
+    assert after.status == 401, "the old password no longer signs in"
+    assert (await before).status == 200, "begun before the change, it is judged by the old file"
+
+
 POLICY = [
     {
         "effect": "allow",
