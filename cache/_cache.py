@@ -188,6 +188,9 @@ class Cache:
         #: name as read then, so that a pass does not remove an image's config or layers between
         #: its manifest and its client's next requests. In memory only.
         self._served: dict[Digest, float] = {}
+        #: Content stored in the last seconds, and when: its client has just read it (a fill's
+        #: readers are not stored-file reads), so no size pass removes it under them.
+        self._stored_lately: dict[Digest, float] = {}
         #: What each manifest names (child manifests, config, layers), least recently served first.
         self._references: OrderedDict[Digest, tuple[Digest, ...]] = OrderedDict()
         self.max_size = max_size
@@ -265,6 +268,7 @@ class Cache:
         recent = self._clock() - RECENT_SECONDS
         self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
         self._guard.prune()
+        self._recent_stores()  # forgets the older ones: the map stays small between passes
         served_since = self._clock() - REFERENCED_SECONDS
         self._served = {digest: when for digest, when in self._served.items() if when >= served_since}
         totals = (self.store_bytes, self.store_entries)
@@ -347,6 +351,13 @@ class Cache:
         """A fill stored a blob fetched through ``origin``."""
         self._trust(digest, fingerprint)
         self._routes.learn(digest, origin)
+        self._stored_lately[digest] = self._clock()
+
+    def _recent_stores(self) -> set[Digest]:
+        """What was stored in the last ``RECENT_SECONDS`` (and forget the rest)."""
+        since = self._clock() - RECENT_SECONDS
+        self._stored_lately = {digest: when for digest, when in self._stored_lately.items() if when >= since}
+        return set(self._stored_lately)
 
     def _forget(self, digest: Digest) -> None:
         """What the event loop holds of content that left the store."""
@@ -404,18 +415,21 @@ class Cache:
 
     async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
-            target = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
+            target = ceiling = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
         elif self.max_size is not None:
-            target = int(self.max_size * self._low)
+            target, ceiling = int(self.max_size * self._low), int(self.max_size * self._high)
         else:
             return
         protected = set(self.fills.digests)
+        recent = self._recent_stores()
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
         # Reads and the manifests served lately order the pass; a blob read while it runs is
         # skipped when its turn comes (the read guard).
         seen = self._eviction_order()
-        result = await asyncio.to_thread(evict_to, store, self._index, target, protected, seen, self._guard)
+        result = await asyncio.to_thread(
+            evict_to, store, self._index, target, protected, seen, self._guard, recent, ceiling
+        )
         stored_bytes, stored_entries = self._stored_during_pass
         self._stored_during_pass = None
         # The walk counted what is on disk; add what was stored meanwhile. This also corrects
@@ -439,7 +453,7 @@ class Cache:
                 "max_size": self.max_size,
             },
         )
-        if self.store_bytes > target:
+        if self.store_bytes > ceiling:
             log.warning(
                 "store above its cap after eviction: what is left was read in the last seconds or is being filled",
                 extra={"event": "eviction_short", "store_bytes": self.store_bytes, "target_bytes": target},
@@ -722,6 +736,7 @@ class Cache:
             raise
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
+        self._stored_lately[digest] = self._clock()
         self._routes.learn(digest, (upstream, str(repository)))
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest

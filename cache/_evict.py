@@ -4,7 +4,8 @@ Last access is the blob file's modification time, brought forward in batches (wi
 bookkeeping, every 10 s) for what clients read, so a hit costs no write. A pass walks the
 store in a thread, sorts by last access (the in-memory accesses not yet written count too),
 and deletes from the oldest until the store is under the low watermark. It never removes a
-blob being filled or read in the last few seconds. A manifest's tag entries go with it (and the
+blob being filled or read in the last few seconds, and what was stored in the last seconds only
+as far as the store must shrink to get under the high watermark. A manifest's tag entries go with it (and the
 in-memory front forgets it), so the next pull fetches it again. Passes never overlap.
 """
 
@@ -15,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
@@ -91,12 +93,18 @@ def evict_to(
     protected: set[Digest],
     accessed: dict[Digest, float],
     guard: ReadGuard,
+    recent: AbstractSet[Digest] = frozenset(),
+    ceiling_bytes: int | None = None,
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks.
 
     A blob larger than ``target_bytes`` goes first, however recent: it can never stay under
     the cap, and taking the least recently used first would empty the store around it before
-    reaching it (a 200 MB layer in an 8 MiB cache). Its client has its bytes already."""
+    reaching it (a 200 MB layer in an 8 MiB cache). Its client has its bytes already.
+
+    ``recent`` content (stored in the last seconds: its client just read it) goes last, and
+    only as far as the store must shrink to ``ceiling_bytes`` (the high watermark): an image
+    just pulled that fits under the cap is not taken apart to reach the low watermark."""
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)
@@ -104,11 +112,24 @@ def evict_to(
     entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
     evicted: list[Digest] = []
     freed = 0
+    deferred = []
     for blob in entries:
         if total - freed <= target_bytes:
             break
         if blob.digest in protected:
             continue
+        if blob.digest in recent and blob.size <= target_bytes:
+            deferred.append(blob)
+            continue
+        size = guard.remove_unless_read(blob.path, blob.digest)
+        if size is None:
+            continue
+        evicted.append(blob.digest)
+        freed += size
+    ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
+    for blob in deferred:
+        if total - freed <= ceiling:
+            break
         size = guard.remove_unless_read(blob.path, blob.digest)
         if size is None:
             continue
