@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
+from urllib.parse import urlsplit
 
 import click
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,6 +120,19 @@ store_option = click.option(
 )
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is not a cache's base URL (``http://127.0.0.1:5000``), if it is not."""
+    expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url[:100]!r}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a port out of range or not a number
+    except ValueError as error:
+        return f"--url: {error}: {expected}"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return f"--url: {expected}"
+    return None
+
+
 def _require_store(path: Path) -> None:
     if not (path / "index").is_dir() or not (path / "blobs").is_dir():
         where = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
@@ -205,8 +219,9 @@ def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-    if not url.lower().startswith(("http://", "https://")):  # exit 1 all the same: Docker reserves 2
-        click.echo(f"moorage: --url: expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url!r}", err=True)
+    problem = url_problem(url)
+    if problem is not None:  # exit 1 all the same: Docker reserves 2
+        click.echo(f"moorage: {problem}", err=True)
         sys.exit(1)
     base = url.rstrip("/").removesuffix("/healthz")
     try:
@@ -332,6 +347,8 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
     running daemon (since it started).
     """
     if url is not None:
+        if (problem := url_problem(url)) is not None:
+            fail(problem)
         try:
             upstreams = _summary_from_metrics(url)
         except (urllib.error.URLError, OSError) as error:
@@ -428,6 +445,8 @@ def warm_command(
     """
     if platforms and all_platforms:
         fail("--platform and --all-platforms exclude each other")
+    if url is not None and (problem := url_problem(url)) is not None:
+        fail(problem)
     default = next((u.host for u in settings_from(config).upstreams if u.default), "docker.io")
     try:
         references = [parse_image_reference(name, default) for name in _read_images(images, file)]

@@ -159,6 +159,8 @@ def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Pat
         (("warm",), "name at least one image"),
         (("ls", "--store", str(tmp_path / "absent")), "no Moorage store"),
         (("stats", "--store", str(tmp_path / "absent")), "name the one serve uses with --store DIR"),
+        (("stats", "--url", "http://[::1"), "--url: Invalid IPv6 URL"),
+        (("warm", "alpine:3", "--url", "http://127.0.0.1:99999"), "--url: Port out of range"),
         (("client-config", "docker", "--url", "moorage:5000"), "not the cache's base URL"),
         (("client-config", "podman", "--url", "http://m:5000", "--registries", "nvcr.io"), "not a configured upstream"),
     ]:

@@ -11,6 +11,7 @@ import yaml
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import client_files, client_warnings
 from moorage.proxy._warm import platform_matches
+from moorage.proxy.cli import url_problem
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 
@@ -161,3 +162,19 @@ def test_podman_is_warned_of_a_registry_it_cannot_name() -> None:
     (warning,) = client_warnings("podman", URL, [HUB, portal], "docker.io")
     assert warning.startswith("registry.local:5999 is left out") and "prefixes" in warning
     assert client_warnings("podman", URL, [portal], "registry.local:5999") == [], "the default needs no path"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:5000", None),
+        ("https://[::1]:5000/", None),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("127.0.0.1:5000", "expected the cache's base URL"),
+        ("ftp://cache:21", "expected the cache's base URL"),
+    ],
+)
+def test_a_url_mistake_is_a_sentence_not_a_traceback(url: str, problem: str | None) -> None:
+    found = url_problem(url)
+    assert found is None if problem is None else (found is not None and problem in found)
