@@ -725,15 +725,19 @@ class Cache:
     ) -> Digest:
         self._observer.on_fetched_bytes(upstream, "manifest", len(fetched.body))
         try:
-            digest, entry, new = await asyncio.to_thread(
+            digest, entry, new, failure = await asyncio.to_thread(
                 self._keep_manifest, fetched, where, expected, tag, (upstream, str(repository))
             )
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
-        except StoreFailure as failure:
+        if failure is not None:  # verified, so it is served all the same; only not kept
             self._observer.on_store_failure(failure.disk_full)
-            raise
+            log.warning(
+                "manifest served but not stored",
+                extra={"event": "store_write_failed", "digest": str(digest), "error": str(failure)},
+            )
+            return digest
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
         self._stored_lately[digest] = self._clock()
@@ -822,9 +826,10 @@ class Cache:
         expected: Digest | None,
         tag: IndexKey | None,
         image: tuple[str, str],
-    ) -> tuple[Digest, TagEntry | None, bool]:
+    ) -> tuple[Digest, TagEntry | None, bool, StoreFailure | None]:
         """Hash, verify, store and index a manifest from upstream; nothing is kept on a mismatch.
-        Returns the digest, the tag entry written (if a tag), and whether the store is new to it.
+        Returns the digest, the tag entry written (if a tag), whether the store is new to it,
+        and the store's failure when it could not be kept (then nothing is indexed either).
 
         ``expected``: the digest it was asked by. For a tag, the upstream's own
         Docker-Content-Digest (when it sent one) must match instead.
@@ -836,19 +841,22 @@ class Cache:
             raise DigestMismatch(str(claimed), str(digest), where)
         new = self._store.size_of(digest) is None
         if new:
-            pending = self._store.begin(digest)
             try:
-                pending.write(body)
-                self._trusted[digest] = pending.commit()
-            finally:
-                pending.close()
+                pending = self._store.begin(digest)
+                try:
+                    pending.write(body)
+                    self._trusted[digest] = pending.commit()
+                finally:
+                    pending.close()
+            except StoreFailure as failure:
+                return digest, None, False, failure
         self._index.put_manifest(digest, fetched.media_type)
         self._index.add_image(image_key(*image, digest), self._clock())
         entry = None
         if tag is not None:
             entry = TagEntry(digest, fetched.media_type, self._clock())
             self._index.put_tag(tag, entry)
-        return digest, entry, new
+        return digest, entry, new, None
 
     # -- blobs ----------------------------------------------------------------------------------
 

@@ -185,13 +185,13 @@ class DirectoryStore:
     def size_of(self, digest: Digest) -> int | None:
         try:
             return self.path_of(digest).stat().st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
 
     def fingerprint(self, digest: Digest) -> Fingerprint | None:
         try:
             return Fingerprint.of(self.path_of(digest).stat())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
 
     def quarantine(self, digest: Digest) -> bool:
@@ -201,7 +201,7 @@ class DirectoryStore:
         target.mkdir(exist_ok=True)
         try:
             os.rename(self.path_of(digest), target / f"{digest.algorithm}-{digest.encoded}")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return False
         return True
 
@@ -212,7 +212,7 @@ class DirectoryStore:
         try:
             with open(self.path_of(digest), "rb") as handle:
                 return handle.read(limit + 1)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
 
     def begin(self, digest: Digest) -> PendingBlob:
@@ -222,13 +222,21 @@ class DirectoryStore:
             raise StoreFailure.of(f"cannot start writing {digest}", exc) from exc
 
     def check_writable(self) -> str | None:
-        """None when a temporary can be written in the store, else what went wrong."""
+        """None when a temporary can be written in the store and a blob put in place, else
+        what went wrong. The second probe is a directory, which a walk of the store passes over."""
         probe = self.tmp_dir / f".writable-{secrets.token_hex(4)}"
         try:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
             return f"cannot write in {self.tmp_dir}: {exc.strerror}"
+        blobs = self.blobs_dir / "sha256" if (self.blobs_dir / "sha256").is_dir() else self.blobs_dir
+        placed = blobs / f".writable-{secrets.token_hex(4)}"
+        try:
+            placed.mkdir()
+            placed.rmdir()
+        except OSError as exc:
+            return f"cannot write in {blobs}: {exc.strerror}"
         return None
 
     def entries(self) -> Iterator[StoredBlob]:

@@ -66,3 +66,47 @@ async def test_a_full_disk_fails_the_fill_cleanly_and_evicts(
     body = await (await moorage.get(f"/v2/alpine/blobs/{kept[-1]}")).read()
     assert "sha256:" + hashlib.sha256(body).hexdigest() == kept[-1]
     assert upstream.requests == [], "stored content is still served from the store"
+
+
+async def test_a_manifest_that_cannot_be_stored_is_served_all_the_same(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Verified against its digest, it is the right answer; only keeping it failed (here a file
+    stands where its directory must go, which even root cannot write through)."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    image = upstream.add_image("library/alpine", "3.19")
+    blocking = store / "blobs" / "sha256" / image.digest[7:9]
+    blocking.parent.mkdir(parents=True, exist_ok=True)
+    blocking.write_text("not a directory")
+    response = await moorage.get("/v2/alpine/manifests/3.19")
+    assert response.status == 200 and await response.read() == image.manifest
+    assert response.headers["Docker-Content-Digest"] == image.digest
+    assert await metric(moorage, "moorage_store_write_failures_total") == 1
+    failures = [r for r in caplog.records if getattr(r, "event", "") == "store_write_failed"]
+    assert [getattr(r, "digest", None) for r in failures] == [image.digest]
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    assert upstream.count("GET", "/manifests/") == 1, "not kept, so asked for again"
+
+
+async def test_readiness_fails_when_blobs_cannot_be_put_in_place(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A writable tmp/ is not enough: a read-only blobs/ (a remount after disk errors) keeps
+    every manifest and blob out of the store."""
+    if os.geteuid() != 0:
+        if in_ci():
+            pytest.fail("the read-only store test mounts a file system and needs root")
+        pytest.skip("needs root to mount a read-only file system")
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    assert (await moorage.get("/readyz")).status == 200
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store / "blobs")], check=True)
+    try:
+        readiness = await moorage.get("/readyz")
+        assert readiness.status == 503
+        assert f"cannot write in {store / 'blobs'}" in await readiness.text()
+    finally:
+        subprocess.run(["umount", "-l", str(store / "blobs")], check=False)
+    assert (await moorage.get("/readyz")).status == 200
