@@ -1109,6 +1109,9 @@ class _Bookkeeping:
     def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
         self._observer.on_digest_mismatch(upstream, kind)
 
+    def on_fill_failed(self, upstream: str) -> None:
+        self._observer.on_fill_failed(upstream)
+
     def on_stored(self, kind: ContentKind, size: int) -> None:
         self._cache.store_bytes += size
         self._cache.store_entries += 1

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import BinaryIO, Final, Literal
 
-from moorage.upstreams import UpstreamProtocolError, UpstreamUnavailable
+from moorage.upstreams import UpstreamNotFound, UpstreamProtocolError, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._observer import CacheObserver, NullCacheObserver
@@ -162,6 +162,8 @@ class Fill:
                 await asyncio.shield(asyncio.to_thread(self._pending.discard))
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
+                self._observer.on_fill_failed(self.origin[0])
             log.warning("fill failed", extra={"event": "fill_failed", "digest": str(self.digest), "error": str(exc)})
         finally:
             # Leave the registry before the file may close: a later client finds the stored

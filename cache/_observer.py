@@ -23,6 +23,10 @@ class CacheObserver(Protocol):
     def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
         """Bytes from upstream did not hash to their digest; nothing was kept."""
 
+    def on_fill_failed(self, upstream: str) -> None:
+        """A blob download from ``upstream`` failed (the upstream, a digest mismatch, the store):
+        its readers were cut and nothing was kept."""
+
     def on_stored(self, kind: ContentKind, size: int) -> None:
         """A verified blob or manifest entered the store."""
 
@@ -47,6 +51,9 @@ class NullCacheObserver:
         pass
 
     def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
+        pass
+
+    def on_fill_failed(self, upstream: str) -> None:
         pass
 
     def on_stored(self, kind: ContentKind, size: int) -> None:

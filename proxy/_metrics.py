@@ -99,6 +99,12 @@ class Metrics:
         self.fill_resumes = Counter(
             "moorage_fill_resumes", "Upstream blob bodies resumed after a cut.", ["upstream"], registry=r
         )
+        self.fill_failures = Counter(
+            "moorage_fill_failures",
+            "Blob downloads that failed (upstream, digest mismatch, store); their readers were cut.",
+            ["upstream"],
+            registry=r,
+        )
         self.digest_mismatches = Counter(
             "moorage_digest_mismatches",
             "Upstream content that did not hash to its digest (refused, not kept).",
@@ -211,6 +217,9 @@ class Metrics:
 
     def on_fill_resumed(self, upstream: str) -> None:
         self.fill_resumes.labels(upstream).inc()
+
+    def on_fill_failed(self, upstream: str) -> None:
+        self.fill_failures.labels(upstream).inc()
 
     def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
         self.digest_mismatches.labels(upstream, kind).inc()

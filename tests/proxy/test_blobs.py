@@ -139,6 +139,8 @@ async def test_failed_fill_cuts_every_reader_and_keeps_nothing(
         assert response.status == 200  # headers went out before the cut
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+    # The access lines say 200 (what the clients were told first); the failure is counted.
+    assert await metric(moorage, "moorage_fill_failures_total", upstream="docker.io") == 1
     store = tmp_path / "store"
     assert stored_files(store) == []
     for _ in range(100):  # readers are cut at once; the temporary is removed in a thread just after
@@ -162,6 +164,7 @@ async def test_wrong_bytes_are_never_completed_nor_kept(
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
     assert stored_files(tmp_path / "store") == []
+    assert await metric(moorage, "moorage_fill_failures_total") == 1
     assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
 
 
@@ -179,6 +182,7 @@ async def test_unknown_blob_is_blob_unknown(moorage: Client) -> None:
     response = await moorage.get(f"/v2/alpine/blobs/sha256:{'0' * 64}")
     assert response.status == 404
     assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert await metric(moorage, "moorage_fill_failures_total") == 0, "an answer, not a failed download"
 
 
 async def test_head_on_uncached_blob_does_not_download(moorage: Client, upstream: FakeRegistry, tmp_path: Path) -> None:

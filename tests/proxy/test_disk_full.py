@@ -102,11 +102,12 @@ async def test_readiness_fails_when_blobs_cannot_be_put_in_place(
     store = tmp_path / "store"
     moorage = await start_moorage(storage={"path": str(store)})
     assert (await moorage.get("/readyz")).status == 200
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store / "blobs")], check=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store / "blobs")]
+    await asyncio.to_thread(subprocess.run, mount, check=True)
     try:
         readiness = await moorage.get("/readyz")
         assert readiness.status == 503
         assert f"cannot write in {store / 'blobs'}" in await readiness.text()
     finally:
-        subprocess.run(["umount", "-l", str(store / "blobs")], check=False)
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(store / "blobs")], check=False)
     assert (await moorage.get("/readyz")).status == 200

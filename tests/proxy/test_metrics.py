@@ -26,6 +26,7 @@ COUNTED = (
     "moorage_upstream_rate_limited_total",
     "moorage_upstream_retries_total",
     "moorage_fill_resumes_total",
+    "moorage_fill_failures_total",
     "moorage_digest_mismatches_total",
     "moorage_upstream_token_fetches_total",
 )
