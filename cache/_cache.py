@@ -101,6 +101,8 @@ class ManifestAnswer:
     body: bytes
     result: CacheResult
     stale_reason: str | None = None
+    #: False for a verified manifest served although the store could not keep it.
+    stored: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,13 +417,16 @@ class Cache:
 
     async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
-            target = ceiling = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
+            target = ceiling = short = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
         elif self.max_size is not None:
-            target, ceiling = int(self.max_size * self._low), int(self.max_size * self._high)
+            # Content in use goes last, and only down to halfway between the watermarks: an
+            # image being pulled is not taken apart, and passes stay as far apart as that.
+            target, short = int(self.max_size * self._low), int(self.max_size * self._high)
+            ceiling = (target + short) // 2
         else:
             return
         protected = set(self.fills.digests)
-        recent = self._recent_stores()
+        recent = self._recent_stores() | self._in_use()
         before = self.store_bytes
         self._stored_during_pass = (0, 0)
         # Reads and the manifests served lately order the pass; a blob read while it runs is
@@ -453,7 +458,7 @@ class Cache:
                 "max_size": self.max_size,
             },
         )
-        if self.store_bytes > ceiling:
+        if self.store_bytes > short:
             log.warning(
                 "store above its cap after eviction: what is left was read in the last seconds or is being filled",
                 extra={"event": "eviction_short", "store_bytes": self.store_bytes, "target_bytes": target},
@@ -576,7 +581,8 @@ class Cache:
         answer = await self._manifest(source, repository, reference, accept, ttl, may_read)
         # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
         now = self._clock()
-        self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
+        if answer.stored:  # an image the index does not hold has no pull time to keep
+            self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
         if reading:
             self._mark_references(answer, now)
         return answer
@@ -596,6 +602,14 @@ class Cache:
         self._references[answer.digest] = (*children, *config, *layers)
         while len(self._references) > MAX_REFERENCED_MANIFESTS:
             self._references.popitem(last=False)
+
+    def _in_use(self) -> set[Digest]:
+        """Manifests served for reading in the last ``REFERENCED_SECONDS`` and what they name:
+        the images being pulled, however long their pulls take."""
+        used = set(self._served)
+        for manifest in self._served:
+            used.update(self._references.get(manifest, ()))
+        return used
 
     def _eviction_order(self) -> dict[Digest, float]:
         """When each digest was last read, or named by a manifest served for reading."""
@@ -710,9 +724,9 @@ class Cache:
     async def _fetch_by_digest(self, source: Source, repository: RepositoryName, digest: Digest) -> ManifestAnswer:
         fetched = await source.get_manifest(repository, digest, "index")
         where = f"manifest {repository}@{digest} from {source.host}"
-        await self._keep(source.host, repository, fetched, where, digest, None)
+        _, kept = await self._keep(source.host, repository, fetched, where, digest, None)
         self._prefetch(source, repository, fetched)
-        return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss")
+        return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss", stored=kept)
 
     async def _keep(
         self,
@@ -722,7 +736,8 @@ class Cache:
         where: str,
         expected: Digest | None,
         tag: IndexKey | None,
-    ) -> Digest:
+    ) -> tuple[Digest, bool]:
+        """The manifest's digest, and whether the store kept it."""
         self._observer.on_fetched_bytes(upstream, "manifest", len(fetched.body))
         try:
             digest, entry, new, failure = await asyncio.to_thread(
@@ -737,13 +752,13 @@ class Cache:
                 "manifest served but not stored",
                 extra={"event": "store_write_failed", "digest": str(digest), "error": str(failure)},
             )
-            return digest
+            return digest, False
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
         self._stored_lately[digest] = self._clock()
         self._routes.learn(digest, (upstream, str(repository)))
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
-        return digest
+        return digest, True
 
     def _prefetch(self, source: Source, repository: RepositoryName, fetched: FetchedManifest) -> None:
         """Arm the prefetch of an image manifest just fetched (see ``_prefetch``)."""
@@ -781,9 +796,9 @@ class Cache:
     async def _fetch_tag(self, ask: _TagAsk, result: CacheResult = "miss") -> ManifestAnswer:
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
         where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
-        digest = await self._keep(ask.source.host, ask.repository, fetched, where, None, ask.key)
+        digest, kept = await self._keep(ask.source.host, ask.repository, fetched, where, None, ask.key)
         self._prefetch(ask.source, ask.repository, fetched)
-        return ManifestAnswer(digest, fetched.media_type, fetched.body, result)
+        return ManifestAnswer(digest, fetched.media_type, fetched.body, result, stored=kept)
 
     async def _revalidate(
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None, changed: CacheResult = "refreshed"

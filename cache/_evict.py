@@ -4,8 +4,9 @@ Last access is the blob file's modification time, brought forward in batches (wi
 bookkeeping, every 10 s) for what clients read, so a hit costs no write. A pass walks the
 store in a thread, sorts by last access (the in-memory accesses not yet written count too),
 and deletes from the oldest until the store is under the low watermark. It never removes a
-blob being filled or read in the last few seconds, and what was stored in the last seconds only
-as far as the store must shrink to get under the high watermark. A manifest's tag entries go with it (and the
+blob being filled or read in the last few seconds; what was stored in the last seconds, or
+belongs to an image pulled lately, goes last and only as far as the store must shrink to get
+halfway between the watermarks. A manifest's tag entries go with it (and the
 in-memory front forgets it), so the next pull fetches it again. Passes never overlap.
 """
 
@@ -102,9 +103,9 @@ def evict_to(
     the cap, and taking the least recently used first would empty the store around it before
     reaching it (a 200 MB layer in an 8 MiB cache). Its client has its bytes already.
 
-    ``recent`` content (stored in the last seconds: its client just read it) goes last, and
-    only as far as the store must shrink to ``ceiling_bytes`` (the high watermark): an image
-    just pulled that fits under the cap is not taken apart to reach the low watermark."""
+    ``recent`` content (stored in the last seconds, or named by a manifest served lately: an
+    image being pulled) goes last, and only as far as the store must shrink to
+    ``ceiling_bytes``: an image just pulled that fits is not taken apart to reach the target."""
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)

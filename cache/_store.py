@@ -223,7 +223,7 @@ class DirectoryStore:
 
     def check_writable(self) -> str | None:
         """None when a temporary can be written in the store and a blob put in place, else
-        what went wrong. The second probe is a directory, which a walk of the store passes over."""
+        what went wrong."""
         probe = self.tmp_dir / f".writable-{secrets.token_hex(4)}"
         try:
             probe.write_bytes(b"ok")
@@ -231,11 +231,13 @@ class DirectoryStore:
         except OSError as exc:
             return f"cannot write in {self.tmp_dir}: {exc.strerror}"
         blobs = self.blobs_dir / "sha256" if (self.blobs_dir / "sha256").is_dir() else self.blobs_dir
-        placed = blobs / f".writable-{secrets.token_hex(4)}"
-        try:
-            placed.mkdir()
-            placed.rmdir()
+        placed = blobs / probe.name
+        try:  # as a commit puts a blob in place; a file beside the prefix directories, which walks pass over
+            probe.write_bytes(b"ok")
+            os.rename(probe, placed)
+            placed.unlink()
         except OSError as exc:
+            probe.unlink(missing_ok=True)
             return f"cannot write in {blobs}: {exc.strerror}"
         return None
 
@@ -243,6 +245,8 @@ class DirectoryStore:
         """Every stored blob with its size and modification time; walks the whole store.
         Files that are not ours, or that vanish while walking, are passed over."""
         for algorithm_dir in sorted(self.blobs_dir.iterdir()):
+            if algorithm_dir.name.startswith(".") or not algorithm_dir.is_dir():
+                continue  # a readiness probe, or something not ours
             for path in sorted(algorithm_dir.glob("*/*")):
                 try:
                     digest = parse_digest(f"{algorithm_dir.name}:{path.name}")

@@ -120,8 +120,9 @@ store_option = click.option(
 )
 
 
-def url_problem(url: str) -> str | None:
-    """Why ``url`` is not a cache's base URL (``http://127.0.0.1:5000``), if it is not."""
+def url_problem(url: str, *, path_ok: bool = True) -> str | None:
+    """Why ``url`` is not a cache's base URL (``http://127.0.0.1:5000``), if it is not;
+    ``path_ok``: a path after the address is allowed (an endpoint, a proxy's prefix)."""
     expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url[:100]!r}"
     try:
         parts = urlsplit(url)
@@ -130,6 +131,8 @@ def url_problem(url: str) -> str | None:
         return f"--url: {error}: {expected}"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return f"--url: {expected}"
+    if not path_ok and parts.path not in ("", "/"):
+        return f"--url: the cache's base URL has no path: {expected}"
     return None
 
 
@@ -445,7 +448,7 @@ def warm_command(
     """
     if platforms and all_platforms:
         fail("--platform and --all-platforms exclude each other")
-    if url is not None and (problem := url_problem(url)) is not None:
+    if url is not None and (problem := url_problem(url, path_ok=False)) is not None:
         fail(problem)
     default = next((u.host for u in settings_from(config).upstreams if u.default), "docker.io")
     try:

@@ -63,3 +63,16 @@ def test_an_evicted_manifest_takes_its_tags_along(tmp_path: Path) -> None:
     evict_to(store, index, target_bytes=40, protected=set(), accessed={}, guard=ReadGuard())
     assert index.tag(gone_key) is None and index.manifest_media_type(manifest) is None
     assert index.tag(kept_key) is not None
+
+
+def test_content_in_use_goes_last_and_only_down_to_the_ceiling(tmp_path: Path) -> None:
+    """An image being pulled (stored lately, or named by a manifest just served) is not taken
+    apart to reach the target: older content goes first, and it only as far as the ceiling."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    old = [put(store, os.urandom(100 * KiB) + bytes([i]), age_seconds=7200 - i) for i in range(3)]
+    in_use = [put(store, os.urandom(100 * KiB) + bytes([i]), age_seconds=3600 - i) for i in range(5)]
+    kwargs = {"protected": set(), "accessed": {}, "guard": ReadGuard(), "recent": set(in_use)}
+    result = evict_to(store, index, target_bytes=300 * KiB, ceiling_bytes=450 * KiB, **kwargs)  # type: ignore[arg-type]
+    assert set(result.evicted) == {*old, in_use[0]}, "all the old content, then in-use content to the ceiling"
+    assert result.store_bytes <= 450 * KiB and result.store_bytes > 300 * KiB
+    assert all(store.size_of(d) is not None for d in in_use[1:])

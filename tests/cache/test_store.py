@@ -80,3 +80,22 @@ def test_read_small_is_bounded(tmp_path: Path) -> None:
     assert store.read_small(digest, 1000) == data
     assert store.read_small(digest, 10) == data[:11], "one byte past the limit tells the caller it is too large"
     assert store.read_small(Digest.of(b"absent"), 10) is None
+
+
+def test_a_walk_passes_over_what_is_not_a_blob(tmp_path: Path) -> None:
+    """A readiness probe (or anything else) beside the blobs is not counted, nor does it stop a
+    walk: eviction, gc, verify and the count all walk the store."""
+    store = DirectoryStore(tmp_path)
+    data = os.urandom(1000)
+    pending = store.begin(Digest.of(data))
+    pending.write(data)
+    pending.commit()
+    pending.close()
+    (tmp_path / "blobs" / "sha256" / ".writable-probe").write_bytes(b"ok")
+    (tmp_path / "blobs" / ".writable-probe").mkdir()
+    (tmp_path / "blobs" / "README").write_text("not ours")
+    assert [blob.digest for blob in store.entries()] == [Digest.of(data)]
+    assert store.check_writable() is None
+    assert sorted(p.name for p in (tmp_path / "blobs" / "sha256").iterdir() if p.name.startswith(".w")) == [
+        ".writable-probe"
+    ], "the probe leaves nothing of its own behind"

@@ -178,3 +178,9 @@ def test_podman_is_warned_of_a_registry_it_cannot_name() -> None:
 def test_a_url_mistake_is_a_sentence_not_a_traceback(url: str, problem: str | None) -> None:
     found = url_problem(url)
     assert found is None if problem is None else (found is not None and problem in found)
+
+
+def test_warm_takes_a_base_url_without_a_path() -> None:
+    assert url_problem("http://cache:5000/healthz") is None, "healthcheck takes the endpoint's URL"
+    assert "has no path" in (url_problem("http://cache:5000/x", path_ok=False) or "")
+    assert url_problem("http://cache:5000/", path_ok=False) is None

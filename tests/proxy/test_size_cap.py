@@ -31,7 +31,7 @@ async def test_filling_past_the_cap_evicts_least_recently_used(
         await asyncio.sleep(0.01)  # let an eviction pass run between pulls, as traffic would
         sizes.append(store_bytes(tmp_path / "store"))
     for _ in range(100):
-        if store_bytes(tmp_path / "store") <= 0.95 * 1024 * KiB:
+        if store_bytes(tmp_path / "store") <= 0.90 * 1024 * KiB:
             break
         await asyncio.sleep(0.02)
     after = store_bytes(tmp_path / "store")
@@ -39,8 +39,8 @@ async def test_filling_past_the_cap_evicts_least_recently_used(
     fetched = await metric(moorage, "moorage_upstream_fetched_bytes_total", kind="blob")
     assert fetched == 20 * 100 * KiB > 1024 * KiB, "twice the cap went into the store"
     assert max(sizes) <= 0.95 * 1024 * KiB, "never above the high watermark once a pass ran"
-    # Everything was stored in the last seconds: taken only as far as the high watermark needs.
-    assert after <= 0.95 * 1024 * KiB
+    # Everything was stored in the last seconds: taken only halfway between the watermarks.
+    assert after <= 0.90 * 1024 * KiB
     assert await metric(moorage, "moorage_evictions_total", reason="size") >= 10
     assert await metric(moorage, "moorage_store_max_bytes") == 1024 * KiB
     assert await metric(moorage, "moorage_store_bytes") == after
