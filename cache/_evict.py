@@ -111,31 +111,22 @@ def evict_to(
     count = len(entries)
     seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
     entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
+    ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
+    candidates = [blob for blob in entries if blob.digest not in protected]
+    in_use = [blob for blob in candidates if blob.digest in recent and blob.size <= target_bytes]
+    in_use_digests = {blob.digest for blob in in_use}
+    others = [blob for blob in candidates if blob.digest not in in_use_digests]
     evicted: list[Digest] = []
     freed = 0
-    deferred = []
-    for blob in entries:
-        if total - freed <= target_bytes:
-            break
-        if blob.digest in protected:
-            continue
-        if blob.digest in recent and blob.size <= target_bytes:
-            deferred.append(blob)
-            continue
-        size = guard.remove_unless_read(blob.path, blob.digest)
-        if size is None:
-            continue
-        evicted.append(blob.digest)
-        freed += size
-    ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
-    for blob in deferred:
-        if total - freed <= ceiling:
+    # Each candidate with how small the store must still get for it to go: under the target
+    # first, then (content in use) under the ceiling. Under the target is under both.
+    for blob, floor in [*((blob, target_bytes) for blob in others), *((blob, ceiling) for blob in in_use)]:
+        if total - freed <= floor:
             break
         size = guard.remove_unless_read(blob.path, blob.digest)
-        if size is None:
-            continue
-        evicted.append(blob.digest)
-        freed += size
+        if size is not None:
+            evicted.append(blob.digest)
+            freed += size
     if evicted:
         index.forget(set(evicted))
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))
