@@ -1,8 +1,9 @@
 """Running the server: the main listener (HTTPS when ``tls`` is set, its certificate reloaded on
 SIGHUP or change), an optional metrics listener, and a staged stop.
 
-On SIGTERM or SIGINT: stop accepting, give requests in flight ``shutdown_timeout``, then
-close the cache (fills still running are cancelled and their temporaries removed).
+On SIGTERM or SIGINT: stop accepting, close idle connections, give requests in flight
+``shutdown_timeout`` (a second signal cuts them at once), then close the cache (fills still
+running are cancelled and their temporaries removed).
 """
 
 from __future__ import annotations
