@@ -373,6 +373,11 @@ class Settings(_Section):
     def listen_port(self) -> int:
         return split_address(self.listen)[1]
 
+    @property
+    def default_host(self) -> str | None:
+        """The host of the default upstream (short names and bare paths go there), if any."""
+        return next((upstream.host for upstream in self.upstreams if upstream.default), None)
+
     def tag_ttl_of(self, upstream: UpstreamSettings) -> float:
         return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
 

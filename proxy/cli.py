@@ -450,7 +450,7 @@ def warm_command(
         fail("--platform and --all-platforms exclude each other")
     if url is not None and (problem := url_problem(url, path_ok=False)) is not None:
         fail(problem)
-    default = next((u.host for u in settings_from(config).upstreams if u.default), "docker.io")
+    default = settings_from(config).default_host or "docker.io"
     try:
         references = [parse_image_reference(name, default) for name in _read_images(images, file)]
     except InvalidReference as error:
@@ -684,8 +684,8 @@ def client_config(
 ) -> None:
     """Print (or write) a working client configuration for pulling through this cache."""
     ca = _read_ca(ca_file) if ca_file is not None else None
-    upstreams = settings_from(config).upstreams
-    default = next((u.host for u in upstreams if u.default), None)
+    settings = settings_from(config)
+    upstreams, default = settings.upstreams, settings.default_host
     if registries:
         wanted = [r.strip().lower() for r in registries.split(",") if r.strip()]
         by_name = {name: u for u in upstreams for name in (u.host, *u.aliases)}
