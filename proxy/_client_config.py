@@ -46,6 +46,12 @@ def path_prefix(upstream: UpstreamSettings) -> str | None:
     return upstream.prefixes[0] if upstream.prefixes else None
 
 
+def _unnamed_by_path(upstream: UpstreamSettings, default: str | None) -> bool:
+    """No path can name ``upstream`` (a host with a port and no prefix), and bare paths go to
+    the default instead: podman cannot mirror it."""
+    return path_prefix(upstream) is None and upstream.host != default
+
+
 def _address(url: str) -> tuple[str, bool]:
     """(host:port, plain http?) of the cache's URL."""
     parts = urlsplit(url)
@@ -85,7 +91,7 @@ def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None)
     blocks = [f'unqualified-search-registries = ["{default}"]\n'] if default else []
     for upstream in upstreams:
         prefix = path_prefix(upstream)
-        if prefix is None and upstream.host != default:
+        if _unnamed_by_path(upstream, default):
             blocks.append(
                 f"# {upstream.host}: its host has a port; give it a prefix in the settings to mirror it here\n"
             )
@@ -157,7 +163,7 @@ def client_warnings(client: Client, url: str, upstreams: Upstreams, default: str
         )
     if client == "podman":
         for upstream in upstreams:
-            if path_prefix(upstream) is None and upstream.host != default:
+            if _unnamed_by_path(upstream, default):
                 warnings.append(
                     f"{upstream.host} is left out: a path cannot name a host with a port, so give it a prefix "
                     "in the settings (upstreams[].prefixes) to mirror it"
