@@ -158,13 +158,18 @@ class Fill:
             self.state = "failed"
             self.error = exc
             self._leave_registry()  # before any await: no client may join a failed fill
+            if not isinstance(exc, asyncio.CancelledError):
+                # Counted before any await: a reader cut by this failure may already be
+                # telling its client, who then finds the failure in the metrics.
+                if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
+                    self._observer.on_fill_failed(self.origin[0])
+                log.warning(
+                    "fill failed", extra={"event": "fill_failed", "digest": str(self.digest), "error": str(exc)}
+                )
             if self._pending is not None:
                 await asyncio.shield(asyncio.to_thread(self._pending.discard))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
-                self._observer.on_fill_failed(self.origin[0])
-            log.warning("fill failed", extra={"event": "fill_failed", "digest": str(self.digest), "error": str(exc)})
         finally:
             # Leave the registry before the file may close: a later client finds the stored
             # blob (committed) or starts a new fill (failed), never a closed one.
