@@ -3,9 +3,9 @@
 Handlers parse at the door (path, name, reference, digest), ask the router for an upstream
 and the cache for an answer, and turn the answer into headers and bytes. They raise errors
 and never build error JSON (``errors.error_middleware`` does). Warm blobs go out through
-aiohttp's FileResponse (sendfile, Range, 416); blobs being filled are streamed from the fill
-in 1 MiB chunks, and a fill that fails cuts the connection so no client ever takes a short
-body for a whole one.
+aiohttp's FileResponse (sendfile, Range, 416), or over TLS, which rules out sendfile, in 512 KiB
+reads; blobs being filled are sent from the growing file, and a fill that fails cuts the
+connection so no client ever takes a short body for a whole one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -28,7 +30,7 @@ from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
 from ._state import CACHE, METRICS, ROUTER, SETTINGS, notes
 from ._token_service import token_endpoint
-from .errors import OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
+from .errors import BlobUnknown, OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
 
 __all__ = ["add_routes"]
 
@@ -36,6 +38,9 @@ log = logging.getLogger("moorage.proxy")
 #: One line per manifest pulled: who pulled which digest from which upstream.
 audit = logging.getLogger("moorage.audit")
 CHUNK_SIZE: Final = 1024 * 1024
+#: Reads of a stored blob sent over TLS: as fast as 1 MiB here (about 1 GB/s a stream), and
+#: 16 streams peak some 35 MiB lower.
+TLS_READ_SIZE: Final = 512 * 1024
 STALE_WARNING: Final = '110 - "stale"'
 API_VERSION: Final = {"Docker-Distribution-API-Version": "registry/2.0"}
 READ_ONLY: Final = "this cache is read-only: push, delete and upload are not supported"
@@ -149,8 +154,15 @@ async def blob(
         return await _stream_fill(request, answer, headers)
     if answer.path is None:
         raise AssertionError("stores without local files are not served yet")
-    _byte_range(request, answer.size)  # an unsatisfiable range gets the OCI 416, as for fills
+    wanted = _byte_range(request, answer.size)  # an unsatisfiable range gets the OCI 416, as for fills
+    if _is_tls(request):
+        return await _stream_file(request, answer.path, answer.size, wanted, headers)
     return BlobFileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
+
+
+def _is_tls(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
 
 
 class BlobFileResponse(web.FileResponse):
@@ -193,16 +205,58 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
+def _body_response(size: int, wanted: tuple[int, int] | None, headers: dict[str, str]) -> web.StreamResponse:
+    """The head of a blob's body sent by the handler: 200, or 206 for ``wanted``."""
+    start, end = wanted if wanted is not None else (0, size)
+    response = web.StreamResponse(status=206 if wanted is not None else 200, headers=headers)
+    response.headers["Accept-Ranges"] = "bytes"
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    return response
+
+
+async def _stream_file(
+    request: web.Request, path: Path, size: int, wanted: tuple[int, int] | None, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A stored blob over TLS, in 512 KiB reads on a thread.
+
+    asyncio's own fallback for ``loop.sendfile`` on a TLS transport reads 16 KiB per thread
+    hand-over, which held a stream to about 80 MB/s.
+    """
+    try:
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+    except FileNotFoundError:  # evicted since the lookup
+        raise BlobUnknown(f"blob {headers['Docker-Content-Digest']} is no longer stored; retry") from None
+    try:
+        start, end = wanted if wanted is not None else (0, size)
+        response = _body_response(size, wanted, headers)
+        await response.prepare(request)
+        for offset in range(start, end, TLS_READ_SIZE):
+            chunk = await asyncio.to_thread(os.pread, fd, min(TLS_READ_SIZE, end - offset), offset)
+            if not chunk:  # shorter than its size: cut, so the client sees a short body
+                log.error(
+                    "cutting response: stored blob is short",
+                    extra={"event": "response_cut", "digest": headers["Docker-Content-Digest"], "offset": offset},
+                )
+                note = notes(request)
+                note.error, note.cut = "STORE_SHORT", True
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        os.close(fd)  # read-only: nothing to flush, and a cancelled task must not leak it
+
+
 async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[str, str]) -> web.StreamResponse:
     reader, size = answer.reader, answer.size
     try:
         wanted = _byte_range(request, size)
         start, end = wanted if wanted is not None else (0, size)
-        response = web.StreamResponse(status=206 if wanted is not None else 200, headers=headers)
-        response.headers["Accept-Ranges"] = "bytes"
-        if wanted is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        response.content_length = end - start
+        response = _body_response(size, wanted, headers)
         await response.prepare(request)
         try:
             await _send_growing(request, response, reader, start, end)
@@ -241,7 +295,7 @@ async def _send_growing(
     if transport is None:
         raise ConnectionResetError("client gone")
     position = start
-    if transport.get_extra_info("sslcontext") is None:  # TLS cannot sendfile
+    if not _is_tls(request):  # TLS cannot sendfile
         loop = asyncio.get_running_loop()
         with reader.open_file() as file:
             try:
