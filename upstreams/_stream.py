@@ -177,6 +177,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if self._receiver.ended or self._transport.is_closing():
             self._transport.abort()
             raise httpcore.ConnectError("the server closed the connection before the TLS handshake")
+        if self._receiver.chunks:  # else read later as if it had come over TLS
+            self._transport.abort()
+            raise httpcore.ConnectError("the server sent data before the TLS handshake")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):

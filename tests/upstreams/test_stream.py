@@ -197,3 +197,24 @@ async def test_a_tls_handshake_on_a_connection_the_server_closed_fails_at_once(
         await asyncio.sleep(0.01)
     with pytest.raises(httpcore.ConnectError, match="closed the connection"):
         await stream.start_tls(ssl.create_default_context(), "registry.example", timeout=2)
+
+
+async def test_plain_bytes_sent_before_the_tls_handshake_are_refused(
+    serve: Callable[[Handler], Awaitable[int]],
+) -> None:
+    """Bytes that arrived in the clear must never be read later as if TLS had protected them."""
+
+    async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
+        await writer.drain()
+        await reader.read()  # until the client has given up
+        writer.close()
+
+    port = await serve(speak_first)
+    stream = await connect_tcp("127.0.0.1", port, timeout=5)
+    for _ in range(50):  # until the event loop has received the server's bytes
+        if stream._receiver.chunks:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(httpcore.ConnectError, match="before the TLS handshake"):
+        await stream.start_tls(ssl.create_default_context(), "registry.example", timeout=2)
