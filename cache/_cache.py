@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
-from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound
+from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound, UpstreamRateLimited
 from moorage.upstreams.reference import (
     IMAGE_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
@@ -85,6 +85,8 @@ log = logging.getLogger("moorage.cache")
 CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "refreshed", "stale"]
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
+#: The longest an upstream's ``Retry-After`` keeps a stale tag from being asked again.
+MAX_RETRY_AFTER_BACKOFF: Final = 3600.0
 #: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
 #: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
@@ -206,6 +208,8 @@ class Cache:
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
         #: without asking the upstream again.
         self._failing: OrderedDict[IndexKey, float] = OrderedDict()
+        #: When each revalidation in flight began (bounds how long a later caller joins it).
+        self._revalidating: dict[IndexKey, float] = {}
         #: Fingerprints of files known good (hashed on their way in, or again since) that the
         #: index does not hold yet; written with the bookkeeping batch.
         self._trusted: dict[Digest, Fingerprint] = {}
@@ -673,29 +677,65 @@ class Cache:
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest, changed: CacheResult = "refreshed"
     ) -> ManifestAnswer:
         """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
-        serve the stale answer, and for ``stale_backoff`` keep serving it without asking.
-        ``changed`` is the result when the upstream's digest differs."""
+        serve the stale answer, and for ``stale_backoff`` (or the upstream's ``Retry-After``,
+        up to ``MAX_RETRY_AFTER_BACKOFF``) keep serving it without asking.
+        ``changed`` is the result when the upstream's digest differs.
+
+        A revalidation still hanging when the back-off ends is joined only for what is left of
+        its own ``revalidate_timeout``: a hung upstream stalls one pull, not one per back-off."""
 
         def stale(reason: str) -> ManifestAnswer:
             return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=reason)
 
         key = ask.key
+        now = time.monotonic()
         until = self._failing.get(key)
-        if until is not None and time.monotonic() < until:
+        if until is not None and now < until:
             return stale("the upstream failed lately; asking again after a back-off")
+        began = self._revalidating.get(key)
+        budget = self._revalidate_timeout if began is None else began + self._revalidate_timeout - now
+
+        async def revalidate() -> ManifestAnswer:
+            self._revalidating[key] = time.monotonic()
+            try:
+                return await self._revalidate(ask, entry, stored, changed)
+            finally:
+                self._revalidating.pop(key, None)
+
         try:
-            async with asyncio.timeout(self._revalidate_timeout):
-                answer = await self._flight(key, lambda: self._revalidate(ask, entry, stored, changed))
+            if budget <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(budget):
+                answer = await self._flight(key, revalidate)
         except (UpstreamError, CacheError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise
-            self._failing[key] = time.monotonic() + self._stale_backoff
+            backoff = self._stale_backoff
+            if isinstance(exc, UpstreamRateLimited) and exc.retry_after is not None:
+                backoff = max(backoff, min(exc.retry_after, MAX_RETRY_AFTER_BACKOFF))
+            self._failing[key] = time.monotonic() + backoff
             self._failing.move_to_end(key)
             while len(self._failing) > MAX_FAILING_TAGS:
                 self._failing.popitem(last=False)
-            if isinstance(exc, TimeoutError):
-                return stale(f"{ask.source.host}: no answer within {self._revalidate_timeout:g} s")
-            return stale(str(exc))
+            reason = (
+                f"{ask.source.host}: no answer within {self._revalidate_timeout:g} s"
+                if isinstance(exc, TimeoutError)
+                else str(exc)
+            )
+            log.warning(
+                "serving stale: revalidation failed",
+                extra={
+                    "event": "revalidation_failed",
+                    "upstream": ask.source.host,
+                    "repository": str(ask.repository),
+                    "tag": str(ask.tag),
+                    "digest": str(entry.digest),
+                    "stale_seconds": round(max(0.0, self._clock() - entry.checked_at)),
+                    "backoff_seconds": round(backoff),
+                    "error": reason,
+                },
+            )
+            return stale(reason)
         self._failing.pop(key, None)
         return answer
 

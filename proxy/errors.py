@@ -215,6 +215,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         failure = NameUnknown(str(error))
     except UpstreamError as error:
         failure = _from_upstream(error, notes(request).kind)
+        if not isinstance(error, UpstreamNotFound):  # a 404 is an answer; the rest an outage
+            log.warning(
+                "upstream failed and nothing cached to answer with",
+                extra={
+                    "event": "upstream_failed",
+                    "upstream": error.upstream,
+                    "path": request.path[:200],
+                    "status": failure.status,
+                    "error": str(error),
+                },
+            )
     except CacheError as error:
         failure = _from_cache(error)
     except web.HTTPException as error:

@@ -138,16 +138,21 @@ async def test_short_429_and_5xx_are_retried(moorage: Client, upstream: FakeRegi
     assert await metric(moorage, "moorage_upstream_retries_total") == 2
 
 
-async def test_upstream_down_with_nothing_cached_is_503(moorage: Client, upstream: FakeRegistry) -> None:
+async def test_upstream_down_with_nothing_cached_is_503(
+    moorage: Client, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     await upstream.stop_listening()
     response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert response.status == 503
     assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    [warned] = [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]  # the operator hears
+    assert (warned.levelname, warned.__dict__["upstream"], warned.__dict__["status"]) == ("WARNING", "docker.io", 503)
 
 
-async def test_unknown_tag_is_manifest_unknown(moorage: Client) -> None:
+async def test_unknown_tag_is_manifest_unknown(moorage: Client, caplog: pytest.LogCaptureFixture) -> None:
     response = await moorage.get("/v2/alpine/manifests/nope", headers=ALL)
     assert response.status == 404
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"], "a 404 is no outage"
     assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
 
@@ -347,6 +352,56 @@ async def test_a_slow_upstream_gets_a_stale_answer_within_the_deadline_then_back
     backed_off = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert backed_off.headers["Warning"] == '110 - "stale"'
     assert upstream.requests == [], "within the back-off the upstream is not asked again"
+
+
+async def test_a_hung_revalidation_stalls_one_pull_not_one_per_back_off(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HEAD never answers. After the back-off the next pull finds it still running: it is
+    answered stale at once, not made to wait the whole deadline again."""
+    moorage = await start_moorage(
+        tag_ttl="1s",
+        revalidate_timeout="2s",
+        stale_backoff="0.2s",
+        upstream_settings={"timeouts": {"connect": "2s", "read": "60s"}},
+    )
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    upstream.delay_next(1, 30.0, paths=r"/manifests/")
+    first = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert first.headers["Warning"] == '110 - "stale"' and await first.read() == image.manifest
+    await asyncio.sleep(0.3)  # the back-off is over, the HEAD still hangs
+    started = time.monotonic()
+    second = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert time.monotonic() - started < 1.0, "not another wait for the 2 s deadline"
+    assert second.headers["Warning"] == '110 - "stale"' and await second.read() == image.manifest
+    assert [r.method for r in upstream.requests if "/manifests/" in r.path] == ["HEAD"]
+    failed = [r for r in caplog.records if getattr(r, "event", "") == "revalidation_failed"]
+    assert failed and failed[0].levelname == "WARNING"
+    fields = failed[0].__dict__
+    assert (fields["upstream"], fields["repository"], fields["tag"]) == ("docker.io", "library/alpine", "3.19")
+    assert "no answer within 2 s" in fields["error"]
+
+
+async def test_a_429_with_retry_after_keeps_the_stale_answer_without_asking_that_long(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """Asking again before the upstream's Retry-After would only meet another 429."""
+    moorage = await start_moorage(tag_ttl="1s", stale_backoff="0.2s")
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    upstream.fail_next(10, 429, retry_after=60)
+    limited = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert limited.headers["Warning"] == '110 - "stale"'
+    asked = len(upstream.requests)
+    await asyncio.sleep(0.4)  # past stale_backoff, well within Retry-After
+    again = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert again.headers["Warning"] == '110 - "stale"'
+    assert len(upstream.requests) == asked == 1, "not asked again before Retry-After"
 
 
 async def test_a_rotated_upstream_password_is_used_without_a_restart(
