@@ -71,7 +71,10 @@ class Metrics:
             "moorage_upstream_rate_limited", "429 answers received from upstreams.", ["upstream"], registry=r
         )
         self.token_fetches = Counter(
-            "moorage_upstream_token_fetches", "Tokens fetched from upstream token services.", ["upstream"], registry=r
+            "moorage_upstream_token_fetches",
+            "Requests to upstream token services, refused ones included.",
+            ["upstream"],
+            registry=r,
         )
         self.retries = Counter("moorage_upstream_retries", "Upstream requests retried.", ["upstream"], registry=r)
         self.ratelimit_limit = Gauge(

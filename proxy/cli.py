@@ -60,6 +60,7 @@ EXIT_USAGE = 2
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     from ._warm import WarmedImage
 
@@ -384,24 +385,38 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
             counters["hit_ratio"] = _hit_ratio(counters)
         click.echo(json.dumps(asdict(report)))
         return
+    click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs and manifests ({report.source})")
+    console().print(_stats_table(report))
+
+
+#: The table's answer columns: the hit ratio's numerator first, then the answers that waited
+#: on an upstream GET, each with the ``result`` it counts.
+_ANSWER_COLUMNS: Final = (
+    ("HITS", "hit"),
+    ("REVALIDATED", "revalidated"),
+    ("STALE", "stale"),
+    ("MISSES", "miss"),
+    ("COALESCED", "coalesced"),
+    ("PREFETCHED", "prefetched"),
+    ("REFRESHED", "refreshed"),
+)
+
+
+def _stats_table(report: StatsReport) -> Table:
     from rich.table import Table
 
-    click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs and manifests ({report.source})")
     table = Table(
-        "UPSTREAM", "HIT RATIO", "HITS", "MISSES", "PREFETCHED", "STALE", "SERVED FROM STORE", "FETCHED", box=None
+        "UPSTREAM", "HIT RATIO", *(title for title, _ in _ANSWER_COLUMNS), "SERVED FROM STORE", "FETCHED", box=None
     )
     for upstream, counters in sorted(report.upstreams.items()):
         table.add_row(
             upstream,
             _ratio(counters),
-            str(int(counters.get("hit", 0))),
-            str(int(counters.get("miss", 0))),
-            str(int(counters.get("prefetched", 0))),
-            str(int(counters.get("stale", 0))),
+            *(str(int(counters.get(result, 0))) for _, result in _ANSWER_COLUMNS),
             _size(int(counters["hit_bytes"])) if "hit_bytes" in counters else "-",
             _size(int(counters.get("upstream_bytes", 0))),
         )
-    console().print(table)
+    return table
 
 
 def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
