@@ -8,6 +8,7 @@ plus the other big public registries, anonymously, on ``0.0.0.0:5000`` with the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
@@ -207,6 +208,9 @@ class UpstreamSettings(_Section):
     username: str = ""
     #: A file holding the password or token for ``username``; read at start, never logged.
     password_file: OptionalFile = None
+    #: Or the name of an environment variable holding it (CI service containers, where a
+    #: secret arrives as a variable and no file can be mounted); read at start, never logged.
+    password_env: str | None = None
     #: Freshness of a tag answer for this upstream; the global ``tag_ttl`` when unset.
     tag_ttl: Seconds | None = None
     #: Add ``library/`` to one-component names (Docker Hub's official images).
@@ -225,6 +229,21 @@ class UpstreamSettings(_Section):
     lifecycle_policy_file: OptionalFile = None
     #: Policies for repository globs; the first match wins, before ``lifecycle_policy_file``.
     lifecycle_policies: tuple[LifecycleBinding, ...] = ()
+
+    @field_validator("password_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if not value:  # "" as for password_file: none
+            return None
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not an environment variable's name")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> UpstreamSettings:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        return self
 
     @field_validator("lifecycle_policy_file")
     @classmethod

@@ -1,13 +1,14 @@
 """The set of upstream clients built from the settings, as one async resource.
 
-``open_upstreams`` reads each upstream's ``password_file`` at start (a missing file is
-a configuration error naming the upstream; each client rereads the file when it changes, so a
-rotated password needs no restart), loads the network modules the first request would
+``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` at start (a
+missing file or variable is a configuration error naming the upstream; each client rereads the
+file when it changes, so a rotated password needs no restart), loads the network modules the first request would
 otherwise import, builds one pooled client per upstream, and closes them all on exit.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -23,7 +24,15 @@ __all__ = ["open_upstreams", "read_password"]
 
 
 def read_password(index: int, settings: UpstreamSettings) -> str | None:
-    """The password of ``upstreams[index]``, from its ``password_file``; blocks."""
+    """The password of ``upstreams[index]``, from its ``password_file`` or ``password_env``;
+    blocks."""
+    if settings.password_env is not None:
+        password = os.environ.get(settings.password_env, "").strip()
+        if not password:
+            raise ConfigError(
+                None, [f"upstreams[{index}].password_env: the environment variable {settings.password_env} is not set"]
+            )
+        return password
     if settings.password_file is None:
         return None
     try:

@@ -139,6 +139,16 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams[0].prefixes: not a path prefix",
             id="bad_prefix",
         ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', password_env: 'HUB-TOKEN'}\n",
+            "upstreams[0].password_env: 'HUB-TOKEN' is not an environment variable's name",
+            id="bad_variable_name",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', password_env: HUB, password_file: /etc/hostname}\n",
+            "upstreams[0]: set password_file or password_env, not both",
+            id="two_passwords",
+        ),
         pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
         pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
     ],

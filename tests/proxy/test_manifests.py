@@ -317,15 +317,19 @@ async def test_token_is_fetched_once_for_many_requests(start_moorage: StartMoora
     assert upstream.tokens_issued == 1, "a cached token must be reused"
 
 
+@pytest.mark.parametrize("source", ["password_file", "password_env"])
 async def test_upstream_credentials_are_sent_to_the_token_service(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
+    """From a file, or from a variable as a CI service container receives its secrets."""
     password = tmp_path / "password"
     password.write_text("hunter2\n")
+    monkeypatch.setenv("HUB_TOKEN", "hunter2")
     upstream.auth = "bearer"
     upstream.credentials = ("bob", "hunter2")
     upstream.add_image("private/app", "1")
-    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    given = {"password_file": str(password)} if source == "password_file" else {"password_env": "HUB_TOKEN"}
+    moorage = await start_moorage(upstream_settings={"username": "bob", **given})
     response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
     assert response.status == 200
     upstream.add_image("private/app", "2")

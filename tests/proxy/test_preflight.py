@@ -134,3 +134,19 @@ async def test_a_store_that_cannot_be_opened_is_a_storage_path_error(tmp_path: P
         async with open_cache(StorageSettings(path=blocker / "store")):
             pass
     assert caught.value.problems == [f"storage.path: cannot use {blocker / 'store'} as the store: Not a directory"]
+
+
+def test_an_unset_password_variable_is_named_by_check_config_and_serve(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""listen: 127.0.0.1:0
+storage: {{path: "{tmp_path / "store"}"}}
+upstreams:
+  - {{host: a.io, url: "https://a.io", default: true, username: robot, password_env: MOORAGE_TEST_UNSET_TOKEN}}
+"""
+    )
+    for command in ("check-config", "serve"):
+        result = moorage(command, "--config", str(config)) if command == "serve" else moorage(command, str(config))
+        assert result.returncode == 2, result.stdout
+        assert "upstreams[0].password_env" in result.stderr and "MOORAGE_TEST_UNSET_TOKEN is not set" in result.stderr
+        assert str(config) in result.stderr and "Traceback" not in result.stderr
