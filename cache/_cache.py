@@ -713,7 +713,10 @@ class Cache:
             backoff = self._stale_backoff
             if isinstance(exc, UpstreamRateLimited) and exc.retry_after is not None:
                 backoff = max(backoff, min(exc.retry_after, MAX_RETRY_AFTER_BACKOFF))
-            self._failing[key] = time.monotonic() + backoff
+            now = time.monotonic()
+            # Callers that waited on one revalidation fail together: the first logs it.
+            first = self._failing.get(key, 0.0) <= now
+            self._failing[key] = now + backoff
             self._failing.move_to_end(key)
             while len(self._failing) > MAX_FAILING_TAGS:
                 self._failing.popitem(last=False)
@@ -722,6 +725,8 @@ class Cache:
                 if isinstance(exc, TimeoutError)
                 else str(exc)
             )
+            if not first:
+                return stale(reason)
             log.warning(
                 "serving stale: revalidation failed",
                 extra={

@@ -1,6 +1,7 @@
 """Building the settings: the YAML file, then ``MOORAGE_*`` environment overrides.
 
-Nothing else in Moorage reads ``os.environ`` or the config file. An override's name is
+Nothing else in Moorage reads the config file, and nothing else reads ``os.environ`` but for
+the variable an upstream's ``password_env`` names (``upstreams/_pool.py``). An override's name is
 ``MOORAGE_`` plus the key path joined with ``__`` (``MOORAGE_STORAGE__PATH``,
 ``MOORAGE_UPSTREAMS__0__USERNAME``). Every problem becomes one :class:`ConfigError` whose
 lines name the file (or variable) and the key, e.g. ``upstreams[1].url: not a URL``.

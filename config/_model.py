@@ -235,14 +235,16 @@ class UpstreamSettings(_Section):
     def _variable_name(cls, value: str | None) -> str | None:
         if not value:  # "" as for password_file: none
             return None
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError(f"{value!r} is not an environment variable's name")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):  # not echoed: it may be the token itself
+            raise ValueError("must be the name of an environment variable (letters, digits, _), not the password")
         return value
 
     @model_validator(mode="after")
     def _one_password(self) -> UpstreamSettings:
         if self.password_file is not None and self.password_env is not None:
             raise ValueError("set password_file or password_env, not both")
+        if (self.password_file is not None or self.password_env is not None) and not self.username:
+            raise ValueError("a password is sent only with a username: set username too")
         return self
 
     @field_validator("lifecycle_policy_file")

@@ -334,7 +334,7 @@ def _hit_ratio(counters: dict[str, float]) -> float:
 
 
 def _ratio(counters: dict[str, float]) -> str:
-    return f"{100 * _hit_ratio(counters):.1f}%" if any(k in counters for k in ("hit", "miss", "prefetched")) else "-"
+    return f"{100 * _hit_ratio(counters):.1f}%" if any(counters.get(r) for _, r in _ANSWER_COLUMNS) else "-"
 
 
 @main.command(

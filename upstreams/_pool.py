@@ -1,14 +1,17 @@
 """The set of upstream clients built from the settings, as one async resource.
 
 ``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` at start (a
-missing file or variable is a configuration error naming the upstream; each client rereads the
-file when it changes, so a rotated password needs no restart), loads the network modules the first request would
-otherwise import, builds one pooled client per upstream, and closes them all on exit.
+missing file or variable is a configuration error naming the upstream, an empty variable means
+anonymous pulls and a warning; each client rereads the file when it changes, so a rotated
+password needs no restart), loads the network modules the first request would otherwise
+import, builds one pooled client per upstream, and closes them all on exit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -22,16 +25,25 @@ from ._routing import Router
 
 __all__ = ["open_upstreams", "read_password"]
 
+log = logging.getLogger("moorage.upstreams")
+
 
 def read_password(index: int, settings: UpstreamSettings) -> str | None:
     """The password of ``upstreams[index]``, from its ``password_file`` or ``password_env``;
     blocks."""
     if settings.password_env is not None:
-        password = os.environ.get(settings.password_env, "").strip()
-        if not password:
-            raise ConfigError(
-                None, [f"upstreams[{index}].password_env: the environment variable {settings.password_env} is not set"]
+        name = settings.password_env
+        # Named only when it reads as a variable's name: a token put there by mistake is not echoed.
+        shown = name if re.fullmatch(r"[A-Z][A-Z0-9_]{0,63}", name) else "it names"
+        if name not in os.environ:
+            raise ConfigError(None, [f"upstreams[{index}].password_env: the environment variable {shown} is not set"])
+        password = os.environ[name].strip()
+        if not password:  # e.g. a CI secret withheld from a fork's pull request
+            log.warning(
+                "the password variable is empty: pulling anonymously",
+                extra={"event": "upstream_password_empty", "upstream": settings.host, "variable": shown},
             )
+            return None
         return password
     if settings.password_file is None:
         return None

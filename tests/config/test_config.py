@@ -140,12 +140,18 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             id="bad_prefix",
         ),
         pytest.param(
-            "upstreams:\n  - {host: a.io, url: 'https://a.io', password_env: 'HUB-TOKEN'}\n",
-            "upstreams[0].password_env: 'HUB-TOKEN' is not an environment variable's name",
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', username: u, password_env: 'HUB-TOKEN'}\n",
+            "upstreams[0].password_env: must be the name of an environment variable",
             id="bad_variable_name",
         ),
         pytest.param(
-            "upstreams:\n  - {host: a.io, url: 'https://a.io', password_env: HUB, password_file: /etc/hostname}\n",
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', password_env: HUB}\n",
+            "upstreams[0]: a password is sent only with a username: set username too",
+            id="password_without_username",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', username: u,\n"
+            "     password_env: HUB, password_file: /etc/hostname}\n",
             "upstreams[0]: set password_file or password_env, not both",
             id="two_passwords",
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -374,16 +375,22 @@ async def test_a_hung_revalidation_stalls_one_pull_not_one_per_back_off(
     await asyncio.sleep(1.1)
     upstream.reset_requests()
     upstream.delay_next(1, 30.0, paths=r"/manifests/")
-    first = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
-    assert first.headers["Warning"] == '110 - "stale"' and await first.read() == image.manifest
+    firsts = await asyncio.gather(*(moorage.get("/v2/alpine/manifests/3.19", headers=ALL) for _ in range(3)))
+    for first in firsts:
+        assert first.headers["Warning"] == '110 - "stale"' and await first.read() == image.manifest
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", "") == "revalidation_failed"]
+
+    assert len(failures()) == 1, "three clients waited on one failed revalidation: one warning"
     await asyncio.sleep(0.3)  # the back-off is over, the HEAD still hangs
     started = time.monotonic()
     second = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert time.monotonic() - started < 1.0, "not another wait for the 2 s deadline"
     assert second.headers["Warning"] == '110 - "stale"' and await second.read() == image.manifest
     assert [r.method for r in upstream.requests if "/manifests/" in r.path] == ["HEAD"]
-    failed = [r for r in caplog.records if getattr(r, "event", "") == "revalidation_failed"]
-    assert failed and failed[0].levelname == "WARNING"
+    failed = failures()
+    assert len(failed) == 2 and failed[0].levelname == "WARNING"
     fields = failed[0].__dict__
     assert (fields["upstream"], fields["repository"], fields["tag"]) == ("docker.io", "library/alpine", "3.19")
     assert "no answer within 2 s" in fields["error"]
