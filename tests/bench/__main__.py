@@ -5,7 +5,8 @@ measured in one run beside the references a user would compare it with.
   in 12 small layers (as most application images are), an image with a 1 GiB layer and 40
   small repositories; its access log counts what reaches it;
 - distribution: the same binary in proxy mode (``proxy.remoteurl``), what most users run;
-- nginx: the 1 GiB blob as a static file with sendfile, the physical limit here;
+- nginx: the 1 GiB blob as a static file with sendfile, the physical limit here; and over
+  TLS, the reference for Moorage's own TLS;
 - direct: skopeo pulling from the upstream itself, the floor for a cold pull;
 - moorage: ``moorage serve`` on a fresh store (and once more with prefetching off);
 - a long link (``link``) in front of the upstream, for cold pulls as across the internet.
@@ -39,7 +40,7 @@ from tests.integration.harness import images
 from tests.integration.harness.moorage import MoorageProcess
 from tests.integration.harness.process import BackgroundProcess
 from tests.integration.harness.registry import RealRegistry
-from tests.integration.harness.tools import free_port, require_tool
+from tests.integration.harness.tools import free_port, require_tool, self_signed_certificate
 
 from .link import Link
 
@@ -238,9 +239,15 @@ class DirectSystem(System):
 class NginxSystem(System):
     name = "nginx"
 
-    def __init__(self, work: Path, blob: Path, digest: str) -> None:
+    def __init__(self, work: Path, blob: Path, digest: str, tls: tuple[Path, Path] | None = None) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         port = free_port()
+        # Over TLS nginx encrypts in user space too (no kernel TLS here), sendfile off.
+        listen = (
+            f"listen 127.0.0.1:{port} ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};"
+            if tls is not None
+            else f"listen 127.0.0.1:{port};"
+        )
         root = work / "root" / "v2" / "library" / "huge" / "blobs"
         root.mkdir(parents=True)
         os.link(blob, root / digest) if blob.stat().st_dev == root.stat().st_dev else shutil.copy(blob, root / digest)
@@ -253,7 +260,7 @@ events {{ worker_connections 1024; }}
 http {{ access_log off; sendfile on; sendfile_max_chunk 0; tcp_nopush on; keepalive_requests 100000;
   client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp;
   uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
-  server {{ listen 127.0.0.1:{port}; root {work}/root; default_type application/octet-stream; }} }}
+  server {{ {listen} root {work}/root; default_type application/octet-stream; }} }}
 """
         )
         self.process = BackgroundProcess(
@@ -262,7 +269,7 @@ http {{ access_log off; sendfile on; sendfile_max_chunk 0; tcp_nopush on; keepal
             stderr=work / "logs" / "out.log",
         )
         self.host = f"127.0.0.1:{port}"
-        _wait_http(f"http://{self.host}/v2/library/huge/blobs/{digest}")
+        _wait_http(f"{'https' if tls else 'http'}://{self.host}/v2/library/huge/blobs/{digest}")
 
     def pid(self) -> int:
         return self.process.pid
@@ -273,8 +280,8 @@ http {{ access_log off; sendfile on; sendfile_max_chunk 0; tcp_nopush on; keepal
 
 def _wait_http(url: str, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run(["curl", "-sfI", "-o", "/dev/null", url], check=False).returncode == 0:
+    while time.monotonic() < deadline:  # -k: only "are you up?", over TLS too
+        if subprocess.run(["curl", "-sfkI", "-o", "/dev/null", url], check=False).returncode == 0:
             return
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer")
@@ -335,10 +342,11 @@ def get_manifest(system: System, path: str) -> None:
     )
 
 
-def blob_throughput(url: str, streams: int, size: int) -> float:
-    """Aggregate MB/s of ``streams`` concurrent downloads of one blob."""
+def blob_throughput(url: str, streams: int, size: int, ca: Path | None = None) -> float:
+    """Aggregate MB/s of ``streams`` concurrent downloads of one blob (over TLS, trusting ``ca``)."""
+    trust = ["--cacert", str(ca)] if ca is not None else []
     with timed() as elapsed:
-        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(streams)]
+        procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", *trust, url]) for _ in range(streams)]
         codes = [p.wait(600) for p in procs]
     if any(codes):
         raise RuntimeError(f"download of {url} failed: {codes}")
@@ -445,6 +453,9 @@ def run(args: argparse.Namespace) -> Report:
 
         with part_of_run("warm blobs, manifests and memory"):
             serving_figures(report, upstream, work, data, quick)
+
+        with part_of_run("warm blobs over TLS"):
+            tls_figures(report, upstream, work, data)
 
         with part_of_run("index scale"):
             index_figures(report, work, quick)
@@ -674,6 +685,28 @@ def _serving_figures(
         {"moorage": moorage.peak_rss_mib()},
         "<= 80",
     )
+
+
+def tls_figures(report: Report, upstream: RealRegistry, work: Path, data: Seed) -> None:
+    """The warm blob over each server's own TLS: Moorage (asyncio's TLS, no sendfile) and nginx
+    (OpenSSL in its worker, sendfile off for TLS), one round each, each on its own store."""
+    cert, key = self_signed_certificate(work / "tls")
+    with ExitStack() as running:
+        upstreams = [{"host": "docker.io", "url": upstream.url, "default": True}]
+        moorage = MoorageProcess(work / "moorage-tls", upstreams, tls={"cert_file": str(cert), "key_file": str(key)})
+        running.callback(moorage.stop)
+        nginx = NginxSystem(work / "nginx-tls", data.huge_file, data.huge_blob, tls=(cert, key))
+        running.callback(nginx.stop)
+        urls = {
+            "moorage": f"{moorage.url}/v2/library/huge/blobs/{data.huge_blob}",
+            "nginx": f"https://{nginx.host}/v2/library/huge/blobs/{data.huge_blob}",
+        }
+        blob_throughput(urls["moorage"], 1, data.huge_size, cert)  # the fill
+        settle([moorage.pid])
+        for streams in (1, 16):
+            rates = {name: blob_throughput(url, streams, data.huge_size, cert) for name, url in urls.items()}
+            report.add(f"warm {data.huge_size // MiB} MiB blob over TLS, {streams} stream(s)", "MB/s", True, rates)
+        report.add("peak RSS serving over TLS", "MiB", False, {"moorage": moorage.memory_kib()["VmHWM"] / 1024})
 
 
 def concurrent_cold_pulls(report: Report, upstream: RealRegistry, work: Path, blobs: list[str]) -> None:
