@@ -180,41 +180,39 @@ async def test_closing_a_tls_connection_frees_its_socket_at_once(tmp_path: Path)
         stop.set()
 
 
-async def test_a_tls_handshake_on_a_connection_the_server_closed_fails_at_once(
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
+    await writer.drain()
+    await reader.read()  # until the client has given up
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("server", "arrived", "refusal"),
+    [
+        (close_at_once, lambda stream: stream._receiver.ended, "closed the connection"),
+        (speak_first, lambda stream: bool(stream._receiver.chunks), "before the TLS handshake"),
+    ],
+    ids=["server closed", "server spoke first"],
+)
+async def test_a_tls_handshake_on_a_connection_that_is_not_clean_fails_at_once(
     serve: Callable[[Handler], Awaitable[int]],
+    server: Handler,
+    arrived: Callable[[AsyncioStream], bool],
+    refusal: str,
 ) -> None:
-    """Not a wait for the whole handshake timeout: asyncio would send the ClientHello into a
-    closed transport and never hear back."""
-
-    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    port = await serve(close_at_once)
+    """A server that already closed: not a wait for the whole handshake timeout (asyncio would
+    send the ClientHello into a closed transport and never hear back). One that spoke first:
+    bytes that arrived in the clear must never be read later as if TLS had protected them."""
+    port = await serve(server)
     stream = await connect_tcp("127.0.0.1", port, timeout=5)
-    for _ in range(50):  # until the event loop has seen the server's FIN
-        if stream._receiver.ended:
+    for _ in range(50):  # until the event loop has seen what the server did
+        if arrived(stream):
             break
         await asyncio.sleep(0.01)
-    with pytest.raises(httpcore.ConnectError, match="closed the connection"):
-        await stream.start_tls(ssl.create_default_context(), "registry.example", timeout=2)
-
-
-async def test_plain_bytes_sent_before_the_tls_handshake_are_refused(
-    serve: Callable[[Handler], Awaitable[int]],
-) -> None:
-    """Bytes that arrived in the clear must never be read later as if TLS had protected them."""
-
-    async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
-        await writer.drain()
-        await reader.read()  # until the client has given up
-        writer.close()
-
-    port = await serve(speak_first)
-    stream = await connect_tcp("127.0.0.1", port, timeout=5)
-    for _ in range(50):  # until the event loop has received the server's bytes
-        if stream._receiver.chunks:
-            break
-        await asyncio.sleep(0.01)
-    with pytest.raises(httpcore.ConnectError, match="before the TLS handshake"):
+    with pytest.raises(httpcore.ConnectError, match=refusal):
         await stream.start_tls(ssl.create_default_context(), "registry.example", timeout=2)
