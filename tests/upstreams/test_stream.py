@@ -1,7 +1,8 @@
 """Upstream connections on asyncio's transports (``upstreams/_stream.py``), against small
 servers on real sockets: a slow reader never has a whole body buffered in memory and still
 gets every byte in order; a server that accepts but never finishes the TLS handshake is a
-connect timeout, one that already closed the connection a connect error at once; a server
+connect timeout, one that already closed the connection or spoke first a connect error at
+once; a server
 that closes an idle connection makes it unreadable for reuse, also on descriptors above 1023;
 closing a TLS connection frees its socket without waiting for the server's close_notify."""
 
