@@ -386,6 +386,22 @@ class Settings(_Section):
                 seen[name] = upstream.host
         return values
 
+    @model_validator(mode="after")
+    def _policy_names_upstreams(self) -> Settings:
+        """A rule's glob whose first part is a plain name must name an upstream's host: globs are
+        over routed names, so ``library/*`` or ``index.docker.io/*`` could never match."""
+        hosts = {upstream.host for upstream in self.upstreams}
+        for index, rule in enumerate(self.auth.policy):
+            for glob in rule.repositories:
+                head = glob.split("/", 1)[0]
+                if not any(mark in head for mark in "*?[") and head not in hosts:
+                    raise ValueError(
+                        f"auth.policy[{index}].repositories: {glob!r} can never match: globs are over "
+                        f"<upstream host>/<repository> (e.g. 'docker.io/library/*'), and {head!r} is no "
+                        f"upstream's host ({', '.join(sorted(hosts))})"
+                    )
+        return self
+
     @property
     def listen_host(self) -> str:
         return split_address(self.listen)[0]

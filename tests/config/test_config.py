@@ -155,6 +155,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams[0]: set password_file or password_env, not both",
             id="two_passwords",
         ),
+        pytest.param(
+            "auth:\n  policy:\n    - {effect: allow, repositories: ['docker.io/*', 'library/*']}\n",
+            "auth.policy[0].repositories: 'library/*' can never match",
+            id="policy_glob_without_upstream",
+        ),
         pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
         pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
     ],
