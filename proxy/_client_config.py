@@ -58,7 +58,7 @@ def _address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "http"
 
 
-def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
     address, insecure = _address(url)
     config: dict[str, list[str]] = {"registry-mirrors": [url.rstrip("/")]}
     if insecure:
@@ -69,11 +69,15 @@ def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None)
     return files
 
 
-def _containerd(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+def _containerd(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+    """One directory per registry name, aliases included; ``_default`` (every other registry,
+    asked with ``?ns=``) only when the cache mirrors all its upstreams."""
     files = {}
-    servers: dict[str, str | None] = {u.host: u.url for u in upstreams}
+    servers: dict[str, str | None] = {name: u.url for u in upstreams for name in (u.host, *u.aliases)}
+    if catch_all:
+        servers["_default"] = None
     trust = f'  ca = "../{PurePosixPath(CONTAINERD_CA).name}"\n' if ca is not None else ""
-    for registry, server in [*servers.items(), ("_default", None)]:
+    for registry, server in servers.items():
         fallback = f'server = "{server}"\n\n' if server is not None else ""
         files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = (
             f'{fallback}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n{trust}'
@@ -83,7 +87,7 @@ def _containerd(url: str, upstreams: Upstreams, default: str | None, ca: str | N
     return files
 
 
-def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
     """Every registry through its path prefix, Docker Hub's too: a mirror without one would
     send the cache bare paths, and a Docker Hub namespace named like a configured prefix
     (``quay/tool``) would then be routed to that other upstream."""
@@ -109,9 +113,9 @@ def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None)
     return files
 
 
-def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
     lines = ["mirrors:"]
-    for registry in [*(name for u in upstreams for name in (u.host, *u.aliases)), "*"]:
+    for registry in [*(name for u in upstreams for name in (u.host, *u.aliases)), *(["*"] if catch_all else [])]:
         lines += [f'  "{registry}":', "    endpoint:", f'      - "{url.rstrip("/")}"']
     files = {}
     if ca is not None:
@@ -120,7 +124,7 @@ def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None) ->
     return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n", **files}
 
 
-def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -> dict[str, str]:
+def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
     """A kind config that mounts hosts.toml files into every node. kind's node images (v0.27
     on) read registry settings from ``/etc/containerd/certs.d``; the patch sets that path for
     older images too. The CA, if any, is in certs.d, beside the hosts.toml directories."""
@@ -138,12 +142,12 @@ def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None) -
         *mount,
     ]
     files = {"kind-config.yaml": "\n".join(lines) + "\n"}
-    for path, content in _containerd(url, upstreams, default, ca).items():
+    for path, content in _containerd(url, upstreams, default, ca, catch_all).items():
         files[path.replace("/etc/containerd/", "", 1)] = content
     return files
 
 
-CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None], dict[str, str]]]] = {
+CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None, bool], dict[str, str]]]] = {
     "docker": _docker,
     "containerd": _containerd,
     "podman": _podman,
@@ -152,9 +156,17 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None], d
 }
 
 
-def client_warnings(client: Client, url: str, upstreams: Upstreams, default: str | None = None) -> list[str]:
-    """What the files will not do, when that can be told: each line for stderr."""
+def client_warnings(
+    client: Client, url: str, upstreams: Upstreams, default: str | None = None, refuses: bool = False
+) -> list[str]:
+    """What the files will not do, when that can be told: each line for stderr. ``refuses``:
+    the cache's settings refuse some pulls (users, a policy)."""
     warnings = []
+    if refuses:
+        warnings.append(
+            "the cache refuses some pulls, and every client pulls from the upstream itself when its mirror "
+            "refuses or fails: the policy holds only where the clients cannot reach the upstreams"
+        )
     host = urlsplit(url).hostname or ""
     if client == "kind" and (host == "localhost" or host.startswith("127.") or host == "::1"):
         warnings.append(
@@ -172,11 +184,18 @@ def client_warnings(client: Client, url: str, upstreams: Upstreams, default: str
 
 
 def client_files(
-    client: Client, url: str, upstreams: Upstreams, default: str | None = None, ca: str | None = None
+    client: Client,
+    url: str,
+    upstreams: Upstreams,
+    default: str | None = None,
+    ca: str | None = None,
+    catch_all: bool = True,
 ) -> dict[str, str]:
     """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``;
-    ``default`` is the host of the cache's default upstream (which may not be among them), and
-    ``ca`` the PEM certificate(s) the cache's https certificate is signed by."""
+    ``default`` is the host of the cache's default upstream (which may not be among them),
+    ``ca`` the PEM certificate(s) the cache's https certificate is signed by, and ``catch_all``
+    whether containerd-based clients send every other registry to the cache too (not when
+    only some upstreams were asked for)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")
@@ -188,4 +207,4 @@ def client_files(
             "Docker's registry-mirrors mirror Docker Hub only, so docker.io must be the default upstream; "
             "pull other registries as <cache>/<registry>/<image> instead"
         )
-    return CLIENTS[client](url, upstreams, default, ca)
+    return CLIENTS[client](url, upstreams, default, ca, catch_all)

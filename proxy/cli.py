@@ -710,10 +710,12 @@ def client_config(
             fail(f"--registries: not a configured upstream: {', '.join(unknown)} (configured: {configured})")
         upstreams = tuple(dict.fromkeys(by_name[name] for name in wanted))
     try:
-        files = client_files(client, url, upstreams, default, ca)
+        files = client_files(client, url, upstreams, default, ca, catch_all=not registries)
     except ValueError as error:
         fail(str(error))
-    for warning in client_warnings(client, url, upstreams, default):
+    auth = settings.auth
+    refuses = auth.htpasswd_file is not None and (bool(auth.policy) or not auth.anonymous_may_pull)
+    for warning in client_warnings(client, url, upstreams, default, refuses):
         click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
         if output_dir is None:

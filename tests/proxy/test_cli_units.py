@@ -64,12 +64,29 @@ def test_docker_snippet_is_json_with_insecure_for_http() -> None:
     assert "insecure-registries" not in json.loads(secure)
 
 
-def test_containerd_snippets_per_registry_and_default() -> None:
+def test_containerd_snippets_per_registry_and_alias_and_default() -> None:
     files = client_files("containerd", URL, REGISTRIES)
-    assert set(files) == {f"/etc/containerd/certs.d/{r}/hosts.toml" for r in ["docker.io", "ghcr.io", "_default"]}
+    names = ["docker.io", *HUB.aliases, "ghcr.io", *GHCR.aliases, "_default"]
+    assert set(files) == {f"/etc/containerd/certs.d/{r}/hosts.toml" for r in names}
     hub = tomllib.loads(files["/etc/containerd/certs.d/docker.io/hosts.toml"])
     assert hub["server"] == "https://registry-1.docker.io"
     assert hub["host"][URL]["capabilities"] == ["pull", "resolve"]
+    alias = tomllib.loads(files[f"/etc/containerd/certs.d/{HUB.aliases[-1]}/hosts.toml"])
+    assert alias == hub, "an image named by an alias goes through the cache as its upstream's do"
+
+
+def test_only_the_registries_asked_for_are_sent_to_the_cache() -> None:
+    """--registries names some upstreams: no catch-all then, for containerd, kind or k3s."""
+    containerd = client_files("containerd", URL, [GHCR], catch_all=False)
+    assert set(containerd) == {"/etc/containerd/certs.d/ghcr.io/hosts.toml"}
+    k3s = yaml.safe_load(client_files("k3s", URL, [GHCR], catch_all=False)["/etc/rancher/k3s/registries.yaml"])
+    assert set(k3s["mirrors"]) == {"ghcr.io"}
+
+
+def test_every_client_is_warned_that_a_refused_pull_goes_past_the_cache() -> None:
+    for client in ("docker", "containerd", "podman", "k3s", "kind"):
+        warned = " ".join(client_warnings(client, "http://172.18.0.1:5000", REGISTRIES, "docker.io", refuses=True))
+        assert "pulls from the upstream itself" in warned, client
 
 
 def test_containerd_falls_back_to_the_upstreams_own_url() -> None:
