@@ -170,8 +170,12 @@ def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Pat
 
 
 def test_containerd_pulls_with_the_generated_hosts_toml(upstream: Upstream, tmp_path: Path) -> None:
+    """The registries asked for, an alias among them (no other way for containerd to reach
+    it), and no catch-all for the rest."""
     registry = upstream.registry
-    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry)) as daemon, Containerd(tmp_path / "c") as ctr:
+    settings = upstream_settings(registry)
+    settings[1]["aliases"] = ["ghcr.example"]
+    with MoorageProcess(tmp_path / "daemon", settings) as daemon, Containerd(tmp_path / "c") as ctr:
         moorage(
             "client-config",
             "containerd",
@@ -181,10 +185,12 @@ def test_containerd_pulls_with_the_generated_hosts_toml(upstream: Upstream, tmp_
             "docker.io,ghcr.io",
             "--output-dir",
             str(ctr.hosts_dir),
+            config=daemon.config_path,
         )
-        assert (ctr.hosts_dir / "_default" / "hosts.toml").is_file()
+        assert not (ctr.hosts_dir / "_default").exists(), "only the registries asked for"
         ctr.pull("docker.io/library/tiny:1")
         ctr.pull("ghcr.io/library/multi:1", platform="linux/arm64")
+        ctr.pull("ghcr.example/library/multi:1", platform="linux/amd64")  # the alias: a name that resolves nowhere
         assert ctr.image_digest("docker.io/library/tiny:1") == upstream.tiny.manifest_digest
         requests = [line for line in daemon.log_lines() if line.get("event") == "request" and "upstream" in line]
         assert {line["upstream"] for line in requests} == {"docker.io", "ghcr.io"}
