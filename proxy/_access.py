@@ -118,6 +118,7 @@ def _record(request: web.Request, note: RequestNotes, status: int, content_lengt
         ("reference", note.reference),
         ("result", note.result),
         ("error", note.error),
+        ("denied_by_rule", note.denied_by),
     ):
         if value is not None:
             fields[name] = value

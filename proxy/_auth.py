@@ -41,7 +41,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
 from ._ratelimit import RATE_LIMITER
-from ._state import notes
+from ._state import METRICS, notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
 
@@ -386,6 +386,8 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
     try:
         authorize(rules, requester, upstream, repository)
     except AccessDenied as denied:
+        note.denied_by = denied.rule
+        request.app[METRICS].on_policy_denial(upstream, denied.rule)
         if user is None and authenticator.users is not None:  # a user might be allowed: ask
             raise authenticator.refuse(request, f"{denied.message}; sign in") from None
         raise

@@ -67,6 +67,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.policy_denials = Counter(
+            "moorage_policy_denials",
+            "Requests the access policy denied, by upstream and rule (1-based).",
+            ["upstream", "rule"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "moorage_upstream_rate_limited", "429 answers received from upstreams.", ["upstream"], registry=r
         )
@@ -200,6 +206,9 @@ class Metrics:
 
     def on_no_response(self, upstream: str, method: str, kind: str) -> None:
         self.upstream_requests.labels(upstream, method, kind, "error").inc()
+
+    def on_policy_denial(self, upstream: str, rule: int | None) -> None:
+        self.policy_denials.labels(upstream, str(rule)).inc()
 
     def on_token_fetch(self, upstream: str) -> None:
         self.token_fetches.labels(upstream).inc()

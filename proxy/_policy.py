@@ -23,6 +23,8 @@ __all__ = ["AccessDenied", "Requester", "allows", "authorize", "matching_rule"]
 
 class AccessDenied(OCIError):
     code, status = "DENIED", 403
+    #: The policy rule (1-based) that denied the pull; None for a token's narrower grant.
+    rule: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,4 +76,6 @@ def authorize(rules: tuple[PolicyRule, ...], requester: Requester, upstream: str
     position, rule = found
     described = f" ({rule.description})" if rule.description else ""
     who = f"user {requester.user!r}" if requester.user is not None else "anonymous requests"
-    raise AccessDenied(f"pull of {target} by {who} is denied by access policy rule {position}{described}")
+    denied = AccessDenied(f"pull of {target} by {who} is denied by access policy rule {position}{described}")
+    denied.rule = position
+    raise denied

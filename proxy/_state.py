@@ -61,6 +61,8 @@ class RequestNotes:
     reference: str | None = None
     result: CacheResult | None = None
     error: str | None = None
+    #: The access policy rule (1-based) that denied the request.
+    denied_by: int | None = None
     #: The body was cut short (the client left, the fill failed, the server stopped): how
     #: many bytes went out is not known. An error answer sent whole is not cut.
     cut: bool = False

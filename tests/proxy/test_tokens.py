@@ -30,7 +30,7 @@ from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage
+from .conftest import StartMoorage, metric
 
 Client = TestClient[web.Request, web.Application]
 PASSWORD = "correct horse battery staple"
@@ -275,8 +275,9 @@ POLICY = [
 
 
 async def test_policy_rules_by_user_and_group_deny_naming_the_rule(
-    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     moorage = await start_moorage(auth={**auth_files, "policy": POLICY})
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200
     assert (await moorage.get("/v2/team/model/manifests/v1", headers=basic("alice", OTHER_PASSWORD))).status == 200
@@ -287,6 +288,10 @@ async def test_policy_rules_by_user_and_group_deny_naming_the_rule(
     assert error["message"] == (
         "pull of docker.io/library/alpine by user 'alice' is denied by access policy rule 3 (nobody else)"
     )
+    # An operator sees which rule refuses, in the access line and the metrics.
+    [line] = [r for r in caplog.records if getattr(r, "event", "") == "request" and r.__dict__.get("status") == 403]
+    assert line.__dict__["denied_by_rule"] == 3 and line.__dict__["user"] == "alice"
+    assert await metric(moorage, "moorage_policy_denials_total", upstream="docker.io", rule="3") == 1
     token = await fetch_token(moorage, "alice", OTHER_PASSWORD, "repository:alpine:pull")
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 403, (
         "a token does not get round the policy"
