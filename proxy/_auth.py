@@ -145,6 +145,10 @@ class Htpasswd:
     def groups_of(self, user: str | None) -> frozenset[str]:
         return self._groups.get(user, frozenset()) if user is not None else frozenset()
 
+    def names(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(the users, the groups with a member) the files name."""
+        return frozenset(self._users), frozenset(group for groups in self._groups.values() for group in groups)
+
     def _mtimes(self) -> tuple[float, float]:
         groups = self.groups_path.stat().st_mtime if self.groups_path is not None else 0.0
         return self.path.stat().st_mtime, groups

@@ -22,7 +22,7 @@ from ._auth import Htpasswd
 from ._tls import ServerTls
 from ._tokens import TokenKeys
 
-__all__ = ["file_problems"]
+__all__ = ["file_problems", "policy_warnings"]
 
 
 def file_problems(settings: Settings) -> list[str]:
@@ -48,6 +48,34 @@ def file_problems(settings: Settings) -> list[str]:
     if store is not None:
         problems.append(f"storage.path: {store}")
     return problems
+
+
+def policy_warnings(settings: Settings) -> list[str]:
+    """Policy rules naming users or groups the files do not: valid settings (the files are
+    reloaded while serving, and may gain them), but most likely a typo that refuses the pulls
+    the rule was written for. Empty when the files cannot be read (reported as problems)."""
+    auth = settings.auth
+    if not auth.policy:
+        return []
+    if auth.htpasswd_file is None:
+        named = [i for i, rule in enumerate(auth.policy) if rule.users or rule.groups]
+        return [f"auth.policy[{i}]: names users or groups, but there is no auth.htpasswd_file" for i in named]
+    try:
+        users = Htpasswd(auth.htpasswd_file, auth.groups_file)
+    except ConfigError:
+        return []
+    users.executor.shutdown()
+    known_users, known_groups = users.names()
+    warnings = []
+    for index, rule in enumerate(auth.policy):
+        for user in rule.users:
+            if user != "*" and user not in known_users:
+                warnings.append(f"auth.policy[{index}].users: {user!r} is not in {auth.htpasswd_file}")
+        for group in rule.groups:
+            if group not in known_groups:
+                where = auth.groups_file or "auth.groups_file (not set)"
+                warnings.append(f"auth.policy[{index}].groups: {group!r} has no member in {where}")
+    return warnings
 
 
 def _collect(problems: list[str], read: Callable[[], object]) -> None:

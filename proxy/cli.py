@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import ssl
 import sys
@@ -50,7 +51,7 @@ from moorage.upstreams.reference import InvalidReference, parse_image_reference
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files, client_warnings
 from ._logging import configure_logging
-from ._preflight import file_problems
+from ._preflight import file_problems, policy_warnings
 from ._serve import running, serve
 from ._tokens import TokenKeys
 
@@ -102,11 +103,13 @@ def settings_from(config: Path | None) -> Settings:
         fail(str(error))
 
 
-def check_files(settings: Settings, source: str) -> None:
-    """End the command with exit code 2 if serving would refuse a file the settings name."""
+def check_files(settings: Settings, source: str) -> list[str]:
+    """End the command with exit code 2 if serving would refuse a file the settings name;
+    else what the files make doubtful (policy rules naming unknown users or groups)."""
     problems = file_problems(settings)
     if problems:
         fail(str(ConfigError(source, problems)))
+    return policy_warnings(settings)
 
 
 config_option = click.option(
@@ -170,8 +173,10 @@ def serve_command(config: Path | None) -> None:
     """
     settings = settings_from(config)
     source = settings_source(settings_file(config), os.environ)
-    check_files(settings, source)
+    doubts = check_files(settings, source)
     configure_logging(settings.log_level, settings.log_format)
+    for doubt in doubts:
+        logging.getLogger("moorage.proxy").warning(doubt, extra={"event": "policy_rule_unknown_name"})
     try:
         asyncio.run(serve(settings, _version()))
     except ConfigError as error:
@@ -199,7 +204,8 @@ def check_config(file: Path, skip_files: bool) -> None:
     except ConfigError as error:
         fail(str(error))
     if not skip_files:
-        check_files(settings, settings_source(file, os.environ))
+        for doubt in check_files(settings, settings_source(file, os.environ)):
+            click.echo(f"moorage: warning: {doubt}", err=True)
     read = "files not read" if skip_files else "files read"
     click.echo(f"{file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path}; {read})")
 

@@ -150,3 +150,25 @@ upstreams:
         assert result.returncode == 2, result.stdout
         assert "upstreams[0].password_env" in result.stderr and "MOORAGE_TEST_UNSET_TOKEN is not set" in result.stderr
         assert str(config) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_policy_rules_naming_unknown_users_or_groups_are_warned_of(tmp_path: Path) -> None:
+    """Valid (the files are reloaded while serving), but most likely a typo that refuses the
+    pulls the rule was written for."""
+    files = good_files(tmp_path)  # user ci, group robots
+    config = write_config(tmp_path, **files)
+    text = config.read_text().replace(
+        "upstreams:",
+        "  policy:\n"
+        "    - {effect: allow, users: [ci, cii], repositories: ['a.io/*']}\n"
+        "    - {effect: allow, groups: [robots, robotz], repositories: ['a.io/*']}\n"
+        "upstreams:",
+    )
+    config.write_text(text)
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    warnings = [line for line in checked.stderr.splitlines() if line.startswith("moorage: warning:")]
+    assert warnings == [
+        f"moorage: warning: auth.policy[0].users: 'cii' is not in {files['htpasswd']}",
+        f"moorage: warning: auth.policy[1].groups: 'robotz' has no member in {files['groups']}",
+    ]
