@@ -326,6 +326,8 @@ class RegistryClient:
                             raise
                     if response.status_code >= 400:
                         await response.aclose()
+                        if response.status_code in (404, 405):  # an answer: the upstream is up
+                            self._last_answer = time.time()
                         raise_for_status(self.host, what, response)
                     self._last_answer = time.time()
                     return response

@@ -100,6 +100,9 @@ async def test_api_base_and_common_headers(moorage: Client) -> None:
 
 
 async def test_health_and_readiness(moorage: Client, upstream: FakeRegistry) -> None:
+    assert (await moorage.get("/v2/alpine/manifests/nope")).status == 404
+    hub = (await (await moorage.get("/readyz")).json())["upstreams"]["docker.io"]
+    assert hub["reachable"] is True and hub["last_answer"] is not None, "a 404 is an answer"
     await upstream.stop_listening()  # readiness does not depend on the upstream
     assert (await moorage.get("/healthz")).status == 200
     assert (await moorage.get("/readyz")).status == 200
