@@ -154,6 +154,12 @@ class AuthSettings(_Section):
             return self.anonymous == "pull"
         return self.htpasswd_file is None
 
+    @property
+    def refuses_some_pulls(self) -> bool:
+        """Whether some client may be refused: anonymous pulls are not allowed, or a rule
+        denies (a policy of allow rules alone refuses nothing: no match means allowed)."""
+        return not self.anonymous_may_pull or any(rule.effect == "deny" for rule in self.policy)
+
 
 class TimeoutSettings(_Section):
     """httpx's four timeouts. ``read`` is idle time between chunks, never a total deadline."""
@@ -388,18 +394,30 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _policy_names_upstreams(self) -> Settings:
-        """A rule's glob whose first part is a plain name must name an upstream's host: globs are
-        over routed names, so ``library/*`` or ``index.docker.io/*`` could never match."""
+        """Globs are over ``<upstream host>/<repository>`` as routed: one whose first part is an
+        alias or a prefix (``k8s.gcr.io/*``, ``ghcr/*``) or no host at all (``library/*``) could
+        never match. (A host that is simply not configured here is only warned of, at start:
+        a policy may be shared by caches with different upstreams.)"""
+        named = {name: u.host for u in self.upstreams for name in (*u.aliases, *u.prefixes)}
         hosts = {upstream.host for upstream in self.upstreams}
+        problems = []
         for index, rule in enumerate(self.auth.policy):
             for glob in rule.repositories:
                 head = glob.split("/", 1)[0]
-                if not any(mark in head for mark in "*?[") and head not in hosts:
-                    raise ValueError(
-                        f"auth.policy[{index}].repositories: {glob!r} can never match: globs are over "
-                        f"<upstream host>/<repository> (e.g. 'docker.io/library/*'), and {head!r} is no "
-                        f"upstream's host ({', '.join(sorted(hosts))})"
+                if any(mark in head for mark in "*?[") or head in hosts:
+                    continue
+                if head in named:
+                    problems.append(
+                        f"auth.policy[{index}].repositories: {glob!r} can never match: {head!r} names "
+                        f"{named[head]}, and globs are over the upstream's host ({named[head]}/...)"
                     )
+                elif not _host_like(head):
+                    problems.append(
+                        f"auth.policy[{index}].repositories: {glob!r} can never match: globs are over "
+                        f"<upstream host>/<repository>, e.g. 'docker.io/library/*' (hosts in lower case)"
+                    )
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     @property
@@ -417,6 +435,11 @@ class Settings(_Section):
 
     def tag_ttl_of(self, upstream: UpstreamSettings) -> float:
         return self.tag_ttl if upstream.tag_ttl is None else upstream.tag_ttl
+
+
+def _host_like(name: str) -> bool:
+    """A registry host as image references write one: a dot or a port, or ``localhost``."""
+    return name == "localhost" or "." in name or ":" in name
 
 
 def split_address(value: str) -> tuple[str, int]:

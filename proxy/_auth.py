@@ -391,8 +391,9 @@ def authorize_pull(request: web.Request, name: str, upstream: str, repository: s
         authorize(rules, requester, upstream, repository)
     except AccessDenied as denied:
         note.denied_by = denied.rule
-        request.app[METRICS].on_policy_denial(upstream, denied.rule)
-        if user is None and authenticator.users is not None:  # a user might be allowed: ask
+        challenged = user is None and authenticator.users is not None  # a user might be allowed: ask
+        request.app[METRICS].on_policy_denial(upstream, denied.rule, "challenged" if challenged else "refused")
+        if challenged:
             raise authenticator.refuse(request, f"{denied.message}; sign in") from None
         raise
     return lambda other_upstream, other_repository: allows(rules, requester, other_upstream, other_repository)

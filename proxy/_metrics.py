@@ -69,8 +69,9 @@ class Metrics:
         )
         self.policy_denials = Counter(
             "moorage_policy_denials",
-            "Requests the access policy denied, by upstream and rule (1-based).",
-            ["upstream", "rule"],
+            "Requests the access policy denied, by upstream, rule (1-based) and answer "
+            "(refused: 403; challenged: 401 to an anonymous request, which may sign in and ask again).",
+            ["upstream", "rule", "answer"],
             registry=r,
         )
         self.rate_limited = Counter(
@@ -207,8 +208,8 @@ class Metrics:
     def on_no_response(self, upstream: str, method: str, kind: str) -> None:
         self.upstream_requests.labels(upstream, method, kind, "error").inc()
 
-    def on_policy_denial(self, upstream: str, rule: int | None) -> None:
-        self.policy_denials.labels(upstream, str(rule)).inc()
+    def on_policy_denial(self, upstream: str, rule: int | None, answer: str) -> None:
+        self.policy_denials.labels(upstream, str(rule), answer).inc()
 
     def on_token_fetch(self, upstream: str) -> None:
         self.token_fetches.labels(upstream).inc()

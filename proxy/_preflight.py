@@ -1,11 +1,12 @@
 """Reading every file the settings name, as serving would, before serving.
 
-``moorage check-config`` and ``moorage serve`` both call :func:`file_problems`, so a settings
+``moorage check-config`` and ``moorage serve`` both call :func:`preflight`, so a settings
 file that passes the check does not fail at start on a certificate, an htpasswd or groups file,
 a token signing key, an upstream's password file or the store directory. It reads what serving
 reads and nothing more (the token key only where there are users), and reports one
 ``key: what is wrong`` line per setting (within a setting, its first problem: a groups file is
-read once its htpasswd file is good). Blocking (it reads files).
+read once its htpasswd file is good). It also returns warnings: access policy rules that name
+users, groups or registries these settings and files do not. Blocking (it reads files).
 """
 
 from __future__ import annotations
@@ -22,18 +23,30 @@ from ._auth import Htpasswd
 from ._tls import ServerTls
 from ._tokens import TokenKeys
 
-__all__ = ["file_problems", "policy_warnings"]
+__all__ = ["policy_warnings", "preflight"]
 
 
-def file_problems(settings: Settings) -> list[str]:
-    """What serving these settings would refuse in the files they name; empty when nothing."""
+def preflight(settings: Settings) -> tuple[list[str], list[str]]:
+    """(what serving these settings would refuse in the files they name, what in them is
+    doubtful: :func:`policy_warnings`); each empty when nothing. The user files are read once."""
+    problems, users = _file_problems(settings)
+    return problems, policy_warnings(settings, users)
+
+
+def _file_problems(settings: Settings) -> tuple[list[str], Htpasswd | None]:
     problems: list[str] = []
     tls, auth = settings.tls, settings.auth
     if tls is not None:
         _collect(problems, partial(ServerTls, tls))
     htpasswd_file = auth.htpasswd_file
+    users = None
     if htpasswd_file is not None:
-        _collect(problems, partial(_read_users, htpasswd_file, auth.groups_file))
+        try:
+            users = Htpasswd(htpasswd_file, auth.groups_file)
+        except ConfigError as error:
+            problems.extend(error.problems)
+        else:
+            users.executor.shutdown()
     # As serving does: the key signs tokens only for users; unset, the store's own is used
     # (generated at the first start, so only checked once it exists).
     key = auth.token_signing_key_file or settings.storage.path / "auth" / "token-key.pem"
@@ -47,24 +60,35 @@ def file_problems(settings: Settings) -> list[str]:
     store = _store_problem(settings.storage.path)
     if store is not None:
         problems.append(f"storage.path: {store}")
-    return problems
+    return problems, users
 
 
-def policy_warnings(settings: Settings) -> list[str]:
-    """Policy rules naming users or groups the files do not: valid settings (the files are
-    reloaded while serving, and may gain them), but most likely a typo that refuses the pulls
-    the rule was written for. Empty when the files cannot be read (reported as problems)."""
+def policy_warnings(settings: Settings, users: Htpasswd | None) -> list[str]:
+    """Policy rules naming users or groups the files do not, or a registry host that is no
+    upstream here: valid settings (the files are reloaded while serving and may gain them; a
+    policy may be shared by caches with other upstreams), but most likely a typo that refuses
+    the pulls the rule was written for. Users and groups are not judged when the files cannot
+    be read (reported as problems)."""
     auth = settings.auth
     if not auth.policy:
         return []
+    hosts = {upstream.host for upstream in settings.upstreams}
+    elsewhere = [
+        f"auth.policy[{index}].repositories: {glob!r} names {head!r}, which is no upstream here"
+        for index, rule in enumerate(auth.policy)
+        for glob in rule.repositories
+        if not any(mark in (head := glob.split("/", 1)[0]) for mark in "*?[") and head not in hosts
+    ]
+    return elsewhere + _name_warnings(settings, users)
+
+
+def _name_warnings(settings: Settings, users: Htpasswd | None) -> list[str]:
+    auth = settings.auth
     if auth.htpasswd_file is None:
         named = [i for i, rule in enumerate(auth.policy) if rule.users or rule.groups]
         return [f"auth.policy[{i}]: names users or groups, but there is no auth.htpasswd_file" for i in named]
-    try:
-        users = Htpasswd(auth.htpasswd_file, auth.groups_file)
-    except ConfigError:
+    if users is None:  # the files could not be read: reported as problems
         return []
-    users.executor.shutdown()
     known_users, known_groups = users.names()
     warnings = []
     for index, rule in enumerate(auth.policy):
@@ -83,10 +107,6 @@ def _collect(problems: list[str], read: Callable[[], object]) -> None:
         read()
     except ConfigError as error:
         problems.extend(error.problems)
-
-
-def _read_users(htpasswd_file: Path, groups_file: Path | None) -> None:
-    Htpasswd(htpasswd_file, groups_file).executor.shutdown()
 
 
 def _store_problem(path: Path) -> str | None:

@@ -51,7 +51,7 @@ from moorage.upstreams.reference import InvalidReference, parse_image_reference
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files, client_warnings
 from ._logging import configure_logging
-from ._preflight import file_problems, policy_warnings
+from ._preflight import preflight
 from ._serve import running, serve
 from ._tokens import TokenKeys
 
@@ -106,10 +106,10 @@ def settings_from(config: Path | None) -> Settings:
 def check_files(settings: Settings, source: str) -> list[str]:
     """End the command with exit code 2 if serving would refuse a file the settings name;
     else what the files make doubtful (policy rules naming unknown users or groups)."""
-    problems = file_problems(settings)
+    problems, doubts = preflight(settings)
     if problems:
         fail(str(ConfigError(source, problems)))
-    return policy_warnings(settings)
+    return doubts
 
 
 config_option = click.option(
@@ -719,9 +719,7 @@ def client_config(
         files = client_files(client, url, upstreams, default, ca, catch_all=not registries)
     except ValueError as error:
         fail(str(error))
-    auth = settings.auth
-    refuses = auth.htpasswd_file is not None and (bool(auth.policy) or not auth.anonymous_may_pull)
-    for warning in client_warnings(client, url, upstreams, default, refuses):
+    for warning in client_warnings(client, url, upstreams, default, settings.auth.refuses_some_pulls):
         click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
         if output_dir is None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moorage.config import ConfigError, load_settings, parse_duration, parse_size
 
@@ -160,6 +161,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "auth.policy[0].repositories: 'library/*' can never match",
             id="policy_glob_without_upstream",
         ),
+        pytest.param(
+            "auth:\n  policy:\n    - {effect: allow, repositories: ['index.docker.io/*']}\n",
+            "'index.docker.io' names docker.io, and globs are over the upstream's host",
+            id="policy_glob_by_alias",
+        ),
         pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
         pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
     ],
@@ -311,3 +317,35 @@ def test_serve_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert "tag_tll: unknown key" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("auth", "refuses"),
+    [
+        ({}, False),
+        ({"policy": [{"effect": "deny", "repositories": ["docker.io/evil/*"]}]}, True),  # no users needed
+        ({"htpasswd_file": "{h}"}, True),  # anonymous none by default with users
+        ({"htpasswd_file": "{h}", "anonymous": "pull", "policy": [{"effect": "allow", "users": ["ci"]}]}, False),
+        ({"htpasswd_file": "{h}", "anonymous": "pull", "policy": [{"effect": "deny", "anonymous": True}]}, True),
+    ],
+)
+def test_whether_the_settings_refuse_some_pulls(tmp_path: Path, auth: dict[str, object], refuses: bool) -> None:
+    """What client-config's warning that refused clients go past the cache rests on."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("")
+    filled = {
+        key: str(value).replace("{h}", str(htpasswd)) if key == "htpasswd_file" else value
+        for key, value in auth.items()
+    }
+    path = write(tmp_path, yaml.safe_dump({"auth": filled}))
+    assert load_settings(path).auth.refuses_some_pulls is refuses
+
+
+@pytest.mark.parametrize(
+    "glob", ["*", "docker.io", "docker.io/library/*", "*/library/*", "[dg]*/x", "ghcr.io/acme/*", "nvcr.io/*"]
+)
+def test_policy_globs_that_can_match_load(tmp_path: Path, glob: str) -> None:
+    """Wildcards in the host part, a configured host, or a host configured elsewhere (warned
+    of at start, not refused: a policy may be shared by caches with other upstreams)."""
+    path = write(tmp_path, f"auth:\n  policy:\n    - {{effect: allow, repositories: ['{glob}']}}\n")
+    assert load_settings(path).auth.policy[0].repositories == (glob,)

@@ -152,7 +152,7 @@ upstreams:
         assert str(config) in result.stderr and "Traceback" not in result.stderr
 
 
-def test_policy_rules_naming_unknown_users_or_groups_are_warned_of(tmp_path: Path) -> None:
+def test_policy_rules_naming_unknown_users_groups_or_registries_are_warned_of(tmp_path: Path) -> None:
     """Valid (the files are reloaded while serving), but most likely a typo that refuses the
     pulls the rule was written for."""
     files = good_files(tmp_path)  # user ci, group robots
@@ -161,7 +161,7 @@ def test_policy_rules_naming_unknown_users_or_groups_are_warned_of(tmp_path: Pat
         "upstreams:",
         "  policy:\n"
         "    - {effect: allow, users: [ci, cii], repositories: ['a.io/*']}\n"
-        "    - {effect: allow, groups: [robots, robotz], repositories: ['a.io/*']}\n"
+        "    - {effect: allow, groups: [robots, robotz], repositories: ['a.io/*', 'nvcr.io/*']}\n"
         "upstreams:",
     )
     config.write_text(text)
@@ -169,6 +169,7 @@ def test_policy_rules_naming_unknown_users_or_groups_are_warned_of(tmp_path: Pat
     assert checked.returncode == 0, checked.stderr
     warnings = [line for line in checked.stderr.splitlines() if line.startswith("moorage: warning:")]
     assert warnings == [
+        "moorage: warning: auth.policy[1].repositories: 'nvcr.io/*' names 'nvcr.io', which is no upstream here",
         f"moorage: warning: auth.policy[0].users: 'cii' is not in {files['htpasswd']}",
         f"moorage: warning: auth.policy[1].groups: 'robotz' has no member in {files['groups']}",
     ]

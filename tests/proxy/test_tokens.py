@@ -291,7 +291,7 @@ async def test_policy_rules_by_user_and_group_deny_naming_the_rule(
     # An operator sees which rule refuses, in the access line and the metrics.
     [line] = [r for r in caplog.records if getattr(r, "event", "") == "request" and r.__dict__.get("status") == 403]
     assert line.__dict__["denied_by_rule"] == 3 and line.__dict__["user"] == "alice"
-    assert await metric(moorage, "moorage_policy_denials_total", upstream="docker.io", rule="3") == 1
+    assert await metric(moorage, "moorage_policy_denials_total", upstream="docker.io", rule="3", answer="refused") == 1
     token = await fetch_token(moorage, "alice", OTHER_PASSWORD, "repository:alpine:pull")
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 403, (
         "a token does not get round the policy"
