@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import bcrypt
@@ -89,6 +90,7 @@ def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tm
     policy = [
         {"effect": "allow", "users": ["ci"], "repositories": ["*"]},
         {"effect": "deny", "anonymous": True, "repositories": ["docker.io/team/*"]},
+        {"effect": "allow", "users": ["cii"], "repositories": ["docker.io/*"]},  # a typo: warned of at start
     ]
     with RealRegistry(tmp_path / "registry") as registry:
         layout = tmp_path / "layout"
@@ -110,6 +112,13 @@ def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tm
                 if line.get("event") == "pull"
             }
             assert pulls == {("library/open", None), ("team/app", "ci")}
+            lines = moorage.log_lines()
+            [warned] = [line for line in lines if line.get("event") == "policy_rule_unknown_name"]
+            assert warned["level"] == "warning" and "'cii' is not in" in warned["message"]
+            challenged = [line for line in lines if line.get("event") == "request" and line.get("denied_by_rule")]
+            assert challenged and {line["denied_by_rule"] for line in challenged} == {2}
+            metrics = urllib.request.urlopen(f"{moorage.url}/metrics", timeout=10).read().decode()
+            assert 'moorage_policy_denials_total{answer="challenged",rule="2",upstream="docker.io"}' in metrics
 
 
 def test_a_client_that_leaves_while_posting_to_the_token_service_is_gone_not_an_error(tmp_path: Path) -> None:
