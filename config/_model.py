@@ -118,6 +118,12 @@ class PolicyRule(_Section):
             raise ValueError("repositories: at least one glob (use '*' for every repository)")
         return self
 
+    def named_registries(self) -> list[tuple[str, str]]:
+        """(glob, the registry its first part names) for each glob whose first part has no
+        wildcard: ``docker.io/library/*`` names ``docker.io``; ``*/library/*`` names none."""
+        heads = [(glob, glob.split("/", 1)[0]) for glob in self.repositories]
+        return [(glob, head) for glob, head in heads if not any(mark in head for mark in "*?[")]
+
     @property
     def who_is_anyone(self) -> bool:
         """No user, group or anonymous named: the rule covers every requester (in ``cidrs``)."""
@@ -402,9 +408,8 @@ class Settings(_Section):
         hosts = {upstream.host for upstream in self.upstreams}
         problems = []
         for index, rule in enumerate(self.auth.policy):
-            for glob in rule.repositories:
-                head = glob.split("/", 1)[0]
-                if any(mark in head for mark in "*?[") or head in hosts:
+            for glob, head in rule.named_registries():
+                if head in hosts:
                     continue
                 if head in named:
                     problems.append(

@@ -76,8 +76,8 @@ def policy_warnings(settings: Settings, users: Htpasswd | None) -> list[str]:
     elsewhere = [
         f"auth.policy[{index}].repositories: {glob!r} names {head!r}, which is no upstream here"
         for index, rule in enumerate(auth.policy)
-        for glob in rule.repositories
-        if not any(mark in (head := glob.split("/", 1)[0]) for mark in "*?[") and head not in hosts
+        for glob, head in rule.named_registries()
+        if head not in hosts
     ]
     return elsewhere + _name_warnings(settings, users)
 

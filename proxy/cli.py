@@ -105,7 +105,7 @@ def settings_from(config: Path | None) -> Settings:
 
 def check_files(settings: Settings, source: str) -> list[str]:
     """End the command with exit code 2 if serving would refuse a file the settings name;
-    else what the files make doubtful (policy rules naming unknown users or groups)."""
+    else what is doubtful (policy rules naming unknown users, groups or registries)."""
     problems, doubts = preflight(settings)
     if problems:
         fail(str(ConfigError(source, problems)))
