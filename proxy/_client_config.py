@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Final, Literal
 from urllib.parse import urlsplit
@@ -38,6 +39,19 @@ CONTAINERD_CA: Final = "/etc/containerd/certs.d/moorage-ca.crt"
 K3S_CA: Final = "/etc/rancher/k3s/moorage-ca.crt"
 
 
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """How the files send a client to the cache."""
+
+    #: The PEM certificate(s) the cache's https certificate is signed by.
+    ca: str | None = None
+    #: containerd-based clients send every other registry to the cache too (not when only
+    #: some upstreams were asked for).
+    catch_all: bool = True
+    #: containerd-based clients pull from the upstream itself when the cache refuses or fails.
+    fallback: bool = True
+
+
 def path_prefix(upstream: UpstreamSettings) -> str | None:
     """The first path component that routes to ``upstream``: its host, or where the host has a
     port, its first prefix; None when no path component can."""
@@ -58,7 +72,8 @@ def _address(url: str) -> tuple[str, bool]:
     return parts.netloc, parts.scheme == "http"
 
 
-def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+def _docker(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
+    ca = options.ca
     address, insecure = _address(url)
     config: dict[str, list[str]] = {"registry-mirrors": [url.rstrip("/")]}
     if insecure:
@@ -69,25 +84,37 @@ def _docker(url: str, upstreams: Upstreams, default: str | None, ca: str | None,
     return files
 
 
-def _containerd(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+def _containerd(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
     """One directory per registry name, aliases included; ``_default`` (every other registry,
-    asked with ``?ns=``) only when the cache mirrors all its upstreams."""
+    asked with ``?ns=``) only when the cache mirrors all its upstreams.
+
+    With ``fallback`` the cache is a mirror and the upstream's own ``url`` the ``server``
+    containerd turns to when the cache refuses or fails. Without, the cache is the ``server``
+    too, with a mirror's capabilities (containerd sends a host without ``push`` the ``?ns=``
+    that names the registry), so that containerd never goes past it: an access policy then
+    holds without blocking the nodes' egress, and while the cache is down nothing is pulled."""
     files = {}
-    servers: dict[str, str | None] = {name: u.url for u in upstreams for name in (u.host, *u.aliases)}
-    if catch_all:
-        servers["_default"] = None
-    trust = f'  ca = "../{PurePosixPath(CONTAINERD_CA).name}"\n' if ca is not None else ""
-    for registry, server in servers.items():
-        fallback = f'server = "{server}"\n\n' if server is not None else ""
-        files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = (
-            f'{fallback}[host."{url.rstrip("/")}"]\n  capabilities = ["pull", "resolve"]\n{trust}'
-        )
-    if ca is not None:
-        files[CONTAINERD_CA] = ca
+    base = url.rstrip("/")
+    capabilities = 'capabilities = ["pull", "resolve"]\n'
+    trust = f'ca = "../{PurePosixPath(CONTAINERD_CA).name}"\n' if options.ca is not None else ""
+    mirror = f'[host."{base}"]\n  {capabilities}' + (f"  {trust}" if trust else "")
+    named: dict[str, UpstreamSettings | None] = {name: u for u in upstreams for name in (u.host, *u.aliases)}
+    if options.catch_all:
+        named["_default"] = None
+    for registry, upstream in named.items():
+        if upstream is None:  # every other registry: its own server after the cache
+            server = ""
+        elif options.fallback:
+            server = f'server = "{upstream.url}"\n\n'
+        else:
+            server = f'server = "{base}"\n{capabilities}{trust}\n'
+        files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = server + mirror
+    if options.ca is not None:
+        files[CONTAINERD_CA] = options.ca
     return files
 
 
-def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+def _podman(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
     """Every registry through its path prefix, Docker Hub's too: a mirror without one would
     send the cache bare paths, and a Docker Hub namespace named like a configured prefix
     (``quay/tool``) would then be routed to that other upstream."""
@@ -108,14 +135,18 @@ def _podman(url: str, upstreams: Upstreams, default: str | None, ca: str | None,
                 block += "insecure = true\n"
             blocks.append(block)
     files = {"/etc/containers/registries.conf": "\n".join(blocks)}
-    if ca is not None:
-        files[f"/etc/containers/certs.d/{address}/ca.crt"] = ca
+    if options.ca is not None:
+        files[f"/etc/containers/certs.d/{address}/ca.crt"] = options.ca
     return files
 
 
-def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+def _k3s(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
+    ca = options.ca
     lines = ["mirrors:"]
-    for registry in [*(name for u in upstreams for name in (u.host, *u.aliases)), *(["*"] if catch_all else [])]:
+    for registry in [
+        *(name for u in upstreams for name in (u.host, *u.aliases)),
+        *(["*"] if options.catch_all else []),
+    ]:
         lines += [f'  "{registry}":', "    endpoint:", f'      - "{url.rstrip("/")}"']
     files = {}
     if ca is not None:
@@ -124,7 +155,7 @@ def _k3s(url: str, upstreams: Upstreams, default: str | None, ca: str | None, ca
     return {"/etc/rancher/k3s/registries.yaml": "\n".join(lines) + "\n", **files}
 
 
-def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None, catch_all: bool) -> dict[str, str]:
+def _kind(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
     """A kind config that mounts hosts.toml files into every node. kind's node images (v0.27
     on) read registry settings from ``/etc/containerd/certs.d``; the patch sets that path for
     older images too. The CA, if any, is in certs.d, beside the hosts.toml directories."""
@@ -142,12 +173,12 @@ def _kind(url: str, upstreams: Upstreams, default: str | None, ca: str | None, c
         *mount,
     ]
     files = {"kind-config.yaml": "\n".join(lines) + "\n"}
-    for path, content in _containerd(url, upstreams, default, ca, catch_all).items():
+    for path, content in _containerd(url, upstreams, default, options).items():
         files[path.replace("/etc/containerd/", "", 1)] = content
     return files
 
 
-CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, str | None, bool], dict[str, str]]]] = {
+CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, ClientOptions], dict[str, str]]]] = {
     "docker": _docker,
     "containerd": _containerd,
     "podman": _podman,
@@ -184,22 +215,14 @@ def client_warnings(
 
 
 def client_files(
-    client: Client,
-    url: str,
-    upstreams: Upstreams,
-    default: str | None = None,
-    ca: str | None = None,
-    catch_all: bool = True,
+    client: Client, url: str, upstreams: Upstreams, default: str | None = None, options: ClientOptions = ClientOptions()
 ) -> dict[str, str]:
     """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``;
-    ``default`` is the host of the cache's default upstream (which may not be among them),
-    ``ca`` the PEM certificate(s) the cache's https certificate is signed by, and ``catch_all``
-    whether containerd-based clients send every other registry to the cache too (not when
-    only some upstreams were asked for)."""
+    ``default`` is the host of the cache's default upstream (which may not be among them)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")
-    if ca is not None and parts.scheme != "https":
+    if options.ca is not None and parts.scheme != "https":
         raise ValueError(f"a CA is for a cache served over https, and {url!r} is plain http")
     if client == "docker" and default != "docker.io":
         # The daemon sends a mirror Hub's paths alone, which the cache routes to its default.
@@ -207,4 +230,6 @@ def client_files(
             "Docker's registry-mirrors mirror Docker Hub only, so docker.io must be the default upstream; "
             "pull other registries as <cache>/<registry>/<image> instead"
         )
-    return CLIENTS[client](url, upstreams, default, ca, catch_all)
+    if not options.fallback and client not in ("containerd", "kind"):
+        raise ValueError(f"--no-fallback is for containerd's hosts.toml (containerd, kind); {client} always falls back")
+    return CLIENTS[client](url, upstreams, default, options)

@@ -49,7 +49,7 @@ from moorage.config import (
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
-from ._client_config import CLIENTS, CONFIG_DIRS, Client, client_files, client_warnings
+from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings
 from ._logging import configure_logging
 from ._preflight import preflight
 from ._serve import running, serve
@@ -694,6 +694,12 @@ def _read_ca(path: Path) -> str:
     type=click.Path(path_type=Path, dir_okay=False),
     help="The CA (PEM) that signed the cache's https certificate, placed where the client trusts it.",
 )
+@click.option(
+    "--no-fallback",
+    is_flag=True,
+    help="containerd and kind: make the cache the registries' server, so that a refused or failed pull "
+    "never goes to the upstream itself (an access policy then holds; while the cache is down, nothing pulls).",
+)
 @config_option
 def client_config(
     client: Client,
@@ -701,6 +707,7 @@ def client_config(
     registries: str | None,
     output_dir: Path | None,
     ca_file: Path | None,
+    no_fallback: bool,
     config: Path | None,
 ) -> None:
     """Print (or write) a working client configuration for pulling through this cache."""
@@ -716,10 +723,12 @@ def client_config(
             fail(f"--registries: not a configured upstream: {', '.join(unknown)} (configured: {configured})")
         upstreams = tuple(dict.fromkeys(by_name[name] for name in wanted))
     try:
-        files = client_files(client, url, upstreams, default, ca, catch_all=not registries)
+        options = ClientOptions(ca=ca, catch_all=not registries, fallback=not no_fallback)
+        files = client_files(client, url, upstreams, default, options)
     except ValueError as error:
         fail(str(error))
-    for warning in client_warnings(client, url, upstreams, default, settings.auth.refuses_some_pulls):
+    refuses = settings.auth.refuses_some_pulls and not no_fallback
+    for warning in client_warnings(client, url, upstreams, default, refuses):
         click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
         if output_dir is None:

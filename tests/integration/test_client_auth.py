@@ -121,6 +121,40 @@ def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tm
             assert 'moorage_policy_denials_total{answer="challenged",rule="2",upstream="docker.io"}' in metrics
 
 
+def test_containerd_without_fallback_cannot_pull_past_the_policy(tmp_path: Path) -> None:
+    """With the generated files' default, containerd pulls what the cache refuses from the
+    upstream itself. With --no-fallback the cache is the registry's server: what the policy
+    refuses is not pulled at all, and what it allows comes through the cache."""
+    policy = [{"effect": "deny", "description": "team images stay in", "repositories": ["docker.io/team/*"]}]
+    with RealRegistry(tmp_path / "registry") as registry:
+        layout = tmp_path / "layout"
+        images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, 53)])
+        images.push(layout, "app", registry.host, "team/app", "1")
+        images.push(layout, "app", registry.host, "library/open", "1")
+        upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
+        with (
+            MoorageProcess(tmp_path / "m", upstreams, auth={"policy": policy}) as moorage,
+            Containerd(tmp_path / "ctr") as ctr,
+        ):
+            generated = subprocess.run(
+                [
+                    *(sys.executable, "-m", "moorage.proxy", "client-config", "containerd", "--no-fallback"),
+                    *("--url", moorage.url, "--config", str(moorage.config_path), "--output-dir", str(ctr.hosts_dir)),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert generated.returncode == 0, generated.stderr
+            assert "warning" not in generated.stderr, "nothing to warn of: refused pulls cannot go past"
+            ctr.pull("docker.io/library/open:1")
+            with pytest.raises(ClientError, match=r"403|denied|forbidden"):
+                ctr.pull("docker.io/team/app:1")
+            served = [line for line in moorage.log_lines() if line.get("event") == "request"]
+            assert any(line.get("denied_by_rule") == 1 for line in served)
+            assert any(line.get("repository") == "library/open" and line["status"] == 200 for line in served)
+
+
 def test_a_client_that_leaves_while_posting_to_the_token_service_is_gone_not_an_error(tmp_path: Path) -> None:
     """The token service needs no credentials: a client cutting its form short must cost a
     499 line, not a 500 and an alert-worthy internal_error with a traceback (the served

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
-from moorage.proxy._client_config import client_files, client_warnings
+from moorage.proxy._client_config import ClientOptions, client_files, client_warnings
 from moorage.proxy._warm import platform_matches
 from moorage.proxy.cli import StatsReport, _stats_table, url_problem
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
@@ -77,10 +77,29 @@ def test_containerd_snippets_per_registry_and_alias_and_default() -> None:
 
 def test_only_the_registries_asked_for_are_sent_to_the_cache() -> None:
     """--registries names some upstreams: no catch-all then, for containerd, kind or k3s."""
-    containerd = client_files("containerd", URL, [GHCR], catch_all=False)
+    containerd = client_files("containerd", URL, [GHCR], options=ClientOptions(catch_all=False))
     assert set(containerd) == {"/etc/containerd/certs.d/ghcr.io/hosts.toml"}
-    k3s = yaml.safe_load(client_files("k3s", URL, [GHCR], catch_all=False)["/etc/rancher/k3s/registries.yaml"])
+    k3s = yaml.safe_load(
+        client_files("k3s", URL, [GHCR], options=ClientOptions(catch_all=False))["/etc/rancher/k3s/registries.yaml"]
+    )
     assert set(k3s["mirrors"]) == {"ghcr.io"}
+
+
+def test_without_fallback_the_cache_is_each_registrys_server_as_a_mirror() -> None:
+    """containerd then never pulls from the upstream itself: a refused pull fails. Without
+    ``push`` the server is a mirror to containerd, which then sends it ``?ns=``."""
+    secure = "https://moorage.example:5000"
+    files = client_files("containerd", secure, [HUB, INTERNAL], "docker.io", ClientOptions(ca="PEM", fallback=False))
+    cache = {"capabilities": ["pull", "resolve"], "ca": "../moorage-ca.crt"}
+    for registry in ("docker.io", HUB.aliases[0], "registry.internal:5000"):
+        assert tomllib.loads(files[f"/etc/containerd/certs.d/{registry}/hosts.toml"]) == {
+            "server": secure,
+            **cache,
+            "host": {secure: cache},
+        }, registry
+    assert "server" not in tomllib.loads(files["/etc/containerd/certs.d/_default/hosts.toml"]), "not the cache's own"
+    with pytest.raises(ValueError, match="always falls back"):
+        client_files("podman", URL, REGISTRIES, "docker.io", ClientOptions(fallback=False))
 
 
 def test_every_client_is_warned_that_a_refused_pull_goes_past_the_cache() -> None:
@@ -110,21 +129,21 @@ def test_podman_snippet_names_every_registry_by_path_prefix() -> None:
 
 def test_a_ca_goes_where_each_client_trusts_it() -> None:
     secure, ca = "https://moorage.example:5000", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    docker = client_files("docker", secure, REGISTRIES, "docker.io", ca)
+    docker = client_files("docker", secure, REGISTRIES, "docker.io", ClientOptions(ca=ca))
     assert docker["/etc/docker/certs.d/moorage.example:5000/ca.crt"] == ca
-    podman = client_files("podman", secure, REGISTRIES, "docker.io", ca)
+    podman = client_files("podman", secure, REGISTRIES, "docker.io", ClientOptions(ca=ca))
     assert podman["/etc/containers/certs.d/moorage.example:5000/ca.crt"] == ca
-    containerd = client_files("containerd", secure, REGISTRIES, None, ca)
+    containerd = client_files("containerd", secure, REGISTRIES, None, ClientOptions(ca=ca))
     assert containerd["/etc/containerd/certs.d/moorage-ca.crt"] == ca
     hub = tomllib.loads(containerd["/etc/containerd/certs.d/docker.io/hosts.toml"])
     assert hub["host"][secure]["ca"] == "../moorage-ca.crt", "relative to hosts.toml: kind's nodes mount certs.d"
-    k3s = client_files("k3s", secure, REGISTRIES, None, ca)
+    k3s = client_files("k3s", secure, REGISTRIES, None, ClientOptions(ca=ca))
     registries = yaml.safe_load(k3s["/etc/rancher/k3s/registries.yaml"])
     assert registries["configs"] == {"moorage.example:5000": {"tls": {"ca_file": "/etc/rancher/k3s/moorage-ca.crt"}}}
     assert k3s["/etc/rancher/k3s/moorage-ca.crt"] == ca
-    assert client_files("kind", secure, REGISTRIES, None, ca)["certs.d/moorage-ca.crt"] == ca
+    assert client_files("kind", secure, REGISTRIES, None, ClientOptions(ca=ca))["certs.d/moorage-ca.crt"] == ca
     with pytest.raises(ValueError, match="plain http"):
-        client_files("containerd", URL, REGISTRIES, None, ca)
+        client_files("containerd", URL, REGISTRIES, None, ClientOptions(ca=ca))
 
 
 def test_podman_reaches_a_host_with_a_port_by_its_prefix_and_short_names_the_default() -> None:
