@@ -81,6 +81,14 @@ def test_skopeo_and_podman_pull_with_credentials_and_not_without(tmp_path: Path)
             assert grep.returncode == 1, "the password is in no stored file"
 
 
+def seed_team_and_open(registry: RealRegistry, tmp_path: Path, seed: int) -> None:
+    """``team/app:1``, which the tests' policies keep in, and ``library/open:1``: one small image."""
+    layout = tmp_path / "layout"
+    images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, seed)])
+    for repository in ("team/app", "library/open"):
+        images.push(layout, "app", registry.host, repository, "1")
+
+
 def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tmp_path: Path) -> None:
     """``anonymous: pull`` with a policy that keeps one repository for users: skopeo sends its
     credentials only when challenged, so the API check challenges (as Docker Hub's does), and
@@ -93,10 +101,7 @@ def test_with_anonymous_pulls_signed_in_clients_still_get_what_only_users_may(tm
         {"effect": "allow", "users": ["cii"], "repositories": ["docker.io/*"]},  # a typo: warned of at start
     ]
     with RealRegistry(tmp_path / "registry") as registry:
-        layout = tmp_path / "layout"
-        images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, 52)])
-        images.push(layout, "app", registry.host, "team/app", "1")
-        images.push(layout, "app", registry.host, "library/open", "1")
+        seed_team_and_open(registry, tmp_path, 52)
         upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
         auth = {"htpasswd_file": str(htpasswd), "anonymous": "pull", "policy": policy}
         with MoorageProcess(tmp_path / "m", upstreams, auth=auth) as moorage:
@@ -127,10 +132,7 @@ def test_containerd_without_fallback_cannot_pull_past_the_policy(tmp_path: Path)
     refuses is not pulled at all, and what it allows comes through the cache."""
     policy = [{"effect": "deny", "description": "team images stay in", "repositories": ["docker.io/team/*"]}]
     with RealRegistry(tmp_path / "registry") as registry:
-        layout = tmp_path / "layout"
-        images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, 53)])
-        images.push(layout, "app", registry.host, "team/app", "1")
-        images.push(layout, "app", registry.host, "library/open", "1")
+        seed_team_and_open(registry, tmp_path, 53)
         upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
         with (
             MoorageProcess(tmp_path / "m", upstreams, auth={"policy": policy}) as moorage,
