@@ -313,3 +313,8 @@ def test_a_tls_listener_is_scraped_over_https() -> None:
     }
     (endpoint,) = by_kind(render(values), "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"serverName": "moorage"}
+
+
+def test_the_notes_warn_that_a_policy_binds_only_nodes_that_cannot_go_around() -> None:
+    assert "--no-fallback" in notes(VALUE_SETS["policy"])
+    assert "--no-fallback" not in notes({}), "no policy, nothing to go around"
