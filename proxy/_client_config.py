@@ -85,29 +85,30 @@ def _docker(url: str, upstreams: Upstreams, default: str | None, options: Client
 
 
 def _containerd(url: str, upstreams: Upstreams, default: str | None, options: ClientOptions) -> dict[str, str]:
-    """One directory per registry name, aliases included; ``_default`` (every other registry,
-    asked with ``?ns=``) only when the cache mirrors all its upstreams.
+    """One directory per registry name, aliases included, with the cache as its mirror (a
+    ``[host]`` without ``push``, to which containerd adds ``?ns=<registry>``); ``_default`` for
+    every other name only when the cache mirrors all its upstreams.
 
-    With ``fallback`` the cache is a mirror and the upstream's own ``url`` the ``server``
-    containerd turns to when the cache refuses or fails. Without, the cache is the ``server``
-    too, with a mirror's capabilities (containerd sends a host without ``push`` the ``?ns=``
-    that names the registry), so that containerd never goes past it: an access policy then
-    holds without blocking the nodes' egress, and while the cache is down nothing is pulled."""
+    With ``fallback`` the upstream's own ``url`` is the ``server`` containerd turns to when the
+    cache refuses or fails. Without, that server may only be pushed to, so pulls go nowhere but
+    the cache; and ``_default`` makes the cache the server of every other name (another
+    spelling of a registry, ``GHCR.IO`` or ``ghcr.io:443``, would otherwise go around it), so
+    registries the cache does not serve cannot be pulled on those nodes."""
     files = {}
     base = url.rstrip("/")
-    capabilities = 'capabilities = ["pull", "resolve"]\n'
+    pulls = 'capabilities = ["pull", "resolve"]\n'
     trust = f'ca = "../{PurePosixPath(CONTAINERD_CA).name}"\n' if options.ca is not None else ""
-    mirror = f'[host."{base}"]\n  {capabilities}' + (f"  {trust}" if trust else "")
+    mirror = f'[host."{base}"]\n  {pulls}' + (f"  {trust}" if trust else "")
     named: dict[str, UpstreamSettings | None] = {name: u for u in upstreams for name in (u.host, *u.aliases)}
     if options.catch_all:
         named["_default"] = None
     for registry, upstream in named.items():
-        if upstream is None:  # every other registry: its own server after the cache
-            server = ""
+        if upstream is None:
+            server = "" if options.fallback else f'server = "{base}"\n{pulls}{trust}\n'
         elif options.fallback:
             server = f'server = "{upstream.url}"\n\n'
         else:
-            server = f'server = "{base}"\n{capabilities}{trust}\n'
+            server = f'server = "{upstream.url}"\ncapabilities = ["push"]\n\n'
         files[f"/etc/containerd/certs.d/{registry}/hosts.toml"] = server + mirror
     if options.ca is not None:
         files[CONTAINERD_CA] = options.ca
@@ -231,5 +232,10 @@ def client_files(
             "pull other registries as <cache>/<registry>/<image> instead"
         )
     if not options.fallback and client not in ("containerd", "kind"):
-        raise ValueError(f"--no-fallback is for containerd's hosts.toml (containerd, kind); {client} always falls back")
+        raise ValueError(
+            f"--no-fallback is for containerd's hosts.toml (containerd, kind); for k3s, start it with "
+            f"--disable-default-registry-endpoint; {client} pulls from the upstream when its mirror refuses"
+        )
+    if not options.fallback and not options.catch_all:
+        raise ValueError("--no-fallback sends every registry through the cache; leave out --registries")
     return CLIENTS[client](url, upstreams, default, options)

@@ -152,6 +152,8 @@ def test_containerd_without_fallback_cannot_pull_past_the_policy(tmp_path: Path)
             ctr.pull("docker.io/library/open:1")
             with pytest.raises(ClientError, match=r"403|denied|forbidden"):
                 ctr.pull("docker.io/team/app:1")
+            with pytest.raises(ClientError):  # the upstream by its own address: still not around the cache
+                ctr.pull(f"{registry.host}/team/app:1")
             served = [line for line in moorage.log_lines() if line.get("event") == "request"]
             assert any(line.get("denied_by_rule") == 1 for line in served)
             assert any(line.get("repository") == "library/open" and line["status"] == 200 for line in served)

@@ -85,21 +85,24 @@ def test_only_the_registries_asked_for_are_sent_to_the_cache() -> None:
     assert set(k3s["mirrors"]) == {"ghcr.io"}
 
 
-def test_without_fallback_the_cache_is_each_registrys_server_as_a_mirror() -> None:
-    """containerd then never pulls from the upstream itself: a refused pull fails. Without
-    ``push`` the server is a mirror to containerd, which then sends it ``?ns=``."""
+def test_without_fallback_pulls_go_nowhere_but_the_cache() -> None:
+    """The upstream stays the server for pushes only; every other name (another spelling of a
+    registry among them) has the cache as its server too."""
     secure = "https://moorage.example:5000"
     files = client_files("containerd", secure, [HUB, INTERNAL], "docker.io", ClientOptions(ca="PEM", fallback=False))
     cache = {"capabilities": ["pull", "resolve"], "ca": "../moorage-ca.crt"}
-    for registry in ("docker.io", HUB.aliases[0], "registry.internal:5000"):
+    for registry, upstream in (("docker.io", HUB), (HUB.aliases[0], HUB), ("registry.internal:5000", INTERNAL)):
         assert tomllib.loads(files[f"/etc/containerd/certs.d/{registry}/hosts.toml"]) == {
-            "server": secure,
-            **cache,
+            "server": upstream.url,
+            "capabilities": ["push"],
             "host": {secure: cache},
         }, registry
-    assert "server" not in tomllib.loads(files["/etc/containerd/certs.d/_default/hosts.toml"]), "not the cache's own"
-    with pytest.raises(ValueError, match="always falls back"):
-        client_files("podman", URL, REGISTRIES, "docker.io", ClientOptions(fallback=False))
+    other = tomllib.loads(files["/etc/containerd/certs.d/_default/hosts.toml"])
+    assert other == {"server": secure, **cache, "host": {secure: cache}}
+    with pytest.raises(ValueError, match="disable-default-registry-endpoint"):
+        client_files("k3s", URL, REGISTRIES, "docker.io", ClientOptions(fallback=False))
+    with pytest.raises(ValueError, match="leave out --registries"):
+        client_files("containerd", URL, [HUB], "docker.io", ClientOptions(catch_all=False, fallback=False))
 
 
 def test_every_client_is_warned_that_a_refused_pull_goes_past_the_cache() -> None:
