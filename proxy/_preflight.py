@@ -56,7 +56,7 @@ def _file_problems(settings: Settings) -> tuple[list[str], Htpasswd | None]:
         except ValueError as exc:
             problems.append(f"auth.token_signing_key_file: {exc}")
     for index, upstream in enumerate(settings.upstreams):
-        _collect(problems, partial(read_password, index, upstream))
+        _collect(problems, partial(read_password, index, upstream, warn=False))  # serving warns
     store = _store_problem(settings.storage.path)
     if store is not None:
         problems.append(f"storage.path: {store}")

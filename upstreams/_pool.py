@@ -28,9 +28,10 @@ __all__ = ["open_upstreams", "read_password"]
 log = logging.getLogger("moorage.upstreams")
 
 
-def read_password(index: int, settings: UpstreamSettings) -> str | None:
+def read_password(index: int, settings: UpstreamSettings, *, warn: bool = True) -> str | None:
     """The password of ``upstreams[index]``, from its ``password_file`` or ``password_env``;
-    blocks."""
+    blocks. ``warn``: log that an empty variable means anonymous pulls (the clients' opening
+    does; the start-up check, which runs before it, only checks)."""
     if settings.password_env is not None:
         name = settings.password_env
         # Named only when it reads as a variable's name: a token put there by mistake is not echoed.
@@ -39,6 +40,8 @@ def read_password(index: int, settings: UpstreamSettings) -> str | None:
             raise ConfigError(None, [f"upstreams[{index}].password_env: the environment variable {shown} is not set"])
         password = os.environ[name].strip()
         if not password:  # e.g. a CI secret withheld from a fork's pull request
+            if not warn:
+                return None
             log.warning(
                 "the password variable is empty: pulling anonymously",
                 extra={"event": "upstream_password_empty", "upstream": settings.host, "variable": shown},

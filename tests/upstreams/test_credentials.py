@@ -31,6 +31,9 @@ def test_an_empty_variable_means_anonymous_pulls_and_a_warning(
     assert read_password(0, hub("DOCKERHUB_TOKEN")) is None
     [warned] = [r for r in caplog.records if getattr(r, "event", "") == "upstream_password_empty"]
     assert warned.levelname == "WARNING" and warned.__dict__["variable"] == "DOCKERHUB_TOKEN"
+    caplog.clear()
+    assert read_password(0, hub("DOCKERHUB_TOKEN"), warn=False) is None  # the start-up check: serving warns once
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "upstream_password_empty"]
 
 
 def test_a_missing_variable_is_a_configuration_error_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
