@@ -2,10 +2,11 @@
 
 It asks, it does not judge: bodies come back with the upstream's own media type and digest
 header, and ``cache/`` verifies them. Requests are retried (tenacity, exponential backoff,
-``Retry-After`` honoured up to ``retries.max_wait``) on network errors, 5xx and 429 only
-until a response is in hand; a body cut later is the caller's to resume with
-:meth:`RegistryClient.open_blob` and an offset. Redirects are followed here, and httpx drops
-``Authorization`` when a redirect leaves the upstream's origin.
+``Retry-After`` honoured up to ``retries.max_wait``) on network errors, 5xx and 429 only (not a
+429 whose rate-limit headers say the pull budget is spent) until a response is in hand; a body
+cut later is the caller's to resume with :meth:`RegistryClient.open_blob` and an offset.
+Redirects are followed here, and httpx drops ``Authorization`` when a redirect leaves the
+upstream's origin.
 """
 
 from __future__ import annotations
@@ -280,6 +281,8 @@ class RegistryClient:
 
     def _retryable(self, error: BaseException) -> bool:
         if isinstance(error, UpstreamRateLimited):
+            if error.budget_spent and error.retry_after is None:
+                return False  # the window is hours long: asking again only adds to the count
             return error.retry_after is None or error.retry_after <= self._max_wait
         return isinstance(error, UpstreamUnavailable)
 

@@ -16,6 +16,7 @@ from typing import Final
 
 import httpx
 
+from ._ratelimit import parse_ratelimit
 from .errors import (
     UpstreamAuthFailed,
     UpstreamError,
@@ -74,7 +75,10 @@ def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None
         error = UpstreamNotFound(upstream, f"{what}: not found")
     elif status == 429:
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        error = UpstreamRateLimited(upstream, f"{what}: rate limited (HTTP 429)", retry_after=retry_after)
+        budget = parse_ratelimit(response.headers)
+        spent = budget is not None and budget.remaining == 0
+        message = f"{what}: rate limited (HTTP 429{', pull budget spent' if spent else ''})"
+        error = UpstreamRateLimited(upstream, message, retry_after=retry_after, budget_spent=spent)
     elif status in (401, 403):
         error = UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status})", status=status)
     elif status >= 500 or status == 408:

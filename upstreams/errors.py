@@ -38,8 +38,14 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamRateLimited(UpstreamError):
-    def __init__(self, upstream: str, message: str, *, retry_after: float | None = None) -> None:
+    """A 429. ``budget_spent`` when its rate-limit headers said nothing is left in the window
+    (Docker Hub's ``ratelimit-remaining: 0``): asking again within seconds cannot succeed."""
+
+    def __init__(
+        self, upstream: str, message: str, *, retry_after: float | None = None, budget_spent: bool = False
+    ) -> None:
         self.retry_after = retry_after
+        self.budget_spent = budget_spent
         super().__init__(upstream, message)
 
 

@@ -129,6 +129,19 @@ async def test_upstream_429_with_nothing_cached_is_toomanyrequests(moorage: Clie
     assert upstream.count("GET", "/manifests/") == 1
 
 
+async def test_429_with_pull_budget_spent_is_not_retried(moorage: Client, upstream: FakeRegistry) -> None:
+    # Docker Hub's answer once the anonymous budget is gone: 429, remaining 0, no Retry-After.
+    upstream.add_image("library/alpine", "3.19")
+    upstream.ratelimit = (100, 0)
+    upstream.ratelimit_countdown = True
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 429
+    assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    # The window is six hours: asking again within a second would only add to the count.
+    assert upstream.count("GET", "/manifests/") == 1
+    assert await metric(moorage, "moorage_upstream_retries_total") == 0
+
+
 async def test_short_429_and_5xx_are_retried(moorage: Client, upstream: FakeRegistry) -> None:
     image = upstream.add_image("library/alpine", "3.19")
     upstream.fail_next(1, 429, retry_after=0)
