@@ -40,6 +40,7 @@ from moorage.upstreams.reference import (
     Reference,
     RepositoryName,
     Tag,
+    is_manifest_document,
     parse_digest,
     sniff_media_type,
 )
@@ -870,14 +871,27 @@ class Cache:
 
     def _load_manifest(self, digest: Digest) -> StoredManifest | None:
         """A stored manifest, hashed on every load (it is small, and loads are rare: the
-        in-memory front answers repeats); a corrupt one is quarantined and reads as absent."""
+        in-memory front answers repeats); a corrupt one is quarantined and reads as absent.
+
+        A digest the index does not know as a manifest (a layer or a config asked for on the
+        manifests route, or an index rebuilt beside its store) is answered only if its file is
+        shaped like a manifest, and is never taken for a corrupt manifest: anyone may ask the
+        manifests route for a layer's digest, and that must not cost the store the layer.
+        """
+        media_type = self._index.manifest_media_type(digest)
+        if media_type is None:
+            size = self._store.size_of(digest)
+            if size is None or size > MAX_MANIFEST_BYTES:
+                return None
         body = self._store.read_small(digest, MAX_MANIFEST_BYTES)
         if body is None:
+            return None
+        if media_type is None and (len(body) > MAX_MANIFEST_BYTES or not is_manifest_document(body)):
             return None
         if Digest.of(body, digest.algorithm) != digest:
             self._quarantine(digest, len(body), "manifest")
             return None
-        return StoredManifest(body, self._index.manifest_media_type(digest) or sniff_media_type(body))
+        return StoredManifest(body, media_type or sniff_media_type(body))
 
     def _keep_manifest(
         self,

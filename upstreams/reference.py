@@ -34,6 +34,7 @@ __all__ = [
     "RepositoryName",
     "Tag",
     "accept_class",
+    "is_manifest_document",
     "parse_digest",
     "parse_image_reference",
     "parse_reference",
@@ -192,6 +193,16 @@ def _accept_class(accept_header_values: tuple[str, ...]) -> AcceptClass:
     if types & (IMAGE_MEDIA_TYPES | {DOCKER_MANIFEST_V1_SIGNED, "application/json"}):
         return "image"
     return "index"
+
+
+def is_manifest_document(body: bytes) -> bool:
+    """Whether ``body`` is shaped like an image manifest or index (a JSON object with a
+    ``schemaVersion``), not a layer or an image config stored under the same kind of digest."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and isinstance(document.get("schemaVersion"), int)
 
 
 def sniff_media_type(body: bytes) -> str:
