@@ -34,6 +34,14 @@ async def until_stored(store: Path, digest: str, content: bytes) -> Path:
     raise AssertionError(f"{digest} was not stored within 2 s")
 
 
+async def rewrite(path: Path, content: bytes) -> None:
+    """Rewrite a stored file in place as a stray writer would: later than the clock tick of its
+    commit. A file's times move in ticks of a few ms, and a rewrite within the commit's tick
+    would keep the mtime the cache trusts."""
+    await asyncio.sleep(0.05)
+    path.write_bytes(content)
+
+
 async def pull_blob(moorage: Client, digest: str) -> bytes:
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert response.status == 200
@@ -49,7 +57,7 @@ async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
     digest = upstream.add_blob(content)
     assert await pull_blob(moorage, digest) == content
     path = await until_stored(store, digest, content)
-    path.write_bytes(b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
+    await rewrite(path, b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
 
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
@@ -75,8 +83,13 @@ async def test_a_truncated_blob_is_never_served_short(
     assert head.headers["Content-Length"] == str(len(content)), "HEAD does not trust the short file either"
     assert await pull_blob(moorage, digest) == content
     await until_stored(store, digest, content)
-    # The short file's whole counted size left the totals, not the 1,000 bytes left of it.
-    assert await metric(moorage, "moorage_store_bytes") == len(content)
+    # The short file's whole counted size left the totals, not the 1,000 bytes left of it. The
+    # new copy is counted once its directory is durable, a moment after it is in place.
+    for _ in range(400):
+        if (stored_bytes := await metric(moorage, "moorage_store_bytes")) == len(content):
+            break
+        await asyncio.sleep(0.005)
+    assert stored_bytes == len(content)
 
 
 async def test_a_vanished_blob_is_fetched_again(
@@ -100,7 +113,7 @@ async def test_a_corrupt_blob_whose_upstream_is_gone_is_a_clean_error(
     content = os.urandom(10_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    (await until_stored(store, digest, content)).write_bytes(os.urandom(len(content)))
+    await rewrite(await until_stored(store, digest, content), os.urandom(len(content)))
     del upstream.blobs[digest]
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert response.status == 404
@@ -141,3 +154,27 @@ async def test_a_corrupt_manifest_is_fetched_again_after_a_restart(
     assert "sha256:" + hashlib.sha256(fetched).hexdigest() == image.digest
     assert upstream.count("GET", f"/manifests/{image.digest}") == 2
     assert await metric(second, "moorage_evictions_total", reason="corrupt") == 1
+
+
+async def test_a_layer_asked_for_as_a_manifest_is_neither_served_nor_quarantined(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Layer digests are public in every manifest; asking the manifests route for one must not
+    cost the store the layer (it hashed the first 4 MiB, missed, and moved the layer aside)."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    large, small = os.urandom(5 * 1024 * 1024), os.urandom(2_000)
+    for content in (large, small):
+        digest = upstream.add_blob(content)
+        assert await pull_blob(moorage, digest) == content
+        await until_stored(store, digest, content)
+        for method in ("GET", "HEAD"):
+            response = await moorage.request(method, f"/v2/alpine/manifests/{digest}")
+            assert response.status == 404, f"{method} {len(content)} bytes answered as a manifest"
+            if method == "GET":
+                assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        upstream.reset_requests()
+        assert await pull_blob(moorage, digest) == content
+        assert upstream.count("GET", "/blobs/") == 0, "the layer is still served from the store"
+    assert not (store / "quarantine").exists()
+    assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 0
