@@ -9,6 +9,7 @@ lines name the file (or variable) and the key, e.g. ``upstreams[1].url: not a UR
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ __all__ = ["CONFIG_ENV", "ConfigError", "load_settings", "settings_source"]
 ENV_PREFIX = "MOORAGE_"
 #: Names the config file; not a setting itself.
 CONFIG_ENV = "MOORAGE_CONFIG"
+#: What Kubernetes sets in every pod of a namespace for a Service named ``moorage`` (or
+#: ``moorage-…``): ``MOORAGE_SERVICE_HOST``, ``MOORAGE_SERVICE_PORT_HTTP``, ``MOORAGE_PORT``,
+#: ``MOORAGE_PORT_5000_TCP_ADDR``. No setting is named so (nested keys are joined with ``__``).
+_SERVICE_LINK = re.compile(
+    r"MOORAGE(_[A-Z0-9]+)*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9]+)*|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
 
 
 class ConfigError(Exception):
@@ -42,9 +49,18 @@ class ConfigError(Exception):
         return self if self.source is not None else ConfigError(source, self.problems)
 
 
+def _overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``MOORAGE_*`` variables that set keys."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and not _SERVICE_LINK.fullmatch(name)
+    }
+
+
 def settings_source(path: Path | None, environ: Mapping[str, str] | None = None) -> str:
     """How errors name where settings came from: the file, the environment, both, or neither."""
-    overridden = any(k.startswith(ENV_PREFIX) and k != CONFIG_ENV for k in (environ or {}))
+    overridden = bool(_overrides(environ or {}))
     if path is None:
         return "the environment" if overridden else "the defaults"
     return f"{path} and the environment" if overridden else str(path)
@@ -57,7 +73,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     source = settings_source(path, environ)
     if path is not None:
         data = _read_file(path)
-    overrides = {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX) and k != CONFIG_ENV}
+    overrides = _overrides(environ)
     for name in sorted(overrides):
         _apply_override(data, name, overrides[name], source)
     try:

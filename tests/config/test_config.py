@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moorage.config import ConfigError, load_settings, parse_duration, parse_size
+from moorage.config import ConfigError, load_settings, parse_duration, parse_size, settings_source
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -218,6 +218,30 @@ def test_a_policy_rule_in_error_is_reported_once(tmp_path: Path) -> None:
 def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"tag_tll: unknown key \(set by MOORAGE_TAG_TLL\)"):
         load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
+
+
+def test_kubernetes_service_links_for_a_service_named_moorage_are_not_settings() -> None:
+    # What Kubernetes puts in every pod of a namespace that has a Service named moorage (the
+    # Helm chart's name for a release called moorage) and one named moorage-metrics.
+    links = {
+        "MOORAGE_SERVICE_HOST": "10.0.0.1",
+        "MOORAGE_SERVICE_PORT": "5000",
+        "MOORAGE_SERVICE_PORT_HTTP": "5000",
+        "MOORAGE_PORT": "tcp://10.0.0.1:5000",
+        "MOORAGE_PORT_5000_TCP": "tcp://10.0.0.1:5000",
+        "MOORAGE_PORT_5000_TCP_PROTO": "tcp",
+        "MOORAGE_PORT_5000_TCP_PORT": "5000",
+        "MOORAGE_PORT_5000_TCP_ADDR": "10.0.0.1",
+        "MOORAGE_METRICS_SERVICE_HOST": "10.0.0.2",
+        "MOORAGE_METRICS_PORT_9090_TCP_ADDR": "10.0.0.2",
+    }
+    assert load_settings(None, {**links, "MOORAGE_TAG_TTL": "1m"}).tag_ttl == 60
+    assert settings_source(None, links) == "the defaults"
+    # Keys still are keys: a mistyped one beside them is reported.
+    with pytest.raises(ConfigError, match=r"tag_tll: unknown key \(set by MOORAGE_TAG_TLL\)"):
+        load_settings(None, {**links, "MOORAGE_TAG_TLL": "1m"})
+    with pytest.raises(ConfigError, match=r"upstreams\[0\].port: unknown key"):
+        load_settings(None, {**links, "MOORAGE_UPSTREAMS__0__PORT": "1"})
 
 
 def test_a_list_set_from_the_environment_says_lists_belong_in_the_file() -> None:

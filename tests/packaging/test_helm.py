@@ -230,6 +230,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
     pod = statefulset["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["enableServiceLinks"] is False  # no MOORAGE_PORT=tcp://… for a release named moorage
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
