@@ -792,19 +792,21 @@ class Cache:
         except DigestMismatch:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
-        if failure is not None:  # verified, so it is served all the same; only not kept
-            self._observer.on_store_failure(failure.disk_full)
-            log.warning(
-                "manifest served but not stored",
-                extra={"event": "store_write_failed", "digest": str(digest), "error": str(failure)},
-            )
-            return digest, False
         if new:
             self._observer.on_stored("manifest", len(fetched.body))
+        if failure is not None:  # verified, so it is served all the same; only not kept
+            self._not_kept("manifest served but not stored", failure, digest=str(digest))
+            return digest, False
         self._stored_lately[digest] = self._clock()
         self._routes.learn(digest, (upstream, str(repository)))
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest, True
+
+    def _not_kept(self, message: str, failure: StoreFailure, **fields: str) -> None:
+        """An answer in hand that the store or the index could not keep: counted and logged
+        (a full disk starts eviction), and served all the same."""
+        self._observer.on_store_failure(failure.disk_full)
+        log.warning(message, extra={"event": "store_write_failed", **fields, "error": str(failure)})
 
     def _prefetch(self, source: Source, repository: RepositoryName, fetched: FetchedManifest) -> None:
         """Arm the prefetch of an image manifest just fetched (see ``_prefetch``)."""
@@ -852,7 +854,10 @@ class Cache:
         head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)
         if head.digest == entry.digest:
             confirmed = replace(entry, checked_at=self._clock())
-            await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
+            try:
+                await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
+            except StoreFailure as failure:  # confirmed all the same: this process remembers it
+                self._not_kept("tag revalidated but not recorded", failure, digest=str(entry.digest))
             self._hot.put_tag(ask.key, confirmed)
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
@@ -924,12 +929,15 @@ class Cache:
                     pending.close()
             except StoreFailure as failure:
                 return digest, None, False, failure
-        self._index.put_manifest(digest, fetched.media_type)
-        self._index.add_image(image_key(*image, digest), self._clock())
-        entry = None
-        if tag is not None:
-            entry = TagEntry(digest, fetched.media_type, self._clock())
-            self._index.put_tag(tag, entry)
+        try:
+            self._index.put_manifest(digest, fetched.media_type)
+            self._index.add_image(image_key(*image, digest), self._clock())
+            entry = None
+            if tag is not None:
+                entry = TagEntry(digest, fetched.media_type, self._clock())
+                self._index.put_tag(tag, entry)
+        except StoreFailure as failure:  # in the store, but the index could not record it
+            return digest, None, new, failure
         return digest, entry, new, None
 
     # -- blobs ----------------------------------------------------------------------------------
@@ -1154,7 +1162,10 @@ class Cache:
         async def fetch() -> TagsAnswer:
             page = await source.list_tags(repository, n, last)
             fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
-            await asyncio.to_thread(self._index.put_tags, key, fresh)
+            try:
+                await asyncio.to_thread(self._index.put_tags, key, fresh)
+            except StoreFailure as failure:  # the page is in hand: answered, only not kept
+                self._not_kept("tag list served but not stored", failure, repository=str(repository))
             return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
 
         try:

@@ -6,7 +6,9 @@ Entries leave this module as frozen values.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 from ._keys import SERVING_KEY, STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
+from .errors import StoreFailure
 
 __all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
 
@@ -38,6 +41,18 @@ class TagsEntry:
     next_last: str | None
     next_n: str | None
     fetched_at: float
+
+
+@contextmanager
+def _recording(what: str) -> Iterator[None]:
+    """An index write that fails (SQLite's disk is full, another process holds the write lock
+    too long) as the cache's :class:`StoreFailure`: what was fetched and verified is still
+    served, stale answers still stand in for the upstream, and a full disk starts eviction."""
+    try:
+        yield
+    except (sqlite3.Error, diskcache.Timeout) as exc:
+        full = isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        raise StoreFailure(f"the index cannot record {what}: {exc or type(exc).__name__}", disk_full=full) from exc
 
 
 class Index:
@@ -64,7 +79,8 @@ class Index:
         return TagEntry(parse_digest(digest), media_type, checked_at)
 
     def put_tag(self, key: IndexKey, entry: TagEntry) -> None:
-        self._db.set(key, (str(entry.digest), entry.media_type, entry.checked_at))
+        with _recording("a tag"):
+            self._db.set(key, (str(entry.digest), entry.media_type, entry.checked_at))
 
     def has_manifest(self, digest: Digest) -> bool:
         return self._db.get(manifest_key(digest)) is not None
@@ -74,7 +90,8 @@ class Index:
         return value if isinstance(value, str) else None
 
     def put_manifest(self, digest: Digest, media_type: str) -> None:
-        self._db.set(manifest_key(digest), media_type)
+        with _recording("a manifest"):
+            self._db.set(manifest_key(digest), media_type)
 
     def fingerprint(self, digest: Digest) -> Fingerprint | None:
         value = self._db.get(blob_key(digest))
@@ -103,7 +120,8 @@ class Index:
         return TagsEntry(body, next_last, next_n, fetched_at)
 
     def put_tags(self, key: IndexKey, entry: TagsEntry) -> None:
-        self._db.set(key, (entry.body, entry.next_last, entry.next_n, entry.fetched_at))
+        with _recording("a tag list"):
+            self._db.set(key, (entry.body, entry.next_last, entry.next_n, entry.fetched_at))
 
     # -- bookkeeping, written in batches by the cache ------------------------------------------
 
@@ -185,7 +203,8 @@ class Index:
 
     def add_image(self, key: IndexKey, when: float) -> None:
         """Record when a manifest was first cached for a repository (kept if already known)."""
-        self._db.add(key, when)
+        with _recording("an image"):
+            self._db.add(key, when)
 
     def entries(self, kinds: frozenset[str]) -> Iterator[tuple[IndexKey, object]]:
         """Every entry whose key is of one of ``kinds`` (``tag``, ``image``, …); one walk of

@@ -111,3 +111,35 @@ async def test_readiness_fails_when_blobs_cannot_be_put_in_place(
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(store / "blobs")], check=False)
     assert (await moorage.get("/readyz")).status == 200
+
+
+def fill_up(disk: Path) -> None:
+    """Take every free byte of ``disk``."""
+    with open(disk / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * (64 * KiB))
+                filler.flush()
+        except OSError:
+            pass
+
+
+async def test_a_tag_confirmed_while_the_index_cannot_write_is_still_answered(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's disk full: the upstream's HEAD confirmed the stored answer, so it is the answer,
+    not a 500, and the full disk is counted (and starts eviction) like the store's."""
+    moorage = await start_moorage(tag_ttl="1s", storage={"path": str(small_disk / "store")})
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
+    fill_up(small_disk)
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    for _ in range(3):
+        response = await moorage.get("/v2/alpine/manifests/3.19")
+        assert response.status == 200, await response.text()
+        assert await response.read() == image.manifest
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 0
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="revalidated") == 1
+    assert await metric(moorage, "moorage_store_write_failures_total") >= 1
+    assert [r for r in caplog.records if getattr(r, "event", "") == "store_write_failed"]
