@@ -25,6 +25,7 @@ from moorage.upstreams import (
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamUnavailable,
 )
 from moorage.upstreams.reference import InvalidReference
@@ -168,6 +169,8 @@ def _from_upstream(error: UpstreamError, kind: PathKind | None) -> OCIError:
         return TooManyRequests(f"{error} and nothing cached to answer with", detail, headers)
     if isinstance(error, UpstreamUnavailable):
         return Unavailable(f"{error} and nothing cached to answer with", detail)
+    if isinstance(error, UpstreamRefused):  # what Docker Hub answers for a name it does not have
+        return NameUnknown(str(error), detail)
     if isinstance(error, UpstreamAuthFailed):
         return BadGateway(f"{error}; check this upstream's credentials in the cache's configuration", detail)
     return BadGateway(str(error), detail)

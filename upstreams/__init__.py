@@ -22,6 +22,7 @@ from .errors import (
     UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamUnavailable,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "UpstreamObserver",
     "UpstreamProtocolError",
     "UpstreamRateLimited",
+    "UpstreamRefused",
     "UpstreamUnavailable",
     "open_upstreams",
     "parse_ratelimit",

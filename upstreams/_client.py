@@ -38,6 +38,7 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamUnavailable,
 )
 from .reference import (
@@ -329,13 +330,14 @@ class RegistryClient:
                             raise
                     if response.status_code >= 400:
                         await response.aclose()
-                        if response.status_code in (404, 405):  # an answer: the upstream is up
+                        if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
                             self._last_answer = time.time()
                         raise_for_status(self.host, what, response)
                     self._last_answer = time.time()
                     return response
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
-            self._last_failure = (time.time(), str(error))
+            if not isinstance(error, UpstreamRefused):  # a repository refused is an answer
+                self._last_failure = (time.time(), str(error))
             raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 

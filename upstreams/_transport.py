@@ -18,11 +18,11 @@ import httpx
 
 from ._ratelimit import parse_ratelimit
 from .errors import (
-    UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamUnavailable,
 )
 
@@ -80,7 +80,11 @@ def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None
         message = f"{what}: rate limited (HTTP 429{', pull budget spent' if spent else ''})"
         error = UpstreamRateLimited(upstream, message, retry_after=retry_after, budget_spent=spent)
     elif status in (401, 403):
-        error = UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status})", status=status)
+        error = UpstreamRefused(
+            upstream,
+            f"{what}: refused (HTTP {status}): no such repository there, or not one these credentials may pull",
+            status=status,
+        )
     elif status >= 500 or status == 408:
         error = UpstreamUnavailable(upstream, f"{what}: HTTP {status}", status=status)
     else:

@@ -4,7 +4,9 @@
     ├── UpstreamUnavailable       network error, timeout, cut body, 5xx (``status`` when known)
     ├── UpstreamRateLimited       429; ``retry_after`` seconds when the upstream said
     ├── UpstreamNotFound          404: the repository, tag or digest is unknown there
-    ├── UpstreamAuthFailed        401/403 after the token dance, or the token service refused
+    ├── UpstreamAuthFailed        the token service refused the credentials (or anonymous access)
+    │   └── UpstreamRefused       401/403 for a repository itself: it does not exist there, or
+    │                             the credentials do not grant it (Docker Hub answers both so)
     └── UpstreamProtocolError     an answer that breaks the protocol
         └── ManifestTooLarge      a manifest above the 4 MiB limit
 
@@ -21,6 +23,7 @@ __all__ = [
     "UpstreamNotFound",
     "UpstreamProtocolError",
     "UpstreamRateLimited",
+    "UpstreamRefused",
     "UpstreamUnavailable",
 ]
 
@@ -57,6 +60,10 @@ class UpstreamAuthFailed(UpstreamError):
     def __init__(self, upstream: str, message: str, *, status: int = 401) -> None:
         self.status = status
         super().__init__(upstream, message)
+
+
+class UpstreamRefused(UpstreamAuthFailed):
+    pass
 
 
 class UpstreamProtocolError(UpstreamError):

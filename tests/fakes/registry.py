@@ -771,6 +771,9 @@ class FakeRegistry(_RecordingServer):
             Tokens stop working after it (60 s when None), or at `expire_tokens`.
         token_field: ``"token"``, ``"access_token"`` or ``"both"``: what answers carry.
         token_post: accept the OAuth2 ``POST /token`` (False: 405, as some do).
+        grant_unknown: the token service grants pulls of repositories it does not hold
+            (False: it grants none, so their requests get 401 ``insufficient_scope``, as
+            Docker Hub answers for a name that does not exist or is private).
         tokens_issued: tokens handed out so far.
         platform_resolution: a TAG whose manifest is an index/list, asked for without
             a list or index type in ``Accept``, is answered with its linux/amd64
@@ -803,6 +806,7 @@ class FakeRegistry(_RecordingServer):
         token_expires_in: int | None = 300,
         token_field: Literal["token", "access_token", "both"] = "both",
         token_post: bool = True,
+        grant_unknown: bool = True,
         platform_resolution: bool = True,
         support_ranges: bool = True,
         ratelimit: tuple[int, int] | None = None,
@@ -818,6 +822,7 @@ class FakeRegistry(_RecordingServer):
         self.token_expires_in = token_expires_in
         self.token_field = token_field
         self.token_post = token_post
+        self.grant_unknown = grant_unknown
         self.platform_resolution = platform_resolution
         self.support_ranges = support_ranges
         self.ratelimit = ratelimit
@@ -1120,8 +1125,11 @@ class FakeRegistry(_RecordingServer):
             return web.json_response({"details": "incorrect username or password"}, status=401)
         lifetime = self.token_expires_in
         token = secrets.token_urlsafe(24)
+        granted = _granted_pulls(scopes)
+        if not self.grant_unknown:
+            granted = {name: actions for name, actions in granted.items() if name in self._repo_manifests}
         self._tokens[token] = _Token(
-            _granted_pulls(scopes),
+            granted,
             time.monotonic() + (lifetime if lifetime is not None else DEFAULT_TOKEN_LIFETIME),
         )
         self.tokens_issued += 1

@@ -353,6 +353,27 @@ async def test_upstream_credentials_are_sent_to_the_token_service(
     assert "credentials" in (await refused.json())["errors"][0]["message"]
 
 
+async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docker Hub grants an anonymous token for a name it does not hold, then answers 401: a
+    typo, or a private repository. Clients without a fallback show the cache's answer."""
+    upstream.auth = "bearer"
+    upstream.grant_unknown = False
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    response = await moorage.get("/v2/nosuch/app/manifests/1", headers=ALL)
+    assert response.status == 404
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "NAME_UNKNOWN"
+    assert "no such repository" in error["message"] and "configuration" not in error["message"]
+    assert upstream.count("GET", "/manifests/") >= 1, "the upstream was asked and answered 401"
+    # It answered: the upstream is reachable, and a pull it holds goes through.
+    ready = await (await moorage.get("/readyz")).json()
+    assert ready["upstreams"]["docker.io"]["reachable"] is True, ready
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+
+
 async def test_a_slow_upstream_gets_a_stale_answer_within_the_deadline_then_backs_off(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
