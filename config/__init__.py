@@ -4,6 +4,7 @@ Imported by every room; imports none of them. ``load_settings`` builds a frozen
 :class:`Settings` once at start-up; each room is handed only its own section.
 """
 
+from ._files import UnreadableFile, read_text
 from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy
 from ._load import CONFIG_ENV, ConfigError, load_settings, settings_source
 from ._model import (
@@ -37,11 +38,13 @@ __all__ = [
     "StorageSettings",
     "TimeoutSettings",
     "TlsSettings",
+    "UnreadableFile",
     "UpstreamSettings",
     "load_lifecycle_policy",
     "load_settings",
     "parse_duration",
     "parse_size",
+    "read_text",
     "settings_source",
     "split_address",
 ]

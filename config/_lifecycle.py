@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ._describe import describe_error, without_echoes
+from ._files import UnreadableFile, read_text
 
 __all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
 
@@ -136,9 +137,9 @@ def load_lifecycle_policy(path: Path) -> LifecyclePolicy:
     """Read and check a policy file; every problem is a :class:`LifecyclePolicyError` naming
     the file and the key (``rules[1].selection.countUnit``)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise LifecyclePolicyError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+        text = read_text(path)
+    except UnreadableFile as exc:
+        raise LifecyclePolicyError(f"{path}: cannot read the file: {exc}") from None
     try:
         document = json.loads(text)
     except ValueError as exc:

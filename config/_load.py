@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from ._describe import describe_error, without_echoes
+from ._files import UnreadableFile, read_text
 from ._model import DEFAULT_UPSTREAMS, DURATION_KEYS, Settings
 
 __all__ = ["CONFIG_ENV", "ConfigError", "load_settings", "settings_source"]
@@ -100,9 +101,9 @@ def _with_variable(error: Mapping[str, Any], overrides: Mapping[str, str]) -> st
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+        text = read_text(path)
+    except UnreadableFile as exc:
+        raise ConfigError(str(path), [f"cannot read the file: {exc}"]) from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -35,7 +35,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from moorage.cache import MayRead
-from moorage.config import AuthSettings, ConfigError
+from moorage.config import AuthSettings, ConfigError, UnreadableFile, read_text
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
@@ -87,10 +87,11 @@ class Htpasswd:
     def load(self) -> None:
         """Read the file; a bad file is a configuration error naming the key and the line."""
         try:
-            text = self.path.read_text(encoding="utf-8")
             mtime = self.path.stat().st_mtime
-        except OSError as exc:
-            raise ConfigError(None, [f"auth.htpasswd_file: cannot read {self.path}: {exc.strerror}"]) from None
+            text = read_text(self.path)
+        except (OSError, UnreadableFile) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            raise ConfigError(None, [f"auth.htpasswd_file: cannot read {self.path}: {reason}"]) from None
         users: dict[str, bytes] = {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -115,10 +116,11 @@ class Htpasswd:
         if self.groups_path is None:
             return {}, 0.0
         try:
-            text = self.groups_path.read_text(encoding="utf-8")
             mtime = self.groups_path.stat().st_mtime
-        except OSError as exc:
-            raise ConfigError(None, [f"auth.groups_file: cannot read {self.groups_path}: {exc.strerror}"]) from None
+            text = read_text(self.groups_path)
+        except (OSError, UnreadableFile) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            raise ConfigError(None, [f"auth.groups_file: cannot read {self.groups_path}: {reason}"]) from None
         members: dict[str, set[str]] = {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -197,7 +199,10 @@ class Htpasswd:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(CHECK_SECONDS)
-            await asyncio.to_thread(self.reload_if_changed)
+            try:
+                await asyncio.to_thread(self.reload_if_changed)
+            except Exception as error:  # the users stay as they were; the next change is tried
+                log.exception("htpasswd not reloaded", extra={"event": "htpasswd_reload_failed", "error": str(error)})
 
 
 _DUMMY: Final = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))

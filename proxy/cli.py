@@ -40,9 +40,11 @@ from moorage.config import (
     LifecyclePolicyError,
     Settings,
     StorageSettings,
+    UnreadableFile,
     load_settings,
     parse_duration,
     parse_size,
+    read_text,
     settings_source,
     split_address,
 )
@@ -429,9 +431,9 @@ def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
     names = list(images)
     if file is not None:
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except OSError as error:
-            fail(f"cannot read {file}: {error.strerror}")
+            lines = read_text(file).splitlines()
+        except UnreadableFile as error:
+            fail(f"cannot read {file}: {error}")
         names += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         fail("name at least one image (or -f FILE)")

@@ -28,6 +28,8 @@ from typing import Final, NotRequired, TypedDict
 
 import httpx
 
+from moorage.config import UnreadableFile, read_text
+
 from .errors import UpstreamAuthFailed, UpstreamUnavailable
 
 __all__ = ["RegistryAuth", "TokenResponse", "parse_challenge", "scope_for_path"]
@@ -116,8 +118,8 @@ class RegistryAuth(httpx.Auth):
         if stamp is None or stamp == self._password_stamp:
             return
         try:
-            password = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
-        except OSError:
+            password = (await asyncio.to_thread(read_text, path)).strip()
+        except UnreadableFile:
             return  # keep the password we have; the next change is picked up
         self._credentials = (self._credentials[0], password)
         self._password_stamp = stamp

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from moorage.config import ConfigError, UpstreamSettings
+from moorage.config import ConfigError, UnreadableFile, UpstreamSettings, read_text
 
 from ._client import RegistryClient, UpstreamObserver
 from ._network import load_network_modules
@@ -51,11 +51,10 @@ def read_password(index: int, settings: UpstreamSettings, *, warn: bool = True) 
     if settings.password_file is None:
         return None
     try:
-        return settings.password_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
+        return read_text(settings.password_file).strip()
+    except UnreadableFile as exc:
         raise ConfigError(
-            None,
-            [f"upstreams[{index}].password_file: cannot read {settings.password_file}: {exc.strerror}"],
+            None, [f"upstreams[{index}].password_file: cannot read {settings.password_file}: {exc}"]
         ) from None
 
 

@@ -220,6 +220,13 @@ def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
         load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
 
 
+def test_a_file_with_a_byte_that_is_not_utf8_names_the_file_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"# caf\xe9 du coin\ntag_ttl: 1m\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml:\n  cannot read the file: line 1 is not UTF-8 \(byte 0xe9\)"):
+        load_settings(path)
+
+
 def test_kubernetes_service_links_for_a_service_named_moorage_are_not_settings() -> None:
     # What Kubernetes puts in every pod of a namespace that has a Service named moorage (the
     # Helm chart's name for a release called moorage) and one named moorage-metrics.

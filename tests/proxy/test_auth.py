@@ -97,6 +97,25 @@ async def test_the_file_is_reloaded_when_it_changes(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 401
 
 
+async def test_a_file_saved_in_latin_1_is_not_loaded_and_the_next_good_one_is(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An editor that saved a non-UTF-8 byte stopped every later reload, with nothing logged."""
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    users = moorage.app[USERS]
+    hashed = bcrypt.hashpw(b"new secret", bcrypt.gensalt(4)).decode()
+    htpasswd.write_bytes(htpasswd.read_bytes() + f"b\xe9b:{hashed}\n".encode("latin-1"))
+    users.reload_if_changed()
+    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
+    assert "line 3 is not UTF-8 (byte 0xe9)" in failed.__dict__["error"]
+    caplog.clear()  # the one error this test expects
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200, "kept"
+    htpasswd.write_text(f"ops:{hashed}\n")
+    users.reload_if_changed()
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", "new secret"))).status == 200
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
