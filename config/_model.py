@@ -154,6 +154,15 @@ class AuthSettings(_Section):
     #: Access rules, evaluated in order; the first that matches decides, none matching allows.
     policy: tuple[PolicyRule, ...] = ()
 
+    @model_validator(mode="after")
+    def _someone_may_pull(self) -> AuthSettings:
+        if self.anonymous == "none" and self.htpasswd_file is None:
+            raise ValueError(
+                "anonymous: 'none' without an htpasswd_file refuses every pull (no user can sign in):"
+                " set htpasswd_file, or leave anonymous unset"
+            )
+        return self
+
     @property
     def anonymous_may_pull(self) -> bool:
         if self.anonymous is not None:
@@ -288,6 +297,8 @@ class UpstreamSettings(_Section):
             raise ValueError(f"not a URL: {value!r} (expected http://… or https://…)")
         if parts.query or parts.fragment:
             raise ValueError(f"not a registry URL: {value!r} (no query or fragment)")
+        if parts.username is not None or parts.password is not None:  # not echoed: it holds a password
+            raise ValueError("credentials do not go in the URL: set username and password_file or password_env")
         return value.rstrip("/")
 
     @field_validator("aliases")

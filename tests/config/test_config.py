@@ -166,6 +166,16 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "'index.docker.io' names docker.io, and globs are over the upstream's host",
             id="policy_glob_by_alias",
         ),
+        pytest.param(
+            "auth: {anonymous: none}\n",
+            "auth: anonymous: 'none' without an htpasswd_file refuses every pull",
+            id="nobody_may_pull",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://bob:s3cret@a.io'}\n",
+            "upstreams[0].url: credentials do not go in the URL: set username and password_file",
+            id="credentials_in_url",
+        ),
         pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
         pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
     ],
@@ -176,6 +186,7 @@ def test_bad_files_name_the_file_and_the_key(tmp_path: Path, text: str, expected
         load_settings(path)
     assert str(path) in str(caught.value)
     assert expected in str(caught.value)
+    assert "s3cret" not in str(caught.value), "a password in the file is never echoed"
 
 
 def test_problems_in_several_sections_are_reported_at_once(tmp_path: Path) -> None:

@@ -254,6 +254,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"ingress": {"enabled": True}}, "/ingress/host", id="ingress_without_host"),
         pytest.param({"tls": {"enabled": True}}, "/tls/secretName", id="tls_without_secret"),
         pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
+        pytest.param({"auth": {"anonymous": "none"}}, "/auth/htpasswdSecret", id="nobody_may_pull"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": "lots"}}, "/persistence/maxSize", id="max_size"),
         pytest.param({"auth": {"policy": [{"effect": "permit"}]}}, "/auth/policy/0/effect", id="policy_effect"),
         pytest.param({"auth": {"policy": [{"effect": "deny", "who": "me"}]}}, "who", id="policy_unknown_key"),
