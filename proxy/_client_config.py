@@ -19,9 +19,11 @@ from pathlib import PurePosixPath
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
+import yaml
+
 from moorage.config import UpstreamSettings
 
-__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "client_files", "client_warnings", "path_prefix"]
+__all__ = ["CLIENTS", "CONFIG_DIRS", "Client", "client_files", "client_warnings", "merged_with", "path_prefix"]
 
 Client = Literal["docker", "containerd", "podman", "k3s", "kind"]
 Upstreams = Sequence[UpstreamSettings]
@@ -239,3 +241,47 @@ def client_files(
     if not options.fallback and not options.catch_all:
         raise ValueError("--no-fallback sends every registry through the cache; leave out --registries")
     return CLIENTS[client](url, upstreams, default, options)
+
+
+def merged_with(path: str, existing: str, written: str) -> str | None:
+    """The file at ``path`` (as :func:`client_files` names it) with what the cache writes
+    merged into its ``existing`` text, for the files that hold a host's other settings too:
+    Docker's ``daemon.json`` (log driver, storage, …) and k3s's ``registries.yaml`` (other
+    mirrors, credentials under ``configs``). None for files that belong to the cache's setup
+    alone. ValueError when the existing file cannot be read as what it should be."""
+    name = PurePosixPath(path).name
+    if name == "daemon.json":
+        return _merged_daemon_json(existing, written)
+    if name == "registries.yaml":
+        return _merged_registries_yaml(existing, written)
+    return None
+
+
+def _merged_daemon_json(existing: str, written: str) -> str:
+    try:
+        old = json.loads(existing) if existing.strip() else {}
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(old, dict):
+        raise ValueError("not a JSON object")
+    new = json.loads(written)
+    merged = dict(old)
+    for key, values in new.items():  # the cache's entries first: Docker tries mirrors in order
+        kept = old.get(key, [])
+        merged[key] = [*values, *(value for value in (kept if isinstance(kept, list) else []) if value not in values)]
+    return json.dumps(merged, indent=2) + "\n"
+
+
+def _merged_registries_yaml(existing: str, written: str) -> str:
+    try:
+        old = yaml.safe_load(existing) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(old, dict):
+        raise ValueError("not a YAML mapping")
+    new = yaml.safe_load(written)
+    merged = dict(old)
+    for section, entries in new.items():  # mirrors, configs: the cache's registries replaced, others kept
+        kept = old.get(section)
+        merged[section] = {**(kept if isinstance(kept, dict) else {}), **entries}
+    return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)

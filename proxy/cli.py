@@ -51,7 +51,7 @@ from moorage.config import (
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
-from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings
+from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
 from ._logging import configure_logging
 from ._preflight import preflight
 from ._serve import running, serve
@@ -737,6 +737,30 @@ def client_config(
             click.echo(f"# file: {path}\n{content}")
             continue
         target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content)
-        click.echo(f"wrote {target}")
+        _write_client_file(target, path, content)
+
+
+def _write_client_file(target: Path, path: str, content: str) -> None:
+    """Write one client file without losing what the host had there: the cache's settings are
+    merged into a ``daemon.json`` or ``registries.yaml`` that holds others, and any other file
+    that changes is kept beside it as ``<name>.bak``."""
+    try:
+        existing = read_text(target) if target.exists() else None
+    except UnreadableFile as error:
+        fail(f"cannot read {target}: {error}")
+    if existing is not None:
+        try:
+            merged = merged_with(path, existing, content)
+        except ValueError as error:
+            fail(f"cannot merge into {target}: {error}; fix it, or move it away and run this again")
+        content = merged if merged is not None else content
+        if content == existing:
+            click.echo(f"unchanged {target}")
+            return
+        if merged is None:
+            backup = target.with_name(target.name + ".bak")
+            os.replace(target, backup)
+            click.echo(f"kept the previous {target.name} as {backup}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(content)
+    click.echo(f"{'updated' if existing is not None else 'wrote'} {target}")

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import ClientOptions, client_files, client_warnings
 from moorage.proxy._warm import platform_matches
-from moorage.proxy.cli import StatsReport, _stats_table, url_problem
+from moorage.proxy.cli import StatsReport, _stats_table, main, url_problem
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
 
 
@@ -183,6 +185,55 @@ def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
     hosts = tomllib.loads(files["certs.d/ghcr.io/hosts.toml"])
     assert hosts["server"] == "https://ghcr.io" and hosts["host"][URL]["capabilities"] == ["pull", "resolve"]
     assert "certs.d/_default/hosts.toml" in files
+
+
+def client_config(*args: str) -> str:
+    result = CliRunner().invoke(main, ["client-config", *args, "--url", URL], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_written_files_keep_what_the_host_had_there(tmp_path: Path) -> None:
+    """--output-dir on a host's own configuration directory: its other settings survive."""
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "daemon.json").write_text('{"log-driver": "journald", "registry-mirrors": ["https://mirror.gcr.io"]}')
+    client_config("docker", "--output-dir", str(docker))
+    daemon = json.loads((docker / "daemon.json").read_text())
+    assert daemon["log-driver"] == "journald"
+    assert daemon["registry-mirrors"] == [URL, "https://mirror.gcr.io"], "the cache first: Docker tries in order"
+    assert daemon["insecure-registries"] == ["moorage.example:5000"]
+    assert "unchanged" in client_config("docker", "--output-dir", str(docker)), "a second run changes nothing"
+
+    k3s = tmp_path / "k3s"
+    k3s.mkdir()
+    (k3s / "registries.yaml").write_text(
+        'mirrors:\n  "registry.corp":\n    endpoint: ["https://registry.corp"]\n'
+        'configs:\n  "registry.corp":\n    auth: {username: robot, password: hunter2}\n'
+    )
+    client_config("k3s", "--output-dir", str(k3s))
+    registries = yaml.safe_load((k3s / "registries.yaml").read_text())
+    assert registries["configs"]["registry.corp"]["auth"]["username"] == "robot", "credentials kept"
+    assert registries["mirrors"]["registry.corp"] == {"endpoint": ["https://registry.corp"]}
+    assert registries["mirrors"]["docker.io"] == {"endpoint": [URL]}
+
+    certs = tmp_path / "certs.d"
+    (certs / "docker.io").mkdir(parents=True)
+    own = 'server = "https://registry-1.docker.io"\n[host."https://corp-mirror"]\n  capabilities = ["pull"]\n'
+    (certs / "docker.io" / "hosts.toml").write_text(own)
+    output = client_config("containerd", "--output-dir", str(certs))
+    assert (certs / "docker.io" / "hosts.toml.bak").read_text() == own, "a replaced file is kept beside it"
+    assert "hosts.toml.bak" in output
+    assert tomllib.loads((certs / "docker.io" / "hosts.toml").read_text())["host"][URL]
+
+
+def test_a_file_that_cannot_be_merged_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "daemon.json").write_text('{"log-driver": "journald",}')
+    result = CliRunner().invoke(
+        main, ["client-config", "docker", "--url", URL, "--output-dir", str(tmp_path)], env={"MOORAGE_CONFIG": ""}
+    )
+    assert result.exit_code == 2 and "cannot merge into" in result.output and "not valid JSON" in result.output
+    assert (tmp_path / "daemon.json").read_text() == '{"log-driver": "journald",}'
 
 
 def test_a_url_with_a_path_is_refused() -> None:
