@@ -274,7 +274,9 @@ class Cache:
         # every sweeper (eviction, gc, lifecycle) while their readers may still be opening them.
         recent = self._clock() - RECENT_SECONDS
         self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
-        self._guard.prune()
+        # On a thread: a sweeper holds the guard's lock while it unlinks, which for a file of
+        # gigabytes takes a while.
+        await asyncio.to_thread(self._guard.prune)
         self._recent_stores()  # forgets the older ones: the map stays small between passes
         served_since = self._clock() - REFERENCED_SECONDS
         self._served = {digest: when for digest, when in self._served.items() if when >= served_since}

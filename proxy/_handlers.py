@@ -288,7 +288,9 @@ class _FileReads:
             self._reading.exception()  # retrieved: a read that failed after its request left
         opening = self._opening
         if opening is not None and not opening.cancelled() and opening.exception() is None:
-            os.close(opening.result())  # read-only: nothing to flush
+            # On a thread: when the blob was evicted meanwhile, this close frees its blocks.
+            closing = asyncio.get_running_loop().run_in_executor(None, os.close, opening.result())
+            closing.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
 
 
 def _cut(request: web.Request, error: str) -> None:
