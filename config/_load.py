@@ -99,13 +99,36 @@ def _with_variable(error: Mapping[str, Any], overrides: Mapping[str, str]) -> st
     return line
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as PyYAML's safe loader reads it, but a key given twice in one mapping is an error
+    (YAML says keys are unique; PyYAML keeps the last one without a word)."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            mark = first.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: the constructor reports it
+            continue
+        if mark is not key_node.start_mark:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (first on line {mark.line + 1})", key_node.start_mark
+            )
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = read_text(path)
     except UnreadableFile as exc:
         raise ConfigError(str(path), [f"cannot read the file: {exc}"]) from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f"line {where.line + 1}: " if where is not None else ""

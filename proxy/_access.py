@@ -105,7 +105,7 @@ def _record(request: web.Request, note: RequestNotes, status: int, content_lengt
         "request_id": note.request_id,
         "client": request.remote,
         "method": request.method,
-        "path": request.path[:512],
+        "path": request.rel_url.raw_path[:512],  # as asked: %2F stays %2F
         "status": status,
         "bytes": sent,
         "duration_ms": round(seconds * 1000, 2),

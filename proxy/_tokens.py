@@ -141,6 +141,8 @@ class TokenKeys:
             )
         except jwt.ExpiredSignatureError:
             raise TokenInvalid("the token has expired") from None
+        except jwt.DecodeError:  # unreadable, or signed by another key: the decoder's words help no one
+            raise TokenInvalid("the token is not one this cache issued") from None
         except jwt.InvalidTokenError as exc:
             raise TokenInvalid(f"the token is not valid here: {exc}") from None
         repositories = frozenset(

@@ -209,7 +209,8 @@ def check_config(file: Path, skip_files: bool) -> None:
         for doubt in check_files(settings, settings_source(file, os.environ)):
             click.echo(f"moorage: warning: {doubt}", err=True)
     read = "files not read" if skip_files else "files read"
-    click.echo(f"{file}: ok ({len(settings.upstreams)} upstreams, store in {settings.storage.path}; {read})")
+    count = len(settings.upstreams)
+    click.echo(f"{file}: ok ({count} upstream{'s' if count != 1 else ''}, store in {settings.storage.path}; {read})")
 
 
 @main.command(

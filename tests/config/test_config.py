@@ -176,6 +176,12 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams[0].url: credentials do not go in the URL: set username and password_file",
             id="credentials_in_url",
         ),
+        pytest.param(
+            "tag_ttl: 1m\nstorage: {path: /tmp/x}\ntag_ttl: 2m\n",
+            "line 3: not valid YAML: 'tag_ttl' is given twice (first on line 1)",
+            id="key_twice",
+        ),
+        pytest.param("storage: {path: /a, path: /b}\n", "'path' is given twice", id="key_twice_on_one_line"),
         pytest.param("listen: [1\n", "not valid YAML", id="bad_yaml"),
         pytest.param("- just\n- a list\n", "must hold a mapping", id="not_a_mapping"),
     ],

@@ -132,9 +132,11 @@ async def test_one_json_line_per_request_and_an_audit_line_per_pull(
     image = upstream.add_image("library/alpine", "3.19")
     await moorage.get("/v2/alpine/manifests/3.19", headers={"X-Request-Id": "job-7"})
     await moorage.head("/v2/alpine/manifests/3.19")
+    await moorage.get("/v2/alpine%2Fx/manifests/3.19")
     lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
     requests = [line for line in lines if line["event"] == "request"]
-    assert len(requests) == 2
+    assert len(requests) == 3
+    assert requests[2]["path"] == "/v2/alpine%2Fx/manifests/3.19", "logged as asked, not decoded"
     first = requests[0]
     assert first["request_id"] == "job-7" and first["client"] == "127.0.0.1" and first["method"] == "GET"
     assert first["path"] == "/v2/alpine/manifests/3.19" and first["status"] == 200

@@ -70,7 +70,7 @@ def test_a_config_whose_files_serve_would_read_passes(tmp_path: Path) -> None:
     config = write_config(tmp_path, **good_files(tmp_path))
     checked = moorage("check-config", str(config))
     assert checked.returncode == 0, checked.stderr
-    assert "files read" in checked.stdout
+    assert "files read" in checked.stdout and "(1 upstream, store in" in checked.stdout
     assert not (tmp_path / "store").exists(), "the check creates nothing"
 
 

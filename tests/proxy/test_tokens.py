@@ -146,6 +146,9 @@ async def test_wrong_passwords_expired_and_forged_tokens_are_401(
         {**claims, "exp": now + 3600}, "a guessed secret, at least thirty-two bytes long", algorithm="HS256"
     )
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=bearer(forged))).status == 401
+    garbled = await moorage.get("/v2/alpine/manifests/3.19", headers=bearer("abc.def.ghi"))
+    assert garbled.status == 401
+    assert (await garbled.json())["errors"][0]["message"] == "the token is not one this cache issued"
 
 
 async def test_containerd_oauth2_post(
