@@ -80,7 +80,8 @@ class MalformedRequests(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             client = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if record.levelno > logging.WARNING:  # aiohttp's debug lines (a TLS hello on plain HTTP) stay debug
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg, record.args, record.exc_info, record.exc_text = "malformed request refused", (), None, None
             record.event = "malformed_request"
             record.client = client

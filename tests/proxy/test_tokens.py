@@ -399,3 +399,15 @@ def test_a_malformed_request_logs_no_excerpt_of_it() -> None:
     assert record.levelno == logging.WARNING and record.exc_info is None
     assert "c2VjcmV0" not in str(record.__dict__)
     assert record.client == "10.0.0.9"
+
+
+def test_a_tls_hello_on_plain_http_stays_a_debug_line() -> None:
+    """skopeo tries https first on every pull: aiohttp logs the refused hello at debug, and a
+    cache run at log_level debug must not show a warning per pull for it."""
+    record = logging.makeLogRecord(
+        {"name": "aiohttp.server", "levelno": logging.DEBUG, "msg": "Error handling request", "args": ()}
+    )
+    record.exc_info = (BadHttpMessage, BadHttpMessage("Invalid method encountered: b'\\x16\\x03\\x01'"), None)
+    MalformedRequests().filter(record)
+    assert record.levelno == logging.DEBUG and record.exc_info is None
+    assert record.__dict__["event"] == "malformed_request"
