@@ -27,11 +27,26 @@ ENV_PREFIX = "MOORAGE_"
 #: Names the config file; not a setting itself.
 CONFIG_ENV = "MOORAGE_CONFIG"
 #: What Kubernetes sets in every pod of a namespace for a Service named ``moorage`` (or
-#: ``moorage-…``): ``MOORAGE_SERVICE_HOST``, ``MOORAGE_SERVICE_PORT_HTTP``, ``MOORAGE_PORT``,
-#: ``MOORAGE_PORT_5000_TCP_ADDR``. No setting is named so (nested keys are joined with ``__``).
-_SERVICE_LINK = re.compile(
-    r"MOORAGE(_[A-Z0-9]+)*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9]+)*|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+#: ``moorage-…``), name and value: ``MOORAGE_SERVICE_HOST=10.0.0.1``,
+#: ``MOORAGE_SERVICE_PORT_HTTP=5000``, ``MOORAGE_PORT=tcp://10.0.0.1:5000``,
+#: ``MOORAGE_PORT_5000_TCP_PROTO=tcp``. No setting is named so (nested keys are joined with
+#: ``__``), and the values' shapes keep a guess such as ``MOORAGE_PORT=8080`` an unknown key.
+_ADDRESS = r"[0-9A-Fa-f.:]+"
+_SERVICE_LINKS = tuple(
+    (re.compile(rf"MOORAGE(_[A-Z0-9]+)*_{name}"), re.compile(value))
+    for name, value in (
+        ("SERVICE_HOST", _ADDRESS),
+        (r"SERVICE_PORT(_[A-Z0-9]+)*", r"[0-9]+"),
+        (r"PORT(_[0-9]+_(TCP|UDP|SCTP))?", rf"(tcp|udp|sctp)://(\[{_ADDRESS}\]|{_ADDRESS}):[0-9]+"),
+        (r"PORT_[0-9]+_(TCP|UDP|SCTP)_PROTO", r"tcp|udp|sctp"),
+        (r"PORT_[0-9]+_(TCP|UDP|SCTP)_PORT", r"[0-9]+"),
+        (r"PORT_[0-9]+_(TCP|UDP|SCTP)_ADDR", _ADDRESS),
+    )
 )
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in _SERVICE_LINKS)
 
 
 class ConfigError(Exception):
@@ -55,7 +70,7 @@ def _overrides(environ: Mapping[str, str]) -> dict[str, str]:
     return {
         name: value
         for name, value in environ.items()
-        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and not _SERVICE_LINK.fullmatch(name)
+        if name.startswith(ENV_PREFIX) and name != CONFIG_ENV and not _is_service_link(name, value)
     }
 
 
@@ -107,6 +122,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     first: dict[Any, yaml.Mark] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: the loader merges it below
+            continue
         key = loader.construct_object(key_node)
         try:
             mark = first.setdefault(key, key_node.start_mark)

@@ -237,6 +237,20 @@ def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
         load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
 
 
+def test_anchors_and_merge_keys_load_as_yaml_says(tmp_path: Path) -> None:
+    """The duplicate-key check passes over ``<<``: one upstream's settings reused by others."""
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  - &a {host: a.io, url: 'https://a.io', default: true, prefetch_blobs: 0, max_concurrent_fills: 4}\n"
+        "  - {<<: *a, host: b.io, url: 'https://b.io', default: false}\n"
+        "  - {<<: [*a], host: c.io, url: 'https://c.io', default: false, prefetch_blobs: 2}\n"
+    )
+    _, b, c = load_settings(path).upstreams
+    assert (b.host, b.default, b.prefetch_blobs, b.max_concurrent_fills) == ("b.io", False, 0, 4)
+    assert (c.host, c.prefetch_blobs, c.max_concurrent_fills) == ("c.io", 2, 4), "a key beside the merge wins"
+
+
 def test_a_file_with_a_byte_that_is_not_utf8_names_the_file_and_the_line(tmp_path: Path) -> None:
     path = tmp_path / "latin.yaml"
     path.write_bytes(b"# caf\xe9 du coin\ntag_ttl: 1m\n")
@@ -258,6 +272,7 @@ def test_kubernetes_service_links_for_a_service_named_moorage_are_not_settings()
         "MOORAGE_PORT_5000_TCP_ADDR": "10.0.0.1",
         "MOORAGE_METRICS_SERVICE_HOST": "10.0.0.2",
         "MOORAGE_METRICS_PORT_9090_TCP_ADDR": "10.0.0.2",
+        "MOORAGE_V6_PORT": "tcp://[fd00::1]:5000",
     }
     assert load_settings(None, {**links, "MOORAGE_TAG_TTL": "1m"}).tag_ttl == 60
     assert settings_source(None, links) == "the defaults"
@@ -266,6 +281,11 @@ def test_kubernetes_service_links_for_a_service_named_moorage_are_not_settings()
         load_settings(None, {**links, "MOORAGE_TAG_TLL": "1m"})
     with pytest.raises(ConfigError, match=r"upstreams\[0\].port: unknown key"):
         load_settings(None, {**links, "MOORAGE_UPSTREAMS__0__PORT": "1"})
+    # A guess at a key's name is no service link: its value has another shape.
+    with pytest.raises(ConfigError, match=r"port: unknown key \(set by MOORAGE_PORT\)"):
+        load_settings(None, {"MOORAGE_PORT": "8080"})
+    with pytest.raises(ConfigError, match=r"metrics_service_host: unknown key"):
+        load_settings(None, {"MOORAGE_METRICS_SERVICE_HOST": "moorage.example"})
 
 
 def test_a_list_set_from_the_environment_says_lists_belong_in_the_file() -> None:
