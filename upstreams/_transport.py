@@ -16,8 +16,10 @@ from typing import Final
 
 import httpx
 
+from ._auth import parse_challenge
 from ._ratelimit import parse_ratelimit
 from .errors import (
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
     UpstreamProtocolError,
@@ -66,6 +68,31 @@ def retry_after_seconds(value: str | None) -> float | None:
             return None
 
 
+def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamError:
+    """A 401 or 403, told apart by who refused and how:
+
+    - the target of a redirect (a CDN's signed URL, expired): asking again gets a new one;
+    - a repository the upstream does not grant: Docker Hub answers a name it does not have,
+      or a private one, with a token that grants nothing and 401 ``insufficient_scope``;
+      a 403 is a plain "not yours";
+    - anything else (a Basic challenge after credentials were sent, a token refused): the
+      cache's own credentials.
+    """
+    status = response.status_code
+    if any(earlier.is_redirect for earlier in response.history):  # (auth challenges are history too)
+        return UpstreamUnavailable(upstream, f"{what}: the redirect's target refused it (HTTP {status})", status=status)
+    scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
+    if status == 403 or (scheme == "bearer" and params.get("error") == "insufficient_scope"):
+        return UpstreamRefused(
+            upstream,
+            f"{what}: refused (HTTP {status}{', insufficient_scope' if status == 401 else ''}):"
+            " no such repository there, or not one these credentials may pull",
+            status=status,
+        )
+    challenge = f", challenge {scheme} {params['error']}" if params.get("error") else ""
+    return UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status}{challenge})", status=status)
+
+
 def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None:
     status = response.status_code
     if status < 400:
@@ -80,11 +107,7 @@ def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None
         message = f"{what}: rate limited (HTTP 429{', pull budget spent' if spent else ''})"
         error = UpstreamRateLimited(upstream, message, retry_after=retry_after, budget_spent=spent)
     elif status in (401, 403):
-        error = UpstreamRefused(
-            upstream,
-            f"{what}: refused (HTTP {status}): no such repository there, or not one these credentials may pull",
-            status=status,
-        )
+        error = _refusal(upstream, what, response)
     elif status >= 500 or status == 408:
         error = UpstreamUnavailable(upstream, f"{what}: HTTP {status}", status=status)
     else:

@@ -695,6 +695,8 @@ class FakeCDN(_RecordingServer):
         registry: whose blobs are served; set by ``FakeRegistry.cdn = cdn``.
         support_ranges: answer ``Range`` with 206 (else 200 with the whole body).
         check_signatures: require a ``sig`` issued by `signed_url` (False: any).
+        issue_expired: how many of the next URLs `signed_url` issues are expired already
+            (a clock skew, a long queue before the redirect was followed).
         leaked_authorization: requests that arrived with an ``Authorization`` header.
         down: close every connection without an answer.
         requests: every request received.
@@ -715,12 +717,16 @@ class FakeCDN(_RecordingServer):
         self.support_ranges = support_ranges
         self.check_signatures = check_signatures
         self.leaked_authorization = 0
+        self.issue_expired = 0
         self._signatures: set[str] = set()
 
     def signed_url(self, digest: str) -> str:
         """A fresh presigned-style URL for ``digest`` on this CDN."""
         sig = secrets.token_hex(16)
-        self._signatures.add(sig)
+        if self.issue_expired > 0:
+            self.issue_expired -= 1
+        else:
+            self._signatures.add(sig)
         return f"{self.url}/blobs/{digest}?sig={sig}&expires={int(time.time()) + 1200}"
 
     def expire_signatures(self) -> None:

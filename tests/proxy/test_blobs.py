@@ -263,6 +263,19 @@ async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorag
     assert "location" not in {k.lower() for k in response.headers}
 
 
+async def test_an_expired_cdn_url_is_asked_for_again(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    """A CDN's 403 to a signed URL is no verdict on the repository: a fresh redirect serves."""
+    upstream.auth = "bearer"
+    cdn = await upstream.start_cdn()
+    cdn.issue_expired = 1
+    data = os.urandom(MiB)
+    digest = upstream.add_blob(data)
+    moorage = await start_moorage()
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert response.status == 200 and await response.read() == data
+    assert cdn.count("GET", digest) == 2, "the expired URL, then a fresh one"
+
+
 async def test_warm_blobs_keep_the_connection_alive(moorage: Client, upstream: FakeRegistry) -> None:
     data = os.urandom(100_000)
     digest = upstream.add_blob(data)

@@ -374,6 +374,22 @@ async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
 
 
+async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A registry behind htpasswd (Harbor, Artifactory, Distribution) answers a wrong password
+    with its Basic challenge again: that is the cache's settings, not a missing repository."""
+    upstream.auth = "basic"
+    upstream.credentials = ("bob", "right")
+    upstream.add_image("private/app", "1")
+    password = tmp_path / "password"
+    password.write_text("wrong\n")
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
+    assert response.status == 502
+    assert "credentials" in (await response.json())["errors"][0]["message"]
+
+
 async def test_a_slow_upstream_gets_a_stale_answer_within_the_deadline_then_backs_off(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
