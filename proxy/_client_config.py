@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -268,7 +268,11 @@ def _merged_daemon_json(existing: str, written: str) -> str:
     merged = dict(old)
     for key, values in new.items():  # the cache's entries first: Docker tries mirrors in order
         kept = old.get(key, [])
-        merged[key] = [*values, *(value for value in (kept if isinstance(kept, list) else []) if value not in values)]
+        if isinstance(kept, str):
+            kept = [kept]
+        elif not isinstance(kept, list):
+            raise ValueError(f"{key} is not a list")
+        merged[key] = [*values, *(value for value in kept if value not in values)]
     return json.dumps(merged, indent=2) + "\n"
 
 
@@ -279,9 +283,18 @@ def _merged_registries_yaml(existing: str, written: str) -> str:
         raise ValueError(f"not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(old, dict):
         raise ValueError("not a YAML mapping")
-    new = yaml.safe_load(written)
-    merged = dict(old)
-    for section, entries in new.items():  # mirrors, configs: the cache's registries replaced, others kept
-        kept = old.get(section)
-        merged[section] = {**(kept if isinstance(kept, dict) else {}), **entries}
+    for section in ("mirrors", "configs"):
+        if not isinstance(old.get(section) or {}, dict):
+            raise ValueError(f"{section} is not a mapping")
+    merged = _deep_merged(old, yaml.safe_load(written))
     return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
+
+
+def _deep_merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s keys set, mappings in both merged key by key: a registry's
+    ``auth`` stays beside the ``tls`` the cache writes for it."""
+    merged = dict(old)
+    for key, value in new.items():
+        kept = old.get(key)
+        merged[key] = _deep_merged(kept, value) if isinstance(kept, dict) and isinstance(value, dict) else value
+    return merged

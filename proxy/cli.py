@@ -8,9 +8,11 @@ image, a store that is not there) is one line on stderr and exit code 2, never a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import shutil
 import ssl
 import sys
 import time
@@ -743,25 +745,37 @@ def client_config(
 
 def _write_client_file(target: Path, path: str, content: str) -> None:
     """Write one client file without losing what the host had there: the cache's settings are
-    merged into a ``daemon.json`` or ``registries.yaml`` that holds others, and any other file
-    that changes is kept beside it as ``<name>.bak``."""
+    merged into a ``daemon.json`` or ``registries.yaml`` that holds others, the previous file
+    is kept beside it as ``<name>.bak`` (``.bak.1``, … when that exists), and the new one is
+    put in place whole, with the old one's mode and owner (through a symlink, at its target)."""
+    real = target.resolve() if target.is_symlink() else target
     try:
-        existing = read_text(target) if target.exists() else None
+        existing = read_text(real) if real.exists() else None
     except UnreadableFile as error:
-        fail(f"cannot read {target}: {error}")
+        fail(f"cannot read {real}: {error}")
     if existing is not None:
         try:
             merged = merged_with(path, existing, content)
         except ValueError as error:
-            fail(f"cannot merge into {target}: {error}; fix it, or move it away and run this again")
+            fail(f"cannot merge into {real}: {error}; fix it, or move it away and run this again")
         content = merged if merged is not None else content
         if content == existing:
-            click.echo(f"unchanged {target}")
+            click.echo(f"unchanged {real}")
             return
-        if merged is None:
-            backup = target.with_name(target.name + ".bak")
-            os.replace(target, backup)
-            click.echo(f"kept the previous {target.name} as {backup}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(content)
-    click.echo(f"{'updated' if existing is not None else 'wrote'} {target}")
+        backup = next(
+            candidate
+            for n in range(1000)
+            if not (candidate := real.with_name(f"{real.name}.bak{f'.{n}' if n else ''}")).exists()
+        )
+        shutil.copy2(real, backup)
+        click.echo(f"kept the previous {real.name} as {backup}")
+    real.parent.mkdir(parents=True, exist_ok=True)
+    temporary = real.with_name(f".{real.name}.moorage-new")
+    temporary.write_text(content)
+    if existing is not None:
+        info = real.stat()
+        os.chmod(temporary, info.st_mode & 0o7777)
+        with contextlib.suppress(PermissionError):  # only root gives files away
+            os.chown(temporary, info.st_uid, info.st_gid)
+    os.replace(temporary, real)
+    click.echo(f"{'updated' if existing is not None else 'wrote'} {real}")

@@ -187,53 +187,81 @@ def test_k3s_and_kind_snippets_are_yaml_that_names_every_registry() -> None:
     assert "certs.d/_default/hosts.toml" in files
 
 
-def client_config(*args: str) -> str:
-    result = CliRunner().invoke(main, ["client-config", *args, "--url", URL], env={"MOORAGE_CONFIG": ""})
+def client_config(*args: str, url: str = URL) -> str:
+    result = CliRunner().invoke(main, ["client-config", *args, "--url", url], env={"MOORAGE_CONFIG": ""})
     assert result.exit_code == 0, result.output
     return result.output
 
 
 def test_written_files_keep_what_the_host_had_there(tmp_path: Path) -> None:
-    """--output-dir on a host's own configuration directory: its other settings survive."""
+    """--output-dir on a host's own configuration directory: its other settings survive, and
+    the file it had is kept beside the new one."""
     docker = tmp_path / "docker"
     docker.mkdir()
-    (docker / "daemon.json").write_text('{"log-driver": "journald", "registry-mirrors": ["https://mirror.gcr.io"]}')
+    original = '{"log-driver": "journald", "registry-mirrors": "https://mirror.gcr.io"}'
+    (docker / "daemon.json").write_text(original)
+    (docker / "daemon.json").chmod(0o640)
     client_config("docker", "--output-dir", str(docker))
     daemon = json.loads((docker / "daemon.json").read_text())
     assert daemon["log-driver"] == "journald"
     assert daemon["registry-mirrors"] == [URL, "https://mirror.gcr.io"], "the cache first: Docker tries in order"
     assert daemon["insecure-registries"] == ["moorage.example:5000"]
+    assert (docker / "daemon.json").stat().st_mode & 0o777 == 0o640, "the file's mode is kept"
+    assert (docker / "daemon.json.bak").read_text() == original
     assert "unchanged" in client_config("docker", "--output-dir", str(docker)), "a second run changes nothing"
+    client_config("docker", "--output-dir", str(docker), url="http://other.example:5000")
+    assert (docker / "daemon.json.bak").read_text() == original, "the host's own file is never overwritten"
+    assert "moorage.example" in (docker / "daemon.json.bak.1").read_text()
 
     k3s = tmp_path / "k3s"
     k3s.mkdir()
     (k3s / "registries.yaml").write_text(
         'mirrors:\n  "registry.corp":\n    endpoint: ["https://registry.corp"]\n'
         'configs:\n  "registry.corp":\n    auth: {username: robot, password: hunter2}\n'
+        '  "moorage.example:5000":\n    auth: {username: node, password: s3cret}\n'
     )
-    client_config("k3s", "--output-dir", str(k3s))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    client_config("k3s", "--ca", str(ca), "--output-dir", str(k3s), url="https://moorage.example:5000")
     registries = yaml.safe_load((k3s / "registries.yaml").read_text())
-    assert registries["configs"]["registry.corp"]["auth"]["username"] == "robot", "credentials kept"
+    assert registries["configs"]["registry.corp"]["auth"]["username"] == "robot", "other registries' credentials"
+    assert registries["configs"]["moorage.example:5000"] == {
+        "auth": {"username": "node", "password": "s3cret"},  # how nodes sign in to the cache
+        "tls": {"ca_file": "/etc/rancher/k3s/moorage-ca.crt"},
+    }
     assert registries["mirrors"]["registry.corp"] == {"endpoint": ["https://registry.corp"]}
-    assert registries["mirrors"]["docker.io"] == {"endpoint": [URL]}
+    assert registries["mirrors"]["docker.io"] == {"endpoint": ["https://moorage.example:5000"]}
 
     certs = tmp_path / "certs.d"
     (certs / "docker.io").mkdir(parents=True)
     own = 'server = "https://registry-1.docker.io"\n[host."https://corp-mirror"]\n  capabilities = ["pull"]\n'
-    (certs / "docker.io" / "hosts.toml").write_text(own)
+    elsewhere = tmp_path / "managed-hosts.toml"
+    elsewhere.write_text(own)
+    (certs / "docker.io" / "hosts.toml").symlink_to(elsewhere)
     output = client_config("containerd", "--output-dir", str(certs))
-    assert (certs / "docker.io" / "hosts.toml.bak").read_text() == own, "a replaced file is kept beside it"
-    assert "hosts.toml.bak" in output
-    assert tomllib.loads((certs / "docker.io" / "hosts.toml").read_text())["host"][URL]
+    assert (tmp_path / "managed-hosts.toml.bak").read_text() == own, "a replaced file is kept beside it"
+    assert "managed-hosts.toml.bak" in output
+    assert (certs / "docker.io" / "hosts.toml").is_symlink(), "written through the link, which stays"
+    assert tomllib.loads(elsewhere.read_text())["host"][URL]
 
 
-def test_a_file_that_cannot_be_merged_is_left_alone(tmp_path: Path) -> None:
-    (tmp_path / "daemon.json").write_text('{"log-driver": "journald",}')
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("daemon.json", '{"log-driver": "journald",}', "not valid JSON"),
+        ("daemon.json", '{"registry-mirrors": {"a": 1}}', "registry-mirrors is not a list"),
+        ("registries.yaml", "mirrors: [docker.io]\n", "mirrors is not a mapping"),
+    ],
+)
+def test_a_file_that_cannot_be_merged_is_left_alone(tmp_path: Path, name: str, text: str, problem: str) -> None:
+    (tmp_path / name).write_text(text)
+    client = "docker" if name == "daemon.json" else "k3s"
     result = CliRunner().invoke(
-        main, ["client-config", "docker", "--url", URL, "--output-dir", str(tmp_path)], env={"MOORAGE_CONFIG": ""}
+        main, ["client-config", client, "--url", URL, "--output-dir", str(tmp_path)], env={"MOORAGE_CONFIG": ""}
     )
-    assert result.exit_code == 2 and "cannot merge into" in result.output and "not valid JSON" in result.output
-    assert (tmp_path / "daemon.json").read_text() == '{"log-driver": "journald",}'
+    assert result.exit_code == 2 and "cannot merge into" in result.output and problem in result.output
+    assert (tmp_path / name).read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], "nothing written beside it"
 
 
 def test_a_url_with_a_path_is_refused() -> None:
