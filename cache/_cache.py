@@ -69,7 +69,7 @@ from ._serving import ServingLock
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint
 from ._verify import counted_size, hash_file
-from .errors import CacheError, DigestMismatch, StoreFailure
+from .errors import CacheError, DigestMismatch, IndexFailure, StoreFailure
 
 __all__ = [
     "BlobAnswer",
@@ -798,6 +798,8 @@ class Cache:
             self._observer.on_stored("manifest", len(fetched.body))
         if failure is not None:  # verified, so it is served all the same; only not kept
             self._not_kept("manifest served but not stored", failure, digest=str(digest))
+            if isinstance(failure, IndexFailure):  # in the store: remembered here, not asked for again
+                self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
             return digest, False
         self._stored_lately[digest] = self._clock()
         self._routes.learn(digest, (upstream, str(repository)))
@@ -931,15 +933,14 @@ class Cache:
                     pending.close()
             except StoreFailure as failure:
                 return digest, None, False, failure
+        entry = TagEntry(digest, fetched.media_type, self._clock()) if tag is not None else None
         try:
             self._index.put_manifest(digest, fetched.media_type)
             self._index.add_image(image_key(*image, digest), self._clock())
-            entry = None
-            if tag is not None:
-                entry = TagEntry(digest, fetched.media_type, self._clock())
+            if tag is not None and entry is not None:
                 self._index.put_tag(tag, entry)
         except StoreFailure as failure:  # in the store, but the index could not record it
-            return digest, None, new, failure
+            return digest, entry, new, failure
         return digest, entry, new, None
 
     # -- blobs ----------------------------------------------------------------------------------

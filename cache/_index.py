@@ -19,7 +19,7 @@ from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 from ._keys import SERVING_KEY, STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
-from .errors import StoreFailure
+from .errors import IndexFailure, StoreFailure
 
 __all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
 
@@ -50,9 +50,13 @@ def _recording(what: str) -> Iterator[None]:
     served, stale answers still stand in for the upstream, and a full disk starts eviction."""
     try:
         yield
+    except OSError as exc:  # diskcache keeps values from 32 KiB up (tag list pages) in files
+        failure = StoreFailure.of(f"the index cannot record {what}", exc)
+        raise IndexFailure(str(failure), disk_full=failure.disk_full) from exc
     except (sqlite3.Error, diskcache.Timeout) as exc:
         full = isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        raise StoreFailure(f"the index cannot record {what}: {exc or type(exc).__name__}", disk_full=full) from exc
+        reason = str(exc) or type(exc).__name__  # diskcache's Timeout says nothing
+        raise IndexFailure(f"the index cannot record {what}: {reason}", disk_full=full) from exc
 
 
 class Index:

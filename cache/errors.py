@@ -5,6 +5,7 @@
     ├── FillAborted      the fill a reader was following failed; the reader's response must be
     │                    cut (never finished), and nothing was kept
     └── StoreFailure     the store could not write (disk full, permissions); nothing kept
+        └── IndexFailure the index could not record what the store holds
 
 Upstream failures keep their own types (``moorage.upstreams.errors``); a fill that fails for
 an upstream reason hands readers a FillAborted whose ``__cause__`` is that error.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["CacheError", "DigestMismatch", "FillAborted", "StoreFailure"]
+__all__ = ["CacheError", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure"]
 
 
 class CacheError(Exception):
@@ -42,3 +43,8 @@ class StoreFailure(CacheError):
     @classmethod
     def of(cls, what: str, error: OSError) -> StoreFailure:
         return cls(f"{what}: {error.strerror}", disk_full=error.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
+class IndexFailure(StoreFailure):
+    """The index could not record something (SQLite's disk full, its lock held too long); what
+    the store holds is in place, so this process may remember it in memory."""

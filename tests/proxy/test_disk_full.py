@@ -5,6 +5,7 @@ space, and content already stored keeps being served."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -115,13 +116,14 @@ async def test_readiness_fails_when_blobs_cannot_be_put_in_place(
 
 def fill_up(disk: Path) -> None:
     """Take every free byte of ``disk``."""
-    with open(disk / "filler", "wb") as filler:
-        try:
-            while True:
-                filler.write(b"\0" * (64 * KiB))
-                filler.flush()
-        except OSError:
-            pass
+    descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (64 * KiB, 1):  # then byte by byte, up to the last free one
+            with contextlib.suppress(OSError):
+                while os.write(descriptor, b"\0" * size):
+                    pass
+    finally:
+        os.close(descriptor)
 
 
 async def test_a_tag_confirmed_while_the_index_cannot_write_is_still_answered(
@@ -143,3 +145,36 @@ async def test_a_tag_confirmed_while_the_index_cannot_write_is_still_answered(
     assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="revalidated") == 1
     assert await metric(moorage, "moorage_store_write_failures_total") >= 1
     assert [r for r in caplog.records if getattr(r, "event", "") == "store_write_failed"]
+
+
+async def test_a_tag_the_index_cannot_record_is_remembered_in_memory(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path
+) -> None:
+    """The manifest is in the store, only the index is full: later pulls of the tag are not
+    each another upstream GET (a Docker Hub pull) for as long as the disk stays full."""
+    moorage = await start_moorage(storage={"path": str(small_disk / "store")})
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get(f"/v2/alpine/manifests/{image.digest}")).status == 200  # stored by digest
+    fill_up(small_disk)
+    for _ in range(3):
+        response = await moorage.get("/v2/alpine/manifests/3.19")
+        assert response.status == 200 and await response.read() == image.manifest
+    assert upstream.count("GET", "/manifests/3.19") == 1
+    assert await metric(moorage, "moorage_store_write_failures_total") >= 1
+
+
+async def test_a_large_tag_list_is_answered_when_the_index_cannot_keep_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path
+) -> None:
+    """diskcache keeps values from 32 KiB up in files of their own: a full disk fails them with
+    OSError, not SQLite's error, and the page in hand is answered all the same."""
+    moorage = await start_moorage(storage={"path": str(small_disk / "store")})
+    image = upstream.add_image("library/alpine", "3.19")
+    for number in range(2500):  # some 45 KiB of JSON
+        upstream.add_manifest("library/alpine", f"release-{number:05d}", image.manifest, image.media_type)
+    assert (await moorage.get("/v2/")).status == 200  # the store and index are open
+    fill_up(small_disk)
+    response = await moorage.get("/v2/alpine/tags/list")
+    assert response.status == 200, await response.text()
+    assert len((await response.json())["tags"]) == 2501
+    assert await metric(moorage, "moorage_store_write_failures_total") >= 1
