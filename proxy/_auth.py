@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import time
@@ -68,13 +69,25 @@ class Unauthorized(OCIError):
     code, status = "UNAUTHORIZED", 401
 
 
+#: What tells a version of a file from the next: two writes within one tick of the file
+#: system's clock share an mtime, rarely a size and an inode too.
+_Stamp = tuple[int, int, int]
+_NO_FILE: Final[_Stamp] = (0, 0, 0)
+
+
+def _stamp(info: os.stat_result) -> _Stamp:
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
 class Htpasswd:
     def __init__(self, path: Path, groups_path: Path | None = None) -> None:
         self.path = path
         self.groups_path = groups_path
         self._users: dict[str, bytes] = {}
         self._groups: dict[str, frozenset[str]] = {}
-        self._mtime: tuple[float, float] = (0.0, 0.0)
+        self._mtime: tuple[_Stamp, _Stamp] = (_NO_FILE, _NO_FILE)
+        #: The files' times when a reload last failed: not tried again until they change.
+        self._failed: tuple[_Stamp, _Stamp] | None = None
         self._remembered: dict[bytes, float] = {}
         self._key = secrets.token_bytes(32)
         self._generation = 0
@@ -87,7 +100,7 @@ class Htpasswd:
     def load(self) -> None:
         """Read the file; a bad file is a configuration error naming the key and the line."""
         try:
-            mtime = self.path.stat().st_mtime
+            mtime = _stamp(self.path.stat())
             text = read_text(self.path)
         except (OSError, UnreadableFile) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else exc
@@ -111,12 +124,12 @@ class Htpasswd:
         self._mtime = (mtime, groups_mtime)
         self._generation += 1
 
-    def _load_groups(self) -> tuple[dict[str, frozenset[str]], float]:
+    def _load_groups(self) -> tuple[dict[str, frozenset[str]], _Stamp]:
         """``group: user1 user2`` lines, as user → groups."""
         if self.groups_path is None:
-            return {}, 0.0
+            return {}, _NO_FILE
         try:
-            mtime = self.groups_path.stat().st_mtime
+            mtime = _stamp(self.groups_path.stat())
             text = read_text(self.groups_path)
         except (OSError, UnreadableFile) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else exc
@@ -151,22 +164,31 @@ class Htpasswd:
         """(the users, the groups with a member) the files name."""
         return frozenset(self._users), frozenset(group for groups in self._groups.values() for group in groups)
 
-    def _mtimes(self) -> tuple[float, float]:
-        groups = self.groups_path.stat().st_mtime if self.groups_path is not None else 0.0
-        return self.path.stat().st_mtime, groups
+    def _mtimes(self) -> tuple[_Stamp, _Stamp]:
+        groups = _stamp(self.groups_path.stat()) if self.groups_path is not None else _NO_FILE
+        return _stamp(self.path.stat()), groups
 
     def reload_if_changed(self) -> None:
+        """Load the files again when they changed; a version that fails is logged once, and the
+        users stay as they were until the next change."""
         try:
-            changed = self._mtimes() != self._mtime
+            mtimes = self._mtimes()
         except OSError:
             return
-        if changed:
-            try:
-                self.load()
-            except ConfigError as error:
-                log.error("htpasswd not reloaded", extra={"event": "htpasswd_reload_failed", "error": str(error)})
-                return
-            log.info("htpasswd reloaded", extra={"event": "htpasswd_reloaded", "users": len(self._users)})
+        if mtimes in (self._mtime, self._failed):
+            return
+        try:
+            self.load()
+        except Exception as error:  # a bad line, a byte that is not UTF-8, anything else
+            self._failed = mtimes
+            log.error(
+                "htpasswd not reloaded",
+                exc_info=not isinstance(error, ConfigError),
+                extra={"event": "htpasswd_reload_failed", "error": str(error)},
+            )
+            return
+        self._failed = None
+        log.info("htpasswd reloaded", extra={"event": "htpasswd_reloaded", "users": len(self._users)})
 
     @property
     def generation(self) -> int:
@@ -199,10 +221,7 @@ class Htpasswd:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(CHECK_SECONDS)
-            try:
-                await asyncio.to_thread(self.reload_if_changed)
-            except Exception as error:  # the users stay as they were; the next change is tried
-                log.exception("htpasswd not reloaded", extra={"event": "htpasswd_reload_failed", "error": str(error)})
+            await asyncio.to_thread(self.reload_if_changed)
 
 
 _DUMMY: Final = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))

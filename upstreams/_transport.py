@@ -103,7 +103,9 @@ def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None
     elif status == 429:
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
         budget = parse_ratelimit(response.headers)
-        spent = budget is not None and budget.remaining == 0
+        # Spent for longer than retries wait (Docker Hub's window is six hours); a limit per
+        # second or so may well let the next attempt through.
+        spent = budget is not None and budget.remaining == 0 and (budget.window_seconds or 3600) > 60
         message = f"{what}: rate limited (HTTP 429{', pull budget spent' if spent else ''})"
         error = UpstreamRateLimited(upstream, message, retry_after=retry_after, budget_spent=spent)
     elif status in (401, 403):
