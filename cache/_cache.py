@@ -887,11 +887,12 @@ class Cache:
         shaped like a manifest, and is never taken for a corrupt manifest: anyone may ask the
         manifests route for a layer's digest, and that must not cost the store the layer.
         """
+        size = self._store.size_of(digest)  # no file: no question for the index
+        if size is None:
+            return None
         media_type = self._index.manifest_media_type(digest)
-        if media_type is None:
-            size = self._store.size_of(digest)
-            if size is None or size > MAX_MANIFEST_BYTES:
-                return None
+        if media_type is None and size > MAX_MANIFEST_BYTES:
+            return None
         body = self._store.read_small(digest, MAX_MANIFEST_BYTES)
         if body is None:
             return None
