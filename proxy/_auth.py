@@ -206,13 +206,16 @@ class Htpasswd:
         """bcrypt check (slow: call from a thread); remembers a success."""
         generation = self._generation
         hashed = self._users.get(user)
+        # bcrypt reads the first 72 bytes, as htpasswd wrote the hash from them; the library
+        # refuses more, at once, which would tell a known user from an unknown one by time.
+        given = password.encode()[:72]
+        if hashed is None:
+            bcrypt.checkpw(b"timing", self._dummy)  # the same cost for an unknown user
+            return False
         try:
-            if hashed is None:
-                bcrypt.checkpw(b"timing", self._dummy)  # the same cost for an unknown user
+            if not bcrypt.checkpw(given, hashed.replace(b"$2y$", b"$2b$", 1)):
                 return False
-            if not bcrypt.checkpw(password.encode(), hashed.replace(b"$2y$", b"$2b$", 1)):
-                return False
-        except ValueError:  # a password bcrypt refuses (over 72 bytes): not a match
+        except ValueError:  # a hash bcrypt cannot read (the file is checked at load): no match
             return False
         if generation == self._generation:  # not if the file was reloaded meanwhile
             self._remembered[self._token(user, password)] = time.monotonic() + REMEMBER_SECONDS
@@ -330,13 +333,13 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
     running = authenticator.check_running(user, password)
     charged = running is None
     if running is None:
-        wait = limiter.allow(client)
+        wait = limiter.allow(client, user)
         if wait is not None:
             raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
         running = authenticator.start_check(user, password)
     if await asyncio.shield(running):  # a request that leaves does not end others' check
         if charged:
-            limiter.refund(client)
+            limiter.refund(client, user)
         return True
     log.info("authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote})
     return False

@@ -1,5 +1,6 @@
-"""Failed sign-ins per client: a token bucket per address, for ``/token`` and Basic sign-ins on
-``/v2/`` alike (guessing passwords costs from one budget wherever it is tried).
+"""Failed sign-ins per client: token buckets per address and user name, and per address, for
+``/token`` and Basic sign-ins on ``/v2/`` alike (guessing passwords costs from one budget
+wherever it is tried).
 
 Each password check is charged before it runs, so a burst of guesses sent at once cannot pass
 before the first fails, and a check that succeeds is refunded: clients that sign in correctly,
@@ -22,6 +23,8 @@ from aiohttp import web
 __all__ = ["RATE_LIMITER", "RateLimiter"]
 
 MAX_CLIENTS_TRACKED: Final = 10_000
+#: A client's budget across user names, in multiples of the per-user one.
+CLIENT_BUDGET_FACTOR: Final = 10
 
 
 def client_key(address: str) -> str:
@@ -37,37 +40,65 @@ def client_key(address: str) -> str:
 
 
 class RateLimiter:
-    """``per_minute`` sign-ins per client, refilled continuously."""
+    """``per_minute`` failed sign-ins per client and user name, refilled continuously, and ten
+    times as many per client whatever the names.
+
+    Keyed by user too, so that one client guessing one user's password (or a daemon sending its
+    Docker Hub login to its mirror) does not lock every other user behind the same NAT address
+    or ingress out; the looser per-client budget still bounds the guesses one client makes
+    across names."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_user = _Buckets(per_minute)
+        self._per_client = _Buckets(per_minute * CLIENT_BUDGET_FACTOR)
+
+    def allow(self, address: str, user: str) -> float | None:
+        """Spend one sign-in: None when allowed, else the seconds until the next one is."""
+        client = client_key(address)
+        keys = ((self._per_user, f"{client} {user[:64]}"), (self._per_client, client))
+        waits = [buckets.level(key) for buckets, key in keys]
+        if all(wait is None for wait in waits):
+            for buckets, key in keys:
+                buckets.spend(key)
+            return None
+        return max(wait for wait in waits if wait is not None)
+
+    def refund(self, address: str, user: str) -> None:
+        """Give back what a sign-in that succeeded spent."""
+        client = client_key(address)
+        self._per_user.refund(f"{client} {user[:64]}")
+        self._per_client.refund(client)
+
+
+class _Buckets:
+    """Token buckets by key, the least recently used forgotten past ``MAX_CLIENTS_TRACKED``."""
 
     def __init__(self, per_minute: int) -> None:
         self._rate = per_minute / 60.0
         self._capacity = float(per_minute)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def _level(self, key: str, now: float) -> float:
+    def _tokens(self, key: str, now: float) -> float:
         tokens, since = self._buckets.get(key, (self._capacity, now))
         return min(self._capacity, tokens + (now - since) * self._rate)
 
-    def allow(self, address: str) -> float | None:
-        """Spend one request: None when allowed, else the seconds until the next one is."""
-        key, now = client_key(address), time.monotonic()
-        tokens = self._level(key, now)
-        wait = None
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / self._rate
+    def level(self, key: str) -> float | None:
+        """None when ``key`` may spend one, else the seconds until it may."""
+        tokens = self._tokens(key, time.monotonic())
+        return None if tokens >= 1 else (1 - tokens) / self._rate
+
+    def spend(self, key: str) -> None:
+        now = time.monotonic()
+        tokens = self._tokens(key, now) - 1
         self._buckets.pop(key, None)
         self._buckets[key] = (tokens, now)
         while len(self._buckets) > MAX_CLIENTS_TRACKED:
             self._buckets.popitem(last=False)
-        return wait
 
-    def refund(self, address: str) -> None:
-        """Give back the request spent on a sign-in that succeeded."""
-        key, now = client_key(address), time.monotonic()
+    def refund(self, key: str) -> None:
+        now = time.monotonic()
         if key in self._buckets:
-            self._buckets[key] = (min(self._capacity, self._level(key, now) + 1), now)
+            self._buckets[key] = (min(self._capacity, self._tokens(key, now) + 1), now)
 
 
 RATE_LIMITER: Final = web.AppKey("sign_in_rate_limiter", RateLimiter)

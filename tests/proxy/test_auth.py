@@ -63,6 +63,20 @@ async def test_users_pull_and_strangers_get_a_challenge(
     assert not any(PASSWORD in r.getMessage() or PASSWORD in str(r.__dict__) for r in caplog.records)
 
 
+async def test_a_password_longer_than_bcrypt_reads_signs_in_as_htpasswd_hashed_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """htpasswd -B hashes the first 72 bytes. Refusing longer passwords at once also told a
+    known user from an unknown one by the time the answer took."""
+    upstream.add_image("library/alpine", "3.19")
+    long_password = "a passphrase of more than seventy-two bytes, as a password manager makes them"
+    path = tmp_path / "htpasswd"
+    path.write_text("ops:" + bcrypt.hashpw(long_password.encode()[:72], bcrypt.gensalt(4)).decode() + "\n")
+    moorage = await start_moorage(auth={"htpasswd_file": str(path)})
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", long_password))).status == 200
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", "x" * 100))).status == 401
+
+
 async def test_anonymous_pulls_can_be_allowed_beside_users(
     start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path
 ) -> None:
