@@ -79,6 +79,18 @@ class UpstreamHealth(TypedDict):
     last_failure: FailureReport | None
 
 
+def _failure_kind(error: UpstreamError) -> str:
+    """What went wrong, for the unauthenticated ``/readyz``: the kind and status only, never
+    the repository or tag the failed request named."""
+    if isinstance(error, UpstreamRateLimited):
+        return "rate limited (HTTP 429)"
+    if isinstance(error, UpstreamAuthFailed):
+        return f"credentials refused (HTTP {error.status})"
+    if isinstance(error, UpstreamUnavailable) and error.status is not None:
+        return f"HTTP {error.status}"
+    return "no answer (a network error or a timeout)"
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
 
@@ -337,7 +349,7 @@ class RegistryClient:
                     return response
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
             if not isinstance(error, UpstreamRefused):  # a repository refused is an answer
-                self._last_failure = (time.time(), str(error))
+                self._last_failure = (time.time(), _failure_kind(error))
             raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 

@@ -163,6 +163,19 @@ async def test_upstream_down_with_nothing_cached_is_503(
     assert (warned.levelname, warned.__dict__["upstream"], warned.__dict__["status"]) == ("WARNING", "docker.io", 503)
 
 
+async def test_readiness_tells_the_last_failure_without_naming_what_was_asked(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """/readyz is open to anyone who reaches the cache: no repository or tag in it."""
+    upstream.fail_next(5, 503)
+    assert (await moorage.get("/v2/team/secret-project/manifests/v2-prerelease", headers=ALL)).status == 503
+    ready = await moorage.get("/readyz")
+    text = await ready.text()
+    assert "secret-project" not in text and "v2-prerelease" not in text
+    failure = (await ready.json())["upstreams"]["docker.io"]["last_failure"]
+    assert failure["error"] == "HTTP 503"
+
+
 async def test_unknown_tag_is_manifest_unknown(moorage: Client, caplog: pytest.LogCaptureFixture) -> None:
     response = await moorage.get("/v2/alpine/manifests/nope", headers=ALL)
     assert response.status == 404
