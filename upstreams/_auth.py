@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import math
 import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Final, NotRequired, TypedDict
+from typing import Final
 
 import httpx
 
@@ -32,20 +34,17 @@ from moorage.config import UnreadableFile, read_text
 
 from .errors import UpstreamAuthFailed, UpstreamUnavailable
 
-__all__ = ["RegistryAuth", "TokenResponse", "parse_challenge", "scope_for_path"]
+__all__ = ["RegistryAuth", "parse_challenge", "scope_for_path"]
 
 DEFAULT_EXPIRES_IN: Final = 60
+#: Kept no longer than this, whatever the token service says.
+MAX_TOKEN_LIFETIME: Final = 24 * 3600
+#: A token answer is a few kilobytes (Docker Hub's about 2,000 bytes).
+MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024
 MAX_CACHED_SCOPES: Final = 4096
 PASSWORD_CHECK_SECONDS: Final = 10.0
 _PARAM_RE: Final = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
-
-
-class TokenResponse(TypedDict):
-    token: NotRequired[str]
-    access_token: NotRequired[str]
-    expires_in: NotRequired[int]
-    issued_at: NotRequired[str]
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -169,6 +168,10 @@ class RegistryAuth(httpx.Auth):
         return await asyncio.shield(task)
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:
+        realm = httpx.URL(challenge["realm"])
+        if self._origin[0] == "https" and realm.scheme != "https":
+            # The registry's own word for where to send the credentials: not in clear text.
+            raise UpstreamAuthFailed(self._upstream, f"token service at a plain {realm.scheme or '?'} URL: refused")
         params = {"service": challenge["service"]} if challenge.get("service") else {}
         if scope:
             params["scope"] = scope
@@ -176,32 +179,50 @@ class RegistryAuth(httpx.Auth):
         if self._on_token_fetch:
             self._on_token_fetch()
         try:
-            response = await self._token_client.get(challenge["realm"], params=params, headers=headers)
+            async with self._token_client.stream("GET", realm, params=params, headers=headers) as response:
+                status = response.status_code
+                data = await _read_at_most(response, MAX_TOKEN_RESPONSE_BYTES) if status < 400 else b""
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(self._upstream, f"token service unreachable: {type(exc).__name__}") from None
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             raise UpstreamAuthFailed(
                 self._upstream,
                 f"token service refused {'the configured credentials' if self._credentials else 'anonymous access'}"
-                f" for {scope or 'the registry'} (HTTP {response.status_code})",
-                status=response.status_code,
+                f" for {scope or 'the registry'} (HTTP {status})",
+                status=status,
             )
-        if response.status_code >= 400:
-            raise UpstreamUnavailable(
-                self._upstream, f"token service answered HTTP {response.status_code}", status=response.status_code
+        if status >= 400:
+            raise UpstreamUnavailable(self._upstream, f"token service answered HTTP {status}", status=status)
+        if data is None:
+            raise UpstreamAuthFailed(
+                self._upstream, f"token service answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes"
             )
         try:
-            body: TokenResponse = response.json()
+            body = json.loads(data)
         except ValueError:
             raise UpstreamAuthFailed(self._upstream, "token service answered something other than JSON") from None
+        if not isinstance(body, dict):
+            raise UpstreamAuthFailed(self._upstream, "token service answered something other than a JSON object")
         token = body.get("token") or body.get("access_token")
-        if not token:
+        if not token or not isinstance(token, str):
             raise UpstreamAuthFailed(self._upstream, "token service answered without a token")
-        expires_in = body.get("expires_in") or DEFAULT_EXPIRES_IN
-        lifetime = max(int(expires_in), DEFAULT_EXPIRES_IN)
+        expires_in = body.get("expires_in")
+        if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
+            expires_in = DEFAULT_EXPIRES_IN  # absent, or not a number: the spec's default
+        lifetime = max(min(int(expires_in), MAX_TOKEN_LIFETIME), DEFAULT_EXPIRES_IN)
         if scope:
             self._tokens[scope] = (token, time.monotonic() + lifetime - min(10.0, lifetime * 0.1))
             self._tokens.move_to_end(scope)
             while len(self._tokens) > MAX_CACHED_SCOPES:
                 self._tokens.popitem(last=False)
         return token
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (the rest is not read)."""
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)

@@ -51,6 +51,7 @@ from .reference import (
     Reference,
     RepositoryName,
     parse_digest,
+    parse_tag,
     sniff_media_type,
 )
 
@@ -77,6 +78,14 @@ class UpstreamHealth(TypedDict):
     reachable: bool | None
     last_answer: str | None
     last_failure: FailureReport | None
+
+
+def _is_tag(value: str) -> bool:
+    try:
+        parse_tag(value)
+    except InvalidReference:
+        return False
+    return True
 
 
 def _failure_kind(error: UpstreamError) -> str:
@@ -459,10 +468,15 @@ class RegistryClient:
             await response.aclose()
         next_last = next_n = None
         link = response.headers.get("link", "")
-        if 'rel="next"' in link and "<" in link:
+        if 'rel="next"' in link and "<" in link and ">" in link:
             query = parse_qs(urlsplit(link[link.index("<") + 1 : link.index(">")]).query)
             next_last = query.get("last", [None])[0]
             next_n = query.get("n", [None])[0]
+            # The link goes out to clients in a header of ours: a tag and a count, or nothing.
+            if next_last is not None and not _is_tag(next_last):
+                next_last = next_n = None
+            if next_n is not None and not next_n.isdigit():
+                next_n = None
         return TagsPage(body, next_last, next_n)
 
     @staticmethod

@@ -7,6 +7,7 @@ and ``_client``.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -56,16 +57,23 @@ def _short(exc: Exception) -> str:
     return text.strip(" :'\"") or type(exc).__name__
 
 
+#: A Retry-After beyond this is taken as this (``1e400`` is a float too).
+MAX_RETRY_AFTER: Final = 86_400.0
+
+
 def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamError:

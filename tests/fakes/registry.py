@@ -791,6 +791,8 @@ class FakeRegistry(_RecordingServer):
         ratelimit_countdown: each manifest GET (never HEAD) takes one from
             ``remaining``; at 0 manifest GETs get 429 TOOMANYREQUESTS.
         referrers_api: serve ``/referrers/<digest>`` (False: 404, an older registry).
+        tags_link: the ``Link`` header of every tag list instead of the fake's own (a
+            broken or hostile upstream's next-page link).
         cdn: a `FakeCDN`; blob GETs (and HEADs when ``cdn_redirect_head``) then
             answer 307 to ``http://localhost:<cdnport>/blobs/<digest>?sig=...``.
         down: drop every connection without an answer (`stop_listening`: no port).
@@ -835,6 +837,7 @@ class FakeRegistry(_RecordingServer):
         self.ratelimit_window = ratelimit_window
         self.ratelimit_countdown = ratelimit_countdown
         self.referrers_api = referrers_api
+        self.tags_link: str | None = None
         self.cdn_redirect_head = cdn_redirect_head
         self.tokens_issued = 0
         self.blobs: dict[str, bytes] = {}
@@ -1260,6 +1263,8 @@ class FakeRegistry(_RecordingServer):
                 tags = tags[:n]
                 if tags:
                     headers["Link"] = f'</v2/{name}/tags/list?last={tags[-1]}&n={n}>; rel="next"'
+        if self.tags_link is not None:
+            headers["Link"] = self.tags_link
         return web.json_response({"name": name, "tags": tags}, headers=headers)
 
     def _referrers(self, request: web.Request, name: str, digest: str) -> web.Response:

@@ -176,6 +176,27 @@ async def test_readiness_tells_the_last_failure_without_naming_what_was_asked(
     assert failure["error"] == "HTTP 503"
 
 
+@pytest.mark.parametrize(
+    "link",
+    [
+        '</v2/library/alpine/tags/list?last=a%0d%0aSet-Cookie:%20x&n=2>; rel="next"',
+        '</v2/library/alpine/tags/list?last=a>;%20rel="next",%20<https://evil.example/&n=2>; rel="next"',
+        '</v2/library/alpine/tags/list?last=b&n=two>; rel="next"',
+    ],
+)
+async def test_an_upstream_next_page_link_is_passed_on_only_as_a_tag_and_a_count(
+    moorage: Client, upstream: FakeRegistry, link: str
+) -> None:
+    upstream.add_image("library/alpine", "a")
+    upstream.add_image("library/alpine", "b")
+    upstream.tags_link = link
+    page = await moorage.get("/v2/alpine/tags/list?n=2")
+    assert page.status == 200
+    assert "Set-Cookie" not in page.headers and "evil" not in page.headers.get("Link", "")
+    if "n=two" in link:
+        assert page.headers["Link"] == '</v2/alpine/tags/list?last=b>; rel="next"'
+
+
 async def test_unknown_tag_is_manifest_unknown(moorage: Client, caplog: pytest.LogCaptureFixture) -> None:
     response = await moorage.get("/v2/alpine/manifests/nope", headers=ALL)
     assert response.status == 404

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 import httpx
 import pytest
 
+from moorage.upstreams import UpstreamAuthFailed
 from moorage.upstreams._auth import RegistryAuth, parse_challenge, scope_for_path
 
 REGISTRY = "https://registry.test"
@@ -18,11 +20,14 @@ CHALLENGE = 'Bearer realm="https://auth.test/token",service="registry.test",scop
 
 
 class Upstream:
-    """A registry that wants a Bearer token, and its token service; counts token fetches."""
+    """A registry that wants a Bearer token, and its token service; counts token fetches.
+    ``answer``, when set, is what the token service sends instead of a token."""
 
-    def __init__(self, expires_in: int | None = 300) -> None:
+    def __init__(self, expires_in: object = 300, challenge: str = CHALLENGE) -> None:
         self.tokens_issued = 0
         self.expires_in = expires_in
+        self.challenge = challenge
+        self.answer: bytes | None = None
         self.valid: set[str] = set()
         self.token_requests: list[httpx.Request] = []
         self.hold_401 = asyncio.Event()
@@ -31,6 +36,8 @@ class Upstream:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.host == "auth.test":
             self.token_requests.append(request)
+            if self.answer is not None:
+                return httpx.Response(200, content=self.answer)
             self.tokens_issued += 1
             token = f"t{self.tokens_issued}"
             self.valid.add(token)
@@ -43,7 +50,7 @@ class Upstream:
             return httpx.Response(200, content=b"ok")
         if request.url.path.endswith("/held"):
             await self.hold_401.wait()
-        return httpx.Response(401, headers={"WWW-Authenticate": CHALLENGE})
+        return httpx.Response(401, headers={"WWW-Authenticate": self.challenge})
 
 
 def make(upstream: Upstream, credentials: tuple[str, str] | None = None) -> tuple[httpx.AsyncClient, RegistryAuth]:
@@ -90,6 +97,43 @@ async def test_missing_expires_in_means_60_seconds() -> None:
     await client.get("/v2/library/alpine/manifests/1")
     _, expires_at = auth._tokens["repository:library/alpine:pull"]
     assert 50 <= expires_at - time.monotonic() <= 60
+
+
+@pytest.mark.parametrize("expires_in", ["abc", 1e400, None, -5, [300]])
+async def test_an_expires_in_that_is_no_number_means_60_seconds(expires_in: object) -> None:
+    upstream = Upstream()
+    upstream.answer = (
+        b'{"token": "t1", "expires_in": ' + json.dumps(expires_in).encode().replace(b"Infinity", b"1e400") + b"}"
+    )
+    upstream.valid.add("t1")
+    client, auth = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    _, expires_at = auth._tokens["repository:library/alpine:pull"]
+    assert 50 <= expires_at - time.monotonic() <= 60
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        pytest.param(b'["t1"]', "other than a JSON object", id="a_list"),
+        pytest.param(b'{"token": 7}', "without a token", id="not_a_string"),
+        pytest.param(b'{"token": "' + b"x" * 70_000 + b'"}', "more than 65536 bytes", id="too_large"),
+    ],
+)
+async def test_a_token_answer_that_is_no_token_is_refused_cleanly(answer: bytes, problem: str) -> None:
+    upstream = Upstream()
+    upstream.answer = answer
+    client, _ = make(upstream)
+    with pytest.raises(UpstreamAuthFailed, match=problem):
+        await client.get("/v2/library/alpine/manifests/1")
+
+
+async def test_credentials_never_go_to_a_plain_http_token_service_of_an_https_registry() -> None:
+    upstream = Upstream(challenge=CHALLENGE.replace("https://auth.test", "http://auth.test"))
+    client, _ = make(upstream, credentials=("bob", "hunter2"))
+    with pytest.raises(UpstreamAuthFailed, match="token service at a plain http URL: refused"):
+        await client.get("/v2/library/alpine/manifests/1")
+    assert upstream.token_requests == []
 
 
 async def test_credentials_go_to_the_token_service_as_basic() -> None:

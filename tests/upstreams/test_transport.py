@@ -1,0 +1,57 @@
+"""How an upstream's answers become the client's errors (``upstreams/_transport.py``): a 429's
+``Retry-After`` in any form an upstream may send, and which 401 or 403 is whose fault."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from moorage.upstreams import UpstreamAuthFailed, UpstreamRateLimited, UpstreamRefused, UpstreamUnavailable
+from moorage.upstreams._transport import MAX_RETRY_AFTER, raise_for_status, retry_after_seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("1e400", MAX_RETRY_AFTER),  # a float too: it once reached math.ceil as infinity, a 500
+        ("nan", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_is_a_bounded_number_of_seconds(value: str, seconds: float | None) -> None:
+    assert retry_after_seconds(value) == seconds
+
+
+def answer(status: int, headers: dict[str, str] | None = None, redirected: bool = False) -> httpx.Response:
+    request = httpx.Request("GET", "https://registry.test/v2/library/alpine/manifests/1")
+    history = [httpx.Response(307, headers={"Location": "https://cdn.test/x"}, request=request)] if redirected else []
+    return httpx.Response(status, headers=headers, request=request, history=history)
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [
+        pytest.param(
+            answer(401, {"WWW-Authenticate": 'Bearer realm="https://a.test/token",error="insufficient_scope"'}),
+            UpstreamRefused,
+            id="docker_hub_name_it_does_not_have",
+        ),
+        pytest.param(answer(403), UpstreamRefused, id="registry_says_not_yours"),
+        pytest.param(
+            answer(401, {"WWW-Authenticate": 'Basic realm="harbor"'}), UpstreamAuthFailed, id="wrong_password"
+        ),
+        pytest.param(answer(403, redirected=True), UpstreamUnavailable, id="expired_cdn_url"),
+        pytest.param(answer(429, {"Retry-After": "1e400"}), UpstreamRateLimited, id="rate_limited"),
+    ],
+)
+def test_each_refusal_is_told_by_who_refused_and_how(response: httpx.Response, error: type[Exception]) -> None:
+    with pytest.raises(error) as raised:
+        raise_for_status("registry.test", "manifest library/alpine:1", response)
+    assert type(raised.value) is error
+    if isinstance(raised.value, UpstreamRateLimited):
+        assert raised.value.retry_after == MAX_RETRY_AFTER
