@@ -33,6 +33,9 @@ log = logging.getLogger("moorage.cache")
 #: Content read this recently is never evicted: its reader may still be opening the file (once
 #: open, a file removed from under a reader stays readable).
 RECENT_SECONDS: Final = 5.0
+#: Files this small go last: manifests are a few kilobytes (the largest common ones, indexes
+#: of many platforms, some tens).
+SMALL_FILE_BYTES: Final = 64 * 1024
 T = TypeVar("T")
 
 
@@ -99,6 +102,12 @@ def evict_to(
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks.
 
+    Files under ``SMALL_FILE_BYTES`` (manifests, image configs) go after every larger one of
+    their kind: they free next to nothing, and a manifest evicted costs an upstream GET, which
+    Docker Hub counts as a pull, where a layer costs a blob GET, which it does not. Without
+    this, the manifests of images just pulled went first (read first, so least recently used)
+    and took their tags with them, while their layers stayed.
+
     A blob larger than ``target_bytes`` goes first, however recent: it can never stay under
     the cap, and taking the least recently used first would empty the store around it before
     reaching it (a 200 MB layer in an 8 MiB cache). Its client has its bytes already.
@@ -110,7 +119,13 @@ def evict_to(
     total = sum(blob.size for blob in entries)
     count = len(entries)
     seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
-    entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
+    entries.sort(
+        key=lambda blob: (
+            blob.size <= target_bytes,
+            blob.size < SMALL_FILE_BYTES,
+            max(blob.mtime, seen.get(blob.digest, 0.0)),
+        )
+    )
     ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
     candidates = [blob for blob in entries if blob.digest not in protected]
     in_use = [blob for blob in candidates if blob.digest in recent and blob.size <= target_bytes]

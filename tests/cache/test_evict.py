@@ -76,3 +76,23 @@ def test_content_in_use_goes_last_and_only_down_to_the_ceiling(tmp_path: Path) -
     assert set(result.evicted) == {*old, in_use[0]}, "all the old content, then in-use content to the ceiling"
     assert result.store_bytes <= 450 * KiB and result.store_bytes > 300 * KiB
     assert all(store.size_of(d) is not None for d in in_use[1:])
+
+
+def test_manifests_of_images_just_pulled_outlast_their_layers(tmp_path: Path) -> None:
+    """Two images pulled one after the other into a cache too small for both: a client reads a
+    manifest before its layers, so by last use the manifests went first and took their tags
+    (an upstream GET, which Docker Hub counts as a pull) while the layers stayed."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    images = []
+    for image, started in ((1, 600), (2, 300)):  # seconds ago
+        manifest = put(store, b'{"schemaVersion": 2, "image": %d}' % image, age_seconds=started)
+        layers = [put(store, os.urandom(200 * KiB) + bytes([image, i]), age_seconds=started - 10 - i) for i in range(2)]
+        index.put_manifest(manifest, OCI_IMAGE_MANIFEST)
+        images.append((manifest, layers))
+    kwargs = {"protected": set(), "accessed": {}, "guard": ReadGuard()}
+    result = evict_to(store, index, target_bytes=450 * KiB, **kwargs)  # type: ignore[arg-type]
+    (first_manifest, first_layers), (second_manifest, second_layers) = images
+    assert set(result.evicted) == set(first_layers), "the older image's layers, nothing else"
+    assert store.size_of(first_manifest) is not None and store.size_of(second_manifest) is not None
+    assert index.manifest_media_type(second_manifest) == OCI_IMAGE_MANIFEST
+    assert all(store.size_of(d) is not None for d in second_layers)
