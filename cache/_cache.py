@@ -95,6 +95,10 @@ MAX_UNCLAIMED_PREFETCHES: Final = 4096
 #: ahead in the eviction order (they are what its client asks for next).
 MAX_REFERENCED_MANIFESTS: Final = 4096
 REFERENCED_SECONDS: Final = 300.0
+#: Passes for a full disk at most this often, and only once the cache has stored something since
+#: the last: when nothing it stored filled the disk again (others write there, or a blob is
+#: larger than the disk), one pass after another would only empty the store.
+DISK_FULL_PASS_SECONDS: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +205,8 @@ class Cache:
         self.max_size = max_size
         self._high, self._low = watermarks
         self._evicting: asyncio.Task[None] | None = None
+        self._disk_full_pass: float | None = None  # when the last one began (monotonic)
+        self._stored_since_disk_full_pass = True
         #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
         self._maintenance = asyncio.Lock()
         self._stored_during_pass: tuple[int, int] | None = None
@@ -381,7 +387,13 @@ class Cache:
         return self.max_size is not None and self.store_bytes > self.max_size * self._high
 
     def _schedule_eviction(self, reason: str = "size") -> None:
-        wanted = reason == "disk_full" or self._over_cap()
+        if reason == "disk_full":
+            last = self._disk_full_pass
+            wanted = self._stored_since_disk_full_pass and (
+                last is None or time.monotonic() - last >= DISK_FULL_PASS_SECONDS
+            )
+        else:
+            wanted = self._over_cap()
         if wanted and (self._evicting is None or self._evicting.done()):
             self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
 
@@ -391,7 +403,13 @@ class Cache:
         if not isinstance(self._store, DirectoryStore):
             return
         async with self._maintenance:
-            await self._evict(self._store, reason)
+            try:
+                await self._evict(self._store, reason)
+            except Exception as exc:  # an index that cannot write, a walk that failed: next pass
+                log.error(
+                    "eviction pass failed",
+                    extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
+                )
 
     async def recount(self) -> None:
         """Count the store again (after a daemon stopped without writing its last totals), then
@@ -424,6 +442,7 @@ class Cache:
 
     async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
+            self._disk_full_pass, self._stored_since_disk_full_pass = time.monotonic(), False
             target = ceiling = short = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
         elif self.max_size is not None:
             # Content in use goes last, and only down to halfway between the watermarks: an
@@ -440,7 +459,7 @@ class Cache:
         # skipped when its turn comes (the read guard).
         seen = self._eviction_order()
         result = await asyncio.to_thread(
-            evict_to, store, self._index, target, protected, seen, self._guard, recent, ceiling
+            evict_to, store, self._index, target, protected, seen, self._guard, recent, ceiling, set(self._served)
         )
         stored_bytes, stored_entries = self._stored_during_pass
         self._stored_during_pass = None
@@ -1208,6 +1227,7 @@ class _Bookkeeping:
             stored_bytes, stored_entries = self._cache._stored_during_pass
             self._cache._stored_during_pass = (stored_bytes + size, stored_entries + 1)
         self._observer.on_stored(kind, size)
+        self._cache._stored_since_disk_full_pass = True
         self._cache._schedule_eviction()
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:

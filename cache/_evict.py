@@ -33,9 +33,6 @@ log = logging.getLogger("moorage.cache")
 #: Content read this recently is never evicted: its reader may still be opening the file (once
 #: open, a file removed from under a reader stays readable).
 RECENT_SECONDS: Final = 5.0
-#: Files this small go last: manifests are a few kilobytes (the largest common ones, indexes
-#: of many platforms, some tens).
-SMALL_FILE_BYTES: Final = 64 * 1024
 T = TypeVar("T")
 
 
@@ -99,14 +96,9 @@ def evict_to(
     guard: ReadGuard,
     recent: AbstractSet[Digest] = frozenset(),
     ceiling_bytes: int | None = None,
+    manifests: AbstractSet[Digest] = frozenset(),
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks.
-
-    Files under ``SMALL_FILE_BYTES`` (manifests, image configs) go after every larger one of
-    their kind: they free next to nothing, and a manifest evicted costs an upstream GET, which
-    Docker Hub counts as a pull, where a layer costs a blob GET, which it does not. Without
-    this, the manifests of images just pulled went first (read first, so least recently used)
-    and took their tags with them, while their layers stayed.
 
     A blob larger than ``target_bytes`` goes first, however recent: it can never stay under
     the cap, and taking the least recently used first would empty the store around it before
@@ -114,21 +106,20 @@ def evict_to(
 
     ``recent`` content (stored in the last seconds, or named by a manifest served lately: an
     image being pulled) goes last, and only as far as the store must shrink to
-    ``ceiling_bytes``: an image just pulled that fits is not taken apart to reach the target."""
+    ``ceiling_bytes``: an image just pulled that fits is not taken apart to reach the target.
+    Of that content the ``manifests`` (those served lately) go after everything else: a client
+    reads a manifest before its layers, so by last use they came first, and took their tags
+    with them while the layers stayed; a manifest evicted costs an upstream GET, which Docker
+    Hub counts as a pull, where a layer costs a blob GET, which it does not."""
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)
     seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
-    entries.sort(
-        key=lambda blob: (
-            blob.size <= target_bytes,
-            blob.size < SMALL_FILE_BYTES,
-            max(blob.mtime, seen.get(blob.digest, 0.0)),
-        )
-    )
+    entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
     ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
     candidates = [blob for blob in entries if blob.digest not in protected]
     in_use = [blob for blob in candidates if blob.digest in recent and blob.size <= target_bytes]
+    in_use.sort(key=lambda blob: blob.digest in manifests)  # stable: by last use within each
     in_use_digests = {blob.digest for blob in in_use}
     others = [blob for blob in candidates if blob.digest not in in_use_digests]
     evicted: list[Digest] = []
@@ -143,7 +134,13 @@ def evict_to(
             evicted.append(blob.digest)
             freed += size
     if evicted:
-        index.forget(set(evicted))
+        try:
+            index.forget(set(evicted))
+        except Exception as exc:  # SQLite's disk full too: the files are gone all the same
+            log.warning(
+                "evicted files left in the index; they read as not stored",
+                extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
+            )
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))
 
 

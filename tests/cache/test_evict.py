@@ -84,14 +84,16 @@ def test_manifests_of_images_just_pulled_outlast_their_layers(tmp_path: Path) ->
     (an upstream GET, which Docker Hub counts as a pull) while the layers stayed."""
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
     images = []
-    for image, started in ((1, 600), (2, 300)):  # seconds ago
+    for image, started in ((1, 60), (2, 30)):  # seconds ago: both pulled in the last minutes
         manifest = put(store, b'{"schemaVersion": 2, "image": %d}' % image, age_seconds=started)
         layers = [put(store, os.urandom(200 * KiB) + bytes([image, i]), age_seconds=started - 10 - i) for i in range(2)]
         index.put_manifest(manifest, OCI_IMAGE_MANIFEST)
         images.append((manifest, layers))
-    kwargs = {"protected": set(), "accessed": {}, "guard": ReadGuard()}
-    result = evict_to(store, index, target_bytes=450 * KiB, **kwargs)  # type: ignore[arg-type]
     (first_manifest, first_layers), (second_manifest, second_layers) = images
+    in_use = {first_manifest, second_manifest, *first_layers, *second_layers}
+    kwargs = {"protected": set(), "accessed": {}, "guard": ReadGuard(), "recent": in_use}
+    manifests = {first_manifest, second_manifest}
+    result = evict_to(store, index, 300 * KiB, ceiling_bytes=450 * KiB, manifests=manifests, **kwargs)  # type: ignore[arg-type]
     assert set(result.evicted) == set(first_layers), "the older image's layers, nothing else"
     assert store.size_of(first_manifest) is not None and store.size_of(second_manifest) is not None
     assert index.manifest_media_type(second_manifest) == OCI_IMAGE_MANIFEST

@@ -178,3 +178,26 @@ async def test_a_large_tag_list_is_answered_when_the_index_cannot_keep_it(
     assert response.status == 200, await response.text()
     assert len((await response.json())["tags"]) == 2501
     assert await metric(moorage, "moorage_store_write_failures_total") >= 1
+
+
+async def test_a_disk_others_filled_costs_the_store_one_pass_not_one_per_failed_pull(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each fill that fails on a full disk asked for a pass, and pass after pass emptied the
+    store though nothing it stored had filled the disk again."""
+    caplog.set_level("INFO")
+    moorage = await start_moorage(storage={"path": str(small_disk / "store")})
+    stored = [upstream.add_blob(os.urandom(300 * KiB)) for _ in range(4)]
+    for digest in stored:
+        assert len(await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()) == 300 * KiB
+    fill_up(small_disk)  # another writer
+    for _ in range(4):
+        digest = upstream.add_blob(os.urandom(200 * KiB))
+        response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            await response.read()
+        await asyncio.sleep(0.1)  # the pass runs in the background
+    passes = [r for r in caplog.records if getattr(r, "event", "") == "evicted"]
+    assert [r.__dict__["reason"] for r in passes] == ["disk_full"]
+    kept = [d for d in stored if (small_disk / "store" / "blobs" / "sha256" / d[7:9] / d[7:]).exists()]
+    assert len(kept) >= 3, "one pass takes the least recently used 15 %, not the store"
