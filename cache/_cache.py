@@ -949,6 +949,7 @@ class Cache:
                 try:
                     pending.write(body)
                     self._trusted[digest] = pending.commit()
+                    new = pending.placed_new  # not when another process stored it meanwhile
                 finally:
                     pending.close()
             except StoreFailure as failure:

@@ -149,7 +149,8 @@ class Fill:
             fingerprint = await asyncio.to_thread(self._pending.commit)
             self.state = "committed"
             self._on_commit(self.digest, fingerprint, self.origin)
-            self._observer.on_stored("blob", self.written)
+            if self._pending.placed_new:
+                self._observer.on_stored("blob", self.written)
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             if isinstance(exc, DigestMismatch):
                 self._observer.on_digest_mismatch(self.origin[0], "blob")

@@ -63,6 +63,10 @@ class PendingBlob(Protocol):
     def commit(self) -> Fingerprint: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
+    #: After ``commit``: False when the blob was in the store already (another process serving
+    #: the store stored it meanwhile), so the store's totals do not count it twice.
+    @property
+    def placed_new(self) -> bool: ...
 
 
 class BlobStore(Protocol):
@@ -86,6 +90,11 @@ class _PendingFile:
         self._fd = os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._size = 0
         self._closed = False
+        self._placed_new = False
+
+    @property
+    def placed_new(self) -> bool:
+        return self._placed_new
 
     def write(self, chunk: bytes) -> None:
         # Positioned writes: readers hold other descriptors of this file (for sendfile) whose
@@ -144,6 +153,7 @@ class _PendingFile:
         try:
             os.fsync(self._fd)
             final.parent.mkdir(parents=True, exist_ok=True)
+            self._placed_new = not os.path.lexists(final)
             os.rename(self._temp, final)
             _fsync_dir(final.parent)
             return Fingerprint.of(os.fstat(self._fd))

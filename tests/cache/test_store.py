@@ -99,3 +99,21 @@ def test_a_walk_passes_over_what_is_not_a_blob(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "blobs" / "sha256").iterdir() if p.name.startswith(".w")) == [
         ".writable-probe"
     ], "the probe leaves nothing of its own behind"
+
+
+def test_a_blob_another_process_stored_meanwhile_is_not_counted_again(tmp_path: Path) -> None:
+    """Two daemons serving one store fill the same cold blob at once: each commit is correct,
+    and only the first adds to the store's totals (they were counted twice, and a restart with
+    a size cap then evicted a store that was below it)."""
+    store = DirectoryStore(tmp_path)
+    data = os.urandom(10_000)
+    digest = Digest.of(data)
+    first, second = store.begin(digest), store.begin(digest)
+    for pending in (first, second):
+        pending.write(data)
+    first.commit()
+    second.commit()
+    assert (first.placed_new, second.placed_new) == (True, False)
+    assert store.size_of(digest) == len(data) and store.count() == (len(data), 1)
+    for pending in (first, second):
+        pending.close()
