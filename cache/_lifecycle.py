@@ -79,7 +79,7 @@ class Expiry:
     def reason(self) -> str:
         selection = self.rule.selection
         if selection.countType == "imageCountMoreThan":
-            why = f"more than {selection.countNumber} images match"
+            why = f"more than {selection.countNumber} image{'s' if selection.countNumber != 1 else ''} match"
         elif selection.countType == "sinceImagePushed":
             why = f"first cached more than {selection.countNumber} days ago"
         else:

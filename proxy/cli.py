@@ -364,6 +364,7 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
     if url is not None:
         if (problem := url_problem(url)) is not None:
             fail(problem)
+        url = url.rstrip("/").removesuffix("/metrics")  # the endpoint's own URL works too
         try:
             upstreams = _summary_from_metrics(url)
         except (urllib.error.URLError, OSError) as error:
@@ -549,13 +550,13 @@ def gc(grace: str | None, dry_run: bool, config: Path | None, store: Path | None
         grace_seconds = parse_duration(grace) if grace is not None else settings_from(config).storage.gc_grace
     except ValueError as error:
         fail(f"--grace: {error}")
-    grace = grace or _duration(grace_seconds)
+    grace = _duration(grace_seconds)  # as the settings write it, however it was given
     _require_store(path)
     report = collect_garbage(path, grace_seconds=grace_seconds, dry_run=dry_run)
     for digest in report.swept:
         click.echo(f"{'would remove' if dry_run else 'removed'}: {digest}")
     click.echo(
-        f"{report.roots} manifests, {report.reachable} blobs reachable; "
+        f"{report.roots} manifests, {report.reachable} digests they reach (manifests included); "
         f"{'would remove' if dry_run else 'removed'} {len(report.swept)} ({_size(report.swept_bytes)}); "
         f"{report.kept_young} unreferenced but younger than {grace}"
     )
@@ -665,7 +666,7 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
             expiry.reason,
         )
     console().print(table)
-    click.echo(f"{len(expiries)} images would expire")
+    click.echo(f"{len(expiries)} image{'s' if len(expiries) != 1 else ''} would expire")
 
 
 def _read_ca(path: Path) -> str:
