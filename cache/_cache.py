@@ -535,12 +535,18 @@ class Cache:
             await self.flush()
 
             protected = frozenset(self.fills.digests)  # taken on the loop, which changes the fills
+            unreadable: set[str] = set()
 
             def run() -> LifecycleResult:
-                expiries = plan(store, self._index, policy_for, self._clock())
+                expiries = plan(store, self._index, policy_for, self._clock(), unreadable=unreadable)
                 return apply_expiries(store, self._index, expiries, protected=protected, guard=self._guard)
 
             result = await asyncio.to_thread(run)
+            for error in sorted(unreadable):  # its repositories wait; the other policies applied
+                log.error(
+                    "lifecycle policy not applied",
+                    extra={"event": "maintenance_failed", "task": "lifecycle", "error": error},
+                )
             for key in result.dropped_tags:
                 self._hot.forget_tag(key)
             for expiry in result.expired:

@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from moorage.config import LifecyclePolicy, LifecycleRule, UpstreamSettings, load_lifecycle_policy
+from moorage.config import (
+    LifecyclePolicy,
+    LifecyclePolicyError,
+    LifecycleRule,
+    UpstreamSettings,
+    load_lifecycle_policy,
+)
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
 from ._evict import ReadGuard
@@ -189,13 +195,23 @@ def plan(
     now: float,
     *,
     wanted: Callable[[str, str], bool] = lambda upstream, repository: True,
+    unreadable: set[str] | None = None,
 ) -> list[Expiry]:
-    """What the policies expire now, over every repository ``wanted`` selects. Blocks."""
+    """What the policies expire now, over every repository ``wanted`` selects. Blocks.
+
+    A policy file that cannot be read raises, unless ``unreadable`` collects its error: then
+    the repositories it binds are left as they are, and every other policy still applies."""
     expiries: list[Expiry] = []
     for (upstream, repository), images in sorted(read_images(store, index).items()):
         if not wanted(upstream, repository):
             continue
-        policy = policy_for(upstream, repository)
+        try:
+            policy = policy_for(upstream, repository)
+        except LifecyclePolicyError as error:
+            if unreadable is None:
+                raise
+            unreadable.add(str(error))
+            continue
         if policy is not None:
             expiries.extend(evaluate(policy, images, now))
     return expiries

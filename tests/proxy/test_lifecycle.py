@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
@@ -212,3 +213,32 @@ async def test_pulls_succeed_while_gc_eviction_and_lifecycle_run(
 
 def cache_upstreams(policy: Path) -> list[UpstreamSettings]:
     return [UpstreamSettings(host="docker.io", url="http://127.0.0.1:9", lifecycle_policy_file=policy)]
+
+
+async def test_a_policy_file_broken_by_an_edit_holds_back_only_its_own_repositories(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = tmp_path / "store"
+    team, other = tmp_path / "team.json", tmp_path / "other.json"
+    for policy in (team, other):
+        policy.write_text(json.dumps(KEEP_TWO_RELEASES))
+    bindings = [
+        {"repositories": "team/*", "policy_file": str(team)},
+        {"repositories": "other/*", "policy_file": str(other)},
+    ]
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": 0, "gc_interval": 0},
+        upstream_settings={"lifecycle_policies": bindings},
+    )
+    for repository in ("team/app", "other/app"):
+        for tag in ("v1", "v2", "v3"):
+            upstream.add_image(repository, tag, [os.urandom(3000)])
+            await pull(moorage, repository, tag)
+            await asyncio.sleep(0.01)
+    settings = settings_for(upstream, store, upstream_settings={"lifecycle_policies": bindings})
+    team.write_text('{"rules": [')  # saved half-way by an editor while serving
+    result = await moorage.app[CACHE].apply_lifecycle(policy_resolver(settings.upstreams))
+    assert [(e.image.repository, sorted(e.image.tags)) for e in result.expired] == [("other/app", ["v1"])]
+    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "maintenance_failed"]
+    assert "team.json: not valid JSON" in failed.__dict__["error"]
+    caplog.clear()  # the one error this test expects
