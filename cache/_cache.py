@@ -95,9 +95,9 @@ MAX_UNCLAIMED_PREFETCHES: Final = 4096
 #: ahead in the eviction order (they are what its client asks for next).
 MAX_REFERENCED_MANIFESTS: Final = 4096
 REFERENCED_SECONDS: Final = 300.0
-#: Passes for a full disk at most this often, and only once the cache has stored something since
-#: the last: when nothing it stored filled the disk again (others write there, or a blob is
-#: larger than the disk), one pass after another would only empty the store.
+#: Passes for a full disk at most this often, and only once the cache has stored again at least
+#: half of what the last one freed: when it was not the cache that filled the disk again (others
+#: write there, or a blob is larger than the disk), pass after pass would only empty the store.
 DISK_FULL_PASS_SECONDS: Final = 60.0
 
 
@@ -205,8 +205,9 @@ class Cache:
         self.max_size = max_size
         self._high, self._low = watermarks
         self._evicting: asyncio.Task[None] | None = None
-        self._disk_full_pass: float | None = None  # when the last one began (monotonic)
-        self._stored_since_disk_full_pass = True
+        self._disk_full_pass: float | None = None  # when the last one ended (monotonic)
+        self._disk_full_freed = 0  # what it freed
+        self._stored_since_disk_full_pass = 0  # bytes
         #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
         self._maintenance = asyncio.Lock()
         self._stored_during_pass: tuple[int, int] | None = None
@@ -389,8 +390,9 @@ class Cache:
     def _schedule_eviction(self, reason: str = "size") -> None:
         if reason == "disk_full":
             last = self._disk_full_pass
-            wanted = self._stored_since_disk_full_pass and (
-                last is None or time.monotonic() - last >= DISK_FULL_PASS_SECONDS
+            wanted = last is None or (
+                time.monotonic() - last >= DISK_FULL_PASS_SECONDS
+                and self._stored_since_disk_full_pass * 2 >= self._disk_full_freed
             )
         else:
             wanted = self._over_cap()
@@ -442,7 +444,6 @@ class Cache:
 
     async def _evict(self, store: DirectoryStore, reason: str) -> None:
         if reason == "disk_full":
-            self._disk_full_pass, self._stored_since_disk_full_pass = time.monotonic(), False
             target = ceiling = short = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
         elif self.max_size is not None:
             # Content in use goes last, and only down to halfway between the watermarks: an
@@ -471,6 +472,9 @@ class Cache:
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._forget(digest)
+        if reason == "disk_full":  # throttled from a pass that went through: a failed one is tried again
+            self._disk_full_pass, self._disk_full_freed = time.monotonic(), result.freed_bytes
+            self._stored_since_disk_full_pass = 0
         self._observer.on_evicted(reason, len(result.evicted), result.freed_bytes)
         log.info(
             "evicted",
@@ -1234,7 +1238,7 @@ class _Bookkeeping:
             stored_bytes, stored_entries = self._cache._stored_during_pass
             self._cache._stored_during_pass = (stored_bytes + size, stored_entries + 1)
         self._observer.on_stored(kind, size)
-        self._cache._stored_since_disk_full_pass = True
+        self._cache._stored_since_disk_full_pass += size
         self._cache._schedule_eviction()
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:

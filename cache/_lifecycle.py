@@ -307,14 +307,20 @@ def policy_resolver(upstreams: Iterable[UpstreamSettings]) -> PolicyFor:
     the repository. Each policy file is read once per resolver (one resolver per pass), so an
     edited file applies at the next pass; an unreadable one raises LifecyclePolicyError."""
     bindings = {upstream.host: upstream.lifecycle for upstream in upstreams}
-    loaded: dict[tuple[str, int], LifecyclePolicy] = {}
+    loaded: dict[tuple[str, int], LifecyclePolicy | LifecyclePolicyError] = {}
 
     def policy_for(upstream: str, repository: str) -> LifecyclePolicy | None:
         for position, binding in enumerate(bindings.get(upstream, ())):
             if fnmatch.fnmatchcase(repository, binding.repositories):
                 if (upstream, position) not in loaded:
-                    loaded[upstream, position] = load_lifecycle_policy(binding.policy_file)
-                return loaded[upstream, position]
+                    try:
+                        loaded[upstream, position] = load_lifecycle_policy(binding.policy_file)
+                    except LifecyclePolicyError as error:  # read once per pass, as a good file is
+                        loaded[upstream, position] = error
+                found = loaded[upstream, position]
+                if isinstance(found, LifecyclePolicyError):
+                    raise found
+                return found
         return None
 
     return policy_for

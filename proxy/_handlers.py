@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
-from moorage.upstreams.reference import accept_class, parse_digest, parse_reference, parse_tag
+from moorage.upstreams.reference import accept_class, is_page_size, parse_digest, parse_reference, parse_tag
 
 from ._auth import authorize_pull
 from ._logging import log_fields
@@ -371,7 +371,7 @@ async def _send_growing(
 async def tags(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
     n = request.query.get("n")
     last = request.query.get("last")
-    if n is not None and (not n.isdigit() or len(n) > 6):
+    if n is not None and not is_page_size(n):
         raise PaginationInvalid(f"n must be a whole number, not {n[:20]!r}")
     if last is not None:
         last = str(parse_tag(last))

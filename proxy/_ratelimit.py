@@ -24,7 +24,7 @@ __all__ = ["RATE_LIMITER", "RateLimiter"]
 
 MAX_CLIENTS_TRACKED: Final = 10_000
 #: A client's budget across user names, in multiples of the per-user one.
-CLIENT_BUDGET_FACTOR: Final = 10
+CLIENT_BUDGET_FACTOR: Final = 3
 
 
 def client_key(address: str) -> str:
@@ -40,7 +40,7 @@ def client_key(address: str) -> str:
 
 
 class RateLimiter:
-    """``per_minute`` failed sign-ins per client and user name, refilled continuously, and ten
+    """``per_minute`` failed sign-ins per client and user name, refilled continuously, and three
     times as many per client whatever the names.
 
     Keyed by user too, so that one client guessing one user's password (or a daemon sending its

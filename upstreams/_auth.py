@@ -32,7 +32,7 @@ import httpx
 
 from moorage.config import UnreadableFile, read_text
 
-from .errors import UpstreamAuthFailed, UpstreamUnavailable
+from .errors import UpstreamAuthFailed, UpstreamProtocolError, UpstreamUnavailable
 
 __all__ = ["RegistryAuth", "parse_challenge", "scope_for_path"]
 
@@ -168,10 +168,15 @@ class RegistryAuth(httpx.Auth):
         return await asyncio.shield(task)
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:
-        realm = httpx.URL(challenge["realm"])
-        if self._origin[0] == "https" and realm.scheme != "https":
+        try:
+            realm = httpx.URL(challenge["realm"])
+        except httpx.InvalidURL:
+            raise UpstreamProtocolError(self._upstream, "token service realm is not a URL") from None
+        if self._credentials and self._origin[0] == "https" and realm.scheme != "https":
             # The registry's own word for where to send the credentials: not in clear text.
-            raise UpstreamAuthFailed(self._upstream, f"token service at a plain {realm.scheme or '?'} URL: refused")
+            raise UpstreamAuthFailed(
+                self._upstream, f"token service at a plain {realm.scheme or '?'} URL: credentials not sent"
+            )
         params = {"service": challenge["service"]} if challenge.get("service") else {}
         if scope:
             params["scope"] = scope
@@ -194,18 +199,18 @@ class RegistryAuth(httpx.Auth):
         if status >= 400:
             raise UpstreamUnavailable(self._upstream, f"token service answered HTTP {status}", status=status)
         if data is None:
-            raise UpstreamAuthFailed(
+            raise UpstreamProtocolError(
                 self._upstream, f"token service answered more than {MAX_TOKEN_RESPONSE_BYTES} bytes"
             )
         try:
             body = json.loads(data)
         except ValueError:
-            raise UpstreamAuthFailed(self._upstream, "token service answered something other than JSON") from None
+            raise UpstreamProtocolError(self._upstream, "token service answered something other than JSON") from None
         if not isinstance(body, dict):
-            raise UpstreamAuthFailed(self._upstream, "token service answered something other than a JSON object")
+            raise UpstreamProtocolError(self._upstream, "token service answered something other than a JSON object")
         token = body.get("token") or body.get("access_token")
         if not token or not isinstance(token, str):
-            raise UpstreamAuthFailed(self._upstream, "token service answered without a token")
+            raise UpstreamProtocolError(self._upstream, "token service answered without a token")
         expires_in = body.get("expires_in")
         if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
             expires_in = DEFAULT_EXPIRES_IN  # absent, or not a number: the spec's default

@@ -50,6 +50,7 @@ from .reference import (
     InvalidReference,
     Reference,
     RepositoryName,
+    is_page_size,
     parse_digest,
     parse_tag,
     sniff_media_type,
@@ -475,7 +476,7 @@ class RegistryClient:
             # The link goes out to clients in a header of ours: a tag and a count, or nothing.
             if next_last is not None and not _is_tag(next_last):
                 next_last = next_n = None
-            if next_n is not None and not next_n.isdigit():
+            if next_n is not None and not is_page_size(next_n):
                 next_n = None
         return TagsPage(body, next_last, next_n)
 

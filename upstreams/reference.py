@@ -35,6 +35,7 @@ __all__ = [
     "Tag",
     "accept_class",
     "is_manifest_document",
+    "is_page_size",
     "parse_digest",
     "parse_image_reference",
     "parse_reference",
@@ -193,6 +194,14 @@ def _accept_class(accept_header_values: tuple[str, ...]) -> AcceptClass:
     if types & (IMAGE_MEDIA_TYPES | {DOCKER_MANIFEST_V1_SIGNED, "application/json"}):
         return "image"
     return "index"
+
+
+_PAGE_SIZE_RE: Final = re.compile(r"[0-9]{1,6}")
+
+
+def is_page_size(value: str) -> bool:
+    """A tag list's ``n``: ASCII digits, at most six (``str.isdigit`` takes ``²`` too)."""
+    return _PAGE_SIZE_RE.fullmatch(value) is not None
 
 
 def is_manifest_document(body: bytes) -> bool:

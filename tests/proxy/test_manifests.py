@@ -180,8 +180,10 @@ async def test_readiness_tells_the_last_failure_without_naming_what_was_asked(
     "link",
     [
         '</v2/library/alpine/tags/list?last=a%0d%0aSet-Cookie:%20x&n=2>; rel="next"',
-        '</v2/library/alpine/tags/list?last=a>;%20rel="next",%20<https://evil.example/&n=2>; rel="next"',
+        "</v2/library/alpine/tags/list?last=a%3E%3B%20rel%3D%22next%22%2C%20%3Chttps%3A%2F%2Fevil.example%2F"
+        '&n=2>; rel="next"',
         '</v2/library/alpine/tags/list?last=b&n=two>; rel="next"',
+        '</v2/library/alpine/tags/list?last=b&n=1234567>; rel="next"',
     ],
 )
 async def test_an_upstream_next_page_link_is_passed_on_only_as_a_tag_and_a_count(
@@ -193,7 +195,7 @@ async def test_an_upstream_next_page_link_is_passed_on_only_as_a_tag_and_a_count
     page = await moorage.get("/v2/alpine/tags/list?n=2")
     assert page.status == 200
     assert "Set-Cookie" not in page.headers and "evil" not in page.headers.get("Link", "")
-    if "n=two" in link:
+    if "n=two" in link or "n=1234567" in link:
         assert page.headers["Link"] == '</v2/alpine/tags/list?last=b>; rel="next"'
 
 

@@ -209,14 +209,14 @@ async def test_guesses_at_one_user_do_not_lock_the_others_out(
 ) -> None:
     """Behind an ingress every client has its address: a daemon sending a stale login, or a
     guesser, spends the budget of the name it tries, and the client's budget across names
-    (ten times as large) bounds guessing at many names."""
+    (three times as large) bounds guessing at many names."""
     moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 2})
     statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(3)]
     assert statuses == [401, 401, 429]
     assert (await moorage.get("/token", headers=basic("alice", OTHER_PASSWORD))).status == 200
     assert (await moorage.get("/token", headers=basic("alice", "guess"))).status == 401, "alice's own budget"
-    names = [(await moorage.get("/token", headers=basic(f"user{n}", "guess"))).status for n in range(20)]
-    assert names.count(401) == 17 and names[-3:] == [429] * 3, "20 failures a minute from one client"
+    names = [(await moorage.get("/token", headers=basic(f"user{n}", "guess"))).status for n in range(6)]
+    assert names == [401] * 3 + [429] * 3, "6 failures a minute from one client, whatever the names"
 
 
 async def test_sign_ins_that_succeed_and_anonymous_tokens_are_never_limited(

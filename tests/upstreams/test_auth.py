@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from moorage.upstreams import UpstreamAuthFailed
+from moorage.upstreams import UpstreamAuthFailed, UpstreamProtocolError
 from moorage.upstreams._auth import RegistryAuth, parse_challenge, scope_for_path
 
 REGISTRY = "https://registry.test"
@@ -124,16 +124,19 @@ async def test_a_token_answer_that_is_no_token_is_refused_cleanly(answer: bytes,
     upstream = Upstream()
     upstream.answer = answer
     client, _ = make(upstream)
-    with pytest.raises(UpstreamAuthFailed, match=problem):
+    with pytest.raises(UpstreamProtocolError, match=problem):
         await client.get("/v2/library/alpine/manifests/1")
 
 
 async def test_credentials_never_go_to_a_plain_http_token_service_of_an_https_registry() -> None:
     upstream = Upstream(challenge=CHALLENGE.replace("https://auth.test", "http://auth.test"))
     client, _ = make(upstream, credentials=("bob", "hunter2"))
-    with pytest.raises(UpstreamAuthFailed, match="token service at a plain http URL: refused"):
+    with pytest.raises(UpstreamAuthFailed, match="token service at a plain http URL: credentials not sent"):
         await client.get("/v2/library/alpine/manifests/1")
     assert upstream.token_requests == []
+    anonymous, _ = make(upstream)  # nothing to keep from it: anonymous tokens are fetched there
+    upstream.valid.add("t1")
+    assert (await anonymous.get("/v2/library/alpine/manifests/1")).status_code == 200
 
 
 async def test_credentials_go_to_the_token_service_as_basic() -> None:
