@@ -293,12 +293,19 @@ class UpstreamSettings(_Section):
     @classmethod
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not a URL: {value!r} (expected http://… or https://…)")
-        if parts.query or parts.fragment:
-            raise ValueError(f"not a registry URL: {value!r} (no query or fragment)")
-        if parts.username is not None or parts.password is not None:  # not echoed: it holds a password
+        # The URL is echoed only as far as the host and path: credentials and a query (a token
+        # in it) would go to the log of every start that fails.
+        if parts.username is not None or parts.password is not None:
             raise ValueError("credentials do not go in the URL: set username and password_file or password_env")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            bare = re.split(r"[?#]", value, maxsplit=1)[0]
+            shown = "" if "@" in value else f": {bare!r}"  # no user:pass@host
+            raise ValueError(f"not a URL{shown} (expected http://… or https://…)")
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"not a registry URL: {parts.scheme}://{parts.netloc}{parts.path} has a query or fragment;"
+                " give the registry's address alone"
+            )
         return value.rstrip("/")
 
     @field_validator("aliases")

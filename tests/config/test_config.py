@@ -177,6 +177,21 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             id="credentials_in_url",
         ),
         pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://bob:s3cret@a.io/v2?token=s3cret'}\n",
+            "upstreams[0].url: credentials do not go in the URL",
+            id="credentials_and_query_in_url",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io/v2?token=s3cret#s3cret'}\n",
+            "upstreams[0].url: not a registry URL: https://a.io/v2 has a query or fragment",
+            id="token_in_query",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'bob:s3cret@a.io'}\n",
+            "upstreams[0].url: not a URL (expected http://… or https://…)",
+            id="credentials_without_scheme",
+        ),
+        pytest.param(
             "tag_ttl: 1m\nstorage: {path: /tmp/x}\ntag_ttl: 2m\n",
             "line 3: not valid YAML: 'tag_ttl' is given twice (first on line 1)",
             id="key_twice",
