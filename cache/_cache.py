@@ -99,6 +99,9 @@ REFERENCED_SECONDS: Final = 300.0
 #: half of what the last one freed: when it was not the cache that filled the disk again (others
 #: write there, or a blob is larger than the disk), pass after pass would only empty the store.
 DISK_FULL_PASS_SECONDS: Final = 60.0
+#: A blob stored while a walk of the store ran was last written at most this long before it
+#: was put in place (its fsync); the walk reports what it saw written since then.
+WALK_SLACK_SECONDS: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +213,11 @@ class Cache:
         self._stored_since_disk_full_pass = 0  # bytes
         #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
         self._maintenance = asyncio.Lock()
-        self._stored_during_pass: tuple[int, int] | None = None
+        #: What was stored while a walk of the store ran (digest -> size), to count once.
+        self._stored_during_walk: dict[Digest, int] | None = None
+        #: Set when a store took the store over its cap while a pass ran: one more pass then.
+        self._pass_again = False
+        self._closing = False
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
         #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
@@ -239,6 +246,7 @@ class Cache:
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._evicting is not None:
             await asyncio.gather(self._evicting, return_exceptions=True)
         await self.prefetches.aclose()
@@ -396,22 +404,50 @@ class Cache:
             )
         else:
             wanted = self._over_cap()
-        if wanted and (self._evicting is None or self._evicting.done()):
+        if not wanted:
+            return
+        if self._evicting is None or self._evicting.done():
             self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
+        elif reason == "size":  # the running pass walked the store before this was stored
+            self._pass_again = True
 
     async def evict(self, reason: str = "size") -> None:
         """One pass: least recently used content out until the store is under the low watermark
         of its cap (``size``), or of what it holds now when the disk filled up (``disk_full``)."""
         if not isinstance(self._store, DirectoryStore):
             return
-        async with self._maintenance:
-            try:
-                await self._evict(self._store, reason)
-            except Exception as exc:  # an index that cannot write, a walk that failed: next pass
-                log.error(
-                    "eviction pass failed",
-                    extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
-                )
+        while True:
+            self._pass_again = False
+            async with self._maintenance:
+                try:
+                    await self._evict(self._store, reason)
+                except Exception as exc:  # an index that cannot write, a walk that failed: next pass
+                    log.error(
+                        "eviction pass failed",
+                        extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
+                    )
+            # Content stored while the pass ran took the store over its cap again: without
+            # another pass it would stay there until the next store.
+            if self._closing or not (self._pass_again and self._over_cap()):
+                return
+            reason = "size"
+
+    def _walk_began(self) -> float:
+        """Start counting what is stored while a walk of the store runs; the ``fresh_since``
+        to give the walk. The slack covers a large blob's fsync between its last write (its
+        mtime) and its being put in place."""
+        self._stored_during_walk = {}
+        return time.time() - WALK_SLACK_SECONDS
+
+    def _walk_ended(self, walked_bytes: int, walked_entries: int, fresh: frozenset[Digest]) -> None:
+        """The store's totals from a walk's count, plus what was stored meanwhile that the walk
+        did not see: a blob put in place before the walk reached its directory is in both."""
+        stored = self._stored_during_walk or {}
+        self._stored_during_walk = None
+        unseen = [size for digest, size in stored.items() if digest not in fresh]
+        self.store_bytes = walked_bytes + sum(unseen)
+        self.store_entries = walked_entries + len(unseen)
+        self._counts += 1
 
     async def recount(self) -> None:
         """Count the store again (after a daemon stopped without writing its last totals), then
@@ -421,20 +457,16 @@ class Cache:
         store = self._store
         async with self._maintenance:
             before = self.store_bytes
-            self._stored_during_pass = (0, 0)
+            fresh_since = self._walk_began()
             try:
-                counted_bytes, counted_entries = await asyncio.to_thread(store.count)
-                stored_bytes, stored_entries = self._stored_during_pass
+                counted = await asyncio.to_thread(store.walk_count, fresh_since)
             except Exception as exc:  # the count stays owed: the next start tries again
+                self._stored_during_walk = None
                 log.error(
                     "store not counted", extra={"event": "maintenance_failed", "task": "count", "error": str(exc)}
                 )
                 return
-            finally:
-                self._stored_during_pass = None
-            self.store_bytes = counted_bytes + stored_bytes
-            self.store_entries = counted_entries + stored_entries
-            self._counts += 1
+            self._walk_ended(counted.bytes, counted.entries, counted.fresh)
             self.count_pending = False
         log.warning(
             "the last run did not stop cleanly; the store was counted again",
@@ -455,20 +487,30 @@ class Cache:
         protected = set(self.fills.digests)
         recent = self._recent_stores() | self._in_use()
         before = self.store_bytes
-        self._stored_during_pass = (0, 0)
         # Reads and the manifests served lately order the pass; a blob read while it runs is
         # skipped when its turn comes (the read guard).
         seen = self._eviction_order()
-        result = await asyncio.to_thread(
-            evict_to, store, self._index, target, protected, seen, self._guard, recent, ceiling, set(self._served)
-        )
-        stored_bytes, stored_entries = self._stored_during_pass
-        self._stored_during_pass = None
-        # The walk counted what is on disk; add what was stored meanwhile. This also corrects
-        # any drift of the running totals (two writers of one manifest both counting it).
-        self.store_bytes = result.store_bytes + stored_bytes
-        self.store_entries = result.store_entries + stored_entries
-        self._counts += 1
+        fresh_since = self._walk_began()
+        try:
+            result = await asyncio.to_thread(
+                evict_to,
+                store,
+                self._index,
+                target,
+                protected,
+                seen,
+                self._guard,
+                recent,
+                ceiling,
+                set(self._served),
+                fresh_since,
+            )
+        except BaseException:
+            self._stored_during_walk = None
+            raise
+        # The walk counted what is on disk, which also corrects any drift of the running
+        # totals (two writers of one manifest both counting it).
+        self._walk_ended(result.store_bytes, result.store_entries, result.fresh)
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._forget(digest)
@@ -824,7 +866,7 @@ class Cache:
             self._observer.on_digest_mismatch(upstream, "manifest")
             raise
         if new:
-            self._observer.on_stored("manifest", len(fetched.body))
+            self._observer.on_stored("manifest", len(fetched.body), digest)
         if failure is not None:  # verified, so it is served all the same; only not kept
             self._not_kept("manifest served but not stored", failure, digest=str(digest))
             if isinstance(failure, IndexFailure):  # in the store: remembered here, not asked for again
@@ -1231,13 +1273,12 @@ class _Bookkeeping:
     def on_fill_failed(self, upstream: str) -> None:
         self._observer.on_fill_failed(upstream)
 
-    def on_stored(self, kind: ContentKind, size: int) -> None:
+    def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
         self._cache.store_bytes += size
         self._cache.store_entries += 1
-        if self._cache._stored_during_pass is not None:
-            stored_bytes, stored_entries = self._cache._stored_during_pass
-            self._cache._stored_during_pass = (stored_bytes + size, stored_entries + 1)
-        self._observer.on_stored(kind, size)
+        if self._cache._stored_during_walk is not None:
+            self._cache._stored_during_walk[digest] = size
+        self._observer.on_stored(kind, size, digest)
         self._cache._stored_since_disk_full_pass += size
         self._cache._schedule_eviction()
 

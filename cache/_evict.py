@@ -13,6 +13,7 @@ in-memory front forgets it), so the next pull fetches it again. Passes never ove
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -85,6 +86,9 @@ class EvictionResult:
     #: The store's size and entries after the pass, as walked.
     store_bytes: int
     store_entries: int
+    #: The blobs walked that were written at or after the pass's ``fresh_since`` (see
+    #: :class:`~._store.WalkCount`).
+    fresh: frozenset[Digest] = frozenset()
 
 
 def evict_to(
@@ -97,6 +101,7 @@ def evict_to(
     recent: AbstractSet[Digest] = frozenset(),
     ceiling_bytes: int | None = None,
     manifests: AbstractSet[Digest] = frozenset(),
+    fresh_since: float = math.inf,
 ) -> EvictionResult:
     """Delete least recently used blobs until the store holds at most ``target_bytes``. Blocks.
 
@@ -114,6 +119,7 @@ def evict_to(
     entries = list(store.entries())
     total = sum(blob.size for blob in entries)
     count = len(entries)
+    fresh = frozenset(blob.digest for blob in entries if blob.mtime >= fresh_since)
     seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
     entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
     ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
@@ -141,7 +147,7 @@ def evict_to(
                 "evicted files left in the index; they read as not stored",
                 extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
             )
-    return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted))
+    return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted), fresh)
 
 
 def touch(

@@ -150,7 +150,7 @@ class Fill:
             self.state = "committed"
             self._on_commit(self.digest, fingerprint, self.origin)
             if self._pending.placed_new:
-                self._observer.on_stored("blob", self.written)
+                self._observer.on_stored("blob", self.written, self.digest)
         except BaseException as exc:  # every failure, cancellation included, aborts readers
             if isinstance(exc, DigestMismatch):
                 self._observer.on_digest_mismatch(self.origin[0], "blob")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+from moorage.upstreams.reference import Digest
+
 __all__ = ["CacheObserver", "ContentKind", "NullCacheObserver"]
 
 ContentKind = Literal["manifest", "blob"]
@@ -27,7 +29,7 @@ class CacheObserver(Protocol):
         """A blob download from ``upstream`` failed (the upstream, a digest mismatch, the store):
         its readers were cut and nothing was kept."""
 
-    def on_stored(self, kind: ContentKind, size: int) -> None:
+    def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
         """A verified blob or manifest entered the store."""
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
@@ -56,7 +58,7 @@ class NullCacheObserver:
     def on_fill_failed(self, upstream: str) -> None:
         pass
 
-    def on_stored(self, kind: ContentKind, size: int) -> None:
+    def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
         pass
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:

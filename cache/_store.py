@@ -11,6 +11,7 @@ in a thread, one hop each.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -23,7 +24,7 @@ from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
 from .errors import DigestMismatch, StoreFailure
 
-__all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob"]
+__all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob", "WalkCount"]
 
 TEMP_SUFFIX = ".partial"
 
@@ -49,6 +50,16 @@ class StoredBlob:
     size: int
     #: Last written or (brought forward in batches) last read; epoch seconds.
     mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class WalkCount:
+    """A walk's count of the store. A blob stored while the walk ran is in it or not, by when
+    it was put in place: ``fresh`` (the blobs walked that were written lately) tells which."""
+
+    bytes: int
+    entries: int
+    fresh: frozenset[Digest]
 
 
 class PendingBlob(Protocol):
@@ -267,11 +278,20 @@ class DirectoryStore:
 
     def count(self) -> tuple[int, int]:
         """(bytes, entries) of every stored blob; walks the whole store."""
+        counted = self.walk_count(math.inf)
+        return counted.bytes, counted.entries
+
+    def walk_count(self, fresh_since: float) -> WalkCount:
+        """Every stored blob counted, and which of them were modified at or after
+        ``fresh_since`` (epoch seconds); walks the whole store."""
         total = entries = 0
+        fresh: set[Digest] = set()
         for blob in self.entries():
             total += blob.size
             entries += 1
-        return total, entries
+            if blob.mtime >= fresh_since:
+                fresh.add(blob.digest)
+        return WalkCount(total, entries, frozenset(fresh))
 
     def sweep_temporaries(self) -> int:
         """Remove what an interrupted fill left in ``tmp/``; call before serving."""

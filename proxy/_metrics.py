@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from moorage.cache import ContentKind
 from moorage.upstreams import RateLimitState, UpstreamError
+from moorage.upstreams.reference import Digest
 
 __all__ = ["Metrics"]
 
@@ -237,7 +238,7 @@ class Metrics:
     def on_digest_mismatch(self, upstream: str, kind: ContentKind) -> None:
         self.digest_mismatches.labels(upstream, kind).inc()
 
-    def on_stored(self, kind: ContentKind, size: int) -> None:
+    def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
         pass  # store_bytes and store_entries are read from the cache at scrape time
 
     def on_store_failure(self, disk_full: bool) -> None:

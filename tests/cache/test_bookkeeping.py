@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from moorage.cache import Cache, DirectoryStore
 from moorage.cache._index import Index
 from moorage.cache._keys import pulled_key
+from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
 from tests.polling import until
 
@@ -44,7 +46,7 @@ async def test_a_batch_the_index_refused_is_written_with_the_next(
     cache.record("docker.io", "hit", 100)
     cache._pulled[key] = 1000.0
     cache._routes.learn(digest, ("docker.io", "library/alpine"))
-    cache._observer.on_stored("blob", 10)
+    cache._observer.on_stored("blob", 10, Digest.of(b"10"))
     await cache.flush()  # refused: logged, kept
     assert index.usage() == {}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
@@ -68,7 +70,7 @@ async def test_the_store_size_is_added_once_by_flushes_that_overlap(tmp_path: Pa
     them, must not add it twice."""
     index = Index(tmp_path / "index")
     cache = Cache(DirectoryStore(tmp_path), index)
-    cache._observer.on_stored("blob", 100)
+    cache._observer.on_stored("blob", 100, Digest.of(b"100"))
     await asyncio.gather(cache.flush(), cache.flush())
     assert index.store_totals() == (100, 1)
     await cache.aclose()
@@ -94,7 +96,7 @@ async def test_a_flush_cancelled_at_shutdown_adds_the_store_size_once(tmp_path: 
     batch regardless, and the last flush must not add the same change again."""
     index = HeldUp(tmp_path / "index")
     cache = Cache(DirectoryStore(tmp_path), index)
-    cache._observer.on_stored("blob", 100)
+    cache._observer.on_stored("blob", 100, Digest.of(b"100"))
     flushing = asyncio.ensure_future(cache.flush())
     assert await asyncio.to_thread(index.writing.wait, 10)
     flushing.cancel()
@@ -121,6 +123,82 @@ async def test_an_eviction_walks_count_is_written_as_it_is(tmp_path: Path) -> No
     await cache.evict()  # the walk finds two blobs
     await cache.flush()
     assert index.store_totals() == (2002, 2) == (cache.store_bytes, cache.store_entries)
+    await cache.aclose()
+    index.close()
+
+
+class WalkHeldUp(DirectoryStore):
+    """A store whose walk (an eviction pass's, or a recount's) waits for the test, before or
+    after it lists the files."""
+
+    def __init__(self, root: Path, *, listed_first: bool) -> None:
+        super().__init__(root)
+        self.listed_first = listed_first
+        self.held = False
+        self.walking = threading.Event()
+        self.go = threading.Event()
+
+    def entries(self) -> Iterator[StoredBlob]:
+        if not self.held:
+            yield from super().entries()
+            return
+        listed = list(super().entries()) if self.listed_first else None
+        self.walking.set()
+        assert self.go.wait(10)
+        yield from listed if listed is not None else super().entries()
+
+
+@pytest.mark.parametrize("walk", ["evict", "recount"])
+@pytest.mark.parametrize("seen_by_walk", [True, False], ids=["stored_before_listing", "stored_after_listing"])
+async def test_a_blob_stored_while_the_store_is_walked_is_counted_once(
+    tmp_path: Path, walk: str, seen_by_walk: bool
+) -> None:
+    """The walk counts what it finds, and what was stored meanwhile is added: a blob put in
+    place before the walk listed its directory is in both, and was counted twice (a store of
+    1 GB reported as 2, evicted below its cap at the next pass)."""
+    store = WalkHeldUp(tmp_path, listed_first=not seen_by_walk)
+    index = Index(tmp_path / "index")
+    put(store, os.urandom(1000))
+    index.write_batch({}, {}, counted_totals=store.count())
+    cache = Cache(store, index, max_size=10 * 1024 * 1024)
+    store.held = True
+    walking = asyncio.ensure_future(cache.evict() if walk == "evict" else cache.recount())
+    assert await asyncio.to_thread(store.walking.wait, 10)
+    stored = put(store, os.urandom(3000))  # a fill put it in place...
+    cache._observer.on_stored("blob", 3000, stored)  # ...and the event loop counts it
+    store.go.set()
+    await walking
+    store.held = False
+    assert (cache.store_bytes, cache.store_entries) == store.count() == (4000, 2)
+    await cache.aclose()
+    index.close()
+
+
+async def test_a_store_over_the_cap_while_a_pass_runs_gets_another_pass(tmp_path: Path) -> None:
+    """A pass walks the store once: what was stored after the walk listed it, and took the
+    store over its cap, is left to the next pass. It used to come only with the next store,
+    so the store stayed over its cap for as long as pulls stopped there."""
+    store = WalkHeldUp(tmp_path, listed_first=True)
+    index = Index(tmp_path / "index")
+    for age in range(5):
+        old = put(store, os.urandom(1000))
+        os.utime(store.path_of(old), (time.time() - 3600 + age, time.time() - 3600 + age))
+    index.write_batch({}, {}, counted_totals=store.count())
+    cache = Cache(store, index, max_size=10_000)  # high watermark 9,500, low 8,500
+    store.held = True
+    taking_over = put(store, os.urandom(4800))
+    cache._observer.on_stored("blob", 4800, taking_over)  # 9,800: a pass starts
+    assert await asyncio.to_thread(store.walking.wait, 10)
+    during = put(store, os.urandom(3000))
+    cache._observer.on_stored("blob", 3000, during)  # 12,800 while the pass walks
+    store.go.set()
+    assert cache._evicting is not None
+    await cache._evicting
+    store.held = False
+    on_disk = store.count()
+    assert on_disk[0] <= 9500, f"{on_disk[0]} bytes stored under a cap of 10,000"
+    assert (cache.store_bytes, cache.store_entries) == on_disk
+    assert store.size_of(taking_over) is not None and store.size_of(during) is not None, "the oldest went"
     await cache.aclose()
     index.close()
 
