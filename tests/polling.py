@@ -4,9 +4,9 @@ a prefetch's requests): poll a condition, fail with a clear message when it neve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-__all__ = ["until"]
+__all__ = ["until", "until_async"]
 
 INTERVAL = 0.005
 
@@ -15,6 +15,15 @@ async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
     """Return once ``condition()`` holds; raise AssertionError after ``within`` seconds."""
     for _ in range(max(1, round(within / INTERVAL))):
         if condition():
+            return
+        await asyncio.sleep(INTERVAL)
+    raise AssertionError(f"the condition did not come true within {within:g} s")
+
+
+async def until_async(condition: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """:func:`until` for a condition that must await (a scrape of ``/metrics``)."""
+    for _ in range(max(1, round(within / INTERVAL))):
+        if await condition():
             return
         await asyncio.sleep(INTERVAL)
     raise AssertionError(f"the condition did not come true within {within:g} s")

@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moorage.config import Settings
 from moorage.proxy import build_app
+from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
+from tests.polling import until
 
 StartMoorage = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -76,3 +78,19 @@ async def metric(client: TestClient[web.Request, web.Application], name: str, **
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+async def until_settled(client: TestClient[web.Request, web.Application], within: float = 10.0) -> None:
+    """Wait for the cache's background work a request started: every fill committed (its
+    client has the last byte before the blob is made durable and put in place) and the
+    eviction pass, with the one it may ask for after it, ended."""
+    cache = client.app[CACHE]
+    await until(lambda: len(cache.fills) == 0 and (cache._evicting is None or cache._evicting.done()), within=within)
+
+
+def advance_clock(client: TestClient[web.Request, web.Application], seconds: float) -> None:
+    """Move the cache's clock ``seconds`` ahead: tags age past their freshness at once, and a
+    test's later steps are not raced against a freshness of a second on a busy machine."""
+    cache = client.app[CACHE]
+    clock = cache._clock
+    cache._clock = lambda: clock() + seconds

@@ -16,8 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.fakes import FakeRegistry
+from tests.polling import until, until_async
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, metric, until_settled
 
 Client = TestClient[web.Request, web.Application]
 MiB = 1024 * 1024
@@ -111,10 +112,7 @@ async def test_cut_body_is_resumed_with_range(moorage: Client, upstream: FakeReg
     resumed_at = int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-"))
     assert 0 < resumed_at <= 2 * MiB + 5
     assert await metric(moorage, "moorage_fill_resumes_total") == 1
-    for _ in range(200):  # the blob is stored just after the client has its last byte
-        if stored_files(tmp_path / "store"):
-            break
-        await asyncio.sleep(0.01)
+    await until_settled(moorage)  # the blob is stored just after the client has its last byte
     assert len(stored_files(tmp_path / "store")) == 1
 
 
@@ -143,11 +141,8 @@ async def test_failed_fill_cuts_every_reader_and_keeps_nothing(
     assert await metric(moorage, "moorage_fill_failures_total", upstream="docker.io") == 1
     store = tmp_path / "store"
     assert stored_files(store) == []
-    for _ in range(100):  # readers are cut at once; the temporary is removed in a thread just after
-        if not temporaries(store):
-            break
-        await asyncio.sleep(0.02)
-    assert temporaries(store) == []
+    # Readers are cut at once; the temporary is removed in a thread just after.
+    await until(lambda: temporaries(store) == [])
     upstream.clear_faults()
     upstream.reset_requests()
     assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
@@ -298,15 +293,13 @@ async def test_a_client_leaving_mid_body_does_not_stop_the_fill(
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert await response.content.readany()
     response.close()  # the client hangs up
-    for _ in range(200):
-        if stored_files(tmp_path / "store"):
-            break
-        await asyncio.sleep(0.02)
+    await until_settled(moorage)
     assert [p.name for p in stored_files(tmp_path / "store")] == [digest.split(":")[1]]
-    for _ in range(100):  # the handler notices the hang-up
-        if await metric(moorage, "moorage_requests_total", kind="blob") == 1:
-            break
-        await asyncio.sleep(0.02)
+
+    async def recorded() -> bool:  # the handler notices the hang-up
+        return await metric(moorage, "moorage_requests_total", kind="blob") >= 1
+
+    await until_async(recorded)
     assert await metric(moorage, "moorage_requests_total", kind="blob") == 1, "the request is recorded once"
     upstream.reset_requests()
     assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
@@ -328,10 +321,7 @@ async def test_another_routes_failure_is_not_this_clients_answer(
         digest = upstream.add_blob(data)
         other.delay_next(1, 0.5, paths="/blobs/")
         missing = asyncio.ensure_future(moorage.get(f"/v2/ghcr/owner/app/blobs/{digest}"))
-        for _ in range(100):  # until the ghcr.io fill is waiting on its upstream
-            if other.count("GET", "/blobs/"):
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: other.count("GET", "/blobs/") > 0)  # the ghcr.io fill waits on its upstream
         healthy = await moorage.get(f"/v2/alpine/blobs/{digest}")
         assert healthy.status == 200 and await healthy.read() == data
         answer = await missing

@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient
 
 from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import in_ci
+from tests.polling import until
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, advance_clock, metric, until_settled
 
 KiB = 1024
 
@@ -47,6 +48,7 @@ async def test_a_full_disk_fails_the_fill_cleanly_and_evicts(
     stored = [upstream.add_blob(os.urandom(400 * KiB)) for _ in range(4)]
     for digest in stored:  # 1.6 MiB of the 2 MiB disk
         assert len(await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()) == 400 * KiB
+    await until_settled(moorage)
     too_big = upstream.add_blob(os.urandom(800 * KiB))
     response = await moorage.get(f"/v2/alpine/blobs/{too_big}")
     if response.status == 200:  # the headers went out before the disk filled: the body is cut
@@ -56,7 +58,8 @@ async def test_a_full_disk_fails_the_fill_cleanly_and_evicts(
         assert response.status == 503
         assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
     assert await metric(moorage, "moorage_store_write_failures_total") >= 1
-    assert not any((small_disk / "store" / "tmp").iterdir()), "nothing partial kept"
+    tmp = small_disk / "store" / "tmp"
+    await until(lambda: not any(tmp.iterdir()))  # nothing partial kept: a thread removes it
     assert not (small_disk / "store" / "blobs" / "sha256" / too_big[7:9] / too_big[7:]).exists()
     await disk_full_pass_ended(moorage)
     upstream.reset_requests()
@@ -139,13 +142,13 @@ async def test_a_tag_confirmed_while_the_index_cannot_write_is_still_answered(
     """SQLite's disk full: the upstream's HEAD confirmed the stored answer, so it is the answer,
     not a 500, and the full disk is counted and starts eviction like the store's. The pass that
     follows takes the image's layer, not the manifest just confirmed."""
-    moorage = await start_moorage(tag_ttl="1s", storage={"path": str(small_disk / "store")})
+    moorage = await start_moorage(tag_ttl="1h", storage={"path": str(small_disk / "store")})
     image = upstream.add_image("library/alpine", "3.19", layers=[os.urandom(200 * KiB)])
     assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200
     layer = image.layer_digests[0]
     assert len(await (await moorage.get(f"/v2/alpine/blobs/{layer}")).read()) == 200 * KiB
     fill_up(small_disk)
-    await asyncio.sleep(1.1)
+    advance_clock(moorage, 3601)
     upstream.reset_requests()
     for pull in range(3):
         response = await moorage.get("/v2/alpine/manifests/3.19")
@@ -207,13 +210,16 @@ async def test_a_disk_others_filled_costs_the_store_one_pass_not_one_per_failed_
     stored = [upstream.add_blob(os.urandom(300 * KiB)) for _ in range(4)]
     for digest in stored:
         assert len(await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()) == 300 * KiB
+    await until_settled(moorage)
     fill_up(small_disk)  # another writer
-    for _ in range(4):
+    for pull in range(4):
         digest = upstream.add_blob(os.urandom(200 * KiB))
         response = await moorage.get(f"/v2/alpine/blobs/{digest}")
         with contextlib.suppress(aiohttp.ClientPayloadError):
             await response.read()
-        await asyncio.sleep(0.1)  # the pass runs in the background
+        if pull == 0:  # the first failure's pass has ended: the later ones are what it throttles
+            await disk_full_pass_ended(moorage)
+        await until_settled(moorage)
     passes = [r for r in caplog.records if getattr(r, "event", "") == "evicted"]
     assert [r.__dict__["reason"] for r in passes] == ["disk_full"]
     kept = [d for d in stored if (small_disk / "store" / "blobs" / "sha256" / d[7:9] / d[7:]).exists()]

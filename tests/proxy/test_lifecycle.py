@@ -20,6 +20,7 @@ from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
 from moorage.proxy.cli import main
 from tests.fakes import FakeRegistry
+from tests.polling import until_async
 
 from .conftest import StartMoorage, metric, settings_for
 
@@ -149,10 +150,11 @@ async def test_scheduled_passes_run_while_serving(
     for tag in ("v1", "v2", "v3"):
         await pull(moorage, "team/app", tag)
         await asyncio.sleep(0.01)
-    for _ in range(100):
-        if await metric(moorage, "moorage_lifecycle_expired_images_total") >= 1 and not stored(store, orphan):
-            break
-        await asyncio.sleep(0.05)
+
+    async def both_ran() -> bool:
+        return await metric(moorage, "moorage_lifecycle_expired_images_total") >= 1 and not stored(store, orphan)
+
+    await until_async(both_ran)
     assert await metric(moorage, "moorage_lifecycle_expired_images_total", rule="1") == 1
     assert not stored(store, orphan), "gc swept the blob no manifest refers to"
     assert await metric(moorage, "moorage_evictions_total", reason="gc") >= 1

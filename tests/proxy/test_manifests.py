@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, Digest
 from tests.fakes import DOCKER_MANIFEST_LIST, OCI_MANIFEST, FakeRegistry
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, advance_clock, metric
 
 Client = TestClient[web.Request, web.Application]
 ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
@@ -62,10 +62,10 @@ async def test_tag_fetched_once_for_concurrent_clients(moorage: Client, upstream
 async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
-    moorage = await start_moorage(tag_ttl="1s")
+    moorage = await start_moorage(tag_ttl="1h")
     image = upstream.add_image("library/alpine", "3.19")
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
-    await asyncio.sleep(1.1)
+    advance_clock(moorage, 3601)
     upstream.reset_requests()
     stale = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert stale.status == 200 and await stale.read() == image.manifest

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage
+from .conftest import StartMoorage, advance_clock, until_settled
 
 Client = TestClient[web.Request, web.Application]
 ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
@@ -57,7 +57,7 @@ def without_metrics_requests(changes: dict[str, float]) -> dict[str, float]:
 async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
-    moorage = await start_moorage(tag_ttl="1s", revalidate_timeout="5s")
+    moorage = await start_moorage(tag_ttl="1h", revalidate_timeout="5s")
     layer = os.urandom(100_000)
     image = upstream.add_image("library/app", "1", [layer], config=b'{"os":"linux"}')
     manifest_size, config_size = len(image.manifest), len(b'{"os":"linux"}')
@@ -83,11 +83,8 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
         "moorage_upstream_requests_total{kind=blob,method=GET,status=200,upstream=docker.io}": 2,
     }
     # A client has its last byte once the digest is verified; the blob is stored just after.
-    for _ in range(200):
-        after = await scrape(moorage)
-        if after["moorage_store_entries{}"] == 3:
-            break
-        await asyncio.sleep(0.01)
+    await until_settled(moorage)
+    after = await scrape(moorage)
     assert after["moorage_store_entries{}"] == 3
     assert after["moorage_store_bytes{}"] == manifest_size + config_size + len(layer)
 
@@ -121,7 +118,7 @@ async def test_metric_deltas_for_cold_warm_concurrent_and_stale_pulls(
     }
 
     # Stale: the tag aged, the upstream rate-limits the HEAD; the last answer is served.
-    await asyncio.sleep(1.1)
+    advance_clock(moorage, 3601)
     upstream.fail_next(1, 429, retry_after=60)
     before = await scrape(moorage)
     stale = await moorage.get("/v2/app/manifests/1", headers=ALL)

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeImage, FakeRegistry
 
-from .conftest import StartMoorage
+from .conftest import StartMoorage, until_settled
 
 Client = TestClient[web.Request, web.Application]
 PASSWORD = "a long enough passphrase"
@@ -85,6 +85,7 @@ async def cache_private_image(moorage: Client, image: FakeImage) -> None:
         response = await moorage.get(f"{base}/blobs/{digest}", headers=basic("admin"))
         assert response.status == 200
         await response.read()
+    await until_settled(moorage)  # stored: a client has its last byte before the blob is put in place
 
 
 async def test_a_confined_client_cannot_read_private_content_through_a_route_it_may_pull(

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, metric, until_settled
 
 Client = TestClient[web.Request, web.Application]
 
@@ -23,15 +23,15 @@ def stored_file(store: Path, digest: str) -> Path:
     return store / "blobs" / algorithm / hex_digest[:2] / hex_digest
 
 
-async def until_stored(store: Path, digest: str, content: bytes) -> Path:
-    """The stored file, once it holds ``content``: a client has its last byte as soon as the
-    digest is verified, and the blob is made durable and put in place just after."""
+async def until_stored(moorage: Client, store: Path, digest: str, content: bytes) -> Path:
+    """The stored file, once it holds ``content`` and the cache has recorded it as known good:
+    a client has its last byte as soon as the digest is verified, and the blob is made durable,
+    put in place and its fingerprint taken just after. A change before that fingerprint would
+    be taken for the good copy."""
+    await until_settled(moorage)
     path = stored_file(store, digest)
-    for _ in range(400):
-        if path.is_file() and path.stat().st_size == len(content) and path.read_bytes() == content:
-            return path
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"{digest} was not stored within 2 s")
+    assert path.is_file() and path.read_bytes() == content, f"{digest} is not stored"
+    return path
 
 
 async def rewrite(path: Path, content: bytes) -> None:
@@ -56,14 +56,14 @@ async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
     content = os.urandom(300_000)
     digest = upstream.add_blob(content)
     assert await pull_blob(moorage, digest) == content
-    path = await until_stored(store, digest, content)
+    path = await until_stored(moorage, store, digest, content)
     await rewrite(path, b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
 
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
     quarantined = store / "quarantine" / digest.replace(":", "-")
     assert quarantined.read_bytes() == b"X" * len(content), "kept aside for inspection"
-    assert await until_stored(store, digest, content) == path, "the store holds the good copy again"
+    assert await until_stored(moorage, store, digest, content) == path, "the store holds the good copy again"
     assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 1
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "the fresh copy is trusted: a plain hit"
@@ -77,19 +77,16 @@ async def test_a_truncated_blob_is_never_served_short(
     content = os.urandom(200_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    with (await until_stored(store, digest, content)).open("r+b") as handle:
+    with (await until_stored(moorage, store, digest, content)).open("r+b") as handle:
         handle.truncate(1000)
     head = await moorage.head(f"/v2/alpine/blobs/{digest}")
     assert head.headers["Content-Length"] == str(len(content)), "HEAD does not trust the short file either"
     assert await pull_blob(moorage, digest) == content
-    await until_stored(store, digest, content)
+    await until_stored(moorage, store, digest, content)
     # The short file's whole counted size left the totals, not the 1,000 bytes left of it. The
     # new copy is counted once its directory is durable, a moment after it is in place.
-    for _ in range(400):
-        if (stored_bytes := await metric(moorage, "moorage_store_bytes")) == len(content):
-            break
-        await asyncio.sleep(0.005)
-    assert stored_bytes == len(content)
+    await until_settled(moorage)
+    assert await metric(moorage, "moorage_store_bytes") == len(content)
 
 
 async def test_a_vanished_blob_is_fetched_again(
@@ -100,7 +97,7 @@ async def test_a_vanished_blob_is_fetched_again(
     content = os.urandom(50_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    (await until_stored(store, digest, content)).unlink()
+    (await until_stored(moorage, store, digest, content)).unlink()
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2
 
@@ -113,7 +110,7 @@ async def test_a_corrupt_blob_whose_upstream_is_gone_is_a_clean_error(
     content = os.urandom(10_000)
     digest = upstream.add_blob(content)
     await pull_blob(moorage, digest)
-    await rewrite(await until_stored(store, digest, content), os.urandom(len(content)))
+    await rewrite(await until_stored(moorage, store, digest, content), os.urandom(len(content)))
     del upstream.blobs[digest]
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert response.status == 404
@@ -167,7 +164,7 @@ async def test_a_layer_asked_for_as_a_manifest_is_neither_served_nor_quarantined
     for content in (large, small):
         digest = upstream.add_blob(content)
         assert await pull_blob(moorage, digest) == content
-        await until_stored(store, digest, content)
+        await until_stored(moorage, store, digest, content)
         for method in ("GET", "HEAD"):
             response = await moorage.request(method, f"/v2/alpine/manifests/{digest}")
             assert response.status == 404, f"{method} {len(content)} bytes answered as a manifest"

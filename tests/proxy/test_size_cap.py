@@ -3,14 +3,13 @@ watermark, pulls keep succeeding with verified bytes, and what was evicted is fe
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from pathlib import Path
 
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, metric, until_settled
 
 KiB = 1024
 
@@ -28,17 +27,13 @@ async def test_filling_past_the_cap_evicts_least_recently_used(
     for digest in blobs:
         body = await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
         assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
-        await asyncio.sleep(0.01)  # let an eviction pass run between pulls, as traffic would
+        await until_settled(moorage)  # the blob stored and the pass it asked for ended
         sizes.append(store_bytes(tmp_path / "store"))
-    for _ in range(100):
-        if store_bytes(tmp_path / "store") <= 0.90 * 1024 * KiB:
-            break
-        await asyncio.sleep(0.02)
     after = store_bytes(tmp_path / "store")
     print(f"\nstore bytes after each pull: {sizes}; at rest: {after} (cap {1024 * KiB})")
     fetched = await metric(moorage, "moorage_upstream_fetched_bytes_total", kind="blob")
     assert fetched == 20 * 100 * KiB > 1024 * KiB, "twice the cap went into the store"
-    assert max(sizes) <= 0.95 * 1024 * KiB, "never above the high watermark once a pass ran"
+    assert max(sizes) <= 0.95 * 1024 * KiB, "never above the high watermark once the pulls' passes ran"
     # Everything was stored in the last seconds: taken only halfway between the watermarks.
     assert after <= 0.90 * 1024 * KiB
     assert await metric(moorage, "moorage_evictions_total", reason="size") >= 10
@@ -67,10 +62,8 @@ async def test_an_image_just_pulled_that_fits_under_the_cap_stays_whole(
     assert (await moorage.get("/v2/big/manifests/1")).status == 200
     for digest in (image.config_digest, *image.layer_digests):
         await (await moorage.get(f"/v2/big/blobs/{digest}")).read()
-    for _ in range(200):
-        if await metric(moorage, "moorage_evictions_total", reason="size") >= 2:
-            break
-        await asyncio.sleep(0.02)
+    await until_settled(moorage)
+    assert await metric(moorage, "moorage_evictions_total", reason="size") >= 1
     stored = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
     assert not {digest.split(":")[1] for digest in old} & stored, "the older content went"
     kept = {image.digest, image.config_digest, *image.layer_digests}
@@ -92,7 +85,7 @@ async def test_an_evicted_manifest_is_fetched_again_for_its_tag(
     for _ in range(4):  # push the manifest out
         digest = upstream.add_blob(os.urandom(100 * KiB))
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
-        await asyncio.sleep(0.05)
+        await until_settled(moorage)
     stored = {p.name for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()}
     assert image.digest.split(":")[1] not in stored
     upstream.reset_requests()
@@ -113,10 +106,7 @@ async def test_a_blob_larger_than_the_cap_goes_alone(
     big = upstream.add_blob(os.urandom(1024 * KiB))
     body = await (await moorage.get(f"/v2/alpine/blobs/{big}")).read()
     assert "sha256:" + hashlib.sha256(body).hexdigest() == big, "its client has every byte"
-    for _ in range(200):  # the client has its bytes before the blob is made durable and stored
-        if await metric(moorage, "moorage_evictions_total", reason="size") > 0:
-            break
-        await asyncio.sleep(0.02)
+    await until_settled(moorage)  # the client has its bytes before the blob is made durable and stored
     stored = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
     assert stored == {digest.split(":")[1] for digest in small}, "the small ones stay, the big one went"
     assert await metric(moorage, "moorage_evictions_total", reason="size") == 1
@@ -140,10 +130,8 @@ async def test_an_image_whose_manifest_was_just_served_keeps_its_blobs_through_a
     assert (await moorage.get("/v2/alpine/manifests/3.19")).status == 200  # a new pull begins
     trigger = upstream.add_blob(os.urandom(100 * KiB))
     await (await moorage.get(f"/v2/alpine/blobs/{trigger}")).read()
-    for _ in range(200):
-        if await metric(moorage, "moorage_evictions_total", reason="size") > 0:
-            break
-        await asyncio.sleep(0.02)
+    await until_settled(moorage)
+    assert await metric(moorage, "moorage_evictions_total", reason="size") > 0
     stored = {p.name for p in (store / "blobs").rglob("*") if p.is_file()}
     assert {digest.split(":")[1] for digest in image.layer_digests} <= stored, "the pull's layers stayed"
     assert others[0].split(":")[1] not in stored, "older content went instead"

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -261,15 +262,17 @@ async def test_a_sign_in_after_a_password_change_is_checked_anew(
     moorage = await start_moorage(auth=auth_files)
     users = moorage.app[USERS]
     real_check = users.check
+    checked = threading.Event()
 
     def slow_check(user: str, password: str) -> bool:
         verdict = real_check(user, password)  # against the file as it is when the check begins
+        checked.set()
         time.sleep(0.3)
         return verdict
 
     monkeypatch.setattr(users, "check", slow_check)
     before = asyncio.ensure_future(moorage.get("/token", headers=basic("ci", PASSWORD)))
-    await asyncio.sleep(0.1)  # its check is running
+    assert await asyncio.to_thread(checked.wait, 10)  # its check has read the file and runs on
     htpasswd = Path(auth_files["htpasswd_file"])
     changed = bcrypt.hashpw(b"a new passphrase", bcrypt.gensalt(4)).decode()
     htpasswd.write_text(f"ci:{changed}\n")
