@@ -44,8 +44,9 @@ USER 10001:10001
 WORKDIR /var/lib/moorage
 VOLUME ["/var/lib/moorage"]
 EXPOSE 5000
-# SIGTERM: stop accepting, let requests finish (shutdown_timeout), cancel fills and remove
-# their temporaries. Give the container at least shutdown_timeout + a few seconds to stop.
+# SIGTERM: /readyz fails for shutdown_delay, then stop accepting, let requests finish
+# (shutdown_timeout), cancel fills and remove their temporaries. Give the container at least
+# shutdown_delay + shutdown_timeout + a few seconds to stop (docker run --stop-timeout 40).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["moorage", "healthcheck"]
 ENTRYPOINT ["moorage"]

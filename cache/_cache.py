@@ -50,7 +50,7 @@ from ._fill import FillReader, Fills
 from ._flight import SingleFlight
 from ._gc import GcReport, parts, sweep
 from ._hot import HotAnswers, StoredManifest
-from ._index import Index, TagEntry, TagsEntry, Usage
+from ._index import Index, TagEntry, TagsEntry, Usage, is_disk_full
 from ._keys import (
     IndexKey,
     image_key,
@@ -67,7 +67,7 @@ from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
 from ._serving import ServingLock
 from ._source import Source
-from ._store import BlobStore, DirectoryStore, Fingerprint
+from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
 from ._verify import counted_size, hash_file
 from .errors import CacheError, DigestMismatch, IndexFailure, StoreFailure
 
@@ -257,9 +257,26 @@ class Cache:
         await self._route_flights.aclose()
         await self.flush()
 
-    def check(self) -> tuple[str | None, str | None]:
-        """(store problem, index problem), None where all is well; blocks (run in a thread)."""
+    def check(self) -> tuple[WriteCheck, str | None]:
+        """(whether the store can be written, index problem or None); blocks (run in a thread)."""
         return self._store.check_writable(), self._index.check()
+
+    def disk_full(self) -> None:
+        """Something found the store's disk full (a readiness probe): an eviction pass, as
+        often as the full disk's passes may run."""
+        self._schedule_eviction("disk_full")
+
+    async def sweep_stale_temporaries(self) -> None:
+        """Remove temporaries nothing wrote for ``STALE_TEMPORARY_SECONDS``: a process that
+        died while others served the store left them, and only a start alone sweeps them."""
+        if not isinstance(self._store, DirectoryStore):
+            return
+        removed = await asyncio.to_thread(self._store.sweep_temporaries, STALE_TEMPORARY_SECONDS)
+        if removed:
+            log.warning(
+                "stale partial downloads removed",
+                extra={"event": "temporaries_swept", "files": removed, "unwritten_for": STALE_TEMPORARY_SECONDS},
+            )
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -330,6 +347,8 @@ class Cache:
                 "bookkeeping not written; kept for the next try",
                 extra={"event": "flush_failed", "error": str(exc)},
             )
+            if is_disk_full(exc):  # with no fill failing, nothing else would free space
+                self._schedule_eviction("disk_full")
             return
         self._note_written(written, held, counts, totals)
         self.flushed = True
@@ -349,6 +368,7 @@ class Cache:
             self.store_bytes = max(0, self.store_bytes + held[0] - totals[0])
             self.store_entries = max(0, self.store_entries + held[1] - totals[1])
         self._flushed_totals = held
+        self._schedule_eviction()  # what others stored may take the store over its cap
 
     def _keep_for_next_flush(
         self,
@@ -396,6 +416,8 @@ class Cache:
         return self.max_size is not None and self.store_bytes > self.max_size * self._high
 
     def _schedule_eviction(self, reason: str = "size") -> None:
+        if self._closing:  # the last flush of a stop: no pass may start after aclose waited for one
+            return
         if reason == "disk_full":
             last = self._disk_full_pass
             wanted = last is None or (
@@ -1299,6 +1321,11 @@ class _Bookkeeping:
 
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
+#: A temporary nothing wrote for this long is a dead process's: no fill waits that long for a
+#: download slot or its upstream's next bytes (read timeouts are far shorter).
+STALE_TEMPORARY_SECONDS: Final = 3600.0
+#: How often temporaries are looked at for stale ones.
+TEMPORARY_SWEEP_INTERVAL: Final = 600.0
 
 
 @asynccontextmanager
@@ -1343,7 +1370,10 @@ async def open_cache(
     )
     cache._schedule_eviction()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(cache.flush_every(FLUSH_INTERVAL))]
+    tasks = [
+        loop.create_task(cache.flush_every(FLUSH_INTERVAL)),
+        loop.create_task(cache.every(TEMPORARY_SWEEP_INTERVAL, "sweep", cache.sweep_stale_temporaries)),
+    ]
     if started.crashed:  # its last seconds of stores are in no total: count, in the background
         cache.count_pending = True
         tasks.append(loop.create_task(cache.recount()))

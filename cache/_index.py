@@ -6,6 +6,7 @@ Entries leave this module as frozen values.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 from .errors import IndexFailure, StoreFailure
 
-__all__ = ["Index", "TagEntry", "TagsEntry", "Usage"]
+__all__ = ["Index", "TagEntry", "TagsEntry", "Usage", "is_disk_full"]
 
 #: Counters per upstream, by name: cache results (hit, miss, …) and byte totals.
 Usage = dict[str, dict[str, int]]
@@ -43,6 +44,16 @@ class TagsEntry:
     fetched_at: float
 
 
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an index or store write failed for want of space (SQLite's error, the OS's, or
+    the cache's :class:`StoreFailure` made of either)."""
+    if isinstance(error, StoreFailure):
+        return error.disk_full
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
 @contextmanager
 def _recording(what: str) -> Iterator[None]:
     """An index write that fails (SQLite's disk is full, another process holds the write lock
@@ -54,9 +65,8 @@ def _recording(what: str) -> Iterator[None]:
         failure = StoreFailure.of(f"the index cannot record {what}", exc)
         raise IndexFailure(str(failure), disk_full=failure.disk_full) from exc
     except (sqlite3.Error, diskcache.Timeout) as exc:
-        full = isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
         reason = str(exc) or type(exc).__name__  # diskcache's Timeout says nothing
-        raise IndexFailure(f"the index cannot record {what}: {reason}", disk_full=full) from exc
+        raise IndexFailure(f"the index cannot record {what}: {reason}", disk_full=is_disk_full(exc)) from exc
 
 
 class Index:

@@ -11,10 +11,12 @@ in a thread, one hop each.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
 from .errors import DigestMismatch, StoreFailure
 
-__all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob", "WalkCount"]
+__all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob", "WalkCount", "WriteCheck"]
 
 TEMP_SUFFIX = ".partial"
 
@@ -50,6 +52,15 @@ class StoredBlob:
     size: int
     #: Last written or (brought forward in batches) last read; epoch seconds.
     mtime: float
+
+
+class WriteCheck(NamedTuple):
+    """Whether content can be stored: ``problem`` says why not (a read-only file system, no
+    permission). A ``full`` disk is no such problem: what is stored is still served, and an
+    eviction pass frees space."""
+
+    problem: str | None
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +99,8 @@ class BlobStore(Protocol):
     def read_small(self, digest: Digest, limit: int) -> bytes | None: ...
     def begin(self, digest: Digest) -> PendingBlob: ...
     def count(self) -> tuple[int, int]: ...
-    def check_writable(self) -> str | None: ...
-    def sweep_temporaries(self) -> int: ...
+    def check_writable(self) -> WriteCheck: ...
+    def sweep_temporaries(self, unwritten_for: float = 0.0) -> int: ...
 
 
 class _PendingFile:
@@ -242,25 +253,25 @@ class DirectoryStore:
         except OSError as exc:
             raise StoreFailure.of(f"cannot start writing {digest}", exc) from exc
 
-    def check_writable(self) -> str | None:
-        """None when a temporary can be written in the store and a blob put in place, else
-        what went wrong."""
+    def check_writable(self) -> WriteCheck:
+        """Whether a temporary can be written in the store and a blob put in place."""
         probe = self.tmp_dir / f".writable-{secrets.token_hex(4)}"
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as exc:
-            return f"cannot write in {self.tmp_dir}: {exc.strerror}"
         blobs = self.blobs_dir / "sha256" if (self.blobs_dir / "sha256").is_dir() else self.blobs_dir
         placed = blobs / probe.name
-        try:  # as a commit puts a blob in place; a file beside the prefix directories, which walks pass over
+        where = self.tmp_dir
+        try:
             probe.write_bytes(b"ok")
+            where = blobs  # as a commit puts a blob in place; beside the prefix directories, which walks pass over
             os.rename(probe, placed)
-            placed.unlink()
         except OSError as exc:
-            probe.unlink(missing_ok=True)
-            return f"cannot write in {blobs}: {exc.strerror}"
-        return None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return WriteCheck(None, full=True)
+            return WriteCheck(f"cannot write in {where}: {exc.strerror}")
+        finally:  # a probe left behind by a failed write would count against the disk
+            for path in (probe, placed):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+        return WriteCheck(None)
 
     def entries(self) -> Iterator[StoredBlob]:
         """Every stored blob with its size and modification time; walks the whole store.
@@ -293,13 +304,21 @@ class DirectoryStore:
                 fresh.add(blob.digest)
         return WalkCount(total, entries, frozenset(fresh))
 
-    def sweep_temporaries(self) -> int:
-        """Remove what an interrupted fill left in ``tmp/``; call before serving."""
+    def sweep_temporaries(self, unwritten_for: float = 0.0) -> int:
+        """Remove what interrupted fills left in ``tmp/``: everything (before serving, alone),
+        or what nothing wrote for ``unwritten_for`` seconds (a process that died beside others
+        still serving the store); how many entries went."""
         removed = 0
+        written_since = time.time() - unwritten_for
         for entry in self.tmp_dir.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            try:
+                if unwritten_for and entry.lstat().st_mtime >= written_since:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            except FileNotFoundError:  # its fill finished or failed meanwhile
+                continue
             removed += 1
         return removed

@@ -374,6 +374,9 @@ class Settings(_Section):
     #: HTTPS on ``listen`` (unset: plain HTTP; terminate TLS in front instead).
     tls: TlsSettings | None = None
     auth: AuthSettings = AuthSettings()
+    #: On SIGTERM, how long /readyz fails while requests are still taken, before the stop
+    #: begins (load balancers and Kubernetes Services stop sending meanwhile).
+    shutdown_delay: Seconds = Field(default=0.0, ge=0)
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
     #: A client connection with no complete request for this long is closed (idle keep-alive

@@ -26,7 +26,7 @@ from ._handlers import add_routes
 from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
-from ._state import CACHE, IN_FLIGHT, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
+from ._state import CACHE, IN_FLIGHT, LEAVING, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
 from ._tokens import TokenKeys
 from .errors import error_middleware
 
@@ -107,6 +107,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )
     app[SETTINGS] = settings
+    app[LEAVING] = asyncio.Event()
     app[STOPPING] = asyncio.Event()
     app[IN_FLIGHT] = {}
     app[METRICS] = Metrics()

@@ -28,7 +28,7 @@ from moorage.upstreams.reference import accept_class, is_page_size, parse_digest
 from ._auth import authorize_pull
 from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
-from ._state import CACHE, METRICS, ROUTER, SETTINGS, notes
+from ._state import CACHE, LEAVING, METRICS, ROUTER, SETTINGS, notes
 from ._token_service import token_endpoint
 from .errors import BlobUnknown, OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
 
@@ -403,15 +403,20 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the store is writable and the index answers. Upstreams are reported, not
-    required: a cache serves what it holds while they are down."""
+    """Ready when the store is writable and the index answers, and no stop has begun.
+    Upstreams are reported, not required: a cache serves what it holds while they are down.
+    A full disk is reported, not failed: what is stored is still served, and it starts an
+    eviction pass (a pod taken out of its Service would get no traffic to start one)."""
     cache = request.app[CACHE]
     store, index = await asyncio.to_thread(cache.check)
+    if store.full:
+        cache.disk_full()
     upstreams = {client.host: client.health() for client in request.app[ROUTER].upstreams}
-    ready = store is None and index is None
+    leaving = request.app[LEAVING].is_set()
+    ready = store.problem is None and index is None and not leaving
     body = {
-        "status": "ok" if ready else "not ready",
-        "store": store or "ok",
+        "status": "stopping" if leaving else "ok" if ready else "not ready",
+        "store": store.problem or ("disk full: evicting" if store.full else "ok"),
         "index": index or "ok",
         "upstreams": upstreams,
     }

@@ -1,14 +1,16 @@
 """Running the server: the main listener (HTTPS when ``tls`` is set, its certificate reloaded on
 SIGHUP or change), an optional metrics listener, and a staged stop.
 
-On SIGTERM or SIGINT: stop accepting, close idle connections, give requests in flight
-``shutdown_timeout`` (a second signal cuts them at once), then close the cache (fills still
-running are cancelled and their temporaries removed).
+On SIGTERM or SIGINT: /readyz fails while requests are still taken for ``shutdown_delay``;
+then stop accepting, close idle connections, give requests in flight ``shutdown_timeout`` (a
+second signal cuts the delay short, and then the requests), then close the cache (fills
+still running are cancelled and their temporaries removed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -19,7 +21,7 @@ from aiohttp import web
 from moorage.config import Settings, split_address
 
 from ._app import build_app, metrics_app
-from ._state import IN_FLIGHT, STOPPING
+from ._state import IN_FLIGHT, LEAVING, STOPPING
 from ._tls import ServerTls
 
 __all__ = ["running", "serve"]
@@ -56,6 +58,10 @@ async def serve(settings: Settings, version: str) -> None:
     )
     tls = ServerTls(settings.tls) if settings.tls is not None else None
     watcher: asyncio.Task[None] | None = None
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # a signal during start-up stops cleanly once listening
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         await main_runner.setup()
         host, port = split_address(settings.listen)
@@ -70,10 +76,6 @@ async def serve(settings: Settings, version: str) -> None:
             "listening",
             extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         if tls is not None:
             reloads: set[asyncio.Task[None]] = set()
 
@@ -84,12 +86,26 @@ async def serve(settings: Settings, version: str) -> None:
 
             loop.add_signal_handler(signal.SIGHUP, reload_soon)
             watcher = loop.create_task(tls.watch())
+        else:  # SIGHUP's default ends the process (a log rotation's postrotate sends it)
+            loop.add_signal_handler(signal.SIGHUP, _nothing_to_reload)
         await stop.wait()
-        app[STOPPING].set()
+        app[LEAVING].set()
         hurry = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, hurry.set)  # a second signal (Ctrl-C again): cut them now
-        log.info("stopping", extra={"event": "stopping", "shutdown_timeout": settings.shutdown_timeout})
+        log.info(
+            "stopping",
+            extra={
+                "event": "stopping",
+                "shutdown_delay": settings.shutdown_delay,
+                "shutdown_timeout": settings.shutdown_timeout,
+            },
+        )
+        if settings.shutdown_delay > 0:  # /readyz fails; requests are still taken meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), settings.shutdown_delay)
+            hurry.clear()  # a signal during the delay ends the delay; another cuts the requests
+        app[STOPPING].set()
         await _drain(main_runner, app, settings.shutdown_timeout, hurry)
     finally:
         if watcher is not None:
@@ -97,6 +113,13 @@ async def serve(settings: Settings, version: str) -> None:
         for runner in reversed(runners):
             await runner.cleanup()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _nothing_to_reload() -> None:
+    log.info(
+        "SIGHUP: nothing to reload (no tls); users, groups and policies are reloaded when their files change",
+        extra={"event": "sighup"},
+    )
 
 
 async def _drain(runner: web.AppRunner, app: web.Application, grace: float, hurry: asyncio.Event) -> None:

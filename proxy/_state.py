@@ -19,6 +19,7 @@ from ._paths import PathKind
 __all__ = [
     "CACHE",
     "IN_FLIGHT",
+    "LEAVING",
     "METRICS",
     "NOTES",
     "ROUTER",
@@ -33,7 +34,10 @@ SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", Metrics)
 CACHE: Final = web.AppKey("cache", Cache)
 ROUTER: Final = web.AppKey("router", Router[RegistryClient])
-#: Set when the server begins to stop: requests cut after that were cut by the stop.
+#: Set when a stop signal came: /readyz fails from then on, while requests are still taken
+#: for ``shutdown_delay`` (load balancers stop sending new ones meanwhile).
+LEAVING: Final = web.AppKey("leaving", asyncio.Event)
+#: Set when the server stops taking requests: requests cut after that were cut by the stop.
 STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 #: The tasks running a request's handlers now, each with its connection, for the stop to wait
 #: for (and then cut) while it closes the connections that serve nothing.

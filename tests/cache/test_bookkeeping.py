@@ -203,6 +203,47 @@ async def test_a_store_over_the_cap_while_a_pass_runs_gets_another_pass(tmp_path
     index.close()
 
 
+async def test_a_bookkeeping_write_that_finds_the_disk_full_starts_an_eviction_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no fill failing (nothing pulled just then, or every pull a hit) nothing else would
+    free space, and the bookkeeping would fail every 10 s until a pull did."""
+    store, index = DirectoryStore(tmp_path), FailingOnce(tmp_path / "index")
+    blobs = [put(store, os.urandom(1000) + bytes([i])) for i in range(4)]
+    for age, digest in enumerate(blobs):
+        os.utime(store.path_of(digest), (time.time() - 3600 + age, time.time() - 3600 + age))
+    cache = Cache(store, index)
+    cache.store_bytes, cache.store_entries = store.count()
+    await cache.flush()  # SQLite's disk full
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "bookkeeping not written; kept for the next try"
+    ]
+    caplog.clear()  # the one error this test expects
+    assert cache._evicting is not None, "a pass was asked for"
+    await cache._evicting
+    assert store.size_of(blobs[0]) is None and store.size_of(blobs[-1]) is not None, "the oldest went"
+    await cache.aclose()
+    index.close()
+
+
+async def test_what_another_daemon_stored_past_the_cap_starts_a_pass_here(tmp_path: Path) -> None:
+    """Two daemons on one store: the totals the other wrote arrive with this one's flush, and
+    may take the store over its cap while this one stores nothing (a quiet replica)."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    put(store, os.urandom(3000))
+    index.write_batch({}, {}, counted_totals=store.count())
+    cache = Cache(store, index, max_size=10_000)
+    put(store, os.urandom(9000))  # the other daemon's blob, and its flush
+    index.write_batch({}, {}, (9000, 1))
+    await cache.flush()
+    assert cache.store_bytes == 12_000
+    assert cache._evicting is not None, "a pass was asked for"
+    await cache._evicting
+    assert store.count()[0] <= 9500
+    await cache.aclose()
+    index.close()
+
+
 def put(store: DirectoryStore, data: bytes) -> Digest:
     digest = Digest.of(data)
     pending = store.begin(digest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,23 @@ def test_sweep_removes_what_a_crash_left(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_a_sweep_beside_other_processes_takes_only_temporaries_nobody_writes(tmp_path: Path) -> None:
+    """A process that died while others serve the store leaves its temporaries, and no start
+    alone comes to sweep them: what nothing wrote for the given time goes, a fill's stays."""
+    store = DirectoryStore(tmp_path)
+    dead, live = store.begin(Digest.of(b"dead")), store.begin(Digest.of(b"live"))
+    dead.write(b"dead")
+    live.write(b"live")
+    (old,) = [p for p in (tmp_path / "tmp").iterdir() if Digest.of(b"dead").encoded in p.name]
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.sweep_temporaries(unwritten_for=3600) == 1
+    assert [Digest.of(b"live").encoded in p.name for p in (tmp_path / "tmp").iterdir()] == [True]
+    live.commit()
+    assert store.size_of(Digest.of(b"live")) == 4, "the fill still writing is stored"
+    dead.close()
+    live.close()
+
+
 def test_a_vanished_temporary_fails_the_commit_but_is_no_full_disk(tmp_path: Path) -> None:
     """Only a full disk calls for an evicting pass; a temporary another process swept, or a
     permission error, would not be helped by deleting stored content."""
@@ -95,7 +113,7 @@ def test_a_walk_passes_over_what_is_not_a_blob(tmp_path: Path) -> None:
     (tmp_path / "blobs" / ".writable-probe").mkdir()
     (tmp_path / "blobs" / "README").write_text("not ours")
     assert [blob.digest for blob in store.entries()] == [Digest.of(data)]
-    assert store.check_writable() is None
+    assert store.check_writable() == (None, False)
     assert sorted(p.name for p in (tmp_path / "blobs" / "sha256").iterdir() if p.name.startswith(".w")) == [
         ".writable-probe"
     ], "the probe leaves nothing of its own behind"

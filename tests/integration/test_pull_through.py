@@ -10,11 +10,13 @@ otherwise. Clients: skopeo, podman (vfs, a registries.conf mirror) and container
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -293,6 +295,36 @@ def test_a_second_sigterm_cuts_at_once(seeded: Seeded, tmp_path: Path) -> None:
         assert (cut["status"], cut.get("error")) == (503, "SHUTDOWN")
         (stopping,) = [log_time(line) for line in moorage.log_lines() if line.get("event") == "stopping"]
         assert log_time(cut) - stopping < 5, "cut at the second signal, not after shutdown_timeout"
+
+
+def test_a_stop_with_a_shutdown_delay_leaves_the_load_balancer_time_to_look_away(
+    seeded: Seeded, tmp_path: Path
+) -> None:
+    """After SIGTERM, for ``shutdown_delay``, /readyz fails while pulls are still served, new
+    connections too (a Service's endpoints drop the pod only once its readiness fails; a pull
+    is many requests). A SIGHUP without TLS reloads nothing and ends nothing."""
+    registry = seeded.registry
+    source = tmp_path / "blob.bin"
+    digest = images.write_random_file(source, 2 * MiB, seed=15)
+    images.push_blob(registry.url, "library/app", source)
+    with start_moorage(tmp_path / "m", registry, shutdown_delay="3s", shutdown_timeout="2s") as moorage:
+        os.kill(moorage.pid, signal.SIGHUP)
+        time.sleep(0.3)
+        with pytest.raises(subprocess.TimeoutExpired):  # SIGHUP's default would have ended it
+            moorage.wait(0.1)
+        assert [line for line in moorage.log_lines() if line.get("event") == "sighup"]
+        os.kill(moorage.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as readiness:
+            urllib.request.urlopen(f"{moorage.url}/readyz", timeout=5)
+        assert readiness.value.code == 503
+        assert json.loads(readiness.value.read())["status"] == "stopping"
+        with urllib.request.urlopen(f"{moorage.url}/v2/app/blobs/{digest}", timeout=10) as pulled:
+            assert images.sha256_digest(pulled.read()) == digest, "still served on a new connection"
+        assert moorage.wait(15) == 0
+        (stopping,) = [log_time(line) for line in moorage.log_lines() if line.get("event") == "stopping"]
+        (stopped,) = [log_time(line) for line in moorage.log_lines() if line.get("event") == "stopped"]
+        assert stopped - stopping >= 2.9, "the delay is served in full"
 
 
 def read_response(connection: socket.socket) -> bytes:

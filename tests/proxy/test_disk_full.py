@@ -115,6 +115,30 @@ async def test_readiness_fails_when_blobs_cannot_be_put_in_place(
     assert (await moorage.get("/readyz")).status == 200
 
 
+async def test_a_full_disk_keeps_the_cache_ready_and_starts_a_pass(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path
+) -> None:
+    """What is stored is still served on a full disk: failing readiness would take the pod out
+    of its Service, and with no traffic no failed fill would ever start the pass that frees
+    space. The probe starts it, and leaves no file of its own behind."""
+    moorage = await start_moorage(storage={"path": str(small_disk / "store")})
+    stored = [upstream.add_blob(os.urandom(300 * KiB)) for _ in range(4)]
+    for digest in stored:
+        assert len(await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()) == 300 * KiB
+    await until_settled(moorage)
+    fill_up(small_disk)
+    readiness = await moorage.get("/readyz")
+    assert readiness.status == 200, await readiness.text()
+    assert (await readiness.json())["store"] == "disk full: evicting"
+    await disk_full_pass_ended(moorage)
+    assert [p.name for p in (small_disk / "store" / "tmp").iterdir()] == [], "no probe left behind"
+    kept = [d for d in stored if (small_disk / "store" / "blobs" / "sha256" / d[7:9] / d[7:]).exists()]
+    assert 0 < len(kept) < len(stored), "the least recently used went"
+    upstream.reset_requests()
+    assert len(await (await moorage.get(f"/v2/alpine/blobs/{kept[-1]}")).read()) == 300 * KiB
+    assert upstream.requests == []
+
+
 async def disk_full_pass_ended(moorage: TestClient[web.Request, web.Application]) -> None:
     """Wait for the eviction pass a full disk starts in the background."""
     for _ in range(250):

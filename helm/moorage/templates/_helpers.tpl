@@ -34,6 +34,7 @@ tag_ttl: {{ .Values.config.tagTtl | quote }}
 tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
+shutdown_delay: {{ .Values.config.shutdownDelay | quote }}
 shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
 {{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy }}
 auth:
