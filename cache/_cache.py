@@ -271,7 +271,14 @@ class Cache:
         died while others served the store left them, and only a start alone sweeps them."""
         if not isinstance(self._store, DirectoryStore):
             return
-        removed = await asyncio.to_thread(self._store.sweep_temporaries, STALE_TEMPORARY_SECONDS)
+        store, ours = self._store, self.fills.pending()
+
+        def sweep() -> int:
+            for pending in ours:  # every process marks its own first: others sweep every 10 min too
+                pending.keep_alive()
+            return store.sweep_temporaries(STALE_TEMPORARY_SECONDS)
+
+        removed = await asyncio.to_thread(sweep)
         if removed:
             log.warning(
                 "stale partial downloads removed",
@@ -367,8 +374,9 @@ class Cache:
             # daemon) is in ``held`` and not in ``totals``.
             self.store_bytes = max(0, self.store_bytes + held[0] - totals[0])
             self.store_entries = max(0, self.store_entries + held[1] - totals[1])
+            if held[0] > totals[0]:  # what the others stored may take the store over its cap
+                self._schedule_eviction()
         self._flushed_totals = held
-        self._schedule_eviction()  # what others stored may take the store over its cap
 
     def _keep_for_next_flush(
         self,
@@ -426,12 +434,8 @@ class Cache:
             )
         else:
             wanted = self._over_cap()
-        if not wanted:
-            return
-        if self._evicting is None or self._evicting.done():
+        if wanted and (self._evicting is None or self._evicting.done()):
             self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
-        elif reason == "size":  # the running pass walked the store before this was stored
-            self._pass_again = True
 
     async def evict(self, reason: str = "size") -> None:
         """One pass: least recently used content out until the store is under the low watermark
@@ -439,8 +443,8 @@ class Cache:
         if not isinstance(self._store, DirectoryStore):
             return
         while True:
-            self._pass_again = False
             async with self._maintenance:
+                self._pass_again = False
                 try:
                     await self._evict(self._store, reason)
                 except Exception as exc:  # an index that cannot write, a walk that failed: next pass
@@ -448,6 +452,9 @@ class Cache:
                         "eviction pass failed",
                         extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
                     )
+                    if reason == "disk_full":  # tried again in a minute, not at every probe
+                        self._disk_full_pass, self._disk_full_freed = time.monotonic(), 0
+                    return  # the next store asks again
             # Content stored while the pass ran took the store over its cap again: without
             # another pass it would stay there until the next store.
             if self._closing or not (self._pass_again and self._over_cap()):
@@ -959,6 +966,8 @@ class Cache:
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
             answer = await self._fetch_by_digest(ask.source, ask.repository, entry.digest)
+            if answer.result in ("miss", "coalesced"):  # the stored copy was gone: a GET after all
+                return answer
             return replace(answer, result="revalidated")
         return await self._fetch_tag(ask, result=changed)
 
@@ -1300,6 +1309,9 @@ class _Bookkeeping:
         self._cache.store_entries += 1
         if self._cache._stored_during_walk is not None:
             self._cache._stored_during_walk[digest] = size
+        evicting = self._cache._evicting
+        if evicting is not None and not evicting.done():  # its walk may have missed this
+            self._cache._pass_again = True
         self._observer.on_stored(kind, size, digest)
         self._cache._stored_since_disk_full_pass += size
         self._cache._schedule_eviction()
@@ -1321,8 +1333,8 @@ class _Bookkeeping:
 
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
-#: A temporary nothing wrote for this long is a dead process's: no fill waits that long for a
-#: download slot or its upstream's next bytes (read timeouts are far shorter).
+#: A temporary nothing wrote or marked alive for this long is a dead process's: every process
+#: serving the store marks its own fills' (queued ones too) every ``TEMPORARY_SWEEP_INTERVAL``.
 STALE_TEMPORARY_SECONDS: Final = 3600.0
 #: How often temporaries are looked at for stale ones.
 TEMPORARY_SWEEP_INTERVAL: Final = 600.0

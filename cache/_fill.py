@@ -165,7 +165,14 @@ class Fill:
                 if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
                     self._observer.on_fill_failed(self.origin[0])
                 log.warning(
-                    "fill failed", extra={"event": "fill_failed", "digest": str(self.digest), "error": str(exc)}
+                    "fill failed",
+                    extra={
+                        "event": "fill_failed",
+                        "upstream": self.origin[0],
+                        "repository": self.origin[1],
+                        "digest": str(self.digest),
+                        "error": str(exc),
+                    },
                 )
             if self._pending is not None:
                 await asyncio.shield(asyncio.to_thread(self._pending.discard))
@@ -208,7 +215,12 @@ class Fill:
                 self._observer.on_fill_resumed(source.host)
                 log.info(
                     "resuming cut blob body",
-                    extra={"event": "fill_resume", "digest": str(self.digest), "offset": self.written},
+                    extra={
+                        "event": "fill_resume",
+                        "upstream": source.host,
+                        "digest": str(self.digest),
+                        "offset": self.written,
+                    },
                 )
 
     async def _pipe(self, upstream: str, chunks: AsyncIterator[bytes], skip: int) -> None:
@@ -449,6 +461,10 @@ class Fills:
     def digests(self) -> list[Digest]:
         """The digests being filled now."""
         return list(self._fills)
+
+    def pending(self) -> list[PendingBlob]:
+        """The temporaries of the fills running now (those queued for a download slot too)."""
+        return [fill._pending for fill in self._tasks.values() if fill._pending is not None]
 
     def forget_committed(self, digests: Iterable[Digest]) -> None:
         """Evicted content is no longer "recently committed"."""

@@ -255,7 +255,13 @@ class Prefetcher:
         if errors:  # the clients' own requests will tell them
             log.warning(
                 "prefetch failed",
-                extra={"event": "prefetch_failed", "repository": str(plan.repository), "error": str(errors[0])},
+                extra={
+                    "event": "prefetch_failed",
+                    "upstream": plan.source.host,
+                    "repository": str(plan.repository),
+                    "failed": len(errors),
+                    "error": str(errors[0]),
+                },
             )
 
     async def aclose(self) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 from .errors import DigestMismatch, StoreFailure
 
 __all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob", "WalkCount", "WriteCheck"]
+
+log = logging.getLogger("moorage.cache")
 
 TEMP_SUFFIX = ".partial"
 
@@ -85,6 +89,7 @@ class PendingBlob(Protocol):
     def commit(self) -> Fingerprint: ...
     def discard(self) -> None: ...
     def close(self) -> None: ...
+    def keep_alive(self) -> None: ...
     #: After ``commit``: False when the blob was in the store already (another process serving
     #: the store stored it meanwhile), so the store's totals do not count it twice.
     @property
@@ -186,6 +191,12 @@ class _PendingFile:
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temp)
+
+    def keep_alive(self) -> None:
+        """Mark the temporary as written now: a fill waiting for a download slot writes
+        nothing for as long as it waits, and must not look dead to a sweep. Blocks."""
+        with contextlib.suppress(FileNotFoundError):  # committed or discarded meanwhile
+            os.utime(self._temp)
 
     def close(self) -> None:
         if not self._closed:
@@ -306,19 +317,37 @@ class DirectoryStore:
 
     def sweep_temporaries(self, unwritten_for: float = 0.0) -> int:
         """Remove what interrupted fills left in ``tmp/``: everything (before serving, alone),
-        or what nothing wrote for ``unwritten_for`` seconds (a process that died beside others
-        still serving the store); how many entries went."""
+        or the temporaries nothing wrote for ``unwritten_for`` seconds (a process that died
+        beside others still serving the store; the living mark theirs, see ``keep_alive``);
+        how many entries went."""
+        if unwritten_for:
+            return self._sweep_stale(time.time() - unwritten_for)
         removed = 0
-        written_since = time.time() - unwritten_for
         for entry in self.tmp_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def _sweep_stale(self, written_before: float) -> int:
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if not entry.name.endswith(TEMP_SUFFIX):
+                continue  # ours are files of that name; anything else is left to a start alone
             try:
-                if unwritten_for and entry.lstat().st_mtime >= written_since:
+                info = entry.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= written_before:
                     continue
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                entry.unlink()
             except FileNotFoundError:  # its fill finished or failed meanwhile
+                continue
+            except OSError as exc:  # not ours to remove (another user's): the others still go
+                log.warning(
+                    "stale partial download not removed",
+                    extra={"event": "maintenance_failed", "task": "sweep", "path": str(entry), "error": exc.strerror},
+                )
                 continue
             removed += 1
         return removed

@@ -72,6 +72,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             store_bytes=lambda: cache.store_bytes,
             store_entries=lambda: cache.store_entries,
             store_max_bytes=cache.max_size,
+            upstreams=[upstream.host for upstream in settings.upstreams],
         )
         yield
 

@@ -318,7 +318,16 @@ class Authenticator:
         return {"WWW-Authenticate": value}
 
     def refuse(self, request: web.Request, message: str, error: str | None = None) -> Unauthorized:
+        _note_kind(request)
         return Unauthorized(message, headers=self.challenge(request, error))
+
+
+def _note_kind(request: web.Request) -> None:
+    """A request refused before its handler is counted under its route's kind (a manifest's
+    401 among manifests), not as ``other``."""
+    target = parse_v2_path(request.raw_path)
+    if target is not None:
+        notes(request).kind = target.kind
 
 
 async def check_password(request: web.Request, user: str, password: str) -> bool:
@@ -335,6 +344,7 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
     if running is None:
         wait = limiter.allow(client, user)
         if wait is not None:
+            _note_kind(request)
             raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
         running = authenticator.start_check(user, password)
     if await asyncio.shield(running):  # a request that leaves does not end others' check

@@ -416,7 +416,7 @@ async def readyz(request: web.Request) -> web.Response:
     ready = store.problem is None and index is None and not leaving
     body = {
         "status": "stopping" if leaving else "ok" if ready else "not ready",
-        "store": store.problem or ("disk full: evicting" if store.full else "ok"),
+        "store": store.problem or ("disk full" if store.full else "ok"),
         "index": index or "ok",
         "upstreams": upstreams,
     }

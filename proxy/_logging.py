@@ -234,7 +234,11 @@ class BackgroundWriter(logging.Handler):
             batch.append(self._waiting.popleft())
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
-            batch.append(json.dumps({"level": "warning", "event": "log_lines_dropped", "count": dropped}))
+            record = logging.makeLogRecord(
+                {"name": "moorage", "msg": "log lines dropped", "levelno": logging.WARNING, "levelname": "WARNING"}
+            )
+            record.__dict__.update(event="log_lines_dropped", count=dropped)
+            batch.append(self.format(record))
         if batch:
             try:
                 self._stream.write("\n".join(batch) + "\n")

@@ -8,9 +8,9 @@ resumes, digest mismatches, stored content).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from moorage.cache import ContentKind
 from moorage.upstreams import RateLimitState, UpstreamError
@@ -22,6 +22,12 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 _MAX_REQUEST_CHILDREN = 4096
+#: Why content leaves the store (the ``reason`` label), each counted from zero at start.
+EVICTION_REASONS = ("size", "disk_full", "corrupt", "lifecycle", "gc")
+
+# A ``*_created`` gauge beside every counter and histogram series doubles what is scraped,
+# and Prometheus does not use it with this text format.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 _RequestChildren = tuple[Counter, Histogram, Counter | None, Counter | None]
 
 
@@ -162,8 +168,20 @@ class Metrics:
         store_bytes: Callable[[], int],
         store_entries: Callable[[], int],
         store_max_bytes: int | None = None,
+        upstreams: Sequence[str] = (),
     ) -> None:
-        """Gauges read at scrape time from the cache."""
+        """Gauges read at scrape time from the cache, and a zero series for each upstream's and
+        each eviction reason's counters: a counter's first increment after a start is seen by
+        ``rate()`` and ``increase()`` only when the series was there before it, at 0."""
+        for upstream in upstreams:
+            for counter in (self.fill_resumes, self.fill_failures, self.rate_limited, self.token_fetches, self.retries):
+                counter.labels(upstream)
+            for kind in ("manifest", "blob"):
+                self.digest_mismatches.labels(upstream, kind)
+                self.upstream_bytes.labels(upstream, kind)
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason)
+            self.evicted_bytes.labels(reason)
         self.fills_in_flight.set_function(lambda: float(fills()))
         self.fill_readers.set_function(lambda: float(readers()))
         self.store_bytes.set_function(lambda: float(store_bytes()))

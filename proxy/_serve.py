@@ -59,9 +59,6 @@ async def serve(settings: Settings, version: str) -> None:
     tls = ServerTls(settings.tls) if settings.tls is not None else None
     watcher: asyncio.Task[None] | None = None
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()  # a signal during start-up stops cleanly once listening
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await main_runner.setup()
         host, port = split_address(settings.listen)
@@ -76,6 +73,11 @@ async def serve(settings: Settings, version: str) -> None:
             "listening",
             extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},
         )
+        # Taken over once listening: until then a signal ends the process as by default (a
+        # start that hangs or fails must stay stoppable).
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         if tls is not None:
             reloads: set[asyncio.Task[None]] = set()
 
@@ -104,7 +106,7 @@ async def serve(settings: Settings, version: str) -> None:
         if settings.shutdown_delay > 0:  # /readyz fails; requests are still taken meanwhile
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hurry.wait(), settings.shutdown_delay)
-            hurry.clear()  # a signal during the delay ends the delay; another cuts the requests
+                hurry.clear()  # a signal ended the delay; another cuts the requests
         app[STOPPING].set()
         await _drain(main_runner, app, settings.shutdown_timeout, hurry)
     finally:

@@ -223,6 +223,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "upstream failed and nothing cached to answer with",
                 extra={
                     "event": "upstream_failed",
+                    "request_id": notes(request).request_id,
                     "upstream": error.upstream,
                     "path": request.path[:200],
                     "status": failure.status,
@@ -231,6 +232,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
     except CacheError as error:
         failure = _from_cache(error)
+        if not isinstance(error, FillAborted):  # the fill's own failure was logged where it failed
+            log.warning(
+                "the cache could not answer",
+                extra={
+                    "event": "cache_failed",
+                    "request_id": notes(request).request_id,
+                    "upstream": notes(request).upstream,
+                    "path": request.path[:200],
+                    "status": failure.status,
+                    "error": str(error),
+                },
+            )
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -240,7 +253,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             note = notes(request)  # it left while its request was read: no one to answer
             note.error, note.cut = "CLIENT_GONE", True
             return web.Response(status=CLIENT_CLOSED_REQUEST)
-        log.exception("unexpected error", extra={"event": "internal_error", "path": request.path[:200]})
+        log.exception(
+            "unexpected error",
+            extra={"event": "internal_error", "request_id": notes(request).request_id, "path": request.path[:200]},
+        )
         failure = OCIError("internal error; the cache's log has the details")
     note = notes(request)
     note.error = failure.code

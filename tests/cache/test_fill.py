@@ -15,8 +15,9 @@ from typing import Any, cast
 
 import pytest
 
-from moorage.cache import DirectoryStore, FillAborted, FillReader, StoreFailure
+from moorage.cache import Cache, DirectoryStore, FillAborted, FillReader, StoreFailure
 from moorage.cache._fill import Fills
+from moorage.cache._index import Index
 from moorage.cache._store import Fingerprint, PendingBlob
 from moorage.upstreams import BlobBody, UpstreamNotFound, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
@@ -294,3 +295,45 @@ async def test_a_reader_cancelled_mid_read_releases_the_file(store: DirectorySto
     await until(lambda: store.size_of(digest) == 4000)
     await until(lambda: fill._pending is None)  # the file descriptor was handed back
     assert len(fills) == 0
+
+
+class QueuedSource(FedSource):
+    """An upstream whose download slot comes only when the test says: the fill has its
+    temporary and writes nothing meanwhile."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.slot = asyncio.Event()
+
+    @asynccontextmanager
+    async def open_blob(self, repository: RepositoryName, digest: Digest, offset: int = 0) -> AsyncIterator[BlobBody]:
+        await self.slot.wait()
+        async with super().open_blob(repository, digest, offset) as body:
+            yield body
+
+
+async def test_the_sweep_of_stale_temporaries_spares_a_fill_waiting_for_its_slot(tmp_path: Path) -> None:
+    """A dead process's temporaries go; a fill of this process queued for an hour behind
+    others for a download slot keeps its temporary, and stores its blob once it runs."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    cache = Cache(store, index)
+    data = os.urandom(3000)
+    source = QueuedSource(len(data))
+    reader = cache.fills.start(source, REPO, Digest.of(data))
+    await until(lambda: len(list((tmp_path / "tmp").iterdir())) == 1)  # its temporary, and no byte yet
+    (queued,) = (tmp_path / "tmp").iterdir()
+    dead = tmp_path / "tmp" / f"sha256-{'0' * 64}-dead.partial"  # a process that died beside
+    dead.write_bytes(b"half a layer")
+    hour_ago = time.time() - 2 * 3600
+    for path in (queued, dead):
+        os.utime(path, (hour_ago, hour_ago))
+    await cache.sweep_stale_temporaries()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [queued.name]
+    source.slot.set()
+    source.queue.put_nowait(data)
+    source.queue.put_nowait(None)
+    assert await collect(reader.read(0, len(data))) == data
+    reader.close()
+    await until(lambda: store.size_of(Digest.of(data)) == len(data))
+    await cache.aclose()
+    index.close()

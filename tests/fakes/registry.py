@@ -999,6 +999,11 @@ class FakeRegistry(_RecordingServer):
         """Send ``after_bytes`` then go silent for ``seconds`` (None: until close)."""
         self._stalls[digest] = _Stall(after_bytes, seconds, times)
 
+    def corrupt_manifest(self, digest: str) -> None:
+        """Serve other bytes for the manifest ``digest`` names (a broken mirror, a bad disk)."""
+        body, media_type = self._manifests[digest]
+        self._manifests[digest] = (body + b" ", media_type)
+
     def corrupt_blob(self, digest: str, times: int | None = None) -> None:
         """Serve bytes of the same length but another digest (the last byte flipped)."""
         self._corrupt[digest] = times

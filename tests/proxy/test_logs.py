@@ -296,3 +296,50 @@ def test_per_request_lines_are_usual_records_before_logging_is_configured(caplog
     (record,) = caplog.records
     assert record.funcName == "test_per_request_lines_are_usual_records_before_logging_is_configured"
     assert record.filename == "test_logs.py" and getattr(record, "status", None) == 200
+
+
+async def test_failures_name_their_upstream_and_request(
+    moorage: object, upstream: FakeRegistry, log_lines: Captured
+) -> None:
+    """An operator reading a warning finds the upstream and what was asked, and a request id
+    a user quotes leads to its failure's line: a manifest whose bytes do not match its digest
+    gave a 502 that no line explained."""
+    from aiohttp.test_utils import TestClient
+
+    assert isinstance(moorage, TestClient)
+    image = upstream.add_image("library/alpine", "3.19", [b"a layer"])
+    upstream.corrupt_manifest(image.digest)
+    upstream.corrupt_blob(image.layer_digests[0])
+    refused = await moorage.get(f"/v2/alpine/manifests/{image.digest}", headers={"X-Request-Id": "job-8"})
+    assert refused.status == 502
+    cut = await moorage.get(f"/v2/alpine/blobs/{image.layer_digests[0]}")
+    with contextlib.suppress(Exception):
+        await cut.read()
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (failed,) = [line for line in lines if line["event"] == "cache_failed"]
+    assert failed["request_id"] == "job-8" and failed["upstream"] == "docker.io" and failed["status"] == 502
+    assert image.digest in failed["error"]
+    (fill,) = [line for line in lines if line["event"] == "fill_failed"]
+    assert (fill["upstream"], fill["repository"], fill["digest"]) == (
+        "docker.io",
+        "library/alpine",
+        image.layer_digests[0],
+    )
+
+
+def test_a_count_of_dropped_lines_is_a_whole_line() -> None:
+    """A log pipeline that maps ``time`` as the timestamp rejected the line without it."""
+    stream = io.StringIO()
+    with server_logging() as captured:
+        writer = BackgroundWriter(stream)
+        writer.setFormatter(captured.handler.formatter)
+        writer.dropped = 3
+        writer.close()
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert (line["event"], line["count"], line["level"], line["logger"]) == (
+        "log_lines_dropped",
+        3,
+        "warning",
+        "moorage",
+    )
+    assert line["time"].endswith("Z")

@@ -78,6 +78,26 @@ async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
     assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 1
 
 
+async def test_a_confirmed_tag_whose_manifest_left_the_store_counts_as_a_miss(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The HEAD confirmed the tag, but the stored copy was gone (evicted, removed by hand), so
+    the answer cost an upstream GET: the hit ratio must not count it."""
+    first = await start_moorage(tag_ttl="1h", storage={"path": str(tmp_path / "store")})
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await first.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    await first.close()
+    (tmp_path / "store" / "blobs" / "sha256" / image.digest[7:9] / image.digest[7:]).unlink()
+    moorage = await start_moorage(tag_ttl="1h", storage={"path": str(tmp_path / "store")})
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 1
+    assert response.headers["X-Moorage-Cache"] == "miss"
+    assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 0
+
+
 async def test_changed_tag_is_fetched_again(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
     moorage = await start_moorage(tag_ttl="1s")
     upstream.add_image("library/alpine", "3.19", [b"old"])

@@ -153,3 +153,18 @@ async def test_an_upstream_that_does_not_answer_shows_in_the_request_counts(
 async def test_metrics_can_move_to_their_own_listener(start_moorage: StartMoorage) -> None:
     moorage = await start_moorage(metrics_listen="127.0.0.1:0")
     assert (await moorage.get("/metrics")).status == 404
+
+
+async def test_failure_counters_are_there_at_zero_from_the_start(start_moorage: StartMoorage) -> None:
+    """``rate()`` and ``increase()`` see a counter's first step only from a sample before it: a
+    series born at 1 hid the first fill failure after every restart from the alerts."""
+    moorage = await start_moorage()
+    samples = await scrape(moorage)
+    for upstream in ("docker.io", "ghcr.io"):
+        for name in ("moorage_fill_failures_total", "moorage_fill_resumes_total", "moorage_upstream_retries_total"):
+            assert samples[f"{name}{{upstream={upstream}}}"] == 0
+        assert samples[f"moorage_digest_mismatches_total{{kind=manifest,upstream={upstream}}}"] == 0
+        assert samples[f"moorage_upstream_rate_limited_total{{upstream={upstream}}}"] == 0
+    for reason in ("size", "disk_full", "corrupt", "lifecycle", "gc"):
+        assert samples[f"moorage_evictions_total{{reason={reason}}}"] == 0
+    assert not [name for name in samples if "_created" in name], "no *_created series doubling the scrape"

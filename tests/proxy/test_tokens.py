@@ -105,6 +105,20 @@ async def test_a_token_for_one_repository_is_denied_on_another(
     assert error["code"] == "DENIED" and "busybox" in error["message"]
 
 
+async def test_a_refused_sign_in_counts_under_its_routes_kind(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """A dashboard of manifest errors shows the pulls refused for their credentials: they were
+    counted as ``other``."""
+    moorage = await start_moorage(auth=auth_files)
+    for headers in ({}, basic("ci", "guess")):
+        assert (await moorage.get("/v2/alpine/manifests/3.19", headers=headers)).status == 401
+    assert (await moorage.get("/v2/alpine/blobs/sha256:" + "0" * 64, headers=basic("ci", "guess"))).status == 401
+    assert await metric(moorage, "moorage_requests_total", kind="manifest", status="401") == 2
+    assert await metric(moorage, "moorage_requests_total", kind="blob", status="401") == 1
+    assert await metric(moorage, "moorage_requests_total", kind="other", status="401") == 0
+
+
 async def test_push_is_never_granted(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
