@@ -323,11 +323,15 @@ class Authenticator:
 
 
 def _note_kind(request: web.Request) -> None:
-    """A request refused before its handler is counted under its route's kind (a manifest's
-    401 among manifests), not as ``other``."""
-    target = parse_v2_path(request.raw_path)
-    if target is not None:
-        notes(request).kind = target.kind
+    """A pull refused before its handler is counted under its route's kind (a manifest's 401
+    among manifests), not as ``other``; as the handler does, pushes and other methods stay
+    ``other``, and a path that names nothing valid is left to the refusal."""
+    if request.method not in ("GET", "HEAD"):
+        return
+    with contextlib.suppress(InvalidReference):
+        target = parse_v2_path(request.raw_path)
+        if target is not None and target.kind != "upload":
+            notes(request).kind = target.kind
 
 
 async def check_password(request: web.Request, user: str, password: str) -> bool:

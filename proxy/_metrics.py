@@ -201,9 +201,12 @@ class Metrics:
         children = self._request_children.get(key)
         if children is None:
             answered = upstream is not None and result is not None
+            # A sign-in refused (401, 429) is counted under its route, but its time, answered
+            # before any work, would pull down the route's latency figures.
+            timed = "other" if status in (401, 429) else kind
             children = (
                 self.requests.labels(kind, method, str(status)),
-                self.request_latency.labels(kind),
+                self.request_latency.labels(timed),
                 self.cache_results.labels(kind, upstream, result) if answered else None,
                 self.served_bytes.labels(kind, upstream, result) if answered else None,
             )

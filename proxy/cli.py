@@ -311,6 +311,8 @@ def _summary_from_metrics(url: str) -> dict[str, dict[str, float]]:
     usage: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.value == 0 and sample.name.endswith("_total"):
+                continue  # every upstream's counters start at 0: those never used get no row
             if sample.name == "moorage_cache_results_total":
                 counters = usage.setdefault(sample.labels["upstream"], {})
                 counters[sample.labels["result"]] = counters.get(sample.labels["result"], 0) + sample.value

@@ -232,7 +232,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
     except CacheError as error:
         failure = _from_cache(error)
-        if not isinstance(error, FillAborted):  # the fill's own failure was logged where it failed
+        if isinstance(error, DigestMismatch):  # a manifest's: a blob's is its fill's fill_failed
             log.warning(
                 "the cache could not answer",
                 extra={

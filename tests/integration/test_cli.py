@@ -134,6 +134,7 @@ def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream
         fetched = docker.get("miss", 0) + docker.get("prefetched", 0)
         assert docker["hit"] >= 3 and fetched >= 3 and 0 < docker["hit_ratio"] < 1
         assert stats["store_entries"] > 0
+        assert list(stats["upstreams"]) == ["docker.io"], "upstreams never pulled from have no row"
 
         assert moorage("healthcheck", "--url", daemon.url).returncode == 0
         assert moorage("healthcheck", "--url", f"{daemon.url}/healthz").returncode == 0, "the endpoint's URL too"

@@ -117,6 +117,12 @@ async def test_a_refused_sign_in_counts_under_its_routes_kind(
     assert await metric(moorage, "moorage_requests_total", kind="manifest", status="401") == 2
     assert await metric(moorage, "moorage_requests_total", kind="blob", status="401") == 1
     assert await metric(moorage, "moorage_requests_total", kind="other", status="401") == 0
+    # Their time, answered before any work, stays out of the routes' latency.
+    assert await metric(moorage, "moorage_request_duration_seconds_count", kind="manifest") == 0
+    # A push refused stays "other", as one signed in is; a path naming nothing valid is refused.
+    assert (await moorage.post("/v2/alpine/blobs/uploads/", headers=basic("ci", "guess"))).status == 401
+    assert await metric(moorage, "moorage_requests_total", kind="upload") == 0
+    assert (await moorage.get("/v2/alp%69ne/manifests/1", headers=basic("ci", "guess"))).status == 401
 
 
 async def test_push_is_never_granted(
