@@ -142,7 +142,7 @@ class RegistryAuth(httpx.Auth):
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
-            scope = params.get("scope") or scope
+            path_scope, scope = scope, params.get("scope") or scope
             fresh = self._cached(scope) if scope else None
             if fresh is None or fresh == token:
                 # No token yet, or the one we sent was refused: fetch one. A token another
@@ -150,6 +150,10 @@ class RegistryAuth(httpx.Auth):
                 if scope:
                     self._tokens.pop(scope, None)
                 fresh = await self._token(params, scope)
+            if path_scope and scope and path_scope != scope and scope in self._tokens:
+                # A registry whose challenge names its own scope (public.ecr.aws: "aws"):
+                # the token is looked for under the path's next time, not after another 401.
+                self._tokens[path_scope] = self._tokens[scope]
             token = fresh
             request.headers["Authorization"] = f"Bearer {token}"
             yield request

@@ -88,12 +88,16 @@ class Router(Generic[U]):
 
     def _resolve(self, name: str, ns: str | None) -> Route[U]:
         full = parse_repository(name)
+        first, _, rest = full.partition("/")
         if ns is not None:
             upstream = self._by_ns.get(ns.strip().lower())
             if upstream is None:
                 raise NoRoute(f"no upstream for ns={ns!r}; configured: {', '.join(self.hosts)}")
+            if rest and self._by_prefix.get(first) is upstream:
+                # containerd with override_path and a mirror URL of /v2/<prefix> sends the
+                # prefix and the ns both: the prefix names the same upstream, and goes.
+                return self._route(upstream, RepositoryName(rest))
             return self._route(upstream, full)
-        first, _, rest = full.partition("/")
         if rest and first in self._by_prefix:
             return self._route(self._by_prefix[first], RepositoryName(rest))
         if self._default is None:

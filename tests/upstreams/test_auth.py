@@ -30,6 +30,7 @@ class Upstream:
         self.answer: bytes | None = None
         self.valid: set[str] = set()
         self.token_requests: list[httpx.Request] = []
+        self.challenged = 0  # 401s sent
         self.hold_401 = asyncio.Event()
         self.hold_401.set()
 
@@ -50,6 +51,7 @@ class Upstream:
             return httpx.Response(200, content=b"ok")
         if request.url.path.endswith("/held"):
             await self.hold_401.wait()
+        self.challenged += 1
         return httpx.Response(401, headers={"WWW-Authenticate": self.challenge})
 
 
@@ -68,6 +70,19 @@ async def test_concurrent_requests_share_one_token_fetch() -> None:
     assert upstream.tokens_issued == 1
     assert (await client.get("/v2/library/alpine/blobs/sha256:x")).status_code == 200
     assert upstream.tokens_issued == 1
+
+
+async def test_a_token_for_the_registrys_own_scope_is_sent_up_front_next_time() -> None:
+    """public.ecr.aws challenges with scope "aws", not the repository's: its token was kept
+    under that scope and looked for under the path's, so every request was sent bare first
+    and refused, twice the requests to a registry that allows anonymous clients 1/s."""
+    upstream = Upstream(challenge='Bearer realm="https://auth.test/token",service="public.ecr.aws",scope="aws"')
+    client, _ = make(upstream)
+    assert (await client.get("/v2/docker/library/alpine/manifests/3.19")).status_code == 200
+    assert upstream.challenged == 1 and upstream.token_requests[0].url.params["scope"] == "aws"
+    assert (await client.get("/v2/docker/library/alpine/manifests/3.19")).status_code == 200
+    assert (await client.get("/v2/docker/library/alpine/blobs/sha256:x")).status_code == 200
+    assert upstream.challenged == 1 and upstream.tokens_issued == 1
 
 
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:

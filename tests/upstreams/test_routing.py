@@ -42,6 +42,11 @@ def router() -> Router[Upstream]:
         pytest.param("registry.k8s.io/pause", None, "registry.k8s.io", "pause", id="k8s_no_library"),
         pytest.param("ghcr", None, "docker.io", "library/ghcr", id="prefix_alone_is_a_name"),
         pytest.param("ghcr.io/owner/app", "docker.io", "docker.io", "ghcr.io/owner/app", id="ns_beats_prefix"),
+        # containerd's override_path with a mirror URL of /v2/<prefix>: the prefix and the ns.
+        pytest.param("ghcr/owner/app", "ghcr.io", "ghcr.io", "owner/app", id="ns_with_its_own_prefix"),
+        pytest.param("docker-hub/library/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_prefix_hub"),
+        pytest.param("docker-hub/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_prefix_short"),
+        pytest.param("ghcr.io/owner/app", "ghcr.io", "ghcr.io", "owner/app", id="ns_with_its_own_host"),
     ],
 )
 def test_routes(router: Router[Upstream], name: str, ns: str | None, host: str, repository: str) -> None:
