@@ -36,6 +36,7 @@ from .errors import (
     ManifestTooLarge,
     UpstreamAuthFailed,
     UpstreamError,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -44,6 +45,7 @@ from .errors import (
 from .reference import (
     ACCEPT_ALL_MANIFESTS,
     ACCEPT_IMAGE_MANIFESTS,
+    DOCKER_MANIFEST_V1_SIGNED,
     MAX_MANIFEST_BYTES,
     AcceptClass,
     Digest,
@@ -381,6 +383,12 @@ class RegistryClient:
         finally:
             await response.aclose()
         media_type = _media_type(response.headers) or sniff_media_type(data)
+        if media_type == DOCKER_MANIFEST_V1_SIGNED:
+            # Its digest is over the payload without its signatures, so it would read as
+            # corrupt; and current clients (Docker 28, containerd 2) no longer pull schema 1.
+            raise UpstreamNotFound(
+                self.host, f"{what}: the upstream has only a schema 1 manifest, which this cache does not serve"
+            )
         return FetchedManifest(data, media_type, _claimed_digest(response.headers))
 
     async def _read_bounded(self, response: httpx.Response, what: str) -> bytes:

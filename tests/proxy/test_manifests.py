@@ -13,7 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, Digest
+from moorage.upstreams.reference import (
+    ACCEPT_ALL_MANIFESTS,
+    DOCKER_MANIFEST_V1_SIGNED,
+    DOCKER_MANIFEST_V2,
+    MAX_MANIFEST_BYTES,
+    Digest,
+)
 from tests.fakes import DOCKER_MANIFEST_LIST, OCI_MANIFEST, FakeRegistry
 
 from .conftest import StartMoorage, advance_clock, metric
@@ -327,6 +333,17 @@ async def test_manifest_above_4_mib_is_refused(moorage: Client, upstream: FakeRe
     response = await moorage.get("/v2/huge/manifests/1", headers=ALL)
     assert response.status == 502
     assert "limit" in (await response.json())["errors"][0]["message"]
+
+
+async def test_a_schema_1_manifest_is_refused_by_name_not_as_corrupt(moorage: Client, upstream: FakeRegistry) -> None:
+    """A signed schema 1 manifest's digest is over its payload without the signatures: it read
+    as corrupt upstream content, a 502. Current clients no longer pull schema 1 either."""
+    body = json.dumps({"schemaVersion": 1, "name": "library/old", "tag": "1", "signatures": []}).encode()
+    upstream.add_manifest("library/old", "1", body, DOCKER_MANIFEST_V1_SIGNED)
+    response = await moorage.get("/v2/old/manifests/1", headers=ALL)
+    assert response.status == 404
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN" and "schema 1" in error["message"]
 
 
 async def test_tag_answers_survive_a_restart(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
