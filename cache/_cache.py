@@ -244,6 +244,8 @@ class Cache:
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
+        #: Tag-list pages asked for with n or last (see ``tags``), least recently fetched first.
+        self._pages: OrderedDict[IndexKey, TagsEntry] = OrderedDict()
 
     async def aclose(self) -> None:
         self._closing = True
@@ -686,8 +688,12 @@ class Cache:
         ``reading``: the client reads the body (a GET), so its blobs come next; not for a HEAD,
         which pollers (kubelet's Always, update bots) send without pulling anything."""
         answer = await self._manifest(source, repository, reference, accept, ttl, may_read)
-        # Pull times of images, for lifecycle rules; written with the bookkeeping batch.
+        # Pull times of tags and images, for lifecycle rules; written with the bookkeeping
+        # batch. Only for an answer: a name or tag the upstream does not have (any a client
+        # makes up) leaves nothing in the index.
         now = self._clock()
+        if not isinstance(reference, Digest):
+            self._pulled[pulled_key(source.host, repository, reference)] = now
         if answer.stored:  # an image the index does not hold has no pull time to keep
             self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
         if reading:
@@ -739,7 +745,6 @@ class Cache:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(source, repository, reference, may_read)
         ask = _TagAsk(source, repository, reference, accept, tag_key(source.host, repository, reference, accept))
-        self._pulled[pulled_key(source.host, repository, reference)] = self._clock()
         entry = self._hot.tag(ask.key)
         stored = self._hot.manifest(entry.digest) if entry is not None else None
         if entry is None or stored is None:  # not in memory: one thread hop for index and store
@@ -1262,13 +1267,22 @@ class Cache:
         self, source: Source, repository: RepositoryName, n: str | None, last: str | None, ttl: float
     ) -> TagsAnswer:
         key = tags_list_key(source.host, repository, n, last)
-        entry = await asyncio.to_thread(self._index.tags, key)
+        # The whole list (no n, no last) is kept in the index; other pages, whose keys any
+        # client can vary without end, in a bounded map in memory.
+        kept = n is None and last is None
+        entry = await asyncio.to_thread(self._index.tags, key) if kept else self._pages.get(key)
         if entry is not None and self._clock() - entry.fetched_at < ttl:
             return TagsAnswer(entry.body, entry.next_last, entry.next_n, "hit")
 
         async def fetch() -> TagsAnswer:
             page = await source.list_tags(repository, n, last)
             fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
+            if not kept:
+                self._pages[key] = fresh
+                self._pages.move_to_end(key)
+                while len(self._pages) > MAX_TAG_PAGES_IN_MEMORY:
+                    self._pages.popitem(last=False)
+                return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
             try:
                 await asyncio.to_thread(self._index.put_tags, key, fresh)
             except StoreFailure as failure:  # the page is in hand: answered, only not kept
@@ -1331,6 +1345,8 @@ class _Bookkeeping:
         self._observer.on_maintenance(task, seconds)
 
 
+#: Tag-list pages other than the whole list kept in memory.
+MAX_TAG_PAGES_IN_MEMORY: Final = 1024
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
 #: A temporary nothing wrote or marked alive for this long is a dead process's: every process

@@ -139,10 +139,10 @@ class Fill:
 
     async def run(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
         try:
-            self._pending = await _opened(store, self.digest)
             began = time.monotonic()
-            await self._download(source, repository)
+            await self._download(store, source, repository)
             self.body_seconds = time.monotonic() - began
+            assert self._pending is not None
             self._pending.verify()  # the hash is done: this only compares
             self.verified = True
             self._notify()  # readers may send their last byte while the blob is made durable
@@ -164,7 +164,10 @@ class Fill:
                 # telling its client, who then finds the failure in the metrics.
                 if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
                     self._observer.on_fill_failed(self.origin[0])
-                log.warning(
+                # A digest the upstream does not have is an answer, and any client can ask
+                # for one: no warning of its own.
+                log.log(
+                    logging.INFO if isinstance(exc, UpstreamNotFound) else logging.WARNING,
                     "fill failed",
                     extra={
                         "event": "fill_failed",
@@ -186,8 +189,7 @@ class Fill:
             self._notify()
             self._maybe_close()
 
-    async def _download(self, source: BlobSource, repository: RepositoryName) -> None:
-        assert self._pending is not None
+    async def _download(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
         resumes = 0
         while True:
             try:
@@ -198,6 +200,11 @@ class Fill:
                                 source.host, f"blob {self.digest}: size changed from {self.size} to {body.size}"
                             )
                         self.size = body.size
+                    if self._pending is None:
+                        # Only once the upstream answers with a body: a fill waiting for a
+                        # download slot, or for a 404 (any digest a client makes up), holds
+                        # no file.
+                        self._pending = await _opened(store, self.digest)
                     self.state = "running"
                     self._notify()
                     await self._pipe(source.host, body.chunks(), skip=self.written - body.offset)

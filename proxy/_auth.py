@@ -373,6 +373,11 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v2"):
             return await handler(request)
+        if authenticator.users is None:
+            # No users: everyone may pull, and credentials are nobody's to check (a containerd
+            # hosts.toml header, a daemon's Docker Hub login): refusing them sent such clients
+            # past the cache.
+            return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:
             if anonymous_may_pull and not (challenge_api_check and request.path in ("/v2", "/v2/")):

@@ -387,8 +387,8 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     headers = {**API_VERSION, "Content-Type": "application/json"}
     if answer.next_last is not None:
         query = f"last={answer.next_last}" + (f"&n={answer.next_n}" if answer.next_n else "")
-        if "ns" in request.query:
-            query += f"&ns={request.query['ns']}"
+        if "ns" in request.query:  # the upstream it named, as resolved: never the raw value
+            query += f"&ns={route.upstream.host}"
         headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
     if answer.result == "stale":
         headers["Warning"] = STALE_WARNING

@@ -298,8 +298,7 @@ async def test_a_reader_cancelled_mid_read_releases_the_file(store: DirectorySto
 
 
 class QueuedSource(FedSource):
-    """An upstream whose download slot comes only when the test says: the fill has its
-    temporary and writes nothing meanwhile."""
+    """An upstream whose download slot comes only when the test says."""
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
@@ -312,24 +311,42 @@ class QueuedSource(FedSource):
             yield body
 
 
-async def test_the_sweep_of_stale_temporaries_spares_a_fill_waiting_for_its_slot(tmp_path: Path) -> None:
-    """A dead process's temporaries go; a fill of this process queued for an hour behind
-    others for a download slot keeps its temporary, and stores its blob once it runs."""
+async def test_fills_waiting_for_a_slot_or_a_404_hold_no_file(store: DirectoryStore, tmp_path: Path) -> None:
+    """Any client may ask for digests the upstream does not have: each fill opened its
+    temporary before it waited for a download slot, 200 of them 200 files and descriptors."""
+    source = QueuedSource(10)
+    source.missing = True
+    fills = Fills(store)
+    readers = [fills.start(source, REPO, Digest.of(os.urandom(8))) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    assert list((tmp_path / "tmp").iterdir()) == [], "queued: no file yet"
+    source.slot.set()
+    for reader in readers:
+        with pytest.raises(UpstreamNotFound):
+            await reader.wait_started()
+        reader.close()
+    await until(lambda: len(fills) == 0)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert source.opened == [0] * 20
+
+
+async def test_the_sweep_of_stale_temporaries_spares_a_running_fill(tmp_path: Path) -> None:
+    """A dead process's temporaries go; a fill of this process whose file nothing wrote for
+    long (its upstream holding the body back) keeps its temporary, and stores its blob."""
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
     cache = Cache(store, index)
     data = os.urandom(3000)
-    source = QueuedSource(len(data))
+    source = FedSource(len(data))
     reader = cache.fills.start(source, REPO, Digest.of(data))
-    await until(lambda: len(list((tmp_path / "tmp").iterdir())) == 1)  # its temporary, and no byte yet
-    (queued,) = (tmp_path / "tmp").iterdir()
+    assert await asyncio.wait_for(reader.wait_started(), 5) == len(data)
+    (running,) = (tmp_path / "tmp").iterdir()
     dead = tmp_path / "tmp" / f"sha256-{'0' * 64}-dead.partial"  # a process that died beside
     dead.write_bytes(b"half a layer")
-    hour_ago = time.time() - 2 * 3600
-    for path in (queued, dead):
-        os.utime(path, (hour_ago, hour_ago))
+    hours_ago = time.time() - 2 * 3600
+    for path in (running, dead):
+        os.utime(path, (hours_ago, hours_ago))
     await cache.sweep_stale_temporaries()
-    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [queued.name]
-    source.slot.set()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [running.name]
     source.queue.put_nowait(data)
     source.queue.put_nowait(None)
     assert await collect(reader.read(0, len(data))) == data

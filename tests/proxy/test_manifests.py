@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import (
     ACCEPT_ALL_MANIFESTS,
     DOCKER_MANIFEST_V1_SIGNED,
@@ -375,6 +376,38 @@ async def test_tags_list_is_proxied_paginated_and_served_stale(
     stale = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2")
     assert stale.status == 200 and stale.headers["Warning"] == '110 - "stale"'
     assert (await stale.json())["tags"] == ["a", "b"]
+
+
+async def test_what_clients_make_up_leaves_nothing_in_the_index(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """Tags the upstream does not have, and tag-list pages by every n and last a client can
+    write, each left an entry in the index that nothing ever removed: any anonymous client
+    could grow it without end."""
+    moorage = await start_moorage()
+    cache = moorage.app[CACHE]
+    for tag in ("a", "b", "c"):
+        upstream.add_image("owner/app", tag, [tag.encode()])
+    for number in range(30):
+        assert (await moorage.get(f"/v2/owner/app/manifests/made-up-{number}", headers=ALL)).status == 404
+        assert (await moorage.get(f"/v2/owner/app/tags/list?n={number + 1:06d}")).status == 200
+    assert (await moorage.get("/v2/owner/app/tags/list")).status == 200
+    assert (await moorage.get("/v2/owner/app/manifests/a", headers=ALL)).status == 200
+    await cache.flush()
+    keys = list(cache._index._db.iterkeys())
+    assert [k for k in keys if k[0] == "pulled"] == [("pulled", "docker.io", "owner/app", "a")]
+    assert [k for k in keys if k[0] == "tags"] == [("tags", "docker.io", "owner/app", "", "")], "the whole list"
+
+
+async def test_a_next_page_link_names_the_upstream_the_ns_resolved_to(moorage: Client, upstream: FakeRegistry) -> None:
+    """The ns value went into the Link header as the client wrote it: a control character in
+    it gave a 500 and a traceback."""
+    for tag in ("a", "b", "c"):
+        upstream.add_image("owner/app", tag, [tag.encode()])
+    for ns in ("docker.io", "Docker.IO%0d%0a", "%20docker.io"):
+        page = await moorage.get(f"/v2/owner/app/tags/list?n=2&ns={ns}")
+        assert page.status == 200, await page.text()
+        assert page.headers["Link"] == '</v2/owner/app/tags/list?last=b&n=2&ns=docker.io>; rel="next"'
 
 
 async def test_rate_limit_budget_is_exported(moorage: Client, upstream: FakeRegistry) -> None:

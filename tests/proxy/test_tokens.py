@@ -125,6 +125,18 @@ async def test_a_refused_sign_in_counts_under_its_routes_kind(
     assert (await moorage.get("/v2/alp%69ne/manifests/1", headers=basic("ci", "guess"))).status == 401
 
 
+async def test_credentials_are_no_one_s_to_check_without_users(
+    start_moorage: StartMoorage, images: FakeRegistry
+) -> None:
+    """Without an htpasswd file everyone may pull: a client that sends credentials anyway (a
+    containerd hosts.toml header, a daemon's Docker Hub login) was refused, and went past the
+    cache."""
+    moorage = await start_moorage()
+    for headers in (basic("someone", "their Docker Hub token"), {"Authorization": "Bearer not-ours"}):
+        response = await moorage.get("/v2/alpine/manifests/3.19", headers=headers)
+        assert response.status == 200, await response.text()
+
+
 async def test_push_is_never_granted(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
