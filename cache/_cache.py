@@ -246,6 +246,7 @@ class Cache:
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
         #: Tag-list pages asked for with n or last (see ``tags``), least recently fetched first.
         self._pages: OrderedDict[IndexKey, TagsEntry] = OrderedDict()
+        self._pages_bytes = 0
 
     async def aclose(self) -> None:
         self._closing = True
@@ -1278,10 +1279,7 @@ class Cache:
             page = await source.list_tags(repository, n, last)
             fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
             if not kept:
-                self._pages[key] = fresh
-                self._pages.move_to_end(key)
-                while len(self._pages) > MAX_TAG_PAGES_IN_MEMORY:
-                    self._pages.popitem(last=False)
+                self._keep_page(key, fresh)
                 return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
             try:
                 await asyncio.to_thread(self._index.put_tags, key, fresh)
@@ -1296,6 +1294,20 @@ class Cache:
                 raise
             return TagsAnswer(entry.body, entry.next_last, entry.next_n, "stale", stale_reason=str(exc))
         return replace(answer, result="coalesced") if joined else answer
+
+    def _keep_page(self, key: IndexKey, page: TagsEntry) -> None:
+        """Keep a tag-list page in memory, within ``MAX_TAG_PAGES_IN_MEMORY`` pages and
+        ``MAX_TAG_PAGE_BYTES_IN_MEMORY`` bytes (a page may be megabytes)."""
+        replaced = self._pages.pop(key, None)
+        if replaced is not None:
+            self._pages_bytes -= len(replaced.body)
+        if len(page.body) > MAX_TAG_PAGE_BYTES_IN_MEMORY // 8:
+            return  # served, not kept: a few such pages would push out every other
+        self._pages[key] = page
+        self._pages_bytes += len(page.body)
+        while len(self._pages) > MAX_TAG_PAGES_IN_MEMORY or self._pages_bytes > MAX_TAG_PAGE_BYTES_IN_MEMORY:
+            _, oldest = self._pages.popitem(last=False)
+            self._pages_bytes -= len(oldest.body)
 
 
 class _Bookkeeping:
@@ -1345,8 +1357,9 @@ class _Bookkeeping:
         self._observer.on_maintenance(task, seconds)
 
 
-#: Tag-list pages other than the whole list kept in memory.
+#: Tag-list pages other than the whole list kept in memory: at most this many, and this many bytes.
 MAX_TAG_PAGES_IN_MEMORY: Final = 1024
+MAX_TAG_PAGE_BYTES_IN_MEMORY: Final = 32 * 1024 * 1024
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
 #: A temporary nothing wrote or marked alive for this long is a dead process's: every process

@@ -89,6 +89,9 @@ class RegistryAuth(httpx.Auth):
         self._password_checked = time.monotonic()
         self._on_token_fetch = on_token_fetch
         self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: The scope the registry's challenges name when it is not a repository's (see
+        #: ``async_auth_flow``): its token serves every path.
+        self._registry_scope: str | None = None
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
 
@@ -133,6 +136,8 @@ class RegistryAuth(httpx.Auth):
         await self._refresh_credentials()
         scope = scope_for_path(request.url.path)
         token = self._cached(scope) if scope else None
+        if token is None and self._registry_scope is not None:
+            token = self._cached(self._registry_scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._basic_up_front and self._credentials:
@@ -150,10 +155,10 @@ class RegistryAuth(httpx.Auth):
                 if scope:
                     self._tokens.pop(scope, None)
                 fresh = await self._token(params, scope)
-            if path_scope and scope and path_scope != scope and scope in self._tokens:
-                # A registry whose challenge names its own scope (public.ecr.aws: "aws"):
-                # the token is looked for under the path's next time, not after another 401.
-                self._tokens[path_scope] = self._tokens[scope]
+            if scope and scope != path_scope and not scope.startswith("repository:"):
+                # A registry whose challenge names a scope of its own (public.ecr.aws: "aws"):
+                # its token is sent up front next time, not after another 401.
+                self._registry_scope = scope
             token = fresh
             request.headers["Authorization"] = f"Bearer {token}"
             yield request

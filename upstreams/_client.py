@@ -45,8 +45,8 @@ from .errors import (
 from .reference import (
     ACCEPT_ALL_MANIFESTS,
     ACCEPT_IMAGE_MANIFESTS,
-    DOCKER_MANIFEST_V1_SIGNED,
     MAX_MANIFEST_BYTES,
+    SCHEMA1_MEDIA_TYPES,
     AcceptClass,
     Digest,
     InvalidReference,
@@ -383,7 +383,7 @@ class RegistryClient:
         finally:
             await response.aclose()
         media_type = _media_type(response.headers) or sniff_media_type(data)
-        if media_type == DOCKER_MANIFEST_V1_SIGNED:
+        if media_type in SCHEMA1_MEDIA_TYPES:
             # Its digest is over the payload without its signatures, so it would read as
             # corrupt; and current clients (Docker 28, containerd 2) no longer pull schema 1.
             raise UpstreamNotFound(

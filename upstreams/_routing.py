@@ -93,9 +93,11 @@ class Router(Generic[U]):
             upstream = self._by_ns.get(ns.strip().lower())
             if upstream is None:
                 raise NoRoute(f"no upstream for ns={ns!r}; configured: {', '.join(self.hosts)}")
-            if rest and self._by_prefix.get(first) is upstream:
-                # containerd with override_path and a mirror URL of /v2/<prefix> sends the
-                # prefix and the ns both: the prefix names the same upstream, and goes.
+            if rest and self._by_ns.get(first) is upstream:
+                # containerd with override_path and a mirror URL of /v2/<host> sends the host
+                # and the ns both. Only a host or alias, whose dot no repository's first
+                # component has on these registries, is taken so: a short prefix may be one
+                # (mcr.microsoft.com/mcr/hello-world).
                 return self._route(upstream, RepositoryName(rest))
             return self._route(upstream, full)
         if rest and first in self._by_prefix:

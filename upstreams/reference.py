@@ -20,12 +20,15 @@ __all__ = [
     "ACCEPT_ALL_MANIFESTS",
     "ACCEPT_IMAGE_MANIFESTS",
     "DOCKER_MANIFEST_LIST",
+    "DOCKER_MANIFEST_V1",
+    "DOCKER_MANIFEST_V1_SIGNED",
     "DOCKER_MANIFEST_V2",
     "INDEX_MEDIA_TYPES",
     "MANIFEST_MEDIA_TYPES",
     "MAX_MANIFEST_BYTES",
     "OCI_IMAGE_INDEX",
     "OCI_IMAGE_MANIFEST",
+    "SCHEMA1_MEDIA_TYPES",
     "AcceptClass",
     "Digest",
     "ImageReference",
@@ -49,6 +52,9 @@ DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list
 OCI_IMAGE_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
 OCI_IMAGE_INDEX: Final = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST_V1_SIGNED: Final = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_MANIFEST_V1: Final = "application/vnd.docker.distribution.manifest.v1+json"
+#: Docker's image manifest schema 1, deprecated since 2019: current clients no longer pull it.
+SCHEMA1_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_V1_SIGNED, DOCKER_MANIFEST_V1})
 
 INDEX_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_LIST, OCI_IMAGE_INDEX})
 IMAGE_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_V2, OCI_IMAGE_MANIFEST})
@@ -225,6 +231,8 @@ def sniff_media_type(body: bytes) -> str:
     declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
         return declared
+    if document.get("schemaVersion") == 1:  # schema 1 declares no media type
+        return DOCKER_MANIFEST_V1_SIGNED if "signatures" in document else DOCKER_MANIFEST_V1
     if "manifests" in document:
         return OCI_IMAGE_INDEX
     return OCI_IMAGE_MANIFEST

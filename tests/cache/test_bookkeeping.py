@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from moorage.cache import Cache, DirectoryStore
-from moorage.cache._index import Index
+from moorage.cache._index import Index, TagsEntry
 from moorage.cache._keys import pulled_key
 from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
@@ -251,3 +251,19 @@ def put(store: DirectoryStore, data: bytes) -> Digest:
     pending.commit()
     pending.close()
     return digest
+
+
+async def test_tag_list_pages_in_memory_stay_within_their_bytes(tmp_path: Path) -> None:
+    """Pages asked for with n or last are kept in memory; a page may be megabytes, and any
+    client can ask for 1,024 different ones."""
+    index = Index(tmp_path / "index")
+    cache = Cache(DirectoryStore(tmp_path), index)
+    page = TagsEntry(b"x" * (1024 * 1024), None, None, 0.0)
+    for number in range(100):
+        cache._keep_page(("tags", "docker.io", "team/app", str(number), ""), page)
+    assert cache._pages_bytes == sum(len(p.body) for p in cache._pages.values()) <= 32 * 1024 * 1024
+    assert ("tags", "docker.io", "team/app", "99", "") in cache._pages, "the newest stays"
+    cache._keep_page(("tags", "docker.io", "team/app", "big", ""), TagsEntry(b"x" * (5 * 1024 * 1024), None, None, 0.0))
+    assert ("tags", "docker.io", "team/app", "big", "") not in cache._pages
+    await cache.aclose()
+    index.close()

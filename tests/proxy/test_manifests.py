@@ -336,11 +336,15 @@ async def test_manifest_above_4_mib_is_refused(moorage: Client, upstream: FakeRe
     assert "limit" in (await response.json())["errors"][0]["message"]
 
 
-async def test_a_schema_1_manifest_is_refused_by_name_not_as_corrupt(moorage: Client, upstream: FakeRegistry) -> None:
+@pytest.mark.parametrize("content_type", [DOCKER_MANIFEST_V1_SIGNED, "application/json"])
+async def test_a_schema_1_manifest_is_refused_by_name_not_as_corrupt(
+    moorage: Client, upstream: FakeRegistry, content_type: str
+) -> None:
     """A signed schema 1 manifest's digest is over its payload without the signatures: it read
-    as corrupt upstream content, a 502. Current clients no longer pull schema 1 either."""
+    as corrupt upstream content, a 502. Current clients no longer pull schema 1 either. Some
+    registries label it only as JSON."""
     body = json.dumps({"schemaVersion": 1, "name": "library/old", "tag": "1", "signatures": []}).encode()
-    upstream.add_manifest("library/old", "1", body, DOCKER_MANIFEST_V1_SIGNED)
+    upstream.add_manifest("library/old", "1", body, content_type)
     response = await moorage.get("/v2/old/manifests/1", headers=ALL)
     assert response.status == 404
     error = (await response.json())["errors"][0]

@@ -77,12 +77,15 @@ async def test_a_token_for_the_registrys_own_scope_is_sent_up_front_next_time() 
     under that scope and looked for under the path's, so every request was sent bare first
     and refused, twice the requests to a registry that allows anonymous clients 1/s."""
     upstream = Upstream(challenge='Bearer realm="https://auth.test/token",service="public.ecr.aws",scope="aws"')
-    client, _ = make(upstream)
+    client, auth = make(upstream)
     assert (await client.get("/v2/docker/library/alpine/manifests/3.19")).status_code == 200
     assert upstream.challenged == 1 and upstream.token_requests[0].url.params["scope"] == "aws"
     assert (await client.get("/v2/docker/library/alpine/manifests/3.19")).status_code == 200
     assert (await client.get("/v2/docker/library/alpine/blobs/sha256:x")).status_code == 200
+    for number in range(20):  # other repositories too, and no entry of their own each
+        assert (await client.get(f"/v2/team/app-{number}/manifests/1")).status_code == 200
     assert upstream.challenged == 1 and upstream.tokens_issued == 1
+    assert list(auth._tokens) == ["aws"]
 
 
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:

@@ -42,11 +42,13 @@ def router() -> Router[Upstream]:
         pytest.param("registry.k8s.io/pause", None, "registry.k8s.io", "pause", id="k8s_no_library"),
         pytest.param("ghcr", None, "docker.io", "library/ghcr", id="prefix_alone_is_a_name"),
         pytest.param("ghcr.io/owner/app", "docker.io", "docker.io", "ghcr.io/owner/app", id="ns_beats_prefix"),
-        # containerd's override_path with a mirror URL of /v2/<prefix>: the prefix and the ns.
-        pytest.param("ghcr/owner/app", "ghcr.io", "ghcr.io", "owner/app", id="ns_with_its_own_prefix"),
-        pytest.param("docker-hub/library/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_prefix_hub"),
-        pytest.param("docker-hub/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_prefix_short"),
+        # containerd's override_path with a mirror URL of /v2/<host>: the host and the ns.
         pytest.param("ghcr.io/owner/app", "ghcr.io", "ghcr.io", "owner/app", id="ns_with_its_own_host"),
+        pytest.param("docker.io/library/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_host_hub"),
+        pytest.param("index.docker.io/nginx", "docker.io", "docker.io", "library/nginx", id="ns_with_alias"),
+        # A short prefix is a repository's first component under ns: it may be one.
+        pytest.param("mcr/hello-world", "mcr.microsoft.com", "mcr.microsoft.com", "mcr/hello-world", id="ns_keeps_mcr"),
+        pytest.param("ghcr/owner/app", "ghcr.io", "ghcr.io", "ghcr/owner/app", id="ns_keeps_prefix"),
     ],
 )
 def test_routes(router: Router[Upstream], name: str, ns: str | None, host: str, repository: str) -> None:
