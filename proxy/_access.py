@@ -110,9 +110,10 @@ def _record(request: web.Request, note: RequestNotes, status: int, content_lengt
         "bytes": sent,
         "duration_ms": round(seconds * 1000, 2),
     }
+    kind = note.kind or "other"  # the same kind moorage_requests_total counts it under
+    fields["kind"] = kind
     for name, value in (
         ("user", note.user),
-        ("kind", note.kind),
         ("upstream", note.upstream),
         ("repository", note.repository),
         ("reference", note.reference),
@@ -124,6 +125,6 @@ def _record(request: web.Request, note: RequestNotes, status: int, content_lengt
             fields[name] = value
     log_fields(log, "request", fields)
     result, upstream = note.result, note.upstream
-    request.app[METRICS].on_request(note.kind or "other", request.method, status, seconds, upstream, result, sent)
+    request.app[METRICS].on_request(kind, request.method, status, seconds, upstream, result, sent)
     if result is not None and upstream is not None:
         request.app[CACHE].record(upstream, result, sent)

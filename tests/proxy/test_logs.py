@@ -20,6 +20,7 @@ from moorage.proxy import _handlers
 from moorage.proxy._logging import BackgroundWriter, TextFormatter, configure_logging, log_fields
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
+from tests.polling import until_async
 
 from .conftest import StartMoorage, metric
 
@@ -148,6 +149,35 @@ async def test_one_json_line_per_request_and_an_audit_line_per_pull(
     assert pulls[0]["logger"] == "moorage.audit"
     assert pulls[0]["digest"] == image.digest and pulls[0]["upstream"] == "docker.io"
     assert pulls[0]["repository"] == "library/alpine" and pulls[0]["client"] == "127.0.0.1"
+
+
+async def test_every_request_line_names_the_kind_its_metric_counts_it_under(
+    moorage: object, upstream: FakeRegistry, log_lines: Captured
+) -> None:
+    """A dashboard's breakdown by kind and a log query by kind must find the same requests."""
+    from aiohttp.test_utils import TestClient
+
+    assert isinstance(moorage, TestClient)
+    image = upstream.add_image("library/alpine", "3.19")
+    for path in ("/v2/", "/healthz", "/v2/alpine/manifests/3.19", f"/v2/alpine/blobs/{image.layer_digests[0]}"):
+        response = await moorage.get(path)
+        assert response.status == 200
+        await response.read()
+
+    # A blob's line is written once its body is sent, a moment after the client has it.
+    async def blob_counted() -> bool:
+        return await metric(moorage, "moorage_requests_total", kind="blob", method="GET", status="200") == 1
+
+    await until_async(blob_counted)
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    kinds = [
+        (line["path"].split("/")[-2] if "/v2/alpine" in line["path"] else line["path"], line["kind"])
+        for line in lines
+        if line["event"] == "request" and line["path"] != "/metrics"
+    ]
+    assert kinds == [("/v2/", "other"), ("/healthz", "other"), ("manifests", "manifest"), ("blobs", "blob")]
+    metrics_lines = [line for line in lines if line["event"] == "request" and line["path"] == "/metrics"]
+    assert metrics_lines and all(line["kind"] == "other" for line in metrics_lines)
 
 
 async def test_an_error_answer_logs_the_bytes_of_its_body(moorage: object, log_lines: Captured) -> None:
