@@ -155,7 +155,8 @@ async def blob(
     if answer.path is None:
         raise AssertionError("stores without local files are not served yet")
     wanted = _byte_range(request, answer.size)  # an unsatisfiable range gets the OCI 416, as for fills
-    if _is_tls(request):
+    # FileResponse reads the Range header itself, so one this cache ignores goes the other way.
+    if _is_tls(request) or (wanted is None and "Range" in request.headers):
         return await _stream_file(request, answer.path, answer.size, wanted, headers)
     return BlobFileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
 
@@ -179,8 +180,16 @@ class BlobFileResponse(web.FileResponse):
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    """``[start, end)`` asked by a Range header, None for the whole blob."""
+    """``[start, end)`` asked by a Range header, None for the whole blob.
+
+    As RFC 9110 (section 14.2) has it, a unit other than bytes is ignored, and so is a request
+    for several ranges (the whole blob, 200, is an answer every client takes; a multipart body
+    is not worth its cost for blobs). A malformed byte range is 416, as Distribution answers.
+    """
     if "Range" not in request.headers:
+        return None
+    unit, _, ranges = request.headers["Range"].partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
         return None
     try:
         wanted = request.http_range

@@ -245,6 +245,34 @@ async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistr
     assert "X-Moorage-Cache" not in response.headers
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
+@pytest.mark.parametrize("asked", ["items=0-1", "bytes=0-1,5-6", "bytes=-10, 0-1"])
+async def test_a_range_the_cache_does_not_serve_gets_the_whole_blob(
+    moorage: Client, upstream: FakeRegistry, warm: bool, asked: str
+) -> None:
+    """RFC 9110: an unknown range unit is ignored, and several ranges may be; a client then
+    takes the 200 and its whole body, where a 416 would fail its pull."""
+    data = os.urandom(100_000)
+    digest = upstream.add_blob(data)
+    if warm:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)  # committed: served from the store's file, not the fill
+    else:
+        upstream.slow_blob(digest, chunk=16 * 1024, delay=0.01)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": asked})
+    assert response.status == 200
+    assert "Content-Range" not in response.headers
+    assert await response.read() == data
+
+
+@pytest.mark.parametrize("asked", ["bytes=abc", "bytes=5-1"])
+async def test_a_malformed_byte_range_is_416(moorage: Client, upstream: FakeRegistry, asked: str) -> None:
+    digest = upstream.add_blob(os.urandom(1000))
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": asked})
+    assert response.status == 416
+    assert (await response.json())["errors"][0]["code"] == "RANGE_INVALID"
+
+
 async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
     upstream.auth = "bearer"
     cdn = await upstream.start_cdn()
