@@ -48,6 +48,16 @@ def _blank_is_refused(value: object) -> object:
     return value
 
 
+def _size_cap(value: object) -> object:
+    """``max_size``: a size, where ``0`` (or an empty value, as ``MOORAGE_STORAGE__MAX_SIZE=``
+    writes it) means no cap, as ``0`` turns the intervals off."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return parse_size(value) or None
+
+
+#: A cap on a size: unset, empty or 0 for none.
+SizeCap = Annotated[int | None, BeforeValidator(_size_cap)]
 #: A file an optional key names; an empty value leaves it unset.
 OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset)]
 #: A file whose absence turns a protection off (users, client certificates): an empty value is
@@ -64,8 +74,9 @@ class _Section(BaseModel):
 class StorageSettings(_Section):
     #: Directory holding blobs, manifests, the index and temporaries.
     path: Path = Path("./moorage-data")
-    #: The store's size cap (``50GiB``); least recently used content goes first. Unset: no cap.
-    max_size: Bytes | None = None
+    #: The store's size cap (``50GiB``); least recently used content goes first. Unset or 0:
+    #: no cap.
+    max_size: SizeCap = None
     #: Above this share of ``max_size`` an eviction pass starts ...
     high_watermark: float = Field(default=0.95, gt=0, le=1)
     #: ... and removes content until the store is below this share.
@@ -179,10 +190,10 @@ class AuthSettings(_Section):
 class TimeoutSettings(_Section):
     """httpx's four timeouts. ``read`` is idle time between chunks, never a total deadline."""
 
-    connect: Seconds = 10.0
-    read: Seconds = 60.0
-    write: Seconds = 60.0
-    pool: Seconds = 30.0
+    connect: Seconds = Field(default=10.0, gt=0)
+    read: Seconds = Field(default=60.0, gt=0)
+    write: Seconds = Field(default=60.0, gt=0)
+    pool: Seconds = Field(default=30.0, gt=0)
 
 
 class RetrySettings(_Section):

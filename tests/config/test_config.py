@@ -113,6 +113,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams[0].retries.attempts: must be at least 1, not 0",
             id="bound_count",
         ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io', timeouts: {read: 0}}\n",
+            "upstreams[0].timeouts.read: must be above 0 s, not 0 s",
+            id="zero_timeout",
+        ),
         pytest.param("upstreams: []\n", "upstreams: at least one upstream is needed", id="no_upstreams"),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'https://a.io', aliases: ['has space']}\n",
@@ -325,6 +330,15 @@ def test_an_empty_file_key_means_no_file(tmp_path: Path) -> None:
     assert settings.auth.groups_file is None and settings.auth.token_signing_key_file is None
 
 
+@pytest.mark.parametrize("cap", ["0", "''", "0GiB", "null"])
+def test_a_size_cap_of_zero_or_empty_is_no_cap(tmp_path: Path, cap: str) -> None:
+    """As 0 turns the intervals off: a cap of 0 bytes would evict every blob it stores."""
+    assert load_settings(write(tmp_path, f"storage: {{max_size: {cap}}}\n")).storage.max_size is None
+    unset = {"MOORAGE_STORAGE__MAX_SIZE": "" if cap == "''" else cap.replace("null", "0")}
+    assert load_settings(write(tmp_path, "storage: {max_size: 5GiB}\n"), unset).storage.max_size is None
+    assert load_settings(write(tmp_path, "storage: {max_size: 5GiB}\n")).storage.max_size == 5 * 2**30
+
+
 TLS_FILES = {"MOORAGE_TLS__CERT_FILE": "c.pem", "MOORAGE_TLS__KEY_FILE": "k.pem"}
 
 
@@ -369,7 +383,10 @@ def test_bad_durations(text: str) -> None:
         parse_duration(text)
 
 
-@pytest.mark.parametrize(("text", "size"), [("50GiB", 50 * 2**30), ("500MB", 500 * 10**6), ("1024", 1024), (7, 7)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("50GiB", 50 * 2**30), ("500MB", 500 * 10**6), ("1024", 1024), (7, 7), ("1.5Pi", 3 * 2**49), ("2PB", 2 * 10**15)],
+)
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
