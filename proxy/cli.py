@@ -224,9 +224,16 @@ def check_config(file: Path, skip_files: bool) -> None:
 @config_option
 def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
     """Exit 0 when the cache answers /healthz, 1 otherwise (for container health checks)."""
+    if not timeout > 0:  # exit 1 for every mistake too: Docker reserves 2
+        click.echo(f"moorage: --timeout must be above 0 seconds, not {timeout:g}", err=True)
+        sys.exit(1)
     context = None
     if url is None:
-        settings = settings_from(config)
+        try:
+            settings = load_settings(settings_file(config), os.environ)
+        except ConfigError as error:
+            click.echo(f"moorage: {error}", err=True)
+            sys.exit(1)
         host, port = split_address(settings.listen)
         scheme = "https" if settings.tls is not None else "http"
         url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -743,7 +750,10 @@ def client_config(
             click.echo(f"# file: {path}\n{content}")
             continue
         target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
-        _write_client_file(target, path, content)
+        try:
+            _write_client_file(target, path, content)
+        except OSError as error:  # a file where a directory should be, a read-only or immutable file
+            fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
 
 
 def _write_client_file(target: Path, path: str, content: str) -> None:
@@ -774,11 +784,15 @@ def _write_client_file(target: Path, path: str, content: str) -> None:
         click.echo(f"kept the previous {real.name} as {backup}")
     real.parent.mkdir(parents=True, exist_ok=True)
     temporary = real.with_name(f".{real.name}.moorage-new")
-    temporary.write_text(content)
-    if existing is not None:
-        info = real.stat()
-        os.chmod(temporary, info.st_mode & 0o7777)
-        with contextlib.suppress(PermissionError):  # only root gives files away
-            os.chown(temporary, info.st_uid, info.st_gid)
-    os.replace(temporary, real)
+    try:
+        temporary.write_text(content)
+        if existing is not None:
+            info = real.stat()
+            os.chmod(temporary, info.st_mode & 0o7777)
+            with contextlib.suppress(PermissionError):  # only root gives files away
+                os.chown(temporary, info.st_uid, info.st_gid)
+        os.replace(temporary, real)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise
     click.echo(f"{'updated' if existing is not None else 'wrote'} {real}")

@@ -264,6 +264,47 @@ def test_a_file_that_cannot_be_merged_is_left_alone(tmp_path: Path, name: str, t
     assert sorted(p.name for p in tmp_path.iterdir()) == [name], "nothing written beside it"
 
 
+def test_an_output_dir_that_cannot_be_written_is_a_sentence_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("listen: x\n")
+    result = CliRunner().invoke(
+        main,
+        ["client-config", "docker", "--url", URL, "--output-dir", str(tmp_path / "config.yaml" / "sub")],
+        env={"MOORAGE_CONFIG": ""},
+    )
+    assert result.exit_code == 2 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "cannot write" in result.output and "Not a directory" in result.output
+
+
+def test_a_file_that_cannot_be_replaced_stays_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As an immutable daemon.json (chattr +i) refuses the rename even to root."""
+    (tmp_path / "daemon.json").write_text('{"log-driver": "journald"}')
+
+    def refused(source: object, target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("moorage.proxy.cli.os.replace", refused)
+    result = CliRunner().invoke(
+        main, ["client-config", "docker", "--url", URL, "--output-dir", str(tmp_path)], env={"MOORAGE_CONFIG": ""}
+    )
+    assert result.exit_code == 2 and "cannot write" in result.output and "Operation not permitted" in result.output
+    assert (tmp_path / "daemon.json").read_text() == '{"log-driver": "journald"}'
+    assert not list(tmp_path.glob(".*moorage-new")), "no temporary left behind"
+
+
+@pytest.mark.parametrize(("args", "problem"), [(["--timeout", "-1"], "--timeout must be above 0")])
+def test_healthcheck_mistakes_exit_1_without_a_traceback(args: list[str], problem: str) -> None:
+    result = CliRunner().invoke(main, ["healthcheck", "--url", URL, *args], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 1 and problem in result.output
+
+
+def test_healthcheck_with_bad_settings_exits_1_not_docker_s_reserved_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("tag_tll: 1m\n")
+    result = CliRunner().invoke(main, ["healthcheck", "--config", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 1 and "tag_tll: unknown key" in result.output
+
+
 def test_a_url_with_a_path_is_refused() -> None:
     with pytest.raises(ValueError, match="base URL"):
         client_files("docker", "http://moorage.example:5000/v2", REGISTRIES, "docker.io")
