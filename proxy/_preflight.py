@@ -7,6 +7,7 @@ reads and nothing more (the token key only where there are users), and reports o
 ``key: what is wrong`` line per setting (within a setting, its first problem: a groups file is
 read once its htpasswd file is good). It also returns warnings: access policy rules that name
 users, groups or registries these settings and files do not. Blocking (it reads files).
+:func:`routing_warnings` says what the settings alone leave unrouted.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._auth import Htpasswd
 from ._tls import ServerTls
 from ._tokens import TokenKeys
 
-__all__ = ["policy_warnings", "preflight"]
+__all__ = ["policy_warnings", "preflight", "routing_warnings"]
 
 
 def preflight(settings: Settings) -> tuple[list[str], list[str]]:
@@ -80,6 +81,19 @@ def policy_warnings(settings: Settings, users: Htpasswd | None) -> list[str]:
         if head not in hosts
     ]
     return elsewhere + _name_warnings(settings, users)
+
+
+def routing_warnings(settings: Settings) -> list[str]:
+    """Routes these settings leave to nothing: with no default upstream, a path that names no
+    prefix and comes without ``ns`` (Docker's ``registry-mirrors``, ``docker pull
+    cache:5000/library/alpine``) gets 404, and a Docker daemon then pulls past the cache."""
+    if settings.default_host is not None:
+        return []
+    return [
+        "upstreams: none has default: true, so a path without a prefix or ns (Docker's "
+        "registry-mirrors) gets 404 and Docker pulls past the cache; set default: true on the "
+        "docker.io entry if Docker daemons use this cache"
+    ]
 
 
 def _name_warnings(settings: Settings, users: Htpasswd | None) -> list[str]:

@@ -55,7 +55,7 @@ from moorage.upstreams.reference import InvalidReference, parse_image_reference
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
 from ._logging import configure_logging
-from ._preflight import preflight
+from ._preflight import preflight, routing_warnings
 from ._serve import running, serve
 from ._tokens import TokenKeys
 
@@ -181,6 +181,8 @@ def serve_command(config: Path | None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     for doubt in doubts:
         logging.getLogger("moorage.proxy").warning(doubt, extra={"event": "policy_rule_unknown_name"})
+    for unrouted in routing_warnings(settings):
+        logging.getLogger("moorage.proxy").warning(unrouted, extra={"event": "no_default_upstream"})
     try:
         asyncio.run(serve(settings, _version()))
     except ConfigError as error:
@@ -210,6 +212,8 @@ def check_config(file: Path, skip_files: bool) -> None:
     if not skip_files:
         for doubt in check_files(settings, settings_source(file, os.environ)):
             click.echo(f"moorage: warning: {doubt}", err=True)
+    for unrouted in routing_warnings(settings):
+        click.echo(f"moorage: warning: {unrouted}", err=True)
     read = "files not read" if skip_files else "files read"
     count = len(settings.upstreams)
     click.echo(f"{file}: ok ({count} upstream{'s' if count != 1 else ''}, store in {settings.storage.path}; {read})")

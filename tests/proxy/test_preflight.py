@@ -173,3 +173,18 @@ def test_policy_rules_naming_unknown_users_groups_or_registries_are_warned_of(tm
         f"moorage: warning: auth.policy[0].users: 'cii' is not in {files['htpasswd']}",
         f"moorage: warning: auth.policy[1].groups: 'robotz' has no member in {files['groups']}",
     ]
+
+
+def test_settings_without_a_default_upstream_are_warned_of_docker_going_past_the_cache(tmp_path: Path) -> None:
+    """A hand-written list without default: true serves prefixes and ns, but every request
+    Docker's registry-mirrors sends would be a 404, after which dockerd pulls from Docker Hub."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'storage: {{path: "{tmp_path / "store"}"}}\nupstreams:\n  - {{host: docker.io, url: "https://registry-1.docker.io"}}\n'
+    )
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 0
+    assert "upstreams: none has default: true" in checked.stderr and "Docker pulls past the cache" in checked.stderr
+    config.write_text(config.read_text().replace('docker.io"}', 'docker.io", default: true}'))
+    checked = moorage("check-config", str(config))
+    assert checked.returncode == 0 and "default" not in checked.stderr, checked.stderr
