@@ -154,7 +154,7 @@ class AuthSettings(_Section):
     #: Lifetime of the tokens ``/token`` and ``moorage login-password`` issue.
     token_lifetime: Seconds = Field(default=12 * 3600.0, ge=60, le=31 * 86400)
     #: The ES256 key tokens are signed with (PKCS#8 PEM). Unset: ``<storage.path>/auth/token-key.pem``,
-    #: generated at the first start. Replicas sharing a store share the key.
+    #: generated at the first start. Processes serving one store share the key.
     token_signing_key_file: OptionalFile = None
     #: The token service's URL as clients reach it (``https://cache.example/token``). Unset:
     #: built from each request's scheme and Host header.

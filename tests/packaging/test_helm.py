@@ -35,6 +35,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "podDisruptionBudget": {"enabled": True},
         "networkPolicy": {"enabled": True, "allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
+        "extraEnv": [
+            {"name": "HTTPS_PROXY", "value": "http://proxy.example:3128"},
+            {"name": "NO_PROXY", "value": ".svc,.cluster.local"},
+            {
+                "name": "MOORAGE_CLIENT_IDLE_TIMEOUT",
+                "valueFrom": {"configMapKeyRef": {"name": "tuning", "key": "idle"}},
+            },
+        ],
     },
     "upstreams": {
         "config": {"tagTtl": "30m", "logLevel": "debug"},
@@ -126,9 +134,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 SETTINGS_DIR = "/etc/moorage/settings"
 
 
-def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+def render_files(values: dict[str, Any]) -> dict[str, str]:
     with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name="cache", namespace="registry")
+        files: dict[str, str] = chart.render(values, name="cache", namespace="registry")
+    return files
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    files = render_files(values)
     objects = []
     for path, text in files.items():
         if path.endswith("NOTES.txt"):
@@ -236,6 +249,10 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # /readyz writes on the volume, which network storage may take a second or more to do.
+    assert container["readinessProbe"]["timeoutSeconds"] == container["livenessProbe"]["timeoutSeconds"] == 5
+    # Re-owning every cached blob at each start would keep a large store's pod from starting.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert container["image"] == "moorage:0.1.0"
 
@@ -260,6 +277,13 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"auth": {"policy": [{"effect": "deny", "who": "me"}]}}, "who", id="policy_unknown_key"),
         pytest.param({"auth": {"groups": {"ml": "alice"}}}, "/auth/groups/ml", id="groups_not_a_list"),
         pytest.param(
+            {"upstreams": [{"host": "q.io", "url": "https://q.io", "passwordSecret": "q"}]},
+            "username",
+            id="password_without_username",
+        ),
+        pytest.param({"auth": {"tokenRealm": "moorage.example/token"}}, "/auth/tokenRealm", id="token_realm"),
+        pytest.param({"extraEnv": [{"value": "x"}]}, "name", id="env_without_name"),
+        pytest.param(
             {"upstreams": [{"host": "q.io", "url": "https://q.io", "lifecyclePolicy": {"rulez": []}}]},
             "rules",
             id="lifecycle_without_rules",
@@ -279,8 +303,7 @@ def test_lint_finds_no_error() -> None:
 
 
 def notes(values: dict[str, Any]) -> str:
-    with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values, name="cache", namespace="registry")
+    files = render_files(values)
     (text,) = [text for path, text in files.items() if path.endswith("NOTES.txt")]
     return text
 
@@ -320,3 +343,64 @@ def test_a_tls_listener_is_scraped_over_https() -> None:
 def test_the_notes_warn_that_a_policy_binds_only_nodes_that_cannot_go_around() -> None:
     assert "--no-fallback" in notes(VALUE_SETS["policy"])
     assert "--no-fallback" not in notes({}), "no policy, nothing to go around"
+
+
+def test_extra_environment_reaches_the_container_as_written() -> None:
+    """A cluster behind an egress proxy needs HTTPS_PROXY; settings without a chart value
+    need their MOORAGE_* variable."""
+    (container,) = by_kind(render(VALUE_SETS["exposed"]), "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == VALUE_SETS["exposed"]["extraEnv"]
+
+
+def test_an_ingress_in_front_of_a_tls_listener_speaks_https_to_it() -> None:
+    """ingress-nginx speaks plain HTTP to the pod unless told: with tls.enabled every request
+    through the Ingress would be a 502. An annotation given in the values replaces the chart's
+    own, once (a duplicate key would leave the choice to the YAML reader)."""
+    values: dict[str, Any] = {
+        "tls": {"enabled": True, "secretName": "moorage-tls"},
+        "ingress": {
+            "enabled": True,
+            "host": "moorage.example.com",
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "1800"},
+        },
+    }
+    (text,) = [t for p, t in render_files(values).items() if p.endswith("ingress.yaml")]
+    annotations = yaml.safe_load(text)["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "1800"
+    assert text.count("proxy-read-timeout") == 1
+    values["tls"] = {"enabled": False}
+    plain = by_kind(render(values), "Ingress")["metadata"]["annotations"]
+    assert "nginx.ingress.kubernetes.io/backend-protocol" not in plain
+
+
+def test_a_token_realm_behind_a_tls_ingress_is_set_or_the_notes_say_to(tmp_path: Path) -> None:
+    """Behind an Ingress that terminates TLS the pod sees http, so the realm it builds would
+    send clients' passwords to http://host/token."""
+    values: dict[str, Any] = {
+        "auth": {"htpasswdSecret": "moorage-users"},
+        "ingress": {
+            "enabled": True,
+            "host": "moorage.example.com",
+            "tls": [{"secretName": "moorage-tls", "hosts": ["moorage.example.com"]}],
+        },
+    }
+    assert "set auth.tokenRealm=https://moorage.example.com/token" in notes(values)
+    values["auth"]["tokenRealm"] = "https://moorage.example.com/token"
+    assert "tokenRealm" not in notes(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(by_kind(render(values), "ConfigMap")["data"]["config.yaml"])
+    assert load_settings(path).auth.token_realm == "https://moorage.example.com/token"
+
+
+def test_a_cap_in_petabytes_passes_the_schema_and_the_settings(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    values = {"persistence": {"size": "2Pi", "maxSize": "1.5Pi"}}
+    path.write_text(by_kind(render(values), "ConfigMap")["data"]["config.yaml"])
+    assert load_settings(path).storage.max_size == 3 * 2**49
+
+
+def test_the_notes_keep_the_fallback_caveats_of_the_manual() -> None:
+    text = notes({})
+    assert "leave the server line out" in text, "a _default copied with Docker Hub's server sends every fallback there"
+    assert "v1.32.2 and v1.31.6" in text

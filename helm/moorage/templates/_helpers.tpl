@@ -36,7 +36,7 @@ log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_delay: {{ .Values.config.shutdownDelay | quote }}
 shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
-{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy }}
+{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
 auth:
   {{- if .Values.auth.htpasswdSecret }}
   htpasswd_file: /etc/moorage/auth/htpasswd
@@ -49,6 +49,9 @@ auth:
   {{- end }}
   {{- with .Values.auth.policy }}
   policy: {{ toJson . }}
+  {{- end }}
+  {{- with .Values.auth.tokenRealm }}
+  token_realm: {{ . | quote }}
   {{- end }}
 {{- end }}
 {{- if .Values.tls.enabled }}
