@@ -142,6 +142,15 @@ def test_the_image_runs_as_a_user_with_its_labels_and_health_check(built: Podman
     assert config["Labels"]["org.opencontainers.image.title"] == "moorage"
     assert "MOORAGE_CONFIG=/etc/moorage/config.yaml" in config["Env"]
     print(f"image size: {inspect['Size'] / 1e6:.0f} MB")
+    # Compiled once in the image: on a read-only root (as the chart runs it) every start and
+    # every HEALTHCHECK would otherwise compile the program again. pip is not needed to run.
+    probe = (
+        "import importlib.util, os, moorage.proxy.cli as cli, aiohttp.web as web;"
+        "print(all(os.path.exists(importlib.util.cache_from_source(m.__file__)) for m in (cli, web)));"
+        "print(importlib.util.find_spec('pip') is None)"
+    )
+    found = built("run", "--rm", "--read-only", "--entrypoint", "/opt/moorage/bin/python", IMAGE, "-c", probe)
+    assert found.stdout.split() == ["True", "True"], found.stdout
     built("run", "--rm", IMAGE, "check-config", "/etc/moorage/config.yaml")
     bad = built(
         "run", "--rm", "-e", "MOORAGE_TAG_TLL=1m", IMAGE, "check-config", "/etc/moorage/config.yaml", check=False
