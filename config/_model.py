@@ -391,8 +391,9 @@ class Settings(_Section):
     #: How long shutdown waits for requests in flight before closing them.
     shutdown_timeout: Seconds = 30.0
     #: A client connection with no complete request for this long is closed (idle keep-alive
-    #: connections, and clients sending their request head byte by byte).
-    client_idle_timeout: Seconds = Field(default=60.0, gt=0)
+    #: connections, and clients sending their request head byte by byte). Above the 60 s a
+    #: proxy in front keeps idle connections (ingress-nginx, AWS ALB), or it races their reuse.
+    client_idle_timeout: Seconds = Field(default=75.0, gt=0)
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
     @field_validator("listen", "metrics_listen", mode="before")
