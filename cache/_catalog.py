@@ -56,7 +56,7 @@ class StoreSummary:
 
 
 def read_catalog(root: Path, pattern: str | None = None) -> list[CachedTag]:
-    """Cached tags whose ``upstream/repository:tag`` matches the glob ``pattern``."""
+    """Cached tags one of whose names (:func:`_names_of`) matches the glob ``pattern``."""
     store, index = _open(root)
     try:
         seen: dict[tuple[str, str, str], CachedTag] = {}
@@ -72,7 +72,7 @@ def read_catalog(root: Path, pattern: str | None = None) -> list[CachedTag]:
                 entry.checked_at,
                 index.pulled_at(pulled_key(upstream, RepositoryName(repository), Tag(tag))),
             )
-            if pattern and not (fnmatch.fnmatch(cached.name, pattern) or fnmatch.fnmatch(repository, pattern)):
+            if pattern and not any(fnmatch.fnmatch(name, pattern) for name in _names_of(cached)):
                 continue
             # One row per tag: the answer for clients that take indexes wins over a platform's.
             previous = seen.get((upstream, repository, tag))
@@ -81,6 +81,16 @@ def read_catalog(root: Path, pattern: str | None = None) -> list[CachedTag]:
         return sorted(seen.values(), key=lambda c: (c.upstream, c.repository, c.tag))
     finally:
         index.close()
+
+
+def _names_of(cached: CachedTag) -> tuple[str, ...]:
+    """The names a person may give a cached tag: ``upstream/repository:tag``, the repository
+    with or without its tag, and for an official image its short name (``alpine:3.19``)."""
+    names = [cached.name, cached.repository, f"{cached.repository}:{cached.tag}"]
+    if cached.repository.startswith("library/"):
+        short = cached.repository.removeprefix("library/")
+        names += [short, f"{short}:{cached.tag}"]
+    return tuple(names)
 
 
 def read_summary(root: Path) -> StoreSummary:

@@ -293,7 +293,8 @@ def _when(epoch: float | None) -> str:
 def ls(pattern: str | None, as_json: bool, config: Path | None, store: Path | None) -> None:
     """List cached tags: digest, size, last pulled, upstream.
 
-    PATTERN is a glob over UPSTREAM/REPOSITORY:TAG or over the repository alone.
+    PATTERN is a glob over UPSTREAM/REPOSITORY:TAG, REPOSITORY:TAG, the repository alone, or an
+    official image's short name (alpine:3.19).
     """
     path = _store_path(config, store)
     _require_store(path)
@@ -387,7 +388,7 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
                 hint = (
                     f" (the settings serve /metrics on {metrics_listen}: pass --url http://{metrics_listen})"
                     if metrics_listen is not None
-                    else " (with metrics_listen set, /metrics is served there: pass that address)"
+                    else " (is it the cache's address? A cache with metrics_listen set serves /metrics there only)"
                 )
             fail(f"cannot read {url}/metrics: {error}{hint}")
         totals = upstreams.pop("*", {})
