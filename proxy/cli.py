@@ -224,12 +224,13 @@ def check_config(file: Path, skip_files: bool) -> None:
     "  HEALTHCHECK CMD moorage healthcheck"
 )
 @click.option("--url", help="Base URL of the cache (default: from the settings' listen address).")
-@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--timeout", default="3", show_default=True, help="Seconds to wait for an answer.")
 @config_option
-def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
+def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
     """Exit 0 when the cache answers /healthz, 1 otherwise (for container health checks)."""
-    if not timeout > 0:  # exit 1 for every mistake too: Docker reserves 2
-        click.echo(f"moorage: --timeout must be above 0 seconds, not {timeout:g}", err=True)
+    seconds = _seconds_or_none(timeout)
+    if seconds is None:  # exit 1 for every mistake too: Docker reserves 2
+        click.echo(f"moorage: --timeout must be a number of seconds above 0, not {timeout[:20]!r}", err=True)
         sys.exit(1)
     context = None
     if url is None:
@@ -251,7 +252,7 @@ def healthcheck(url: str | None, timeout: float, config: Path | None) -> None:
         sys.exit(1)
     base = url.rstrip("/").removesuffix("/healthz")
     try:
-        with urllib.request.urlopen(f"{base}/healthz", timeout=timeout, context=context) as response:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=seconds, context=context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
         click.echo(f"moorage: {url} is not healthy: {error}", err=True)
@@ -761,6 +762,15 @@ def client_config(
             fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
 
 
+def _seconds_or_none(text: str) -> float | None:
+    """``text`` as a number of seconds above 0 and at most a day, else None."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if 0 < seconds <= 86400 else None
+
+
 def _write_client_file(target: Path, path: str, content: str) -> None:
     """Write one client file without losing what the host had there: the cache's settings are
     merged into a ``daemon.json`` or ``registries.yaml`` that holds others, the previous file
@@ -780,13 +790,7 @@ def _write_client_file(target: Path, path: str, content: str) -> None:
         if content == existing:
             click.echo(f"unchanged {real}")
             return
-        backup = next(
-            candidate
-            for n in range(1000)
-            if not (candidate := real.with_name(f"{real.name}.bak{f'.{n}' if n else ''}")).exists()
-        )
-        shutil.copy2(real, backup)
-        click.echo(f"kept the previous {real.name} as {backup}")
+    backup = None
     real.parent.mkdir(parents=True, exist_ok=True)
     temporary = real.with_name(f".{real.name}.moorage-new")
     try:
@@ -796,8 +800,18 @@ def _write_client_file(target: Path, path: str, content: str) -> None:
             os.chmod(temporary, info.st_mode & 0o7777)
             with contextlib.suppress(PermissionError):  # only root gives files away
                 os.chown(temporary, info.st_uid, info.st_gid)
+            backup = next(
+                candidate
+                for n in range(1000)
+                if not (candidate := real.with_name(f"{real.name}.bak{f'.{n}' if n else ''}")).exists()
+            )
+            shutil.copy2(real, backup)
         os.replace(temporary, real)
-    except OSError:
+    except OSError:  # nothing of this run stays: not the new file, not a copy of the old
         temporary.unlink(missing_ok=True)
+        if backup is not None:
+            backup.unlink(missing_ok=True)
         raise
+    if backup is not None:
+        click.echo(f"kept the previous {real.name} as {backup}")
     click.echo(f"{'updated' if existing is not None else 'wrote'} {real}")
