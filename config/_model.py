@@ -53,7 +53,10 @@ def _size_cap(value: object) -> object:
     writes it) means no cap, as ``0`` turns the intervals off."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return parse_size(value) or None
+    size = parse_size(value)
+    if size == 0 and re.search(r"[1-9]", str(value)):
+        raise ValueError(f"{value!r} is less than a byte; write 0 (or leave it out) for no cap")
+    return size or None
 
 
 #: A cap on a size: unset, empty or 0 for none.
