@@ -281,6 +281,12 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
             "username",
             id="password_without_username",
         ),
+        pytest.param(
+            {"upstreams": [{"host": "q.io", "url": "https://q.io", "username": "", "passwordSecret": "q"}]},
+            "/upstreams/0/username",
+            id="password_with_an_empty_username",
+        ),
+        pytest.param({"extraEnv": [{"name": "N", "value": 1}]}, "/extraEnv/0/value", id="env_value_not_a_string"),
         pytest.param({"auth": {"tokenRealm": "moorage.example/token"}}, "/auth/tokenRealm", id="token_realm"),
         pytest.param({"extraEnv": [{"value": "x"}]}, "name", id="env_without_name"),
         pytest.param(
