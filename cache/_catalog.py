@@ -85,11 +85,12 @@ def read_catalog(root: Path, pattern: str | None = None) -> list[CachedTag]:
 
 def _names_of(cached: CachedTag) -> tuple[str, ...]:
     """The names a person may give a cached tag: ``upstream/repository:tag``, the repository
-    with or without its tag, and for an official image its short name (``alpine:3.19``)."""
+    with or without its tag, and for a Docker Hub official image its short name (``alpine:3.19``,
+    ``docker.io/alpine:3.19``); ``library/`` elsewhere (Harbor's default project) is a name."""
     names = [cached.name, cached.repository, f"{cached.repository}:{cached.tag}"]
-    if cached.repository.startswith("library/"):
+    if cached.upstream == "docker.io" and cached.repository.startswith("library/"):
         short = cached.repository.removeprefix("library/")
-        names += [short, f"{short}:{cached.tag}"]
+        names += [short, f"{short}:{cached.tag}", f"docker.io/{short}", f"docker.io/{short}:{cached.tag}"]
     return tuple(names)
 
 

@@ -88,7 +88,7 @@ def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstr
     assert tiny["pulled_at"] is not None
     table = moorage("ls", "docker.io/library/t*", config=config).stdout
     assert "library/tiny" in table and "library/multi" not in table
-    for name in ("tiny", "tiny:1", "library/tiny:1", "t*:1"):  # as people name images
+    for name in ("tiny", "tiny:1", "library/tiny:1", "t*:1", "docker.io/tiny:1"):  # as people name images
         named = [
             json.loads(line)["repository"] for line in moorage("ls", name, "--json", config=config).stdout.splitlines()
         ]
