@@ -144,11 +144,17 @@ def test_the_image_runs_as_a_user_with_its_labels_and_health_check(built: Podman
     print(f"image size: {inspect['Size'] / 1e6:.0f} MB")
     # Compiled once in the image: on a read-only root (as the chart runs it) every start and
     # every HEALTHCHECK would otherwise compile the program again. pip is not needed to run.
-    probe = (
-        "import importlib.util, os, moorage.proxy.cli as cli, aiohttp.web as web;"
-        "print(all(os.path.exists(importlib.util.cache_from_source(m.__file__)) for m in (cli, web)));"
-        "print(importlib.util.find_spec('pip') is None)"
-    )
+    probe = """
+import importlib.util, os, moorage.proxy.cli as cli, aiohttp.web as web
+def current(module):  # present, and stamped with its source's time and size, so Python uses it
+    source = os.stat(module.__file__)
+    with open(importlib.util.cache_from_source(module.__file__), "rb") as pyc:
+        head = pyc.read(16)
+    stamp, size = int.from_bytes(head[8:12], "little"), int.from_bytes(head[12:16], "little")
+    return int.from_bytes(head[4:8], "little") != 0 or (stamp, size) == (int(source.st_mtime), source.st_size)
+print(all(current(module) for module in (cli, web)))
+print(importlib.util.find_spec("pip") is None)
+"""
     found = built("run", "--rm", "--read-only", "--entrypoint", "/opt/moorage/bin/python", IMAGE, "-c", probe)
     assert found.stdout.split() == ["True", "True"], found.stdout
     built("run", "--rm", IMAGE, "check-config", "/etc/moorage/config.yaml")
