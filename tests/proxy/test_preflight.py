@@ -3,6 +3,8 @@ settings file in what they report: a config that passes the check does not fail 
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +187,17 @@ def test_settings_without_a_default_upstream_are_warned_of_docker_going_past_the
     checked = moorage("check-config", str(config))
     assert checked.returncode == 0
     assert "upstreams: none has default: true" in checked.stderr and "Docker pulls past the cache" in checked.stderr
+    # serve logs it at start, where a container's log shows it (here before failing to listen).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(f'listen: "127.0.0.1:{port}"\n' + config.read_text())
+        served = moorage("serve", "--config", str(config))
+    assert served.returncode == 2 and "cannot listen" in served.stderr
+    events = [json.loads(line) for line in served.stderr.splitlines() if line.startswith("{")]
+    (warned,) = [event for event in events if event.get("event") == "no_default_upstream"]
+    assert warned["level"] == "warning" and "Docker pulls past the cache" in warned["message"]
     config.write_text(config.read_text().replace('docker.io"}', 'docker.io", default: true}'))
     checked = moorage("check-config", str(config))
     assert checked.returncode == 0 and "default" not in checked.stderr, checked.stderr
