@@ -453,5 +453,5 @@ def test_policy_globs_that_can_match_load(tmp_path: Path, glob: str) -> None:
 
 @pytest.mark.parametrize("cap", ["0.5", "0.0001KiB"])
 def test_a_size_cap_below_a_byte_is_refused_not_taken_for_no_cap(tmp_path: Path, cap: str) -> None:
-    with pytest.raises(ConfigError, match="storage.max_size: .* is less than a byte; write 0"):
+    with pytest.raises(ConfigError, match=r"storage\.max_size: .* is less than a byte; write 0"):
         load_settings(write(tmp_path, f"storage: {{max_size: '{cap}'}}\n"))

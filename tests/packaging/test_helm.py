@@ -410,3 +410,22 @@ def test_the_notes_keep_the_fallback_caveats_of_the_manual() -> None:
     text = notes({})
     assert "leave the server line out" in text, "a _default copied with Docker Hub's server sends every fallback there"
     assert "v1.32.2 and v1.31.6" in text
+
+
+@pytest.mark.parametrize(
+    ("persistence", "cap"),
+    [
+        pytest.param({}, 43520 * 2**20, id="default_volume"),
+        pytest.param({"size": "1.5Ti"}, 1336934 * 2**20, id="fractional_binary"),
+        pytest.param({"size": "3000M"}, 2431 * 2**20, id="decimal"),
+        pytest.param({"size": "200Gi", "maxSize": "150GiB"}, 150 * 2**30, id="set"),
+        pytest.param({"size": "200Gi", "maxSize": "0"}, None, id="no_cap"),
+    ],
+)
+def test_the_cache_is_capped_below_its_volume_unless_told_otherwise(
+    tmp_path: Path, persistence: dict[str, str], cap: int | None
+) -> None:
+    """Uncapped, the cache would fill its volume, and a full disk cuts pulls in progress."""
+    path = tmp_path / "config.yaml"
+    path.write_text(by_kind(render({"persistence": persistence}), "ConfigMap")["data"]["config.yaml"])
+    assert load_settings(path).storage.max_size == cap

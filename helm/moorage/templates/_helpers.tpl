@@ -27,9 +27,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 listen: "0.0.0.0:5000"
 storage:
   path: /var/lib/moorage
-  {{- with .Values.persistence.maxSize }}
-  max_size: {{ . | quote }}
-  {{- end }}
+  max_size: {{ include "moorage.maxSize" . | quote }}
 tag_ttl: {{ .Values.config.tagTtl | quote }}
 tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
@@ -98,6 +96,21 @@ upstreams:
     {{- end }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* storage.max_size: persistence.maxSize, or 85 % of the volume in MiB, so that the cache
+     evicts before its volume is full (the process is no root: the file system's reserved
+     blocks, 5 % on ext4, are not its own, and the index and temporaries need room besides). */}}
+{{- define "moorage.maxSize" -}}
+{{- if .Values.persistence.maxSize -}}
+{{- .Values.persistence.maxSize -}}
+{{- else -}}
+{{- $size := toString .Values.persistence.size -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $size -}}
+{{- $factors := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 -}}
+{{- $bytes := mulf (float64 $number) (get $factors (trimPrefix $number $size)) -}}
+{{- printf "%dMiB" (int64 (floor (divf (mulf $bytes 0.85) 1048576.0))) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The name of a lifecycle policy file in the settings ConfigMap: (list host index). */}}
