@@ -396,3 +396,30 @@ def test_cached_tags_pull_while_the_upstream_is_down(seeded: Seeded, tmp_path: P
             assert_dir_image(tmp_path / "b", image)
             stale = [line for line in moorage.log_lines() if line.get("result") == "stale"]
             assert stale, "the manifest must have been answered stale"
+
+
+def test_a_tag_list_is_paged_for_the_client_when_the_upstream_ignores_n(
+    moorage: MoorageProcess, seeded: Seeded, tmp_path: Path
+) -> None:
+    """The spec has a tag list asked for with n hold at most n tags and a Link to the next
+    page. Distribution 2.x answers every tag whatever n and last say; a client paging through
+    it got the whole list on every page and looped, or stopped at the first page's size."""
+    layout = tmp_path / "layout"
+    images.write_oci_image(layout, "paged", [images.random_layer(1024, 70)])
+    for tag in ("v1", "v2", "v3"):
+        images.push(layout, "paged", seeded.registry.host, "library/paged", tag)
+    with urllib.request.urlopen(f"{seeded.registry.url}/v2/library/paged/tags/list?n=2", timeout=30) as direct:
+        assert len(json.load(direct)["tags"]) == 3, "the premise: this upstream ignores n"
+
+    def page(query: str) -> tuple[list[str], str | None]:
+        with urllib.request.urlopen(f"{moorage.url}/v2/library/paged/tags/list?{query}", timeout=30) as response:
+            return json.load(response)["tags"], response.headers.get("Link")
+
+    first, link = page("n=2")
+    assert first == ["v1", "v2"]
+    assert link == '</v2/library/paged/tags/list?last=v2&n=2>; rel="next"'
+    rest, link = page("n=2&last=v2")
+    assert rest == ["v3"] and link is None
+    whole, link = page("n=3")
+    assert whole == ["v1", "v2", "v3"] and link is None
+    assert page("")[0] == ["v1", "v2", "v3"], "without n, the whole list"
