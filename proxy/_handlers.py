@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
-from moorage.upstreams.reference import accept_class, is_page_size, parse_digest, parse_reference, parse_tag
+from moorage.upstreams.reference import accept_class, is_page_size, is_tag, parse_digest, parse_reference, parse_tag
 
 from ._auth import authorize_pull
 from ._logging import log_fields
@@ -418,7 +418,10 @@ def _page_of(tags: object, n: int, last: str | None) -> tuple[object, str | None
     if last is not None and last in tags:
         tags = tags[tags.index(last) + 1 :]
     if len(tags) > n:
-        return tags[:n], str(tags[n - 1])
+        page_end = tags[n - 1]
+        if not isinstance(page_end, str) or not is_tag(page_end):  # it goes into a header
+            return tags, None
+        return tags[:n], page_end
     return tags, None
 
 

@@ -53,8 +53,8 @@ from .reference import (
     Reference,
     RepositoryName,
     is_page_size,
+    is_tag,
     parse_digest,
-    parse_tag,
     sniff_media_type,
 )
 
@@ -81,14 +81,6 @@ class UpstreamHealth(TypedDict):
     reachable: bool | None
     last_answer: str | None
     last_failure: FailureReport | None
-
-
-def _is_tag(value: str) -> bool:
-    try:
-        parse_tag(value)
-    except InvalidReference:
-        return False
-    return True
 
 
 def _failure_kind(error: UpstreamError) -> str:
@@ -482,7 +474,7 @@ class RegistryClient:
             next_last = query.get("last", [None])[0]
             next_n = query.get("n", [None])[0]
             # The link goes out to clients in a header of ours: a tag and a count, or nothing.
-            if next_last is not None and not _is_tag(next_last):
+            if next_last is not None and not is_tag(next_last):
                 next_last = next_n = None
             if next_n is not None and not is_page_size(next_n):
                 next_n = None

@@ -39,6 +39,7 @@ __all__ = [
     "accept_class",
     "is_manifest_document",
     "is_page_size",
+    "is_tag",
     "parse_digest",
     "parse_image_reference",
     "parse_reference",
@@ -203,6 +204,11 @@ def _accept_class(accept_header_values: tuple[str, ...]) -> AcceptClass:
 
 
 _PAGE_SIZE_RE: Final = re.compile(r"[0-9]{1,6}")
+
+
+def is_tag(value: str) -> bool:
+    """Whether ``value`` follows the tag grammar (as :func:`parse_tag` checks)."""
+    return _TAG_RE.fullmatch(value) is not None
 
 
 def is_page_size(value: str) -> bool:
