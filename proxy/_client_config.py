@@ -292,9 +292,16 @@ def _merged_registries_yaml(existing: str, written: str) -> str:
 
 def _deep_merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old`` with ``new``'s keys set, mappings in both merged key by key: a registry's
-    ``auth`` stays beside the ``tls`` the cache writes for it."""
+    ``auth`` stays beside the ``tls`` the cache writes for it. A registry's ``endpoint`` list
+    gets the cache's first and keeps the host's own after it, as containerd tries them in
+    order (so another mirror the host had becomes the next one, as in ``daemon.json``)."""
     merged = dict(old)
     for key, value in new.items():
         kept = old.get(key)
-        merged[key] = _deep_merged(kept, value) if isinstance(kept, dict) and isinstance(value, dict) else value
+        if isinstance(kept, dict) and isinstance(value, dict):
+            merged[key] = _deep_merged(kept, value)
+        elif key == "endpoint" and isinstance(kept, list) and isinstance(value, list):
+            merged[key] = [*value, *(endpoint for endpoint in kept if endpoint not in value)]
+        else:
+            merged[key] = value
     return merged

@@ -217,6 +217,7 @@ def test_written_files_keep_what_the_host_had_there(tmp_path: Path) -> None:
     k3s.mkdir()
     (k3s / "registries.yaml").write_text(
         'mirrors:\n  "registry.corp":\n    endpoint: ["https://registry.corp"]\n'
+        '  docker.io:\n    endpoint: ["https://mirror.corp"]\n'
         'configs:\n  "registry.corp":\n    auth: {username: robot, password: hunter2}\n'
         '  "moorage.example:5000":\n    auth: {username: node, password: s3cret}\n'
     )
@@ -230,7 +231,9 @@ def test_written_files_keep_what_the_host_had_there(tmp_path: Path) -> None:
         "tls": {"ca_file": "/etc/rancher/k3s/moorage-ca.crt"},
     }
     assert registries["mirrors"]["registry.corp"] == {"endpoint": ["https://registry.corp"]}
-    assert registries["mirrors"]["docker.io"] == {"endpoint": ["https://moorage.example:5000"]}
+    assert registries["mirrors"]["docker.io"] == {
+        "endpoint": ["https://moorage.example:5000", "https://mirror.corp"]  # the cache first, the host's own kept
+    }
 
     certs = tmp_path / "certs.d"
     (certs / "docker.io").mkdir(parents=True)
