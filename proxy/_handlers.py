@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
-from moorage.upstreams.reference import accept_class, is_page_size, is_tag, parse_digest, parse_reference, parse_tag
+from moorage.upstreams.reference import accept_class, is_page_size, parse_digest, parse_reference, parse_tag
 
 from ._auth import authorize_pull
 from ._logging import log_fields
@@ -387,42 +387,21 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].tags(route.upstream, route.repository, n, last, settings.tags_list_ttl)
     notes(request).result = answer.result
-    next_last, next_n = answer.next_last, answer.next_n
     try:
         document = json.loads(answer.body)
         document["name"] = target.name
-        if n is not None and next_last is None:  # the last page, or an upstream that ignores n
-            document["tags"], next_last = _page_of(document.get("tags"), int(n), last)
-            next_n = n if next_last is not None else None
         body = json.dumps(document).encode()
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError):
         body = answer.body
     headers = {**API_VERSION, "Content-Type": "application/json"}
-    if next_last is not None:
-        query = f"last={next_last}" + (f"&n={next_n}" if next_n else "")
+    if answer.next_last is not None:
+        query = f"last={answer.next_last}" + (f"&n={answer.next_n}" if answer.next_n else "")
         if "ns" in request.query:  # the upstream it named, as resolved: never the raw value
             query += f"&ns={route.upstream.host}"
         headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
     if answer.result == "stale":
         headers["Warning"] = STALE_WARNING
     return web.Response(body=body, headers=headers)
-
-
-def _page_of(tags: object, n: int, last: str | None) -> tuple[object, str | None]:
-    """(the page of ``tags`` a client asking for ``n`` after ``last`` should get, the ``last``
-    of the next page or None): what an upstream that ignores ``n`` and ``last`` (Distribution
-    2.x) leaves to the cache. A page that holds ``last`` itself came from an upstream that
-    ignored it; one that does not is taken as the upstream's own page, in its own order."""
-    if not isinstance(tags, list) or n < 1:
-        return tags, None
-    if last is not None and last in tags:
-        tags = tags[tags.index(last) + 1 :]
-    if len(tags) > n:
-        page_end = tags[n - 1]
-        if not isinstance(page_end, str) or not is_tag(page_end):  # it goes into a header
-            return tags, None
-        return tags[:n], page_end
-    return tags, None
 
 
 # -- operations -----------------------------------------------------------------------------------

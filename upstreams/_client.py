@@ -12,6 +12,7 @@ upstream's origin.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import urllib.request
@@ -153,6 +154,31 @@ class TagsPage:
     #: The ``last`` and ``n`` of the upstream's next page, when it announced one.
     next_last: str | None
     next_n: str | None
+
+
+def page_of_whole_list(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
+    """(the tag list ``body`` cut to the page a client asking for ``n`` tags after ``last``
+    should get, the ``last`` of the next page or None): what an upstream that ignores ``n``
+    and ``last`` (Distribution 2.x answers every tag) leaves to the cache. A list that holds
+    ``last`` itself came from an upstream that ignored it; one that does not is taken as the
+    upstream's own page, in its own order. A body that is no tag list, or whose page would end
+    at a string that is no tag (it goes into a header), is left as it is."""
+    try:
+        document = json.loads(body)
+        tags = document["tags"]
+    except (ValueError, TypeError, KeyError):
+        return body, None
+    if not isinstance(tags, list) or n < 1:
+        return body, None
+    after = tags[tags.index(last) + 1 :] if last is not None and last in tags else tags
+    if len(after) > n:
+        page_end = after[n - 1]
+        if not isinstance(page_end, str) or not is_tag(page_end):
+            return body, None
+        return json.dumps({**document, "tags": after[:n]}).encode(), page_end
+    if len(after) == len(tags):
+        return body, None
+    return json.dumps({**document, "tags": after}).encode(), None
 
 
 class BlobBody:
@@ -478,6 +504,9 @@ class RegistryClient:
                 next_last = next_n = None
             if next_n is not None and not is_page_size(next_n):
                 next_n = None
+        if n is not None and next_last is None:  # the last page, or an upstream that ignores n
+            body, next_last = page_of_whole_list(body, int(n), last)
+            next_n = n if next_last is not None else None
         return TagsPage(body, next_last, next_n)
 
     @staticmethod

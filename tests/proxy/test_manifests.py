@@ -13,7 +13,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from moorage.proxy import _handlers
 from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import (
     ACCEPT_ALL_MANIFESTS,
@@ -594,22 +593,3 @@ async def test_a_rotated_upstream_password_is_used_without_a_restart(
     upstream.credentials = ("bob", "second-and-longer")
     response = await moorage.get("/v2/private/app/manifests/2", headers=ALL)
     assert response.status == 200, await response.text()
-
-
-@pytest.mark.parametrize(
-    ("tags", "n", "last", "page", "next_last"),
-    [
-        (["a", "b", "c"], 2, None, ["a", "b"], "b"),
-        (["a", "b", "c"], 2, "b", ["c"], None),
-        (["a", "b", "c"], 5, None, ["a", "b", "c"], None),
-        (["c", "d"], 2, "b", ["c", "d"], None),  # the upstream's own page after b: as it is
-        (["a", "x\r\nSet-Cookie: y", "c"], 2, None, ["a", "x\r\nSet-Cookie: y", "c"], None),
-        (None, 2, None, None, None),
-    ],
-)
-def test_a_page_is_cut_from_a_whole_list_and_never_links_a_bad_tag(
-    tags: object, n: int, last: str | None, page: object, next_last: str | None
-) -> None:
-    """An upstream that ignores n: the page is cut by the cache; a tag that is no tag (it
-    would go into the Link header) leaves the answer as the upstream gave it."""
-    assert _handlers._page_of(tags, n, last) == (page, next_last)
