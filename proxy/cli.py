@@ -86,9 +86,9 @@ def _version() -> str:
         return "unknown"
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     click.echo(f"moorage: {message}", err=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(code)
 
 
 def settings_file(config: Path | None) -> Path | None:
@@ -98,13 +98,13 @@ def settings_file(config: Path | None) -> Path | None:
     return config
 
 
-def settings_from(config: Path | None) -> Settings:
+def settings_from(config: Path | None, code: int = EXIT_USAGE) -> Settings:
     """The settings from ``--config``, else ``$MOORAGE_CONFIG``, else defaults; overlaid with
-    ``MOORAGE_*``. A bad file ends the command with exit code 2."""
+    ``MOORAGE_*``. A bad file ends the command with exit code ``code`` (2)."""
     try:
         return load_settings(settings_file(config), os.environ)
     except ConfigError as error:
-        fail(str(error))
+        fail(str(error), code)
 
 
 def check_files(settings: Settings, source: str) -> list[str]:
@@ -228,17 +228,13 @@ def check_config(file: Path, skip_files: bool) -> None:
 @config_option
 def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
     """Exit 0 when the cache answers /healthz, 1 otherwise (for container health checks)."""
+    unhealthy = 1  # for every mistake too: Docker reserves exit code 2 in health checks
     seconds = _seconds_or_none(timeout)
-    if seconds is None:  # exit 1 for every mistake too: Docker reserves 2
-        click.echo(f"moorage: --timeout must be a number of seconds above 0, not {timeout[:20]!r}", err=True)
-        sys.exit(1)
+    if seconds is None:
+        fail(f"--timeout must be a number of seconds above 0, not {timeout[:20]!r}", unhealthy)
     context = None
     if url is None:
-        try:
-            settings = load_settings(settings_file(config), os.environ)
-        except ConfigError as error:
-            click.echo(f"moorage: {error}", err=True)
-            sys.exit(1)
+        settings = settings_from(config, unhealthy)
         host, port = split_address(settings.listen)
         scheme = "https" if settings.tls is not None else "http"
         url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -247,17 +243,15 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
     problem = url_problem(url)
-    if problem is not None:  # exit 1 all the same: Docker reserves 2
-        click.echo(f"moorage: {problem}", err=True)
-        sys.exit(1)
+    if problem is not None:
+        fail(problem, unhealthy)
     base = url.rstrip("/").removesuffix("/healthz")
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=seconds, context=context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
-        click.echo(f"moorage: {url} is not healthy: {error}", err=True)
-        sys.exit(1)
-    sys.exit(0 if healthy else 1)
+        fail(f"{url} is not healthy: {error}", unhealthy)
+    sys.exit(0 if healthy else unhealthy)
 
 
 def _size(value: int | None) -> str:
