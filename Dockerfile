@@ -13,12 +13,11 @@ COPY proxy /src/proxy
 COPY cache /src/cache
 COPY upstreams /src/upstreams
 COPY config /src/config
-# The bytecode pip compiled stays: the root filesystem is read-only where the chart runs it, so
-# without it every start and every HEALTHCHECK would compile the whole program again. pip and
-# setuptools are not needed to run it.
+# The bytecode pip compiles as it installs stays: the root filesystem is read-only where the
+# chart runs it, so without it every start and every HEALTHCHECK would compile the whole
+# program again. pip and setuptools are not needed to run it.
 RUN /opt/moorage/bin/pip install --no-cache-dir --disable-pip-version-check /src \
- && /opt/moorage/bin/pip uninstall --yes --quiet --disable-pip-version-check pip setuptools \
- && /opt/moorage/bin/python -m compileall -q /opt/moorage/lib
+ && /opt/moorage/bin/pip uninstall --yes --quiet --disable-pip-version-check pip setuptools
 
 FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
