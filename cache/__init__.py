@@ -1,4 +1,4 @@
-"""The content: blob store, manifest and tag index, single-flight fills.
+"""The content: blob store, manifest and tag index, tag and referrers lists, single-flight fills.
 
 Exports what proxy may use. Imports ``moorage.config`` and ``moorage.upstreams``; never proxy
 and never ``aiohttp.web``.
@@ -10,6 +10,7 @@ from ._cache import (
     CacheResult,
     FillingBlob,
     ManifestAnswer,
+    ReferrersAnswer,
     TagsAnswer,
     WarmBlob,
     open_cache,
@@ -47,6 +48,7 @@ __all__ = [
     "ManifestAnswer",
     "MayRead",
     "NullCacheObserver",
+    "ReferrersAnswer",
     "Source",
     "StoreFailure",
     "StoreSummary",

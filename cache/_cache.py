@@ -1,4 +1,4 @@
-"""The cache's face: answers for manifests, blobs and tag lists, and how each was obtained.
+"""The cache's face: answers for manifests, blobs, tag and referrers lists, and how each was obtained.
 
 A lookup never raises for an ordinary outcome; it returns an answer whose ``result`` says
 what happened, in the words used everywhere (logs, metrics, README):
@@ -50,7 +50,7 @@ from ._fill import FillReader, Fills
 from ._flight import SingleFlight
 from ._gc import GcReport, parts, sweep
 from ._hot import HotAnswers, StoredManifest
-from ._index import Index, TagEntry, TagsEntry, Usage, is_disk_full
+from ._index import Index, TagEntry, Usage, is_disk_full
 from ._keys import (
     IndexKey,
     image_key,
@@ -59,9 +59,9 @@ from ._keys import (
     pulled_key,
     route_flight_key,
     tag_key,
-    tags_list_key,
 )
 from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy_resolver
+from ._listings import Listings, ReferrersAnswer, TagsAnswer
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
@@ -77,6 +77,7 @@ __all__ = [
     "CacheResult",
     "FillingBlob",
     "ManifestAnswer",
+    "ReferrersAnswer",
     "TagsAnswer",
     "WarmBlob",
     "open_cache",
@@ -134,15 +135,6 @@ class FillingBlob:
 
 
 BlobAnswer = WarmBlob | FillingBlob
-
-
-@dataclass(frozen=True, slots=True)
-class TagsAnswer:
-    body: bytes
-    next_last: str | None
-    next_n: str | None
-    result: CacheResult
-    stale_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +235,9 @@ class Cache:
         #: Prefetched blob -> the upstream host whose prefetch fetched it, until claimed.
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
-        self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
-        #: Tag-list pages asked for with n or last (see ``tags``), least recently fetched first.
-        self._pages: OrderedDict[IndexKey, TagsEntry] = OrderedDict()
-        self._pages_bytes = 0
+        #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
+        #: each call (a test may move it).
+        self.listings = Listings(self._index, lambda: self._clock(), self._not_kept)  # noqa: PLW0108
 
     async def aclose(self) -> None:
         self._closing = True
@@ -255,7 +246,7 @@ class Cache:
         await self.prefetches.aclose()
         await self.fills.aclose()
         await self._manifest_flights.aclose()
-        await self._tags_flights.aclose()
+        await self.listings.aclose()
         await self._verifications.aclose()
         await self._route_flights.aclose()
         await self.flush()
@@ -1267,47 +1258,12 @@ class Cache:
     async def tags(
         self, source: Source, repository: RepositoryName, n: str | None, last: str | None, ttl: float
     ) -> TagsAnswer:
-        key = tags_list_key(source.host, repository, n, last)
-        # The whole list (no n, no last) is kept in the index; other pages, whose keys any
-        # client can vary without end, in a bounded map in memory.
-        kept = n is None and last is None
-        entry = await asyncio.to_thread(self._index.tags, key) if kept else self._pages.get(key)
-        if entry is not None and self._clock() - entry.fetched_at < ttl:
-            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "hit")
+        return await self.listings.tags(source, repository, n, last, ttl)
 
-        async def fetch() -> TagsAnswer:
-            page = await source.list_tags(repository, n, last)
-            fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
-            if not kept:
-                self._keep_page(key, fresh)
-                return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
-            try:
-                await asyncio.to_thread(self._index.put_tags, key, fresh)
-            except StoreFailure as failure:  # the page is in hand: answered, only not kept
-                self._not_kept("tag list served but not stored", failure, repository=str(repository))
-            return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
-
-        try:
-            answer, joined = await self._tags_flights.run(key, fetch)
-        except UpstreamError as exc:
-            if isinstance(exc, UpstreamNotFound) or entry is None:
-                raise
-            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "stale", stale_reason=str(exc))
-        return replace(answer, result="coalesced") if joined else answer
-
-    def _keep_page(self, key: IndexKey, page: TagsEntry) -> None:
-        """Keep a tag-list page in memory, within ``MAX_TAG_PAGES_IN_MEMORY`` pages and
-        ``MAX_TAG_PAGE_BYTES_IN_MEMORY`` bytes (a page may be megabytes)."""
-        replaced = self._pages.pop(key, None)
-        if replaced is not None:
-            self._pages_bytes -= len(replaced.body)
-        if len(page.body) > MAX_TAG_PAGE_BYTES_IN_MEMORY // 8:
-            return  # served, not kept: a few such pages would push out every other
-        self._pages[key] = page
-        self._pages_bytes += len(page.body)
-        while len(self._pages) > MAX_TAG_PAGES_IN_MEMORY or self._pages_bytes > MAX_TAG_PAGE_BYTES_IN_MEMORY:
-            _, oldest = self._pages.popitem(last=False)
-            self._pages_bytes -= len(oldest.body)
+    async def referrers(
+        self, source: Source, repository: RepositoryName, digest: Digest, query: str, ttl: float
+    ) -> ReferrersAnswer:
+        return await self.listings.referrers(source, repository, digest, query, ttl)
 
 
 class _Bookkeeping:
@@ -1357,9 +1313,6 @@ class _Bookkeeping:
         self._observer.on_maintenance(task, seconds)
 
 
-#: Tag-list pages other than the whole list kept in memory: at most this many, and this many bytes.
-MAX_TAG_PAGES_IN_MEMORY: Final = 1024
-MAX_TAG_PAGE_BYTES_IN_MEMORY: Final = 32 * 1024 * 1024
 #: How often usage counters, pull times and store totals are written to the index.
 FLUSH_INTERVAL: Final = 10.0
 #: A temporary nothing wrote or marked alive for this long is a dead process's: every process

@@ -1,4 +1,4 @@
-"""The embedded index: tag answers, manifest media types and tag lists, in diskcache (SQLite).
+"""The embedded index: tag answers, manifest media types, tag and referrers lists, in diskcache (SQLite).
 
 Every method blocks and is called from a thread by the cache; keys come only from ``_keys``.
 Entries leave this module as frozen values.
@@ -22,7 +22,7 @@ from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 from .errors import IndexFailure, StoreFailure
 
-__all__ = ["Index", "TagEntry", "TagsEntry", "Usage", "is_disk_full"]
+__all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "is_disk_full"]
 
 #: Counters per upstream, by name: cache results (hit, miss, …) and byte totals.
 Usage = dict[str, dict[str, int]]
@@ -41,6 +41,14 @@ class TagsEntry:
     body: bytes
     next_last: str | None
     next_n: str | None
+    fetched_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersEntry:
+    #: An OCI image index; None when the upstream has no referrers API (it answered 404).
+    body: bytes | None
+    next_query: str | None
     fetched_at: float
 
 
@@ -136,6 +144,17 @@ class Index:
     def put_tags(self, key: IndexKey, entry: TagsEntry) -> None:
         with _recording("a tag list"):
             self._db.set(key, (entry.body, entry.next_last, entry.next_n, entry.fetched_at))
+
+    def referrers(self, key: IndexKey) -> ReferrersEntry | None:
+        value = self._db.get(key)
+        if value is None:
+            return None
+        body, next_query, fetched_at = value
+        return ReferrersEntry(body, next_query, fetched_at)
+
+    def put_referrers(self, key: IndexKey, entry: ReferrersEntry) -> None:
+        with _recording("a referrers list"):
+            self._db.set(key, (entry.body, entry.next_query, entry.fetched_at))
 
     # -- bookkeeping, written in batches by the cache ------------------------------------------
 

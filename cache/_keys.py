@@ -11,6 +11,8 @@ key                                        value
 ("manifest", digest)                        media type of a stored manifest
 ("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
+("referrers", upstream, repository, d, "")  (body, next page's query, fetched at): a whole
+                                            list that is not empty (see ``_listings``)
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
 ("image", upstream, repository, digest)     when the manifest was first cached for the repository
 ("image-pulled", upstream, repository, d)   when a client last pulled the manifest there
@@ -43,6 +45,7 @@ __all__ = [
     "manifest_flight_key",
     "manifest_key",
     "pulled_key",
+    "referrers_key",
     "route_flight_key",
     "routes_key",
     "tag_key",
@@ -78,6 +81,10 @@ def route_flight_key(upstream: str, repository: RepositoryName, digest: Digest) 
 
 def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:
     return ("tags", upstream, str(repository), n or "", last or "")
+
+
+def referrers_key(upstream: str, repository: RepositoryName, digest: Digest, query: str) -> IndexKey:
+    return ("referrers", upstream, str(repository), str(digest), query)
 
 
 def pulled_key(upstream: str, repository: RepositoryName, tag: Tag) -> IndexKey:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from moorage.upstreams import BlobBody, FetchedManifest, ManifestHead, TagsPage
+from moorage.upstreams import BlobBody, FetchedManifest, ManifestHead, ReferrersPage, TagsPage
 from moorage.upstreams.reference import AcceptClass, Digest, Reference, RepositoryName
 
 __all__ = ["BlobSource", "Source"]
@@ -36,3 +36,4 @@ class Source(BlobSource, Protocol):
     ) -> ManifestHead: ...
     async def head_blob(self, repository: RepositoryName, digest: Digest) -> int: ...
     async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage: ...
+    async def list_referrers(self, repository: RepositoryName, digest: Digest, query: str) -> ReferrersPage: ...

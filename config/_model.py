@@ -376,6 +376,8 @@ class Settings(_Section):
     tag_ttl: Seconds = 900.0
     #: Freshness of a cached ``tags/list`` answer.
     tags_list_ttl: Seconds = 60.0
+    #: Freshness of a cached referrers list (signatures, SBOMs and attestations of a digest).
+    referrers_ttl: Seconds = 60.0
     #: How long a stale tag's revalidation may take before the stale answer is served instead.
     revalidate_timeout: Seconds = 5.0
     #: After a failed revalidation, how long the stale answer is served without asking again.

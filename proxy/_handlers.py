@@ -1,4 +1,4 @@
-"""The OCI pull routes: ``/v2/``, manifests, blobs, tag lists; and health and metrics.
+"""The OCI pull routes: ``/v2/``, manifests, blobs, tag lists, referrers; and health and metrics.
 
 Handlers parse at the door (path, name, reference, digest), ask the router for an upstream
 and the cache for an answer, and turn the answer into headers and bytes. They raise errors
@@ -23,7 +23,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
-from moorage.upstreams.reference import accept_class, is_page_size, parse_digest, parse_reference, parse_tag
+from moorage.upstreams.reference import (
+    MAX_QUERY_PARAMETERS,
+    OCI_IMAGE_INDEX,
+    accept_class,
+    is_page_size,
+    page_query,
+    parse_digest,
+    parse_reference,
+    parse_tag,
+)
 
 from ._auth import authorize_pull
 from ._logging import log_fields
@@ -52,6 +61,12 @@ class ReferrersUnsupported(OCIError):
     code, status = "UNSUPPORTED", 404
 
 
+class ReferrersQueryInvalid(OCIError):
+    """The spec's code for "an invalid set of parameters"; its status for a bad request."""
+
+    code, status = "UNSUPPORTED", 400
+
+
 async def api_base(request: web.Request) -> web.Response:
     return web.json_response({}, headers=API_VERSION)
 
@@ -76,7 +91,9 @@ async def v2(request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
             raise Unsupported("tags/list answers GET only", headers={"Allow": "GET"})
         return await tags(request, route, target)
-    raise ReferrersUnsupported("the referrers API is not supported; use the sha256-<hex> tag schema")
+    if request.method != "GET":
+        raise Unsupported("referrers answer GET only", headers={"Allow": "GET"})
+    return await referrers(request, route, target)
 
 
 # -- manifests ------------------------------------------------------------------------------------
@@ -402,6 +419,37 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     if answer.result == "stale":
         headers["Warning"] = STALE_WARNING
     return web.Response(body=body, headers=headers)
+
+
+async def referrers(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
+    """The manifests whose ``subject`` is a digest (signatures, SBOMs, attestations), as the
+    upstream lists them; 404 where it has no referrers API, so that clients use the tag schema."""
+    digest = parse_digest(target.reference)
+    query = page_query((name, value) for name, value in request.query.items() if name != "ns")
+    if query is None:
+        raise ReferrersQueryInvalid(
+            f"bad referrers query {request.query_string[:200]!r}: artifactType takes a media type, "
+            f"and at most {MAX_QUERY_PARAMETERS} parameters of printable ASCII are passed on"
+        )
+    note = notes(request)
+    note.reference = str(digest)
+    settings = request.app[SETTINGS]
+    answer = await request.app[CACHE].referrers(route.upstream, route.repository, digest, query, settings.referrers_ttl)
+    note.result = answer.result
+    if answer.body is None:
+        raise ReferrersUnsupported(
+            f"{route.upstream.host} does not serve the referrers API; use the sha256-<hex> tag schema",
+            headers={"Warning": STALE_WARNING} if answer.result == "stale" else None,
+        )
+    headers = {**API_VERSION, "Content-Type": OCI_IMAGE_INDEX}
+    if "artifactType" in request.query:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if answer.next_query is not None:
+        following = answer.next_query + (f"&ns={route.upstream.host}" if "ns" in request.query else "")
+        headers["Link"] = f'</v2/{target.name}/referrers/{digest}?{following}>; rel="next"'
+    if answer.result == "stale":
+        headers["Warning"] = STALE_WARNING
+    return web.Response(body=answer.body, headers=headers)
 
 
 # -- operations -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Prometheus metrics, in a registry per application (so every test builds a fresh one).
 
-Labels are bounded: upstream host, kind (manifest|blob|tags|other), result, method, status.
+Labels are bounded: upstream host, kind (manifest|blob|tags|referrers|other), result, method, status.
 Never a repository, digest, user or credential. This class is also the upstream observer
 (responses, tokens, retries, rate-limit budgets) and the cache observer (bytes fetched,
 resumes, digest mismatches, stored content).

@@ -12,7 +12,6 @@ upstream's origin.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypedDict
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -31,6 +30,7 @@ from moorage.config import UpstreamSettings
 from ._auth import RegistryAuth
 from ._body import DirectBody
 from ._network import wide_read_transport
+from ._pages import ReferrersPage, TagsPage, referrers_page, tags_page
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from .errors import (
@@ -47,14 +47,13 @@ from .reference import (
     ACCEPT_ALL_MANIFESTS,
     ACCEPT_IMAGE_MANIFESTS,
     MAX_MANIFEST_BYTES,
+    OCI_IMAGE_INDEX,
     SCHEMA1_MEDIA_TYPES,
     AcceptClass,
     Digest,
     InvalidReference,
     Reference,
     RepositoryName,
-    is_page_size,
-    is_tag,
     parse_digest,
     sniff_media_type,
 )
@@ -64,6 +63,7 @@ __all__ = [
     "FetchedManifest",
     "ManifestHead",
     "NullObserver",
+    "ReferrersPage",
     "RegistryClient",
     "TagsPage",
     "UpstreamObserver",
@@ -101,7 +101,7 @@ def _iso(epoch: float) -> str:
 
 
 USER_AGENT: Final = "moorage/0.1"
-RequestKind = Literal["manifest", "blob", "tags", "token", "other"]
+RequestKind = Literal["manifest", "blob", "tags", "referrers", "token", "other"]
 
 
 class UpstreamObserver(Protocol):
@@ -146,39 +146,6 @@ class ManifestHead:
     digest: Digest | None
     media_type: str | None
     size: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class TagsPage:
-    body: bytes
-    #: The ``last`` and ``n`` of the upstream's next page, when it announced one.
-    next_last: str | None
-    next_n: str | None
-
-
-def page_of_whole_list(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
-    """(the tag list ``body`` cut to the page a client asking for ``n`` tags after ``last``
-    should get, the ``last`` of the next page or None): what an upstream that ignores ``n``
-    and ``last`` (Distribution 2.x answers every tag) leaves to the cache. A list that holds
-    ``last`` itself came from an upstream that ignored it; one that does not is taken as the
-    upstream's own page, in its own order. A body that is no tag list, or whose page would end
-    at a string that is no tag (it goes into a header), is left as it is."""
-    try:
-        document = json.loads(body)
-        tags = document["tags"]
-    except (ValueError, TypeError, KeyError):
-        return body, None
-    if not isinstance(tags, list) or n < 1:
-        return body, None
-    after = tags[tags.index(last) + 1 :] if last is not None and last in tags else tags
-    if len(after) > n:
-        page_end = after[n - 1]
-        if not isinstance(page_end, str) or not is_tag(page_end):
-            return body, None
-        return json.dumps({**document, "tags": after[:n]}).encode(), page_end
-    if len(after) == len(tags):
-        return body, None
-    return json.dumps({**document, "tags": after}).encode(), None
 
 
 class BlobBody:
@@ -232,7 +199,12 @@ def _claimed_digest(headers: Mapping[str, str]) -> Digest | None:
 
 
 def _kind(path: str) -> RequestKind:
-    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/", "tags")):
+    for marker, kind in (
+        ("/manifests/", "manifest"),
+        ("/blobs/", "blob"),
+        ("/tags/", "tags"),
+        ("/referrers/", "referrers"),
+    ):
         if marker in path:
             return kind  # type: ignore[return-value]
     return "other"
@@ -493,21 +465,29 @@ class RegistryClient:
             body = await self._read_bounded(response, what)
         finally:
             await response.aclose()
-        next_last = next_n = None
-        link = response.headers.get("link", "")
-        if 'rel="next"' in link and "<" in link and ">" in link:
-            query = parse_qs(urlsplit(link[link.index("<") + 1 : link.index(">")]).query)
-            next_last = query.get("last", [None])[0]
-            next_n = query.get("n", [None])[0]
-            # The link goes out to clients in a header of ours: a tag and a count, or nothing.
-            if next_last is not None and not is_tag(next_last):
-                next_last = next_n = None
-            if next_n is not None and not is_page_size(next_n):
-                next_n = None
-        if n is not None and next_last is None:  # the last page, or an upstream that ignores n
-            body, next_last = page_of_whole_list(body, int(n), last)
-            next_n = n if next_last is not None else None
-        return TagsPage(body, next_last, next_n)
+        return tags_page(body, response.headers.get("link", ""), n, last)
+
+    async def list_referrers(self, repository: RepositoryName, digest: Digest, query: str) -> ReferrersPage:
+        """The referrers of ``digest``; ``query`` as ``reference.page_query`` writes it ("": the
+        whole list). An upstream with no referrers API answers 404: :class:`UpstreamNotFound`."""
+        what = f"referrers of {repository}@{digest}"
+        response = await self._send(
+            "GET",
+            f"/v2/{repository}/referrers/{digest}",
+            what,
+            headers={"Accept": OCI_IMAGE_INDEX},
+            params=dict(parse_qsl(query)),
+            stream=True,
+        )
+        try:
+            body = await self._read_bounded(response, what)
+        finally:
+            await response.aclose()
+        filtered = "artifacttype" in response.headers.get("oci-filters-applied", "").lower()
+        page = referrers_page(body, response.headers.get("link", ""), query, filtered)
+        if page is None:
+            raise UpstreamProtocolError(self.host, f"{what}: the answer is not an image index")
+        return page
 
     @staticmethod
     def _accept(accept: AcceptClass) -> dict[str, str]:

@@ -13,8 +13,10 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
+from urllib.parse import urlencode
 
 __all__ = [
     "ACCEPT_ALL_MANIFESTS",
@@ -26,6 +28,7 @@ __all__ = [
     "INDEX_MEDIA_TYPES",
     "MANIFEST_MEDIA_TYPES",
     "MAX_MANIFEST_BYTES",
+    "MAX_QUERY_PARAMETERS",
     "OCI_IMAGE_INDEX",
     "OCI_IMAGE_MANIFEST",
     "SCHEMA1_MEDIA_TYPES",
@@ -38,8 +41,10 @@ __all__ = [
     "Tag",
     "accept_class",
     "is_manifest_document",
+    "is_media_type",
     "is_page_size",
     "is_tag",
+    "page_query",
     "parse_digest",
     "parse_image_reference",
     "parse_reference",
@@ -214,6 +219,36 @@ def is_tag(value: str) -> bool:
 def is_page_size(value: str) -> bool:
     """A tag list's ``n``: ASCII digits, at most six (``str.isdigit`` takes ``²`` too)."""
     return _PAGE_SIZE_RE.fullmatch(value) is not None
+
+
+_MEDIA_TYPE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+_QUERY_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_QUERY_VALUE_RE: Final = re.compile(r"[\x20-\x7e]{0,512}")
+#: Parameters of a referrers query: ``artifactType`` and an upstream's own paging ones.
+MAX_QUERY_PARAMETERS: Final = 8
+
+
+def is_media_type(value: str) -> bool:
+    """A media type such as an ``artifactType``: ``type/subtype`` by RFC 6838's names."""
+    return _MEDIA_TYPE_RE.fullmatch(value) is not None
+
+
+def page_query(parameters: Iterable[tuple[str, str]]) -> str | None:
+    """A listing's query (a referrers request's ``artifactType`` and an upstream's paging
+    parameters, opaque to the cache) in one form: sorted and percent-encoded, fit to key the
+    cache, to go to the upstream and into a ``Link`` header. None for more than
+    ``MAX_QUERY_PARAMETERS``, a name given twice, a name or value out of bounds (printable
+    ASCII, 32 and 512 characters), or an ``artifactType`` that is no media type."""
+    ordered = sorted(parameters)
+    names = [name for name, _ in ordered]
+    if len(ordered) > MAX_QUERY_PARAMETERS or len(set(names)) != len(names):
+        return None
+    for name, value in ordered:
+        if not _QUERY_NAME_RE.fullmatch(name) or not _QUERY_VALUE_RE.fullmatch(value):
+            return None
+        if name == "artifactType" and not is_media_type(value):
+            return None
+    return urlencode(ordered)
 
 
 def is_manifest_document(body: bytes) -> bool:

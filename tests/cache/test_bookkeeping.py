@@ -258,12 +258,14 @@ async def test_tag_list_pages_in_memory_stay_within_their_bytes(tmp_path: Path) 
     client can ask for 1,024 different ones."""
     index = Index(tmp_path / "index")
     cache = Cache(DirectoryStore(tmp_path), index)
+    listings = cache.listings
     page = TagsEntry(b"x" * (1024 * 1024), None, None, 0.0)
     for number in range(100):
-        cache._keep_page(("tags", "docker.io", "team/app", str(number), ""), page)
-    assert cache._pages_bytes == sum(len(p.body) for p in cache._pages.values()) <= 32 * 1024 * 1024
-    assert ("tags", "docker.io", "team/app", "99", "") in cache._pages, "the newest stays"
-    cache._keep_page(("tags", "docker.io", "team/app", "big", ""), TagsEntry(b"x" * (5 * 1024 * 1024), None, None, 0.0))
-    assert ("tags", "docker.io", "team/app", "big", "") not in cache._pages
+        listings._keep_page(("tags", "docker.io", "team/app", str(number), ""), page)
+    assert listings._pages_bytes == sum(len(p.body or b"") for p in listings._pages.values()) <= 32 * 1024 * 1024
+    assert ("tags", "docker.io", "team/app", "99", "") in listings._pages, "the newest stays"
+    big = TagsEntry(b"x" * (5 * 1024 * 1024), None, None, 0.0)
+    listings._keep_page(("tags", "docker.io", "team/app", "big", ""), big)
+    assert ("tags", "docker.io", "team/app", "big", "") not in listings._pages
     await cache.aclose()
     index.close()

@@ -791,6 +791,12 @@ class FakeRegistry(_RecordingServer):
         ratelimit_countdown: each manifest GET (never HEAD) takes one from
             ``remaining``; at 0 manifest GETs get 429 TOOMANYREQUESTS.
         referrers_api: serve ``/referrers/<digest>`` (False: 404, an older registry).
+        referrers_filter: apply ``artifactType`` and say so in ``OCI-Filters-Applied``
+            (False: list every type, as a registry that does not filter).
+        referrers_page_size: list at most this many referrers per answer, with a ``Link``
+            to the next page (``?n=&last=<digest>``); None: all in one.
+        referrers_link: the ``Link`` header of every referrers answer instead of the
+            fake's own (a broken or hostile upstream's next-page link).
         tags_link: the ``Link`` header of every tag list instead of the fake's own (a
             broken or hostile upstream's next-page link).
         cdn: a `FakeCDN`; blob GETs (and HEADs when ``cdn_redirect_head``) then
@@ -837,6 +843,9 @@ class FakeRegistry(_RecordingServer):
         self.ratelimit_window = ratelimit_window
         self.ratelimit_countdown = ratelimit_countdown
         self.referrers_api = referrers_api
+        self.referrers_filter = True
+        self.referrers_page_size: int | None = None
+        self.referrers_link: str | None = None
         self.tags_link: str | None = None
         self.cdn_redirect_head = cdn_redirect_head
         self.tokens_issued = 0
@@ -1284,7 +1293,7 @@ class FakeRegistry(_RecordingServer):
             if subject.get("digest") != digest:
                 continue
             artifact_type = document.get("artifactType") or document.get("config", {}).get("mediaType")
-            if wanted_type is not None and artifact_type != wanted_type:
+            if self.referrers_filter and wanted_type is not None and artifact_type != wanted_type:
                 continue
             entry: dict[str, Any] = {
                 "mediaType": media_type,
@@ -1296,8 +1305,20 @@ class FakeRegistry(_RecordingServer):
                 entry["annotations"] = document["annotations"]
             manifests.append(entry)
         headers = {"Content-Type": OCI_INDEX}
-        if wanted_type is not None:
+        if self.referrers_filter and wanted_type is not None:
             headers["OCI-Filters-Applied"] = "artifactType"
+        last = request.query.get("last")
+        if last is not None:
+            manifests = [entry for entry in manifests if entry["digest"] > last]
+        if self.referrers_page_size is not None and len(manifests) > self.referrers_page_size:
+            manifests = manifests[: self.referrers_page_size]
+            following = {"n": str(self.referrers_page_size), "last": manifests[-1]["digest"]}
+            if self.referrers_filter and wanted_type is not None:
+                following["artifactType"] = wanted_type
+            query = "&".join(f"{name}={value}" for name, value in following.items())
+            headers["Link"] = f'</v2/{name}/referrers/{digest}?{query}>; rel="next"'
+        if self.referrers_link is not None:
+            headers["Link"] = self.referrers_link
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
         return web.Response(body=json.dumps(index).encode(), headers=headers)
 

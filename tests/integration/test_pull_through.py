@@ -423,3 +423,64 @@ def test_a_tag_list_is_paged_for_the_client_when_the_upstream_ignores_n(
     whole, link = page("n=3")
     assert whole == ["v1", "v2", "v3"] and link is None
     assert page("")[0] == ["v1", "v2", "v3"], "without n, the whole list"
+
+
+def test_without_the_upstreams_referrers_api_clients_find_referrers_by_the_tag_schema(
+    moorage: MoorageProcess, seeded: Seeded, tmp_path: Path
+) -> None:
+    """Distribution 2.x has no referrers API. Through the cache a client is told so with the
+    spec's 404, once per ``referrers_ttl`` at the upstream, and finds the referrers where OCI 1.1
+    clients (cosign, notation, oras) then look: the index tagged ``sha256-<hex>``."""
+    registry = seeded.registry
+    layout = tmp_path / "layout"
+    images.write_oci_image(layout, "signed", [images.random_layer(4096, 71)])
+    image = images.push(layout, "signed", registry.host, "library/signed", "1")
+    empty = images.push_blob(registry.url, "library/signed", b"{}")
+    signature_type = "application/vnd.dev.cosign.artifact.sig.v1+json"
+    signature = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": signature_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}],
+            "subject": {"mediaType": image.media_type, "digest": image.manifest_digest, "size": image.manifest_size},
+        }
+    ).encode()
+    signature_digest = "sha256:" + hashlib.sha256(signature).hexdigest()
+    images.push_manifest(
+        registry.url, "library/signed", signature_digest, signature, "application/vnd.oci.image.manifest.v1+json"
+    )
+    fallback_tag = "sha256-" + image.manifest_digest.removeprefix("sha256:")
+    fallback = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": signature_digest,
+                "size": len(signature),
+                "artifactType": signature_type,
+            }
+        ],
+    }
+    images.push_manifest(
+        registry.url,
+        "library/signed",
+        fallback_tag,
+        json.dumps(fallback).encode(),
+        "application/vnd.oci.image.index.v1+json",
+    )
+
+    mark = registry.mark()
+    for _ in range(2):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{moorage.url}/v2/library/signed/referrers/{image.manifest_digest}", timeout=30)
+        assert refused.value.code == 404
+        assert json.loads(refused.value.read())["errors"][0]["code"] == "UNSUPPORTED"
+    asked = [request for request in registry.requests_since(mark) if "/referrers/" in request.path]
+    assert len(asked) == 1, "the upstream's 404 is kept for referrers_ttl"
+
+    listed = json.loads(skopeo_inspect_raw(f"{moorage.host}/library/signed:{fallback_tag}"))
+    assert [entry["digest"] for entry in listed["manifests"]] == [signature_digest]
+    assert skopeo_inspect_raw(f"{moorage.host}/library/signed@{signature_digest}") == signature

@@ -50,7 +50,8 @@ async def raw_request(client: Client, method: str, target: str, headers: str = "
         pytest.param("/v2/alpine/manifests/latest?ns=evil.example", 404, "NAME_UNKNOWN", id="unknown_ns"),
         pytest.param("/v2/alpine/nothing/here", 404, "NOT_FOUND", id="unknown_v2_route"),
         pytest.param("/v3/", 404, "NOT_FOUND", id="unknown_route"),
-        pytest.param(f"/v2/alpine/referrers/{DIGEST}", 404, "UNSUPPORTED", id="referrers"),
+        pytest.param(f"/v2/alpine/referrers/{DIGEST}?artifactType=x", 400, "UNSUPPORTED", id="referrers_bad_type"),
+        pytest.param("/v2/alpine/referrers/latest", 400, "DIGEST_INVALID", id="referrers_of_a_tag"),
     ],
 )
 async def test_bad_input_gets_an_oci_error_and_touches_nothing(

@@ -1,4 +1,5 @@
-"""Tag-list pages an upstream that ignores ``n`` and ``last`` leaves to the cache to cut."""
+"""Listing pages: tag lists an upstream that ignores ``n`` and ``last`` leaves to the cache to
+cut, and the next-page link of an upstream's ``Link`` header."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from moorage.upstreams._client import page_of_whole_list
+from moorage.upstreams._pages import next_link, page_of_whole_list
 
 
 def body(tags: object) -> bytes:
@@ -37,3 +38,22 @@ def test_a_page_is_cut_from_a_whole_list_and_never_links_a_bad_tag(
 def test_a_body_that_is_no_tag_list_is_passed_on_as_it_is() -> None:
     for text in (b"not json", b"[1, 2]", b'{"name": "x"}'):
         assert page_of_whole_list(text, 1, None) == (text, None)
+
+
+@pytest.mark.parametrize(
+    ("header", "target"),
+    [
+        pytest.param('</v2/a/tags/list?last=b&n=2>; rel="next"', "/v2/a/tags/list?last=b&n=2", id="one"),
+        pytest.param(
+            '</v2/a/tags/list?last=a>; rel="prev", </v2/a/tags/list?last=c>; rel="next"',
+            "/v2/a/tags/list?last=c",
+            id="second_of_two",
+        ),
+        pytest.param("</v2/a/tags/list?last=c>;rel=next", "/v2/a/tags/list?last=c", id="unquoted_rel"),
+        pytest.param('</v2/a/tags/list?last=a>; rel="prev"', None, id="no_next"),
+        pytest.param("", None, id="none"),
+    ],
+)
+def test_the_next_link_is_the_one_marked_next(header: str, target: str | None) -> None:
+    """The first link of the header was taken for the next page, whatever its rel."""
+    assert next_link(header) == target

@@ -30,6 +30,7 @@ storage:
   max_size: {{ include "moorage.maxSize" . | quote }}
 tag_ttl: {{ .Values.config.tagTtl | quote }}
 tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
+referrers_ttl: {{ .Values.config.referrersTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_delay: {{ .Values.config.shutdownDelay | quote }}

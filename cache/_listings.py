@@ -1,0 +1,169 @@
+"""Listings: tag lists and referrers lists, the answers that describe content and are none.
+
+Neither has a digest to check, so each is kept for a time-to-live (``tags_list_ttl``,
+``referrers_ttl``), served as a ``hit`` while fresh, fetched again after, and served ``stale``
+while the upstream fails. One fetch per key runs at a time; callers that ask meanwhile join it.
+
+What a client cannot vary without end is kept in the index and outlives a restart: the whole
+tag list of a repository, and the whole referrers list of a digest that has referrers (an
+upstream answers any made-up digest with an empty list). Everything else is kept in a bounded
+map in memory: pages asked for with ``n``, ``last`` or an upstream's own paging parameters,
+lists filtered by ``artifactType``, empty lists, and an upstream's 404 for the referrers API
+(it has none: clients then use the ``sha256-<hex>`` tag schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+
+from moorage.upstreams import UpstreamError, UpstreamNotFound
+from moorage.upstreams.reference import Digest, RepositoryName
+
+from ._flight import SingleFlight
+from ._index import Index, ReferrersEntry, TagsEntry
+from ._keys import IndexKey, referrers_key, tags_list_key
+from ._source import Source
+from .errors import StoreFailure
+
+if TYPE_CHECKING:
+    from ._cache import CacheResult
+
+__all__ = ["Listings", "ReferrersAnswer", "TagsAnswer"]
+
+#: Listings kept in memory: at most this many, and this many bytes.
+MAX_PAGES_IN_MEMORY: Final = 1024
+MAX_PAGE_BYTES_IN_MEMORY: Final = 32 * 1024 * 1024
+_Entry = TypeVar("_Entry", TagsEntry, ReferrersEntry)
+
+
+@dataclass(frozen=True, slots=True)
+class TagsAnswer:
+    body: bytes
+    next_last: str | None
+    next_n: str | None
+    result: CacheResult
+    stale_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersAnswer:
+    #: An OCI image index of the referrers; None when the upstream has no referrers API.
+    body: bytes | None
+    #: The query of the next page (canonical, as ``reference.page_query`` makes it), if any.
+    next_query: str | None
+    result: CacheResult
+    stale_reason: str | None = None
+
+
+class NotKept(Protocol):
+    """How the cache counts and logs an answer served that it could not keep."""
+
+    def __call__(self, message: str, failure: StoreFailure, **fields: str) -> None: ...
+
+
+class Listings:
+    def __init__(self, index: Index, clock: Callable[[], float], not_kept: NotKept) -> None:
+        self._index = index
+        self._clock = clock
+        self._not_kept = not_kept
+        self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
+        self._referrers_flights: SingleFlight[IndexKey, ReferrersAnswer] = SingleFlight()
+        #: Listings kept in memory (see the module's docstring), least recently fetched first.
+        self._pages: OrderedDict[IndexKey, TagsEntry | ReferrersEntry] = OrderedDict()
+        self._pages_bytes = 0
+
+    async def aclose(self) -> None:
+        await self._tags_flights.aclose()
+        await self._referrers_flights.aclose()
+
+    async def tags(
+        self, source: Source, repository: RepositoryName, n: str | None, last: str | None, ttl: float
+    ) -> TagsAnswer:
+        key = tags_list_key(source.host, repository, n, last)
+        kept = n is None and last is None
+        entry = await asyncio.to_thread(self._index.tags, key) if kept else self._page(key, TagsEntry)
+        if entry is not None and self._clock() - entry.fetched_at < ttl:
+            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "hit")
+
+        async def fetch() -> TagsAnswer:
+            page = await source.list_tags(repository, n, last)
+            fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
+            if not kept:
+                self._keep_page(key, fresh)
+            else:
+                await self._put(partial(self._index.put_tags, key, fresh), "tag list", repository)
+            return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
+
+        try:
+            answer, joined = await self._tags_flights.run(key, fetch)
+        except UpstreamError as exc:
+            if isinstance(exc, UpstreamNotFound) or entry is None:
+                raise
+            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "stale", stale_reason=str(exc))
+        return replace(answer, result="coalesced") if joined else answer
+
+    async def referrers(
+        self, source: Source, repository: RepositoryName, digest: Digest, query: str, ttl: float
+    ) -> ReferrersAnswer:
+        """The referrers of ``digest`` (``query``: ``artifactType`` and paging, canonical)."""
+        key = referrers_key(source.host, repository, digest, query)
+        entry = self._page(key, ReferrersEntry)
+        if entry is None and not query:
+            entry = await asyncio.to_thread(self._index.referrers, key)
+        if entry is not None and self._clock() - entry.fetched_at < ttl:
+            return ReferrersAnswer(entry.body, entry.next_query, "hit")
+
+        async def fetch() -> ReferrersAnswer:
+            try:
+                page = await source.list_referrers(repository, digest, query)
+            except UpstreamNotFound:  # no referrers API there (or no such repository)
+                self._keep_page(key, ReferrersEntry(None, None, self._clock()))
+                return ReferrersAnswer(None, None, "miss")
+            fresh = ReferrersEntry(page.body, page.next_query, self._clock())
+            if query or not page.listed:
+                self._keep_page(key, fresh)
+            else:
+                self._drop_page(key)
+                await self._put(partial(self._index.put_referrers, key, fresh), "referrers list", repository)
+            return ReferrersAnswer(page.body, page.next_query, "miss")
+
+        try:
+            answer, joined = await self._referrers_flights.run(key, fetch)
+        except UpstreamError as exc:
+            if entry is None:
+                raise
+            return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
+        return replace(answer, result="coalesced") if joined else answer
+
+    async def _put(self, put: Callable[[], None], what: str, repository: RepositoryName) -> None:
+        try:
+            await asyncio.to_thread(put)
+        except StoreFailure as failure:  # the answer is in hand: served, only not kept
+            self._not_kept(f"{what} served but not stored", failure, repository=str(repository))
+
+    def _page(self, key: IndexKey, kind: type[_Entry]) -> _Entry | None:
+        entry = self._pages.get(key)
+        return entry if isinstance(entry, kind) else None
+
+    def _keep_page(self, key: IndexKey, page: TagsEntry | ReferrersEntry) -> None:
+        """Keep a listing in memory, within ``MAX_PAGES_IN_MEMORY`` entries and
+        ``MAX_PAGE_BYTES_IN_MEMORY`` bytes (a page may be megabytes)."""
+        self._drop_page(key)
+        size = len(page.body or b"")
+        if size > MAX_PAGE_BYTES_IN_MEMORY // 8:
+            return  # served, not kept: a few such pages would push out every other
+        self._pages[key] = page
+        self._pages_bytes += size
+        while len(self._pages) > MAX_PAGES_IN_MEMORY or self._pages_bytes > MAX_PAGE_BYTES_IN_MEMORY:
+            _, oldest = self._pages.popitem(last=False)
+            self._pages_bytes -= len(oldest.body or b"")
+
+    def _drop_page(self, key: IndexKey) -> None:
+        dropped = self._pages.pop(key, None)
+        if dropped is not None:
+            self._pages_bytes -= len(dropped.body or b"")

@@ -1,0 +1,121 @@
+"""What an upstream's listings say: tag-list pages, referrers lists and their next-page links.
+
+Pure functions over answers already read; ``_client`` does the HTTP. A listing goes on to
+clients, so whatever of it lands in a header of ours (a next page's ``last``, ``n`` or query)
+is checked against the grammar first, and dropped when it does not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlsplit
+
+from .reference import is_page_size, is_tag, page_query
+
+__all__ = ["ReferrersPage", "TagsPage", "next_link", "page_of_whole_list", "referrers_page", "tags_page"]
+
+
+@dataclass(frozen=True, slots=True)
+class TagsPage:
+    body: bytes
+    #: The ``last`` and ``n`` of the upstream's next page, when it announced one.
+    next_last: str | None
+    next_n: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersPage:
+    """An OCI image index of the manifests whose ``subject`` is a digest."""
+
+    body: bytes
+    #: How many it lists.
+    listed: int
+    #: The query of the upstream's next page (as ``reference.page_query`` writes it), if any.
+    next_query: str | None
+
+
+def next_link(header: str) -> str | None:
+    """The target of the ``rel="next"`` link in a ``Link`` header, if there is one."""
+    for link in header.split(","):
+        target, *parameters = (part.strip() for part in link.split(";"))
+        if not (target.startswith("<") and target.endswith(">")):
+            continue
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "rel" and "next" in value.strip().strip('"').lower().split():
+                return target[1:-1]
+    return None
+
+
+def tags_page(body: bytes, link: str, n: str | None, last: str | None) -> TagsPage:
+    """A tag-list answer (``body``, its ``Link`` header) as the page a client asking for
+    ``n`` tags after ``last`` gets: the upstream's next page passed on only as a tag and a
+    count, and a whole list cut where the upstream ignored ``n``."""
+    next_last = next_n = None
+    target = next_link(link)
+    if target is not None:
+        query = parse_qs(urlsplit(target).query)
+        next_last = query.get("last", [None])[0]
+        next_n = query.get("n", [None])[0]
+        if next_last is not None and not is_tag(next_last):
+            next_last = next_n = None
+        if next_n is not None and not is_page_size(next_n):
+            next_n = None
+    if n is not None and next_last is None:  # the last page, or an upstream that ignores n
+        body, next_last = page_of_whole_list(body, int(n), last)
+        next_n = n if next_last is not None else None
+    return TagsPage(body, next_last, next_n)
+
+
+def page_of_whole_list(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
+    """(the tag list ``body`` cut to the page a client asking for ``n`` tags after ``last``
+    should get, the ``last`` of the next page or None): what an upstream that ignores ``n``
+    and ``last`` (Distribution 2.x answers every tag) leaves to the cache. A list that holds
+    ``last`` itself came from an upstream that ignored it; one that does not is taken as the
+    upstream's own page, in its own order. A body that is no tag list, or whose page would end
+    at a string that is no tag (it goes into a header), is left as it is."""
+    try:
+        document = json.loads(body)
+        tags = document["tags"]
+    except (ValueError, TypeError, KeyError):
+        return body, None
+    if not isinstance(tags, list) or n < 1:
+        return body, None
+    after = tags[tags.index(last) + 1 :] if last is not None and last in tags else tags
+    if len(after) > n:
+        page_end = after[n - 1]
+        if not isinstance(page_end, str) or not is_tag(page_end):
+            return body, None
+        return json.dumps({**document, "tags": after[:n]}).encode(), page_end
+    if len(after) == len(tags):
+        return body, None
+    return json.dumps({**document, "tags": after}).encode(), None
+
+
+def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> ReferrersPage | None:
+    """A referrers answer (``body``, its ``Link`` header) to a request with ``query``, or None
+    when ``body`` is no image index. An ``artifactType`` asked for that the upstream did not
+    filter by (it says so in ``OCI-Filters-Applied``: ``filtered``) is filtered here, so the
+    page always holds only that type. A next page whose query does not fit the grammar is
+    dropped."""
+    try:
+        document: Any = json.loads(body)
+    except ValueError:
+        return None
+    listed = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
+        return None
+    wanted = dict(parse_qsl(query)).get("artifactType")
+    if wanted is not None and not filtered:
+        listed = [entry for entry in listed if entry.get("artifactType") == wanted]
+        body = json.dumps({**document, "manifests": listed}).encode()
+    target = next_link(link)
+    next_query = None
+    if target is not None:
+        following = parse_qsl(urlsplit(target).query)
+        if wanted is not None and "artifactType" not in dict(following):  # the next page filtered too
+            following.append(("artifactType", wanted))
+        next_query = page_query(following)
+    return ReferrersPage(body, len(listed), next_query or None)
