@@ -119,7 +119,7 @@ def _image_size(store: DirectoryStore, digest: Digest, depth: int = 0) -> int | 
         return None
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if "manifests" in document:
         sizes = []

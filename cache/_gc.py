@@ -47,7 +47,7 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
     ``urls``: their registry is not the one the manifest came from."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         return [], [], []
     if not isinstance(document, dict):
         return [], [], []

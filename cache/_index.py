@@ -152,9 +152,14 @@ class Index:
         body, next_query, fetched_at = value
         return ReferrersEntry(body, next_query, fetched_at)
 
-    def put_referrers(self, key: IndexKey, entry: ReferrersEntry) -> None:
-        with _recording("a referrers list"):
+    def put_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest) -> bool:
+        """Keep a referrers list where its ``subject`` manifest is stored (``forget`` drops it
+        with the manifest); whether it is kept."""
+        with _recording("a referrers list"), self._db.transact():
+            if self._db.get(manifest_key(subject)) is None:
+                return False
             self._db.set(key, (entry.body, entry.next_query, entry.fetched_at))
+            return True
 
     # -- bookkeeping, written in batches by the cache ------------------------------------------
 
@@ -259,7 +264,8 @@ class Index:
 
     def forget(self, digests: set[Digest]) -> int:
         """Drop what the index says of blobs that left the store: their fingerprints, manifest
-        entries, and every tag answer pointing at one of them; the number of tag answers dropped."""
+        entries, every tag answer pointing at one of them and the referrers lists of each; the
+        number of tag answers dropped."""
         with self._db.transact():
             for digest in digests:
                 self._db.delete(blob_key(digest))
@@ -282,6 +288,8 @@ class Index:
                         dropped += 1
                 elif key[0] in ("image", "image-pulled") and len(key) == 4 and key[3] in names:
                     self._db.delete(key)  # the image left the cache with its manifest
+                elif key[0] == "referrers" and len(key) == 5 and key[3] in names:
+                    self._db.delete(key)  # a list of referrers leaves with their subject
         return dropped
 
     def manifest_digests(self) -> set[Digest]:

@@ -11,8 +11,8 @@ key                                        value
 ("manifest", digest)                        media type of a stored manifest
 ("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
-("referrers", upstream, repository, d, "")  (body, next page's query, fetched at): a whole
-                                            list that is not empty (see ``_listings``)
+("referrers", upstream, repository, d, "")  (body, next page's query, fetched at): the whole
+                                            list of a stored manifest, when not empty
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
 ("image", upstream, repository, digest)     when the manifest was first cached for the repository
 ("image-pulled", upstream, repository, d)   when a client last pulled the manifest there

@@ -5,11 +5,14 @@ Neither has a digest to check, so each is kept for a time-to-live (``tags_list_t
 while the upstream fails. One fetch per key runs at a time; callers that ask meanwhile join it.
 
 What a client cannot vary without end is kept in the index and outlives a restart: the whole
-tag list of a repository, and the whole referrers list of a digest that has referrers (an
-upstream answers any made-up digest with an empty list). Everything else is kept in a bounded
-map in memory: pages asked for with ``n``, ``last`` or an upstream's own paging parameters,
-lists filtered by ``artifactType``, empty lists, and an upstream's 404 for the referrers API
-(it has none: clients then use the ``sha256-<hex>`` tag schema).
+tag list of a repository, and the whole referrers list of a manifest the store holds, when it
+is not empty (an upstream answers any made-up digest with an empty list); it leaves the index
+with its manifest. Everything else is kept in a bounded map in memory: pages asked for with
+``n``, ``last`` or an upstream's own paging parameters, lists filtered by ``artifactType``,
+empty lists, and an upstream's answer that is no list (a 404 from a registry without the
+referrers API, or a 400, 401, 403, 405 or 406 from others: clients are then sent to the
+``sha256-<hex>`` tag schema). An upstream that fails (network, 5xx, 429) with nothing kept is
+the caller's to answer.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from moorage.upstreams import UpstreamError, UpstreamNotFound
+from moorage.upstreams import UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._flight import SingleFlight
@@ -121,15 +124,16 @@ class Listings:
         async def fetch() -> ReferrersAnswer:
             try:
                 page = await source.list_referrers(repository, digest, query)
-            except UpstreamNotFound:  # no referrers API there (or no such repository)
+            except (UpstreamUnavailable, UpstreamRateLimited):
+                raise
+            except UpstreamError:  # an answer, and no list: no referrers API there
                 self._keep_page(key, ReferrersEntry(None, None, self._clock()))
                 return ReferrersAnswer(None, None, "miss")
             fresh = ReferrersEntry(page.body, page.next_query, self._clock())
-            if query or not page.listed:
+            if query or not page.listed or not await self._put_referrers(key, fresh, digest, repository):
                 self._keep_page(key, fresh)
             else:
                 self._drop_page(key)
-                await self._put(partial(self._index.put_referrers, key, fresh), "referrers list", repository)
             return ReferrersAnswer(page.body, page.next_query, "miss")
 
         try:
@@ -145,6 +149,17 @@ class Listings:
             await asyncio.to_thread(put)
         except StoreFailure as failure:  # the answer is in hand: served, only not kept
             self._not_kept(f"{what} served but not stored", failure, repository=str(repository))
+
+    async def _put_referrers(
+        self, key: IndexKey, entry: ReferrersEntry, subject: Digest, repository: RepositoryName
+    ) -> bool:
+        """Keep a whole referrers list in the index, where its subject manifest is stored;
+        whether it is kept there."""
+        try:
+            return await asyncio.to_thread(self._index.put_referrers, key, entry, subject)
+        except StoreFailure as failure:
+            self._not_kept("referrers list served but not stored", failure, repository=str(repository))
+            return False
 
     def _page(self, key: IndexKey, kind: type[_Entry]) -> _Entry | None:
         entry = self._pages.get(key)

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
-from moorage.upstreams import RegistryClient, Route
+from moorage.upstreams import RegistryClient, Route, UpstreamRateLimited, UpstreamUnavailable
 from moorage.upstreams.reference import (
     MAX_QUERY_PARAMETERS,
     OCI_IMAGE_INDEX,
@@ -408,7 +408,7 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
         document = json.loads(answer.body)
         document["name"] = target.name
         body = json.dumps(document).encode()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         body = answer.body
     headers = {**API_VERSION, "Content-Type": "application/json"}
     if answer.next_last is not None:
@@ -423,7 +423,8 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
 
 async def referrers(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
     """The manifests whose ``subject`` is a digest (signatures, SBOMs, attestations), as the
-    upstream lists them; 404 where it has no referrers API, so that clients use the tag schema."""
+    upstream lists them; 404 where it has no referrers API, or fails with no list kept, so
+    that clients use the tag schema."""
     digest = parse_digest(target.reference)
     query = page_query((name, value) for name, value in request.query.items() if name != "ns")
     if query is None:
@@ -434,7 +435,27 @@ async def referrers(request: web.Request, route: Route[RegistryClient], target: 
     note = notes(request)
     note.reference = str(digest)
     settings = request.app[SETTINGS]
-    answer = await request.app[CACHE].referrers(route.upstream, route.repository, digest, query, settings.referrers_ttl)
+    try:
+        answer = await request.app[CACHE].referrers(
+            route.upstream, route.repository, digest, query, settings.referrers_ttl
+        )
+    except (UpstreamUnavailable, UpstreamRateLimited) as exc:
+        # Nothing kept to answer with. A 404 sends clients to the tag schema, which the cache
+        # may well hold; an error would fail a signature check that can still succeed.
+        log.warning(
+            "upstream failed and no referrers list kept: answered 404 so that clients use the tag schema",
+            extra={
+                "event": "upstream_failed",
+                "request_id": note.request_id,
+                "upstream": route.upstream.host,
+                "path": request.path[:200],
+                "status": 404,
+                "error": str(exc),
+            },
+        )
+        raise ReferrersUnsupported(
+            f"{exc}, and no referrers list of this digest is kept; use the sha256-<hex> tag schema"
+        ) from None
     note.result = answer.result
     if answer.body is None:
         raise ReferrersUnsupported(

@@ -213,7 +213,7 @@ class RegistryAuth(httpx.Auth):
             )
         try:
             body = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             raise UpstreamProtocolError(self._upstream, "token service answered something other than JSON") from None
         if not isinstance(body, dict):
             raise UpstreamProtocolError(self._upstream, "token service answered something other than a JSON object")

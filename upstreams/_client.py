@@ -12,6 +12,7 @@ upstream's origin.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import urllib.request
@@ -70,6 +71,7 @@ __all__ = [
 ]
 
 CHUNK_SIZE: Final = 1024 * 1024
+log = logging.getLogger("moorage.upstreams")
 
 
 class FailureReport(TypedDict):
@@ -487,6 +489,16 @@ class RegistryClient:
         page = referrers_page(body, response.headers.get("link", ""), query, filtered)
         if page is None:
             raise UpstreamProtocolError(self.host, f"{what}: the answer is not an image index")
+        if page.next_dropped:
+            log.warning(
+                "the upstream's next page of referrers is not offered: its query is out of bounds",
+                extra={
+                    "event": "referrers_page_dropped",
+                    "upstream": self.host,
+                    "repository": str(repository),
+                    "digest": str(digest),
+                },
+            )
         return page
 
     @staticmethod

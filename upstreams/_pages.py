@@ -34,6 +34,8 @@ class ReferrersPage:
     listed: int
     #: The query of the upstream's next page (as ``reference.page_query`` writes it), if any.
     next_query: str | None
+    #: The upstream announced a next page whose query is out of bounds: not offered.
+    next_dropped: bool = False
 
 
 def next_link(header: str) -> str | None:
@@ -56,7 +58,7 @@ def tags_page(body: bytes, link: str, n: str | None, last: str | None) -> TagsPa
     next_last = next_n = None
     target = next_link(link)
     if target is not None:
-        query = parse_qs(urlsplit(target).query)
+        query = parse_qs(_query_of(target))
         next_last = query.get("last", [None])[0]
         next_n = query.get("n", [None])[0]
         if next_last is not None and not is_tag(next_last):
@@ -79,7 +81,7 @@ def page_of_whole_list(body: bytes, n: int, last: str | None) -> tuple[bytes, st
     try:
         document = json.loads(body)
         tags = document["tags"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested too deep
         return body, None
     if not isinstance(tags, list) or n < 1:
         return body, None
@@ -98,11 +100,12 @@ def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> Referr
     """A referrers answer (``body``, its ``Link`` header) to a request with ``query``, or None
     when ``body`` is no image index. An ``artifactType`` asked for that the upstream did not
     filter by (it says so in ``OCI-Filters-Applied``: ``filtered``) is filtered here, so the
-    page always holds only that type. A next page whose query does not fit the grammar is
-    dropped."""
+    page always holds only that type, and so do the pages after it. The next page's query
+    goes on without ``ns`` (the cache's own routing parameter, not the upstream's); one that
+    does not fit ``page_query``'s bounds is not offered, and ``next_dropped`` says so."""
     try:
         document: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         return None
     listed = document.get("manifests") if isinstance(document, dict) else None
     if not isinstance(listed, list) or not all(isinstance(entry, dict) for entry in listed):
@@ -112,10 +115,18 @@ def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> Referr
         listed = [entry for entry in listed if entry.get("artifactType") == wanted]
         body = json.dumps({**document, "manifests": listed}).encode()
     target = next_link(link)
-    next_query = None
-    if target is not None:
-        following = parse_qsl(urlsplit(target).query)
-        if wanted is not None and "artifactType" not in dict(following):  # the next page filtered too
-            following.append(("artifactType", wanted))
-        next_query = page_query(following)
-    return ReferrersPage(body, len(listed), next_query or None)
+    if target is None:
+        return ReferrersPage(body, len(listed), None)
+    following = [(name, value) for name, value in parse_qsl(_query_of(target)) if name != "ns"]
+    if wanted is not None and "artifactType" not in dict(following):
+        following.append(("artifactType", wanted))
+    next_query = page_query(following) or None
+    return ReferrersPage(body, len(listed), next_query, next_dropped=next_query is None)
+
+
+def _query_of(target: str) -> str:
+    """The query of a link's target; "" for a target that is no URL (``http://[x/``)."""
+    try:
+        return urlsplit(target).query
+    except ValueError:
+        return ""

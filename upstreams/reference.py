@@ -28,6 +28,7 @@ __all__ = [
     "INDEX_MEDIA_TYPES",
     "MANIFEST_MEDIA_TYPES",
     "MAX_MANIFEST_BYTES",
+    "MAX_QUERY_LENGTH",
     "MAX_QUERY_PARAMETERS",
     "OCI_IMAGE_INDEX",
     "OCI_IMAGE_MANIFEST",
@@ -223,9 +224,12 @@ def is_page_size(value: str) -> bool:
 
 _MEDIA_TYPE_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 _QUERY_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
-_QUERY_VALUE_RE: Final = re.compile(r"[\x20-\x7e]{0,512}")
+_QUERY_VALUE_RE: Final = re.compile(r"[\x20-\x7e]*")
 #: Parameters of a referrers query: ``artifactType`` and an upstream's own paging ones.
 MAX_QUERY_PARAMETERS: Final = 8
+#: Characters of a referrers query as ``page_query`` writes it (an upstream's continuation
+#: token may take a few hundred; a media type up to 255).
+MAX_QUERY_LENGTH: Final = 4096
 
 
 def is_media_type(value: str) -> bool:
@@ -237,8 +241,9 @@ def page_query(parameters: Iterable[tuple[str, str]]) -> str | None:
     """A listing's query (a referrers request's ``artifactType`` and an upstream's paging
     parameters, opaque to the cache) in one form: sorted and percent-encoded, fit to key the
     cache, to go to the upstream and into a ``Link`` header. None for more than
-    ``MAX_QUERY_PARAMETERS``, a name given twice, a name or value out of bounds (printable
-    ASCII, 32 and 512 characters), or an ``artifactType`` that is no media type."""
+    ``MAX_QUERY_PARAMETERS``, a name given twice, a name of more than 32 characters or a value
+    of other than printable ASCII, an ``artifactType`` that is no media type, or a query longer
+    than ``MAX_QUERY_LENGTH`` in all."""
     ordered = sorted(parameters)
     names = [name for name, _ in ordered]
     if len(ordered) > MAX_QUERY_PARAMETERS or len(set(names)) != len(names):
@@ -248,7 +253,8 @@ def page_query(parameters: Iterable[tuple[str, str]]) -> str | None:
             return None
         if name == "artifactType" and not is_media_type(value):
             return None
-    return urlencode(ordered)
+    query = urlencode(ordered)
+    return query if len(query) <= MAX_QUERY_LENGTH else None
 
 
 def is_manifest_document(body: bytes) -> bool:
@@ -256,7 +262,7 @@ def is_manifest_document(body: bytes) -> bool:
     ``schemaVersion``), not a layer or an image config stored under the same kind of digest."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         return False
     return isinstance(document, dict) and isinstance(document.get("schemaVersion"), int)
 
@@ -265,7 +271,7 @@ def sniff_media_type(body: bytes) -> str:
     """The media type a manifest declares, or the one its shape implies."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return DOCKER_MANIFEST_V2
     if not isinstance(document, dict):
         return DOCKER_MANIFEST_V2

@@ -790,13 +790,14 @@ class FakeRegistry(_RecordingServer):
         ratelimit_window: the ``w=`` of those headers, in seconds.
         ratelimit_countdown: each manifest GET (never HEAD) takes one from
             ``remaining``; at 0 manifest GETs get 429 TOOMANYREQUESTS.
-        referrers_api: serve ``/referrers/<digest>`` (False: 404, an older registry).
+        referrers_api: serve ``/referrers/<digest>`` (False: a plain-text 404, as Distribution 2.x).
         referrers_filter: apply ``artifactType`` and say so in ``OCI-Filters-Applied``
             (False: list every type, as a registry that does not filter).
         referrers_page_size: list at most this many referrers per answer, with a ``Link``
             to the next page (``?n=&last=<digest>``); None: all in one.
         referrers_link: the ``Link`` header of every referrers answer instead of the
             fake's own (a broken or hostile upstream's next-page link).
+        referrers_body: the body of every referrers answer (200) instead of the list.
         tags_link: the ``Link`` header of every tag list instead of the fake's own (a
             broken or hostile upstream's next-page link).
         cdn: a `FakeCDN`; blob GETs (and HEADs when ``cdn_redirect_head``) then
@@ -846,6 +847,7 @@ class FakeRegistry(_RecordingServer):
         self.referrers_filter = True
         self.referrers_page_size: int | None = None
         self.referrers_link: str | None = None
+        self.referrers_body: bytes | None = None
         self.tags_link: str | None = None
         self.cdn_redirect_head = cdn_redirect_head
         self.tokens_issued = 0
@@ -1094,7 +1096,11 @@ class FakeRegistry(_RecordingServer):
         if kind == "tags" and ref == "list":
             return self._tags_list(request, name)
         if kind == "referrers" and self.referrers_api:
+            if self.referrers_body is not None:
+                return web.Response(body=self.referrers_body, headers={"Content-Type": OCI_INDEX})
             return self._referrers(request, name, ref)
+        if kind == "referrers":  # as Distribution 2.x answers a route it does not know
+            return web.Response(status=404, text="404 page not found")
         return _oci_error(404, "NAME_UNKNOWN", f"no route for {path}")
 
     # -- auth

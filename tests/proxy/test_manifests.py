@@ -593,3 +593,15 @@ async def test_a_rotated_upstream_password_is_used_without_a_restart(
     upstream.credentials = ("bob", "second-and-longer")
     response = await moorage.get("/v2/private/app/manifests/2", headers=ALL)
     assert response.status == 200, await response.text()
+
+
+async def test_a_body_nested_past_the_json_parsers_depth_is_served_as_given(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """Parsing it (its media type, what it names for the prefetch) raised RecursionError,
+    which nothing caught: a traceback in the log for what an upstream chose to send."""
+    body = b"[" * 100_000 + b"]" * 100_000
+    upstream.add_manifest("owner/app", "deep", body, OCI_MANIFEST)
+    response = await moorage.get("/v2/owner/app/manifests/deep", headers=ALL)
+    assert response.status == 200
+    assert await response.read() == body

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from moorage.proxy._state import CACHE
-from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_digest
 from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeImage, FakeRegistry, image_manifest
 
 from .conftest import StartMoorage, advance_clock, metric
@@ -20,6 +20,7 @@ from .conftest import StartMoorage, advance_clock, metric
 Client = TestClient[web.Request, web.Application]
 SIGNATURE = "application/vnd.dev.cosign.artifact.sig.v1+json"
 SBOM = "application/spdx+json"
+ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
 
 
 def attach(
@@ -78,6 +79,47 @@ async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
     assert listed(await response.read()) == [signature]
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(400, None, id="400"),
+        pytest.param(401, None, id="401"),
+        pytest.param(403, None, id="403"),
+        pytest.param(405, None, id="405"),
+        pytest.param(406, None, id="406"),
+        pytest.param(200, b"<html>not here</html>", id="200_not_an_index"),
+        pytest.param(200, b"[" * 100_000, id="200_nested_past_the_parser"),
+    ],
+)
+async def test_any_answer_that_is_no_list_sends_clients_to_the_tag_schema(
+    moorage: Client, upstream: FakeRegistry, status: int, body: bytes | None
+) -> None:
+    """Registries without the API answer other than 404 (Quay 400, Harbor 401, Artifactory
+    406). oras-go and notation fall back to the tag schema on a 404 only: anything else,
+    passed on as a 502, failed their signature checks."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    if body is None:
+        upstream.fail_next(1, status, paths="/referrers/", code="UNSUPPORTED")
+    else:
+        upstream.referrers_body = body
+    response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert response.status == 404, await response.text()
+    assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
+
+
+async def test_an_upstream_down_with_no_list_kept_sends_clients_to_the_tag_schema(
+    moorage: Client, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tag schema's index may well be cached; a 503 would fail a check that can pass."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    await upstream.stop_listening()
+    response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert response.status == 404
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "UNSUPPORTED" and "tag schema" in error["message"]
+    assert [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"], "the outage is logged"
+
+
 async def test_an_upstream_without_the_api_sends_clients_to_the_tag_schema(
     moorage: Client, upstream: FakeRegistry
 ) -> None:
@@ -92,7 +134,7 @@ async def test_an_upstream_without_the_api_sends_clients_to_the_tag_schema(
     # The fallback: the sha256-<hex> tag, cached like any other.
     fallback = "sha256-" + image.digest.removeprefix("sha256:")
     signature = attach(upstream, "owner/app", image, SIGNATURE, tag=fallback)
-    tagged = await moorage.get(f"/v2/owner/app/manifests/{fallback}", headers={"Accept": ACCEPT_ALL_MANIFESTS})
+    tagged = await moorage.get(f"/v2/owner/app/manifests/{fallback}", headers=ALL)
     assert tagged.headers["Docker-Content-Digest"] == signature
 
 
@@ -102,6 +144,7 @@ async def test_referrers_are_served_stale_while_the_upstream_is_down_even_after_
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     signature = attach(upstream, "owner/app", image, SIGNATURE)
     moorage = await start_moorage(referrers_ttl="1m")
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
     assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
     await upstream.stop_listening()
     advance_clock(moorage, 120)
@@ -127,19 +170,35 @@ async def test_a_new_referrer_shows_once_the_list_is_older_than_referrers_ttl(
     assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
 
 
-async def test_made_up_digests_leave_nothing_in_the_index(moorage: Client, upstream: FakeRegistry) -> None:
-    """An upstream answers any digest with an empty list: kept in memory, bounded, never in
-    the index, or any client could grow it without end."""
+async def test_only_lists_of_stored_manifests_are_kept_in_the_index_and_leave_with_them(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """An upstream answers any digest with an empty list, and anyone who may push there can
+    make referrers of digests that name nothing: such lists are kept in memory, bounded,
+    never in the index, or clients could grow it without end."""
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     attach(upstream, "owner/app", image, SIGNATURE)
+    config = upstream.add_blob(b"{}")
     for number in range(20):
         made_up = f"sha256:{number:064x}"
-        response = await moorage.get(f"/v2/owner/app/referrers/{made_up}", params={"artifactType": SBOM})
+        sbom = image_manifest(config, 2, [], OCI_MANIFEST, subject=(made_up, 10, OCI_MANIFEST), artifact_type=SBOM)
+        upstream.add_manifest("owner/app", None, sbom, OCI_MANIFEST)
+        response = await moorage.get(f"/v2/owner/app/referrers/{made_up}", params={"artifactType": SIGNATURE})
         assert response.status == 200 and listed(await response.read()) == []
-        assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{made_up}")).read()) == []
+        assert len(listed(await (await moorage.get(f"/v2/owner/app/referrers/{made_up}")).read())) == 1
+    cache = moorage.app[CACHE]
+
+    def kept() -> list[tuple[str, ...]]:
+        return [key for key in cache._index._db.iterkeys() if key[0] == "referrers"]
+
     assert (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).status == 200
-    keys = [key for key in moorage.app[CACHE]._index._db.iterkeys() if key[0] == "referrers"]
-    assert keys == [("referrers", "docker.io", "owner/app", image.digest, "")]
+    assert kept() == [], "its subject is not stored"
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
+    advance_clock(moorage, 61)
+    assert (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).status == 200
+    assert kept() == [("referrers", "docker.io", "owner/app", image.digest, "")]
+    cache._index.forget({parse_digest(image.digest)})
+    assert kept() == [], "the list leaves the index with its subject"
 
 
 async def test_pages_follow_the_upstreams_next_links(moorage: Client, upstream: FakeRegistry) -> None:
@@ -156,26 +215,38 @@ async def test_pages_follow_the_upstreams_next_links(moorage: Client, upstream: 
     assert "Link" not in second.headers
 
 
+TOKEN = "t" * 1500
+
+
 @pytest.mark.parametrize(
-    "link",
+    ("link", "query"),
     [
-        '</v2/owner/app/referrers/x?last=a%0d%0aSet-Cookie:%20x>; rel="next"',
-        '</v2/owner/app/referrers/x?last=a>; rel="next", <https://evil.example/>; rel="prev"',
-        "</v2/owner/app/referrers/x?" + "&".join(f"p{number}=1" for number in range(9)) + '>; rel="next"',
+        pytest.param('</v2/owner/app/referrers/x?last=a%0d%0aSet-Cookie:%20x>; rel="next"', None, id="crlf"),
+        pytest.param(
+            '</v2/owner/app/referrers/x?last=a>; rel="next", <https://evil.example/>; rel="prev"', "last=a", id="two"
+        ),
+        pytest.param(
+            "</v2/owner/app/referrers/x?" + "&".join(f"p{n}=1" for n in range(9)) + '>; rel="next"', None, id="nine"
+        ),
+        pytest.param('</v2/owner/app/referrers/x?last=a&ns=ghcr.io>; rel="next"', "last=a", id="upstream_ns"),
+        pytest.param('<http://[x/v2/owner/app/referrers/x?last=a>; rel="next"', None, id="no_url"),
+        pytest.param(f'</v2/owner/app/referrers/x?next_token={TOKEN}>; rel="next"', f"next_token={TOKEN}", id="token"),
     ],
 )
 async def test_an_upstream_next_link_goes_on_only_as_a_bounded_query_of_our_own(
-    moorage: Client, upstream: FakeRegistry, link: str
+    moorage: Client, upstream: FakeRegistry, link: str, query: str | None
 ) -> None:
+    """An ``ns`` in the upstream's link sent the client's next page to another upstream; a
+    link that is no URL gave a 500."""
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     upstream.referrers_link = link
     response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
     assert response.status == 200
     assert "Set-Cookie" not in response.headers and "evil" not in response.headers.get("Link", "")
-    if 'rel="prev"' in link:
-        assert response.headers["Link"] == f'</v2/owner/app/referrers/{image.digest}?last=a>; rel="next"'
-    else:
+    if query is None:
         assert "Link" not in response.headers
+    else:
+        assert response.headers["Link"] == f'</v2/owner/app/referrers/{image.digest}?{query}>; rel="next"'
 
 
 @pytest.mark.parametrize(
