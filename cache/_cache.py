@@ -237,7 +237,7 @@ class Cache:
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
-        self.listings = Listings(self._index, lambda: self._clock(), self._not_kept)  # noqa: PLW0108
+        self.listings = Listings(self._index, lambda: self._clock(), self._not_kept, self._known_under)  # noqa: PLW0108
 
     async def aclose(self) -> None:
         self._closing = True
@@ -1176,16 +1176,24 @@ class Cache:
         if may_read is None:
             return
         route: ContentRoute = (source.host, str(repository))
-        routes = self._routes.known(digest)
-        if routes is None:
-            self._routes.remember(digest, await asyncio.to_thread(self._index.routes, digest))
-            routes = self._routes.known(digest) or ()
+        routes = await self._routes_of(digest)
         if fill_origin is not None:
             routes = (*routes, fill_origin)
         if route in routes or any(may_read(upstream, name) for upstream, name in routes):
             return
         key = route_flight_key(source.host, repository, digest)
         await self._route_flights.run(key, lambda: self._confirm_route(source, repository, digest, kind))
+
+    async def _routes_of(self, digest: Digest) -> tuple[ContentRoute, ...]:
+        """The routes held content ``digest`` is known under (see ``_routes``)."""
+        routes = self._routes.known(digest)
+        if routes is None:
+            self._routes.remember(digest, await asyncio.to_thread(self._index.routes, digest))
+            routes = self._routes.known(digest) or ()
+        return routes
+
+    async def _known_under(self, digest: Digest, route: ContentRoute) -> bool:
+        return route in await self._routes_of(digest)
 
     async def _confirm_route(
         self, source: Source, repository: RepositoryName, digest: Digest, kind: ContentKind

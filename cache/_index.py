@@ -154,7 +154,7 @@ class Index:
 
     def put_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest) -> bool:
         """Keep a referrers list where its ``subject`` manifest is stored (``forget`` drops it
-        with the manifest); whether it is kept."""
+        with the manifest, a lifecycle expiry with the image); whether it is kept."""
         with _recording("a referrers list"), self._db.transact():
             if self._db.get(manifest_key(subject)) is None:
                 return False

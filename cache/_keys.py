@@ -11,8 +11,9 @@ key                                        value
 ("manifest", digest)                        media type of a stored manifest
 ("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
-("referrers", upstream, repository, d, "")  (body, next page's query, fetched at): the whole
-                                            list of a stored manifest, when not empty
+("referrers", upstream, repository, d, "")  (body or None: no referrers API, next page's query,
+                                            fetched at): the whole list of a manifest stored
+                                            and known under that route
 ("pulled", upstream, repository, tag)       when a client last pulled the tag (epoch seconds)
 ("image", upstream, repository, digest)     when the manifest was first cached for the repository
 ("image-pulled", upstream, repository, d)   when a client last pulled the manifest there
@@ -83,7 +84,7 @@ def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last
     return ("tags", upstream, str(repository), n or "", last or "")
 
 
-def referrers_key(upstream: str, repository: RepositoryName, digest: Digest, query: str) -> IndexKey:
+def referrers_key(upstream: str, repository: RepositoryName | str, digest: Digest | str, query: str) -> IndexKey:
     return ("referrers", upstream, str(repository), str(digest), query)
 
 

@@ -36,7 +36,7 @@ from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidRefer
 from ._evict import ReadGuard
 from ._gc import mark, references
 from ._index import Index
-from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, routes_key
+from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, referrers_key, routes_key
 from ._store import BlobStore, DirectoryStore
 
 __all__ = [
@@ -237,6 +237,7 @@ def apply_expiries(
             keys: list[IndexKey] = [
                 image_key(image.upstream, image.repository, digest),
                 image_pulled_key(image.upstream, image.repository, digest),
+                referrers_key(image.upstream, image.repository, digest, ""),  # its signatures there
             ]
             index.delete(keys)
             gone.add(digest)

@@ -5,31 +5,41 @@ Neither has a digest to check, so each is kept for a time-to-live (``tags_list_t
 while the upstream fails. One fetch per key runs at a time; callers that ask meanwhile join it.
 
 What a client cannot vary without end is kept in the index and outlives a restart: the whole
-tag list of a repository, and the whole referrers list of a manifest the store holds, when it
-is not empty (an upstream answers any made-up digest with an empty list); it leaves the index
-with its manifest. Everything else is kept in a bounded map in memory: pages asked for with
-``n``, ``last`` or an upstream's own paging parameters, lists filtered by ``artifactType``,
-empty lists, and an upstream's answer that is no list (a 404 from a registry without the
-referrers API, or a 400, 401, 403, 405 or 406 from others: clients are then sent to the
-``sha256-<hex>`` tag schema). An upstream that fails (network, 5xx, 429) with nothing kept is
-the caller's to answer.
+tag list of a repository, and the whole referrers answer of a manifest the store holds under
+that upstream and repository (a list, or the upstream's word that it has no referrers API);
+it leaves the index with the manifest. Everything else is kept in a bounded map in memory:
+pages asked for with ``n``, ``last`` or an upstream's own paging parameters, lists filtered by
+``artifactType``, and the answers about digests the store does not hold (an upstream lists any
+made-up digest, as empty). An upstream that answers with no list (a 404 from a registry
+without the referrers API, a 400, 401, 403, 405 or 406 from others) is answered 404, which
+sends clients to the ``sha256-<hex>`` tag schema; one that fails (network, 5xx, 429) with
+nothing kept is the caller's to answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from moorage.upstreams import UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable
+from moorage.upstreams import (
+    ManifestTooLarge,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamProtocolError,
+    artifact_type_only,
+    of_artifact_type,
+)
 from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._flight import SingleFlight
 from ._index import Index, ReferrersEntry, TagsEntry
 from ._keys import IndexKey, referrers_key, tags_list_key
+from ._routes import ContentRoute
 from ._source import Source
 from .errors import StoreFailure
 
@@ -70,10 +80,18 @@ class NotKept(Protocol):
 
 
 class Listings:
-    def __init__(self, index: Index, clock: Callable[[], float], not_kept: NotKept) -> None:
+    def __init__(
+        self,
+        index: Index,
+        clock: Callable[[], float],
+        not_kept: NotKept,
+        known_under: Callable[[Digest, ContentRoute], Awaitable[bool]],
+    ) -> None:
         self._index = index
         self._clock = clock
         self._not_kept = not_kept
+        #: Whether a stored digest was fetched or confirmed under a route (see ``_routes``).
+        self._known_under = known_under
         self._tags_flights: SingleFlight[IndexKey, TagsAnswer] = SingleFlight()
         self._referrers_flights: SingleFlight[IndexKey, ReferrersAnswer] = SingleFlight()
         #: Listings kept in memory (see the module's docstring), least recently fetched first.
@@ -113,28 +131,31 @@ class Listings:
     async def referrers(
         self, source: Source, repository: RepositoryName, digest: Digest, query: str, ttl: float
     ) -> ReferrersAnswer:
-        """The referrers of ``digest`` (``query``: ``artifactType`` and paging, canonical)."""
+        """The referrers of ``digest`` (``query``: ``artifactType`` and paging, canonical). A
+        list of one ``artifactType`` is cut from the whole list kept in the index when no
+        answer of its own is kept, so it too is answered while the upstream is down."""
         key = referrers_key(source.host, repository, digest, query)
         entry = self._page(key, ReferrersEntry)
-        if entry is None and not query:
-            entry = await asyncio.to_thread(self._index.referrers, key)
+        wanted = artifact_type_only(query)
+        if entry is None and (not query or wanted is not None):
+            whole = await asyncio.to_thread(self._index.referrers, referrers_key(source.host, repository, digest, ""))
+            entry = _narrowed(whole, wanted)
         if entry is not None and self._clock() - entry.fetched_at < ttl:
             return ReferrersAnswer(entry.body, entry.next_query, "hit")
 
         async def fetch() -> ReferrersAnswer:
             try:
                 page = await source.list_referrers(repository, digest, query)
-            except (UpstreamUnavailable, UpstreamRateLimited):
-                raise
-            except UpstreamError:  # an answer, and no list: no referrers API there
-                self._keep_page(key, ReferrersEntry(None, None, self._clock()))
-                return ReferrersAnswer(None, None, "miss")
-            fresh = ReferrersEntry(page.body, page.next_query, self._clock())
-            if query or not page.listed or not await self._put_referrers(key, fresh, digest, repository):
+                fresh = ReferrersEntry(page.body, page.next_query, self._clock())
+            except UpstreamError as exc:
+                if not _no_list(exc):
+                    raise
+                fresh = ReferrersEntry(None, None, self._clock())
+            if query or not await self._keep_referrers(key, fresh, digest, (source.host, str(repository))):
                 self._keep_page(key, fresh)
             else:
                 self._drop_page(key)
-            return ReferrersAnswer(page.body, page.next_query, "miss")
+            return ReferrersAnswer(fresh.body, fresh.next_query, "miss")
 
         try:
             answer, joined = await self._referrers_flights.run(key, fetch)
@@ -144,22 +165,23 @@ class Listings:
             return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
         return replace(answer, result="coalesced") if joined else answer
 
+    async def _keep_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest, route: ContentRoute) -> bool:
+        """Keep a whole referrers list in the index where its subject manifest is stored and
+        known under ``route``: a repository any client names holds no such manifest, so the
+        index grows with the store, not with what clients make up. Whether it is kept."""
+        if not await self._known_under(subject, route):
+            return False
+        try:
+            return await asyncio.to_thread(self._index.put_referrers, key, entry, subject)
+        except StoreFailure as failure:
+            self._not_kept("referrers list served but not stored", failure, repository=route[1])
+            return False
+
     async def _put(self, put: Callable[[], None], what: str, repository: RepositoryName) -> None:
         try:
             await asyncio.to_thread(put)
         except StoreFailure as failure:  # the answer is in hand: served, only not kept
             self._not_kept(f"{what} served but not stored", failure, repository=str(repository))
-
-    async def _put_referrers(
-        self, key: IndexKey, entry: ReferrersEntry, subject: Digest, repository: RepositoryName
-    ) -> bool:
-        """Keep a whole referrers list in the index, where its subject manifest is stored;
-        whether it is kept there."""
-        try:
-            return await asyncio.to_thread(self._index.put_referrers, key, entry, subject)
-        except StoreFailure as failure:
-            self._not_kept("referrers list served but not stored", failure, repository=str(repository))
-            return False
 
     def _page(self, key: IndexKey, kind: type[_Entry]) -> _Entry | None:
         entry = self._pages.get(key)
@@ -182,3 +204,25 @@ class Listings:
         dropped = self._pages.pop(key, None)
         if dropped is not None:
             self._pages_bytes -= len(dropped.body or b"")
+
+
+def _no_list(error: UpstreamError) -> bool:
+    """Whether an upstream's referrers answer says it has no list to give (no referrers API:
+    Distribution 2.x answers 404, others 400, 401, 403, 405 or 406, or something that is no
+    image index), rather than that it failed (network, 5xx, 429, a list above the size
+    limit). A refusal counts as an answer: where the cache's credentials are wrong, its
+    manifests fail too, and say so."""
+    if isinstance(error, ManifestTooLarge):
+        return False
+    return isinstance(error, UpstreamNotFound | UpstreamAuthFailed | UpstreamProtocolError)
+
+
+def _narrowed(whole: ReferrersEntry | None, wanted: str | None) -> ReferrersEntry | None:
+    """The whole list, or its entries of type ``wanted``; None where those cannot all be in
+    it (it has a next page)."""
+    if whole is None or wanted is None:
+        return whole
+    if whole.next_query is not None:
+        return None
+    body = of_artifact_type(whole.body, wanted) if whole.body is not None else None
+    return ReferrersEntry(body, None, whole.fetched_at)

@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
-from moorage.upstreams import RegistryClient, Route, UpstreamRateLimited, UpstreamUnavailable
+from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import (
     MAX_QUERY_PARAMETERS,
     OCI_IMAGE_INDEX,
@@ -423,8 +423,9 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
 
 async def referrers(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
     """The manifests whose ``subject`` is a digest (signatures, SBOMs, attestations), as the
-    upstream lists them; 404 where it has no referrers API, or fails with no list kept, so
-    that clients use the tag schema."""
+    upstream lists them; 404 where it has no referrers API, so that clients use the tag
+    schema. An upstream that fails with nothing kept is an error (503, 429), never that 404:
+    a client told "no API" may keep to the tag schema for good, and find no signature there."""
     digest = parse_digest(target.reference)
     query = page_query((name, value) for name, value in request.query.items() if name != "ns")
     if query is None:
@@ -435,27 +436,7 @@ async def referrers(request: web.Request, route: Route[RegistryClient], target: 
     note = notes(request)
     note.reference = str(digest)
     settings = request.app[SETTINGS]
-    try:
-        answer = await request.app[CACHE].referrers(
-            route.upstream, route.repository, digest, query, settings.referrers_ttl
-        )
-    except (UpstreamUnavailable, UpstreamRateLimited) as exc:
-        # Nothing kept to answer with. A 404 sends clients to the tag schema, which the cache
-        # may well hold; an error would fail a signature check that can still succeed.
-        log.warning(
-            "upstream failed and no referrers list kept: answered 404 so that clients use the tag schema",
-            extra={
-                "event": "upstream_failed",
-                "request_id": note.request_id,
-                "upstream": route.upstream.host,
-                "path": request.path[:200],
-                "status": 404,
-                "error": str(exc),
-            },
-        )
-        raise ReferrersUnsupported(
-            f"{exc}, and no referrers list of this digest is kept; use the sha256-<hex> tag schema"
-        ) from None
+    answer = await request.app[CACHE].referrers(route.upstream, route.repository, digest, query, settings.referrers_ttl)
     note.result = answer.result
     if answer.body is None:
         raise ReferrersUnsupported(

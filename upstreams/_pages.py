@@ -14,7 +14,16 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from .reference import is_page_size, is_tag, page_query
 
-__all__ = ["ReferrersPage", "TagsPage", "next_link", "page_of_whole_list", "referrers_page", "tags_page"]
+__all__ = [
+    "ReferrersPage",
+    "TagsPage",
+    "artifact_type_only",
+    "next_link",
+    "of_artifact_type",
+    "page_of_whole_list",
+    "referrers_page",
+    "tags_page",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,21 @@ def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> Referr
         following.append(("artifactType", wanted))
     next_query = page_query(following) or None
     return ReferrersPage(body, len(listed), next_query, next_dropped=next_query is None)
+
+
+def of_artifact_type(body: bytes, artifact_type: str) -> bytes:
+    """A referrers list (as ``referrers_page`` passed it) cut to the entries of one type."""
+    document = json.loads(body)
+    listed = [entry for entry in document["manifests"] if entry.get("artifactType") == artifact_type]
+    return json.dumps({**document, "manifests": listed}).encode()
+
+
+def artifact_type_only(query: str) -> str | None:
+    """The ``artifactType`` of a referrers query that asks for nothing else (no page)."""
+    parameters = parse_qsl(query)
+    if len(parameters) == 1 and parameters[0][0] == "artifactType":
+        return parameters[0][1]
+    return None
 
 
 def _query_of(target: str) -> str:
