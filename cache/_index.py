@@ -17,7 +17,16 @@ import diskcache
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
-from ._keys import SERVING_KEY, STORE_TOTALS_KEY, USAGE_KEY, IndexKey, blob_key, manifest_key, routes_key
+from ._keys import (
+    SERVING_KEY,
+    STORE_TOTALS_KEY,
+    USAGE_KEY,
+    IndexKey,
+    blob_key,
+    manifest_key,
+    referrers_key,
+    routes_key,
+)
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 from .errors import IndexFailure, StoreFailure
@@ -133,6 +142,8 @@ class Index:
         merged = bounded((*current, *routes))
         if merged != current:
             self._db.set(routes_key(digest), merged)
+            for upstream, repository in set(current) - set(merged):  # fell out of the bound
+                self._db.delete(referrers_key(upstream, repository, digest, ""))
 
     def tags(self, key: IndexKey) -> TagsEntry | None:
         value = self._db.get(key)
@@ -152,12 +163,15 @@ class Index:
         body, next_query, fetched_at = value
         return ReferrersEntry(body, next_query, fetched_at)
 
-    def put_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest) -> bool:
-        """Keep a referrers list where its ``subject`` manifest is stored (``forget`` drops it
-        with the manifest, a lifecycle expiry with the image); whether it is kept."""
+    def put_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest, route: ContentRoute) -> bool:
+        """Keep a referrers list where its ``subject`` manifest is stored, with the ``route``
+        it is known under (``forget`` drops the list with the manifest, a lifecycle expiry
+        with the image, and a route that falls out of the bounded routes with the route);
+        whether it is kept."""
         with _recording("a referrers list"), self._db.transact():
             if self._db.get(manifest_key(subject)) is None:
                 return False
+            self._add_routes(subject, [route])
             self._db.set(key, (entry.body, entry.next_query, entry.fetched_at))
             return True
 

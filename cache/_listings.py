@@ -10,10 +10,9 @@ that upstream and repository (a list, or the upstream's word that it has no refe
 it leaves the index with the manifest. Everything else is kept in a bounded map in memory:
 pages asked for with ``n``, ``last`` or an upstream's own paging parameters, lists filtered by
 ``artifactType``, and the answers about digests the store does not hold (an upstream lists any
-made-up digest, as empty). An upstream that answers with no list (a 404 from a registry
-without the referrers API, a 400, 401, 403, 405 or 406 from others) is answered 404, which
-sends clients to the ``sha256-<hex>`` tag schema; one that fails (network, 5xx, 429) with
-nothing kept is the caller's to answer.
+made-up digest, as empty). An upstream without the referrers API (``NoReferrersApi``) is
+answered 404, which sends clients to the ``sha256-<hex>`` tag schema; one that fails
+(network, 5xx, 429, refused credentials) with nothing kept is the caller's to answer.
 """
 
 from __future__ import annotations
@@ -26,11 +25,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 from moorage.upstreams import (
-    ManifestTooLarge,
-    UpstreamAuthFailed,
+    NoReferrersApi,
     UpstreamError,
     UpstreamNotFound,
-    UpstreamProtocolError,
     artifact_type_only,
     of_artifact_type,
 )
@@ -137,9 +134,13 @@ class Listings:
         key = referrers_key(source.host, repository, digest, query)
         entry = self._page(key, ReferrersEntry)
         wanted = artifact_type_only(query)
-        if entry is None and (not query or wanted is not None):
-            whole = await asyncio.to_thread(self._index.referrers, referrers_key(source.host, repository, digest, ""))
-            entry = _narrowed(whole, wanted)
+        if (entry is None or self._clock() - entry.fetched_at >= ttl) and (not query or wanted is not None):
+            whole_key = referrers_key(source.host, repository, digest, "")
+            kept = await asyncio.to_thread(lambda: _narrowed(self._index.referrers(whole_key), wanted))
+            if kept is not None and (entry is None or kept.fetched_at > entry.fetched_at):
+                entry = kept
+                if query:  # cut once, not at every request
+                    self._keep_page(key, kept)
         if entry is not None and self._clock() - entry.fetched_at < ttl:
             return ReferrersAnswer(entry.body, entry.next_query, "hit")
 
@@ -147,9 +148,7 @@ class Listings:
             try:
                 page = await source.list_referrers(repository, digest, query)
                 fresh = ReferrersEntry(page.body, page.next_query, self._clock())
-            except UpstreamError as exc:
-                if not _no_list(exc):
-                    raise
+            except NoReferrersApi:
                 fresh = ReferrersEntry(None, None, self._clock())
             if query or not await self._keep_referrers(key, fresh, digest, (source.host, str(repository))):
                 self._keep_page(key, fresh)
@@ -169,10 +168,11 @@ class Listings:
         """Keep a whole referrers list in the index where its subject manifest is stored and
         known under ``route``: a repository any client names holds no such manifest, so the
         index grows with the store, not with what clients make up. Whether it is kept."""
-        if not await self._known_under(subject, route):
-            return False
         try:
-            return await asyncio.to_thread(self._index.put_referrers, key, entry, subject)
+            if not await self._known_under(subject, route):
+                await asyncio.to_thread(self._index.delete, [key])  # no older answer outlives this one
+                return False
+            return await asyncio.to_thread(self._index.put_referrers, key, entry, subject, route)
         except StoreFailure as failure:
             self._not_kept("referrers list served but not stored", failure, repository=route[1])
             return False
@@ -204,17 +204,6 @@ class Listings:
         dropped = self._pages.pop(key, None)
         if dropped is not None:
             self._pages_bytes -= len(dropped.body or b"")
-
-
-def _no_list(error: UpstreamError) -> bool:
-    """Whether an upstream's referrers answer says it has no list to give (no referrers API:
-    Distribution 2.x answers 404, others 400, 401, 403, 405 or 406, or something that is no
-    image index), rather than that it failed (network, 5xx, 429, a list above the size
-    limit). A refusal counts as an answer: where the cache's credentials are wrong, its
-    manifests fail too, and say so."""
-    if isinstance(error, ManifestTooLarge):
-        return False
-    return isinstance(error, UpstreamNotFound | UpstreamAuthFailed | UpstreamProtocolError)
 
 
 def _narrowed(whole: ReferrersEntry | None, wanted: str | None) -> ReferrersEntry | None:

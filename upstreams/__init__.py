@@ -19,6 +19,7 @@ from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
 from .errors import (
     ManifestTooLarge,
+    NoReferrersApi,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -33,6 +34,7 @@ __all__ = [
     "FetchedManifest",
     "ManifestHead",
     "ManifestTooLarge",
+    "NoReferrersApi",
     "NoRoute",
     "NullObserver",
     "RateLimitState",

@@ -36,6 +36,7 @@ from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from .errors import (
     ManifestTooLarge,
+    NoReferrersApi,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 CHUNK_SIZE: Final = 1024 * 1024
+#: What registries without the referrers API answer it: Distribution 2.x 404, Quay 400, others
+#: 405 or 406. Not 401 or 403: those may be the cache's own credentials, refused.
+NO_REFERRERS_API: Final = frozenset({400, 404, 405, 406})
 log = logging.getLogger("moorage.upstreams")
 
 
@@ -324,8 +328,10 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         stream: bool = False,
+        answers: frozenset[int] = frozenset(),
     ) -> httpx.Response:
-        """One answer below 400, after retries; a streamed answer is the caller's to close."""
+        """One answer below 400, or of a status in ``answers``, after retries; a streamed
+        answer is the caller's to close."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=self._wait,
@@ -344,7 +350,7 @@ class RegistryClient:
                         except httpx.TransportError:  # an outage shows in the request counts too
                             self._observer.on_no_response(self.host, method, _kind(path))
                             raise
-                    if response.status_code >= 400:
+                    if response.status_code >= 400 and response.status_code not in answers:
                         await response.aclose()
                         if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
                             self._last_answer = time.time()
@@ -471,7 +477,8 @@ class RegistryClient:
 
     async def list_referrers(self, repository: RepositoryName, digest: Digest, query: str) -> ReferrersPage:
         """The referrers of ``digest``; ``query`` as ``reference.page_query`` writes it ("": the
-        whole list). An upstream with no referrers API answers 404: :class:`UpstreamNotFound`."""
+        whole list). An upstream with no referrers API (it answers one of ``NO_REFERRERS_API``,
+        or with something that is no image index) raises :class:`NoReferrersApi`."""
         what = f"referrers of {repository}@{digest}"
         response = await self._send(
             "GET",
@@ -480,15 +487,18 @@ class RegistryClient:
             headers={"Accept": OCI_IMAGE_INDEX},
             params=dict(parse_qsl(query)),
             stream=True,
+            answers=NO_REFERRERS_API,
         )
         try:
+            if response.status_code in NO_REFERRERS_API:
+                raise NoReferrersApi(self.host, f"{what}: HTTP {response.status_code}")
             body = await self._read_bounded(response, what)
         finally:
             await response.aclose()
         filtered = "artifacttype" in response.headers.get("oci-filters-applied", "").lower()
         page = referrers_page(body, response.headers.get("link", ""), query, filtered)
         if page is None:
-            raise UpstreamProtocolError(self.host, f"{what}: the answer is not an image index")
+            raise NoReferrersApi(self.host, f"{what}: the answer is not an image index")
         if page.next_dropped:
             log.warning(
                 "the upstream's next page of referrers is not offered: its query is out of bounds",

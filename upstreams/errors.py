@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ManifestTooLarge",
+    "NoReferrersApi",
     "UpstreamAuthFailed",
     "UpstreamError",
     "UpstreamNotFound",
@@ -32,6 +33,10 @@ class UpstreamError(Exception):
     def __init__(self, upstream: str, message: str) -> None:
         self.upstream = upstream
         super().__init__(f"{upstream}: {message}")
+
+
+class NoReferrersApi(UpstreamError):
+    """The upstream answered a referrers request, with no list: it has no referrers API."""
 
 
 class UpstreamUnavailable(UpstreamError):

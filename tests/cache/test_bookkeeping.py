@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from moorage.cache import Cache, DirectoryStore
-from moorage.cache._index import Index, TagsEntry
+from moorage.cache._index import Index, ReferrersEntry, TagsEntry
 from moorage.cache._keys import pulled_key
+from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
 from tests.polling import until
@@ -268,4 +269,21 @@ async def test_tag_list_pages_in_memory_stay_within_their_bytes(tmp_path: Path) 
     listings._keep_page(("tags", "docker.io", "team/app", "big", ""), big)
     assert ("tags", "docker.io", "team/app", "big", "") not in listings._pages
     await cache.aclose()
+    index.close()
+
+
+def test_a_route_that_falls_out_of_the_bound_takes_its_referrers_list_along(tmp_path: Path) -> None:
+    """A list kept for a route the index no longer knows could never be replaced, and came
+    back after a restart with signatures the upstream had withdrawn."""
+    index = Index(tmp_path / "index")
+    digest = put(DirectoryStore(tmp_path), b"{}")
+    index.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json")
+    key = ("referrers", "docker.io", "team/app", str(digest), "")
+    assert index.put_referrers(key, ReferrersEntry(b"{}", None, 0.0), digest, ("docker.io", "team/app"))
+    others = {digest: [("docker.io", f"copy/n{number}") for number in range(MAX_ROUTES_PER_DIGEST - 1)]}
+    index.write_batch({}, {}, routes=others)
+    assert index.referrers(key) is not None, "still one of the routes kept"
+    index.write_batch({}, {}, routes={digest: [("docker.io", "copy/last")]})
+    assert ("docker.io", "team/app") not in index.routes(digest)
+    assert index.referrers(key) is None
     index.close()

@@ -84,8 +84,7 @@ async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
     ("status", "body"),
     [
         pytest.param(400, None, id="400"),
-        pytest.param(401, None, id="401"),
-        pytest.param(403, None, id="403"),
+        pytest.param(404, None, id="404"),
         pytest.param(405, None, id="405"),
         pytest.param(406, None, id="406"),
         pytest.param(200, b"<html>not here</html>", id="200_not_an_index"),
@@ -95,9 +94,9 @@ async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
 async def test_any_answer_that_is_no_list_sends_clients_to_the_tag_schema(
     moorage: Client, upstream: FakeRegistry, status: int, body: bytes | None
 ) -> None:
-    """Registries without the API answer other than 404 (Quay 400, Harbor 401, Artifactory
-    406). oras-go and notation fall back to the tag schema on a 404 only: anything else,
-    passed on as a 502, failed their signature checks."""
+    """Registries without the API answer other than 404 (Quay 400, Artifactory 406). oras-go
+    and notation fall back to the tag schema on a 404 only: anything else, passed on as a
+    502, failed their signature checks."""
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     if body is None:
         upstream.fail_next(1, status, paths="/referrers/", code="UNSUPPORTED")
@@ -119,6 +118,45 @@ async def test_an_upstream_down_with_nothing_kept_is_an_error_not_the_404_of_no_
     response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
     assert response.status == 503
     assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_credentials_are_a_failure_not_the_end_of_the_api(
+    start_moorage: StartMoorage, upstream: FakeRegistry, status: int
+) -> None:
+    """A refusal may be the cache's own credentials, rotated: taking it for "no API" replaced
+    the kept list, and sent verifiers to the tag schema while the image still pulled."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    moorage = await start_moorage()
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
+    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    advance_clock(moorage, 61)
+    upstream.fail_next(5, status, paths="/referrers/")
+    response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert response.status == 200 and response.headers["Warning"] == '110 - "stale"'
+    assert listed(await response.read()) == [signature]
+    await moorage.close()
+    await upstream.stop_listening()
+    restarted = await start_moorage()
+    advance_clock(restarted, 120)
+    assert listed(await (await restarted.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+
+
+async def test_a_kept_list_of_one_type_gives_way_to_a_newer_whole_list(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
+    one_type = {"artifactType": SIGNATURE}
+    first = await moorage.get(f"/v2/owner/app/referrers/{image.digest}", params=one_type)
+    assert listed(await first.read()) == [signature]
+    upstream.delete_manifest("owner/app", signature)
+    advance_clock(moorage, 61)
+    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == []
+    upstream.reset_requests()
+    again = await moorage.get(f"/v2/owner/app/referrers/{image.digest}", params=one_type)
+    assert listed(await again.read()) == [] and again.headers["X-Moorage-Cache"] == "hit"
+    assert upstream.requests == [], "cut from the whole list just fetched"
 
 
 async def test_no_api_for_a_stored_image_is_answered_through_a_restart_and_an_outage(
@@ -259,6 +297,9 @@ async def test_only_lists_of_stored_manifests_are_kept_in_the_index_and_leave_wi
     advance_clock(moorage, 61)
     assert (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).status == 200
     assert kept() == [("referrers", "docker.io", "owner/app", image.digest, "")]
+    assert ("docker.io", "owner/app") in cache._index.routes(parse_digest(image.digest)), (
+        "its route is written with it, not only with the next batch: a crash must not leave a list whose route is lost"
+    )
     # The same manifest named through a repository anyone could create upstream: not kept.
     config = upstream.add_blob(b"{}")
     for number in range(5):
