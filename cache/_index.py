@@ -163,6 +163,12 @@ class Index:
         body, next_query, fetched_at = value
         return ReferrersEntry(body, next_query, fetched_at)
 
+    def discard(self, key: IndexKey) -> None:
+        """Delete ``key`` where it is held (only a read where it is not)."""
+        with _recording("a removal"):
+            if key in self._db:
+                self._db.delete(key)
+
     def put_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest, route: ContentRoute) -> bool:
         """Keep a referrers list where its ``subject`` manifest is stored, with the ``route``
         it is known under (``forget`` drops the list with the manifest, a lifecycle expiry

@@ -159,7 +159,7 @@ class Listings:
         try:
             answer, joined = await self._referrers_flights.run(key, fetch)
         except UpstreamError as exc:
-            if entry is None:
+            if isinstance(exc, UpstreamNotFound) or entry is None:  # the repository is gone
                 raise
             return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
         return replace(answer, result="coalesced") if joined else answer
@@ -170,7 +170,7 @@ class Listings:
         index grows with the store, not with what clients make up. Whether it is kept."""
         try:
             if not await self._known_under(subject, route):
-                await asyncio.to_thread(self._index.delete, [key])  # no older answer outlives this one
+                await asyncio.to_thread(self._index.discard, key)  # no older answer outlives this one
                 return False
             return await asyncio.to_thread(self._index.put_referrers, key, entry, subject, route)
         except StoreFailure as failure:

@@ -31,7 +31,7 @@ from moorage.config import UpstreamSettings
 from ._auth import RegistryAuth
 from ._body import DirectBody
 from ._network import wide_read_transport
-from ._pages import ReferrersPage, TagsPage, referrers_page, tags_page
+from ._pages import ReferrersPage, TagsPage, error_codes, referrers_page, tags_page
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from .errors import (
@@ -491,6 +491,12 @@ class RegistryClient:
         )
         try:
             if response.status_code in NO_REFERRERS_API:
+                # A registry with the API says NAME_UNKNOWN for a repository it does not hold:
+                # that is no word on the API (oras-go takes it so too).
+                if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(
+                    await self._read_bounded(response, what)
+                ):
+                    raise UpstreamNotFound(self.host, f"{what}: no such repository")
                 raise NoReferrersApi(self.host, f"{what}: HTTP {response.status_code}")
             body = await self._read_bounded(response, what)
         finally:

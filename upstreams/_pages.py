@@ -18,6 +18,7 @@ __all__ = [
     "ReferrersPage",
     "TagsPage",
     "artifact_type_only",
+    "error_codes",
     "next_link",
     "of_artifact_type",
     "page_of_whole_list",
@@ -146,6 +147,18 @@ def artifact_type_only(query: str) -> str | None:
     if len(parameters) == 1 and parameters[0][0] == "artifactType":
         return parameters[0][1]
     return None
+
+
+def error_codes(body: bytes) -> set[str]:
+    """The codes of an OCI error body (``{"errors": [{"code": ...}]}``); none for another."""
+    try:
+        document: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        return set()
+    errors = document.get("errors") if isinstance(document, dict) else None
+    if not isinstance(errors, list):
+        return set()
+    return {error["code"] for error in errors if isinstance(error, dict) and isinstance(error.get("code"), str)}
 
 
 def _query_of(target: str) -> str:

@@ -5,6 +5,8 @@ the upstream has none, which sends clients (cosign, notation, oras) to the tag s
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,54 @@ async def test_an_upstream_down_with_nothing_kept_is_an_error_not_the_404_of_no_
     response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
     assert response.status == 503
     assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_a_repository_the_upstream_does_not_hold_is_name_unknown_not_the_end_of_the_api(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A registry with the API answers 404 NAME_UNKNOWN for a repository it does not hold
+    (deleted, renamed): oras-go takes that as no word on the API, and so must the cache, or
+    its answer would replace the kept list and send verifiers to the tag schema for good."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    moorage = await start_moorage()
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
+    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    advance_clock(moorage, 61)
+    upstream.fail_next(1, 404, paths="/referrers/", code="NAME_UNKNOWN")
+    gone = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert gone.status == 404 and (await gone.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    kept = moorage.app[CACHE]._index.referrers(("referrers", "docker.io", "owner/app", image.digest, ""))
+    assert kept is not None and kept.body is not None, "the kept list is not replaced"
+
+
+async def test_a_referrers_answer_the_index_cannot_record_is_served_all_the_same(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    index = moorage.app[CACHE]._index
+
+    def full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(index, "_db", _Failing(index._db, full))
+    response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert response.status == 200 and listed(await response.read()) == [signature]
+
+
+class _Failing:
+    """An index database whose reads pass and whose writes fail."""
+
+    def __init__(self, db: object, fail: Callable[..., None]) -> None:
+        self._db, self._fail = db, fail
+
+    def __contains__(self, key: object) -> bool:
+        self._fail()
+        return False
+
+    def __getattr__(self, name: str) -> object:
+        return self._fail if name in ("set", "delete", "add", "transact") else getattr(self._db, name)
 
 
 @pytest.mark.parametrize("status", [401, 403])
