@@ -48,6 +48,28 @@ def listed(body: bytes) -> list[str]:
     return sorted(entry["digest"] for entry in document["manifests"])
 
 
+async def signed_and_kept(start_moorage: StartMoorage, upstream: FakeRegistry) -> tuple[Client, FakeImage, str]:
+    """owner/app:1 with a signature upstream, pulled through the cache and its referrers
+    asked for once, so that the list is kept in the index: (the cache, the image, the
+    signature's digest)."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    moorage = await start_moorage()
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
+    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    return moorage, image, signature
+
+
+async def restarted_while_down(moorage: Client, start_moorage: StartMoorage, upstream: FakeRegistry) -> Client:
+    """The cache stopped, the upstream gone, the cache started again on the same store, and
+    everything it kept older than ``referrers_ttl``."""
+    await moorage.close()
+    await upstream.stop_listening()
+    restarted = await start_moorage()
+    advance_clock(restarted, 120)
+    return restarted
+
+
 async def test_referrers_are_fetched_once_then_served_from_the_cache(moorage: Client, upstream: FakeRegistry) -> None:
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     signature = attach(upstream, "owner/app", image, SIGNATURE)
@@ -128,11 +150,7 @@ async def test_a_repository_the_upstream_does_not_hold_is_name_unknown_not_the_e
     """A registry with the API answers 404 NAME_UNKNOWN for a repository it does not hold
     (deleted, renamed): oras-go takes that as no word on the API, and so must the cache, or
     its answer would replace the kept list and send verifiers to the tag schema for good."""
-    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
-    signature = attach(upstream, "owner/app", image, SIGNATURE)
-    moorage = await start_moorage()
-    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
-    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    moorage, image, _ = await signed_and_kept(start_moorage, upstream)
     advance_clock(moorage, 61)
     upstream.fail_next(1, 404, paths="/referrers/", code="NAME_UNKNOWN")
     gone = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
@@ -176,20 +194,13 @@ async def test_refused_credentials_are_a_failure_not_the_end_of_the_api(
 ) -> None:
     """A refusal may be the cache's own credentials, rotated: taking it for "no API" replaced
     the kept list, and sent verifiers to the tag schema while the image still pulled."""
-    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
-    signature = attach(upstream, "owner/app", image, SIGNATURE)
-    moorage = await start_moorage()
-    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
-    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    moorage, image, signature = await signed_and_kept(start_moorage, upstream)
     advance_clock(moorage, 61)
     upstream.fail_next(5, status, paths="/referrers/")
     response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
     assert response.status == 200 and response.headers["Warning"] == '110 - "stale"'
     assert listed(await response.read()) == [signature]
-    await moorage.close()
-    await upstream.stop_listening()
-    restarted = await start_moorage()
-    advance_clock(restarted, 120)
+    restarted = await restarted_while_down(moorage, start_moorage, upstream)
     assert listed(await (await restarted.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
 
 
@@ -219,10 +230,7 @@ async def test_no_api_for_a_stored_image_is_answered_through_a_restart_and_an_ou
     moorage = await start_moorage()
     assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
     assert (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).status == 404
-    await moorage.close()
-    await upstream.stop_listening()
-    restarted = await start_moorage()
-    advance_clock(restarted, 120)
+    restarted = await restarted_while_down(moorage, start_moorage, upstream)
     response = await restarted.get(f"/v2/owner/app/referrers/{image.digest}")
     assert response.status == 404 and response.headers["Warning"] == '110 - "stale"'
     assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
@@ -242,10 +250,7 @@ async def test_a_list_of_one_type_is_cut_from_the_kept_list_while_the_upstream_i
     fresh = await moorage.get(f"/v2/owner/app/referrers/{image.digest}", params={"artifactType": SIGNATURE})
     assert listed(await fresh.read()) == [signature] and fresh.headers["X-Moorage-Cache"] == "hit"
     assert upstream.requests == [], "cut from the whole list, which is fresh"
-    await moorage.close()
-    await upstream.stop_listening()
-    restarted = await start_moorage()
-    advance_clock(restarted, 120)
+    restarted = await restarted_while_down(moorage, start_moorage, upstream)
     response = await restarted.get(f"/v2/owner/app/referrers/{image.digest}", params={"artifactType": SIGNATURE})
     assert response.status == 200 and response.headers["Warning"] == '110 - "stale"'
     assert response.headers["OCI-Filters-Applied"] == "artifactType"
@@ -255,18 +260,11 @@ async def test_a_list_of_one_type_is_cut_from_the_kept_list_while_the_upstream_i
 async def test_a_signature_withdrawn_upstream_does_not_come_back_after_a_restart(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
-    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
-    signature = attach(upstream, "owner/app", image, SIGNATURE)
-    moorage = await start_moorage()
-    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200
-    assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == [signature]
+    moorage, image, signature = await signed_and_kept(start_moorage, upstream)
     upstream.delete_manifest("owner/app", signature)
     advance_clock(moorage, 61)
     assert listed(await (await moorage.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == []
-    await moorage.close()
-    await upstream.stop_listening()
-    restarted = await start_moorage()
-    advance_clock(restarted, 120)
+    restarted = await restarted_while_down(moorage, start_moorage, upstream)
     assert listed(await (await restarted.get(f"/v2/owner/app/referrers/{image.digest}")).read()) == []
 
 
