@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import (
+    MAX_QUERY_LENGTH,
     MAX_QUERY_PARAMETERS,
     OCI_IMAGE_INDEX,
     accept_class,
@@ -431,7 +432,8 @@ async def referrers(request: web.Request, route: Route[RegistryClient], target: 
     if query is None:
         raise ReferrersQueryInvalid(
             f"bad referrers query {request.query_string[:200]!r}: artifactType takes a media type, "
-            f"and at most {MAX_QUERY_PARAMETERS} parameters of printable ASCII are passed on"
+            f"and at most {MAX_QUERY_PARAMETERS} parameters of printable ASCII, {MAX_QUERY_LENGTH} characters in all, "
+            "are passed on"
         )
     note = notes(request)
     note.reference = str(digest)

@@ -3,7 +3,10 @@
 It pulls through a running Moorage like any client would: the manifest, the chosen platforms'
 manifests, then every config and layer, read and discarded. With no daemon it starts one in
 this process on the store (see ``_serve.running``). Blobs are fetched a few at a time, each
-with its own progress bar.
+with its own progress bar. With ``referrers``, also the image's signatures, SBOMs and
+attestations, so that a verifier finds them while the upstream is out of reach: what the
+referrers list of the image's digest names, or, where the upstream has no referrers API,
+what the tag schema's index and cosign's ``.sig``, ``.att`` and ``.sbom`` tags hold.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ __all__ = ["WarmFailed", "WarmedImage", "platform_matches", "progress_bars", "wa
 
 PARALLEL_BLOBS: Final = 4
 CHUNK: Final = 1024 * 1024
+#: Tags ``sha256-<hex>`` + these hold a digest's referrers where the upstream has no referrers
+#: API: the OCI 1.1 tag schema's index (no suffix) and cosign's own tags.
+FALLBACK_TAG_SUFFIXES: Final = ("", ".sig", ".att", ".sbom")
 
 
 class WarmFailed(Exception):
@@ -36,6 +42,8 @@ class WarmedImage:
     image: str
     digest: str
     platforms: list[str] = field(default_factory=list)
+    #: Signatures, SBOMs and attestations warmed with it (with ``referrers``).
+    referrers: int = 0
     blobs: int = 0
     bytes: int = 0
     #: How the cache answered each request (hit, miss, coalesced, ...).
@@ -55,22 +63,38 @@ def _platform_name(entry: dict[str, Any]) -> str:
 
 
 async def warm(
-    base_url: str, images: Sequence[ImageReference], platforms: Sequence[str] | None, progress: Progress | None
+    base_url: str,
+    images: Sequence[ImageReference],
+    platforms: Sequence[str] | None,
+    progress: Progress | None,
+    *,
+    referrers: bool = False,
 ) -> list[WarmedImage]:
-    """Pull each image through the cache at ``base_url``; ``platforms`` None means every one."""
+    """Pull each image through the cache at ``base_url``; ``platforms`` None means every one;
+    ``referrers``: with its signatures, SBOMs and attestations."""
     timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=300)
     async with aiohttp.ClientSession(base_url=base_url, timeout=timeout) as session:
-        return [await _warm_one(session, image, platforms, progress) for image in images]
+        return [await _warm_one(session, image, platforms, progress, referrers) for image in images]
 
 
 async def _get_manifest(
     session: aiohttp.ClientSession, image: ImageReference, reference: str, warmed: WarmedImage
 ) -> tuple[dict[str, Any], str, str]:
+    found = await _find_manifest(session, image, reference, warmed)
+    if isinstance(found, str):
+        raise WarmFailed(f"{image}: {found}")
+    return found
+
+
+async def _find_manifest(
+    session: aiohttp.ClientSession, image: ImageReference, reference: str, warmed: WarmedImage
+) -> tuple[dict[str, Any], str, str] | str:
+    """(the manifest, its media type, its digest), or why there is none."""
     url = f"/v2/{image.repository}/manifests/{reference}"
     async with session.get(url, params={"ns": image.registry}, headers={"Accept": ACCEPT_ALL_MANIFESTS}) as response:
         body = await response.read()
         if response.status != 200:
-            raise WarmFailed(f"{image}: {_error_text(response.status, body)}")
+            return _error_text(response.status, body)
         warmed.results[response.headers.get("X-Moorage-Cache", "unknown")] += 1
         return json.loads(body), response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
 
@@ -83,8 +107,41 @@ def _error_text(status: int, body: bytes) -> str:
         return f"HTTP {status}"
 
 
+async def _referrers_of(
+    session: aiohttp.ClientSession, image: ImageReference, digest: str, warmed: WarmedImage
+) -> list[dict[str, Any]]:
+    """The manifests whose subject is ``digest``, pulled through the cache: those its
+    referrers list names, or where the upstream has no referrers API (404 ``UNSUPPORTED``),
+    those the fallback tags hold. A fallback tag that is not there is passed over."""
+    url = f"/v2/{image.repository}/referrers/{digest}"
+    async with session.get(url, params={"ns": image.registry}) as response:
+        body = await response.read()
+        no_api = response.status == 404 and "UNSUPPORTED" in _error_text(response.status, body)
+        if response.status != 200 and not no_api:
+            raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
+    if not no_api:
+        named = [entry["digest"] for entry in json.loads(body).get("manifests", [])]
+        return [(await _get_manifest(session, image, referrer, warmed))[0] for referrer in named]
+    found = []
+    for suffix in FALLBACK_TAG_SUFFIXES:
+        tagged = await _find_manifest(session, image, digest.replace(":", "-") + suffix, warmed)
+        if isinstance(tagged, str):
+            continue  # no such tag: cosign writes only the kinds it was asked to
+        document = tagged[0]
+        if "manifests" in document:  # the tag schema's index of referrers
+            for entry in document["manifests"]:
+                found.append((await _get_manifest(session, image, entry["digest"], warmed))[0])
+        else:
+            found.append(document)
+    return found
+
+
 async def _warm_one(
-    session: aiohttp.ClientSession, image: ImageReference, platforms: Sequence[str] | None, progress: Progress | None
+    session: aiohttp.ClientSession,
+    image: ImageReference,
+    platforms: Sequence[str] | None,
+    progress: Progress | None,
+    referrers: bool,
 ) -> WarmedImage:
     warmed = WarmedImage(str(image), "")
     document, media_type, warmed.digest = await _get_manifest(session, image, str(image.reference), warmed)
@@ -102,6 +159,10 @@ async def _warm_one(
             warmed.platforms.append(_platform_name(entry))
             child, _, _ = await _get_manifest(session, image, entry["digest"], warmed)
             manifests.append(child)
+    if referrers:
+        attached = await _referrers_of(session, image, warmed.digest, warmed)
+        warmed.referrers = len(attached)
+        manifests.extend(attached)
     blobs: dict[str, int] = {}
     for manifest in manifests:
         for descriptor in [manifest.get("config", {}), *manifest.get("layers", [])]:

@@ -457,12 +457,19 @@ def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
     "warm",
     epilog="Examples:\n\n  moorage warm alpine:3.19 ghcr.io/owner/app:1\n\n"
     "  moorage warm -f images.txt --all-platforms --url http://moorage.example:5000\n\n"
-    "  moorage warm --platform linux/arm64 --store /var/lib/moorage nginx:1.27",
+    "  moorage warm --platform linux/arm64 --store /var/lib/moorage nginx:1.27\n\n"
+    "  moorage warm --referrers ghcr.io/owner/app:1",
 )
 @click.argument("images", nargs=-1)
 @click.option("-f", "--file", type=click.Path(path_type=Path, dir_okay=False), help="Images, one per line.")
 @click.option("--platform", "platforms", multiple=True, help="os/arch[/variant] of an index to warm (repeatable).")
 @click.option("--all-platforms", is_flag=True, help="Every platform of an index.")
+@click.option(
+    "--referrers",
+    "with_referrers",
+    is_flag=True,
+    help="Also the images' signatures, SBOMs and attestations (referrers, or the tag schema's and cosign's tags).",
+)
 @click.option("--url", help="Warm a running daemon at this base URL (default: work on the store directly).")
 @config_option
 @store_option
@@ -471,6 +478,7 @@ def warm_command(
     file: Path | None,
     platforms: tuple[str, ...],
     all_platforms: bool,
+    with_referrers: bool,
     url: str | None,
     config: Path | None,
     store: Path | None,
@@ -497,12 +505,12 @@ def warm_command(
     async def run() -> list[WarmedImage]:
         with progress_bars(console(err=True)) as progress:
             if url is not None:
-                return await warm(url, references, wanted, progress)
+                return await warm(url, references, wanted, progress, referrers=with_referrers)
             settings = settings_from(config)
             if store is not None:
                 settings = settings.model_copy(update={"storage": StorageSettings(path=store)})
             async with running(settings) as local:
-                return await warm(local, references, wanted, progress)
+                return await warm(local, references, wanted, progress, referrers=with_referrers)
 
     try:
         warmed = asyncio.run(run())
@@ -513,7 +521,8 @@ def warm_command(
     for image in warmed:
         results = ", ".join(f"{count} {result}" for result, count in sorted(image.results.items()))
         platforms_text = f" [{', '.join(image.platforms)}]" if image.platforms else ""
-        click.echo(f"{image.image}{platforms_text}: {image.blobs} blobs, {_size(image.bytes)} ({results})")
+        attached = f", {image.referrers} referrers" if with_referrers else ""
+        click.echo(f"{image.image}{platforms_text}: {image.blobs} blobs{attached}, {_size(image.bytes)} ({results})")
 
 
 @main.command(epilog="Examples:\n\n  moorage verify\n\n  moorage verify --repair --rate 50MiB --store /var/lib/moorage")

@@ -3,6 +3,7 @@ stats, healthcheck, and client-config snippets fed to real containerd and podman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from .harness.tools import closed_port, free_port
 
 pytestmark = pytest.mark.integration
 KiB = 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
 @dataclass(frozen=True)
@@ -231,3 +235,49 @@ def test_podman_pulls_with_the_generated_registries_conf(upstream: Upstream, tmp
         hub = [line["path"] for line in requests if line["upstream"] == "docker.io"]
         assert hub and all(path.startswith("/v2/docker.io/library/tiny/") for path in hub)
         assert any(line["path"].startswith("/v2/ghcr.io/library/tiny/") for line in requests)
+
+
+def test_warm_with_referrers_takes_the_signatures_along_where_the_upstream_has_no_referrers_api(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A verifier behind the cache asks for an image's signatures too: warmed with the image,
+    they are there while the upstream is out of reach. Distribution 2.x has no referrers API,
+    so they come from cosign's .sig tag and the OCI 1.1 tag schema's index."""
+    registry, repository = upstream.registry, "library/signed"
+    layout = tmp_path / "layout"
+    images.write_oci_image(layout, "signed", [images.random_layer(20 * KiB, 23)])
+    image = images.push(layout, "signed", registry.host, repository, "1")
+    subject = {"mediaType": image.media_type, "digest": image.manifest_digest, "size": image.manifest_size}
+    config = {"mediaType": OCI_CONFIG, "digest": images.push_blob(registry.url, repository, b"{}"), "size": 2}
+    prefix = image.manifest_digest.replace(":", "-")
+    attached: dict[str, str] = {}  # tag -> the digest of the layer only its artifact names
+    for tag, payload, layer_type in (
+        (prefix + ".sig", b'{"critical": {}}', "application/vnd.dev.cosign.simplesigning.v1+json"),
+        (prefix, b'{"spdxVersion": "SPDX-2.3"}', "application/spdx+json"),
+    ):
+        layer_digest = images.push_blob(registry.url, repository, payload)
+        layer = {"mediaType": layer_type, "digest": layer_digest, "size": len(payload)}
+        document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [layer]}
+        manifest = json.dumps({**document, "subject": subject}).encode()
+        if tag.endswith(".sig"):  # cosign's own tag: the signature itself
+            images.push_manifest(registry.url, repository, tag, manifest, OCI_MANIFEST)
+        else:  # the tag schema: an index of the referrers, under the bare digest
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            images.push_manifest(registry.url, repository, digest, manifest, OCI_MANIFEST)
+            entry = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest)}
+            index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}).encode()
+            images.push_manifest(registry.url, repository, tag, index, OCI_INDEX)
+        attached[tag] = layer_digest
+
+    config_path = write_config(tmp_path, registry)
+    warmed = moorage("warm", "signed:1", "--referrers", config=config_path)
+    # The image's config and layer, the artifacts' shared config and their two layers.
+    assert "docker.io/library/signed:1: 5 blobs, 2 referrers" in warmed.stdout, warmed.stdout
+
+    store = {"path": str(tmp_path / "store")}
+    with MoorageProcess(tmp_path / "daemon", upstream_settings(registry), storage=store) as daemon:
+        mark = registry.mark()
+        for tag, only_there in attached.items():
+            skopeo_copy(f"docker://{daemon.host}/signed:{tag}", f"dir:{tmp_path / tag}")
+            assert (tmp_path / tag / only_there.removeprefix("sha256:")).exists()
+        assert registry.blob_gets(mark) == {}, "the signatures' blobs were warmed with the image"

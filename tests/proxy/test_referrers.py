@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from moorage.cache import policy_resolver
 from moorage.proxy._state import CACHE, SETTINGS
-from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_digest
+from moorage.proxy._warm import warm
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_digest, parse_image_reference
 from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeImage, FakeRegistry, image_manifest
 
 from .conftest import StartMoorage, advance_clock, metric
@@ -462,3 +463,17 @@ async def test_an_image_a_lifecycle_policy_expires_takes_its_referrers_list_alon
     result = await cache.apply_lifecycle(policy_resolver(moorage.app[SETTINGS].upstreams))
     assert [image.digest for image in (e.image for e in result.expired)] == [parse_digest(old.digest)]
     assert not [key for key in cache._index._db.iterkeys() if key[0] == "referrers"]
+
+
+async def test_warm_with_referrers_pulls_what_the_referrers_list_names(moorage: Client, upstream: FakeRegistry) -> None:
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    base = str(moorage.make_url(""))
+    [warmed] = await warm(base, [parse_image_reference("owner/app:1")], None, None, referrers=True)
+    assert warmed.referrers == 1
+    assert upstream.count("GET", f"/manifests/{signature}") == 1
+    assert upstream.count("GET", "/manifests/sha256-") == 0, "no fallback tags where the API answers"
+    upstream.reset_requests()
+    again = await moorage.get(f"/v2/owner/app/manifests/{signature}", headers=ALL)
+    assert again.status == 200 and again.headers["X-Moorage-Cache"] == "hit"
+    assert upstream.requests == []
