@@ -5,8 +5,10 @@ manifests, then every config and layer, read and discarded. With no daemon it st
 this process on the store (see ``_serve.running``). Blobs are fetched a few at a time, each
 with its own progress bar. With ``referrers``, also the image's signatures, SBOMs and
 attestations, so that a verifier finds them while the upstream is out of reach: what the
-referrers list of the image's digest names, or, where the upstream has no referrers API,
-what the tag schema's index and cosign's ``.sig``, ``.att`` and ``.sbom`` tags hold.
+referrers list of the image's digest names (every page), or, where the upstream has no
+referrers API, what the tag schema's index names; and what cosign's ``.sig``, ``.att`` and
+``.sbom`` tags hold (cosign writes them with no ``subject``, so no referrers list names
+them). A referrer that is an index comes with its manifests.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from moorage.upstreams import next_link
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference
 
 __all__ = ["WarmFailed", "WarmedImage", "platform_matches", "progress_bars", "warm"]
 
 PARALLEL_BLOBS: Final = 4
 CHUNK: Final = 1024 * 1024
-#: Tags ``sha256-<hex>`` + these hold a digest's referrers where the upstream has no referrers
-#: API: the OCI 1.1 tag schema's index (no suffix) and cosign's own tags.
-FALLBACK_TAG_SUFFIXES: Final = ("", ".sig", ".att", ".sbom")
+#: cosign's tags for a digest's signatures, attestations and SBOMs: ``sha256-<hex>`` + these.
+COSIGN_TAG_SUFFIXES: Final = (".sig", ".att", ".sbom")
+#: Pages of a referrers list followed at most.
+MAX_REFERRER_PAGES: Final = 100
 
 
 class WarmFailed(Exception):
@@ -89,12 +93,15 @@ async def _get_manifest(
 async def _find_manifest(
     session: aiohttp.ClientSession, image: ImageReference, reference: str, warmed: WarmedImage
 ) -> tuple[dict[str, Any], str, str] | str:
-    """(the manifest, its media type, its digest), or why there is none."""
+    """(the manifest, its media type, its digest), or why there is none where the cache
+    answers 404; any other failure (the upstream down, refused) raises :class:`WarmFailed`."""
     url = f"/v2/{image.repository}/manifests/{reference}"
     async with session.get(url, params={"ns": image.registry}, headers={"Accept": ACCEPT_ALL_MANIFESTS}) as response:
         body = await response.read()
-        if response.status != 200:
+        if response.status == 404:
             return _error_text(response.status, body)
+        if response.status != 200:
+            raise WarmFailed(f"{image}: {reference}: {_error_text(response.status, body)}")
         warmed.results[response.headers.get("X-Moorage-Cache", "unknown")] += 1
         return json.loads(body), response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
 
@@ -110,30 +117,51 @@ def _error_text(status: int, body: bytes) -> str:
 async def _referrers_of(
     session: aiohttp.ClientSession, image: ImageReference, digest: str, warmed: WarmedImage
 ) -> list[dict[str, Any]]:
-    """The manifests whose subject is ``digest``, pulled through the cache: those its
-    referrers list names, or where the upstream has no referrers API (404 ``UNSUPPORTED``),
-    those the fallback tags hold. A fallback tag that is not there is passed over."""
-    url = f"/v2/{image.repository}/referrers/{digest}"
-    async with session.get(url, params={"ns": image.registry}) as response:
-        body = await response.read()
-        no_api = response.status == 404 and "UNSUPPORTED" in _error_text(response.status, body)
-        if response.status != 200 and not no_api:
-            raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
-    if not no_api:
-        named = [entry["digest"] for entry in json.loads(body).get("manifests", [])]
-        return [(await _get_manifest(session, image, referrer, warmed))[0] for referrer in named]
-    found = []
-    for suffix in FALLBACK_TAG_SUFFIXES:
-        tagged = await _find_manifest(session, image, digest.replace(":", "-") + suffix, warmed)
-        if isinstance(tagged, str):
-            continue  # no such tag: cosign writes only the kinds it was asked to
-        document = tagged[0]
-        if "manifests" in document:  # the tag schema's index of referrers
-            for entry in document["manifests"]:
-                found.append((await _get_manifest(session, image, entry["digest"], warmed))[0])
-        else:
-            found.append(document)
-    return found
+    """The manifests that name ``digest`` as their subject (and cosign's, which name none),
+    pulled through the cache, each once. A tag that is not there is passed over."""
+    found: dict[str, dict[str, Any]] = {}
+
+    async def add(document: dict[str, Any], referrer: str) -> None:
+        if referrer in found:
+            return
+        found[referrer] = document
+        for child in document.get("manifests", []):  # an index of attestations: its manifests too
+            child_document, _, child_digest = await _get_manifest(session, image, child["digest"], warmed)
+            found[child_digest] = child_document
+
+    listed = await _referrers_list(session, image, digest)
+    prefix = digest.replace(":", "-")
+    if listed is None:  # no referrers API: the tag schema's index lists them, under sha256-<hex>
+        schema = await _find_manifest(session, image, prefix, warmed)
+        listed = [entry["digest"] for entry in schema[0].get("manifests", [])] if not isinstance(schema, str) else []
+    for referrer in listed:
+        document, _, got = await _get_manifest(session, image, referrer, warmed)
+        await add(document, got)
+    for suffix in COSIGN_TAG_SUFFIXES:
+        tagged = await _find_manifest(session, image, prefix + suffix, warmed)
+        if not isinstance(tagged, str):
+            await add(tagged[0], tagged[2])
+    return list(found.values())
+
+
+async def _referrers_list(session: aiohttp.ClientSession, image: ImageReference, digest: str) -> list[str] | None:
+    """The digests the referrers list of ``digest`` names, every page of it; None where the
+    upstream has no referrers API (the cache answers 404 ``UNSUPPORTED``)."""
+    url = f"/v2/{image.repository}/referrers/{digest}?ns={image.registry}"
+    named: list[str] = []
+    for _ in range(MAX_REFERRER_PAGES):
+        async with session.get(url) as response:
+            body = await response.read()
+            if response.status == 404 and "UNSUPPORTED" in _error_text(response.status, body):
+                return None
+            if response.status != 200:
+                raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
+            named += [entry["digest"] for entry in json.loads(body).get("manifests", [])]
+            following = next_link(response.headers.get("Link", ""))
+        if following is None:
+            return named
+        url = following
+    raise WarmFailed(f"{image}: referrers of {digest}: more than {MAX_REFERRER_PAGES} pages")
 
 
 async def _warm_one(

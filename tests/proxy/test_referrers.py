@@ -5,6 +5,7 @@ the upstream has none, which sends clients (cosign, notation, oras) to the tag s
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from moorage.cache import policy_resolver
 from moorage.proxy._state import CACHE, SETTINGS
-from moorage.proxy._warm import warm
+from moorage.proxy._warm import WarmFailed, warm
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_digest, parse_image_reference
 from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeImage, FakeRegistry, image_manifest
 
@@ -465,15 +466,46 @@ async def test_an_image_a_lifecycle_policy_expires_takes_its_referrers_list_alon
     assert not [key for key in cache._index._db.iterkeys() if key[0] == "referrers"]
 
 
-async def test_warm_with_referrers_pulls_what_the_referrers_list_names(moorage: Client, upstream: FakeRegistry) -> None:
+async def test_warm_with_referrers_takes_every_page_an_index_s_manifests_and_cosign_s_tags(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """cosign writes its .sig, .att and .sbom tags with no subject, so no referrers list names
+    them, also where the upstream has the API; an attestation index is no use offline without
+    its manifests; and a list may come in pages."""
+    upstream.referrers_page_size = 1
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
     signature = attach(upstream, "owner/app", image, SIGNATURE)
+    sbom = attach(upstream, "owner/app", image, SBOM)
+    statement_body = image_manifest(upstream.add_blob(b"{}"), 2, [], OCI_MANIFEST)
+    statement = upstream.add_manifest("owner/app", None, statement_body, OCI_MANIFEST)
+    entry = {"mediaType": OCI_MANIFEST, "digest": statement, "size": len(statement_body)}
+    subject = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)}
+    attestations = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry], "subject": subject})
+    index = upstream.add_manifest("owner/app", None, attestations.encode(), OCI_INDEX)
+    fallback = "sha256-" + image.digest.removeprefix("sha256:")
+    cosign = upstream.add_manifest(
+        "owner/app", fallback + ".sig", image_manifest(upstream.add_blob(b"sig"), 3, [], OCI_MANIFEST), OCI_MANIFEST
+    )
     base = str(moorage.make_url(""))
     [warmed] = await warm(base, [parse_image_reference("owner/app:1")], None, None, referrers=True)
-    assert warmed.referrers == 1
-    assert upstream.count("GET", f"/manifests/{signature}") == 1
-    assert upstream.count("GET", "/manifests/sha256-") == 0, "no fallback tags where the API answers"
+    assert warmed.referrers == 5, "signature, SBOM, the index and its manifest, cosign's .sig"
+    assert upstream.count("GET", "/referrers/") == 3, "a page for each"
+    assert upstream.count("GET", f"/manifests/{fallback}.att") == 1
+    assert upstream.count("GET", re.compile(rf"/manifests/{fallback}$")) == 0, "the tag schema only where no API"
     upstream.reset_requests()
-    again = await moorage.get(f"/v2/owner/app/manifests/{signature}", headers=ALL)
-    assert again.status == 200 and again.headers["X-Moorage-Cache"] == "hit"
+    for digest in (signature, sbom, statement, index, cosign):
+        again = await moorage.get(f"/v2/owner/app/manifests/{digest}", headers=ALL)
+        assert again.status == 200 and again.headers["X-Moorage-Cache"] == "hit", digest
     assert upstream.requests == []
+
+
+async def test_warm_with_referrers_fails_where_a_cosign_tag_cannot_be_read(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """Passing over a tag the upstream failed to give, as if it were not there, left an air
+    gap without the signature and said nothing."""
+    upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    upstream.fail_next(20, 503, paths=r"/manifests/sha256-")
+    base = str(moorage.make_url(""))
+    with pytest.raises(WarmFailed, match="503"):
+        await warm(base, [parse_image_reference("owner/app:1")], None, None, referrers=True)
