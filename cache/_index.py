@@ -55,7 +55,7 @@ class TagsEntry:
 
 @dataclass(frozen=True, slots=True)
 class ReferrersEntry:
-    #: An OCI image index; None when the upstream has no referrers API (it answered 404).
+    #: An OCI image index; None when the upstream has no referrers API (``NoReferrersApi``).
     body: bytes | None
     next_query: str | None
     fetched_at: float

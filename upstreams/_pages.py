@@ -122,8 +122,7 @@ def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> Referr
         return None
     wanted = dict(parse_qsl(query)).get("artifactType")
     if wanted is not None and not filtered:
-        listed = [entry for entry in listed if entry.get("artifactType") == wanted]
-        body = json.dumps({**document, "manifests": listed}).encode()
+        listed, body = _of_type(document, wanted)
     target = next_link(link)
     if target is None:
         return ReferrersPage(body, len(listed), None)
@@ -136,9 +135,13 @@ def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> Referr
 
 def of_artifact_type(body: bytes, artifact_type: str) -> bytes:
     """A referrers list (as ``referrers_page`` passed it) cut to the entries of one type."""
-    document = json.loads(body)
+    return _of_type(json.loads(body), artifact_type)[1]
+
+
+def _of_type(document: dict[str, Any], artifact_type: str) -> tuple[list[dict[str, Any]], bytes]:
+    """(the entries of ``artifact_type``, the referrers list ``document`` cut to them)."""
     listed = [entry for entry in document["manifests"] if entry.get("artifactType") == artifact_type]
-    return json.dumps({**document, "manifests": listed}).encode()
+    return listed, json.dumps({**document, "manifests": listed}).encode()
 
 
 def artifact_type_only(query: str) -> str | None:
