@@ -24,7 +24,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from moorage.upstreams import next_link
+from moorage.upstreams import error_codes, next_link
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference
 
 __all__ = ["WarmFailed", "WarmedImage", "platform_matches", "progress_bars", "warm"]
@@ -152,7 +152,7 @@ async def _referrers_list(session: aiohttp.ClientSession, image: ImageReference,
     for _ in range(MAX_REFERRER_PAGES):
         async with session.get(url) as response:
             body = await response.read()
-            if response.status == 404 and "UNSUPPORTED" in _error_text(response.status, body):
+            if response.status == 404 and "UNSUPPORTED" in error_codes(body):
                 return None
             if response.status != 200:
                 raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
