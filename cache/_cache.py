@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
-from moorage.upstreams import FetchedManifest, UpstreamError, UpstreamNotFound, UpstreamRateLimited
+from moorage.upstreams import FetchedManifest, HeadRefused, UpstreamError, UpstreamNotFound, UpstreamRateLimited
 from moorage.upstreams.reference import (
     IMAGE_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
@@ -48,7 +48,7 @@ from moorage.upstreams.reference import (
 from ._evict import RECENT_SECONDS, ReadGuard, evict_to, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._gc import GcReport, parts, sweep
+from ._gc import GcReport, default_platform, parts, sweep
 from ._hot import HotAnswers, StoredManifest
 from ._index import Index, TagEntry, Usage, is_disk_full
 from ._keys import (
@@ -760,8 +760,11 @@ class Cache:
         return await self._revalidate_or_stale(ask, entry, stored)
 
     async def _single_image(self, ask: _TagAsk) -> tuple[TagEntry, StoredManifest] | None:
-        """For a client that takes no index: the tag's answer held for clients that do, when
-        that answer is an image manifest (the tag names one platform's image); else None."""
+        """For a client that takes no index: from the tag's answer held for clients that do,
+        the image the upstream would most likely answer this client with. That answer itself
+        when it is an image manifest (the tag names one platform's image); for an index, its
+        linux/amd64 manifest when the store holds it (Docker Hub and Distribution answer such a
+        client with that one); else None. The caller confirms it upstream with a HEAD."""
         key = tag_key(ask.source.host, ask.repository, ask.tag, "index")
         entry = self._hot.tag(key)
         stored = self._hot.manifest(entry.digest) if entry is not None else None
@@ -769,9 +772,24 @@ class Cache:
             entry, stored = await asyncio.to_thread(self._lookup_tag, key)
             self._account_quarantined()
             self._remember(key, entry, stored)
-        if entry is None or stored is None or stored.media_type not in IMAGE_MEDIA_TYPES:
+        if entry is None or stored is None:
             return None
-        return entry, stored
+        if stored.media_type in IMAGE_MEDIA_TYPES:
+            return entry, stored
+        platform = default_platform(stored.body)
+        held = await self._stored_manifest(platform) if platform is not None else None
+        if platform is None or held is None or held.media_type not in IMAGE_MEDIA_TYPES:
+            return None
+        return TagEntry(platform, held.media_type, entry.checked_at), held
+
+    async def _stored_manifest(self, digest: Digest) -> StoredManifest | None:
+        """A manifest the store holds, from memory or (one thread hop) from the store."""
+        stored = self._hot.manifest(digest)
+        if stored is None:
+            stored = await asyncio.to_thread(self._load_manifest, digest)
+            self._account_quarantined()
+            self._remember(None, None, stored, digest)
+        return stored
 
     async def _revalidate_or_stale(
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest, changed: CacheResult = "refreshed"
@@ -854,11 +872,7 @@ class Cache:
     ) -> ManifestAnswer:
         """By digest: from the store when held (``may_read`` as in :meth:`manifest`; a tag's
         own answer passes None, since the tag's entry belongs to this route), else fetched."""
-        stored = self._hot.manifest(digest)
-        if stored is None:
-            stored = await asyncio.to_thread(self._load_manifest, digest)
-            self._account_quarantined()
-            self._remember(None, None, stored, digest)
+        stored = await self._stored_manifest(digest)
         if stored is not None:
             await self._check_route(source, repository, digest, "manifest", may_read)
             self._accessed[digest] = self._clock()
@@ -952,8 +966,15 @@ class Cache:
     async def _revalidate(
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None, changed: CacheResult = "refreshed"
     ) -> ManifestAnswer:
-        head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)
-        if head.digest == entry.digest:
+        try:
+            current = (await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)).digest
+        except HeadRefused:
+            current = None
+        if current is None:  # a HEAD that names no digest, or none taken: the GET tells
+            answer = await self._fetch_tag(ask, result=changed)
+            # Unchanged, but fetched all the same: not a change, and no answer from the store.
+            return replace(answer, result="miss") if answer.digest == entry.digest else answer
+        if current == entry.digest:
             confirmed = replace(entry, checked_at=self._clock())
             try:
                 await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
@@ -966,9 +987,32 @@ class Cache:
             if answer.result in ("miss", "coalesced"):  # the stored copy was gone: a GET after all
                 return answer
             return replace(answer, result="revalidated")
+        held = await self._stored_manifest(current)
+        if held is not None:  # moved back, or to what another tag pulled: no GET
+            return await self._moved_to_stored(ask, current, held)
         return await self._fetch_tag(ask, result=changed)
 
+    async def _moved_to_stored(self, ask: _TagAsk, digest: Digest, held: StoredManifest) -> ManifestAnswer:
+        """The tag now names ``digest``, a manifest the store holds: recorded, and answered
+        from the store under this route (the upstream's HEAD just named it there), so it is
+        ``revalidated``: one HEAD, no GET."""
+        now = self._clock()
+        entry = TagEntry(digest, held.media_type, now)
+        image = image_key(ask.source.host, ask.repository, digest)
+        try:
+            await asyncio.to_thread(self._record_tag, ask.key, entry, image)
+        except StoreFailure as failure:  # answered all the same: this process remembers it
+            self._not_kept("tag moved but not recorded", failure, digest=str(digest))
+        self._routes.learn(digest, (ask.source.host, str(ask.repository)))
+        self._remember(ask.key, entry, held, digest)
+        self._accessed[digest] = now
+        return ManifestAnswer(digest, held.media_type, held.body, "revalidated")
+
     # Blocking helpers: each is one whole operation for one thread hop.
+
+    def _record_tag(self, key: IndexKey, entry: TagEntry, image: IndexKey) -> None:
+        self._index.add_image(image, entry.checked_at)
+        self._index.put_tag(key, entry)
 
     def _is_stored(self, digest: Digest) -> bool:
         return self._store.size_of(digest) is not None

@@ -75,6 +75,24 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
     )
 
 
+def default_platform(body: bytes) -> Digest | None:
+    """The manifest an index names for linux/amd64 (its first such entry), which Docker Hub and
+    Distribution answer a client that takes no index with; None for anything else."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        platform = entry.get("platform") if isinstance(entry, dict) else None
+        if isinstance(platform, dict) and platform.get("os") == "linux" and platform.get("architecture") == "amd64":
+            try:
+                return parse_digest(str(entry.get("digest", "")))
+            except InvalidReference:
+                return None
+    return None
+
+
 def mark(store: BlobStore, roots: set[Digest]) -> set[Digest]:
     """Every blob the ``roots`` manifests reach (themselves included); reads only manifests."""
     reachable: set[Digest] = set()

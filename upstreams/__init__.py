@@ -18,6 +18,7 @@ from ._pool import open_upstreams, read_password
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
 from .errors import (
+    HeadRefused,
     ManifestTooLarge,
     NoReferrersApi,
     UpstreamAuthFailed,
@@ -32,6 +33,7 @@ from .errors import (
 __all__ = [
     "BlobBody",
     "FetchedManifest",
+    "HeadRefused",
     "ManifestHead",
     "ManifestTooLarge",
     "NoReferrersApi",

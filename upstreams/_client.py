@@ -204,6 +204,18 @@ def _claimed_digest(headers: Mapping[str, str]) -> Digest | None:
         return None
 
 
+def _etag_digest(headers: Mapping[str, str]) -> Digest | None:
+    """A strong ETag that is a digest (``"sha256:…"``, as Distribution, Quay and Harbor send):
+    the manifest's digest from an upstream whose HEAD leaves out Docker-Content-Digest."""
+    value = headers.get("etag", "").strip()
+    if len(value) < 2 or not (value[0] == value[-1] == '"'):
+        return None
+    try:
+        return parse_digest(value[1:-1])
+    except InvalidReference:
+        return None
+
+
 def _kind(path: str) -> RequestKind:
     for marker, kind in (
         ("/manifests/", "manifest"),
@@ -413,7 +425,7 @@ class RegistryClient:
         )
         length = response.headers.get("content-length")
         return ManifestHead(
-            _claimed_digest(response.headers),
+            _claimed_digest(response.headers) or _etag_digest(response.headers),
             _media_type(response.headers),
             int(length) if length and length.isdigit() else None,
         )

@@ -20,6 +20,7 @@ import httpx
 from ._auth import parse_challenge
 from ._ratelimit import parse_ratelimit
 from .errors import (
+    HeadRefused,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -118,6 +119,8 @@ def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None
         error = UpstreamRateLimited(upstream, message, retry_after=retry_after, budget_spent=spent)
     elif status in (401, 403):
         error = _refusal(upstream, what, response)
+    elif status in (400, 405, 501) and response.request.method == "HEAD":
+        error = HeadRefused(upstream, f"{what}: HEAD refused (HTTP {status})")
     elif status >= 500 or status == 408:
         error = UpstreamUnavailable(upstream, f"{what}: HTTP {status}", status=status)
     else:

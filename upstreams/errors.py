@@ -8,7 +8,8 @@
     │   └── UpstreamRefused       401/403 for a repository itself: it does not exist there, or
     │                             the credentials do not grant it (Docker Hub answers both so)
     └── UpstreamProtocolError     an answer that breaks the protocol
-        └── ManifestTooLarge      a manifest above the 4 MiB limit
+        ├── ManifestTooLarge      a manifest above the 4 MiB limit
+        └── HeadRefused           400, 405 or 501 to a HEAD: the upstream takes only GET
 
 httpx exceptions never leave ``upstreams/``: they are translated once, in ``_transport``.
 Messages carry the upstream and what was asked, never a credential or token.
@@ -17,6 +18,7 @@ Messages carry the upstream and what was asked, never a credential or token.
 from __future__ import annotations
 
 __all__ = [
+    "HeadRefused",
     "ManifestTooLarge",
     "NoReferrersApi",
     "UpstreamAuthFailed",
@@ -77,3 +79,7 @@ class UpstreamProtocolError(UpstreamError):
 
 class ManifestTooLarge(UpstreamProtocolError):
     pass
+
+
+class HeadRefused(UpstreamProtocolError):
+    """400, 405 or 501 to a HEAD: the upstream does not take HEAD there, though a GET works."""

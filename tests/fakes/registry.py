@@ -849,6 +849,8 @@ class FakeRegistry(_RecordingServer):
         self.referrers_link: str | None = None
         self.referrers_body: bytes | None = None
         self.tags_link: str | None = None
+        #: Headers a manifest HEAD leaves out (some registries send no Docker-Content-Digest).
+        self.manifest_head_omits: frozenset[str] = frozenset()
         self.cdn_redirect_head = cdn_redirect_head
         self.tokens_issued = 0
         self.blobs: dict[str, bytes] = {}
@@ -1232,7 +1234,7 @@ class FakeRegistry(_RecordingServer):
                 )
             headers.update(rate_headers)
         if request.method == "HEAD":
-            return web.Response(headers=headers)
+            return web.Response(headers={k: v for k, v in headers.items() if k not in self.manifest_head_omits})
         return web.Response(body=body, headers=headers)
 
     # -- blobs

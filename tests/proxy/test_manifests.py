@@ -118,6 +118,86 @@ async def test_changed_tag_is_fetched_again(start_moorage: StartMoorage, upstrea
     assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 1
 
 
+async def test_a_tag_moved_to_a_manifest_the_store_holds_costs_a_head_and_no_get(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """alpine:3 moving to what alpine:3.20 already pulled (or a tag moving back) is answered
+    from the store: each extra tag of one new image would otherwise cost a counted pull."""
+    moorage = await start_moorage(tag_ttl="1h")
+    upstream.add_image("library/alpine", "3", [b"old"])
+    assert (await moorage.get("/v2/alpine/manifests/3", headers=ALL)).status == 200
+    new = upstream.add_image("library/alpine", "3.20", [b"new"])
+    assert (await moorage.get("/v2/alpine/manifests/3.20", headers=ALL)).status == 200
+    upstream.add_manifest("library/alpine", "3", new.manifest)
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    moved = await moorage.get("/v2/alpine/manifests/3", headers=ALL)
+    assert moved.status == 200 and await moved.read() == new.manifest
+    assert moved.headers["Docker-Content-Digest"] == new.digest
+    assert moved.headers["X-Moorage-Cache"] == "revalidated"
+    assert upstream.count("HEAD", "/manifests/3") == 1 and upstream.count("GET", "/manifests/") == 0
+    upstream.reset_requests()
+    again = await moorage.get("/v2/alpine/manifests/3", headers=ALL)  # recorded: fresh now
+    assert again.headers["Docker-Content-Digest"] == new.digest and upstream.requests == []
+
+
+@pytest.mark.parametrize("status", [400, 405, 501])
+async def test_an_upstream_that_refuses_head_is_revalidated_with_get(
+    start_moorage: StartMoorage, upstream: FakeRegistry, status: int
+) -> None:
+    """A registry that takes only GET for manifests: a stale tag is checked with a GET, so a
+    moved tag is picked up, where the refusal had been taken for an outage and the old
+    answer served stale for ever."""
+    moorage = await start_moorage(tag_ttl="1h")
+    image = upstream.add_image("library/alpine", "3.19", [b"old"])
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    advance_clock(moorage, 3601)
+    upstream.fail_next(1, status, methods={"HEAD"}, paths=r"/manifests/")
+    unchanged = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert unchanged.status == 200 and await unchanged.read() == image.manifest
+    assert "Warning" not in unchanged.headers and unchanged.headers["X-Moorage-Cache"] == "miss"
+    moved = upstream.add_image("library/alpine", "3.19", [b"new"])
+    advance_clock(moorage, 3601)
+    upstream.fail_next(1, status, methods={"HEAD"}, paths=r"/manifests/")
+    upstream.reset_requests()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == moved.manifest
+    assert response.headers["X-Moorage-Cache"] == "refreshed"
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 1
+
+
+async def test_a_head_without_docker_content_digest_is_read_by_its_etag(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(tag_ttl="1h")
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    upstream.manifest_head_omits = frozenset({"Docker-Content-Digest"})
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    assert response.headers["X-Moorage-Cache"] == "revalidated"
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 0
+
+
+async def test_a_head_that_names_no_digest_is_checked_with_a_get_and_an_unchanged_tag_is_no_change(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """Counted as a miss (it cost a GET), not as ``refreshed``, which says the tag moved."""
+    moorage = await start_moorage(tag_ttl="1h")
+    image = upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    upstream.manifest_head_omits = frozenset({"Docker-Content-Digest", "ETag"})
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    assert response.headers["X-Moorage-Cache"] == "miss"
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 1
+    assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="refreshed") == 0
+
+
 @pytest.mark.parametrize(
     ("fault", "reason"),
     [
@@ -288,6 +368,34 @@ async def test_a_single_image_the_upstream_moved_since_is_a_miss_for_a_client_th
     assert response.headers["Docker-Content-Digest"] == moved.digest and await response.read() == moved.manifest
     assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="miss") == misses + 1
     assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="refreshed") == 0
+
+
+async def test_a_client_that_takes_no_index_gets_the_linux_amd64_image_held_from_an_index_pull(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """After a current client pulled a multi-arch tag (the index, then linux/amd64 by digest),
+    a client that takes no index is answered from the store after one HEAD, no counted GET,
+    and stale while the upstream is down, not 503."""
+    amd = upstream.add_image("library/multi", None, [b"amd"], architecture="amd64")
+    arm = upstream.add_image("library/multi", None, [b"arm"], architecture="arm64")
+    upstream.add_index("library/multi", "1", [(arm.digest, "linux", "arm64"), (amd.digest, "linux", "amd64")])
+    assert (await moorage.get("/v2/multi/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/multi/manifests/{amd.digest}", headers=ALL)).status == 200
+    upstream.reset_requests()
+    only_image = {"Accept": DOCKER_MANIFEST_V2}
+    confirmed = await moorage.get("/v2/multi/manifests/1", headers=only_image)
+    assert confirmed.status == 200 and await confirmed.read() == amd.manifest
+    assert confirmed.headers["Docker-Content-Digest"] == amd.digest
+    assert upstream.count("HEAD", "/manifests/1") == 1 and upstream.count("GET", "/manifests/") == 0
+
+    amd2 = upstream.add_image("library/multi", None, [b"amd2"], architecture="amd64")
+    upstream.add_index("library/multi", "2", [(amd2.digest, "linux", "amd64")])
+    assert (await moorage.get("/v2/multi/manifests/2", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/multi/manifests/{amd2.digest}", headers=ALL)).status == 200
+    await upstream.stop_listening()
+    stale = await moorage.get("/v2/multi/manifests/2", headers=only_image)
+    assert stale.status == 200, await stale.text()
+    assert await stale.read() == amd2.manifest and stale.headers["Warning"] == '110 - "stale"'
 
 
 async def test_an_index_held_for_others_does_not_answer_a_client_that_takes_no_index(
