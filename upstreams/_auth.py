@@ -12,7 +12,7 @@ or bare. On a 401 from the upstream's own host the challenge is read:
 A rotated ``password_file`` is picked up (checked at most every 10 s) and drops the cached
 tokens. A 401 from another host (a CDN after a redirect) is not ours to answer. httpx drops the
 ``Authorization`` header itself when a redirect leaves the upstream's origin.
-Limits: one challenge per header is read (Bearer preferred); no token refresh grants.
+Of several challenges Bearer is taken, else Basic. Limits: no token refresh grants.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import httpx
 
 from moorage.config import UnreadableFile, read_text
 
-from .errors import UpstreamAuthFailed, UpstreamProtocolError, UpstreamUnavailable
+from ._ratelimit import retry_after_seconds
+from .errors import UpstreamAuthFailed, UpstreamProtocolError, UpstreamRateLimited, UpstreamUnavailable
 
 __all__ = ["RegistryAuth", "parse_challenge", "scope_for_path"]
 
@@ -43,17 +44,30 @@ MAX_TOKEN_LIFETIME: Final = 24 * 3600
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024
 MAX_CACHED_SCOPES: Final = 4096
 PASSWORD_CHECK_SECONDS: Final = 10.0
-_PARAM_RE: Final = re.compile(r'([a-zA-Z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+#: One item of a ``WWW-Authenticate`` value: an auth-param (``name=value``, the value quoted or
+#: not) or, where no ``=`` follows, the scheme that starts a challenge.
+_CHALLENGE_ITEM_RE: Final = re.compile(r'([A-Za-z0-9_.!#$%&\'*+^`|~-]+)(?:\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*)))?')
+#: What a token must be to go in a header: visible ASCII (RFC 6750's b64token and more).
+_TOKEN_RE: Final = re.compile(r"[\x21-\x7e]+")
 _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """(scheme, params) of a ``WWW-Authenticate`` value; scheme in lower case."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)) for m in _PARAM_RE.finditer(rest)
-    }
-    return scheme.lower(), params
+    """(scheme, params) of a ``WWW-Authenticate`` value; scheme in lower case. A value may hold
+    several challenges (``Basic realm=…, Bearer realm=…``, or two header lines, which httpx
+    joins with a comma): Bearer is taken where there is one, else Basic, else the first."""
+    challenges: list[tuple[str, dict[str, str]]] = []
+    for match in _CHALLENGE_ITEM_RE.finditer(header):
+        name, quoted, bare = match.groups()
+        if quoted is None and bare is None:
+            challenges.append((name.lower(), {}))
+        elif challenges:
+            challenges[-1][1][name.lower()] = quoted if quoted is not None else bare
+    for wanted in ("bearer", "basic"):
+        for scheme, params in challenges:
+            if scheme == wanted:
+                return scheme, params
+    return challenges[0] if challenges else ("", {})
 
 
 def _stamp(path: Path) -> tuple[float, int] | None:
@@ -205,6 +219,12 @@ class RegistryAuth(httpx.Auth):
                 f" for {scope or 'the registry'} (HTTP {status})",
                 status=status,
             )
+        if status == 429:  # the registry's rate limit, at its token service (auth.docker.io)
+            raise UpstreamRateLimited(
+                self._upstream,
+                "token service answered HTTP 429",
+                retry_after=retry_after_seconds(response.headers.get("retry-after")),
+            )
         if status >= 400:
             raise UpstreamUnavailable(self._upstream, f"token service answered HTTP {status}", status=status)
         if data is None:
@@ -220,6 +240,8 @@ class RegistryAuth(httpx.Auth):
         token = body.get("token") or body.get("access_token")
         if not token or not isinstance(token, str):
             raise UpstreamProtocolError(self._upstream, "token service answered without a token")
+        if _TOKEN_RE.fullmatch(token) is None:  # (never quoted: it may be a credential all the same)
+            raise UpstreamProtocolError(self._upstream, "token service answered a token no header can carry")
         expires_in = body.get("expires_in")
         if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
             expires_in = DEFAULT_EXPIRES_IN  # absent, or not a number: the spec's default

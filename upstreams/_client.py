@@ -216,6 +216,13 @@ def _etag_digest(headers: Mapping[str, str]) -> Digest | None:
         return None
 
 
+def _to_plain_http(url: httpx.URL, response: httpx.Response) -> bool:
+    try:
+        return url.join(response.headers.get("location", "")).scheme == "http"
+    except httpx.InvalidURL:  # httpx refuses it itself when it follows
+        return False
+
+
 def _kind(path: str) -> RequestKind:
     for marker, kind in (
         ("/manifests/", "manifest"),
@@ -309,6 +316,11 @@ class RegistryClient:
         if state is not None:
             self.ratelimit = state
             self._observer.on_ratelimit(self.host, state)
+        if response.is_redirect and request.url.scheme == "https" and _to_plain_http(request.url, response):
+            # A signed URL, or a tag's manifest (no digest vouches for it), would go in clear text.
+            raise UpstreamProtocolError(
+                self.host, f"{_kind(request.url.path)} request redirected from https to plain http: not followed"
+            )
 
     # -- retries -----------------------------------------------------------------------------
 
@@ -344,6 +356,37 @@ class RegistryClient:
     ) -> httpx.Response:
         """One answer below 400, or of a status in ``answers``, after retries; a streamed
         answer is the caller's to close."""
+        response, _ = await self._exchange(method, path, what, headers, params, stream, answers, read=False)
+        return response
+
+    async def _send_small(
+        self,
+        path: str,
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        answers: frozenset[int] = frozenset(),
+    ) -> tuple[httpx.Response, bytes]:
+        """A GET as ``_send``, with its small body (manifest, tag list, referrers; at most the
+        manifest limit) read within each attempt: a body cut mid-way is tried again like a
+        request that failed, where it had failed the pull at once."""
+        response, body = await self._exchange("GET", path, what, headers, params, True, answers, read=True)
+        assert body is not None
+        return response, body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        headers: dict[str, str] | None,
+        params: dict[str, str] | None,
+        stream: bool,
+        answers: frozenset[int],
+        *,
+        read: bool,
+    ) -> tuple[httpx.Response, bytes | None]:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=self._wait,
@@ -368,7 +411,12 @@ class RegistryClient:
                             self._last_answer = time.time()
                         raise_for_status(self.host, what, response)
                     self._last_answer = time.time()
-                    return response
+                    if not read:
+                        return response, None
+                    try:
+                        return response, await self._read_bounded(response, what)
+                    finally:
+                        await response.aclose()
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
             if not isinstance(error, UpstreamRefused):  # a repository refused is an answer
                 self._last_failure = (time.time(), _failure_kind(error))
@@ -385,13 +433,9 @@ class RegistryClient:
             if not isinstance(reference, Digest)
             else f"manifest {repository}@{reference}"
         )
-        response = await self._send(
-            "GET", f"/v2/{repository}/manifests/{reference}", what, headers=self._accept(accept), stream=True
+        response, data = await self._send_small(
+            f"/v2/{repository}/manifests/{reference}", what, headers=self._accept(accept)
         )
-        try:
-            data = await self._read_bounded(response, what)
-        finally:
-            await response.aclose()
         media_type = _media_type(response.headers) or sniff_media_type(data)
         if media_type in SCHEMA1_MEDIA_TYPES:
             # Its digest is over the payload without its signatures, so it would read as
@@ -480,11 +524,7 @@ class RegistryClient:
     async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage:
         params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
         what = f"tags of {repository}"
-        response = await self._send("GET", f"/v2/{repository}/tags/list", what, params=params, stream=True)
-        try:
-            body = await self._read_bounded(response, what)
-        finally:
-            await response.aclose()
+        response, body = await self._send_small(f"/v2/{repository}/tags/list", what, params=params)
         return tags_page(body, response.headers.get("link", ""), n, last)
 
     async def list_referrers(self, repository: RepositoryName, digest: Digest, query: str) -> ReferrersPage:
@@ -492,27 +532,19 @@ class RegistryClient:
         whole list). An upstream with no referrers API (it answers one of ``NO_REFERRERS_API``,
         or with something that is no image index) raises :class:`NoReferrersApi`."""
         what = f"referrers of {repository}@{digest}"
-        response = await self._send(
-            "GET",
+        response, body = await self._send_small(
             f"/v2/{repository}/referrers/{digest}",
             what,
             headers={"Accept": OCI_IMAGE_INDEX},
             params=dict(parse_qsl(query)),
-            stream=True,
             answers=NO_REFERRERS_API,
         )
-        try:
-            if response.status_code in NO_REFERRERS_API:
-                # A registry with the API says NAME_UNKNOWN for a repository it does not hold:
-                # that is no word on the API (oras-go takes it so too).
-                if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(
-                    await self._read_bounded(response, what)
-                ):
-                    raise UpstreamNotFound(self.host, f"{what}: no such repository")
-                raise NoReferrersApi(self.host, f"{what}: HTTP {response.status_code}")
-            body = await self._read_bounded(response, what)
-        finally:
-            await response.aclose()
+        if response.status_code in NO_REFERRERS_API:
+            # A registry with the API says NAME_UNKNOWN for a repository it does not hold:
+            # that is no word on the API (oras-go takes it so too).
+            if response.status_code == 404 and "NAME_UNKNOWN" in error_codes(body):
+                raise UpstreamNotFound(self.host, f"{what}: no such repository")
+            raise NoReferrersApi(self.host, f"{what}: HTTP {response.status_code}")
         filtered = "artifacttype" in response.headers.get("oci-filters-applied", "").lower()
         page = referrers_page(body, response.headers.get("link", ""), query, filtered)
         if page is None:

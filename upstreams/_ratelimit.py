@@ -2,16 +2,19 @@
 
 Docker Hub sends ``ratelimit-limit: 100;w=21600`` and ``ratelimit-remaining: 76;w=21600``;
 others send ``x-ratelimit-limit`` / ``x-ratelimit-remaining``. No header means no limit. The
-numbers are read from headers, never assumed.
+numbers are read from headers, never assumed. Also how long a ``Retry-After`` asks to wait.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Final
 
-__all__ = ["RateLimitState", "parse_ratelimit"]
+__all__ = ["MAX_RETRY_AFTER", "RateLimitState", "parse_ratelimit", "retry_after_seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +48,22 @@ def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitState | None:
     limit, window = _number_and_window(limit_value) if limit_value else (None, None)
     remaining, remaining_window = _number_and_window(remaining_value) if remaining_value else (None, None)
     return RateLimitState(limit, remaining, window or remaining_window, time.time())
+
+
+#: A Retry-After beyond this is taken as this (``1e400`` is a float too).
+MAX_RETRY_AFTER: Final = 86_400.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)

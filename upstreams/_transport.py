@@ -7,18 +7,15 @@ and ``_client``.
 
 from __future__ import annotations
 
-import math
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
 from typing import Final
 
 import httpx
 
 from ._auth import parse_challenge
-from ._ratelimit import parse_ratelimit
+from ._ratelimit import MAX_RETRY_AFTER, parse_ratelimit, retry_after_seconds
 from .errors import (
     HeadRefused,
     UpstreamAuthFailed,
@@ -30,7 +27,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["mapped_errors", "raise_for_status", "retry_after_seconds"]
+__all__ = ["MAX_RETRY_AFTER", "mapped_errors", "raise_for_status", "retry_after_seconds"]
 
 
 @contextmanager
@@ -41,6 +38,10 @@ def mapped_errors(upstream: str, what: str) -> Iterator[None]:
         raise UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__})") from None
     except httpx.TooManyRedirects:
         raise UpstreamProtocolError(upstream, f"{what}: too many redirects") from None
+    except httpx.LocalProtocolError:  # its text quotes the request's headers, a token among them
+        raise UpstreamProtocolError(
+            upstream, f"{what}: the request could not be written (LocalProtocolError)"
+        ) from None
     except (httpx.TransportError, httpx.StreamError) as exc:
         raise UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}") from None
 
@@ -56,25 +57,6 @@ def _short(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     text = _ADDRESS.sub("", text.split("http", 1)[0])
     return text.strip(" :'\"") or type(exc).__name__
-
-
-#: A Retry-After beyond this is taken as this (``1e400`` is a float too).
-MAX_RETRY_AFTER: Final = 86_400.0
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    if math.isnan(seconds):
-        return None
-    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamError:

@@ -291,6 +291,17 @@ def _default_code(status: int) -> str:
     }.get(status, "UNKNOWN")
 
 
+async def _half_then_cut(request: web.Request, answer: web.Response) -> web.StreamResponse:
+    """``answer``'s head and half its body, then the connection closed."""
+    body = bytes(answer.body) if isinstance(answer.body, bytes) else b""
+    cut = web.StreamResponse(status=answer.status, headers=answer.headers)
+    await cut.prepare(request)
+    await cut.write(body[: len(body) // 2])
+    if request.transport is not None:
+        request.transport.abort()
+    return cut
+
+
 def _peer(request: web.Request) -> str:
     address = request.transport.get_extra_info("peername") if request.transport else None
     return f"{address[0]}:{address[1]}" if address else ""
@@ -851,6 +862,8 @@ class FakeRegistry(_RecordingServer):
         self.tags_link: str | None = None
         #: Headers a manifest HEAD leaves out (some registries send no Docker-Content-Digest).
         self.manifest_head_omits: frozenset[str] = frozenset()
+        #: Manifest GETs still to be cut after half their body (a connection lost mid-answer).
+        self.manifest_bodies_to_cut = 0
         self.cdn_redirect_head = cdn_redirect_head
         self.tokens_issued = 0
         self.blobs: dict[str, bytes] = {}
@@ -1092,7 +1105,11 @@ class FakeRegistry(_RecordingServer):
         if request.method not in ("GET", "HEAD"):
             return _oci_error(405, "UNSUPPORTED", f"{request.method} is not supported")
         if kind == "manifests":
-            return self._manifest(request, name, ref)
+            answer = self._manifest(request, name, ref)
+            if self.manifest_bodies_to_cut and request.method == "GET" and answer.status == 200:
+                self.manifest_bodies_to_cut -= 1
+                return await _half_then_cut(request, answer)
+            return answer
         if kind == "blobs":
             return await self._blob(request, ref)
         if kind == "tags" and ref == "list":

@@ -224,6 +224,17 @@ async def test_stale_answer_when_upstream_fails(
     assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="stale") == 1
 
 
+async def test_a_manifest_body_cut_mid_way_is_fetched_again(moorage: Client, upstream: FakeRegistry) -> None:
+    """A connection lost inside the manifest's body is retried like one lost before its head:
+    a 503 there would send a Docker daemon to Docker Hub, to spend the quota."""
+    image = upstream.add_image("library/alpine", "3.19")
+    upstream.manifest_bodies_to_cut = 1
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200, await response.text()
+    assert await response.read() == image.manifest
+    assert upstream.count("GET", "/manifests/3.19") == 2 and upstream.manifest_bodies_to_cut == 0
+
+
 async def test_upstream_429_with_nothing_cached_is_toomanyrequests(moorage: Client, upstream: FakeRegistry) -> None:
     upstream.add_image("library/alpine", "3.19")
     upstream.fail_next(5, 429, retry_after=120)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from moorage.upstreams import UpstreamAuthFailed, UpstreamProtocolError
+from moorage.upstreams import UpstreamAuthFailed, UpstreamProtocolError, UpstreamRateLimited
 from moorage.upstreams._auth import RegistryAuth, parse_challenge, scope_for_path
 
 REGISTRY = "https://registry.test"
@@ -136,14 +136,34 @@ async def test_an_expires_in_that_is_no_number_means_60_seconds(expires_in: obje
         pytest.param(b'["t1"]', "other than a JSON object", id="a_list"),
         pytest.param(b'{"token": 7}', "without a token", id="not_a_string"),
         pytest.param(b'{"token": "' + b"x" * 70_000 + b'"}', "more than 65536 bytes", id="too_large"),
+        # A token read from a file with its newline: h11 would quote the header, token and all.
+        pytest.param(b'{"token": "s3cret-token\\n"}', "a token no header can carry", id="control_character"),
     ],
 )
 async def test_a_token_answer_that_is_no_token_is_refused_cleanly(answer: bytes, problem: str) -> None:
     upstream = Upstream()
     upstream.answer = answer
     client, _ = make(upstream)
-    with pytest.raises(UpstreamProtocolError, match=problem):
+    with pytest.raises(UpstreamProtocolError, match=problem) as refused:
         await client.get("/v2/library/alpine/manifests/1")
+    assert "s3cret" not in str(refused.value)
+
+
+async def test_a_429_from_the_token_service_is_a_rate_limit_with_its_retry_after() -> None:
+    """auth.docker.io throttles too: a 429 there is the registry's limit, not an outage, so
+    the client hears 429 and the retries wait as they are told."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            return httpx.Response(429, headers={"Retry-After": "60"})
+        return httpx.Response(401, headers={"WWW-Authenticate": CHALLENGE})
+
+    transport = httpx.MockTransport(handler)
+    auth = RegistryAuth("registry.test", httpx.URL(REGISTRY), httpx.AsyncClient(transport=transport))
+    client = httpx.AsyncClient(base_url=REGISTRY, transport=transport, auth=auth)
+    with pytest.raises(UpstreamRateLimited) as limited:
+        await client.get("/v2/library/alpine/manifests/1")
+    assert limited.value.retry_after == 60
 
 
 async def test_credentials_never_go_to_a_plain_http_token_service_of_an_https_registry() -> None:
@@ -203,6 +223,20 @@ async def test_a_401_from_another_host_is_not_ours_to_answer() -> None:
         ),
         ('Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}),
         ("Bearer realm=https://x/token,service=x", "bearer", {"realm": "https://x/token", "service": "x"}),
+        # Two challenges on one line, or on two lines that httpx joins with a comma: Bearer wins,
+        # with its own realm (Basic's had overwritten it), a comma in a quoted value kept.
+        (
+            'Basic realm="Registry Realm", Bearer realm="https://x/token?a=1,2",service="x"',
+            "bearer",
+            {"realm": "https://x/token?a=1,2", "service": "x"},
+        ),
+        (
+            'Bearer realm="https://x/token",service="x", Basic realm="Registry Realm"',
+            "bearer",
+            {"realm": "https://x/token", "service": "x"},
+        ),
+        ('Negotiate, Basic realm="r"', "basic", {"realm": "r"}),
+        ("", "", {}),
     ],
 )
 def test_parse_challenge(header: str, scheme: str, params: dict[str, str]) -> None:

@@ -1,13 +1,23 @@
 """How an upstream's answers become the client's errors (``upstreams/_transport.py``): a 429's
-``Retry-After`` in any form an upstream may send, and which 401 or 403 is whose fault."""
+``Retry-After`` in any form an upstream may send, which 401 or 403 is whose fault, and which
+redirects are not followed."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from moorage.upstreams import UpstreamAuthFailed, UpstreamRateLimited, UpstreamRefused, UpstreamUnavailable
-from moorage.upstreams._transport import MAX_RETRY_AFTER, raise_for_status, retry_after_seconds
+from moorage.config import UpstreamSettings
+from moorage.upstreams import (
+    RegistryClient,
+    UpstreamAuthFailed,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
+from moorage.upstreams._transport import MAX_RETRY_AFTER, mapped_errors, raise_for_status, retry_after_seconds
+from moorage.upstreams.reference import RepositoryName, Tag
 
 
 @pytest.mark.parametrize(
@@ -55,3 +65,41 @@ def test_each_refusal_is_told_by_who_refused_and_how(response: httpx.Response, e
     assert type(raised.value) is error
     if isinstance(raised.value, UpstreamRateLimited):
         assert raised.value.retry_after == MAX_RETRY_AFTER
+
+
+@pytest.mark.parametrize(
+    ("target", "followed"), [("https://cdn.test/m?sig=SIGNED", True), ("http://cdn.test/m?sig=SIGNED", False)]
+)
+async def test_a_redirect_from_https_to_plain_http_is_not_followed(target: str, followed: bool) -> None:
+    """A signed URL, or a tag's manifest (which no digest vouches for), would cross the network
+    in clear text; an https redirect is followed as before."""
+    asked: list[httpx.URL] = []
+    manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}'
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url)
+        if request.url.host == "cdn.test":
+            return httpx.Response(
+                200, content=manifest, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}
+            )
+        return httpx.Response(307, headers={"Location": target})
+
+    settings = UpstreamSettings.model_validate(
+        {"host": "registry.test", "url": "https://registry.test", "retries": {"attempts": 1}}
+    )
+    client = RegistryClient(settings, transport=httpx.MockTransport(handler))
+    try:
+        if followed:
+            assert (await client.get_manifest(RepositoryName("a/b"), Tag("1"), "index")).body == manifest
+        else:
+            with pytest.raises(UpstreamProtocolError, match="redirected from https to plain http"):
+                await client.get_manifest(RepositoryName("a/b"), Tag("1"), "index")
+            assert [url.host for url in asked] == ["registry.test"]
+    finally:
+        await client.aclose()
+
+
+def test_a_request_h11_cannot_write_is_reported_without_quoting_its_headers() -> None:
+    with pytest.raises(UpstreamProtocolError) as refused, mapped_errors("registry.test", "manifest a/b:1"):
+        raise httpx.LocalProtocolError("Illegal header value b'Bearer s3cret\\n'")
+    assert "s3cret" not in str(refused.value) and "LocalProtocolError" in str(refused.value)
