@@ -356,6 +356,13 @@ class FillReader:
             if fill.state == "failed":
                 raise fill._aborted()
         assert fill.size is not None
+        if fill.size == 0:
+            # No last byte to hold back (see ``ranges``): an empty answer goes out only once
+            # the digest matched, else an upstream's empty 200 would pass for the blob whole.
+            while not fill.verified and not fill._task_done:
+                await fill._progress.wait()
+            if not fill.verified:
+                raise fill.error if fill.error is not None else fill._aborted()
         return fill.size
 
     async def body_received(self) -> None:

@@ -166,6 +166,7 @@ async def blob(
         size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read)
         note.result = result
         return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
+    _asked_range(request)  # a malformed one is refused before it costs a download
     answer = await cache.blob(route.upstream, route.repository, digest, may_read)
     note.result = answer.result
     if isinstance(answer, FillingBlob):
@@ -204,18 +205,10 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     for several ranges (the whole blob, 200, is an answer every client takes; a multipart body
     is not worth its cost for blobs). A malformed byte range is 416, as Distribution answers.
     """
-    if "Range" not in request.headers:
+    wanted = _asked_range(request)
+    if wanted is None:
         return None
-    unit, _, ranges = request.headers["Range"].partition("=")
-    if unit.strip().lower() != "bytes" or "," in ranges:
-        return None
-    try:
-        wanted = request.http_range
-    except ValueError:
-        raise RangeInvalid(f"unreadable Range header: {request.headers['Range'][:100]!r}") from None
     start, stop = wanted.start, wanted.stop
-    if start is None and stop is None:
-        return None
     if start == 0 and stop is None and request.headers["Range"].lower().startswith("bytes=-"):
         start = size  # the last 0 bytes (aiohttp reads ``-0`` as 0-): never satisfiable
     if start is None:
@@ -230,6 +223,21 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
             headers={"Content-Range": f"bytes */{size}"},
         )
     return start, stop
+
+
+def _asked_range(request: web.Request) -> slice | None:
+    """The one byte range a Range header asks for, as aiohttp reads it; None where the whole
+    blob is the answer (no header, another unit, several ranges). RangeInvalid when malformed."""
+    if "Range" not in request.headers:
+        return None
+    unit, _, ranges = request.headers["Range"].partition("=")
+    if unit.strip().lower() != "bytes" or "," in ranges:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise RangeInvalid(f"unreadable Range header: {request.headers['Range'][:100]!r}") from None
+    return None if wanted.start is None and wanted.stop is None else wanted
 
 
 def _body_response(size: int, wanted: tuple[int, int] | None, headers: dict[str, str]) -> web.StreamResponse:

@@ -480,6 +480,9 @@ class RegistryClient:
         length = response.headers.get("content-length")
         if not length or not length.isdigit():
             raise UpstreamProtocolError(self.host, f"{what}: HEAD answered without a Content-Length")
+        if int(length) == 0 and digest != Digest.of(b"", digest.algorithm):
+            # Only the empty blob is empty; containerd takes a size of 0 for a broken registry.
+            raise UpstreamProtocolError(self.host, f"{what}: HEAD answered a length of 0 for a blob that is not empty")
         return int(length)
 
     @asynccontextmanager

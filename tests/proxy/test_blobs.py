@@ -267,10 +267,29 @@ async def test_a_range_the_cache_does_not_serve_gets_the_whole_blob(
 
 @pytest.mark.parametrize("asked", ["bytes=abc", "bytes=5-1"])
 async def test_a_malformed_byte_range_is_416(moorage: Client, upstream: FakeRegistry, asked: str) -> None:
+    """Refused before anything is fetched: bad input changes nothing, and costs no download
+    that no request would be counted for."""
     digest = upstream.add_blob(os.urandom(1000))
     response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": asked})
     assert response.status == 416
     assert (await response.json())["errors"][0]["code"] == "RANGE_INVALID"
+    assert upstream.count(path="/blobs/") == 0
+
+
+async def test_an_empty_body_for_a_blob_that_is_not_empty_is_never_a_whole_answer(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """With no last byte to hold back, a 200 with Content-Length 0 would have gone out whole
+    before the digest was checked: wrong bytes a client takes for the blob."""
+    digest = upstream.add_blob(os.urandom(1000))
+    upstream.blobs[digest] = b""  # the upstream answers 200 with an empty body
+    for method in ("GET", "HEAD"):
+        response = await moorage.request(method, f"/v2/alpine/blobs/{digest}")
+        assert response.status == 502, (method, response.status, response.headers.get("Content-Length"))
+    assert stored_files(tmp_path / "store") == []
+    empty = upstream.add_blob(b"")  # the empty blob itself is served, empty
+    response = await moorage.get(f"/v2/alpine/blobs/{empty}")
+    assert response.status == 200 and await response.read() == b""
 
 
 async def test_cdn_redirect_never_carries_credentials(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
