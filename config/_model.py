@@ -399,6 +399,9 @@ class Settings(_Section):
     #: connections, and clients sending their request head byte by byte). Above the 60 s a
     #: proxy in front keeps idle connections (ingress-nginx, AWS ALB), or it races their reuse.
     client_idle_timeout: Seconds = Field(default=75.0, gt=0)
+    #: A client connection whose sent data stays unacknowledged, or unsent because the client
+    #: stopped reading, for this long is closed by the kernel (TCP_USER_TIMEOUT); 0: never.
+    client_send_timeout: Seconds = Field(default=120.0, ge=0)
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
     @field_validator("listen", "metrics_listen", mode="before")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,19 @@ def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
     )
 
 
+def _close_stalled_connections(site: web.TCPSite, seconds: float) -> None:
+    """Connections ``site`` accepts are closed by the kernel once what the cache sent stays
+    unacknowledged, or unsent because the client stopped reading, for ``seconds``
+    (TCP_USER_TIMEOUT, which Linux copies from the listening socket to each accepted one).
+    A client that stops reading would otherwise hold its connection, and the file of a blob
+    evicted meanwhile, with its disk space, for as long as it lives."""
+    if not seconds or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return
+    server = site._server  # aiohttp keeps its asyncio.Server only there
+    for listening in getattr(server, "sockets", ()):
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
+
+
 async def serve(settings: Settings, version: str) -> None:
     app = build_app(settings)
     runners: list[web.AppRunner] = []
@@ -62,7 +76,9 @@ async def serve(settings: Settings, version: str) -> None:
     try:
         await main_runner.setup()
         host, port = split_address(settings.listen)
-        await web.TCPSite(main_runner, host, port, ssl_context=tls.context if tls else None).start()
+        site = web.TCPSite(main_runner, host, port, ssl_context=tls.context if tls else None)
+        await site.start()
+        _close_stalled_connections(site, settings.client_send_timeout)
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(metrics_app(app), access_log=None)
             runners.append(metrics_runner)

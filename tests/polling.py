@@ -4,9 +4,10 @@ a prefetch's requests): poll a condition, fail with a clear message when it neve
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
-__all__ = ["until", "until_async"]
+__all__ = ["until", "until_async", "until_sync"]
 
 INTERVAL = 0.005
 
@@ -27,3 +28,12 @@ async def until_async(condition: Callable[[], Awaitable[bool]], within: float = 
             return
         await asyncio.sleep(INTERVAL)
     raise AssertionError(f"the condition did not come true within {within:g} s")
+
+
+def until_sync(condition: Callable[[], bool], within: float = 10.0, what: str = "the condition") -> None:
+    """:func:`until` for tests without an event loop (a server in its own process)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not come true within {within:g} s")
+        time.sleep(0.05)

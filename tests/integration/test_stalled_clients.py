@@ -1,0 +1,62 @@
+"""A client that stops reading mid-blob, against the real server process: once
+``client_send_timeout`` passes with nothing acknowledged, its connection is closed, and with it
+the blob file it held open (after an eviction, disk space no one else could use)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.polling import until_sync
+
+from .harness import images
+from .harness.moorage import MoorageProcess
+from .harness.registry import RealRegistry
+
+pytestmark = pytest.mark.integration
+MiB = 1024 * 1024
+
+
+def files_open(pid: int, path: Path) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+        except OSError:
+            continue  # closed meanwhile
+    return count
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: Path) -> None:
+    with RealRegistry(tmp_path / "registry") as registry:
+        source = tmp_path / "layer.bin"
+        digest = images.write_random_file(source, 64 * MiB, seed=5)
+        images.push_blob(registry.url, "library/big", source)
+        upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
+        with MoorageProcess(tmp_path / "moorage", upstreams, client_send_timeout="2s") as moorage:
+            path = f"/v2/big/blobs/{digest}"
+            with urllib.request.urlopen(moorage.url + path, timeout=60) as response:  # stored now
+                assert len(response.read()) == 64 * MiB
+            stored = moorage.store / "blobs" / "sha256" / digest[7:9] / digest[7:]
+            until_sync(stored.exists, within=10, what="the blob stored")
+
+            stalled = socket.socket()
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: the window
+            stalled.connect(("127.0.0.1", moorage.port))
+            try:
+                stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: cache\r\n\r\n".encode())
+                assert stalled.recv(1024).startswith(b"HTTP/1.1 200")  # then it reads no more
+                until_sync(lambda: files_open(moorage.pid, stored) == 1, within=5, what="the send holding the file")
+                time.sleep(1)
+                assert files_open(moorage.pid, stored) == 1, "closed before the timeout"
+                until_sync(lambda: files_open(moorage.pid, stored) == 0, within=30, what="the stalled send closed")
+            finally:
+                stalled.close()
+            # The cache serves on: the next client gets the blob whole.
+            with urllib.request.urlopen(moorage.url + path, timeout=60) as response:
+                assert len(response.read()) == 64 * MiB
