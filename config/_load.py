@@ -107,7 +107,10 @@ def _with_variable(error: Mapping[str, Any], overrides: Mapping[str, str]) -> st
     where = [str(part).lower() for part in error["loc"]]
     for name in sorted(overrides):
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if where and (where[: len(path)] == path or path[: len(where)] == where):
+        # A check of a whole section (``storage``'s watermarks) names the keys it is about:
+        # a variable setting another key of that section is not the one to blame.
+        within = path[: len(where)] == where and path[-1] in line.lower()
+        if where and (where[: len(path)] == path or within):
             if error["type"] in ("tuple_type", "list_type"):
                 return f"{line} (set by {name}; a variable sets one value, lists belong in the file)"
             return f"{line} (set by {name})"

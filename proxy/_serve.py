@@ -16,6 +16,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from aiohttp import web
 
@@ -25,7 +26,7 @@ from ._app import build_app, metrics_app
 from ._state import IN_FLIGHT, LEAVING, STOPPING
 from ._tls import ServerTls
 
-__all__ = ["running", "serve"]
+__all__ = ["ListenFailed", "running", "serve"]
 
 log = logging.getLogger("moorage")
 
@@ -40,6 +41,17 @@ def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
         shutdown_timeout=settings.shutdown_timeout,
         keepalive_timeout=settings.client_idle_timeout,
     )
+
+
+class ListenFailed(Exception):
+    """A listener could not be opened; the message names its setting and address."""
+
+
+async def _start(site: web.TCPSite, key: str, address: str) -> None:
+    try:
+        await site.start()
+    except OSError as error:
+        raise ListenFailed(f"cannot listen on {address} ({key}): {error.strerror or error}") from None
 
 
 def _close_stalled_connections(site: web.TCPSite, seconds: float) -> None:
@@ -77,14 +89,16 @@ async def serve(settings: Settings, version: str) -> None:
         await main_runner.setup()
         host, port = split_address(settings.listen)
         site = web.TCPSite(main_runner, host, port, ssl_context=tls.context if tls else None)
-        await site.start()
+        await _start(site, "listen", settings.listen)
         _close_stalled_connections(site, settings.client_send_timeout)
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(metrics_app(app), access_log=None)
             runners.append(metrics_runner)
             await metrics_runner.setup()
             metrics_host, metrics_port = split_address(settings.metrics_listen)
-            await web.TCPSite(metrics_runner, metrics_host, metrics_port).start()
+            await _start(
+                web.TCPSite(metrics_runner, metrics_host, metrics_port), "metrics_listen", settings.metrics_listen
+            )
         log.info(
             "listening",
             extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},
@@ -172,8 +186,9 @@ async def _drain(runner: web.AppRunner, app: web.Application, grace: float, hurr
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[str]:
-    """Moorage on the settings' store, in this process, on a free loopback port; its base URL.
+async def running(settings: Settings, *, unix_socket: Path | None = None) -> AsyncIterator[str]:
+    """Moorage on the settings' store, in this process, on a free loopback port, or on
+    ``unix_socket``; its base URL.
 
     For commands that work "directly on a store" (``moorage warm --store``): they then speak
     to it exactly as they would to a daemon.
@@ -181,6 +196,10 @@ async def running(settings: Settings) -> AsyncIterator[str]:
     runner = _runner(build_app(settings), settings)
     await runner.setup()
     try:
+        if unix_socket is not None:
+            await web.UnixSite(runner, str(unix_socket)).start()
+            yield "http://localhost"
+            return
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]

@@ -18,6 +18,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -73,11 +74,14 @@ async def warm(
     progress: Progress | None,
     *,
     referrers: bool = False,
+    unix_socket: Path | None = None,
 ) -> list[WarmedImage]:
-    """Pull each image through the cache at ``base_url``; ``platforms`` None means every one;
-    ``referrers``: with its signatures, SBOMs and attestations."""
+    """Pull each image through the cache at ``base_url`` (reached through ``unix_socket``
+    when given); ``platforms`` None means every one; ``referrers``: with its signatures, SBOMs
+    and attestations."""
     timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=300)
-    async with aiohttp.ClientSession(base_url=base_url, timeout=timeout) as session:
+    connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket is not None else None
+    async with aiohttp.ClientSession(base_url=base_url, timeout=timeout, connector=connector) as session:
         return [await _warm_one(session, image, platforms, progress, referrers) for image in images]
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import ssl
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,7 @@ from moorage.cache import (
 )
 from moorage.config import (
     CONFIG_ENV,
+    AuthSettings,
     ConfigError,
     LifecyclePolicyError,
     Settings,
@@ -56,7 +58,7 @@ from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
 from ._logging import configure_logging
 from ._preflight import preflight, routing_warnings
-from ._serve import running, serve
+from ._serve import ListenFailed, running, serve
 from ._tokens import TokenKeys
 
 __all__ = ["main"]
@@ -187,6 +189,8 @@ def serve_command(config: Path | None) -> None:
         asyncio.run(serve(settings, _version()))
     except ConfigError as error:
         fail(str(error.named(source)))
+    except ListenFailed as error:
+        fail(str(error))
     except OSError as error:
         fail(f"cannot listen on {settings.listen}: {error.strerror or error}")
 
@@ -237,7 +241,8 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
         settings = settings_from(config, unhealthy)
         host, port = split_address(settings.listen)
         scheme = "https" if settings.tls is not None else "http"
-        url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"  # an IPv6 address in brackets
         if settings.tls is not None:  # its own listener: the name in the certificate may differ
             context = ssl.create_default_context()
             context.check_hostname = False
@@ -507,13 +512,23 @@ def warm_command(
             if url is not None:
                 return await warm(url, references, wanted, progress, referrers=with_referrers)
             settings = settings_from(config)
+            # Whoever may open the store needs no sign-in: client auth and access rules are
+            # off, and the cache is reached only through a socket in a directory of its own
+            # (mode 0700), never on a port other users could reach meanwhile.
+            update: dict[str, object] = {"auth": AuthSettings()}
             if store is not None:
-                settings = settings.model_copy(update={"storage": StorageSettings(path=store)})
-            async with running(settings) as local:
-                return await warm(local, references, wanted, progress, referrers=with_referrers)
+                update["storage"] = StorageSettings(path=store)
+            with tempfile.TemporaryDirectory(prefix="moorage-warm-") as private:
+                unix_socket = Path(private) / "cache.sock"
+                async with running(settings.model_copy(update=update), unix_socket=unix_socket) as local:
+                    return await warm(
+                        local, references, wanted, progress, referrers=with_referrers, unix_socket=unix_socket
+                    )
 
     try:
         warmed = asyncio.run(run())
+    except ConfigError as error:  # the store cannot be used (not a directory, not writable)
+        fail(str(error.named(settings_source(settings_file(config), os.environ))))
     except WarmFailed as error:
         fail(str(error))
     except OSError as error:
@@ -755,6 +770,10 @@ def client_config(
     for warning in client_warnings(client, url, upstreams, default, refuses):
         click.echo(f"moorage: warning: {warning}", err=True)
     for path, content in files.items():
+        if output_dir is None and len(files) == 1:  # the file alone, as it can be saved (JSON has no comments)
+            click.echo(f"# file: {path}", err=True)
+            click.echo(content)
+            continue
         if output_dir is None:
             click.echo(f"# file: {path}\n{content}")
             continue

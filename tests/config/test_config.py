@@ -257,6 +257,18 @@ def test_unknown_environment_key_is_an_error_naming_the_variable() -> None:
         load_settings(None, {"MOORAGE_TAG_TLL": "1m"})
 
 
+def test_a_section_check_blames_only_the_variable_whose_key_it_names(tmp_path: Path) -> None:
+    """A wrong watermark pair in the file is no fault of MOORAGE_STORAGE__PATH, which set
+    another key of the section; MOORAGE_STORAGE__LOW_WATERMARK is."""
+    path = write(tmp_path, "storage: {high_watermark: 0.8, low_watermark: 0.9}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {"MOORAGE_STORAGE__PATH": str(tmp_path / "store")})
+    assert "low_watermark (0.9) must be below high_watermark (0.8)" in str(caught.value)
+    assert "set by" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"\(set by MOORAGE_STORAGE__LOW_WATERMARK\)"):
+        load_settings(write(tmp_path, "storage: {high_watermark: 0.8}\n"), {"MOORAGE_STORAGE__LOW_WATERMARK": "0.9"})
+
+
 def test_anchors_and_merge_keys_load_as_yaml_says(tmp_path: Path) -> None:
     """The duplicate-key check passes over ``<<``: one upstream's settings reused by others."""
     path = tmp_path / "anchors.yaml"

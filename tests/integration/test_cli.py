@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 
@@ -112,6 +114,57 @@ def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstr
         mark = registry.mark()
         skopeo_copy(f"docker://{m.host}/tiny:1", f"dir:{tmp_path / 'out'}")
         assert registry.blob_gets(mark) == {}, "warm filled the store: the pull needed no upstream blob"
+
+
+def test_warm_on_a_store_whose_settings_ask_clients_to_sign_in(upstream: Upstream, tmp_path: Path) -> None:
+    """Users and access rules are for the cache's clients; whoever may open the store warms it
+    without signing in (the in-process cache is reached only through a private socket)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:" + bcrypt.hashpw(b"a-passphrase", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"path": str(tmp_path / "store")},
+                "upstreams": upstream_settings(upstream.registry),
+                "auth": {
+                    "htpasswd_file": str(htpasswd),
+                    "policy": [{"effect": "deny", "description": "nobody", "repositories": ["*"]}],
+                },
+            }
+        )
+    )
+    warmed = moorage("warm", "tiny:1", config=config)
+    assert "docker.io/library/tiny:1: 3 blobs" in warmed.stdout
+
+
+def test_warm_on_a_store_it_cannot_use_is_one_line_and_exit_2(upstream: Upstream, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    result = moorage("warm", "tiny:1", "--store", str(not_a_directory / "store"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "cannot use" in result.stderr, result.stderr
+
+
+def test_a_metrics_listener_that_cannot_listen_is_named(upstream: Upstream, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "metrics_listen": f"127.0.0.1:{busy}",
+                    "storage": {"path": str(tmp_path / "store")},
+                    "upstreams": upstream_settings(upstream.registry),
+                }
+            )
+        )
+        result = moorage("serve", config=config, check=False)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{busy} (metrics_listen)" in result.stderr, result.stderr
 
 
 def test_warm_sends_short_names_to_the_configured_default_upstream(upstream: Upstream, tmp_path: Path) -> None:

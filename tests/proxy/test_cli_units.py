@@ -3,7 +3,10 @@ stats table."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
+import threading
 import tomllib
 from pathlib import Path
 
@@ -307,6 +310,43 @@ def test_healthcheck_with_bad_settings_exits_1_not_docker_s_reserved_2(tmp_path:
     (tmp_path / "bad.yaml").write_text("tag_tll: 1m\n")
     result = CliRunner().invoke(main, ["healthcheck", "--config", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 1 and "tag_tll: unknown key" in result.output
+
+
+def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path) -> None:
+    """``listen: "[::1]:port"``: the URL needs the brackets, or a healthy cache reads as down
+    (and a container with it as unhealthy for ever)."""
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class V6Server(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    with V6Server(("::1", 0), Healthy) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            config = tmp_path / "v6.yaml"
+            config.write_text(f'listen: "[::1]:{server.server_address[1]}"\nstorage: {{path: {tmp_path}}}\n')
+            result = CliRunner().invoke(main, ["healthcheck", "--config", str(config)])
+            assert result.exit_code == 0, result.output
+        finally:
+            server.shutdown()
+
+
+def test_one_client_file_is_printed_alone_so_that_it_can_be_saved() -> None:
+    """daemon.json as printed is JSON (a ``# file:`` line would stop dockerd from starting);
+    its path goes to standard error. Several files keep their ``# file:`` lines."""
+    result = CliRunner().invoke(main, ["client-config", "docker", "--url", URL], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["registry-mirrors"] == [URL]
+    assert "# file: /etc/docker/daemon.json" in result.stderr
+    containerd = CliRunner().invoke(main, ["client-config", "containerd", "--url", URL], env={"MOORAGE_CONFIG": ""})
+    assert "# file: /etc/containerd/certs.d/docker.io/hosts.toml" in containerd.stdout
 
 
 def test_a_url_with_a_path_is_refused() -> None:
