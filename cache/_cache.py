@@ -1245,7 +1245,10 @@ class Cache:
         if kind == "blob":
             await source.head_blob(repository, digest)
         else:
-            await source.head_manifest(repository, digest, "index")
+            try:
+                await source.head_manifest(repository, digest, "index")
+            except HeadRefused:  # an upstream that takes only GET: the manifest itself confirms it
+                await source.get_manifest(repository, digest, "index")
         self._routes.learn(digest, (source.host, str(repository)))
         log.info(
             "route confirmed",

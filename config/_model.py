@@ -368,6 +368,10 @@ DEFAULT_UPSTREAMS: tuple[UpstreamSettings, ...] = (
 )
 
 
+#: TCP_USER_TIMEOUT is an unsigned int of milliseconds, which Linux reads as a signed one.
+MAX_SEND_TIMEOUT: Final = (2**31 - 1) // 1000
+
+
 class Settings(_Section):
     #: ``host:port`` to listen on.
     listen: str = "0.0.0.0:5000"
@@ -401,7 +405,7 @@ class Settings(_Section):
     client_idle_timeout: Seconds = Field(default=75.0, gt=0)
     #: A client connection whose sent data stays unacknowledged, or unsent because the client
     #: stopped reading, for this long is closed by the kernel (TCP_USER_TIMEOUT); 0: never.
-    client_send_timeout: Seconds = Field(default=120.0, ge=0)
+    client_send_timeout: Seconds = Field(default=120.0, ge=0, le=MAX_SEND_TIMEOUT)
     upstreams: tuple[UpstreamSettings, ...] = DEFAULT_UPSTREAMS
 
     @field_validator("listen", "metrics_listen", mode="before")

@@ -64,7 +64,14 @@ def _close_stalled_connections(site: web.TCPSite, seconds: float) -> None:
         return
     server = site._server  # aiohttp keeps its asyncio.Server only there
     for listening in getattr(server, "sockets", ()):
-        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
+        try:
+            listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
+        except OSError as error:  # a kernel without it: serve all the same, and say so
+            log.warning(
+                "client_send_timeout not applied",
+                extra={"event": "client_send_timeout_unsupported", "error": error.strerror or str(error)},
+            )
+            return
 
 
 async def serve(settings: Settings, version: str) -> None:

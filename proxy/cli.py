@@ -241,7 +241,7 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
         settings = settings_from(config, unhealthy)
         host, port = split_address(settings.listen)
         scheme = "https" if settings.tls is not None else "http"
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # asyncio binds "::" to IPv6 alone
         url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"  # an IPv6 address in brackets
         if settings.tls is not None:  # its own listener: the name in the certificate may differ
             context = ssl.create_default_context()

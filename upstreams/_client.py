@@ -35,6 +35,7 @@ from ._pages import ReferrersPage, TagsPage, error_codes, referrers_page, tags_p
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from .errors import (
+    HeadRefused,
     ManifestTooLarge,
     NoReferrersApi,
     UpstreamAuthFailed,
@@ -275,7 +276,11 @@ class RegistryClient:
             **common,  # type: ignore[arg-type]
         )
         common["transport"] = transport
-        self._token_http = httpx.AsyncClient(follow_redirects=True, **common)  # type: ignore[arg-type]
+        self._token_http = httpx.AsyncClient(
+            follow_redirects=True,
+            event_hooks={"response": [self._refuse_downgrade]},
+            **common,  # type: ignore[arg-type]
+        )
         credentials = (settings.username, password) if settings.username and password is not None else None
         self._auth = RegistryAuth(
             self.host,
@@ -316,10 +321,17 @@ class RegistryClient:
         if state is not None:
             self.ratelimit = state
             self._observer.on_ratelimit(self.host, state)
+        await self._refuse_downgrade(response)
+
+    async def _refuse_downgrade(self, response: httpx.Response) -> None:
+        """A redirect from https to plain http is not followed: a signed URL, a tag's manifest
+        (no digest vouches for it) or a token would cross the network in clear text."""
+        request = response.request
         if response.is_redirect and request.url.scheme == "https" and _to_plain_http(request.url, response):
-            # A signed URL, or a tag's manifest (no digest vouches for it), would go in clear text.
+            what = _kind(request.url.path)
             raise UpstreamProtocolError(
-                self.host, f"{_kind(request.url.path)} request redirected from https to plain http: not followed"
+                self.host,
+                f"{'a' if what == 'other' else what} request redirected from https to plain http: not followed",
             )
 
     # -- retries -----------------------------------------------------------------------------
@@ -476,13 +488,27 @@ class RegistryClient:
 
     async def head_blob(self, repository: RepositoryName, digest: Digest) -> int:
         what = f"blob {repository}@{digest}"
-        response = await self._send("HEAD", f"/v2/{repository}/blobs/{digest}", what)
+        try:
+            response = await self._send("HEAD", f"/v2/{repository}/blobs/{digest}", what)
+        except HeadRefused:  # an upstream that takes only GET: its first byte tells the size
+            return await self._blob_size_by_get(repository, digest, what)
         length = response.headers.get("content-length")
         if not length or not length.isdigit():
             raise UpstreamProtocolError(self.host, f"{what}: HEAD answered without a Content-Length")
         if int(length) == 0 and digest != Digest.of(b"", digest.algorithm):
             # Only the empty blob is empty; containerd takes a size of 0 for a broken registry.
             raise UpstreamProtocolError(self.host, f"{what}: HEAD answered a length of 0 for a blob that is not empty")
+        return int(length)
+
+    async def _blob_size_by_get(self, repository: RepositoryName, digest: Digest, what: str) -> int:
+        """A blob's size from a GET of its first byte, whose body is not read."""
+        headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
+        response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
+        await response.aclose()
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        length = total if response.status_code == 206 else response.headers.get("content-length", "")
+        if not length.isdigit():
+            raise UpstreamProtocolError(self.host, f"{what}: its GET told no size")
         return int(length)
 
     @asynccontextmanager

@@ -269,6 +269,14 @@ def test_a_section_check_blames_only_the_variable_whose_key_it_names(tmp_path: P
         load_settings(write(tmp_path, "storage: {high_watermark: 0.8}\n"), {"MOORAGE_STORAGE__LOW_WATERMARK": "0.9"})
 
 
+@pytest.mark.parametrize("value", ["30d", "inf"])
+def test_a_send_timeout_beyond_what_the_kernel_takes_is_refused_at_load(value: str) -> None:
+    """TCP_USER_TIMEOUT holds at most 2**31 - 1 ms: beyond that ``serve`` died at start."""
+    with pytest.raises(ConfigError, match="client_send_timeout"):
+        load_settings(None, {"MOORAGE_CLIENT_SEND_TIMEOUT": value})
+    assert load_settings(None, {"MOORAGE_CLIENT_SEND_TIMEOUT": "24d"}).client_send_timeout == 24 * 86400
+
+
 def test_anchors_and_merge_keys_load_as_yaml_says(tmp_path: Path) -> None:
     """The duplicate-key check passes over ``<<``: one upstream's settings reused by others."""
     path = tmp_path / "anchors.yaml"

@@ -312,9 +312,11 @@ def test_healthcheck_with_bad_settings_exits_1_not_docker_s_reserved_2(tmp_path:
     assert result.exit_code == 1 and "tag_tll: unknown key" in result.output
 
 
-def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bound", "listen"), [("::1", "[::1]"), ("::", "[::]")])
+def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path, bound: str, listen: str) -> None:
     """``listen: "[::1]:port"``: the URL needs the brackets, or a healthy cache reads as down
-    (and a container with it as unhealthy for ever)."""
+    (and a container with it as unhealthy for ever). asyncio binds ``[::]`` to IPv6 alone, so
+    that one is asked at ``[::1]``, not at 127.0.0.1."""
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -327,11 +329,15 @@ def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path) -> None:
     class V6Server(http.server.HTTPServer):
         address_family = socket.AF_INET6
 
-    with V6Server(("::1", 0), Healthy) as server:
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
+            super().server_bind()
+
+    with V6Server((bound, 0), Healthy) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             config = tmp_path / "v6.yaml"
-            config.write_text(f'listen: "[::1]:{server.server_address[1]}"\nstorage: {{path: {tmp_path}}}\n')
+            config.write_text(f'listen: "{listen}:{server.server_address[1]}"\nstorage: {{path: {tmp_path}}}\n')
             result = CliRunner().invoke(main, ["healthcheck", "--config", str(config)])
             assert result.exit_code == 0, result.output
         finally:

@@ -139,6 +139,34 @@ async def test_content_the_route_also_has_is_confirmed_once_with_a_head_and_then
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("status", [405, 501])
+async def test_an_upstream_that_refuses_head_confirms_a_route_with_a_get(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str, status: int
+) -> None:
+    """A registry that takes only GET: the route is confirmed by a GET of the blob's first byte
+    and of the manifest, where the HEAD's refusal was a 502 (or, for 501, an outage)."""
+    moorage, image = await private_image_cached(start_moorage, upstream, private, htpasswd)
+    shared = image.layer_digests[0]
+    upstream.fail_next(10, status, methods={"HEAD"})
+    upstream.reset_requests()
+    response = await moorage.get(f"/v2/library/alpine/blobs/{shared}", headers=basic("ci"))
+    assert response.status == 200, await response.text()
+    assert await response.read() == SHARED_LAYER and response.headers["X-Moorage-Cache"] == "hit"
+    confirming = [r for r in upstream.requests if r.method == "GET" and r.path.endswith(f"/blobs/{shared}")]
+    assert [r.headers.get("range") for r in confirming] == ["bytes=0-0"], "one byte asked for, not the blob"
+    # A HEAD by a client for a blob the store does not hold: its size from that first byte too.
+    other = upstream.add_blob(b"x" * 5000)
+    head = await moorage.head(f"/v2/library/alpine/blobs/{other}", headers=basic("ci"))
+    assert head.status == 200 and head.headers["Content-Length"] == "5000"
+    # A manifest by digest held under the private route only, which docker.io has too:
+    # confirmed by its GET.
+    upstream.add_manifest("library/alpine", None, image.manifest)
+    upstream.reset_requests()
+    held = await moorage.get(f"/v2/library/alpine/manifests/{image.digest}", headers=basic("ci"))
+    assert held.status == 200 and await held.read() == image.manifest
+    assert upstream.count("GET", f"/manifests/{image.digest}") == 1
+
+
 async def test_a_client_allowed_on_the_origin_route_reads_without_asking(
     start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
 ) -> None:

@@ -103,3 +103,25 @@ def test_a_request_h11_cannot_write_is_reported_without_quoting_its_headers() ->
     with pytest.raises(UpstreamProtocolError) as refused, mapped_errors("registry.test", "manifest a/b:1"):
         raise httpx.LocalProtocolError("Illegal header value b'Bearer s3cret\\n'")
     assert "s3cret" not in str(refused.value) and "LocalProtocolError" in str(refused.value)
+
+
+async def test_a_token_service_redirected_to_plain_http_is_not_followed() -> None:
+    """The token would come back in clear text, good for anyone on the way to pull with."""
+    asked: list[httpx.URL] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url)
+        if request.url.host == "auth.test":
+            return httpx.Response(307, headers={"Location": "http://auth.test/token"})
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.test/token",service="r"'})
+
+    settings = UpstreamSettings.model_validate(
+        {"host": "registry.test", "url": "https://registry.test", "retries": {"attempts": 1}}
+    )
+    client = RegistryClient(settings, transport=httpx.MockTransport(handler))
+    try:
+        with pytest.raises(UpstreamProtocolError, match="redirected from https to plain http"):
+            await client.get_manifest(RepositoryName("a/b"), Tag("1"), "index")
+        assert all(url.scheme == "https" for url in asked), asked
+    finally:
+        await client.aclose()
