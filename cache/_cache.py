@@ -1011,6 +1011,8 @@ class Cache:
     # Blocking helpers: each is one whole operation for one thread hop.
 
     def _record_tag(self, key: IndexKey, entry: TagEntry, image: IndexKey) -> None:
+        # (put_manifest: one the index lost, say in a disk-full spell, is known again)
+        self._index.put_manifest(entry.digest, entry.media_type)
         self._index.add_image(image, entry.checked_at)
         self._index.put_tag(key, entry)
 
