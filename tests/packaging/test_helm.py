@@ -220,7 +220,7 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
     if name == "upstreams":
         hub, ghcr = settings.upstreams
         assert hub.default and hub.username == "robot"
-        assert str(hub.password_file) == "/etc/moorage/credentials/docker.io/password"
+        assert str(hub.password_file) == "/etc/moorage/credentials/0/password"
         assert settings.tag_ttl_of(ghcr) == 3600 and settings.tag_ttl == 1800
         assert hub.prefetch_blobs == 3 and ghcr.prefetch_blobs == 0  # 0 is rendered, not dropped
         assert settings.storage.max_size == 180 * 1024**3
@@ -234,8 +234,28 @@ def test_credentials_are_mounted_files_never_env_or_configmap() -> None:
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     assert list(secrets.values()) == ["dockerhub-password"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts[next(iter(secrets))] == "/etc/moorage/credentials/docker.io"
+    assert mounts[next(iter(secrets))] == "/etc/moorage/credentials/0"
     assert "password:" not in by_kind(objects, "ConfigMap")["data"]["config.yaml"]
+
+
+def test_credentials_of_upstreams_with_like_names_are_volumes_of_their_own() -> None:
+    """my.reg and my-reg once made one volume name twice, which Kubernetes refuses (a schema
+    check does not see it); a port's ":" made a mount path some runtimes refuse."""
+    upstreams: list[dict[str, Any]] = [
+        {"host": "my.reg", "url": "https://my.reg", "default": True, "username": "a", "passwordSecret": "first"},
+        {"host": "my-reg", "url": "https://my-reg", "username": "b", "passwordSecret": "second"},
+        {"host": "reg.example:5443", "url": "https://reg.example:5443", "username": "c", "passwordSecret": "third"},
+    ]
+    objects = render({"upstreams": upstreams})
+    pod = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]
+    names = [volume["name"] for volume in pod["volumes"]]
+    assert len(names) == len(set(names)), names
+    secret_of = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mount_of = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    config = yaml.safe_load(by_kind(objects, "ConfigMap")["data"]["config.yaml"])
+    for upstream, rendered in zip(upstreams, config["upstreams"], strict=True):
+        (volume,) = [name for name, secret in secret_of.items() if secret == upstream["passwordSecret"]]
+        assert rendered["password_file"] == f"{mount_of[volume]}/password" and ":" not in mount_of[volume]
 
 
 def test_the_pod_runs_locked_down_with_probes() -> None:
@@ -289,6 +309,25 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"extraEnv": [{"name": "N", "value": 1}]}, "/extraEnv/0/value", id="env_value_not_a_string"),
         pytest.param({"auth": {"tokenRealm": "moorage.example/token"}}, "/auth/tokenRealm", id="token_realm"),
         pytest.param({"extraEnv": [{"value": "x"}]}, "name", id="env_without_name"),
+        # What the pod would refuse at start, with the one replica already replaced:
+        pytest.param(
+            {"auth": {"policy": [{"effect": "deny", "repositories": ["ghcr/*"]}]}},
+            "/auth/policy/0/repositories/0",
+            id="policy_glob_without_a_host",
+        ),
+        pytest.param(
+            {"auth": {"policy": [{"effect": "deny", "cidrs": ["office"]}]}},
+            "/auth/policy/0/cidrs/0",
+            id="policy_cidr_not_an_address",
+        ),
+        pytest.param(
+            {"upstreams": [{"host": "q.io", "url": "https://bob:pw@q.io"}]}, "/upstreams/0/url", id="url_credentials"
+        ),
+        pytest.param(
+            {"upstreams": [{"host": "q.io", "url": "https://q.io", "aliases": ["q.io/mirror"]}]},
+            "/upstreams/0/aliases/0",
+            id="alias_with_a_path",
+        ),
         pytest.param(
             {"upstreams": [{"host": "q.io", "url": "https://q.io", "lifecyclePolicy": {"rulez": []}}]},
             "rules",
@@ -420,12 +459,21 @@ def test_the_notes_keep_the_fallback_caveats_of_the_manual() -> None:
         pytest.param({"size": "3000M"}, 2431 * 2**20, id="decimal"),
         pytest.param({"size": "200Gi", "maxSize": "150GiB"}, 150 * 2**30, id="set"),
         pytest.param({"size": "200Gi", "maxSize": "0"}, None, id="no_cap"),
+        pytest.param({"size": "200Gi", "maxSize": 0}, None, id="no_cap_as_a_number"),  # --set persistence.maxSize=0
     ],
 )
 def test_the_cache_is_capped_below_its_volume_unless_told_otherwise(
-    tmp_path: Path, persistence: dict[str, str], cap: int | None
+    tmp_path: Path, persistence: dict[str, str | int], cap: int | None
 ) -> None:
     """Uncapped, the cache would fill its volume, and a full disk cuts pulls in progress."""
     path = tmp_path / "config.yaml"
     path.write_text(by_kind(render({"persistence": persistence}), "ConfigMap")["data"]["config.yaml"])
     assert load_settings(path).storage.max_size == cap
+
+
+@pytest.mark.parametrize(("given", "seconds"), [(900, 900), ("1.5", 1.5), ("15m", 900)])
+def test_a_duration_is_taken_as_a_number_of_seconds_too(tmp_path: Path, given: str | int, seconds: float) -> None:
+    """``--set config.tagTtl=900`` arrives as a number: the manual's "a plain number of seconds"."""
+    path = tmp_path / "config.yaml"
+    path.write_text(by_kind(render({"config": {"tagTtl": given}}), "ConfigMap")["data"]["config.yaml"])
+    assert load_settings(path).tag_ttl == seconds

@@ -60,7 +60,7 @@ tls:
 {{- end }}
 {{- with .Values.upstreams }}
 upstreams:
-{{- range . }}
+{{- range $i, $_ := . }}
   - host: {{ .host | quote }}
     url: {{ .url | quote }}
     {{- if .default }}
@@ -82,7 +82,7 @@ upstreams:
     username: {{ . | quote }}
     {{- end }}
     {{- if .passwordSecret }}
-    password_file: {{ printf "/etc/moorage/credentials/%s/password" .host | quote }}
+    password_file: {{ printf "/etc/moorage/credentials/%d/password" $i | quote }}
     {{- end }}
     {{- $host := .host }}
     {{- if .lifecyclePolicy }}
@@ -103,8 +103,10 @@ upstreams:
      evicts before its volume is full (the process is no root: the file system's reserved
      blocks, 5 % on ext4, are not its own, and the index and temporaries need room besides). */}}
 {{- define "moorage.maxSize" -}}
-{{- if .Values.persistence.maxSize -}}
-{{- .Values.persistence.maxSize -}}
+{{- $max := .Values.persistence.maxSize -}}
+{{- /* a number counts as given, 0 (--set persistence.maxSize=0: no cap) too */}}
+{{- if or (and (not (kindIs "invalid" $max)) (not (kindIs "string" $max))) (ne (toString $max) "") -}}
+{{- toString $max -}}
 {{- else -}}
 {{- $size := toString .Values.persistence.size -}}
 {{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $size -}}
