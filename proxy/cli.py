@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import click
@@ -252,11 +253,29 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
         fail(problem, unhealthy)
     base = url.rstrip("/").removesuffix("/healthz")
     try:
-        with urllib.request.urlopen(f"{base}/healthz", timeout=seconds, context=context) as response:
+        with _open_url(f"{base}/healthz", seconds, context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
         fail(f"{url} is not healthy: {error}", unhealthy)
     sys.exit(0 if healthy else unhealthy)
+
+
+def _open_url(url: str, timeout: float, context: ssl.SSLContext | None = None) -> Any:
+    """``urllib.request.urlopen``, but never through a proxy for a loopback address: a
+    container's HTTPS_PROXY (set for the upstreams) would otherwise carry the health check to
+    the proxy, and the cache would read as unhealthy."""
+    host = urlsplit(url).hostname or ""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPSHandler(context=context)]
+    if host == "localhost" or _is_loopback(host):
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers).open(url, timeout=timeout)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _size(value: int | None) -> str:
@@ -318,7 +337,7 @@ def ls(pattern: str | None, as_json: bool, config: Path | None, store: Path | No
 
 def _summary_from_metrics(url: str) -> dict[str, dict[str, float]]:
     """Per upstream counters from a running daemon's /metrics."""
-    with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=10) as response:
+    with _open_url(f"{url.rstrip('/')}/metrics", 10) as response:
         text = response.read().decode()
     usage: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):

@@ -3,11 +3,16 @@ stats table."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,7 @@ from moorage.proxy._client_config import ClientOptions, client_files, client_war
 from moorage.proxy._warm import platform_matches
 from moorage.proxy.cli import StatsReport, _stats_table, main, url_problem
 from moorage.upstreams.reference import InvalidReference, parse_image_reference
+from tests.integration.harness.tools import closed_port
 
 
 @pytest.mark.parametrize(
@@ -312,36 +318,66 @@ def test_healthcheck_with_bad_settings_exits_1_not_docker_s_reserved_2(tmp_path:
     assert result.exit_code == 1 and "tag_tll: unknown key" in result.output
 
 
+class _Healthz(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _OneFamilyServer(http.server.HTTPServer):
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:  # IPv6 alone, as asyncio binds "::"
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+class _V6Server(_OneFamilyServer):
+    address_family = socket.AF_INET6
+
+
+@contextlib.contextmanager
+def serving_healthz(address: str) -> Iterator[int]:
+    """A server answering 200 on /healthz at ``address``, in a thread; its port."""
+    server_class = _V6Server if ":" in address else _OneFamilyServer
+    with server_class((address, 0), _Healthz) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield server.server_address[1]
+        finally:
+            server.shutdown()
+
+
 @pytest.mark.parametrize(("bound", "listen"), [("::1", "[::1]"), ("::", "[::]")])
 def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path, bound: str, listen: str) -> None:
     """``listen: "[::1]:port"``: the URL needs the brackets, or a healthy cache reads as down
     (and a container with it as unhealthy for ever). asyncio binds ``[::]`` to IPv6 alone, so
     that one is asked at ``[::1]``, not at 127.0.0.1."""
+    with serving_healthz(bound) as port:
+        config = tmp_path / "v6.yaml"
+        config.write_text(f'listen: "{listen}:{port}"\nstorage: {{path: {tmp_path}}}\n')
+        result = CliRunner().invoke(main, ["healthcheck", "--config", str(config)])
+        assert result.exit_code == 0, result.output
 
-    class Healthy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/healthz" else 404)
-            self.end_headers()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    class V6Server(http.server.HTTPServer):
-        address_family = socket.AF_INET6
-
-        def server_bind(self) -> None:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds
-            super().server_bind()
-
-    with V6Server((bound, 0), Healthy) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            config = tmp_path / "v6.yaml"
-            config.write_text(f'listen: "{listen}:{server.server_address[1]}"\nstorage: {{path: {tmp_path}}}\n')
-            result = CliRunner().invoke(main, ["healthcheck", "--config", str(config)])
-            assert result.exit_code == 0, result.output
-        finally:
-            server.shutdown()
+def test_healthcheck_of_a_loopback_address_never_goes_through_a_proxy() -> None:
+    """A container's HTTPS_PROXY, set for the upstreams, had carried the check to the proxy."""
+    with serving_healthz("127.0.0.1") as port:
+        dead_proxy = f"http://127.0.0.1:{closed_port()}"
+        proxies = {name: dead_proxy for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")}
+        url = f"http://127.0.0.1:{port}"
+        # A process of its own: urllib keeps the proxies it first saw for the life of a process.
+        result = subprocess.run(
+            [sys.executable, "-m", "moorage.proxy", "healthcheck", "--url", url],
+            env={**os.environ, **proxies, "MOORAGE_CONFIG": ""},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
 
 
 def test_one_client_file_is_printed_alone_so_that_it_can_be_saved() -> None:
