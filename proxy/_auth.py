@@ -284,16 +284,22 @@ class Authenticator:
         users = self.users
         if users is None:
             return False
-        if self.tokens is not None and password.count(".") == 2 and password.startswith("eyJ"):
-            try:
-                grant = self.tokens.verify(password, "login")
-            except TokenInvalid:
-                grant = None  # not one of ours: it may still be the user's real password
-            if grant is not None:
-                return grant.user == user and self.still_valid(grant)
+        grant = self.login_grant(password)
+        if grant is not None:
+            return grant.user == user and self.still_valid(grant)
         if users.remembered(user, password):
             return True
         return await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password)
+
+    def login_grant(self, password: str) -> Grant | None:
+        """What a login token given as a password grants (``moorage login-password``); None
+        for anything else, the user's real password among them."""
+        if self.tokens is None or password.count(".") != 2 or not password.startswith("eyJ"):
+            return None
+        try:
+            return self.tokens.verify(password, "login")
+        except TokenInvalid:
+            return None  # not one of ours: it may still be the user's real password
 
     def still_valid(self, grant: Grant) -> bool:
         """A token's user still exists with the same password; an anonymous token only while

@@ -14,6 +14,7 @@ which containerd falls back to ``GET``. Failed sign-ins are limited per client a
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Final
 
@@ -84,6 +85,9 @@ async def token_endpoint(request: web.Request) -> web.Response:
     else:
         raise TokenRefused("unknown user or wrong password", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
     lifetime = authenticator.settings.token_lifetime
+    login = authenticator.login_grant(password) if subject and password else None
+    if login is not None:  # a token from a login token ends with it, not token_lifetime after
+        lifetime = max(1.0, min(lifetime, login.expires_at - time.time()))
     version = authenticator.users.password_version(subject) if subject and authenticator.users else None
     token = tokens.issue(subject, _pulls_asked(scopes), lifetime, password_version=version or "")
     issued = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
