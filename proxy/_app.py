@@ -14,6 +14,7 @@ from typing import Final
 
 import httpx
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from moorage.cache import open_cache
@@ -27,6 +28,7 @@ from ._logging import MalformedRequests
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
 from ._state import CACHE, IN_FLIGHT, LEAVING, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
+from ._tls import client_certificate_middleware
 from ._tokens import TokenKeys
 from .errors import error_middleware
 
@@ -102,8 +104,11 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
     users = Htpasswd(auth.htpasswd_file, auth.groups_file) if auth.htpasswd_file is not None else None
     tokens = _token_keys(settings) if users is not None else None
     authenticator = Authenticator(auth, users, tokens)
+    middlewares: list[Middleware] = [access_middleware, error_middleware, auth_middleware(authenticator)]
+    if settings.tls is not None and settings.tls.client_ca_file is not None:
+        middlewares.insert(2, client_certificate_middleware)
     app = web.Application(
-        middlewares=[access_middleware, error_middleware, auth_middleware(authenticator)],
+        middlewares=middlewares,
         client_max_size=64 * 1024,
         handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": MAX_HEADER_FIELD},
     )

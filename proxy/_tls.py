@@ -1,10 +1,17 @@
-"""HTTPS for the listener: the server's SSL context, and reloading its certificate.
+"""HTTPS for the listener: the server's SSL context, reloading its certificate, and the
+client certificate that mutual TLS asks of every request but the probes'.
 
 ``reload`` builds a new context from the files and, only if it loads, makes it the one new
-handshakes use; connections already open keep going. It is called on SIGHUP and when the
-files' modification times change (checked every 30 s). A file that cannot be read or does not
-match is a configuration error naming the key at start; on a reload the old certificate stays
-in use and the failure is logged.
+connections are wrapped by; connections already open keep going. It is called on SIGHUP and
+when the files' modification times change (checked every 30 s). A file that cannot be read or
+does not match is a configuration error naming the key at start; on a reload the old
+certificate stays in use and the failure is logged. Sessions (TLS 1.3 tickets, TLS 1.2's
+session cache) belong to the context that made them, so a client cut off by a new client CA
+cannot resume its way back in.
+
+With ``client_ca_file`` a client certificate is verified whenever one is sent; a request that
+came without one is refused (401) unless it is for ``/healthz`` or ``/readyz``, which
+``moorage healthcheck`` and Kubernetes' probes ask without a certificate.
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ import ssl
 from pathlib import Path
 from typing import Final
 
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
 from moorage.config import ConfigError, TlsSettings
 
-__all__ = ["ServerTls"]
+from ._auth import Unauthorized
+
+__all__ = ["ServerTls", "client_certificate_middleware"]
 
 log = logging.getLogger("moorage")
 CHECK_SECONDS: Final = 30.0
@@ -34,12 +46,10 @@ class ServerTls:
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
         self._current = self._build()
-        self.context = self._build()
-        self.context.sni_callback = self._select
+        listener = _CurrentContext(ssl.PROTOCOL_TLS_SERVER)
+        listener.server_tls = self
+        self.context: ssl.SSLContext = listener
         self._stamp = self._mtimes()
-
-    def _select(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
-        connection.context = self._current
 
     def _build(self) -> ssl.SSLContext:
         settings = self.settings
@@ -54,7 +64,7 @@ class ServerTls:
                 context.load_verify_locations(settings.client_ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(None, [f"tls.client_ca_file: cannot load {settings.client_ca_file}: {exc}"]) from None
-            context.verify_mode = ssl.CERT_REQUIRED
+            context.verify_mode = ssl.CERT_OPTIONAL  # a certificate sent is verified; none: see the middleware
         return context
 
     def _mtimes(self) -> tuple[float, ...]:
@@ -87,3 +97,38 @@ class ServerTls:
             stamp = await asyncio.to_thread(self._mtimes)
             if stamp != self._stamp:
                 await asyncio.to_thread(self.reload)
+
+
+class _CurrentContext(ssl.SSLContext):
+    """The listener's context: each connection is wrapped by the context loaded last, whole,
+    so that the sessions of an older one, and the client CA it trusted, end with it (asyncio
+    wraps every connection with ``wrap_bio``)."""
+
+    server_tls: ServerTls
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self.server_tls._current.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname, session=session
+        )
+
+
+#: Asked by probes, which have no client certificate to give.
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def client_certificate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mutual TLS for every request but the probes': a connection without a verified client
+    certificate gets 401."""
+    if request.path not in PROBE_PATHS:
+        transport = request.transport
+        if transport is None or not transport.get_extra_info("peercert"):
+            raise Unauthorized("a client certificate signed by the configured CA is required")
+    return await handler(request)

@@ -155,6 +155,67 @@ def test_client_certificates_can_be_required(upstream: RealRegistry, tmp_path: P
             check=False,
         )
         assert with_cert.returncode == 0, with_cert.stderr
+        # The probes have no certificate: /healthz and /readyz answer them, nothing else does.
+        no_certificate = client_context(ca[0], None)
+        refused = https_get(moorage.port, "/v2/", no_certificate)
+        assert refused[0] == 401 and b"UNAUTHORIZED" in refused[1]
+        assert https_get(moorage.port, "/healthz", no_certificate)[0] == 200
+        assert https_get(moorage.port, "/readyz", no_certificate)[0] == 200
+        checked = subprocess.run(
+            [sys.executable, "-m", "moorage.proxy", "healthcheck", "--config", str(moorage.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stderr
+
+
+def client_context(cafile: Path, client: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cafile))
+    context.check_hostname = False
+    if client is not None:
+        context.load_cert_chain(*client)
+    return context
+
+
+def https_get(
+    port: int, path: str, context: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[int, bytes, ssl.SSLSession | None, bool]:
+    """(status, body, the TLS session to resume with, whether this one was resumed)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        if not answer:  # TLS 1.3 refuses a client certificate after the client's handshake ends
+            raise ConnectionError("closed without an answer")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body, tls.session, bool(tls.session_reused)
+
+
+def test_a_client_ca_replaced_ends_the_sessions_it_let_in(upstream: RealRegistry, tmp_path: Path) -> None:
+    """A client cut off by a new client CA could resume its old TLS session (a TLS 1.3
+    ticket) and be let in for the ticket's lifetime, hours, with no certificate checked."""
+    old_ca, new_ca = make_ca(tmp_path / "old"), make_ca(tmp_path / "new")
+    cert, key = issue(old_ca, tmp_path / "old", "server")
+    client = issue(old_ca, tmp_path / "old", "ci-runner", client=True)
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(old_ca[0].read_bytes())
+    tls = {"cert_file": str(cert), "key_file": str(key), "client_ca_file": str(client_ca)}
+    upstreams = [{"host": "docker.io", "url": upstream.url, "default": True}]
+    with MoorageProcess(tmp_path / "m", upstreams, tls=tls, client_cert=client) as moorage:
+        context = client_context(old_ca[0], client)
+        status, _, session, _ = https_get(moorage.port, "/v2/", context)
+        assert status == 200 and session is not None
+        assert https_get(moorage.port, "/v2/", context, session)[3], "resumed while the CA stands"
+        client_ca.write_bytes(new_ca[0].read_bytes())
+        moorage.signal_hup()
+        try:
+            status, _, _, resumed = https_get(moorage.port, "/v2/", context, session)
+        except (ssl.SSLError, ConnectionError):
+            return  # refused in the handshake: the old certificate no longer passes
+        assert not resumed and status == 401, (status, resumed)
 
 
 def test_blob_bodies_and_ranges_over_tls_are_exact_cold_and_warm(tmp_path: Path) -> None:
