@@ -63,6 +63,8 @@ def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset
         message = "unknown key"
     elif kind == "missing":
         message = "required key missing"
+    elif kind in _EXPECTED and _secret(error["loc"]):  # a password or token written unquoted
+        message = f"{_EXPECTED[kind]}, not {_yaml_kind(error.get('input'))}"
     elif kind in _EXPECTED:
         message = f"{_EXPECTED[kind]}, not {_shown(error.get('input'))}"
     elif kind == "too_short" and isinstance(error.get("ctx"), Mapping):
@@ -75,6 +77,21 @@ def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return f"{key}: {message}" if key else message
+
+
+def _secret(loc: Sequence[object]) -> bool:
+    """A key whose value may be a credential, never to be repeated (``password_env`` names a
+    variable, but one written as a number may well be the password itself)."""
+    return bool(loc) and "password" in str(loc[-1]).lower()
+
+
+def _yaml_kind(value: object) -> str:
+    """What kind of value it is, without the value."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    return _yaml_words(value) if isinstance(value, dict | list | tuple) else "that value"
 
 
 def _number(value: object) -> str:

@@ -73,6 +73,8 @@ class Unauthorized(OCIError):
 #: system's clock share an mtime, rarely a size and an inode too.
 _Stamp = tuple[int, int, int]
 _NO_FILE: Final[_Stamp] = (0, 0, 0)
+#: ``_failed`` while a file cannot be read: logged once, until it can again.
+_UNREADABLE: Final[tuple[_Stamp, _Stamp]] = ((-1, -1, -1), (-1, -1, -1))
 
 
 def _stamp(info: os.stat_result) -> _Stamp:
@@ -173,8 +175,16 @@ class Htpasswd:
         users stay as they were until the next change."""
         try:
             mtimes = self._mtimes()
-        except OSError:
+        except OSError as error:  # gone (moved away, a Secret being replaced) or unreadable
+            if self._failed != _UNREADABLE:
+                self._failed = _UNREADABLE
+                log.error(
+                    "htpasswd not reloaded: the file cannot be read; the users read last stay",
+                    extra={"event": "htpasswd_reload_failed", "error": error.strerror or str(error)},
+                )
             return
+        if mtimes == self._mtime and self._failed == _UNREADABLE:
+            self._failed = None  # back as it was
         if mtimes in (self._mtime, self._failed):
             return
         try:

@@ -55,10 +55,31 @@ class ServerTls:
         settings = self.settings
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        for key, path in (("tls.cert_file", settings.cert_file), ("tls.key_file", settings.key_file)):
+            try:
+                Path(path).open("rb").close()
+            except OSError as exc:
+                raise ConfigError(None, [f"{key}: cannot read {path}: {exc.strerror or exc}"]) from None
         try:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
+            # No passphrase prompt on the terminal: a start or a reload would wait on it.
+            context.load_cert_chain(settings.cert_file, settings.key_file, password=_encrypted_key)
+        except _EncryptedKey:
+            raise ConfigError(
+                None,
+                [
+                    f"tls.key_file: {settings.key_file} is encrypted; give the key without a passphrase"
+                    " (openssl pkey -in encrypted.key -out plain.key)"
+                ],
+            ) from None
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(None, [f"tls.cert_file/tls.key_file: cannot load {settings.cert_file}: {exc}"]) from None
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(
+                None,
+                [
+                    f"tls.cert_file/tls.key_file: {settings.cert_file} and {settings.key_file} are not a PEM"
+                    f" certificate (chain) and its private key ({reason})"
+                ],
+            ) from None
         if settings.client_ca_file is not None:
             try:
                 context.load_verify_locations(settings.client_ca_file)
@@ -83,7 +104,7 @@ class ServerTls:
         except ConfigError as error:
             log.error(
                 "certificate not reloaded; the previous one stays in use",
-                extra={"event": "tls_reload_failed", "error": str(error)},
+                extra={"event": "tls_reload_failed", "error": "; ".join(error.problems)},
             )
             return
         self._current = context
@@ -97,6 +118,15 @@ class ServerTls:
             stamp = await asyncio.to_thread(self._mtimes)
             if stamp != self._stamp:
                 await asyncio.to_thread(self.reload)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _encrypted_key() -> str:
+    """Asked for only when the key is encrypted: refused, where OpenSSL would prompt."""
+    raise _EncryptedKey
 
 
 class _CurrentContext(ssl.SSLContext):

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import sys
@@ -131,20 +132,30 @@ store_option = click.option(
 )
 
 
-def url_problem(url: str, *, path_ok: bool = True) -> str | None:
+def url_problem(url: str, *, path_ok: bool = True, user_ok: bool = False) -> str | None:
     """Why ``url`` is not a cache's base URL (``http://127.0.0.1:5000``), if it is not;
-    ``path_ok``: a path after the address is allowed (an endpoint, a proxy's prefix)."""
-    expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {url[:100]!r}"
+    ``path_ok``: a path after the address is allowed (an endpoint, a proxy's prefix);
+    ``user_ok``: a user and password before the host are (``warm`` signs in with them). The
+    message never repeats a password."""
+    shown = _without_password(url)[:100]
+    expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {shown!r}"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises on a port out of range or not a number
     except ValueError as error:
-        return f"--url: {error}: {expected}"
+        return f"--url: {_without_password(str(error))}: {expected}"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return f"--url: {expected}"
     if not path_ok and parts.path not in ("", "/"):
         return f"--url: the cache's base URL has no path: {expected}"
+    if not user_ok and "@" in parts.netloc:
+        return "--url: leave the user and password out: /healthz and /metrics ask for none"
     return None
+
+
+def _without_password(text: str) -> str:
+    """``text`` with whatever stands between ``//`` and ``@`` (a user and password) hidden."""
+    return re.sub(r"//[^/@\s]*@", "//***@", text)
 
 
 def _require_store(path: Path) -> None:
@@ -516,7 +527,7 @@ def warm_command(
     """
     if platforms and all_platforms:
         fail("--platform and --all-platforms exclude each other")
-    if url is not None and (problem := url_problem(url, path_ok=False)) is not None:
+    if url is not None and (problem := url_problem(url, path_ok=False, user_ok=True)) is not None:
         fail(problem)
     default = settings_from(config).default_host or "docker.io"
     try:

@@ -277,6 +277,15 @@ def test_a_send_timeout_beyond_what_the_kernel_takes_is_refused_at_load(value: s
     assert load_settings(None, {"MOORAGE_CLIENT_SEND_TIMEOUT": "24d"}).client_send_timeout == 24 * 86400
 
 
+def test_a_password_key_written_as_a_number_is_not_repeated(tmp_path: Path) -> None:
+    """``password_env: 987654321012345`` is more likely the password than a variable's name."""
+    upstream = "{host: a.io, url: 'https://a.io', username: u, password_env: 987654321012345}"
+    path = write(tmp_path, f"upstreams:\n  - {upstream}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert "upstreams[0].password_env" in str(caught.value) and "987654321012345" not in str(caught.value)
+
+
 def test_anchors_and_merge_keys_load_as_yaml_says(tmp_path: Path) -> None:
     """The duplicate-key check passes over ``<<``: one upstream's settings reused by others."""
     path = tmp_path / "anchors.yaml"

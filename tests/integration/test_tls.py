@@ -274,3 +274,29 @@ def test_a_broken_certificate_is_a_configuration_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "tls.cert_file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_certificate_file_mistake_names_its_file(tmp_path: Path) -> None:
+    """A missing key was reported against the certificate, and an encrypted one made OpenSSL
+    ask for a passphrase on the terminal, where start-up waited."""
+    cert, key = self_signed_certificate(tmp_path, "localhost")
+    encrypted = tmp_path / "encrypted.key"
+    openssl("pkey", "-in", str(key), "-out", str(encrypted), "-aes256", "-passout", "pass:secret")
+
+    def check(key_file: Path) -> str:
+        config = tmp_path / "config.yaml"
+        config.write_text(f"storage: {{path: {tmp_path}/s}}\ntls: {{cert_file: {cert}, key_file: {key_file}}}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "moorage.proxy", "check-config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr
+
+    missing = check(tmp_path / "gone.key")
+    assert f"tls.key_file: cannot read {tmp_path / 'gone.key'}" in missing and str(cert) not in missing
+    assert f"tls.key_file: {encrypted} is encrypted" in check(encrypted)

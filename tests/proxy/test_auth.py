@@ -136,6 +136,29 @@ async def test_a_file_saved_in_latin_1_is_not_loaded_and_the_next_good_one_is(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", "new secret"))).status == 200
 
 
+async def test_a_users_file_that_is_gone_is_said_once_and_the_users_stay(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Moved away (a Secret being replaced), it had been passed over without a word."""
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    users = moorage.app[USERS]
+    kept = htpasswd.with_name("kept")
+    htpasswd.rename(kept)
+    users.reload_if_changed()
+    users.reload_if_changed()  # the watcher's next look: said once
+    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
+    assert "No such file" in failed.__dict__["error"]
+    caplog.clear()  # the one error this test expects
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200, "kept"
+    kept.rename(htpasswd)
+    users.reload_if_changed()
+    htpasswd.rename(kept)
+    users.reload_if_changed()  # gone again: said again
+    assert [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
+    caplog.clear()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -426,6 +426,19 @@ def test_a_url_mistake_is_a_sentence_not_a_traceback(url: str, problem: str | No
     assert found is None if problem is None else (found is not None and problem in found)
 
 
+def test_a_password_in_the_url_is_never_repeated() -> None:
+    """``warm --url http://ci:TOKEN@…`` signs in; healthcheck and stats need no sign-in, and
+    their messages once printed the token (or, for a long one, a traceback)."""
+    token = "eyJ" + "x" * 400
+    for command in (["healthcheck", "--url"], ["stats", "--url"]):
+        result = CliRunner().invoke(main, [*command, f"http://ci:{token}@127.0.0.1:5000"], env={"MOORAGE_CONFIG": ""})
+        assert result.exit_code in (1, 2) and token not in result.output and "Traceback" not in result.output
+        assert "leave the user and password out" in result.output
+    assert url_problem(f"http://ci:{token}@127.0.0.1:5000", path_ok=False, user_ok=True) is None
+    bad_port = url_problem(f"http://ci:{token}@127.0.0.1:99999", path_ok=False, user_ok=True) or ""
+    assert "Port out of range" in bad_port and token not in bad_port
+
+
 def test_warm_takes_a_base_url_without_a_path() -> None:
     assert url_problem("http://cache:5000/healthz") is None, "healthcheck takes the endpoint's URL"
     assert "has no path" in (url_problem("http://cache:5000/x", path_ok=False) or "")
