@@ -120,8 +120,13 @@ class Htpasswd:
             users[user] = hashed.encode()
         groups, groups_mtime = self._load_groups()
         costs = {int(h[4:6]) for h in users.values() if h[4:6].isdigit()}
-        # An unknown user costs what a known one does, so timing does not tell names apart.
+        # An unknown user costs what the costliest known one does, and every failed check is
+        # made to last as long (``slowest_check``): timing tells no names apart, also where
+        # users were hashed at different costs.
         self._dummy = bcrypt.hashpw(b"dummy", bcrypt.gensalt(max(costs))) if costs else _DUMMY
+        started = time.perf_counter()
+        bcrypt.checkpw(b"timing", self._dummy)
+        self.slowest_check = time.perf_counter() - started
         self._users, self._groups, self._remembered = users, groups, {}
         self._mtime = (mtime, groups_mtime)
         self._generation += 1
@@ -299,7 +304,12 @@ class Authenticator:
             return grant.user == user and self.still_valid(grant)
         if users.remembered(user, password):
             return True
-        return await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password)
+        started = time.perf_counter()
+        if await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password):
+            return True
+        # A wrong password for a user hashed at a lower cost fails sooner than an unknown name.
+        await asyncio.sleep(max(0.0, users.slowest_check - (time.perf_counter() - started)))
+        return False
 
     def login_grant(self, password: str) -> Grant | None:
         """What a login token given as a password grants (``moorage login-password``); None

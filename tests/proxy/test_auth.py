@@ -4,6 +4,7 @@ policy, 401 with a challenge, the user in the logs, and the password nowhere."""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import bcrypt
@@ -134,6 +135,22 @@ async def test_a_file_saved_in_latin_1_is_not_loaded_and_the_next_good_one_is(
     htpasswd.write_text(f"ops:{hashed}\n")
     users.reload_if_changed()
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ops", "new secret"))).status == 200
+
+
+async def test_a_wrong_password_takes_as_long_as_an_unknown_name(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path
+) -> None:
+    """Users hashed at different costs: a wrong password for the cheap one had failed in
+    3 ms, an unknown name in 120, so timing told which names exist. Every failure now lasts
+    at least one check at the highest cost. (A lower bound: a slow machine cannot break it.)"""
+    costly = bcrypt.hashpw(b"another", bcrypt.gensalt(10)).decode()
+    htpasswd.write_text(htpasswd.read_text() + f"admin:{costly}\n")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    slowest = moorage.app[USERS].slowest_check
+    for user in ("ci", "nobody"):
+        started = time.perf_counter()
+        assert (await moorage.get("/v2/", headers=basic(user, "wrong"))).status == 401
+        assert time.perf_counter() - started >= slowest, user
 
 
 async def test_a_users_file_that_is_gone_is_said_once_and_the_users_stay(
