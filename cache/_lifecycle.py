@@ -181,8 +181,17 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
             if child in tags_of and child != parent.digest and tags_of[child] <= parent.tags:
                 folded.setdefault(parent.digest, set()).add(child)
                 absorbed.add(child)
+    pulled_of = {image.digest: image.pulled_at for image in images if image.pulled_at is not None}
     return [
-        replace(image, children=tuple(sorted(folded.get(image.digest, ()), key=str)))
+        replace(
+            image,
+            children=tuple(sorted(folded.get(image.digest, ()), key=str)),
+            # A pull of a platform manifest (pods pinned to its digest) is a pull of the image.
+            pulled_at=max(
+                (pulled_of[d] for d in (image.digest, *folded.get(image.digest, ())) if d in pulled_of),
+                default=image.pulled_at,
+            ),
+        )
         for image in images
         if image.digest not in absorbed
     ]
@@ -241,8 +250,14 @@ def apply_expiries(
             ]
             index.delete(keys)
             gone.add(digest)
-    # Tag answers pointing at an expired image in its repository, whatever the accept class.
-    expired_in = {(e.image.upstream, e.image.repository, str(e.image.digest)) for e in expiries}
+    # Tag answers pointing at an expired image in its repository, whatever the accept class:
+    # at its index, or at a platform manifest it carries (the answer for clients that take
+    # no index), which would otherwise keep that part of the image, and its layers, behind.
+    expired_in = {
+        (e.image.upstream, e.image.repository, str(digest))
+        for e in expiries
+        for digest in (e.image.digest, *e.image.children)
+    }
     tag_keys = [
         key
         for key, value in index.entries(frozenset({"tag"}))

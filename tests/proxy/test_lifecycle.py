@@ -16,15 +16,18 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 from moorage.cache import policy_resolver
+from moorage.cache._lifecycle import PolicyFor
 from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
 from moorage.proxy.cli import main
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2
 from tests.fakes import FakeRegistry
 from tests.polling import until_async
 
-from .conftest import StartMoorage, metric, settings_for
+from .conftest import StartMoorage, advance_clock, metric, settings_for
 
 Client = TestClient[web.Request, web.Application]
+ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
 
 KEEP_TWO_RELEASES = {
     "rules": [
@@ -244,3 +247,71 @@ async def test_a_policy_file_broken_by_an_edit_holds_back_only_its_own_repositor
     [failed] = [r for r in caplog.records if getattr(r, "event", "") == "maintenance_failed"]
     assert "team.json: not valid JSON" in failed.__dict__["error"]
     caplog.clear()  # the one error this test expects
+
+
+async def with_policy(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, selection: dict[str, object]
+) -> tuple[Client, Path, PolicyFor]:
+    """A cache whose one upstream has a one-rule policy (no scheduled passes); its store and the
+    resolver to apply the policy with."""
+    policy, store = tmp_path / "lifecycle.json", tmp_path / "store"
+    rule = {"rulePriority": 1, "description": "the rule", "selection": selection, "action": {"type": "expire"}}
+    policy.write_text(json.dumps({"rules": [rule]}))
+    bound = {"lifecycle_policy_file": str(policy)}
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": 0, "gc_interval": 0}, upstream_settings=bound
+    )
+    return moorage, store, policy_resolver(settings_for(upstream, store, upstream_settings=bound).upstreams)
+
+
+async def pull_index(moorage: Client, repository: str, tag: str, platform: str) -> None:
+    """A current client's pull of a multi-arch tag: the index, then one platform by digest."""
+    assert (await moorage.get(f"/v2/{repository}/manifests/{tag}", headers=ALL)).status == 200
+    await pull(moorage, repository, platform)
+
+
+async def test_an_expired_multi_arch_image_leaves_whole(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The answer kept for clients that take no index named the image's platform manifest:
+    that part, and its layers, stayed behind the index, and outlived the newer release."""
+    selection = {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan", "countNumber": 1}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    platforms = {}
+    for tag in ("v1", "v2"):
+        image = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="amd64")
+        upstream.add_index("team/app", tag, [(image.digest, "linux", "amd64")])
+        platforms[tag] = image
+    for tag in ("v1", "v2"):
+        await pull_index(moorage, "team/app", tag, platforms[tag].digest)
+        await asyncio.sleep(0.01)  # distinct first-cached times, in release order
+    old_client = {"Accept": DOCKER_MANIFEST_V2}
+    assert (await moorage.get("/v2/team/app/manifests/v1", headers=old_client)).status == 200
+    await moorage.app[CACHE].flush()
+
+    result = await moorage.app[CACHE].apply_lifecycle(resolver)
+    assert [sorted(e.image.tags) for e in result.expired] == [["v1"]]
+    gone = platforms["v1"]
+    assert not stored(store, gone.digest) and not stored(store, gone.layer_digests[0]), "the whole image left"
+    again = await moorage.app[CACHE].apply_lifecycle(resolver)
+    assert again.expired == [], "the newest release stays"
+    assert all(stored(store, d) for d in (platforms["v2"].digest, *platforms["v2"].layer_digests))
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/team/app/manifests/v1", headers=old_client)).status == 200
+    assert upstream.count("GET", "/manifests/v1") == 1, "an expired tag is fetched again, for every client"
+
+
+async def test_a_pull_of_a_platform_manifest_is_a_pull_of_its_image(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Pods pinned to the amd64 digest of a tag last pulled ten days ago keep the image."""
+    selection = {"tagStatus": "any", "countType": "sinceImagePulled", "countUnit": "days", "countNumber": 7}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    amd = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="amd64")
+    upstream.add_index("team/app", "1.0", [(amd.digest, "linux", "amd64")])
+    await pull_index(moorage, "team/app", "1.0", amd.digest)
+    advance_clock(moorage, 10 * 86400)
+    await pull(moorage, "team/app", amd.digest)  # today
+    await moorage.app[CACHE].flush()
+    result = await moorage.app[CACHE].apply_lifecycle(resolver)
+    assert result.expired == [] and stored(store, amd.digest)
