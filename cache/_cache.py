@@ -688,6 +688,9 @@ class Cache:
             self._pulled[pulled_key(source.host, repository, reference)] = now
         if answer.stored:  # an image the index does not hold has no pull time to keep
             self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
+            # A read, for the size cap's order, whatever the answer: a tag pulled less often
+            # than its TTL is answered "revalidated", and would otherwise age from its fetch.
+            self._accessed[answer.digest] = now
         if reading:
             self._mark_references(answer, now)
         return answer
@@ -720,7 +723,7 @@ class Cache:
         """When each digest was last read, or named by a manifest served for reading."""
         seen = dict(self._accessed)
         for manifest, when in self._served.items():
-            for digest in self._references.get(manifest, ()):
+            for digest in (manifest, *self._references.get(manifest, ())):
                 if seen.get(digest, 0.0) < when:
                     seen[digest] = when
         return seen

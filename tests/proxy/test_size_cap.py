@@ -7,9 +7,11 @@ import hashlib
 import os
 from pathlib import Path
 
+from moorage.proxy._state import CACHE
+from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
 
-from .conftest import StartMoorage, metric, until_settled
+from .conftest import StartMoorage, advance_clock, metric, until_settled
 
 KiB = 1024
 
@@ -139,3 +141,27 @@ async def test_an_image_whose_manifest_was_just_served_keeps_its_blobs_through_a
     for digest in image.layer_digests:
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
     assert upstream.count("GET", "/blobs/") == 0
+
+
+async def test_a_tag_answered_revalidated_is_a_read_for_the_cap(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A tag pulled less often than its TTL is always answered "revalidated": its manifest had
+    aged from its first fetch in the cap's order and went first, each pull of it then a
+    counted manifest GET. A stale answer is a read too."""
+    moorage = await start_moorage(tag_ttl="1h", storage={"path": str(tmp_path / "store"), "max_size": "1MiB"})
+    cache = moorage.app[CACHE]
+    often = upstream.add_image("library/often", "1", [os.urandom(10 * KiB)])
+    once = upstream.add_image("library/once", "1", [os.urandom(10 * KiB)])
+    for name in ("often", "once"):
+        assert (await moorage.get(f"/v2/{name}/manifests/1")).status == 200
+    advance_clock(moorage, 3601)
+    revalidated_at = cache._clock()
+    assert (await moorage.get("/v2/often/manifests/1")).headers["X-Moorage-Cache"] == "revalidated"
+    order = cache._eviction_order()
+    assert order[parse_digest(often.digest)] >= revalidated_at > order[parse_digest(once.digest)]
+    await upstream.stop_listening()
+    advance_clock(moorage, 3601)
+    stale_at = cache._clock()
+    assert (await moorage.get("/v2/once/manifests/1")).headers["X-Moorage-Cache"] == "stale"
+    assert cache._eviction_order()[parse_digest(once.digest)] >= stale_at
