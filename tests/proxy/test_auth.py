@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from moorage.config import ConfigError, Settings
 from moorage.proxy import build_app
-from moorage.proxy._auth import USERS
+from moorage.proxy._auth import USERS, Htpasswd
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
@@ -117,20 +117,32 @@ async def test_the_file_is_reloaded_when_it_changes(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 401
 
 
+async def serving_users(
+    start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path
+) -> tuple[TestClient[web.Request, web.Application], Htpasswd]:
+    """A cache whose users are ``htpasswd``'s, with alpine:3.19 to pull; its users file."""
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
+    return moorage, moorage.app[USERS]
+
+
+def reload_reported_once(users: Htpasswd, caplog: pytest.LogCaptureFixture) -> str:
+    """The watcher's two looks at one version it cannot load: reported once; the error's text."""
+    users.reload_if_changed()
+    users.reload_if_changed()
+    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
+    caplog.clear()  # the one error the test expects
+    return str(failed.__dict__["error"])
+
+
 async def test_a_file_saved_in_latin_1_is_not_loaded_and_the_next_good_one_is(
     start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An editor that saved a non-UTF-8 byte stopped every later reload, with nothing logged."""
-    upstream.add_image("library/alpine", "3.19")
-    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
-    users = moorage.app[USERS]
+    moorage, users = await serving_users(start_moorage, upstream, htpasswd)
     hashed = bcrypt.hashpw(b"new secret", bcrypt.gensalt(4)).decode()
     htpasswd.write_bytes(htpasswd.read_bytes() + f"b\xe9b:{hashed}\n".encode("latin-1"))
-    users.reload_if_changed()
-    users.reload_if_changed()  # the watcher's next look: the same bad version is not reported again
-    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
-    assert "line 3 is not UTF-8 (byte 0xe9)" in failed.__dict__["error"]
-    caplog.clear()  # the one error this test expects
+    assert "line 3 is not UTF-8 (byte 0xe9)" in reload_reported_once(users, caplog)
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200, "kept"
     htpasswd.write_text(f"ops:{hashed}\n")
     users.reload_if_changed()
@@ -157,16 +169,10 @@ async def test_a_users_file_that_is_gone_is_said_once_and_the_users_stay(
     start_moorage: StartMoorage, upstream: FakeRegistry, htpasswd: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Moved away (a Secret being replaced), it had been passed over without a word."""
-    upstream.add_image("library/alpine", "3.19")
-    moorage = await start_moorage(auth={"htpasswd_file": str(htpasswd)})
-    users = moorage.app[USERS]
+    moorage, users = await serving_users(start_moorage, upstream, htpasswd)
     kept = htpasswd.with_name("kept")
     htpasswd.rename(kept)
-    users.reload_if_changed()
-    users.reload_if_changed()  # the watcher's next look: said once
-    [failed] = [r for r in caplog.records if getattr(r, "event", "") == "htpasswd_reload_failed"]
-    assert "No such file" in failed.__dict__["error"]
-    caplog.clear()  # the one error this test expects
+    assert "No such file" in reload_reported_once(users, caplog)
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200, "kept"
     kept.rename(htpasswd)
     users.reload_if_changed()
