@@ -92,7 +92,7 @@ def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> N
     assert "Traceback" not in checked.stderr
     assert f"invalid configuration in {config}" in checked.stderr
     for problem in (
-        "tls.cert_file/tls.key_file: cannot load",
+        f"tls.cert_file: cannot read {tmp_path / 'absent.crt'}",
         "auth.htpasswd_file:",
         "auth.token_signing_key_file:",
         "upstreams[0].password_file: cannot read",
