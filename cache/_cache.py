@@ -688,8 +688,8 @@ class Cache:
             self._pulled[pulled_key(source.host, repository, reference)] = now
         if answer.stored:  # an image the index does not hold has no pull time to keep
             self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
-            # A read, for the size cap's order, whatever the answer: a tag pulled less often
-            # than its TTL is answered "revalidated", and would otherwise age from its fetch.
+            # A read, for the size cap's order, whatever the answer (the one place manifests are
+            # counted): a tag pulled less often than its TTL is answered "revalidated".
             self._accessed[answer.digest] = now
         if reading:
             self._mark_references(answer, now)
@@ -755,7 +755,6 @@ class Cache:
             return await self._revalidate_or_stale(ask, *single, changed="miss")
         if self._clock() - entry.checked_at < ttl:
             if stored is not None:
-                self._accessed[entry.digest] = self._clock()
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "hit")
             return await self._manifest_by_digest(source, repository, entry.digest)
         if stored is None:  # nothing to fall back on: wait for the upstream, however long
@@ -878,7 +877,6 @@ class Cache:
         stored = await self._stored_manifest(digest)
         if stored is not None:
             await self._check_route(source, repository, digest, "manifest", may_read)
-            self._accessed[digest] = self._clock()
             return ManifestAnswer(digest, stored.media_type, stored.body, "hit")
         key = manifest_flight_key(source.host, repository, digest)
         return await self._flight(key, lambda: self._fetch_by_digest(source, repository, digest))
@@ -1008,7 +1006,6 @@ class Cache:
             self._not_kept("tag moved but not recorded", failure, digest=str(digest))
         self._routes.learn(digest, (ask.source.host, str(ask.repository)))
         self._remember(ask.key, entry, held, digest)
-        self._accessed[digest] = now
         return ManifestAnswer(digest, held.media_type, held.body, "revalidated")
 
     # Blocking helpers: each is one whole operation for one thread hop.
