@@ -723,7 +723,7 @@ class Cache:
         """When each digest was last read, or named by a manifest served for reading."""
         seen = dict(self._accessed)
         for manifest, when in self._served.items():
-            for digest in (manifest, *self._references.get(manifest, ())):
+            for digest in self._references.get(manifest, ()):
                 if seen.get(digest, 0.0) < when:
                     seen[digest] = when
         return seen

@@ -39,8 +39,8 @@ class ServerTls:
     """The listener's context, and the certificate it serves.
 
     A reload builds a whole new context and checks it before switching: the listener's
-    context hands every new handshake to the current one (``sni_callback``), so a bad reload
-    changes nothing and a good one never leaves a half-loaded certificate in use.
+    context wraps every new connection with the current one (``_CurrentContext``), so a bad
+    reload changes nothing and a good one never leaves a half-loaded certificate in use.
     """
 
     def __init__(self, settings: TlsSettings) -> None:

@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import shutil
 import ssl
 import sys
@@ -137,25 +136,22 @@ def url_problem(url: str, *, path_ok: bool = True, user_ok: bool = False) -> str
     ``path_ok``: a path after the address is allowed (an endpoint, a proxy's prefix);
     ``user_ok``: a user and password before the host are (``warm`` signs in with them). The
     message never repeats a password."""
-    shown = _without_password(url)[:100]
-    expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {shown!r}"
+    if not user_ok and "@" in url:
+        return "--url: leave the user and password out: /healthz and /metrics ask for none"
+    # A URL with a user in it is never repeated, nor the parser's words about it: a password
+    # with an unencoded '/', '?', '#' or '@' splits the URL anywhere.
+    shown = repr(url[:100]) if "@" not in url else "the URL given (not repeated: it holds a password)"
+    expected = f"expected the cache's base URL, e.g. http://127.0.0.1:5000, not {shown}"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises on a port out of range or not a number
     except ValueError as error:
-        return f"--url: {_without_password(str(error))}: {expected}"
+        return f"--url: {error if '@' not in url else 'no host and port can be read from it'}: {expected}"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return f"--url: {expected}"
     if not path_ok and parts.path not in ("", "/"):
         return f"--url: the cache's base URL has no path: {expected}"
-    if not user_ok and "@" in parts.netloc:
-        return "--url: leave the user and password out: /healthz and /metrics ask for none"
     return None
-
-
-def _without_password(text: str) -> str:
-    """``text`` with whatever stands between ``//`` and ``@`` (a user and password) hidden."""
-    return re.sub(r"//[^/@\s]*@", "//***@", text)
 
 
 def _require_store(path: Path) -> None:

@@ -460,6 +460,7 @@ def test_the_notes_keep_the_fallback_caveats_of_the_manual() -> None:
         pytest.param({"size": "200Gi", "maxSize": "150GiB"}, 150 * 2**30, id="set"),
         pytest.param({"size": "200Gi", "maxSize": "0"}, None, id="no_cap"),
         pytest.param({"size": "200Gi", "maxSize": 0}, None, id="no_cap_as_a_number"),  # --set persistence.maxSize=0
+        pytest.param({"size": "200Gi", "maxSize": 50000000000.0}, 50000000000, id="bytes_as_a_float"),
     ],
 )
 def test_the_cache_is_capped_below_its_volume_unless_told_otherwise(
@@ -471,8 +472,12 @@ def test_the_cache_is_capped_below_its_volume_unless_told_otherwise(
     assert load_settings(path).storage.max_size == cap
 
 
-@pytest.mark.parametrize(("given", "seconds"), [(900, 900), ("1.5", 1.5), ("15m", 900)])
-def test_a_duration_is_taken_as_a_number_of_seconds_too(tmp_path: Path, given: str | int, seconds: float) -> None:
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    # 1000000.0: a values file's numbers are floats, which Helm writes as 1e+06 unless told.
+    [(900, 900), (1000000.0, 1000000), (1.5, 1.5), ("1.5", 1.5), ("15m", 900)],
+)
+def test_a_duration_is_taken_as_a_number_of_seconds_too(tmp_path: Path, given: str | float, seconds: float) -> None:
     """``--set config.tagTtl=900`` arrives as a number: the manual's "a plain number of seconds"."""
     path = tmp_path / "config.yaml"
     path.write_text(by_kind(render({"config": {"tagTtl": given}}), "ConfigMap")["data"]["config.yaml"])

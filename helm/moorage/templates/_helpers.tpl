@@ -28,13 +28,13 @@ listen: "0.0.0.0:5000"
 storage:
   path: /var/lib/moorage
   max_size: {{ include "moorage.maxSize" . | quote }}
-tag_ttl: {{ .Values.config.tagTtl | quote }}
-tags_list_ttl: {{ .Values.config.tagsListTtl | quote }}
-referrers_ttl: {{ .Values.config.referrersTtl | quote }}
+tag_ttl: {{ include "moorage.number" .Values.config.tagTtl | quote }}
+tags_list_ttl: {{ include "moorage.number" .Values.config.tagsListTtl | quote }}
+referrers_ttl: {{ include "moorage.number" .Values.config.referrersTtl | quote }}
 log_level: {{ .Values.config.logLevel }}
 log_format: json
-shutdown_delay: {{ .Values.config.shutdownDelay | quote }}
-shutdown_timeout: {{ .Values.config.shutdownTimeout | quote }}
+shutdown_delay: {{ include "moorage.number" .Values.config.shutdownDelay | quote }}
+shutdown_timeout: {{ include "moorage.number" .Values.config.shutdownTimeout | quote }}
 {{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
 auth:
   {{- if .Values.auth.htpasswdSecret }}
@@ -73,7 +73,7 @@ upstreams:
     prefixes: {{ toJson . }}
     {{- end }}
     {{- with .tagTtl }}
-    tag_ttl: {{ . | quote }}
+    tag_ttl: {{ include "moorage.number" . | quote }}
     {{- end }}
     {{- if hasKey . "prefetchBlobs" }}
     prefetch_blobs: {{ .prefetchBlobs }}
@@ -102,11 +102,23 @@ upstreams:
 {{/* storage.max_size: persistence.maxSize, or 85 % of the volume in MiB, so that the cache
      evicts before its volume is full (the process is no root: the file system's reserved
      blocks, 5 % on ext4, are not its own, and the index and temporaries need room besides). */}}
+{{/* A value as the settings take it: a string as it is; a number never in exponent form
+(values files give floats, which toString writes as 5e+10). */}}
+{{- define "moorage.number" -}}
+{{- if kindIs "string" . -}}
+{{- . -}}
+{{- else if eq (float64 .) (floor (float64 .)) -}}
+{{- printf "%.0f" (float64 .) -}}
+{{- else -}}
+{{- printf "%f" (float64 .) | trimSuffix "0" | trimSuffix "0" | trimSuffix "0" -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "moorage.maxSize" -}}
 {{- $max := .Values.persistence.maxSize -}}
 {{- /* a number counts as given, 0 (--set persistence.maxSize=0: no cap) too */}}
 {{- if or (and (not (kindIs "invalid" $max)) (not (kindIs "string" $max))) (ne (toString $max) "") -}}
-{{- toString $max -}}
+{{- include "moorage.number" $max -}}
 {{- else -}}
 {{- $size := toString .Values.persistence.size -}}
 {{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $size -}}
