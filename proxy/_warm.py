@@ -82,7 +82,15 @@ async def warm(
     timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=300)
     connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket is not None else None
     async with aiohttp.ClientSession(base_url=base_url, timeout=timeout, connector=connector) as session:
-        return [await _warm_one(session, image, platforms, progress, referrers) for image in images]
+        try:
+            return [await _warm_one(session, image, platforms, progress, referrers) for image in images]
+        except aiohttp.ClientError as error:
+            if isinstance(error, OSError):  # could not connect: the caller says so
+                raise
+            # Only its name: the text of some names the URL, which may hold a password.
+            raise WarmFailed(
+                f"the cache gave no HTTP answer ({type(error).__name__}): an http:// URL for a TLS listener?"
+            ) from None
 
 
 async def _get_manifest(

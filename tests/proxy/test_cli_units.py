@@ -444,6 +444,27 @@ def test_a_password_in_the_url_is_never_repeated() -> None:
         assert "leave the user and password out" in refused and "ss-secret" not in refused
 
 
+def test_warm_at_a_listener_that_gives_no_http_answer_is_one_line_not_a_traceback() -> None:
+    """As a TLS listener does to a plain http:// request: the connection closes unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection, _ = listener.accept()
+                    connection.recv(65536)
+                    connection.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        url = f"http://ci:s3cret@127.0.0.1:{listener.getsockname()[1]}"
+        result = CliRunner().invoke(main, ["warm", "alpine:3.19", "--url", url], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 2, result.output
+    assert "gave no HTTP answer (ServerDisconnectedError)" in result.output
+    assert "Traceback" not in result.output and "s3cret" not in result.output
+
+
 def test_warm_takes_a_base_url_without_a_path() -> None:
     assert url_problem("http://cache:5000/healthz") is None, "healthcheck takes the endpoint's URL"
     assert "has no path" in (url_problem("http://cache:5000/x", path_ok=False) or "")
