@@ -490,26 +490,24 @@ class RegistryClient:
         what = f"blob {repository}@{digest}"
         try:
             response = await self._send("HEAD", f"/v2/{repository}/blobs/{digest}", what)
+            length = response.headers.get("content-length", "")
         except HeadRefused:  # an upstream that takes only GET: its first byte tells the size
-            return await self._blob_size_by_get(repository, digest, what)
-        length = response.headers.get("content-length")
-        if not length or not length.isdigit():
-            raise UpstreamProtocolError(self.host, f"{what}: HEAD answered without a Content-Length")
+            length = await self._blob_size_by_get(repository, digest, what)
+        if not length.isdigit():
+            raise UpstreamProtocolError(self.host, f"{what}: its answer told no size")
         if int(length) == 0 and digest != Digest.of(b"", digest.algorithm):
             # Only the empty blob is empty; containerd takes a size of 0 for a broken registry.
-            raise UpstreamProtocolError(self.host, f"{what}: HEAD answered a length of 0 for a blob that is not empty")
+            raise UpstreamProtocolError(self.host, f"{what}: a length of 0 for a blob that is not empty")
         return int(length)
 
-    async def _blob_size_by_get(self, repository: RepositoryName, digest: Digest, what: str) -> int:
-        """A blob's size from a GET of its first byte, whose body is not read."""
+    async def _blob_size_by_get(self, repository: RepositoryName, digest: Digest, what: str) -> str:
+        """A blob's size as a GET of its first byte tells it (the body is not read)."""
         headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
         response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
         await response.aclose()
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        length = total if response.status_code == 206 else response.headers.get("content-length", "")
-        if not length.isdigit():
-            raise UpstreamProtocolError(self.host, f"{what}: its GET told no size")
-        return int(length)
+        if response.status_code == 206:
+            return str(response.headers.get("content-range", "")).rpartition("/")[2]
+        return str(response.headers.get("content-length", ""))
 
     @asynccontextmanager
     async def open_blob(self, repository: RepositoryName, digest: Digest, offset: int = 0) -> AsyncIterator[BlobBody]:

@@ -15,7 +15,7 @@ from typing import Final
 import httpx
 
 from ._auth import parse_challenge
-from ._ratelimit import MAX_RETRY_AFTER, parse_ratelimit, retry_after_seconds
+from ._ratelimit import parse_ratelimit, retry_after_seconds
 from .errors import (
     HeadRefused,
     UpstreamAuthFailed,
@@ -27,7 +27,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["MAX_RETRY_AFTER", "mapped_errors", "raise_for_status", "retry_after_seconds"]
+__all__ = ["mapped_errors", "raise_for_status"]
 
 
 @contextmanager

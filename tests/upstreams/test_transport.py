@@ -16,7 +16,8 @@ from moorage.upstreams import (
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from moorage.upstreams._transport import MAX_RETRY_AFTER, mapped_errors, raise_for_status, retry_after_seconds
+from moorage.upstreams._ratelimit import MAX_RETRY_AFTER, retry_after_seconds
+from moorage.upstreams._transport import mapped_errors, raise_for_status
 from moorage.upstreams.reference import RepositoryName, Tag
 
 
