@@ -25,7 +25,7 @@ CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "exposed": {
-        "service": {"type": "NodePort", "nodePort": 30500},
+        "service": {"type": "NodePort", "nodePort": 30500, "externalTrafficPolicy": "Local"},
         "ingress": {
             "enabled": True,
             "className": "nginx",
@@ -309,6 +309,16 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"extraEnv": [{"name": "N", "value": 1}]}, "/extraEnv/0/value", id="env_value_not_a_string"),
         pytest.param({"auth": {"tokenRealm": "moorage.example/token"}}, "/auth/tokenRealm", id="token_realm"),
         pytest.param({"extraEnv": [{"value": "x"}]}, "name", id="env_without_name"),
+        pytest.param(
+            {"service": {"externalTrafficPolicy": "Local"}},
+            "/service/externalTrafficPolicy",
+            id="traffic_policy_on_a_cluster_ip",
+        ),
+        pytest.param(
+            {"service": {"type": "NodePort", "externalTrafficPolicy": "local"}},
+            "/service/externalTrafficPolicy",
+            id="traffic_policy_misspelt",
+        ),
         # What the pod would refuse at start, with the one replica already replaced:
         pytest.param(
             {"auth": {"policy": [{"effect": "deny", "repositories": ["ghcr/*"]}]}},
@@ -383,6 +393,40 @@ def test_a_tls_listener_is_scraped_over_https() -> None:
     }
     (endpoint,) = by_kind(render(values), "ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"] == {"serverName": "moorage"}
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_every_reference_to_the_port_names_what_it_speaks(tls: bool) -> None:
+    """Meshes and controllers read a port's protocol from its name (Istio: `http` is plain
+    HTTP), so a TLS listener behind a port named `http` is spoken to in the wrong protocol;
+    and a reference under an old name finds no port at all."""
+    values: dict[str, Any] = {
+        "service": {"type": "NodePort"},
+        "ingress": {"enabled": True, "host": "moorage.example.com"},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+        "networkPolicy": {"enabled": True},
+    }
+    if tls:
+        values["tls"] = {"enabled": True, "secretName": "moorage-tls"}
+    name = "https" if tls else "http"
+    objects = render(values)
+    (port,) = by_kind(objects, "Service")["spec"]["ports"]
+    assert (port["name"], port["targetPort"], port["appProtocol"]) == (name, name, name)
+    (container,) = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert [p["name"] for p in container["ports"]] == [name]
+    assert container["livenessProbe"]["httpGet"]["port"] == container["readinessProbe"]["httpGet"]["port"] == name
+    backend = by_kind(objects, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]
+    assert backend["service"]["port"] == {"name": name}
+    assert by_kind(objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == name
+    assert by_kind(objects, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0]["port"] == name
+
+
+def test_a_node_port_may_keep_the_clients_address() -> None:
+    """Access-policy rules with cidrs read the socket's address; through a NodePort with
+    Kubernetes' default policy that is a node's."""
+    values: dict[str, Any] = {"service": {"type": "NodePort", "externalTrafficPolicy": "Local"}}
+    assert by_kind(render(values), "Service")["spec"]["externalTrafficPolicy"] == "Local"
+    assert "externalTrafficPolicy" not in by_kind(render({}), "Service")["spec"]
 
 
 def test_the_notes_warn_that_a_policy_binds_only_nodes_that_cannot_go_around() -> None:

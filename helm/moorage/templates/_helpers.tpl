@@ -15,6 +15,12 @@ app.kubernetes.io/name: {{ include "moorage.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The name of the pod's, and the Service's, one port: what it speaks, for meshes and
+controllers that read the protocol from the name. */}}
+{{- define "moorage.portName" -}}
+{{- ternary "https" "http" .Values.tls.enabled -}}
+{{- end -}}
+
 {{- define "moorage.labels" -}}
 {{ include "moorage.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
