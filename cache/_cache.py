@@ -1312,10 +1312,8 @@ class Cache:
 
     # -- tag lists ------------------------------------------------------------------------------
 
-    async def tags(
-        self, source: Source, repository: RepositoryName, n: str | None, last: str | None, ttl: float
-    ) -> TagsAnswer:
-        return await self.listings.tags(source, repository, n, last, ttl)
+    async def tags(self, source: Source, repository: RepositoryName, query: str, ttl: float) -> TagsAnswer:
+        return await self.listings.tags(source, repository, query, ttl)
 
     async def referrers(
         self, source: Source, repository: RepositoryName, digest: Digest, query: str, ttl: float

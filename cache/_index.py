@@ -15,7 +15,7 @@ from pathlib import Path
 
 import diskcache
 
-from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
+from moorage.upstreams.reference import Digest, InvalidReference, page_query, parse_digest
 
 from ._keys import (
     SERVING_KEY,
@@ -48,8 +48,8 @@ class TagEntry:
 @dataclass(frozen=True, slots=True)
 class TagsEntry:
     body: bytes
-    next_last: str | None
-    next_n: str | None
+    #: The query of the next page (canonical, as ``reference.page_query`` makes it), if any.
+    next_query: str | None
     fetched_at: float
 
 
@@ -149,12 +149,16 @@ class Index:
         value = self._db.get(key)
         if value is None:
             return None
-        body, next_last, next_n, fetched_at = value
-        return TagsEntry(body, next_last, next_n, fetched_at)
+        if len(value) == 4:  # written before next pages were queries: (…, next last, next n, …)
+            body, next_last, next_n, fetched_at = value
+            following = [("last", next_last), *([("n", next_n)] if next_n else [])] if next_last else []
+            return TagsEntry(body, page_query(following) or None, fetched_at)
+        body, next_query, fetched_at = value
+        return TagsEntry(body, next_query, fetched_at)
 
     def put_tags(self, key: IndexKey, entry: TagsEntry) -> None:
         with _recording("a tag list"):
-            self._db.set(key, (entry.body, entry.next_last, entry.next_n, entry.fetched_at))
+            self._db.set(key, (entry.body, entry.next_query, entry.fetched_at))
 
     def referrers(self, key: IndexKey) -> ReferrersEntry | None:
         value = self._db.get(key)

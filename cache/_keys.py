@@ -10,7 +10,8 @@ key                                        value
 ("tag", upstream, repository, tag, accept)  (digest, media type, checked at, fetched at)
 ("manifest", digest)                        media type of a stored manifest
 ("blob", digest)                            fingerprint of the file when last known good
-("tags", upstream, repository, n, last)     (body, next last, next n, fetched at)
+("tags", upstream, repository, "", "")      (body, next page's query, fetched at): the whole
+                                            tag list (pages are kept in memory only)
 ("referrers", upstream, repository, d, "")  (body or None: no referrers API, next page's query,
                                             fetched at): the whole list of a manifest stored
                                             and known under that route
@@ -80,8 +81,10 @@ def route_flight_key(upstream: str, repository: RepositoryName, digest: Digest) 
     return ("route-confirm", upstream, str(repository), str(digest))
 
 
-def tags_list_key(upstream: str, repository: RepositoryName, n: str | None, last: str | None) -> IndexKey:
-    return ("tags", upstream, str(repository), n or "", last or "")
+def tags_list_key(upstream: str, repository: RepositoryName, query: str) -> IndexKey:
+    """``query`` as ``reference.page_query`` writes it; "" for the whole list. The last place,
+    once a page's ``last``, stays empty: stores written so keep their whole lists."""
+    return ("tags", upstream, str(repository), query, "")
 
 
 def referrers_key(upstream: str, repository: RepositoryName | str, digest: Digest | str, query: str) -> IndexKey:

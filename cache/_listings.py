@@ -23,12 +23,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from urllib.parse import parse_qsl
 
 from moorage.upstreams import (
     NoReferrersApi,
     UpstreamError,
     UpstreamNotFound,
     artifact_type_only,
+    cut_tags_page,
     of_artifact_type,
 )
 from moorage.upstreams.reference import Digest, RepositoryName
@@ -54,8 +56,8 @@ _Entry = TypeVar("_Entry", TagsEntry, ReferrersEntry)
 @dataclass(frozen=True, slots=True)
 class TagsAnswer:
     body: bytes
-    next_last: str | None
-    next_n: str | None
+    #: The query of the next page (canonical, as ``reference.page_query`` makes it), if any.
+    next_query: str | None
     result: CacheResult
     stale_reason: str | None = None
 
@@ -99,31 +101,45 @@ class Listings:
         await self._tags_flights.aclose()
         await self._referrers_flights.aclose()
 
-    async def tags(
-        self, source: Source, repository: RepositoryName, n: str | None, last: str | None, ttl: float
-    ) -> TagsAnswer:
-        key = tags_list_key(source.host, repository, n, last)
-        kept = n is None and last is None
+    async def tags(self, source: Source, repository: RepositoryName, query: str, ttl: float) -> TagsAnswer:
+        """The tag list of ``repository`` (``query``: the page asked for, canonical; "" for
+        the whole list). A page of ``n`` and ``last`` alone with none kept is cut from the whole
+        list kept in the index while the upstream fails."""
+        key = tags_list_key(source.host, repository, query)
+        kept = not query
         entry = await asyncio.to_thread(self._index.tags, key) if kept else self._page(key, TagsEntry)
         if entry is not None and self._clock() - entry.fetched_at < ttl:
-            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "hit")
+            return TagsAnswer(entry.body, entry.next_query, "hit")
 
         async def fetch() -> TagsAnswer:
-            page = await source.list_tags(repository, n, last)
-            fresh = TagsEntry(page.body, page.next_last, page.next_n, self._clock())
+            page = await source.list_tags(repository, query)
+            fresh = TagsEntry(page.body, page.next_query, self._clock())
             if not kept:
                 self._keep_page(key, fresh)
             else:
                 await self._put(partial(self._index.put_tags, key, fresh), "tag list", repository)
-            return TagsAnswer(page.body, page.next_last, page.next_n, "miss")
+            return TagsAnswer(page.body, page.next_query, "miss")
 
         try:
             answer, joined = await self._tags_flights.run(key, fetch)
         except UpstreamError as exc:
+            if entry is None and not isinstance(exc, UpstreamNotFound):
+                entry = await self._page_of_kept_list(source, repository, query)
             if isinstance(exc, UpstreamNotFound) or entry is None:
                 raise
-            return TagsAnswer(entry.body, entry.next_last, entry.next_n, "stale", stale_reason=str(exc))
+            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
         return replace(answer, result="coalesced") if joined else answer
+
+    async def _page_of_kept_list(self, source: Source, repository: RepositoryName, query: str) -> TagsEntry | None:
+        """The page ``query`` asks for, cut from the whole tag list in the index, where the
+        query holds nothing but ``n`` and ``last`` and the kept list is whole (no next page)."""
+        if not query or any(name not in ("n", "last") for name, _ in parse_qsl(query, keep_blank_values=True)):
+            return None
+        whole = await asyncio.to_thread(self._index.tags, tags_list_key(source.host, repository, ""))
+        if whole is None or whole.next_query is not None:
+            return None
+        page = cut_tags_page(whole.body, query)
+        return TagsEntry(page.body, page.next_query, whole.fetched_at)
 
     async def referrers(
         self, source: Source, repository: RepositoryName, digest: Digest, query: str, ttl: float

@@ -32,7 +32,6 @@ from moorage.upstreams.reference import (
     page_query,
     parse_digest,
     parse_reference,
-    parse_tag,
 )
 
 from ._auth import authorize_pull
@@ -62,8 +61,9 @@ class ReferrersUnsupported(OCIError):
     code, status = "UNSUPPORTED", 404
 
 
-class ReferrersQueryInvalid(OCIError):
-    """The spec's code for "an invalid set of parameters"; its status for a bad request."""
+class QueryInvalid(OCIError):
+    """The spec's code for "an invalid set of parameters" (a referrers or tag-list query
+    beyond what is passed on); its status for a bad request."""
 
     code, status = "UNSUPPORTED", 400
 
@@ -404,14 +404,19 @@ async def _send_growing(
 
 
 async def tags(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:
+    """The upstream's tag list; a page with ``n`` and ``last``, or with whatever query the
+    upstream's own next-page link carried (a token), passed on as it is."""
     n = request.query.get("n")
-    last = request.query.get("last")
     if n is not None and not is_page_size(n):
-        raise PaginationInvalid(f"n must be a whole number, not {n[:20]!r}")
-    if last is not None:
-        last = str(parse_tag(last))
+        raise PaginationInvalid(f"n must be a whole number of at most 6 digits, not {n[:20]!r}")
+    query = page_query((name, value) for name, value in request.query.items() if name != "ns")
+    if query is None:
+        raise QueryInvalid(
+            f"bad tag-list query {request.query_string[:200]!r}: at most {MAX_QUERY_PARAMETERS} parameters "
+            f"of printable ASCII, {MAX_QUERY_LENGTH} characters in all, are passed on"
+        )
     settings = request.app[SETTINGS]
-    answer = await request.app[CACHE].tags(route.upstream, route.repository, n, last, settings.tags_list_ttl)
+    answer = await request.app[CACHE].tags(route.upstream, route.repository, query, settings.tags_list_ttl)
     notes(request).result = answer.result
     try:
         document = json.loads(answer.body)
@@ -420,11 +425,11 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     except (ValueError, TypeError, RecursionError):
         body = answer.body
     headers = {**API_VERSION, "Content-Type": "application/json"}
-    if answer.next_last is not None:
-        query = f"last={answer.next_last}" + (f"&n={answer.next_n}" if answer.next_n else "")
+    if answer.next_query is not None:
+        following = answer.next_query
         if "ns" in request.query:  # the upstream it named, as resolved: never the raw value
-            query += f"&ns={route.upstream.host}"
-        headers["Link"] = f'</v2/{target.name}/tags/list?{query}>; rel="next"'
+            following += f"&ns={route.upstream.host}"
+        headers["Link"] = f'</v2/{target.name}/tags/list?{following}>; rel="next"'
     if answer.result == "stale":
         headers["Warning"] = STALE_WARNING
     return web.Response(body=body, headers=headers)
@@ -438,7 +443,7 @@ async def referrers(request: web.Request, route: Route[RegistryClient], target: 
     digest = parse_digest(target.reference)
     query = page_query((name, value) for name, value in request.query.items() if name != "ns")
     if query is None:
-        raise ReferrersQueryInvalid(
+        raise QueryInvalid(
             f"bad referrers query {request.query_string[:200]!r}: artifactType takes a media type, "
             f"and at most {MAX_QUERY_PARAMETERS} parameters of printable ASCII, {MAX_QUERY_LENGTH} characters in all, "
             "are passed on"

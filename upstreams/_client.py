@@ -548,11 +548,21 @@ class RegistryClient:
         except ValueError:
             raise UpstreamProtocolError(self.host, f"{what}: unreadable Content-Range {value!r}") from None
 
-    async def list_tags(self, repository: RepositoryName, n: str | None, last: str | None) -> TagsPage:
-        params = {k: v for k, v in (("n", n), ("last", last)) if v is not None}
+    async def list_tags(self, repository: RepositoryName, query: str) -> TagsPage:
+        """The tag list of ``repository``; ``query`` as ``reference.page_query`` writes it
+        ("": the whole list), passed on as it is (``n``, ``last``, or a token the upstream
+        gave in its own next-page link)."""
         what = f"tags of {repository}"
-        response, body = await self._send_small(f"/v2/{repository}/tags/list", what, params=params)
-        return tags_page(body, response.headers.get("link", ""), n, last)
+        response, body = await self._send_small(
+            f"/v2/{repository}/tags/list", what, params=dict(parse_qsl(query, keep_blank_values=True))
+        )
+        page = tags_page(body, response.headers.get("link", ""), query)
+        if page.next_dropped:
+            log.warning(
+                "the upstream's next page of tags is not offered: its query is out of bounds",
+                extra={"event": "tags_page_dropped", "upstream": self.host, "repository": str(repository)},
+            )
+        return page
 
     async def list_referrers(self, repository: RepositoryName, digest: Digest, query: str) -> ReferrersPage:
         """The referrers of ``digest``; ``query`` as ``reference.page_query`` writes it ("": the

@@ -1,8 +1,8 @@
 """What an upstream's listings say: tag-list pages, referrers lists and their next-page links.
 
 Pure functions over answers already read; ``_client`` does the HTTP. A listing goes on to
-clients, so whatever of it lands in a header of ours (a next page's ``last``, ``n`` or query)
-is checked against the grammar first, and dropped when it does not fit.
+clients, so whatever of it lands in a header of ours (a next page's query) is checked against
+``reference.page_query``'s bounds first and percent-encoded, and dropped when it does not fit.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
-from .reference import is_page_size, is_tag, page_query
+from .reference import is_page_size, page_query
 
 __all__ = [
     "ReferrersPage",
     "TagsPage",
     "artifact_type_only",
+    "cut_tags_page",
     "error_codes",
     "next_link",
     "of_artifact_type",
@@ -30,9 +31,10 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class TagsPage:
     body: bytes
-    #: The ``last`` and ``n`` of the upstream's next page, when it announced one.
-    next_last: str | None
-    next_n: str | None
+    #: The query of the next page (as ``reference.page_query`` writes it), if any.
+    next_query: str | None
+    #: The upstream announced a next page whose query is out of bounds: not offered.
+    next_dropped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,47 +63,58 @@ def next_link(header: str) -> str | None:
     return None
 
 
-def tags_page(body: bytes, link: str, n: str | None, last: str | None) -> TagsPage:
-    """A tag-list answer (``body``, its ``Link`` header) as the page a client asking for
-    ``n`` tags after ``last`` gets: the upstream's next page passed on only as a tag and a
-    count, and a whole list cut where the upstream ignored ``n``."""
-    next_last = next_n = None
+def tags_page(body: bytes, link: str, query: str) -> TagsPage:
+    """A tag-list answer (``body``, its ``Link`` header) to a request with ``query``
+    (canonical, as ``reference.page_query`` writes it). The upstream's next page goes on as
+    its query, opaque (``last`` and ``n``, or a token of the upstream's own, as Quay's
+    ``next_page``), without ``ns`` (the cache's own routing parameter) and without an ``n``
+    that is no page size (a client sending it back would be refused). Where the upstream
+    announced no next page and the client asked for a page, the list is cut here, as
+    ``page_of_whole_list`` does: that is the last page, or an upstream that ignores ``n`` and
+    ``last`` (Distribution 2.x answers every tag)."""
     target = next_link(link)
     if target is not None:
-        query = parse_qs(_query_of(target))
-        next_last = query.get("last", [None])[0]
-        next_n = query.get("n", [None])[0]
-        if next_last is not None and not is_tag(next_last):
-            next_last = next_n = None
-        if next_n is not None and not is_page_size(next_n):
-            next_n = None
-    if n is not None and next_last is None:  # the last page, or an upstream that ignores n
-        body, next_last = page_of_whole_list(body, int(n), last)
-        next_n = n if next_last is not None else None
-    return TagsPage(body, next_last, next_n)
+        following = [
+            (name, value)
+            for name, value in parse_qsl(_query_of(target), keep_blank_values=True)
+            if name != "ns" and not (name == "n" and not is_page_size(value))
+        ]
+        next_query = page_query(following) or None
+        return TagsPage(body, next_query, next_dropped=next_query is None)
+    return cut_tags_page(body, query)
 
 
-def page_of_whole_list(body: bytes, n: int, last: str | None) -> tuple[bytes, str | None]:
-    """(the tag list ``body`` cut to the page a client asking for ``n`` tags after ``last``
-    should get, the ``last`` of the next page or None): what an upstream that ignores ``n``
-    and ``last`` (Distribution 2.x answers every tag) leaves to the cache. A list that holds
-    ``last`` itself came from an upstream that ignored it; one that does not is taken as the
-    upstream's own page, in its own order. A body that is no tag list, or whose page would end
-    at a string that is no tag (it goes into a header), is left as it is."""
+def cut_tags_page(body: bytes, query: str) -> TagsPage:
+    """The page a tag-list ``query`` asks for with ``n`` and ``last``, cut from the list in
+    ``body`` as ``page_of_whole_list`` does, with the query of the page after it."""
+    parameters = dict(parse_qsl(query, keep_blank_values=True))
+    n, last = parameters.get("n"), parameters.get("last")
+    size = int(n) if n is not None and is_page_size(n) else None
+    if size is None and last is None:
+        return TagsPage(body, None)
+    body, page_end = page_of_whole_list(body, size, last)
+    return TagsPage(body, None if page_end is None else page_query([("last", page_end), ("n", str(size))]))
+
+
+def page_of_whole_list(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+    """(the tag list ``body`` as the page a client asking for ``n`` tags after ``last``
+    should get, the ``last`` of the next page or None). The distribution spec's page: the
+    tags lexically after ``last``, in lexical order, at most ``n`` of them. A body that is no
+    tag list, or holds something other than strings, is left as it is; so is a list that
+    already is that page, in the upstream's own bytes."""
     try:
         document = json.loads(body)
         tags = document["tags"]
     except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested too deep
         return body, None
-    if not isinstance(tags, list) or n < 1:
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
         return body, None
-    after = tags[tags.index(last) + 1 :] if last is not None and last in tags else tags
-    if len(after) > n:
-        page_end = after[n - 1]
-        if not isinstance(page_end, str) or not is_tag(page_end):
-            return body, None
-        return json.dumps({**document, "tags": after[:n]}).encode(), page_end
-    if len(after) == len(tags):
+    after = sorted(tag for tag in tags if last is None or tag > last)
+    if n is not None and len(after) > n:
+        if n == 0:
+            return json.dumps({**document, "tags": []}).encode(), None
+        return json.dumps({**document, "tags": after[:n]}).encode(), after[n - 1]
+    if after == tags:
         return body, None
     return json.dumps({**document, "tags": after}).encode(), None
 

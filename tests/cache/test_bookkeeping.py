@@ -16,7 +16,7 @@ import pytest
 
 from moorage.cache import Cache, DirectoryStore
 from moorage.cache._index import Index, ReferrersEntry, TagsEntry
-from moorage.cache._keys import pulled_key
+from moorage.cache._keys import pulled_key, tags_list_key
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
@@ -260,15 +260,30 @@ async def test_tag_list_pages_in_memory_stay_within_their_bytes(tmp_path: Path) 
     index = Index(tmp_path / "index")
     cache = Cache(DirectoryStore(tmp_path), index)
     listings = cache.listings
-    page = TagsEntry(b"x" * (1024 * 1024), None, None, 0.0)
+    page = TagsEntry(b"x" * (1024 * 1024), None, 0.0)
     for number in range(100):
         listings._keep_page(("tags", "docker.io", "team/app", str(number), ""), page)
     assert listings._pages_bytes == sum(len(p.body or b"") for p in listings._pages.values()) <= 32 * 1024 * 1024
     assert ("tags", "docker.io", "team/app", "99", "") in listings._pages, "the newest stays"
-    big = TagsEntry(b"x" * (5 * 1024 * 1024), None, None, 0.0)
+    big = TagsEntry(b"x" * (5 * 1024 * 1024), None, 0.0)
     listings._keep_page(("tags", "docker.io", "team/app", "big", ""), big)
     assert ("tags", "docker.io", "team/app", "big", "") not in listings._pages
     await cache.aclose()
+    index.close()
+
+
+def test_a_tag_list_stored_by_an_earlier_version_is_read_with_its_next_page(tmp_path: Path) -> None:
+    """Stores written before next pages were queries hold (body, next last, next n, fetched
+    at): read as three, every kept list gave a 500 after an upgrade."""
+    index = Index(tmp_path / "index")
+    key = tags_list_key("docker.io", RepositoryName("team/app"), "")
+    assert key == ("tags", "docker.io", "team/app", "", ""), "the key such stores used"
+    index._db.set(key, (b'{"tags": ["a"]}', "a b", "2", 5.0))
+    assert index.tags(key) == TagsEntry(b'{"tags": ["a"]}', "last=a+b&n=2", 5.0)
+    index._db.set(key, (b'{"tags": []}', None, None, 6.0))
+    assert index.tags(key) == TagsEntry(b'{"tags": []}', None, 6.0)
+    index.put_tags(key, TagsEntry(b"{}", "next_page=x", 7.0))
+    assert index.tags(key) == TagsEntry(b"{}", "next_page=x", 7.0)
     index.close()
 
 

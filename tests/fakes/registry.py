@@ -811,6 +811,9 @@ class FakeRegistry(_RecordingServer):
         referrers_body: the body of every referrers answer (200) instead of the list.
         tags_link: the ``Link`` header of every tag list instead of the fake's own (a
             broken or hostile upstream's next-page link).
+        tags_page_token: page tag lists as Quay did before 2024: ``n`` tags a page (50
+            without it), the next page named by an opaque ``next_page`` token, ``last``
+            ignored.
         cdn: a `FakeCDN`; blob GETs (and HEADs when ``cdn_redirect_head``) then
             answer 307 to ``http://localhost:<cdnport>/blobs/<digest>?sig=...``.
         down: drop every connection without an answer (`stop_listening`: no port).
@@ -860,6 +863,7 @@ class FakeRegistry(_RecordingServer):
         self.referrers_link: str | None = None
         self.referrers_body: bytes | None = None
         self.tags_link: str | None = None
+        self.tags_page_token = False
         #: Headers a manifest HEAD leaves out (some registries send no Docker-Content-Digest).
         self.manifest_head_omits: frozenset[str] = frozenset()
         #: Manifest GETs still to be cut after half their body (a connection lost mid-answer).
@@ -1286,6 +1290,8 @@ class FakeRegistry(_RecordingServer):
         if name not in self._tags and name not in self._repo_manifests:
             return _oci_error(404, "NAME_UNKNOWN", "repository name not known to registry")
         tags = sorted(self._tags.get(name, {}))
+        if self.tags_page_token:
+            return self._tags_page_by_token(request, name, tags)
         last = request.query.get("last")
         if last is not None:
             tags = [tag for tag in tags if tag > last]
@@ -1305,6 +1311,15 @@ class FakeRegistry(_RecordingServer):
         if self.tags_link is not None:
             headers["Link"] = self.tags_link
         return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    def _tags_page_by_token(self, request: web.Request, name: str, tags: list[str]) -> web.Response:
+        size = int(request.query.get("n", "50"))
+        token = request.query.get("next_page", "")
+        start = int(token.removeprefix("pos-")) if token.startswith("pos-") else 0
+        headers: dict[str, str] = {}
+        if start + size < len(tags):
+            headers["Link"] = f'</v2/{name}/tags/list?n={size}&next_page=pos-{start + size}>; rel="next"'
+        return web.json_response({"name": name, "tags": tags[start : start + size]}, headers=headers)
 
     def _referrers(self, request: web.Request, name: str, digest: str) -> web.Response:
         if _DIGEST_RE.match(digest) is None:

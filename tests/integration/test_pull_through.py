@@ -423,6 +423,12 @@ def test_a_tag_list_is_paged_for_the_client_when_the_upstream_ignores_n(
     whole, link = page("n=3")
     assert whole == ["v1", "v2", "v3"] and link is None
     assert page("")[0] == ["v1", "v2", "v3"], "without n, the whole list"
+    # The spec's page is the tags lexically after last, whether or not last is a tag there
+    # (one deleted between two pages): the first page came back, and a client paging by
+    # Link got its tags twice.
+    assert page("n=2&last=v15") == (["v2", "v3"], None)
+    assert page("n=2&last=zzz") == ([], None)
+    assert page("last=v1") == (["v2", "v3"], None), "last without n"
 
 
 def test_without_the_upstreams_referrers_api_clients_find_referrers_by_the_tag_schema(

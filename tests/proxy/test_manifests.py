@@ -287,26 +287,58 @@ async def test_readiness_tells_the_last_failure_without_naming_what_was_asked(
 
 
 @pytest.mark.parametrize(
-    "link",
+    ("link", "following"),
     [
-        '</v2/library/alpine/tags/list?last=a%0d%0aSet-Cookie:%20x&n=2>; rel="next"',
-        "</v2/library/alpine/tags/list?last=a%3E%3B%20rel%3D%22next%22%2C%20%3Chttps%3A%2F%2Fevil.example%2F"
-        '&n=2>; rel="next"',
-        '</v2/library/alpine/tags/list?last=b&n=two>; rel="next"',
-        '</v2/library/alpine/tags/list?last=b&n=1234567>; rel="next"',
+        pytest.param('</v2/library/alpine/tags/list?last=a%0d%0aSet-Cookie:%20x&n=2>; rel="next"', None, id="crlf"),
+        pytest.param(
+            "</v2/library/alpine/tags/list?last=a%3E%3B%20rel%3D%22next%22%2C%20%3Chttps%3A%2F%2Fevil.example%2F"
+            '&n=2>; rel="next"',
+            "last=a%3E%3B+rel%3D%22next%22%2C+%3Chttps%3A%2F%2Fevil.example%2F&n=2",
+            id="a_second_link",
+        ),
+        pytest.param('</v2/library/alpine/tags/list?last=b&n=two>; rel="next"', "last=b", id="n_not_a_number"),
+        pytest.param('</v2/library/alpine/tags/list?last=b&n=1234567>; rel="next"', "last=b", id="n_too_long"),
     ],
 )
-async def test_an_upstream_next_page_link_is_passed_on_only_as_a_tag_and_a_count(
-    moorage: Client, upstream: FakeRegistry, link: str
+async def test_an_upstream_next_page_link_is_passed_on_percent_encoded_or_not_at_all(
+    moorage: Client, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture, link: str, following: str | None
 ) -> None:
+    """What the upstream's link holds lands in a header of ours: a CRLF would add a header,
+    a quote and a comma a second link to another host."""
     upstream.add_image("library/alpine", "a")
     upstream.add_image("library/alpine", "b")
     upstream.tags_link = link
     page = await moorage.get("/v2/alpine/tags/list?n=2")
     assert page.status == 200
-    assert "Set-Cookie" not in page.headers and "evil" not in page.headers.get("Link", "")
-    if "n=two" in link or "n=1234567" in link:
-        assert page.headers["Link"] == '</v2/alpine/tags/list?last=b>; rel="next"'
+    assert "Set-Cookie" not in page.headers
+    if following is None:
+        assert "Link" not in page.headers
+        assert [r for r in caplog.records if getattr(r, "event", "") == "tags_page_dropped"]
+    else:
+        assert page.headers["Link"] == f'</v2/alpine/tags/list?{following}>; rel="next"'
+        assert (await moorage.get(f"/v2/alpine/tags/list?{following}")).status == 200, "a link we give is taken"
+
+
+async def test_a_tag_list_paged_by_the_upstream_s_own_token_is_listed_whole(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """Quay named its next page by a next_page token, with no last: the cache dropped the
+    link, and `skopeo list-tags` through it saw 50 of a repository's tags."""
+    upstream.tags_page_token = True
+    names = [f"v{number:03d}" for number in range(120)]
+    for name in names:
+        upstream.add_image("owner/app", name, [b"layer"])
+    listed: list[str] = []
+    path: str | None = "/v2/owner/app/tags/list?ns=docker.io"
+    while path is not None:
+        page = await moorage.get(path)
+        assert page.status == 200, await page.text()
+        listed += (await page.json())["tags"]
+        link = page.headers.get("Link")
+        path = link[1 : link.index(">")] if link else None
+        assert path is None or path.endswith("&ns=docker.io")
+    assert listed == names
+    assert any("next_page=pos-100" in request.query_string for request in upstream.requests)
 
 
 async def test_unknown_tag_is_manifest_unknown(moorage: Client, caplog: pytest.LogCaptureFixture) -> None:
@@ -486,11 +518,18 @@ async def test_tags_list_is_proxied_paginated_and_served_stale(
     assert page.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=2>; rel="next"'
     rest = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2&last=b")
     assert (await rest.json())["tags"] == ["c"]
+    assert (await (await moorage.get("/v2/docker-hub/owner/app/tags/list")).json())["tags"] == ["a", "b", "c"]
     await asyncio.sleep(1.1)
     await upstream.stop_listening()
     stale = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=2")
     assert stale.status == 200 and stale.headers["Warning"] == '110 - "stale"'
     assert (await stale.json())["tags"] == ["a", "b"]
+    # A page never asked for is cut from the whole list kept: a client that always sends n
+    # got 503 while the list was in the index.
+    unseen = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=1&last=a")
+    assert unseen.status == 200 and unseen.headers["Warning"] == '110 - "stale"'
+    assert (await unseen.json())["tags"] == ["b"]
+    assert unseen.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=1>; rel="next"'
 
 
 async def test_what_clients_make_up_leaves_nothing_in_the_index(

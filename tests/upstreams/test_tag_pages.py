@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from moorage.upstreams._pages import next_link, page_of_whole_list
+from moorage.upstreams._pages import next_link, page_of_whole_list, tags_page
 
 
 def body(tags: object) -> bytes:
@@ -21,18 +21,44 @@ def body(tags: object) -> bytes:
         pytest.param(["a", "b", "c"], 2, "b", ["c"], None, id="last_page_of_an_upstream_that_ignored_last"),
         pytest.param(["a", "b", "c"], 5, None, ["a", "b", "c"], None, id="all_in_one_page"),
         pytest.param(["c", "d"], 2, "b", ["c", "d"], None, id="the_upstream_s_own_page_after_b"),
-        pytest.param(["a", "x\r\nSet-Cookie: y", "c"], 2, None, ["a", "x\r\nSet-Cookie: y", "c"], None, id="no_tag"),
+        pytest.param(["t19", "t07", "t18"], 2, None, ["t07", "t18"], "t18", id="lexical_order"),
+        pytest.param(["a", "c", "d"], 2, "b", ["c", "d"], None, id="after_a_last_that_is_gone"),
+        pytest.param(["a", "b"], 2, "zzz", [], None, id="after_the_end"),
+        pytest.param(["c", "a", "b"], None, "a", ["b", "c"], None, id="last_without_n"),
+        pytest.param(["a", "b"], 0, None, [], None, id="none_asked_for"),
+        pytest.param(["a", 1, "c"], 2, None, ["a", 1, "c"], None, id="not_all_strings"),
         pytest.param(None, 2, None, None, None, id="no_tags"),
     ],
 )
-def test_a_page_is_cut_from_a_whole_list_and_never_links_a_bad_tag(
-    tags: object, n: int, last: str | None, page: object, next_last: str | None
+def test_a_page_is_the_tags_lexically_after_last(
+    tags: object, n: int | None, last: str | None, page: object, next_last: str | None
 ) -> None:
-    """A page's last tag goes into the Link header: a string that is no tag (a CRLF in it)
-    leaves the answer as the upstream gave it."""
+    """The distribution spec's page: at most n tags, lexically after last, in lexical order.
+    A last that was no tag in the list restarted at the first page, and a client following
+    Link got its tags twice; an upstream's unsorted list gave pages in no order."""
     cut, following = page_of_whole_list(body(tags), n, last)
     assert json.loads(cut) == {"name": "owner/app", "tags": page}
     assert following == next_last
+
+
+@pytest.mark.parametrize(
+    ("link", "query", "dropped"),
+    [
+        pytest.param('</v2/a/tags/list?n=100&next_page=tok%2B1>; rel="next"', "n=100&next_page=tok%2B1", False),
+        pytest.param('</v2/a/tags/list?last=b&n=2&ns=evil.example>; rel="next"', "last=b&n=2", False, id="no_ns"),
+        pytest.param('</v2/a/tags/list?last=b&n=two>; rel="next"', "last=b", False, id="n_no_page_size"),
+        pytest.param('</v2/a/tags/list?last=a%0d%0aSet-Cookie:%20x>; rel="next"', None, True, id="control_character"),
+        pytest.param('</v2/a/tags/list?last=a>b>; rel="next"', "last=a%3Eb", False, id="angle_bracket"),
+    ],
+)
+def test_an_upstream_next_page_goes_on_as_its_query_percent_encoded(
+    link: str, query: str | None, dropped: bool
+) -> None:
+    """Quay's next page is a next_page token, with no last: passed on only as a tag and a
+    count, it was dropped, and a client saw the first page of every list."""
+    page = tags_page(body(["a", "b"]), link, "n=2")
+    assert (page.next_query, page.next_dropped) == (query, dropped)
+    assert json.loads(page.body)["tags"] == ["a", "b"], "the upstream's own page, as it is"
 
 
 def test_a_body_that_is_no_tag_list_is_passed_on_as_it_is() -> None:
