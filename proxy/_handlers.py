@@ -11,13 +11,14 @@ connection so no client ever takes a short body for a whole one.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Final
 
-from aiohttp import web
+from aiohttp import ETag, web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -75,9 +76,11 @@ async def api_base(request: web.Request) -> web.Response:
 async def v2(request: web.Request) -> web.StreamResponse:
     target = parse_v2_path(request.raw_path)
     if target is None:
+        if request.path == "/v2/":  # only GET and HEAD reach api_base
+            raise Unsupported(READ_ONLY, headers={"Allow": "GET, HEAD"})
         raise RouteUnknown(f"no such route: {request.method} {request.path[:200]}")
     if target.kind == "upload" or request.method not in ("GET", "HEAD"):
-        raise Unsupported(READ_ONLY, headers={"Allow": "GET, HEAD"})
+        raise Unsupported(READ_ONLY, headers={"Allow": "GET" if target.kind in ("tags", "referrers") else "GET, HEAD"})
     note = notes(request)
     note.kind = target.kind
     route = request.app[ROUTER].resolve(target.name, request.query.get("ns"))
@@ -118,6 +121,10 @@ async def manifest(
     )
     note.result = answer.result
     headers = _manifest_headers(answer)
+    condition = _precondition(request, headers["ETag"])
+    if condition is not None:
+        del headers["Content-Length"]
+        return web.Response(status=condition, headers=headers)
     if request.method == "HEAD":
         return web.Response(headers=headers)
     log_fields(
@@ -161,21 +168,34 @@ async def blob(
     note = notes(request)
     note.reference = str(digest)
     cache = request.app[CACHE]
-    headers = {**API_VERSION, "Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}
-    if request.method == "HEAD":
+    etag = f'"{digest}"'
+    headers = {
+        **API_VERSION,
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": "application/octet-stream",
+        "ETag": etag,
+    }
+    # The validator is the digest, so a condition is decided before the blob is looked at:
+    # one that ends in 304 or 412 only asks whether the blob is there, and starts no download.
+    condition = _precondition(request, etag)
+    if request.method == "HEAD" or condition is not None:
         size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read)
         note.result = result
+        if condition is not None:
+            return web.Response(status=condition, headers=headers)
         return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
-    _asked_range(request)  # a malformed one is refused before it costs a download
+    _asked_range(request, etag)  # a malformed one is refused before it costs a download
     answer = await cache.blob(route.upstream, route.repository, digest, may_read)
     note.result = answer.result
     if isinstance(answer, FillingBlob):
         return await _stream_fill(request, answer, headers)
     if answer.path is None:
         raise AssertionError("stores without local files are not served yet")
-    wanted = _byte_range(request, answer.size)  # an unsatisfiable range gets the OCI 416, as for fills
-    # FileResponse reads the Range header itself, so one this cache ignores goes the other way.
-    if _is_tls(request) or (wanted is None and "Range" in request.headers):
+    wanted = _byte_range(request, answer.size, etag)  # an unsatisfiable range gets the OCI 416, as for fills
+    # FileResponse reads Range itself, so one this cache ignores goes the other way; so does a
+    # request with a condition, which FileResponse would judge by the file's mtime.
+    ignored_range = wanted is None and "Range" in request.headers
+    if _is_tls(request) or ignored_range or any(name in request.headers for name in CONDITIONAL_HEADERS):
         return await _stream_file(request, answer.path, answer.size, wanted, headers)
     return BlobFileResponse(answer.path, chunk_size=CHUNK_SIZE, headers=headers)
 
@@ -186,10 +206,13 @@ def _is_tls(request: web.Request) -> bool:
 
 
 class BlobFileResponse(web.FileResponse):
-    """aiohttp's FileResponse (sendfile, Range, 206), sent once.
+    """aiohttp's FileResponse (sendfile, Range, 206), sent once, with the digest as its
+    validator.
 
     The access middleware sends every response before it records it; aiohttp then calls
     ``prepare`` again, which a FileResponse would take as a request to send the file twice.
+    FileResponse sets an ``ETag`` and ``Last-Modified`` of the file's mtime, which the cache's
+    bookkeeping moves at reads: the ``ETag`` given in the headers stays, and no date goes out.
     """
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -197,15 +220,51 @@ class BlobFileResponse(web.FileResponse):
             return None
         return await super().prepare(request)
 
+    @property
+    def etag(self) -> ETag | None:
+        return super().etag
 
-def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    @etag.setter
+    def etag(self, value: ETag | str | None) -> None:
+        pass
+
+    @property
+    def last_modified(self) -> datetime.datetime | None:
+        return None
+
+    @last_modified.setter
+    def last_modified(self, value: float | datetime.datetime | str | None) -> None:
+        pass
+
+
+#: Headers that make a request conditional (RFC 9110, section 13.1).
+CONDITIONAL_HEADERS: Final = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range")
+
+
+def _precondition(request: web.Request, etag: str) -> int | None:
+    """The status a conditional request gets instead of its content (412 or 304), or None to
+    answer it, as RFC 9110 (section 13.2.2) orders the conditions. Content by digest has one
+    strong validator, ``etag`` (the quoted digest), and no modification date, so
+    ``If-Unmodified-Since`` and ``If-Modified-Since`` are ignored (section 13.1.3 and 13.1.4)."""
+    if (asked := request.if_match) is not None and not _etag_matches(asked, etag, weak=False):
+        return 412
+    if (asked := request.if_none_match) is not None and _etag_matches(asked, etag, weak=True):
+        return 304
+    return None
+
+
+def _etag_matches(asked: tuple[ETag, ...], etag: str, *, weak: bool) -> bool:
+    return any(tag.value == "*" or (f'"{tag.value}"' == etag and (weak or not tag.is_weak)) for tag in asked)
+
+
+def _byte_range(request: web.Request, size: int, etag: str) -> tuple[int, int] | None:
     """``[start, end)`` asked by a Range header, None for the whole blob.
 
     As RFC 9110 (section 14.2) has it, a unit other than bytes is ignored, and so is a request
     for several ranges (the whole blob, 200, is an answer every client takes; a multipart body
     is not worth its cost for blobs). A malformed byte range is 416, as Distribution answers.
     """
-    wanted = _asked_range(request)
+    wanted = _asked_range(request, etag)
     if wanted is None:
         return None
     start, stop = wanted.start, wanted.stop
@@ -225,10 +284,15 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-def _asked_range(request: web.Request) -> slice | None:
+def _asked_range(request: web.Request, etag: str) -> slice | None:
     """The one byte range a Range header asks for, as aiohttp reads it; None where the whole
-    blob is the answer (no header, another unit, several ranges). RangeInvalid when malformed."""
+    blob is the answer (no header, another unit, several ranges, an ``If-Range`` other than
+    the blob's ``ETag``: a date, which no blob answer carries, or another validator).
+    RangeInvalid when malformed."""
     if "Range" not in request.headers:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != etag:
         return None
     unit, _, ranges = request.headers["Range"].partition("=")
     if unit.strip().lower() != "bytes" or "," in ranges:
@@ -340,7 +404,7 @@ def _cut(request: web.Request, error: str) -> None:
 async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[str, str]) -> web.StreamResponse:
     reader, size = answer.reader, answer.size
     try:
-        wanted = _byte_range(request, size)
+        wanted = _byte_range(request, size, headers["ETag"])
         start, end = wanted if wanted is not None else (0, size)
         response = _body_response(size, wanted, headers)
         await response.prepare(request)

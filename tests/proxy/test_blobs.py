@@ -265,6 +265,76 @@ async def test_a_range_the_cache_does_not_serve_gets_the_whole_blob(
     assert await response.read() == data
 
 
+async def test_a_blob_s_validator_is_its_digest_whatever_its_reads_do(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A stored blob's ETag and Last-Modified were its file's mtime, which the size cap's
+    bookkeeping moves at reads: an HTTP cache in front, or a download resumed with If-Range,
+    saw a new blob every few seconds and fetched the whole of it again."""
+    data = os.urandom(100_000)
+    digest = upstream.add_blob(data)
+    upstream.slow_blob(digest, chunk=16 * 1024, delay=0.01)
+    during = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await during.read() == data
+    await until_settled(moorage)
+    (stored,) = stored_files(tmp_path / "store")
+    answers = [during, await moorage.head(f"/v2/alpine/blobs/{digest}")]
+    for moved in (1_000_000_000, 2_000_000_000):
+        os.utime(stored, ns=(moved, moved))  # a read recorded, as the bookkeeping does
+        answers.append(await moorage.get(f"/v2/alpine/blobs/{digest}"))
+        answers.append(await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=0-9"}))
+    assert [answer.headers.get("ETag") for answer in answers] == [f'"{digest}"'] * len(answers)
+    assert not [answer for answer in answers if "Last-Modified" in answer.headers]
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+@pytest.mark.parametrize(
+    ("headers", "status", "body"),
+    [
+        pytest.param({"If-None-Match": '"{digest}"'}, 304, None, id="none_match"),
+        pytest.param({"If-None-Match": 'W/"{digest}"'}, 304, None, id="none_match_weak"),
+        pytest.param({"If-None-Match": '"sha256:{other}"'}, 200, slice(None), id="none_match_other"),
+        pytest.param({"If-Match": '"{digest}"', "Range": "bytes=0-9"}, 206, slice(0, 10), id="match_range"),
+        pytest.param({"If-Match": '"sha256:{other}"'}, 412, None, id="match_other"),
+        pytest.param({"If-Match": 'W/"{digest}"'}, 412, None, id="match_weak"),
+        pytest.param({"If-Range": '"{digest}"', "Range": "bytes=10-19"}, 206, slice(10, 20), id="if_range"),
+        pytest.param({"If-Range": 'W/"{digest}"', "Range": "bytes=10-19"}, 200, slice(None), id="if_range_weak"),
+        pytest.param(
+            {"If-Range": "Wed, 21 Oct 2015 07:28:00 GMT", "Range": "bytes=10-19"}, 200, slice(None), id="if_range_date"
+        ),
+        pytest.param({"If-Unmodified-Since": "Wed, 21 Oct 2015 07:28:00 GMT"}, 200, slice(None), id="unmodified"),
+        pytest.param({"If-Modified-Since": "Wed, 21 Oct 2099 07:28:00 GMT"}, 200, slice(None), id="modified"),
+    ],
+)
+async def test_conditional_blob_requests_are_judged_by_the_digest(
+    moorage: Client,
+    upstream: FakeRegistry,
+    warm: bool,
+    headers: dict[str, str],
+    status: int,
+    body: slice | None,
+) -> None:
+    """If-Match with the blob's own digest was 412 and If-None-Match with it 200: the file's
+    mtime was the validator. A condition that ends in 304 or 412 downloads nothing."""
+    data = os.urandom(100_000)
+    digest = upstream.add_blob(data)
+    if warm:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+    upstream.reset_requests()
+    asked = {name: value.format(digest=digest, other="0" * 64) for name, value in headers.items()}
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers=asked)
+    assert response.status == status
+    assert response.headers["ETag"] == f'"{digest}"'
+    if body is None:
+        assert await response.read() == b""
+        assert upstream.count(method="GET", path="/blobs/") == 0
+    else:
+        assert await response.read() == data[body]
+    head = await moorage.head(f"/v2/alpine/blobs/{digest}", headers=asked)
+    assert head.status == (200 if status == 206 else status)
+
+
 @pytest.mark.parametrize("asked", ["bytes=abc", "bytes=5-1"])
 async def test_a_malformed_byte_range_is_416(moorage: Client, upstream: FakeRegistry, asked: str) -> None:
     """Refused before anything is fetched: bad input changes nothing, and costs no download

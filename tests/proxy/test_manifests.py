@@ -341,6 +341,21 @@ async def test_a_tag_list_paged_by_the_upstream_s_own_token_is_listed_whole(
     assert any("next_page=pos-100" in request.query_string for request in upstream.requests)
 
 
+async def test_a_manifest_the_client_holds_is_answered_304(moorage: Client, upstream: FakeRegistry) -> None:
+    """The ETag is the digest: If-None-Match with it was answered with the whole manifest."""
+    image = upstream.add_image("library/alpine", "3.19")
+    etag = f'"{image.digest}"'
+    for method in ("GET", "HEAD"):
+        same = await moorage.request(method, "/v2/alpine/manifests/3.19", headers={**ALL, "If-None-Match": etag})
+        assert (same.status, same.headers["ETag"], await same.read()) == (304, etag, b"")
+    changed = await moorage.get(
+        "/v2/alpine/manifests/3.19", headers={**ALL, "If-None-Match": '"sha256:' + "0" * 64 + '"'}
+    )
+    assert changed.status == 200 and await changed.read() == image.manifest
+    refused = await moorage.get("/v2/alpine/manifests/3.19", headers={**ALL, "If-Match": '"sha256:' + "0" * 64 + '"'})
+    assert refused.status == 412
+
+
 async def test_unknown_tag_is_manifest_unknown(moorage: Client, caplog: pytest.LogCaptureFixture) -> None:
     response = await moorage.get("/v2/alpine/manifests/nope", headers=ALL)
     assert response.status == 404

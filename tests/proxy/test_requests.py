@@ -72,21 +72,30 @@ async def test_unknown_ns_lists_the_configured_hosts(moorage: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "target"),
+    ("method", "target", "allow"),
     [
-        pytest.param("PUT", "/v2/alpine/manifests/latest", id="push_manifest"),
-        pytest.param("DELETE", "/v2/alpine/manifests/latest", id="delete_manifest"),
-        pytest.param("DELETE", f"/v2/alpine/blobs/{DIGEST}", id="delete_blob"),
-        pytest.param("POST", "/v2/alpine/blobs/uploads/", id="start_upload"),
-        pytest.param("PATCH", "/v2/alpine/blobs/uploads/abc", id="patch_upload"),
-        pytest.param("PUT", f"/v2/alpine/blobs/uploads/abc?digest={DIGEST}", id="finish_upload"),
-        pytest.param("GET", "/v2/alpine/blobs/uploads/abc", id="upload_status"),
+        pytest.param("PUT", "/v2/alpine/manifests/latest", "GET, HEAD", id="push_manifest"),
+        pytest.param("DELETE", "/v2/alpine/manifests/latest", "GET, HEAD", id="delete_manifest"),
+        pytest.param("DELETE", f"/v2/alpine/blobs/{DIGEST}", "GET, HEAD", id="delete_blob"),
+        pytest.param("POST", "/v2/alpine/blobs/uploads/", "GET, HEAD", id="start_upload"),
+        pytest.param("PATCH", "/v2/alpine/blobs/uploads/abc", "GET, HEAD", id="patch_upload"),
+        pytest.param("PUT", f"/v2/alpine/blobs/uploads/abc?digest={DIGEST}", "GET, HEAD", id="finish_upload"),
+        pytest.param("GET", "/v2/alpine/blobs/uploads/abc", "GET, HEAD", id="upload_status"),
+        pytest.param("POST", "/v2/", "GET, HEAD", id="post_to_the_base"),
+        pytest.param("DELETE", "/v2/alpine/tags/list", "GET", id="delete_tags"),
+        pytest.param("HEAD", "/v2/alpine/tags/list", "GET", id="head_tags"),
     ],
 )
-async def test_writes_are_unsupported(moorage: Client, upstream: FakeRegistry, method: str, target: str) -> None:
+async def test_writes_are_unsupported(
+    moorage: Client, upstream: FakeRegistry, method: str, target: str, allow: str
+) -> None:
+    """405 UNSUPPORTED, with an Allow that is true: POST /v2/ was 404 with a code the spec
+    does not have, and DELETE on a tag list offered HEAD, which it refuses."""
     response = await moorage.request(method, target, data=b"x")
     assert response.status == 405
-    assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
+    assert response.headers["Allow"] == allow
+    if method != "HEAD":
+        assert (await response.json())["errors"][0]["code"] == "UNSUPPORTED"
     assert upstream.requests == []
 
 
