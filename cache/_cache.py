@@ -1392,8 +1392,8 @@ async def open_cache(
     collection and the upstreams' lifecycle policies run at their intervals."""
     try:
         store, index = await asyncio.to_thread(open_store, settings.path)
-    except OSError as exc:  # a file where the directory should be, no permission, a full disk
-        reason = exc.strerror or str(exc)
+    except (OSError, IndexFailure) as exc:  # a file for the directory, no permission, a full disk
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
         raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {reason}"]) from None
     serving = ServingLock(settings.path, index)
     try:

@@ -35,6 +35,23 @@ log = logging.getLogger("moorage.cache")
 #: open, a file removed from under a reader stays readable).
 RECENT_SECONDS: Final = 5.0
 T = TypeVar("T")
+#: Files already logged as out of the cache's hands, so that each is logged once, not at every
+#: pass; bounded, since every file of a store restored as another user could be one.
+_LOGGED_UNWRITABLE: set[Path] = set()
+MAX_LOGGED_UNWRITABLE: Final = 1024
+
+
+def _skip_unwritable(path: Path, error: OSError, doing: str) -> None:
+    """Log, once per file, that the cache may not change a stored file (another user's, in a
+    directory not the daemon's: a store command run as root beside it) and goes on without
+    it. One such file had failed every bookkeeping write and every eviction pass after it."""
+    if path in _LOGGED_UNWRITABLE or len(_LOGGED_UNWRITABLE) >= MAX_LOGGED_UNWRITABLE:
+        return
+    _LOGGED_UNWRITABLE.add(path)
+    log.warning(
+        f"cannot {doing} a stored file: skipped; run store commands as the daemon's user",
+        extra={"event": "store_file_unwritable", "path": str(path), "error": str(error)},
+    )
 
 
 class ReadGuard:
@@ -69,6 +86,9 @@ class ReadGuard:
                 size = path.stat().st_size
                 path.unlink()
             except FileNotFoundError:
+                return None
+            except OSError as exc:
+                _skip_unwritable(path, exc, "remove")
                 return None
             return size
 
@@ -168,6 +188,9 @@ def touch(
             stamp = int(when * 1_000_000_000)
             os.utime(path, ns=(stamp, stamp))
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _skip_unwritable(path, exc, "record a read of")
             continue
         if known == before:
             renewed[digest] = before._replace(mtime_ns=stamp)

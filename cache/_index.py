@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diskcache
 
@@ -86,10 +87,34 @@ def _recording(what: str) -> Iterator[None]:
         raise IndexFailure(f"the index cannot record {what}: {reason}", disk_full=is_disk_full(exc)) from exc
 
 
+def _unopened(directory: Path, error: sqlite3.Error | diskcache.Timeout) -> str:
+    """Why the index in ``directory`` cannot be opened, and what to do about it."""
+    reason = str(error) or type(error).__name__
+    if is_disk_full(error):
+        return f"the index {directory} cannot be opened: {reason}; free space on its volume"
+    if isinstance(error, sqlite3.OperationalError):  # no permission, a read-only mount, a lock
+        return f"the index {directory} cannot be opened: {reason}; the daemon's user must be able to write it"
+    return (
+        f"the index {directory} cannot be opened: {reason}; move it aside to start with an empty one "
+        "(tags and manifests are then fetched again, and stored blobs no image names are collected as garbage)"
+    )
+
+
 class Index:
     def __init__(self, directory: Path) -> None:
         # No size limit and no culling: eviction is decided by the cache, not by diskcache.
-        self._db = diskcache.Cache(str(directory), size_limit=2**62, cull_limit=0, eviction_policy="none")
+        try:
+            self._db = diskcache.Cache(str(directory), size_limit=2**62, cull_limit=0, eviction_policy="none")
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise IndexFailure(_unopened(directory, exc), disk_full=is_disk_full(exc)) from exc
+
+    def _read(self, key: IndexKey) -> Any:
+        """``key``'s value, or None. An index that cannot be read (its files removed under a
+        running daemon, or damaged) is :class:`IndexFailure`, which a request answers with 503."""
+        try:
+            return self._db.get(key)
+        except (sqlite3.Error, diskcache.Timeout) as exc:
+            raise IndexFailure(f"the index cannot be read: {str(exc) or type(exc).__name__}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -103,7 +128,7 @@ class Index:
         return None
 
     def tag(self, key: IndexKey) -> TagEntry | None:
-        value = self._db.get(key)
+        value = self._read(key)
         if value is None:
             return None
         digest, media_type, checked_at = value
@@ -114,10 +139,10 @@ class Index:
             self._db.set(key, (str(entry.digest), entry.media_type, entry.checked_at))
 
     def has_manifest(self, digest: Digest) -> bool:
-        return self._db.get(manifest_key(digest)) is not None
+        return self._read(manifest_key(digest)) is not None
 
     def manifest_media_type(self, digest: Digest) -> str | None:
-        value = self._db.get(manifest_key(digest))
+        value = self._read(manifest_key(digest))
         return value if isinstance(value, str) else None
 
     def put_manifest(self, digest: Digest, media_type: str) -> None:
@@ -125,12 +150,12 @@ class Index:
             self._db.set(manifest_key(digest), media_type)
 
     def fingerprint(self, digest: Digest) -> Fingerprint | None:
-        value = self._db.get(blob_key(digest))
+        value = self._read(blob_key(digest))
         return Fingerprint(*value) if isinstance(value, tuple) and len(value) == 3 else None
 
     def routes(self, digest: Digest) -> tuple[ContentRoute, ...]:
         """The routes ``digest`` was fetched or confirmed under, oldest first."""
-        value = self._db.get(routes_key(digest))
+        value = self._read(routes_key(digest))
         if not isinstance(value, tuple):
             return ()
         return tuple((str(upstream), str(repository)) for upstream, repository in value)
@@ -146,7 +171,7 @@ class Index:
                 self._db.delete(referrers_key(upstream, repository, digest, ""))
 
     def tags(self, key: IndexKey) -> TagsEntry | None:
-        value = self._db.get(key)
+        value = self._read(key)
         if value is None:
             return None
         if len(value) == 4:  # written before next pages were queries: (…, next last, next n, …)
@@ -161,7 +186,7 @@ class Index:
             self._db.set(key, (entry.body, entry.next_query, entry.fetched_at))
 
     def referrers(self, key: IndexKey) -> ReferrersEntry | None:
-        value = self._db.get(key)
+        value = self._read(key)
         if value is None:
             return None
         body, next_query, fetched_at = value

@@ -239,13 +239,25 @@ class DirectoryStore:
 
     def quarantine(self, digest: Digest) -> bool:
         """Move a stored blob out of the store into ``quarantine/`` (kept for inspection);
-        False when it was not there."""
+        False when it was not there. Where ``quarantine/`` cannot take it (made by another
+        user, say by a store command run as root), the blob is deleted instead: a corrupt file
+        left in place would be found, and refused, at every request."""
         target = self.root / "quarantine"
-        target.mkdir(exist_ok=True)
+        path = self.path_of(digest)
         try:
-            os.rename(self.path_of(digest), target / f"{digest.algorithm}-{digest.encoded}")
+            target.mkdir(exist_ok=True)
+            os.rename(path, target / f"{digest.algorithm}-{digest.encoded}")
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return False
+        except OSError as exc:
+            log.warning(
+                "corrupt blob deleted, not kept: quarantine/ cannot take it",
+                extra={"event": "quarantine_failed", "digest": str(digest), "error": str(exc)},
+            )
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
         return True
 
     def local_path(self, digest: Digest) -> Path | None:

@@ -128,7 +128,10 @@ def _store_problem(path: Path) -> str | None:
     if path.exists():
         if not path.is_dir():
             return f"{path} is not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        for part in (path, path / "index", path / "index" / "cache.db"):  # a store made by another user
+            if part.exists() and not os.access(part, os.W_OK | (os.X_OK if part.is_dir() else 0)):
+                return f"{part} is not writable"
+        return None
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent

@@ -31,6 +31,7 @@ import click
 from prometheus_client.parser import text_string_to_metric_families
 
 from moorage.cache import (
+    StoreFailure,
     StoreSummary,
     collect_garbage,
     preview_lifecycle,
@@ -167,7 +168,19 @@ def _store_path(config: Path | None, store: Path | None) -> Path:
     return store if store is not None else settings_from(config).storage.path
 
 
+class _Commands(click.Group):
+    """Every command. A store any of them cannot use (an index another user owns or a
+    read-only mount, a damaged one) ends it with one line naming the store, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreFailure as error:
+            fail(f"storage.path: {error}")
+
+
 @click.group(
+    cls=_Commands,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Run 'moorage COMMAND --help' for a command's options and examples.",
 )

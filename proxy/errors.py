@@ -178,7 +178,7 @@ def _from_upstream(error: UpstreamError, kind: PathKind | None) -> OCIError:
 
 def _from_cache(error: CacheError) -> OCIError:
     if isinstance(error, StoreFailure):
-        return Unavailable(f"the cache cannot store content: {error}")
+        return Unavailable(f"the cache's store failed: {error}")
     if isinstance(error, DigestMismatch | FillAborted):
         return BadGateway(str(error))
     return BadGateway(str(error))

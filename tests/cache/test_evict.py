@@ -8,11 +8,14 @@ import os
 import time
 from pathlib import Path
 
-from moorage.cache._evict import ReadGuard, evict_to
+import pytest
+
+from moorage.cache._evict import ReadGuard, evict_to, touch
 from moorage.cache._index import Index, TagEntry
 from moorage.cache._keys import tag_key
-from moorage.cache._store import DirectoryStore
+from moorage.cache._store import DirectoryStore, Fingerprint
 from moorage.upstreams.reference import OCI_IMAGE_MANIFEST, Digest, RepositoryName, Tag
+from tests.immutable import immutable
 
 KiB = 1024
 
@@ -98,3 +101,25 @@ def test_manifests_of_images_just_pulled_outlast_their_layers(tmp_path: Path) ->
     assert store.size_of(first_manifest) is not None and store.size_of(second_manifest) is not None
     assert index.manifest_media_type(second_manifest) == OCI_IMAGE_MANIFEST
     assert all(store.size_of(d) is not None for d in second_layers)
+
+
+def test_a_file_the_cache_may_not_change_is_skipped_and_the_rest_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One such file failed every bookkeeping write (its read times, the store's totals, pull
+    times) and every eviction pass, for good: the cap was never kept again."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    oldest, older, newer = (put(store, os.urandom(100 * KiB), age_seconds=3600 - i) for i in range(3))
+    with immutable(store.path_of(oldest)):
+        now = time.time()
+        known = {digest: Fingerprint.of(store.path_of(digest).stat()) for digest in (oldest, older)}
+        renewed = touch(store, index, {oldest: now, older: now - 30}, trusted=known)
+        assert set(renewed) == {older}, "the other reads are recorded"
+        assert store.path_of(older).stat().st_mtime == pytest.approx(now - 30)
+        result = evict_to(store, index, target_bytes=200 * KiB, protected=set(), accessed={}, guard=ReadGuard())
+        assert result.evicted == (newer,), "the next least recently read goes in its place"
+        assert store.size_of(oldest) is not None and store.size_of(older) is not None
+        evict_to(store, index, target_bytes=0, protected=set(), accessed={}, guard=ReadGuard())
+    logged = [r for r in caplog.records if getattr(r, "event", "") == "store_file_unwritable"]
+    assert [getattr(r, "path", "") for r in logged] == [str(store.path_of(oldest))], "once, with the file"
+    index.close()

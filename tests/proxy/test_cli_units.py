@@ -483,3 +483,28 @@ def test_the_stats_table_shows_every_answer_its_hit_ratio_counts() -> None:
         *("UPSTREAM", "HIT", "RATIO", "HITS", "REVALIDATED", "STALE", "MISSES", "COALESCED", "PREFETCHED")
     ]
     assert row.split()[:9] == ["docker.io", "92.7%", "150", "5", "10", "8", "4", "0", "1"]
+
+
+def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> None:
+    """sqlite3's errors escaped every command that opens the index: a traceback for ls, stats,
+    gc, lifecycle preview and serve, on a store another user made or a damaged one."""
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    (store / "index").mkdir()
+    (store / "index" / "cache.db").write_bytes(os.urandom(8192))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
+    for args in (["ls", "--store", str(store)], ["stats", "--store", str(store)], ["gc", "--store", str(store)]):
+        result = CliRunner().invoke(main, args, env={"MOORAGE_CONFIG": ""})
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert f"storage.path: the index {store / 'index'} cannot be opened" in result.output
+        assert "move it aside" in result.output
+    served = subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
+    assert "storage.path: cannot use" in served.stderr and "move it aside" in served.stderr

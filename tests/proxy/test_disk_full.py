@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import moorage.cache._evict as evict_module
+from moorage.cache import open_cache
+from moorage.config import ConfigError, StorageSettings
 from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import in_ci
 from tests.polling import until
@@ -259,3 +261,22 @@ async def test_a_disk_others_filled_costs_the_store_one_pass_not_one_per_failed_
     assert [r.__dict__["reason"] for r in passes] == ["disk_full"]
     kept = [d for d in stored if (small_disk / "store" / "blobs" / "sha256" / d[7:9] / d[7:]).exists()]
     assert len(kept) >= 3, "one pass takes the least recently used 15 %, not the store"
+
+
+async def test_a_restart_on_a_full_disk_says_so_and_what_to_do(
+    start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path
+) -> None:
+    """A daemon killed on a full disk (an OOM kill, a pod evicted) crashed at every start with
+    a traceback of SQLite's, which never freed the space."""
+    store = small_disk / "store"
+    first = await start_moorage(storage={"path": str(store)})
+    digest = upstream.add_blob(os.urandom(300 * KiB))
+    assert len(await (await first.get(f"/v2/alpine/blobs/{digest}")).read()) == 300 * KiB
+    await until_settled(first)
+    await first.close()
+    fill_up(small_disk)
+    with pytest.raises(ConfigError) as refused:
+        async with open_cache(StorageSettings(path=store)):
+            pass
+    assert f"storage.path: cannot use {store} as the store: the index" in str(refused.value)
+    assert "free space on its volume" in str(refused.value)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.cache import open_cache
 from moorage.config import ConfigError, StorageSettings
+from tests.immutable import immutable
 from tests.integration.harness.tools import self_signed_certificate
 
 
@@ -201,3 +202,17 @@ def test_settings_without_a_default_upstream_are_warned_of_docker_going_past_the
     config.write_text(config.read_text().replace('docker.io"}', 'docker.io", default: true}'))
     checked = moorage("check-config", str(config))
     assert checked.returncode == 0 and "default" not in checked.stderr, checked.stderr
+
+
+def test_a_store_whose_index_serve_could_not_write_fails_the_check(tmp_path: Path) -> None:
+    """A store made by root and served as another user: check-config said ok, and serve then
+    failed on the index (a traceback, until the index's errors were named)."""
+    store = tmp_path / "store"
+    (store / "index").mkdir(parents=True)
+    (store / "index" / "cache.db").write_bytes(b"")
+    config = tmp_path / "config.yaml"
+    config.write_text(f'storage: {{path: "{store}"}}\n')
+    with immutable(store / "index" / "cache.db"):
+        checked = moorage("check-config", str(config))
+    assert checked.returncode == 2, checked.stdout
+    assert f"storage.path: {store / 'index' / 'cache.db'} is not writable" in checked.stderr

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
+from tests.immutable import immutable
 
 from .conftest import StartMoorage, metric, until_settled
 
@@ -67,6 +71,26 @@ async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
     assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 1
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "the fresh copy is trusted: a plain hit"
+
+
+async def test_a_corrupt_blob_quarantine_cannot_take_is_deleted_and_fetched_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A quarantine/ the daemon may not write (made by `verify --repair` run as root) left the
+    corrupt file in place: every pull of it was a 500, for good."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(300_000)
+    digest = upstream.add_blob(content)
+    assert await pull_blob(moorage, digest) == content
+    path = await until_stored(moorage, store, digest, content)
+    await rewrite(path, b"X" * len(content))
+    (store / "quarantine").mkdir()
+    with immutable(store / "quarantine"):
+        assert await pull_blob(moorage, digest) == content
+    assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
+    assert not any((store / "quarantine").iterdir())
+    assert await until_stored(moorage, store, digest, content) == path, "the store holds the good copy again"
 
 
 async def test_a_truncated_blob_is_never_served_short(
@@ -175,3 +199,22 @@ async def test_a_layer_asked_for_as_a_manifest_is_neither_served_nor_quarantined
         assert upstream.count("GET", "/blobs/") == 0, "the layer is still served from the store"
     assert not (store / "quarantine").exists()
     assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 0
+
+
+async def test_an_index_that_cannot_be_read_is_503_not_500(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's directory removed or replaced under a running daemon: SQLite's error went
+    out as 500 "internal error" with a traceback, where every other store failure is 503."""
+    upstream.add_image("library/alpine", "3.19")
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("unable to open database file")  # what SQLite says then
+
+    monkeypatch.setattr(moorage.app[CACHE]._index._db, "get", unreadable)
+    response = await moorage.get(
+        "/v2/alpine/manifests/3.19", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    )
+    assert response.status == 503, await response.text()
+    error = (await response.json())["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "the index cannot be read" in error["message"]
