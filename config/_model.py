@@ -168,6 +168,20 @@ class AuthSettings(_Section):
     #: Access rules, evaluated in order; the first that matches decides, none matching allows.
     policy: tuple[PolicyRule, ...] = ()
 
+    @field_validator("token_realm")
+    @classmethod
+    def _token_realm(cls, value: str | None) -> str | None:
+        """Clients take the realm as the URL to sign in at: one that is no http(s) URL fails
+        every sign-in (skopeo: unsupported protocol scheme)."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise ValueError(
+                f"not a URL clients can sign in at: {value[:100]!r} (expected e.g. https://cache.example/token)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _someone_may_pull(self) -> AuthSettings:
         if self.anonymous == "none" and self.htpasswd_file is None:
@@ -320,6 +334,16 @@ class UpstreamSettings(_Section):
                 f"not a registry URL: {parts.scheme}://{parts.netloc}{parts.path} has a query or fragment;"
                 " give the registry's address alone"
             )
+        try:
+            port = parts.port  # raises on a port out of range or not a number
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ValueError(f"not a registry URL: {value!r} has no port from 1 to 65535 after its host")
+        if parts.path.rstrip("/").endswith("/v2"):
+            raise ValueError(
+                f"not a registry URL: {value!r} ends in /v2, which the cache adds itself; give the registry's address"
+            )
         return value.rstrip("/")
 
     @field_validator("aliases")
@@ -435,6 +459,9 @@ class Settings(_Section):
         defaults = [u.host for u in values if u.default]
         if len(defaults) > 1:
             raise ValueError(f"more than one default upstream ({', '.join(defaults)})")
+        hosts = [u.host for u in values]
+        if twice := sorted({host for host in hosts if hosts.count(host) > 1}):
+            raise ValueError(f"more than one upstream has host {', '.join(twice)}: one entry per registry")
         seen: dict[str, str] = {}
         for upstream in values:
             for name in {upstream.host, *upstream.aliases, *upstream.prefixes}:

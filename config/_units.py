@@ -36,8 +36,22 @@ _SIZE_UNITS: Final = {
 }
 
 
+#: The longest duration any key takes: a hundred years. Beyond it, and at infinity or NaN
+#: (which YAML writes .inf and .nan), a setting is a mistake: a NaN tag_ttl revalidated every
+#: pull, an infinite shutdown_delay kept the process from ever stopping.
+MAX_DURATION: Final = 100 * 365 * 86400.0
+
+
 def parse_duration(value: object) -> float:
-    """Seconds from ``15m``, ``1h30m``, ``500ms``, ``90`` (seconds) or a number."""
+    """Seconds from ``15m``, ``1h30m``, ``500ms``, ``90`` (seconds) or a number; at most
+    ``MAX_DURATION``."""
+    seconds = _duration(value)
+    if not seconds <= MAX_DURATION:  # NaN too
+        raise ValueError(f"not a duration: {value!r} (at most 100 years, 36500d)")
+    return seconds
+
+
+def _duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r} (expected e.g. 30s, 15m, 1h30m)")
     if isinstance(value, int | float):

@@ -222,6 +222,11 @@ def client_files(
 ) -> dict[str, str]:
     """The files that make ``client`` pull ``upstreams``' images through the cache at ``url``;
     ``default`` is the host of the cache's default upstream (which may not be among them)."""
+    if "@" in url:  # never repeated: it holds a password
+        raise ValueError(
+            "the cache's base URL goes into the clients' files as it is: leave the user and password out "
+            "(clients sign in to the cache with docker login, or their own credentials)"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"not the cache's base URL: {url!r} (expected e.g. http://moorage.example:5000)")

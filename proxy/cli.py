@@ -420,6 +420,8 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
         url = url.rstrip("/").removesuffix("/metrics")  # the endpoint's own URL works too
         try:
             upstreams = _summary_from_metrics(url)
+        except (ValueError, KeyError, UnicodeDecodeError):  # 200, but no Moorage metrics in it
+            fail(f"{url}/metrics is not a Moorage cache's metrics: is --url the cache's address?")
         except (urllib.error.URLError, OSError) as error:
             hint = ""
             if isinstance(error, urllib.error.HTTPError) and error.code == 404:
@@ -808,6 +810,7 @@ def client_config(
     refuses = settings.auth.refuses_some_pulls and not no_fallback
     for warning in client_warnings(client, url, upstreams, default, refuses):
         click.echo(f"moorage: warning: {warning}", err=True)
+    written: list[list[str]] = []
     for path, content in files.items():
         if output_dir is None and len(files) == 1:  # the file alone, as it can be saved (JSON has no comments)
             click.echo(f"# file: {path}", err=True)
@@ -818,9 +821,12 @@ def client_config(
             continue
         target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
         try:
-            _write_client_file(target, path, content)
+            written.append(_write_client_file(target, path, content))
         except OSError as error:  # a file where a directory should be, a read-only or immutable file
             fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
+    for lines in written:  # once every file is written: a closed pipe cannot stop the writing
+        for line in lines:
+            click.echo(line)
 
 
 def _seconds_or_none(text: str) -> float | None:
@@ -832,11 +838,12 @@ def _seconds_or_none(text: str) -> float | None:
     return seconds if 0 < seconds <= 86400 else None
 
 
-def _write_client_file(target: Path, path: str, content: str) -> None:
+def _write_client_file(target: Path, path: str, content: str) -> list[str]:
     """Write one client file without losing what the host had there: the cache's settings are
     merged into a ``daemon.json`` or ``registries.yaml`` that holds others, the previous file
     is kept beside it as ``<name>.bak`` (``.bak.1``, … when that exists), and the new one is
-    put in place whole, with the old one's mode and owner (through a symlink, at its target)."""
+    put in place whole, with the old one's mode and owner (through a symlink, at its target).
+    What was done, to be printed once every file is written."""
     real = target.resolve() if target.is_symlink() else target
     try:
         existing = read_text(real) if real.exists() else None
@@ -849,8 +856,7 @@ def _write_client_file(target: Path, path: str, content: str) -> None:
             fail(f"cannot merge into {real}: {error}; fix it, or move it away and run this again")
         content = merged if merged is not None else content
         if content == existing:
-            click.echo(f"unchanged {real}")
-            return
+            return [f"unchanged {real}"]
     backup = None
     real.parent.mkdir(parents=True, exist_ok=True)
     temporary = real.with_name(f".{real.name}.moorage-new")
@@ -873,6 +879,5 @@ def _write_client_file(target: Path, path: str, content: str) -> None:
         if backup is not None:
             backup.unlink(missing_ok=True)
         raise
-    if backup is not None:
-        click.echo(f"kept the previous {real.name} as {backup}")
-    click.echo(f"{'updated' if existing is not None else 'wrote'} {real}")
+    kept = [f"kept the previous {real.name} as {backup}"] if backup is not None else []
+    return [*kept, f"{'updated' if existing is not None else 'wrote'} {real}"]

@@ -140,6 +140,36 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "'x' names both a.io and b.io",
             id="shared_prefix",
         ),
+        # Each of these passed the check, then failed every pull or the start:
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io:abc'}\n",
+            "upstreams[0].url: not a registry URL: 'https://a.io:abc' has no port from 1 to 65535",
+            id="port_not_a_number",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'http://127.0.0.1:99999'}\n",
+            "upstreams[0].url: not a registry URL: 'http://127.0.0.1:99999' has no port",
+            id="port_out_of_range",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://a.io/v2/'}\n",
+            "upstreams[0].url: not a registry URL: 'https://a.io/v2/' ends in /v2",
+            id="url_with_v2",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: docker.io, url: 'https://a.io', default: true}\n"
+            "  - {host: docker.io, url: 'https://b.io'}\n",
+            "upstreams: more than one upstream has host docker.io",
+            id="host_twice",
+        ),
+        pytest.param(
+            "auth: {token_realm: 'cache.example:5000/token'}\n",
+            "auth.token_realm: not a URL clients can sign in at",
+            id="token_realm_without_scheme",
+        ),
+        pytest.param("tag_ttl: .nan\n", "tag_ttl: not a duration", id="duration_nan"),
+        pytest.param("shutdown_delay: .inf\n", "shutdown_delay: not a duration", id="duration_infinite"),
+        pytest.param("tag_ttl: 99999999999999999999d\n", "tag_ttl: not a duration", id="duration_absurd"),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'https://a.io', prefixes: ['Bad/Prefix']}\n",
             "upstreams[0].prefixes: not a path prefix",
@@ -406,8 +436,8 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "m15", "15 minutes", "-1", "1h-5m"])
-def test_bad_durations(text: str) -> None:
+@pytest.mark.parametrize("text", ["", "m15", "15 minutes", "-1", "1h-5m", "36501d", float("nan"), float("inf")])
+def test_bad_durations(text: str | float) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
 

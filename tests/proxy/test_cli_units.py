@@ -338,11 +338,31 @@ class _V6Server(_OneFamilyServer):
     address_family = socket.AF_INET6
 
 
+class _NotMetrics(http.server.BaseHTTPRequestHandler):
+    """200 and a body that is no Moorage metrics: another server at the address given."""
+
+    body = b"<html>hello</html>"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _OtherMetrics(_NotMetrics):
+    body = b'moorage_cache_results_total{result="hit"} 5\n'
+
+
 @contextlib.contextmanager
-def serving_healthz(address: str) -> Iterator[int]:
-    """A server answering 200 on /healthz at ``address``, in a thread; its port."""
+def serving_healthz(address: str, handler: type[http.server.BaseHTTPRequestHandler] = _Healthz) -> Iterator[int]:
+    """A server answering 200 on /healthz (or as ``handler`` does) at ``address``, in a thread;
+    its port."""
     server_class = _V6Server if ":" in address else _OneFamilyServer
-    with server_class((address, 0), _Healthz) as server:
+    with server_class((address, 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             yield server.server_address[1]
@@ -508,3 +528,52 @@ def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> Non
     )
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
     assert "storage.path: cannot use" in served.stderr and "move it aside" in served.stderr
+
+
+@pytest.mark.parametrize("handler", [_NotMetrics, _OtherMetrics], ids=["html", "metrics_of_another_version"])
+def test_stats_from_an_address_that_serves_no_moorage_metrics_is_one_line(
+    handler: type[http.server.BaseHTTPRequestHandler],
+) -> None:
+    with serving_healthz("127.0.0.1", handler) as port:
+        result = CliRunner().invoke(main, ["stats", "--url", f"http://127.0.0.1:{port}"], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "is not a Moorage cache's metrics" in result.output
+
+
+def test_client_files_never_carry_a_password(tmp_path: Path) -> None:
+    """`--url http://user:pw@cache:5000` (as warm takes it) was written into daemon.json and
+    every hosts.toml: a secret in the host's files, and a mirror dockerd refuses."""
+    for client in ("docker", "containerd", "podman", "k3s", "kind"):
+        result = CliRunner().invoke(
+            main,
+            ["client-config", client, "--url", "http://ci:s3cret@cache:5000", "--output-dir", str(tmp_path / client)],
+            env={"MOORAGE_CONFIG": ""},
+        )
+        assert result.exit_code == 2 and "leave the user and password out" in result.output, result.output
+        assert "s3cret" not in result.output and not (tmp_path / client).exists()
+
+
+def test_files_are_all_written_when_what_is_printed_finds_the_pipe_closed(tmp_path: Path) -> None:
+    """`client-config … --output-dir DIR | head -1`: the second line hit a closed pipe, which was
+    reported as a write that failed ("the file there is as it was"), after two of eleven files."""
+    command = f"{sys.executable} -m moorage.proxy client-config containerd --url http://cache:5000 --output-dir out"
+    result = subprocess.run(
+        f"{command} | head -1",
+        shell=True,
+        cwd=tmp_path,
+        env={**os.environ, "MOORAGE_CONFIG": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "cannot write" not in result.stderr, result.stderr
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("hosts.toml"))
+    listed = CliRunner().invoke(
+        main, ["client-config", "containerd", "--url", "http://cache:5000"], env={"MOORAGE_CONFIG": ""}
+    )
+    assert written == sorted(
+        line.removeprefix("# file: /etc/containerd/certs.d/")
+        for line in listed.output.splitlines()
+        if line.startswith("# file:")
+    )
