@@ -42,6 +42,16 @@ class WarmFailed(Exception):
     """An image could not be pulled through the cache; the message says which and why."""
 
 
+class WarmIncomplete(WarmFailed):
+    """Some images could not be pulled; every other one was (``warmed``). One typo in a list
+    of images no longer leaves the images after it cold."""
+
+    def __init__(self, warmed: list[WarmedImage], failures: list[WarmFailed]) -> None:
+        super().__init__("\n".join(str(failure) for failure in failures))
+        self.warmed = warmed
+        self.failures = failures
+
+
 @dataclass
 class WarmedImage:
     image: str
@@ -78,12 +88,19 @@ async def warm(
 ) -> list[WarmedImage]:
     """Pull each image through the cache at ``base_url`` (reached through ``unix_socket``
     when given); ``platforms`` None means every one; ``referrers``: with its signatures, SBOMs
-    and attestations."""
+    and attestations. An image that fails does not stop the others: :class:`WarmIncomplete`
+    at the end says which failed and holds those warmed."""
     timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=300)
     connector = aiohttp.UnixConnector(path=str(unix_socket)) if unix_socket is not None else None
+    warmed: list[WarmedImage] = []
+    failures: list[WarmFailed] = []
     async with aiohttp.ClientSession(base_url=base_url, timeout=timeout, connector=connector) as session:
         try:
-            return [await _warm_one(session, image, platforms, progress, referrers) for image in images]
+            for image in images:
+                try:
+                    warmed.append(await _warm_one(session, image, platforms, progress, referrers))
+                except WarmFailed as failure:
+                    failures.append(failure)
         except aiohttp.ClientError as error:
             if isinstance(error, OSError):  # could not connect: the caller says so
                 raise
@@ -91,6 +108,9 @@ async def warm(
             raise WarmFailed(
                 f"the cache gave no HTTP answer ({type(error).__name__}): an http:// URL for a TLS listener?"
             ) from None
+    if failures:
+        raise WarmIncomplete(warmed, failures)
+    return warmed
 
 
 async def _get_manifest(

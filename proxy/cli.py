@@ -546,7 +546,7 @@ def warm_command(
     except InvalidReference as error:
         fail(str(error))
     wanted = None if all_platforms else list(platforms or ["linux/amd64"])
-    from ._warm import WarmFailed, progress_bars, warm
+    from ._warm import WarmFailed, WarmIncomplete, progress_bars, warm
 
     async def run() -> list[WarmedImage]:
         with progress_bars(console(err=True)) as progress:
@@ -566,10 +566,13 @@ def warm_command(
                         local, references, wanted, progress, referrers=with_referrers, unix_socket=unix_socket
                     )
 
+    failures: list[WarmFailed] = []
     try:
         warmed = asyncio.run(run())
     except ConfigError as error:  # the store cannot be used (not a directory, not writable)
         fail(str(error.named(settings_source(settings_file(config), os.environ))))
+    except WarmIncomplete as incomplete:
+        warmed, failures = incomplete.warmed, incomplete.failures
     except WarmFailed as error:
         fail(str(error))
     except OSError as error:
@@ -579,6 +582,10 @@ def warm_command(
         platforms_text = f" [{', '.join(image.platforms)}]" if image.platforms else ""
         attached = f", {image.referrers} referrers" if with_referrers else ""
         click.echo(f"{image.image}{platforms_text}: {image.blobs} blobs{attached}, {_size(image.bytes)} ({results})")
+    if failures:
+        for failure in failures:
+            click.echo(f"moorage: {failure}", err=True)
+        fail(f"{len(failures)} of {len(references)} images not warmed")
 
 
 @main.command(epilog="Examples:\n\n  moorage verify\n\n  moorage verify --repair --rate 50MiB --store /var/lib/moorage")

@@ -116,6 +116,19 @@ def test_warm_on_the_store_then_ls_stats_and_a_pull_that_needs_no_upstream(upstr
         assert registry.blob_gets(mark) == {}, "warm filled the store: the pull needed no upstream blob"
 
 
+def test_one_image_that_fails_leaves_the_others_warm(upstream: Upstream, tmp_path: Path) -> None:
+    """A typo in a list of images stopped warm at that image: nothing after it was warmed,
+    and the output did not say what had been."""
+    config = write_config(tmp_path, upstream.registry)
+    result = moorage("warm", "tiny:1", "nothing-here:1", "multi:1", config=config, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "docker.io/library/tiny:1: 3 blobs" in result.stdout and "docker.io/library/multi:1" in result.stdout
+    assert "nothing-here" in result.stderr and "MANIFEST_UNKNOWN" in result.stderr
+    assert "1 of 3 images not warmed" in result.stderr and "Traceback" not in result.stderr
+    listed = [json.loads(line)["repository"] for line in moorage("ls", "--json", config=config).stdout.splitlines()]
+    assert sorted(listed) == ["library/multi", "library/tiny"]
+
+
 def test_warm_on_a_store_whose_settings_ask_clients_to_sign_in(upstream: Upstream, tmp_path: Path) -> None:
     """Users and access rules are for the cache's clients; whoever may open the store warms it
     without signing in (the in-process cache is reached only through a private socket)."""
