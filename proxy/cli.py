@@ -674,16 +674,21 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
     try:
         users = Htpasswd(auth.htpasswd_file, auth.groups_file)
     except ConfigError as error:
-        fail(str(error))
+        fail(str(error.named(settings_source(settings_file(config), os.environ))))
     version = users.password_version(user)
     if version is None:
         fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
     if not 60 <= seconds <= MAX_TOKEN_LIFETIME:
         fail("--lifetime: between 1m and 31d")
+    if auth.token_signing_key_file is None:
+        # The key is the store's: one made here, beside no store the daemon serves, would sign
+        # tokens the daemon refuses.
+        _require_store(settings.storage.path)
     try:
         keys = TokenKeys.for_settings(settings)
     except (ValueError, OSError) as error:
-        fail(f"auth.token_signing_key_file: {error}")
+        key = "auth.token_signing_key_file" if auth.token_signing_key_file is not None else "storage.path"
+        fail(f"{key}: {error}")
     click.echo(keys.issue(user, frozenset(), seconds, kind="login", password_version=version))
 
 

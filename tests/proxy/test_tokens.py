@@ -234,6 +234,17 @@ async def test_login_password_prints_a_token_that_works_as_a_password(
     assert stranger.exit_code == 2 and "mallory" in stranger.output
 
 
+def test_login_password_away_from_the_store_mints_nothing(auth_files: dict[str, str], tmp_path: Path) -> None:
+    """Run where the settings' store is not (another directory, another machine), it made a
+    new signing key there and printed a token the daemon refused."""
+    store = tmp_path / "not-here"
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"storage": {"path": str(store)}, "auth": auth_files}))
+    printed = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)])
+    assert printed.exit_code == 2 and "no Moorage store at" in printed.output, printed.output
+    assert not store.exists(), "no key made"
+
+
 async def test_token_requests_are_rate_limited_per_client(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
