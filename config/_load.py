@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ._describe import describe_error, without_echoes
 from ._files import UnreadableFile, read_text
@@ -91,7 +92,7 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         data = _read_file(path)
     overrides = _overrides(environ)
     for name in sorted(overrides):
-        _apply_override(data, name, overrides[name], source)
+        _apply_override(data, name, overrides[name], str(path) if path is not None else None)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -161,21 +162,61 @@ def _read_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _apply_override(data: dict[str, Any], name: str, value: str, source: str) -> None:
+def _apply_override(data: dict[str, Any], name: str, value: str, file: str | None) -> None:
+    """Set the key variable ``name`` names to ``value``, in ``data`` as read from ``file``."""
     path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+    if "" in path:
+        raise ConfigError("the environment", [f"{name}: names no key (two underscores join a section and its key)"])
     node: Any = data
     for depth, key in enumerate(path[:-1]):
+        section = ".".join(path[: depth + 1])
+        kind = _kind_of(path[: depth + 1])
+        if kind == "value":
+            raise ConfigError("the environment", [f"{name}: {section} is a value, not a section of keys"])
         child = _child(node, key)
         if child is None:
             if key == "upstreams":
                 child = [u.model_dump(exclude_defaults=True, mode="json") for u in DEFAULT_UPSTREAMS]
+            elif kind == "list":
+                problem = f"{name}: there is no {section} list to set an entry of; lists belong in the file"
+                raise ConfigError("the environment", [problem])
             else:
                 child = {}
             _set(node, key, child, name)
-        elif not isinstance(child, dict | list):
-            raise ConfigError("the environment", [f"{name}: {'.'.join(path[: depth + 1])} is not a section"])
+        elif not isinstance(child, dict | list):  # the file's mistake: the variable only meets it
+            where = "the environment" if file is None else file
+            raise ConfigError(where, [f"{section}: must be a section of keys ({name} sets a key in it)"])
         node = child
     _set(node, path[-1], value, name)
+
+
+def _kind_of(path: list[str]) -> Literal["section", "list", "value"]:
+    """What the key at ``path`` (lower case, list entries by number) holds, as the settings'
+    model has it; a key the model does not know is taken for a section, left for the model to
+    report as unknown."""
+    shape: Any = Settings
+    for key in path:
+        shape = _without_none(shape)
+        if isinstance(shape, type) and issubclass(shape, BaseModel):
+            field = shape.model_fields.get(key)
+            if field is None:
+                return "section"
+            shape = field.annotation
+        elif get_origin(shape) in (tuple, list):  # a list of sections: the key is an entry's number
+            shape = get_args(shape)[0]
+        else:
+            return "value"
+    shape = _without_none(shape)
+    if get_origin(shape) in (tuple, list):
+        return "list"
+    return "section" if isinstance(shape, type) and issubclass(shape, BaseModel) else "value"
+
+
+def _without_none(shape: Any) -> Any:
+    """``X`` of an optional ``X | None``; any other shape as it is."""
+    if get_origin(shape) in (Union, UnionType):
+        return next((arg for arg in get_args(shape) if arg is not type(None)), shape)
+    return shape
 
 
 def _child(node: Any, key: str) -> Any:

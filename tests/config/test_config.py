@@ -367,6 +367,47 @@ def test_kubernetes_service_links_for_a_service_named_moorage_are_not_settings()
         load_settings(None, {"MOORAGE_METRICS_SERVICE_HOST": "moorage.example"})
 
 
+@pytest.mark.parametrize(
+    ("text", "variable", "source", "problem"),
+    [
+        pytest.param(
+            "storage: /data/moorage\n",
+            "MOORAGE_STORAGE__MAX_SIZE",
+            "{file}",
+            "storage: must be a section of keys (MOORAGE_STORAGE__MAX_SIZE sets a key in it)",
+            id="the_file_s_section_is_a_value",
+        ),
+        pytest.param(
+            "",
+            "MOORAGE_STORAGE__PATH__X",
+            "the environment",
+            "MOORAGE_STORAGE__PATH__X: storage.path is a value, not a section of keys",
+            id="a_value_taken_for_a_section",
+        ),
+        pytest.param(
+            "", "MOORAGE___X", "the environment", "MOORAGE___X: names no key", id="no_key_between_underscores"
+        ),
+        pytest.param(
+            "",
+            "MOORAGE_AUTH__POLICY__0__EFFECT",
+            "the environment",
+            "MOORAGE_AUTH__POLICY__0__EFFECT: there is no auth.policy list to set an entry of",
+            id="an_entry_of_no_list",
+        ),
+    ],
+)
+def test_a_variable_that_cannot_set_its_key_is_blamed_or_blames_the_file(
+    tmp_path: Path, text: str, variable: str, source: str, problem: str
+) -> None:
+    """The file's mistake was reported against the variable, and the variable's mistakes named
+    neither it nor the key it meant."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {variable: "1"})
+    assert caught.value.source == source.format(file=path)
+    assert problem in str(caught.value)
+
+
 def test_a_list_set_from_the_environment_says_lists_belong_in_the_file() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(None, {"MOORAGE_UPSTREAMS__0__ALIASES": "a,b"})
