@@ -5,7 +5,8 @@ what happened, in the words used everywhere (logs, metrics, README):
 
 - ``hit``: from the store, no upstream request;
 - ``miss``: fetched from upstream now (a fill, for blobs);
-- ``coalesced``: joined a fetch another client had started;
+- ``coalesced``: joined a fetch another client had started (one who joined a revalidation
+  says ``revalidated``: it was answered from the store as well);
 - ``prefetched``: a blob fetched ahead of this request, once a client had started pulling its
   image (see ``_prefetch``); like ``miss``, it cost an upstream fetch, which the first answer
   for it through that upstream reports (through another upstream it is content in store);
@@ -85,7 +86,9 @@ __all__ = [
 
 log = logging.getLogger("moorage.cache")
 CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "refreshed", "stale"]
-_CAUSED_UPSTREAM: Final = frozenset({"miss", "revalidated", "refreshed"})
+#: Answers a caller that joined another's fetch did not cause: it waited on that GET. One who
+#: joined a revalidation is answered from the store as the first was, and says ``revalidated``.
+_CAUSED_UPSTREAM: Final = frozenset({"miss", "refreshed"})
 MAX_FAILING_TAGS: Final = 10_000
 #: The longest an upstream's ``Retry-After`` keeps a stale tag from being asked again.
 MAX_RETRY_AFTER_BACKOFF: Final = 3600.0

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import BinaryIO, Final, Literal
 
-from moorage.upstreams import UpstreamNotFound, UpstreamProtocolError, UpstreamUnavailable
+from moorage.upstreams import UpstreamNotFound, UpstreamProtocolError, UpstreamRefused, UpstreamUnavailable
 from moorage.upstreams.reference import Digest, RepositoryName
 
 from ._observer import CacheObserver, NullCacheObserver
@@ -162,12 +162,14 @@ class Fill:
             if not isinstance(exc, asyncio.CancelledError):
                 # Counted before any await: a reader cut by this failure may already be
                 # telling its client, who then finds the failure in the metrics.
-                if not isinstance(exc, UpstreamNotFound):  # a 404 is an answer, not a failed download
+                # A digest the upstream does not have is an answer, and any client can ask for
+                # one: not a failed download, and no warning of its own. So is a repository it
+                # refuses (Docker Hub's 401 for a name it does not have).
+                answered = isinstance(exc, UpstreamNotFound | UpstreamRefused)
+                if not answered:
                     self._observer.on_fill_failed(self.origin[0])
-                # A digest the upstream does not have is an answer, and any client can ask
-                # for one: no warning of its own.
                 log.log(
-                    logging.INFO if isinstance(exc, UpstreamNotFound) else logging.WARNING,
+                    logging.INFO if answered else logging.WARNING,
                     "fill failed",
                     extra={
                         "event": "fill_failed",

@@ -322,8 +322,9 @@ class UpstreamSettings(_Section):
     def _url(cls, value: str) -> str:
         parts = urlsplit(value)
         # The URL is echoed only as far as the host and path: credentials and a query (a token
-        # in it) would go to the log of every start that fails.
-        if parts.username is not None or parts.password is not None:
+        # in it) would go to the log of every start that fails. Any "@" is taken for them: a
+        # password with a "/" in it ends the address before its "@", where urlsplit finds none.
+        if "@" in value or parts.username is not None or parts.password is not None:
             raise ValueError("credentials do not go in the URL: set username and password_file or password_env")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             bare = re.split(r"[?#]", value, maxsplit=1)[0]

@@ -61,7 +61,8 @@ log = logging.getLogger("moorage")
 REMEMBER_SECONDS: Final = 300.0
 CHECK_SECONDS: Final = 10.0
 REALM: Final = "moorage"
-_BCRYPT_PREFIXES: Final = (b"$2y$", b"$2a$", b"$2b$")
+#: A bcrypt hash as htpasswd -B writes it: variant, a cost bcrypt takes (4 to 31), salt and hash.
+_BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _SAFE_HOST: Final = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")
 
 
@@ -112,10 +113,13 @@ class Htpasswd:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             user, sep, hashed = line.strip().partition(":")
-            if not sep or not hashed.encode().startswith(_BCRYPT_PREFIXES):
+            if not sep or not _BCRYPT_HASH.fullmatch(hashed):  # a cost bcrypt refuses failed every sign-in
                 raise ConfigError(
                     None,
-                    [f"auth.htpasswd_file: {self.path} line {number}: expected user:bcrypt-hash (htpasswd -B)"],
+                    [
+                        f"auth.htpasswd_file: {self.path} line {number}: expected user:bcrypt-hash "
+                        "(htpasswd -B, cost 4 to 31)"
+                    ],
                 )
             users[user] = hashed.encode()
         groups, groups_mtime = self._load_groups()

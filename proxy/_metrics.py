@@ -9,6 +9,7 @@ resumes, digest mismatches, stored content).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -22,6 +23,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 
 _MAX_REQUEST_CHILDREN = 4096
+#: The methods counted by name in ``moorage_requests_total``; any other is ``other``.
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Why content leaves the store (the ``reason`` label), each counted from zero at start.
 EVICTION_REASONS = ("size", "disk_full", "corrupt", "lifecycle", "gc")
 
@@ -196,7 +199,10 @@ class Metrics:
     ) -> None:
         """One client request's counters. This runs for every request, so its labelled
         children are kept in a map of their own instead of looked up through ``labels()``
-        (which converts and locks) each time; the map is bounded, as methods come from clients."""
+        (which converts and locks) each time; the map is bounded, as methods come from clients,
+        and so is the ``method`` label: one the cache does not know is counted as ``other``."""
+        if method not in _METHODS:  # aiohttp's own parser takes any token for a method
+            method = "other"
         key = (kind, method, status, upstream, result)
         children = self._request_children.get(key)
         if children is None:

@@ -219,7 +219,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except UpstreamError as error:
         failure = _from_upstream(error, notes(request).kind)
         if not isinstance(error, UpstreamNotFound):  # a 404 is an answer; the rest an outage
-            log.warning(
+            # A refused repository is how Docker Hub says a name does not exist, which any
+            # client can ask for: the line is kept, below the level alerts watch.
+            log.log(
+                logging.INFO if isinstance(error, UpstreamRefused) else logging.WARNING,
                 "upstream failed and nothing cached to answer with",
                 extra={
                     "event": "upstream_failed",

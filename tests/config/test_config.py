@@ -167,6 +167,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "auth.token_realm: not a URL clients can sign in at",
             id="token_realm_without_scheme",
         ),
+        pytest.param(
+            "upstreams:\n  - {host: a.io, url: 'https://robot:s3cret/RET@a.io'}\n",
+            "upstreams[0].url: credentials do not go in the URL",
+            id="password_with_a_slash",
+        ),
         pytest.param("tag_ttl: .nan\n", "tag_ttl: not a duration", id="duration_nan"),
         pytest.param("shutdown_delay: .inf\n", "shutdown_delay: not a duration", id="duration_infinite"),
         pytest.param("tag_ttl: 99999999999999999999d\n", "tag_ttl: not a duration", id="duration_absurd"),
@@ -223,7 +228,7 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         ),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'bob:s3cret@a.io'}\n",
-            "upstreams[0].url: not a URL (expected http://… or https://…)",
+            "upstreams[0].url: credentials do not go in the URL",
             id="credentials_without_scheme",
         ),
         pytest.param(

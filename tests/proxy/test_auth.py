@@ -187,6 +187,12 @@ async def test_a_users_file_that_is_gone_is_said_once_and_the_users_stay(
     [
         ("ci:plaintext\n", "line 1: expected user:bcrypt-hash"),
         ("ci:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n", "line 1: expected user:bcrypt-hash"),
+        # A cost bcrypt refuses: a traceback at start, naming neither the file nor the line.
+        (
+            "ok:" + bcrypt.hashpw(b"x", bcrypt.gensalt(4)).decode() + "\nci:$2b$99$" + "a" * 53 + "\n",
+            "line 2: expected",
+        ),
+        ("ci:$2b$04$short\n", "line 1: expected user:bcrypt-hash"),
     ],
 )
 def test_a_bad_htpasswd_file_is_a_configuration_error(tmp_path: Path, content: str, message: str) -> None:

@@ -85,6 +85,22 @@ async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
     assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 1
 
 
+async def test_clients_that_join_a_revalidation_count_as_revalidated(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A fleet pulling as a tag went stale showed a dip in the hit ratio that did not happen:
+    those who joined the one HEAD were counted coalesced, as if they had waited on a GET."""
+    moorage = await start_moorage(tag_ttl="1h")
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    upstream.delay_next(1, 0.3, paths=r"/manifests/", methods={"HEAD"})
+    responses = await asyncio.gather(*(moorage.get("/v2/alpine/manifests/3.19", headers=ALL) for _ in range(4)))
+    assert [r.headers["X-Moorage-Cache"] for r in responses] == ["revalidated"] * 4
+    assert upstream.count("HEAD", "/manifests/") == 1 and upstream.count("GET", "/manifests/") == 0
+
+
 async def test_a_confirmed_tag_whose_manifest_left_the_store_counts_as_a_miss(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
 ) -> None:
@@ -633,6 +649,7 @@ async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
 ) -> None:
     """Docker Hub grants an anonymous token for a name it does not hold, then answers 401: a
     typo, or a private repository. Clients without a fallback show the cache's answer."""
+    caplog.set_level("INFO")
     upstream.auth = "bearer"
     upstream.grant_unknown = False
     upstream.add_image("library/alpine", "3.19")
@@ -647,6 +664,12 @@ async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
     ready = await (await moorage.get("/readyz")).json()
     assert ready["upstreams"]["docker.io"]["reachable"] is True, ready
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    # Nothing an alert watches: any client can ask for a name that does not exist.
+    blob = await moorage.get("/v2/nosuch/app/blobs/sha256:" + "a" * 64)
+    assert blob.status == 404
+    assert await metric(moorage, "moorage_fill_failures_total") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+    assert [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"], "still logged, at info"
 
 
 async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
