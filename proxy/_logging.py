@@ -273,4 +273,17 @@ def configure_logging(level: str = "info", log_format: str = "auto", stream: Tex
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python's own warnings and errors in threads are lines like every other, not raw text.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_error
     return handler
+
+
+def _log_thread_error(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    thread = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("moorage").error(
+        "uncaught error in a thread", exc_info=exc_info, extra={"event": "internal_error", "thread_name": thread}
+    )

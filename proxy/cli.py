@@ -209,11 +209,18 @@ def serve_command(config: Path | None) -> None:
     try:
         asyncio.run(serve(settings, _version()))
     except ConfigError as error:
-        fail(str(error.named(source)))
+        _start_failed(str(error.named(source)))
     except ListenFailed as error:
-        fail(str(error))
+        _start_failed(str(error))
     except OSError as error:
-        fail(f"cannot listen on {settings.listen}: {error.strerror or error}")
+        _start_failed(f"cannot listen on {settings.listen}: {error.strerror or error}")
+
+
+def _start_failed(message: str) -> NoReturn:
+    """End ``serve`` after its log began: a line of the log, as every other (JSON where the
+    log is), not text among JSON lines; exit code 2, as for any user mistake."""
+    logging.getLogger("moorage.proxy").critical(message, extra={"event": "start_failed"})
+    sys.exit(EXIT_USAGE)
 
 
 @main.command(

@@ -527,7 +527,10 @@ def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> Non
         check=False,
     )
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
-    assert "storage.path: cannot use" in served.stderr and "move it aside" in served.stderr
+    # Once the log has begun, the end is a line of it: JSON among JSON lines.
+    lines = [json.loads(line) for line in served.stderr.splitlines()]
+    (failed,) = [line for line in lines if line["event"] == "start_failed"]
+    assert "storage.path: cannot use" in failed["message"] and "move it aside" in failed["message"]
 
 
 @pytest.mark.parametrize("handler", [_NotMetrics, _OtherMetrics], ids=["html", "metrics_of_another_version"])

@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import logging
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +53,14 @@ def server_logging(log_format: str = "json") -> Iterator[Captured]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     switches = {name: getattr(logging, name) for name in LOOKUPS if hasattr(logging, name)}
+    excepthook = threading.excepthook
     captured = Captured(log_format)
     try:
         yield captured
     finally:
         captured.handler.close()
+        logging.captureWarnings(False)
+        threading.excepthook = excepthook
         root.handlers[:] = handlers
         root.setLevel(level)
         for name, value in switches.items():
@@ -373,3 +378,19 @@ def test_a_count_of_dropped_lines_is_a_whole_line() -> None:
         "moorage",
     )
     assert line["time"].endswith("Z")
+
+
+def test_warnings_and_errors_in_threads_are_lines_of_the_log() -> None:
+    """Python's own warnings and an error in a thread were written raw, text among the JSON
+    lines a log collector parses."""
+    with server_logging() as captured, warnings.catch_warnings():
+        warnings.simplefilter("always")  # not the suite's "error"
+        warnings.warn("something is deprecated", DeprecationWarning, stacklevel=1)
+        failing = threading.Thread(target=lambda: 1 / 0, name="a-worker")
+        failing.start()
+        failing.join()
+        lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    (warned,) = [line for line in lines if line["logger"] == "py.warnings"]
+    assert "something is deprecated" in warned["event"]
+    (error,) = [line for line in lines if line["event"] == "internal_error"]
+    assert error["thread_name"] == "a-worker" and "ZeroDivisionError" in error["traceback"]
