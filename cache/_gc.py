@@ -119,12 +119,14 @@ def sweep(
     protected: frozenset[Digest] = frozenset(),
     accessed: Mapping[Digest, float] | None = None,
     guard: ReadGuard | None = None,
+    report: GcReport | None = None,
 ) -> GcReport:
     """One collection over an open store and index. Blocks; safe beside serving: a blob being
     filled (``protected``), read within the grace period (``accessed``, the live map), found
     by a client in the last seconds (``guard``), or reached by a manifest stored while the walk
-    ran, is kept."""
-    report = GcReport()
+    ran, is kept. ``report`` (a new one by default) is filled as it goes: a pass interrupted
+    (Ctrl-C) has forgotten, and reports, what it removed."""
+    report = report if report is not None else GcReport()
     roots = index.manifest_digests()
     report.roots = len(roots)
     reachable = mark(store, roots)
@@ -142,16 +144,18 @@ def sweep(
     report.reachable = len(reachable)
     swept: set[Digest] = set()
     guard = guard or ReadGuard()
-    for blob in candidates:
-        if blob.digest in reachable:
-            continue
-        if not dry_run and guard.remove_unless_read(blob.path, blob.digest) is None:
-            continue
-        swept.add(blob.digest)
-        report.swept.append(str(blob.digest))
-        report.swept_bytes += blob.size
-    if swept and not dry_run:
-        index.forget(swept)
+    try:
+        for blob in candidates:
+            if blob.digest in reachable:
+                continue
+            if not dry_run and guard.remove_unless_read(blob.path, blob.digest) is None:
+                continue
+            swept.add(blob.digest)
+            report.swept.append(str(blob.digest))
+            report.swept_bytes += blob.size
+    finally:
+        if swept and not dry_run:
+            index.forget(swept)
     return report
 
 
@@ -159,11 +163,14 @@ def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool 
     """``moorage gc``: one collection of the store under ``root``, beside or without a daemon."""
     store = DirectoryStore(root)
     index = Index(root / "index")
+    report = GcReport()
     try:
-        report = sweep(store, index, grace_seconds=grace_seconds, dry_run=dry_run)
-        if report.swept and not dry_run and index.store_totals() is not None:
-            # A daemon serving this store picks the change up at its next flush.
-            index.write_batch({}, {}, (-report.swept_bytes, -len(report.swept)))
-    finally:
-        index.close()
+        sweep(store, index, grace_seconds=grace_seconds, dry_run=dry_run, report=report)
+    finally:  # interrupted too: what was removed leaves the totals, or they stay above the store's
+        try:
+            if report.swept and not dry_run and index.store_totals() is not None:
+                # A daemon serving this store picks the change up at its next flush.
+                index.write_batch({}, {}, (-report.swept_bytes, -len(report.swept)))
+        finally:
+            index.close()
     return report

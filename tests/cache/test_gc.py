@@ -8,7 +8,10 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from moorage.cache import collect_garbage
+from moorage.cache._evict import ReadGuard
 from moorage.cache._index import Index
 from moorage.cache._store import DirectoryStore
 from moorage.upstreams.reference import OCI_IMAGE_INDEX, OCI_IMAGE_MANIFEST, Digest
@@ -57,3 +60,29 @@ def test_sweeps_only_what_no_manifest_reaches(tmp_path: Path) -> None:
         assert store.size_of(digest) is not None, digest
     assert store.size_of(orphan) is None
     assert report.roots == 2 and report.reachable == 7
+
+
+def test_an_interrupted_collection_counts_what_it_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a long `moorage gc` left the store's totals counting every file it had
+    removed, for good: no start counts the store again after a gc, and the cap read them."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    for _ in range(10):
+        put(store, os.urandom(100))
+    index.write_batch({}, {}, counted_totals=store.count())
+    index.close()
+    removing = ReadGuard.remove_unless_read
+    calls = 0
+
+    def interrupted_at_the_fourth(guard: ReadGuard, path: Path, digest: Digest) -> int | None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise KeyboardInterrupt
+        return removing(guard, path, digest)
+
+    monkeypatch.setattr(ReadGuard, "remove_unless_read", interrupted_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        collect_garbage(tmp_path)
+    index = Index(tmp_path / "index")
+    assert index.store_totals() == store.count() == (700, 7)
+    index.close()
