@@ -340,7 +340,12 @@ async def _stream_file(
                 if len(chunk) < count:  # shorter than its size: the client must see a short body
                     log.error(
                         "cutting response: stored blob is short",
-                        extra={"event": "response_cut", "digest": digest, "offset": offset + len(chunk)},
+                        extra={
+                            "event": "response_cut",
+                            "request_id": notes(request).request_id,
+                            "digest": digest,
+                            "offset": offset + len(chunk),
+                        },
                     )
                     _cut(request, "STORE_SHORT")
                     return response
@@ -420,10 +425,22 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
             if isinstance(exc, FillAborted):
                 log.warning(
                     "cutting response: fill failed",
-                    extra={"event": "response_cut", "digest": str(reader.digest), "error": str(exc.__cause__ or exc)},
+                    extra={
+                        "event": "response_cut",
+                        "request_id": notes(request).request_id,
+                        "digest": str(reader.digest),
+                        "error": str(exc.__cause__ or exc),
+                    },
                 )
             else:
-                log.exception("cutting response", extra={"event": "response_cut", "digest": str(reader.digest)})
+                log.exception(
+                    "cutting response",
+                    extra={
+                        "event": "response_cut",
+                        "request_id": notes(request).request_id,
+                        "digest": str(reader.digest),
+                    },
+                )
             _cut(request, "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL")
             return response
         await response.write_eof()

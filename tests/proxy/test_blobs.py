@@ -150,7 +150,7 @@ async def test_failed_fill_cuts_every_reader_and_keeps_nothing(
 
 
 async def test_wrong_bytes_are_never_completed_nor_kept(
-    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = os.urandom(2 * MiB)
     digest = upstream.add_blob(data)
@@ -158,6 +158,9 @@ async def test_wrong_bytes_are_never_completed_nor_kept(
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     with pytest.raises(aiohttp.ClientPayloadError):
         await response.read()
+    # The cut names the request it cut, as the request's own line does.
+    (cut,) = [r for r in caplog.records if getattr(r, "event", "") == "response_cut"]
+    assert getattr(cut, "request_id", None) == response.headers["X-Request-Id"]
     assert stored_files(tmp_path / "store") == []
     assert await metric(moorage, "moorage_fill_failures_total") == 1
     assert await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read() == data
