@@ -123,3 +123,15 @@ def test_a_file_the_cache_may_not_change_is_skipped_and_the_rest_go_on(
     logged = [r for r in caplog.records if getattr(r, "event", "") == "store_file_unwritable"]
     assert [getattr(r, "path", "") for r in logged] == [str(store.path_of(oldest))], "once, with the file"
     index.close()
+
+
+def test_a_blob_larger_than_the_target_goes_first_however_recent(tmp_path: Path) -> None:
+    """It can never stay under the cap: taking the least recently used first emptied the
+    store around it before reaching it."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    small = [put(store, os.urandom(30 * KiB) + bytes([i]), age_seconds=3600) for i in range(5)]
+    big = put(store, os.urandom(1024 * KiB), age_seconds=0)
+    result = evict_to(store, index, target_bytes=255 * KiB, protected=set(), accessed={}, guard=ReadGuard())
+    assert result.evicted == (big,)
+    assert all(store.size_of(digest) is not None for digest in small)
+    index.close()

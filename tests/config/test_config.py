@@ -560,3 +560,21 @@ def test_policy_globs_that_can_match_load(tmp_path: Path, glob: str) -> None:
 def test_a_size_cap_below_a_byte_is_refused_not_taken_for_no_cap(tmp_path: Path, cap: str) -> None:
     with pytest.raises(ConfigError, match=r"storage\.max_size: .* is less than a byte; write 0"):
         load_settings(write(tmp_path, f"storage: {{max_size: '{cap}'}}\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1KiB", 1024),
+        ("1MiB", 2**20),
+        ("1Mi", 2**20),
+        ("2GiB", 2 * 2**30),
+        ("1TiB", 2**40),
+        ("1kB", 1000),
+        ("1GB", 10**9),
+        ("1.5G", 1_500_000_000),
+    ],
+)
+def test_every_size_unit_counts_as_written(text: str, size: int) -> None:
+    """A cap in KiB or MiB read as thousands is a store 2.4 % or 4.9 % bigger than asked."""
+    assert parse_size(text) == size

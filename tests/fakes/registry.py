@@ -995,6 +995,11 @@ class FakeRegistry(_RecordingServer):
     def delete_blob(self, digest: str) -> None:
         self.blobs.pop(digest, None)
 
+    def delete_repository(self, repository: str) -> None:
+        """The repository gone: its tags and manifests answer 404 NAME_UNKNOWN."""
+        self._tags.pop(repository, None)
+        self._repo_manifests.pop(repository, None)
+
     def tags(self, repository: str) -> dict[str, str]:
         """Tag -> digest for ``repository`` (a copy)."""
         return dict(self._tags.get(repository, {}))

@@ -232,6 +232,23 @@ async def test_ranges(
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
+async def test_a_range_past_the_end_is_cut_to_the_blob(moorage: Client, upstream: FakeRegistry, warm: bool) -> None:
+    """RFC 9110: a last byte past the end means the end. In flight, the answer promised
+    bytes the blob does not have, and the client waited for them."""
+    data = os.urandom(300 * 1024)
+    digest = upstream.add_blob(data)
+    if warm:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+    else:
+        upstream.slow_blob(digest, chunk=32 * 1024, delay=0.01)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=10-99999999"})
+    assert response.status == 206
+    assert response.headers["Content-Range"] == f"bytes 10-{len(data) - 1}/{len(data)}"
+    assert await asyncio.wait_for(response.read(), 30) == data[10:]
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "in_flight"])
 @pytest.mark.parametrize("asked", ["bytes=5000-", "bytes=-0"])
 async def test_unsatisfiable_range_is_416(moorage: Client, upstream: FakeRegistry, warm: bool, asked: str) -> None:
     data = os.urandom(1000)

@@ -315,3 +315,34 @@ async def test_a_pull_of_a_platform_manifest_is_a_pull_of_its_image(
     await moorage.app[CACHE].flush()
     result = await moorage.app[CACHE].apply_lifecycle(resolver)
     assert result.expired == [] and stored(store, amd.digest)
+
+
+async def test_an_image_expired_in_one_repository_stays_for_another_that_holds_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Content is stored once for every repository: a policy for team/app took the image out
+    of the store while team/mirror still held it, which then cost that repository a pull."""
+    store = tmp_path / "store"
+    policy = tmp_path / "lifecycle.json"
+    policy.write_text(json.dumps(KEEP_TWO_RELEASES))
+    layers = [os.urandom(1000)]
+    config = release_config("v1")
+    old = upstream.add_image("team/app", "v1", layers, config=config)
+    for tag in ("v2", "v3"):
+        upstream.add_image("team/app", tag, [os.urandom(1000)], config=release_config(tag))
+    mirror = upstream.add_image("team/mirror", "v1", layers, config=config)
+    assert mirror.digest == old.digest, "the very same image"
+    overrides = {"lifecycle_policies": [{"repositories": "team/app", "policy_file": str(policy)}]}
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": 0, "gc_interval": 0}, upstream_settings=overrides
+    )
+    for repository, tag in (("team/app", "v1"), ("team/mirror", "v1"), ("team/app", "v2"), ("team/app", "v3")):
+        await pull(moorage, repository, tag)
+        await asyncio.sleep(0.01)  # distinct first-cached times, in release order
+    settings = settings_for(upstream, store, upstream_settings=overrides)
+    result = await moorage.app[CACHE].apply_lifecycle(policy_resolver(settings.upstreams))
+    assert [(e.image.repository, sorted(e.image.tags)) for e in result.expired] == [("team/app", ["v1"])]
+    assert all(stored(store, d) for d in (old.digest, old.config_digest, *old.layer_digests)), "team/mirror's"
+    upstream.reset_requests()
+    await pull(moorage, "team/mirror", "v1")
+    assert upstream.count("GET") == 0, "still the store's for the other repository"

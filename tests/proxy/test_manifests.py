@@ -85,6 +85,44 @@ async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
     assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 1
 
 
+async def test_a_tag_whose_body_is_not_the_digest_the_upstream_names_is_refused(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A mirror that answers a tag with other bytes than its Docker-Content-Digest names: the
+    client would get them under that digest, and the store would keep them."""
+    moorage = await start_moorage()
+    image = upstream.add_image("library/alpine", "3.19")
+    upstream.corrupt_manifest(image.digest)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 502
+    assert not [p for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()], "nothing unverified kept"
+
+
+async def test_a_tag_deleted_upstream_is_404_not_stale(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
+    """The upstream's 404 is an answer: a tag deleted there (a withdrawn release) must not be
+    served stale for ever, as an outage is."""
+    moorage = await start_moorage(tag_ttl="1h")
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    upstream.delete_tag("library/alpine", "3.19")
+    advance_clock(moorage, 3601)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 404 and "Warning" not in response.headers
+    assert (await response.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+
+async def test_a_tag_list_of_a_repository_gone_upstream_is_404_not_stale(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(tags_list_ttl="1s")
+    upstream.add_image("team/gone", "1")
+    assert (await moorage.get("/v2/team/gone/tags/list")).status == 200
+    upstream.delete_repository("team/gone")
+    advance_clock(moorage, 5)
+    response = await moorage.get("/v2/team/gone/tags/list")
+    assert response.status == 404 and "Warning" not in response.headers
+
+
 async def test_clients_that_join_a_revalidation_count_as_revalidated(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
@@ -781,6 +819,27 @@ async def test_a_rotated_upstream_password_is_used_without_a_restart(
     upstream.credentials = ("bob", "second-and-longer")
     response = await moorage.get("/v2/private/app/manifests/2", headers=ALL)
     assert response.status == 200, await response.text()
+
+
+async def test_tokens_fetched_with_a_rotated_password_are_not_used_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A password rotated because it leaked: the tokens the old one got stay valid at the
+    registry until they expire, but the cache no longer pulls with them."""
+    monkeypatch.setattr("moorage.upstreams._auth.PASSWORD_CHECK_SECONDS", 0.0)
+    password = tmp_path / "password"
+    password.write_text("first\n")
+    upstream.auth = "bearer"
+    upstream.credentials = ("bob", "first")
+    for tag in ("1", "2"):
+        upstream.add_image("private/app", tag, [tag.encode()])
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    assert (await moorage.get("/v2/private/app/manifests/1", headers=ALL)).status == 200
+    issued = upstream.tokens_issued
+    password.write_text("second-and-longer\n")  # a new size: seen at once, whatever the mtime
+    upstream.credentials = ("bob", "second-and-longer")
+    assert (await moorage.get("/v2/private/app/manifests/2", headers=ALL)).status == 200
+    assert upstream.tokens_issued == issued + 1, "a token of the new password's"
 
 
 async def test_a_body_nested_past_the_json_parsers_depth_is_served_as_given(

@@ -22,11 +22,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import ec
 
+import moorage.proxy._tokens as tokens_module
 from moorage.config import PolicyRule
 from moorage.proxy._auth import USERS
 from moorage.proxy._logging import MalformedRequests
 from moorage.proxy._policy import AccessDenied, Requester, authorize
+from moorage.proxy._tokens import TokenInvalid, TokenKeys
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
@@ -480,3 +483,45 @@ def test_a_tls_hello_on_plain_http_stays_a_debug_line() -> None:
     MalformedRequests().filter(record)
     assert record.levelno == logging.DEBUG and record.exc_info is None
     assert record.__dict__["event"] == "malformed_request"
+
+
+def test_a_token_remembered_as_verified_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified tokens are remembered so that a pull's many requests cost one signature check:
+    remembered without its expiry, a token used once would work for ever."""
+    monkeypatch.setattr(tokens_module, "LEEWAY", 0)
+    keys = TokenKeys(ec.generate_private_key(ec.SECP256R1()))
+    token = keys.issue("ci", frozenset({"alpine"}), lifetime=1)
+    assert keys.verify(token).user == "ci"
+    time.sleep(2.1)  # past its expiry, whichever second it was issued in
+    with pytest.raises(TokenInvalid, match="expired"):
+        keys.verify(token)
+
+
+async def test_anonymous_tokens_end_when_anonymous_pulls_are_turned_off(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """A token taken while anonymous pulls were allowed kept pulling after a restart with
+    anonymous: none, for as long as it lived (12 hours by default)."""
+    before = await start_moorage(auth={**auth_files, "anonymous": "pull"})
+    answer = await before.get("/token", params={"service": "moorage", "scope": "repository:alpine:pull"})
+    assert answer.status == 200
+    token = (await answer.json())["token"]
+    assert (await before.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 200
+    await before.close()
+    after = await start_moorage(auth={**auth_files, "anonymous": "none"})  # restarted on the same store
+    assert (await after.get("/v2/alpine/manifests/3.19", headers=bearer(token))).status == 401
+
+
+async def test_a_rule_for_users_does_not_cover_anonymous_requests(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """users: ["*"] is every signed-in user, not everyone: the deny after it must stop an
+    anonymous pull."""
+    policy = [
+        {"effect": "allow", "users": ["*"], "repositories": ["docker.io/library/*"]},
+        {"effect": "deny", "repositories": ["docker.io/library/*"]},
+    ]
+    moorage = await start_moorage(auth={**auth_files, "anonymous": "pull", "policy": policy})
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers={"Accept": ACCEPT_ALL_MANIFESTS})).status == 401
+    signed_in = {**basic("ci", PASSWORD), "Accept": ACCEPT_ALL_MANIFESTS}
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=signed_in)).status == 200
