@@ -163,6 +163,7 @@ def fill_up(disk: Path) -> None:
         os.close(descriptor)
 
 
+@pytest.mark.logs_errors("bookkeeping not written")  # at the stop too, on the disk still full
 async def test_a_tag_confirmed_while_the_index_cannot_write_is_still_answered(
     start_moorage: StartMoorage,
     upstream: FakeRegistry,
@@ -220,6 +221,7 @@ async def test_a_tag_the_index_cannot_record_is_remembered_in_memory(
     assert await metric(moorage, "moorage_store_write_failures_total") >= 1
 
 
+@pytest.mark.logs_errors("bookkeeping not written")
 async def test_a_large_tag_list_is_answered_when_the_index_cannot_keep_it(
     start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path
 ) -> None:
@@ -237,6 +239,7 @@ async def test_a_large_tag_list_is_answered_when_the_index_cannot_keep_it(
     assert await metric(moorage, "moorage_store_write_failures_total") >= 1
 
 
+@pytest.mark.logs_errors("bookkeeping not written")
 async def test_a_disk_others_filled_costs_the_store_one_pass_not_one_per_failed_pull(
     start_moorage: StartMoorage, upstream: FakeRegistry, small_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -161,6 +161,7 @@ async def test_a_repository_the_upstream_does_not_hold_is_name_unknown_not_the_e
     assert kept is not None and kept.body is not None, "the kept list is not replaced"
 
 
+@pytest.mark.logs_errors("bookkeeping not written")
 async def test_a_referrers_answer_the_index_cannot_record_is_served_all_the_same(
     moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -201,6 +201,7 @@ async def test_a_layer_asked_for_as_a_manifest_is_neither_served_nor_quarantined
     assert await metric(moorage, "moorage_evictions_total", reason="corrupt") == 0
 
 
+@pytest.mark.logs_errors("bookkeeping not written")  # the stop's flush reads it too
 async def test_an_index_that_cannot_be_read_is_503_not_500(
     moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
