@@ -176,9 +176,9 @@ async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: Direct
     await source.queue.put(data[:500])
     for _ in range(4):  # the first cut and three resumes
         await source.queue.put(UpstreamUnavailable("test", "cut"))
-    for task in tasks:
+    for task in tasks:  # bounded: a fill that tried a fourth resume would wait for a body for good
         with pytest.raises(FillAborted):
-            await task
+            await asyncio.wait_for(task, 30)
     assert source.opened == [0, 500, 500, 500]
     for reader in readers:
         reader.close()

@@ -284,7 +284,8 @@ async def test_a_manifest_body_cut_mid_way_is_fetched_again(moorage: Client, ups
 async def test_upstream_429_with_nothing_cached_is_toomanyrequests(moorage: Client, upstream: FakeRegistry) -> None:
     upstream.add_image("library/alpine", "3.19")
     upstream.fail_next(5, 429, retry_after=120)
-    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    # Bounded: a cache that waited out the Retry-After would hold the client for two minutes.
+    response = await asyncio.wait_for(moorage.get("/v2/alpine/manifests/3.19", headers=ALL), 30)
     assert response.status == 429
     assert response.headers["Retry-After"] == "120"
     body = await response.json()

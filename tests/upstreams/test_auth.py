@@ -33,6 +33,8 @@ class Upstream:
         self.challenged = 0  # 401s sent
         self.hold_401 = asyncio.Event()
         self.hold_401.set()
+        #: A request to ``…/held`` has arrived and waits for ``hold_401``.
+        self.holding = asyncio.Event()
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.host == "auth.test":
@@ -50,6 +52,7 @@ class Upstream:
         if auth.removeprefix("Bearer ") in self.valid:
             return httpx.Response(200, content=b"ok")
         if request.url.path.endswith("/held"):
+            self.holding.set()
             await self.hold_401.wait()
         self.challenged += 1
         return httpx.Response(401, headers={"WWW-Authenticate": self.challenge})
@@ -93,7 +96,7 @@ async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
     client, _ = make(upstream)
     upstream.hold_401.clear()
     late = asyncio.ensure_future(client.get("/v2/library/alpine/manifests/held"))
-    await asyncio.sleep(0.05)  # the late request, sent bare, waits for its 401
+    await asyncio.wait_for(upstream.holding.wait(), 10)  # the late request, sent bare, waits for its 401
     first = await client.get("/v2/library/alpine/manifests/2")  # fetches the token meanwhile
     upstream.hold_401.set()
     assert first.status_code == 200 and (await late).status_code == 200

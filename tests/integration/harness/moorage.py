@@ -85,6 +85,9 @@ class MoorageProcess:
                 time.sleep(0.05)
         raise RuntimeError(f"moorage did not become healthy:\n{tail(self.log_path)}")
 
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.running()
+
     def wait(self, timeout: float) -> int:
         """Wait for the process to end by itself (after a signal the test sent); its exit code."""
         assert self._proc is not None
