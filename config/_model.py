@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    field_validator,
+    model_validator,
+)
 
 from ._lifecycle import LifecyclePolicyError, load_lifecycle_policy
 from ._units import parse_duration, parse_size
@@ -48,6 +57,17 @@ def _blank_is_refused(value: object) -> object:
     return value
 
 
+def _blank_is_no_file(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty: name a file")
+    return value
+
+
+def _home(path: Path | None) -> Path | None:
+    """``~/moorage`` as the shell would read it: the user's home, not a directory named ~."""
+    return path.expanduser() if path is not None else None
+
+
 def _size_cap(value: object) -> object:
     """``max_size``: a size, where ``0`` (or an empty value, as ``MOORAGE_STORAGE__MAX_SIZE=``
     writes it) means no cap, as ``0`` turns the intervals off."""
@@ -61,11 +81,14 @@ def _size_cap(value: object) -> object:
 
 #: A cap on a size: unset, empty or 0 for none.
 SizeCap = Annotated[int | None, BeforeValidator(_size_cap)]
+#: A file or directory a key must name; an empty value is refused (it read as the current
+#: directory: "cannot read .").
+RequiredPath = Annotated[Path, BeforeValidator(_blank_is_no_file), AfterValidator(_home)]
 #: A file an optional key names; an empty value leaves it unset.
-OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_unset), AfterValidator(_home)]
 #: A file whose absence turns a protection off (users, client certificates): an empty value is
 #: refused rather than taken as unset, so that an unset template variable fails closed.
-GuardFile = Annotated[Path | None, BeforeValidator(_blank_is_refused)]
+GuardFile = Annotated[Path | None, BeforeValidator(_blank_is_refused), AfterValidator(_home)]
 
 _PREFIX_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -76,7 +99,7 @@ class _Section(BaseModel):
 
 class StorageSettings(_Section):
     #: Directory holding blobs, manifests, the index and temporaries.
-    path: Path = Path("./moorage-data")
+    path: RequiredPath = Path("./moorage-data")
     #: The store's size cap (``50GiB``); least recently used content goes first. Unset or 0:
     #: no cap.
     max_size: SizeCap = None
@@ -104,8 +127,8 @@ class StorageSettings(_Section):
 class TlsSettings(_Section):
     """HTTPS on the listener. Files are PEM; they are read again on SIGHUP and when they change."""
 
-    cert_file: Path
-    key_file: Path
+    cert_file: RequiredPath
+    key_file: RequiredPath
     #: Require client certificates signed by this CA (mutual TLS); unset: no client certificate.
     client_ca_file: GuardFile = None
 
@@ -227,7 +250,7 @@ class LifecycleBinding(_Section):
 
     #: A glob over repository names (``library/*``, ``myorg/**`` is the same as ``myorg/*``).
     repositories: str = "*"
-    policy_file: Path
+    policy_file: RequiredPath
 
     @model_validator(mode="after")
     def _readable(self) -> LifecycleBinding:

@@ -172,6 +172,7 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams[0].url: credentials do not go in the URL",
             id="password_with_a_slash",
         ),
+        pytest.param("tls: {cert_file: '', key_file: k.pem}\n", "tls.cert_file: empty: name a file", id="empty_cert"),
         pytest.param("tag_ttl: .nan\n", "tag_ttl: not a duration", id="duration_nan"),
         pytest.param("shutdown_delay: .inf\n", "shutdown_delay: not a duration", id="duration_infinite"),
         pytest.param("tag_ttl: 99999999999999999999d\n", "tag_ttl: not a duration", id="duration_absurd"),
@@ -578,3 +579,11 @@ def test_a_size_cap_below_a_byte_is_refused_not_taken_for_no_cap(tmp_path: Path,
 def test_every_size_unit_counts_as_written(text: str, size: int) -> None:
     """A cap in KiB or MiB read as thousands is a store 2.4 % or 4.9 % bigger than asked."""
     assert parse_size(text) == size
+
+
+def test_a_path_from_home_is_the_home_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``storage.path: ~/moorage`` made a directory named ~ where the cache was started."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = load_settings(write(tmp_path, "storage: {path: ~/moorage}\nauth: {groups_file: ~/groups}\n"))
+    assert settings.storage.path == tmp_path / "moorage"
+    assert settings.auth.groups_file == tmp_path / "groups"
