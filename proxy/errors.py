@@ -230,7 +230,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                     "upstream": error.upstream,
                     "path": request.path[:200],
                     "status": failure.status,
-                    "error": str(error),
+                    # The operator's line says what the client's answer says: for refused
+                    # credentials, where to look.
+                    "error": failure.message if isinstance(failure, BadGateway) else str(error),
                 },
             )
     except CacheError as error:

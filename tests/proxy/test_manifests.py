@@ -712,7 +712,7 @@ async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
 
 
 async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A registry behind htpasswd (Harbor, Artifactory, Distribution) answers a wrong password
     with its Basic challenge again: that is the cache's settings, not a missing repository."""
@@ -725,6 +725,9 @@ async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_faul
     response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
     assert response.status == 502
     assert "credentials" in (await response.json())["errors"][0]["message"]
+    # The operator reads where to look too, not only "access refused (HTTP 401)".
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]
+    assert "check this upstream's credentials" in getattr(failed, "error", "")
 
 
 async def test_a_slow_upstream_gets_a_stale_answer_within_the_deadline_then_backs_off(
