@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import re
 import time
@@ -70,6 +71,9 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return challenges[0] if challenges else ("", {})
 
 
+log = logging.getLogger("moorage.upstreams")
+
+
 def _stamp(path: Path) -> tuple[float, int] | None:
     try:
         info = path.stat()
@@ -101,6 +105,8 @@ class RegistryAuth(httpx.Auth):
         self._password_file = password_file
         self._password_stamp = _stamp(password_file) if password_file is not None else None
         self._password_checked = time.monotonic()
+        #: The password file could not be read at its last change: said once, until it can.
+        self._password_unreadable = False
         self._on_token_fetch = on_token_fetch
         self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: The scope the registry's challenges name when it is not a repository's (see
@@ -131,15 +137,33 @@ class RegistryAuth(httpx.Auth):
         self._password_checked = time.monotonic()
         path = self._password_file
         stamp = await asyncio.to_thread(_stamp, path)
-        if stamp is None or stamp == self._password_stamp:
+        if stamp == self._password_stamp:
             return
         try:
+            if stamp is None:
+                raise UnreadableFile("it is gone")
             password = (await asyncio.to_thread(read_text, path)).strip()
-        except UnreadableFile:
-            return  # keep the password we have; the next change is picked up
+        except UnreadableFile as exc:  # keep the password we have; the next change is picked up
+            if not self._password_unreadable:
+                self._password_unreadable = True
+                log.warning(
+                    "the upstream's password file cannot be read: the password read last is used",
+                    extra={
+                        "event": "upstream_password_unreadable",
+                        "upstream": self._upstream,
+                        "path": str(path),
+                        "error": str(exc),
+                    },
+                )
+            return
         self._credentials = (self._credentials[0], password)
         self._password_stamp = stamp
+        self._password_unreadable = False
         self._tokens.clear()  # tokens fetched with the old password may outlive it
+        log.info(
+            "the upstream's password file changed: its new password is used",
+            extra={"event": "upstream_password_reloaded", "upstream": self._upstream, "path": str(path)},
+        )
 
     def _basic_header(self) -> str:
         assert self._credentials is not None

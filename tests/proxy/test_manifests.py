@@ -826,16 +826,21 @@ async def test_a_rotated_upstream_password_is_used_without_a_restart(
 
 
 async def test_tokens_fetched_with_a_rotated_password_are_not_used_again(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A password rotated because it leaked: the tokens the old one got stay valid at the
     registry until they expire, but the cache no longer pulls with them."""
+    caplog.set_level("INFO")
     monkeypatch.setattr("moorage.upstreams._auth.PASSWORD_CHECK_SECONDS", 0.0)
     password = tmp_path / "password"
     password.write_text("first\n")
     upstream.auth = "bearer"
     upstream.credentials = ("bob", "first")
-    for tag in ("1", "2"):
+    for tag in ("1", "2", "3", "4", "5"):
         upstream.add_image("private/app", tag, [tag.encode()])
     moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
     assert (await moorage.get("/v2/private/app/manifests/1", headers=ALL)).status == 200
@@ -844,6 +849,15 @@ async def test_tokens_fetched_with_a_rotated_password_are_not_used_again(
     upstream.credentials = ("bob", "second-and-longer")
     assert (await moorage.get("/v2/private/app/manifests/2", headers=ALL)).status == 200
     assert upstream.tokens_issued == issued + 1, "a token of the new password's"
+    # The operator sees the change, and a file that cannot be read, once, not at every pull.
+    events = [getattr(r, "event", "") for r in caplog.records]
+    assert events.count("upstream_password_reloaded") == 1
+    password.unlink()
+    for tag in ("3", "4", "5"):  # each asks the upstream
+        assert (await moorage.get(f"/v2/private/app/manifests/{tag}", headers=ALL)).status == 200, "the last one read"
+    events = [getattr(r, "event", "") for r in caplog.records]
+    assert events.count("upstream_password_unreadable") == 1
+    assert "second-and-longer" not in caplog.text
 
 
 async def test_a_body_nested_past_the_json_parsers_depth_is_served_as_given(
