@@ -409,7 +409,7 @@ class RegistryClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    with mapped_errors(self.host, what):
+                    with mapped_errors(self.host, what, origin=self._http.base_url.host):
                         request = self._http.build_request(method, path, headers=headers, params=params)
                         request.extensions["moorage_started"] = time.monotonic()
                         try:

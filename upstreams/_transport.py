@@ -31,19 +31,37 @@ __all__ = ["mapped_errors", "raise_for_status"]
 
 
 @contextmanager
-def mapped_errors(upstream: str, what: str) -> Iterator[None]:
+def mapped_errors(upstream: str, what: str, origin: str | None = None) -> Iterator[None]:
+    """httpx's errors as the cache's, ``what`` naming the request. One that happened at a host
+    other than ``origin`` (the upstream URL's) names that host, a redirect's target such as a
+    CDN: its certificate, not the registry's, is the one to look at. Never its URL, whose
+    query may carry a signature."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        raise UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__})") from None
-    except httpx.TooManyRedirects:
-        raise UpstreamProtocolError(upstream, f"{what}: too many redirects") from None
-    except httpx.LocalProtocolError:  # its text quotes the request's headers, a token among them
-        raise UpstreamProtocolError(
-            upstream, f"{what}: the request could not be written (LocalProtocolError)"
-        ) from None
-    except (httpx.TransportError, httpx.StreamError) as exc:
-        raise UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}") from None
+    except (httpx.TimeoutException, httpx.TooManyRedirects, httpx.TransportError, httpx.StreamError) as exc:
+        target = _host_of(exc)
+        if origin is not None and target is not None and target != origin:
+            what = f"{what} (at the redirect's target {target})"
+        raise _mapped(upstream, what, exc) from None
+
+
+def _host_of(exc: Exception) -> str | None:
+    if not isinstance(exc, httpx.RequestError):
+        return None
+    try:
+        return exc.request.url.host
+    except RuntimeError:  # an error raised before any request was made
+        return None
+
+
+def _mapped(upstream: str, what: str, exc: Exception) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.TooManyRedirects):
+        return UpstreamProtocolError(upstream, f"{what}: too many redirects")
+    if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the request's headers, a token among them
+        return UpstreamProtocolError(upstream, f"{what}: the request could not be written (LocalProtocolError)")
+    return UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}")
 
 
 #: The socket address an OS error names (``('10.0.0.7', 5000)``, IPv6 with flow and scope).

@@ -408,6 +408,22 @@ async def test_an_expired_cdn_url_is_asked_for_again(start_moorage: StartMoorage
     assert cdn.count("GET", digest) == 2, "the expired URL, then a fresh one"
 
 
+async def test_a_cdn_that_cannot_be_reached_is_named_not_taken_for_the_registry(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CDN's failure (its certificate, its address) read as the registry's own: the operator
+    looked at the wrong host."""
+    cdn = await upstream.start_cdn()
+    await cdn.stop_listening()
+    digest = upstream.add_blob(os.urandom(1000))
+    moorage = await start_moorage(upstream_settings={"retries": {"attempts": 1}})
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert response.status == 503
+    message = (await response.json())["errors"][0]["message"]
+    assert "at the redirect's target localhost" in message and "sig=" not in message
+    assert "sig=" not in caplog.text, "the signed URL is never logged"
+
+
 async def test_warm_blobs_keep_the_connection_alive(moorage: Client, upstream: FakeRegistry) -> None:
     data = os.urandom(100_000)
     digest = upstream.add_blob(data)
