@@ -34,7 +34,14 @@ import httpx
 from moorage.config import UnreadableFile, read_text
 
 from ._ratelimit import retry_after_seconds
-from .errors import UpstreamAuthFailed, UpstreamProtocolError, UpstreamRateLimited, UpstreamUnavailable
+from .errors import (
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
 
 __all__ = ["RegistryAuth", "parse_challenge", "scope_for_path"]
 
@@ -214,6 +221,20 @@ class RegistryAuth(httpx.Auth):
             task.add_done_callback(lambda _: self._fetching.pop(key, None))
         return await asyncio.shield(task)
 
+    def _token_refused(self, status: int, scope: str | None) -> UpstreamError:
+        """The token service's 401 or 403. A repository not granted is no outage: ghcr.io,
+        gcr.io and others answer an anonymous token request for a name they do not have (or
+        a private one) so, as Docker Hub's registry answers its token with 401
+        insufficient_scope. Credentials refused are the cache's settings."""
+        who = "the configured credentials" if self._credentials else "anonymous access"
+        refusal = f"token service refused {who} for {scope or 'the registry'} (HTTP {status})"
+        if status == 403 or (not self._credentials and scope and scope.startswith("repository:")):
+            hint = "" if self._credentials else "; the cache pulls from it anonymously: set credentials if private"
+            return UpstreamRefused(
+                self._upstream, f"{refusal}: no such repository there, or a private one{hint}", status=status
+            )
+        return UpstreamAuthFailed(self._upstream, refusal, status=status)
+
     async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:
         try:
             realm = httpx.URL(challenge["realm"])
@@ -237,12 +258,7 @@ class RegistryAuth(httpx.Auth):
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(self._upstream, f"token service unreachable: {type(exc).__name__}") from None
         if status in (401, 403):
-            raise UpstreamAuthFailed(
-                self._upstream,
-                f"token service refused {'the configured credentials' if self._credentials else 'anonymous access'}"
-                f" for {scope or 'the registry'} (HTTP {status})",
-                status=status,
-            )
+            raise self._token_refused(status, scope)
         if status == 429:  # the registry's rate limit, at its token service (auth.docker.io)
             raise UpstreamRateLimited(
                 self._upstream,

@@ -83,7 +83,8 @@ def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamErro
     - the target of a redirect (a CDN's signed URL, expired): asking again gets a new one;
     - a repository the upstream does not grant: Docker Hub answers a name it does not have,
       or a private one, with a token that grants nothing and 401 ``insufficient_scope``;
-      a 403 is a plain "not yours";
+      Quay with a plain Bearer challenge, Harbor with a Basic one, to a request that carried a
+      token the token service had just given; a 403 is a plain "not yours";
     - anything else (a Basic challenge after credentials were sent, a token refused): the
       cache's own credentials.
     """
@@ -91,7 +92,9 @@ def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamErro
     if any(earlier.is_redirect for earlier in response.history):  # (auth challenges are history too)
         return UpstreamUnavailable(upstream, f"{what}: the redirect's target refused it (HTTP {status})", status=status)
     scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
-    if status == 403 or (scheme == "bearer" and params.get("error") == "insufficient_scope"):
+    # The token service took whatever credentials the cache has, and its token is refused here.
+    sent_token = response.request.headers.get("authorization", "").lower().startswith("bearer ")
+    if status == 403 or sent_token or (scheme == "bearer" and params.get("error") == "insufficient_scope"):
         return UpstreamRefused(
             upstream,
             f"{what}: refused (HTTP {status}{', insufficient_scope' if status == 401 else ''}):"

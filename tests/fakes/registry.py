@@ -791,6 +791,10 @@ class FakeRegistry(_RecordingServer):
         grant_unknown: the token service grants pulls of repositories it does not hold
             (False: it grants none, so their requests get 401 ``insufficient_scope``, as
             Docker Hub answers for a name that does not exist or is private).
+        unknown_refusal: how a repository the token service does not grant is refused:
+            ``"insufficient_scope"`` (Docker Hub's 401 with that error), ``"plain"`` (a
+            Bearer challenge with no error, as Quay answers), or ``401``/``403`` from the token
+            service itself (ghcr.io, gcr.io), for anonymous requests.
         tokens_issued: tokens handed out so far.
         platform_resolution: a TAG whose manifest is an index/list, asked for without
             a list or index type in ``Accept``, is answered with its linux/amd64
@@ -864,6 +868,7 @@ class FakeRegistry(_RecordingServer):
         self.referrers_body: bytes | None = None
         self.tags_link: str | None = None
         self.tags_page_token = False
+        self.unknown_refusal: Literal["insufficient_scope", "plain"] | int = "insufficient_scope"
         #: Headers a manifest HEAD leaves out (some registries send no Docker-Content-Digest).
         self.manifest_head_omits: frozenset[str] = frozenset()
         #: Manifest GETs still to be cut after half their body (a connection lost mid-answer).
@@ -1169,7 +1174,7 @@ class FakeRegistry(_RecordingServer):
         if token is None or token.expires_at <= time.monotonic():
             return self._challenge(name, "invalid_token")
         if name is not None and "pull" not in token.repositories.get(name, frozenset()):
-            return self._challenge(name, "insufficient_scope")
+            return self._challenge(name, "insufficient_scope" if self.unknown_refusal == "insufficient_scope" else None)
         return None
 
     async def _token(self, request: web.Request) -> web.Response:
@@ -1184,6 +1189,9 @@ class FakeRegistry(_RecordingServer):
         token = secrets.token_urlsafe(24)
         granted = _granted_pulls(scopes)
         if not self.grant_unknown:
+            unknown = [name for name in granted if name not in self._repo_manifests]
+            if unknown and isinstance(self.unknown_refusal, int) and given is None:
+                return _oci_error(self.unknown_refusal, "DENIED", "requested access to the resource is denied")
             granted = {name: actions for name, actions in granted.items() if name in self._repo_manifests}
         self._tokens[token] = _Token(
             granted,

@@ -677,10 +677,13 @@ async def test_upstream_credentials_are_sent_to_the_token_service(
     response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
     assert response.status == 200
     upstream.add_image("private/app", "2")
-    wrong = await start_moorage(upstream_settings={"username": "bob"})  # no password: anonymous
-    refused = await wrong.get("/v2/private/app/manifests/2", headers=ALL)
-    assert refused.status == 502
-    assert "credentials" in (await refused.json())["errors"][0]["message"]
+    # Without the password the cache pulls anonymously: as ghcr.io answers a name it does not
+    # have, or a private one, the token service refuses. Not found, and said how to fix it.
+    anonymous = await start_moorage(upstream_settings={"username": "bob"})
+    refused = await anonymous.get("/v2/private/app/manifests/2", headers=ALL)
+    assert refused.status == 404
+    error = (await refused.json())["errors"][0]
+    assert error["code"] == "NAME_UNKNOWN" and "anonymously: set credentials if private" in error["message"]
 
 
 async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
@@ -709,6 +712,50 @@ async def test_a_name_the_upstream_refuses_is_unknown_not_a_credentials_fault(
     assert await metric(moorage, "moorage_fill_failures_total") == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
     assert [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"], "still logged, at info"
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pytest.param("plain", id="quay_plain_challenge_to_its_token"),
+        pytest.param(401, id="ghcr_token_service_401"),
+        pytest.param(403, id="gcr_token_service_403"),
+    ],
+)
+async def test_every_registry_s_way_of_refusing_a_name_is_unknown_not_an_outage(
+    start_moorage: StartMoorage, upstream: FakeRegistry, refusal: str | int
+) -> None:
+    """Docker Hub's 401 insufficient_scope was the only refusal read as "no such repository":
+    Quay's plain challenge to the token it had just given, and the 401 or 403 of ghcr.io's and
+    gcr.io's token services, were 502 "check the credentials", and marked the upstream down."""
+    upstream.auth = "bearer"
+    upstream.grant_unknown = False
+    upstream.unknown_refusal = refusal  # type: ignore[assignment]
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    for path in ("/v2/nosuch/app/manifests/1", "/v2/nosuch/app/blobs/sha256:" + "a" * 64):
+        response = await moorage.get(path, headers=ALL)
+        assert response.status == 404, await response.text()
+        assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    ready = await (await moorage.get("/readyz")).json()
+    assert ready["upstreams"]["docker.io"]["reachable"] is not False, ready
+    assert ready["upstreams"]["docker.io"]["last_failure"] is None, ready
+    assert await metric(moorage, "moorage_fill_failures_total") == 0
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+
+
+async def test_a_token_service_refusing_the_configured_password_is_a_credentials_fault(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    upstream.auth = "bearer"
+    upstream.credentials = ("bob", "right")
+    upstream.add_image("private/app", "1")
+    password = tmp_path / "password"
+    password.write_text("wrong\n")
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
+    assert response.status == 502
+    assert "credentials" in (await response.json())["errors"][0]["message"]
 
 
 async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
