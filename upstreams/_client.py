@@ -345,8 +345,13 @@ class RegistryClient:
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
-            return float(error.retry_after)
+        if isinstance(error, UpstreamRateLimited):
+            if error.retry_after is not None:
+                return float(error.retry_after)
+            # A limit per second or so (public.ecr.aws allows anonymous clients one request a
+            # second, and a cache puts a fleet behind one address): a wait of 0.1 s, then
+            # 0.2 s, spent every attempt within the same second.
+            return min(self._max_wait, 2.0 ** (state.attempt_number - 1) * random.uniform(1.0, 1.5))
         backoff: float = min(self._max_wait, 0.2 * 2.0 ** (state.attempt_number - 1))
         return backoff * random.uniform(0.5, 1.0)
 

@@ -294,6 +294,21 @@ async def test_upstream_429_with_nothing_cached_is_toomanyrequests(moorage: Clie
     assert upstream.count("GET", "/manifests/") == 1
 
 
+async def test_a_429_without_retry_after_is_asked_again_a_second_later_at_the_soonest(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """public.ecr.aws allows anonymous clients one request a second: retried after 0.1 and
+    0.2 s, a multi-arch pull's platform manifest failed with all three attempts in half a
+    second."""
+    moorage = await start_moorage(upstream_settings={"retries": {"attempts": 3, "max_wait": "5s"}})
+    upstream.add_image("library/alpine", "3.19")
+    upstream.fail_next(1, 429, paths=r"/manifests/")
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200
+    first, retried = [r.at for r in upstream.requests if r.method == "GET" and "/manifests/" in r.path]
+    assert retried - first >= 1.0
+
+
 async def test_429_with_pull_budget_spent_is_not_retried(moorage: Client, upstream: FakeRegistry) -> None:
     # Docker Hub's answer once the anonymous budget is gone: 429, remaining 0, no Retry-After.
     upstream.add_image("library/alpine", "3.19")
