@@ -38,6 +38,7 @@ from .errors import (
     HeadRefused,
     ManifestTooLarge,
     NoReferrersApi,
+    RedirectRefused,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -492,15 +493,26 @@ class RegistryClient:
         )
 
     async def head_blob(self, repository: RepositoryName, digest: Digest) -> int:
+        """The blob's size, from a HEAD; from a GET of its first byte where the HEAD is
+        refused (an upstream that takes only GET, a URL signed for GET alone) or tells no size
+        (no Content-Length, as some front ends strip it from HEAD answers; 0 for a blob that is
+        not empty; a compressed size)."""
         what = f"blob {repository}@{digest}"
+        empty = Digest.of(b"", digest.algorithm)
         try:
-            response = await self._send("HEAD", f"/v2/{repository}/blobs/{digest}", what)
+            response = await self._send(
+                "HEAD", f"/v2/{repository}/blobs/{digest}", what, headers={"Accept-Encoding": "identity"}
+            )
             length = response.headers.get("content-length", "")
-        except HeadRefused:  # an upstream that takes only GET: its first byte tells the size
+            if response.headers.get("content-encoding", "identity").lower() != "identity":
+                length = ""  # the size of a compressed body, not the blob's
+        except (HeadRefused, RedirectRefused):
+            length = ""
+        if not length.isdigit() or (int(length) == 0 and digest != empty):
             length = await self._blob_size_by_get(repository, digest, what)
         if not length.isdigit():
             raise UpstreamProtocolError(self.host, f"{what}: its answer told no size")
-        if int(length) == 0 and digest != Digest.of(b"", digest.algorithm):
+        if int(length) == 0 and digest != empty:
             # Only the empty blob is empty; containerd takes a size of 0 for a broken registry.
             raise UpstreamProtocolError(self.host, f"{what}: a length of 0 for a blob that is not empty")
         return int(length)

@@ -18,6 +18,7 @@ from ._auth import parse_challenge
 from ._ratelimit import parse_ratelimit, retry_after_seconds
 from .errors import (
     HeadRefused,
+    RedirectRefused,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -90,7 +91,7 @@ def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamErro
     """
     status = response.status_code
     if any(earlier.is_redirect for earlier in response.history):  # (auth challenges are history too)
-        return UpstreamUnavailable(upstream, f"{what}: the redirect's target refused it (HTTP {status})", status=status)
+        return RedirectRefused(upstream, f"{what}: the redirect's target refused it (HTTP {status})", status=status)
     scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
     # The token service took whatever credentials the cache has, and its token is refused here.
     sent_token = response.request.headers.get("authorization", "").lower().startswith("bearer ")

@@ -47,6 +47,11 @@ class UpstreamUnavailable(UpstreamError):
         super().__init__(upstream, message)
 
 
+class RedirectRefused(UpstreamUnavailable):
+    """A redirect's target (a CDN's or a bucket's signed URL) refused the request with 401 or
+    403: an expired signature, which a fresh redirect renews, or one signed for GET alone."""
+
+
 class UpstreamRateLimited(UpstreamError):
     """A 429. ``budget_spent`` when its rate-limit headers said nothing is left in the window
     (Docker Hub's ``ratelimit-remaining: 0``): asking again within seconds cannot succeed."""

@@ -729,6 +729,8 @@ class FakeCDN(_RecordingServer):
         self.check_signatures = check_signatures
         self.leaked_authorization = 0
         self.issue_expired = 0
+        #: Refuse HEAD with 403, as a URL signed for GET alone is (S3's SigV4 signs the method).
+        self.refuse_head = False
         self._signatures: set[str] = set()
 
     def signed_url(self, digest: str) -> str:
@@ -755,6 +757,8 @@ class FakeCDN(_RecordingServer):
         match = _CDN_ROUTE_RE.match(request.path)
         if match is None or request.method not in ("GET", "HEAD"):
             return web.Response(status=404, text="not found")
+        if self.refuse_head and request.method == "HEAD":
+            return web.Response(status=403)
         if self.check_signatures and request.query.get("sig") not in self._signatures:
             return web.Response(
                 status=403,
@@ -869,6 +873,9 @@ class FakeRegistry(_RecordingServer):
         self.tags_link: str | None = None
         self.tags_page_token = False
         self.unknown_refusal: Literal["insufficient_scope", "plain"] | int = "insufficient_scope"
+        #: How a blob HEAD is answered: as it should be, or as front ends that strip or garble
+        #: its length do (no Content-Length; 0; the size of a gzipped body it was not sent).
+        self.blob_head: Literal["right", "no_length", "zero", "gzip"] = "right"
         #: Headers a manifest HEAD leaves out (some registries send no Docker-Content-Digest).
         self.manifest_head_omits: frozenset[str] = frozenset()
         #: Manifest GETs still to be cut after half their body (a connection lost mid-answer).
@@ -1288,6 +1295,8 @@ class FakeRegistry(_RecordingServer):
                     "Docker-Distribution-API-Version": "registry/2.0",
                 },
             )
+        if request.method != "GET" and self.blob_head != "right":
+            return self._odd_blob_head(digest, len(data))
         if request.method != "GET":
             return await self._serve_blob(request, self, digest, data, support_ranges=self.support_ranges)
         self.blob_bodies_in_flight += 1
@@ -1296,6 +1305,16 @@ class FakeRegistry(_RecordingServer):
             return await self._serve_blob(request, self, digest, data, support_ranges=self.support_ranges)
         finally:
             self.blob_bodies_in_flight -= 1
+
+    def _odd_blob_head(self, digest: str, size: int) -> web.StreamResponse:
+        headers = {"Docker-Content-Digest": digest, "Docker-Distribution-API-Version": "registry/2.0"}
+        if self.blob_head == "gzip":
+            headers.update({"Content-Encoding": "gzip", "Content-Length": str(max(1, size // 90))})
+        elif self.blob_head == "zero":
+            headers["Content-Length"] = "0"
+        else:  # no length at all: chunked, as a proxy that strips it answers
+            headers["Transfer-Encoding"] = "chunked"
+        return web.Response(status=200, headers=headers)
 
     # -- tags and referrers
 

@@ -195,6 +195,30 @@ async def test_head_on_uncached_blob_does_not_download(moorage: Client, upstream
     assert stored_files(tmp_path / "store") == []
 
 
+@pytest.mark.parametrize("odd", ["no_length", "zero", "gzip", "cdn_refuses_head"])
+async def test_a_blob_head_that_tells_no_true_size_is_asked_again_with_a_get_of_one_byte(
+    start_moorage: StartMoorage, upstream: FakeRegistry, odd: str
+) -> None:
+    """Front ends strip Content-Length from HEAD answers (Cloud Run), send 0, or compress
+    the body they do not send and give its size; a bucket's URL signed for GET alone refuses
+    HEAD. The cache answered 502 or 503, or, for the gzip case, the wrong size, where a GET
+    of the same blob worked; access-policy route checks failed the same way."""
+    data = os.urandom(5011)
+    digest = upstream.add_blob(data)
+    if odd == "cdn_refuses_head":
+        cdn = await upstream.start_cdn()
+        cdn.refuse_head = True
+        upstream.cdn_redirect_head = True
+    else:
+        upstream.blob_head = odd  # type: ignore[assignment]
+    moorage = await start_moorage()
+    head = await moorage.head(f"/v2/alpine/blobs/{digest}")
+    assert (head.status, head.headers["Content-Length"]) == (200, "5011")
+    asked = [r for r in upstream.requests if r.method == "GET" and "/blobs/" in r.path]
+    assert [r.headers.get("range") for r in asked] == ["bytes=0-0"], "one byte, not the blob"
+    assert all(r.headers.get("accept-encoding") == "identity" for r in upstream.requests if "/blobs/" in r.path)
+
+
 async def test_head_on_warm_blob_is_local(moorage: Client, upstream: FakeRegistry) -> None:
     data = os.urandom(1000)
     digest = upstream.add_blob(data)

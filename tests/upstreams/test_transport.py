@@ -14,10 +14,10 @@ from moorage.upstreams import (
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRefused,
-    UpstreamUnavailable,
 )
 from moorage.upstreams._ratelimit import MAX_RETRY_AFTER, retry_after_seconds
 from moorage.upstreams._transport import mapped_errors, raise_for_status
+from moorage.upstreams.errors import RedirectRefused
 from moorage.upstreams.reference import RepositoryName, Tag
 
 
@@ -38,8 +38,13 @@ def test_retry_after_is_a_bounded_number_of_seconds(value: str, seconds: float |
     assert retry_after_seconds(value) == seconds
 
 
-def answer(status: int, headers: dict[str, str] | None = None, redirected: bool = False) -> httpx.Response:
-    request = httpx.Request("GET", "https://registry.test/v2/library/alpine/manifests/1")
+def answer(
+    status: int, headers: dict[str, str] | None = None, redirected: bool = False, sent: str | None = None
+) -> httpx.Response:
+    """An answer to a manifest GET; ``sent``: the request's Authorization."""
+    request = httpx.Request(
+        "GET", "https://registry.test/v2/library/alpine/manifests/1", headers={"Authorization": sent} if sent else {}
+    )
     history = [httpx.Response(307, headers={"Location": "https://cdn.test/x"}, request=request)] if redirected else []
     return httpx.Response(status, headers=headers, request=request, history=history)
 
@@ -56,7 +61,22 @@ def answer(status: int, headers: dict[str, str] | None = None, redirected: bool 
         pytest.param(
             answer(401, {"WWW-Authenticate": 'Basic realm="harbor"'}), UpstreamAuthFailed, id="wrong_password"
         ),
-        pytest.param(answer(403, redirected=True), UpstreamUnavailable, id="expired_cdn_url"),
+        pytest.param(answer(403, redirected=True), RedirectRefused, id="expired_cdn_url"),
+        pytest.param(
+            answer(401, {"WWW-Authenticate": 'Bearer realm="https://a.test/token"'}, sent="Bearer t1"),
+            UpstreamRefused,
+            id="quay_plain_challenge_to_its_own_token",
+        ),
+        pytest.param(
+            answer(401, {"WWW-Authenticate": 'Basic realm="harbor"'}, sent="Bearer t1"),
+            UpstreamRefused,
+            id="harbor_basic_challenge_to_its_own_token",
+        ),
+        pytest.param(
+            answer(401, {"WWW-Authenticate": 'Basic realm="harbor"'}, sent="Basic Ym9iOndyb25n"),
+            UpstreamAuthFailed,
+            id="wrong_password_sent",
+        ),
         pytest.param(answer(429, {"Retry-After": "1e400"}), UpstreamRateLimited, id="rate_limited"),
     ],
 )
