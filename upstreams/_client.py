@@ -77,6 +77,9 @@ CHUNK_SIZE: Final = 1024 * 1024
 #: What registries without the referrers API answer it: Distribution 2.x 404, Quay 400, others
 #: 405 or 406. Not 401 or 403: those may be the cache's own credentials, refused.
 NO_REFERRERS_API: Final = frozenset({400, 404, 405, 406})
+#: A tag or referrers list, whole: gcr.io lists every digest of a repository in one answer, with
+#: its tags and times (some 290 bytes a digest), past the 4 MiB a manifest may take.
+MAX_LISTING_BYTES: Final = 32 * 1024 * 1024
 log = logging.getLogger("moorage.upstreams")
 
 
@@ -385,11 +388,12 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         answers: frozenset[int] = frozenset(),
+        limit: int = MAX_MANIFEST_BYTES,
     ) -> tuple[httpx.Response, bytes]:
-        """A GET as ``_send``, with its small body (manifest, tag list, referrers; at most the
-        manifest limit) read within each attempt: a body cut mid-way is tried again like a
+        """A GET as ``_send``, with its small body (a manifest; a tag or referrers list, up to
+        ``limit`` bytes) read within each attempt: a body cut mid-way is tried again like a
         request that failed, where it had failed the pull at once."""
-        response, body = await self._exchange("GET", path, what, headers, params, True, answers, read=True)
+        response, body = await self._exchange("GET", path, what, headers, params, True, answers, read=True, limit=limit)
         assert body is not None
         return response, body
 
@@ -404,6 +408,7 @@ class RegistryClient:
         answers: frozenset[int],
         *,
         read: bool,
+        limit: int = MAX_MANIFEST_BYTES,
     ) -> tuple[httpx.Response, bytes | None]:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
@@ -432,7 +437,7 @@ class RegistryClient:
                     if not read:
                         return response, None
                     try:
-                        return response, await self._read_bounded(response, what)
+                        return response, await self._read_bounded(response, what, limit)
                     finally:
                         await response.aclose()
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
@@ -463,17 +468,17 @@ class RegistryClient:
             )
         return FetchedManifest(data, media_type, _claimed_digest(response.headers))
 
-    async def _read_bounded(self, response: httpx.Response, what: str) -> bytes:
-        """A small body (manifest, tag list), refused above the 4 MiB manifest limit."""
+    async def _read_bounded(self, response: httpx.Response, what: str, limit: int) -> bytes:
+        """A small body (manifest, tag list), refused above ``limit`` bytes."""
         declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-            raise ManifestTooLarge(self.host, f"{what}: {declared} bytes, above the {MAX_MANIFEST_BYTES} limit")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ManifestTooLarge(self.host, f"{what}: {declared} bytes, above the {limit} limit")
         body = bytearray()
         with mapped_errors(self.host, what):
             async for chunk in response.aiter_bytes():
                 body += chunk
-                if len(body) > MAX_MANIFEST_BYTES:
-                    raise ManifestTooLarge(self.host, f"{what}: above the {MAX_MANIFEST_BYTES} byte limit")
+                if len(body) > limit:
+                    raise ManifestTooLarge(self.host, f"{what}: above the {limit} byte limit")
         return bytes(body)
 
     async def head_manifest(
@@ -571,7 +576,10 @@ class RegistryClient:
         gave in its own next-page link)."""
         what = f"tags of {repository}"
         response, body = await self._send_small(
-            f"/v2/{repository}/tags/list", what, params=dict(parse_qsl(query, keep_blank_values=True))
+            f"/v2/{repository}/tags/list",
+            what,
+            params=dict(parse_qsl(query, keep_blank_values=True)),
+            limit=MAX_LISTING_BYTES,
         )
         page = tags_page(body, response.headers.get("link", ""), query)
         if page.next_dropped:
@@ -592,6 +600,7 @@ class RegistryClient:
             headers={"Accept": OCI_IMAGE_INDEX},
             params=dict(parse_qsl(query)),
             answers=NO_REFERRERS_API,
+            limit=MAX_LISTING_BYTES,
         )
         if response.status_code in NO_REFERRERS_API:
             # A registry with the API says NAME_UNKNOWN for a repository it does not hold:

@@ -40,7 +40,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -994,6 +994,10 @@ class FakeRegistry(_RecordingServer):
             body, entry_type = self._manifests[digest]
             entries.append((digest, len(body), entry_type, os_name, arch))
         return self.add_manifest(repository, tag, index_manifest(entries, media_type), media_type)
+
+    def add_tags(self, repository: str, tags: Iterable[str], digest: str) -> None:
+        """Point each of ``tags`` at ``digest``, a manifest of ``repository``."""
+        self._tags.setdefault(repository, {}).update(dict.fromkeys(tags, digest))
 
     def delete_tag(self, repository: str, tag: str) -> None:
         self._tags.get(repository, {}).pop(tag, None)

@@ -617,6 +617,19 @@ async def test_tags_list_is_proxied_paginated_and_served_stale(
     assert unseen.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=1>; rel="next"'
 
 
+async def test_a_tag_list_larger_than_a_manifest_may_be_is_listed(moorage: Client, upstream: FakeRegistry) -> None:
+    """gcr.io lists every digest of a repository in one answer: past 4 MiB, the manifest limit,
+    the list was a 502."""
+    image = upstream.add_image("owner/big", "v0")
+    names = [f"nightly-{number:07d}-" + "x" * 50 for number in range(75_000)]
+    upstream.add_tags("owner/big", names, image.digest)
+    response = await moorage.get("/v2/owner/big/tags/list")
+    assert response.status == 200, await response.text()
+    body = await response.read()
+    assert len(body) > 4 * 1024 * 1024
+    assert len(json.loads(body)["tags"]) == 75_001
+
+
 async def test_what_clients_make_up_leaves_nothing_in_the_index(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
