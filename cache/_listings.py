@@ -138,7 +138,7 @@ class Listings:
         whole = await asyncio.to_thread(self._index.tags, tags_list_key(source.host, repository, ""))
         if whole is None or whole.next_query is not None:
             return None
-        page = cut_tags_page(whole.body, query)
+        page = cut_tags_page(whole.body, query, whole=True)
         return TagsEntry(page.body, page.next_query, whole.fetched_at)
 
     async def referrers(

@@ -69,9 +69,9 @@ def tags_page(body: bytes, link: str, query: str) -> TagsPage:
     its query, opaque (``last`` and ``n``, or a token of the upstream's own, as Quay's
     ``next_page``), without ``ns`` (the cache's own routing parameter) and without an ``n``
     that is no page size (a client sending it back would be refused). Where the upstream
-    announced no next page and the client asked for a page, the list is cut here, as
-    ``page_of_whole_list`` does: that is the last page, or an upstream that ignores ``n`` and
-    ``last`` (Distribution 2.x answers every tag)."""
+    announced no next page and the client asked for a page, the list is cut here where the
+    upstream ignored ``n`` and ``last`` (Distribution 2.x answers every tag), as
+    ``page_of_whole_list`` tells."""
     target = next_link(link)
     if target is not None:
         following = [
@@ -84,30 +84,38 @@ def tags_page(body: bytes, link: str, query: str) -> TagsPage:
     return cut_tags_page(body, query)
 
 
-def cut_tags_page(body: bytes, query: str) -> TagsPage:
+def cut_tags_page(body: bytes, query: str, *, whole: bool = False) -> TagsPage:
     """The page a tag-list ``query`` asks for with ``n`` and ``last``, cut from the list in
-    ``body`` as ``page_of_whole_list`` does, with the query of the page after it."""
+    ``body`` as ``page_of_whole_list`` does (``whole``: the list is known to be whole), with
+    the query of the page after it."""
     parameters = dict(parse_qsl(query, keep_blank_values=True))
     n, last = parameters.get("n"), parameters.get("last")
     size = int(n) if n is not None and is_page_size(n) else None
     if size is None and last is None:
         return TagsPage(body, None)
-    body, page_end = page_of_whole_list(body, size, last)
+    body, page_end = page_of_whole_list(body, size, last, whole=whole)
     return TagsPage(body, None if page_end is None else page_query([("last", page_end), ("n", str(size))]))
 
 
-def page_of_whole_list(body: bytes, n: int | None, last: str | None) -> tuple[bytes, str | None]:
+def page_of_whole_list(
+    body: bytes, n: int | None, last: str | None, *, whole: bool = False
+) -> tuple[bytes, str | None]:
     """(the tag list ``body`` as the page a client asking for ``n`` tags after ``last``
     should get, the ``last`` of the next page or None). The distribution spec's page: the
-    tags lexically after ``last``, in lexical order, at most ``n`` of them. A body that is no
-    tag list, or holds something other than strings, is left as it is; so is a list that
-    already is that page, in the upstream's own bytes."""
+    tags lexically after ``last``, in lexical order, at most ``n`` of them, cut from a list
+    that is ``whole``, or from an upstream's answer that shows it ignored ``n`` or ``last``
+    (more than ``n`` tags, or ``last`` among them). Any other answer is the upstream's own
+    page, in its own order (ECR's is not lexical), left as it is; so is a body that is no tag
+    list, or holds something other than strings."""
     try:
         document = json.loads(body)
         tags = document["tags"]
     except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested too deep
         return body, None
     if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        return body, None
+    ignored = (n is not None and len(tags) > n) or (last is not None and last in tags)
+    if not (whole or ignored):
         return body, None
     after = sorted(tag for tag in tags if last is None or tag > last)
     if n is not None and len(after) > n:

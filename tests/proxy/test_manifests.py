@@ -617,6 +617,29 @@ async def test_tags_list_is_proxied_paginated_and_served_stale(
     assert unseen.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=1>; rel="next"'
 
 
+@pytest.mark.parametrize(
+    ("count", "query"),
+    [(120, "n=10&last=v049"), (30, "n=10&next_page=pos-10")],
+    ids=["past_the_kept_part", "a_token"],
+)
+async def test_a_page_the_kept_list_cannot_answer_is_not_made_up_during_an_outage(
+    start_moorage: StartMoorage, upstream: FakeRegistry, count: int, query: str
+) -> None:
+    """The list kept is the upstream's first page only (it pages by default), or the page is
+    named by the upstream's own token: cut from the kept list, either would be a stale answer
+    that leaves tags out without a word."""
+    moorage = await start_moorage(tags_list_ttl="1s")
+    upstream.tags_page_token = True  # 50 a page unless n says otherwise
+    image = upstream.add_image("owner/app", "v000")
+    upstream.add_tags("owner/app", [f"v{number:03d}" for number in range(1, count)], image.digest)
+    first = await moorage.get("/v2/owner/app/tags/list")
+    assert len((await first.json())["tags"]) == min(count, 50)
+    advance_clock(moorage, 5)
+    await upstream.stop_listening()
+    response = await moorage.get(f"/v2/owner/app/tags/list?{query}")
+    assert response.status == 503, await response.text()
+
+
 async def test_a_tag_list_larger_than_a_manifest_may_be_is_listed(moorage: Client, upstream: FakeRegistry) -> None:
     """gcr.io lists every digest of a repository in one answer: past 4 MiB, the manifest limit,
     the list was a 502."""

@@ -17,13 +17,14 @@ def body(tags: object) -> bytes:
 @pytest.mark.parametrize(
     ("tags", "n", "last", "page", "next_last"),
     [
+        pytest.param(["zeta", "yank"], 2, "mike", ["zeta", "yank"], None, id="the_upstream_s_own_last_page_unsorted"),
         pytest.param(["a", "b", "c"], 2, None, ["a", "b"], "b", id="first_page"),
         pytest.param(["a", "b", "c"], 2, "b", ["c"], None, id="last_page_of_an_upstream_that_ignored_last"),
         pytest.param(["a", "b", "c"], 5, None, ["a", "b", "c"], None, id="all_in_one_page"),
         pytest.param(["c", "d"], 2, "b", ["c", "d"], None, id="the_upstream_s_own_page_after_b"),
         pytest.param(["t19", "t07", "t18"], 2, None, ["t07", "t18"], "t18", id="lexical_order"),
         pytest.param(["a", "c", "d"], 2, "b", ["c", "d"], None, id="after_a_last_that_is_gone"),
-        pytest.param(["a", "b"], 2, "zzz", [], None, id="after_the_end"),
+        pytest.param(["a", "b", "c"], 2, "zzz", [], None, id="after_the_end"),
         pytest.param(["c", "a", "b"], None, "a", ["b", "c"], None, id="last_without_n"),
         pytest.param(["a", "b"], 0, None, [], None, id="none_asked_for"),
         pytest.param(["a", 1, "c"], 2, None, ["a", 1, "c"], None, id="not_all_strings"),
@@ -35,7 +36,9 @@ def test_a_page_is_the_tags_lexically_after_last(
 ) -> None:
     """The distribution spec's page: at most n tags, lexically after last, in lexical order.
     A last that was no tag in the list restarted at the first page, and a client following
-    Link got its tags twice; an upstream's unsorted list gave pages in no order."""
+    Link got its tags twice; an upstream's unsorted list gave pages in no order. An answer that
+    shows the upstream paged it (ECR's pages are not lexical) is its own, kept as it is: cut,
+    its last page lost the tags that sort before last."""
     cut, following = page_of_whole_list(body(tags), n, last)
     assert json.loads(cut) == {"name": "owner/app", "tags": page}
     assert following == next_last
@@ -83,3 +86,11 @@ def test_a_body_that_is_no_tag_list_is_passed_on_as_it_is() -> None:
 def test_the_next_link_is_the_one_marked_next(header: str, target: str | None) -> None:
     """The first link of the header was taken for the next page, whatever its rel."""
     assert next_link(header) == target
+
+
+def test_a_whole_list_kept_is_cut_whatever_it_holds() -> None:
+    """A page cut from the whole list kept while the upstream is down: no upstream paged it."""
+    cut, following = page_of_whole_list(body(["b", "a"]), 2, "zzz", whole=True)
+    assert (json.loads(cut)["tags"], following) == ([], None)
+    cut, following = page_of_whole_list(body(["c", "a", "b"]), 1, "a", whole=True)
+    assert (json.loads(cut)["tags"], following) == (["b"], "b")
