@@ -31,7 +31,7 @@ from moorage.upstreams import (
 from moorage.upstreams.reference import InvalidReference
 
 from ._paths import PathKind
-from ._state import notes
+from ._state import SETTINGS, notes
 
 __all__ = [
     "BlobUnknown",
@@ -176,6 +176,11 @@ def _from_upstream(error: UpstreamError, kind: PathKind | None) -> OCIError:
     return BadGateway(str(error), detail)
 
 
+def _signs_in(request: web.Request, upstream: str) -> bool:
+    """Whether the cache has credentials for ``upstream``."""
+    return any(u.host == upstream and u.username for u in request.app[SETTINGS].upstreams)
+
+
 def _from_cache(error: CacheError) -> OCIError:
     if isinstance(error, StoreFailure):
         return Unavailable(f"the cache's store failed: {error}")
@@ -220,9 +225,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         failure = _from_upstream(error, notes(request).kind)
         if not isinstance(error, UpstreamNotFound):  # a 404 is an answer; the rest an outage
             # A refused repository is how Docker Hub says a name does not exist, which any
-            # client can ask for: the line is kept, below the level alerts watch.
+            # client can ask for: the line is kept, below the level alerts watch. Where the
+            # cache signs in to that upstream, a refusal may be its credentials gone stale
+            # (ECR answers an expired token with 403): a warning.
+            anonymous = isinstance(error, UpstreamRefused) and not _signs_in(request, error.upstream)
             log.log(
-                logging.INFO if isinstance(error, UpstreamRefused) else logging.WARNING,
+                logging.INFO if anonymous else logging.WARNING,
                 "upstream failed and nothing cached to answer with",
                 extra={
                     "event": "upstream_failed",

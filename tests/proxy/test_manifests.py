@@ -795,6 +795,25 @@ async def test_every_registry_s_way_of_refusing_a_name_is_unknown_not_an_outage(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
 
 
+async def test_a_refusal_where_the_cache_signs_in_is_a_warning(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ECR answers an expired authorization token with 403: read as 'no such repository' and
+    logged at info, a cache whose password stopped rotating failed every pull without a
+    warning."""
+    upstream.auth = "bearer"
+    upstream.credentials = ("AWS", "token")
+    upstream.add_image("team/app", "1")
+    password = tmp_path / "password"
+    password.write_text("token\n")
+    moorage = await start_moorage(upstream_settings={"username": "AWS", "password_file": str(password)})
+    upstream.fail_next(5, 403, paths=r"/manifests/")
+    response = await moorage.get("/v2/team/app/manifests/1", headers=ALL)
+    assert response.status == 404
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]
+    assert failed.levelno == logging.WARNING
+
+
 async def test_a_token_service_refusing_the_configured_password_is_a_credentials_fault(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
 ) -> None:
