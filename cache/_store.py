@@ -250,14 +250,16 @@ class DirectoryStore:
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return False
         except OSError as exc:
-            log.warning(
-                "corrupt blob deleted, not kept: quarantine/ cannot take it",
-                extra={"event": "quarantine_failed", "digest": str(digest), "error": str(exc)},
-            )
             try:
                 path.unlink()
             except FileNotFoundError:
                 return False
+            except OSError as stuck:  # neither moved nor removed: it must not be served, nor stay silent
+                raise StoreFailure.of(f"corrupt blob {digest} can be neither quarantined nor removed", stuck) from exc
+            log.warning(
+                "corrupt blob deleted, not kept: quarantine/ cannot take it",
+                extra={"event": "quarantine_failed", "digest": str(digest), "error": str(exc)},
+            )
         return True
 
     def local_path(self, digest: Digest) -> Path | None:

@@ -79,7 +79,9 @@ async def v2(request: web.Request) -> web.StreamResponse:
         if request.path == "/v2/":  # only GET and HEAD reach api_base
             raise Unsupported(READ_ONLY, headers={"Allow": "GET, HEAD"})
         raise RouteUnknown(f"no such route: {request.method} {request.path[:200]}")
-    if target.kind == "upload" or request.method not in ("GET", "HEAD"):
+    if target.kind == "upload":  # no method at all: an empty Allow says so (RFC 9110, 10.2.1)
+        raise Unsupported(READ_ONLY, headers={"Allow": ""})
+    if request.method not in ("GET", "HEAD"):
         raise Unsupported(READ_ONLY, headers={"Allow": "GET" if target.kind in ("tags", "referrers") else "GET, HEAD"})
     note = notes(request)
     note.kind = target.kind

@@ -155,13 +155,11 @@ def url_problem(url: str, *, path_ok: bool = True, user_ok: bool = False) -> str
     return None
 
 
-def _require_store(path: Path) -> None:
+def _require_store(path: Path, *, store_option: bool = True) -> None:
     if not (path / "index").is_dir() or not (path / "blobs").is_dir():
         where = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
-        fail(
-            f"no Moorage store at {where}; name the one serve uses with --store DIR, "
-            f"or its settings with --config FILE or ${CONFIG_ENV}"
-        )
+        store = "name the one serve uses with --store DIR, or" if store_option else "name"
+        fail(f"no Moorage store at {where}; {store} its settings with --config FILE or ${CONFIG_ENV}")
 
 
 def _store_path(config: Path | None, store: Path | None) -> Path:
@@ -690,7 +688,7 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
     if auth.token_signing_key_file is None:
         # The key is the store's: one made here, beside no store the daemon serves, would sign
         # tokens the daemon refuses.
-        _require_store(settings.storage.path)
+        _require_store(settings.storage.path, store_option=False)
     try:
         keys = TokenKeys.for_settings(settings)
     except (ValueError, OSError) as error:
@@ -842,6 +840,8 @@ def client_config(
         try:
             written.append(_write_client_file(target, path, content))
         except OSError as error:  # a file where a directory should be, a read-only or immutable file
+            for line in (line for lines in written for line in lines):  # what did change
+                click.echo(line, err=True)
             fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
     for lines in written:  # once every file is written: a closed pipe cannot stop the writing
         for line in lines:

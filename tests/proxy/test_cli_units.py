@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -580,3 +581,30 @@ def test_files_are_all_written_when_what_is_printed_finds_the_pipe_closed(tmp_pa
         for line in listed.output.splitlines()
         if line.startswith("# file:")
     )
+
+
+def test_a_write_that_fails_part_way_says_what_was_changed_before_it(tmp_path: Path) -> None:
+    """What was written before the failure was printed only once every file was: a failure
+    part-way said 'the file there is as it was', and nothing of the files already replaced."""
+    (tmp_path / "quay.io").write_text("a file where a directory must go")
+    result = CliRunner().invoke(
+        main,
+        ["client-config", "containerd", "--url", URL, "--output-dir", str(tmp_path)],
+        env={"MOORAGE_CONFIG": ""},
+    )
+    assert result.exit_code == 2
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("hosts.toml"))
+    assert written, "the files before quay.io's"
+    for path in written:
+        assert f"wrote {tmp_path / path}" in result.output
+    assert f"cannot write {tmp_path / 'quay.io' / 'hosts.toml'}" in result.output
+
+
+def test_login_password_names_only_the_options_it_has(tmp_path: Path) -> None:
+    """It pointed at --store DIR, which it does not take."""
+    (tmp_path / "htpasswd").write_text("ci:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode() + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{path: {tmp_path / 'none'}}}\nauth: {{htpasswd_file: {tmp_path / 'htpasswd'}}}\n")
+    result = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)])
+    assert result.exit_code == 2 and "no Moorage store" in result.output
+    assert "--store" not in result.output

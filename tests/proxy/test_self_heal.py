@@ -219,3 +219,23 @@ async def test_an_index_that_cannot_be_read_is_503_not_500(
     assert response.status == 503, await response.text()
     error = (await response.json())["errors"][0]
     assert error["code"] == "UNAVAILABLE" and "the index cannot be read" in error["message"]
+
+
+async def test_a_corrupt_blob_that_can_be_neither_moved_nor_removed_is_503_and_said_so(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its directory another user's too: every pull was a 500, each logging that the blob had
+    been deleted when it had not."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    content = os.urandom(300_000)
+    digest = upstream.add_blob(content)
+    assert await pull_blob(moorage, digest) == content
+    path = await until_stored(moorage, store, digest, content)
+    await rewrite(path, b"X" * len(content))
+    (store / "quarantine").mkdir()
+    with immutable(store / "quarantine"), immutable(path.parent):
+        response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+        assert response.status == 503, await response.text()
+        assert "can be neither quarantined nor removed" in (await response.json())["errors"][0]["message"]
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "quarantine_failed"]

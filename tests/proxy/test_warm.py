@@ -1,0 +1,36 @@
+"""``moorage warm`` against the fake upstream, for what a real registry cannot be made to do:
+a layer whose every transfer is cut."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from moorage.proxy._warm import WarmIncomplete, warm
+from moorage.upstreams.reference import parse_image_reference
+from tests.fakes import FakeRegistry
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def test_a_transfer_the_cache_cuts_fails_that_image_and_warms_the_rest(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """The cache cuts a body when its upstream fails mid-blob: that ended the whole run, with
+    a hint about TLS, and the images after it stayed cold."""
+    upstream.add_image("owner/first", "1", [os.urandom(1000)])
+    broken = upstream.add_image("owner/broken", "1", [os.urandom(200_000)])
+    upstream.add_image("owner/last", "1", [os.urandom(1000)])
+    upstream.cut_blob(broken.layer_digests[0], after_bytes=1000, times=100)
+    names = [parse_image_reference(f"owner/{name}:1") for name in ("first", "broken", "last")]
+    with pytest.raises(WarmIncomplete) as incomplete:
+        await warm(str(moorage.make_url("")), names, None, None)
+    assert [image.image for image in incomplete.value.warmed] == [
+        "docker.io/owner/first:1",
+        "docker.io/owner/last:1",
+    ]
+    (failure,) = incomplete.value.failures
+    assert "docker.io/owner/broken:1: the cache cut a transfer" in str(failure)
