@@ -199,9 +199,10 @@ class AuthSettings(_Section):
         if value is None:
             return None
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in value:
+            shown = "" if "@" in value else f": {value[:100]!r}"  # no user:pass@host
             raise ValueError(
-                f"not a URL clients can sign in at: {value[:100]!r} (expected e.g. https://cache.example/token)"
+                f"not a URL clients can sign in at{shown} (expected e.g. https://cache.example/token, no credentials)"
             )
         return value
 

@@ -13,7 +13,7 @@ import pytest
 from moorage.cache import collect_garbage
 from moorage.cache._evict import ReadGuard
 from moorage.cache._index import Index
-from moorage.cache._store import DirectoryStore
+from moorage.cache._store import DirectoryStore, Fingerprint
 from moorage.upstreams.reference import OCI_IMAGE_INDEX, OCI_IMAGE_MANIFEST, Digest
 
 
@@ -66,9 +66,9 @@ def test_an_interrupted_collection_counts_what_it_removed(tmp_path: Path, monkey
     """Ctrl-C in a long `moorage gc` left the store's totals counting every file it had
     removed, for good: no start counts the store again after a gc, and the cap read them."""
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
-    for _ in range(10):
-        put(store, os.urandom(100))
-    index.write_batch({}, {}, counted_totals=store.count())
+    orphans = [put(store, os.urandom(100)) for _ in range(10)]
+    known = {d: Fingerprint.of(store.path_of(d).stat()) for d in orphans}
+    index.write_batch({}, {}, fingerprints=known, counted_totals=store.count())
     index.close()
     removing = ReadGuard.remove_unless_read
     calls = 0
@@ -85,4 +85,6 @@ def test_an_interrupted_collection_counts_what_it_removed(tmp_path: Path, monkey
         collect_garbage(tmp_path)
     index = Index(tmp_path / "index")
     assert index.store_totals() == store.count() == (700, 7)
+    removed = [d for d in orphans if store.size_of(d) is None]
+    assert len(removed) == 3 and all(index.fingerprint(d) is None for d in removed), "forgotten too"
     index.close()

@@ -173,6 +173,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             id="password_with_a_slash",
         ),
         pytest.param("tls: {cert_file: '', key_file: k.pem}\n", "tls.cert_file: empty: name a file", id="empty_cert"),
+        pytest.param(
+            "auth: {token_realm: 'https://user:s3cret@cache.example/token'}\n",
+            "auth.token_realm: not a URL clients can sign in at",
+            id="token_realm_with_credentials",
+        ),
         pytest.param("tag_ttl: .nan\n", "tag_ttl: not a duration", id="duration_nan"),
         pytest.param("shutdown_delay: .inf\n", "shutdown_delay: not a duration", id="duration_infinite"),
         pytest.param("tag_ttl: 99999999999999999999d\n", "tag_ttl: not a duration", id="duration_absurd"),

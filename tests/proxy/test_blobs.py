@@ -338,6 +338,8 @@ async def test_a_blob_s_validator_is_its_digest_whatever_its_reads_do(
         pytest.param({"If-None-Match": '"{digest}"'}, 304, None, id="none_match"),
         pytest.param({"If-None-Match": 'W/"{digest}"'}, 304, None, id="none_match_weak"),
         pytest.param({"If-None-Match": '"sha256:{other}"'}, 200, slice(None), id="none_match_other"),
+        pytest.param({"If-None-Match": "*"}, 304, None, id="none_match_any"),
+        pytest.param({"If-Match": "*"}, 200, slice(None), id="match_any"),
         pytest.param({"If-Match": '"{digest}"', "Range": "bytes=0-9"}, 206, slice(0, 10), id="match_range"),
         pytest.param({"If-Match": '"sha256:{other}"'}, 412, None, id="match_other"),
         pytest.param({"If-Match": 'W/"{digest}"'}, 412, None, id="match_weak"),
