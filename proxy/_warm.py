@@ -101,9 +101,10 @@ async def warm(
                     warmed.append(await _warm_one(session, image, platforms, progress, referrers))
                 except WarmFailed as failure:
                     failures.append(failure)
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as cut:
+                except aiohttp.ClientPayloadError as cut:
                     # The cache answered, then cut a body (its upstream failed mid-blob): this
                     # image's failure, not the run's. Only its name: its text may hold the URL.
+                    # A connection closed with no answer at all ends the run, below.
                     failures.append(WarmFailed(f"{image}: the cache cut a transfer ({type(cut).__name__})"))
         except aiohttp.ClientError as error:
             if isinstance(error, OSError):  # could not connect: the caller says so
