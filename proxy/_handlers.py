@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Final
 
@@ -501,12 +502,7 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].tags(route.upstream, route.repository, query, settings.tags_list_ttl)
     notes(request).result = answer.result
-    try:
-        document = json.loads(answer.body)
-        document["name"] = target.name
-        body = json.dumps(document).encode()
-    except (ValueError, TypeError, RecursionError):
-        body = answer.body
+    body = await _named(answer.body, target.name)
     headers = {**API_VERSION, "Content-Type": "application/json"}
     if answer.next_query is not None:
         following = answer.next_query
@@ -516,6 +512,30 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
     if answer.result == "stale":
         headers["Warning"] = STALE_WARNING
     return web.Response(body=body, headers=headers)
+
+
+#: A tag list's leading ``"name"`` member, as registries write it (``{"name":"library/alpine",``).
+_LEADING_NAME: Final = re.compile(rb'\A\s*\{\s*"name"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+async def _named(body: bytes, name: str) -> bytes:
+    """A tag list with ``name`` as the client named the repository (a prefix, ``library/``
+    left out). The leading member is replaced in the bytes: parsing a list of megabytes for it
+    took some ten times its size in memory, and the event loop, at every answer, hits too.
+    Another shape is parsed, off the loop."""
+    leading = _LEADING_NAME.match(body)
+    if leading is not None:
+        return b'{"name":' + json.dumps(name).encode() + body[leading.end() :]
+    return await asyncio.to_thread(_renamed, body, name)
+
+
+def _renamed(body: bytes, name: str) -> bytes:
+    try:
+        document = json.loads(body)
+        document["name"] = name
+        return json.dumps(document).encode()
+    except (ValueError, TypeError, RecursionError):
+        return body
 
 
 async def referrers(request: web.Request, route: Route[RegistryClient], target: V2Path) -> web.Response:

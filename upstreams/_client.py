@@ -78,8 +78,9 @@ CHUNK_SIZE: Final = 1024 * 1024
 #: 405 or 406. Not 401 or 403: those may be the cache's own credentials, refused.
 NO_REFERRERS_API: Final = frozenset({400, 404, 405, 406})
 #: A tag or referrers list, whole: gcr.io lists every digest of a repository in one answer, with
-#: its tags and times (some 290 bytes a digest), past the 4 MiB a manifest may take.
-MAX_LISTING_BYTES: Final = 32 * 1024 * 1024
+#: its tags and times (some 290 bytes a digest), past the 4 MiB a manifest may take. Bounded
+#: still: anyone may push a repository with a million tags, and ask for its list many times.
+MAX_LISTING_BYTES: Final = 8 * 1024 * 1024
 log = logging.getLogger("moorage.upstreams")
 
 

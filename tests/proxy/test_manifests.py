@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.proxy._handlers import _named
 from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import (
     ACCEPT_ALL_MANIFESTS,
@@ -987,3 +988,18 @@ async def test_a_body_nested_past_the_json_parsers_depth_is_served_as_given(
     response = await moorage.get("/v2/owner/app/manifests/deep", headers=ALL)
     assert response.status == 200
     assert await response.read() == body
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        pytest.param(b'{"name":"library/alpine","tags":["3"]}', b'{"name":"alpine","tags":["3"]}', id="name_first"),
+        pytest.param(b' {"name" : "a\\"b", "tags": []}', b'{"name":"alpine", "tags": []}', id="spaced_escaped"),
+        pytest.param(b'{"tags":["3"],"name":"library/alpine"}', b'{"tags": ["3"], "name": "alpine"}', id="name_last"),
+        pytest.param(b"not json", b"not json", id="no_json"),
+    ],
+)
+async def test_a_tag_list_is_named_as_the_client_named_the_repository(body: bytes, named: bytes) -> None:
+    """The leading name is replaced in the bytes: a list of megabytes was parsed at every
+    answer, hits too, taking some ten times its size and the event loop meanwhile."""
+    assert await _named(body, "alpine") == named
