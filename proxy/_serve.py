@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -29,6 +30,19 @@ from ._tls import ServerTls
 __all__ = ["ListenFailed", "running", "serve"]
 
 log = logging.getLogger("moorage")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's limit of open files to the most it may have, and return it. The
+    soft limit is often 1,024 (systemd's default, inherited by containers): a thousand idle
+    connections, anyone's, then left no descriptor to answer with or to open a blob."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1024 * 1024)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
@@ -87,6 +101,7 @@ async def serve(settings: Settings, version: str) -> None:
             "listen": settings.listen,
             "store": str(settings.storage.path),
             "upstreams": [u.host for u in settings.upstreams],
+            "open_files_limit": raise_open_files_limit(),
         },
     )
     tls = ServerTls(settings.tls) if settings.tls is not None else None

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -608,3 +609,30 @@ def test_login_password_names_only_the_options_it_has(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)])
     assert result.exit_code == 2 and "no Moorage store" in result.output
     assert "--store" not in result.output
+
+
+def test_serve_raises_its_open_files_limit_to_the_most_it_may_have(tmp_path: Path) -> None:
+    """A soft limit of 1,024 (systemd's default, which containers inherit): a thousand idle
+    connections, anyone's, left no descriptor to answer a pull with."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "config.yaml"
+        config.write_text(f'listen: "127.0.0.1:{taken.getsockname()[1]}"\nstorage: {{path: "{tmp_path / "store"}"}}\n')
+
+        def low_soft_limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+        served = subprocess.run(
+            [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            preexec_fn=low_soft_limit,
+            env={**os.environ, "MOORAGE_CONFIG": ""},
+        )
+    assert served.returncode == 2, served.stderr  # the port is taken: it stops after its first line
+    (starting,) = [line for line in map(json.loads, served.stderr.splitlines()) if line["event"] == "starting"]
+    assert starting["open_files_limit"] == (hard if hard != resource.RLIM_INFINITY else 1024 * 1024)
