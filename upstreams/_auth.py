@@ -225,13 +225,16 @@ class RegistryAuth(httpx.Auth):
         """The token service's 401 or 403. A repository not granted is no outage: ghcr.io,
         gcr.io and others answer an anonymous token request for a name they do not have (or
         a private one) so, as Docker Hub's registry answers its token with 401
-        insufficient_scope. Credentials refused are the cache's settings."""
+        insufficient_scope. The configured credentials refused (a revoked or expired token: ghcr.io
+        says 403 DENIED) are the cache's settings, whatever the status."""
         who = "the configured credentials" if self._credentials else "anonymous access"
         refusal = f"token service refused {who} for {scope or 'the registry'} (HTTP {status})"
-        if status == 403 or (not self._credentials and scope and scope.startswith("repository:")):
-            hint = "" if self._credentials else "; the cache pulls from it anonymously: set credentials if private"
+        if not self._credentials and scope and scope.startswith("repository:"):
             return UpstreamRefused(
-                self._upstream, f"{refusal}: no such repository there, or a private one{hint}", status=status
+                self._upstream,
+                f"{refusal}: no such repository there, or a private one; the cache pulls from it anonymously:"
+                " set credentials if private",
+                status=status,
             )
         return UpstreamAuthFailed(self._upstream, refusal, status=status)
 

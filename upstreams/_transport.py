@@ -86,23 +86,35 @@ def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamErro
       or a private one, with a token that grants nothing and 401 ``insufficient_scope``;
       Quay with a plain Bearer challenge, Harbor with a Basic one, to a request that carried a
       token the token service had just given; a 403 is a plain "not yours";
-    - anything else (a Basic challenge after credentials were sent, a token refused): the
-      cache's own credentials.
+    - anything else (a Basic challenge after credentials were sent, a token the registry
+      calls ``invalid_token`` though its token service has just given it: clocks apart, a
+      signing key rotated): the cache's own credentials, or the upstream's fault.
+
+    A HEAD refused by a redirect's target (a URL signed for GET alone) is :class:`HeadRefused`:
+    asked again, it is refused again, and a GET answers instead.
     """
     status = response.status_code
     if any(earlier.is_redirect for earlier in response.history):  # (auth challenges are history too)
-        return RedirectRefused(upstream, f"{what}: the redirect's target refused it (HTTP {status})", status=status)
+        refusal = f"{what}: the redirect's target refused it (HTTP {status})"
+        if response.request.method == "HEAD":
+            return HeadRefused(upstream, refusal)
+        return RedirectRefused(upstream, refusal, status=status)
     scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
+    error = params.get("error")
     # The token service took whatever credentials the cache has, and its token is refused here.
     sent_token = response.request.headers.get("authorization", "").lower().startswith("bearer ")
-    if status == 403 or sent_token or (scheme == "bearer" and params.get("error") == "insufficient_scope"):
+    if (
+        status == 403
+        or (sent_token and error != "invalid_token")
+        or (scheme == "bearer" and error == "insufficient_scope")
+    ):
         return UpstreamRefused(
             upstream,
-            f"{what}: refused (HTTP {status}{', insufficient_scope' if status == 401 else ''}):"
+            f"{what}: refused (HTTP {status}{f', {error}' if error else ''}):"
             " no such repository there, or not one these credentials may pull",
             status=status,
         )
-    challenge = f", challenge {scheme} {params['error']}" if params.get("error") else ""
+    challenge = f", challenge {scheme} {error}" if error else ""
     return UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status}{challenge})", status=status)
 
 

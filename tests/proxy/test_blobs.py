@@ -216,6 +216,7 @@ async def test_a_blob_head_that_tells_no_true_size_is_asked_again_with_a_get_of_
     assert (head.status, head.headers["Content-Length"]) == (200, "5011")
     asked = [r for r in upstream.requests if r.method == "GET" and "/blobs/" in r.path]
     assert [r.headers.get("range") for r in asked] == ["bytes=0-0"], "one byte, not the blob"
+    assert upstream.count("HEAD", "/blobs/") == 1, "a HEAD refused again is not asked again"
     assert all(r.headers.get("accept-encoding") == "identity" for r in upstream.requests if "/blobs/" in r.path)
 
 

@@ -815,18 +815,37 @@ async def test_a_refusal_where_the_cache_signs_in_is_a_warning(
     assert failed.levelno == logging.WARNING
 
 
+@pytest.mark.parametrize("status", [401, 403])
 async def test_a_token_service_refusing_the_configured_password_is_a_credentials_fault(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, status: int
 ) -> None:
+    """ghcr.io refuses a revoked or expired token with 403 DENIED: taken for 'no such
+    repository', every pull of every image was a 404, and the upstream looked healthy."""
     upstream.auth = "bearer"
     upstream.credentials = ("bob", "right")
     upstream.add_image("private/app", "1")
     password = tmp_path / "password"
-    password.write_text("wrong\n")
+    password.write_text("wrong\n" if status == 401 else "right\n")
+    if status == 403:
+        upstream.fail_next(50, 403, paths=r"^/token")
     moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
     response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
     assert response.status == 502
     assert "credentials" in (await response.json())["errors"][0]["message"]
+
+
+async def test_a_registry_refusing_the_tokens_its_token_service_gives_is_no_missing_repository(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """invalid_token for a token just given (clocks apart, a signing key rotated) was read as
+    'no such repository': every pull a 404, logged at info, the upstream looking healthy."""
+    upstream.auth = "bearer"
+    upstream.token_expires_in = 0  # dead on arrival
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 502, await response.text()
+    assert "invalid_token" in (await response.json())["errors"][0]["message"]
 
 
 async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
