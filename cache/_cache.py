@@ -971,7 +971,9 @@ class Cache:
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest | None, changed: CacheResult = "refreshed"
     ) -> ManifestAnswer:
         try:
-            current = (await ask.source.head_manifest(ask.repository, ask.tag, ask.accept)).digest
+            # With the stored answer on hand, a 429 serves it at once, not after waiting it out.
+            head = await ask.source.head_manifest(ask.repository, ask.tag, ask.accept, wait_out_429=stored is None)
+            current = head.digest
         except HeadRefused:
             current = None
         if current is None:  # a HEAD that names no digest, or none taken: the GET tells

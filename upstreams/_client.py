@@ -348,6 +348,9 @@ class RegistryClient:
             return error.retry_after is None or error.retry_after <= self._max_wait
         return isinstance(error, UpstreamUnavailable)
 
+    def _retryable_but_429(self, error: BaseException) -> bool:
+        return self._retryable(error) and not isinstance(error, UpstreamRateLimited)
+
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         if isinstance(error, UpstreamRateLimited):
@@ -375,10 +378,13 @@ class RegistryClient:
         params: dict[str, str] | None = None,
         stream: bool = False,
         answers: frozenset[int] = frozenset(),
+        wait_out_429: bool = True,
     ) -> httpx.Response:
-        """One answer below 400, or of a status in ``answers``, after retries; a streamed
-        answer is the caller's to close."""
-        response, _ = await self._exchange(method, path, what, headers, params, stream, answers, read=False)
+        """One answer below 400, or of a status in ``answers``, after retries (of a 429 too,
+        unless ``wait_out_429`` is False); a streamed answer is the caller's to close."""
+        response, _ = await self._exchange(
+            method, path, what, headers, params, stream, answers, read=False, wait_out_429=wait_out_429
+        )
         return response
 
     async def _send_small(
@@ -410,11 +416,16 @@ class RegistryClient:
         *,
         read: bool,
         limit: int = MAX_MANIFEST_BYTES,
+        wait_out_429: bool = True,
     ) -> tuple[httpx.Response, bytes | None]:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=self._wait,
-            retry=retry_if_exception(self._retryable),
+            retry=retry_if_exception(
+                self._retryable
+                if wait_out_429
+                else lambda e: self._retryable(e) and not isinstance(e, UpstreamRateLimited)
+            ),
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -483,13 +494,16 @@ class RegistryClient:
         return bytes(body)
 
     async def head_manifest(
-        self, repository: RepositoryName, reference: Reference, accept: AcceptClass
+        self, repository: RepositoryName, reference: Reference, accept: AcceptClass, *, wait_out_429: bool = True
     ) -> ManifestHead:
+        """The manifest's digest, media type and size from a HEAD. ``wait_out_429`` False: a 429
+        is raised at once, not retried (a caller with a stale answer on hand serves it)."""
         response = await self._send(
             "HEAD",
             f"/v2/{repository}/manifests/{reference}",
             f"manifest {repository}:{reference}",
             headers=self._accept(accept),
+            wait_out_429=wait_out_429,
         )
         length = response.headers.get("content-length")
         return ManifestHead(

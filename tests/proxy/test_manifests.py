@@ -303,11 +303,29 @@ async def test_a_429_without_retry_after_is_asked_again_a_second_later_at_the_so
     second."""
     moorage = await start_moorage(upstream_settings={"retries": {"attempts": 3, "max_wait": "5s"}})
     upstream.add_image("library/alpine", "3.19")
-    upstream.fail_next(1, 429, paths=r"/manifests/")
+    upstream.fail_next(2, 429, paths=r"/manifests/")
     response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert response.status == 200
-    first, retried = [r.at for r in upstream.requests if r.method == "GET" and "/manifests/" in r.path]
-    assert retried - first >= 1.0
+    first, second, third = [r.at for r in upstream.requests if r.method == "GET" and "/manifests/" in r.path]
+    assert second - first >= 1.0 and third - second >= 2.0, "a second, then twice that"
+
+
+async def test_a_stale_tag_meeting_a_429_is_served_at_once_and_says_why(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Waiting out a 429 before the stale answer took some 4 s, or, past revalidate_timeout,
+    was logged as 'no answer' instead of the 429."""
+    moorage = await start_moorage(tag_ttl="1h", upstream_settings={"retries": {"attempts": 3, "max_wait": "5s"}})
+    upstream.add_image("library/alpine", "3.19")
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    upstream.fail_next(5, 429, paths=r"/manifests/")
+    stale = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert stale.status == 200 and stale.headers["X-Moorage-Cache"] == "stale"
+    assert upstream.count("HEAD", "/manifests/") == 1, "not asked again: the stored answer stands in"
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "revalidation_failed"]
+    assert "429" in getattr(failed, "error", "")
 
 
 async def test_429_with_pull_budget_spent_is_not_retried(moorage: Client, upstream: FakeRegistry) -> None:
