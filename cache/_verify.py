@@ -19,6 +19,7 @@ from typing import Final
 
 from ._index import Index
 from ._store import DirectoryStore, Fingerprint
+from .errors import StoreFailure
 
 __all__ = ["VerifyReport", "counted_size", "hash_file", "verify_store"]
 
@@ -31,6 +32,8 @@ class VerifyReport:
     checked_bytes: int = 0
     corrupt: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    #: Corrupt blobs that could be neither quarantined nor removed, and why.
+    stuck: dict[str, str] = field(default_factory=dict)
 
 
 def hash_file(path: Path, algorithm: str, throttle: Callable[[int], None] | None = None) -> str:
@@ -80,7 +83,12 @@ def verify_store(
             if actual == digest.encoded:
                 continue
             report.corrupt.append(str(digest))
-            if repair and store.quarantine(digest):
+            try:
+                moved = repair and store.quarantine(digest)
+            except StoreFailure as stuck:  # neither moved nor removed: said, and the run goes on
+                report.stuck[str(digest)] = str(stuck)
+                continue
+            if moved:
                 report.quarantined.append(str(digest))
                 # At once, not at the end of a run that may last hours: a daemon serving the
                 # store takes the smaller size in at its next flush, and an interrupted run

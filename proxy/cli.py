@@ -612,7 +612,10 @@ def verify(repair: bool, rate: str, config: Path | None, store: Path | None) -> 
     _require_store(path)
     report = verify_store(path, repair=repair, rate_bytes=rate_bytes or None)
     for digest in report.corrupt:
-        click.echo(f"corrupt: {digest}" + (" (quarantined)" if digest in report.quarantined else ""))
+        said = " (quarantined)" if digest in report.quarantined else ""
+        if digest in report.stuck:
+            said = f" (not quarantined: {report.stuck[digest]})"
+        click.echo(f"corrupt: {digest}{said}")
     click.echo(
         f"checked {report.checked} blobs, {_size(report.checked_bytes)}: {len(report.corrupt)} corrupt"
         + (f", {len(report.quarantined)} quarantined" if repair else "")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
+from tests.immutable import immutable
 from tests.polling import until
 
 from .conftest import StartMoorage, metric
@@ -133,3 +134,29 @@ def blob_path(store: Path, digest: str) -> Path:
 
 def on_disk(store: Path) -> int:
     return sum(p.stat().st_size for p in (store / "blobs").rglob("*") if p.is_file())
+
+
+async def test_repair_goes_on_past_a_blob_it_can_neither_move_nor_remove(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Such a blob (its directory another user's) ended the run with one line: the corrupt
+    blobs after it were neither checked nor repaired, and none was listed."""
+    store = tmp_path / "store"
+    moorage = await start_moorage()
+    blobs = [upstream.add_blob(os.urandom(200_000)) for _ in range(3)]
+    for digest in blobs:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    paths = [store / "blobs" / "sha256" / d[7:9] / d[7:] for d in blobs]
+    for path in paths:
+        path.write_bytes(b"X" * 200_000)
+    (store / "quarantine").mkdir()
+    stuck = min(paths, key=lambda p: p.name)  # whichever the walk meets, the others follow it
+    with immutable(store / "quarantine"), immutable(stuck.parent):
+        repaired = verify(store, "--repair")
+    assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+    assert (
+        "not quarantined: corrupt blob" in repaired.stdout
+        and "can be neither quarantined nor removed" in repaired.stdout
+    )
+    assert "3 corrupt" in repaired.stdout
+    assert stuck.exists() and not [p for p in paths if p != stuck and p.exists()], "the others are removed"
