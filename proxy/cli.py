@@ -842,9 +842,12 @@ def client_config(
         target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
         try:
             written.append(_write_client_file(target, path, content))
-        except OSError as error:  # a file where a directory should be, a read-only or immutable file
+        except (OSError, _ClientFileRefused) as error:
             for line in (line for lines in written for line in lines):  # what did change
                 click.echo(line, err=True)
+            if isinstance(error, _ClientFileRefused):
+                fail(str(error))
+            # A file where a directory should be, a read-only or immutable file.
             fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
     for lines in written:  # once every file is written: a closed pipe cannot stop the writing
         for line in lines:
@@ -860,6 +863,10 @@ def _seconds_or_none(text: str) -> float | None:
     return seconds if 0 < seconds <= 86400 else None
 
 
+class _ClientFileRefused(Exception):
+    """A file already there that the cache's settings cannot be merged into: left alone."""
+
+
 def _write_client_file(target: Path, path: str, content: str) -> list[str]:
     """Write one client file without losing what the host had there: the cache's settings are
     merged into a ``daemon.json`` or ``registries.yaml`` that holds others, the previous file
@@ -870,12 +877,14 @@ def _write_client_file(target: Path, path: str, content: str) -> list[str]:
     try:
         existing = read_text(real) if real.exists() else None
     except UnreadableFile as error:
-        fail(f"cannot read {real}: {error}")
+        raise _ClientFileRefused(f"cannot read {real}: {error}") from None
     if existing is not None:
         try:
             merged = merged_with(path, existing, content)
         except ValueError as error:
-            fail(f"cannot merge into {real}: {error}; fix it, or move it away and run this again")
+            raise _ClientFileRefused(
+                f"cannot merge into {real}: {error}; fix it, or move it away and run this again"
+            ) from None
         content = merged if merged is not None else content
         if content == existing:
             return [f"unchanged {real}"]

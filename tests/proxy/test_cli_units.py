@@ -636,3 +636,17 @@ def test_serve_raises_its_open_files_limit_to_the_most_it_may_have(tmp_path: Pat
     assert served.returncode == 2, served.stderr  # the port is taken: it stops after its first line
     (starting,) = [line for line in map(json.loads, served.stderr.splitlines()) if line["event"] == "starting"]
     assert starting["open_files_limit"] == (hard if hard != resource.RLIM_INFINITY else 1024 * 1024)
+
+
+def test_a_file_that_cannot_be_read_part_way_says_what_was_changed_before_it(tmp_path: Path) -> None:
+    """daemon.json had been replaced (and kept as .bak) when the CA beside it could not be read:
+    only the failure was said."""
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    out = tmp_path / "docker"
+    (out / "certs.d" / "cache.example:5000" / "ca.crt").mkdir(parents=True)  # a directory where the CA goes
+    (out / "daemon.json").write_text('{"log-driver": "journald"}')
+    arguments = ["client-config", "docker", "--url", "https://cache.example:5000", "--ca", str(tmp_path / "ca.pem")]
+    result = CliRunner().invoke(main, [*arguments, "--output-dir", str(out)], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 2, result.output
+    assert f"cannot read {out / 'certs.d' / 'cache.example:5000' / 'ca.crt'}" in result.output
+    assert f"updated {out / 'daemon.json'}" in result.output and "kept the previous daemon.json" in result.output
