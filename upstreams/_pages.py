@@ -118,13 +118,16 @@ def page_of_whole_list(
     if not (whole or ignored):
         return body, None
     after = sorted(tag for tag in tags if last is None or tag > last)
+    # A page holds the name and its tags: gcr.io's map of every digest would make each page as
+    # large as the whole list.
+    name = {"name": document["name"]} if "name" in document else {}
     if n is not None and len(after) > n:
         if n == 0:
-            return json.dumps({**document, "tags": []}).encode(), None
-        return json.dumps({**document, "tags": after[:n]}).encode(), after[n - 1]
+            return json.dumps({**name, "tags": []}).encode(), None
+        return json.dumps({**name, "tags": after[:n]}).encode(), after[n - 1]
     if after == tags:
         return body, None
-    return json.dumps({**document, "tags": after}).encode(), None
+    return json.dumps({**name, "tags": after}).encode(), None
 
 
 def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> ReferrersPage | None:

@@ -634,6 +634,9 @@ async def test_tags_list_is_proxied_paginated_and_served_stale(
     assert unseen.status == 200 and unseen.headers["Warning"] == '110 - "stale"'
     assert (await unseen.json())["tags"] == ["b"]
     assert unseen.headers["Link"] == '</v2/docker-hub/owner/app/tags/list?last=b&n=1>; rel="next"'
+    # The kept list is whole: cut whatever it holds, a last that is no tag of it too.
+    between = await moorage.get("/v2/docker-hub/owner/app/tags/list?n=5&last=bb")
+    assert (await between.json())["tags"] == ["c"] and "Link" not in between.headers
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,14 @@ def test_the_next_link_is_the_one_marked_next(header: str, target: str | None) -
     assert next_link(header) == target
 
 
+def test_a_page_cut_holds_the_name_and_its_tags_alone() -> None:
+    """gcr.io adds a map of every digest of the repository: kept, each page of 10 tags was as
+    large as the whole list."""
+    listed = {"name": "owner/app", "tags": ["a", "b", "c"], "manifest": {"sha256:x": {"tag": ["a", "b", "c"]}}}
+    cut, following = page_of_whole_list(json.dumps(listed).encode(), 2, None)
+    assert (json.loads(cut), following) == ({"name": "owner/app", "tags": ["a", "b"]}, "b")
+
+
 def test_a_whole_list_kept_is_cut_whatever_it_holds() -> None:
     """A page cut from the whole list kept while the upstream is down: no upstream paged it."""
     cut, following = page_of_whole_list(body(["b", "a"]), 2, "zzz", whole=True)
