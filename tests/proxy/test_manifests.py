@@ -836,6 +836,30 @@ async def test_a_refusal_where_the_cache_signs_in_is_a_warning(
     assert failed.levelno == logging.WARNING
 
 
+async def test_a_refusal_where_the_cache_signs_in_to_another_upstream_stays_at_info(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credentials for one upstream say nothing of a refusal by another the cache pulls from
+    anonymously: a typo there is no outage."""
+    caplog.set_level("INFO")
+    upstream.auth = "bearer"
+    upstream.grant_unknown = False
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    hub = {"host": "docker.io", "url": upstream.url, "default": True, "prefetch_blobs": 0}
+    other = {
+        "host": "ghcr.io",
+        "url": upstream.url,
+        "prefixes": ["ghcr"],
+        "username": "bob",
+        "password_file": str(password),
+    }
+    moorage = await start_moorage(upstreams=[hub, other])
+    assert (await moorage.get("/v2/nosuch/app/manifests/1", headers=ALL)).status == 404
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]
+    assert failed.levelno == logging.INFO
+
+
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_token_service_refusing_the_configured_password_is_a_credentials_fault(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, status: int

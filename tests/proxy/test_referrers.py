@@ -510,3 +510,18 @@ async def test_warm_with_referrers_fails_where_a_cosign_tag_cannot_be_read(
     base = str(moorage.make_url(""))
     with pytest.raises(WarmFailed, match="503"):
         await warm(base, [parse_image_reference("owner/app:1")], None, None, referrers=True)
+
+
+async def test_a_referrers_list_larger_than_a_manifest_may_be_is_listed(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """An image signed and attested by every build of a busy pipeline: past 4 MiB, the limit
+    for a manifest, its list was a 502."""
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    entry = {"mediaType": OCI_MANIFEST, "size": 500, "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json"}
+    listed = [{**entry, "digest": "sha256:" + f"{number:064x}"} for number in range(30_000)]
+    upstream.referrers_body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed}).encode()
+    assert len(upstream.referrers_body) > 4 * 1024 * 1024
+    response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
+    assert response.status == 200, await response.text()
+    assert len((await response.json())["manifests"]) == 30_000
