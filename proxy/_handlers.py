@@ -425,25 +425,11 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         except Exception as exc:
             # Headers are out: the only honest signal left is a cut connection, which makes the
             # body visibly short of its Content-Length. No error body may follow a 200.
+            cut = {"event": "response_cut", "request_id": notes(request).request_id, "digest": str(reader.digest)}
             if isinstance(exc, FillAborted):
-                log.warning(
-                    "cutting response: fill failed",
-                    extra={
-                        "event": "response_cut",
-                        "request_id": notes(request).request_id,
-                        "digest": str(reader.digest),
-                        "error": str(exc.__cause__ or exc),
-                    },
-                )
+                log.warning("cutting response: fill failed", extra={**cut, "error": str(exc.__cause__ or exc)})
             else:
-                log.exception(
-                    "cutting response",
-                    extra={
-                        "event": "response_cut",
-                        "request_id": notes(request).request_id,
-                        "digest": str(reader.digest),
-                    },
-                )
+                log.exception("cutting response", extra=cut)
             _cut(request, "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL")
             return response
         await response.write_eof()

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import bcrypt
@@ -507,6 +507,19 @@ def test_the_stats_table_shows_every_answer_its_hit_ratio_counts() -> None:
     assert row.split()[:9] == ["docker.io", "92.7%", "150", "5", "10", "8", "4", "0", "1"]
 
 
+def serve_once(config: Path, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """``moorage serve`` in a process of its own, for a test whose settings make it stop."""
+    return subprocess.run(
+        [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=preexec_fn,
+        env={**os.environ, "MOORAGE_CONFIG": ""},
+    )
+
+
 def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> None:
     """sqlite3's errors escaped every command that opens the index: a traceback for ls, stats,
     gc, lifecycle preview and serve, on a store another user made or a damaged one."""
@@ -521,13 +534,7 @@ def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> Non
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
         assert f"storage.path: the index {store / 'index'} cannot be opened" in result.output
         assert "move it aside" in result.output
-    served = subprocess.run(
-        [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    served = serve_once(config)
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
     # Once the log has begun, the end is a line of it: JSON among JSON lines.
     lines = [json.loads(line) for line in served.stderr.splitlines()]
@@ -624,15 +631,7 @@ def test_serve_raises_its_open_files_limit_to_the_most_it_may_have(tmp_path: Pat
         def low_soft_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-        served = subprocess.run(
-            [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            preexec_fn=low_soft_limit,
-            env={**os.environ, "MOORAGE_CONFIG": ""},
-        )
+        served = serve_once(config, preexec_fn=low_soft_limit)
     assert served.returncode == 2, served.stderr  # the port is taken: it stops after its first line
     (starting,) = [line for line in map(json.loads, served.stderr.splitlines()) if line["event"] == "starting"]
     assert starting["open_files_limit"] == (hard if hard != resource.RLIM_INFINITY else 1024 * 1024)

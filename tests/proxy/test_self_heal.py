@@ -52,16 +52,26 @@ async def pull_blob(moorage: Client, digest: str) -> bytes:
     return await response.read()
 
 
-async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
-) -> None:
-    store = tmp_path / "store"
+async def a_stored_blob_rewritten(
+    start_moorage: StartMoorage, upstream: FakeRegistry, store: Path
+) -> tuple[Client, str, bytes, Path]:
+    """A cache on ``store`` holding a blob whose file was then rewritten in place with other
+    bytes of the same size (a bad disk, a stray writer): the cache, the digest, its true
+    bytes and the file."""
     moorage = await start_moorage(storage={"path": str(store)})
     content = os.urandom(300_000)
     digest = upstream.add_blob(content)
     assert await pull_blob(moorage, digest) == content
     path = await until_stored(moorage, store, digest, content)
-    await rewrite(path, b"X" * len(content))  # same size, other bytes: a bad disk, a stray writer
+    await rewrite(path, b"X" * len(content))
+    return moorage, digest, content, path
+
+
+async def test_a_rewritten_blob_is_quarantined_and_fetched_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    moorage, digest, content, path = await a_stored_blob_rewritten(start_moorage, upstream, store)
 
     assert await pull_blob(moorage, digest) == content
     assert upstream.count("GET", f"/blobs/{digest}") == 2, "fetched again, once"
@@ -79,12 +89,7 @@ async def test_a_corrupt_blob_quarantine_cannot_take_is_deleted_and_fetched_agai
     """A quarantine/ the daemon may not write (made by `verify --repair` run as root) left the
     corrupt file in place: every pull of it was a 500, for good."""
     store = tmp_path / "store"
-    moorage = await start_moorage(storage={"path": str(store)})
-    content = os.urandom(300_000)
-    digest = upstream.add_blob(content)
-    assert await pull_blob(moorage, digest) == content
-    path = await until_stored(moorage, store, digest, content)
-    await rewrite(path, b"X" * len(content))
+    moorage, digest, content, path = await a_stored_blob_rewritten(start_moorage, upstream, store)
     (store / "quarantine").mkdir()
     with immutable(store / "quarantine"):
         assert await pull_blob(moorage, digest) == content
@@ -227,12 +232,7 @@ async def test_a_corrupt_blob_that_can_be_neither_moved_nor_removed_is_503_and_s
     """Its directory another user's too: every pull was a 500, each logging that the blob had
     been deleted when it had not."""
     store = tmp_path / "store"
-    moorage = await start_moorage(storage={"path": str(store)})
-    content = os.urandom(300_000)
-    digest = upstream.add_blob(content)
-    assert await pull_blob(moorage, digest) == content
-    path = await until_stored(moorage, store, digest, content)
-    await rewrite(path, b"X" * len(content))
+    moorage, digest, _, path = await a_stored_blob_rewritten(start_moorage, upstream, store)
     (store / "quarantine").mkdir()
     with immutable(store / "quarantine"), immutable(path.parent):
         response = await moorage.get(f"/v2/alpine/blobs/{digest}")

@@ -14,7 +14,7 @@ from tests.fakes import FakeRegistry
 from tests.immutable import immutable
 from tests.polling import until
 
-from .conftest import StartMoorage, metric
+from .conftest import StartMoorage, metric, until_settled
 
 
 def verify(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -146,6 +146,7 @@ async def test_repair_goes_on_past_a_blob_it_can_neither_move_nor_remove(
     blobs = [upstream.add_blob(os.urandom(200_000)) for _ in range(3)]
     for digest in blobs:
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    await until_settled(moorage)  # stored: a client has its last byte before the blob is put in place
     paths = [store / "blobs" / "sha256" / d[7:9] / d[7:] for d in blobs]
     for path in paths:
         path.write_bytes(b"X" * 200_000)
