@@ -38,7 +38,6 @@ from .errors import (
     HeadRefused,
     ManifestTooLarge,
     NoReferrersApi,
-    RedirectRefused,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamNotFound,
@@ -421,11 +420,7 @@ class RegistryClient:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=self._wait,
-            retry=retry_if_exception(
-                self._retryable
-                if wait_out_429
-                else lambda e: self._retryable(e) and not isinstance(e, UpstreamRateLimited)
-            ),
+            retry=retry_if_exception(self._retryable if wait_out_429 else self._retryable_but_429),
             before_sleep=self._before_sleep,
             reraise=True,
         )
@@ -526,7 +521,7 @@ class RegistryClient:
             length = response.headers.get("content-length", "")
             if response.headers.get("content-encoding", "identity").lower() != "identity":
                 length = ""  # the size of a compressed body, not the blob's
-        except (HeadRefused, RedirectRefused):
+        except HeadRefused:  # an upstream that takes only GET, a redirect's URL signed for GET alone
             length = ""
         if not length.isdigit() or (int(length) == 0 and digest != empty):
             length = await self._blob_size_by_get(repository, digest, what)
