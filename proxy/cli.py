@@ -830,7 +830,7 @@ def client_config(
     refuses = settings.auth.refuses_some_pulls and not no_fallback
     for warning in client_warnings(client, url, upstreams, default, refuses):
         click.echo(f"moorage: warning: {warning}", err=True)
-    written: list[list[str]] = []
+    written: list[str] = []  # what was done, said once every file is written
     for path, content in files.items():
         if output_dir is None and len(files) == 1:  # the file alone, as it can be saved (JSON has no comments)
             click.echo(f"# file: {path}", err=True)
@@ -841,17 +841,15 @@ def client_config(
             continue
         target = output_dir / path.removeprefix(CONFIG_DIRS[client])  # kind's paths are relative already
         try:
-            written.append(_write_client_file(target, path, content))
+            written += _write_client_file(target, path, content)
         except (OSError, _ClientFileRefused) as error:
-            for line in (line for lines in written for line in lines):  # what did change
+            for line in written:  # what did change before the failure
                 click.echo(line, err=True)
-            if isinstance(error, _ClientFileRefused):
-                fail(str(error))
-            # A file where a directory should be, a read-only or immutable file.
-            fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
-    for lines in written:  # once every file is written: a closed pipe cannot stop the writing
-        for line in lines:
-            click.echo(line)
+            if isinstance(error, OSError):  # a file where a directory should be, a read-only or immutable file
+                fail(f"cannot write {target}: {error.strerror or error}; the file there is as it was")
+            fail(str(error))
+    for line in written:  # only now: a closed pipe on the output cannot stop the writing
+        click.echo(line)
 
 
 def _seconds_or_none(text: str) -> float | None:
@@ -864,7 +862,8 @@ def _seconds_or_none(text: str) -> float | None:
 
 
 class _ClientFileRefused(Exception):
-    """A file already there that the cache's settings cannot be merged into: left alone."""
+    """A file already there that cannot be read, or that the cache's settings cannot be merged
+    into: left alone."""
 
 
 def _write_client_file(target: Path, path: str, content: str) -> list[str]:
