@@ -18,6 +18,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -45,16 +46,23 @@ def raise_open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """How the pull routes are served (the proxy tests' server takes the same). aiohttp's
+    keep-alive timeout also runs while a request head is being received, so it drops idle
+    clients and byte-by-byte (slowloris) ones alike. A handler is not cancelled when its
+    client leaves: the cache notices where it matters (a send fails; a client waiting for a
+    download to begin is looked at, see ``Cache.blob``)."""
+    return {
+        "access_log": None,
+        "handler_cancellation": False,
+        "shutdown_timeout": settings.shutdown_timeout,
+        "keepalive_timeout": settings.client_idle_timeout,
+    }
+
+
 def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    """The runner of the pull routes. aiohttp's keep-alive timeout also runs while a request
-    head is being received, so it drops idle clients and byte-by-byte (slowloris) ones alike."""
-    return web.AppRunner(
-        app,
-        access_log=None,
-        handler_cancellation=False,
-        shutdown_timeout=settings.shutdown_timeout,
-        keepalive_timeout=settings.client_idle_timeout,
-    )
+    """The runner of the pull routes."""
+    return web.AppRunner(app, **runner_options(settings))
 
 
 class ListenFailed(Exception):

@@ -1,5 +1,6 @@
-"""Fixtures for proxy tests: Moorage in-process (aiohttp test server on a real socket) in
-front of the fake upstream registry, and a reader of its /metrics."""
+"""Fixtures for proxy tests: Moorage in-process (aiohttp test server on a real socket, run with
+the daemon's own server options) in front of the fake upstream registry, and a reader of its
+/metrics."""
 
 from __future__ import annotations
 
@@ -9,16 +10,30 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from moorage.config import Settings
 from moorage.proxy import build_app
+from moorage.proxy._serve import runner_options
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
 from tests.polling import until
 
 StartMoorage = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class ServedAsTheDaemon(TestServer):
+    """aiohttp's test server with ``moorage serve``'s options. Left as it is, it cancels a
+    handler whose client leaves, which the daemon does not: tests of clients that leave would
+    pass on behaviour no user has."""
+
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        super().__init__(app)
+        self._options = runner_options(settings)
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, **{**kwargs, **self._options})
 
 
 def settings_for(upstream: FakeRegistry, store: Path, **overrides: Any) -> Settings:
@@ -59,7 +74,8 @@ def start_moorage(
     tmp_path: Path,
 ) -> StartMoorage:
     async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
-        return await aiohttp_client(build_app(settings_for(upstream, tmp_path / "store", **overrides)))
+        settings = settings_for(upstream, tmp_path / "store", **overrides)
+        return await aiohttp_client(ServedAsTheDaemon(build_app(settings), settings))
 
     return start
 
