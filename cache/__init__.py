@@ -25,7 +25,7 @@ from ._routes import MayRead
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from ._verify import VerifyReport, verify_store
-from .errors import CacheError, DigestMismatch, FillAborted, StoreFailure
+from .errors import CacheError, ClientGone, DigestMismatch, FillAborted, StoreFailure
 
 __all__ = [
     "BlobAnswer",
@@ -36,6 +36,7 @@ __all__ = [
     "CacheResult",
     "CachedImage",
     "CachedTag",
+    "ClientGone",
     "ContentKind",
     "DigestMismatch",
     "DirectoryStore",

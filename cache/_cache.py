@@ -1098,19 +1098,33 @@ class Cache:
     # -- blobs ----------------------------------------------------------------------------------
 
     async def blob(
-        self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead = None
+        self,
+        source: Source,
+        repository: RepositoryName,
+        digest: Digest,
+        may_read: MayRead = None,
+        client_gone: Callable[[], bool] | None = None,
     ) -> BlobAnswer:
         """The stored blob, or a started reader of its fill (joined, or started now).
 
         ``may_read`` tells which routes the caller may read (None: all). Content known only
         under routes it may not read is confirmed under this one with an upstream HEAD first;
         the upstream's 404 is then the caller's answer (see ``_routes``). An answer fires the
-        prefetch this blob arms, if any (see ``_prefetch``)."""
-        answer = await self._blob(source, repository, digest, may_read)
+        prefetch this blob arms, if any (see ``_prefetch``). ``client_gone`` says whether the
+        client left: one that leaves while its download waits to begin gets :class:`ClientGone`
+        and gives up its place (see ``FillReader.wait_started``)."""
+        answer = await self._blob(source, repository, digest, may_read, client_gone)
         self.prefetches.fire(source.host, repository, digest)
         return answer
 
-    async def _blob(self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead) -> BlobAnswer:
+    async def _blob(
+        self,
+        source: Source,
+        repository: RepositoryName,
+        digest: Digest,
+        may_read: MayRead,
+        client_gone: Callable[[], bool] | None,
+    ) -> BlobAnswer:
         reader = self.fills.join(digest)
         if reader is None:
             looked = time.monotonic()
@@ -1123,7 +1137,7 @@ class Cache:
                 return WarmBlob(digest, size, self._store.local_path(digest), self._claimed(source.host, digest, "hit"))
             reader = self.fills.join(digest)
         if reader is not None:
-            size = await self._started(reader, source, repository)
+            size = await self._started(reader, source, repository, client_gone=client_gone)
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
                 return FillingBlob(reader, size, self._claimed(source.host, digest, "coalesced"))
@@ -1134,7 +1148,7 @@ class Cache:
             self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
         else:
             result = self._claimed(source.host, digest, result)
-        size = await self._started(reader, source, repository, own=True)
+        size = await self._started(reader, source, repository, own=True, client_gone=client_gone)
         assert size is not None
         return FillingBlob(reader, size, result)
 
@@ -1281,13 +1295,18 @@ class Cache:
 
     @staticmethod
     async def _started(
-        reader: FillReader, source: Source, repository: RepositoryName, *, own: bool = False
+        reader: FillReader,
+        source: Source,
+        repository: RepositoryName,
+        *,
+        own: bool = False,
+        client_gone: Callable[[], bool] | None = None,
     ) -> int | None:
         """The blob's size once its fill answered. None when another route's fill failed before
         its first byte: that failure (a 404, a refused credential) is not this caller's answer,
         and the caller fetches for itself. The reader is closed unless a size is returned."""
         try:
-            return await reader.wait_started()
+            return await reader.wait_started(client_gone)
         except UpstreamError:
             reader.close()
             if own or reader.origin == (source.host, str(repository)):
@@ -1298,13 +1317,18 @@ class Cache:
             raise
 
     async def blob_size(
-        self, source: Source, repository: RepositoryName, digest: Digest, may_read: MayRead = None
+        self,
+        source: Source,
+        repository: RepositoryName,
+        digest: Digest,
+        may_read: MayRead = None,
+        client_gone: Callable[[], bool] | None = None,
     ) -> tuple[int, CacheResult]:
         """For HEAD: the size from the store or a fill in flight, else one upstream HEAD
-        (``may_read`` as in :meth:`blob`)."""
+        (``may_read`` and ``client_gone`` as in :meth:`blob`)."""
         reader = self.fills.join(digest)
         if reader is not None:
-            size = await self._started(reader, source, repository)
+            size = await self._started(reader, source, repository, client_gone=client_gone)
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
                 reader.close()

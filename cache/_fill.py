@@ -1,18 +1,19 @@
 """Single flight: one upstream fetch per digest, followed by every reader as it grows.
 
 A fill is one task per digest, owned by :class:`Fills`, never by a request handler: a client
-that disconnects does not cancel it. It writes the upstream body to a temporary file while
-hashing; readers (every client asking for the digest while it runs, including one that joins
-late) read that file with ``pread`` up to the bytes written so far, so they get their first
-byte without waiting for the end. The last byte of any reader's response is held back until
-the fill has verified the digest, so a reader can never see a complete response of wrong
-bytes; it does not wait for the blob to be made durable (fsync, rename), which follows. If the
-fill fails before the digest is verified, every reader gets :class:`FillAborted` (its
-response must be cut) and nothing is kept; if only storing fails after, readers finish from
-the open file (their bytes are verified) and nothing is kept. A body cut mid-way is resumed from the offset
-reached (``Range``), or refetched and the known prefix skipped, up to ``MAX_RESUMES`` times;
-the digest is still verified end to end. The digest's entry leaves the registry in
-``finally``, so nothing leaks.
+that disconnects does not cancel it once its download began. One whose every client left while
+it waited for a download slot or the upstream's first answer is dropped (a prefetch's is kept).
+It writes the upstream body to a temporary file while hashing; readers (every client asking for
+the digest while it runs, including one that joins late) read that file with ``pread`` up to the
+bytes written so far, so they get their first byte without waiting for the end. The last byte of
+any reader's response is held back until the fill has verified the digest, so a reader can never
+see a complete response of wrong bytes; it does not wait for the blob to be made durable (fsync,
+rename), which follows. If the fill fails before the digest is verified, every reader gets
+:class:`FillAborted` (its response must be cut) and nothing is kept; if only storing fails
+after, readers finish from the open file (their bytes are verified) and nothing is kept. A body
+cut mid-way is resumed from the offset reached (``Range``), or refetched and the known prefix
+skipped, up to ``MAX_RESUMES`` times; the digest is still verified end to end. The digest's
+entry leaves the registry in ``finally``, so nothing leaks.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from moorage.upstreams.reference import Digest, RepositoryName
 from ._observer import CacheObserver, NullCacheObserver
 from ._source import BlobSource
 from ._store import BlobStore, Fingerprint, PendingBlob
-from .errors import DigestMismatch, FillAborted, StoreFailure
+from .errors import ClientGone, DigestMismatch, FillAborted, StoreFailure
 
 __all__ = ["Fill", "FillReader", "Fills"]
 
@@ -41,6 +42,8 @@ MAX_RESUMES: Final = 3
 #: Pieces of CHUNK_SIZE waiting for the writer: bounds memory per fill to about 4 MiB.
 WRITE_QUEUE: Final = 3
 RECENTLY_COMMITTED: Final = 1024
+#: Seconds between looks, while a client waits for its download to begin, at whether it left.
+CLIENT_GONE_POLL: Final = 0.5
 log = logging.getLogger("moorage.cache")
 
 
@@ -126,6 +129,11 @@ class Fill:
         self._pending: PendingBlob | None = None
         self._progress = asyncio.Event()
         self._readers = 0
+        #: A fill that goes on with no reader (a prefetch's); others are dropped when every
+        #: reader left before the download began (``_abandon``).
+        self.kept = False
+        self.abandoned = False
+        self.task: asyncio.Task[None] | None = None
         self._task_done = False
         self._observer = observer
         self._on_done = on_done
@@ -159,7 +167,17 @@ class Fill:
             self.state = "failed"
             self.error = exc
             self._leave_registry()  # before any await: no client may join a failed fill
-            if not isinstance(exc, asyncio.CancelledError):
+            if self.abandoned:
+                log.info(
+                    "fill dropped: its clients left before its download began",
+                    extra={
+                        "event": "fill_abandoned",
+                        "upstream": self.origin[0],
+                        "repository": self.origin[1],
+                        "digest": str(self.digest),
+                    },
+                )
+            elif not isinstance(exc, asyncio.CancelledError):
                 # Counted before any await: a reader cut by this failure may already be
                 # telling its client, who then finds the failure in the metrics.
                 # A digest the upstream does not have is an answer, and any client can ask for
@@ -299,7 +317,19 @@ class Fill:
 
     def _remove_reader(self) -> None:
         self._readers -= 1
+        if self._readers == 0 and self.state == "starting" and not self.kept and not self._task_done:
+            self._abandon()
         self._maybe_close()
+
+    def _abandon(self) -> None:
+        """Every client left while the download waited for a slot or for the upstream's answer:
+        drop it rather than fetch, when its turn comes, a blob no one waits for (abandoned
+        requests queued ahead had held up real pulls for a minute). It leaves the registry
+        at once, so a client asking now starts a fill of its own instead of joining this one."""
+        self.abandoned = True
+        self._leave_registry()
+        if self.task is not None:
+            self.task.cancel()
 
     def _maybe_close(self) -> None:
         if self._task_done and self._readers == 0 and self._pending is not None:
@@ -344,11 +374,23 @@ class FillReader:
         ``Fill.body_seconds``; the digest check and fsync follow); None until then."""
         return self._fill.body_seconds
 
-    async def wait_started(self) -> int:
-        """The blob's size, once the upstream answered; the fill's error if it failed first."""
+    async def wait_started(self, client_gone: Callable[[], bool] | None = None) -> int:
+        """The blob's size, once the upstream answered; the fill's error if it failed first.
+        ``client_gone`` is asked every ``CLIENT_GONE_POLL`` seconds until then: once it says
+        the client left, this raises :class:`ClientGone` (close the reader, which gives up
+        its place)."""
         fill = self._fill
         while fill.state == "starting":
-            await fill._progress.wait()
+            progress = fill._progress
+            if client_gone is None:
+                await progress.wait()
+                continue
+            try:
+                async with asyncio.timeout(CLIENT_GONE_POLL):
+                    await progress.wait()
+            except TimeoutError:
+                if client_gone():
+                    raise ClientGone(f"the client left while the download of {fill.digest} waited to begin") from None
         if fill.state == "failed" and fill.written == 0 and fill.error is not None:
             raise fill.error
         if fill.size is None:
@@ -453,8 +495,12 @@ class Fills:
         fill = self._fills.get(digest)
         return fill.add_reader() if fill is not None else None
 
-    def start(self, source: BlobSource, repository: RepositoryName, digest: Digest) -> FillReader:
-        """A reader of a new fill; call only after :meth:`join` found none."""
+    def start(
+        self, source: BlobSource, repository: RepositoryName, digest: Digest, *, kept: bool = False
+    ) -> FillReader:
+        """A reader of a new fill; call only after :meth:`join` found none. A ``kept`` fill
+        (a prefetch's) goes on with no reader; any other is dropped when every reader left
+        before its download began."""
         assert digest not in self._fills
 
         def done() -> None:
@@ -466,9 +512,10 @@ class Fills:
                     self._committed.popitem(last=False)
 
         fill = Fill(digest, (source.host, str(repository)), self._observer, done, self._on_commit)
+        fill.kept = kept
         self._fills[digest] = fill
         reader = fill.add_reader()
-        task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))
+        task = fill.task = asyncio.get_running_loop().create_task(fill.run(self._store, source, repository))
         self._tasks[task] = fill
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return reader

@@ -219,7 +219,7 @@ class Prefetcher:
                     if clients is not None:  # a client's fetch: it needs no slot of ours
                         clients.close()
                         return None
-                    reader = self._fills.start(plan.source, plan.repository, digest)
+                    reader = self._fills.start(plan.source, plan.repository, digest, kept=True)
                     reader.close()  # the fill goes on; a prefetch is not a client following it
                     self._on_start(plan.source.host, digest)
                     downloading[digest] = (time.monotonic(), reader)

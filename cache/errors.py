@@ -4,6 +4,7 @@
     ├── DigestMismatch   bytes from upstream did not hash to the digest asked for; nothing kept
     ├── FillAborted      the fill a reader was following failed; the reader's response must be
     │                    cut (never finished), and nothing was kept
+    ├── ClientGone       the client left while its blob's download waited to begin
     └── StoreFailure     the store could not write (disk full, permissions); nothing kept
         └── IndexFailure the index could not record what the store holds
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["CacheError", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure"]
+__all__ = ["CacheError", "ClientGone", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure"]
 
 
 class CacheError(Exception):
@@ -31,6 +32,11 @@ class DigestMismatch(CacheError):
 
 class FillAborted(CacheError):
     pass
+
+
+class ClientGone(CacheError):
+    """The client left while its blob's download waited for a slot or for the upstream's
+    answer; it gave up its place, and a download no one else waits for is dropped."""
 
 
 class StoreFailure(CacheError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
 from ._state import CACHE, LEAVING, METRICS, ROUTER, SETTINGS, notes
 from ._token_service import token_endpoint
-from .errors import BlobUnknown, OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported
+from .errors import BlobUnknown, OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported, client_left
 
 __all__ = ["add_routes"]
 
@@ -171,6 +172,7 @@ async def blob(
     note = notes(request)
     note.reference = str(digest)
     cache = request.app[CACHE]
+    gone = functools.partial(client_left, request)  # asked while a download waits to begin
     etag = f'"{digest}"'
     headers = {
         **API_VERSION,
@@ -182,13 +184,13 @@ async def blob(
     # one that ends in 304 or 412 only asks whether the blob is there, and starts no download.
     condition = _precondition(request, etag)
     if request.method == "HEAD" or condition is not None:
-        size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read)
+        size, result = await cache.blob_size(route.upstream, route.repository, digest, may_read, gone)
         note.result = result
         if condition is not None:
             return web.Response(status=condition, headers=headers)
         return web.Response(headers={**headers, "Content-Length": str(size), "Accept-Ranges": "bytes"})
     _asked_range(request, etag)  # a malformed one is refused before it costs a download
-    answer = await cache.blob(route.upstream, route.repository, digest, may_read)
+    answer = await cache.blob(route.upstream, route.repository, digest, may_read, gone)
     note.result = answer.result
     if isinstance(answer, FillingBlob):
         return await _stream_fill(request, answer, headers)

@@ -18,7 +18,7 @@ from typing import ClassVar, NotRequired, TypedDict
 
 from aiohttp import web
 
-from moorage.cache import CacheError, DigestMismatch, FillAborted, StoreFailure
+from moorage.cache import CacheError, ClientGone, DigestMismatch, FillAborted, StoreFailure
 from moorage.upstreams import (
     NoRoute,
     UpstreamAuthFailed,
@@ -47,6 +47,7 @@ __all__ = [
     "RouteUnknown",
     "TooManyRequests",
     "Unsupported",
+    "client_left",
     "error_middleware",
 ]
 
@@ -206,9 +207,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _client_left(request: web.Request) -> bool:
+def client_left(request: web.Request) -> bool:
     """The client's connection is gone (a reset raised by something else is a fault of ours)."""
     return request.transport is None or request.transport.is_closing()
+
+
+def _gone(request: web.Request) -> web.StreamResponse:
+    """The answer, recorded and never sent, to a client that left before it began."""
+    note = notes(request)
+    note.error, note.cut = "CLIENT_GONE", True
+    return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
 @web.middleware
@@ -243,6 +251,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                     "error": failure.message if isinstance(failure, BadGateway) else str(error),
                 },
             )
+    except ClientGone:
+        return _gone(request)  # it gave up its place in the download queue: no one to answer
     except CacheError as error:
         failure = _from_cache(error)
         if isinstance(error, DigestMismatch):  # a manifest's: a blob's is its fill's fill_failed
@@ -262,10 +272,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         failure = _from_http(error, request)
     except Exception as error:
-        if isinstance(error, ConnectionResetError) and _client_left(request):
-            note = notes(request)  # it left while its request was read: no one to answer
-            note.error, note.cut = "CLIENT_GONE", True
-            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        if isinstance(error, ConnectionResetError) and client_left(request):
+            return _gone(request)  # it left while its request was read: no one to answer
         log.exception(
             "unexpected error",
             extra={"event": "internal_error", "request_id": notes(request).request_id, "path": request.path[:200]},

@@ -367,6 +367,7 @@ class _RecordingServer:
         self._sites: list[web.TCPSite] = []
         self._port: int | None = None
         self._closing = asyncio.Event()
+        self._released = asyncio.Event()
 
     # -- lifecycle
 
@@ -598,8 +599,19 @@ class _RecordingServer:
             request.transport.abort()
         return web.Response()
 
+    def release_stalls(self) -> None:
+        """Let every body stalled for good (``seconds=None``) go on now."""
+        self._released.set()
+        self._released = asyncio.Event()
+
     async def _pause(self, seconds: float | None) -> bool:
-        """Sleep ``seconds`` (None: until `close`); True if the server closed."""
+        """Sleep ``seconds`` (None: until `release_stalls` or `close`); True if the server closed."""
+        if seconds is None:
+            waits = [asyncio.ensure_future(event.wait()) for event in (self._closing, self._released)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+            return self._closing.is_set()
         try:
             await asyncio.wait_for(self._closing.wait(), seconds)
         except TimeoutError:
@@ -1047,7 +1059,8 @@ class FakeRegistry(_RecordingServer):
         seconds: float | None,
         times: int | None = 1,
     ) -> None:
-        """Send ``after_bytes`` then go silent for ``seconds`` (None: until close)."""
+        """Send ``after_bytes`` then go silent for ``seconds`` (None: until `release_stalls`
+        or close)."""
         self._stalls[digest] = _Stall(after_bytes, seconds, times)
 
     def corrupt_manifest(self, digest: str) -> None:

@@ -466,6 +466,18 @@ async def test_stall_forever_trips_read_timeout(reg: FakeRegistry) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_stall_for_good_ends_when_released(reg: FakeRegistry, client: httpx.AsyncClient) -> None:
+    digest = reg.add_blob(BLOB)
+    reg.stall_blob(digest, 100, None)
+    pulling = asyncio.ensure_future(client.get(f"/v2/{REPO}/blobs/{digest}"))
+    await asyncio.sleep(0.3)
+    assert not pulling.done(), "the body waits"
+    reg.release_stalls()
+    got = await asyncio.wait_for(pulling, 10)
+    assert got.content == BLOB
+
+
+@pytest.mark.asyncio
 async def test_corrupt_keeps_length_and_headers(reg: FakeRegistry, client: httpx.AsyncClient) -> None:
     digest = reg.add_blob(BLOB)
     reg.corrupt_blob(digest, times=1)

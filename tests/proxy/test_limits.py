@@ -1,5 +1,6 @@
 """Limits that keep one client or one upstream from taking the cache down: fills per upstream
-wait their turn, idle and byte-by-byte clients are dropped, oversized requests are refused."""
+wait their turn (and a queued one whose clients all left is dropped), idle and byte-by-byte
+clients are dropped, oversized requests are refused."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import os
 import time
 from pathlib import Path
 
-from moorage.proxy._serve import running
-from tests.fakes import FakeRegistry
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
-from .conftest import StartMoorage, settings_for
+from moorage.proxy._serve import running
+from moorage.proxy._state import CACHE
+from tests.fakes import FakeRegistry
+from tests.polling import until
+
+from .conftest import StartMoorage, settings_for, until_settled
 
 
 async def test_fills_per_upstream_wait_their_turn(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
@@ -29,6 +35,91 @@ async def test_fills_per_upstream_wait_their_turn(start_moorage: StartMoorage, u
     bodies = await asyncio.gather(*(pull(d) for d in blobs))
     assert ["sha256:" + hashlib.sha256(b).hexdigest() for b in bodies] == blobs, "every pull completes"
     assert upstream.most_blob_bodies_in_flight == 2
+
+
+def _filling(moorage: TestClient[web.Request, web.Application]) -> list[str]:
+    return [str(digest) for digest in moorage.app[CACHE].fills.digests]
+
+
+async def _asked(
+    moorage: TestClient[web.Request, web.Application], path: str, method: str = "GET"
+) -> asyncio.StreamWriter:
+    """Send a request on a connection of its own, reading no answer; close the writer to leave."""
+    server = moorage.server
+    _, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    return writer
+
+
+async def _left(*writers: asyncio.StreamWriter) -> None:
+    for writer in writers:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _slot_held(
+    moorage: TestClient[web.Request, web.Application], upstream: FakeRegistry
+) -> tuple[asyncio.Future[bytes], bytes]:
+    """A pull whose body stalls (until ``release_stalls``) while holding the only download slot."""
+    data = os.urandom(200_000)
+    digest = upstream.add_blob(data)
+    upstream.stall_blob(digest, 50_000, None)
+
+    async def pull() -> bytes:
+        response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+        return await response.read()
+
+    pulling = asyncio.ensure_future(pull())
+    await until(lambda: _filling(moorage) == [digest])
+    return pulling, data
+
+
+async def test_a_queued_download_whose_clients_all_left_is_dropped(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(upstream_settings={"max_concurrent_fills": 1, "prefetch_blobs": 0})
+    holding, held_data = await _slot_held(moorage, upstream)
+    data = os.urandom(100_000)
+    queued = upstream.add_blob(data)
+    pulling = await _asked(moorage, f"/v2/alpine/blobs/{queued}")
+    await until(lambda: queued in _filling(moorage))
+    asking_size = await _asked(moorage, f"/v2/alpine/blobs/{queued}", "HEAD")  # shares the download
+    await until(lambda: moorage.app[CACHE].fills.readers == 3)  # the stalled pull's client and both
+    await _left(pulling, asking_size)
+    await until(lambda: queued not in _filling(moorage))
+
+    upstream.release_stalls()
+    assert await holding == held_data
+    await until_settled(moorage)
+    assert upstream.count("GET", f"/blobs/{queued}") == 0, "nobody waits for it: it is not fetched"
+    response = await moorage.get(f"/v2/alpine/blobs/{queued}")
+    assert response.status == 200
+    assert await response.read() == data, "a client asking later gets it"
+    assert upstream.count("GET", f"/blobs/{queued}") == 1
+
+
+async def test_a_queued_download_goes_on_while_one_of_its_clients_waits(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    moorage = await start_moorage(upstream_settings={"max_concurrent_fills": 1, "prefetch_blobs": 0})
+    holding, held_data = await _slot_held(moorage, upstream)
+    data = os.urandom(100_000)
+    queued = upstream.add_blob(data)
+    staying = asyncio.ensure_future(moorage.get(f"/v2/alpine/blobs/{queued}"))
+    await until(lambda: queued in _filling(moorage))
+    leaving = await _asked(moorage, f"/v2/alpine/blobs/{queued}")
+    await until(lambda: moorage.app[CACHE].fills.readers == 3)  # the stalled pull's client and both
+    await _left(leaving)
+    await asyncio.sleep(1.5)  # three looks at whether the clients left
+    assert queued in _filling(moorage), "one client still waits for it"
+
+    upstream.release_stalls()
+    assert await holding == held_data
+    response = await staying
+    assert response.status == 200
+    assert await response.read() == data
+    assert upstream.count("GET", f"/blobs/{queued}") == 1
 
 
 async def test_idle_and_byte_by_byte_clients_are_dropped(upstream: FakeRegistry, tmp_path: Path) -> None:
