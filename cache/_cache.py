@@ -212,6 +212,9 @@ class Cache:
         self._stored_during_walk: dict[Digest, int] | None = None
         #: Set when a store took the store over its cap while a pass ran: one more pass then.
         self._pass_again = False
+        #: When (the cache's clock) a size pass last ended above the high watermark; None once
+        #: one got under it (see ``_held_off``).
+        self._short_since: float | None = None
         self._closing = False
         self._revalidate_timeout = revalidate_timeout
         self._stale_backoff = stale_backoff
@@ -430,9 +433,16 @@ class Cache:
                 and self._stored_since_disk_full_pass * 2 >= self._disk_full_freed
             )
         else:
-            wanted = self._over_cap()
+            wanted = self._over_cap() and not self._held_off()
         if wanted and (self._evicting is None or self._evicting.done()):
             self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
+
+    def _held_off(self) -> bool:
+        """The last size pass ended above the high watermark less than ``RECENT_SECONDS`` ago.
+        What it left was in use (read in the last seconds, being filled, or an image served
+        lately), and no pass takes it out before some of that ages. Each pass walks the whole
+        store: one per stored blob meanwhile had kept a core walking it."""
+        return self._short_since is not None and self._clock() - self._short_since < RECENT_SECONDS
 
     async def evict(self, reason: str = "size") -> None:
         """One pass: least recently used content out until the store is under the low watermark
@@ -454,7 +464,7 @@ class Cache:
                     return  # the next store asks again
             # Content stored while the pass ran took the store over its cap again: without
             # another pass it would stay there until the next store.
-            if self._closing or not (self._pass_again and self._over_cap()):
+            if self._closing or not (self._pass_again and self._over_cap()) or self._held_off():
                 return
             reason = "size"
 
@@ -556,10 +566,23 @@ class Cache:
                 "max_size": self.max_size,
             },
         )
-        if self.store_bytes > short:
+        # Judged by what the walk saw: content stored during it is the next pass's (_pass_again).
+        ended_short = result.store_bytes > short
+        # Said once until a pass gets under again: passes while it lasts would repeat it.
+        first_short = ended_short and (reason != "size" or self._short_since is None)
+        if reason == "size":
+            self._short_since = self._clock() if ended_short else None
+        if first_short:
             log.warning(
-                "store above its cap after eviction: what is left was read in the last seconds or is being filled",
-                extra={"event": "eviction_short", "store_bytes": self.store_bytes, "target_bytes": target},
+                "eviction left the store above its limit: what is left was read in the last seconds,"
+                " is being filled or belongs to an image served lately",
+                extra={
+                    "event": "eviction_short",
+                    "reason": reason,
+                    "store_bytes": self.store_bytes,
+                    "limit_bytes": short,
+                    "target_bytes": target,
+                },
             )
 
     # -- garbage collection and lifecycle policies ------------------------------------------------

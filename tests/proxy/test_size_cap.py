@@ -6,7 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from moorage.cache import _cache as cache_module
+from moorage.cache import _evict
 from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
@@ -166,3 +171,56 @@ async def test_a_tag_answered_revalidated_is_a_read_for_the_cap(
     stale_at = cache._clock()
     assert (await moorage.head("/v2/once/manifests/1")).headers["X-Moorage-Cache"] == "stale"
     assert cache._eviction_order()[parse_digest(once.digest)] >= stale_at
+
+
+async def test_a_store_held_above_its_cap_by_content_in_use_is_not_walked_per_stored_blob(
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pass that could not get under the high watermark left only content in use (read in
+    the last seconds by busy clients). Each pass walks the whole store, seconds for 100,000
+    blobs, and one had run for every blob stored meanwhile."""
+    walks: list[int] = []
+    walk = _evict.evict_to
+
+    def all_in_use(store: Any, index: Any, target_bytes: int, *rest: Any) -> Any:
+        walks.append(1)
+        return walk(store, index, 2**62, *rest)  # a walk that finds nothing it may remove
+
+    def evicting(*args: Any) -> Any:
+        walks.append(1)
+        return walk(*args)
+
+    monkeypatch.setattr(cache_module, "evict_to", all_in_use)
+    caplog.set_level("INFO", logger="moorage.cache")
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store), "max_size": "1MiB"})
+    for _ in range(4):
+        digest = upstream.add_blob(os.urandom(260 * KiB))
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+    assert len(walks) == 1, "the store went over its cap: a pass, which could remove nothing"
+    for _ in range(5):
+        digest = upstream.add_blob(os.urandom(10 * KiB))
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+    assert len(walks) == 1, "no pass while nothing in the store could have aged out of use"
+
+    async def five_seconds_on_one_more_stored() -> None:
+        advance_clock(moorage, 6)  # what was in use may have aged out of it: passes again
+        digest = upstream.add_blob(os.urandom(10 * KiB))
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+
+    await five_seconds_on_one_more_stored()
+    assert len(walks) == 2, "a pass once what was in use may have aged"
+    short = [record for record in caplog.records if getattr(record, "event", "") == "eviction_short"]
+    assert len(short) == 1, "said once, not at every pass"
+
+    monkeypatch.setattr(cache_module, "evict_to", evicting)
+    await five_seconds_on_one_more_stored()
+    assert len(walks) == 3
+    assert store_bytes(store) <= 0.95 * 1024 * KiB, "the next pass got under the cap"
