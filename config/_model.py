@@ -284,6 +284,9 @@ class UpstreamSettings(_Section):
     #: Or the name of an environment variable holding it (CI service containers, where a
     #: secret arrives as a variable and no file can be mounted); read at start, never logged.
     password_env: str | None = None
+    #: PEM CA certificates trusted for this upstream's TLS (a private registry's own CA),
+    #: beside the public CAs and the system's store.
+    ca_file: OptionalFile = None
     #: Freshness of a tag answer for this upstream; the global ``tag_ttl`` when unset.
     tag_ttl: Seconds | None = None
     #: Add ``library/`` to one-component names (Docker Hub's official images).

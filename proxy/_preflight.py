@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from moorage.config import ConfigError, Settings
-from moorage.upstreams import read_password
+from moorage.upstreams import read_password, trust_for
 
 from ._auth import Htpasswd
 from ._tls import ServerTls
@@ -58,6 +58,7 @@ def _file_problems(settings: Settings) -> tuple[list[str], Htpasswd | None]:
             problems.append(f"auth.token_signing_key_file: {exc}")
     for index, upstream in enumerate(settings.upstreams):
         _collect(problems, partial(read_password, index, upstream, warn=False))  # serving warns
+        _collect(problems, partial(trust_for, index, upstream))
     store = _store_problem(settings.storage.path)
     if store is not None:
         problems.append(f"storage.path: {store}")

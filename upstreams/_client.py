@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
@@ -34,6 +35,7 @@ from ._network import wide_read_transport
 from ._pages import ReferrersPage, TagsPage, error_codes, referrers_page, tags_page
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
+from ._trust import trust_for
 from .errors import (
     HeadRefused,
     ManifestTooLarge,
@@ -250,8 +252,11 @@ class RegistryClient:
         password: str | None = None,
         observer: UpstreamObserver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        trust: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        if trust is None:
+            trust = trust_for(None, settings)
         self.host = settings.host
         self.ratelimit: RateLimitState | None = None
         self._observer: UpstreamObserver = observer or NullObserver()
@@ -267,12 +272,18 @@ class RegistryClient:
         limits = httpx.Limits(
             max_connections=settings.max_concurrent_fills + 32, max_keepalive_connections=32, keepalive_expiry=30
         )
-        common = {"timeout": timeout, "limits": limits, "headers": {"User-Agent": USER_AGENT}, "transport": transport}
+        common = {
+            "timeout": timeout,
+            "limits": limits,
+            "headers": {"User-Agent": USER_AGENT},
+            "transport": transport,
+            "verify": trust,
+        }
         if transport is None and not _proxied_from_environment():
             # Blob bodies come through this client: its reads ask for 1 MiB (``_network``). With
             # a proxy set in the environment httpx's own transport is kept, the one that honours
             # the proxy settings (a transport of ours would make httpx ignore them).
-            common["transport"] = wide_read_transport(limits)
+            common["transport"] = wide_read_transport(limits, trust)
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             follow_redirects=True,

@@ -103,9 +103,10 @@ class _WideReadTransport(httpx.AsyncHTTPTransport):
     pool is set here; its ``_pool`` is the one name of httpx's this relies on (pinned in
     pyproject.toml, and the tests fail if it changes)."""
 
-    def __init__(self, limits: httpx.Limits) -> None:  # no super().__init__: its pool would go unused
+    def __init__(self, limits: httpx.Limits, trust: ssl.SSLContext) -> None:
+        # No super().__init__: its pool would go unused.
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=trust,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -113,11 +114,12 @@ class _WideReadTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def wide_read_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """An httpx transport with ``limits`` whose reads ask for ``READ_SIZE`` bytes. It goes
-    straight to the server: a client given a transport of its own ignores the proxies set in
-    the environment, so the registry client uses this one only where none is set."""
-    return _WideReadTransport(limits)
+def wide_read_transport(limits: httpx.Limits, trust: ssl.SSLContext) -> httpx.AsyncBaseTransport:
+    """An httpx transport with ``limits`` whose reads ask for ``READ_SIZE`` bytes, checking
+    servers' certificates with ``trust``. It goes straight to the server: a client given a
+    transport of its own ignores the proxies set in the environment, so the registry client
+    uses this one only where none is set."""
+    return _WideReadTransport(limits, trust)
 
 
 #: What httpcore uses of anyio (its locks, events and cancel scopes, and for Unix sockets its

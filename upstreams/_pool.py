@@ -1,6 +1,6 @@
 """The set of upstream clients built from the settings, as one async resource.
 
-``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` at start (a
+``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` and ``ca_file`` at start (a
 missing file or variable is a configuration error naming the upstream, an empty variable means
 anonymous pulls and a warning; each client rereads the file when it changes, so a rotated
 password needs no restart), loads the network modules the first request would otherwise
@@ -22,6 +22,7 @@ from moorage.config import ConfigError, UnreadableFile, UpstreamSettings, read_t
 from ._client import RegistryClient, UpstreamObserver
 from ._network import load_network_modules
 from ._routing import Router
+from ._trust import trust_for
 
 __all__ = ["open_upstreams", "read_password"]
 
@@ -66,7 +67,13 @@ async def open_upstreams(
 ) -> AsyncIterator[Router[RegistryClient]]:
     await load_network_modules()
     clients = [
-        RegistryClient(settings, password=read_password(i, settings), observer=observer, transport=transport)
+        RegistryClient(
+            settings,
+            password=read_password(i, settings),
+            observer=observer,
+            transport=transport,
+            trust=trust_for(i, settings),
+        )
         for i, settings in enumerate(upstreams)
     ]
     try:

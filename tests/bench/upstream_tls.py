@@ -69,7 +69,8 @@ async def cpu_ms_per_blob(url: str, digests: list[str], streams: str, past_h11: 
     if not past_h11:
         body_module.DirectBody.of = classmethod(lambda cls, response: None)  # type: ignore[assignment]
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    transport = wide_read_transport(limits) if streams == "asyncio" else AnyioTransport(limits)
+    trust = httpx.create_ssl_context()  # SSL_CERT_FILE, set above
+    transport = wide_read_transport(limits, trust) if streams == "asyncio" else AnyioTransport(limits)
     client = RegistryClient(UpstreamSettings.model_validate({"host": "docker.io", "url": url}), transport=transport)
     samples = []
     try:

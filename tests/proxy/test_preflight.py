@@ -27,7 +27,7 @@ def moorage(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
 
 
 def write_config(directory: Path, **files: Path) -> Path:
-    """A settings file naming ``files``: cert, key, htpasswd, groups, signing_key, password, store."""
+    """A settings file naming ``files``: cert, key, htpasswd, groups, signing_key, password, ca, store."""
     config = directory / "config.yaml"
     config.write_text(
         f"""listen: 127.0.0.1:0
@@ -38,7 +38,8 @@ auth:
   groups_file: "{files["groups"]}"
   token_signing_key_file: "{files["signing_key"]}"
 upstreams:
-  - {{host: a.io, url: "https://a.io", default: true, username: robot, password_file: "{files["password"]}"}}
+  - {{host: a.io, url: "https://a.io", default: true, username: robot, password_file: "{files["password"]}",
+     ca_file: "{files["ca"]}"}}
 """
     )
     return config
@@ -60,6 +61,7 @@ def good_files(directory: Path) -> dict[str, Path]:
     password.write_text("hunter2\n")
     return {
         "cert": cert,
+        "ca": cert,  # self-signed: its own CA
         "key": key,
         "htpasswd": htpasswd,
         "groups": groups,
@@ -86,6 +88,7 @@ def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> N
         **files,
         "cert": tmp_path / "absent.crt",
         "password": tmp_path / "absent-password",
+        "ca": files["groups"],  # no certificate in it
     }
     config = write_config(tmp_path, **broken)
     checked = moorage("check-config", str(config))
@@ -97,6 +100,7 @@ def test_check_config_reports_every_file_serve_would_refuse(tmp_path: Path) -> N
         "auth.htpasswd_file:",
         "auth.token_signing_key_file:",
         "upstreams[0].password_file: cannot read",
+        "upstreams[0].ca_file: cannot load",
         f"storage.path: {files['store']} is not a directory",
     ):
         assert problem in checked.stderr, checked.stderr

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpcore
 import pytest
 
-from moorage.config import UpstreamSettings
-from moorage.upstreams import RegistryClient, UpstreamUnavailable
+from moorage.config import ConfigError, UpstreamSettings
+from moorage.upstreams import RegistryClient, UpstreamUnavailable, trust_for
 from moorage.upstreams._network import READ_SIZE, WideReadStream
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
@@ -132,6 +132,47 @@ async def test_bodies_arrive_over_verified_tls(tmp_path: Path, monkeypatch: pyte
                 await read_blob(untrusting, digest)
         finally:
             await untrusting.aclose()
+
+
+async def test_an_upstream_signed_by_a_private_ca_is_trusted_through_its_ca_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A company's registry: its CA named for that upstream alone, no variable replacing the
+    public CAs (and the token service, on the same host, checked against it too)."""
+    cert, key = await asyncio.to_thread(self_signed_certificate, tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    registry = FakeRegistry(auth="bearer")
+    registry.ssl_context = server_context
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    data = os.urandom(MiB)
+    async with registry:
+        digest = parse_digest(registry.add_blob(data))
+        trusting = client_for(registry, ca_file=str(cert))
+        try:
+            assert (await read_blob(trusting, digest))[0] == data
+            assert registry.count(None, "/token") == 1, "the token came over the same trust"
+        finally:
+            await trusting.aclose()
+        untrusting = client_for(registry)
+        try:
+            with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await read_blob(untrusting, digest)
+        finally:
+            await untrusting.aclose()
+
+
+def test_a_ca_file_that_holds_no_certificate_is_refused_by_name(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    settings = UpstreamSettings.model_validate(
+        {"host": "registry.corp", "url": "https://registry.corp", "ca_file": str(not_pem)}
+    )
+    with pytest.raises(ConfigError, match=r"upstreams\[2\]\.ca_file: cannot load .*ca\.pem: no PEM certificate in it"):
+        trust_for(2, settings)
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.ca_file: cannot load .*absent\.pem: No such file"):
+        trust_for(0, settings.model_copy(update={"ca_file": tmp_path / "absent.pem"}))
 
 
 class ImportSearches:
