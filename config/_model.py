@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -254,13 +255,20 @@ class LifecycleBinding(_Section):
     policy_file: RequiredPath
 
     @model_validator(mode="after")
-    def _readable(self) -> LifecycleBinding:
-        _check_policy(self.policy_file)
+    def _readable(self, info: ValidationInfo) -> LifecycleBinding:
+        _check_policy(self.policy_file, info)
         return self
 
 
-def _check_policy(path: Path) -> None:
-    """A policy file must load when the settings do (it is read again at every pass)."""
+#: Validation context of settings checked away from the machine that serves them.
+SKIP_FILES: Final = "skip_files"
+
+
+def _check_policy(path: Path, info: ValidationInfo) -> None:
+    """A policy file must load when the settings do (it is read again at every pass). Checked
+    away from the serving machine (``SKIP_FILES``), one that is not there is passed over."""
+    if info.context and info.context.get(SKIP_FILES) and not path.exists():
+        return
     try:
         load_lifecycle_policy(path)
     except LifecyclePolicyError as exc:
@@ -325,9 +333,9 @@ class UpstreamSettings(_Section):
 
     @field_validator("lifecycle_policy_file")
     @classmethod
-    def _policy_readable(cls, value: Path | None) -> Path | None:
+    def _policy_readable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None:
-            _check_policy(value)
+            _check_policy(value, info)
         return value
 
     @property

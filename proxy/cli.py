@@ -231,12 +231,12 @@ def _start_failed(message: str) -> NoReturn:
     "--skip-files",
     is_flag=True,
     help="Check the settings alone: do not read the certificates, htpasswd, groups, key and password "
-    "files they name, nor look at the store directory (lifecycle policies are always read).",
+    "files they name, nor look at the store directory; lifecycle policy files are read where they are there.",
 )
 def check_config(file: Path, skip_files: bool) -> None:
     """Validate a settings file (and MOORAGE_* variables) as serving would, without serving."""
     try:
-        settings = load_settings(file, os.environ)
+        settings = load_settings(file, os.environ, skip_files=skip_files)
     except ConfigError as error:
         fail(str(error))
     if not skip_files:

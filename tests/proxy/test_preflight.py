@@ -220,3 +220,24 @@ def test_a_store_whose_index_serve_could_not_write_fails_the_check(tmp_path: Pat
         checked = moorage("check-config", str(config))
     assert checked.returncode == 2, checked.stdout
     assert f"storage.path: {store / 'index' / 'cache.db'} is not writable" in checked.stderr
+
+
+def test_check_config_away_from_the_server_passes_over_policy_files_not_there(tmp_path: Path) -> None:
+    """The manual's check before a Helm upgrade: the rendered config.yaml alone, its lifecycle
+    policies named where the pod mounts them."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "upstreams:\n"
+        "  - {host: docker.io, url: https://registry-1.docker.io, default: true,"
+        " lifecycle_policy_file: /etc/moorage/settings/lifecycle-docker.io-all.json}\n"
+    )
+    served_here = moorage("check-config", str(config))
+    assert served_here.returncode == 2 and "upstreams[0].lifecycle_policy_file" in served_here.stderr
+    away = moorage("check-config", "--skip-files", str(config))
+    assert away.returncode == 0, away.stderr
+    assert "files not read" in away.stdout
+    broken = tmp_path / "policy.json"
+    broken.write_text('{"rules": "not a list"}')
+    config.write_text(config.read_text().replace("/etc/moorage/settings/lifecycle-docker.io-all.json", str(broken)))
+    checked = moorage("check-config", "--skip-files", str(config))
+    assert checked.returncode == 2 and "upstreams[0].lifecycle_policy_file" in checked.stderr, "one there is read"
