@@ -42,6 +42,11 @@ class WarmFailed(Exception):
     """An image could not be pulled through the cache; the message says which and why."""
 
 
+class NotTheCache(WarmFailed):
+    """The server answered a manifest as no Moorage does: ``--url`` names something else (the
+    upstream registry itself), where nothing would be cached. Ends the run."""
+
+
 class WarmIncomplete(WarmFailed):
     """Some images could not be pulled; every other one was (``warmed``). One typo in a list
     of images no longer leaves the images after it cold."""
@@ -99,6 +104,8 @@ async def warm(
             for image in images:
                 try:
                     warmed.append(await _warm_one(session, image, platforms, progress, referrers))
+                except NotTheCache:
+                    raise
                 except WarmFailed as failure:
                     failures.append(failure)
                 except aiohttp.ClientPayloadError as cut:
@@ -138,8 +145,14 @@ async def _find_manifest(
         if response.status == 404:
             return _error_text(response.status, body)
         if response.status != 200:
-            raise WarmFailed(f"{image}: {reference}: {_error_text(response.status, body)}")
-        warmed.results[response.headers.get("X-Moorage-Cache", "unknown")] += 1
+            own = str(image).endswith((f":{reference}", f"@{reference}"))  # named once, not twice
+            raise WarmFailed(f"{image}: {'' if own else f'{reference}: '}{_error_text(response.status, body)}")
+        if "X-Moorage-Cache" not in response.headers:
+            raise NotTheCache(
+                "the server answered without Moorage's X-Moorage-Cache header, so nothing was cached:"
+                " --url must name the cache, not a registry"
+            )
+        warmed.results[response.headers["X-Moorage-Cache"]] += 1
         return json.loads(body), response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
 
 

@@ -54,7 +54,7 @@ from moorage.config import (
     settings_source,
     split_address,
 )
-from moorage.upstreams.reference import InvalidReference, parse_image_reference
+from moorage.upstreams.reference import ImageReference, InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
@@ -491,14 +491,18 @@ def _stats_table(report: StatsReport) -> Table:
     return table
 
 
-def _read_images(images: Sequence[str], file: Path | None) -> list[str]:
-    names = list(images)
+def _read_images(images: Sequence[str], file: Path | None) -> list[tuple[str | None, str]]:
+    """(where it was written, the image): the arguments, then ``file``'s lines, each named
+    ``FILE:LINE``; ``#`` starts a comment (no image reference holds one)."""
+    names: list[tuple[str | None, str]] = [(None, image) for image in images]
     if file is not None:
         try:
             lines = read_text(file).splitlines()
         except UnreadableFile as error:
             fail(f"cannot read {file}: {error}")
-        names += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        for number, line in enumerate(lines, 1):
+            if name := line.partition("#")[0].strip():
+                names.append((f"{file}:{number}", name))
     if not names:
         fail("name at least one image (or -f FILE)")
     return names
@@ -546,10 +550,14 @@ def warm_command(
     if url is not None and (problem := url_problem(url, path_ok=False, user_ok=True)) is not None:
         fail(problem)
     default = settings_from(config).default_host or "docker.io"
-    try:
-        references = [parse_image_reference(name, default) for name in _read_images(images, file)]
-    except InvalidReference as error:
-        fail(str(error))
+    references: list[ImageReference] = []
+    #: Images that are no image reference: named with the others that failed, at the end.
+    unreadable: list[str] = []
+    for where, name in _read_images(images, file):
+        try:
+            references.append(parse_image_reference(name, default))
+        except InvalidReference as error:
+            unreadable.append(f"{where}: {error}" if where else str(error))
     wanted = None if all_platforms else list(platforms or ["linux/amd64"])
     from ._warm import WarmFailed, WarmIncomplete, progress_bars, warm
 
@@ -571,13 +579,13 @@ def warm_command(
                         local, references, wanted, progress, referrers=with_referrers, unix_socket=unix_socket
                     )
 
-    failures: list[WarmFailed] = []
+    failures: list[WarmFailed] = [WarmFailed(text) for text in unreadable]
     try:
-        warmed = asyncio.run(run())
+        warmed = asyncio.run(run()) if references else []
     except ConfigError as error:  # the store cannot be used (not a directory, not writable)
         fail(str(error.named(settings_source(settings_file(config), os.environ))))
     except WarmIncomplete as incomplete:
-        warmed, failures = incomplete.warmed, incomplete.failures
+        warmed, failures = incomplete.warmed, failures + incomplete.failures
     except WarmFailed as error:
         fail(str(error))
     except OSError as error:
@@ -590,7 +598,7 @@ def warm_command(
     if failures:
         for failure in failures:
             click.echo(f"moorage: {failure}", err=True)
-        fail(f"{len(failures)} of {len(references)} images not warmed")
+        fail(f"{len(failures)} of {len(references) + len(unreadable)} images not warmed")
 
 
 @main.command(epilog="Examples:\n\n  moorage verify\n\n  moorage verify --repair --rate 50MiB --store /var/lib/moorage")

@@ -129,6 +129,21 @@ def test_one_image_that_fails_leaves_the_others_warm(upstream: Upstream, tmp_pat
     assert sorted(listed) == ["library/multi", "library/tiny"]
 
 
+def test_a_line_of_the_image_file_that_is_no_image_is_named_and_the_rest_warmed(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A malformed line (a capital letter) stopped warm before it began, naming neither the
+    file nor the line; a comment after an image was read as part of its tag."""
+    config = write_config(tmp_path, upstream.registry)
+    images = tmp_path / "images.txt"
+    images.write_text("# CI's images\ntiny:1\nTiny:1\nmulti:1   # the multi-platform one\n")
+    result = moorage("warm", "-f", str(images), config=config, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "docker.io/library/tiny:1: 3 blobs" in result.stdout and "docker.io/library/multi:1" in result.stdout
+    assert f"{images}:3: invalid name 'Tiny'" in result.stderr
+    assert "1 of 3 images not warmed" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_warm_on_a_store_whose_settings_ask_clients_to_sign_in(upstream: Upstream, tmp_path: Path) -> None:
     """Users and access rules are for the cache's clients; whoever may open the store warms it
     without signing in (the in-process cache is reached only through a private socket)."""

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from moorage.proxy._warm import WarmIncomplete, warm
+from moorage.proxy._warm import NotTheCache, WarmIncomplete, warm
 from moorage.upstreams.reference import parse_image_reference
 from tests.fakes import FakeRegistry
 
@@ -34,3 +34,26 @@ async def test_a_transfer_the_cache_cuts_fails_that_image_and_warms_the_rest(
     ]
     (failure,) = incomplete.value.failures
     assert "docker.io/owner/broken:1: the cache cut a transfer" in str(failure)
+
+
+async def test_a_url_that_names_the_registry_itself_is_refused_not_reported_warmed(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """Pointed at the upstream by mistake, warm pulled every image from it, cached nothing, and
+    said each was warmed."""
+    upstream.add_image("owner/app", "1", [os.urandom(1000)])
+    names = [parse_image_reference(f"owner/app:{tag}") for tag in ("1", "2")]
+    with pytest.raises(NotTheCache, match="--url must name the cache, not a registry"):
+        await warm(upstream.url, names, None, None)
+    assert upstream.count("GET", "/blobs/") == 0, "it stopped at the first answer"
+    warmed = await warm(str(moorage.make_url("")), names[:1], None, None)
+    assert [image.image for image in warmed] == ["docker.io/owner/app:1"]
+
+
+async def test_a_failed_manifest_names_the_image_once(moorage: Client, upstream: FakeRegistry) -> None:
+    upstream.add_image("owner/app", "1", [os.urandom(1000)])
+    upstream.fail_next(10, 503, paths=r"/manifests/")
+    with pytest.raises(WarmIncomplete) as incomplete:
+        await warm(str(moorage.make_url("")), [parse_image_reference("owner/app:1")], None, None)
+    (failure,) = incomplete.value.failures
+    assert str(failure).startswith("docker.io/owner/app:1: HTTP 503"), str(failure)
