@@ -485,6 +485,22 @@ class Settings(_Section):
             raise ValueError(f"not a listen address: {value!r} (expected host:port, e.g. 0.0.0.0:5000)")
         return value
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_apart(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Not the pull listener's address: serve failed at start blaming another process."""
+        listen = info.data.get("listen")
+        if value is None or listen is None:
+            return value
+        (host, port), (pull_host, pull_port) = split_address(value), split_address(listen)
+        every = {"0.0.0.0", "::"}
+        if port == pull_port != 0 and (host == pull_host or host in every or pull_host in every):
+            raise ValueError(
+                f"{value!r} is the address listen takes ({listen!r}): give the metrics a port of their own,"
+                " or leave metrics_listen unset to serve /metrics on listen"
+            )
+        return value
+
     @field_validator("upstreams")
     @classmethod
     def _upstreams(cls, values: tuple[UpstreamSettings, ...]) -> tuple[UpstreamSettings, ...]:

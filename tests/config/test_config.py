@@ -103,6 +103,11 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param("tag_ttl: soon\n", "tag_ttl: not a duration", id="bad_duration"),
         pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
         pytest.param("listen: 5000\n", 'listen: must be host:port, quoted, e.g. "0.0.0.0:5000"', id="listen_a_port"),
+        pytest.param(
+            "listen: 0.0.0.0:5002\nmetrics_listen: 127.0.0.1:5002\n",
+            "metrics_listen: '127.0.0.1:5002' is the address listen takes ('0.0.0.0:5002')",
+            id="metrics_on_the_pull_port",
+        ),
         pytest.param("upstreams: {a: 1}\n", "upstreams: must be a list", id="upstreams_not_a_list"),
         pytest.param("storage: /tmp/x\n", "storage: must be a section of keys", id="section_not_a_mapping"),
         pytest.param(
