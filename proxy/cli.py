@@ -159,7 +159,10 @@ def _require_store(path: Path, *, store_option: bool = True) -> None:
     if not (path / "index").is_dir() or not (path / "blobs").is_dir():
         where = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
         store = "name the one serve uses with --store DIR, or" if store_option else "name"
-        fail(f"no Moorage store at {where}; {store} its settings with --config FILE or ${CONFIG_ENV}")
+        fail(
+            f"no Moorage store at {where}; {store} its settings with --config FILE or ${CONFIG_ENV}"
+            " (a store is made by the first `moorage serve` on it)"
+        )
 
 
 def _store_path(config: Path | None, store: Path | None) -> Path:

@@ -248,7 +248,7 @@ def test_user_mistakes_are_one_line_and_exit_2(upstream: Upstream, tmp_path: Pat
         (("warm", "Bad/Name:1"), "invalid name"),
         (("warm", "nothing-here:1"), "MANIFEST_UNKNOWN"),
         (("warm",), "name at least one image"),
-        (("ls", "--store", str(tmp_path / "absent")), "no Moorage store"),
+        (("ls", "--store", str(tmp_path / "absent")), "a store is made by the first `moorage serve` on it"),
         (("stats", "--store", str(tmp_path / "absent")), "name the one serve uses with --store DIR"),
         (("stats", "--url", "http://[::1"), "--url: Invalid IPv6 URL"),
         (("warm", "alpine:3", "--url", "http://127.0.0.1:99999"), "--url: Port out of range"),
