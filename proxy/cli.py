@@ -54,6 +54,7 @@ from moorage.config import (
     settings_source,
     split_address,
 )
+from moorage.upstreams import tls_failure
 from moorage.upstreams.reference import ImageReference, InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
@@ -284,8 +285,17 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
         with _open_url(f"{base}/healthz", seconds, context) as response:
             healthy = response.status == 200
     except (urllib.error.URLError, OSError) as error:
-        fail(f"{url} is not healthy: {error}", unhealthy)
+        fail(f"{url} is not healthy: {error}{_tls_hint(error)}", unhealthy)
     sys.exit(0 if healthy else unhealthy)
+
+
+def _tls_hint(error: BaseException) -> str:
+    failure = tls_failure(error)
+    if failure == "plain_http":
+        return " (an https:// URL for a listener that speaks plain HTTP? Use http://)"
+    if failure == "untrusted":
+        return " (a certificate a private CA signed? Name the CA's file in SSL_CERT_FILE)"
+    return ""
 
 
 def _open_url(url: str, timeout: float, context: ssl.SSLContext | None = None) -> Any:
@@ -439,7 +449,7 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
                     if metrics_listen is not None
                     else " (is it the cache's address? A cache with metrics_listen set serves /metrics there only)"
                 )
-            fail(f"cannot read {url}/metrics: {error}{hint}")
+            fail(f"cannot read {url}/metrics: {error}{hint or _tls_hint(error)}")
         totals = upstreams.pop("*", {})
         report = StatsReport(
             url, int(totals.get("moorage_store_bytes", 0)), int(totals.get("moorage_store_entries", 0)), upstreams
@@ -592,7 +602,7 @@ def warm_command(
     except WarmFailed as error:
         fail(str(error))
     except OSError as error:
-        fail(f"cannot reach the cache: {error}")
+        fail(f"cannot reach the cache: {error}{_tls_hint(error)}")
     for image in warmed:
         results = ", ".join(f"{count} {result}" for result, count in sorted(image.results.items()))
         platforms_text = f" [{', '.join(image.platforms)}]" if image.platforms else ""

@@ -17,6 +17,7 @@ from ._pages import artifact_type_only, cut_tags_page, error_codes, next_link, o
 from ._pool import open_upstreams, read_password
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
+from ._transport import tls_failure
 from ._trust import trust_for
 from .errors import (
     HeadRefused,
@@ -62,5 +63,6 @@ __all__ = [
     "open_upstreams",
     "parse_ratelimit",
     "read_password",
+    "tls_failure",
     "trust_for",
 ]

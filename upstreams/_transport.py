@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Final, Literal
 
 import httpx
 
@@ -28,7 +28,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["mapped_errors", "raise_for_status"]
+__all__ = ["mapped_errors", "raise_for_status", "tls_failure"]
 
 
 @contextmanager
@@ -62,7 +62,27 @@ def _mapped(upstream: str, what: str, exc: Exception) -> UpstreamError:
         return UpstreamProtocolError(upstream, f"{what}: too many redirects")
     if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the request's headers, a token among them
         return UpstreamProtocolError(upstream, f"{what}: the request could not be written (LocalProtocolError)")
-    return UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}")
+    return UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}{_tls_hint(exc)}")
+
+
+def tls_failure(error: BaseException) -> Literal["plain_http", "untrusted"] | None:
+    """The two TLS failures a user meets, told by OpenSSL's words for them: a TLS client at a
+    plain-HTTP server, and a certificate no trusted CA signed."""
+    text = str(error)
+    if "WRONG_VERSION_NUMBER" in text:
+        return "plain_http"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "untrusted"
+    return None
+
+
+def _tls_hint(exc: Exception) -> str:
+    failure = tls_failure(exc)
+    if failure == "plain_http":
+        return " (the upstream speaks plain HTTP? Use http:// in its url)"
+    if failure == "untrusted":
+        return " (a certificate a private CA signed? Name the CA in the upstream's ca_file)"
+    return ""
 
 
 #: The socket address an OS error names (``('10.0.0.7', 5000)``, IPv6 with flow and scope).

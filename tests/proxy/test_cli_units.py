@@ -384,6 +384,15 @@ def test_healthcheck_reaches_an_ipv6_listen_address(tmp_path: Path, bound: str, 
         assert result.exit_code == 0, result.output
 
 
+def test_an_https_url_for_a_plain_http_listener_says_to_use_http() -> None:
+    """OpenSSL's "wrong version number" alone told a user nothing."""
+    with serving_healthz("127.0.0.1") as port:
+        for command in (["healthcheck", "--url"], ["stats", "--url"]):
+            result = CliRunner().invoke(main, [*command, f"https://127.0.0.1:{port}"], env={"MOORAGE_CONFIG": ""})
+            assert result.exit_code in (1, 2) and "Traceback" not in result.output
+            assert "WRONG_VERSION_NUMBER" in result.output and "Use http://" in result.output, result.output
+
+
 def test_healthcheck_of_a_loopback_address_never_goes_through_a_proxy() -> None:
     """A container's HTTPS_PROXY, set for the upstreams, had carried the check to the proxy."""
     with serving_healthz("127.0.0.1") as port:

@@ -157,10 +157,21 @@ async def test_an_upstream_signed_by_a_private_ca_is_trusted_through_its_ca_file
             await trusting.aclose()
         untrusting = client_for(registry)
         try:
-            with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            with pytest.raises(UpstreamUnavailable, match=r"CERTIFICATE_VERIFY_FAILED.*the upstream's ca_file"):
                 await read_blob(untrusting, digest)
         finally:
             await untrusting.aclose()
+
+
+async def test_an_https_url_for_a_plain_http_upstream_says_to_use_http() -> None:
+    async with FakeRegistry() as registry:
+        digest = parse_digest(registry.add_blob(b"x"))
+        client = client_for(registry, url=registry.url.replace("http://", "https://"))
+        try:
+            with pytest.raises(UpstreamUnavailable, match=r"WRONG_VERSION_NUMBER.*Use http:// in its url"):
+                await read_blob(client, digest)
+        finally:
+            await client.aclose()
 
 
 def test_a_ca_file_that_holds_no_certificate_is_refused_by_name(tmp_path: Path) -> None:
