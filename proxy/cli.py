@@ -466,9 +466,12 @@ def stats(url: str | None, as_json: bool, config: Path | None, store: Path | Non
             upstreams.setdefault(upstream, {})["tags"] = count
         report = StatsReport(summary.path, summary.bytes, summary.entries, upstreams)
     if as_json:
-        for counters in report.upstreams.values():
-            counters["hit_ratio"] = _hit_ratio(counters)
-        click.echo(json.dumps(asdict(report)))
+        document = asdict(report)
+        for upstream, counters in report.upstreams.items():
+            # Counts are whole numbers (Prometheus reads every sample as a float); the ratio is not.
+            shown: dict[str, float] = {k: int(v) if float(v).is_integer() else v for k, v in counters.items()}
+            document["upstreams"][upstream] = {**shown, "hit_ratio": _hit_ratio(counters)}
+        click.echo(json.dumps(document))
         return
     click.echo(f"store: {_size(report.store_bytes)} in {report.store_entries} blobs and manifests ({report.source})")
     console().print(_stats_table(report))

@@ -223,6 +223,7 @@ def test_warm_through_a_daemon_one_platform_and_stats_from_it(upstream: Upstream
         docker = stats["upstreams"]["docker.io"]
         fetched = docker.get("miss", 0) + docker.get("prefetched", 0)
         assert docker["hit"] >= 3 and fetched >= 3 and 0 < docker["hit_ratio"] < 1
+        assert isinstance(docker["hit"], int), "a count is a whole number, not 3.0"
         assert stats["store_entries"] > 0
         assert list(stats["upstreams"]) == ["docker.io"], "upstreams never pulled from have no row"
 
