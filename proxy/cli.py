@@ -712,12 +712,16 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
         fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
     if not 60 <= seconds <= MAX_TOKEN_LIFETIME:
         fail("--lifetime: between 1m and 31d")
-    if auth.token_signing_key_file is None:
+    key_file = auth.token_signing_key_file
+    if key_file is None:
         # The key is the store's: one made here, beside no store the daemon serves, would sign
-        # tokens the daemon refuses.
+        # tokens the daemon refuses; nor is it made here, as this user, for the daemon to find.
         _require_store(settings.storage.path, store_option=False)
+        key_file = settings.storage.path / "auth" / "token-key.pem"
+        if not key_file.exists():
+            fail(f"no token signing key in the store yet ({key_file}): serve, with users set, makes it at its start")
     try:
-        keys = TokenKeys.for_settings(settings)
+        keys = TokenKeys.load(key_file, create=False)
     except (ValueError, OSError) as error:
         key = "auth.token_signing_key_file" if auth.token_signing_key_file is not None else "storage.path"
         fail(f"{key}: {error}")

@@ -248,6 +248,19 @@ def test_login_password_away_from_the_store_mints_nothing(auth_files: dict[str, 
     assert not store.exists(), "no key made"
 
 
+def test_login_password_on_a_store_with_no_key_yet_makes_none(auth_files: dict[str, str], tmp_path: Path) -> None:
+    """A store served before users were set has no key: one made here, as whoever runs the
+    command (root), was one the daemon's user could not read at its next start."""
+    store = tmp_path / "store"
+    (store / "index").mkdir(parents=True)
+    (store / "blobs").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"storage": {"path": str(store)}, "auth": auth_files}))
+    printed = CliRunner().invoke(main, ["login-password", "--user", "ci", "--config", str(config)])
+    assert printed.exit_code == 2 and "no token signing key in the store yet" in printed.output, printed.output
+    assert not (store / "auth").exists(), "no key made"
+
+
 async def test_token_requests_are_rate_limited_per_client(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
