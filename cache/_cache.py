@@ -1475,6 +1475,11 @@ async def open_cache(
         loop.create_task(cache.flush_every(FLUSH_INTERVAL)),
         loop.create_task(cache.every(TEMPORARY_SWEEP_INTERVAL, "sweep", cache.sweep_stale_temporaries)),
     ]
+    if not started.alone:
+        log.warning(
+            "another process serves this store: reads may race its removals; run one daemon per store",
+            extra={"event": "store_shared", "store": str(settings.path)},
+        )
     if started.crashed:  # its last seconds of stores are in no total: count, in the background
         cache.count_pending = True
         tasks.append(loop.create_task(cache.recount()))

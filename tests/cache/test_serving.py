@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from moorage.cache import open_cache
 from moorage.cache._index import Index
 from moorage.cache._serving import ServingLock
@@ -131,3 +133,15 @@ def test_a_process_alone_sweeps_while_no_other_can_start(tmp_path: Path) -> None
     assert seen == [True], "the sweep ran, and no other process could have begun serving"
     beside = ServingLock(tmp_path, index)
     assert beside.acquire(2.0, sweep).alone is False and seen == [True], "beside a running one: no sweep"
+
+
+async def test_a_process_that_starts_beside_another_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A second daemon on one store races the first's removals (see the manual): nothing had
+    told its operator there was a first."""
+    settings = StorageSettings(path=tmp_path / "store")
+    caplog.set_level("WARNING", logger="moorage.cache")
+    async with open_cache(settings):
+        assert not [r for r in caplog.records if getattr(r, "event", "") == "store_shared"], "alone: nothing said"
+        async with open_cache(settings):
+            (shared,) = [r for r in caplog.records if getattr(r, "event", "") == "store_shared"]
+            assert getattr(shared, "store", "") == str(settings.path)
