@@ -70,7 +70,7 @@ from ._serving import ServingLock
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
 from ._verify import counted_size, hash_file
-from .errors import CacheError, DigestMismatch, IndexFailure, StoreFailure
+from .errors import CacheError, ClientGone, DigestMismatch, IndexFailure, StoreFailure
 
 __all__ = [
     "BlobAnswer",
@@ -1330,6 +1330,9 @@ class Cache:
         and the caller fetches for itself. The reader is closed unless a size is returned."""
         try:
             return await reader.wait_started(client_gone)
+        except ClientGone:
+            reader.leave()
+            raise
         except UpstreamError:
             reader.close()
             if own or reader.origin == (source.host, str(repository)):

@@ -129,8 +129,8 @@ class Fill:
         self._pending: PendingBlob | None = None
         self._progress = asyncio.Event()
         self._readers = 0
-        #: A fill that goes on with no reader (a prefetch's); others are dropped when every
-        #: reader left before the download began (``_abandon``).
+        #: A fill that goes on with no reader (a prefetch's, or one a prefetch counts on);
+        #: others are dropped when every reader left before the download began (``_abandon``).
         self.kept = False
         self.abandoned = False
         self.task: asyncio.Task[None] | None = None
@@ -315,9 +315,9 @@ class Fill:
         self._readers += 1
         return FillReader(self)
 
-    def _remove_reader(self) -> None:
+    def _remove_reader(self, *, left: bool = False) -> None:
         self._readers -= 1
-        if self._readers == 0 and self.state == "starting" and not self.kept and not self._task_done:
+        if left and self._readers == 0 and self.state == "starting" and not self.kept and not self._task_done:
             self._abandon()
         self._maybe_close()
 
@@ -462,6 +462,18 @@ class FillReader:
         if not self._closed:
             self._closed = True
             self._fill._remove_reader()
+
+    def leave(self) -> None:
+        """Close: the client left. A fill whose download has not begun, and that no other
+        reader still waits for, is dropped. Any other close (a request cut by the server's
+        stop, say) leaves it to run."""
+        if not self._closed:
+            self._closed = True
+            self._fill._remove_reader(left=True)
+
+    def keep(self) -> None:
+        """The fill goes on whoever leaves it (a prefetch counts on a client's fill)."""
+        self._fill.kept = True
 
 
 class Fills:

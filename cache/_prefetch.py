@@ -217,6 +217,7 @@ class Prefetcher:
                         return None
                     clients = self._fills.join(digest)
                     if clients is not None:  # a client's fetch: it needs no slot of ours
+                        clients.keep()  # and goes on should that client leave
                         clients.close()
                         return None
                     reader = self._fills.start(plan.source, plan.repository, digest, kept=True)

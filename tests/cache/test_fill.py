@@ -330,6 +330,39 @@ async def test_fills_waiting_for_a_slot_or_a_404_hold_no_file(store: DirectorySt
     assert source.opened == [0] * 20
 
 
+async def test_a_queued_fill_is_dropped_once_its_last_reader_left_and_only_then(store: DirectoryStore) -> None:
+    """A client that left gives up its place; a reader closed otherwise (a request the server's
+    stop cut) does not, nor may anyone drop a fill a prefetch counts on."""
+    source = QueuedSource(10)
+    fills = Fills(store)
+    data = os.urandom(10)
+    digest, kept = Digest.of(os.urandom(8)), Digest.of(data)
+    leaving = fills.start(source, REPO, digest)
+    waiting = fills.join(digest)
+    assert waiting is not None
+    leaving.leave()
+    assert fills.digests == [digest], "one reader still waits for it"
+    waiting.close()
+    assert fills.digests == [digest], "closed, not left: it goes on"
+    last = fills.join(digest)
+    assert last is not None
+    last.leave()
+    assert fills.digests == [], "every reader left before its download began: dropped"
+
+    client = fills.start(source, REPO, kept)
+    prefetch = fills.join(kept)
+    assert prefetch is not None
+    prefetch.keep()
+    prefetch.close()
+    client.leave()
+    assert fills.digests == [kept], "a prefetch counts on it"
+    source.slot.set()
+    await source.queue.put(data)
+    await source.queue.put(None)
+    await until(lambda: store.size_of(kept) == 10)
+    assert source.opened == [0], "the dropped fill never asked the upstream; the kept one did"
+
+
 async def test_the_sweep_of_stale_temporaries_spares_a_running_fill(tmp_path: Path) -> None:
     """A dead process's temporaries go; a fill of this process whose file nothing wrote for
     long (its upstream holding the body back) keeps its temporary, and stores its blob."""

@@ -10,15 +10,16 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from moorage.proxy._serve import running
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
-from tests.polling import until
+from tests.polling import until, until_async
 
-from .conftest import StartMoorage, settings_for, until_settled
+from .conftest import StartMoorage, metric, settings_for, until_settled
 
 
 async def test_fills_per_upstream_wait_their_turn(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
@@ -76,8 +77,9 @@ async def _slot_held(
 
 
 async def test_a_queued_download_whose_clients_all_left_is_dropped(
-    start_moorage: StartMoorage, upstream: FakeRegistry
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="moorage.cache")
     moorage = await start_moorage(upstream_settings={"max_concurrent_fills": 1, "prefetch_blobs": 0})
     holding, held_data = await _slot_held(moorage, upstream)
     data = os.urandom(100_000)
@@ -87,7 +89,10 @@ async def test_a_queued_download_whose_clients_all_left_is_dropped(
     asking_size = await _asked(moorage, f"/v2/alpine/blobs/{queued}", "HEAD")  # shares the download
     await until(lambda: moorage.app[CACHE].fills.readers == 3)  # the stalled pull's client and both
     await _left(pulling, asking_size)
-    await until(lambda: queued not in _filling(moorage))
+    await until(lambda: any(getattr(r, "event", "") == "fill_abandoned" for r in caplog.records))
+    (dropped,) = [r for r in caplog.records if getattr(r, "event", "") == "fill_abandoned"]
+    assert getattr(dropped, "digest", "") == queued and queued not in _filling(moorage)
+    await until_async(lambda: _answered(moorage, "499", 2))  # recorded as clients gone, GET and HEAD
 
     upstream.release_stalls()
     assert await holding == held_data
@@ -97,6 +102,29 @@ async def test_a_queued_download_whose_clients_all_left_is_dropped(
     assert response.status == 200
     assert await response.read() == data, "a client asking later gets it"
     assert upstream.count("GET", f"/blobs/{queued}") == 1
+
+
+async def test_a_download_waiting_for_the_upstreams_first_answer_is_dropped_when_its_client_left(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    moorage = await start_moorage(upstream_settings={"prefetch_blobs": 0})
+    data = os.urandom(100_000)
+    digest = upstream.add_blob(data)
+    upstream.delay_next(1, 1.5, paths=f"/blobs/{digest}")
+    pulling = await _asked(moorage, f"/v2/alpine/blobs/{digest}")
+    await until(lambda: upstream.count("GET", f"/blobs/{digest}") == 1)  # asked, no answer yet
+    await _left(pulling)
+    await until(lambda: digest not in _filling(moorage))
+    await until_settled(moorage)
+    stored = {p.name for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()}
+    assert digest.split(":")[1] not in stored, "its answer was not read into the store"
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await response.read() == data
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+
+
+async def _answered(moorage: TestClient[web.Request, web.Application], status: str, count: int) -> bool:
+    return await metric(moorage, "moorage_requests_total", kind="blob", status=status) == count
 
 
 async def test_a_queued_download_goes_on_while_one_of_its_clients_waits(
