@@ -57,6 +57,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "passwordSecret": "dockerhub-password",
             },
             {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h", "prefetchBlobs": 0},
+            {"host": "registry.corp", "url": "https://registry.corp", "caConfigMap": "corp-registry-ca"},
         ],
         "persistence": {"size": "200Gi", "storageClassName": "fast", "maxSize": "180GiB"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -218,9 +219,15 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
         assert [binding.repositories for binding in hub.lifecycle] == ["library/*", "*"]
         assert ngc.lifecycle == ()
     if name == "upstreams":
-        hub, ghcr = settings.upstreams
+        hub, ghcr, corp = settings.upstreams
         assert hub.default and hub.username == "robot"
         assert str(hub.password_file) == "/etc/moorage/credentials/0/password"
+        assert str(corp.ca_file) == "/etc/moorage/ca/2/ca.crt" and hub.ca_file is None
+        pod = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        (ca_volume,) = [v for v in pod["volumes"] if "configMap" in v and v["configMap"]["name"] == "corp-registry-ca"]
+        assert mounts[ca_volume["name"]] == "/etc/moorage/ca/2"
+        assert ca_volume["configMap"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
         assert settings.tag_ttl_of(ghcr) == 3600 and settings.tag_ttl == 1800
         assert hub.prefetch_blobs == 3 and ghcr.prefetch_blobs == 0  # 0 is rendered, not dropped
         assert settings.storage.max_size == 180 * 1024**3

@@ -90,6 +90,9 @@ upstreams:
     {{- if .passwordSecret }}
     password_file: {{ printf "/etc/moorage/credentials/%d/password" $i | quote }}
     {{- end }}
+    {{- if .caConfigMap }}
+    ca_file: {{ printf "/etc/moorage/ca/%d/ca.crt" $i | quote }}
+    {{- end }}
     {{- $host := .host }}
     {{- if .lifecyclePolicy }}
     lifecycle_policy_file: {{ printf "/etc/moorage/settings/%s" (include "moorage.lifecycleFile" (list $host "all")) | quote }}
