@@ -773,7 +773,7 @@ class Cache:
             self._account_quarantined()
             self._remember(ask.key, entry, stored)
         if entry is None:
-            single = await self._single_image(ask) if ask.accept == "image" else None
+            single = await self._single_image(ask, may_read) if ask.accept == "image" else None
             if single is None:
                 return await self._flight(ask.key, lambda: self._fetch_tag(ask))
             # The answer held for clients that take indexes is one image: the same manifest
@@ -787,12 +787,15 @@ class Cache:
             return await self._flight(ask.key, lambda: self._revalidate(ask, entry, stored))
         return await self._revalidate_or_stale(ask, entry, stored)
 
-    async def _single_image(self, ask: _TagAsk) -> tuple[TagEntry, StoredManifest] | None:
+    async def _single_image(self, ask: _TagAsk, may_read: MayRead) -> tuple[TagEntry, StoredManifest] | None:
         """For a client that takes no index: from the tag's answer held for clients that do,
         the image the upstream would most likely answer this client with. That answer itself
         when it is an image manifest (the tag names one platform's image); for an index, its
-        linux/amd64 manifest when the store holds it (Docker Hub and Distribution answer such a
-        client with that one); else None. The caller confirms it upstream with a HEAD."""
+        linux/amd64 manifest when the store holds it under a route the caller may read
+        (Docker Hub and Distribution answer such a client with that one); else None. The
+        caller confirms it upstream with a HEAD, and serves it stale when that fails: an index
+        naming a manifest held only under a route the caller may not read would have served
+        it past the access policy."""
         key = tag_key(ask.source.host, ask.repository, ask.tag, "index")
         entry = self._hot.tag(key)
         stored = self._hot.manifest(entry.digest) if entry is not None else None
@@ -808,6 +811,11 @@ class Cache:
         held = await self._stored_manifest(platform) if platform is not None else None
         if platform is None or held is None or held.media_type not in IMAGE_MEDIA_TYPES:
             return None
+        if may_read is not None:
+            routes = await self._routes_of(platform)
+            route: ContentRoute = (ask.source.host, str(ask.repository))
+            if route not in routes and not any(may_read(upstream, name) for upstream, name in routes):
+                return None
         return TagEntry(platform, held.media_type, entry.checked_at), held
 
     async def _stored_manifest(self, digest: Digest) -> StoredManifest | None:

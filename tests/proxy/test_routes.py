@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
-from tests.fakes import FakeImage, FakeRegistry
+from tests.fakes import DOCKER_MANIFEST_LIST, FakeImage, FakeRegistry, index_manifest
 
 from .conftest import StartMoorage, until_settled
 
@@ -209,3 +209,22 @@ async def test_a_confined_client_joining_another_routes_fill_is_confirmed_first(
     assert refused.status == 404, "the fill in flight is not shared with a route whose upstream lacks it"
     assert upstream.count("HEAD", f"/blobs/{secret_layer}") == 1
     assert await admin.read() == SECRET_LAYER
+
+
+async def test_an_index_naming_private_content_does_not_serve_it_stale_to_a_confined_client(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    """An index on a route the client may pull, naming a manifest held only from a route it may
+    not: asked for one image, the client had that manifest from the store, served stale once
+    the upstream failed, past the policy."""
+    moorage, image = await private_image_cached(start_moorage, upstream, private, htpasswd)
+    index = index_manifest([(image.digest, len(image.manifest), image.media_type, "linux", "amd64")])
+    upstream.add_manifest("owner/app", "1", index, DOCKER_MANIFEST_LIST)
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=basic("ci"))).status == 200  # the index
+    await upstream.stop_listening()
+    image_only = {**basic("ci"), "Accept": image.media_type}
+    answer = await moorage.get("/v2/owner/app/manifests/1", headers=image_only)
+    assert answer.status == 503, "nothing this client may read to answer with"
+    assert image.manifest not in await answer.read()
+    served = await moorage.get("/v2/owner/app/manifests/1", headers={**basic("admin"), "Accept": image.media_type})
+    assert served.status == 200 and await served.read() == image.manifest, "the admin may read it: stale"
