@@ -1172,16 +1172,20 @@ class Cache:
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
                 return FillingBlob(reader, size, self._claimed(source.host, digest, "coalesced"))
-        result: CacheResult = "miss"
-        reader = self.fills.join(digest)
-        if reader is None:
-            reader = self.fills.start(source, repository, digest)
-            self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
-        else:
-            result = self._claimed(source.host, digest, result)
-        size = await self._started(reader, source, repository, own=True, client_gone=client_gone)
-        assert size is not None
-        return FillingBlob(reader, size, result)
+        while True:
+            reader = self.fills.join(digest)
+            if reader is None:
+                reader = self.fills.start(source, repository, digest)
+                self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
+                size = await self._started(reader, source, repository, own=True, client_gone=client_gone)
+                assert size is not None
+                return FillingBlob(reader, size, "miss")
+            # Another client's fill began since (the one joined above failed, say): joined as
+            # that one was, its route checked, and its failure this caller's only on its route.
+            size = await self._started(reader, source, repository, client_gone=client_gone)
+            if size is not None:
+                await self._check_joined(reader, source, repository, may_read)
+                return FillingBlob(reader, size, self._claimed(source.host, digest, "miss"))
 
     async def _stored_size(self, digest: Digest) -> int | None:
         """The size of a stored blob whose bytes are known good, None when it is not stored.

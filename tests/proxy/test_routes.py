@@ -9,6 +9,7 @@ client with no confinement (no policy) never causes one."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +20,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import DOCKER_MANIFEST_LIST, FakeImage, FakeRegistry, index_manifest
+from tests.polling import until
 
 from .conftest import StartMoorage, until_settled
 
@@ -228,3 +231,31 @@ async def test_an_index_naming_private_content_does_not_serve_it_stale_to_a_conf
     assert image.manifest not in await answer.read()
     served = await moorage.get("/v2/owner/app/manifests/1", headers={**basic("admin"), "Accept": image.media_type})
     assert served.status == 200 and await served.read() == image.manifest, "the admin may read it: stale"
+
+
+async def test_a_confined_client_whose_joined_fill_failed_is_checked_on_the_next_one(
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+) -> None:
+    """Two clients follow a fill that fails before its first byte; the first to wake starts
+    its own from its route, and the second joined that one unchecked: a confined client read
+    private content through a route it may pull."""
+    image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
+    moorage = await start_moorage(**confined(upstream, private, htpasswd))
+    cache = moorage.app[CACHE]
+    secret_layer = image.layer_digests[1]
+    upstream.delay_next(1, 1.0, paths=f"/blobs/{secret_layer}")  # then 404: docker.io lacks it
+
+    async def pull(path: str, user: str) -> tuple[int, bytes]:
+        response = await moorage.get(f"{path}/blobs/{secret_layer}", headers=basic(user))
+        return response.status, await response.read()
+
+    failing = asyncio.ensure_future(pull("/v2/library/alpine", "admin"))
+    await until(lambda: len(cache.fills) == 1)
+    admin = asyncio.ensure_future(pull("/v2/private/team/secret", "admin"))
+    await until(lambda: cache.fills.readers == 2)
+    confined_client = asyncio.ensure_future(pull("/v2/library/busybox", "ci"))
+    await until(lambda: cache.fills.readers == 3)
+    assert (await failing)[0] == 404
+    assert await admin == (200, SECRET_LAYER), "the admin's next try fetched it from its own route"
+    status, body = await confined_client
+    assert status == 404 and SECRET_LAYER not in body, "checked against its route, which lacks it"
