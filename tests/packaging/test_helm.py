@@ -57,7 +57,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "passwordSecret": "dockerhub-password",
             },
             {"host": "ghcr.io", "url": "https://ghcr.io", "prefixes": ["ghcr"], "tagTtl": "1h", "prefetchBlobs": 0},
-            {"host": "registry.corp", "url": "https://registry.corp", "caConfigMap": "corp-registry-ca"},
+            {"host": "registry.corp", "url": "https://registry.corp", "caConfigMap": "corp-registry-ca", "tagTtl": 0},
         ],
         "persistence": {"size": "200Gi", "storageClassName": "fast", "maxSize": "180GiB"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -223,6 +223,7 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
         assert hub.default and hub.username == "robot"
         assert str(hub.password_file) == "/etc/moorage/credentials/0/password"
         assert str(corp.ca_file) == "/etc/moorage/ca/2/ca.crt" and hub.ca_file is None
+        assert settings.tag_ttl_of(corp) == 0, "a tagTtl of 0 (always revalidate) is rendered, not dropped"
         pod = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         (ca_volume,) = [v for v in pod["volumes"] if "configMap" in v and v["configMap"]["name"] == "corp-registry-ca"]
@@ -349,6 +350,21 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
             {"upstreams": [{"host": "q.io", "url": "https://q.io", "lifecyclePolicy": {"rulez": []}}]},
             "rules",
             id="lifecycle_without_rules",
+        ),
+        pytest.param(
+            {
+                "upstreams": [
+                    {
+                        "host": "q.io",
+                        "url": "https://q.io",
+                        "lifecyclePolicies": [
+                            {"repositories": "*", "policy": {"rules": [{"rulePriority": 1, "selection": {}}]}}
+                        ],
+                    }
+                ]
+            },
+            "action",
+            id="lifecycle_rule_without_action",
         ),
     ],
 )

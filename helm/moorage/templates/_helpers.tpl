@@ -78,8 +78,8 @@ upstreams:
     {{- with .prefixes }}
     prefixes: {{ toJson . }}
     {{- end }}
-    {{- with .tagTtl }}
-    tag_ttl: {{ include "moorage.number" . | quote }}
+    {{- if hasKey . "tagTtl" }}
+    tag_ttl: {{ include "moorage.number" .tagTtl | quote }}
     {{- end }}
     {{- if hasKey . "prefetchBlobs" }}
     prefetch_blobs: {{ .prefetchBlobs }}
