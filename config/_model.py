@@ -154,6 +154,13 @@ class PolicyRule(_Section):
     def _someone(self) -> PolicyRule:
         if not self.repositories:
             raise ValueError("repositories: at least one glob (use '*' for every repository)")
+        for glob in self.repositories:
+            # Hosts and repository names are lower case as requests reach the policy: a glob
+            # with a capital never matched, and a deny rule written so let everything through.
+            if glob != glob.lower():
+                raise ValueError(
+                    f"repositories: {glob!r} can never match: names are lower case, write {glob.lower()!r}"
+                )
         return self
 
     def named_registries(self) -> list[tuple[str, str]]:

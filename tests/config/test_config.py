@@ -104,6 +104,12 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
         pytest.param("listen: 5000\n", 'listen: must be host:port, quoted, e.g. "0.0.0.0:5000"', id="listen_a_port"),
         pytest.param(
+            "auth:\n  policy:\n    - {effect: deny, repositories: [R1.Local/team/Secret]}\n",
+            "auth.policy[0]: repositories: 'R1.Local/team/Secret' can never match: names are lower case,"
+            " write 'r1.local/team/secret'",
+            id="policy_glob_with_capitals",
+        ),
+        pytest.param(
             "listen: 0.0.0.0:5002\nmetrics_listen: 127.0.0.1:5002\n",
             "metrics_listen: '127.0.0.1:5002' is the address listen takes ('0.0.0.0:5002')",
             id="metrics_on_the_pull_port",
