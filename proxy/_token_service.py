@@ -72,7 +72,14 @@ async def token_endpoint(request: web.Request) -> web.Response:
         user, password = str(form.get("username", "")), str(form.get("password", ""))
         scopes = [str(value) for value in form.getall("scope", [])]
     else:
-        credentials = basic_credentials(request.headers.get("Authorization", ""))
+        header = request.headers.get("Authorization", "")
+        credentials = basic_credentials(header)
+        if credentials is None and header.partition(" ")[0].lower() == "basic":
+            # A credential helper's broken output: an anonymous token instead would hide it.
+            raise TokenRefused(
+                "unreadable Basic credentials: base64 of user:password expected",
+                headers={"WWW-Authenticate": 'Basic realm="moorage"'},
+            )
         user, password = credentials if credentials is not None else (None, None)
         scopes = request.query.getall("scope", [])
     if user is None or password is None:

@@ -538,3 +538,19 @@ async def test_a_rule_for_users_does_not_cover_anonymous_requests(
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers={"Accept": ACCEPT_ALL_MANIFESTS})).status == 401
     signed_in = {**basic("ci", PASSWORD), "Accept": ACCEPT_ALL_MANIFESTS}
     assert (await moorage.get("/v2/alpine/manifests/3.19", headers=signed_in)).status == 200
+
+
+async def test_unreadable_basic_credentials_get_401_not_an_anonymous_token(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """A credential helper's broken output had pulled anonymously, hiding the fault."""
+    moorage = await start_moorage(auth={**auth_files, "anonymous": "pull"})
+    no_colon = base64.b64encode(b"ci").decode()
+    for header in ("Basic !!!notbase64", f"Basic {no_colon}"):
+        answer = await moorage.get(
+            "/token", params={"scope": "repository:alpine:pull"}, headers={"Authorization": header}
+        )
+        assert answer.status == 401, header
+        assert "unreadable Basic credentials" in (await answer.json())["errors"][0]["message"]
+    anonymous = await moorage.get("/token", params={"scope": "repository:alpine:pull"})
+    assert anonymous.status == 200, "no credentials at all: an anonymous token, as configured"
