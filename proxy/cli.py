@@ -60,7 +60,7 @@ from moorage.upstreams.reference import ImageReference, InvalidReference, parse_
 from ._auth import Htpasswd
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
 from ._logging import configure_logging
-from ._preflight import preflight, routing_warnings
+from ._preflight import policy_warnings, preflight, routing_warnings
 from ._serve import ListenFailed, running, serve
 from ._tokens import TokenKeys
 
@@ -243,9 +243,10 @@ def check_config(file: Path, skip_files: bool) -> None:
         settings = load_settings(file, os.environ, skip_files=skip_files)
     except ConfigError as error:
         fail(str(error))
-    if not skip_files:
-        for doubt in check_files(settings, settings_source(file, os.environ)):
-            click.echo(f"moorage: warning: {doubt}", err=True)
+    # Away from the server, what needs no file is still judged (a registry no upstream here).
+    doubts = policy_warnings(settings, None) if skip_files else check_files(settings, settings_source(file, os.environ))
+    for doubt in doubts:
+        click.echo(f"moorage: warning: {doubt}", err=True)
     for unrouted in routing_warnings(settings):
         click.echo(f"moorage: warning: {unrouted}", err=True)
     read = "files not read" if skip_files else "files read"

@@ -241,3 +241,14 @@ def test_check_config_away_from_the_server_passes_over_policy_files_not_there(tm
     config.write_text(config.read_text().replace("/etc/moorage/settings/lifecycle-docker.io-all.json", str(broken)))
     checked = moorage("check-config", "--skip-files", str(config))
     assert checked.returncode == 2 and "upstreams[0].lifecycle_policy_file" in checked.stderr, "one there is read"
+
+
+def test_check_config_away_from_the_server_still_warns_of_a_policy_for_no_upstream(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "auth:\n  policy:\n    - {effect: allow, repositories: ['quay.io/*']}\n"
+        "upstreams:\n  - {host: docker.io, url: https://registry-1.docker.io, default: true}\n"
+    )
+    checked = moorage("check-config", "--skip-files", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "auth.policy[0].repositories: 'quay.io/*' names 'quay.io', which is no upstream here" in checked.stderr
