@@ -377,7 +377,7 @@ class FillReader:
     async def wait_started(self, client_gone: Callable[[], bool] | None = None) -> int:
         """The blob's size, once the upstream answered; the fill's error if it failed first.
         ``client_gone`` is asked every ``CLIENT_GONE_POLL`` seconds until then: once it says
-        the client left, this raises :class:`ClientGone` (close the reader, which gives up
+        the client left, this raises :class:`ClientGone` (``leave`` the reader, which gives up
         its place)."""
         fill = self._fill
         while fill.state == "starting":
