@@ -1166,26 +1166,24 @@ class Cache:
                 await self._check_route(source, repository, digest, "blob", may_read)
                 self._accessed[digest] = self._clock()
                 return WarmBlob(digest, size, self._store.local_path(digest), self._claimed(source.host, digest, "hit"))
-            reader = self.fills.join(digest)
-        if reader is not None:
-            size = await self._started(reader, source, repository, client_gone=client_gone)
-            if size is not None:
-                await self._check_joined(reader, source, repository, may_read)
-                return FillingBlob(reader, size, self._claimed(source.host, digest, "coalesced"))
+        joined: CacheResult = "coalesced"
         while True:
-            reader = self.fills.join(digest)
+            if reader is None:
+                reader = self.fills.join(digest)
             if reader is None:
                 reader = self.fills.start(source, repository, digest)
                 self._forget_unclaimed(digest)  # this client's own fetch, whatever a prefetch did
                 size = await self._started(reader, source, repository, own=True, client_gone=client_gone)
                 assert size is not None
                 return FillingBlob(reader, size, "miss")
-            # Another client's fill began since (the one joined above failed, say): joined as
-            # that one was, its route checked, and its failure this caller's only on its route.
+            # A fill in flight, joined: its route checked, its failure this caller's answer only
+            # on its own route. One that failed so is followed by a look for the next (another
+            # client's, begun since, is joined the same way) or a fill of this caller's own.
             size = await self._started(reader, source, repository, client_gone=client_gone)
             if size is not None:
                 await self._check_joined(reader, source, repository, may_read)
-                return FillingBlob(reader, size, self._claimed(source.host, digest, "miss"))
+                return FillingBlob(reader, size, self._claimed(source.host, digest, joined))
+            reader, joined = None, "miss"
 
     async def _stored_size(self, digest: Digest) -> int | None:
         """The size of a stored blob whose bytes are known good, None when it is not stored.
