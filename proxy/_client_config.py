@@ -191,11 +191,26 @@ CLIENTS: Final[dict[Client, Callable[[str, Upstreams, str | None, ClientOptions]
 
 
 def client_warnings(
-    client: Client, url: str, upstreams: Upstreams, default: str | None = None, refuses: bool = False
+    client: Client,
+    url: str,
+    upstreams: Upstreams,
+    default: str | None = None,
+    refuses: bool = False,
+    anonymous: bool = True,
 ) -> list[str]:
     """What the files will not do, when that can be told: each line for stderr. ``refuses``:
-    the cache's settings refuse some pulls (users, a policy)."""
+    the cache's settings refuse some pulls (users, a policy); ``anonymous``: they let requests
+    without credentials pull."""
     warnings = []
+    if client == "docker" and not anonymous:
+        # dockerd's mirror gets its Docker Hub login (none with the containerd image store), never
+        # credentials of the cache's, so each of its pulls is refused and goes to Docker Hub.
+        warnings.append(
+            "dockerd never signs in to its mirror with credentials of the cache's (it sends its Docker Hub "
+            "login, or with the containerd image store none), and these settings refuse pulls without "
+            "credentials, so every pull would go to Docker Hub past the cache: set auth.anonymous: pull "
+            "(a policy rule can allow anonymous pulls from the hosts' addresses alone)"
+        )
     if refuses:
         warnings.append(
             "the cache refuses some pulls, and every client pulls from the upstream itself when its mirror "

@@ -857,7 +857,8 @@ def client_config(
     except ValueError as error:
         fail(str(error))
     refuses = settings.auth.refuses_some_pulls and not no_fallback
-    for warning in client_warnings(client, url, upstreams, default, refuses):
+    anonymous = settings.auth.anonymous_may_pull
+    for warning in client_warnings(client, url, upstreams, default, refuses, anonymous):
         click.echo(f"moorage: warning: {warning}", err=True)
     written: list[str] = []  # what was done, said once every file is written
     for path, content in files.items():

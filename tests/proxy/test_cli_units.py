@@ -124,6 +124,24 @@ def test_every_client_is_warned_that_a_refused_pull_goes_past_the_cache() -> Non
         assert "pulls from the upstream itself" in warned, client
 
 
+@pytest.mark.parametrize(("anonymous", "warned"), [("none", True), ("pull", False)])
+def test_docker_is_warned_when_the_cache_refuses_pulls_without_credentials(
+    tmp_path: Path, anonymous: str, warned: bool
+) -> None:
+    """dockerd never signs in to its mirror with credentials of the cache's, so with users and
+    no anonymous pulls every pull of it was refused and went to Docker Hub, past the cache,
+    while client-config printed a daemon.json as if it would work."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode() + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"auth: {{htpasswd_file: {htpasswd}, anonymous: {anonymous}}}\n")
+    for client in ("docker", "containerd"):
+        result = CliRunner().invoke(main, ["client-config", client, "--url", URL, "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        said = ("auth.anonymous: pull" in result.output) and "go to Docker Hub past the cache" in result.output
+        assert said is (warned and client == "docker"), (client, result.output)
+
+
 def test_containerd_falls_back_to_the_upstreams_own_url() -> None:
     """Not to https://<host>, which for an internal registry may not even resolve."""
     files = client_files("containerd", URL, [HUB, INTERNAL])
