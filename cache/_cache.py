@@ -505,7 +505,7 @@ class Cache:
             self._walk_ended(counted.bytes, counted.entries, counted.fresh)
             self.count_pending = False
         log.warning(
-            "the last run did not stop cleanly; the store was counted again",
+            "the last run did not stop cleanly (or kept no mark of it); the store was counted again",
             extra={"event": "store_counted", "store_bytes_before": before, "store_bytes": self.store_bytes},
         )
         self._schedule_eviction()
@@ -1525,6 +1525,7 @@ def open_store(root: Path) -> tuple[DirectoryStore, Index]:
     root.mkdir(parents=True, exist_ok=True)
     store = DirectoryStore(root)
     index = Index(root / "index")
-    if index.store_totals() is None:  # a store from before totals were kept: count once
+    if index.store_totals() is None:  # a new store, or one from before totals were kept: count once
         index.write_batch({}, {}, counted_totals=store.count())
+        index.mark_format()
     return store, index

@@ -12,14 +12,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeGuard
 
 import diskcache
 
 from moorage.upstreams.reference import Digest, InvalidReference, page_query, parse_digest
 
 from ._keys import (
+    FORMAT_KEY,
     SERVING_KEY,
+    STORE_FORMAT,
     STORE_TOTALS_KEY,
     USAGE_KEY,
     IndexKey,
@@ -100,13 +102,38 @@ def _unopened(directory: Path, error: sqlite3.Error | diskcache.Timeout) -> str:
     )
 
 
+_TEXT: Final = (str, type(None))
+_TIME: Final = (int, float)
+
+
+def _shaped(value: object, *shape: type | tuple[type, ...]) -> TypeGuard[tuple[Any, ...]]:
+    """Whether an index value is a tuple of the types ``shape`` names, place by place: what
+    this version reads. Another layout (a later version's, after a rollback) or a damaged entry
+    had raised on every read of it, and failed every pull it answers for good."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == len(shape)
+        and all(isinstance(item, kind) for item, kind in zip(value, shape, strict=True))
+    )
+
+
 class Index:
     def __init__(self, directory: Path) -> None:
         # No size limit and no culling: eviction is decided by the cache, not by diskcache.
         try:
             self._db = diskcache.Cache(str(directory), size_limit=2**62, cull_limit=0, eviction_policy="none")
+            written = self._db.get(FORMAT_KEY)
         except (sqlite3.Error, diskcache.Timeout) as exc:
             raise IndexFailure(_unopened(directory, exc), disk_full=is_disk_full(exc)) from exc
+        if isinstance(written, int) and written > STORE_FORMAT:
+            # Its values may not read as this version expects, and its gc and eviction would
+            # act on what they misread: refused before anything is read or changed.
+            self._db.close()
+            raise IndexFailure(
+                f"the store at {directory.parent} was written by a later Moorage (store format {written}; "
+                f"this version reads up to {STORE_FORMAT}): run that version or a later one on it, or give "
+                "this one another storage.path"
+            )
 
     def _read(self, key: IndexKey) -> Any:
         """``key``'s value, or None. An index that cannot be read (its files removed under a
@@ -128,11 +155,16 @@ class Index:
         return None
 
     def tag(self, key: IndexKey) -> TagEntry | None:
+        """None also for a value this version cannot read: the tag is fetched again, and the
+        entry written anew, where it had failed every pull of the tag for good."""
         value = self._read(key)
-        if value is None:
+        if not _shaped(value, str, str, _TIME):
             return None
         digest, media_type, checked_at = value
-        return TagEntry(parse_digest(digest), media_type, checked_at)
+        try:
+            return TagEntry(parse_digest(digest), media_type, checked_at)
+        except InvalidReference:
+            return None
 
     def put_tag(self, key: IndexKey, entry: TagEntry) -> None:
         with _recording("a tag"):
@@ -172,12 +204,12 @@ class Index:
 
     def tags(self, key: IndexKey) -> TagsEntry | None:
         value = self._read(key)
-        if value is None:
-            return None
-        if len(value) == 4:  # written before next pages were queries: (…, next last, next n, …)
+        if _shaped(value, bytes, _TEXT, _TEXT, _TIME):  # before next pages were queries: (…, last, n, …)
             body, next_last, next_n, fetched_at = value
             following = [("last", next_last), *([("n", next_n)] if next_n else [])] if next_last else []
             return TagsEntry(body, page_query(following) or None, fetched_at)
+        if not _shaped(value, bytes, _TEXT, _TIME):
+            return None
         body, next_query, fetched_at = value
         return TagsEntry(body, next_query, fetched_at)
 
@@ -187,7 +219,7 @@ class Index:
 
     def referrers(self, key: IndexKey) -> ReferrersEntry | None:
         value = self._read(key)
-        if value is None:
+        if not _shaped(value, (bytes, type(None)), _TEXT, _TIME):
             return None
         body, next_query, fetched_at = value
         return ReferrersEntry(body, next_query, fetched_at)
@@ -224,13 +256,20 @@ class Index:
         return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
 
     def begin_serving(self, now: float) -> bool:
-        """Mark the store as served by a daemon; True when the mark was already there: the
-        last daemon did not stop cleanly, and what it had not flushed (up to its last seconds of
-        store totals) is lost."""
+        """Mark the store as served by a daemon, in this version's format; True when the mark
+        was already there: the last daemon did not stop cleanly, and what it had not flushed (up
+        to its last seconds of store totals) is lost. True too for totals written before the
+        format was: their daemons kept no such mark, so a crash left them short for good."""
         with self._db.transact():
-            crashed = self._db.get(SERVING_KEY) is not None
+            unmarked = self._db.get(FORMAT_KEY) is None and self._db.get(STORE_TOTALS_KEY) is not None
+            crashed = self._db.get(SERVING_KEY) is not None or unmarked
             self._db.set(SERVING_KEY, now)
+            self._db.set(FORMAT_KEY, STORE_FORMAT)
         return crashed
+
+    def mark_format(self) -> None:
+        """Record this version's format: for a store just counted, whose totals are true."""
+        self._db.set(FORMAT_KEY, STORE_FORMAT)
 
     def end_serving(self) -> None:
         """A clean stop: everything is flushed."""

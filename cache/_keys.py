@@ -7,7 +7,7 @@ that the on-disk index does not depend on class paths.
 =========================================  =================================================
 key                                        value
 =========================================  =================================================
-("tag", upstream, repository, tag, accept)  (digest, media type, checked at, fetched at)
+("tag", upstream, repository, tag, accept)  (digest, media type, checked at)
 ("manifest", digest)                        media type of a stored manifest
 ("blob", digest)                            fingerprint of the file when last known good
 ("tags", upstream, repository, "", "")      (body, next page's query, fetched at): the whole
@@ -23,7 +23,13 @@ key                                        value
 ("store",)                                  (bytes, entries) in the blob store
 ("serving",)                                when a daemon began serving the store; gone after
                                             a clean stop, so found at a start it means a crash
+("format",)                                 the layout of these values (``STORE_FORMAT``); a
+                                            version refuses a store of a later one
 =========================================  =================================================
+
+A change to a value's layout raises ``STORE_FORMAT`` and reads the layouts before it (as
+``Index.tags`` reads tag lists of four values): a store goes forward at its next start and
+never back, since the version before cannot read what came after it.
 
 Single-flight keys (in memory only) use the same builders: ``tag_key`` for a tag's fetch or
 revalidation, ``manifest_flight_key`` for a manifest fetched by digest through one route,
@@ -37,7 +43,9 @@ from typing import TypeAlias
 from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
 
 __all__ = [
+    "FORMAT_KEY",
     "SERVING_KEY",
+    "STORE_FORMAT",
     "STORE_TOTALS_KEY",
     "USAGE_KEY",
     "IndexKey",
@@ -106,3 +114,6 @@ def image_pulled_key(upstream: str, repository: RepositoryName | str, digest: Di
 USAGE_KEY: IndexKey = ("usage",)
 STORE_TOTALS_KEY: IndexKey = ("store",)
 SERVING_KEY: IndexKey = ("serving",)
+FORMAT_KEY: IndexKey = ("format",)
+#: The layout of the index's values that this version writes (and every earlier one it reads).
+STORE_FORMAT = 1

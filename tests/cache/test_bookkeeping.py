@@ -16,7 +16,7 @@ import pytest
 
 from moorage.cache import Cache, DirectoryStore
 from moorage.cache._index import Index, ReferrersEntry, TagsEntry
-from moorage.cache._keys import pulled_key, tags_list_key
+from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT, pulled_key, tags_list_key
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
@@ -284,6 +284,48 @@ def test_a_tag_list_stored_by_an_earlier_version_is_read_with_its_next_page(tmp_
     assert index.tags(key) == TagsEntry(b'{"tags": []}', None, 6.0)
     index.put_tags(key, TagsEntry(b"{}", "next_page=x", 7.0))
     assert index.tags(key) == TagsEntry(b"{}", "next_page=x", 7.0)
+    index.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        ("sha256:" + "a" * 64, "type", 1.0, 2.0),
+        ("not a digest", "type", 1.0),
+        ("sha256:" + "a" * 64, None, "yesterday"),
+        (b"{}", 3, 1.0),
+        "a string",
+        7,
+        [b"{}", None, 1.0],
+    ],
+)
+def test_an_entry_of_another_layout_reads_as_not_cached(tmp_path: Path, value: object) -> None:
+    """A value this version cannot read (a later version's layout after a rollback, a damaged
+    entry) raised on every read: every pull of that tag, or of that tag list, was a 500 until
+    the store was emptied. Read as absent, it is fetched again and written anew."""
+    index = Index(tmp_path / "index")
+    tag = ("tag", "docker.io", "library/alpine", "3", "image")
+    tags = tags_list_key("docker.io", RepositoryName("library/alpine"), "")
+    referrers = ("referrers", "docker.io", "library/alpine", "sha256:" + "b" * 64, "")
+    for key in (tag, tags, referrers):
+        index._db.set(key, value)
+    assert index.tag(tag) is None
+    assert index.tags(tags) is None
+    assert index.referrers(referrers) is None
+    index.close()
+
+
+def test_a_store_from_before_its_format_was_recorded_is_counted_once(tmp_path: Path) -> None:
+    """Its daemons kept no mark of a clean stop (or, earlier, no totals): totals a crash left
+    short stayed short for good, and the size cap acted on them. The first start marks the
+    format and counts; later ones count only after a crash."""
+    index = Index(tmp_path / "index")
+    index._db.set(("store",), (100, 1))  # an earlier version's totals, no format
+    assert index.begin_serving(1.0) is True, "no format written: counted as after a crash"
+    assert index._db.get(FORMAT_KEY) == STORE_FORMAT
+    index.end_serving()
+    assert index.begin_serving(2.0) is False
+    assert index.begin_serving(3.0) is True, "the mark of a run that did not end cleanly"
     index.close()
 
 

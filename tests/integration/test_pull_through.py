@@ -362,6 +362,7 @@ def test_after_kill_9_the_store_is_counted_again_and_its_cap_holds(seeded: Seede
     store = tmp_path / "store"
     with start_moorage(tmp_path / "first", registry, storage={"path": str(store)}) as moorage:
         skopeo_copy(f"docker://{moorage.host}/app:1", f"dir:{tmp_path / 'a'}")
+        assert not [line for line in moorage.log_lines() if line.get("event") == "store_counted"], "a new store"
         moorage.kill()  # within the 10 s between flushes: the pull is in no total yet
     on_disk = bytes_on_disk(store)
     assert on_disk > 3 * MiB

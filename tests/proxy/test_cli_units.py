@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import bcrypt
+import diskcache
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import ClientOptions, client_files, client_warnings
 from moorage.proxy._warm import platform_matches
@@ -676,3 +678,28 @@ def test_a_file_that_cannot_be_read_part_way_says_what_was_changed_before_it(tmp
     assert result.exit_code == 2, result.output
     assert f"cannot read {out / 'certs.d' / 'cache.example:5000' / 'ca.crt'}" in result.output
     assert f"updated {out / 'daemon.json'}" in result.output and "kept the previous daemon.json" in result.output
+
+
+def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -> None:
+    """A version that read a later layout as its own answered its misreadings, and its gc and
+    eviction acted on them; it says which store and what to do, and changes nothing."""
+    store = tmp_path / "store"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
+    (store / "blobs").mkdir(parents=True)
+    later = diskcache.Cache(str(store / "index"))
+    later.set(FORMAT_KEY, STORE_FORMAT + 1)
+    later.set(("tag", "docker.io", "library/alpine", "3", "image"), {"a later": "layout"})
+    later.close()
+    for args in (["ls", "--store", str(store)], ["stats", "--store", str(store)], ["gc", "--store", str(store)]):
+        result = CliRunner().invoke(main, args, env={"MOORAGE_CONFIG": ""})
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert f"the store at {store} was written by a later Moorage" in result.output, result.output
+        assert "another storage.path" in result.output
+    served = serve_once(config)
+    assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
+    assert "written by a later Moorage" in served.stderr
+    after = diskcache.Cache(str(store / "index"))
+    assert after.get(FORMAT_KEY) == STORE_FORMAT + 1, "left as it was"
+    assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
+    after.close()
