@@ -212,6 +212,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unreadable(path: Path, error: OSError) -> StoreFailure:
+    """A stored file that cannot be read: a 503 that names it, where it had been a 500 with a
+    traceback. Most likely made by a store command run as another user."""
+    hint = "; run store commands as the daemon's user" if error.errno in (errno.EACCES, errno.EPERM) else ""
+    return StoreFailure(f"cannot read the stored file {path}: {error.strerror or error}{hint}")
+
+
 class DirectoryStore:
     """Blobs as files under a root directory; sendfile-capable."""
 
@@ -230,12 +237,16 @@ class DirectoryStore:
             return self.path_of(digest).stat().st_size
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
+        except OSError as exc:
+            raise _unreadable(self.path_of(digest), exc) from exc
 
     def fingerprint(self, digest: Digest) -> Fingerprint | None:
         try:
             return Fingerprint.of(self.path_of(digest).stat())
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
+        except OSError as exc:
+            raise _unreadable(self.path_of(digest), exc) from exc
 
     def quarantine(self, digest: Digest) -> bool:
         """Move a stored blob out of the store into ``quarantine/`` (kept for inspection);
@@ -271,6 +282,8 @@ class DirectoryStore:
                 return handle.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
+        except OSError as exc:
+            raise _unreadable(self.path_of(digest), exc) from exc
 
     def begin(self, digest: Digest) -> PendingBlob:
         try:

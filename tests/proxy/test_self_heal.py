@@ -4,15 +4,18 @@ bytes (fetched again from upstream) or a clean error, never the wrong ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.cache._hot import HotAnswers
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
 from tests.immutable import immutable
@@ -239,3 +242,41 @@ async def test_a_corrupt_blob_that_can_be_neither_moved_nor_removed_is_503_and_s
         assert response.status == 503, await response.text()
         assert "can be neither quarantined nor removed" in (await response.json())["errors"][0]["message"]
     assert not [r for r in caplog.records if getattr(r, "event", "") == "quarantine_failed"]
+
+
+@contextlib.contextmanager
+def as_another_user() -> Iterator[None]:
+    """The daemon's file accesses as ``nobody`` for a while: the store, made by root, is then
+    what a store command run as root leaves to a daemon running as its own user."""
+    if os.geteuid() != 0:
+        pytest.fail("this test drops to another user, which needs root (CI runs as root)")
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+async def test_a_stored_file_the_daemon_may_not_read_is_a_503_that_names_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """It was a 500 with a traceback in the log, for a manifest or a blob made by `moorage warm
+    --store` run as root beside a daemon running as its own user."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store)})
+    image = upstream.add_image("library/app", "1", [os.urandom(1000)])
+    layer = image.layer_digests[0]
+    assert (await moorage.get(f"/v2/library/app/blobs/{layer}")).status == 200
+    assert (await moorage.get(f"/v2/library/app/manifests/{image.digest}")).status == 200
+    await until_settled(moorage)
+    moorage.app[CACHE]._hot = HotAnswers()  # the manifest from the store, not from memory
+    upstream.reset_requests()
+    with as_another_user():
+        blob = await moorage.get(f"/v2/library/app/blobs/{layer}")
+        manifest = await moorage.get(f"/v2/library/app/manifests/{image.digest}")
+    for response, digest in ((blob, layer), (manifest, image.digest)):
+        assert response.status == 503, await response.text()
+        (error,) = (await response.json())["errors"]
+        assert error["code"] == "UNAVAILABLE"
+        assert f"cannot read the stored file {stored_file(store, digest)}: Permission denied" in error["message"]
+        assert "run store commands as the daemon's user" in error["message"]
