@@ -70,7 +70,7 @@ from ._serving import ServingLock
 from ._source import Source
 from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
 from ._verify import counted_size, hash_file
-from .errors import CacheError, ClientGone, DigestMismatch, IndexFailure, StoreFailure
+from .errors import CacheError, ClientGone, DigestMismatch, IndexFailure, StoreFailure, error_text
 
 __all__ = [
     "BlobAnswer",
@@ -352,7 +352,7 @@ class Cache:
             self._keep_for_next_flush(usage, pulled, accessed, routes)
             log.error(
                 "bookkeeping not written; kept for the next try",
-                extra={"event": "flush_failed", "error": str(exc)},
+                extra={"event": "flush_failed", "error": error_text(exc)},
             )
             if is_disk_full(exc):  # with no fill failing, nothing else would free space
                 self._schedule_eviction("disk_full")
@@ -457,7 +457,7 @@ class Cache:
                 except Exception as exc:  # an index that cannot write, a walk that failed: next pass
                     log.error(
                         "eviction pass failed",
-                        extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
+                        extra={"event": "maintenance_failed", "task": "evict", "error": error_text(exc)},
                     )
                     if reason == "disk_full":  # tried again in a minute, not at every probe
                         self._disk_full_pass, self._disk_full_freed = time.monotonic(), 0
@@ -499,7 +499,8 @@ class Cache:
             except Exception as exc:  # the count stays owed: the next start tries again
                 self._stored_during_walk = None
                 log.error(
-                    "store not counted", extra={"event": "maintenance_failed", "task": "count", "error": str(exc)}
+                    "store not counted",
+                    extra={"event": "maintenance_failed", "task": "count", "error": error_text(exc)},
                 )
                 return
             self._walk_ended(counted.bytes, counted.entries, counted.fresh)
@@ -679,7 +680,8 @@ class Cache:
                 await job()
             except Exception as exc:
                 log.error(
-                    "maintenance pass failed", extra={"event": "maintenance_failed", "task": task, "error": str(exc)}
+                    "maintenance pass failed",
+                    extra={"event": "maintenance_failed", "task": task, "error": error_text(exc)},
                 )
 
     async def flush_every(self, seconds: float) -> None:

@@ -27,6 +27,7 @@ from moorage.upstreams.reference import Digest
 
 from ._index import Index
 from ._store import DirectoryStore, Fingerprint
+from .errors import error_text
 
 __all__ = ["EvictionResult", "ReadGuard", "evict_to", "touch"]
 
@@ -165,7 +166,7 @@ def evict_to(
         except Exception as exc:  # SQLite's disk full too: the files are gone all the same
             log.warning(
                 "evicted files left in the index; they read as not stored",
-                extra={"event": "maintenance_failed", "task": "evict", "error": str(exc) or type(exc).__name__},
+                extra={"event": "maintenance_failed", "task": "evict", "error": error_text(exc)},
             )
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted), fresh)
 

@@ -32,7 +32,7 @@ from ._keys import (
 )
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
-from .errors import IndexFailure, StoreFailure
+from .errors import IndexFailure, StoreFailure, error_text
 
 __all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "is_disk_full"]
 
@@ -85,8 +85,7 @@ def _recording(what: str) -> Iterator[None]:
         failure = StoreFailure.of(f"the index cannot record {what}", exc)
         raise IndexFailure(str(failure), disk_full=failure.disk_full) from exc
     except (sqlite3.Error, diskcache.Timeout) as exc:
-        reason = str(exc) or type(exc).__name__  # diskcache's Timeout says nothing
-        raise IndexFailure(f"the index cannot record {what}: {reason}", disk_full=is_disk_full(exc)) from exc
+        raise IndexFailure(f"the index cannot record {what}: {error_text(exc)}", disk_full=is_disk_full(exc)) from exc
 
 
 def _unopened(directory: Path, error: sqlite3.Error | diskcache.Timeout) -> str:
@@ -146,7 +145,7 @@ class Index:
         try:
             return self._db.get(key)
         except (sqlite3.Error, diskcache.Timeout) as exc:
-            raise IndexFailure(f"the index cannot be read: {str(exc) or type(exc).__name__}") from exc
+            raise IndexFailure(f"the index cannot be read: {error_text(exc)}") from exc
 
     def close(self) -> None:
         self._db.close()

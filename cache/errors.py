@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["CacheError", "ClientGone", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure"]
+__all__ = ["CacheError", "ClientGone", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure", "error_text"]
 
 
 class CacheError(Exception):
     pass
+
+
+def error_text(error: BaseException) -> str:
+    """What a log line says of ``error``: its message, or its type where it has none
+    (diskcache's ``Timeout``, for an index another process holds locked, says nothing)."""
+    return str(error) or type(error).__name__
 
 
 class DigestMismatch(CacheError):
