@@ -124,8 +124,14 @@ def _points_at(value: object, digests: set[str]) -> bool:
 class Index:
     def __init__(self, directory: Path) -> None:
         # No size limit and no culling: eviction is decided by the cache, not by diskcache.
+        # Each commit is on disk before it returns (SQLite's synchronous=FULL; diskcache's
+        # NORMAL syncs the write-ahead log only at checkpoints, so a power loss could take every
+        # tag recorded since, and refetching them costs the upstream's pull limits): 0.4 ms a
+        # write here against 0.1, on a thread, where a cold manifest writes three.
         try:
-            self._db = diskcache.Cache(str(directory), size_limit=2**62, cull_limit=0, eviction_policy="none")
+            self._db = diskcache.Cache(
+                str(directory), size_limit=2**62, cull_limit=0, eviction_policy="none", sqlite_synchronous=2
+            )
             written = self._db.get(FORMAT_KEY)
         except (sqlite3.Error, diskcache.Timeout) as exc:
             raise IndexFailure(_unopened(directory, exc), disk_full=is_disk_full(exc)) from exc

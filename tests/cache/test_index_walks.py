@@ -119,3 +119,16 @@ def test_walks_find_every_entry(tmp_path: Path, walk: str) -> None:
     found = list(getattr(index, walk)())
     assert len(found) == 100
     index.close()
+
+
+def test_the_index_is_on_disk_when_a_write_returns(tmp_path: Path) -> None:
+    """With diskcache's default (synchronous=NORMAL) the write-ahead log reaches the disk only at
+    checkpoints: a power loss, or a file system that aborts, took every tag recorded since
+    (seen as an empty index after a file system error, the blobs left as garbage)."""
+    index = Index(tmp_path / "index")
+    assert index._db._sql("PRAGMA synchronous").fetchall() == [(2,)], "FULL"
+    assert index._db._sql("PRAGMA journal_mode").fetchall() == [("wal",)]
+    index.close()
+    reopened = diskcache.Cache(str(tmp_path / "index"))  # a command's connection keeps it too
+    assert reopened._sql("PRAGMA synchronous").fetchall() == [(2,)]
+    reopened.close()
