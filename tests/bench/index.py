@@ -89,7 +89,7 @@ def fill(root: Path, blobs: int, tags: int) -> None:
     _, index = open_store(root)
     count = len(index._db)
     index.close()
-    assert count == blobs + tags + 1, f"{count} entries in the index, not {blobs + tags + 1}"
+    assert count == blobs + tags + 2, f"{count} entries in the index, not {blobs + tags + 2} (with totals and format)"
 
 
 def lookup_us(root: Path, tags: int) -> float:
