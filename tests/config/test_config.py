@@ -321,6 +321,14 @@ def test_a_section_check_blames_only_the_variable_whose_key_it_names(tmp_path: P
         load_settings(write(tmp_path, "storage: {high_watermark: 0.8}\n"), {"MOORAGE_STORAGE__LOW_WATERMARK": "0.9"})
 
 
+def test_equal_watermarks_are_refused(tmp_path: Path) -> None:
+    """A pass would then free nothing below the mark that started it: the next blob stored
+    starts another, and every pull pays for one."""
+    with pytest.raises(ConfigError, match=r"low_watermark \(0.9\) must be below high_watermark \(0.9\)"):
+        load_settings(write(tmp_path, "storage: {high_watermark: 0.9, low_watermark: 0.9}\n"))
+    assert load_settings(write(tmp_path, "storage: {high_watermark: 0.9, low_watermark: 0.89}\n"))
+
+
 @pytest.mark.parametrize("value", ["30d", "inf"])
 def test_a_send_timeout_beyond_what_the_kernel_takes_is_refused_at_load(value: str) -> None:
     """TCP_USER_TIMEOUT holds at most 2**31 - 1 ms: beyond that ``serve`` died at start."""

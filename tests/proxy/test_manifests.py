@@ -351,6 +351,20 @@ async def test_short_429_and_5xx_are_retried(moorage: Client, upstream: FakeRegi
     assert await metric(moorage, "moorage_upstream_retries_total") == 2
 
 
+async def test_a_429_is_asked_again_only_once_its_retry_after_has_passed(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """Asked again at once, a registry that rate-limits counts one more request against the
+    budget it just said was spent for now."""
+    image = upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage(upstream_settings={"retries": {"attempts": 3, "max_wait": "5s"}})
+    upstream.fail_next(1, 429, retry_after=1)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 200 and await response.read() == image.manifest
+    refused, answered = [r for r in upstream.requests if r.method == "GET" and "/manifests/" in r.path]
+    assert answered.at - refused.at >= 0.95, "the Retry-After of 1 s was waited out"
+
+
 async def test_upstream_down_with_nothing_cached_is_503(
     moorage: Client, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

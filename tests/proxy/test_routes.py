@@ -198,9 +198,11 @@ async def test_without_a_policy_content_is_shared_by_digest_at_no_upstream_cost(
     assert upstream.requests == [], "every client may read every route: no confirmation is asked"
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_a_confined_client_joining_another_routes_fill_is_confirmed_first(
-    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str
+    start_moorage: StartMoorage, upstream: FakeRegistry, private: FakeRegistry, htpasswd: str, method: str
 ) -> None:
+    """A HEAD too: it would tell the confined client that the private blob exists, and its size."""
     image = private.add_image("team/secret", "1", [SHARED_LAYER, SECRET_LAYER])
     moorage = await start_moorage(**confined(upstream, private, htpasswd))
     secret_layer = image.layer_digests[1]
@@ -208,8 +210,9 @@ async def test_a_confined_client_joining_another_routes_fill_is_confirmed_first(
     admin = await moorage.get(f"/v2/private/team/secret/blobs/{secret_layer}", headers=basic("admin"))
     assert admin.status == 200  # its fill is in flight now, sending slowly
     upstream.reset_requests()
-    refused = await moorage.get(f"/v2/library/alpine/blobs/{secret_layer}", headers=basic("ci"))
+    refused = await moorage.request(method, f"/v2/library/alpine/blobs/{secret_layer}", headers=basic("ci"))
     assert refused.status == 404, "the fill in flight is not shared with a route whose upstream lacks it"
+    assert refused.headers.get("Content-Length") != str(len(SECRET_LAYER))
     assert upstream.count("HEAD", f"/blobs/{secret_layer}") == 1
     assert await admin.read() == SECRET_LAYER
 

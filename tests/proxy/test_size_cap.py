@@ -55,6 +55,29 @@ async def test_filling_past_the_cap_evicts_least_recently_used(
     assert upstream.count("GET", f"/blobs/{blobs[0]}") == 1, "evicted content is simply fetched again"
 
 
+@pytest.mark.parametrize(("low", "rest_at_most"), [(0.85, 8), (0.6, 6)])
+async def test_a_pass_over_content_not_in_use_takes_the_store_down_to_the_low_watermark(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, low: float, rest_at_most: int
+) -> None:
+    """Only down to the high watermark, a pass would leave no room: the next blob stored would
+    start another, and the store would sit at its cap, a pass per pull."""
+    store = tmp_path / "store"
+    moorage = await start_moorage(storage={"path": str(store), "max_size": "1MiB", "low_watermark": low})
+    old = [upstream.add_blob(os.urandom(100 * KiB)) for _ in range(9)]
+    for digest in old:
+        await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+        await until_settled(moorage)
+    assert store_bytes(store) == 900 * KiB, "below the high watermark: nothing evicted"
+    advance_clock(moorage, 60)  # stored a minute ago: not in use
+    new = upstream.add_blob(os.urandom(100 * KiB))
+    await (await moorage.get(f"/v2/alpine/blobs/{new}")).read()
+    await until_settled(moorage)
+    after = store_bytes(store)
+    assert after <= low * 1024 * KiB, f"{after} bytes left, above the low watermark"
+    assert after == rest_at_most * 100 * KiB, "no more than that taken"
+    assert new.split(":")[1] in {p.name for p in (store / "blobs").rglob("*")}, "the newest stays"
+
+
 async def test_an_image_just_pulled_that_fits_under_the_cap_stays_whole(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
 ) -> None:

@@ -29,6 +29,7 @@ from moorage.config import PolicyRule
 from moorage.proxy._auth import USERS
 from moorage.proxy._logging import MalformedRequests
 from moorage.proxy._policy import AccessDenied, Requester, authorize
+from moorage.proxy._ratelimit import RateLimiter
 from moorage.proxy._tokens import TokenInvalid, TokenKeys
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
@@ -298,6 +299,18 @@ async def test_sign_ins_that_succeed_and_anonymous_tokens_are_never_limited(
         assert (await moorage.get("/v2/alpine/manifests/3.19", headers=basic("ci", PASSWORD))).status == 200
     statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(3)]
     assert statuses == [401, 401, 429]
+
+
+def test_the_addresses_of_one_ipv6_64_share_one_budget() -> None:
+    """A host usually holds a whole /64: keyed by address, it would guess passwords without
+    end, one address per guess."""
+    limiter = RateLimiter(2)
+    allowed = [limiter.allow(f"2001:db8::{number:x}", "alice") is None for number in range(1, 50)]
+    assert allowed.count(True) == 2
+    assert limiter.allow("2001:db8:0:1::1", "alice") is None, "another /64 is another client"
+    assert limiter.allow("::ffff:192.0.2.7", "alice") is None
+    assert limiter.allow("192.0.2.7", "alice") is None
+    assert limiter.allow("192.0.2.7", "alice") is not None, "an IPv4-mapped address is that IPv4 client"
 
 
 async def test_a_fleet_signing_in_at_once_is_checked_once_and_not_limited(
