@@ -242,6 +242,9 @@ class Metrics:
     def on_token_fetch(self, upstream: str) -> None:
         self.token_fetches.labels(upstream).inc()
 
+    def on_token_rate_limited(self, upstream: str) -> None:
+        self.rate_limited.labels(upstream).inc()
+
     def on_retry(self, upstream: str, error: UpstreamError) -> None:
         self.retries.labels(upstream).inc()
 

@@ -125,6 +125,9 @@ class UpstreamObserver(Protocol):
         """A request that got no answer: refused, reset, timed out."""
 
     def on_token_fetch(self, upstream: str) -> None: ...
+    def on_token_rate_limited(self, upstream: str) -> None:
+        """The upstream's token service answered 429 (auth.docker.io limits there too)."""
+
     def on_retry(self, upstream: str, error: UpstreamError) -> None: ...
     def on_ratelimit(self, upstream: str, state: RateLimitState) -> None: ...
 
@@ -137,6 +140,9 @@ class NullObserver:
         pass
 
     def on_token_fetch(self, upstream: str) -> None:
+        pass
+
+    def on_token_rate_limited(self, upstream: str) -> None:
         pass
 
     def on_retry(self, upstream: str, error: UpstreamError) -> None:
@@ -230,16 +236,19 @@ def _to_plain_http(url: httpx.URL, response: httpx.Response) -> bool:
         return False
 
 
+_KIND_MARKERS: Final[tuple[tuple[str, RequestKind], ...]] = (
+    ("/manifests/", "manifest"),
+    ("/blobs/", "blob"),
+    ("/tags/", "tags"),
+    ("/referrers/", "referrers"),
+)
+
+
 def _kind(path: str) -> RequestKind:
-    for marker, kind in (
-        ("/manifests/", "manifest"),
-        ("/blobs/", "blob"),
-        ("/tags/", "tags"),
-        ("/referrers/", "referrers"),
-    ):
-        if marker in path:
-            return kind  # type: ignore[return-value]
-    return "other"
+    """What a request asks for, by the last marker in its path: a repository may have a
+    component named ``manifests`` or ``blobs`` (``team/manifests/app``), the route's own comes after."""
+    found, kind = max((path.rfind(marker), kind) for marker, kind in _KIND_MARKERS)
+    return kind if found >= 0 else "other"
 
 
 class RegistryClient:
@@ -293,7 +302,7 @@ class RegistryClient:
         common["transport"] = transport
         self._token_http = httpx.AsyncClient(
             follow_redirects=True,
-            event_hooks={"response": [self._refuse_downgrade]},
+            event_hooks={"response": [self._observe_token_response, self._refuse_downgrade]},
             **common,  # type: ignore[arg-type]
         )
         credentials = (settings.username, password) if settings.username and password is not None else None
@@ -337,6 +346,10 @@ class RegistryClient:
             self.ratelimit = state
             self._observer.on_ratelimit(self.host, state)
         await self._refuse_downgrade(response)
+
+    async def _observe_token_response(self, response: httpx.Response) -> None:
+        if response.status_code == 429:
+            self._observer.on_token_rate_limited(self.host)
 
     async def _refuse_downgrade(self, response: httpx.Response) -> None:
         """A redirect from https to plain http is not followed: a signed URL, a tag's manifest

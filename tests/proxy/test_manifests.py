@@ -729,6 +729,21 @@ async def test_rate_limit_budget_is_exported(moorage: Client, upstream: FakeRegi
     assert await metric(moorage, "moorage_upstream_ratelimit_remaining", upstream="docker.io") == 76
 
 
+async def test_a_429_from_the_token_service_counts_as_the_upstream_rate_limiting(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """Docker Hub limits at auth.docker.io too: the client had its 429, and the panel and alerts
+    on 429s from upstreams saw nothing."""
+    upstream.auth = "bearer"
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    upstream.fail_next(5, 429, paths="^/token", retry_after=30)
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 429
+    assert upstream.count("GET", "/token") == 1
+    assert await metric(moorage, "moorage_upstream_rate_limited_total", upstream="docker.io") == 1
+
+
 async def test_token_is_fetched_once_for_many_requests(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
     upstream.auth = "bearer"
     upstream.token_expires_in = None  # absent: 60 s by the spec

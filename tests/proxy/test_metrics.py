@@ -185,3 +185,19 @@ def test_methods_a_client_makes_up_share_one_series() -> None:
         if sample.name == "moorage_requests_total"
     }
     assert methods == {"other", "GET"}
+
+
+async def test_upstream_requests_are_counted_by_what_they_ask_whatever_the_repository_is_called(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """A repository with a component named ``manifests`` had its blob and tag list requests
+    counted as manifest GETs: the dashboard's manifest GETs kept went below zero."""
+    image = upstream.add_image("team/manifests/app", "1")
+    before = await scrape(moorage)
+    assert (await moorage.get(f"/v2/team/manifests/app/blobs/{image.layer_digests[0]}")).status == 200
+    assert (await moorage.get("/v2/team/manifests/app/tags/list")).status == 200
+    assert (await moorage.get("/v2/team/manifests/app/manifests/1", headers=ALL)).status == 200
+    await until_settled(moorage)
+    changes = delta(before, await scrape(moorage))
+    for kind in ("blob", "tags", "manifest"):
+        assert changes[f"moorage_upstream_requests_total{{kind={kind},method=GET,status=200,upstream=docker.io}}"] == 1
