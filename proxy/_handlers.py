@@ -62,6 +62,7 @@ class ReferrersUnsupported(OCIError):
     """404 is how the spec says "no referrers API"; clients then use the tag schema."""
 
     code, status = "UNSUPPORTED", 404
+    cached_answer = True
 
 
 class QueryInvalid(OCIError):

@@ -67,6 +67,9 @@ class OCIErrorBody(TypedDict):
 class OCIError(Exception):
     code: ClassVar[str] = "UNKNOWN"
     status: ClassVar[int] = 500
+    #: The upstream's own answer, kept and served as any other (a registry without the
+    #: referrers API): a cache result, counted as one, where other errors count as none.
+    cached_answer: ClassVar[bool] = False
 
     def __init__(self, message: str, detail: object = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -281,7 +284,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         failure = OCIError("internal error; the cache's log has the details")
     note = notes(request)
     note.error = failure.code
-    note.result = None  # an error answer is no cache result: its body counts toward no hit rate
+    if not failure.cached_answer:
+        note.result = None  # an error answer is no cache result: its body counts toward no hit rate
     started = request.writer is not None and request.writer.output_size > 0
     if started and request.transport is not None:
         # A handler failed after its response started: an error body would land inside it.

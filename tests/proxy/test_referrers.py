@@ -276,12 +276,18 @@ async def test_an_upstream_without_the_api_sends_clients_to_the_tag_schema(
 ) -> None:
     upstream.referrers_api = False
     image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    results = []
     for _ in range(3):
         response = await moorage.get(f"/v2/owner/app/referrers/{image.digest}")
         assert response.status == 404
         error = (await response.json())["errors"][0]
         assert error["code"] == "UNSUPPORTED" and "docker.io" in error["message"]
+        results.append(response.headers.get("X-Moorage-Cache"))
     assert upstream.count("GET", "/referrers/") == 1, "the upstream's 404 is kept like an answer"
+    # Counted as the cache's answers they are: signature checks against such a registry were
+    # missing from the hit rate, and the answers had no X-Moorage-Cache header.
+    assert results == ["miss", "hit", "hit"]
+    assert await metric(moorage, "moorage_cache_results_total", kind="referrers", result="hit") == 2
     # The fallback: the sha256-<hex> tag, cached like any other.
     fallback = "sha256-" + image.digest.removeprefix("sha256:")
     signature = attach(upstream, "owner/app", image, SIGNATURE, tag=fallback)
