@@ -384,7 +384,8 @@ class Index:
                 self._db.delete(manifest_key(digest))
         # The walk holds no write lock (it takes as long as the index is large, and every tag
         # and manifest recorded would wait for it); what it found is deleted in one short
-        # transaction, a tag only where it still points at a digest that went.
+        # transaction, a tag only where it still points at a digest that went, and nothing of
+        # a manifest pulled again meanwhile (its tags, image and referrers were just written).
         tags: list[IndexKey] = []
         others: list[IndexKey] = []
         for key in self._walk():
@@ -399,12 +400,14 @@ class Index:
         gone = [key for key in tags if _points_at(self._db.get(key), names)]
         dropped = 0
         with self._db.transact():
+            still_gone = {str(d) for d in manifests if self._db.get(manifest_key(d)) is None}
             for key in gone:
-                if _points_at(self._db.get(key), names):
+                if _points_at(self._db.get(key), still_gone):
                     self._db.delete(key)
                     dropped += 1
             for key in others:
-                self._db.delete(key)
+                if key[3] in still_gone:
+                    self._db.delete(key)
         return dropped
 
     def manifest_digests(self) -> set[Digest]:

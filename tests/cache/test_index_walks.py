@@ -3,6 +3,7 @@ work grows with the index, not with its square, and the write lock is not held t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,57 @@ def test_a_tag_pointed_elsewhere_during_the_walk_is_kept(tmp_path: Path) -> None
     assert index.forget({gone}) == 0
     entry = index.tag(key)
     assert entry is not None and entry.digest == fresh
+    index.close()
+
+
+def test_a_tag_pointed_elsewhere_as_the_deletes_begin_is_kept(tmp_path: Path) -> None:
+    """The tag is repointed after the walk found it, before its delete: the delete looks again."""
+    index = filled(tmp_path / "index", 100)
+    gone, fresh = digest_of(-1), digest_of(-1000)
+    key = ("tag", "docker.io", "r0", "1", "image")
+    transact = index._db.transact
+    transactions = 0
+
+    @contextlib.contextmanager
+    def repointing_at_the_last() -> Iterator[Any]:
+        nonlocal transactions
+        transactions += 1
+        if transactions == 3:  # forget's deletes: blob entries, manifests, then what the walk found
+            index.put_tag(key, TagEntry(fresh, MANIFEST, 2.0))
+        with transact():
+            yield
+
+    index._db.transact = repointing_at_the_last
+    assert index.forget({gone}) == 0
+    assert transactions >= 3, "the tag was repointed"
+    entry = index.tag(key)
+    assert entry is not None and entry.digest == fresh
+    index.close()
+
+
+def test_a_manifest_pulled_again_during_the_walk_keeps_its_tag_and_image(tmp_path: Path) -> None:
+    """A client pulls the image again while its eviction walks the index: the manifest, its tag
+    and its image are written anew, and stay (else the next pull of the tag costs the upstream
+    a counted GET, and ls and lifecycle policies miss the image)."""
+    index = filled(tmp_path / "index", 100)
+    gone = digest_of(-1)
+    key = ("tag", "docker.io", "r0", "1", "image")
+    walk = index._walk
+
+    def walk_while_pulled_again() -> Iterator[Any]:
+        for number, found in enumerate(walk()):
+            if number == 10:
+                index.put_manifest(gone, MANIFEST)
+                index.add_image(image_key("docker.io", "r0", gone), 3.0)
+                index.put_tag(key, TagEntry(gone, MANIFEST, 3.0))
+            yield found
+
+    index._walk = walk_while_pulled_again  # type: ignore[method-assign]
+    assert index.forget({gone}) == 0
+    entry = index.tag(key)
+    assert entry is not None and entry.digest == gone
+    assert index._db.get(image_key("docker.io", "r0", gone)) is not None
+    assert index._db.get(manifest_key(gone)) is not None
     index.close()
 
 
