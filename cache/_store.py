@@ -241,8 +241,15 @@ class DirectoryStore:
             raise _unreadable(self.path_of(digest), exc) from exc
 
     def fingerprint(self, digest: Digest) -> Fingerprint | None:
+        """The stored file's fingerprint, taken through an open file: one the daemon may not
+        read is told here, where the answer is decided (sendfile met it after the answer began,
+        a bare 403 naming nothing)."""
         try:
-            return Fingerprint.of(self.path_of(digest).stat())
+            descriptor = os.open(self.path_of(digest), os.O_RDONLY)
+            try:
+                return Fingerprint.of(os.fstat(descriptor))
+            finally:
+                os.close(descriptor)
         except (FileNotFoundError, NotADirectoryError):  # a file where its directory should be
             return None
         except OSError as exc:

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,3 +282,31 @@ async def test_a_stored_file_the_daemon_may_not_read_is_a_503_that_names_it(
         assert error["code"] == "UNAVAILABLE"
         assert f"cannot read the stored file {stored_file(store, digest)}: Permission denied" in error["message"]
         assert "run store commands as the daemon's user" in error["message"]
+
+
+async def test_a_stored_file_alone_the_daemon_may_not_read_is_a_503_that_names_it(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The directories readable, the files not (a store command run as root with a umask of
+    077 over an existing store): the blob went out as aiohttp's bare 403, naming nothing."""
+    store = Path(tempfile.mkdtemp(prefix="moorage-store-"))  # outside pytest's 0700 tmp_path
+    try:
+        store.chmod(0o755)
+        moorage = await start_moorage(storage={"path": str(store)})
+        image = upstream.add_image("library/app", "1", [os.urandom(1000)])
+        layer = image.layer_digests[0]
+        assert (await moorage.get(f"/v2/library/app/blobs/{layer}")).status == 200
+        await until_settled(moorage)
+        path = stored_file(store, layer)
+        for directory in (path.parent, path.parent.parent, path.parent.parent.parent):
+            directory.chmod(0o755)
+        path.chmod(0o600)
+        upstream.reset_requests()
+        with as_another_user():
+            response = await moorage.get(f"/v2/library/app/blobs/{layer}")
+        assert response.status == 503, await response.text()
+        (error,) = (await response.json())["errors"]
+        assert f"cannot read the stored file {path}: Permission denied" in error["message"]
+        assert "run store commands as the daemon's user" in error["message"]
+    finally:
+        shutil.rmtree(store)
