@@ -71,7 +71,8 @@ def verify_store(
             if ahead > 0:
                 time.sleep(ahead)
 
-    index: Index | None = None  # opened at the first quarantine
+    # Opened before any file is looked at: a store of a later format is refused unchanged.
+    index = Index(root / "index")
     try:
         for blob in store.entries():
             digest = blob.digest
@@ -93,12 +94,10 @@ def verify_store(
                 # At once, not at the end of a run that may last hours: a daemon serving the
                 # store takes the smaller size in at its next flush, and an interrupted run
                 # leaves nothing behind in the index.
-                index = index or Index(root / "index")
                 counted = counted_size(index.fingerprint(digest), blob.size)
                 index.forget({digest})
                 if index.store_totals() is not None:
                     index.write_batch({}, {}, (-counted, -1))
     finally:
-        if index is not None:
-            index.close()
+        index.close()
     return report

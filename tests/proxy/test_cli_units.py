@@ -558,7 +558,8 @@ def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> Non
     (store / "index" / "cache.db").write_bytes(os.urandom(8192))
     config = tmp_path / "config.yaml"
     config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
-    for args in (["ls", "--store", str(store)], ["stats", "--store", str(store)], ["gc", "--store", str(store)]):
+    commands = (["ls"], ["stats"], ["gc"], ["verify"], ["verify", "--repair"])
+    for args in ([*command, "--store", str(store)] for command in commands):
         result = CliRunner().invoke(main, args, env={"MOORAGE_CONFIG": ""})
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
         assert f"storage.path: the index {store / 'index'} cannot be opened" in result.output
@@ -686,12 +687,15 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     store = tmp_path / "store"
     config = tmp_path / "config.yaml"
     config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
-    (store / "blobs").mkdir(parents=True)
+    corrupt = store / "blobs" / "sha256" / "00" / ("0" * 64)
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not what its name says")  # what verify --repair would move
     later = diskcache.Cache(str(store / "index"))
     later.set(FORMAT_KEY, STORE_FORMAT + 1)
     later.set(("tag", "docker.io", "library/alpine", "3", "image"), {"a later": "layout"})
     later.close()
-    for args in (["ls", "--store", str(store)], ["stats", "--store", str(store)], ["gc", "--store", str(store)]):
+    commands = (["ls"], ["stats"], ["gc"], ["verify"], ["verify", "--repair"])
+    for args in ([*command, "--store", str(store)] for command in commands):
         result = CliRunner().invoke(main, args, env={"MOORAGE_CONFIG": ""})
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
         assert f"the store at {store} was written by a later Moorage" in result.output, result.output
@@ -703,3 +707,4 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     assert after.get(FORMAT_KEY) == STORE_FORMAT + 1, "left as it was"
     assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
     after.close()
+    assert corrupt.read_bytes() == b"not what its name says", "left in place"
