@@ -19,6 +19,7 @@ import diskcache
 from moorage.upstreams.reference import Digest, InvalidReference, page_query, parse_digest
 
 from ._keys import (
+    COUNT_OWED_KEY,
     FORMAT_KEY,
     SERVING_KEY,
     STORE_FORMAT,
@@ -265,16 +266,28 @@ class Index:
         value = self._db.get(STORE_TOTALS_KEY)
         return (int(value[0]), int(value[1])) if isinstance(value, tuple) else None
 
-    def begin_serving(self, now: float) -> bool:
+    def begin_serving(self, now: float, *, alone: bool = True) -> bool:
         """Mark the store as served by a daemon, in this version's format; True when the mark
         was already there: the last daemon did not stop cleanly, and what it had not flushed (up
         to its last seconds of store totals) is lost. True too for totals written before the
-        format was: their daemons kept no such mark, so a crash left them short for good."""
+        format was: the earliest of their daemons kept no such mark, so a crash there left them
+        short for good (a store of the later ones, which kept it, is counted once more than it
+        needed).
+
+        Only a daemon that starts ``alone`` counts. One that starts beside a running daemon (a
+        rolling upgrade of a shared store) and finds totals with no format records the format
+        all the same, for every version that reads the store, and leaves the count it owes to
+        the next start alone."""
         with self._db.transact():
             unmarked = self._db.get(FORMAT_KEY) is None and self._db.get(STORE_TOTALS_KEY) is not None
-            crashed = self._db.get(SERVING_KEY) is not None or unmarked
+            owed = self._db.get(COUNT_OWED_KEY) is not None
+            crashed = self._db.get(SERVING_KEY) is not None or unmarked or owed
             self._db.set(SERVING_KEY, now)
             self._db.set(FORMAT_KEY, STORE_FORMAT)
+            if alone:
+                self._db.delete(COUNT_OWED_KEY)  # counted now; a count cut short leaves the serving mark
+            elif unmarked:
+                self._db.set(COUNT_OWED_KEY, now)
         return crashed
 
     def mark_format(self) -> None:

@@ -25,6 +25,8 @@ key                                        value
                                             a clean stop, so found at a start it means a crash
 ("format",)                                 the layout of these values (``STORE_FORMAT``); a
                                             version refuses a store of a later one
+("count-owed",)                             when a daemon started beside another found totals
+                                            kept before the format: the next start alone counts
 =========================================  =================================================
 
 A change to a value's layout raises ``STORE_FORMAT`` and reads the layouts before it (as
@@ -43,6 +45,7 @@ from typing import TypeAlias
 from moorage.upstreams.reference import AcceptClass, Digest, RepositoryName, Tag
 
 __all__ = [
+    "COUNT_OWED_KEY",
     "FORMAT_KEY",
     "SERVING_KEY",
     "STORE_FORMAT",
@@ -115,5 +118,6 @@ USAGE_KEY: IndexKey = ("usage",)
 STORE_TOTALS_KEY: IndexKey = ("store",)
 SERVING_KEY: IndexKey = ("serving",)
 FORMAT_KEY: IndexKey = ("format",)
+COUNT_OWED_KEY: IndexKey = ("count-owed",)
 #: The layout of the index's values that this version writes (and every earlier one it reads).
 STORE_FORMAT = 1

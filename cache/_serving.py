@@ -53,7 +53,7 @@ class ServingLock:
             # Others serve, or one is starting or stopping. The mark is set only once the shared
             # lock is held, so a process stopping now cannot clear it after it was set.
             fcntl.flock(fd, fcntl.LOCK_SH)
-            self._index.begin_serving(now)
+            self._index.begin_serving(now, alone=False)
             return Started(alone=False, crashed=False)
         crashed = self._index.begin_serving(now)
         when_alone()

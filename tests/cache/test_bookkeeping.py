@@ -4,6 +4,7 @@ cannot take (a full disk) is kept and written with the next one, never lost and 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from moorage.cache import Cache, DirectoryStore
 from moorage.cache._index import Index, ReferrersEntry, TagsEntry
 from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT, pulled_key, tags_list_key
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
+from moorage.cache._serving import ServingLock, Started
 from moorage.cache._store import StoredBlob
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
 from tests.polling import until
@@ -326,6 +328,27 @@ def test_a_store_from_before_its_format_was_recorded_is_counted_once(tmp_path: P
     index.end_serving()
     assert index.begin_serving(2.0) is False
     assert index.begin_serving(3.0) is True, "the mark of a run that did not end cleanly"
+    index.close()
+
+
+def test_a_store_from_before_its_format_is_counted_by_the_first_start_alone(tmp_path: Path) -> None:
+    """A daemon of this version started beside one of an earlier version (a rolling upgrade)
+    counts nothing, and recorded the format: the store was never counted. The format stays
+    recorded (an earlier version must see it), and the count is owed to the next start alone."""
+    index = Index(tmp_path / "index")
+    index._db.set(("store",), (100, 1))  # an earlier version's totals, no format
+    earlier = ServingLock(tmp_path, index)
+    earlier._fd = os.open(tmp_path / "serving.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(earlier._fd, fcntl.LOCK_SH)  # an earlier version's daemon, serving
+    beside = ServingLock(tmp_path, index)
+    assert beside.acquire(1.0) == Started(alone=False, crashed=False)
+    beside.release(clean=True)
+    earlier.release(clean=True)  # the last to stop, cleanly: no serving mark is left
+    assert index._db.get(FORMAT_KEY) == STORE_FORMAT
+    first = ServingLock(tmp_path, index)
+    assert first.acquire(2.0) == Started(alone=True, crashed=True), "the first start alone counts the store"
+    first.release(clean=True)
+    assert ServingLock(tmp_path, index).acquire(3.0) == Started(alone=True, crashed=False), "once"
     index.close()
 
 
