@@ -35,7 +35,7 @@ from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 from .errors import IndexFailure, StoreFailure, error_text
 
-__all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "is_disk_full"]
+__all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "is_disk_full", "tag_entry"]
 
 #: Counters per upstream, by name: cache results (hit, miss, …) and byte totals.
 Usage = dict[str, dict[str, int]]
@@ -117,6 +117,17 @@ def _shaped(value: object, *shape: type | tuple[type, ...]) -> TypeGuard[tuple[A
     )
 
 
+def tag_entry(value: object) -> TagEntry | None:
+    """A tag answer as the index holds it; None for a value this version cannot read."""
+    if not _shaped(value, str, str, _TIME):
+        return None
+    digest, media_type, checked_at = value
+    try:
+        return TagEntry(parse_digest(digest), media_type, checked_at)
+    except InvalidReference:
+        return None
+
+
 def _points_at(value: object, digests: set[str]) -> bool:
     """Whether a tag answer's value names one of ``digests``."""
     return isinstance(value, tuple) and bool(value) and value[0] in digests
@@ -168,14 +179,7 @@ class Index:
     def tag(self, key: IndexKey) -> TagEntry | None:
         """None also for a value this version cannot read: the tag is fetched again, and the
         entry written anew, where it had failed every pull of the tag for good."""
-        value = self._read(key)
-        if not _shaped(value, str, str, _TIME):
-            return None
-        digest, media_type, checked_at = value
-        try:
-            return TagEntry(parse_digest(digest), media_type, checked_at)
-        except InvalidReference:
-            return None
+        return tag_entry(self._read(key))
 
     def put_tag(self, key: IndexKey, entry: TagEntry) -> None:
         with _recording("a tag"):

@@ -35,7 +35,7 @@ from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidRefer
 
 from ._evict import ReadGuard
 from ._gc import mark, references
-from ._index import Index
+from ._index import Index, tag_entry
 from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, referrers_key, routes_key
 from ._store import BlobStore, DirectoryStore
 
@@ -137,11 +137,11 @@ def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[Ca
             pushed[upstream, repository][key[3]] = float(value)
         elif kind == "image-pulled" and isinstance(value, int | float):
             pulled[upstream, repository, key[3]] = float(value)
-        elif kind == "tag" and isinstance(value, tuple):
-            tagged, checked_at = str(value[0]), float(value[2])
+        elif kind == "tag" and (entry := tag_entry(value)) is not None:  # one it cannot read is refetched
+            tagged = str(entry.digest)
             tags[upstream, repository, tagged].add(key[3])
             known = pushed[upstream, repository]
-            known.setdefault(tagged, checked_at)  # a tag cached before image records were kept
+            known.setdefault(tagged, float(entry.checked_at))  # a tag cached before image records were kept
     images: dict[tuple[str, str], list[CachedImage]] = {}
     for (upstream, repository), digests in pushed.items():
         found: list[CachedImage] = []

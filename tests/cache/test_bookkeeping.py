@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from moorage.cache import Cache, DirectoryStore
-from moorage.cache._index import Index, ReferrersEntry, TagsEntry
+from moorage.cache._index import Index, ReferrersEntry, TagEntry, TagsEntry
 from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT, pulled_key, tags_list_key
+from moorage.cache._lifecycle import read_images
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._serving import ServingLock, Started
 from moorage.cache._store import StoredBlob
@@ -314,6 +315,20 @@ def test_an_entry_of_another_layout_reads_as_not_cached(tmp_path: Path, value: o
     assert index.tag(tag) is None
     assert index.tags(tags) is None
     assert index.referrers(referrers) is None
+    index.close()
+
+
+def test_a_tag_of_another_layout_leaves_the_lifecycle_pass_to_the_rest(tmp_path: Path) -> None:
+    """Lifecycle policies read tag entries as they walk the index: one it could not read
+    raised, and failed every lifecycle pass until that tag was pulled again."""
+    index = Index(tmp_path / "index")
+    store = DirectoryStore(tmp_path / "store")
+    kept = Digest.of(b"kept")
+    index.put_manifest(kept, "application/vnd.oci.image.manifest.v1+json")
+    index.put_tag(("tag", "docker.io", "team/app", "1", "image"), TagEntry(kept, "m", 10.0))
+    index._db.set(("tag", "docker.io", "team/app", "2", "image"), ("sha256:" + "a" * 64, None, "yesterday"))
+    (image,) = read_images(store, index)["docker.io", "team/app"]
+    assert image.digest == kept and image.tags == frozenset({"1"}) and image.pushed_at == 10.0
     index.close()
 
 
