@@ -25,7 +25,7 @@ from ._routes import MayRead
 from ._source import Source
 from ._store import BlobStore, DirectoryStore
 from ._verify import VerifyReport, verify_store
-from .errors import CacheError, ClientGone, DigestMismatch, FillAborted, StoreFailure
+from .errors import CacheError, ClientGone, DigestMismatch, FillAborted, StoreFailure, error_text
 
 __all__ = [
     "BlobAnswer",
@@ -57,6 +57,7 @@ __all__ = [
     "VerifyReport",
     "WarmBlob",
     "collect_garbage",
+    "error_text",
     "evaluate",
     "open_cache",
     "policy_resolver",

@@ -33,7 +33,7 @@ from moorage.upstreams.reference import Digest, RepositoryName
 from ._observer import CacheObserver, NullCacheObserver
 from ._source import BlobSource
 from ._store import BlobStore, Fingerprint, PendingBlob
-from .errors import ClientGone, DigestMismatch, FillAborted, StoreFailure
+from .errors import ClientGone, DigestMismatch, FillAborted, StoreFailure, error_text
 
 __all__ = ["Fill", "FillReader", "Fills"]
 
@@ -194,7 +194,7 @@ class Fill:
                         "upstream": self.origin[0],
                         "repository": self.origin[1],
                         "digest": str(self.digest),
-                        "error": str(exc),
+                        "error": error_text(exc),
                     },
                 )
             if self._pending is not None:

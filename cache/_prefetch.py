@@ -51,6 +51,7 @@ from moorage.upstreams.reference import Digest, RepositoryName
 from ._fill import FillReader, Fills
 from ._gc import parts
 from ._source import BlobSource
+from .errors import error_text
 
 __all__ = [
     "CLIENT_LOOK_SECONDS",
@@ -261,7 +262,7 @@ class Prefetcher:
                     "upstream": plan.source.host,
                     "repository": str(plan.repository),
                     "failed": len(errors),
-                    "error": str(errors[0]),
+                    "error": error_text(errors[0]),
                 },
             )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ._index import Index
+from .errors import error_text
 
 __all__ = ["ServingLock", "Started"]
 
@@ -90,7 +91,7 @@ class ServingLock:
                 except Exception as exc:  # a full disk, a broken index: the next start counts
                     log.warning(
                         "serving mark not cleared; the next start counts the store",
-                        extra={"event": "maintenance_failed", "task": "stop", "error": str(exc)},
+                        extra={"event": "maintenance_failed", "task": "stop", "error": error_text(exc)},
                     )
         finally:
             os.close(fd)  # drops the lock

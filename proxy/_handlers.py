@@ -24,7 +24,7 @@ from aiohttp import ETag, web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead
+from moorage.cache import FillAborted, FillingBlob, FillReader, ManifestAnswer, MayRead, error_text
 from moorage.upstreams import RegistryClient, Route
 from moorage.upstreams.reference import (
     MAX_QUERY_LENGTH,
@@ -430,7 +430,7 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
             # body visibly short of its Content-Length. No error body may follow a 200.
             cut = {"event": "response_cut", "request_id": notes(request).request_id, "digest": str(reader.digest)}
             if isinstance(exc, FillAborted):
-                log.warning("cutting response: fill failed", extra={**cut, "error": str(exc.__cause__ or exc)})
+                log.warning("cutting response: fill failed", extra={**cut, "error": error_text(exc.__cause__ or exc)})
             else:
                 log.exception("cutting response", extra=cut)
             _cut(request, "FILL_ABORTED" if isinstance(exc, FillAborted) else "INTERNAL")

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import diskcache
 import pytest
 
 from moorage.cache import open_cache
@@ -78,6 +79,22 @@ def test_a_mark_that_cannot_be_cleared_is_left_for_the_next_start(tmp_path: Path
     index.end_serving = broken  # type: ignore[method-assign]
     serving.release(clean=True)
     assert ServingLock(tmp_path, Index(tmp_path / "index")).acquire(2.0).crashed is True
+
+
+def test_a_mark_left_for_a_locked_index_says_what_failed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """diskcache's Timeout (another process holds the index locked) has no message: the log
+    line said the mark was not cleared, and that the error was nothing."""
+    index = Index(tmp_path / "index")
+    serving = ServingLock(tmp_path, index)
+    serving.acquire(1.0)
+
+    def locked() -> None:
+        raise diskcache.Timeout
+
+    index.end_serving = locked  # type: ignore[method-assign]
+    serving.release(clean=True)
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "maintenance_failed"]
+    assert getattr(record, "error", "") == "Timeout"
 
 
 def test_a_mark_set_while_another_process_stops_survives_its_stop(tmp_path: Path) -> None:
