@@ -1467,9 +1467,11 @@ async def open_cache(
         # Alone, a dead run's temporaries are swept; beside another process, they are its
         # downloads in flight.
         started = await asyncio.to_thread(serving.acquire, time.time(), store.sweep_temporaries)
-    except OSError as exc:  # a file system without flock, a tmp/ entry that cannot be removed
+    except (OSError, IndexFailure) as exc:  # no flock on the file system, a tmp/ entry kept, a full disk
         await asyncio.to_thread(serving.release, False)
         await asyncio.to_thread(index.close)
+        if isinstance(exc, IndexFailure):
+            raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {exc}"]) from None
         reason, what = exc.strerror or str(exc), exc.filename or settings.path / "serving.lock"
         raise ConfigError(None, [f"storage.path: cannot use {what}: {reason}"]) from None
     cache = Cache(

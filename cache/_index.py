@@ -282,7 +282,7 @@ class Index:
         rolling upgrade of a shared store) and finds totals with no format records the format
         all the same, for every version that reads the store, and leaves the count it owes to
         the next start alone."""
-        with self._db.transact():
+        with _recording("the serving mark"), self._db.transact():
             unmarked = self._db.get(FORMAT_KEY) is None and self._db.get(STORE_TOTALS_KEY) is not None
             owed = self._db.get(COUNT_OWED_KEY) is not None
             crashed = self._db.get(SERVING_KEY) is not None or unmarked or owed
@@ -296,7 +296,8 @@ class Index:
 
     def mark_format(self) -> None:
         """Record this version's format: for a store just counted, whose totals are true."""
-        self._db.set(FORMAT_KEY, STORE_FORMAT)
+        with _recording("the store's format"):
+            self._db.set(FORMAT_KEY, STORE_FORMAT)
 
     def end_serving(self) -> None:
         """A clean stop: everything is flushed."""
@@ -320,7 +321,7 @@ class Index:
         The totals are changed, not overwritten, so that what several processes store and
         remove adds up: a daemon's batches, and ``moorage gc`` and ``moorage verify --repair``
         run beside it."""
-        with self._db.transact():
+        with _recording("the store's bookkeeping"), self._db.transact():
             for digest, learnt in (routes or {}).items():
                 self._add_routes(digest, learnt)
             for digest, fingerprint in (fingerprints or {}).items():

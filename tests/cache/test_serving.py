@@ -18,7 +18,7 @@ import pytest
 from moorage.cache import open_cache
 from moorage.cache._index import Index
 from moorage.cache._serving import ServingLock
-from moorage.config import StorageSettings
+from moorage.config import ConfigError, StorageSettings
 
 
 def test_a_clean_stop_leaves_nothing_to_count(tmp_path: Path) -> None:
@@ -162,3 +162,26 @@ async def test_a_process_that_starts_beside_another_says_so(tmp_path: Path, capl
         async with open_cache(settings):
             (shared,) = [r for r in caplog.records if getattr(r, "event", "") == "store_shared"]
             assert getattr(shared, "store", "") == str(settings.path)
+
+
+@pytest.mark.parametrize("failing", [("store",), ("format",), ("serving",)])
+async def test_a_store_whose_index_takes_no_write_at_start_is_one_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: tuple[str, ...]
+) -> None:
+    """The index opens, but its first writes (a new store's totals and format, the serving
+    mark) meet a full disk: SQLite's error went out of the start as a traceback."""
+    setting = diskcache.Cache.set
+
+    def full(cache: diskcache.Cache, key: object, *args: object, **kwargs: object) -> bool:
+        if key == failing:
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise error
+        return bool(setting(cache, key, *args, **kwargs))
+
+    monkeypatch.setattr(diskcache.Cache, "set", full)
+    with pytest.raises(ConfigError) as refused:
+        async with open_cache(StorageSettings(path=tmp_path / "store")):
+            pass
+    assert f"storage.path: cannot use {tmp_path / 'store'} as the store: the index cannot record" in str(refused.value)
+    assert "database or disk is full" in str(refused.value)
