@@ -147,7 +147,7 @@ class Index:
             written = self._db.get(FORMAT_KEY)
         except (sqlite3.Error, diskcache.Timeout) as exc:
             raise IndexFailure(_unopened(directory, exc), disk_full=is_disk_full(exc)) from exc
-        if isinstance(written, int) and written > STORE_FORMAT:
+        if written is not None and not (isinstance(written, int) and written <= STORE_FORMAT):
             # Its values may not read as this version expects, and its gc and eviction would
             # act on what they misread: refused before anything is read or changed.
             self._db.close()
@@ -348,7 +348,8 @@ class Index:
             return totals
 
     def _walk(self) -> Iterator[Any]:
-        """Every key, in the order written: one pass over the table. (diskcache's ``iterkeys``
+        """Every key, in the order each was first written (a rewrite keeps its place): one pass
+        over the table. (diskcache's ``iterkeys``
         asks again from the top for each hundred keys in key order, which grows with the square
         of the index: 4 s for 80,000 keys, most of an hour for a store of a million blobs.)
         Keys written after the walk began are not in it."""

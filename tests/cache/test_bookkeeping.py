@@ -22,6 +22,7 @@ from moorage.cache._lifecycle import read_images
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._serving import ServingLock, Started
 from moorage.cache._store import StoredBlob
+from moorage.cache.errors import IndexFailure
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
 from tests.polling import until
 
@@ -330,6 +331,17 @@ def test_a_tag_of_another_layout_leaves_the_lifecycle_pass_to_the_rest(tmp_path:
     (image,) = read_images(store, index)["docker.io", "team/app"]
     assert image.digest == kept and image.tags == frozenset({"1"}) and image.pushed_at == 10.0
     index.close()
+
+
+@pytest.mark.parametrize("written", [STORE_FORMAT + 1, "2", 1.5])
+def test_a_format_this_version_does_not_know_is_refused(tmp_path: Path, written: object) -> None:
+    """A later version may write its format otherwise; one that is not this version's, or an
+    earlier one, is no store this version can read."""
+    index = Index(tmp_path / "index")
+    index._db.set(FORMAT_KEY, written)
+    index.close()
+    with pytest.raises(IndexFailure, match="was written by a later Moorage"):
+        Index(tmp_path / "index")
 
 
 def test_a_store_from_before_its_format_was_recorded_is_counted_once(tmp_path: Path) -> None:
