@@ -12,7 +12,7 @@ from typing import Any
 import diskcache
 import pytest
 
-from moorage.cache._index import Index, TagEntry
+from moorage.cache._index import DELETE_BATCH, Index, TagEntry
 from moorage.cache._keys import blob_key, image_key, manifest_key, routes_key
 from moorage.upstreams.reference import Digest, parse_digest
 
@@ -93,6 +93,34 @@ def test_forgetting_a_manifest_leaves_the_index_writable_while_it_walks(tmp_path
     assert index._db.get(image_key("docker.io", "r0", gone)) is None
     assert index.tag(("tag", "docker.io", "r1", "1", "image")) is not None, "other tags stay"
     other.close()
+    index.close()
+
+
+def test_forgetting_many_blobs_writes_in_batches_not_one_long_transaction(tmp_path: Path) -> None:
+    """An eviction pass removing 393,000 blobs deleted their entries in one transaction, and
+    held the index's write lock for 36 s: every pull recording a tag waited, and with them the
+    threads cached pulls and readiness checks needed. Every entry still goes."""
+    index = filled(tmp_path / "index", 3_000)
+    deletes: list[int] = [0]
+    transact, delete = index._db.transact, index._db.delete
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Any]:
+        deletes.append(0)
+        with transact():
+            yield
+
+    def counting(key: Any) -> bool:
+        deletes[-1] += 1
+        return bool(delete(key))
+
+    index._db.transact = counted
+    index._db.delete = counting
+    digests = {digest_of(number) for number in range(3_000)} | {digest_of(-number - 1) for number in range(300)}
+    assert index.forget(digests) == 300
+    assert max(deletes) <= DELETE_BATCH < sum(deletes)
+    index._db.transact, index._db.delete = transact, delete
+    assert list(index._walk()) == [], "every entry of every blob and image went"
     index.close()
 
 
