@@ -219,6 +219,15 @@ def _unreadable(path: Path, error: OSError) -> StoreFailure:
     return StoreFailure(f"cannot read the stored file {path}: {error.strerror or error}{hint}")
 
 
+def _sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    """A directory's entries by name; none where it vanished meanwhile."""
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 class DirectoryStore:
     """Blobs as files under a root directory; sendfile-capable."""
 
@@ -321,16 +330,21 @@ class DirectoryStore:
     def entries(self) -> Iterator[StoredBlob]:
         """Every stored blob with its size and modification time; walks the whole store.
         Files that are not ours, or that vanish while walking, are passed over."""
-        for algorithm_dir in sorted(self.blobs_dir.iterdir()):
+        # One directory of 256 at a time: a walk holds the names of one, not of the whole
+        # store (sorting a glob of a million files held them all, some 500 MB).
+        for algorithm_dir in _sorted_entries(self.blobs_dir):
             if algorithm_dir.name.startswith(".") or not algorithm_dir.is_dir():
                 continue  # a readiness probe, or something not ours
-            for path in sorted(algorithm_dir.glob("*/*")):
-                try:
-                    digest = parse_digest(f"{algorithm_dir.name}:{path.name}")
-                    info = path.stat()
-                except (InvalidReference, FileNotFoundError):
+            for prefix_dir in _sorted_entries(Path(algorithm_dir.path)):
+                if prefix_dir.name.startswith(".") or not prefix_dir.is_dir():
                     continue
-                yield StoredBlob(digest, path, info.st_size, info.st_mtime)
+                for entry in _sorted_entries(Path(prefix_dir.path)):
+                    try:
+                        digest = parse_digest(f"{algorithm_dir.name}:{entry.name}")
+                        info = entry.stat()
+                    except (InvalidReference, FileNotFoundError):
+                        continue
+                    yield StoredBlob(digest, Path(entry.path), info.st_size, info.st_mtime)
 
     def count(self) -> tuple[int, int]:
         """(bytes, entries) of every stored blob; walks the whole store."""

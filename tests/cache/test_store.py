@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,24 @@ def test_a_walk_passes_over_what_is_not_a_blob(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "blobs" / "sha256").iterdir() if p.name.startswith(".w")) == [
         ".writable-probe"
     ], "the probe leaves nothing of its own behind"
+
+
+def test_a_count_of_the_store_holds_one_directory_in_memory_not_the_whole_store(tmp_path: Path) -> None:
+    """A walk sorted the names of every stored file at once: 193 MiB to count 300,000 blobs,
+    past a pod's memory limit somewhere short of a million (the count after a crash, gc)."""
+    store = DirectoryStore(tmp_path)
+    for number in range(20_000):
+        digest = Digest.of(str(number).encode())
+        path = store.path_of(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    tracemalloc.start()
+    try:
+        assert store.count() == (20_000, 20_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak:,} bytes at most in memory to count 20,000 blobs"
 
 
 def test_a_blob_another_process_stored_meanwhile_is_not_counted_again(tmp_path: Path) -> None:
