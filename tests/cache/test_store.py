@@ -124,18 +124,20 @@ def test_a_count_of_the_store_holds_one_directory_in_memory_not_the_whole_store(
     """A walk sorted the names of every stored file at once: 193 MiB to count 300,000 blobs,
     past a pod's memory limit somewhere short of a million (the count after a crash, gc)."""
     store = DirectoryStore(tmp_path)
-    for number in range(20_000):
+    for number in range(30_000):
         digest = Digest.of(str(number).encode())
         path = store.path_of(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     tracemalloc.start()
     try:
-        assert store.count() == (20_000, 20_000)
+        assert store.count() == (30_000, 30_000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1_000_000, f"{peak:,} bytes at most in memory to count 20,000 blobs"
+    # 16 MB when every name was held; what other threads of the run allocate meanwhile is in
+    # the figure too.
+    assert peak < 5_000_000, f"{peak:,} bytes at most in memory to count 30,000 blobs"
 
 
 def test_a_blob_another_process_stored_meanwhile_is_not_counted_again(tmp_path: Path) -> None:
