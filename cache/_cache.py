@@ -485,9 +485,10 @@ class Cache:
         self.store_entries = walked_entries + len(unseen)
         self._counts += 1
 
-    async def recount(self) -> None:
-        """Count the store again (after a daemon stopped without writing its last totals), then
-        evict if that shows it above its cap. Serving goes on meanwhile."""
+    async def recount(self, *, crashed: bool = True) -> None:
+        """Count the store again (after a daemon stopped without writing its last totals, or
+        where the index keeps no totals of its blobs), then evict if that shows it above its
+        cap. Serving goes on meanwhile."""
         if not isinstance(self._store, DirectoryStore):
             return
         store = self._store
@@ -506,7 +507,9 @@ class Cache:
             self._walk_ended(counted.bytes, counted.entries, counted.fresh)
             self.count_pending = False
         log.warning(
-            "the last run did not stop cleanly (or kept no mark of it); the store was counted again",
+            "the last run did not stop cleanly (or kept no mark of it); the store was counted again"
+            if crashed
+            else "the index kept no totals of the store's blobs (moved aside, or new); the store was counted",
             extra={"event": "store_counted", "store_bytes_before": before, "store_bytes": self.store_bytes},
         )
         self._schedule_eviction()
@@ -1459,6 +1462,7 @@ async def open_cache(
     collection and the upstreams' lifecycle policies run at their intervals."""
     try:
         store, index = await asyncio.to_thread(open_store, settings.path)
+        uncounted = await asyncio.to_thread(index.store_totals) is None
     except (OSError, IndexFailure) as exc:  # a file for the directory, no permission, a full disk
         reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
         raise ConfigError(None, [f"storage.path: cannot use {settings.path} as the store: {reason}"]) from None
@@ -1497,9 +1501,9 @@ async def open_cache(
             "another process serves this store: reads may race its removals; run one daemon per store",
             extra={"event": "store_shared", "store": str(settings.path)},
         )
-    if started.crashed:  # its last seconds of stores are in no total: count, in the background
+    if started.crashed or uncounted:  # blobs in no total: count, in the background
         cache.count_pending = True
-        tasks.append(loop.create_task(cache.recount()))
+        tasks.append(loop.create_task(cache.recount(crashed=started.crashed)))
     if settings.gc_interval > 0:
         grace = settings.gc_grace
         tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", lambda: cache.collect_garbage(grace))))
@@ -1525,11 +1529,16 @@ async def open_cache(
 
 def open_store(root: Path) -> tuple[DirectoryStore, Index]:
     """Open (creating) the store and index under ``root``; blocks. Temporaries are swept by
-    ``open_cache`` once it knows no other process is filling into them."""
+    ``open_cache`` once it knows no other process is filling into them.
+
+    A new store's totals are written at once. Blobs with no totals kept of them (an index
+    moved aside, a store from before totals were kept) are left for ``open_cache`` to count in
+    the background: at a million blobs the count takes 20 s, during which the daemon had not
+    listened, and a liveness probe restarted it, and the count, before it ended."""
     root.mkdir(parents=True, exist_ok=True)
     store = DirectoryStore(root)
     index = Index(root / "index")
-    if index.store_totals() is None:  # a new store, or one from before totals were kept: count once
-        index.write_batch({}, {}, counted_totals=store.count())
+    if index.store_totals() is None and next(store.entries(), None) is None:
+        index.write_batch({}, {}, counted_totals=(0, 0))
         index.mark_format()
     return store, index

@@ -4,8 +4,10 @@ process beside a running one leaves the store's temporaries alone: they are down
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +20,10 @@ import pytest
 from moorage.cache import open_cache
 from moorage.cache._index import Index
 from moorage.cache._serving import ServingLock
+from moorage.cache._store import DirectoryStore, WalkCount
 from moorage.config import ConfigError, StorageSettings
+from moorage.upstreams.reference import Digest
+from tests.polling import until
 
 
 def test_a_clean_stop_leaves_nothing_to_count(tmp_path: Path) -> None:
@@ -185,3 +190,37 @@ async def test_a_store_whose_index_takes_no_write_at_start_is_one_error_naming_i
             pass
     assert f"storage.path: cannot use {tmp_path / 'store'} as the store: the index cannot record" in str(refused.value)
     assert "database or disk is full" in str(refused.value)
+
+
+async def test_blobs_the_index_keeps_no_totals_of_are_counted_after_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An index moved aside (as a damaged index's error says to do) over a store of a million
+    blobs: the count took 20 s before the daemon listened, and a liveness probe restarted it,
+    and the count, before it ended. The start no longer waits for it."""
+    settings = StorageSettings(path=tmp_path / "store")
+    async with open_cache(settings) as cache:
+        for content in (b"a" * 100, b"b" * 300):
+            pending = cache._store.begin(Digest.of(content))
+            pending.write(content)
+            pending.commit()
+            pending.close()
+    shutil.rmtree(tmp_path / "store" / "index")  # moved aside
+    walking, finish = threading.Event(), threading.Event()
+    walk_count = DirectoryStore.walk_count
+
+    def slow_count(store: DirectoryStore, fresh_since: float) -> WalkCount:
+        walking.set()
+        assert finish.wait(10)
+        return walk_count(store, fresh_since)
+
+    monkeypatch.setattr(DirectoryStore, "walk_count", slow_count)
+    caplog.set_level("WARNING", logger="moorage.cache")
+    async with open_cache(settings) as cache:
+        assert await asyncio.to_thread(walking.wait, 10), "the count began"
+        assert cache.count_pending, "started, the count still under way"
+        finish.set()
+        await until(lambda: not cache.count_pending)
+        assert (cache.store_bytes, cache.store_entries) == (400, 2)
+    (counted,) = [r for r in caplog.records if getattr(r, "event", "") == "store_counted"]
+    assert "kept no totals" in counted.getMessage()
