@@ -12,7 +12,8 @@ rename), which follows. If the fill fails before the digest is verified, every r
 :class:`FillAborted` (its response must be cut) and nothing is kept; if only storing fails
 after, readers finish from the open file (their bytes are verified) and nothing is kept. A body
 cut mid-way is resumed from the offset reached (``Range``), or refetched and the known prefix
-skipped, up to ``MAX_RESUMES`` times; the digest is still verified end to end. The digest's
+skipped, for as long as each try brings a piece more, and ``MAX_RESUMES`` times in a row, with
+pauses, where none does; the digest is still verified end to end. The digest's
 entry leaves the registry in ``finally``, so nothing leaks.
 """
 
@@ -38,7 +39,15 @@ from .errors import ClientGone, DigestMismatch, FillAborted, StoreFailure, error
 __all__ = ["Fill", "FillReader", "Fills"]
 
 CHUNK_SIZE: Final = 1024 * 1024
+#: Cuts in a row, each less than a piece (CHUNK_SIZE) after the last, before a fill gives up.
+#: A try that brought a piece or more starts the count again: a link that drops every
+#: connection after some megabytes (a NAT, a firewall cutting long flows) had failed every
+#: pull of a large layer after its third cut, however far it had got.
 MAX_RESUMES: Final = 3
+#: Seconds before a resume after a try that brought less than a piece, doubling: an outage of
+#: some seconds (1 + 2 + 4) is waited out, where three resumes within a second had failed
+#: every download in flight.
+RESUME_PAUSE = 1.0
 #: Pieces of CHUNK_SIZE waiting for the writer: bounds memory per fill to about 4 MiB.
 WRITE_QUEUE: Final = 3
 RECENTLY_COMMITTED: Final = 1024
@@ -211,6 +220,7 @@ class Fill:
 
     async def _download(self, store: BlobStore, source: BlobSource, repository: RepositoryName) -> None:
         resumes = 0
+        resumed_from = self.written
         while True:
             try:
                 async with source.open_blob(repository, self.digest, self.written) as body:
@@ -235,20 +245,28 @@ class Fill:
                 raise UpstreamUnavailable(
                     source.host, f"blob {self.digest}: body ended at {self.written} of {self.size}"
                 )
-            except UpstreamUnavailable:
-                if self.state == "starting" or resumes >= MAX_RESUMES:
+            except UpstreamUnavailable as exc:
+                progressed = self.written - resumed_from >= CHUNK_SIZE
+                resumes = 1 if progressed else resumes + 1
+                if self.state == "starting" or resumes > MAX_RESUMES:
                     raise
-                resumes += 1
+                pause = 0.0 if progressed else RESUME_PAUSE * 2 ** (resumes - 1)
                 self._observer.on_fill_resumed(source.host)
                 log.info(
                     "resuming cut blob body",
                     extra={
                         "event": "fill_resume",
                         "upstream": source.host,
+                        "repository": str(repository),
                         "digest": str(self.digest),
                         "offset": self.written,
+                        "attempt": resumes,
+                        "pause_seconds": pause,
+                        "error": error_text(exc),
                     },
                 )
+                await asyncio.sleep(pause)
+                resumed_from = self.written
 
     async def _pipe(self, upstream: str, chunks: AsyncIterator[bytes], skip: int) -> None:
         """Copy a body into the file. Network reads and disk writes (with hashing) overlap: the

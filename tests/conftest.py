@@ -1,5 +1,6 @@
-"""Fixtures for every test: a clean environment (no MOORAGE_* or proxy variables leak in), and
-no unexpected error logged by the server."""
+"""Fixtures for every test: a clean environment (no MOORAGE_* or proxy variables leak in), no
+unexpected error logged by the server, and no seconds-long pause between resumes of a cut body
+(a test of the pause sets its own)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
+import moorage.cache._fill as fill_module
 
 _HONOURED = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
@@ -38,3 +41,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("MOORAGE_") or name.upper() in _HONOURED:
             monkeypatch.delenv(name, raising=False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def short_resume_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fill_module, "RESUME_PAUSE", 0.01)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+import moorage.cache._fill as fill_module
 from moorage.cache import Cache, DirectoryStore, FillAborted, FillReader, StoreFailure
 from moorage.cache._fill import Fills
 from moorage.cache._index import Index
@@ -188,6 +189,57 @@ async def test_a_failed_fill_aborts_every_reader_and_keeps_nothing(store: Direct
     again = fills.start(source, REPO, digest)
     assert again is not readers[0], "a new pull starts a new fill"
     again.close()
+    await fills.aclose()
+
+
+async def test_a_body_cut_again_and_again_goes_on_while_each_try_brings_a_piece(store: DirectoryStore) -> None:
+    """A link that drops every connection after some megabytes: the fill gave up after three
+    resumes however far each had got, and a large layer could never be pulled through it."""
+    piece = 1024 * 1024
+    data = os.urandom(6 * piece)
+    digest = Digest.of(data)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, digest)
+    await reader.wait_started()
+    reading = asyncio.ensure_future(collect(reader.read(0, len(data))))
+    for start in range(0, len(data), piece):
+        await source.queue.put(data[start : start + piece])
+        await source.queue.put(UpstreamUnavailable("test", "cut") if start + piece < len(data) else None)
+    assert await asyncio.wait_for(reading, 30) == data
+    assert source.opened == list(range(0, len(data), piece)), "five cuts, each resumed where it was"
+    reader.close()
+    await fills.aclose()
+
+
+async def test_cuts_with_nothing_new_between_them_are_resumed_after_growing_pauses(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage of a few seconds: three resumes within a second had failed every download in
+    flight before the upstream came back."""
+    monkeypatch.setattr(fill_module, "RESUME_PAUSE", 0.2)
+    pauses: list[float] = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay: float) -> None:
+        pauses.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    data = os.urandom(2000)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, Digest.of(data))
+    await reader.wait_started()
+    reading = asyncio.ensure_future(collect(reader.read(0, len(data))))
+    await source.queue.put(data[:500])
+    for _ in range(3):
+        await source.queue.put(UpstreamUnavailable("test", "cut"))
+    await source.queue.put(data[500:])
+    await source.queue.put(None)
+    assert await asyncio.wait_for(reading, 30) == data
+    assert pauses == [0.2, 0.4, 0.8]
+    reader.close()
     await fills.aclose()
 
 
