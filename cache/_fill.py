@@ -50,6 +50,11 @@ MAX_RESUMES: Final = 3
 RESUME_PAUSE = 1.0
 #: Pieces of CHUNK_SIZE waiting for the writer: bounds memory per fill to about 4 MiB.
 WRITE_QUEUE: Final = 3
+#: Seconds after the last piece (or the body's start) when a chunk is written however small
+#: the piece it ends: over a slow upstream, clients
+#: got no byte until a whole piece had come (a minute below 17 KB/s, past a load balancer's
+#: idle timeout), where a direct pull would have kept flowing.
+PIECE_AGE: Final = 0.5
 RECENTLY_COMMITTED: Final = 1024
 #: Seconds between looks, while a client waits for its download to begin, at whether it left.
 CLIENT_GONE_POLL: Final = 0.5
@@ -270,14 +275,16 @@ class Fill:
 
     async def _pipe(self, upstream: str, chunks: AsyncIterator[bytes], skip: int) -> None:
         """Copy a body into the file. Network reads and disk writes (with hashing) overlap: the
-        body is gathered into 1 MiB pieces for a writer task through a short queue, so the
-        socket is read while the previous piece is written. ``written`` only counts what is
-        in the file, so a resume after a cut starts exactly there."""
+        body is gathered into 1 MiB pieces (or what ``PIECE_AGE`` brought) for a writer task
+        through a short queue, so the socket is read while the previous piece is written.
+        ``written`` only counts what is in the file, so a resume after a cut starts exactly
+        there."""
         queue: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=WRITE_QUEUE)
         writer = asyncio.ensure_future(self._write_from(queue, upstream))
         queued = self.received = self.written
         piece: list[bytes] = []
         piece_size = 0
+        last_piece = time.monotonic()
         try:
             async for received in chunks:
                 chunk = received
@@ -291,7 +298,8 @@ class Fill:
                 self.received += len(chunk)
                 if self.size is not None and queued + piece_size > self.size:
                     raise UpstreamProtocolError(upstream, f"blob {self.digest}: more bytes than announced")
-                if piece_size >= CHUNK_SIZE:
+                if piece_size >= CHUNK_SIZE or time.monotonic() - last_piece >= PIECE_AGE:
+                    last_piece = time.monotonic()
                     queued += piece_size
                     ready, piece, piece_size = piece, [], 0
                     await _put(queue, writer, ready)

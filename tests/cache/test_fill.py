@@ -212,6 +212,29 @@ async def test_a_body_cut_again_and_again_goes_on_while_each_try_brings_a_piece(
     await fills.aclose()
 
 
+async def test_a_slow_body_reaches_readers_before_a_whole_piece_has_come(
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below 17 KB/s a client got no byte for a minute, waiting for 1 MiB to gather, and a load
+    balancer's idle timeout cut it, where a direct pull would have kept flowing."""
+    monkeypatch.setattr(fill_module, "PIECE_AGE", 0.05)
+    data = os.urandom(100_000)
+    source = FedSource(len(data))
+    fills = Fills(store)
+    reader = fills.start(source, REPO, Digest.of(data))
+    await reader.wait_started()
+    chunks = reader.read(0, len(data))
+    await asyncio.sleep(0.1)
+    await source.queue.put(data[:1000])  # the first chunk, a while after the body began
+    first = await asyncio.wait_for(anext(chunks), 10)
+    assert first == data[:1000], "the bytes come, the rest of the body not yet sent"
+    await source.queue.put(data[1000:])
+    await source.queue.put(None)
+    assert first + await collect(chunks) == data
+    reader.close()
+    await fills.aclose()
+
+
 async def test_cuts_with_nothing_new_between_them_are_resumed_after_growing_pauses(
     store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
