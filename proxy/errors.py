@@ -185,6 +185,12 @@ def _signs_in(request: web.Request, upstream: str) -> bool:
     return any(u.host == upstream and u.username for u in request.app[SETTINGS].upstreams)
 
 
+def _url_of(request: web.Request, upstream: str) -> str | None:
+    """The URL the cache reaches ``upstream`` at (docker.io's is registry-1.docker.io): the
+    operator's, for the log; settings refuse a URL with credentials in it."""
+    return next((u.url for u in request.app[SETTINGS].upstreams if u.host == upstream), None)
+
+
 def _from_cache(error: CacheError) -> OCIError:
     if isinstance(error, StoreFailure):
         return Unavailable(f"the cache's store failed: {error}")
@@ -247,6 +253,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                     "event": "upstream_failed",
                     "request_id": notes(request).request_id,
                     "upstream": error.upstream,
+                    "url": _url_of(request, error.upstream),
                     "path": request.path[:200],
                     "status": failure.status,
                     # The operator's line says what the client's answer says: for refused

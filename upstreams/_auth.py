@@ -33,7 +33,9 @@ import httpx
 
 from moorage.config import UnreadableFile, read_text
 
+from ._challenge import parse_challenge
 from ._ratelimit import retry_after_seconds
+from ._transport import mapped_errors
 from .errors import (
     UpstreamAuthFailed,
     UpstreamError,
@@ -52,30 +54,9 @@ MAX_TOKEN_LIFETIME: Final = 24 * 3600
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024
 MAX_CACHED_SCOPES: Final = 4096
 PASSWORD_CHECK_SECONDS: Final = 10.0
-#: One item of a ``WWW-Authenticate`` value: an auth-param (``name=value``, the value quoted or
-#: not) or, where no ``=`` follows, the scheme that starts a challenge.
-_CHALLENGE_ITEM_RE: Final = re.compile(r'([A-Za-z0-9_.!#$%&\'*+^`|~-]+)(?:\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*)))?')
 #: What a token must be to go in a header: visible ASCII (RFC 6750's b64token and more).
 _TOKEN_RE: Final = re.compile(r"[\x21-\x7e]+")
 _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """(scheme, params) of a ``WWW-Authenticate`` value; scheme in lower case. A value may hold
-    several challenges (``Basic realm=…, Bearer realm=…``, or two header lines, which httpx
-    joins with a comma): Bearer is taken where there is one, else Basic, else the first."""
-    challenges: list[tuple[str, dict[str, str]]] = []
-    for match in _CHALLENGE_ITEM_RE.finditer(header):
-        name, quoted, bare = match.groups()
-        if quoted is None and bare is None:
-            challenges.append((name.lower(), {}))
-        elif challenges:
-            challenges[-1][1][name.lower()] = quoted if quoted is not None else bare
-    for wanted in ("bearer", "basic"):
-        for scheme, params in challenges:
-            if scheme == wanted:
-                return scheme, params
-    return challenges[0] if challenges else ("", {})
 
 
 log = logging.getLogger("moorage.upstreams")
@@ -254,12 +235,15 @@ class RegistryAuth(httpx.Auth):
         headers = {"Authorization": self._basic_header()} if self._credentials else {}
         if self._on_token_fetch:
             self._on_token_fetch()
+        # A failure names the token service's host and what failed (a name that does not
+        # resolve, a refused connection, TLS): Docker Hub's is another host than its registry.
         try:
-            async with self._token_client.stream("GET", realm, params=params, headers=headers) as response:
-                status = response.status_code
-                data = await _read_at_most(response, MAX_TOKEN_RESPONSE_BYTES) if status < 400 else b""
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(self._upstream, f"token service unreachable: {type(exc).__name__}") from None
+            with mapped_errors(self._upstream, f"token service at {realm.host}"):
+                async with self._token_client.stream("GET", realm, params=params, headers=headers) as response:
+                    status = response.status_code
+                    data = await _read_at_most(response, MAX_TOKEN_RESPONSE_BYTES) if status < 400 else b""
+        except httpx.HTTPError as exc:  # what is not the network's (a body it cannot decode)
+            raise UpstreamUnavailable(self._upstream, f"token service at {realm.host}: {type(exc).__name__}") from None
         if status in (401, 403):
             raise self._token_refused(status, scope)
         if status == 429:  # the registry's rate limit, at its token service (auth.docker.io)

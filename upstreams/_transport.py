@@ -14,7 +14,7 @@ from typing import Final, Literal
 
 import httpx
 
-from ._auth import parse_challenge
+from ._challenge import parse_challenge
 from ._ratelimit import parse_ratelimit, retry_after_seconds
 from .errors import (
     HeadRefused,

@@ -867,6 +867,8 @@ class FakeRegistry(_RecordingServer):
     ) -> None:
         super().__init__()
         self.auth = auth
+        #: Where the Bearer challenge sends clients for a token (None: this server's /token).
+        self.token_realm: str | None = None
         self.credentials = credentials
         self.token_expires_in = token_expires_in
         self.token_field = token_field
@@ -1166,7 +1168,7 @@ class FakeRegistry(_RecordingServer):
         if self.auth == "basic":
             header = 'Basic realm="fake"'
         else:
-            header = f'Bearer realm="{self.url}/token",service="{REGISTRY_SERVICE}"'
+            header = f'Bearer realm="{self.token_realm or self.url + "/token"}",service="{REGISTRY_SERVICE}"'
             if name is not None:
                 header += f',scope="repository:{name}:pull"'
             if error is not None:

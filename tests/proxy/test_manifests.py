@@ -23,6 +23,7 @@ from moorage.upstreams.reference import (
     Digest,
 )
 from tests.fakes import DOCKER_MANIFEST_LIST, OCI_MANIFEST, FakeRegistry
+from tests.integration.harness.tools import closed_port
 
 from .conftest import StartMoorage, advance_clock, metric
 
@@ -742,6 +743,25 @@ async def test_a_429_from_the_token_service_counts_as_the_upstream_rate_limiting
     assert response.status == 429
     assert upstream.count("GET", "/token") == 1
     assert await metric(moorage, "moorage_upstream_rate_limited_total", upstream="docker.io") == 1
+
+
+async def test_a_token_service_out_of_reach_is_named_with_what_failed(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docker Hub's token service is another host than its registry: the line said "token
+    service unreachable: ConnectError", naming neither which host nor what failed (a name that
+    does not resolve, a refused connection, TLS)."""
+    upstream.auth = "bearer"
+    upstream.token_realm = f"http://localhost:{closed_port()}/token"
+    upstream.add_image("library/alpine", "3.19")
+    moorage = await start_moorage()
+    response = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
+    assert response.status == 503
+    (line,) = [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]
+    error = getattr(line, "error", "")
+    assert "token service at localhost: ConnectError: " in error, error
+    assert error.split("ConnectError: ", 1)[1].strip(), "and what the connection met"
+    assert getattr(line, "url", None) == upstream.url, "and where the registry itself is"
 
 
 async def test_token_is_fetched_once_for_many_requests(start_moorage: StartMoorage, upstream: FakeRegistry) -> None:
