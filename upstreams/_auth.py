@@ -54,6 +54,13 @@ MAX_TOKEN_LIFETIME: Final = 24 * 3600
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024
 MAX_CACHED_SCOPES: Final = 4096
 PASSWORD_CHECK_SECONDS: Final = 10.0
+#: Seconds the configured credentials are not sent again after the upstream refused them,
+#: doubling at each refusal in a row up to ``REFUSED_HOLD_MAX``: every pull had signed in
+#: again with the refused password, and registries that lock an account after some failed
+#: sign-ins (Harbor or Artifactory over LDAP) lock the cache's. A changed password file ends
+#: the hold at once.
+REFUSED_HOLD: Final = 30.0
+REFUSED_HOLD_MAX: Final = 900.0
 #: What a token must be to go in a header: visible ASCII (RFC 6750's b64token and more).
 _TOKEN_RE: Final = re.compile(r"[\x21-\x7e]+")
 _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
@@ -102,6 +109,10 @@ class RegistryAuth(httpx.Auth):
         self._registry_scope: str | None = None
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
+        #: The configured credentials' last refusal, answered again until ``_refused_until``.
+        self._refusal: UpstreamAuthFailed | None = None
+        self._refused_until = 0.0
+        self._refused_hold = REFUSED_HOLD
 
     def _is_ours(self, url: httpx.URL) -> bool:
         return (url.scheme, url.host, url.port) == self._origin
@@ -148,6 +159,7 @@ class RegistryAuth(httpx.Auth):
         self._password_stamp = stamp
         self._password_unreadable = False
         self._tokens.clear()  # tokens fetched with the old password may outlive it
+        self._refusal, self._refused_until, self._refused_hold = None, 0.0, REFUSED_HOLD
         log.info(
             "the upstream's password file changed: its new password is used",
             extra={"event": "upstream_password_reloaded", "upstream": self._upstream, "path": str(path)},
@@ -158,8 +170,38 @@ class RegistryAuth(httpx.Auth):
         raw = f"{self._credentials[0]}:{self._credentials[1]}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
 
+    def _refused(self, message: str, status: int) -> UpstreamAuthFailed:
+        """The configured credentials were refused: not sent again for a while (see
+        ``REFUSED_HOLD``), and logged once for the while. The error to answer meanwhile."""
+        hold = self._refused_hold
+        self._refused_hold = min(hold * 2, REFUSED_HOLD_MAX)
+        self._refused_until = time.monotonic() + hold
+        self._refusal = UpstreamAuthFailed(
+            self._upstream,
+            f"{message}; check this upstream's credentials in the cache's configuration (not sent again for"
+            f" {hold:.0f} s, or until the password file changes)",
+            status=status,
+        )
+        log.error(
+            "the upstream refused the configured credentials",
+            extra={
+                "event": "upstream_credentials_refused",
+                "upstream": self._upstream,
+                "username": self._credentials[0] if self._credentials else None,
+                "password_file": str(self._password_file) if self._password_file else None,
+                "hold_seconds": hold,
+                "error": message,
+            },
+        )
+        return self._refusal
+
+    def _accepted(self) -> None:
+        self._refusal, self._refused_until, self._refused_hold = None, 0.0, REFUSED_HOLD
+
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         await self._refresh_credentials()
+        if self._refusal is not None and time.monotonic() < self._refused_until:
+            raise self._refusal
         scope = scope_for_path(request.url.path)
         token = self._cached(scope) if scope else None
         if token is None and self._registry_scope is not None:
@@ -170,6 +212,8 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic_header()
         response = yield request
         if response.status_code != 401 or not self._is_ours(response.url):
+            if response.status_code < 400 and self._credentials:
+                self._accepted()
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
@@ -191,7 +235,13 @@ class RegistryAuth(httpx.Auth):
         elif scheme == "basic" and self._credentials and not self._basic_up_front:
             self._basic_up_front = True
             request.headers["Authorization"] = self._basic_header()
-            yield request
+            response = yield request
+        if scheme == "basic" and self._credentials and response.status_code == 401:
+            if parse_challenge(response.headers.get("www-authenticate", ""))[0] == "basic":
+                # The registry's Basic challenge again, to the credentials: refused.
+                self._refused("the registry refused the configured credentials (HTTP 401)", 401)
+        elif response.status_code < 400 and self._credentials:
+            self._accepted()
 
     async def _token(self, challenge: dict[str, str], scope: str | None) -> str:
         key = f"{challenge.get('realm')}|{challenge.get('service')}|{scope}"
@@ -217,6 +267,8 @@ class RegistryAuth(httpx.Auth):
                 " set credentials if private",
                 status=status,
             )
+        if self._credentials:
+            return self._refused(refusal, status)
         return UpstreamAuthFailed(self._upstream, refusal, status=status)
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from aiohttp import web
@@ -909,6 +910,7 @@ async def test_a_refusal_where_the_cache_signs_in_to_another_upstream_stays_at_i
     assert failed.levelno == logging.INFO
 
 
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_token_service_refusing_the_configured_password_is_a_credentials_fault(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, status: int
@@ -942,6 +944,7 @@ async def test_a_registry_refusing_the_tokens_its_token_service_gives_is_no_miss
     assert "invalid_token" in (await response.json())["errors"][0]["message"]
 
 
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
 async def test_a_basic_auth_upstream_refusing_the_password_is_a_credentials_fault(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1034,6 +1037,38 @@ async def test_a_429_with_retry_after_keeps_the_stale_answer_without_asking_that
     again = await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)
     assert again.headers["Warning"] == '110 - "stale"'
     assert len(upstream.requests) == asked == 1, "not asked again before Retry-After"
+
+
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
+@pytest.mark.parametrize("auth", ["basic", "bearer"])
+async def test_refused_credentials_are_not_sent_again_until_a_while_passes_or_the_password_changes(
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    auth: Literal["basic", "bearer"],
+) -> None:
+    """Every pull signed in again with the refused password: 200 pulls, 200 failed sign-ins,
+    and a registry that locks an account after some (Harbor or Artifactory over LDAP) locked
+    the cache's. One line says what was refused, for whom, and where the password comes from."""
+    monkeypatch.setattr("moorage.upstreams._auth.PASSWORD_CHECK_SECONDS", 0.0)
+    password = tmp_path / "password"
+    password.write_text("wrong\n")
+    upstream.auth = auth
+    upstream.credentials = ("bob", "right")
+    upstream.add_image("private/app", "1")
+    moorage = await start_moorage(upstream_settings={"username": "bob", "password_file": str(password)})
+    signed_in = "/token" if auth == "bearer" else "/manifests/"
+    answers = [await moorage.get("/v2/private/app/manifests/1", headers=ALL) for _ in range(5)]
+    assert {answer.status for answer in answers} == {502}
+    assert upstream.count("GET", signed_in) == (1 if auth == "bearer" else 2), "one sign-in, not five"
+    assert "not sent again for 30 s" in (await answers[-1].json())["errors"][0]["message"]
+    (refused,) = [r for r in caplog.records if getattr(r, "event", "") == "upstream_credentials_refused"]
+    assert getattr(refused, "username", None) == "bob" and getattr(refused, "password_file", None) == str(password)
+    password.write_text("right\n")  # the operator mends it: the next pull signs in at once
+    response = await moorage.get("/v2/private/app/manifests/1", headers=ALL)
+    assert response.status == 200, await response.text()
 
 
 async def test_a_rotated_upstream_password_is_used_without_a_restart(
