@@ -74,14 +74,15 @@ def _sole_writer(logger: logging.Logger) -> BackgroundWriter | None:
 class MalformedRequests(logging.Filter):
     """aiohttp logs a request it cannot parse (too long a line, a bad header) as an error with
     a traceback. That is the client's mistake, and anyone can send such requests by the
-    thousand: one warning line without traceback, naming the client and the problem."""
+    thousand (scanners, a load balancer's probe): one info line without traceback, naming the
+    client and the problem, below the level alerts watch."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             client = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            if record.levelno > logging.WARNING:  # aiohttp's debug lines (a TLS hello on plain HTTP) stay debug
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if record.levelno > logging.INFO:  # aiohttp's debug lines (a TLS hello on plain HTTP) stay debug
+                record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args, record.exc_info, record.exc_text = "malformed request refused", (), None, None
             record.event = "malformed_request"
             record.client = client
