@@ -154,6 +154,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), [f"cannot read the file: {exc}"]) from None
     try:
         loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+    except RecursionError:  # some hundreds of brackets deep: PyYAML's parser recurses
+        raise ConfigError(str(path), ["not valid YAML: nested too deep"]) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f"line {where.line + 1}: " if where is not None else ""

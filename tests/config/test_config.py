@@ -139,6 +139,7 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
             "upstreams:\n  - url: https://a.io\n", "upstreams[0].host: required key missing", id="missing_host"
         ),
         pytest.param("storage:\n  size: 1\n", "storage.size: unknown key", id="nested_unknown"),
+        pytest.param("a: " + "[" * 1000 + "]" * 1000 + "\n", "not valid YAML: nested too deep", id="too_deep"),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'https://a.io', default: true}\n"
             "  - {host: b.io, url: 'https://b.io', default: true}\n",
