@@ -124,6 +124,16 @@ def _collect(problems: list[str], read: Callable[[], object]) -> None:
         problems.extend(error.problems)
 
 
+def _read_only(path: Path) -> str:
+    """Why a path the daemon's user may write is not writable all the same: a file system
+    mounted read-only (a chown would not help)."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return ""
+    return ": its file system is mounted read-only" if read_only else ""
+
+
 def _store_problem(path: Path) -> str | None:
     """Why ``path`` cannot hold the store (it is created at start if missing), or None."""
     if path.exists():
@@ -131,7 +141,7 @@ def _store_problem(path: Path) -> str | None:
             return f"{path} is not a directory"
         for part in (path, path / "index", path / "index" / "cache.db"):  # a store made by another user
             if part.exists() and not os.access(part, os.W_OK | (os.X_OK if part.is_dir() else 0)):
-                return f"{part} is not writable"
+                return f"{part} is not writable{_read_only(part)}"
         return None
     parent = path.absolute().parent
     while not parent.exists():
@@ -139,5 +149,5 @@ def _store_problem(path: Path) -> str | None:
     if not parent.is_dir():
         return f"cannot create {path}: {parent} is not a directory"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot create {path}: {parent} is not writable"
+        return f"cannot create {path}: {parent} is not writable{_read_only(parent)}"
     return None

@@ -4,6 +4,7 @@ settings file in what they report: a config that passes the check does not fail 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -220,6 +221,23 @@ def test_a_store_whose_index_serve_could_not_write_fails_the_check(tmp_path: Pat
         checked = moorage("check-config", str(config))
     assert checked.returncode == 2, checked.stdout
     assert f"storage.path: {store / 'index' / 'cache.db'} is not writable" in checked.stderr
+
+
+def test_a_store_on_a_read_only_file_system_is_said_to_be_so(tmp_path: Path) -> None:
+    """A store "not writable", and nothing more, sent an operator to chown a store on a volume mounted read-only."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a read-only tmpfs, which needs root (CI runs as root)")
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(f'storage: {{path: "{mountpoint / "store"}"}}\n')
+        checked = moorage("check-config", str(config))
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert checked.returncode == 2, checked.stdout
+    assert f"{mountpoint} is not writable: its file system is mounted read-only" in checked.stderr
 
 
 def test_check_config_away_from_the_server_passes_over_policy_files_not_there(tmp_path: Path) -> None:
