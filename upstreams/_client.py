@@ -369,7 +369,7 @@ class RegistryClient:
             if error.budget_spent and error.retry_after is None:
                 return False  # the window is hours long: asking again only adds to the count
             return error.retry_after is None or error.retry_after <= self._max_wait
-        return isinstance(error, UpstreamUnavailable)
+        return isinstance(error, UpstreamUnavailable) and not error.lasting
 
     def _retryable_but_429(self, error: BaseException) -> bool:
         return self._retryable(error) and not isinstance(error, UpstreamRateLimited)

@@ -8,6 +8,7 @@ and ``_client``.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, Literal
@@ -62,7 +63,23 @@ def _mapped(upstream: str, what: str, exc: Exception) -> UpstreamError:
         return UpstreamProtocolError(upstream, f"{what}: too many redirects")
     if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the request's headers, a token among them
         return UpstreamProtocolError(upstream, f"{what}: the request could not be written (LocalProtocolError)")
-    return UpstreamUnavailable(upstream, f"{what}: {type(exc).__name__}: {_short(exc)}{_tls_hint(exc)}")
+    return UpstreamUnavailable(
+        upstream, f"{what}: {type(exc).__name__}: {_short(exc)}{_tls_hint(exc)}", lasting=_lasting(exc)
+    )
+
+
+def _lasting(exc: BaseException) -> bool:
+    """Whether the failure stays for the seconds retries take: a TLS failure a user meets (see
+    ``tls_failure``), or a host name the DNS says does not exist (not a lookup that failed for
+    now, EAI_AGAIN, as while a cluster's DNS restarts)."""
+    if tls_failure(exc) is not None:
+        return True
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror) and seen.errno == socket.EAI_NONAME:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def tls_failure(error: BaseException) -> Literal["plain_http", "untrusted"] | None:

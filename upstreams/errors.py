@@ -42,8 +42,11 @@ class NoReferrersApi(UpstreamError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    def __init__(self, upstream: str, message: str, *, status: int | None = None) -> None:
+    def __init__(self, upstream: str, message: str, *, status: int | None = None, lasting: bool = False) -> None:
         self.status = status
+        #: Asking again within the second would meet the same (a name the DNS says does not
+        #: exist, a certificate not trusted, TLS to a plain-HTTP port): not retried.
+        self.lasting = lasting
         super().__init__(upstream, message)
 
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import httpcore
+import httpx
 import pytest
 
 from moorage.config import ConfigError, UpstreamSettings
 from moorage.upstreams import RegistryClient, UpstreamUnavailable, trust_for
+from moorage.upstreams._client import NullObserver
 from moorage.upstreams._network import READ_SIZE, WideReadStream
+from moorage.upstreams._transport import _mapped
+from moorage.upstreams.errors import UpstreamError
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import self_signed_certificate
@@ -163,15 +168,42 @@ async def test_an_upstream_signed_by_a_private_ca_is_trusted_through_its_ca_file
             await untrusting.aclose()
 
 
-async def test_an_https_url_for_a_plain_http_upstream_says_to_use_http() -> None:
+async def test_an_https_url_for_a_plain_http_upstream_says_to_use_http_and_is_not_retried() -> None:
+    """Each retry of a failure that stays met it again: a failing pull took three requests
+    and half a second more, to the same error."""
+    retried: list[UpstreamError] = []
+
+    class Retries(NullObserver):
+        def on_retry(self, upstream: str, error: UpstreamError) -> None:
+            retried.append(error)
+
     async with FakeRegistry() as registry:
         digest = parse_digest(registry.add_blob(b"x"))
-        client = client_for(registry, url=registry.url.replace("http://", "https://"))
+        client = RegistryClient(
+            UpstreamSettings.model_validate(
+                {"host": "docker.io", "url": registry.url.replace("http://", "https://"), "retries": {"attempts": 3}}
+            ),
+            observer=Retries(),
+        )
         try:
             with pytest.raises(UpstreamUnavailable, match=r"WRONG_VERSION_NUMBER.*Use http:// in its url"):
                 await read_blob(client, digest)
         finally:
             await client.aclose()
+    assert retried == []
+
+
+@pytest.mark.parametrize(("code", "lasting"), [(socket.EAI_NONAME, True), (socket.EAI_AGAIN, False)])
+def test_a_name_the_dns_says_does_not_exist_is_not_retried_but_a_failed_lookup_is(code: int, lasting: bool) -> None:
+    """EAI_AGAIN is what a lookup meets while a cluster's DNS restarts: asked again, it may answer."""
+    try:
+        try:
+            raise socket.gaierror(code, "lookup")
+        except socket.gaierror as cause:
+            raise httpx.ConnectError("lookup") from cause
+    except httpx.ConnectError as error:
+        mapped = _mapped("docker.io", "manifest", error)
+    assert isinstance(mapped, UpstreamUnavailable) and mapped.lasting is lasting
 
 
 def test_a_ca_file_that_holds_no_certificate_is_refused_by_name(tmp_path: Path) -> None:
