@@ -12,6 +12,7 @@ from typing import Any
 import diskcache
 import pytest
 
+from moorage.cache import DirectoryStore, verify_store
 from moorage.cache._index import DELETE_BATCH, Index, TagEntry
 from moorage.cache._keys import blob_key, image_key, manifest_key, routes_key
 from moorage.upstreams.reference import Digest, parse_digest
@@ -212,3 +213,37 @@ def test_the_index_is_on_disk_when_a_write_returns(tmp_path: Path) -> None:
     reopened = diskcache.Cache(str(tmp_path / "index"))  # a command's connection keeps it too
     assert reopened._sql("PRAGMA synchronous").fetchall() == [(2,)]
     reopened.close()
+
+
+def test_a_scrub_that_quarantines_many_manifests_walks_the_index_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify --repair dropped each corrupt manifest's entries with a walk of the whole index:
+    20 corrupt manifests took a scrub from 8 s to 41 s, a thousand (a damaged disk) hours."""
+    store = DirectoryStore(tmp_path)
+    index = Index(tmp_path / "index")
+    manifests = [digest_of(-number - 1) for number in range(20)]
+    for number, manifest in enumerate(manifests):
+        path = store.path_of(manifest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{} not what its name says")
+        index.put_manifest(manifest, MANIFEST)
+        index.put_tag(("tag", "docker.io", f"r{number}", "1", "image"), TagEntry(manifest, MANIFEST, 1.0))
+    index.write_batch({}, {}, counted_totals=(20 * 25, 20))
+    index.close()
+    walks = 0
+    walk = Index._walk
+
+    def counted(self: Index) -> Iterator[Any]:
+        nonlocal walks
+        walks += 1
+        return walk(self)
+
+    monkeypatch.setattr(Index, "_walk", counted)
+    report = verify_store(tmp_path, repair=True)
+    assert len(report.quarantined) == 20
+    assert walks == 1
+    index = Index(tmp_path / "index")
+    assert list(index.tag_entries()) == [], "every tag of a quarantined manifest went"
+    assert index.store_totals() == (0, 0)
+    index.close()
