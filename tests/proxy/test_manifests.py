@@ -1020,6 +1020,29 @@ async def test_a_hung_revalidation_stalls_one_pull_not_one_per_back_off(
     assert "no answer within 2 s" in fields["error"]
 
 
+async def test_hung_revalidations_hold_a_few_of_the_upstreams_connections_not_all(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revalidation goes on after its clients were answered stale: 80 hung HEADs took every
+    connection to the upstream for three minutes, and pulls of images with no fault waited 54 s.
+    Revalidations of one upstream in flight are bounded; the tags beyond are answered stale."""
+    monkeypatch.setattr("moorage.cache._cache.MAX_REVALIDATIONS", 4)
+    moorage = await start_moorage(
+        tag_ttl="1s", revalidate_timeout="0.5s", upstream_settings={"timeouts": {"read": "60s"}}
+    )
+    images = [upstream.add_image("library/alpine", str(number), [str(number).encode()]) for number in range(12)]
+    for number in range(12):
+        assert (await moorage.get(f"/v2/alpine/manifests/{number}", headers=ALL)).status == 200
+    await asyncio.sleep(1.1)
+    upstream.reset_requests()
+    upstream.delay_next(12, 30.0, paths=r"/manifests/", methods=["HEAD"])
+    answers = await asyncio.gather(*(moorage.get(f"/v2/alpine/manifests/{n}", headers=ALL) for n in range(12)))
+    for answer, image in zip(answers, images, strict=True):
+        assert answer.headers["Warning"] == '110 - "stale"' and await answer.read() == image.manifest
+    await asyncio.sleep(0.5)
+    assert upstream.count("HEAD", "/manifests/") == 4, "four in flight, the rest waiting their turn"
+
+
 async def test_a_429_with_retry_after_keeps_the_stale_answer_without_asking_that_long(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
