@@ -156,7 +156,7 @@ def evict_to(
     for blob, floor in [*((blob, target_bytes) for blob in others), *((blob, ceiling) for blob in in_use)]:
         if total - freed <= floor:
             break
-        size = guard.remove_unless_read(blob.path, blob.digest)
+        size = guard.remove_unless_read(store.path_of(blob.digest), blob.digest)
         if size is not None:
             evicted.append(blob.digest)
             freed += size

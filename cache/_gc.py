@@ -148,7 +148,7 @@ def sweep(
         for blob in candidates:
             if blob.digest in reachable:
                 continue
-            if not dry_run and guard.remove_unless_read(blob.path, blob.digest) is None:
+            if not dry_run and guard.remove_unless_read(store.path_of(blob.digest), blob.digest) is None:
                 continue
             swept.add(blob.digest)
             report.swept.append(str(blob.digest))

@@ -51,8 +51,10 @@ class Fingerprint(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
+    """A blob a walk of the store found. No path: an eviction pass holds one of these for every
+    stored blob, and a path took half their memory (``DirectoryStore.path_of`` makes it)."""
+
     digest: Digest
-    path: Path
     size: int
     #: Last written or (brought forward in batches) last read; epoch seconds.
     mtime: float
@@ -344,7 +346,7 @@ class DirectoryStore:
                         info = entry.stat()
                     except (InvalidReference, FileNotFoundError):
                         continue
-                    yield StoredBlob(digest, Path(entry.path), info.st_size, info.st_mtime)
+                    yield StoredBlob(digest, info.st_size, info.st_mtime)
 
     def count(self) -> tuple[int, int]:
         """(bytes, entries) of every stored blob; walks the whole store."""

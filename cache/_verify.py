@@ -96,7 +96,7 @@ def verify_store(
         for blob in store.entries():
             digest = blob.digest
             try:
-                actual = hash_file(blob.path, digest.algorithm, throttle)
+                actual = hash_file(store.path_of(digest), digest.algorithm, throttle)
             except FileNotFoundError:
                 continue  # evicted meanwhile
             report.checked += 1

@@ -140,6 +140,24 @@ def test_a_count_of_the_store_holds_one_directory_in_memory_not_the_whole_store(
     assert peak < 5_000_000, f"{peak:,} bytes at most in memory to count 30,000 blobs"
 
 
+def test_an_eviction_pass_holds_at_most_500_bytes_a_blob_for_its_order(tmp_path: Path) -> None:
+    """An eviction pass lists every stored blob to order them by last use: 672 bytes a blob,
+    half of it a path, past a pod's memory limit from some 420,000 blobs."""
+    store = DirectoryStore(tmp_path)
+    for number in range(20_000):
+        path = store.path_of(Digest.of(str(number).encode()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    tracemalloc.start()
+    try:
+        listed = list(store.entries())
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(listed) == 20_000
+    assert held < 20_000 * 500, f"{held / 20_000:.0f} bytes a blob"
+
+
 def test_a_blob_another_process_stored_meanwhile_is_not_counted_again(tmp_path: Path) -> None:
     """Two daemons serving one store fill the same cold blob at once: each commit is correct,
     and only the first adds to the store's totals (they were counted twice, and a restart with
