@@ -24,10 +24,21 @@ from moorage.upstreams import open_upstreams
 from ._access import access_middleware
 from ._auth import AUTHENTICATOR, USERS, Authenticator, Htpasswd, auth_middleware
 from ._handlers import add_routes
-from ._logging import MalformedRequests
+from ._logging import MalformedRequests, RepeatedLines
 from ._metrics import Metrics
 from ._ratelimit import RATE_LIMITER, RateLimiter
-from ._state import CACHE, IN_FLIGHT, LEAVING, METRICS, ROUTER, SETTINGS, STOPPING, UPSTREAM_TRANSPORT, notes
+from ._state import (
+    CACHE,
+    FAILURE_LINES,
+    IN_FLIGHT,
+    LEAVING,
+    METRICS,
+    ROUTER,
+    SETTINGS,
+    STOPPING,
+    UPSTREAM_TRANSPORT,
+    notes,
+)
 from ._tls import client_certificate_middleware
 from ._tokens import TokenKeys
 from .errors import error_middleware
@@ -116,6 +127,7 @@ def build_app(settings: Settings, *, upstream_transport: httpx.AsyncBaseTranspor
     app[LEAVING] = asyncio.Event()
     app[STOPPING] = asyncio.Event()
     app[IN_FLIGHT] = {}
+    app[FAILURE_LINES] = RepeatedLines()
     app[METRICS] = Metrics()
     app[AUTHENTICATOR] = authenticator
     app[RATE_LIMITER] = RateLimiter(auth.token_requests_per_minute)

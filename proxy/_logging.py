@@ -288,3 +288,30 @@ def _log_thread_error(args: threading.ExceptHookArgs) -> None:
     logging.getLogger("moorage").error(
         "uncaught error in a thread", exc_info=exc_info, extra={"event": "internal_error", "thread_name": thread}
     )
+
+
+#: Seconds during which lines alike are logged once (see ``RepeatedLines``).
+REPEAT_SECONDS: Final = 10.0
+#: Kinds of line remembered; the oldest is forgotten past it.
+MAX_REPEAT_KINDS: Final = 1024
+
+
+class RepeatedLines:
+    """Lines alike (one kind, such as an upstream and how it failed) within ``REPEAT_SECONDS``
+    of the first are left out, and counted: an upstream down answered 1,000 pulls with 1,000
+    identical warnings. The next line of that kind says how many it stands for."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}
+
+    def admit(self, kind: tuple[object, ...]) -> int | None:
+        """None to leave the line out; else how many alike were left out before it."""
+        now = time.monotonic()
+        seen = self._seen.pop(kind, None)
+        if seen is not None and now - seen[0] < REPEAT_SECONDS:
+            self._seen[kind] = (seen[0], seen[1] + 1)
+            return None
+        self._seen[kind] = (now, 0)
+        if len(self._seen) > MAX_REPEAT_KINDS:
+            del self._seen[next(iter(self._seen))]
+        return seen[1] if seen is not None else 0

@@ -13,11 +13,13 @@ from moorage.cache import Cache, CacheResult
 from moorage.config import Settings
 from moorage.upstreams import RegistryClient, Router
 
+from ._logging import RepeatedLines
 from ._metrics import Metrics
 from ._paths import PathKind
 
 __all__ = [
     "CACHE",
+    "FAILURE_LINES",
     "IN_FLIGHT",
     "LEAVING",
     "METRICS",
@@ -42,6 +44,8 @@ STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 #: The tasks running a request's handlers now, each with its connection, for the stop to wait
 #: for (and then cut) while it closes the connections that serve nothing.
 IN_FLIGHT: Final = web.AppKey("in_flight", dict[asyncio.Task[Any], object])
+#: upstream_failed lines alike, logged once for a while (see ``RepeatedLines``).
+FAILURE_LINES: Final = web.AppKey("failure_lines", RepeatedLines)
 #: Tests may plug an httpx transport in front of every upstream.
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
 

@@ -31,7 +31,7 @@ from moorage.upstreams import (
 from moorage.upstreams.reference import InvalidReference
 
 from ._paths import PathKind
-from ._state import SETTINGS, notes
+from ._state import FAILURE_LINES, SETTINGS, notes
 
 __all__ = [
     "BlobUnknown",
@@ -246,21 +246,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             # cache signs in to that upstream, a refusal may be its credentials gone stale
             # (ECR answers an expired token with 403): a warning.
             anonymous = isinstance(error, UpstreamRefused) and not _signs_in(request, error.upstream)
-            log.log(
-                logging.INFO if anonymous else logging.WARNING,
-                "upstream failed and nothing cached to answer with",
-                extra={
-                    "event": "upstream_failed",
-                    "request_id": notes(request).request_id,
-                    "upstream": error.upstream,
-                    "url": _url_of(request, error.upstream),
-                    "path": request.path[:200],
-                    "status": failure.status,
-                    # The operator's line says what the client's answer says: for refused
-                    # credentials, where to look.
-                    "error": failure.message if isinstance(failure, BadGateway) else str(error),
-                },
+            # An outage fails every pull alike: one warning line for a while, counting the
+            # rest (each has its access line). A name refused, a client's typo, is each its own.
+            left_out = (
+                0
+                if anonymous
+                else request.app[FAILURE_LINES].admit((error.upstream, failure.status, type(error).__name__))
             )
+            if left_out is not None:
+                log.log(
+                    logging.INFO if anonymous else logging.WARNING,
+                    "upstream failed and nothing cached to answer with",
+                    extra={
+                        "event": "upstream_failed",
+                        "request_id": notes(request).request_id,
+                        "upstream": error.upstream,
+                        "url": _url_of(request, error.upstream),
+                        "path": request.path[:200],
+                        "status": failure.status,
+                        # The operator's line says what the client's answer says: for refused
+                        # credentials, where to look.
+                        "error": failure.message if isinstance(failure, BadGateway) else str(error),
+                        "left_out": left_out,
+                    },
+                )
     except ClientGone:
         return _gone(request)  # it gave up its place in the download queue: no one to answer
     except CacheError as error:

@@ -3,6 +3,7 @@ and no secret anywhere: not the upstream password, a token, or a signed CDN URL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -394,3 +395,28 @@ def test_warnings_and_errors_in_threads_are_lines_of_the_log() -> None:
     assert "something is deprecated" in warned["event"]
     (error,) = [line for line in lines if line["event"] == "internal_error"]
     assert error["thread_name"] == "a-worker" and "ZeroDivisionError" in error["traceback"]
+
+
+async def test_an_outage_is_one_warning_for_a_while_counting_the_pulls_it_failed(
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream down answered 1,000 pulls with 1,000 identical warnings: the line that
+    matters drowned. Each pull is still counted, and has its access line."""
+    monkeypatch.setattr("moorage.proxy._logging.REPEAT_SECONDS", 0.5)
+    moorage = await start_moorage(upstream_settings={"retries": {"attempts": 1}})
+    await upstream.stop_listening()
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "event", "") == "upstream_failed"]
+
+    for _ in range(5):
+        response = await moorage.get("/v2/alpine/manifests/3.19", headers={"Accept": ACCEPT_ALL_MANIFESTS})
+        assert response.status == 503
+    assert len(failures()) == 1 and getattr(failures()[0], "left_out", None) == 0
+    await asyncio.sleep(0.6)
+    assert (await moorage.get("/v2/alpine/manifests/3.20", headers={"Accept": ACCEPT_ALL_MANIFESTS})).status == 503
+    assert len(failures()) == 2 and getattr(failures()[1], "left_out", None) == 4, "it stands for the four left out"
+    assert await metric(moorage, "moorage_requests_total", kind="manifest", method="GET", status="503") == 6
