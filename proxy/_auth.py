@@ -42,7 +42,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
 from ._ratelimit import RATE_LIMITER
-from ._state import METRICS, notes
+from ._state import FAILURE_LINES, METRICS, notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
 
@@ -379,13 +379,36 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
         wait = limiter.allow(client, user)
         if wait is not None:
             _note_kind(request)
+            # Password guessing, or a client with a stale password: worth a warning, once a
+            # while for each client and user (each refusal has its access line, status 429).
+            left_out = request.app[FAILURE_LINES].admit(("sign_in_throttled", client, user[:64]))
+            if left_out is not None:
+                log.warning(
+                    "failed sign-ins throttled",
+                    extra={
+                        "event": "sign_in_throttled",
+                        "user": user[:64],
+                        "client": client,
+                        "request_id": notes(request).request_id,
+                        "left_out": left_out,
+                    },
+                )
             raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
         running = authenticator.start_check(user, password)
     if await asyncio.shield(running):  # a request that leaves does not end others' check
         if charged:
             limiter.refund(client, user)
         return True
-    log.info("authentication failed", extra={"event": "auth_failed", "user": user[:64], "client": request.remote})
+    log.info(
+        "authentication failed",
+        extra={
+            "event": "auth_failed",
+            "user": user[:64],
+            "client": request.remote,
+            "request_id": notes(request).request_id,
+            "path": request.path[:200],
+        },
+    )
     return False
 
 

@@ -263,14 +263,24 @@ def test_login_password_on_a_store_with_no_key_yet_makes_none(auth_files: dict[s
 
 
 async def test_token_requests_are_rate_limited_per_client(
-    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Guessing is one warning, once a while for each client and user (it was info lines
+    alone), and each failed sign-in names its request, to join it to its access line."""
+    caplog.set_level("INFO", logger="moorage")
     moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 5})
     statuses = [(await moorage.get("/token", headers=basic("ci", "guess"))).status for _ in range(8)]
     assert statuses[:5] == [401] * 5
     assert statuses[5:] == [429] * 3
     limited = await moorage.get("/token", headers=basic("ci", PASSWORD))
     assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+    (throttled,) = [r for r in caplog.records if getattr(r, "event", "") == "sign_in_throttled"]
+    assert throttled.levelname == "WARNING" and (throttled.__dict__["user"], throttled.__dict__["client"]) == (
+        "ci",
+        "127.0.0.1",
+    )
+    failed = [r for r in caplog.records if getattr(r, "event", "") == "auth_failed"]
+    assert len(failed) == 5 and all(r.__dict__["request_id"] and r.__dict__["path"] == "/token" for r in failed)
 
 
 async def test_guesses_at_one_user_do_not_lock_the_others_out(
