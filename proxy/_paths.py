@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from moorage.upstreams.reference import InvalidReference
+from moorage.upstreams.reference import ErrorKind, InvalidReference
 
 __all__ = ["PathKind", "V2Path", "parse_v2_path"]
 
@@ -54,12 +54,23 @@ def parse_v2_path(raw_path: str) -> V2Path | None:
 _REMEMBERED_PATH_LENGTH: Final = 256
 
 
+#: What a reference is called in the error for each kind of path that has one.
+_REFERENCE_KINDS: Final[dict[PathKind, ErrorKind]] = {"manifest": "reference", "blob": "digest", "referrers": "digest"}
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(path: str) -> V2Path | None:
-    if "%" in path or "\x00" in path:
-        raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
     for kind, marker, pattern in _PATTERNS:
         match = pattern.fullmatch(path) if marker in path else None
         if match:
-            return V2Path(kind, match.group("name"), match.groupdict().get("ref") or "")
-    return None
+            found = V2Path(kind, match.group("name"), match.groupdict().get("ref") or "")
+            break
+    else:
+        found = None
+    if "%" in path or "\x00" in path:
+        # The part that holds it is named: a tag with an encoded space is a bad tag, not a
+        # bad repository name.
+        if found is not None and "%" not in found.name and "\x00" not in found.name and kind in _REFERENCE_KINDS:
+            raise InvalidReference(_REFERENCE_KINDS[kind], found.reference, "no percent-encoded characters")
+        raise InvalidReference("name", path[4:], "no percent-encoded characters in a repository path")
+    return found

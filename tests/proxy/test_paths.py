@@ -34,6 +34,24 @@ def test_encoded_characters_are_refused_each_time() -> None:
             parse_v2_path("/v2/team%2Fapp/manifests/1")
 
 
+@pytest.mark.parametrize(
+    ("raw", "kind", "value"),
+    [
+        ("/v2/team%2Fapp/manifests/1", "name", "team%2Fapp/manifests/1"),
+        ("/v2/team/app/manifests/bad%20tag", "reference", "bad%20tag"),
+        ("/v2/team/app/blobs/sha256%3Aab", "digest", "sha256%3Aab"),
+        ("/v2/team/app/referrers/sha256%3Aab", "digest", "sha256%3Aab"),
+        ("/v2/team/app/tags/list%20", "name", "team/app/tags/list%20"),
+    ],
+)
+def test_an_encoded_character_is_blamed_on_the_part_that_holds_it(raw: str, kind: str, value: str) -> None:
+    """A tag with an encoded space was answered NAME_INVALID for the whole path: the client
+    was told its repository name was wrong."""
+    with pytest.raises(InvalidReference) as refused:
+        parse_v2_path(raw)
+    assert (refused.value.kind, refused.value.value) == (kind, value)
+
+
 def test_a_query_or_a_huge_path_takes_no_room_among_the_remembered() -> None:
     parse_v2_path("/v2/team/queried/manifests/1")
     before = _parse.cache_info().currsize
