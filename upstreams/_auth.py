@@ -109,10 +109,14 @@ class RegistryAuth(httpx.Auth):
         self._registry_scope: str | None = None
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
-        #: The configured credentials' last refusal, answered again until ``_refused_until``.
-        self._refusal: UpstreamAuthFailed | None = None
-        self._refused_until = 0.0
-        self._refused_hold = REFUSED_HOLD
+        #: Refusals of the configured credentials held: by the scope a token service refused
+        #: them for (a token service answers per repository), None for the registry's own
+        #: (Basic). Each: (until, monotonic; the message; the status).
+        self._held: dict[str | None, tuple[float, str, int]] = {}
+        #: The next hold of each, doubling at each refusal in a row.
+        self._next_hold: dict[str | None, float] = {}
+        #: Counts refusals: a success of a request sent before the last one ends no hold.
+        self._refusals = 0
 
     def _is_ours(self, url: httpx.URL) -> bool:
         return (url.scheme, url.host, url.port) == self._origin
@@ -159,7 +163,8 @@ class RegistryAuth(httpx.Auth):
         self._password_stamp = stamp
         self._password_unreadable = False
         self._tokens.clear()  # tokens fetched with the old password may outlive it
-        self._refusal, self._refused_until, self._refused_hold = None, 0.0, REFUSED_HOLD
+        self._held.clear()
+        self._next_hold.clear()
         log.info(
             "the upstream's password file changed: its new password is used",
             extra={"event": "upstream_password_reloaded", "upstream": self._upstream, "path": str(path)},
@@ -170,18 +175,31 @@ class RegistryAuth(httpx.Auth):
         raw = f"{self._credentials[0]}:{self._credentials[1]}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
 
-    def _refused(self, message: str, status: int) -> UpstreamAuthFailed:
-        """The configured credentials were refused: not sent again for a while (see
-        ``REFUSED_HOLD``), and logged once for the while. The error to answer meanwhile."""
-        hold = self._refused_hold
-        self._refused_hold = min(hold * 2, REFUSED_HOLD_MAX)
-        self._refused_until = time.monotonic() + hold
-        self._refusal = UpstreamAuthFailed(
+    def _holding(self, key: str | None) -> UpstreamAuthFailed | None:
+        """A fresh error for a request the hold of ``key`` answers (one shared error would
+        gather every request's traceback), or None."""
+        held = self._held.get(key)
+        if held is None or time.monotonic() >= held[0]:
+            return None
+        until, message, status = held
+        return UpstreamAuthFailed(
             self._upstream,
             f"{message}; check this upstream's credentials in the cache's configuration (not sent again for"
-            f" {hold:.0f} s, or until the password file changes)",
+            f" {until - time.monotonic():.0f} s, or until the password file changes)",
             status=status,
         )
+
+    def _refused(self, key: str | None, message: str, status: int) -> UpstreamAuthFailed:
+        """The configured credentials were refused (for the scope ``key``, or by the registry):
+        not sent again for a while (see ``REFUSED_HOLD``), said once for the while. Refusals of
+        requests already in flight when the hold began neither lengthen it nor log again."""
+        self._refusals += 1
+        held = self._holding(key)
+        if held is not None:
+            return held
+        hold = self._next_hold.get(key, REFUSED_HOLD)
+        self._next_hold[key] = min(hold * 2, REFUSED_HOLD_MAX)
+        self._held[key] = (time.monotonic() + hold, message, status)
         log.error(
             "the upstream refused the configured credentials",
             extra={
@@ -189,20 +207,28 @@ class RegistryAuth(httpx.Auth):
                 "upstream": self._upstream,
                 "username": self._credentials[0] if self._credentials else None,
                 "password_file": str(self._password_file) if self._password_file else None,
+                "scope": key,
                 "hold_seconds": hold,
                 "error": message,
             },
         )
-        return self._refusal
+        held = self._holding(key)
+        assert held is not None
+        return held
 
-    def _accepted(self) -> None:
-        self._refusal, self._refused_until, self._refused_hold = None, 0.0, REFUSED_HOLD
+    def _accepted(self, key: str | None, refusals_before: int) -> None:
+        """A request sent after the last refusal succeeded: the doubling of ``key`` starts again."""
+        if refusals_before == self._refusals:
+            self._held.pop(key, None)
+            self._next_hold.pop(key, None)
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         await self._refresh_credentials()
-        if self._refusal is not None and time.monotonic() < self._refused_until:
-            raise self._refusal
+        refusals_before = self._refusals
         scope = scope_for_path(request.url.path)
+        held = self._holding(None) or (self._holding(scope) if scope else None)
+        if held is not None:
+            raise held
         token = self._cached(scope) if scope else None
         if token is None and self._registry_scope is not None:
             token = self._cached(self._registry_scope)
@@ -213,7 +239,7 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401 or not self._is_ours(response.url):
             if response.status_code < 400 and self._credentials:
-                self._accepted()
+                self._accepted(None, refusals_before)
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
@@ -239,11 +265,14 @@ class RegistryAuth(httpx.Auth):
         if scheme == "basic" and self._credentials and response.status_code == 401:
             if parse_challenge(response.headers.get("www-authenticate", ""))[0] == "basic":
                 # The registry's Basic challenge again, to the credentials: refused.
-                self._refused("the registry refused the configured credentials (HTTP 401)", 401)
+                self._refused(None, "the registry refused the configured credentials (HTTP 401)", 401)
         elif response.status_code < 400 and self._credentials:
-            self._accepted()
+            self._accepted(None, refusals_before)
 
     async def _token(self, challenge: dict[str, str], scope: str | None) -> str:
+        held = self._holding(scope)
+        if held is not None:
+            raise held
         key = f"{challenge.get('realm')}|{challenge.get('service')}|{scope}"
         task = self._fetching.get(key)
         if task is None:
@@ -268,7 +297,7 @@ class RegistryAuth(httpx.Auth):
                 status=status,
             )
         if self._credentials:
-            return self._refused(refusal, status)
+            return self._refused(scope, refusal, status)
         return UpstreamAuthFailed(self._upstream, refusal, status=status)
 
     async def _fetch_token(self, challenge: dict[str, str], scope: str | None) -> str:
@@ -330,6 +359,7 @@ class RegistryAuth(httpx.Auth):
             self._tokens.move_to_end(scope)
             while len(self._tokens) > MAX_CACHED_SCOPES:
                 self._tokens.popitem(last=False)
+        self._next_hold.pop(scope, None)  # granted: a later refusal of this scope holds 30 s again
         return token
 
 

@@ -250,3 +250,33 @@ def test_scope_for_path() -> None:
     assert scope_for_path("/v2/library/alpine/manifests/1") == "repository:library/alpine:pull"
     assert scope_for_path("/prefix/v2/a/b/blobs/sha256:x") == "repository:a/b:pull"
     assert scope_for_path("/v2/") is None
+
+
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
+def test_refusals_in_flight_when_a_hold_begins_neither_lengthen_it_nor_end_it() -> None:
+    """Eight pulls at once met a wrong password: the hold doubled at each, to 15 minutes, with
+    eight error lines; and a pull sent before the refusal that then succeeded (a cached token)
+    ended the hold at once. Each request the hold answers gets an error of its own: one shared
+    error gathered every request's traceback, 33 MB after 5,000."""
+    auth = RegistryAuth("r", httpx.URL(REGISTRY), httpx.AsyncClient(), ("u", "p"))
+    sent_before = auth._refusals
+    first = auth._refused(None, "refused", 401)
+    for _ in range(7):
+        auth._refused(None, "refused", 401)
+    assert "not sent again for 30 s" in str(first)
+    assert auth._next_hold[None] == 60.0, "one refusal in a row, not eight"
+    auth._accepted(None, sent_before)
+    held, again = auth._holding(None), auth._holding(None)
+    assert held is not None and again is not None and held is not again
+    auth._accepted(None, auth._refusals)  # sent after the refusal, and granted
+    assert auth._holding(None) is None
+
+
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
+def test_a_token_refused_for_one_repository_holds_that_repository_alone() -> None:
+    """A token service answers per repository: a scope the account may not read held every
+    pull from the upstream."""
+    auth = RegistryAuth("r", httpx.URL(REGISTRY), httpx.AsyncClient(), ("u", "p"))
+    auth._token_refused(403, "repository:team/b:pull")
+    assert auth._holding("repository:team/b:pull") is not None
+    assert auth._holding("repository:team/a:pull") is None and auth._holding(None) is None
