@@ -221,12 +221,26 @@ def _unreadable(path: Path, error: OSError) -> StoreFailure:
     return StoreFailure(f"cannot read the stored file {path}: {error.strerror or error}{hint}")
 
 
+#: Store directories said to be unreadable, once each per process.
+_unreadable_directories: set[Path] = set()
+
+
 def _sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
-    """A directory's entries by name; none where it vanished meanwhile."""
+    """A directory's entries by name; none where it vanished meanwhile, or where the daemon
+    may not read it (left by a store command run as root with a umask of 077): said once, and
+    the walk goes on, where one such directory had failed every eviction pass, gc and count."""
     try:
         with os.scandir(directory) as entries:
             return sorted(entries, key=lambda entry: entry.name)
     except (FileNotFoundError, NotADirectoryError):
+        return []
+    except PermissionError as exc:
+        if directory not in _unreadable_directories and len(_unreadable_directories) < 1024:
+            _unreadable_directories.add(directory)
+            log.warning(
+                "a store directory the daemon may not read is passed over; run store commands as the daemon's user",
+                extra={"event": "store_directory_unreadable", "path": str(directory), "error": str(exc)},
+            )
         return []
 
 

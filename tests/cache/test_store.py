@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -174,3 +176,34 @@ def test_a_blob_another_process_stored_meanwhile_is_not_counted_again(tmp_path: 
     assert store.size_of(digest) == len(data) and store.count() == (len(data), 1)
     for pending in (first, second):
         pending.close()
+
+
+def test_a_directory_the_daemon_may_not_read_is_passed_over_not_the_end_of_the_walk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One prefix directory left 0700 by a store command run as root failed every walk:
+    eviction, gc, the count and verify, and the size cap was no longer kept."""
+    if os.geteuid() != 0:
+        pytest.fail("this test drops to another user, which needs root (CI runs as root)")
+    root = Path(tempfile.mkdtemp(prefix="moorage-store-"))  # outside pytest's 0700 tmp_path
+    try:
+        root.chmod(0o755)
+        store = DirectoryStore(root)
+        digests = [Digest.of(str(number).encode()) for number in range(40)]
+        for digest in digests:
+            path = store.path_of(digest)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+        for directory in (store.blobs_dir, store.blobs_dir / "sha256", *(store.blobs_dir / "sha256").iterdir()):
+            directory.chmod(0o755)
+        closed = store.path_of(digests[0]).parent
+        closed.chmod(0o700)
+        os.seteuid(65534)
+        try:
+            walked = [blob.digest for blob in store.entries()]
+        finally:
+            os.seteuid(0)
+        assert set(walked) == {d for d in digests if store.path_of(d).parent != closed}
+        assert [r for r in caplog.records if getattr(r, "event", "") == "store_directory_unreadable"]
+    finally:
+        shutil.rmtree(root)
