@@ -61,6 +61,40 @@ def counted_size(known_good: Fingerprint | None, on_disk: int) -> int:
     return known_good.size if known_good is not None else on_disk
 
 
+class _Forgetting:
+    """Quarantined blobs whose index entries are yet to go, dropped together (see
+    ``FORGET_BATCH``), with the sizes the store totals count them at. Not only at the end of a
+    run that may last hours: a daemon serving the store takes the smaller size in at its next
+    flush, and an interrupted run leaves little behind."""
+
+    def __init__(self, store: DirectoryStore, index: Index) -> None:
+        self._store = store
+        self._index = index
+        self._pending: dict[Digest, int] = {}
+        self._since = time.monotonic()
+
+    def add(self, digest: Digest, counted: int) -> None:
+        if not self._pending:
+            self._since = time.monotonic()
+        self._pending[digest] = counted
+        if len(self._pending) >= FORGET_BATCH:
+            self.flush()
+
+    def due(self) -> None:
+        """Forget what waited ``FORGET_SECONDS``; asked at every blob walked."""
+        if self._pending and time.monotonic() - self._since >= FORGET_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        # A blob a client pulled again since it was quarantined keeps what its pull wrote.
+        self._index.forget({digest for digest in self._pending if self._store.size_of(digest) is None})
+        if self._index.store_totals() is not None:
+            self._index.write_batch({}, {}, (-sum(self._pending.values()), -len(self._pending)))
+        self._pending.clear()
+
+
 def verify_store(
     root: Path, *, repair: bool = False, rate_bytes: int | None = None, progress: Callable[[int], None] | None = None
 ) -> VerifyReport:
@@ -80,18 +114,7 @@ def verify_store(
 
     # Opened before any file is looked at: a store of a later format is refused unchanged.
     index = Index(root / "index")
-    quarantined: dict[Digest, int] = {}  # not yet forgotten, with the size the totals count
-    gathered_since = time.monotonic()
-
-    def forget_quarantined() -> None:
-        # Not only at the end of a run that may last hours: a daemon serving the store takes
-        # the smaller size in at its next flush, and an interrupted run leaves little behind.
-        if quarantined:
-            index.forget(set(quarantined))
-            if index.store_totals() is not None:
-                index.write_batch({}, {}, (-sum(quarantined.values()), -len(quarantined)))
-            quarantined.clear()
-
+    forgetting = _Forgetting(store, index)
     try:
         for blob in store.entries():
             digest = blob.digest
@@ -100,6 +123,7 @@ def verify_store(
             except FileNotFoundError:
                 continue  # evicted meanwhile
             report.checked += 1
+            forgetting.due()
             if actual == digest.encoded:
                 continue
             report.corrupt.append(str(digest))
@@ -110,14 +134,10 @@ def verify_store(
                 continue
             if moved:
                 report.quarantined.append(str(digest))
-                if not quarantined:
-                    gathered_since = time.monotonic()
-                quarantined[digest] = counted_size(index.fingerprint(digest), blob.size)
-                if len(quarantined) >= FORGET_BATCH or time.monotonic() - gathered_since >= FORGET_SECONDS:
-                    forget_quarantined()
+                forgetting.add(digest, counted_size(index.fingerprint(digest), blob.size))
     finally:
         try:
-            forget_quarantined()  # an interrupted run's too
+            forgetting.flush()  # an interrupted run's too
         finally:
             index.close()
     return report

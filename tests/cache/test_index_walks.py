@@ -13,6 +13,7 @@ import diskcache
 import pytest
 
 import moorage.cache._catalog as catalog_module
+import moorage.cache._verify as verify_module
 from moorage.cache import DirectoryStore, read_catalog, verify_store
 from moorage.cache._index import DELETE_BATCH, Index, TagEntry
 from moorage.cache._keys import blob_key, image_key, manifest_key, routes_key
@@ -269,3 +270,61 @@ def test_a_listing_by_pattern_reads_the_manifests_of_the_tags_it_names_alone(
     (listed,) = read_catalog(tmp_path, "alpine:3")
     assert (listed.upstream, listed.repository, listed.tag) == ("docker.io", "library/alpine", "3")
     assert read == [digest_of(-1)]
+
+
+def test_a_manifest_pulled_again_after_its_quarantine_keeps_what_the_pull_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrub forgets what it quarantined in batches: a client that pulled the manifest again
+    meanwhile had its tag and manifest entry deleted by the late forget, and its next pull of
+    the tag cost the upstream a counted GET."""
+    store = DirectoryStore(tmp_path)
+    index = Index(tmp_path / "index")
+    good = b'{"schemaVersion": 2}'
+    pulled_again, forgotten = Digest.of(good), digest_of(-2)
+    key, other = ("tag", "docker.io", "r0", "1", "image"), ("tag", "docker.io", "r1", "1", "image")
+    for manifest, tag in ((pulled_again, key), (forgotten, other)):
+        path = store.path_of(manifest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not what its name says")
+        index.put_manifest(manifest, MANIFEST)
+        index.put_tag(tag, TagEntry(manifest, MANIFEST, 1.0))
+    index.close()
+    quarantine = DirectoryStore.quarantine
+
+    def quarantined_then_pulled_again(self: DirectoryStore, digest: Digest) -> bool:
+        moved = quarantine(self, digest)
+        if digest == pulled_again:
+            self.path_of(digest).write_bytes(good)  # a client's pull puts it back, and its entries
+            again = Index(tmp_path / "index")
+            again.put_manifest(digest, MANIFEST)
+            again.put_tag(key, TagEntry(digest, MANIFEST, 2.0))
+            again.close()
+        return moved
+
+    monkeypatch.setattr(DirectoryStore, "quarantine", quarantined_then_pulled_again)
+    report = verify_store(tmp_path, repair=True)
+    assert len(report.quarantined) == 2
+    index = Index(tmp_path / "index")
+    kept = index.tag(key)
+    assert kept is not None and kept.digest == pulled_again, "what the pull wrote stays"
+    assert index.tag(other) is None, "the other quarantined manifest's tag went"
+    index.close()
+
+
+def test_what_a_scrub_quarantined_is_forgotten_within_its_seconds_not_at_the_next_quarantine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time bound was looked at only when another blob was quarantined: one corrupt
+    manifest early in an hours-long scrub stayed tagged in the index to its end."""
+    monkeypatch.setattr(verify_module, "FORGET_SECONDS", 0.0)
+    store = DirectoryStore(tmp_path)
+    index = Index(tmp_path / "index")
+    manifest = digest_of(-1)
+    index.put_manifest(manifest, MANIFEST)
+    index.put_tag(("tag", "docker.io", "r0", "1", "image"), TagEntry(manifest, MANIFEST, 1.0))
+    forgetting = verify_module._Forgetting(store, index)
+    forgetting.add(manifest, 10)
+    forgetting.due()  # the next blob walked, clean
+    assert index.tag(("tag", "docker.io", "r0", "1", "image")) is None
+    index.close()
