@@ -251,11 +251,15 @@ class Fill:
                     source.host, f"blob {self.digest}: body ended at {self.written} of {self.size}"
                 )
             except UpstreamUnavailable as exc:
-                progressed = self.written - resumed_from >= CHUNK_SIZE
-                resumes = 1 if progressed else resumes + 1
-                if self.state == "starting" or resumes > MAX_RESUMES:
+                if self.state == "starting":
                     raise
-                pause = 0.0 if progressed else RESUME_PAUSE * 2 ** (resumes - 1)
+                if self.written - resumed_from >= CHUNK_SIZE:  # this try brought a piece: no count
+                    resumes, pause = 0, 0.0
+                else:
+                    resumes += 1
+                    if resumes > MAX_RESUMES:
+                        raise
+                    pause = RESUME_PAUSE * 2 ** (resumes - 1)
                 self._observer.on_fill_resumed(source.host)
                 log.info(
                     "resuming cut blob body",
@@ -265,7 +269,7 @@ class Fill:
                         "repository": str(repository),
                         "digest": str(self.digest),
                         "offset": self.written,
-                        "attempt": resumes,
+                        "cuts_without_progress": resumes,
                         "pause_seconds": pause,
                         "error": error_text(exc),
                     },

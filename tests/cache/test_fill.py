@@ -235,11 +235,13 @@ async def test_a_slow_body_reaches_readers_before_a_whole_piece_has_come(
     await fills.aclose()
 
 
+@pytest.mark.parametrize(("first", "expected"), [(500, [0.2, 0.4, 0.8]), (2 * 1024 * 1024, [0.0, 0.2, 0.4, 0.8])])
 async def test_cuts_with_nothing_new_between_them_are_resumed_after_growing_pauses(
-    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch
+    store: DirectoryStore, monkeypatch: pytest.MonkeyPatch, first: int, expected: list[float]
 ) -> None:
     """An outage of a few seconds: three resumes within a second had failed every download in
-    flight before the upstream came back."""
+    flight before the upstream came back. A cut after a try that brought a piece is resumed at
+    once and leaves the three for the outage."""
     monkeypatch.setattr(fill_module, "RESUME_PAUSE", 0.2)
     pauses: list[float] = []
     sleep = asyncio.sleep
@@ -249,19 +251,19 @@ async def test_cuts_with_nothing_new_between_them_are_resumed_after_growing_paus
         await sleep(0)
 
     monkeypatch.setattr(asyncio, "sleep", recorded)
-    data = os.urandom(2000)
+    data = os.urandom(first + 2000)
     source = FedSource(len(data))
     fills = Fills(store)
     reader = fills.start(source, REPO, Digest.of(data))
     await reader.wait_started()
     reading = asyncio.ensure_future(collect(reader.read(0, len(data))))
-    await source.queue.put(data[:500])
-    for _ in range(3):
+    await source.queue.put(data[:first])
+    for _ in range(len(expected)):
         await source.queue.put(UpstreamUnavailable("test", "cut"))
-    await source.queue.put(data[500:])
+    await source.queue.put(data[first:])
     await source.queue.put(None)
     assert await asyncio.wait_for(reading, 30) == data
-    assert pauses == [0.2, 0.4, 0.8]
+    assert pauses == expected
     reader.close()
     await fills.aclose()
 
