@@ -50,10 +50,10 @@ MAX_RESUMES: Final = 3
 RESUME_PAUSE = 1.0
 #: Pieces of CHUNK_SIZE waiting for the writer: bounds memory per fill to about 4 MiB.
 WRITE_QUEUE: Final = 3
-#: Seconds after the last piece (or the body's start) when a chunk is written however small
-#: the piece it ends: over a slow upstream, clients
-#: got no byte until a whole piece had come (a minute below 17 KB/s, past a load balancer's
-#: idle timeout), where a direct pull would have kept flowing.
+#: Seconds after the last piece (or the body's start) when a chunk arriving is written however
+#: small the piece it ends: over a slow upstream, clients got no byte until a whole piece had
+#: come (a minute below 17 KB/s, past a load balancer's idle timeout), where a direct pull would
+#: have kept flowing. Bytes that came before a pause wait for the next chunk.
 PIECE_AGE: Final = 0.5
 RECENTLY_COMMITTED: Final = 1024
 #: Seconds between looks, while a client waits for its download to begin, at whether it left.

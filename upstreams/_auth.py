@@ -200,6 +200,10 @@ class RegistryAuth(httpx.Auth):
         hold = self._next_hold.get(key, REFUSED_HOLD)
         self._next_hold[key] = min(hold * 2, REFUSED_HOLD_MAX)
         self._held[key] = (time.monotonic() + hold, message, status)
+        if len(self._held) > MAX_CACHED_SCOPES:  # scopes refused by the thousand: the oldest go
+            oldest = next(iter(self._held))
+            self._held.pop(oldest)
+            self._next_hold.pop(oldest, None)
         log.error(
             "the upstream refused the configured credentials",
             extra={
