@@ -299,7 +299,8 @@ MAX_REPEAT_KINDS: Final = 1024
 class RepeatedLines:
     """Lines alike (one kind, such as an upstream and how it failed) within ``REPEAT_SECONDS``
     of the first are left out, and counted: an upstream down answered 1,000 pulls with 1,000
-    identical warnings. The next line of that kind says how many it stands for."""
+    identical warnings. The next line of that kind, whenever it comes, says how many were left
+    out since the last."""
 
     def __init__(self) -> None:
         self._seen: dict[tuple[object, ...], tuple[float, int]] = {}

@@ -44,7 +44,8 @@ STOPPING: Final = web.AppKey("stopping", asyncio.Event)
 #: The tasks running a request's handlers now, each with its connection, for the stop to wait
 #: for (and then cut) while it closes the connections that serve nothing.
 IN_FLIGHT: Final = web.AppKey("in_flight", dict[asyncio.Task[Any], object])
-#: upstream_failed lines alike, logged once for a while (see ``RepeatedLines``).
+#: upstream_failed and sign_in_throttled lines alike, logged once for a while (see
+#: ``RepeatedLines``).
 FAILURE_LINES: Final = web.AppKey("failure_lines", RepeatedLines)
 #: Tests may plug an httpx transport in front of every upstream.
 UPSTREAM_TRANSPORT: Final = web.AppKey("upstream_transport", httpx.AsyncBaseTransport)
