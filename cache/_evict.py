@@ -12,30 +12,40 @@ in-memory front forgets it), so the next pull fetches it again. Passes never ove
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
-from moorage.upstreams.reference import Digest
+from moorage.upstreams.reference import Digest, parse_digest
 
 from ._index import Index
 from ._store import DirectoryStore, Fingerprint
 from .errors import error_text
 
-__all__ = ["EvictionResult", "ReadGuard", "evict_to", "touch"]
+__all__ = ["EvictionResult", "ReadGuard", "evict_to", "release", "touch"]
 
 log = logging.getLogger("moorage.cache")
 #: Content read this recently is never evicted: its reader may still be opening the file (once
 #: open, a file removed from under a reader stays readable).
 RECENT_SECONDS: Final = 5.0
 T = TypeVar("T")
+#: A blob a pass walked: its digest as text, its size, its last use (epoch seconds). A plain
+#: tuple of text and numbers, which Python's cyclic garbage collector stops tracking at its
+#: next young pass: a million StoredBlob and Digest objects, each tracked, had made every full
+#: pass of the collector (run by whichever thread allocates) pause the event loop for seconds.
+_Walked = tuple[str, int, float]
+#: A pass sorts by last use a slice of this many blobs at a time and merges the slices: one
+#: sort of a million in a single call held the GIL, and so the event loop, for 2.5 s.
+SORT_SLICE: Final = 1 << 16
 #: Files already logged as out of the cache's hands, so that each is logged once, not at every
 #: pass; bounded, since every file of a store restored as another user could be one.
 _LOGGED_UNWRITABLE: set[Path] = set()
@@ -137,28 +147,33 @@ def evict_to(
     reads a manifest before its layers, so by last use they came first, and took their tags
     with them while the layers stayed; a manifest evicted costs an upstream GET, which Docker
     Hub counts as a pull, where a layer costs a blob GET, which it does not."""
-    entries = list(store.entries())
-    total = sum(blob.size for blob in entries)
+    entries: list[_Walked] = [(str(blob.digest), blob.size, blob.mtime) for blob in store.entries()]
+    total = sum(size for _, size, _ in entries)
     count = len(entries)
-    fresh = frozenset(blob.digest for blob in entries if blob.mtime >= fresh_since)
-    seen = dict(accessed)  # ordering by a snapshot of reads not yet written back
-    entries.sort(key=lambda blob: (blob.size <= target_bytes, max(blob.mtime, seen.get(blob.digest, 0.0))))
+    fresh = frozenset(parse_digest(text) for text, _, mtime in entries if mtime >= fresh_since)
+    seen = {str(digest): when for digest, when in accessed.items()}  # a snapshot of reads not yet written back
+    entries = [
+        *_by_last_use([blob for blob in entries if blob[1] > target_bytes], seen),
+        *_by_last_use([blob for blob in entries if blob[1] <= target_bytes], seen),
+    ]
     ceiling = target_bytes if ceiling_bytes is None else max(ceiling_bytes, target_bytes)
-    candidates = [blob for blob in entries if blob.digest not in protected]
-    in_use = [blob for blob in candidates if blob.digest in recent and blob.size <= target_bytes]
-    in_use.sort(key=lambda blob: blob.digest in manifests)  # stable: by last use within each
-    in_use_digests = {blob.digest for blob in in_use}
-    others = [blob for blob in candidates if blob.digest not in in_use_digests]
+    kept, in_recent, served = ({str(digest) for digest in named} for named in (protected, recent, manifests))
+    candidates = [blob for blob in entries if blob[0] not in kept]
+    in_use = [blob for blob in candidates if blob[0] in in_recent and blob[1] <= target_bytes]
+    in_use.sort(key=lambda blob: blob[0] in served)  # stable: by last use within each
+    in_use_texts = {text for text, _, _ in in_use}
+    others = [blob for blob in candidates if blob[0] not in in_use_texts]
     evicted: list[Digest] = []
     freed = 0
     # Each candidate with how small the store must still get for it to go: under the target
     # first, then (content in use) under the ceiling. Under the target is under both.
-    for blob, floor in [*((blob, target_bytes) for blob in others), *((blob, ceiling) for blob in in_use)]:
+    for (text, _, _), floor in itertools.chain(((b, target_bytes) for b in others), ((b, ceiling) for b in in_use)):
         if total - freed <= floor:
             break
-        size = guard.remove_unless_read(store.path_of(blob.digest), blob.digest)
+        digest = parse_digest(text)
+        size = guard.remove_unless_read(store.path_of(digest), digest)
         if size is not None:
-            evicted.append(blob.digest)
+            evicted.append(digest)
             freed += size
     if evicted:
         try:
@@ -168,7 +183,31 @@ def evict_to(
                 "evicted files left in the index; they read as not stored",
                 extra={"event": "maintenance_failed", "task": "evict", "error": error_text(exc)},
             )
+    for held in (candidates, in_use, others):
+        held.clear()
+    release(entries)
     return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted), fresh)
+
+
+def _by_last_use(blobs: list[_Walked], seen: Mapping[str, float]) -> Iterator[_Walked]:
+    """``blobs`` least recently used first, ties in their order; ``seen`` holds reads not yet
+    written to the files. Sorted in slices and merged (see ``SORT_SLICE``)."""
+
+    def last_use(blob: _Walked) -> float:
+        return max(blob[2], seen.get(blob[0], 0.0))
+
+    slices = [sorted(blobs[start : start + SORT_SLICE], key=last_use) for start in range(0, len(blobs), SORT_SLICE)]
+    return heapq.merge(*slices, key=last_use)
+
+
+def release(held: list[Any] | set[Any]) -> None:
+    """Empty what a walk held a slice at a time: a million records freed in one call, as a list
+    or a set going out of scope is, held the GIL, and so the event loop, for 0.1 to 0.3 s."""
+    if isinstance(held, list):
+        while held:
+            del held[-SORT_SLICE:]
+    while held:
+        held.pop()
 
 
 def touch(

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
-from ._evict import ReadGuard
+from ._evict import ReadGuard, release
 from ._index import Index
 from ._store import BlobStore, DirectoryStore
 
@@ -93,20 +93,28 @@ def default_platform(body: bytes) -> Digest | None:
     return None
 
 
-def mark(store: BlobStore, roots: set[Digest]) -> set[Digest]:
-    """Every blob the ``roots`` manifests reach (themselves included); reads only manifests."""
-    reachable: set[Digest] = set()
+def mark(store: BlobStore, roots: Iterable[str]) -> set[str]:
+    """Every blob the ``roots`` manifests reach (themselves included), as digest text
+    (``sha256:…``); reads only manifests.
+
+    Text, not :class:`Digest` objects: Python's cyclic garbage collector tracks every Digest,
+    and with a million of them held, each of its full passes (run by whichever thread
+    allocates, the event loop's too) paused the daemon for most of a second."""
+    reachable: set[str] = set()
     manifests = list(roots)
     while manifests:
-        digest = manifests.pop()
-        if digest in reachable:
+        text = manifests.pop()
+        if text in reachable:
             continue
-        reachable.add(digest)
-        body = store.read_small(digest, MAX_MANIFEST_BYTES)
+        reachable.add(text)
+        try:
+            body = store.read_small(parse_digest(text), MAX_MANIFEST_BYTES)
+        except InvalidReference:
+            continue
         if body is not None and len(body) <= MAX_MANIFEST_BYTES:
             children, blobs = references(body)
-            manifests.extend(d for d in children if d not in reachable)
-            reachable.update(blobs)
+            manifests.extend(child for child in map(str, children) if child not in reachable)
+            reachable.update(map(str, blobs))
     return reachable
 
 
@@ -131,31 +139,34 @@ def sweep(
     report.roots = len(roots)
     reachable = mark(store, roots)
     young = time.time() - grace_seconds
-    candidates = []
+    candidates: list[tuple[str, int]] = []  # digest text and size: untracked, as in ``mark``
     for blob in store.entries():
-        if blob.digest in reachable or blob.digest in protected:
+        text = str(blob.digest)
+        if text in reachable or blob.digest in protected:
             continue
         if blob.mtime > young or (accessed or {}).get(blob.digest, 0.0) > young:
             report.kept_young += 1
             continue
-        candidates.append(blob)
+        candidates.append((text, blob.size))
     if candidates:  # manifests stored while the store was walked are roots too
         reachable |= mark(store, index.manifest_digests() - roots)
     report.reachable = len(reachable)
     swept: set[Digest] = set()
     guard = guard or ReadGuard()
     try:
-        for blob in candidates:
-            if blob.digest in reachable:
+        for text, size in candidates:
+            if text in reachable:
                 continue
-            if not dry_run and guard.remove_unless_read(store.path_of(blob.digest), blob.digest) is None:
+            digest = parse_digest(text)
+            if not dry_run and guard.remove_unless_read(store.path_of(digest), digest) is None:
                 continue
-            swept.add(blob.digest)
-            report.swept.append(str(blob.digest))
-            report.swept_bytes += blob.size
+            swept.add(digest)
+            report.swept.append(text)
+            report.swept_bytes += size
     finally:
         if swept and not dry_run:
             index.forget(swept)
+    release(reachable)
     return report
 
 

@@ -446,13 +446,14 @@ class Index:
                         dropped += 1
         return dropped
 
-    def manifest_digests(self) -> set[Digest]:
-        """Every manifest the index knows (tagged or pulled by digest)."""
+    def manifest_digests(self) -> set[str]:
+        """Every manifest the index knows (tagged or pulled by digest), as text (``sha256:…``):
+        a walk's sets hold text, which the garbage collector does not track (see ``mark``)."""
         found = set()
         for key in self._walk():
             if isinstance(key, tuple) and len(key) == 2 and key[0] == "manifest":
                 try:
-                    found.add(parse_digest(key[1]))
+                    found.add(str(parse_digest(key[1])))
                 except InvalidReference:
                     continue
         return found

@@ -33,7 +33,7 @@ from moorage.config import (
 )
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
-from ._evict import ReadGuard
+from ._evict import ReadGuard, release
 from ._gc import mark, references
 from ._index import Index, tag_entry
 from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, referrers_key, routes_key
@@ -275,10 +275,10 @@ def apply_expiries(
     index.delete([manifest_key(digest) for digest in unused])
     roots = index.manifest_digests()
     reachable = mark(store, roots)
-    candidates = mark(store, unused) - reachable
+    candidates = mark(store, map(str, unused)) - reachable
     reachable |= mark(store, index.manifest_digests() - roots)  # manifests stored meanwhile
     guard = guard or ReadGuard()
-    for digest in sorted(candidates - reachable, key=str):
+    for digest in map(parse_digest, sorted(candidates - reachable)):
         if digest in protected:
             continue
         size = guard.remove_unless_read(store.path_of(digest), digest)
@@ -287,6 +287,7 @@ def apply_expiries(
         result.removed.append(digest)
         result.freed_bytes += size
     index.delete([key for digest in result.removed for key in (blob_key(digest), routes_key(digest))])
+    release(reachable)
     return result
 
 

@@ -4,6 +4,7 @@ tag answers with them."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from moorage.cache._evict import ReadGuard, evict_to, touch
 from moorage.cache._index import Index, TagEntry
 from moorage.cache._keys import tag_key
-from moorage.cache._store import DirectoryStore, Fingerprint
+from moorage.cache._store import DirectoryStore, Fingerprint, StoredBlob
 from moorage.upstreams.reference import OCI_IMAGE_MANIFEST, Digest, RepositoryName, Tag
 from tests.immutable import immutable
 
@@ -31,7 +32,12 @@ def put(store: DirectoryStore, data: bytes, age_seconds: float) -> Digest:
     return digest
 
 
-def test_least_recently_used_go_first_down_to_the_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sort_slice", [1 << 16, 3])
+def test_least_recently_used_go_first_down_to_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sort_slice: int
+) -> None:
+    """Also with the store sorted in slices of three and merged, as a large one is."""
+    monkeypatch.setattr("moorage.cache._evict.SORT_SLICE", sort_slice)
     store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
     blobs = [put(store, os.urandom(100 * KiB) + bytes([i]), age_seconds=3600 - i * 60) for i in range(10)]
     result = evict_to(store, index, target_bytes=550 * KiB, protected=set(), accessed={}, guard=ReadGuard())
@@ -134,4 +140,33 @@ def test_a_blob_larger_than_the_target_goes_first_however_recent(tmp_path: Path)
     result = evict_to(store, index, target_bytes=255 * KiB, protected=set(), accessed={}, guard=ReadGuard())
     assert result.evicted == (big,)
     assert all(store.size_of(digest) is not None for digest in small)
+    index.close()
+
+
+def test_a_pass_holds_nothing_the_garbage_collector_tracks_per_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass holds every stored blob at once. Held as StoredBlob and Digest objects, each one
+    tracked by Python's cyclic garbage collector, a million of them made every full pass of the
+    collector (run by whichever thread allocates, the event loop's too) pause the daemon for up
+    to 2.7 s, and the pause grows with the store."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    blobs = 20_000
+    monkeypatch.setattr(
+        store, "entries", lambda: (StoredBlob(Digest.of(b"%d" % n), 1, 1000.0 + n) for n in range(blobs))
+    )
+    tracked_while_deleting: list[int] = []
+
+    class CountingGuard(ReadGuard):
+        def remove_unless_read(self, path: Path, digest: Digest) -> int | None:
+            if not tracked_while_deleting:  # every blob walked, sorted and held
+                gc.collect()
+                tracked_while_deleting.append(len(gc.get_objects()))
+            return None  # every file stays
+
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    evict_to(store, index, target_bytes=0, protected=set(), accessed={}, guard=CountingGuard())
+    assert tracked_while_deleting, "the pass reached its deletes"
+    assert tracked_while_deleting[0] - tracked_before < blobs // 10
     index.close()

@@ -3,17 +3,20 @@ an image or an index refers to stays, and so does anything young."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from moorage.cache import collect_garbage
 from moorage.cache._evict import ReadGuard
+from moorage.cache._gc import sweep
 from moorage.cache._index import Index
-from moorage.cache._store import DirectoryStore, Fingerprint
+from moorage.cache._store import DirectoryStore, Fingerprint, StoredBlob
 from moorage.upstreams.reference import OCI_IMAGE_INDEX, OCI_IMAGE_MANIFEST, Digest
 
 
@@ -87,4 +90,31 @@ def test_an_interrupted_collection_counts_what_it_removed(tmp_path: Path, monkey
     assert index.store_totals() == store.count() == (700, 7)
     removed = [d for d in orphans if store.size_of(d) is None]
     assert len(removed) == 3 and all(index.fingerprint(d) is None for d in removed), "forgotten too"
+    index.close()
+
+
+def test_a_collection_holds_nothing_the_garbage_collector_tracks_per_reachable_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc holds every blob a manifest reaches while it walks the store. As Digest objects, each
+    tracked by Python's cyclic garbage collector, a million of them made its full passes pause
+    a serving daemon's event loop for most of a second."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    layers = 20_000
+    manifest = image(store, [Digest.of(b"%d" % n) for n in range(layers)], put(store, b"{}"))
+    index.put_manifest(manifest, OCI_IMAGE_MANIFEST)
+    tracked_while_walking: list[int] = []
+    walk = store.entries
+
+    def counting_walk() -> Iterator[StoredBlob]:
+        gc.collect()  # everything reachable is marked and held by now
+        tracked_while_walking.append(len(gc.get_objects()))
+        return walk()
+
+    monkeypatch.setattr(store, "entries", counting_walk)
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    report = sweep(store, index, grace_seconds=0)
+    assert report.reachable == layers + 2, "the layers, the config and the manifest"
+    assert tracked_while_walking and tracked_while_walking[0] - tracked_before < layers // 10
     index.close()
