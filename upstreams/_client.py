@@ -615,7 +615,8 @@ class RegistryClient:
             params=dict(parse_qsl(query, keep_blank_values=True)),
             limit=MAX_LISTING_BYTES,
         )
-        page = tags_page(body, response.headers.get("link", ""), query)
+        # A list may be megabytes (gcr.io's), and a whole one is parsed to be sorted: off the loop.
+        page = await asyncio.to_thread(tags_page, body, response.headers.get("link", ""), query)
         if page.next_dropped:
             log.warning(
                 "the upstream's next page of tags is not offered: its query is out of bounds",

@@ -71,7 +71,8 @@ def tags_page(body: bytes, link: str, query: str) -> TagsPage:
     that is no page size (a client sending it back would be refused). Where the upstream
     announced no next page and the client asked for a page, the list is cut here where the
     upstream ignored ``n`` and ``last`` (Distribution 2.x answers every tag), as
-    ``page_of_whole_list`` tells."""
+    ``page_of_whole_list`` tells; where the client asked for the whole list, its tags are put
+    in lexical order (``in_lexical_order``)."""
     target = next_link(link)
     if target is not None:
         following = [
@@ -92,7 +93,7 @@ def cut_tags_page(body: bytes, query: str, *, whole: bool = False) -> TagsPage:
     n, last = parameters.get("n"), parameters.get("last")
     size = int(n) if n is not None and is_page_size(n) else None
     if size is None and last is None:
-        return TagsPage(body, None)
+        return TagsPage(body if query else in_lexical_order(body), None)
     body, page_end = page_of_whole_list(body, size, last, whole=whole)
     return TagsPage(body, None if page_end is None else page_query([("last", page_end), ("n", str(size))]))
 
@@ -104,17 +105,14 @@ def page_of_whole_list(
     should get, the ``last`` of the next page or None). The distribution spec's page: the
     tags lexically after ``last``, in lexical order, at most ``n`` of them, cut from a list
     that is ``whole``, or from an upstream's answer that shows it ignored ``n`` or ``last``
-    (more than ``n`` tags, or ``last`` among them). Any other answer is the upstream's own
-    page, in its own order (ECR's is not lexical), left as it is; so is a body that is no tag
-    list, or holds something other than strings."""
-    try:
-        document = json.loads(body)
-        tags = document["tags"]
-    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested too deep
+    (more than ``n`` tags, or a tag not after ``last``). Any other answer is the upstream's
+    own page, in its own order (ECR's is not lexical), left as it is; so is a body that is no
+    tag list, or holds something other than strings."""
+    listed = _tag_list(body)
+    if listed is None:
         return body, None
-    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
-        return body, None
-    ignored = (n is not None and len(tags) > n) or (last is not None and last in tags)
+    document, tags = listed
+    ignored = (n is not None and len(tags) > n) or (last is not None and any(_not_after(tag, last) for tag in tags))
     if not (whole or ignored):
         return body, None
     after = sorted(tag for tag in tags if last is None or tag > last)
@@ -128,6 +126,39 @@ def page_of_whole_list(
     if after == tags:
         return body, None
     return json.dumps({**name, "tags": after}).encode(), None
+
+
+def in_lexical_order(body: bytes) -> bytes:
+    """A whole tag list with its tags in lexical order, as the distribution spec has every
+    list (Distribution 2.x answers in its storage's order); the rest of it as it was (gcr.io's
+    map of digests). A body that is no tag list is left as it is."""
+    listed = _tag_list(body)
+    if listed is None:
+        return body
+    document, tags = listed
+    ordered = sorted(tags)
+    return body if ordered == tags else json.dumps({**document, "tags": ordered}).encode()
+
+
+def _tag_list(body: bytes) -> tuple[dict[str, Any], list[str]] | None:
+    """(the document, its tags) of a tag list; None for a body that is none, or whose tags
+    are not all strings."""
+    try:
+        document = json.loads(body)
+        tags = document["tags"]
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: nested too deep
+        return None
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        return None
+    return document, tags
+
+
+def _not_after(tag: str, last: str) -> bool:
+    """Whether an answer that holds ``tag`` shows the upstream ignored ``last``: the tag is
+    not after it by code point nor without regard to case (a registry may sort either way).
+    ``last`` itself among them is the plainest such answer (Distribution 2.x answers every
+    tag); a tag deleted since the client's last page, or one that never was, shows it too."""
+    return tag <= last and tag.casefold() <= last.casefold()
 
 
 def referrers_page(body: bytes, link: str, query: str, filtered: bool) -> ReferrersPage | None:

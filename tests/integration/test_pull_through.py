@@ -430,6 +430,23 @@ def test_a_tag_list_is_paged_for_the_client_when_the_upstream_ignores_n(
     assert page("n=2&last=v15") == (["v2", "v3"], None)
     assert page("n=2&last=zzz") == ([], None)
     assert page("last=v1") == (["v2", "v3"], None), "last without n"
+    # A last that is no tag, with n beyond the list: this upstream's answer of every tag was
+    # passed on, tags before last and all.
+    assert page("n=10&last=v15") == (["v2", "v3"], None)
+
+
+def test_a_whole_tag_list_is_in_lexical_order(moorage: MoorageProcess, seeded: Seeded, tmp_path: Path) -> None:
+    """The spec has every tag list in lexical order; Distribution 2.x answers in the order its
+    storage lists the tags' directories, which the cache passed on."""
+    layout = tmp_path / "layout"
+    images.write_oci_image(layout, "unsorted", [images.random_layer(1024, 72)])
+    tags = ["b", "Z", "10", "a", "latest", "2"]
+    for tag in tags:
+        images.push(layout, "unsorted", seeded.registry.host, "library/unsorted", tag)
+    with urllib.request.urlopen(f"{seeded.registry.url}/v2/library/unsorted/tags/list", timeout=30) as direct:
+        assert sorted(json.load(direct)["tags"]) == sorted(tags)
+    with urllib.request.urlopen(f"{moorage.url}/v2/library/unsorted/tags/list", timeout=30) as response:
+        assert json.load(response)["tags"] == ["10", "2", "Z", "a", "b", "latest"]
 
 
 def test_without_the_upstreams_referrers_api_clients_find_referrers_by_the_tag_schema(

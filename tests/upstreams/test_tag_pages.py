@@ -26,6 +26,19 @@ def body(tags: object) -> bytes:
         pytest.param(["a", "c", "d"], 2, "b", ["c", "d"], None, id="after_a_last_that_is_gone"),
         pytest.param(["a", "b", "c"], 2, "zzz", [], None, id="after_the_end"),
         pytest.param(["c", "a", "b"], None, "a", ["b", "c"], None, id="last_without_n"),
+        # Distribution 2.x answers every tag, in its storage's order: a last that is no tag
+        # (deleted since the client's previous page) was not noticed, and the client got the
+        # whole list again, tags before last and all.
+        pytest.param(
+            ["b", "latest", "x-1", "Z", "2", "c", "10", "y_2", "a"],
+            10,
+            "b0",
+            ["c", "latest", "x-1", "y_2"],
+            None,
+            id="after_a_last_that_is_no_tag",
+        ),
+        pytest.param(["b", "Z", "a"], None, "zzz", [], None, id="after_the_end_without_n"),
+        pytest.param(["c", "Z"], 5, "b", ["c", "Z"], None, id="a_page_sorted_without_regard_to_case"),
         pytest.param(["a", "b"], 0, None, [], None, id="none_asked_for"),
         pytest.param(["a", 1, "c"], 2, None, ["a", 1, "c"], None, id="not_all_strings"),
         pytest.param(None, 2, None, None, None, id="no_tags"),
@@ -102,3 +115,25 @@ def test_a_whole_list_kept_is_cut_whatever_it_holds() -> None:
     assert (json.loads(cut)["tags"], following) == ([], None)
     cut, following = page_of_whole_list(body(["c", "a", "b"]), 1, "a", whole=True)
     assert (json.loads(cut)["tags"], following) == (["b"], "b")
+
+
+def test_a_whole_list_goes_on_in_lexical_order() -> None:
+    """The spec has every tag list in lexical order; Distribution 2.x answers the whole list in
+    its storage's order, which the cache had passed on, while the pages it cut were sorted."""
+    whole = tags_page(body(["b", "latest", "Z", "10", "2", "a"]), "", "")
+    assert json.loads(whole.body)["tags"] == ["10", "2", "Z", "a", "b", "latest"]
+    assert whole.next_query is None
+
+
+def test_sorting_a_whole_list_keeps_the_rest_of_it() -> None:
+    """gcr.io lists a map of every digest beside the tags, which some tools read."""
+    listed = {"name": "owner/app", "tags": ["v2", "v1"], "manifest": {"sha256:" + "a" * 64: {"tag": ["v1"]}}}
+    whole = tags_page(json.dumps(listed).encode(), "", "")
+    assert json.loads(whole.body) == {**listed, "tags": ["v1", "v2"]}
+
+
+def test_a_list_in_order_or_a_page_the_upstream_made_is_passed_on_byte_for_byte() -> None:
+    in_order = b'{"name":"owner/app",  "tags":["a","b"]}'
+    assert tags_page(in_order, "", "").body == in_order
+    upstream_page = body(["yank", "alpha"])  # its last page, by a token of its own
+    assert tags_page(upstream_page, "", "next_page=tok").body == upstream_page
