@@ -105,7 +105,10 @@ class NameUnknown(OCIError):
 
 
 class RouteUnknown(OCIError):
-    code, status = "NOT_FOUND", 404
+    """A path the cache has no route for (``_catalog`` too). The distribution spec lists the
+    codes a 4xx error body may carry, and ``UNSUPPORTED`` is the one that fits."""
+
+    code, status = "UNSUPPORTED", 404
 
 
 class NameInvalid(OCIError):
@@ -118,10 +121,6 @@ class DigestInvalid(OCIError):
 
 class ManifestInvalid(OCIError):
     code, status = "MANIFEST_INVALID", 400
-
-
-class TagInvalid(OCIError):
-    code, status = "TAG_INVALID", 400
 
 
 class PaginationInvalid(OCIError):
@@ -157,6 +156,10 @@ def _from_reference(error: InvalidReference) -> OCIError:
         return NameInvalid(str(error), detail={"name": error.value[:300]})
     if error.kind == "digest":
         return DigestInvalid(str(error), detail={"digest": error.value[:300]})
+    if error.kind == "tag":
+        # No manifest can have such a tag: the spec answers a manifest not found with 404 and
+        # no other code, and its conformance tests ask for a tag of that grammar's ``.INVALID``.
+        return ManifestUnknown(f"manifest unknown: {error}", detail={"reference": error.value[:300]})
     return ManifestInvalid(str(error), detail={"reference": error.value[:300]})
 
 
