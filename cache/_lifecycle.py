@@ -126,8 +126,11 @@ def evaluate(policy: LifecyclePolicy, images: Iterable[CachedImage], now: float)
     return sorted(expired.values(), key=lambda expiry: expiry.image.pushed_at)
 
 
-def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[CachedImage]]:
-    """Every cached image, by (upstream, repository); one walk of the index. Blocks."""
+def read_images(
+    store: BlobStore, index: Index, covered: Callable[[str, str], bool] = lambda upstream, repository: True
+) -> dict[tuple[str, str], list[CachedImage]]:
+    """Every cached image of the repositories ``covered`` selects, by (upstream, repository);
+    one walk of the index, and a read of those images' manifests alone. Blocks."""
     pushed: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     pulled: dict[tuple[str, str, str], float] = {}
     tags: dict[tuple[str, str, str], set[str]] = defaultdict(set)
@@ -144,6 +147,8 @@ def read_images(store: BlobStore, index: Index) -> dict[tuple[str, str], list[Ca
             known.setdefault(tagged, float(entry.checked_at))  # a tag cached before image records were kept
     images: dict[tuple[str, str], list[CachedImage]] = {}
     for (upstream, repository), digests in pushed.items():
+        if not covered(upstream, repository):
+            continue
         found: list[CachedImage] = []
         for digest_text, pushed_at in digests.items():
             try:
@@ -210,10 +215,19 @@ def plan(
 
     A policy file that cannot be read raises, unless ``unreadable`` collects its error: then
     the repositories it binds are left as they are, and every other policy still applies."""
-    expiries: list[Expiry] = []
-    for (upstream, repository), images in sorted(read_images(store, index).items()):
+
+    def covered(upstream: str, repository: str) -> bool:
+        """Whether a policy may expire the repository's images: only those images' manifests
+        are read (every manifest of a store of 100,000 tags had been, for a policy of one)."""
         if not wanted(upstream, repository):
-            continue
+            return False
+        try:
+            return policy_for(upstream, repository) is not None
+        except LifecyclePolicyError:
+            return True  # said below, as the repository comes up
+
+    expiries: list[Expiry] = []
+    for (upstream, repository), images in sorted(read_images(store, index, covered).items()):
         try:
             policy = policy_for(upstream, repository)
         except LifecyclePolicyError as error:

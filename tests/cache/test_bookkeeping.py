@@ -18,11 +18,12 @@ import pytest
 from moorage.cache import Cache, DirectoryStore
 from moorage.cache._index import Index, ReferrersEntry, TagEntry, TagsEntry
 from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT, pulled_key, tags_list_key
-from moorage.cache._lifecycle import read_images
+from moorage.cache._lifecycle import plan, read_images
 from moorage.cache._routes import MAX_ROUTES_PER_DIGEST
 from moorage.cache._serving import ServingLock, Started
 from moorage.cache._store import StoredBlob
 from moorage.cache.errors import IndexFailure
+from moorage.config import LifecyclePolicy
 from moorage.upstreams.reference import Digest, RepositoryName, Tag
 from tests.polling import until
 
@@ -393,4 +394,32 @@ def test_a_route_that_falls_out_of_the_bound_takes_its_referrers_list_along(tmp_
     index.write_batch({}, {}, routes={digest: [("docker.io", "copy/last")]})
     assert ("docker.io", "team/app") not in index.routes(digest)
     assert index.referrers(key) is None
+    index.close()
+
+
+def test_a_lifecycle_pass_reads_the_manifests_of_the_repositories_its_policies_cover_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass read every cached manifest before it asked which repositories a policy covers:
+    on a store of 100,000 tags, every manifest at every pass, for a policy of one repository."""
+    index = Index(tmp_path / "index")
+    store = DirectoryStore(tmp_path / "store")
+    images = {repository: put(store, repository.encode()) for repository in ("team/app", "other/one", "other/two")}
+    for repository, digest in images.items():
+        index.put_manifest(digest, "application/vnd.oci.image.manifest.v1+json")
+        index.put_tag(("tag", "docker.io", repository, "1", "image"), TagEntry(digest, "m", 10.0))
+    read: list[Digest] = []
+    read_small = store.read_small
+
+    def counted_read(digest: Digest, limit: int) -> bytes | None:
+        read.append(digest)
+        return read_small(digest, limit)
+
+    monkeypatch.setattr(store, "read_small", counted_read)
+    keep_five = {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 5}
+    policy = LifecyclePolicy.model_validate(
+        {"rules": [{"rulePriority": 1, "selection": keep_five, "action": {"type": "expire"}}]}
+    )
+    plan(store, index, lambda upstream, repository: policy if repository == "team/app" else None, now=time.time())
+    assert read == [images["team/app"]]
     index.close()
