@@ -284,29 +284,35 @@ async def test_a_stored_file_the_daemon_may_not_read_is_a_503_that_names_it(
         assert "run store commands as the daemon's user" in error["message"]
 
 
+@pytest.fixture
+def open_store() -> Iterator[Path]:
+    """A store directory others may enter, outside pytest's 0700 ``tmp_path``. Asked for before
+    ``start_moorage``, it is removed after the daemon stopped: removed before, the daemon's
+    last bookkeeping write at its stop failed, and logged an error."""
+    store = Path(tempfile.mkdtemp(prefix="moorage-store-"))
+    store.chmod(0o755)
+    yield store
+    shutil.rmtree(store)
+
+
 async def test_a_stored_file_alone_the_daemon_may_not_read_is_a_503_that_names_it(
-    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+    open_store: Path, start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
     """The directories readable, the files not (a store command run as root with a umask of
     077 over an existing store): the blob went out as aiohttp's bare 403, naming nothing."""
-    store = Path(tempfile.mkdtemp(prefix="moorage-store-"))  # outside pytest's 0700 tmp_path
-    try:
-        store.chmod(0o755)
-        moorage = await start_moorage(storage={"path": str(store)})
-        image = upstream.add_image("library/app", "1", [os.urandom(1000)])
-        layer = image.layer_digests[0]
-        assert (await moorage.get(f"/v2/library/app/blobs/{layer}")).status == 200
-        await until_settled(moorage)
-        path = stored_file(store, layer)
-        for directory in (path.parent, path.parent.parent, path.parent.parent.parent):
-            directory.chmod(0o755)
-        path.chmod(0o600)
-        upstream.reset_requests()
-        with as_another_user():
-            response = await moorage.get(f"/v2/library/app/blobs/{layer}")
-        assert response.status == 503, await response.text()
-        (error,) = (await response.json())["errors"]
-        assert f"cannot read the stored file {path}: Permission denied" in error["message"]
-        assert "run store commands as the daemon's user" in error["message"]
-    finally:
-        shutil.rmtree(store)
+    moorage = await start_moorage(storage={"path": str(open_store)})
+    image = upstream.add_image("library/app", "1", [os.urandom(1000)])
+    layer = image.layer_digests[0]
+    assert (await moorage.get(f"/v2/library/app/blobs/{layer}")).status == 200
+    await until_settled(moorage)
+    path = stored_file(open_store, layer)
+    for directory in (path.parent, path.parent.parent, path.parent.parent.parent):
+        directory.chmod(0o755)
+    path.chmod(0o600)
+    upstream.reset_requests()
+    with as_another_user():
+        response = await moorage.get(f"/v2/library/app/blobs/{layer}")
+    assert response.status == 503, await response.text()
+    (error,) = (await response.json())["errors"]
+    assert f"cannot read the stored file {path}: Permission denied" in error["message"]
+    assert "run store commands as the daemon's user" in error["message"]
