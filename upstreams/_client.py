@@ -32,7 +32,7 @@ from moorage.config import UpstreamSettings
 from ._auth import RegistryAuth
 from ._body import DirectBody
 from ._network import wide_read_transport
-from ._pages import ReferrersPage, TagsPage, error_codes, referrers_page, tags_page
+from ._pages import ReferrersPage, TagsPage, error_codes, error_message, referrers_page, tags_page
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from ._trust import trust_for
@@ -82,6 +82,8 @@ NO_REFERRERS_API: Final = frozenset({400, 404, 405, 406})
 #: its tags and times (some 290 bytes a digest), past the 4 MiB a manifest may take. Bounded
 #: still: anyone may push a repository with a million tags, and ask for its list many times.
 MAX_LISTING_BYTES: Final = 8 * 1024 * 1024
+#: A 404's body is read for what it says up to this size; a larger one is no error body.
+MAX_ERROR_BODY_BYTES: Final = 4096
 log = logging.getLogger("moorage.upstreams")
 
 
@@ -460,10 +462,11 @@ class RegistryClient:
                             self._observer.on_no_response(self.host, method, _kind(path))
                             raise
                     if response.status_code >= 400 and response.status_code not in answers:
+                        said = await self._not_found_says(response) if response.status_code == 404 else None
                         await response.aclose()
                         if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
                             self._last_answer = time.time()
-                        raise_for_status(self.host, what, response)
+                        raise_for_status(self.host, what, response, said)
                     self._last_answer = time.time()
                     if not read:
                         return response, None
@@ -498,6 +501,18 @@ class RegistryClient:
                 self.host, f"{what}: the upstream has only a schema 1 manifest, which this cache does not serve"
             )
         return FetchedManifest(data, media_type, _claimed_digest(response.headers))
+
+    async def _not_found_says(self, response: httpx.Response) -> str | None:
+        """What a 404's error body says, for the client's error: Distribution answers a client
+        that takes no index, for a tag that holds one, "OCI index found, but accept header does
+        not support OCI indexes", where the cache had said only "not found". None for a body
+        that says nothing readable, or is larger than an error body is."""
+        if response.request.method != "GET":
+            return None
+        try:
+            return error_message(await self._read_bounded(response, "error body", MAX_ERROR_BODY_BYTES))
+        except UpstreamError:
+            return None
 
     async def _read_bounded(self, response: httpx.Response, what: str, limit: int) -> bytes:
         """A small body (manifest, tag list), refused above ``limit`` bytes."""

@@ -20,6 +20,7 @@ __all__ = [
     "artifact_type_only",
     "cut_tags_page",
     "error_codes",
+    "error_message",
     "next_link",
     "of_artifact_type",
     "page_of_whole_list",
@@ -217,6 +218,22 @@ def error_codes(body: bytes) -> set[str]:
     if not isinstance(errors, list):
         return set()
     return {error["code"] for error in errors if isinstance(error, dict) and isinstance(error.get("code"), str)}
+
+
+def error_message(body: bytes) -> str | None:
+    """The first message of an OCI error body, printable and at most 200 characters; None
+    for another body, or one whose message is empty."""
+    try:
+        document: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    errors = document.get("errors") if isinstance(document, dict) else None
+    first = errors[0] if isinstance(errors, list) and errors else None
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, str):
+        return None
+    printable = "".join(character for character in message if character.isprintable())[:200].strip()
+    return printable or None
 
 
 def _query_of(target: str) -> str:

@@ -155,13 +155,14 @@ def _refusal(upstream: str, what: str, response: httpx.Response) -> UpstreamErro
     return UpstreamAuthFailed(upstream, f"{what}: access refused (HTTP {status}{challenge})", status=status)
 
 
-def raise_for_status(upstream: str, what: str, response: httpx.Response) -> None:
+def raise_for_status(upstream: str, what: str, response: httpx.Response, said: str | None = None) -> None:
+    """Raise the error an upstream's answer stands for; ``said``: what a 404's body said."""
     status = response.status_code
     if status < 400:
         return
     error: UpstreamError
     if status == 404:
-        error = UpstreamNotFound(upstream, f"{what}: not found")
+        error = UpstreamNotFound(upstream, f"{what}: not found{f' (the upstream says: {said})' if said else ''}")
     elif status == 429:
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
         budget = parse_ratelimit(response.headers)

@@ -508,3 +508,18 @@ def test_without_the_upstreams_referrers_api_clients_find_referrers_by_the_tag_s
     listed = json.loads(skopeo_inspect_raw(f"{moorage.host}/library/signed:{fallback_tag}"))
     assert [entry["digest"] for entry in listed["manifests"]] == [signature_digest]
     assert skopeo_inspect_raw(f"{moorage.host}/library/signed@{signature_digest}") == signature
+
+
+def test_a_not_found_says_what_the_upstream_said(moorage: MoorageProcess, seeded: Seeded) -> None:
+    """Distribution refuses an OCI index to a client that takes no index, with a 404 that says
+    so; through the cache the client read only "not found", for a tag that is there."""
+    request = urllib.request.Request(
+        f"{moorage.url}/v2/library/multi/manifests/1",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 404
+    (error,) = json.load(refused.value)["errors"]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "the upstream says: OCI index found, but accept header does not support OCI indexes" in error["message"]

@@ -11,6 +11,7 @@ from moorage.config import UpstreamSettings
 from moorage.upstreams import (
     RegistryClient,
     UpstreamAuthFailed,
+    UpstreamNotFound,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRefused,
@@ -146,3 +147,26 @@ async def test_a_token_service_redirected_to_plain_http_is_not_followed() -> Non
         assert all(url.scheme == "https" for url in asked), asked
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        pytest.param(b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}', "manifest unknown"),
+        pytest.param(b'{"errors":[{"message":"one\\r\\nlevel=error two"}]}', "onelevel=error two", id="control"),
+        pytest.param(b'{"errors":[{"message":"' + b"x" * 300 + b'"}]}', "x" * 200, id="long"),
+        pytest.param(b'{"errors":[{"message":"' + b"x" * 5000 + b'"}]}', None, id="no_error_body_size"),
+        pytest.param(b"404 page not found", None, id="plain_text"),
+        pytest.param(b'{"errors":[]}', None, id="no_error"),
+    ],
+)
+async def test_a_not_found_carries_what_the_upstream_said_printable_and_bounded(body: bytes, said: str | None) -> None:
+    settings = UpstreamSettings.model_validate({"host": "registry.test", "url": "https://registry.test"})
+    client = RegistryClient(settings, transport=httpx.MockTransport(lambda request: httpx.Response(404, content=body)))
+    try:
+        with pytest.raises(UpstreamNotFound) as missing:
+            await client.get_manifest(RepositoryName("a/b"), Tag("1"), "index")
+    finally:
+        await client.aclose()
+    suffix = f" (the upstream says: {said})" if said else ""
+    assert str(missing.value) == f"registry.test: manifest a/b:1: not found{suffix}"
