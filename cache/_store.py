@@ -137,7 +137,7 @@ class _PendingFile:
         try:
             written = os.pwritev(self._fd, chunks, self._size)
         except OSError as exc:
-            raise StoreFailure.of(f"cannot write {self._digest}", exc) from exc
+            raise StoreFailure.of(f"cannot write {self._digest}", exc, self._store.root) from exc
         if written != total:  # a short vectored write: finish with plain writes
             rest = b"".join(chunks)[written:]
             self._size += written
@@ -157,7 +157,7 @@ class _PendingFile:
                 self._size += written
                 view = view[written:]
         except OSError as exc:
-            raise StoreFailure.of(f"cannot write {self._digest}", exc) from exc
+            raise StoreFailure.of(f"cannot write {self._digest}", exc, self._store.root) from exc
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self._fd, size, offset)
@@ -188,7 +188,7 @@ class _PendingFile:
             return Fingerprint.of(os.fstat(self._fd))
         except OSError as exc:
             self.discard()
-            raise StoreFailure.of(f"cannot store {self._digest}", exc) from exc
+            raise StoreFailure.of(f"cannot store {self._digest}", exc, self._store.root) from exc
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -321,7 +321,7 @@ class DirectoryStore:
         try:
             return _PendingFile(self, digest)
         except OSError as exc:
-            raise StoreFailure.of(f"cannot start writing {digest}", exc) from exc
+            raise StoreFailure.of(f"cannot start writing {digest}", exc, self.root) from exc
 
     def check_writable(self) -> WriteCheck:
         """Whether a temporary can be written in the store and a blob put in place."""

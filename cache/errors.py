@@ -15,6 +15,10 @@ an upstream reason hands readers a FillAborted whose ``__cause__`` is that error
 from __future__ import annotations
 
 import errno
+import shutil
+from pathlib import Path
+
+from moorage.config import size_text
 
 __all__ = ["CacheError", "ClientGone", "DigestMismatch", "FillAborted", "IndexFailure", "StoreFailure", "error_text"]
 
@@ -53,8 +57,17 @@ class StoreFailure(CacheError):
         self.disk_full = disk_full
 
     @classmethod
-    def of(cls, what: str, error: OSError) -> StoreFailure:
-        return cls(f"{what}: {error.strerror}", disk_full=error.errno in (errno.ENOSPC, errno.EDQUOT))
+    def of(cls, what: str, error: OSError, store: Path | None = None) -> StoreFailure:
+        """The failure of an OS call; a full disk under ``store`` is said with the space left
+        there, which the operator acts on (what is full, and how full)."""
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = ""
+        if full and store is not None:
+            try:
+                where = f" (the store at {store} has {size_text(shutil.disk_usage(store).free)} free)"
+            except OSError:
+                where = f" (the store at {store})"
+        return cls(f"{what}: {error.strerror}{where}", disk_full=full)
 
 
 class IndexFailure(StoreFailure):

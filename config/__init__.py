@@ -20,7 +20,7 @@ from ._model import (
     UpstreamSettings,
     split_address,
 )
-from ._units import parse_duration, parse_size
+from ._units import parse_duration, parse_size, size_text
 
 __all__ = [
     "CONFIG_ENV",
@@ -46,5 +46,6 @@ __all__ = [
     "parse_size",
     "read_text",
     "settings_source",
+    "size_text",
     "split_address",
 ]

@@ -74,6 +74,16 @@ def _duration(value: object) -> float:
     return total
 
 
+def size_text(value: int) -> str:
+    """Bytes as a person reads them: ``1536`` as ``1.5 KiB``."""
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
 def parse_size(value: object) -> int:
     """Bytes from ``50GiB``, ``500MB``, ``1024`` or a number."""
     if isinstance(value, bool):

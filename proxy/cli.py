@@ -52,6 +52,7 @@ from moorage.config import (
     parse_size,
     read_text,
     settings_source,
+    size_text,
     split_address,
 )
 from moorage.upstreams import tls_failure
@@ -318,14 +319,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(value)
+    return "-" if value is None else size_text(value)
 
 
 def _duration(seconds: float) -> str:

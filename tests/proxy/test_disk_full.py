@@ -18,8 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import moorage.cache._evict as evict_module
-from moorage.cache import open_cache
+from moorage.cache import DirectoryStore, open_cache
+from moorage.cache.errors import StoreFailure
 from moorage.config import ConfigError, StorageSettings
+from moorage.upstreams.reference import Digest
 from tests.fakes import FakeRegistry
 from tests.integration.harness.tools import in_ci
 from tests.polling import until
@@ -286,3 +288,18 @@ async def test_a_restart_on_a_full_disk_says_so_and_what_to_do(
             pass
     assert f"storage.path: cannot use {store} as the store: the index" in str(refused.value)
     assert "free space on its volume" in str(refused.value)
+
+
+def test_a_full_disk_is_said_with_the_store_and_the_space_left_there(small_disk: Path) -> None:
+    """A write that failed for space named the blob alone: not which disk is full, nor how
+    full, the two things an operator acts on."""
+    store = DirectoryStore(small_disk / "store")
+    data = os.urandom(3 * 1024 * KiB)  # beyond the 2 MiB disk
+    pending = store.begin(Digest.of(data))
+    try:
+        with pytest.raises(StoreFailure) as full:
+            pending.write(data)
+    finally:
+        pending.discard()
+    assert full.value.disk_full
+    assert f"No space left on device (the store at {small_disk / 'store'} has 0 B free)" in str(full.value)
