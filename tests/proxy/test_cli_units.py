@@ -22,12 +22,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from moorage.cache import DirectoryStore
+from moorage.cache._index import Index, TagEntry
 from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import ClientOptions, client_files, client_warnings
 from moorage.proxy._warm import platform_matches
 from moorage.proxy.cli import StatsReport, _stats_table, main, url_problem
-from moorage.upstreams.reference import InvalidReference, parse_image_reference
+from moorage.upstreams.reference import OCI_IMAGE_MANIFEST, Digest, InvalidReference, parse_image_reference
 from tests.integration.harness.tools import closed_port
 
 
@@ -524,12 +526,8 @@ def test_warm_takes_a_base_url_without_a_path() -> None:
 
 def test_the_stats_table_shows_every_answer_its_hit_ratio_counts() -> None:
     """A CI team checks the ratio against the columns: 150 + 5 + 10 of 178 answers is 92.7 %."""
-    from rich.console import Console
-
     counters = {"hit": 150.0, "revalidated": 5.0, "stale": 10.0, "miss": 8.0, "coalesced": 4.0, "refreshed": 1.0}
-    console = Console(width=200, record=True)
-    console.print(_stats_table(StatsReport("store", 0, 0, {"docker.io": counters})))
-    header, row = console.export_text().splitlines()[:2]
+    header, row = _stats_table(StatsReport("store", 0, 0, {"docker.io": counters}))[:2]
     assert header.split()[:9] == [
         *("UPSTREAM", "HIT", "RATIO", "HITS", "REVALIDATED", "STALE", "MISSES", "COALESCED", "PREFETCHED")
     ]
@@ -708,3 +706,26 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
     after.close()
     assert corrupt.read_bytes() == b"not what its name says", "left in place"
+
+
+def test_ls_prints_one_aligned_row_per_tag(tmp_path: Path) -> None:
+    """Each column starts where its header does, whatever the lengths of the names."""
+    store = DirectoryStore(tmp_path)
+    index = Index(tmp_path / "index")
+    for repository, tag in (("library/a", "1"), ("team/a-much-longer-repository-name", "2024.11.30-rc1")):
+        body = json.dumps({"mediaType": OCI_IMAGE_MANIFEST, "layers": []}).encode() + repository.encode()
+        digest = Digest.of(body)
+        pending = store.begin(digest)
+        pending.write(body)
+        pending.commit()
+        pending.close()
+        index.put_manifest(digest, OCI_IMAGE_MANIFEST)
+        index.put_tag(("tag", "docker.io", repository, tag, "image"), TagEntry(digest, OCI_IMAGE_MANIFEST, 1.0))
+    index.close()
+    result = CliRunner().invoke(main, ["ls", "--store", str(tmp_path)], env={"MOORAGE_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert [row.split()[1] for row in rows] == ["library/a", "team/a-much-longer-repository-name"]
+    for title in ("TAG", "DIGEST", "SIZE"):
+        column = header.index(title)
+        assert all(row[column - 2 : column] == "  " and row[column] != " " for row in rows), title
