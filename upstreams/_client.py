@@ -18,7 +18,7 @@ import ssl
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal, Protocol, TypedDict
@@ -82,6 +82,14 @@ NO_REFERRERS_API: Final = frozenset({400, 404, 405, 406})
 #: its tags and times (some 290 bytes a digest), past the 4 MiB a manifest may take. Bounded
 #: still: anyone may push a repository with a million tags, and ask for its list many times.
 MAX_LISTING_BYTES: Final = 8 * 1024 * 1024
+#: Connections beyond ``max_concurrent_fills`` for everything that is no blob body: manifests,
+#: HEADs, listings (and the token fetches they lead to). As many such requests are in flight at
+#: once, the rest wait their turn here, never in httpcore's pool: there, each waiting request cost
+#: CPU at every pool event (60 % of the daemon's under a burst of 1,000), and one whose pool
+#: timeout ran out while it was handed a new connection left that connection stuck for good
+#: (encode/httpcore#1093): after a burst of 2,000 HEADs every connection was, and every pull of
+#: something not cached failed until a restart.
+OTHER_CONNECTIONS: Final = 32
 #: A 404's body is read for what it says up to this size; a larger one is no error body.
 MAX_ERROR_BODY_BYTES: Final = 4096
 log = logging.getLogger("moorage.upstreams")
@@ -277,11 +285,14 @@ class RegistryClient:
             write=settings.timeouts.write,
             pool=settings.timeouts.pool,
         )
-        # Blob bodies take at most max_concurrent_fills connections; manifests, HEADs and tokens
-        # always find one of the others.
+        # Blob bodies take at most max_concurrent_fills connections, everything else at most
+        # OTHER_CONNECTIONS: no request ever waits for a connection in the pool.
         self._fill_slots = asyncio.Semaphore(settings.max_concurrent_fills)
+        self._other_slots = asyncio.Semaphore(OTHER_CONNECTIONS)
         limits = httpx.Limits(
-            max_connections=settings.max_concurrent_fills + 32, max_keepalive_connections=32, keepalive_expiry=30
+            max_connections=settings.max_concurrent_fills + OTHER_CONNECTIONS,
+            max_keepalive_connections=32,
+            keepalive_expiry=30,
         )
         common = {
             "timeout": timeout,
@@ -450,35 +461,53 @@ class RegistryClient:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        # A streamed answer left open to the caller is a blob's: the caller holds its slot.
+        slots: asyncio.Semaphore | nullcontext[None] = self._other_slots if read or not stream else nullcontext()
         try:
             async for attempt in retrying:
                 with attempt:
-                    with mapped_errors(self.host, what, origin=self._http.base_url.host):
-                        request = self._http.build_request(method, path, headers=headers, params=params)
-                        request.extensions["moorage_started"] = time.monotonic()
-                        try:
-                            response = await self._http.send(request, auth=self._auth, stream=stream)
-                        except httpx.TransportError:  # an outage shows in the request counts too
-                            self._observer.on_no_response(self.host, method, _kind(path))
-                            raise
-                    if response.status_code >= 400 and response.status_code not in answers:
-                        said = await self._not_found_says(response) if response.status_code == 404 else None
-                        await response.aclose()
-                        if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
-                            self._last_answer = time.time()
-                        raise_for_status(self.host, what, response, said)
-                    self._last_answer = time.time()
-                    if not read:
-                        return response, None
-                    try:
-                        return response, await self._read_bounded(response, what, limit)
-                    finally:
-                        await response.aclose()
+                    async with slots:
+                        return await self._attempt(method, path, what, headers, params, stream, answers, read, limit)
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
             if not isinstance(error, UpstreamRefused):  # a repository refused is an answer
                 self._last_failure = (time.time(), _failure_kind(error))
             raise
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _attempt(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        headers: dict[str, str] | None,
+        params: dict[str, str] | None,
+        stream: bool,
+        answers: frozenset[int],
+        read: bool,
+        limit: int,
+    ) -> tuple[httpx.Response, bytes | None]:
+        """One try of ``_exchange``."""
+        with mapped_errors(self.host, what, origin=self._http.base_url.host):
+            request = self._http.build_request(method, path, headers=headers, params=params)
+            request.extensions["moorage_started"] = time.monotonic()
+            try:
+                response = await self._http.send(request, auth=self._auth, stream=stream)
+            except httpx.TransportError:  # an outage shows in the request counts too
+                self._observer.on_no_response(self.host, method, _kind(path))
+                raise
+        if response.status_code >= 400 and response.status_code not in answers:
+            said = await self._not_found_says(response) if response.status_code == 404 else None
+            await response.aclose()
+            if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
+                self._last_answer = time.time()
+            raise_for_status(self.host, what, response, said)
+        self._last_answer = time.time()
+        if not read:
+            return response, None
+        try:
+            return response, await self._read_bounded(response, what, limit)
+        finally:
+            await response.aclose()
 
     # -- the pull API --------------------------------------------------------------------------
 
@@ -574,8 +603,9 @@ class RegistryClient:
     async def _blob_size_by_get(self, repository: RepositoryName, digest: Digest, what: str) -> str:
         """A blob's size as a GET of its first byte tells it (the body is not read)."""
         headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
-        response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
-        await response.aclose()
+        async with self._other_slots:  # a streamed answer, closed unread: its slot is held here
+            response = await self._send("GET", f"/v2/{repository}/blobs/{digest}", what, headers=headers, stream=True)
+            await response.aclose()
         if response.status_code == 206:
             return str(response.headers.get("content-range", "")).rpartition("/")[2]
         return str(response.headers.get("content-length", ""))
