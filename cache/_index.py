@@ -291,10 +291,13 @@ class Index:
         short for good (a store of the later ones, which kept it, is counted once more than it
         needed).
 
-        Only a daemon that starts ``alone`` counts. One that starts beside a running daemon (a
-        rolling upgrade of a shared store) and finds totals with no format records the format
-        all the same, for every version that reads the store, and leaves the count it owes to
-        the next start alone."""
+        Only a daemon that starts ``alone`` counts. One that starts beside a running process
+        (``moorage warm --store``, a rolling upgrade of a shared store) records the format all
+        the same, for every version that reads the store, and leaves a count owed to the next
+        start alone: the mark is one for all of them, so when one of them dies and another
+        then stops cleanly, the mark is gone with what the dead one had not flushed. Without
+        the count owed, a store whose totals fell short so stayed short for good, and above its
+        cap (150 % of it, measured by an independent review)."""
         with _recording("the serving mark"), self._db.transact():
             unmarked = self._db.get(FORMAT_KEY) is None and self._db.get(STORE_TOTALS_KEY) is not None
             owed = self._db.get(COUNT_OWED_KEY) is not None
@@ -303,7 +306,7 @@ class Index:
             self._db.set(FORMAT_KEY, STORE_FORMAT)
             if alone:
                 self._db.delete(COUNT_OWED_KEY)  # counted now; a count cut short leaves the serving mark
-            elif unmarked:
+            else:
                 self._db.set(COUNT_OWED_KEY, now)
         return crashed
 

@@ -25,8 +25,9 @@ key                                        value
                                             a clean stop, so found at a start it means a crash
 ("format",)                                 the layout of these values (``STORE_FORMAT``); a
                                             version refuses a store of a later one
-("count-owed",)                             when a daemon started beside another found totals
-                                            kept before the format: the next start alone counts
+("count-owed",)                             when a process started beside another: what one
+                                            that died had not flushed is lost with the one
+                                            mark, so the next start alone counts
 =========================================  =================================================
 
 A change to a value's layout raises ``STORE_FORMAT`` and reads the layouts before it (as

@@ -380,6 +380,29 @@ def test_a_store_from_before_its_format_is_counted_by_the_first_start_alone(tmp_
     index.close()
 
 
+def test_a_process_that_died_beside_another_leaves_the_next_start_alone_a_count(tmp_path: Path) -> None:
+    """The serving mark is one for every process on the store: one killed before it flushed,
+    the other stopping cleanly after it, took the mark away, and the totals the dead one had
+    not written stayed short for good (a store at 150 % of its cap, never evicted)."""
+    index = Index(tmp_path / "index")
+    index._db.set(("store",), (100, 1))
+    daemon = ServingLock(tmp_path, index)
+    assert daemon.acquire(1.0) == Started(alone=True, crashed=True)  # totals with no format: counted
+    daemon_counted = ServingLock(tmp_path, index)  # the same store served again, counted
+    daemon.release(clean=True)
+    assert daemon_counted.acquire(2.0) == Started(alone=True, crashed=False)
+    warm = ServingLock(tmp_path, index)  # moorage warm --store beside it, then killed
+    assert warm.acquire(3.0) == Started(alone=False, crashed=False)
+    assert warm._fd is not None
+    os.close(warm._fd)  # killed: the kernel drops its lock, nothing else happens
+    daemon_counted.release(clean=True)  # the last to stop, cleanly: no serving mark is left
+    after = ServingLock(tmp_path, index)
+    assert after.acquire(4.0) == Started(alone=True, crashed=True), "the next start alone counts"
+    after.release(clean=True)
+    assert ServingLock(tmp_path, index).acquire(5.0) == Started(alone=True, crashed=False), "once"
+    index.close()
+
+
 def test_a_route_that_falls_out_of_the_bound_takes_its_referrers_list_along(tmp_path: Path) -> None:
     """A list kept for a route the index no longer knows could never be replaced, and came
     back after a restart with signatures the upstream had withdrawn."""
