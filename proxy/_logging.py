@@ -174,8 +174,12 @@ def _as_text(json_line: str) -> str:
 
 
 def _text(value: Any) -> str:
+    """A field's value, quoted (JSON-escaped) unless it is plain: a value with a newline, a tab
+    or any other space, a quote or an ``=`` (a user name a client sent) had started a log line
+    of its own, or a field, that read as the daemon's."""
     text = value if isinstance(value, str) else json.dumps(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    plain = text and all(character.isprintable() and not character.isspace() for character in text)
+    return text if plain and '"' not in text and "=" not in text else json.dumps(text)
 
 
 class BackgroundWriter(logging.Handler):

@@ -235,6 +235,17 @@ def test_text_format_for_people() -> None:
     assert not line.startswith("{")
 
 
+@pytest.mark.parametrize("user", ["x\nFAKE\terror\tstore_write_failed", "x user=admin", "x\u00a0y", 'x"y'])
+def test_text_format_quotes_what_could_pass_for_a_line_or_a_field(user: str) -> None:
+    """A client's user name with a newline and tabs made a line of its own in the text log."""
+    record = logging.makeLogRecord(
+        {"name": "moorage.audit", "levelname": "INFO", "msg": "pull", "event": "pull", "user": user}
+    )
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\t" not in line and "\u00a0" not in line
+    assert f"user={json.dumps(user)}" in line
+
+
 @pytest.fixture
 def direct_lines(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The events the server's writer took straight from log_fields, without a record."""
