@@ -14,6 +14,7 @@ which containerd falls back to ``GET``. Failed sign-ins are limited per client a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Final
@@ -23,7 +24,7 @@ from aiohttp import web
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._auth import AUTHENTICATOR, basic_credentials, check_password
-from ._state import notes
+from ._state import SETTINGS, notes
 from .errors import OCIError
 
 __all__ = ["token_endpoint"]
@@ -37,6 +38,10 @@ class TokenRefused(OCIError):
 
 class GrantUnsupported(OCIError):
     code, status = "UNSUPPORTED", 400
+
+
+class FormTooSlow(OCIError):
+    code, status = "UNSUPPORTED", 408
 
 
 def _pulls_asked(scopes: list[str]) -> frozenset[str]:
@@ -65,7 +70,15 @@ async def token_endpoint(request: web.Request) -> web.Response:
     user: str | None
     password: str | None
     if request.method == "POST":
-        form = await request.post()
+        # The whole form within client_idle_timeout: one sent a byte at a time was never idle,
+        # and 500 such held their connections (and a place among the requests a stop waits
+        # for) for as long as their senders liked.
+        allowed = request.app[SETTINGS].client_idle_timeout
+        try:
+            async with asyncio.timeout(allowed):
+                form = await request.post()
+        except TimeoutError:
+            raise FormTooSlow(f"the form did not arrive within client_idle_timeout ({allowed:g}s)") from None
         grant_type = str(form.get("grant_type", ""))
         if grant_type != "password":
             raise GrantUnsupported(f"grant_type {grant_type[:40]!r} is not supported; use password, or GET with Basic")

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import bcrypt
 import jwt
 import pytest
@@ -577,3 +580,27 @@ async def test_unreadable_basic_credentials_get_401_not_an_anonymous_token(
         assert "unreadable Basic credentials" in (await answer.json())["errors"][0]["message"]
     anonymous = await moorage.get("/token", params={"scope": "repository:alpine:pull"})
     assert anonymous.status == 200, "no credentials at all: an anonymous token, as configured"
+
+
+async def test_a_form_sent_a_byte_at_a_time_is_cut_at_the_idle_timeout(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """A client idle that long is cut; one trickling its form was never idle, and held its
+    connection (and a place among the requests a stop waits for) for as long as it liked."""
+    moorage = await start_moorage(auth=auth_files, client_idle_timeout="1s")
+    sent = 0
+
+    async def trickle() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b"grant_type=password&username=ci"
+        for _ in range(100):  # 20 s at this pace
+            await asyncio.sleep(0.2)
+            sent += 1
+            yield b"&scope=x"
+
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    with contextlib.suppress(aiohttp.ClientError):
+        response = await moorage.post("/token", data=trickle(), headers=headers)
+        assert response.status == 408
+        assert "client_idle_timeout (1s)" in (await response.json())["errors"][0]["message"]
+    assert sent < 20, "cut within a few seconds, not after the whole form"
