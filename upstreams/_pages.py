@@ -210,30 +210,28 @@ def artifact_type_only(query: str) -> str | None:
 
 def error_codes(body: bytes) -> set[str]:
     """The codes of an OCI error body (``{"errors": [{"code": ...}]}``); none for another."""
-    try:
-        document: Any = json.loads(body)
-    except (ValueError, RecursionError):
-        return set()
-    errors = document.get("errors") if isinstance(document, dict) else None
-    if not isinstance(errors, list):
-        return set()
-    return {error["code"] for error in errors if isinstance(error, dict) and isinstance(error.get("code"), str)}
+    return {error["code"] for error in _errors(body) if isinstance(error.get("code"), str)}
 
 
 def error_message(body: bytes) -> str | None:
     """The first message of an OCI error body, printable and at most 200 characters; None
     for another body, or one whose message is empty."""
-    try:
-        document: Any = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    errors = document.get("errors") if isinstance(document, dict) else None
-    first = errors[0] if isinstance(errors, list) and errors else None
-    message = first.get("message") if isinstance(first, dict) else None
+    errors = _errors(body)
+    message = errors[0].get("message") if errors else None
     if not isinstance(message, str):
         return None
     printable = "".join(character for character in message if character.isprintable())[:200].strip()
     return printable or None
+
+
+def _errors(body: bytes) -> list[dict[str, Any]]:
+    """The error objects of an OCI error body; none for another body."""
+    try:
+        document: Any = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
+        return []
+    errors = document.get("errors") if isinstance(document, dict) else None
+    return [error for error in errors if isinstance(error, dict)] if isinstance(errors, list) else []
 
 
 def _query_of(target: str) -> str:
