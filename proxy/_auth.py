@@ -4,7 +4,8 @@
 read at start and again when either changes (checked every 10 s). bcrypt is slow on purpose
 (tens of milliseconds per check), so a successful check is remembered for a few minutes by a
 keyed hash of user and password (never the password itself), and checks run on two threads of
-their own. A password may also be a login token of its user (``moorage login-password``).
+their own, at most two at a time for each client. A password may also be a login token of its
+user (``moorage login-password``).
 
 :func:`auth_middleware` guards ``/v2/``. With users configured, a request without credentials
 gets the token service's challenge (``Bearer realm=".../token",service="moorage"``, with the
@@ -41,7 +42,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
-from ._ratelimit import RATE_LIMITER
+from ._ratelimit import RATE_LIMITER, CheckSlots
 from ._state import FAILURE_LINES, METRICS, notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
@@ -97,7 +98,7 @@ class Htpasswd:
         self._dummy = _DUMMY
         #: bcrypt checks get threads of their own: a flood of bad passwords must not starve
         #: the pool that serves files and the index.
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moorage-bcrypt")
+        self.executor = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="moorage-bcrypt")
         self.load()
 
     def load(self) -> None:
@@ -247,6 +248,9 @@ class Htpasswd:
 
 
 _DUMMY: Final = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))
+#: Threads for bcrypt checks, and the checks each client may have in flight: a client never has
+#: more queued than there are threads, so another's check waits for one check at most.
+CHECK_THREADS: Final = 2
 #: The htpasswd users on the application, when client authentication is on.
 USERS: Final = web.AppKey("users", Htpasswd)
 
@@ -273,6 +277,7 @@ class Authenticator:
         #: sent many times at once (a fleet starting) is checked, and charged, once.
         self._checks: dict[bytes, asyncio.Task[bool]] = {}
         self._check_key = secrets.token_bytes(32)
+        self.check_slots = CheckSlots(CHECK_THREADS)
 
     def _check_of(self, user: str, password: str) -> bytes:
         """The sign-in, against the users file as loaded now (a check begun before a reload
@@ -285,9 +290,9 @@ class Authenticator:
         """The check of this very sign-in already running, if one is."""
         return self._checks.get(self._check_of(user, password))
 
-    def start_check(self, user: str, password: str) -> asyncio.Task[bool]:
+    def start_check(self, user: str, password: str, client: str) -> asyncio.Task[bool]:
         key = self._check_of(user, password)
-        task = asyncio.get_running_loop().create_task(self.password_ok(user, password))
+        task = asyncio.get_running_loop().create_task(self.password_ok(user, password, client))
         self._checks[key] = task
 
         def done(finished: asyncio.Task[bool]) -> None:
@@ -298,8 +303,9 @@ class Authenticator:
         task.add_done_callback(done)
         return task
 
-    async def password_ok(self, user: str, password: str) -> bool:
-        """An htpasswd user's password, or a login token of that user."""
+    async def password_ok(self, user: str, password: str, client: str) -> bool:
+        """An htpasswd user's password, or a login token of that user; a bcrypt check takes
+        one of ``client``'s slots."""
         users = self.users
         if users is None:
             return False
@@ -309,8 +315,9 @@ class Authenticator:
         if users.remembered(user, password):
             return True
         started = time.perf_counter()
-        if await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password):
-            return True
+        async with self.check_slots.held(client):
+            if await asyncio.get_running_loop().run_in_executor(users.executor, users.check, user, password):
+                return True
         # A wrong password for a user hashed at a lower cost fails sooner than an unknown name.
         await asyncio.sleep(max(0.0, users.slowest_check - (time.perf_counter() - started)))
         return False
@@ -394,7 +401,7 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
                     },
                 )
             raise TooManyRequests("too many failed sign-ins; slow down", headers={"Retry-After": str(int(wait) + 1)})
-        running = authenticator.start_check(user, password)
+        running = authenticator.start_check(user, password, client)
     if await asyncio.shield(running):  # a request that leaves does not end others' check
         if charged:
             limiter.refund(client, user)

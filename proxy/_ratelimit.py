@@ -9,18 +9,25 @@ address behind a NAT or an ingress.
 
 Addresses are keyed by client: an IPv4 address, or the /64 network of an IPv6 one (a single
 host usually holds a whole /64, so keying by address would give it unlimited buckets).
+
+:class:`CheckSlots` bounds the password checks each client has in flight: they run on two
+threads in the order they come, and a client's whole budget sent at once would otherwise queue
+ahead of every other client's sign-in.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
 
-__all__ = ["RATE_LIMITER", "RateLimiter"]
+__all__ = ["RATE_LIMITER", "CheckSlots", "RateLimiter"]
 
 MAX_CLIENTS_TRACKED: Final = 10_000
 #: A client's budget across user names, in multiples of the per-user one.
@@ -99,6 +106,36 @@ class _Buckets:
         now = time.monotonic()
         if key in self._buckets:
             self._buckets[key] = (min(self._capacity, self._tokens(key, now) + 1), now)
+
+
+class CheckSlots:
+    """At most ``per_client`` password checks in flight for each client; its others wait.
+
+    bcrypt checks run on a few threads in the order they come. Without a bound, one client
+    spending its whole budget of failures at once (hundreds of guesses, each allowed) queued
+    them all ahead of every other client's sign-in, which waited for seconds behind them."""
+
+    def __init__(self, per_client: int) -> None:
+        self._per_client = per_client
+        #: Each client with checks running or waiting: its slots, and how many hold or await them.
+        self._clients: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def held(self, address: str) -> AsyncIterator[None]:
+        client = client_key(address)
+        slots, users = self._clients.get(client, (None, 0))
+        if slots is None:
+            slots = asyncio.Semaphore(self._per_client)
+        self._clients[client] = (slots, users + 1)
+        try:
+            async with slots:
+                yield
+        finally:
+            slots, users = self._clients[client]
+            if users == 1:
+                del self._clients[client]
+            else:
+                self._clients[client] = (slots, users - 1)
 
 
 RATE_LIMITER: Final = web.AppKey("sign_in_rate_limiter", RateLimiter)

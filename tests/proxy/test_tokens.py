@@ -32,11 +32,12 @@ from moorage.config import PolicyRule
 from moorage.proxy._auth import USERS
 from moorage.proxy._logging import MalformedRequests
 from moorage.proxy._policy import AccessDenied, Requester, authorize
-from moorage.proxy._ratelimit import RateLimiter
+from moorage.proxy._ratelimit import RATE_LIMITER, RateLimiter
 from moorage.proxy._tokens import TokenInvalid, TokenKeys
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
+from tests.polling import until
 
 from .conftest import StartMoorage, metric
 
@@ -346,6 +347,52 @@ async def test_a_fleet_signing_in_at_once_is_checked_once_and_not_limited(
     statuses = await asyncio.gather(*(moorage.get("/token", headers=basic("ci", PASSWORD)) for _ in range(6)))
     assert [response.status for response in statuses] == [200] * 6
     assert checks == ["ci"], "one bcrypt check for six sign-ins"
+
+
+async def test_one_client_s_burst_of_guesses_does_not_queue_ahead_of_another_s_sign_in(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bcrypt checks run on two threads in the order they come. A client spending its budget of
+    failures at once queued every guess ahead of another client's sign-in, which waited behind
+    them all (14 to 22 s for a review's burst); now a client has at most two checks in flight."""
+    moorage = await start_moorage(auth=auth_files)
+    users = moorage.app[USERS]
+    real_check, real_submit = users.check, users.executor.submit
+    release = threading.Event()
+    checked: list[str] = []
+    queued: list[str] = []
+
+    def held_check(user: str, password: str) -> bool:
+        checked.append(user)
+        release.wait(10)
+        return real_check(user, password)
+
+    def submit(function: Any, /, *args: Any) -> Any:
+        queued.append(args[0])
+        return real_submit(function, *args)
+
+    limiter = moorage.app[RATE_LIMITER]
+    real_allow, charged = limiter.allow, []
+
+    def allow(address: str, user: str) -> float | None:
+        charged.append(user)
+        return real_allow(address, user)
+
+    monkeypatch.setattr(users, "check", held_check)
+    monkeypatch.setattr(users.executor, "submit", submit)
+    monkeypatch.setattr(limiter, "allow", allow)
+    guesses = [asyncio.ensure_future(moorage.get("/token", headers=basic("ci", f"guess {n}"))) for n in range(12)]
+    await until(lambda: len(charged) == 12 and len(checked) == 2)  # all in; the first two hold both threads
+    await asyncio.sleep(0.05)  # the other ten reach the executor's queue, or wait for a slot
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as other:
+        token_url = moorage.make_url("/token")
+        signing_in = asyncio.ensure_future(other.get(token_url, headers=basic("alice", OTHER_PASSWORD)))
+        await until(lambda: "alice" in queued)
+        release.set()
+        assert (await signing_in).status == 200
+    assert [response.status for response in await asyncio.gather(*guesses)] == [401] * 12
+    assert checked.index("alice") == 2, f"checked after {checked.index('alice')} guesses"
 
 
 async def test_a_sign_in_after_a_password_change_is_checked_anew(
