@@ -46,6 +46,7 @@ from moorage.upstreams.reference import (
     sniff_media_type,
 )
 
+from ._clock import within
 from ._evict import RECENT_SECONDS, ReadGuard, evict_to, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
@@ -318,14 +319,13 @@ class Cache:
         accessed = self._accessed
         # What was read in the last seconds stays in the live map: it protects those blobs from
         # every sweeper (eviction, gc, lifecycle) while their readers may still be opening them.
-        recent = self._clock() - RECENT_SECONDS
-        self._accessed = {digest: when for digest, when in accessed.items() if when >= recent}
+        now = self._clock()
+        self._accessed = {digest: when for digest, when in accessed.items() if within(when, now, RECENT_SECONDS)}
         # On a thread: a sweeper holds the guard's lock while it unlinks, which for a file of
         # gigabytes takes a while.
         await asyncio.to_thread(self._guard.prune)
         self._recent_stores()  # forgets the older ones: the map stays small between passes
-        served_since = self._clock() - REFERENCED_SECONDS
-        self._served = {digest: when for digest, when in self._served.items() if when >= served_since}
+        self._served = {digest: when for digest, when in self._served.items() if within(when, now, REFERENCED_SECONDS)}
         totals = (self.store_bytes, self.store_entries)
         counts = self._counts
         # Since the last flush: what this process stored and removed, or, after an eviction
@@ -414,8 +414,10 @@ class Cache:
 
     def _recent_stores(self) -> set[Digest]:
         """What was stored in the last ``RECENT_SECONDS`` (and forget the rest)."""
-        since = self._clock() - RECENT_SECONDS
-        self._stored_lately = {digest: when for digest, when in self._stored_lately.items() if when >= since}
+        now = self._clock()
+        self._stored_lately = {
+            digest: when for digest, when in self._stored_lately.items() if within(when, now, RECENT_SECONDS)
+        }
         return set(self._stored_lately)
 
     def _forget(self, digest: Digest) -> None:
@@ -449,7 +451,7 @@ class Cache:
         What it left was in use (read in the last seconds, being filled, or an image served
         lately), and no pass takes it out before some of that ages. Each pass walks the whole
         store: one per stored blob meanwhile had kept a core walking it."""
-        return self._short_since is not None and self._clock() - self._short_since < RECENT_SECONDS
+        return self._short_since is not None and within(self._short_since, self._clock(), RECENT_SECONDS)
 
     async def evict(self, reason: str = "size") -> None:
         """One pass: least recently used content out until the store is under the low watermark
@@ -791,7 +793,7 @@ class Cache:
             # The answer held for clients that take indexes is one image: the same manifest
             # answers this client once the upstream confirms it (one HEAD), or stale.
             return await self._revalidate_or_stale(ask, *single, changed="miss")
-        if self._clock() - entry.checked_at < ttl:
+        if within(entry.checked_at, self._clock(), ttl):
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "hit")
             return await self._manifest_by_digest(source, repository, entry.digest)

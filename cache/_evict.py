@@ -27,6 +27,7 @@ from typing import Any, Final, TypeVar
 
 from moorage.upstreams.reference import Digest, parse_digest
 
+from ._clock import within
 from ._index import Index
 from ._store import DirectoryStore, Fingerprint
 from .errors import error_text
@@ -91,7 +92,7 @@ class ReadGuard:
         """Unlink a stored file unless it was read in the last ``RECENT_SECONDS``; its size
         when removed, None when kept or already gone."""
         with self._lock:
-            if self._reads.get(digest, 0.0) >= time.time() - RECENT_SECONDS:
+            if within(self._reads.get(digest, 0.0), time.time(), RECENT_SECONDS):
                 return None
             try:
                 size = path.stat().st_size
@@ -105,9 +106,9 @@ class ReadGuard:
 
     def prune(self) -> None:
         """Forget reads older than ``RECENT_SECONDS``."""
-        recent = time.time() - RECENT_SECONDS
+        now = time.time()
         with self._lock:
-            self._reads = {digest: when for digest, when in self._reads.items() if when >= recent}
+            self._reads = {digest: when for digest, when in self._reads.items() if within(when, now, RECENT_SECONDS)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
+from ._clock import within
 from ._evict import ReadGuard, release
 from ._index import Index
 from ._store import BlobStore, DirectoryStore
@@ -138,13 +139,13 @@ def sweep(
     roots = index.manifest_digests()
     report.roots = len(roots)
     reachable = mark(store, roots)
-    young = time.time() - grace_seconds
+    now = time.time()
     candidates: list[tuple[str, int]] = []  # digest text and size: untracked, as in ``mark``
     for blob in store.entries():
         text = str(blob.digest)
         if text in reachable or blob.digest in protected:
             continue
-        if blob.mtime > young or (accessed or {}).get(blob.digest, 0.0) > young:
+        if within(blob.mtime, now, grace_seconds) or within((accessed or {}).get(blob.digest, 0.0), now, grace_seconds):
             report.kept_young += 1
             continue
         candidates.append((text, blob.size))

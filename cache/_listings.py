@@ -35,6 +35,7 @@ from moorage.upstreams import (
 )
 from moorage.upstreams.reference import Digest, RepositoryName
 
+from ._clock import within
 from ._flight import SingleFlight
 from ._index import Index, ReferrersEntry, TagsEntry
 from ._keys import IndexKey, referrers_key, tags_list_key
@@ -108,7 +109,7 @@ class Listings:
         key = tags_list_key(source.host, repository, query)
         kept = not query
         entry = await asyncio.to_thread(self._index.tags, key) if kept else self._page(key, TagsEntry)
-        if entry is not None and self._clock() - entry.fetched_at < ttl:
+        if entry is not None and within(entry.fetched_at, self._clock(), ttl):
             return TagsAnswer(entry.body, entry.next_query, "hit")
 
         async def fetch() -> TagsAnswer:
@@ -150,14 +151,14 @@ class Listings:
         key = referrers_key(source.host, repository, digest, query)
         entry = self._page(key, ReferrersEntry)
         wanted = artifact_type_only(query)
-        if (entry is None or self._clock() - entry.fetched_at >= ttl) and (not query or wanted is not None):
+        if (entry is None or not within(entry.fetched_at, self._clock(), ttl)) and (not query or wanted is not None):
             whole_key = referrers_key(source.host, repository, digest, "")
             kept = await asyncio.to_thread(lambda: _narrowed(self._index.referrers(whole_key), wanted))
             if kept is not None and (entry is None or kept.fetched_at > entry.fetched_at):
                 entry = kept
                 if query:  # cut once, not at every request
                     self._keep_page(key, kept)
-        if entry is not None and self._clock() - entry.fetched_at < ttl:
+        if entry is not None and within(entry.fetched_at, self._clock(), ttl):
             return ReferrersAnswer(entry.body, entry.next_query, "hit")
 
         async def fetch() -> ReferrersAnswer:

@@ -65,6 +65,20 @@ def test_sweeps_only_what_no_manifest_reaches(tmp_path: Path) -> None:
     assert report.roots == 2 and report.reachable == 7
 
 
+def test_a_blob_written_before_the_clock_stepped_back_is_not_young(tmp_path: Path) -> None:
+    """A file time ahead of now was written before the clock was stepped back (NTP correcting a
+    clock that ran ahead): unreachable garbage it is, and it was kept as young for as long as
+    the step, as was a blob read before it (the guard holds that read's time)."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    written_ahead, read_ahead = put(store, os.urandom(100), age=-86400), put(store, os.urandom(100))
+    ahead = time.time() + 86400
+    guard = ReadGuard()
+    guard._reads[read_ahead] = ahead
+    report = sweep(store, index, grace_seconds=3600, accessed={read_ahead: ahead}, guard=guard)
+    assert sorted(report.swept) == sorted([str(written_ahead), str(read_ahead)]) and report.kept_young == 0
+    assert store.size_of(written_ahead) is None and store.size_of(read_ahead) is None
+
+
 def test_an_interrupted_collection_counts_what_it_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C in a long `moorage gc` left the store's totals counting every file it had
     removed, for good: no start counts the store again after a gc, and the cap read them."""

@@ -88,6 +88,25 @@ async def test_stale_tag_is_revalidated_with_one_head_and_no_get(
     assert await metric(moorage, "moorage_cache_results_total", result="revalidated") == 1
 
 
+async def test_answers_fetched_while_the_clock_ran_ahead_are_revalidated_once_it_steps_back(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A clock stepped back (NTP correcting one that ran ahead) left every tag and tag list
+    fetched before the step fresh for as long as the step: ``latest`` stayed where it was for
+    the length of it (a year here), with nothing logged."""
+    moorage = await start_moorage(tag_ttl="1h", tags_list_ttl="1m")
+    upstream.add_image("library/alpine", "latest")
+    advance_clock(moorage, 365 * 86400)
+    assert (await moorage.get("/v2/alpine/manifests/latest", headers=ALL)).status == 200
+    assert (await (await moorage.get("/v2/alpine/tags/list")).json())["tags"] == ["latest"]
+    advance_clock(moorage, -365 * 86400)
+    moved = upstream.add_image("library/alpine", "latest", [b"a new layer"])
+    upstream.add_image("library/alpine", "3.20")
+    pulled = await moorage.get("/v2/alpine/manifests/latest", headers=ALL)
+    assert pulled.headers["Docker-Content-Digest"] == moved.digest
+    assert (await (await moorage.get("/v2/alpine/tags/list")).json())["tags"] == ["3.20", "latest"]
+
+
 async def test_a_tag_whose_body_is_not_the_digest_the_upstream_names_is_refused(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
 ) -> None:
