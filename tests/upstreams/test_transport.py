@@ -4,6 +4,9 @@ redirects are not followed."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import httpx
 import pytest
 
@@ -37,6 +40,26 @@ from moorage.upstreams.reference import RepositoryName, Tag
 )
 def test_retry_after_is_a_bounded_number_of_seconds(value: str, seconds: float | None) -> None:
     assert retry_after_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("form", ["%a %b %d %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S -0000"])
+def test_a_retry_after_date_without_a_zone_is_gmt(form: str) -> None:
+    """asctime's form (RFC 9110 still takes it) and ``-0000`` carry no zone: read as local time,
+    100 s came out as five hours west of GMT (past any wait, so a 429 held a tag stale for an
+    hour) and as nothing east of it (a rate-limited upstream asked again at once)."""
+    original = os.environ.get("TZ")
+    try:
+        for zone in ("America/New_York", "Asia/Tokyo"):
+            os.environ["TZ"] = zone
+            time.tzset()
+            seconds = retry_after_seconds(time.strftime(form, time.gmtime(time.time() + 100)))
+            assert seconds is not None and 95 <= seconds <= 100, (zone, seconds)
+    finally:
+        if original is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = original
+        time.tzset()
 
 
 def answer(
