@@ -354,10 +354,7 @@ class RegistryAuth(httpx.Auth):
             raise UpstreamProtocolError(self._upstream, "token service answered without a token")
         if _TOKEN_RE.fullmatch(token) is None:  # (never quoted: it may be a credential all the same)
             raise UpstreamProtocolError(self._upstream, "token service answered a token no header can carry")
-        expires_in = body.get("expires_in")
-        if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
-            expires_in = DEFAULT_EXPIRES_IN  # absent, or not a number: the spec's default
-        lifetime = max(min(int(expires_in), MAX_TOKEN_LIFETIME), DEFAULT_EXPIRES_IN)
+        lifetime = min(_expires_in(body.get("expires_in")), MAX_TOKEN_LIFETIME)
         if scope:
             self._tokens[scope] = (token, time.monotonic() + lifetime - min(10.0, lifetime * 0.1))
             self._tokens.move_to_end(scope)
@@ -365,6 +362,20 @@ class RegistryAuth(httpx.Auth):
                 self._tokens.popitem(last=False)
         self._next_hold.pop(scope, None)  # granted: a later refusal of this scope holds 30 s again
         return token
+
+
+def _expires_in(value: object) -> float:
+    """A token answer's ``expires_in`` in seconds: as given, a number in a string too; the
+    spec's 60 s when absent, no number or not above 0. A token service should give at least
+    60 s, but one that gives less means it: kept 60 s, such a token was sent expired."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return DEFAULT_EXPIRES_IN
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return DEFAULT_EXPIRES_IN
+    return float(value)
 
 
 async def _read_at_most(response: httpx.Response, limit: int) -> bytes | None:

@@ -120,7 +120,7 @@ async def test_missing_expires_in_means_60_seconds() -> None:
     assert 50 <= expires_at - time.monotonic() <= 60
 
 
-@pytest.mark.parametrize("expires_in", ["abc", 1e400, None, -5, [300]])
+@pytest.mark.parametrize("expires_in", ["abc", 1e400, None, -5, 0, True, [300]])
 async def test_an_expires_in_that_is_no_number_means_60_seconds(expires_in: object) -> None:
     upstream = Upstream()
     upstream.answer = (
@@ -131,6 +131,18 @@ async def test_an_expires_in_that_is_no_number_means_60_seconds(expires_in: obje
     assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
     _, expires_at = auth._tokens["repository:library/alpine:pull"]
     assert 50 <= expires_at - time.monotonic() <= 60
+
+
+@pytest.mark.parametrize(("expires_in", "kept"), [(20, 18.0), (1, 0.9), ("300", 290.0), (7.5, 6.75)])
+async def test_a_token_is_kept_as_long_as_its_expires_in_says(expires_in: object, kept: float) -> None:
+    """Less than the spec's 60 s is what the token service means: kept 60 s, a token given for
+    20 was sent expired for 40, each request refused once before a new token. A number sent
+    as a string was taken for no number at all."""
+    upstream = Upstream(expires_in=expires_in)
+    client, auth = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    _, expires_at = auth._tokens["repository:library/alpine:pull"]
+    assert kept - 1 <= expires_at - time.monotonic() <= kept
 
 
 @pytest.mark.parametrize(
