@@ -37,8 +37,10 @@ __all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys"]
 SERVICE: Final = "moorage"
 ISSUER: Final = "moorage"
 LOGIN_AUDIENCE: Final = "moorage:login"
-#: Clock skew allowed when checking a token's times: the process that checks a token issued
-#: it, or a replica sharing its key, so a few seconds (a token is valid for what it says).
+#: Clock skew allowed when checking a token's expiry: the process that checks a token issued
+#: it, or a replica sharing its key, so a few seconds (a token is valid for what it says). Its
+#: issue times are not checked: a token this cache signed is not from the future, whatever a
+#: clock stepped back since, or a replica's clock behind the issuer's, says.
 LEEWAY: Final = 5
 REMEMBERED_TOKENS: Final = 10_000
 TokenKind = Literal["access", "login"]
@@ -137,7 +139,7 @@ class TokenKeys:
                 audience=SERVICE if kind == "access" else LOGIN_AUDIENCE,
                 issuer=ISSUER,
                 leeway=LEEWAY,
-                options={"require": ["exp", "iss", "aud", "sub"]},
+                options={"require": ["exp", "iss", "aud", "sub"], "verify_iat": False, "verify_nbf": False},
             )
         except jwt.ExpiredSignatureError:
             raise TokenInvalid("the token has expired") from None

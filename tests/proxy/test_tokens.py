@@ -583,6 +583,18 @@ def test_a_token_remembered_as_verified_still_expires(monkeypatch: pytest.Monkey
         keys.verify(token)
 
 
+def test_a_token_issued_by_a_clock_ahead_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica whose clock runs a minute ahead of another's, or a clock stepped back since
+    the token was issued: the token's issue time is in the future. It was refused (\"not yet
+    valid\"), a 401 in the middle of a pull."""
+    keys = TokenKeys(ec.generate_private_key(ec.SECP256R1()))
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 60)
+    token = keys.issue("ci", frozenset({"alpine"}), lifetime=3600)
+    monkeypatch.setattr(time, "time", real_time)
+    assert keys.verify(token).user == "ci"
+
+
 async def test_anonymous_tokens_end_when_anonymous_pulls_are_turned_off(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
