@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal, Protocol, TypedDict
+from typing import Final, Literal, NamedTuple, Protocol, TypedDict
 from urllib.parse import parse_qsl
 
 import httpx
@@ -121,6 +121,17 @@ def _failure_kind(error: UpstreamError) -> str:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+class _Moment(NamedTuple):
+    """A time to show (``wall``) and to order by (``monotonic``)."""
+
+    wall: float
+    monotonic: float
+
+    @classmethod
+    def now(cls) -> _Moment:
+        return cls(time.time(), time.monotonic())
 
 
 USER_AGENT: Final = "moorage/0.1"
@@ -329,8 +340,10 @@ class RegistryClient:
         )
         self._attempts = settings.retries.attempts
         self._max_wait = settings.retries.max_wait
-        self._last_answer: float | None = None
-        self._last_failure: tuple[float, str] | None = None
+        #: When the upstream last answered, and last failed (with how): wall-clock times to
+        #: show, compared by the monotonic ones (a clock stepped back leaves their order).
+        self._last_answer: _Moment | None = None
+        self._last_failure: tuple[_Moment, str] | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -340,12 +353,12 @@ class RegistryClient:
         """When the upstream last answered, and the last failure (no probing: observed only)."""
         health: UpstreamHealth = {"reachable": None, "last_answer": None, "last_failure": None}
         if self._last_answer is not None:
-            health["last_answer"] = _iso(self._last_answer)
+            health["last_answer"] = _iso(self._last_answer.wall)
         if self._last_failure is not None:
-            health["last_failure"] = {"at": _iso(self._last_failure[0]), "error": self._last_failure[1]}
+            health["last_failure"] = {"at": _iso(self._last_failure[0].wall), "error": self._last_failure[1]}
         if self._last_answer is not None or self._last_failure is not None:
             health["reachable"] = self._last_failure is None or (
-                self._last_answer is not None and self._last_answer > self._last_failure[0]
+                self._last_answer is not None and self._last_answer.monotonic > self._last_failure[0].monotonic
             )
         return health
 
@@ -470,7 +483,7 @@ class RegistryClient:
                         return await self._attempt(method, path, what, headers, params, stream, answers, read, limit)
         except (UpstreamUnavailable, UpstreamRateLimited, UpstreamAuthFailed) as error:
             if not isinstance(error, UpstreamRefused):  # a repository refused is an answer
-                self._last_failure = (time.time(), _failure_kind(error))
+                self._last_failure = (_Moment.now(), _failure_kind(error))
             raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 
@@ -499,9 +512,9 @@ class RegistryClient:
             said = await self._not_found_says(response) if response.status_code == 404 else None
             await response.aclose()
             if response.status_code in (401, 403, 404, 405):  # an answer: the upstream is up
-                self._last_answer = time.time()
+                self._last_answer = _Moment.now()
             raise_for_status(self.host, what, response, said)
-        self._last_answer = time.time()
+        self._last_answer = _Moment.now()
         if not read:
             return response, None
         try:

@@ -410,6 +410,22 @@ async def test_readiness_tells_the_last_failure_without_naming_what_was_asked(
     assert failure["error"] == "HTTP 503"
 
 
+async def test_readiness_orders_answers_and_failures_by_when_they_happened_not_by_the_clock(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer after a failure means the upstream is back. Ordered by wall-clock time, an
+    answer after the clock was stepped back came before the failure, and /readyz said the
+    upstream that was answering was unreachable."""
+    upstream.add_image("library/alpine", "3.19")
+    upstream.fail_next(5, 503)
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 503
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+    assert (await moorage.get("/v2/alpine/manifests/3.19", headers=ALL)).status == 200
+    monkeypatch.setattr(time, "time", real_time)
+    assert (await (await moorage.get("/readyz")).json())["upstreams"]["docker.io"]["reachable"] is True
+
+
 @pytest.mark.parametrize(
     ("link", "following"),
     [
