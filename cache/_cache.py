@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
-from moorage.upstreams import FetchedManifest, HeadRefused, UpstreamError, UpstreamNotFound, UpstreamRateLimited
+from moorage.upstreams import FetchedManifest, HeadRefused, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
     IMAGE_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
@@ -69,6 +69,7 @@ from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
 from ._serving import ServingLock
 from ._source import Source
+from ._stale import BACKING_OFF, StaleWindows
 from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
 from ._verify import counted_size, hash_file
 from .errors import CacheError, ClientGone, DigestMismatch, IndexFailure, StoreFailure, error_text
@@ -90,9 +91,6 @@ CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "
 #: Answers a caller that joined another's fetch did not cause: it waited on that GET. One who
 #: joined a revalidation is answered from the store as the first was, and says ``revalidated``.
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "refreshed"})
-MAX_FAILING_TAGS: Final = 10_000
-#: The longest an upstream's ``Retry-After`` keeps a stale tag from being asked again.
-MAX_RETRY_AFTER_BACKOFF: Final = 3600.0
 #: Revalidations of one upstream in flight at once. A revalidation goes on after its clients
 #: were answered stale, with its retries: 80 hanging HEADs had taken every connection to the
 #: upstream for three minutes, and pulls of images with no fault waited 54 s for one. A tag
@@ -222,13 +220,8 @@ class Cache:
         #: one got under it (see ``_held_off``).
         self._short_since: float | None = None
         self._closing = False
-        self._revalidate_timeout = revalidate_timeout
-        self._stale_backoff = stale_backoff
-        #: Tags whose revalidation failed lately, and until when (monotonic) to serve them stale
-        #: without asking the upstream again.
-        self._failing: OrderedDict[IndexKey, float] = OrderedDict()
-        #: When each revalidation in flight began (bounds how long a later caller joins it).
-        self._revalidating: dict[IndexKey, float] = {}
+        #: Stale tags and listings: how long their revalidation is waited for, and back-offs.
+        self._stale = StaleWindows(revalidate_timeout, stale_backoff)
         #: Places for revalidations in flight, by upstream (see ``MAX_REVALIDATIONS``).
         self._revalidation_places: dict[str, asyncio.Semaphore] = {}
         #: Fingerprints of files known good (hashed on their way in, or again since) that the
@@ -251,7 +244,7 @@ class Cache:
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
-        self.listings = Listings(self._index, lambda: self._clock(), self._not_kept, self._known_under)  # noqa: PLW0108
+        self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
 
     async def aclose(self) -> None:
         self._closing = True
@@ -844,57 +837,30 @@ class Cache:
     async def _revalidate_or_stale(
         self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest, changed: CacheResult = "refreshed"
     ) -> ManifestAnswer:
-        """A stale tag with an answer on hand: revalidate within ``revalidate_timeout``, else
-        serve the stale answer, and for ``stale_backoff`` (or the upstream's ``Retry-After``,
-        up to ``MAX_RETRY_AFTER_BACKOFF``) keep serving it without asking.
-        ``changed`` is the result when the upstream's digest differs.
-
-        A revalidation still hanging when the back-off ends is joined only for what is left of
-        its own ``revalidate_timeout``: a hung upstream stalls one pull, not one per back-off."""
+        """A stale tag with an answer on hand: revalidated, or served stale as ``_stale``
+        says. ``changed`` is the result when the upstream's digest differs."""
 
         def stale(reason: str) -> ManifestAnswer:
             return ManifestAnswer(entry.digest, stored.media_type, stored.body, "stale", stale_reason=reason)
 
         key = ask.key
-        now = time.monotonic()
-        until = self._failing.get(key)
-        if until is not None and now < until:
-            return stale("the upstream failed lately; asking again after a back-off")
-        began = self._revalidating.get(key)
-        budget = self._revalidate_timeout if began is None else began + self._revalidate_timeout - now
+        if self._stale.backing_off(key):
+            return stale(BACKING_OFF)
 
         async def revalidate() -> ManifestAnswer:
-            self._revalidating[key] = time.monotonic()
             places = self._revalidation_places.setdefault(ask.source.host, asyncio.Semaphore(MAX_REVALIDATIONS))
-            try:
-                async with places:
-                    return await self._revalidate(ask, entry, stored, changed)
-            finally:
-                self._revalidating.pop(key, None)
+            async with places:
+                return await self._revalidate(ask, entry, stored, changed)
 
         try:
-            if budget <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(budget):
-                answer = await self._flight(key, revalidate)
+            answer = await self._stale.in_time(
+                key, lambda: self._flight(key, lambda: self._stale.asking(key, revalidate))
+            )
         except (UpstreamError, CacheError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound):
                 raise
-            backoff = self._stale_backoff
-            if isinstance(exc, UpstreamRateLimited) and exc.retry_after is not None:
-                backoff = max(backoff, min(exc.retry_after, MAX_RETRY_AFTER_BACKOFF))
-            now = time.monotonic()
-            # Callers that waited on one revalidation fail together: the first logs it.
-            first = self._failing.get(key, 0.0) <= now
-            self._failing[key] = now + backoff
-            self._failing.move_to_end(key)
-            while len(self._failing) > MAX_FAILING_TAGS:
-                self._failing.popitem(last=False)
-            reason = (
-                f"{ask.source.host}: no answer within {self._revalidate_timeout:g} s"
-                if isinstance(exc, TimeoutError)
-                else str(exc)
-            )
+            first, backoff = self._stale.failed(key, exc)
+            reason = self._stale.reason(ask.source.host, exc)
             if not first:
                 return stale(reason)
             log.warning(
@@ -911,7 +877,7 @@ class Cache:
                 },
             )
             return stale(reason)
-        self._failing.pop(key, None)
+        self._stale.succeeded(key)
         return answer
 
     async def _flight(self, key: IndexKey, fetch: Callable[[], Awaitable[ManifestAnswer]]) -> ManifestAnswer:

@@ -2,7 +2,9 @@
 
 Neither has a digest to check, so each is kept for a time-to-live (``tags_list_ttl``,
 ``referrers_ttl``), served as a ``hit`` while fresh, fetched again after, and served ``stale``
-while the upstream fails. One fetch per key runs at a time; callers that ask meanwhile join it.
+while the upstream fails: one kept is waited for no longer than ``revalidate_timeout``, and not
+asked for again for a back-off after a failure (``_stale``), as a stale tag. One fetch per key
+runs at a time; callers that ask meanwhile join it.
 
 What a client cannot vary without end is kept in the index and outlives a restart: the whole
 tag list of a repository, and the whole referrers answer of a manifest the store holds under
@@ -18,6 +20,7 @@ answered 404, which sends clients to the ``sha256-<hex>`` tag schema; one that f
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -41,6 +44,7 @@ from ._index import Index, ReferrersEntry, TagsEntry
 from ._keys import IndexKey, referrers_key, tags_list_key
 from ._routes import ContentRoute
 from ._source import Source
+from ._stale import BACKING_OFF, StaleWindows
 from .errors import StoreFailure
 
 if TYPE_CHECKING:
@@ -48,10 +52,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Listings", "ReferrersAnswer", "TagsAnswer"]
 
+log = logging.getLogger("moorage.cache")
+
 #: Listings kept in memory: at most this many, and this many bytes.
 MAX_PAGES_IN_MEMORY: Final = 1024
 MAX_PAGE_BYTES_IN_MEMORY: Final = 32 * 1024 * 1024
 _Entry = TypeVar("_Entry", TagsEntry, ReferrersEntry)
+_Answer = TypeVar("_Answer", "TagsAnswer", "ReferrersAnswer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +91,13 @@ class Listings:
         self,
         index: Index,
         clock: Callable[[], float],
+        stale: StaleWindows,
         not_kept: NotKept,
         known_under: Callable[[Digest, ContentRoute], Awaitable[bool]],
     ) -> None:
         self._index = index
         self._clock = clock
+        self._stale = stale
         self._not_kept = not_kept
         #: Whether a stored digest was fetched or confirmed under a route (see ``_routes``).
         self._known_under = known_under
@@ -111,6 +120,8 @@ class Listings:
         entry = await asyncio.to_thread(self._index.tags, key) if kept else self._page(key, TagsEntry)
         if entry is not None and within(entry.fetched_at, self._clock(), ttl):
             return TagsAnswer(entry.body, entry.next_query, "hit")
+        if entry is not None and self._stale.backing_off(key):
+            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=BACKING_OFF)
 
         async def fetch() -> TagsAnswer:
             page = await source.list_tags(repository, query)
@@ -122,13 +133,15 @@ class Listings:
             return TagsAnswer(page.body, page.next_query, "miss")
 
         try:
-            answer, joined = await self._tags_flights.run(key, fetch)
-        except UpstreamError as exc:
+            answer, joined = await self._ask(key, self._tags_flights, fetch, kept_one=entry is not None)
+        except (UpstreamError, TimeoutError) as exc:
             if entry is None and not isinstance(exc, UpstreamNotFound):
                 entry = await self._page_of_kept_list(source, repository, query)
             if isinstance(exc, UpstreamNotFound) or entry is None:
                 raise
-            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
+            reason = self._failed(key, exc, source.host, repository, "tag list")
+            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=reason)
+        self._stale.succeeded(key)
         return replace(answer, result="coalesced") if joined else answer
 
     async def _page_of_kept_list(self, source: Source, repository: RepositoryName, query: str) -> TagsEntry | None:
@@ -160,6 +173,8 @@ class Listings:
                     self._keep_page(key, kept)
         if entry is not None and within(entry.fetched_at, self._clock(), ttl):
             return ReferrersAnswer(entry.body, entry.next_query, "hit")
+        if entry is not None and self._stale.backing_off(key):
+            return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=BACKING_OFF)
 
         async def fetch() -> ReferrersAnswer:
             try:
@@ -174,12 +189,46 @@ class Listings:
             return ReferrersAnswer(fresh.body, fresh.next_query, "miss")
 
         try:
-            answer, joined = await self._referrers_flights.run(key, fetch)
-        except UpstreamError as exc:
+            answer, joined = await self._ask(key, self._referrers_flights, fetch, kept_one=entry is not None)
+        except (UpstreamError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound) or entry is None:  # the repository is gone
                 raise
-            return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=str(exc))
+            reason = self._failed(key, exc, source.host, repository, "referrers list")
+            return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=reason)
+        self._stale.succeeded(key)
         return replace(answer, result="coalesced") if joined else answer
+
+    async def _ask(
+        self,
+        key: IndexKey,
+        flights: SingleFlight[IndexKey, _Answer],
+        fetch: Callable[[], Awaitable[_Answer]],
+        *,
+        kept_one: bool,
+    ) -> tuple[_Answer, bool]:
+        """The upstream's listing, joined or fetched: waited for however long when none is
+        kept, within ``revalidate_timeout`` when one is (TimeoutError past it)."""
+        if not kept_one:
+            return await flights.run(key, fetch)
+        return await self._stale.in_time(key, lambda: flights.run(key, partial(self._stale.asking, key, fetch)))
+
+    def _failed(self, key: IndexKey, error: Exception, upstream: str, repository: RepositoryName, what: str) -> str:
+        """A listing kept is served stale for a back-off: why, logged by the first caller."""
+        first, backoff = self._stale.failed(key, error)
+        reason = self._stale.reason(upstream, error)
+        if first:
+            log.warning(
+                f"serving stale: {what} not refreshed",
+                extra={
+                    "event": "revalidation_failed",
+                    "upstream": upstream,
+                    "repository": str(repository),
+                    "listing": what,
+                    "backoff_seconds": round(backoff),
+                    "error": reason,
+                },
+            )
+        return reason
 
     async def _keep_referrers(self, key: IndexKey, entry: ReferrersEntry, subject: Digest, route: ContentRoute) -> bool:
         """Keep a whole referrers list in the index where its subject manifest is stored and

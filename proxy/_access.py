@@ -118,6 +118,7 @@ def _record(request: web.Request, note: RequestNotes, status: int, content_lengt
         ("repository", note.repository),
         ("reference", note.reference),
         ("result", note.result),
+        ("stale_reason", note.stale_reason),
         ("error", note.error),
         ("denied_by_rule", note.denied_by),
     ):

@@ -124,7 +124,7 @@ async def manifest(
         may_read,
         reading=request.method == "GET",
     )
-    note.result = answer.result
+    note.result, note.stale_reason = answer.result, answer.stale_reason
     headers = _manifest_headers(answer)
     condition = _precondition(request, headers["ETag"])
     if condition is not None:
@@ -490,7 +490,8 @@ async def tags(request: web.Request, route: Route[RegistryClient], target: V2Pat
         )
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].tags(route.upstream, route.repository, query, settings.tags_list_ttl)
-    notes(request).result = answer.result
+    note = notes(request)
+    note.result, note.stale_reason = answer.result, answer.stale_reason
     body = await _named(answer.body, target.name)
     headers = {**API_VERSION, "Content-Type": "application/json"}
     if answer.next_query is not None:
@@ -544,7 +545,7 @@ async def referrers(request: web.Request, route: Route[RegistryClient], target: 
     note.reference = str(digest)
     settings = request.app[SETTINGS]
     answer = await request.app[CACHE].referrers(route.upstream, route.repository, digest, query, settings.referrers_ttl)
-    note.result = answer.result
+    note.result, note.stale_reason = answer.result, answer.stale_reason
     if answer.body is None:
         raise ReferrersUnsupported(
             f"{route.upstream.host} does not serve the referrers API; use the sha256-<hex> tag schema",

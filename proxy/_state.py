@@ -69,6 +69,8 @@ class RequestNotes:
     repository: str | None = None
     reference: str | None = None
     result: CacheResult | None = None
+    #: Why a ``stale`` answer was served (the upstream's failure, or its back-off).
+    stale_reason: str | None = None
     error: str | None = None
     #: The access policy rule (1-based) that denied the request.
     denied_by: int | None = None

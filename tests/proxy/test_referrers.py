@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from moorage.cache import policy_resolver
+from moorage.cache._stale import BACKING_OFF
 from moorage.proxy._state import CACHE, SETTINGS
 from moorage.proxy._warm import WarmFailed, warm
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_digest, parse_image_reference
@@ -89,6 +90,38 @@ async def test_referrers_are_fetched_once_then_served_from_the_cache(moorage: Cl
     artifact = await moorage.get(f"/v2/owner/app/manifests/{signature}", headers={"Accept": OCI_MANIFEST})
     assert artifact.status == 200 and artifact.headers["Docker-Content-Digest"] == signature
     assert await metric(moorage, "moorage_cache_results_total", kind="referrers", result="hit") == 1
+
+
+@pytest.mark.parametrize("listing", ["tags", "referrers"])
+async def test_a_stale_listing_waits_for_a_hung_upstream_once_then_backs_off(
+    start_moorage: StartMoorage, upstream: FakeRegistry, caplog: pytest.LogCaptureFixture, listing: str
+) -> None:
+    """A kept tag list or referrers list gone stale while the upstream hung: every request
+    waited out every try of the read timeout (three minutes with the defaults: a signature
+    check in an admission webhook gave up first). It is served stale past
+    ``revalidate_timeout`` and not asked for again for ``stale_backoff``, as a stale tag."""
+    caplog.set_level("INFO", logger="moorage")
+    moorage = await start_moorage(
+        tags_list_ttl="1m", referrers_ttl="1m", revalidate_timeout="0.5s", stale_backoff="30s"
+    )
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    signature = attach(upstream, "owner/app", image, SIGNATURE)
+    assert (await moorage.get("/v2/owner/app/manifests/1", headers=ALL)).status == 200  # referrers kept for it
+    path = "/v2/owner/app/tags/list" if listing == "tags" else f"/v2/owner/app/referrers/{image.digest}"
+    first = await (await moorage.get(path)).read()
+    advance_clock(moorage, 61)
+    upstream.reset_requests()
+    upstream.delay_next(1, 20.0, paths=r"/tags/list|/referrers/")
+    answers = [await moorage.get(path) for _ in range(3)]
+    assert [answer.headers["X-Moorage-Cache"] for answer in answers] == ["stale"] * 3
+    assert [await answer.read() for answer in answers] == [first] * 3
+    assert len(upstream.requests) == 1, "asked once: the back-off answers the others"
+    (failed,) = [r for r in caplog.records if getattr(r, "event", "") == "revalidation_failed"]
+    assert "no answer within 0.5 s" in failed.__dict__["error"]
+    reasons = [r.__dict__.get("stale_reason") for r in caplog.records if getattr(r, "result", "") == "stale"]
+    assert reasons == [failed.__dict__["error"]] + [BACKING_OFF] * 2, "each access line says why"
+    if listing == "referrers":
+        assert listed(first) == [signature]
 
 
 async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
