@@ -22,12 +22,14 @@ costs a GET. Upstream errors reach the caller only when the cache has nothing to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final, Literal
 
@@ -91,6 +93,8 @@ CacheResult = Literal["hit", "miss", "coalesced", "prefetched", "revalidated", "
 #: Answers a caller that joined another's fetch did not cause: it waited on that GET. One who
 #: joined a revalidation is answered from the store as the first was, and says ``revalidated``.
 _CAUSED_UPSTREAM: Final = frozenset({"miss", "refreshed"})
+#: The wait after a start before a scheduled pass that is due (gc, lifecycle) runs.
+OVERDUE_PASS_DELAY: Final = 60.0
 #: Revalidations of one upstream in flight at once. A revalidation goes on after its clients
 #: were answered stale, with its retries: 80 hanging HEADs had taken every connection to the
 #: upstream for three minutes, and pulls of images with no fault waited 54 s for one. A tag
@@ -153,6 +157,15 @@ class _TagAsk:
     tag: Tag
     accept: AcceptClass
     key: IndexKey
+
+
+def first_pass_delay(last: float, now: float, interval: float) -> float:
+    """The wait before a scheduled pass that last ran at ``last``: what is left of its interval,
+    and ``OVERDUE_PASS_DELAY`` (no less, so that a start is not slowed) once it is due, or
+    when ``last`` is ahead of now (the clock was stepped back since)."""
+    if not within(last, now, interval):
+        return min(interval, OVERDUE_PASS_DELAY)
+    return min(interval, max(OVERDUE_PASS_DELAY, last + interval - now))
 
 
 class Cache:
@@ -676,11 +689,17 @@ class Cache:
         if digests:
             self._observer.on_evicted(reason, len(digests), freed)
 
-    async def every(self, seconds: float, task: str, job: Callable[[], Awaitable[object]]) -> None:
+    async def every(
+        self, seconds: float, task: str, job: Callable[[], Awaitable[object]], *, remembered: bool = False
+    ) -> None:
         """Run a maintenance job every ``seconds`` until cancelled; a failed pass is logged and
-        the next one runs on time."""
+        the next one runs on time. When a ``remembered`` job last ran is kept in the index, and
+        the first after a start is due ``seconds`` after it: counted from each start, a daemon
+        restarted more often than that (a rolling deployment, nodes drained nightly) ran none."""
+        delay = await self._first_delay(task, seconds) if remembered else seconds
         while True:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(delay)
+            delay = seconds
             try:
                 await job()
             except Exception as exc:
@@ -688,6 +707,18 @@ class Cache:
                     "maintenance pass failed",
                     extra={"event": "maintenance_failed", "task": task, "error": error_text(exc)},
                 )
+            if remembered:  # a failed pass too: the next is due an interval on, not at every start
+                with contextlib.suppress(CacheError):  # not kept: the next start counts from itself
+                    await asyncio.to_thread(self._index.record_pass, task, time.time())
+
+    async def _first_delay(self, task: str, seconds: float) -> float:
+        """How long after a start the first pass of a remembered job runs."""
+        now = time.time()
+        try:
+            last = await asyncio.to_thread(self._index.last_pass, task, now)
+        except CacheError:
+            return seconds
+        return first_pass_delay(last, now, seconds)
 
     async def flush_every(self, seconds: float) -> None:
         """Batch bookkeeping writes instead of one per request; runs until cancelled."""
@@ -1483,12 +1514,16 @@ async def open_cache(
         tasks.append(loop.create_task(cache.recount(crashed=started.crashed)))
     if settings.gc_interval > 0:
         grace = settings.gc_grace
-        tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", lambda: cache.collect_garbage(grace))))
+        collect = partial(cache.collect_garbage, grace)
+        tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", collect, remembered=True)))
     if settings.lifecycle_interval > 0 and any(upstream.lifecycle for upstream in upstreams):
         tasks.append(
             loop.create_task(
                 cache.every(
-                    settings.lifecycle_interval, "lifecycle", lambda: cache.apply_lifecycle(policy_resolver(upstreams))
+                    settings.lifecycle_interval,
+                    "lifecycle",
+                    lambda: cache.apply_lifecycle(policy_resolver(upstreams)),
+                    remembered=True,
                 )
             )
         )

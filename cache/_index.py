@@ -29,6 +29,7 @@ from ._keys import (
     IndexKey,
     blob_key,
     manifest_key,
+    pass_key,
     referrers_key,
     routes_key,
 )
@@ -309,6 +310,18 @@ class Index:
             else:
                 self._db.set(COUNT_OWED_KEY, now)
         return crashed
+
+    def last_pass(self, task: str, now: float) -> float:
+        """When the scheduled pass ``task`` last ran; the first time asked, ``now``, recorded
+        as if it had (a store's first pass is due an interval after its first start)."""
+        with _recording("a scheduled pass"):
+            self._db.add(pass_key(task), now)
+        value = self._read(pass_key(task))
+        return float(value) if isinstance(value, int | float) else now
+
+    def record_pass(self, task: str, at: float) -> None:
+        with _recording("a scheduled pass"):
+            self._db.set(pass_key(task), at)
 
     def mark_format(self) -> None:
         """Record this version's format: for a store just counted, whose totals are true."""

@@ -28,6 +28,9 @@ key                                        value
 ("count-owed",)                             when a process started beside another: what one
                                             that died had not flushed is lost with the one
                                             mark, so the next start alone counts
+("pass", task)                              when the scheduled pass ``task`` (gc, lifecycle)
+                                            last ran, or was first scheduled: the next is
+                                            due an interval after, across restarts
 =========================================  =================================================
 
 A change to a value's layout raises ``STORE_FORMAT`` and reads the layouts before it (as
@@ -109,6 +112,10 @@ def pulled_key(upstream: str, repository: RepositoryName, tag: Tag) -> IndexKey:
 
 def image_key(upstream: str, repository: RepositoryName | str, digest: Digest | str) -> IndexKey:
     return ("image", upstream, str(repository), str(digest))
+
+
+def pass_key(task: str) -> IndexKey:
+    return ("pass", task)
 
 
 def image_pulled_key(upstream: str, repository: RepositoryName | str, digest: Digest | str) -> IndexKey:

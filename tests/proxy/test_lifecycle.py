@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
+import moorage.cache._cache as cache_module
 from moorage.cache import policy_resolver
+from moorage.cache._cache import first_pass_delay
+from moorage.cache._index import Index
 from moorage.cache._lifecycle import PolicyFor
 from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
@@ -163,6 +167,54 @@ async def test_scheduled_passes_run_while_serving(
     assert await metric(moorage, "moorage_evictions_total", reason="gc") >= 1
     assert await metric(moorage, "moorage_maintenance_last_finished_timestamp_seconds", task="gc") > 0
     assert await metric(moorage, "moorage_maintenance_last_finished_timestamp_seconds", task="lifecycle") > 0
+
+
+async def test_a_scheduled_pass_due_at_a_start_runs_soon_after_it(
+    start_moorage: StartMoorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted from each start, a pass never ran in a daemon restarted more often than its
+    interval (6 h for gc: a rolling deployment, nodes drained nightly): unreachable blobs
+    piled up and lifecycle policies never applied, with nothing logged. When each pass last
+    ran is kept in the store."""
+    monkeypatch.setattr(cache_module, "OVERDUE_PASS_DELAY", 0.05)
+    store = tmp_path / "store"
+    first = await start_moorage(storage={"path": str(store), "gc_interval": "6h", "gc_grace": "0s"})
+    await first.close()
+    index = Index(store / "index")
+    first_scheduled = index.last_pass("gc", 0.0)
+    assert first_scheduled > time.time() - 60, "a store's first pass is due an interval after its first start"
+    index.record_pass("gc", time.time() - 7 * 3600)  # the last pass, 7 h ago: due
+    index.close()
+    orphan = "sha256:" + hashlib.sha256(b"left behind").hexdigest()
+    orphan_path = store / "blobs" / "sha256" / orphan[7:9] / orphan[7:]
+    orphan_path.parent.mkdir(parents=True, exist_ok=True)
+    orphan_path.write_bytes(b"left behind")
+    restarted = await start_moorage(storage={"path": str(store), "gc_interval": "6h", "gc_grace": "0s"})
+
+    async def swept() -> bool:
+        return await metric(restarted, "moorage_maintenance_last_finished_timestamp_seconds", task="gc") > 0
+
+    await until_async(swept)
+    assert not stored(store, orphan)
+    await restarted.close()
+    index = Index(store / "index")
+    assert index.last_pass("gc", 0.0) > time.time() - 60, "the pass is kept: the next is due 6 h after it"
+    index.close()
+
+
+@pytest.mark.parametrize(
+    ("last", "delay"),
+    [
+        pytest.param(0.0, 3600.0, id="ran_just_now"),
+        pytest.param(-1800.0, 1800.0, id="half_the_interval_left"),
+        pytest.param(-3570.0, 60.0, id="due_within_a_minute"),
+        pytest.param(-7200.0, 60.0, id="overdue"),
+        pytest.param(86400.0, 60.0, id="ahead_of_now"),
+    ],
+)
+def test_the_first_pass_after_a_start_is_due_an_interval_after_the_last(last: float, delay: float) -> None:
+    now = 1_700_000_000.0
+    assert first_pass_delay(now + last, now, 3600.0) == delay
 
 
 async def test_pulls_succeed_while_gc_eviction_and_lifecycle_run(
