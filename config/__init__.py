@@ -4,7 +4,7 @@ Imported by every room; imports none of them. ``load_settings`` builds a frozen
 :class:`Settings` once at start-up; each room is handed only its own section.
 """
 
-from ._files import UnreadableFile, read_text
+from ._files import NO_FILE, FileStamp, UnreadableFile, file_stamp, read_text
 from ._lifecycle import LifecyclePolicy, LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy
 from ._load import CONFIG_ENV, ConfigError, load_settings, settings_source
 from ._model import (
@@ -25,8 +25,10 @@ from ._units import parse_duration, parse_size, size_text
 __all__ = [
     "CONFIG_ENV",
     "DEFAULT_UPSTREAMS",
+    "NO_FILE",
     "AuthSettings",
     "ConfigError",
+    "FileStamp",
     "LifecycleBinding",
     "LifecyclePolicy",
     "LifecyclePolicyError",
@@ -40,6 +42,7 @@ __all__ = [
     "TlsSettings",
     "UnreadableFile",
     "UpstreamSettings",
+    "file_stamp",
     "load_lifecycle_policy",
     "load_settings",
     "parse_duration",

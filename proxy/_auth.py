@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import time
@@ -37,7 +36,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from moorage.cache import MayRead
-from moorage.config import AuthSettings, ConfigError, UnreadableFile, read_text
+from moorage.config import NO_FILE, AuthSettings, ConfigError, FileStamp, UnreadableFile, file_stamp, read_text
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
@@ -71,16 +70,8 @@ class Unauthorized(OCIError):
     code, status = "UNAUTHORIZED", 401
 
 
-#: What tells a version of a file from the next: two writes within one tick of the file
-#: system's clock share an mtime, rarely a size and an inode too.
-_Stamp = tuple[int, int, int]
-_NO_FILE: Final[_Stamp] = (0, 0, 0)
 #: ``_failed`` while a file cannot be read: logged once, until it can again.
-_UNREADABLE: Final[tuple[_Stamp, _Stamp]] = ((-1, -1, -1), (-1, -1, -1))
-
-
-def _stamp(info: os.stat_result) -> _Stamp:
-    return info.st_mtime_ns, info.st_size, info.st_ino
+_UNREADABLE: Final[tuple[FileStamp, FileStamp]] = ((-1, -1, -1), (-1, -1, -1))
 
 
 class Htpasswd:
@@ -89,9 +80,9 @@ class Htpasswd:
         self.groups_path = groups_path
         self._users: dict[str, bytes] = {}
         self._groups: dict[str, frozenset[str]] = {}
-        self._mtime: tuple[_Stamp, _Stamp] = (_NO_FILE, _NO_FILE)
+        self._mtime: tuple[FileStamp, FileStamp] = (NO_FILE, NO_FILE)
         #: The files' times when a reload last failed: not tried again until they change.
-        self._failed: tuple[_Stamp, _Stamp] | None = None
+        self._failed: tuple[FileStamp, FileStamp] | None = None
         self._remembered: dict[bytes, float] = {}
         self._key = secrets.token_bytes(32)
         self._generation = 0
@@ -104,7 +95,7 @@ class Htpasswd:
     def load(self) -> None:
         """Read the file; a bad file is a configuration error naming the key and the line."""
         try:
-            mtime = _stamp(self.path.stat())
+            mtime = file_stamp(self.path)
             text = read_text(self.path)
         except (OSError, UnreadableFile) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else exc
@@ -136,12 +127,12 @@ class Htpasswd:
         self._mtime = (mtime, groups_mtime)
         self._generation += 1
 
-    def _load_groups(self) -> tuple[dict[str, frozenset[str]], _Stamp]:
+    def _load_groups(self) -> tuple[dict[str, frozenset[str]], FileStamp]:
         """``group: user1 user2`` lines, as user → groups."""
         if self.groups_path is None:
-            return {}, _NO_FILE
+            return {}, NO_FILE
         try:
-            mtime = _stamp(self.groups_path.stat())
+            mtime = file_stamp(self.groups_path)
             text = read_text(self.groups_path)
         except (OSError, UnreadableFile) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else exc
@@ -176,9 +167,9 @@ class Htpasswd:
         """(the users, the groups with a member) the files name."""
         return frozenset(self._users), frozenset(group for groups in self._groups.values() for group in groups)
 
-    def _mtimes(self) -> tuple[_Stamp, _Stamp]:
-        groups = _stamp(self.groups_path.stat()) if self.groups_path is not None else _NO_FILE
-        return _stamp(self.path.stat()), groups
+    def _mtimes(self) -> tuple[FileStamp, FileStamp]:
+        groups = file_stamp(self.groups_path) if self.groups_path is not None else NO_FILE
+        return file_stamp(self.path), groups
 
     def reload_if_changed(self) -> None:
         """Load the files again when they changed; a version that fails is logged once, and the

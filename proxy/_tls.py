@@ -25,7 +25,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from moorage.config import ConfigError, TlsSettings
+from moorage.config import NO_FILE, ConfigError, FileStamp, TlsSettings, file_stamp
 
 from ._auth import Unauthorized
 
@@ -88,13 +88,13 @@ class ServerTls:
             context.verify_mode = ssl.CERT_OPTIONAL  # a certificate sent is verified; none: see the middleware
         return context
 
-    def _mtimes(self) -> tuple[float, ...]:
+    def _mtimes(self) -> tuple[FileStamp, ...]:
         stamps = []
         for name in (self.settings.cert_file, self.settings.key_file, self.settings.client_ca_file):
             try:
-                stamps.append(Path(name).stat().st_mtime if name is not None else 0.0)
+                stamps.append(file_stamp(Path(name)) if name is not None else NO_FILE)
             except OSError:
-                stamps.append(0.0)
+                stamps.append(NO_FILE)
         return tuple(stamps)
 
     def reload(self) -> None:

@@ -31,7 +31,7 @@ from typing import Final
 
 import httpx
 
-from moorage.config import UnreadableFile, read_text
+from moorage.config import FileStamp, UnreadableFile, file_stamp, read_text
 
 from ._challenge import parse_challenge
 from ._ratelimit import retry_after_seconds
@@ -69,12 +69,11 @@ _SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers
 log = logging.getLogger("moorage.upstreams")
 
 
-def _stamp(path: Path) -> tuple[float, int] | None:
+def _stamp(path: Path) -> FileStamp | None:
     try:
-        info = path.stat()
+        return file_stamp(path)
     except OSError:
         return None
-    return info.st_mtime, info.st_size
 
 
 def scope_for_path(path: str) -> str | None:
