@@ -25,7 +25,7 @@ import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from moorage.upstreams import error_codes, next_link
+from moorage.upstreams import error_codes, error_message, next_link
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference
 
 __all__ = ["WarmFailed", "WarmedImage", "platform_matches", "progress_bars", "warm"]
@@ -157,11 +157,12 @@ async def _find_manifest(
 
 
 def _error_text(status: int, body: bytes) -> str:
-    try:
-        error = json.loads(body)["errors"][0]
-        return f"HTTP {status} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, IndexError, TypeError):
-        return f"HTTP {status}"
+    """An error answer, as the terminal may show it: ``--url`` can name any server, whose
+    message could hold control characters (read through ``error_message``: printable,
+    at most 200 characters)."""
+    codes = ",".join(code for code in sorted(error_codes(body)) if code.isascii() and code.isprintable())[:100]
+    message = error_message(body)
+    return f"HTTP {status} {codes}: {message}" if codes and message else f"HTTP {status}"
 
 
 async def _referrers_of(

@@ -13,7 +13,7 @@ from ._client import (
     TagsPage,
     UpstreamObserver,
 )
-from ._pages import artifact_type_only, cut_tags_page, error_codes, next_link, of_artifact_type
+from ._pages import artifact_type_only, cut_tags_page, error_codes, error_message, next_link, of_artifact_type
 from ._pool import open_upstreams, read_password
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
@@ -58,6 +58,7 @@ __all__ = [
     "artifact_type_only",
     "cut_tags_page",
     "error_codes",
+    "error_message",
     "next_link",
     "of_artifact_type",
     "open_upstreams",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from moorage.proxy._warm import NotTheCache, WarmIncomplete, warm
 from moorage.upstreams.reference import parse_image_reference
@@ -57,3 +57,22 @@ async def test_a_failed_manifest_names_the_image_once(moorage: Client, upstream:
         await warm(str(moorage.make_url("")), [parse_image_reference("owner/app:1")], None, None)
     (failure,) = incomplete.value.failures
     assert str(failure).startswith("docker.io/owner/app:1: HTTP 503"), str(failure)
+
+
+async def test_an_error_from_the_server_named_by_url_reaches_the_terminal_printable() -> None:
+    """``--url`` can name any server: its error message went to the terminal as it came, control
+    characters and all (a screen cleared, a line forged), and at any length."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        message = "\x1b[2J\nforged line " + "x" * 400
+        return web.json_response({"errors": [{"code": "DENIED", "message": message}]}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/v2/{name:.+}/manifests/{reference}", refuse)
+    async with TestServer(app) as server:
+        with pytest.raises(WarmIncomplete) as incomplete:
+            await warm(str(server.make_url("")), [parse_image_reference("owner/app:1")], None, None)
+    (failure,) = incomplete.value.failures
+    text = str(failure)
+    assert "HTTP 403 DENIED: [2Jforged line xxx" in text, text
+    assert text.isprintable() and len(text) < 300, text
