@@ -23,13 +23,19 @@ ALLOWED = {
 }
 
 
-def imports_of(path: Path) -> list[str]:
+def imports_of(path: Path, root: Path = ROOT) -> list[str]:
+    """The full name of everything ``path`` imports, relative imports resolved: ``from
+    ..proxy import errors`` in a module of cache is ``moorage.proxy.errors``, and ``from
+    moorage.cache import _store`` reaches a private module as ``moorage.cache._store`` does."""
+    package = ["moorage", *path.relative_to(root).parent.parts]
     names: list[str] = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = [*base, *(node.module.split(".") if node.module else [])]
+            names += [".".join([*module, alias.name]) for alias in node.names]
     return names
 
 
@@ -50,6 +56,18 @@ def test_arrows_point_down(room: str) -> None:
                 assert not any(p.startswith("_") for p in parts[2:]), (
                     f"{path.relative_to(ROOT)} reaches into a private module: {name}"
                 )
+
+
+def test_relative_imports_are_seen_for_what_they_reach(tmp_path: Path) -> None:
+    """Only absolute imports were checked: ``from ..proxy import errors`` in cache passed."""
+    probe = tmp_path / "cache" / "_probe.py"
+    probe.parent.mkdir()
+    probe.write_text("from ..proxy import errors\nfrom . import _store\nfrom ._index import Index\n")
+    assert imports_of(probe, tmp_path) == [
+        "moorage.proxy.errors",
+        "moorage.cache._store",
+        "moorage.cache._index.Index",
+    ]
 
 
 @pytest.mark.parametrize("room", ["cache", "upstreams", "config"])
