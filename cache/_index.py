@@ -28,6 +28,7 @@ from ._keys import (
     USAGE_KEY,
     IndexKey,
     blob_key,
+    image_key,
     manifest_key,
     pass_key,
     referrers_key,
@@ -365,7 +366,7 @@ class Index:
             for key, when in pulled.items():
                 self._db.set(key, when)
                 if key[0] == "image-pulled":  # an image first seen in this repository by a hit
-                    self._db.add(("image", *key[1:]), when)
+                    self._db.add(image_key(*key[1:]), when)
             if counted_totals is not None:
                 totals = counted_totals
             else:

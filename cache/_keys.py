@@ -106,7 +106,7 @@ def referrers_key(upstream: str, repository: RepositoryName | str, digest: Diges
     return ("referrers", upstream, str(repository), str(digest), query)
 
 
-def pulled_key(upstream: str, repository: RepositoryName, tag: Tag) -> IndexKey:
+def pulled_key(upstream: str, repository: RepositoryName | str, tag: Tag | str) -> IndexKey:
     return ("pulled", upstream, str(repository), str(tag))
 
 

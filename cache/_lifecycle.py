@@ -36,7 +36,7 @@ from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidRefer
 from ._evict import ReadGuard, release
 from ._gc import mark, references
 from ._index import Index, tag_entry
-from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, referrers_key, routes_key
+from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, pulled_key, referrers_key, routes_key
 from ._store import BlobStore, DirectoryStore
 
 __all__ = [
@@ -330,7 +330,7 @@ def preview(
 def pulled_key_of(tag_index_key: IndexKey) -> IndexKey:
     """The pull-time key of the tag a tag answer is for."""
     _, upstream, repository, tag, _accept = tag_index_key
-    return ("pulled", upstream, repository, tag)
+    return pulled_key(upstream, repository, tag)
 
 
 def policy_resolver(upstreams: Iterable[UpstreamSettings]) -> PolicyFor:
