@@ -1092,7 +1092,7 @@ class Cache:
             return None
         if media_type is None and (len(body) > MAX_MANIFEST_BYTES or not is_manifest_document(body)):
             return None
-        if Digest.of(body, digest.algorithm) != digest:
+        if not digest.matches(body):
             self._quarantine(digest, len(body), "manifest")
             return None
         return StoredManifest(body, media_type or sniff_media_type(body))

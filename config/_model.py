@@ -44,7 +44,6 @@ __all__ = [
 ]
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
-Bytes = Annotated[int, BeforeValidator(parse_size)]
 
 
 def _blank_is_unset(value: object) -> object:

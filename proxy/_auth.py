@@ -151,9 +151,6 @@ class Htpasswd:
                 members.setdefault(user, set()).add(group.strip())
         return {user: frozenset(groups) for user, groups in members.items()}, mtime
 
-    def has_user(self, user: str) -> bool:
-        return user in self._users
-
     def password_version(self, user: str) -> str | None:
         """A short fingerprint of the user's password hash; None for no such user. Tokens carry
         it, so a changed password or a removed user ends the tokens issued before."""

@@ -117,8 +117,9 @@ async def serve(settings: Settings, version: str) -> None:
     loop = asyncio.get_running_loop()
     try:
         await main_runner.setup()
-        host, port = split_address(settings.listen)
-        site = web.TCPSite(main_runner, host, port, ssl_context=tls.context if tls else None)
+        site = web.TCPSite(
+            main_runner, settings.listen_host, settings.listen_port, ssl_context=tls.context if tls else None
+        )
         await _start(site, "listen", settings.listen)
         _close_stalled_connections(site, settings.client_send_timeout)
         if settings.metrics_listen is not None:

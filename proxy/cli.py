@@ -53,7 +53,6 @@ from moorage.config import (
     read_text,
     settings_source,
     size_text,
-    split_address,
 )
 from moorage.upstreams import tls_failure
 from moorage.upstreams.reference import ImageReference, InvalidReference, parse_image_reference
@@ -270,7 +269,7 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
     context = None
     if url is None:
         settings = settings_from(config, unhealthy)
-        host, port = split_address(settings.listen)
+        host, port = settings.listen_host, settings.listen_port
         scheme = "https" if settings.tls is not None else "http"
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # asyncio binds "::" to IPv6 alone
         url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"  # an IPv6 address in brackets

@@ -288,7 +288,6 @@ class RegistryClient:
         if trust is None:
             trust = trust_for(None, settings)
         self.host = settings.host
-        self.ratelimit: RateLimitState | None = None
         self._observer: UpstreamObserver = observer or NullObserver()
         timeout = httpx.Timeout(
             connect=settings.timeouts.connect,
@@ -369,7 +368,6 @@ class RegistryClient:
         self._observer.on_response(self.host, request.method, _kind(request.url.path), response.status_code, elapsed)
         state = parse_ratelimit(response.headers)
         if state is not None:
-            self.ratelimit = state
             self._observer.on_ratelimit(self.host, state)
         await self._refuse_downgrade(response)
 

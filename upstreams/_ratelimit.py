@@ -23,7 +23,6 @@ class RateLimitState:
     limit: int | None
     remaining: int | None
     window_seconds: int | None
-    observed_at: float
 
 
 def _number_and_window(value: str) -> tuple[int | None, int | None]:
@@ -48,7 +47,7 @@ def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitState | None:
         return None
     limit, window = _number_and_window(limit_value) if limit_value else (None, None)
     remaining, remaining_window = _number_and_window(remaining_value) if remaining_value else (None, None)
-    return RateLimitState(limit, remaining, window or remaining_window, time.time())
+    return RateLimitState(limit, remaining, window or remaining_window)
 
 
 #: A Retry-After beyond this is taken as this (``1e400`` is a float too).

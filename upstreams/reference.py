@@ -26,7 +26,6 @@ __all__ = [
     "DOCKER_MANIFEST_V1_SIGNED",
     "DOCKER_MANIFEST_V2",
     "INDEX_MEDIA_TYPES",
-    "MANIFEST_MEDIA_TYPES",
     "MAX_MANIFEST_BYTES",
     "MAX_QUERY_LENGTH",
     "MAX_QUERY_PARAMETERS",
@@ -65,7 +64,6 @@ SCHEMA1_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_V1_SIGNED, DOCKER_MANIFE
 
 INDEX_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_LIST, OCI_IMAGE_INDEX})
 IMAGE_MEDIA_TYPES: Final = frozenset({DOCKER_MANIFEST_V2, OCI_IMAGE_MANIFEST})
-MANIFEST_MEDIA_TYPES: Final = INDEX_MEDIA_TYPES | IMAGE_MEDIA_TYPES
 
 #: What we send upstream for a client that accepts indexes: every manifest type we serve.
 ACCEPT_ALL_MANIFESTS: Final = ", ".join([OCI_IMAGE_INDEX, DOCKER_MANIFEST_LIST, OCI_IMAGE_MANIFEST, DOCKER_MANIFEST_V2])
@@ -103,10 +101,6 @@ class RepositoryName(str):
     """A repository name that matched the spec grammar (``library/alpine``)."""
 
     __slots__ = ()
-
-    @property
-    def components(self) -> list[str]:
-        return self.split("/")
 
 
 class Tag(str):
