@@ -64,6 +64,7 @@ from ._keys import (
     route_flight_key,
     tag_key,
 )
+from ._layout import index_dir
 from ._lifecycle import LifecycleResult, PolicyFor, apply_expiries, plan, policy_resolver
 from ._listings import Listings, ReferrersAnswer, TagsAnswer
 from ._observer import CacheObserver, ContentKind, NullCacheObserver
@@ -1549,7 +1550,7 @@ def open_store(root: Path) -> tuple[DirectoryStore, Index]:
     listened, and a liveness probe restarted it, and the count, before it ended."""
     root.mkdir(parents=True, exist_ok=True)
     store = DirectoryStore(root)
-    index = Index(root / "index")
+    index = Index(index_dir(root))
     if index.store_totals() is None and next(store.entries(), None) is None:
         index.write_batch({}, {}, counted_totals=(0, 0))
         index.mark_format()

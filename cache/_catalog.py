@@ -23,6 +23,7 @@ from moorage.upstreams.reference import (
 
 from ._index import Index, Usage
 from ._keys import pulled_key
+from ._layout import index_dir
 from ._store import DirectoryStore
 
 __all__ = ["CachedTag", "StoreSummary", "read_catalog", "read_summary"]
@@ -110,9 +111,9 @@ def read_summary(root: Path) -> StoreSummary:
 
 
 def _open(root: Path) -> tuple[DirectoryStore, Index]:
-    if not (root / "index").is_dir():
+    if not index_dir(root).is_dir():
         raise FileNotFoundError(f"no Moorage store at {root}")
-    return DirectoryStore(root), Index(root / "index")
+    return DirectoryStore(root), Index(index_dir(root))
 
 
 def _image_size(store: DirectoryStore, digest: Digest, depth: int = 0) -> int | None:

@@ -22,6 +22,7 @@ from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidRefer
 from ._clock import within
 from ._evict import ReadGuard, release
 from ._index import Index
+from ._layout import index_dir
 from ._store import BlobStore, DirectoryStore
 
 __all__ = ["GcReport", "collect_garbage", "mark", "parts", "references", "sweep"]
@@ -174,7 +175,7 @@ def sweep(
 def collect_garbage(root: Path, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
     """``moorage gc``: one collection of the store under ``root``, beside or without a daemon."""
     store = DirectoryStore(root)
-    index = Index(root / "index")
+    index = Index(index_dir(root))
     report = GcReport()
     try:
         sweep(store, index, grace_seconds=grace_seconds, dry_run=dry_run, report=report)

@@ -37,6 +37,7 @@ from ._evict import ReadGuard, release
 from ._gc import mark, references
 from ._index import Index, tag_entry
 from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, pulled_key, referrers_key, routes_key
+from ._layout import index_dir
 from ._store import BlobStore, DirectoryStore
 
 __all__ = [
@@ -320,7 +321,7 @@ def preview(
         return upstream in (None, host) and (repository is None or fnmatch.fnmatchcase(name, repository))
 
     store = DirectoryStore(root)
-    index = Index(root / "index")
+    index = Index(index_dir(root))
     try:
         return plan(store, index, policy_resolver(upstreams), time.time() if now is None else now, wanted=wanted)
     finally:

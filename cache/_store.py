@@ -26,6 +26,7 @@ from typing import NamedTuple, Protocol
 
 from moorage.upstreams.reference import Digest, InvalidReference, parse_digest
 
+from ._layout import BLOBS_DIR, TMP_DIR
 from .errors import DigestMismatch, StoreFailure
 
 __all__ = ["BlobStore", "DirectoryStore", "Fingerprint", "PendingBlob", "StoredBlob", "WalkCount", "WriteCheck"]
@@ -249,8 +250,8 @@ class DirectoryStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs_dir = root / "blobs"
-        self.tmp_dir = root / "tmp"
+        self.blobs_dir = root / BLOBS_DIR
+        self.tmp_dir = root / TMP_DIR
         for directory in (self.blobs_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 

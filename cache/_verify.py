@@ -20,6 +20,7 @@ from typing import Final
 from moorage.upstreams.reference import Digest
 
 from ._index import Index
+from ._layout import index_dir
 from ._store import DirectoryStore, Fingerprint
 from .errors import StoreFailure
 
@@ -113,7 +114,7 @@ def verify_store(
                 time.sleep(ahead)
 
     # Opened before any file is looked at: a store of a later format is refused unchanged.
-    index = Index(root / "index")
+    index = Index(index_dir(root))
     forgetting = _Forgetting(store, index)
     try:
         for blob in store.entries():

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from moorage.cache import index_files
 from moorage.config import ConfigError, Settings
 from moorage.upstreams import read_password, trust_for
 
 from ._auth import Htpasswd
 from ._tls import ServerTls
-from ._tokens import TokenKeys
+from ._tokens import TokenKeys, key_path
 
 __all__ = ["policy_warnings", "preflight", "routing_warnings"]
 
@@ -50,7 +51,7 @@ def _file_problems(settings: Settings) -> tuple[list[str], Htpasswd | None]:
             users.executor.shutdown()
     # As serving does: the key signs tokens only for users; unset, the store's own is used
     # (generated at the first start, so only checked once it exists).
-    key = auth.token_signing_key_file or settings.storage.path / "auth" / "token-key.pem"
+    key = key_path(settings)
     if htpasswd_file is not None and (auth.token_signing_key_file is not None or key.exists()):
         try:
             TokenKeys.load(key, create=False)
@@ -139,7 +140,7 @@ def _store_problem(path: Path) -> str | None:
     if path.exists():
         if not path.is_dir():
             return f"{path} is not a directory"
-        for part in (path, path / "index", path / "index" / "cache.db"):  # a store made by another user
+        for part in (path, *index_files(path)):  # a store made by another user
             if part.exists() and not os.access(part, os.W_OK | (os.X_OK if part.is_dir() else 0)):
                 return f"{part} is not writable{_read_only(part)}"
         return None

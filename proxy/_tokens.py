@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.config import Settings
 
-__all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys"]
+__all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys", "key_path"]
 
 SERVICE: Final = "moorage"
 ISSUER: Final = "moorage"
@@ -99,8 +99,7 @@ class TokenKeys:
     def for_settings(cls, settings: Settings) -> TokenKeys:
         """The configured key (which must exist), or the store's own, generated when missing."""
         configured = settings.auth.token_signing_key_file
-        path = configured or settings.storage.path / "auth" / "token-key.pem"
-        return cls.load(path, create=configured is None)
+        return cls.load(key_path(settings), create=configured is None)
 
     def issue(
         self,
@@ -158,3 +157,8 @@ class TokenKeys:
             while len(self._verified) > REMEMBERED_TOKENS:
                 self._verified.popitem(last=False)
         return grant
+
+
+def key_path(settings: Settings) -> Path:
+    """Where the token signing key is: ``auth.token_signing_key_file``, or the store's own."""
+    return settings.auth.token_signing_key_file or settings.storage.path / "auth" / "token-key.pem"

@@ -34,6 +34,7 @@ from moorage.cache import (
     StoreFailure,
     StoreSummary,
     collect_garbage,
+    is_store,
     preview_lifecycle,
     read_catalog,
     read_summary,
@@ -62,7 +63,7 @@ from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_
 from ._logging import configure_logging
 from ._preflight import policy_warnings, preflight, routing_warnings
 from ._serve import ListenFailed, running, serve
-from ._tokens import TokenKeys
+from ._tokens import TokenKeys, key_path
 
 __all__ = ["main"]
 
@@ -156,7 +157,7 @@ def url_problem(url: str, *, path_ok: bool = True, user_ok: bool = False) -> str
 
 
 def _require_store(path: Path, *, store_option: bool = True) -> None:
-    if not (path / "index").is_dir() or not (path / "blobs").is_dir():
+    if not is_store(path):
         where = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
         store = "name the one serve uses with --store DIR, or" if store_option else "name"
         fail(
@@ -716,7 +717,7 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
         # The key is the store's: one made here, beside no store the daemon serves, would sign
         # tokens the daemon refuses; nor is it made here, as this user, for the daemon to find.
         _require_store(settings.storage.path, store_option=False)
-        key_file = settings.storage.path / "auth" / "token-key.pem"
+        key_file = key_path(settings)
         if not key_file.exists():
             fail(f"no token signing key in the store yet ({key_file}): serve, with users set, makes it at its start")
     try:
