@@ -3,9 +3,11 @@
 Handlers parse at the door (path, name, reference, digest), ask the router for an upstream
 and the cache for an answer, and turn the answer into headers and bytes. They raise errors
 and never build error JSON (``errors.error_middleware`` does). Warm blobs go out through
-aiohttp's FileResponse (sendfile, Range, 416), or over TLS, which rules out sendfile, in 512 KiB
-reads; blobs being filled are sent from the growing file, and a fill that fails cuts the
-connection so no client ever takes a short body for a whole one.
+aiohttp's FileResponse (sendfile, Range; an unsatisfiable range is the OCI 416 decided here);
+a request with a condition or a Range this cache ignores (which FileResponse would read
+otherwise) is sent by the handler with sendfile; over TLS, which rules out sendfile, in 512 KiB
+reads on a thread. Blobs being filled are sent from the growing file, and a fill that fails
+cuts the connection so no client ever takes a short body for a whole one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import io
 import json
 import logging
 import os
@@ -324,11 +327,11 @@ def _body_response(size: int, wanted: tuple[int, int] | None, headers: dict[str,
 async def _stream_file(
     request: web.Request, path: Path, size: int, wanted: tuple[int, int] | None, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """A stored blob over TLS, in 512 KiB reads on a thread.
-
-    asyncio's own fallback for ``loop.sendfile`` on a TLS transport reads 16 KiB per thread
-    hand-over, which held a stream to about 80 MB/s.
-    """
+    """A stored blob the handler sends itself: over TLS, and for a request FileResponse would
+    read otherwise (a condition, a Range this cache ignores). With sendfile where the transport
+    allows it (copied through Python, a slow reader held a megabyte or more of the blob); over
+    TLS in 512 KiB reads on a thread (asyncio's own fallback for ``loop.sendfile`` reads 16 KiB
+    per thread hand-over, which held a stream to about 80 MB/s)."""
     digest = headers["Docker-Content-Digest"]
     file = _FileReads(path)
     try:
@@ -340,30 +343,59 @@ async def _stream_file(
         response = _body_response(size, wanted, headers)
         await response.prepare(request)
         try:
-            for offset in range(start, end, TLS_READ_SIZE):
-                count = min(TLS_READ_SIZE, end - offset)
-                chunk = await file.pread(count, offset)
-                if len(chunk) < count:  # shorter than its size: the client must see a short body
-                    log.error(
-                        "cutting response: stored blob is short",
-                        extra={
-                            "event": "response_cut",
-                            "request_id": notes(request).request_id,
-                            "digest": digest,
-                            "offset": offset + len(chunk),
-                        },
-                    )
-                    _cut(request, "STORE_SHORT")
-                    return response
-                await response.write(chunk)
+            sent = await _sendfile(request, file, start, end) if not _is_tls(request) else None
+            if sent is None:
+                sent = await _send_reads(response, file, start, end)
         except ConnectionError:
             note = notes(request)
             note.error, note.cut = "CLIENT_GONE", True
+            return response
+        if sent < end - start:  # shorter than its size: the client must see a short body
+            log.error(
+                "cutting response: stored blob is short",
+                extra={
+                    "event": "response_cut",
+                    "request_id": notes(request).request_id,
+                    "digest": digest,
+                    "offset": start + sent,
+                },
+            )
+            _cut(request, "STORE_SHORT")
             return response
         await response.write_eof()
         return response
     finally:
         file.close()
+
+
+async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int) -> int | None:
+    """Send ``[start, end)`` of an open stored file with sendfile: the bytes sent (fewer than
+    asked where the file is short), or None where the loop cannot sendfile."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client gone")
+    with io.FileIO(file.fileno(), "rb", closefd=False) as view:  # the descriptor stays file's
+        try:
+            return await asyncio.get_running_loop().sendfile(transport, view, start, end - start, fallback=False)
+        except (asyncio.SendfileNotAvailableError, NotImplementedError):
+            return None
+        except RuntimeError:
+            if transport.is_closing():  # asyncio's word for "the client left"
+                raise ConnectionResetError("client gone") from None
+            raise
+
+
+async def _send_reads(response: web.StreamResponse, file: _FileReads, start: int, end: int) -> int:
+    """Send ``[start, end)`` of an open stored file in 512 KiB reads on a thread: the bytes
+    sent (fewer than asked where the file is short)."""
+    for offset in range(start, end, TLS_READ_SIZE):
+        count = min(TLS_READ_SIZE, end - offset)
+        chunk = await file.pread(count, offset)
+        if chunk:
+            await response.write(chunk)
+        if len(chunk) < count:
+            return offset + len(chunk) - start
+    return end - start
 
 
 class _FileReads:
@@ -380,6 +412,11 @@ class _FileReads:
     async def open(self) -> None:
         self._opening = asyncio.ensure_future(asyncio.to_thread(os.open, self._path, os.O_RDONLY))
         await asyncio.shield(self._opening)
+
+    def fileno(self) -> int:
+        """The descriptor, once opened (for sendfile, which reads it on the event loop)."""
+        assert self._opening is not None
+        return self._opening.result()
 
     async def pread(self, count: int, offset: int) -> bytes:
         assert self._opening is not None

@@ -9,6 +9,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -330,6 +331,37 @@ async def test_a_blob_s_validator_is_its_digest_whatever_its_reads_do(
         answers.append(await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"Range": "bytes=0-9"}))
     assert [answer.headers.get("ETag") for answer in answers] == [f'"{digest}"'] * len(answers)
     assert not [answer for answer in answers if "Last-Modified" in answer.headers]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Range": "bytes=0-1,5-6"}, {"If-None-Match": '"sha256:0"'}, {"If-Range": '"{digest}"', "Range": "bytes=10-"}],
+    ids=["ranges", "none_match_other", "if_range"],
+)
+async def test_a_stored_blob_the_handler_sends_goes_by_sendfile(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch, headers: dict[str, str]
+) -> None:
+    """A request with a condition, or a Range this cache ignores, is not FileResponse's to
+    answer. Its body was copied through Python: a megabyte or more of the blob held for each
+    slow reader, where sendfile holds none. (Where the loop cannot sendfile, the reads.)"""
+    data = os.urandom(3 * MiB)
+    digest = upstream.add_blob(data)
+    await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    await until_settled(moorage)
+    offered = asyncio.BaseEventLoop.sendfile
+    asked: list[int] = []
+
+    async def sendfile(self: asyncio.AbstractEventLoop, transport: Any, file: Any, *args: Any, **kwargs: Any) -> int:
+        asked.append(os.fstat(file.fileno()).st_size)
+        return await offered(self, transport, file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", sendfile)
+    response = await moorage.get(
+        f"/v2/alpine/blobs/{digest}", headers={name: value.format(digest=digest) for name, value in headers.items()}
+    )
+    assert response.status in (200, 206)
+    assert await response.read() == (data[10:] if response.status == 206 else data)
+    assert asked == [len(data)], "the stored file offered to sendfile"
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
