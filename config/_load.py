@@ -1,7 +1,8 @@
 """Building the settings: the YAML file, then ``MOORAGE_*`` environment overrides.
 
 Nothing else in Moorage reads the config file, and nothing else reads ``os.environ`` but for
-the variable an upstream's ``password_env`` names (``upstreams/_pool.py``). An override's name is
+the variable an upstream's ``password_env`` names (``upstreams/_pool.py``), the proxy variables
+(``upstreams/_client.py``) and ``SSL_CERT_FILE``/``SSL_CERT_DIR`` (``upstreams/_trust.py``). An override's name is
 ``MOORAGE_`` plus the key path joined with ``__`` (``MOORAGE_STORAGE__PATH``,
 ``MOORAGE_UPSTREAMS__0__USERNAME``). Every problem becomes one :class:`ConfigError` whose
 lines name the file (or variable) and the key, e.g. ``upstreams[1].url: not a URL``.

@@ -1,7 +1,8 @@
-"""JSON-lines logging: every line a JSON object, for the access log and for events.
+"""Logging for the access log and for events: JSON lines, or text lines (``log_format``).
 
-Every line is a JSON object with ``time``, ``level``, ``event`` and the fields the code put
-in ``extra``. Nothing here logs a header, a query string or a URL from upstream (CDN URLs
+A JSON line is an object with ``time``, ``level``, ``event`` and the fields the code put in
+``extra``; a text line gives the same fields as ``name=value``, a value quoted where it could
+pass for a field or a line. Nothing here logs a header, a query string or a URL from upstream (CDN URLs
 carry signatures); httpx and httpcore are held at WARNING because they log request URLs.
 """
 

@@ -3,7 +3,7 @@
 Labels are bounded: upstream host, kind (manifest|blob|tags|referrers|other), result, method, status.
 Never a repository, digest, user or credential. This class is also the upstream observer
 (responses, tokens, retries, rate-limit budgets) and the cache observer (bytes fetched,
-resumes, digest mismatches, stored content).
+resumes, digest mismatches, store failures, evictions, expired images, maintenance passes).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Where httpx ends: its exceptions and HTTP statuses become ``upstreams.errors``.
 
 Every call to an upstream goes through :func:`mapped_errors` and :func:`raise_for_status`;
-nothing above this module catches ``httpx.*``. A change of HTTP client touches this file
-and ``_client``.
+no ``httpx`` exception leaves ``upstreams/``. A change of HTTP client touches the modules built
+on httpx and httpcore: this one, ``_client``, ``_auth``, ``_body``, ``_network``, ``_stream``
+and ``_pool``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """What can go wrong when asking an upstream registry, as one exception tree.
 
     UpstreamError                 base; ``upstream`` names the registry host
+    ├── NoReferrersApi            a referrers request answered with no list: no referrers API
     ├── UpstreamUnavailable       network error, timeout, cut body, 5xx (``status`` when known)
+    │   └── RedirectRefused       a redirect's target (a CDN's signed URL) refused with 401/403
     ├── UpstreamRateLimited       429; ``retry_after`` seconds when the upstream said
     ├── UpstreamNotFound          404: the repository, tag or digest is unknown there
     ├── UpstreamAuthFailed        the token service refused the credentials (or anonymous access)
