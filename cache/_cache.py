@@ -17,6 +17,14 @@ what happened, in the words used everywhere (logs, metrics, README):
 
 A fresh tag costs no upstream request; a stale one costs one HEAD; only a changed digest
 costs a GET. Upstream errors reach the caller only when the cache has nothing to answer with.
+
+:class:`Cache` also keeps what the answers cost and change: usage counters, pull and read
+times and store totals, written to the index in one batch every 10 s (``flush``); it decides
+when a size-cap pass runs (``_schedule_eviction``: over the high watermark, one pass at a time,
+held off while all that is left is in use) and drives the scheduled passes (``every``: gc,
+lifecycle, stale temporaries) whose walks live in ``_evict``, ``_gc`` and ``_lifecycle``.
+:func:`open_cache` opens a store for serving, with its background tasks; :func:`open_store`
+opens one for the commands.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ blob being filled or read in the last few seconds; what was stored in the last s
 belongs to an image pulled lately, goes last and only as far as the store must shrink to get
 halfway between the watermarks. A manifest's tag entries go with it (and the
 in-memory front forgets it), so the next pull fetches it again. Passes never overlap.
+
+Also here, for every sweeper (eviction, gc, lifecycle): :class:`ReadGuard`, which keeps a blob
+a client is about to open from being removed under it, :func:`release`, which empties what a
+walk of the store held without stalling the event loop, and :func:`touch`, which writes the
+read times of the bookkeeping batch to the files.
 """
 
 from __future__ import annotations
