@@ -23,8 +23,8 @@ times and store totals, written to the index in one batch every 10 s (``flush``)
 when a size-cap pass runs (``_schedule_eviction``: over the high watermark, one pass at a time,
 held off while all that is left is in use) and drives the scheduled passes (``every``: gc,
 lifecycle, stale temporaries) whose walks live in ``_evict``, ``_gc`` and ``_lifecycle``.
-:func:`open_cache` opens a store for serving, with its background tasks; :func:`open_store`
-opens one for the commands.
+:func:`open_cache` opens a store for serving (through :func:`open_store`, which creates one
+that is not there yet), with its background tasks.
 """
 
 from __future__ import annotations
