@@ -26,7 +26,7 @@ from ._auth import AUTHENTICATOR, USERS, Authenticator, Htpasswd, auth_middlewar
 from ._handlers import add_routes
 from ._logging import MalformedRequests, RepeatedLines
 from ._metrics import Metrics
-from ._ratelimit import RATE_LIMITER, RateLimiter
+from ._sign_in_limits import RATE_LIMITER, RateLimiter
 from ._state import (
     CACHE,
     FAILURE_LINES,

@@ -41,7 +41,7 @@ from moorage.upstreams.reference import InvalidReference, parse_repository
 
 from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
-from ._ratelimit import RATE_LIMITER, CheckSlots
+from ._sign_in_limits import RATE_LIMITER, CheckSlots
 from ._state import FAILURE_LINES, METRICS, notes
 from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests

@@ -676,7 +676,7 @@ def gc(grace: str | None, dry_run: bool, config: Path | None, store: Path | None
 
 
 #: As auth.token_lifetime allows.
-MAX_TOKEN_LIFETIME: Final = 31 * 86400
+MAX_LOGIN_TOKEN_LIFETIME: Final = 31 * 86400
 
 
 @main.command(
@@ -710,7 +710,7 @@ def login_password(user: str, lifetime: str | None, config: Path | None) -> None
     version = users.password_version(user)
     if version is None:
         fail(f"--user: {user!r} is not in {auth.htpasswd_file}")
-    if not 60 <= seconds <= MAX_TOKEN_LIFETIME:
+    if not 60 <= seconds <= MAX_LOGIN_TOKEN_LIFETIME:
         fail("--lifetime: between 1m and 31d")
     key_file = auth.token_signing_key_file
     if key_file is None:

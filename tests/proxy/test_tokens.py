@@ -32,7 +32,7 @@ from moorage.config import PolicyRule
 from moorage.proxy._auth import USERS
 from moorage.proxy._logging import MalformedRequests
 from moorage.proxy._policy import AccessDenied, Requester, authorize
-from moorage.proxy._ratelimit import RATE_LIMITER, RateLimiter
+from moorage.proxy._sign_in_limits import RATE_LIMITER, RateLimiter
 from moorage.proxy._tokens import TokenInvalid, TokenKeys
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
