@@ -45,8 +45,10 @@ def references(body: bytes) -> tuple[list[Digest], list[Digest]]:
 
 def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], list[Digest], list[Digest]]:
     """(child manifests, config, layers) a manifest refers to, each in the manifest's order;
-    nothing for a body that is not one. ``distributable`` leaves out foreign layers, those with
-    ``urls``: their registry is not the one the manifest came from."""
+    nothing for a body that is not one. The ``blobs`` of an OCI artifact manifest (the type
+    ORAS 1.0 and notation wrote, which ACR, Zot and Harbor still serve) count as layers.
+    ``distributable`` leaves out foreign layers, those with ``urls``: their registry is not the
+    one the manifest came from."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
@@ -73,7 +75,7 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
     return (
         digests(listed("manifests")),
         digests([config] if isinstance(config, dict) else []),
-        digests(listed("layers")),
+        digests(listed("layers") + listed("blobs")),
     )
 
 

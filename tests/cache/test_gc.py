@@ -65,6 +65,26 @@ def test_sweeps_only_what_no_manifest_reaches(tmp_path: Path) -> None:
     assert report.roots == 2 and report.reachable == 7
 
 
+def test_the_blobs_of_an_oci_artifact_manifest_are_kept(tmp_path: Path) -> None:
+    """ORAS 1.0 and notation pushed artifact manifests, which list their content under
+    ``blobs``; ACR, Zot and Harbor still serve them. gc read only config and layers, and
+    swept an artifact's blobs while its manifest stayed cached."""
+    store, index = DirectoryStore(tmp_path), Index(tmp_path / "index")
+    signature, orphan = put(store, os.urandom(100)), put(store, os.urandom(100))
+    body = json.dumps(
+        {
+            "mediaType": "application/vnd.oci.artifact.manifest.v1+json",
+            "artifactType": "application/vnd.cncf.notary.signature",
+            "blobs": [{"mediaType": "application/jose+json", "digest": str(signature), "size": 100}],
+        }
+    ).encode()
+    artifact = put(store, body)
+    index.put_manifest(artifact, "application/vnd.oci.artifact.manifest.v1+json")
+    report = sweep(store, index, grace_seconds=0)
+    assert report.swept == [str(orphan)]
+    assert store.size_of(signature) is not None
+
+
 def test_a_blob_written_before_the_clock_stepped_back_is_not_young(tmp_path: Path) -> None:
     """A file time ahead of now was written before the clock was stepped back (NTP correcting a
     clock that ran ahead): unreachable garbage it is, and it was kept as young for as long as
