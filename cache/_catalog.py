@@ -18,6 +18,7 @@ from moorage.upstreams.reference import (
     InvalidReference,
     RepositoryName,
     Tag,
+    descriptors,
     parse_digest,
 )
 
@@ -118,21 +119,26 @@ def _open(root: Path) -> tuple[DirectoryStore, Index]:
 
 def _image_size(store: DirectoryStore, digest: Digest, depth: int = 0) -> int | None:
     body = store.read_small(digest, MAX_MANIFEST_BYTES)
-    if body is None or depth > 1:
+    if body is None or depth > 3:  # an index of indexes, at most three deep
         return None
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
         return None
+    if not isinstance(document, dict):
+        return None
     if "manifests" in document:
         sizes = []
-        for child in document.get("manifests", []):
+        for child in descriptors(document, "manifests"):
             try:
-                size = _image_size(store, parse_digest(child.get("digest", "")), depth + 1)
+                size = _image_size(store, parse_digest(str(child.get("digest", ""))), depth + 1)
             except InvalidReference:
                 size = None
             if size is not None:
                 sizes.append(size)
         return sum(sizes) if sizes else None
-    parts = [document.get("config", {}), *document.get("layers", [])]
-    return sum(int(part.get("size", 0)) for part in parts)
+    config = document.get("config")
+    parts = [config] if isinstance(config, dict) else []
+    parts += descriptors(document, "layers") + descriptors(document, "blobs")
+    stored = [part.get("size") for part in parts if not part.get("urls")]  # a foreign layer is never stored
+    return sum(size for size in stored if isinstance(size, int) and size >= 0)

@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
+from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, descriptors, parse_digest
 
 from ._clock import within
 from ._evict import ReadGuard, release
@@ -56,26 +57,22 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
     if not isinstance(document, dict):
         return [], [], []
 
-    def digests(descriptors: list[object]) -> list[Digest]:
+    def digests(listed: list[dict[str, Any]]) -> list[Digest]:
         found = []
-        for descriptor in descriptors:
-            if distributable and isinstance(descriptor, dict) and descriptor.get("urls"):
+        for descriptor in listed:
+            if distributable and descriptor.get("urls"):
                 continue
             try:
-                found.append(parse_digest(str(descriptor.get("digest", ""))))  # type: ignore[attr-defined]
-            except (InvalidReference, AttributeError):
+                found.append(parse_digest(descriptor["digest"]))
+            except InvalidReference:
                 continue
         return found
 
-    def listed(key: str) -> list[object]:  # Go writes a nil slice as null
-        value = document.get(key)
-        return value if isinstance(value, list) else []
-
     config = document.get("config")
     return (
-        digests(listed("manifests")),
+        digests(descriptors(document, "manifests")),
         digests([config] if isinstance(config, dict) else []),
-        digests(listed("layers") + listed("blobs")),
+        digests(descriptors(document, "layers") + descriptors(document, "blobs")),
     )
 
 

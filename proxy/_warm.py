@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from moorage.upstreams import error_codes, error_message, next_link
-from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, INDEX_MEDIA_TYPES, ImageReference, descriptors
 
 __all__ = ["WarmFailed", "WarmedImage", "platform_matches", "progress_bars", "warm"]
 
@@ -36,6 +36,8 @@ CHUNK: Final = 1024 * 1024
 COSIGN_TAG_SUFFIXES: Final = (".sig", ".att", ".sbom")
 #: Pages of a referrers list followed at most.
 MAX_REFERRER_PAGES: Final = 100
+#: Indexes within an index followed at most (one level is as deep as registries nest them).
+MAX_NESTED_INDEXES: Final = 4
 
 
 class WarmFailed(Exception):
@@ -153,7 +155,32 @@ async def _find_manifest(
                 " --url must name the cache, not a registry"
             )
         warmed.results[response.headers["X-Moorage-Cache"]] += 1
-        return json.loads(body), response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            document = None
+        if not isinstance(document, dict):
+            raise WarmFailed(f"{image}: {reference}: the cache answered something that is no manifest")
+        return document, response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
+
+
+def _blobs_of(manifest: dict[str, Any]) -> dict[str, int]:
+    """The blobs an image manifest needs pulled, with their sizes: its config and layers (and
+    an OCI artifact manifest's ``blobs``), but no foreign layer (one with ``urls``, as Windows
+    base layers are: its registry is another, and no registry the cache asks has it)."""
+    config = manifest.get("config")
+    parts = [config] if isinstance(config, dict) and isinstance(config.get("digest"), str) else []
+    parts += descriptors(manifest, "layers") + descriptors(manifest, "blobs")
+    blobs: dict[str, int] = {}
+    for descriptor in parts:
+        if not descriptor.get("urls"):
+            size = descriptor.get("size")
+            blobs[descriptor["digest"]] = size if isinstance(size, int) and size >= 0 else 0
+    return blobs
+
+
+def _is_index(document: dict[str, Any], media_type: str) -> bool:
+    return media_type in INDEX_MEDIA_TYPES or "manifests" in document
 
 
 def _error_text(status: int, body: bytes) -> str:
@@ -176,7 +203,7 @@ async def _referrers_of(
         if referrer in found:
             return
         found[referrer] = document
-        for child in document.get("manifests", []):  # an index of attestations: its manifests too
+        for child in descriptors(document, "manifests"):  # an index of attestations: its manifests too
             child_document, _, child_digest = await _get_manifest(session, image, child["digest"], warmed)
             found[child_digest] = child_document
 
@@ -184,7 +211,7 @@ async def _referrers_of(
     prefix = digest.replace(":", "-")
     if listed is None:  # no referrers API: the tag schema's index lists them, under sha256-<hex>
         schema = await _find_manifest(session, image, prefix, warmed)
-        listed = [entry["digest"] for entry in schema[0].get("manifests", [])] if not isinstance(schema, str) else []
+        listed = [] if isinstance(schema, str) else [entry["digest"] for entry in descriptors(schema[0], "manifests")]
     for referrer in listed:
         document, _, got = await _get_manifest(session, image, referrer, warmed)
         await add(document, got)
@@ -207,7 +234,13 @@ async def _referrers_list(session: aiohttp.ClientSession, image: ImageReference,
                 return None
             if response.status != 200:
                 raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
-            named += [entry["digest"] for entry in json.loads(body).get("manifests", [])]
+            try:
+                page = json.loads(body)
+            except (ValueError, RecursionError):
+                page = None
+            if not isinstance(page, dict):
+                raise WarmFailed(f"{image}: referrers of {digest}: the cache answered something that is no list")
+            named += [entry["digest"] for entry in descriptors(page, "manifests")]
             following = next_link(response.headers.get("Link", ""))
         if following is None:
             return named
@@ -225,28 +258,17 @@ async def _warm_one(
     warmed = WarmedImage(str(image), "")
     document, media_type, warmed.digest = await _get_manifest(session, image, str(image.reference), warmed)
     manifests = [document]
-    if media_type in INDEX_MEDIA_TYPES or "manifests" in document:
-        entries = [
-            entry
-            for entry in document.get("manifests", [])
-            if platforms is None or any(platform_matches(entry, wanted) for wanted in platforms)
-        ]
-        if not entries:
+    if _is_index(document, media_type):
+        manifests = await _platform_images(session, image, document, platforms, referrers, warmed)
+        if not manifests:
             raise WarmFailed(f"{image}: no platform matches {', '.join(platforms or [])}")
-        manifests = []
-        for entry in entries:
-            warmed.platforms.append(_platform_name(entry))
-            child, _, _ = await _get_manifest(session, image, entry["digest"], warmed)
-            manifests.append(child)
     if referrers:
         attached = await _referrers_of(session, image, warmed.digest, warmed)
-        warmed.referrers = len(attached)
+        warmed.referrers += len(attached)
         manifests.extend(attached)
     blobs: dict[str, int] = {}
     for manifest in manifests:
-        for descriptor in [manifest.get("config", {}), *manifest.get("layers", [])]:
-            if descriptor.get("digest"):
-                blobs[descriptor["digest"]] = int(descriptor.get("size", 0))
+        blobs.update(_blobs_of(manifest))
     limit = asyncio.Semaphore(PARALLEL_BLOBS)
 
     async def fetch(blob: str, size: int) -> None:
@@ -265,6 +287,62 @@ async def _warm_one(
 
     await asyncio.gather(*(fetch(blob, size) for blob, size in blobs.items()))
     return warmed
+
+
+async def _platform_images(
+    session: aiohttp.ClientSession,
+    image: ImageReference,
+    index: dict[str, Any],
+    platforms: Sequence[str] | None,
+    attestations: bool,
+    warmed: WarmedImage,
+    depth: int = 0,
+) -> list[dict[str, Any]]:
+    """The image manifests of ``platforms`` (every one for None) an index leads to, pulled
+    through the cache: through the indexes it nests too (an entry with no platform is
+    followed, and is no image of a platform asked for). With ``attestations``, also the
+    attestation manifests BuildKit keeps in the index for the images chosen (``unknown/unknown``
+    entries whose ``vnd.docker.reference.digest`` names one): the SBOM and provenance a
+    verifier looks for, which no referrers list names."""
+    chosen: list[dict[str, Any]] = []
+    chosen_digests: set[str] = set()
+    entries = descriptors(index, "manifests")
+    for entry in entries:
+        platform = entry.get("platform")
+        if _attests(entry) is not None:
+            continue
+        if (
+            platforms is not None
+            and isinstance(platform, dict)
+            and not any(platform_matches(entry, wanted) for wanted in platforms)
+        ):
+            continue
+        child, child_type, child_digest = await _get_manifest(session, image, entry["digest"], warmed)
+        if _is_index(child, child_type):
+            if depth < MAX_NESTED_INDEXES:
+                chosen += await _platform_images(session, image, child, platforms, attestations, warmed, depth + 1)
+            continue
+        if platforms is not None and not isinstance(platform, dict):
+            continue  # an image of no platform named: not one asked for
+        warmed.platforms.append(_platform_name(entry))
+        chosen.append(child)
+        chosen_digests.add(child_digest)
+    for entry in entries:
+        if (attestations or platforms is None) and _attests(entry) in chosen_digests:
+            child, _, _ = await _get_manifest(session, image, entry["digest"], warmed)
+            chosen.append(child)
+            if platforms is not None:  # with every platform, they are part of the image
+                warmed.referrers += 1
+    return chosen
+
+
+def _attests(entry: dict[str, Any]) -> str | None:
+    """The digest an index entry is BuildKit's attestation manifest of, if it is one."""
+    annotations = entry.get("annotations")
+    if not isinstance(annotations, dict) or annotations.get("vnd.docker.reference.type") != "attestation-manifest":
+        return None
+    attested = annotations.get("vnd.docker.reference.digest")
+    return attested if isinstance(attested, str) else None
 
 
 def progress_bars(console: Console) -> Progress:

@@ -13,9 +13,9 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "RepositoryName",
     "Tag",
     "accept_class",
+    "descriptors",
     "is_manifest_document",
     "is_media_type",
     "is_page_size",
@@ -249,6 +250,16 @@ def page_query(parameters: Iterable[tuple[str, str]]) -> str | None:
             return None
     query = urlencode(ordered)
     return query if len(query) <= MAX_QUERY_LENGTH else None
+
+
+def descriptors(document: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """The descriptors a parsed manifest lists under ``key`` (``manifests``, ``layers``, an
+    artifact manifest's ``blobs``): none where Go wrote an empty list as null, and no entry
+    that is not an object with a digest."""
+    listed = document.get(key)
+    if not isinstance(listed, list):
+        return []
+    return [entry for entry in listed if isinstance(entry, dict) and isinstance(entry.get("digest"), str)]
 
 
 def is_manifest_document(body: bytes) -> bool:

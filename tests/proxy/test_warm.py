@@ -3,17 +3,22 @@ a layer whose every transfer is cut."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from moorage.cache import read_catalog
 from moorage.proxy._warm import NotTheCache, WarmIncomplete, warm
-from moorage.upstreams.reference import parse_image_reference
-from tests.fakes import FakeRegistry
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_image_reference
+from tests.fakes import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, FakeRegistry
 
 Client = TestClient[web.Request, web.Application]
+ALL = {"Accept": ACCEPT_ALL_MANIFESTS}
 
 
 async def test_a_transfer_the_cache_cuts_fails_that_image_and_warms_the_rest(
@@ -76,3 +81,97 @@ async def test_an_error_from_the_server_named_by_url_reaches_the_terminal_printa
     text = str(failure)
     assert "HTTP 403 DENIED: [2Jforged line xxx" in text, text
     assert text.isprintable() and len(text) < 300, text
+
+
+def oci_manifest(config: tuple[str, int], layers: list[dict[str, Any]] | None) -> bytes:
+    """An OCI image manifest written by hand: ``layers`` None is Go's empty list."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config[0], "size": config[1]},
+            "layers": layers,
+        }
+    ).encode()
+
+
+def entry(digest: str, body: bytes, media_type: str, **fields: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digest, "size": len(body), **fields}
+
+
+async def test_warm_takes_the_manifests_registries_write_besides_plain_images(
+    moorage: Client, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Each of these failed warm: a manifest with ``"layers": null`` (Go's empty list; ``ls``
+    failed on it too, both with a traceback), an image with a foreign layer (Windows base
+    layers carry ``urls``: no registry the cache asks has them, and the 404 failed the image),
+    and an index within an index (no platform matched; with every platform, nothing below the
+    inner index was pulled, and the run said it was warmed)."""
+    config = b'{"os": "linux", "architecture": "amd64"}'
+    config_entry = (upstream.add_blob(config), len(config))
+    upstream.add_manifest("owner/nulls", "1", oci_manifest(config_entry, None), OCI_MANIFEST)
+    layer = os.urandom(1000)
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", "size": 5_000_000}
+    foreign |= {"digest": "sha256:" + "f" * 64, "urls": ["https://mcr.microsoft.com/base-layer"]}
+    layers = [entry(upstream.add_blob(layer), layer, OCI_LAYER), foreign]
+    upstream.add_manifest("owner/windows", "1", oci_manifest(config_entry, layers), OCI_MANIFEST)
+    image = upstream.add_image("owner/nested", None, [layer], media_type=OCI_MANIFEST)
+    inner = upstream.add_index("owner/nested", None, [(image.digest, "linux", "amd64")], OCI_INDEX)
+    inner_body = await (await moorage.get(f"/v2/owner/nested/manifests/{inner}", headers=ALL)).read()
+    outer = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(inner, inner_body, OCI_INDEX)]})
+    upstream.add_manifest("owner/nested", "1", outer.encode(), OCI_INDEX)
+    names = [parse_image_reference(f"owner/{name}:1") for name in ("nulls", "windows", "nested")]
+    url = str(moorage.make_url(""))
+    for platforms in (["linux/amd64"], None):
+        warmed = await warm(url, names, platforms, None)
+        assert [(image.image, image.blobs) for image in warmed] == [
+            ("docker.io/owner/nulls:1", 1),
+            ("docker.io/owner/windows:1", 2),
+            ("docker.io/owner/nested:1", 2),
+        ]
+        assert warmed[2].platforms == ["linux/amd64"]
+    sizes = {tag.repository: tag.size for tag in read_catalog(tmp_path / "store")}
+    assert sizes["owner/nulls"] == len(config)
+    assert sizes["owner/windows"] == len(config) + len(layer), "the foreign layer is never stored"
+
+
+async def test_warm_with_referrers_takes_the_attestations_buildkit_keeps_in_the_index(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """BuildKit keeps an image's SBOM and provenance as ``unknown/unknown`` entries of its index
+    (Docker Official Images carry them), which no referrers list names: ``--referrers`` with a
+    platform left them behind, and only ``--all-platforms`` took them."""
+    image = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
+    other = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST, architecture="arm64")
+    statement = os.urandom(300)
+    config = b"{}"
+    attestation_body = oci_manifest(
+        (upstream.add_blob(config), len(config)),
+        [entry(upstream.add_blob(statement), statement, "application/vnd.in-toto+json")],
+    )
+    attestation = upstream.add_manifest("owner/app", None, attestation_body, OCI_MANIFEST)
+    annotations = {"vnd.docker.reference.type": "attestation-manifest", "vnd.docker.reference.digest": image.digest}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            entry(image.digest, image.manifest, OCI_MANIFEST, platform={"os": "linux", "architecture": "amd64"}),
+            entry(other.digest, other.manifest, OCI_MANIFEST, platform={"os": "linux", "architecture": "arm64"}),
+            entry(
+                attestation,
+                attestation_body,
+                OCI_MANIFEST,
+                platform={"os": "unknown", "architecture": "unknown"},
+                annotations=annotations,
+            ),
+        ],
+    }
+    upstream.add_manifest("owner/app", "1", json.dumps(index).encode(), OCI_INDEX)
+    url = str(moorage.make_url(""))
+    (plain,) = await warm(url, [parse_image_reference("owner/app:1")], ["linux/amd64"], None)
+    assert (plain.platforms, plain.blobs, plain.referrers) == (["linux/amd64"], 2, 0)
+    (signed,) = await warm(url, [parse_image_reference("owner/app:1")], ["linux/amd64"], None, referrers=True)
+    assert (signed.platforms, signed.blobs, signed.referrers) == (["linux/amd64"], 4, 1)
+    (every,) = await warm(url, [parse_image_reference("owner/app:1")], None, None)
+    assert every.platforms == ["linux/amd64", "linux/arm64"], "an attestation is no platform"
+    assert every.blobs == 6
