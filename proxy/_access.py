@@ -71,7 +71,7 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         await response.prepare(request)  # a stored blob's whole body goes out here (sendfile)
         await response.write_eof()
-    except ConnectionError:
+    except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
         note.error = note.error or "CLIENT_GONE"
         note.cut = True
     except asyncio.CancelledError:

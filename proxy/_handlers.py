@@ -346,7 +346,7 @@ async def _stream_file(
             sent = await _sendfile(request, file, start, end) if not _is_tls(request) else None
             if sent is None:
                 sent = await _send_reads(response, file, start, end)
-        except ConnectionError:
+        except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
             note = notes(request)
             note.error, note.cut = "CLIENT_GONE", True
             return response
@@ -370,7 +370,9 @@ async def _stream_file(
 
 async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int) -> int | None:
     """Send ``[start, end)`` of an open stored file with sendfile: the bytes sent (fewer than
-    asked where the file is short), or None where the loop cannot sendfile."""
+    asked where the file is short), or None where the loop cannot sendfile. Never over TLS
+    (the caller checks): asyncio answers that with a RuntimeError, taken here for a client
+    gone."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client gone")
@@ -458,7 +460,7 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         await response.prepare(request)
         try:
             await _send_growing(request, response, reader, start, end)
-        except ConnectionError:
+        except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
             note = notes(request)
             note.error, note.cut = "CLIENT_GONE", True  # the fill goes on without this client
             return response

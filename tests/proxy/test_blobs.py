@@ -34,7 +34,7 @@ def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         async def no_sendfile(self: asyncio.AbstractEventLoop, *args: object, **kwargs: object) -> int:
             if kwargs.get("fallback", True):  # aiohttp's FileResponse: copy through the loop
                 raise NotImplementedError
-            raise asyncio.SendfileNotAvailableError("not over TLS")  # what an SSL transport raises
+            raise asyncio.SendfileNotAvailableError("no sendfile")  # a loop without it (TLS is never asked)
 
         monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
     return str(request.param)
