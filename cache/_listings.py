@@ -120,8 +120,19 @@ class Listings:
         entry = await asyncio.to_thread(self._index.tags, key) if kept else self._page(key, TagsEntry)
         if entry is not None and within(entry.fetched_at, self._clock(), ttl):
             return TagsAnswer(entry.body, entry.next_query, "hit")
-        if entry is not None and self._stale.backing_off(key):
-            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=BACKING_OFF)
+        stand_in = entry
+
+        async def on_hand() -> bool:
+            """Whether a stale answer is on hand: the one kept, or the page cut from the whole
+            list (read from the index only when the upstream is slow or failing)."""
+            nonlocal stand_in
+            if stand_in is None:
+                stand_in = await self._page_of_kept_list(source, repository, query)
+            return stand_in is not None
+
+        if self._stale.backing_off(key) and await on_hand():
+            assert stand_in is not None
+            return TagsAnswer(stand_in.body, stand_in.next_query, "stale", stale_reason=BACKING_OFF)
 
         async def fetch() -> TagsAnswer:
             page = await source.list_tags(repository, query)
@@ -133,14 +144,13 @@ class Listings:
             return TagsAnswer(page.body, page.next_query, "miss")
 
         try:
-            answer, joined = await self._ask(key, self._tags_flights, fetch, kept_one=entry is not None)
+            answer, joined = await self._ask(key, self._tags_flights, fetch, on_hand)
         except (UpstreamError, TimeoutError) as exc:
-            if entry is None and not isinstance(exc, UpstreamNotFound):
-                entry = await self._page_of_kept_list(source, repository, query)
-            if isinstance(exc, UpstreamNotFound) or entry is None:
+            if isinstance(exc, UpstreamNotFound) or not await on_hand():
                 raise
+            assert stand_in is not None
             reason = self._failed(key, exc, source.host, repository, "tag list")
-            return TagsAnswer(entry.body, entry.next_query, "stale", stale_reason=reason)
+            return TagsAnswer(stand_in.body, stand_in.next_query, "stale", stale_reason=reason)
         self._stale.succeeded(key)
         return replace(answer, result="coalesced") if joined else answer
 
@@ -175,6 +185,10 @@ class Listings:
             return ReferrersAnswer(entry.body, entry.next_query, "hit")
         if entry is not None and self._stale.backing_off(key):
             return ReferrersAnswer(entry.body, entry.next_query, "stale", stale_reason=BACKING_OFF)
+        kept_one = entry is not None
+
+        async def on_hand() -> bool:
+            return kept_one
 
         async def fetch() -> ReferrersAnswer:
             try:
@@ -189,7 +203,7 @@ class Listings:
             return ReferrersAnswer(fresh.body, fresh.next_query, "miss")
 
         try:
-            answer, joined = await self._ask(key, self._referrers_flights, fetch, kept_one=entry is not None)
+            answer, joined = await self._ask(key, self._referrers_flights, fetch, on_hand)
         except (UpstreamError, TimeoutError) as exc:
             if isinstance(exc, UpstreamNotFound) or entry is None:  # the repository is gone
                 raise
@@ -203,14 +217,17 @@ class Listings:
         key: IndexKey,
         flights: SingleFlight[IndexKey, _Answer],
         fetch: Callable[[], Awaitable[_Answer]],
-        *,
-        kept_one: bool,
+        on_hand: Callable[[], Awaitable[bool]],
     ) -> tuple[_Answer, bool]:
-        """The upstream's listing, joined or fetched: waited for however long when none is
-        kept, within ``revalidate_timeout`` when one is (TimeoutError past it)."""
-        if not kept_one:
-            return await flights.run(key, fetch)
-        return await self._stale.in_time(key, lambda: flights.run(key, partial(self._stale.asking, key, fetch)))
+        """The upstream's listing, joined or fetched: within ``revalidate_timeout`` where a
+        stale answer is ``on_hand`` (TimeoutError past it), however long where none is."""
+        asking = partial(self._stale.asking, key, fetch)
+        try:
+            return await self._stale.in_time(key, lambda: flights.run(key, asking))
+        except TimeoutError:
+            if await on_hand():
+                raise
+            return await flights.run(key, asking)  # nothing to answer with: wait on
 
     def _failed(self, key: IndexKey, error: Exception, upstream: str, repository: RepositoryName, what: str) -> str:
         """A listing kept is served stale for a back-off: why, logged by the first caller."""

@@ -237,7 +237,8 @@ class Htpasswd:
 
 _DUMMY: Final = bcrypt.hashpw(b"dummy", bcrypt.gensalt(10))
 #: Threads for bcrypt checks, and the checks each client may have in flight: a client never has
-#: more queued than there are threads, so another's check waits for one check at most.
+#: more queued than there are threads, so another's check waits behind two checks of each
+#: client bursting at once, not behind every guess of one.
 CHECK_THREADS: Final = 2
 #: The htpasswd users on the application, when client authentication is on.
 USERS: Final = web.AppKey("users", Htpasswd)

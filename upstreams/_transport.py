@@ -3,7 +3,7 @@
 Every call to an upstream goes through :func:`mapped_errors` and :func:`raise_for_status`;
 no ``httpx`` exception leaves ``upstreams/``. A change of HTTP client touches the modules built
 on httpx and httpcore: this one, ``_client``, ``_auth``, ``_body``, ``_network``, ``_stream``
-and ``_pool``.
+and ``_pool``, and the transport the proxy's tests hand in (``build_app``).
 """
 
 from __future__ import annotations

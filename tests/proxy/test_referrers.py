@@ -124,6 +124,25 @@ async def test_a_stale_listing_waits_for_a_hung_upstream_once_then_backs_off(
         assert listed(first) == [signature]
 
 
+async def test_a_page_cut_from_the_kept_tag_list_waits_for_a_hung_upstream_once(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A page asked for with ``n`` (as clients that page always do) and never kept is cut from
+    the whole list kept while the upstream fails; it was cut only after every try had failed,
+    each request waiting them all out, and the back-off never consulted."""
+    moorage = await start_moorage(tags_list_ttl="1m", revalidate_timeout="0.5s", stale_backoff="30s")
+    for tag in ("a", "b", "c"):
+        upstream.add_image("owner/app", tag, [tag.encode()])
+    assert (await (await moorage.get("/v2/owner/app/tags/list")).json())["tags"] == ["a", "b", "c"]
+    advance_clock(moorage, 61)
+    upstream.reset_requests()
+    upstream.delay_next(1, 20.0, paths=r"/tags/list")
+    answers = [await moorage.get("/v2/owner/app/tags/list?n=2") for _ in range(3)]
+    assert [answer.headers["X-Moorage-Cache"] for answer in answers] == ["stale"] * 3
+    assert [(await answer.json())["tags"] for answer in answers] == [["a", "b"]] * 3
+    assert len(upstream.requests) == 1, "asked once: the back-off answers the others"
+
+
 async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
     moorage: Client, upstream: FakeRegistry
 ) -> None:
