@@ -76,6 +76,22 @@ def parts(body: bytes, *, distributable: bool = False) -> tuple[list[Digest], li
     )
 
 
+def subject_of(body: bytes) -> Digest | None:
+    """The manifest a referrer (a signature, an SBOM, an attestation) names as its ``subject``;
+    None for a manifest that names none."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    subject = document.get("subject") if isinstance(document, dict) else None
+    if not isinstance(subject, dict):
+        return None
+    try:
+        return parse_digest(str(subject.get("digest", "")))
+    except InvalidReference:
+        return None
+
+
 def default_platform(body: bytes) -> Digest | None:
     """The manifest an index names for linux/amd64 (its first such entry), which Docker Hub and
     Distribution answer a client that takes no index with; None for anything else."""

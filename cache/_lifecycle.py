@@ -34,7 +34,7 @@ from moorage.config import (
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, parse_digest
 
 from ._evict import ReadGuard, release
-from ._gc import mark, references
+from ._gc import mark, references, subject_of
 from ._index import Index, tag_entry
 from ._keys import IndexKey, blob_key, image_key, image_pulled_key, manifest_key, pulled_key, referrers_key, routes_key
 from ._layout import index_dir
@@ -68,8 +68,11 @@ class CachedImage:
     pushed_at: float
     #: Last pulled through the cache; None when never (ECR then uses the push time).
     pulled_at: float | None = None
-    #: Platform manifests of an index cached for the repository, which go with it.
+    #: What goes with it, cached for the repository: the manifests of an index (those of an
+    #: index it holds too), and the referrers (signatures, SBOMs) that name it or one of them.
     children: tuple[Digest, ...] = ()
+    #: The manifest it names as its subject, for a referrer.
+    subject: Digest | None = None
 
     @property
     def name(self) -> str:
@@ -81,6 +84,9 @@ class CachedImage:
 class Expiry:
     image: CachedImage
     rule: LifecycleRule
+    #: Of its children, those an image of the repository that stays carries too (an index
+    #: tagged anew over some of the same platform manifests): they stay with that image.
+    shared: frozenset[Digest] = frozenset()
 
     @property
     def reason(self) -> str:
@@ -124,7 +130,11 @@ def evaluate(policy: LifecyclePolicy, images: Iterable[CachedImage], now: float)
             if image.digest not in seen and image.digest not in expired:
                 expired[image.digest] = Expiry(image, rule)
         seen.update(image.digest for image in identified)
-    return sorted(expired.values(), key=lambda expiry: expiry.image.pushed_at)
+    staying = {part for image in images if image.digest not in expired for part in (image.digest, *image.children)}
+    return sorted(
+        (replace(expiry, shared=frozenset(staying.intersection(expiry.image.children))) for expiry in expired.values()),
+        key=lambda expiry: expiry.image.pushed_at,
+    )
 
 
 def read_images(
@@ -160,6 +170,7 @@ def read_images(
                 continue  # evicted or quarantined meanwhile: no longer an image of the cache
             body = store.read_small(digest, MAX_MANIFEST_BYTES)
             children = tuple(references(body)[0]) if body is not None else ()
+            subject = subject_of(body) if body is not None else None
             found.append(
                 CachedImage(
                     upstream,
@@ -169,6 +180,7 @@ def read_images(
                     pushed_at,
                     pulled.get((upstream, repository, digest_text)),
                     children,
+                    subject,
                 )
             )
         images[upstream, repository] = _fold_platforms(found)
@@ -178,28 +190,43 @@ def read_images(
 def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
     """A platform manifest an index of the repository refers to is part of that image when it
     has no tags the index lacks (a tag cached for old clients as the platform manifest is
-    the same tag); the index then carries it as a child, and it is not judged alone."""
+    the same tag); so is an index within the index, with what it holds, and a referrer (a
+    signature, an SBOM) of any of them with no tags of its own. The image then carries them
+    as children, and none is judged alone: expired alone, an inner index's platform manifests
+    stayed behind for good, and an untagged-images rule took an image's signatures from it."""
     tags_of = {image.digest: image.tags for image in images}
     folded: dict[Digest, set[Digest]] = {}
-    absorbed: set[Digest] = set()
     for parent in images:
         for child in parent.children:
             if child in tags_of and child != parent.digest and tags_of[child] <= parent.tags:
                 folded.setdefault(parent.digest, set()).add(child)
-                absorbed.add(child)
+    for referrer in images:
+        subject = referrer.subject
+        if subject in tags_of and subject != referrer.digest and referrer.tags <= tags_of[subject]:
+            folded.setdefault(subject, set()).add(referrer.digest)
+    absorbed = {child for children in folded.values() for child in children}
+
+    def carried(digest: Digest) -> set[Digest]:
+        """What ``digest`` carries, through what it carries."""
+        found: set[Digest] = set()
+        waiting = list(folded.get(digest, ()))
+        while waiting:
+            child = waiting.pop()
+            if child not in found and child != digest:
+                found.add(child)
+                waiting.extend(folded.get(child, ()))
+        return found
+
     pulled_of = {image.digest: image.pulled_at for image in images if image.pulled_at is not None}
+    whole = [(image, carried(image.digest)) for image in images if image.digest not in absorbed]
     return [
         replace(
             image,
-            children=tuple(sorted(folded.get(image.digest, ()), key=str)),
+            children=tuple(sorted(children, key=str)),
             # A pull of a platform manifest (pods pinned to its digest) is a pull of the image.
-            pulled_at=max(
-                (pulled_of[d] for d in (image.digest, *folded.get(image.digest, ())) if d in pulled_of),
-                default=image.pulled_at,
-            ),
+            pulled_at=max((pulled_of[d] for d in (image.digest, *children) if d in pulled_of), default=image.pulled_at),
         )
-        for image in images
-        if image.digest not in absorbed
+        for image, children in whole
     ]
 
 
@@ -257,7 +284,7 @@ def apply_expiries(
     gone: set[Digest] = set()
     for expiry in expiries:
         image = expiry.image
-        for digest in (image.digest, *image.children):
+        for digest in _parts_going(expiry):
             keys: list[IndexKey] = [
                 image_key(image.upstream, image.repository, digest),
                 image_pulled_key(image.upstream, image.repository, digest),
@@ -268,11 +295,7 @@ def apply_expiries(
     # Tag answers pointing at an expired image in its repository, whatever the accept class:
     # at its index, or at a platform manifest it carries (the answer for clients that take
     # no index), which would otherwise keep that part of the image, and its layers, behind.
-    expired_in = {
-        (e.image.upstream, e.image.repository, str(digest))
-        for e in expiries
-        for digest in (e.image.digest, *e.image.children)
-    }
+    expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in _parts_going(e)}
     tag_keys = [
         key
         for key, value in index.entries(frozenset({"tag"}))
@@ -326,6 +349,12 @@ def preview(
         return plan(store, index, policy_resolver(upstreams), time.time() if now is None else now, wanted=wanted)
     finally:
         index.close()
+
+
+def _parts_going(expiry: Expiry) -> list[Digest]:
+    """The expired image and the children it takes with it: not those an image that stays
+    carries too."""
+    return [digest for digest in (expiry.image.digest, *expiry.image.children) if digest not in expiry.shared]
 
 
 def pulled_key_of(tag_index_key: IndexKey) -> IndexKey:

@@ -296,3 +296,40 @@ def test_a_tag_cached_both_as_an_index_and_as_its_platform_manifest_is_one_image
     assert set(folded[0].children) == {platform.digest, untagged_platform.digest}, (
         "expiring the index takes the platforms it absorbed, not an image tagged on its own"
     )
+
+
+def test_an_index_within_an_index_and_an_image_s_referrers_go_with_the_image() -> None:
+    """Folded one level only, an inner index's platform manifests stayed behind for good when
+    the image expired (gc keeps what an image record names); and an untagged signature or SBOM
+    was judged alone, so a rule for untagged images took it from the image it signs."""
+    from dataclasses import replace
+
+    from moorage.cache._lifecycle import _fold_platforms
+
+    leaf = image("leaf", [], 5)
+    inner = replace(image("inner", [], 5), children=(leaf.digest,))
+    top = replace(image("top", ["v1"], 5), children=(inner.digest,))
+    signature = replace(image("signature", [], 4), subject=top.digest)
+    sbom_of_leaf = replace(image("sbom", [], 4), subject=leaf.digest)
+    tagged_signature = replace(image("cosign", ["sha256-top.sig"], 4), subject=top.digest)
+    folded = _fold_platforms([top, inner, leaf, signature, sbom_of_leaf, tagged_signature])
+    assert [img.digest for img in folded] == [top.digest, tagged_signature.digest], "a tag of its own is judged alone"
+    assert set(folded[0].children) == {inner.digest, leaf.digest, signature.digest, sbom_of_leaf.digest}
+    untagged = [rule(1, "untagged", "sinceImagePushed", 1)]  # every untagged image is older than a day
+    policy = LifecyclePolicy.model_validate({"rules": untagged})
+    assert evaluate(policy, folded, NOW) == [], "no untagged image left to judge"
+
+
+def test_platform_manifests_an_image_that_stays_carries_too_stay_with_it() -> None:
+    """v2's index reuses v1's arm64 manifest: expiring v1 dropped that manifest's records, and
+    v2 lost it as a child (a pull of it by digest no longer kept v2)."""
+    shared, own = image("shared-arm64", [], 10), image("own-amd64", [], 10)
+    from dataclasses import replace
+
+    v1 = replace(image("v1", ["v1"], 10), children=(shared.digest, own.digest))
+    v2 = replace(image("v2", ["v2"], 1), children=(shared.digest,))
+    policy = LifecyclePolicy.model_validate(
+        {"rules": [rule(1, "tagged", "imageCountMoreThan", 1, tagPrefixList=["v"])]}
+    )
+    (expiry,) = evaluate(policy, [v1, v2], NOW)
+    assert expiry.image.digest == v1.digest and expiry.shared == frozenset({shared.digest})

@@ -1009,6 +1009,10 @@ class FakeRegistry(_RecordingServer):
             entries.append((digest, len(body), entry_type, os_name, arch))
         return self.add_manifest(repository, tag, index_manifest(entries, media_type), media_type)
 
+    def manifest(self, digest: str) -> bytes:
+        """The body of a manifest stored (to describe it in another)."""
+        return self._manifests[digest][0]
+
     def add_tags(self, repository: str, tags: Iterable[str], digest: str) -> None:
         """Point each of ``tags`` at ``digest``, a manifest of ``repository``."""
         self._tags.setdefault(repository, {}).update(dict.fromkeys(tags, digest))

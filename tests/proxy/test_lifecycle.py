@@ -25,7 +25,7 @@ from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2
-from tests.fakes import FakeRegistry
+from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeRegistry
 from tests.polling import until_async
 
 from .conftest import StartMoorage, advance_clock, metric, settings_for
@@ -351,6 +351,46 @@ async def test_an_expired_multi_arch_image_leaves_whole(
     upstream.reset_requests()
     assert (await moorage.get("/v2/team/app/manifests/v1", headers=old_client)).status == 200
     assert upstream.count("GET", "/manifests/v1") == 1, "an expired tag is fetched again, for every client"
+
+
+async def test_an_expired_image_takes_an_index_within_it_and_its_signatures(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """An index within the image's index: its platform manifests stayed behind the image for
+    good, layers and all (an image record each, which gc keeps). And a signature pulled by
+    digest, untagged, was an image of its own that outlived the image it signs."""
+    selection = {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan", "countNumber": 1}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    leaves, inners, signatures = {}, {}, {}
+    for tag in ("v1", "v2"):
+        leaf = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+        inner = upstream.add_index("team/app", None, [(leaf.digest, "linux", "amd64")], OCI_INDEX)
+        outer = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [_entry(upstream, inner, OCI_INDEX)]}
+        top = upstream.add_manifest("team/app", tag, json.dumps(outer).encode(), OCI_INDEX)
+        signature = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "subject": _entry(upstream, top, OCI_INDEX)}
+        empty = upstream.add_blob(b"{}")
+        signature |= {"config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2}}
+        signature |= {"layers": [], "artifactType": "application/vnd.cncf.notary.signature"}
+        signatures[tag] = upstream.add_manifest("team/app", None, json.dumps(signature).encode(), OCI_MANIFEST)
+        leaves[tag], inners[tag] = leaf, inner
+    for tag in ("v1", "v2"):
+        assert (await moorage.get(f"/v2/team/app/manifests/{tag}", headers=ALL)).status == 200
+        assert (await moorage.get(f"/v2/team/app/manifests/{inners[tag]}", headers=ALL)).status == 200
+        await pull(moorage, "team/app", leaves[tag].digest)
+        assert (await moorage.get(f"/v2/team/app/manifests/{signatures[tag]}", headers=ALL)).status == 200
+        await asyncio.sleep(0.01)  # distinct first-cached times, in release order
+    await moorage.app[CACHE].flush()
+    result = await moorage.app[CACHE].apply_lifecycle(resolver)
+    assert [sorted(e.image.tags) for e in result.expired] == [["v1"]]
+    gone = leaves["v1"]
+    assert not [d for d in (gone.digest, gone.layer_digests[0], signatures["v1"]) if stored(store, d)]
+    assert all(stored(store, d) for d in (leaves["v2"].digest, leaves["v2"].layer_digests[0], signatures["v2"]))
+    assert (await moorage.app[CACHE].apply_lifecycle(resolver)).expired == [], "nothing of v1 left to judge"
+
+
+def _entry(upstream: FakeRegistry, digest: str, media_type: str) -> dict[str, object]:
+    """The descriptor of a manifest the upstream holds."""
+    return {"mediaType": media_type, "digest": digest, "size": len(upstream.manifest(digest))}
 
 
 async def test_a_pull_of_a_platform_manifest_is_a_pull_of_its_image(
