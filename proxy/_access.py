@@ -74,6 +74,8 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
         note.error = note.error or "CLIENT_GONE"
         note.cut = True
+        if request.transport is not None:  # whatever timed out, the short body must show
+            request.transport.close()
     except asyncio.CancelledError:
         _record_cancelled(request, note, started)
         raise

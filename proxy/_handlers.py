@@ -346,9 +346,8 @@ async def _stream_file(
             sent = await _sendfile(request, file, start, end) if not _is_tls(request) else None
             if sent is None:
                 sent = await _send_reads(response, file, start, end)
-        except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
-            note = notes(request)
-            note.error, note.cut = "CLIENT_GONE", True
+        except ConnectionError:
+            _cut(request, "CLIENT_GONE")
             return response
         if sent < end - start:  # shorter than its size: the client must see a short body
             log.error(
@@ -371,8 +370,7 @@ async def _stream_file(
 async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int) -> int | None:
     """Send ``[start, end)`` of an open stored file with sendfile: the bytes sent (fewer than
     asked where the file is short), or None where the loop cannot sendfile. Never over TLS
-    (the caller checks): asyncio answers that with a RuntimeError, taken here for a client
-    gone."""
+    (the caller checks: asyncio answers that with a RuntimeError)."""
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client gone")
@@ -381,6 +379,8 @@ async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int
             return await asyncio.get_running_loop().sendfile(transport, view, start, end - start, fallback=False)
         except (asyncio.SendfileNotAvailableError, NotImplementedError):
             return None
+        except TimeoutError:  # client_send_timeout cut a client that stopped reading
+            raise ConnectionResetError("client stalled") from None
         except RuntimeError:
             if transport.is_closing():  # asyncio's word for "the client left"
                 raise ConnectionResetError("client gone") from None
@@ -392,9 +392,9 @@ async def _send_reads(response: web.StreamResponse, file: _FileReads, start: int
     sent (fewer than asked where the file is short)."""
     for offset in range(start, end, TLS_READ_SIZE):
         count = min(TLS_READ_SIZE, end - offset)
-        chunk = await file.pread(count, offset)
+        chunk = await file.pread(count, offset)  # a store that times out is no client gone
         if chunk:
-            await response.write(chunk)
+            await _write(response, chunk)
         if len(chunk) < count:
             return offset + len(chunk) - start
     return end - start
@@ -460,9 +460,8 @@ async def _stream_fill(request: web.Request, answer: FillingBlob, headers: dict[
         await response.prepare(request)
         try:
             await _send_growing(request, response, reader, start, end)
-        except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
-            note = notes(request)
-            note.error, note.cut = "CLIENT_GONE", True  # the fill goes on without this client
+        except ConnectionError:
+            _cut(request, "CLIENT_GONE")  # the fill goes on without this client
             return response
         except Exception as exc:
             # Headers are out: the only honest signal left is a cut connection, which makes the
@@ -500,6 +499,8 @@ async def _send_growing(
                         raise ConnectionResetError("client gone")
                     try:
                         await loop.sendfile(transport, file, offset, count, fallback=False)
+                    except TimeoutError:  # client_send_timeout cut a client that stopped reading
+                        raise ConnectionResetError("client stalled") from None
                     except RuntimeError:
                         if transport.is_closing():  # asyncio's word for "the client left"
                             raise ConnectionResetError("client gone") from None
@@ -509,7 +510,16 @@ async def _send_growing(
             except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile
                 pass
     async for chunk in reader.read(position, end):
+        await _write(response, chunk)
+
+
+async def _write(response: web.StreamResponse, chunk: bytes) -> None:
+    """Write to the client; one client_send_timeout cut (a timeout on the socket) is a client
+    gone, as a reset is."""
+    try:
         await response.write(chunk)
+    except TimeoutError:
+        raise ConnectionResetError("client stalled") from None
 
 
 # -- tag lists ------------------------------------------------------------------------------------

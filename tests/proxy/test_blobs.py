@@ -5,6 +5,7 @@ sendfile and without."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+import moorage.proxy._handlers as handlers_module
 from tests.fakes import FakeRegistry
 from tests.polling import until, until_async
 
@@ -540,3 +542,36 @@ async def test_another_routes_failure_is_not_this_clients_answer(
         assert answer.status == 404
         assert "library/alpine" not in await answer.text()
         assert upstream.count("GET", f"/blobs/{digest}") == 1
+
+
+@pytest.mark.logs_errors("unexpected error")
+async def test_a_store_read_that_times_out_cuts_the_body(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the store that times out (an NFS mount with softerr, a FUSE store) is no
+    client gone: taken for one, the body was left short with the connection open, and the
+    client waited for the rest for good. The connection is cut, so the client sees it short."""
+    data = os.urandom(3 * MiB)
+    digest = upstream.add_blob(data)
+    await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    await until_settled(moorage)
+
+    async def no_sendfile(self: asyncio.AbstractEventLoop, *args: object, **kwargs: object) -> int:
+        raise asyncio.SendfileNotAvailableError("no sendfile")
+
+    reads = 0
+    real_pread = handlers_module._FileReads.pread
+
+    async def pread(self: Any, count: int, offset: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise OSError(errno.ETIMEDOUT, "Connection timed out")
+        return await real_pread(self, count, offset)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "sendfile", no_sendfile)
+    monkeypatch.setattr(handlers_module._FileReads, "pread", pread)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers={"If-None-Match": '"sha256:0"'})
+    assert response.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(response.read(), 10)
