@@ -221,13 +221,16 @@ class Listings:
     ) -> tuple[_Answer, bool]:
         """The upstream's listing, joined or fetched: within ``revalidate_timeout`` where a
         stale answer is ``on_hand`` (TimeoutError past it), however long where none is."""
-        asking = partial(self._stale.asking, key, fetch)
+        # One join of the flight, waited on for a while or to its end: joined again after the
+        # deadline, a caller would count itself as having joined its own fetch.
+        joining = asyncio.ensure_future(flights.run(key, partial(self._stale.asking, key, fetch)))
+        joining.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
         try:
-            return await self._stale.in_time(key, lambda: flights.run(key, asking))
+            return await self._stale.in_time(key, lambda: asyncio.shield(joining))
         except TimeoutError:
             if await on_hand():
                 raise
-            return await flights.run(key, asking)  # nothing to answer with: wait on
+            return await joining  # nothing to answer with: wait on
 
     def _failed(self, key: IndexKey, error: Exception, upstream: str, repository: RepositoryName, what: str) -> str:
         """A listing kept is served stale for a back-off: why, logged by the first caller."""

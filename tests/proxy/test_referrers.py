@@ -143,6 +143,20 @@ async def test_a_page_cut_from_the_kept_tag_list_waits_for_a_hung_upstream_once(
     assert len(upstream.requests) == 1, "asked once: the back-off answers the others"
 
 
+@pytest.mark.parametrize("listing", ["tags", "referrers"])
+async def test_a_listing_fetched_past_the_deadline_with_nothing_kept_is_a_miss(
+    start_moorage: StartMoorage, upstream: FakeRegistry, listing: str
+) -> None:
+    """With nothing kept, a listing slower than ``revalidate_timeout`` is waited for; the
+    waiting caller then joined its own fetch a second time, and said ``coalesced``."""
+    moorage = await start_moorage(revalidate_timeout="0.2s")
+    image = upstream.add_image("owner/app", "1", media_type=OCI_MANIFEST)
+    path = "/v2/owner/app/tags/list" if listing == "tags" else f"/v2/owner/app/referrers/{image.digest}"
+    upstream.delay_next(1, 0.6, paths=r"/tags/list|/referrers/")
+    response = await moorage.get(path)
+    assert response.status == 200 and response.headers["X-Moorage-Cache"] == "miss"
+
+
 async def test_an_artifact_type_is_filtered_where_the_upstream_does_not(
     moorage: Client, upstream: FakeRegistry
 ) -> None:
