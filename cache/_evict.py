@@ -111,8 +111,8 @@ class ReadGuard:
 
     def prune(self) -> None:
         """Forget reads older than ``RECENT_SECONDS``."""
-        now = time.time()
-        with self._lock:
+        with self._lock:  # the time read once the lock is held: a read just recorded is recent
+            now = time.time()
             self._reads = {digest: when for digest, when in self._reads.items() if within(when, now, RECENT_SECONDS)}
 
 

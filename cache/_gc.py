@@ -155,12 +155,12 @@ def sweep(
     roots = index.manifest_digests()
     report.roots = len(roots)
     reachable = mark(store, roots)
-    now = time.time()
     candidates: list[tuple[str, int]] = []  # digest text and size: untracked, as in ``mark``
     for blob in store.entries():
         text = str(blob.digest)
         if text in reachable or blob.digest in protected:
             continue
+        now = time.time()  # read per blob: a walk of a large store takes minutes
         if within(blob.mtime, now, grace_seconds) or within((accessed or {}).get(blob.digest, 0.0), now, grace_seconds):
             report.kept_young += 1
             continue
