@@ -2,9 +2,10 @@
 
 An *image* is a manifest cached for a repository of an upstream: its tags are the cached tags
 pointing at it, its push time is when it was first cached there, its pull time when a client
-last pulled it through the cache. A multi-platform index and its platform manifests are one
-image: the platform manifests, untagged and referred to by the index, are not judged alone,
-and go with the index.
+last pulled it, or any part of it, through the cache. A multi-platform index and its platform
+manifests are one image (an index within it and what that holds too), and so are an image and
+its referrers (signatures, SBOMs) with no tags of their own: its parts are not judged alone,
+and go with it, but for those an image that stays also carries (see :func:`_fold_platforms`).
 
 Evaluation follows ECR (see :func:`evaluate`): every rule identifies the images its tag
 criteria match and picks, among those, the ones its count criteria condemn; rules then apply
@@ -219,6 +220,10 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
 
     pulled_of = {image.digest: image.pulled_at for image in images if image.pulled_at is not None}
     whole = [(image, carried(image.digest)) for image in images if image.digest not in absorbed]
+    # Parts that name each other (an index listing a manifest that names it as its subject:
+    # odd content, or hostile) are carried by no image: each is then judged alone.
+    reached = {part for image, children in whole for part in (image.digest, *children)}
+    whole += [(image, set()) for image in images if image.digest not in reached]
     return [
         replace(
             image,

@@ -333,3 +333,18 @@ def test_platform_manifests_an_image_that_stays_carries_too_stay_with_it() -> No
     )
     (expiry,) = evaluate(policy, [v1, v2], NOW)
     assert expiry.image.digest == v1.digest and expiry.shared == frozenset({shared.digest})
+
+
+def test_parts_that_name_each_other_are_judged_alone_not_lost() -> None:
+    """A manifest that lists another and names it as its subject too (odd content, or
+    hostile): each absorbed the other, no image carried them, and lifecycle never saw them."""
+    from dataclasses import replace
+
+    from moorage.cache._lifecycle import _fold_platforms
+
+    x, y = image("x", [], 5), image("y", [], 5)
+    x = replace(x, children=(y.digest,), subject=y.digest)
+    folded = _fold_platforms([x, y])
+    assert {img.digest for img in folded} == {x.digest, y.digest}
+    policy = LifecyclePolicy.model_validate({"rules": [rule(1, "untagged", "sinceImagePushed", 1)]})
+    assert {e.image.digest for e in evaluate(policy, folded, NOW)} == {x.digest, y.digest}
