@@ -299,11 +299,12 @@ async def _platform_images(
     depth: int = 0,
 ) -> list[dict[str, Any]]:
     """The image manifests of ``platforms`` (every one for None) an index leads to, pulled
-    through the cache: through the indexes it nests too (an entry with no platform is
-    followed, and is no image of a platform asked for). With ``attestations``, also the
-    attestation manifests BuildKit keeps in the index for the images chosen (``unknown/unknown``
-    entries whose ``vnd.docker.reference.digest`` names one): the SBOM and provenance a
-    verifier looks for, which no referrers list names."""
+    through the cache: through the indexes it nests too (at most ``MAX_NESTED_INDEXES`` deep).
+    With ``platforms``, an entry that names no platform and is no index is no image asked for,
+    and is not pulled. With ``attestations``, also the attestation manifests BuildKit keeps in
+    the index for the images chosen (``unknown/unknown`` entries whose
+    ``vnd.docker.reference.digest`` names one): the SBOM and provenance a verifier looks for,
+    which no referrers list names; with every platform, they come as part of the image."""
     chosen: list[dict[str, Any]] = []
     chosen_digests: set[str] = set()
     entries = descriptors(index, "manifests")
@@ -311,19 +312,17 @@ async def _platform_images(
         platform = entry.get("platform")
         if _attests(entry) is not None:
             continue
-        if (
-            platforms is not None
-            and isinstance(platform, dict)
-            and not any(platform_matches(entry, wanted) for wanted in platforms)
-        ):
+        asked = platforms is None or (
+            isinstance(platform, dict) and any(platform_matches(entry, wanted) for wanted in platforms)
+        )
+        if not asked and entry.get("mediaType") not in INDEX_MEDIA_TYPES:
             continue
         child, child_type, child_digest = await _get_manifest(session, image, entry["digest"], warmed)
         if _is_index(child, child_type):
-            if depth < MAX_NESTED_INDEXES:
-                chosen += await _platform_images(session, image, child, platforms, attestations, warmed, depth + 1)
+            if depth >= MAX_NESTED_INDEXES:
+                raise WarmFailed(f"{image}: indexes nested more than {MAX_NESTED_INDEXES} deep")
+            chosen += await _platform_images(session, image, child, platforms, attestations, warmed, depth + 1)
             continue
-        if platforms is not None and not isinstance(platform, dict):
-            continue  # an image of no platform named: not one asked for
         warmed.platforms.append(_platform_name(entry))
         chosen.append(child)
         chosen_digests.add(child_digest)
@@ -331,7 +330,7 @@ async def _platform_images(
         if (attestations or platforms is None) and _attests(entry) in chosen_digests:
             child, _, _ = await _get_manifest(session, image, entry["digest"], warmed)
             chosen.append(child)
-            if platforms is not None:  # with every platform, they are part of the image
+            if attestations:
                 warmed.referrers += 1
     return chosen
 

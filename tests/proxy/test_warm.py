@@ -175,3 +175,36 @@ async def test_warm_with_referrers_takes_the_attestations_buildkit_keeps_in_the_
     (every,) = await warm(url, [parse_image_reference("owner/app:1")], None, None)
     assert every.platforms == ["linux/amd64", "linux/arm64"], "an attestation is no platform"
     assert every.blobs == 6
+
+
+async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_indexes_nest_too_deep(
+    moorage: Client, upstream: FakeRegistry
+) -> None:
+    """With a platform, an entry naming none was pulled to see whether it is an index (cached
+    for nothing, and its failure failed the image); and an index nested past the depth warm
+    follows was passed over in silence, the image said warmed with nothing below it."""
+    image = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
+    loose = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
+    platform = {"os": "linux", "architecture": "amd64"}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            entry(image.digest, image.manifest, OCI_MANIFEST, platform=platform),
+            entry(loose.digest, loose.manifest, OCI_MANIFEST),
+        ],
+    }
+    upstream.add_manifest("owner/app", "1", json.dumps(index).encode(), OCI_INDEX)
+    url = str(moorage.make_url(""))
+    (warmed,) = await warm(url, [parse_image_reference("owner/app:1")], ["linux/amd64"], None)
+    assert (warmed.platforms, warmed.blobs) == (["linux/amd64"], 2)
+    assert upstream.count("GET", f"/manifests/{loose.digest}") == 0
+    deepest = json.dumps(index).encode()
+    digest = upstream.add_manifest("owner/deep", None, deepest, OCI_INDEX)
+    for _ in range(5):
+        wrapper = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(digest, deepest, OCI_INDEX)]}
+        deepest = json.dumps(wrapper).encode()
+        digest = upstream.add_manifest("owner/deep", None, deepest, OCI_INDEX)
+    upstream.add_tags("owner/deep", ["1"], digest)
+    with pytest.raises(WarmIncomplete, match="indexes nested more than 4 deep"):
+        await warm(url, [parse_image_reference("owner/deep:1")], None, None)
