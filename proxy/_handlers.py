@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from aiohttp import ETag, web
 from aiohttp.abc import AbstractStreamWriter
@@ -376,15 +376,22 @@ async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int
         raise ConnectionResetError("client gone")
     with io.FileIO(file.fileno(), "rb", closefd=False) as view:  # the descriptor stays file's
         try:
-            return await asyncio.get_running_loop().sendfile(transport, view, start, end - start, fallback=False)
+            return await _sendfile_span(transport, view, start, end - start)
         except (asyncio.SendfileNotAvailableError, NotImplementedError):
             return None
-        except TimeoutError:  # client_send_timeout cut a client that stopped reading
-            raise ConnectionResetError("client stalled") from None
-        except RuntimeError:
-            if transport.is_closing():  # asyncio's word for "the client left"
-                raise ConnectionResetError("client gone") from None
-            raise
+
+
+async def _sendfile_span(transport: asyncio.Transport, file: BinaryIO, offset: int, count: int) -> int:
+    """``loop.sendfile`` without its fallback: the bytes sent. Where the client is the cause (it
+    left, or client_send_timeout cut it for reading nothing), ConnectionResetError."""
+    try:
+        return await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
+    except TimeoutError:  # client_send_timeout cut a client that stopped reading
+        raise ConnectionResetError("client stalled") from None
+    except RuntimeError:
+        if transport.is_closing():  # asyncio's word for "the client left"
+            raise ConnectionResetError("client gone") from None
+        raise
 
 
 async def _send_reads(response: web.StreamResponse, file: _FileReads, start: int, end: int) -> int:
@@ -490,21 +497,13 @@ async def _send_growing(
         raise ConnectionResetError("client gone")
     position = start
     if not _is_tls(request):  # TLS cannot sendfile
-        loop = asyncio.get_running_loop()
         with reader.open_file() as file:
             try:
                 async for offset, count in reader.ranges(start, end):
                     position = offset
                     if transport.is_closing():
                         raise ConnectionResetError("client gone")
-                    try:
-                        await loop.sendfile(transport, file, offset, count, fallback=False)
-                    except TimeoutError:  # client_send_timeout cut a client that stopped reading
-                        raise ConnectionResetError("client stalled") from None
-                    except RuntimeError:
-                        if transport.is_closing():  # asyncio's word for "the client left"
-                            raise ConnectionResetError("client gone") from None
-                        raise
+                    await _sendfile_span(transport, file, offset, count)
                     position = offset + count
                 return
             except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile

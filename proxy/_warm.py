@@ -155,13 +155,19 @@ async def _find_manifest(
                 " --url must name the cache, not a registry"
             )
         warmed.results[response.headers["X-Moorage-Cache"]] += 1
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
-            document = None
-        if not isinstance(document, dict):
+        document = _json_object(body)
+        if document is None:
             raise WarmFailed(f"{image}: {reference}: the cache answered something that is no manifest")
         return document, response.headers["Content-Type"], response.headers["Docker-Content-Digest"]
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The JSON object ``body`` holds; None for anything else."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def _blobs_of(manifest: dict[str, Any]) -> dict[str, int]:
@@ -234,11 +240,8 @@ async def _referrers_list(session: aiohttp.ClientSession, image: ImageReference,
                 return None
             if response.status != 200:
                 raise WarmFailed(f"{image}: referrers of {digest}: {_error_text(response.status, body)}")
-            try:
-                page = json.loads(body)
-            except (ValueError, RecursionError):
-                page = None
-            if not isinstance(page, dict):
+            page = _json_object(body)
+            if page is None:
                 raise WarmFailed(f"{image}: referrers of {digest}: the cache answered something that is no list")
             named += [entry["digest"] for entry in descriptors(page, "manifests")]
             following = next_link(response.headers.get("Link", ""))
