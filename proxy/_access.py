@@ -23,13 +23,16 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from moorage.cache import error_text
+
 from ._logging import log_fields
 from ._state import CACHE, IN_FLIGHT, METRICS, NOTES, STOPPING, RequestNotes
-from .errors import CLIENT_CLOSED_REQUEST, Handler
+from .errors import CLIENT_CLOSED_REQUEST, Handler, connection_dead
 
 __all__ = ["access_middleware"]
 
 log = logging.getLogger("moorage.access")
+faults = logging.getLogger("moorage.proxy")
 #: Recorded for a request the server's stop cut (still running after ``shutdown_timeout``).
 CUT_BY_SHUTDOWN = 503
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -71,10 +74,17 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         await response.prepare(request)  # a stored blob's whole body goes out here (sendfile)
         await response.write_eof()
-    except (ConnectionError, TimeoutError):  # TimeoutError: client_send_timeout cut a stalled client
-        note.error = note.error or "CLIENT_GONE"
+    except (ConnectionError, TimeoutError) as failed:
         note.cut = True
-        if request.transport is not None:  # whatever timed out, the short body must show
+        if isinstance(failed, ConnectionError) or connection_dead(request):  # a reset; client_send_timeout's cut
+            note.error = note.error or "CLIENT_GONE"
+        else:
+            note.error = "STORE_TIMEOUT"
+            faults.error(
+                "cutting response: reading the store timed out",
+                extra={"event": "response_cut", "request_id": note.request_id, "error": error_text(failed)},
+            )
+        if request.transport is not None:  # the short body must show
             request.transport.close()
     except asyncio.CancelledError:
         _record_cancelled(request, note, started)

@@ -45,7 +45,16 @@ from ._logging import log_fields
 from ._paths import V2Path, parse_v2_path
 from ._state import CACHE, LEAVING, METRICS, ROUTER, SETTINGS, notes
 from ._token_service import token_endpoint
-from .errors import BlobUnknown, OCIError, PaginationInvalid, RangeInvalid, RouteUnknown, Unsupported, client_left
+from .errors import (
+    BlobUnknown,
+    OCIError,
+    PaginationInvalid,
+    RangeInvalid,
+    RouteUnknown,
+    Unsupported,
+    client_left,
+    connection_dead,
+)
 
 __all__ = ["add_routes"]
 
@@ -345,7 +354,7 @@ async def _stream_file(
         try:
             sent = await _sendfile(request, file, start, end) if not _is_tls(request) else None
             if sent is None:
-                sent = await _send_reads(response, file, start, end)
+                sent = await _send_reads(request, response, file, start, end)
         except ConnectionError:
             _cut(request, "CLIENT_GONE")
             return response
@@ -376,32 +385,39 @@ async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int
         raise ConnectionResetError("client gone")
     with io.FileIO(file.fileno(), "rb", closefd=False) as view:  # the descriptor stays file's
         try:
-            return await _sendfile_span(transport, view, start, end - start)
+            return await _sendfile_span(request, transport, view, start, end - start)
         except (asyncio.SendfileNotAvailableError, NotImplementedError):
             return None
 
 
-async def _sendfile_span(transport: asyncio.Transport, file: BinaryIO, offset: int, count: int) -> int:
+async def _sendfile_span(
+    request: web.Request, transport: asyncio.Transport, file: BinaryIO, offset: int, count: int
+) -> int:
     """``loop.sendfile`` without its fallback: the bytes sent. Where the client is the cause (it
-    left, or client_send_timeout cut it for reading nothing), ConnectionResetError."""
+    left, or client_send_timeout cut it for reading nothing), ConnectionResetError; a store
+    that timed out is a fault."""
     try:
         return await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
-    except TimeoutError:  # client_send_timeout cut a client that stopped reading
-        raise ConnectionResetError("client stalled") from None
+    except TimeoutError:
+        if connection_dead(request):  # client_send_timeout cut a client that stopped reading
+            raise ConnectionResetError("client stalled") from None
+        raise
     except RuntimeError:
         if transport.is_closing():  # asyncio's word for "the client left"
             raise ConnectionResetError("client gone") from None
         raise
 
 
-async def _send_reads(response: web.StreamResponse, file: _FileReads, start: int, end: int) -> int:
+async def _send_reads(
+    request: web.Request, response: web.StreamResponse, file: _FileReads, start: int, end: int
+) -> int:
     """Send ``[start, end)`` of an open stored file in 512 KiB reads on a thread: the bytes
     sent (fewer than asked where the file is short)."""
     for offset in range(start, end, TLS_READ_SIZE):
         count = min(TLS_READ_SIZE, end - offset)
         chunk = await file.pread(count, offset)  # a store that times out is no client gone
         if chunk:
-            await _write(response, chunk)
+            await _write(request, response, chunk)
         if len(chunk) < count:
             return offset + len(chunk) - start
     return end - start
@@ -503,22 +519,24 @@ async def _send_growing(
                     position = offset
                     if transport.is_closing():
                         raise ConnectionResetError("client gone")
-                    await _sendfile_span(transport, file, offset, count)
+                    await _sendfile_span(request, transport, file, offset, count)
                     position = offset + count
                 return
             except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile
                 pass
     async for chunk in reader.read(position, end):
-        await _write(response, chunk)
+        await _write(request, response, chunk)
 
 
-async def _write(response: web.StreamResponse, chunk: bytes) -> None:
-    """Write to the client; one client_send_timeout cut (a timeout on the socket) is a client
-    gone, as a reset is."""
+async def _write(request: web.Request, response: web.StreamResponse, chunk: bytes) -> None:
+    """Write to the client; client_send_timeout's cut (a timeout on a connection the kernel
+    ended) is a client gone, as a reset is."""
     try:
         await response.write(chunk)
     except TimeoutError:
-        raise ConnectionResetError("client stalled") from None
+        if connection_dead(request):
+            raise ConnectionResetError("client stalled") from None
+        raise
 
 
 # -- tag lists ------------------------------------------------------------------------------------

@@ -224,6 +224,23 @@ def client_left(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+def connection_dead(request: web.Request) -> bool:
+    """The client's connection is gone as the kernel sees it, asyncio not knowing yet: a send
+    that timed out was client_send_timeout's cut (the kernel ended the connection), not a store
+    that timed out under it (an NFS mount with softerr, a FUSE store), when this holds."""
+    if client_left(request):
+        return True
+    assert request.transport is not None
+    sock = request.transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        sock.getpeername()
+    except OSError:  # ENOTCONN: the connection was ended
+        return True
+    return False
+
+
 def _gone(request: web.Request) -> web.StreamResponse:
     """The answer, recorded and never sent, to a client that left before it began."""
     note = notes(request)

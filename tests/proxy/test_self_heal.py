@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -21,6 +23,7 @@ from moorage.cache._hot import HotAnswers
 from moorage.proxy._state import CACHE
 from tests.fakes import FakeRegistry
 from tests.immutable import immutable
+from tests.polling import until
 
 from .conftest import StartMoorage, metric, until_settled
 
@@ -316,3 +319,41 @@ async def test_a_stored_file_alone_the_daemon_may_not_read_is_a_503_that_names_i
     (error,) = (await response.json())["errors"]
     assert f"cannot read the stored file {path}: Permission denied" in error["message"]
     assert "run store commands as the daemon's user" in error["message"]
+
+
+@pytest.mark.logs_errors("cutting response: reading the store timed out", "unexpected error")
+@pytest.mark.parametrize("asked", [{}, {"If-None-Match": '"sha256:0"'}], ids=["plain", "conditional"])
+async def test_a_store_that_times_out_under_sendfile_is_a_fault_not_a_client_gone(
+    moorage: Client,
+    upstream: FakeRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    asked: dict[str, str],
+) -> None:
+    """sendfile reads the store too: a store that times out under it (an NFS mount with
+    softerr) fails it with ETIMEDOUT, as client_send_timeout's cut does. Taken for a client
+    gone, a failing store showed only clients leaving, with no error; the connection, still
+    up, tells them apart. The client sees a short body either way."""
+    caplog.set_level("INFO", logger="moorage")
+    data = os.urandom(8 * 1024 * 1024)
+    digest = upstream.add_blob(data)
+    await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
+    await until_settled(moorage)
+    calls = 0
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.ETIMEDOUT, "Connection timed out")
+        return real_sendfile(out_fd, in_fd, offset, min(count, 256 * 1024))
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}", headers=asked)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(response.read(), 10)
+    await until(lambda: sum(getattr(r, "event", "") == "request" for r in caplog.records) == 2)
+    line = [r for r in caplog.records if getattr(r, "event", "") == "request"][-1]
+    assert line.__dict__.get("error") not in (None, "CLIENT_GONE")
+    assert [r for r in caplog.records if r.levelname == "ERROR"], "the store's fault is logged"
