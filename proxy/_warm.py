@@ -318,14 +318,16 @@ async def _platform_images(
         asked = platforms is None or (
             isinstance(platform, dict) and any(platform_matches(entry, wanted) for wanted in platforms)
         )
-        if not asked and entry.get("mediaType") not in INDEX_MEDIA_TYPES:
-            continue
+        if not asked and (isinstance(platform, dict) or entry.get("mediaType") not in INDEX_MEDIA_TYPES):
+            continue  # another platform's, or an image of none
         child, child_type, child_digest = await _get_manifest(session, image, entry["digest"], warmed)
         if _is_index(child, child_type):
             if depth >= MAX_NESTED_INDEXES:
                 raise WarmFailed(f"{image}: indexes nested more than {MAX_NESTED_INDEXES} deep")
             chosen += await _platform_images(session, image, child, platforms, attestations, warmed, depth + 1)
             continue
+        if not asked:
+            continue  # described as an index, and an image of no platform
         warmed.platforms.append(_platform_name(entry))
         chosen.append(child)
         chosen_digests.add(child_digest)

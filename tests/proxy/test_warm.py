@@ -185,6 +185,8 @@ async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_ind
     follows was passed over in silence, the image said warmed with nothing below it."""
     image = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
     loose = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
+    mislabelled = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST)
+    windows = upstream.add_image("owner/app", None, [os.urandom(1000)], media_type=OCI_MANIFEST, os="windows")
     platform = {"os": "linux", "architecture": "amd64"}
     index = {
         "schemaVersion": 2,
@@ -192,13 +194,16 @@ async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_ind
         "manifests": [
             entry(image.digest, image.manifest, OCI_MANIFEST, platform=platform),
             entry(loose.digest, loose.manifest, OCI_MANIFEST),
+            entry(mislabelled.digest, mislabelled.manifest, OCI_INDEX),  # said to be an index: followed
+            entry(windows.digest, windows.manifest, OCI_INDEX, platform={"os": "windows", "architecture": "amd64"}),
         ],
     }
     upstream.add_manifest("owner/app", "1", json.dumps(index).encode(), OCI_INDEX)
     url = str(moorage.make_url(""))
     (warmed,) = await warm(url, [parse_image_reference("owner/app:1")], ["linux/amd64"], None)
-    assert (warmed.platforms, warmed.blobs) == (["linux/amd64"], 2)
+    assert (warmed.platforms, warmed.blobs) == (["linux/amd64"], 2), "nothing of another platform, or of none"
     assert upstream.count("GET", f"/manifests/{loose.digest}") == 0
+    assert upstream.count("GET", f"/manifests/{windows.digest}") == 0
     deepest = json.dumps(index).encode()
     digest = upstream.add_manifest("owner/deep", None, deepest, OCI_INDEX)
     for _ in range(5):
