@@ -220,10 +220,15 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
 
     pulled_of = {image.digest: image.pulled_at for image in images if image.pulled_at is not None}
     whole = [(image, carried(image.digest)) for image in images if image.digest not in absorbed]
-    # Parts that name each other (an index listing a manifest that names it as its subject:
-    # odd content, or hostile) are carried by no image: each is then judged alone.
+    # Parts that name each other (an index listing a manifest that names the index as its
+    # subject: odd content, or hostile) are carried by no image: one of them, tagged first,
+    # then the first cached, carries the rest, so that none is lost and none goes alone.
     reached = {part for image, children in whole for part in (image.digest, *children)}
-    whole += [(image, set()) for image in images if image.digest not in reached]
+    for image in sorted(images, key=lambda image: (not image.tags, image.pushed_at, str(image.digest))):
+        if image.digest not in reached:
+            children = carried(image.digest) - reached
+            whole.append((image, children))
+            reached |= {image.digest, *children}
     return [
         replace(
             image,

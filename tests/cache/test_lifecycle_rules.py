@@ -335,16 +335,19 @@ def test_platform_manifests_an_image_that_stays_carries_too_stay_with_it() -> No
     assert expiry.image.digest == v1.digest and expiry.shared == frozenset({shared.digest})
 
 
-def test_parts_that_name_each_other_are_judged_alone_not_lost() -> None:
+def test_parts_that_name_each_other_are_one_image_not_lost() -> None:
     """A manifest that lists another and names it as its subject too (odd content, or
-    hostile): each absorbed the other, no image carried them, and lifecycle never saw them."""
+    hostile): each absorbed the other, no image carried them, and lifecycle never saw them;
+    nor may what hangs below them be judged alone (a platform manifest of an image in use)."""
     from dataclasses import replace
 
     from moorage.cache._lifecycle import _fold_platforms
 
-    x, y = image("x", [], 5), image("y", [], 5)
-    x = replace(x, children=(y.digest,), subject=y.digest)
-    folded = _fold_platforms([x, y])
-    assert {img.digest for img in folded} == {x.digest, y.digest}
-    policy = LifecyclePolicy.model_validate({"rules": [rule(1, "untagged", "sinceImagePushed", 1)]})
-    assert {e.image.digest for e in evaluate(policy, folded, NOW)} == {x.digest, y.digest}
+    x, y, z = image("x", [], 5, pulled_days_ago=1), image("y", [], 5), image("z", [], 5)
+    x = replace(x, children=(y.digest, z.digest), subject=y.digest)
+    (folded,) = _fold_platforms([x, y, z])
+    assert {folded.digest, *folded.children} == {x.digest, y.digest, z.digest}
+    not_pulled = LifecyclePolicy.model_validate({"rules": [rule(1, "untagged", "sinceImagePulled", 7)]})
+    assert evaluate(not_pulled, [folded], NOW) == [], "pulled yesterday: none of its parts goes"
+    pushed = LifecyclePolicy.model_validate({"rules": [rule(1, "untagged", "sinceImagePushed", 1)]})
+    assert [e.image.digest for e in evaluate(pushed, [folded], NOW)] == [folded.digest]
