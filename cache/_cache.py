@@ -699,13 +699,15 @@ class Cache:
             self._observer.on_evicted(reason, len(digests), freed)
 
     async def every(
-        self, seconds: float, task: str, job: Callable[[], Awaitable[object]], *, remembered: bool = False
+        self, seconds: float, task: str, job: Callable[[], Awaitable[object]], *, first: float | None = None
     ) -> None:
         """Run a maintenance job every ``seconds`` until cancelled; a failed pass is logged and
-        the next one runs on time. When a ``remembered`` job last ran is kept in the index, and
-        the first after a start is due ``seconds`` after it: counted from each start, a daemon
-        restarted more often than that (a rolling deployment, nodes drained nightly) ran none."""
-        delay = await self._first_delay(task, seconds) if remembered else seconds
+        the next one runs on time. A job given its ``first`` wait (see :meth:`due_in`) is
+        remembered: when it ran is kept in the index, so that the first after a start is due
+        ``seconds`` after the last. Counted from each start, a daemon restarted more often than
+        that (a rolling deployment, nodes drained nightly) ran none."""
+        remembered = first is not None
+        delay = seconds if first is None else first
         while True:
             await asyncio.sleep(delay)
             delay = seconds
@@ -720,8 +722,9 @@ class Cache:
                 with contextlib.suppress(CacheError):  # not kept: the next start counts from itself
                     await asyncio.to_thread(self._index.record_pass, task, time.time())
 
-    async def _first_delay(self, task: str, seconds: float) -> float:
-        """How long after a start the first pass of a remembered job runs."""
+    async def due_in(self, task: str, seconds: float) -> float:
+        """How long after a start the first pass of a job run every ``seconds`` is due, from
+        when it last ran; a store's first start is recorded as a pass, here."""
         now = time.time()
         try:
             last = await asyncio.to_thread(self._index.last_pass, task, now)
@@ -1524,15 +1527,17 @@ async def open_cache(
     if settings.gc_interval > 0:
         grace = settings.gc_grace
         collect = partial(cache.collect_garbage, grace)
-        tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", collect, remembered=True)))
+        gc_due = await cache.due_in("gc", settings.gc_interval)
+        tasks.append(loop.create_task(cache.every(settings.gc_interval, "gc", collect, first=gc_due)))
     if settings.lifecycle_interval > 0 and any(upstream.lifecycle for upstream in upstreams):
+        lifecycle_due = await cache.due_in("lifecycle", settings.lifecycle_interval)
         tasks.append(
             loop.create_task(
                 cache.every(
                     settings.lifecycle_interval,
                     "lifecycle",
                     lambda: cache.apply_lifecycle(policy_resolver(upstreams)),
-                    remembered=True,
+                    first=lifecycle_due,
                 )
             )
         )
