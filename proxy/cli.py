@@ -46,7 +46,6 @@ from moorage.config import (
     ConfigError,
     LifecyclePolicyError,
     Settings,
-    StorageSettings,
     UnreadableFile,
     load_settings,
     parse_duration,
@@ -154,6 +153,19 @@ def url_problem(url: str, *, path_ok: bool = True, user_ok: bool = False) -> str
     if not path_ok and parts.path not in ("", "/"):
         return f"--url: the cache's base URL has no path: {expected}"
     return None
+
+
+def warm_settings(settings: Settings, store: Path | None) -> Settings:
+    """The settings of the cache ``warm`` runs in its own process. Whoever may open the store
+    needs no sign-in: client auth and access rules are off, and the cache is reached only
+    through a socket in a directory of its own (mode 0700), never on a port other users could
+    reach meanwhile. It runs no scheduled gc or lifecycle pass (a due one ran a minute after
+    the start, and expired images the warm had just reported warmed); ``store`` replaces the
+    store's path, and only that (the size cap and the rest still apply)."""
+    storage = settings.storage.model_copy(update={"gc_interval": 0.0, "lifecycle_interval": 0.0})
+    if store is not None:
+        storage = storage.model_copy(update={"path": store})
+    return settings.model_copy(update={"auth": AuthSettings(), "storage": storage})
 
 
 def _require_store(path: Path, *, store_option: bool = True) -> None:
@@ -581,16 +593,9 @@ def warm_command(
         with progress_bars(console(err=True)) as progress:
             if url is not None:
                 return await warm(url, references, wanted, progress, referrers=with_referrers)
-            settings = settings_from(config)
-            # Whoever may open the store needs no sign-in: client auth and access rules are
-            # off, and the cache is reached only through a socket in a directory of its own
-            # (mode 0700), never on a port other users could reach meanwhile.
-            update: dict[str, object] = {"auth": AuthSettings()}
-            if store is not None:
-                update["storage"] = StorageSettings(path=store)
             with tempfile.TemporaryDirectory(prefix="moorage-warm-") as private:
                 unix_socket = Path(private) / "cache.sock"
-                async with running(settings.model_copy(update=update), unix_socket=unix_socket) as local:
+                async with running(warm_settings(settings_from(config), store), unix_socket=unix_socket) as local:
                     return await warm(
                         local, references, wanted, progress, referrers=with_referrers, unix_socket=unix_socket
                     )

@@ -13,7 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from moorage.cache import read_catalog
+from moorage.config import load_settings
 from moorage.proxy._warm import NotTheCache, WarmIncomplete, warm
+from moorage.proxy.cli import warm_settings
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, parse_image_reference
 from tests.fakes import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, FakeRegistry
 
@@ -213,3 +215,23 @@ async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_ind
     upstream.add_tags("owner/deep", ["1"], digest)
     with pytest.raises(WarmIncomplete, match="indexes nested more than 4 deep"):
         await warm(url, [parse_image_reference("owner/deep:1")], None, None)
+
+
+def test_warm_on_a_store_runs_no_scheduled_pass_and_keeps_the_store_s_settings(tmp_path: Path) -> None:
+    """The cache warm starts in its own process scheduled gc and lifecycle as a daemon does: a
+    pass due ran a minute after the start and expired images the warm had just reported
+    warmed, even with both turned off in the settings when ``--store`` was given, which set
+    every other storage setting (the size cap among them) back to its default."""
+    settings = load_settings(
+        None,
+        {
+            "MOORAGE_STORAGE__PATH": str(tmp_path / "configured"),
+            "MOORAGE_STORAGE__MAX_SIZE": "10GiB",
+            "MOORAGE_STORAGE__GC_GRACE": "2h",
+        },
+    )
+    for store in (None, tmp_path / "named"):
+        storage = warm_settings(settings, store).storage
+        assert (storage.gc_interval, storage.lifecycle_interval) == (0, 0)
+        assert storage.path == (store or tmp_path / "configured")
+        assert (storage.max_size, storage.gc_grace) == (10 * 1024**3, 7200)
