@@ -131,7 +131,7 @@ def _image_size(store: DirectoryStore, digest: Digest, depth: int = 0) -> int | 
         sizes = []
         for child in descriptors(document, "manifests"):
             try:
-                size = _image_size(store, parse_digest(str(child.get("digest", ""))), depth + 1)
+                size = _image_size(store, parse_digest(child["digest"]), depth + 1)
             except InvalidReference:
                 size = None
             if size is not None:

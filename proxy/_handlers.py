@@ -385,17 +385,18 @@ async def _sendfile(request: web.Request, file: _FileReads, start: int, end: int
         raise ConnectionResetError("client gone")
     with io.FileIO(file.fileno(), "rb", closefd=False) as view:  # the descriptor stays file's
         try:
-            return await _sendfile_span(request, transport, view, start, end - start)
+            return await _sendfile_span(request, view, start, end - start)
         except (asyncio.SendfileNotAvailableError, NotImplementedError):
             return None
 
 
-async def _sendfile_span(
-    request: web.Request, transport: asyncio.Transport, file: BinaryIO, offset: int, count: int
-) -> int:
-    """``loop.sendfile`` without its fallback: the bytes sent. Where the client is the cause (it
-    left, or client_send_timeout cut it for reading nothing), ConnectionResetError; a store
-    that timed out is a fault."""
+async def _sendfile_span(request: web.Request, file: BinaryIO, offset: int, count: int) -> int:
+    """``loop.sendfile`` to the request's client without its fallback: the bytes sent. Where
+    the client is the cause (it left, or client_send_timeout cut it for reading nothing),
+    ConnectionResetError; a store that timed out is a fault."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client gone")
     try:
         return await asyncio.get_running_loop().sendfile(transport, file, offset, count, fallback=False)
     except TimeoutError:
@@ -519,7 +520,7 @@ async def _send_growing(
                     position = offset
                     if transport.is_closing():
                         raise ConnectionResetError("client gone")
-                    await _sendfile_span(request, transport, file, offset, count)
+                    await _sendfile_span(request, file, offset, count)
                     position = offset + count
                 return
             except (asyncio.SendfileNotAvailableError, NotImplementedError):  # a loop without sendfile
