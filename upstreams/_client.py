@@ -16,7 +16,6 @@ import logging
 import random
 import ssl
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from ._auth import RegistryAuth
 from ._body import DirectBody
 from ._network import wide_read_transport
 from ._pages import ReferrersPage, TagsPage, error_codes, error_message, referrers_page, tags_page
+from ._proxies import ProxyEnvironment, routed_transport
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._transport import mapped_errors, raise_for_status
 from ._trust import trust_for
@@ -214,12 +214,6 @@ class BlobBody:
                         yield rest
 
 
-def _proxied_from_environment() -> bool:
-    """Whether ``HTTP_PROXY``, ``HTTPS_PROXY`` or ``ALL_PROXY`` (any case) names a proxy, as
-    httpx reads them."""
-    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies())
-
-
 def _media_type(headers: Mapping[str, str]) -> str | None:
     value = headers.get("content-type")
     if not value:
@@ -283,10 +277,15 @@ class RegistryClient:
         observer: UpstreamObserver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         trust: ssl.SSLContext | None = None,
+        proxies: ProxyEnvironment | None = None,
     ) -> None:
+        """``transport`` replaces the network (tests); ``proxies`` are the outbound proxies,
+        by default as the environment names them."""
         self.settings = settings
         if trust is None:
             trust = trust_for(None, settings)
+        if proxies is None and transport is None:
+            proxies = ProxyEnvironment.read()
         self.host = settings.host
         self._observer: UpstreamObserver = observer or NullObserver()
         timeout = httpx.Timeout(
@@ -311,18 +310,19 @@ class RegistryClient:
             "transport": transport,
             "verify": trust,
         }
-        if transport is None and not _proxied_from_environment():
-            # Blob bodies come through this client: its reads ask for 1 MiB (``_network``). With
-            # a proxy set in the environment httpx's own transport is kept, the one that honours
-            # the proxy settings (a transport of ours would make httpx ignore them).
-            common["transport"] = wide_read_transport(limits, trust)
+        if transport is None:
+            # Blob bodies come through this client: its reads ask for 1 MiB (``_network``), on
+            # every connection that goes straight to its host (not through a proxy).
+            common["transport"] = routed_transport(wide_read_transport(limits, trust), limits, trust, proxies)
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             follow_redirects=True,
             event_hooks={"response": [self._observe_response]},
             **common,  # type: ignore[arg-type]
         )
-        common["transport"] = transport
+        common["transport"] = transport or routed_transport(
+            httpx.AsyncHTTPTransport(verify=trust, limits=limits), limits, trust, proxies
+        )
         self._token_http = httpx.AsyncClient(
             follow_redirects=True,
             event_hooks={"response": [self._observe_token_response, self._refuse_downgrade]},

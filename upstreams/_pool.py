@@ -3,8 +3,9 @@
 ``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` and ``ca_file`` at start (a
 missing file or variable is a configuration error naming the upstream, an empty variable means
 anonymous pulls and a warning; each client rereads the file when it changes, so a rotated
-password needs no restart), loads the network modules the first request would otherwise
-import, builds one pooled client per upstream, and closes them all on exit.
+password needs no restart), reads the environment's outbound proxy (``_proxies``; one that
+cannot be used is a configuration error), loads the network modules the first request would
+otherwise import, builds one pooled client per upstream, and closes them all on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moorage.config import ConfigError, UnreadableFile, UpstreamSettings, read_t
 
 from ._client import RegistryClient, UpstreamObserver
 from ._network import load_network_modules
+from ._proxies import ProxyEnvironment
 from ._routing import Router
 from ._trust import trust_for
 
@@ -66,6 +68,7 @@ async def open_upstreams(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Router[RegistryClient]]:
     await load_network_modules()
+    proxies = None if transport is not None else ProxyEnvironment.read()
     clients = [
         RegistryClient(
             settings,
@@ -73,6 +76,7 @@ async def open_upstreams(
             observer=observer,
             transport=transport,
             trust=trust_for(i, settings),
+            proxies=proxies,
         )
         for i, settings in enumerate(upstreams)
     ]
