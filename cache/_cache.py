@@ -171,8 +171,9 @@ class _TagAsk:
 def first_pass_delay(last: float, now: float, interval: float) -> float:
     """The wait before a scheduled pass that last ran at ``last``: what is left of its interval,
     and ``OVERDUE_PASS_DELAY`` (no less, so that a start is not slowed) once it is due, or
-    when ``last`` is ahead of now (the clock was stepped back since)."""
-    if last > now or now - last >= interval:
+    when ``last`` is an interval or more ahead of now (the clock was stepped back since). A
+    pass a little ahead (recorded by a replica whose clock runs ahead) ran just now."""
+    if not within(last, now, interval):
         return min(interval, OVERDUE_PASS_DELAY)
     return min(interval, max(OVERDUE_PASS_DELAY, last + interval - now))
 

@@ -209,8 +209,10 @@ async def test_a_scheduled_pass_due_at_a_start_runs_soon_after_it(
         pytest.param(-1800.0, 1800.0, id="half_the_interval_left"),
         pytest.param(-3570.0, 60.0, id="due_within_a_minute"),
         pytest.param(-7200.0, 60.0, id="overdue"),
-        pytest.param(86400.0, 60.0, id="ahead_of_now"),
-        pytest.param(1800.0, 60.0, id="ahead_of_now_by_less_than_the_interval"),
+        pytest.param(86400.0, 60.0, id="ahead_of_now_by_a_day_a_clock_step"),
+        pytest.param(3600.0, 60.0, id="ahead_of_now_by_the_interval"),
+        pytest.param(5.0, 3600.0, id="ahead_of_now_by_a_replicas_clock_skew"),
+        pytest.param(1800.0, 3600.0, id="ahead_of_now_by_less_than_the_interval"),
     ],
 )
 def test_the_first_pass_after_a_start_is_due_an_interval_after_the_last(last: float, delay: float) -> None:
