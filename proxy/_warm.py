@@ -81,7 +81,8 @@ def platform_matches(entry: dict[str, Any], wanted: str) -> bool:
 
 def _platform_name(entry: dict[str, Any]) -> str:
     platform = entry.get("platform") or {}
-    return "/".join(p for p in (platform.get("os"), platform.get("architecture"), platform.get("variant")) if p)
+    parts = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
+    return "/".join(p for p in parts if isinstance(p, str) and p) or "(no platform)"
 
 
 async def warm(

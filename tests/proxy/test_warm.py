@@ -206,6 +206,8 @@ async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_ind
     assert (warmed.platforms, warmed.blobs) == (["linux/amd64"], 2), "nothing of another platform, or of none"
     assert upstream.count("GET", f"/manifests/{loose.digest}") == 0
     assert upstream.count("GET", f"/manifests/{windows.digest}") == 0
+    (every,) = await warm(url, [parse_image_reference("owner/app:1")], None, None)
+    assert every.platforms == ["linux/amd64", "(no platform)", "(no platform)", "windows/amd64"]
     deepest = json.dumps(index).encode()
     digest = upstream.add_manifest("owner/deep", None, deepest, OCI_INDEX)
     for _ in range(5):
