@@ -1,6 +1,7 @@
 """A client that stops reading mid-blob, against the real server process: once
 ``client_send_timeout`` passes with nothing acknowledged, its connection is closed, and with it
-the blob file it held open (after an eviction, disk space no one else could use)."""
+the blob file it held open (after an eviction, disk space no one else could use), whether the
+blob was stored or was being fetched for it."""
 
 from __future__ import annotations
 
@@ -32,11 +33,18 @@ def files_open(pid: int, path: Path) -> int:
     return count
 
 
-@pytest.mark.parametrize("asked", ["", 'If-None-Match: "sha256:0"\r\n'], ids=["plain", "conditional"])
-def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: Path, asked: str) -> None:
+@pytest.mark.parametrize(
+    ("asked", "stored_first"),
+    [("", True), ('If-None-Match: "sha256:0"\r\n', True), ("", False)],
+    ids=["plain", "conditional", "while_filled"],
+)
+def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(
+    tmp_path: Path, asked: str, stored_first: bool
+) -> None:
     """The kernel's cut surfaces as a timeout (ETIMEDOUT), which the cache took for a fault
     of its own: an error with a traceback and, for a conditional request, a 500 on the
-    access line of a 200 already under way."""
+    access line of a 200 already under way. A client that stalls on a blob it made the cache
+    fetch is read to from the growing file, and cut the same way; the fill goes on."""
     with RealRegistry(tmp_path / "registry") as registry:
         source = tmp_path / "layer.bin"
         digest = images.write_random_file(source, 64 * MiB, seed=5)
@@ -44,20 +52,23 @@ def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: 
         upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
         with MoorageProcess(tmp_path / "moorage", upstreams, client_send_timeout="2s") as moorage:
             path = f"/v2/big/blobs/{digest}"
-            with urllib.request.urlopen(moorage.url + path, timeout=60) as response:  # stored now
-                assert len(response.read()) == 64 * MiB
             stored = moorage.store / "blobs" / "sha256" / digest[7:9] / digest[7:]
-            until_sync(stored.exists, within=10, what="the blob stored")
+            if stored_first:
+                with urllib.request.urlopen(moorage.url + path, timeout=60) as response:
+                    assert len(response.read()) == 64 * MiB
+                until_sync(stored.exists, within=10, what="the blob stored")
 
             stalled = socket.socket()
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: the window
             stalled.connect(("127.0.0.1", moorage.port))
             try:
                 stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: cache\r\n{asked}\r\n".encode())
+                asked_at = time.monotonic()
                 assert stalled.recv(1024).startswith(b"HTTP/1.1 200")  # then it reads no more
-                until_sync(lambda: files_open(moorage.pid, stored) == 1, within=5, what="the send holding the file")
-                time.sleep(1)
-                assert files_open(moorage.pid, stored) == 1, "closed before the timeout"
+                until_sync(stored.exists, within=30, what="the blob stored, the stalled client's fill too")
+                until_sync(lambda: files_open(moorage.pid, stored) >= 1, within=5, what="the send holding the file")
+                time.sleep(max(0.0, asked_at + 1 - time.monotonic()))
+                assert files_open(moorage.pid, stored) >= 1, "closed before the timeout"
                 until_sync(lambda: files_open(moorage.pid, stored) == 0, within=30, what="the stalled send closed")
             finally:
                 stalled.close()
