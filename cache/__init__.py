@@ -18,6 +18,7 @@ from ._cache import (
 from ._catalog import CachedTag, StoreSummary, read_catalog, read_summary
 from ._fill import FillReader
 from ._gc import GcReport, collect_garbage
+from ._index import index_problem
 from ._layout import index_files, is_store
 from ._lifecycle import CachedImage, Expiry, LifecycleResult, evaluate, policy_resolver
 from ._lifecycle import preview as preview_lifecycle
@@ -61,6 +62,7 @@ __all__ = [
     "error_text",
     "evaluate",
     "index_files",
+    "index_problem",
     "is_store",
     "open_cache",
     "policy_resolver",

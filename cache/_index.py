@@ -34,11 +34,12 @@ from ._keys import (
     referrers_key,
     routes_key,
 )
+from ._layout import index_dir, index_files
 from ._routes import ContentRoute, bounded
 from ._store import Fingerprint
 from .errors import IndexFailure, StoreFailure, error_text
 
-__all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "is_disk_full", "tag_entry"]
+__all__ = ["Index", "ReferrersEntry", "TagEntry", "TagsEntry", "Usage", "index_problem", "is_disk_full", "tag_entry"]
 
 #: Counters per upstream, by name: cache results (hit, miss, …) and byte totals.
 Usage = dict[str, dict[str, int]]
@@ -103,6 +104,18 @@ def _unopened(directory: Path, error: sqlite3.Error | diskcache.Timeout) -> str:
         f"the index {directory} cannot be opened: {reason}; move it aside to start with an empty one "
         "(tags and manifests are then fetched again, and stored blobs no image names are collected as garbage)"
     )
+
+
+def index_problem(root: Path) -> str | None:
+    """Why this version could not serve the store at ``root`` for its index (written by a later
+    version, damaged, not to be opened), or None; a store with no index yet has none. Blocks."""
+    if not index_files(root)[1].exists():
+        return None
+    try:
+        Index(index_dir(root)).close()
+    except IndexFailure as failure:
+        return str(failure)
+    return None
 
 
 _TEXT: Final = (str, type(None))

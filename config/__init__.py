@@ -20,7 +20,7 @@ from ._model import (
     UpstreamSettings,
     split_address,
 )
-from ._units import parse_duration, parse_size, size_text
+from ._units import duration_text, parse_duration, parse_size, size_text
 
 __all__ = [
     "CONFIG_ENV",
@@ -42,6 +42,7 @@ __all__ = [
     "TlsSettings",
     "UnreadableFile",
     "UpstreamSettings",
+    "duration_text",
     "file_stamp",
     "load_lifecycle_policy",
     "load_settings",

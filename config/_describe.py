@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from ._units import duration_text
+
 __all__ = ["describe_error", "without_echoes"]
 
 #: What a value of the wrong shape should have been, by pydantic's error type.
@@ -72,8 +74,12 @@ def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset
         message = f"must list at least {least} {'entry' if least == 1 else 'entries'}"
     elif kind in _BOUNDS and isinstance(error.get("ctx"), Mapping):
         words, bound = _BOUNDS[kind]
-        unit = " s" if error["loc"] and str(error["loc"][-1]) in seconds else ""
-        message = f"must be {words} {_number(error['ctx'][bound])}{unit}, not {_number(error.get('input'))}{unit}"
+        limit, given = error["ctx"][bound], error.get("input")
+        timed = bool(error["loc"]) and str(error["loc"][-1]) in seconds
+        if timed and isinstance(limit, int | float) and isinstance(given, int | float):
+            message = f"must be {words} {duration_text(limit)}, not {duration_text(given)}"
+        else:
+            message = f"must be {words} {_number(limit)}, not {_number(given)}"
     elif message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     return f"{key}: {message}" if key else message

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Final
 
-__all__ = ["parse_duration", "parse_size"]
+__all__ = ["duration_text", "parse_duration", "parse_size", "size_text"]
 
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -72,6 +73,24 @@ def _duration(value: object) -> float:
     if position != len(text) or not text:
         raise ValueError(f"not a duration: {value!r} (expected e.g. 30s, 15m, 1h30m)")
     return total
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as the settings write them: ``2592000`` as ``30d``, ``5400`` as ``1h30m``,
+    ``0.25`` as ``250ms``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return f"{seconds:g}s"
+    if 0 < seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    whole, parts = int(seconds), []
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= length:
+            parts.append(f"{whole // length}{unit}")
+            whole %= length
+    rest = round(whole + seconds - int(seconds), 3)
+    if rest or not parts:
+        parts.append(f"{rest:g}s")
+    return "".join(parts)
 
 
 def size_text(value: int) -> str:

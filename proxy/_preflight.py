@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from moorage.cache import index_files
+from moorage.cache import index_files, index_problem
 from moorage.config import ConfigError, Settings
 from moorage.upstreams import read_password, trust_for
 
@@ -143,7 +143,7 @@ def _store_problem(path: Path) -> str | None:
         for part in (path, *index_files(path)):  # a store made by another user
             if part.exists() and not os.access(part, os.W_OK | (os.X_OK if part.is_dir() else 0)):
                 return f"{part} is not writable{_read_only(part)}"
-        return None
+        return index_problem(path)  # a later version's store, a damaged index
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent

@@ -47,6 +47,7 @@ from moorage.config import (
     LifecyclePolicyError,
     Settings,
     UnreadableFile,
+    duration_text,
     load_settings,
     parse_duration,
     parse_size,
@@ -331,14 +332,6 @@ def _is_loopback(host: str) -> bool:
 
 def _size(value: int | None) -> str:
     return "-" if value is None else size_text(value)
-
-
-def _duration(seconds: float) -> str:
-    """``3600.0`` as ``1h``: the largest whole unit."""
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length and seconds % length == 0:
-            return f"{seconds // length:.0f}{unit}"
-    return f"{seconds:g}s"
 
 
 def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Iterator[str]:
@@ -668,7 +661,7 @@ def gc(grace: str | None, dry_run: bool, config: Path | None, store: Path | None
         grace_seconds = parse_duration(grace) if grace is not None else settings_from(config).storage.gc_grace
     except ValueError as error:
         fail(f"--grace: {error}")
-    grace = _duration(grace_seconds)  # as the settings write it, however it was given
+    grace = duration_text(grace_seconds)  # as the settings write it, however it was given
     _require_store(path)
     report = collect_garbage(path, grace_seconds=grace_seconds, dry_run=dry_run)
     for digest in report.swept:

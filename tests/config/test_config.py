@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moorage.config import ConfigError, load_settings, parse_duration, parse_size, settings_source
+from moorage.config import ConfigError, duration_text, load_settings, parse_duration, parse_size, settings_source
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -117,7 +117,7 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param("upstreams: {a: 1}\n", "upstreams: must be a list", id="upstreams_not_a_list"),
         pytest.param("storage: /tmp/x\n", "storage: must be a section of keys", id="section_not_a_mapping"),
         pytest.param(
-            "auth: {token_lifetime: 10s}\n", "auth.token_lifetime: must be at least 60 s, not 10 s", id="bound_seconds"
+            "auth: {token_lifetime: 10s}\n", "auth.token_lifetime: must be at least 1m, not 10s", id="bound_seconds"
         ),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'https://a.io', retries: {attempts: 0}}\n",
@@ -126,8 +126,14 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         ),
         pytest.param(
             "upstreams:\n  - {host: a.io, url: 'https://a.io', timeouts: {read: 0}}\n",
-            "upstreams[0].timeouts.read: must be above 0 s, not 0 s",
+            "upstreams[0].timeouts.read: must be above 0s, not 0s",
             id="zero_timeout",
+        ),
+        pytest.param(
+            # It was "must be at most 2.14748e+06 s, not 2.592e+06 s".
+            "client_send_timeout: 30d\n",
+            "client_send_timeout: must be at most 24d20h31m23s, not 30d",
+            id="bound_seconds_in_days",
         ),
         pytest.param("upstreams: []\n", "upstreams: at least one upstream is needed", id="no_upstreams"),
         pytest.param(
@@ -505,6 +511,15 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     [("15m", 900), ("1h30m", 5400), ("90", 90), ("500ms", 0.5), ("2d", 172800), (30, 30)],
 )
 def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(2592000, "30d"), (5400, "1h30m"), (90061.5, "1d1h1m1.5s"), (0.25, "250ms"), (0, "0s"), (60, "1m")],
+)
+def test_durations_are_shown_as_the_settings_write_them(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
     assert parse_duration(text) == seconds
 
 

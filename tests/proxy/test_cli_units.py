@@ -564,10 +564,11 @@ def test_a_damaged_index_is_one_line_that_says_what_to_do(tmp_path: Path) -> Non
         assert "move it aside" in result.output
     served = serve_once(config)
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
-    # Once the log has begun, the end is a line of it: JSON among JSON lines.
-    lines = [json.loads(line) for line in served.stderr.splitlines()]
-    (failed,) = [line for line in lines if line["event"] == "start_failed"]
-    assert "storage.path: cannot use" in failed["message"] and "move it aside" in failed["message"]
+    # Found by the check of the settings' files before serving, as check-config finds it.
+    assert f"storage.path: the index {store / 'index'} cannot be opened" in served.stderr
+    assert "move it aside" in served.stderr
+    checked = CliRunner().invoke(main, ["check-config", str(config)], env={"MOORAGE_CONFIG": ""})
+    assert checked.exit_code == 2 and "move it aside" in checked.output, checked.output
 
 
 @pytest.mark.parametrize("handler", [_NotMetrics, _OtherMetrics], ids=["html", "metrics_of_another_version"])
@@ -681,7 +682,8 @@ def test_a_file_that_cannot_be_read_part_way_says_what_was_changed_before_it(tmp
 
 def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -> None:
     """A version that read a later layout as its own answered its misreadings, and its gc and
-    eviction acted on them; it says which store and what to do, and changes nothing."""
+    eviction acted on them; it says which store and what to do, and changes nothing.
+    ``check-config`` says so too."""
     store = tmp_path / "store"
     config = tmp_path / "config.yaml"
     config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
@@ -701,6 +703,10 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     served = serve_once(config)
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
     assert "written by a later Moorage" in served.stderr
+    # A check before a rollback said "ok" to the store serve then refused.
+    checked = CliRunner().invoke(main, ["check-config", str(config)], env={"MOORAGE_CONFIG": ""})
+    assert checked.exit_code == 2, checked.output
+    assert f"storage.path: the store at {store} was written by a later Moorage" in checked.output
     after = diskcache.Cache(str(store / "index"))
     assert after.get(FORMAT_KEY) == STORE_FORMAT + 1, "left as it was"
     assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
