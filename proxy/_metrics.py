@@ -11,11 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from moorage.cache import ContentKind
 from moorage.upstreams import RateLimitState, UpstreamError
 from moorage.upstreams.reference import Digest
+
+from ._build import package_version, python_version
 
 __all__ = ["Metrics"]
 
@@ -39,6 +49,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._request_children: dict[tuple[str, str, int, str | None, str | None], _RequestChildren] = {}
         r = self.registry
+        Info("moorage_build", "The build serving: its version and Python's.", registry=r).info(
+            {"version": package_version(), "python": python_version()}
+        )
         self.requests = Counter(
             "moorage_requests",
             "Client requests by route kind, method and status.",

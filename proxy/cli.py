@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlsplit
@@ -59,6 +58,7 @@ from moorage.upstreams import tls_failure
 from moorage.upstreams.reference import ImageReference, InvalidReference, parse_image_reference
 
 from ._auth import Htpasswd
+from ._build import package_version
 from ._client_config import CLIENTS, CONFIG_DIRS, Client, ClientOptions, client_files, client_warnings, merged_with
 from ._logging import configure_logging
 from ._preflight import policy_warnings, preflight, routing_warnings
@@ -82,13 +82,6 @@ def console(err: bool = False) -> Console:
 
     stream = sys.stderr if err else sys.stdout
     return Console(file=stream, soft_wrap=True, width=None if stream.isatty() else 400)
-
-
-def _version() -> str:
-    try:
-        return version("moorage")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -199,7 +192,7 @@ class _Commands(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Run 'moorage COMMAND --help' for a command's options and examples.",
 )
-@click.version_option(_version(), "--version", prog_name="moorage", message="%(prog)s %(version)s")
+@click.version_option(package_version(), "--version", prog_name="moorage", message="%(prog)s %(version)s")
 def main() -> None:
     """A pull-through cache for container registries."""
 
@@ -222,7 +215,7 @@ def serve_command(config: Path | None) -> None:
     for unrouted in routing_warnings(settings):
         logging.getLogger("moorage.proxy").warning(unrouted, extra={"event": "no_default_upstream"})
     try:
-        asyncio.run(serve(settings, _version()))
+        asyncio.run(serve(settings, package_version()))
     except ConfigError as error:
         _start_failed(str(error.named(source)))
     except ListenFailed as error:

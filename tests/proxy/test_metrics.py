@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from moorage.proxy._metrics import Metrics
+from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
 
@@ -169,6 +172,16 @@ async def test_failure_counters_are_there_at_zero_from_the_start(start_moorage: 
     for reason in ("size", "disk_full", "corrupt", "lifecycle", "gc"):
         assert samples[f"moorage_evictions_total{{reason={reason}}}"] == 0
     assert not [name for name in samples if "_created" in name], "no *_created series doubling the scrape"
+
+
+async def test_the_build_serving_is_a_metric_with_the_version_the_cli_prints(start_moorage: StartMoorage) -> None:
+    """During a rolling upgrade or a rollback, which replicas run which build."""
+    printed = CliRunner().invoke(main, ["--version"]).output.split()
+    assert printed[0] == "moorage"
+    moorage = await start_moorage()
+    (build,) = [name for name in await scrape(moorage) if name.startswith("moorage_build_info")]
+    assert f"version={printed[1]}" in build and f"python={platform.python_version()}" in build
+    assert (await scrape(moorage))[build] == 1
 
 
 def test_methods_a_client_makes_up_share_one_series() -> None:
