@@ -214,6 +214,9 @@ class Cache:
         self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
+        #: Manifests pulled from the store that the index does not record (see
+        #: ``StoredManifest.recorded``), by media type; recorded with the next batch.
+        self._unrecorded: dict[Digest, str] = {}
         #: Blobs and manifests read since the last flush, and when (for least-recently-used).
         self._accessed: dict[Digest, float] = {}
         #: Reads of stored files, for sweepers: a file a client found is not removed under it.
@@ -332,6 +335,7 @@ class Cache:
     async def _flush(self) -> None:
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
+        unrecorded, self._unrecorded = self._unrecorded, {}
         accessed = self._accessed
         # What was read in the last seconds stays in the live map: it protects those blobs from
         # every sweeper (eviction, gc, lifecycle) while their readers may still be opening them.
@@ -355,7 +359,9 @@ class Cache:
             fingerprints = dict(trusted)
             if isinstance(self._store, DirectoryStore):
                 fingerprints.update(touch(self._store, self._index, accessed, trusted))
-            held = self._index.write_batch(usage, pulled, change, fingerprints, routes, counted_totals=counted)
+            held = self._index.write_batch(
+                usage, pulled, change, fingerprints, routes, counted_totals=counted, manifests=unrecorded
+            )
             return fingerprints, held
 
         writing = asyncio.ensure_future(asyncio.to_thread(write))
@@ -366,13 +372,13 @@ class Cache:
             # what it wrote, or the last flush would add this batch's store change again.
             await asyncio.gather(writing, return_exceptions=True)
             if writing.exception() is None:
-                self._note_written(*writing.result(), counts, totals)
+                self._note_written(*writing.result(), counts, totals, unrecorded)
             else:
-                self._keep_for_next_flush(usage, pulled, accessed, routes)
+                self._keep_for_next_flush(usage, pulled, accessed, routes, unrecorded)
             raise
         except Exception as exc:  # a full disk, a broken index: keep the batch for the next try
             self.flushed = False
-            self._keep_for_next_flush(usage, pulled, accessed, routes)
+            self._keep_for_next_flush(usage, pulled, accessed, routes, unrecorded)
             log.error(
                 "bookkeeping not written; kept for the next try",
                 extra={"event": "flush_failed", "error": error_text(exc)},
@@ -380,17 +386,27 @@ class Cache:
             if is_disk_full(exc):  # with no fill failing, nothing else would free space
                 self._schedule_eviction("disk_full")
             return
-        self._note_written(written, held, counts, totals)
+        self._note_written(written, held, counts, totals, unrecorded)
         self.flushed = True
 
     def _note_written(
-        self, written: dict[Digest, Fingerprint], held: tuple[int, int], counts: int, totals: tuple[int, int]
+        self,
+        written: dict[Digest, Fingerprint],
+        held: tuple[int, int],
+        counts: int,
+        totals: tuple[int, int],
+        recorded: Mapping[Digest, str],
     ) -> None:
         """After a batch is in the index: ``held`` is the store totals it holds now, written
-        from ``totals`` (this process's, taken when the batch was) and ``counts`` walks."""
+        from ``totals`` (this process's, taken when the batch was) and ``counts`` walks;
+        ``recorded``, the manifests it recorded again."""
         for digest, fingerprint in written.items():  # in the index now; newer ones stay
             if self._trusted.get(digest) == fingerprint:
                 del self._trusted[digest]
+        for digest in recorded:
+            stored = self._hot.manifest(digest)
+            if stored is not None:
+                self._hot.put_manifest(digest, replace(stored, recorded=True))
         self._counts_flushed = counts
         if counts == self._counts:  # no walk counted the store meanwhile: take in the others'
             # What other processes changed (moorage gc or verify --repair run beside this
@@ -407,8 +423,11 @@ class Cache:
         pulled: dict[IndexKey, float],
         accessed: dict[Digest, float],
         routes: dict[Digest, list[ContentRoute]],
+        unrecorded: dict[Digest, str],
     ) -> None:
         """Put a batch that could not be written back under what came in meanwhile."""
+        for digest, media_type in unrecorded.items():
+            self._unrecorded.setdefault(digest, media_type)
         for upstream, deltas in usage.items():
             counters = self._usage.setdefault(upstream, {})
             for name, delta in deltas.items():
@@ -673,8 +692,9 @@ class Cache:
                 )
             for key in result.dropped_tags:
                 self._hot.forget_tag(key)
-            for expiry in result.expired:
-                self._hot.forget_manifest(expiry.image.digest)
+            for expiry in result.expired:  # their records are gone, files that stay too (see StoredManifest.recorded)
+                for digest in expiry.going:
+                    self._hot.forget_manifest(digest)
             self._removed(result.removed, result.freed_bytes, "lifecycle")
             counts: dict[tuple[str, int], int] = {}
             for expiry in result.expired:
@@ -765,6 +785,9 @@ class Cache:
             self._pulled[pulled_key(source.host, repository, reference)] = now
         if answer.stored:  # an image the index does not hold has no pull time to keep
             self._pulled[image_pulled_key(source.host, repository, answer.digest)] = now
+            held = self._hot.manifest(answer.digest)
+            if held is not None and not held.recorded:
+                self._unrecorded[answer.digest] = held.media_type
             # A read, for the size cap's order, whatever the answer (the one place manifests are
             # counted): a tag pulled less often than its TTL is answered "revalidated".
             self._accessed[answer.digest] = now
@@ -1108,7 +1131,7 @@ class Cache:
         if not digest.matches(body):
             self._quarantine(digest, len(body), "manifest")
             return None
-        return StoredManifest(body, media_type or sniff_media_type(body))
+        return StoredManifest(body, media_type or sniff_media_type(body), recorded=media_type is not None)
 
     def _keep_manifest(
         self,
@@ -1145,7 +1168,7 @@ class Cache:
         entry = TagEntry(digest, fetched.media_type, self._clock()) if tag is not None else None
         try:
             self._index.put_manifest(digest, fetched.media_type)
-            self._index.add_image(image_key(*image, digest), self._clock())
+            self._index.add_image(image_key(*image, digest), self._clock(), anew=new)
             if tag is not None and entry is not None:
                 self._index.put_tag(tag, entry)
         except StoreFailure as failure:  # in the store, but the index could not record it

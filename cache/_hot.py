@@ -26,6 +26,10 @@ DEFAULT_MAX_MANIFEST_BYTES: Final = 64 * 1024 * 1024
 class StoredManifest:
     body: bytes
     media_type: str
+    #: Whether the index records it as a manifest. A file it no longer does (an expiring image
+    #: took the record while another image still names the file) is recorded again once a
+    #: client pulls it, so that the image it is part of there counts that pull.
+    recorded: bool = True
 
 
 class HotAnswers:

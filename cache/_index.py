@@ -355,11 +355,13 @@ class Index:
         routes: Mapping[Digest, list[ContentRoute]] | None = None,
         *,
         counted_totals: tuple[int, int] | None = None,
+        manifests: Mapping[Digest, str] | None = None,
     ) -> tuple[int, int]:
         """One transaction: add usage deltas, record pull times, the fingerprints of files
-        known good and the routes content was learnt under, and add ``store_change`` (bytes,
-        entries) to the store totals, or set them to ``counted_totals`` where a walk of the
-        store just counted them. Returns the store totals now held.
+        known good, the routes content was learnt under and the ``manifests`` (by media type)
+        pulled that the index no longer recorded, and add ``store_change`` (bytes, entries) to
+        the store totals, or set them to ``counted_totals`` where a walk of the store just
+        counted them. Returns the store totals now held.
 
         The totals are changed, not overwritten, so that what several processes store and
         remove adds up: a daemon's batches, and ``moorage gc`` and ``moorage verify --repair``
@@ -380,6 +382,8 @@ class Index:
                 self._db.set(key, when)
                 if key[0] == "image-pulled":  # an image first seen in this repository by a hit
                     self._db.add(image_key(*key[1:]), when)
+            for digest, media_type in (manifests or {}).items():  # pulled, and no longer recorded
+                self._db.add(manifest_key(digest), media_type)
             if counted_totals is not None:
                 totals = counted_totals
             else:
@@ -406,10 +410,15 @@ class Index:
                 if entry is not None:
                     yield key, entry
 
-    def add_image(self, key: IndexKey, when: float) -> None:
-        """Record when a manifest was first cached for a repository (kept if already known)."""
+    def add_image(self, key: IndexKey, when: float, *, anew: bool = False) -> None:
+        """Record when a manifest was first cached for a repository (kept if already known,
+        unless it was stored ``anew``: a time left from before its file left the store made a
+        manifest cached again look old, and a rule expired it at once)."""
         with _recording("an image"):
-            self._db.add(key, when)
+            if anew:
+                self._db.set(key, when)
+            else:
+                self._db.add(key, when)
 
     def entries(self, kinds: frozenset[str]) -> Iterator[tuple[IndexKey, object]]:
         """Every entry whose key is of one of ``kinds`` (``tag``, ``image``, …); one walk of

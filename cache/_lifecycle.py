@@ -90,6 +90,12 @@ class Expiry:
     shared: frozenset[Digest] = frozenset()
 
     @property
+    def going(self) -> list[Digest]:
+        """The expired image and the children it takes with it: not those an image that stays
+        carries too."""
+        return [digest for digest in (self.image.digest, *self.image.children) if digest not in self.shared]
+
+    @property
     def reason(self) -> str:
         selection = self.rule.selection
         if selection.countType == "imageCountMoreThan":
@@ -145,7 +151,9 @@ def read_images(
     one walk of the index, and a read of those images' manifests alone. Blocks."""
     pushed: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     pulled: dict[tuple[str, str, str], float] = {}
-    tags: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    #: The digest each tag's answer names, by the class of client it answers (``index`` for
+    #: those that take an index, ``image`` for those that take none).
+    answers: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
     for key, value in index.entries(frozenset({"image", "image-pulled", "tag"})):
         kind, upstream, repository = key[0], key[1], key[2]
         if kind == "image" and isinstance(value, int | float):
@@ -154,7 +162,7 @@ def read_images(
             pulled[upstream, repository, key[3]] = float(value)
         elif kind == "tag" and (entry := tag_entry(value)) is not None:  # one it cannot read is refetched
             tagged = str(entry.digest)
-            tags[upstream, repository, tagged].add(key[3])
+            answers[upstream, repository, key[3]][str(key[4])] = tagged
             known = pushed[upstream, repository]
             known.setdefault(tagged, float(entry.checked_at))  # a tag cached before image records were kept
     images: dict[tuple[str, str], list[CachedImage]] = {}
@@ -177,15 +185,48 @@ def read_images(
                     upstream,
                     repository,
                     digest,
-                    frozenset(tags.get((upstream, repository, digest_text), ())),
+                    frozenset(),
                     pushed_at,
                     pulled.get((upstream, repository, digest_text)),
                     children,
                     subject,
                 )
             )
+        tags = _tags_by_digest(
+            {tag: by_class for (u, r, tag), by_class in answers.items() if (u, r) == (upstream, repository)}, found
+        )
+        found = [replace(image, tags=frozenset(tags.get(str(image.digest), ()))) for image in found]
         images[upstream, repository] = _fold_platforms(found)
     return images
+
+
+def _tags_by_digest(answers: dict[str, dict[str, str]], images: list[CachedImage]) -> dict[str, set[str]]:
+    """The tags of each digest of a repository, from each tag's answers (``answers``: by tag,
+    the digest named for each class of client). A tag's answer for clients that take no
+    index names one platform's manifest of the image its answer for the others names; where
+    it names no part of that image, the tag has moved since a client of that kind last asked,
+    and that answer no longer makes its manifest a tagged image of its own: kept as one, it
+    was judged alone and expired while the index listing it stayed."""
+    parts_of = {str(image.digest): [str(child) for child in image.children] for image in images}
+
+    def holds(whole: str, part: str) -> bool:
+        seen, waiting = set(), [whole]
+        while waiting:
+            digest = waiting.pop()
+            if digest == part:
+                return True
+            if digest not in seen:
+                seen.add(digest)
+                waiting.extend(parts_of.get(digest, ()))
+        return False
+
+    tags: dict[str, set[str]] = defaultdict(set)
+    for tag, by_class in answers.items():
+        current = by_class.get("index")
+        for accept, digest in by_class.items():
+            if accept == "index" or current is None or holds(current, digest):
+                tags[digest].add(tag)
+    return tags
 
 
 def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
@@ -229,12 +270,28 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
             children = carried(image.digest) - reached
             whole.append((image, children))
             reached |= {image.digest, *children}
+    # A pull of a platform manifest (pods pinned to its digest) is a pull of the image. One
+    # that several images carry (a release reusing the last one's arm64 manifest) counts for
+    # the newest of them, which keeps it when the others go: counted for every one, it kept
+    # each older release in use for as long as the newest was.
+    owner: dict[Digest, CachedImage] = {}
+    for image, children in whole:
+        for child in children:
+            held = owner.get(child)
+            if held is None or (image.pushed_at, bool(image.tags), str(image.digest)) > (
+                held.pushed_at,
+                bool(held.tags),
+                str(held.digest),
+            ):
+                owner[child] = image
     return [
         replace(
             image,
             children=tuple(sorted(children, key=str)),
-            # A pull of a platform manifest (pods pinned to its digest) is a pull of the image.
-            pulled_at=max((pulled_of[d] for d in (image.digest, *children) if d in pulled_of), default=image.pulled_at),
+            pulled_at=max(
+                (pulled_of[d] for d in (image.digest, *children) if d in pulled_of and owner.get(d, image) is image),
+                default=image.pulled_at,
+            ),
         )
         for image, children in whole
     ]
@@ -294,7 +351,7 @@ def apply_expiries(
     gone: set[Digest] = set()
     for expiry in expiries:
         image = expiry.image
-        for digest in _parts_going(expiry):
+        for digest in expiry.going:
             keys: list[IndexKey] = [
                 image_key(image.upstream, image.repository, digest),
                 image_pulled_key(image.upstream, image.repository, digest),
@@ -305,14 +362,18 @@ def apply_expiries(
     # Tag answers pointing at an expired image in its repository, whatever the accept class:
     # at its index, or at a platform manifest it carries (the answer for clients that take
     # no index), which would otherwise keep that part of the image, and its layers, behind.
-    expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in _parts_going(e)}
-    tag_keys = [
-        key
-        for key, value in index.entries(frozenset({"tag"}))
-        if isinstance(value, tuple) and (key[1], key[2], str(value[0])) in expired_in
-    ]
-    pulled_keys = [pulled_key_of(key) for key in tag_keys]
-    index.delete(tag_keys + pulled_keys)
+    expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in e.going}
+    tag_keys: list[IndexKey] = []
+    answered: set[IndexKey] = set()  # tags an answer is left for
+    for key, value in index.entries(frozenset({"tag"})):
+        if isinstance(value, tuple) and (key[1], key[2], str(value[0])) in expired_in:
+            tag_keys.append(key)
+        else:
+            answered.add(pulled_key_of(key))
+    # A tag's pull time is the tag's, whichever class of client pulled it: it goes with its
+    # last answer (``moorage ls`` showed none for a tag still cached for the others).
+    pulled_keys = {pulled_key_of(key) for key in tag_keys} - answered
+    index.delete([*tag_keys, *pulled_keys])
     result.dropped_tags = tag_keys
     # A manifest still cached for another repository (or tagged there) stays.
     still_used = {
@@ -359,12 +420,6 @@ def preview(
         return plan(store, index, policy_resolver(upstreams), time.time() if now is None else now, wanted=wanted)
     finally:
         index.close()
-
-
-def _parts_going(expiry: Expiry) -> list[Digest]:
-    """The expired image and the children it takes with it: not those an image that stays
-    carries too."""
-    return [digest for digest in (expiry.image.digest, *expiry.image.children) if digest not in expiry.shared]
 
 
 def pulled_key_of(tag_index_key: IndexKey) -> IndexKey:

@@ -17,14 +17,15 @@ from aiohttp.test_utils import TestClient
 from click.testing import CliRunner
 
 import moorage.cache._cache as cache_module
-from moorage.cache import policy_resolver
+from moorage.cache import policy_resolver, read_catalog
 from moorage.cache._cache import first_pass_delay
 from moorage.cache._index import Index
+from moorage.cache._keys import image_key
 from moorage.cache._lifecycle import PolicyFor
 from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
 from moorage.proxy.cli import main
-from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2
+from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST_V2, RepositoryName, parse_digest
 from tests.fakes import OCI_INDEX, OCI_MANIFEST, FakeRegistry
 from tests.polling import until_async
 
@@ -441,3 +442,143 @@ async def test_an_image_expired_in_one_repository_stays_for_another_that_holds_i
     upstream.reset_requests()
     await pull(moorage, "team/mirror", "v1")
     assert upstream.count("GET") == 0, "still the store's for the other repository"
+
+
+async def test_a_tag_moved_since_an_old_client_asked_leaves_no_platform_manifest_judged_alone(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The answer kept for clients that take no index still named the last release's platform
+    manifest after the tag moved: that manifest was judged as an image tagged ``app`` of its
+    own, and a keep-the-newest rule expired it alone, while the index listing it stayed and
+    pods pinned to it pulled on. And when that index went, the tag's pull time went with the
+    old answer, though the tag is cached for current clients: ``moorage ls`` showed none."""
+    selection = {"tagStatus": "tagged", "tagPrefixList": ["app"], "countType": "imageCountMoreThan", "countNumber": 1}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    first = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "app", [(first.digest, "linux", "amd64")], OCI_INDEX)
+    await pull_index(moorage, "team/app", "app", first.digest)
+    old_client = {"Accept": OCI_MANIFEST}
+    assert (await moorage.get("/v2/team/app/manifests/app", headers=old_client)).status == 200
+    second = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "app", [(second.digest, "linux", "amd64")], OCI_INDEX)
+    advance_clock(moorage, 86400)  # the tag is revalidated, and found moved
+    await pull_index(moorage, "team/app", "app", second.digest)
+    cache = moorage.app[CACHE]
+    await cache.flush()
+    assert (await cache.apply_lifecycle(resolver)).expired == []
+    assert all(stored(store, d) for d in (first.digest, first.layer_digests[0]))
+    upstream.reset_requests()
+    await pull(moorage, "team/app", first.digest)
+    assert upstream.count("GET") == 0
+
+    untagged = {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days", "countNumber": 1}
+    policy = tmp_path / "lifecycle.json"
+    policy.write_text(json.dumps({"rules": [_rule(untagged)]}))
+    advance_clock(moorage, 86400)
+    await cache.flush()
+    bound = {"lifecycle_policy_file": str(policy)}
+    result = await cache.apply_lifecycle(
+        policy_resolver(settings_for(upstream, store, upstream_settings=bound).upstreams)
+    )
+    assert [sorted(e.image.tags) for e in result.expired] == [[]], "the last release, with its platform manifest"
+    assert not stored(store, first.digest) and stored(store, second.digest)
+    await cache.flush()
+    (listed,) = read_catalog(store)
+    assert (listed.tag, listed.pulled_at is not None) == ("app", True), "the tag's last pull is still known"
+
+
+async def test_pulls_of_a_platform_manifest_count_for_every_repository_holding_its_index(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """An index cached in two repositories, its platform manifest pulled in the first only:
+    expiring the index there took the platform manifest's record, though the second still
+    holds the file. Pods pulling it through the second from then on were served from the
+    store, uncounted, and the second's not-pulled rule expired the index they use."""
+    store, config = tmp_path / "store", release_config("1")
+    layer = os.urandom(2000)
+    platform = upstream.add_image("team/app", None, [layer], config=config, media_type=OCI_MANIFEST)
+    assert upstream.add_image("team/mirror", None, [layer], config=config, media_type=OCI_MANIFEST) == platform
+    index = upstream.add_index("team/app", "1", [(platform.digest, "linux", "amd64")], OCI_INDEX)
+    assert upstream.add_index("team/mirror", "1", [(platform.digest, "linux", "amd64")], OCI_INDEX) == index
+    policies = []
+    for repository, selection in (
+        ("team/app", {"tagStatus": "any", "countType": "sinceImagePushed", "countUnit": "days", "countNumber": 1}),
+        ("team/mirror", {"tagStatus": "any", "countType": "sinceImagePulled", "countUnit": "days", "countNumber": 30}),
+    ):
+        policy = tmp_path / f"{repository.replace('/', '-')}.json"
+        policy.write_text(json.dumps({"rules": [_rule(selection)]}))
+        policies.append({"repositories": repository, "policy_file": str(policy)})
+    bound = {"lifecycle_policies": policies}
+    moorage = await start_moorage(
+        storage={"path": str(store), "lifecycle_interval": 0, "gc_interval": 0}, upstream_settings=bound
+    )
+    resolver = policy_resolver(settings_for(upstream, store, upstream_settings=bound).upstreams)
+    cache = moorage.app[CACHE]
+    await pull_index(moorage, "team/app", "1", platform.digest)
+    assert (await moorage.get("/v2/team/mirror/manifests/1", headers=ALL)).status == 200
+    advance_clock(moorage, 2 * 86400)
+    await cache.flush()
+    result = await cache.apply_lifecycle(resolver)
+    assert [e.image.repository for e in result.expired] == ["team/app"]
+    upstream.reset_requests()
+    for _ in range(4):  # pods pinned to the platform's digest, through the second repository
+        advance_clock(moorage, 10 * 86400)
+        await pull(moorage, "team/mirror", platform.digest)
+        await cache.flush()
+    assert upstream.count("GET") == 0
+    assert (await cache.apply_lifecycle(resolver)).expired == [], "team/mirror's index is in use"
+    assert stored(store, platform.digest) and stored(store, platform.layer_digests[0])
+
+
+async def test_a_platform_manifest_two_releases_share_counts_its_pulls_for_the_newest(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """A release reusing the last one's arm64 manifest: its pulls counted for both indexes, so
+    an untagged rule never expired the old release (nor its own amd64 image) while the new
+    one was in use."""
+    selection = {"tagStatus": "untagged", "countType": "sinceImagePulled", "countUnit": "days", "countNumber": 7}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    arm = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
+    amd = {}
+    for release in ("1", "2"):
+        amd[release] = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+        platforms = [(amd[release].digest, "linux", "amd64"), (arm.digest, "linux", "arm64")]
+        upstream.add_index("team/app", "stable", platforms, OCI_INDEX)
+        advance_clock(moorage, 86400)  # the tag is revalidated, and found moved
+        await pull_index(moorage, "team/app", "stable", amd[release].digest)
+        await pull(moorage, "team/app", arm.digest)
+    cache = moorage.app[CACHE]
+    for _ in range(3):  # both fleets pull the new release daily for three weeks
+        advance_clock(moorage, 7 * 86400)
+        await pull_index(moorage, "team/app", "stable", amd["2"].digest)
+        await pull(moorage, "team/app", arm.digest)
+    await cache.flush()
+    result = await cache.apply_lifecycle(resolver)
+    assert [sorted(e.image.tags) for e in result.expired] == [[]], "the old release"
+    assert not stored(store, amd["1"].digest) and not stored(store, amd["1"].layer_digests[0])
+    upstream.reset_requests()
+    await pull_index(moorage, "team/app", "stable", amd["2"].digest)
+    await pull(moorage, "team/app", arm.digest)
+    assert upstream.count("GET") == 0, "the shared manifest stays with the new release"
+
+
+async def test_a_manifest_cached_again_counts_as_first_cached_now(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """An image record left from before its manifest left the store kept its first-cached
+    time when the manifest was cached again: a pushed-before rule expired it at once."""
+    selection = {"tagStatus": "any", "countType": "sinceImagePushed", "countUnit": "days", "countNumber": 7}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    image = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    cache = moorage.app[CACHE]
+    await asyncio.to_thread(
+        cache._index.add_image, image_key("docker.io", RepositoryName("team/app"), parse_digest(image.digest)), 0.0
+    )
+    await pull(moorage, "team/app", image.digest)
+    await cache.flush()
+    assert (await cache.apply_lifecycle(resolver)).expired == []
+    assert stored(store, image.digest)
+
+
+def _rule(selection: dict[str, object]) -> dict[str, object]:
+    return {"rulePriority": 1, "description": "the rule", "selection": selection, "action": {"type": "expire"}}
