@@ -2,7 +2,8 @@
 
 ``moorage check-config`` and ``moorage serve`` both call :func:`preflight`, so a settings
 file that passes the check does not fail at start on a certificate, an htpasswd or groups file,
-a token signing key, an upstream's password file or the store directory. It reads what serving
+a token signing key, an upstream's password file, the store directory or the environment's
+outbound proxy. It reads what serving
 reads and nothing more (the token key only where there are users), and reports one
 ``key: what is wrong`` line per setting (within a setting, its first problem: a groups file is
 read once its htpasswd file is good). It also returns warnings: access policy rules that name
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from moorage.cache import index_files, index_problem
 from moorage.config import ConfigError, Settings
-from moorage.upstreams import read_password, trust_for
+from moorage.upstreams import ProxyEnvironment, read_password, trust_for
 
 from ._auth import Htpasswd
 from ._tls import ServerTls
@@ -57,6 +58,7 @@ def _file_problems(settings: Settings) -> tuple[list[str], Htpasswd | None]:
             TokenKeys.load(key, create=False)
         except ValueError as exc:
             problems.append(f"auth.token_signing_key_file: {exc}")
+    _collect(problems, ProxyEnvironment.read)  # the outbound proxy serving would use
     for index, upstream in enumerate(settings.upstreams):
         _collect(problems, partial(read_password, index, upstream, warn=False))  # serving warns
         _collect(problems, partial(trust_for, index, upstream))

@@ -15,6 +15,7 @@ from ._client import (
 )
 from ._pages import artifact_type_only, cut_tags_page, error_codes, error_message, next_link, of_artifact_type
 from ._pool import open_upstreams, read_password
+from ._proxies import ProxyEnvironment
 from ._ratelimit import RateLimitState, parse_ratelimit
 from ._routing import NoRoute, Route, Router
 from ._transport import tls_failure
@@ -41,6 +42,7 @@ __all__ = [
     "NoReferrersApi",
     "NoRoute",
     "NullObserver",
+    "ProxyEnvironment",
     "RateLimitState",
     "ReferrersPage",
     "RegistryClient",

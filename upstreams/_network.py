@@ -116,9 +116,8 @@ class _WideReadTransport(httpx.AsyncHTTPTransport):
 
 def wide_read_transport(limits: httpx.Limits, trust: ssl.SSLContext) -> httpx.AsyncBaseTransport:
     """An httpx transport with ``limits`` whose reads ask for ``READ_SIZE`` bytes, checking
-    servers' certificates with ``trust``. It goes straight to the server: a client given a
-    transport of its own ignores the proxies set in the environment, so the registry client
-    uses this one only where none is set."""
+    servers' certificates with ``trust``. It goes straight to the server: the registry client
+    sends through it the requests the environment's proxy does not take (``_proxies``)."""
     return _WideReadTransport(limits, trust)
 
 

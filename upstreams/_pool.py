@@ -1,11 +1,12 @@
 """The set of upstream clients built from the settings, as one async resource.
 
-``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` and ``ca_file`` at start (a
-missing file or variable is a configuration error naming the upstream, an empty variable means
-anonymous pulls and a warning; each client rereads the file when it changes, so a rotated
-password needs no restart), reads the environment's outbound proxy (``_proxies``; one that
-cannot be used is a configuration error), loads the network modules the first request would
-otherwise import, builds one pooled client per upstream, and closes them all on exit.
+``open_upstreams`` reads each upstream's ``password_file`` or ``password_env`` and ``ca_file``
+at start (a missing file or variable is a configuration error naming the upstream, an empty
+variable means anonymous pulls and a warning; each client rereads the file when it changes, so
+a rotated password needs no restart), reads the environment's outbound proxy (``_proxies``; one
+that cannot be used is a configuration error, ``NO_PROXY`` entries it cannot read a warning),
+loads the network modules the first request would otherwise import, builds one pooled client
+per upstream, and closes them all on exit.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ async def open_upstreams(
 ) -> AsyncIterator[Router[RegistryClient]]:
     await load_network_modules()
     proxies = None if transport is not None else ProxyEnvironment.read()
+    if proxies is not None and proxies.proxies and proxies.ignored:  # their hosts go through the proxy
+        log.warning(
+            "NO_PROXY entries not understood, ignored",
+            extra={"event": "no_proxy_ignored", "entries": list(proxies.ignored)},
+        )
     clients = [
         RegistryClient(
             settings,

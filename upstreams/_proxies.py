@@ -1,15 +1,17 @@
 """The environment's outbound HTTP proxy: which upstream requests go through it.
 
-``HTTPS_PROXY``, ``HTTP_PROXY`` and ``ALL_PROXY`` (either case) name the proxy, ``NO_PROXY``
-the hosts reached directly, as curl and Go read them. httpx reads these too, but takes a CIDR
-range in ``NO_PROXY`` (``10.0.0.0/8``, what a Kubernetes cluster's pod and service networks are
-written as) for the single address it starts with, so an in-cluster registry named by address
-was sent to the proxy; and a client given a transport of its own ignores them altogether.
-:func:`routed_transport` reads them here and sends each request down the transport its host
-calls for: the caller's direct one (the wide-read transport, ``_network``) or an httpx transport
-through the proxy.
+``HTTPS_PROXY``, ``HTTP_PROXY`` and ``ALL_PROXY`` name the proxy (``ALL_PROXY`` for a scheme the
+other two leave unset), ``NO_PROXY`` the hosts reached directly. Each may be written in either
+case; where both are set the lower-case one is read, as curl reads them, and an empty one is
+passed over. httpx reads these too, but takes a CIDR range in ``NO_PROXY`` (``10.0.0.0/8``, what
+a Kubernetes cluster's pod and service networks are written as) for the single address it starts
+with, so an in-cluster registry named by address was sent to the proxy; and a client given a
+transport of its own ignores them altogether. :func:`routed_transport` reads them here and
+sends each request down the transport its host calls for: the caller's direct one (the
+wide-read transport, ``_network``) or an httpx transport through the proxy, whose failures
+then name the proxy.
 
-``NO_PROXY`` entries, comma-separated, case-insensitive:
+``NO_PROXY`` entries, comma-separated, case-insensitive, as Go reads them:
 
 - ``*``: no request goes through the proxy;
 - ``10.0.0.0/8``, ``fd00::/8``: an upstream named by an address in the range;
@@ -20,13 +22,14 @@ through the proxy.
   port only.
 
 Host names are compared as written, not resolved: a range matches upstreams named by address.
+An entry that is none of these is ignored (and listed in :attr:`ProxyEnvironment.ignored`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -35,7 +38,7 @@ import httpx
 
 from moorage.config import ConfigError
 
-__all__ = ["ProxyEnvironment", "routed_transport"]
+__all__ = ["Proxy", "ProxyEnvironment", "routed_transport"]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
@@ -64,7 +67,7 @@ class _Exemption:
 
 
 def _exemption(entry: str) -> _Exemption | None:
-    """The exemption ``entry`` (lower-case, stripped) names; None if it names none."""
+    """The exemption ``entry`` (lower-case, stripped, not empty) names; None if none."""
     if "/" in entry:
         try:
             return _Exemption(network=ipaddress.ip_network(entry, strict=False))
@@ -73,52 +76,80 @@ def _exemption(entry: str) -> _Exemption | None:
     host, port = entry, None
     if entry.startswith("["):  # [::1] or [::1]:5000
         host, _, rest = entry[1:].partition("]")
-        if rest.startswith(":") and rest[1:].isdigit():
-            port = int(rest[1:])
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        port = int(rest[1:]) if rest else None
     elif entry.count(":") == 1:  # host:port (an IPv6 address has more than one colon)
-        name, _, number = entry.partition(":")
-        if number.isdigit():
-            host, port = name, int(number)
+        host, _, number = entry.partition(":")
+        if not number.isdigit():
+            return None
+        port = int(number)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         pass
     else:
         return _Exemption(network=ipaddress.ip_network(address), port=port)
-    host = host.removeprefix("*")
+    host = host.removeprefix("*").rstrip(".")
     under_only = host.startswith(".")
     host = host.lstrip(".")
-    return _Exemption(host=host, under_only=under_only, port=port) if host else None
+    if not host or any(c in host for c in "*[]/ "):
+        return None
+    return _Exemption(host=host, under_only=under_only, port=port)
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """A proxy to send requests through, and the variable that named it (for messages: its
+    URL may carry credentials, never shown)."""
+
+    url: httpx.URL
+    variable: str
+
+    @property
+    def shown(self) -> str:
+        """How errors name it: by its variable, upper-case (messages for clients show no URL and
+        no network address, and are cut where ``http`` starts)."""
+        return f"the proxy {self.variable.upper()} names"
 
 
 @dataclass(frozen=True)
 class ProxyEnvironment:
-    """The proxies the environment names, by the scheme of the URLs they carry (``http``,
-    ``https``, and ``all`` for both), and the hosts exempted from them."""
+    """The proxies the environment names, by the scheme of the URLs they carry, and the hosts
+    exempted from them."""
 
-    proxies: Mapping[str, httpx.URL]
+    proxies: Mapping[str, Proxy]
     exemptions: tuple[_Exemption, ...] = ()
     exempt_all: bool = False
+    #: ``NO_PROXY`` entries that are none of the forms it takes.
+    ignored: tuple[str, ...] = ()
 
     @classmethod
-    def read(cls, variables: Mapping[str, str] | None = None) -> ProxyEnvironment:
-        """The proxy settings in ``variables`` (by ``urllib.request.getproxies``'s names: a
-        scheme, or ``no``), by default the process's environment. Raises ``ConfigError`` for a
-        proxy that cannot be used (not ``http://`` or ``https://``, or not a URL)."""
-        found = urllib.request.getproxies() if variables is None else variables
-        proxies: dict[str, httpx.URL] = {}
-        for scheme in ("http", "https", "all"):
-            value = found.get(scheme, "").strip()
-            if value:
-                proxies[scheme] = _proxy_url(scheme, value)
-        entries = [entry.strip().lower() for entry in found.get("no", "").split(",")]
-        exempt_all = "*" in entries
-        exemptions = tuple(e for e in map(_exemption, entries) if e is not None)
-        return cls(proxies, exemptions, exempt_all)
+    def read(cls, environ: Mapping[str, str] | None = None) -> ProxyEnvironment:
+        """The proxy settings in ``environ`` (the process's by default). Raises
+        ``ConfigError`` for a proxy that would be used and cannot be (not an ``http://`` or
+        ``https://`` URL with a host and a port that can be)."""
+        environ = os.environ if environ is None else environ
+        found = {name: _variable(environ, name) for name in ("http_proxy", "https_proxy", "all_proxy")}
+        fallback = found["all_proxy"]
+        proxies: dict[str, Proxy] = {}
+        for scheme in ("http", "https"):
+            named = found[f"{scheme}_proxy"] or fallback
+            if named is not None:
+                proxies[scheme] = _proxy(*named)
+        no_proxy = _variable(environ, "no_proxy")
+        entries = [e.strip().lower() for e in (no_proxy[1] if no_proxy else "").split(",") if e.strip()]
+        understood = {entry: _exemption(entry) for entry in entries if entry != "*"}
+        return cls(
+            proxies,
+            tuple(e for e in understood.values() if e is not None),
+            "*" in entries,
+            tuple(entry for entry, exemption in understood.items() if exemption is None),
+        )
 
-    def proxy_for(self, url: httpx.URL) -> httpx.URL | None:
+    def proxy_for(self, url: httpx.URL) -> Proxy | None:
         """The proxy a request for ``url`` goes through; None to go directly."""
-        proxy = self.proxies.get(url.scheme) or self.proxies.get("all")
+        proxy = self.proxies.get(url.scheme)
         if proxy is None or self.exempt_all:
             return None
         host = url.host.lower().rstrip(".")
@@ -126,19 +157,32 @@ class ProxyEnvironment:
         return None if any(e.covers(host, port) for e in self.exemptions) else proxy
 
 
-def _proxy_url(scheme: str, value: str) -> httpx.URL:
-    variable = f"{scheme.upper()}_PROXY"
+def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(the variable read, its value) for ``name`` in either case: the lower-case one first,
+    an empty one passed over."""
+    for variable in (name.lower(), name.upper()):
+        value = environ.get(variable, "").strip()
+        if value:
+            return variable, value
+    return None
+
+
+def _proxy(variable: str, value: str) -> Proxy:
+    def refused(why: str) -> ConfigError:
+        return ConfigError("the environment", [f"{variable}: {why}"])
+
     try:
         url = httpx.URL(value if "://" in value else f"http://{value}")
     except httpx.InvalidURL as exc:
-        raise ConfigError("the environment", [f"{variable}: not a proxy URL ({exc})"]) from None
-    if url.scheme not in ("http", "https") or not url.host:
-        shown = f"{url.scheme}://" if url.scheme else "it"
-        raise ConfigError(
-            "the environment",
-            [f"{variable}: only HTTP proxies (http:// or https://) are supported, not {shown}"],
-        )
-    return url
+        raise refused(f"not a proxy URL ({exc})") from None
+    if url.scheme not in ("http", "https"):
+        shown = f"{url.scheme}://" if url.scheme.isascii() and url.scheme.isalnum() else "that"
+        raise refused(f"only HTTP proxies (http:// or https://) are supported, not {shown}")
+    if not url.host:
+        raise refused("not a proxy URL: it names no host")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise refused(f"not a proxy URL: port {url.port} is out of range")
+    return Proxy(url, variable)
 
 
 class _RoutedTransport(httpx.AsyncBaseTransport):
@@ -153,15 +197,30 @@ class _RoutedTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._direct = direct
         self._environment = environment
+        # An https:// proxy's certificate is checked as the upstream's is.
         self._proxied = {
-            str(url): httpx.AsyncHTTPTransport(proxy=httpx.Proxy(url), verify=trust, limits=limits)
-            for url in set(environment.proxies.values())
+            str(proxy.url): httpx.AsyncHTTPTransport(
+                proxy=httpx.Proxy(proxy.url, ssl_context=trust if proxy.url.scheme == "https" else None),
+                verify=trust,
+                limits=limits,
+            )
+            for proxy in environment.proxies.values()
         }
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         proxy = self._environment.proxy_for(request.url)
-        transport = self._direct if proxy is None else self._proxied[str(proxy)]
-        return await transport.handle_async_request(request)
+        if proxy is None:
+            return await self._direct.handle_async_request(request)
+        try:
+            response = await self._proxied[str(proxy.url)].handle_async_request(request)
+        except httpx.TransportError as exc:  # the proxy's failure, or the upstream's through it
+            raise type(exc)(f"{exc} (through {proxy.shown})", request=request) from exc
+        if response.status_code == 407:  # a forwarding proxy refused: no answer of the upstream's
+            await response.aclose()
+            raise httpx.ProxyError(
+                f"{proxy.shown} asked for credentials (407 Proxy Authentication Required)", request=request
+            )
+        return response
 
     async def aclose(self) -> None:
         await self._direct.aclose()

@@ -1,16 +1,23 @@
-"""The environment's outbound proxy (``upstreams/_proxies.py``): ``NO_PROXY`` read as curl and
-Go read it, CIDR ranges included; an exempted upstream reached directly, on the wide-read
-path; a proxy that cannot be used refused at start, naming the variable."""
+"""The environment's outbound proxy (``upstreams/_proxies.py``): the variables read as curl reads
+them and ``NO_PROXY`` as Go does, CIDR ranges included; an exempted upstream reached directly,
+on the wide-read path; a proxy that cannot be used refused at start, and by ``check-config``,
+naming the variable; a proxy's failures named as the proxy's."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from click.testing import CliRunner
 
 from moorage.config import ConfigError, UpstreamSettings
-from moorage.upstreams import open_upstreams
+from moorage.proxy.cli import main
+from moorage.upstreams import UpstreamUnavailable, open_upstreams
 from moorage.upstreams._proxies import ProxyEnvironment
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
@@ -18,6 +25,11 @@ from tests.fakes import FakeRegistry
 from .clients import KiB, MiB, client_for, read_blob
 
 PROXY = "http://proxy.internal:3128"
+
+
+def proxy_for(environ: dict[str, str], url: str) -> str | None:
+    proxy = ProxyEnvironment.read(environ).proxy_for(httpx.URL(url))
+    return None if proxy is None else str(proxy.url)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +52,7 @@ PROXY = "http://proxy.internal:3128"
         (".example.com", "https://registry.example.com/v2/", True),
         (".example.com", "https://example.com/v2/", False),
         ("*.example.com", "https://example.com/v2/", False),
+        ("example.com.", "https://example.com/v2/", True),
         ("Registry.Internal:5000", "https://registry.internal:5000/v2/", True),
         ("registry.internal:5000", "https://registry.internal/v2/", False),
         ("registry.internal:443", "https://registry.internal/v2/", True),
@@ -51,16 +64,67 @@ PROXY = "http://proxy.internal:3128"
         ("not a/range", "https://ghcr.io/v2/", False),
     ],
 )
-def test_no_proxy_entries_exempt_what_curl_and_go_exempt(no_proxy: str, url: str, direct: bool) -> None:
-    environment = ProxyEnvironment.read({"http": PROXY, "https": PROXY, "no": no_proxy})
-    assert environment.proxy_for(httpx.URL(url)) == (None if direct else httpx.URL(PROXY))
+def test_no_proxy_entries_exempt_what_go_exempts(no_proxy: str, url: str, direct: bool) -> None:
+    environ = {"HTTP_PROXY": PROXY, "HTTPS_PROXY": PROXY, "NO_PROXY": no_proxy}
+    assert proxy_for(environ, url) == (None if direct else PROXY)
 
 
-def test_each_scheme_has_its_proxy_and_all_proxy_serves_the_rest() -> None:
-    environment = ProxyEnvironment.read({"https": "secure:3128", "all": "http://any:8080"})
-    assert environment.proxy_for(httpx.URL("https://ghcr.io/v2/")) == httpx.URL("http://secure:3128")
-    assert environment.proxy_for(httpx.URL("http://registry.internal/v2/")) == httpx.URL("http://any:8080")
-    assert ProxyEnvironment.read({"https": PROXY}).proxy_for(httpx.URL("http://plain/v2/")) is None
+def test_entries_no_proxy_does_not_take_are_listed_to_be_warned_of() -> None:
+    environ = {"HTTPS_PROXY": PROXY, "NO_PROXY": "10.0.0.0/33,10.0.0.0/8:5000,host:port,ok.internal,[::1]x"}
+    environment = ProxyEnvironment.read(environ)
+    assert environment.ignored == ("10.0.0.0/33", "10.0.0.0/8:5000", "host:port", "[::1]x")
+    assert environment.proxy_for(httpx.URL("https://ok.internal/v2/")) is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "url", "proxy"),
+    [
+        pytest.param({"HTTPS_PROXY": "secure:3128"}, "https://ghcr.io/v2/", "http://secure:3128", id="no_scheme"),
+        pytest.param({"ALL_PROXY": "http://any:8080"}, "http://r.internal/v2/", "http://any:8080", id="all"),
+        pytest.param({"HTTPS_PROXY": PROXY}, "http://plain/v2/", None, id="https_only"),
+        pytest.param(
+            {"https_proxy": "http://lower:1", "HTTPS_PROXY": "http://upper:2"},
+            "https://a/",
+            "http://lower:1",
+            id="lower",
+        ),
+        # An empty one is passed over: a CI job that blanks one spelling kept the other.
+        pytest.param({"https_proxy": " ", "HTTPS_PROXY": PROXY}, "https://a/", PROXY, id="empty_lower"),
+        pytest.param(
+            {"HTTPS_PROXY": PROXY, "no_proxy": "", "NO_PROXY": "a.internal"}, "https://a.internal/", None, id="no_empty"
+        ),
+        # An ALL_PROXY the others leave unused is not read: a developer's socks5 one stopped the start.
+        pytest.param(
+            {"HTTP_PROXY": PROXY, "HTTPS_PROXY": PROXY, "all_proxy": "socks5://127.0.0.1:1080"},
+            "https://a/",
+            PROXY,
+            id="all_unused",
+        ),
+    ],
+)
+def test_proxy_variables_are_read_as_curl_reads_them(environ: dict[str, str], url: str, proxy: str | None) -> None:
+    assert proxy_for(environ, url) == proxy
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HTTPS_PROXY": "socks5://u:s3cret@127.0.0.1:1080"}, "HTTPS_PROXY: only HTTP proxies"),
+        ({"https_proxy": "socks5://u:s3cret@h:1", "HTTPS_PROXY": PROXY}, "https_proxy: only HTTP proxies"),
+        ({"HTTP_PROXY": "http://u:s3cret@[::1"}, "HTTP_PROXY: not a proxy URL"),
+        ({"HTTP_PROXY": "http://u:s3cret@127.0.0.1:99999"}, "HTTP_PROXY: not a proxy URL: port 99999 is out of range"),
+        ({"HTTP_PROXY": "http://u:s3cret@:3128"}, "HTTP_PROXY: not a proxy URL: it names no host"),
+        ({"ALL_PROXY": "socks5://u:s3cret@h:1"}, "ALL_PROXY: only HTTP proxies"),
+    ],
+)
+def test_a_proxy_that_cannot_be_used_is_refused_naming_the_variable_read(environ: dict[str, str], message: str) -> None:
+    """A port past 65535 passed, and failed every upstream request with a 500 and a traceback,
+    stale answers too."""
+    with pytest.raises(ConfigError) as raised:
+        ProxyEnvironment.read(environ)
+    assert raised.value.source == "the environment"
+    assert raised.value.problems[0].startswith(message), raised.value.problems
+    assert "s3cret" not in str(raised.value)  # a proxy URL may carry credentials
 
 
 async def test_an_upstream_in_a_no_proxy_range_is_reached_directly_on_the_wide_read_path(
@@ -83,26 +147,75 @@ async def test_an_upstream_in_a_no_proxy_range_is_reached_directly_on_the_wide_r
     assert max(sizes) > 64 * KiB, "an exempted upstream's body came through httpx's 64 KiB reads"
 
 
-@pytest.mark.parametrize(
-    ("variable", "value", "message"),
-    [
-        (
-            "HTTPS_PROXY",
-            "socks5://127.0.0.1:1080",
-            "HTTPS_PROXY: only HTTP proxies (http:// or https://) are supported, not socks5://",
-        ),
-        ("HTTP_PROXY", "http://[::1", "HTTP_PROXY: not a proxy URL"),
-    ],
-)
-async def test_a_proxy_that_cannot_be_used_is_a_configuration_error_naming_its_variable(
-    variable: str, value: str, message: str, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+async def refusing_proxy() -> AsyncIterator[TestServer]:
+    """A forwarding proxy that wants credentials no request has."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=407, headers={"Proxy-Authenticate": 'Basic realm="proxy"'})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.mark.parametrize("where", ["refusing", "down"])
+async def test_a_failing_proxy_is_named_in_the_upstream_error(
+    where: str, refusing_proxy: TestServer, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A SOCKS proxy made the cache fail to start with httpx's traceback."""
-    monkeypatch.setenv(variable, value)
+    """A proxy's 407 came out as the upstream's "unexpected HTTP 407", and a proxy that was down
+    as the upstream's connection failing: an operator looked at the registry."""
+    digest = parse_digest(upstream.add_blob(b"x"))
+    port = refusing_proxy.port if where == "refusing" else 9
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@127.0.0.1:{port}")
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = client_for(upstream)
+    try:
+        with pytest.raises(UpstreamUnavailable) as raised:
+            await read_blob(client, digest)
+    finally:
+        await client.aclose()
+    text = str(raised.value)
+    refused = "the proxy HTTP_PROXY names asked for credentials"
+    assert (refused if where == "refusing" else "through the proxy HTTP_PROXY names") in text, text
+    assert "s3cret" not in text and "127.0.0.1" not in text
+    assert upstream.count("GET") == 0
+
+
+async def test_a_proxy_that_cannot_be_used_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+    monkeypatch.delenv("https_proxy", raising=False)
     settings = UpstreamSettings.model_validate({"host": "docker.io", "url": "https://registry-1.docker.io"})
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(ConfigError, match="HTTPS_PROXY: only HTTP proxies"):
         async with open_upstreams([settings]):
             pass
-    assert raised.value.source == "the environment"
-    assert raised.value.problems[0].startswith(message)
-    assert "127.0.0.1:1080" not in str(raised.value)  # a proxy URL may carry credentials
+
+
+def test_check_config_refuses_the_proxy_serve_would(tmp_path: Path) -> None:
+    """It said ok, and the start then failed."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{path: {tmp_path / 'store'}}}\n")
+    environ = {"MOORAGE_CONFIG": "", "HTTPS_PROXY": "socks5://127.0.0.1:1080", "https_proxy": ""}
+    result = CliRunner().invoke(main, ["check-config", str(config)], env=environ)
+    assert result.exit_code == 2, result.output
+    assert "HTTPS_PROXY: only HTTP proxies" in result.output
+
+
+async def test_no_proxy_entries_not_understood_are_warned_of_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A range written with a port, or a mask past 32, sent its hosts to the proxy in silence."""
+    monkeypatch.setenv("HTTPS_PROXY", PROXY)
+    monkeypatch.setenv("NO_PROXY", "10.0.0.0/8:5000,.svc")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings = UpstreamSettings.model_validate({"host": "docker.io", "url": "https://registry-1.docker.io"})
+    async with open_upstreams([settings]):
+        pass
+    (warned,) = [r for r in caplog.records if getattr(r, "event", None) == "no_proxy_ignored"]
+    assert warned.levelname == "WARNING" and getattr(warned, "entries", None) == ["10.0.0.0/8:5000"]
