@@ -13,11 +13,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, TypeGuard, get_args
 
 import diskcache
 
-from moorage.upstreams.reference import Digest, InvalidReference, page_query, parse_digest
+from moorage.upstreams.reference import AcceptClass, Digest, InvalidReference, page_query, parse_digest
 
 from ._keys import (
     COUNT_OWED_KEY,
@@ -31,6 +31,7 @@ from ._keys import (
     image_key,
     manifest_key,
     pass_key,
+    pulled_key,
     referrers_key,
     routes_key,
 )
@@ -472,6 +473,7 @@ class Index:
             return name in manifests and self._db.get(manifest_key(manifests[str(name)])) is None
 
         dropped = 0
+        untagged: set[IndexKey] = set()  # tag answers dropped, without their class of client
         for batch in _batches([*gone, *others]):
             with self._db.transact():
                 for key in batch:
@@ -483,6 +485,14 @@ class Index:
                     if _points_at(value, names) and still_gone(value[0]):
                         self._db.delete(key)
                         dropped += 1
+                        untagged.add(key[:4])
+        # A tag's pull time goes with its last answer: kept, one row per tag ever pulled
+        # stayed for good under a size cap that evicts short-lived (CI) tags.
+        for batch in _batches(untagged):
+            with self._db.transact():
+                for answers in batch:
+                    if all(self._db.get((*answers, accept)) is None for accept in get_args(AcceptClass)):
+                        self._db.delete(pulled_key(*answers[1:]))
         return dropped
 
     def manifest_digests(self) -> set[str]:

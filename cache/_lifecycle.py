@@ -151,9 +151,10 @@ def read_images(
     one walk of the index, and a read of those images' manifests alone. Blocks."""
     pushed: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     pulled: dict[tuple[str, str, str], float] = {}
-    #: The digest each tag's answer names, by the class of client it answers (``index`` for
-    #: those that take an index, ``image`` for those that take none).
-    answers: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+    #: The digest each tag's answer names and when the upstream last confirmed it, by the
+    #: class of client it answers (``index`` for those that take an index, ``image`` for those
+    #: that take none).
+    answers: dict[tuple[str, str, str], dict[str, tuple[str, float]]] = defaultdict(dict)
     for key, value in index.entries(frozenset({"image", "image-pulled", "tag"})):
         kind, upstream, repository = key[0], key[1], key[2]
         if kind == "image" and isinstance(value, int | float):
@@ -162,7 +163,7 @@ def read_images(
             pulled[upstream, repository, key[3]] = float(value)
         elif kind == "tag" and (entry := tag_entry(value)) is not None:  # one it cannot read is refetched
             tagged = str(entry.digest)
-            answers[upstream, repository, key[3]][str(key[4])] = tagged
+            answers[upstream, repository, key[3]][str(key[4])] = (tagged, float(entry.checked_at))
             known = pushed[upstream, repository]
             known.setdefault(tagged, float(entry.checked_at))  # a tag cached before image records were kept
     images: dict[tuple[str, str], list[CachedImage]] = {}
@@ -200,13 +201,15 @@ def read_images(
     return images
 
 
-def _tags_by_digest(answers: dict[str, dict[str, str]], images: list[CachedImage]) -> dict[str, set[str]]:
+def _tags_by_digest(answers: dict[str, dict[str, tuple[str, float]]], images: list[CachedImage]) -> dict[str, set[str]]:
     """The tags of each digest of a repository, from each tag's answers (``answers``: by tag,
-    the digest named for each class of client). A tag's answer for clients that take no
-    index names one platform's manifest of the image its answer for the others names; where
-    it names no part of that image, the tag has moved since a client of that kind last asked,
-    and that answer no longer makes its manifest a tagged image of its own: kept as one, it
-    was judged alone and expired while the index listing it stayed."""
+    the digest named for each class of client, and when the upstream last confirmed it). A
+    tag's answer for clients that take no index names one platform's manifest of the image its
+    answer for the others names. Where the two name different images, the tag moved since
+    clients of one kind last asked: the tag is the one confirmed last, and the other answer no
+    longer makes its manifest a tagged image of its own (kept as one, an old release's platform
+    manifest was judged alone and expired while the index listing it stayed; and an image only
+    clients that take no index pulled since the move was judged untagged)."""
     parts_of = {str(image.digest): [str(child) for child in image.children] for image in images}
 
     def holds(whole: str, part: str) -> bool:
@@ -222,9 +225,9 @@ def _tags_by_digest(answers: dict[str, dict[str, str]], images: list[CachedImage
 
     tags: dict[str, set[str]] = defaultdict(set)
     for tag, by_class in answers.items():
-        current = by_class.get("index")
-        for accept, digest in by_class.items():
-            if accept == "index" or current is None or holds(current, digest):
+        current, _ = max(by_class.values(), key=lambda answer: answer[1])
+        for digest, _ in by_class.values():
+            if holds(current, digest) or holds(digest, current):
                 tags[digest].add(tag)
     return tags
 
@@ -271,25 +274,26 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
             whole.append((image, children))
             reached |= {image.digest, *children}
     # A pull of a platform manifest (pods pinned to its digest) is a pull of the image. One
-    # that several images carry (a release reusing the last one's arm64 manifest) counts for
-    # the newest of them, which keeps it when the others go: counted for every one, it kept
-    # each older release in use for as long as the newest was.
-    owner: dict[Digest, CachedImage] = {}
+    # that several images carry (a release reusing the last one's arm64 manifest) cannot tell
+    # which it was for: it counts for each of them that is tagged, and for the newest. Counted
+    # for every one, it kept an untagged old release in use for as long as the newest was;
+    # counted for the newest alone, a look at a newer candidate made the tagged release in
+    # use look unpulled.
+    carriers: dict[Digest, list[CachedImage]] = defaultdict(list)
     for image, children in whole:
         for child in children:
-            held = owner.get(child)
-            if held is None or (image.pushed_at, bool(image.tags), str(image.digest)) > (
-                held.pushed_at,
-                bool(held.tags),
-                str(held.digest),
-            ):
-                owner[child] = image
+            carriers[child].append(image)
+    newest = {part: max(images, key=lambda i: (i.pushed_at, str(i.digest))) for part, images in carriers.items()}
+
+    def counts_for(image: CachedImage, part: Digest) -> bool:
+        return len(carriers.get(part, ())) <= 1 or bool(image.tags) or newest[part] is image
+
     return [
         replace(
             image,
             children=tuple(sorted(children, key=str)),
             pulled_at=max(
-                (pulled_of[d] for d in (image.digest, *children) if d in pulled_of and owner.get(d, image) is image),
+                (pulled_of[d] for d in (image.digest, *children) if d in pulled_of and counts_for(image, d)),
                 default=image.pulled_at,
             ),
         )
@@ -362,11 +366,17 @@ def apply_expiries(
     # Tag answers pointing at an expired image in its repository, whatever the accept class:
     # at its index, or at a platform manifest it carries (the answer for clients that take
     # no index), which would otherwise keep that part of the image, and its layers, behind.
+    # And every answer of a tag an expired image had, whatever it names: the tag expired. An
+    # answer for the other class of clients left behind (one the tag had moved away from) made
+    # its manifest the tag again at the next pass, judged alone.
     expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in e.going}
+    expired_tags = {(e.image.upstream, e.image.repository, tag) for e in expiries for tag in e.image.tags}
     tag_keys: list[IndexKey] = []
     answered: set[IndexKey] = set()  # tags an answer is left for
     for key, value in index.entries(frozenset({"tag"})):
-        if isinstance(value, tuple) and (key[1], key[2], str(value[0])) in expired_in:
+        if isinstance(value, tuple) and (
+            (key[1], key[2], str(value[0])) in expired_in or (key[1], key[2], key[3]) in expired_tags
+        ):
             tag_keys.append(key)
         else:
             answered.add(pulled_key_of(key))

@@ -16,7 +16,7 @@ import moorage.cache._catalog as catalog_module
 import moorage.cache._verify as verify_module
 from moorage.cache import DirectoryStore, read_catalog, verify_store
 from moorage.cache._index import DELETE_BATCH, Index, TagEntry
-from moorage.cache._keys import blob_key, image_key, manifest_key, routes_key
+from moorage.cache._keys import blob_key, image_key, manifest_key, pulled_key, routes_key
 from moorage.upstreams.reference import Digest, parse_digest
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -327,4 +327,21 @@ def test_what_a_scrub_quarantined_is_forgotten_within_its_seconds_not_at_the_nex
     forgetting.add(manifest, 10)
     forgetting.due()  # the next blob walked, clean
     assert index.tag(("tag", "docker.io", "r0", "1", "image")) is None
+    index.close()
+
+
+def test_a_tag_that_left_with_its_manifest_leaves_no_pull_time_unless_answered_for_other_clients(
+    tmp_path: Path,
+) -> None:
+    """Eviction dropped a tag's answers and kept its pull time: under a size cap that evicts
+    short-lived CI tags, one row per tag ever pulled stayed for good, walked by every pass."""
+    index = filled(tmp_path / "index", 30)
+    gone, other = digest_of(-1), digest_of(-2)
+    index._db.set(pulled_key("docker.io", "r0", "1"), 5.0)
+    index._db.set(pulled_key("docker.io", "r1", "1"), 5.0)
+    # r1:1 is also answered for clients that take indexes, with a manifest that stays.
+    index.put_tag(("tag", "docker.io", "r1", "1", "index"), TagEntry(digest_of(-3), MANIFEST, 1.0))
+    assert index.forget({gone, other}) == 2
+    assert index.pulled_at(pulled_key("docker.io", "r0", "1")) is None
+    assert index.pulled_at(pulled_key("docker.io", "r1", "1")) == 5.0, "the tag is still cached"
     index.close()

@@ -582,3 +582,81 @@ async def test_a_manifest_cached_again_counts_as_first_cached_now(
 
 def _rule(selection: dict[str, object]) -> dict[str, object]:
     return {"rulePriority": 1, "description": "the rule", "selection": selection, "action": {"type": "expire"}}
+
+
+async def test_a_shared_platform_manifest_counts_for_the_tagged_release_as_well_as_the_newest(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Pods pull the tagged release's arm64 manifest daily; a scanner looked once at a newer
+    candidate index reusing it. Counted for the newest alone, those pulls made the tagged
+    release look unpulled: it expired, and the manifest the pods pull went with the candidate."""
+    selection = {"tagStatus": "any", "countType": "sinceImagePulled", "countUnit": "days", "countNumber": 30}
+    moorage, _, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    amd = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    arm = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "v1", [(amd.digest, "linux", "amd64"), (arm.digest, "linux", "arm64")], OCI_INDEX)
+    await pull_index(moorage, "team/app", "v1", amd.digest)
+    await pull(moorage, "team/app", arm.digest)
+    newer = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    candidate = [(newer.digest, "linux", "amd64"), (arm.digest, "linux", "arm64")]
+    candidate_index = upstream.add_index("team/app", None, candidate, OCI_INDEX)
+    for day in range(1, 41):
+        advance_clock(moorage, 86400)
+        await pull(moorage, "team/app", arm.digest)
+        if day == 38:
+            assert (await moorage.get(f"/v2/team/app/manifests/{candidate_index}", headers=ALL)).status == 200
+    cache = moorage.app[CACHE]
+    await cache.flush()
+    assert (await cache.apply_lifecycle(resolver)).expired == [], "both are in use"
+    upstream.reset_requests()
+    await pull_index(moorage, "team/app", "v1", arm.digest)
+    assert upstream.count("GET") == 0
+
+
+async def test_a_tag_only_clients_that_take_no_index_pulled_since_it_moved_is_that_image_s(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """After the tag moved, only clients that take no index pulled it: the answer kept for the
+    others still named the old image. Judged by that one, the image the tag names now was
+    untagged, expired, and fetched again at every pass."""
+    selection = {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days", "countNumber": 1}
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selection)
+    old_client = {"Accept": OCI_MANIFEST}
+    first = upstream.add_image("team/app", "app", [os.urandom(2000)], media_type=OCI_MANIFEST)
+    await pull(moorage, "team/app", "app")
+    assert (await moorage.get("/v2/team/app/manifests/app", headers=old_client)).status == 200
+    second = upstream.add_image("team/app", "app", [os.urandom(2000)], media_type=OCI_MANIFEST)
+    for _ in range(3):
+        advance_clock(moorage, 86400)
+        response = await moorage.get("/v2/team/app/manifests/app", headers=old_client)
+        assert response.headers["Docker-Content-Digest"] == second.digest
+    cache = moorage.app[CACHE]
+    await cache.flush()
+    result = await cache.apply_lifecycle(resolver)
+    assert [e.image.digest for e in result.expired] == [parse_digest(first.digest)], "the image the tag left"
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/team/app/manifests/app", headers=old_client)).status == 200
+    assert upstream.count("GET") == 0 and stored(store, second.digest)
+
+
+async def test_an_expired_tag_leaves_no_answer_that_makes_an_old_platform_manifest_the_tag_again(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """The tag moved, then expired with the image it named; the answer kept for clients that take
+    no index, still naming the last release's platform manifest, stayed, and the next pass
+    judged that manifest as the tag's image, alone."""
+    selection = {"tagStatus": "tagged", "tagPrefixList": ["app"], "countType": "sinceImagePulled", "countUnit": "days"}
+    moorage, _, resolver = await with_policy(start_moorage, upstream, tmp_path, selection | {"countNumber": 2})
+    first = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "app", [(first.digest, "linux", "amd64")], OCI_INDEX)
+    await pull_index(moorage, "team/app", "app", first.digest)
+    assert (await moorage.get("/v2/team/app/manifests/app", headers={"Accept": OCI_MANIFEST})).status == 200
+    second = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "app", [(second.digest, "linux", "amd64")], OCI_INDEX)
+    advance_clock(moorage, 86400)
+    await pull_index(moorage, "team/app", "app", second.digest)
+    advance_clock(moorage, 3 * 86400)
+    cache = moorage.app[CACHE]
+    await cache.flush()
+    assert [sorted(e.image.tags) for e in (await cache.apply_lifecycle(resolver)).expired] == [["app"]]
+    assert (await cache.apply_lifecycle(resolver)).expired == [], "nothing is the tag any more"
