@@ -77,7 +77,10 @@ def describe_error(error: Mapping[str, Any], seconds: frozenset[str] = frozenset
         limit, given = error["ctx"][bound], error.get("input")
         timed = bool(error["loc"]) and str(error["loc"][-1]) in seconds
         if timed and isinstance(limit, int | float) and isinstance(given, int | float):
-            message = f"must be {words} {duration_text(limit)}, not {duration_text(given)}"
+            shown = (duration_text(limit), duration_text(given))
+            if shown[0] == shown[1] and limit != given:  # apart by less than a millisecond: in seconds
+                shown = (f"{limit!r} s", f"{given!r} s")
+            message = f"must be {words} {shown[0]}, not {shown[1]}"
         else:
             message = f"must be {words} {_number(limit)}, not {_number(given)}"
     elif message.startswith("Value error, "):

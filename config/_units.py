@@ -80,14 +80,15 @@ def duration_text(seconds: float) -> str:
     ``0.25`` as ``250ms``."""
     if not math.isfinite(seconds) or seconds < 0:
         return f"{seconds:g}s"
-    if 0 < seconds < 1:
-        return f"{round(seconds * 1000, 3):g}ms"
-    whole, parts = int(seconds), []
+    milliseconds = round(seconds * 1000)  # once, so that 3599.9996 is 1h, not 59m60s
+    if seconds and milliseconds < 1000:
+        return f"{milliseconds}ms" if milliseconds else f"{seconds:g}s"
+    whole, parts = milliseconds // 1000, []
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if whole >= length:
             parts.append(f"{whole // length}{unit}")
             whole %= length
-    rest = round(whole + seconds - int(seconds), 3)
+    rest = whole + (milliseconds % 1000) / 1000
     if rest or not parts:
         parts.append(f"{rest:g}s")
     return "".join(parts)

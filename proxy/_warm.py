@@ -80,7 +80,9 @@ def platform_matches(entry: dict[str, Any], wanted: str) -> bool:
 
 
 def _platform_name(entry: dict[str, Any]) -> str:
-    platform = entry.get("platform") or {}
+    platform = entry.get("platform")
+    if not isinstance(platform, dict):  # none, or odd content (a string, a list)
+        platform = {}
     parts = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
     return "/".join(p for p in parts if isinstance(p, str) and p) or "(no platform)"
 

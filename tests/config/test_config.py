@@ -516,11 +516,22 @@ def test_durations(text: str | int, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(2592000, "30d"), (5400, "1h30m"), (90061.5, "1d1h1m1.5s"), (0.25, "250ms"), (0, "0s"), (60, "1m")],
+    [(2592000, "30d"), (5400, "1h30m"), (90061.5, "1d1h1m1.5s"), (0.25, "250ms"), (0, "0s"), (60, "1m"), (3600, "1h")],
 )
 def test_durations_are_shown_as_the_settings_write_them(seconds: float, text: str) -> None:
     assert duration_text(seconds) == text
     assert parse_duration(text) == seconds
+
+
+def test_durations_are_rounded_to_the_millisecond_once() -> None:
+    """3599.9996 s came out as 59m60s."""
+    assert [duration_text(s) for s in (3599.9996, 59.9999, 0.9996)] == ["1h", "1m", "1s"]
+
+
+def test_a_bound_missed_by_less_than_a_millisecond_is_shown_in_seconds() -> None:
+    """It read "must be at least 1m, not 1m"."""
+    with pytest.raises(ConfigError, match=r"must be at least 60\.0 s, not 59\.9999 s"):
+        load_settings(None, {"MOORAGE_AUTH__TOKEN_LIFETIME": "59.9999"})
 
 
 @pytest.mark.parametrize("text", ["", "m15", "15 minutes", "-1", "1h-5m", "36501d", float("nan"), float("inf")])
