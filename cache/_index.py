@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import pickle
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -109,14 +110,46 @@ def _unopened(directory: Path, error: sqlite3.Error | diskcache.Timeout) -> str:
 
 def index_problem(root: Path) -> str | None:
     """Why this version could not serve the store at ``root`` for its index (written by a later
-    version, damaged, not to be opened), or None; a store with no index yet has none. Blocks."""
-    if not index_files(root)[1].exists():
+    version, or damaged), or None; a store with no index yet has none. Reads the index
+    read-only, writing nothing: opening it as serving does writes diskcache's settings, into a
+    later version's store and a daemon's live index alike. Blocks."""
+    database = index_files(root)[1]
+    if not database.exists():
         return None
     try:
-        Index(index_dir(root)).close()
-    except IndexFailure as failure:
-        return str(failure)
-    return None
+        written = _read_only(database, FORMAT_KEY)
+    except sqlite3.Error as exc:
+        return _unopened(index_dir(root), exc)
+    except Exception as exc:  # a value diskcache cannot read back: damaged
+        return _unopened(index_dir(root), sqlite3.DatabaseError(f"{type(exc).__name__}: {exc}"))
+    return _later(root, written)
+
+
+def _read_only(database: Path, key: IndexKey) -> object:
+    """``key``'s value in diskcache's ``database``, opened read-only, as diskcache reads it."""
+    connection = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        protocol = connection.execute("SELECT value FROM Settings WHERE key = 'disk_pickle_protocol'").fetchone()
+        disk = diskcache.Disk(
+            str(database.parent), pickle_protocol=protocol[0] if protocol else pickle.HIGHEST_PROTOCOL
+        )
+        stored_key, raw = disk.put(key)
+        row = connection.execute("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = ?", (stored_key, raw))
+        found = row.fetchone()
+        return None if found is None else disk.fetch(*found, False)
+    finally:
+        connection.close()
+
+
+def _later(root: Path, written: object) -> str | None:
+    """Why a store whose index says it is of format ``written`` is not this version's to serve."""
+    if written is None or (isinstance(written, int) and written <= STORE_FORMAT):
+        return None
+    return (
+        f"the store at {root} was written by a later Moorage (store format {written}; "
+        f"this version reads up to {STORE_FORMAT}): run that version or a later one on it, or give "
+        "this one another storage.path"
+    )
 
 
 _TEXT: Final = (str, type(None))
@@ -176,15 +209,13 @@ class Index:
             written = self._db.get(FORMAT_KEY)
         except (sqlite3.Error, diskcache.Timeout) as exc:
             raise IndexFailure(_unopened(directory, exc), disk_full=is_disk_full(exc)) from exc
-        if written is not None and not (isinstance(written, int) and written <= STORE_FORMAT):
+        later = _later(directory.parent, written)
+        if later is not None:
             # Its values may not read as this version expects, and its gc and eviction would
-            # act on what they misread: refused before anything is read or changed.
+            # act on what they misread: refused before anything is read or changed (serve and
+            # check-config find it first without opening the index: index_problem).
             self._db.close()
-            raise IndexFailure(
-                f"the store at {directory.parent} was written by a later Moorage (store format {written}; "
-                f"this version reads up to {STORE_FORMAT}): run that version or a later one on it, or give "
-                "this one another storage.path"
-            )
+            raise IndexFailure(later)
 
     def _read(self, key: IndexKey) -> Any:
         """``key``'s value, or None. An index that cannot be read (its files removed under a

@@ -703,10 +703,13 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     served = serve_once(config)
     assert served.returncode == 2 and "Traceback" not in served.stderr, served.stderr
     assert "written by a later Moorage" in served.stderr
-    # A check before a rollback said "ok" to the store serve then refused.
+    # A check before a rollback said "ok" to the store serve then refused; the check writes
+    # nothing into it (opened as serving opens it, diskcache rewrote its settings).
+    before = {path.name: path.read_bytes() for path in (store / "index").iterdir()}
     checked = CliRunner().invoke(main, ["check-config", str(config)], env={"MOORAGE_CONFIG": ""})
     assert checked.exit_code == 2, checked.output
     assert f"storage.path: the store at {store} was written by a later Moorage" in checked.output
+    assert {path.name: path.read_bytes() for path in (store / "index").iterdir()} == before
     after = diskcache.Cache(str(store / "index"))
     assert after.get(FORMAT_KEY) == STORE_FORMAT + 1, "left as it was"
     assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
