@@ -38,6 +38,8 @@ import httpx
 
 from moorage.config import ConfigError
 
+from ._transport import PROXY_NOTE
+
 __all__ = ["Proxy", "ProxyEnvironment", "routed_transport"]
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -131,12 +133,12 @@ class ProxyEnvironment:
         ``https://`` URL with a host and a port that can be)."""
         environ = os.environ if environ is None else environ
         found = {name: _variable(environ, name) for name in ("http_proxy", "https_proxy", "all_proxy")}
-        fallback = found["all_proxy"]
         proxies: dict[str, Proxy] = {}
         for scheme in ("http", "https"):
-            named = found[f"{scheme}_proxy"] or fallback
-            if named is not None:
+            if (named := found[f"{scheme}_proxy"]) is not None:
                 proxies[scheme] = _proxy(*named)
+            elif (named := found["all_proxy"]) is not None:
+                proxies[scheme] = _proxy(*named, f" (read for {scheme}:// URLs: {scheme.upper()}_PROXY is unset)")
         no_proxy = _variable(environ, "no_proxy")
         entries = [e.strip().lower() for e in (no_proxy[1] if no_proxy else "").split(",") if e.strip()]
         understood = {entry: _exemption(entry) for entry in entries if entry != "*"}
@@ -167,9 +169,9 @@ def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
     return None
 
 
-def _proxy(variable: str, value: str) -> Proxy:
+def _proxy(variable: str, value: str, why_read: str = "") -> Proxy:
     def refused(why: str) -> ConfigError:
-        return ConfigError("the environment", [f"{variable}: {why}"])
+        return ConfigError("the environment", [f"{variable}: {why}{why_read}"])
 
     try:
         url = httpx.URL(value if "://" in value else f"http://{value}")
@@ -214,7 +216,8 @@ class _RoutedTransport(httpx.AsyncBaseTransport):
         try:
             response = await self._proxied[str(proxy.url)].handle_async_request(request)
         except httpx.TransportError as exc:  # the proxy's failure, or the upstream's through it
-            raise type(exc)(f"{exc} (through {proxy.shown})", request=request) from exc
+            exc.add_note(f"{PROXY_NOTE} {proxy.shown}")  # said with the error (``_transport``)
+            raise
         if response.status_code == 407:  # a forwarding proxy refused: no answer of the upstream's
             await response.aclose()
             raise httpx.ProxyError(

@@ -30,7 +30,11 @@ from .errors import (
     UpstreamUnavailable,
 )
 
-__all__ = ["mapped_errors", "raise_for_status", "tls_failure"]
+__all__ = ["PROXY_NOTE", "mapped_errors", "raise_for_status", "tls_failure"]
+
+#: How a note on an httpx error (``add_note``) begins when its request went through the
+#: environment's proxy (``_proxies``): said with the error, so that the proxy is looked at.
+PROXY_NOTE: Final = "through"
 
 
 @contextmanager
@@ -58,22 +62,23 @@ def _host_of(exc: Exception) -> str | None:
 
 
 def _mapped(upstream: str, what: str, exc: Exception) -> UpstreamError:
+    via = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()) if str(note).startswith(PROXY_NOTE))
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__})")
+        return UpstreamUnavailable(upstream, f"{what}: timed out ({type(exc).__name__}){via}")
     if isinstance(exc, httpx.TooManyRedirects):
         return UpstreamProtocolError(upstream, f"{what}: too many redirects")
     if isinstance(exc, httpx.LocalProtocolError):  # its text quotes the request's headers, a token among them
         return UpstreamProtocolError(upstream, f"{what}: the request could not be written (LocalProtocolError)")
     return UpstreamUnavailable(
-        upstream, f"{what}: {type(exc).__name__}: {_short(exc)}{_tls_hint(exc)}", lasting=_lasting(exc)
+        upstream, f"{what}: {type(exc).__name__}: {_short(exc)}{_tls_hint(exc)}{via}", lasting=_lasting(exc)
     )
 
 
 def _lasting(exc: BaseException) -> bool:
     """Whether the failure stays for the seconds retries take: a TLS failure a user meets (see
-    ``tls_failure``), or a host name the DNS says does not exist (not a lookup that failed for
-    now, EAI_AGAIN, as while a cluster's DNS restarts)."""
-    if tls_failure(exc) is not None:
+    ``tls_failure``), a proxy that wants credentials (407), or a host name the DNS says does
+    not exist (not a lookup that failed for now, EAI_AGAIN, as while a cluster's DNS restarts)."""
+    if tls_failure(exc) is not None or (isinstance(exc, httpx.ProxyError) and "407" in str(exc)):
         return True
     seen: BaseException | None = exc
     while seen is not None:

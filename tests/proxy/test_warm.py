@@ -209,8 +209,8 @@ async def test_warm_pulls_no_manifest_of_no_platform_asked_for_and_says_when_ind
     (every,) = await warm(url, [parse_image_reference("owner/app:1")], None, None)
     assert every.platforms == ["linux/amd64", "(no platform)", "(no platform)", "windows/amd64"]
     # A platform that is no object (odd content) ended the whole run with a traceback.
-    odd = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry(loose.digest, loose.manifest, OCI_MANIFEST)]}
-    odd["manifests"][0]["platform"] = "linux/amd64"
+    described = entry(loose.digest, loose.manifest, OCI_MANIFEST) | {"platform": "linux/amd64"}
+    odd = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [described]}
     upstream.add_manifest("owner/odd", "1", json.dumps(odd).encode(), OCI_INDEX)
     upstream.add_manifest("owner/odd", None, loose.manifest, OCI_MANIFEST)
     (oddly,) = await warm(url, [parse_image_reference("owner/odd:1")], None, None)

@@ -5,14 +5,12 @@ naming the variable; a proxy's failures named as the proxy's."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
 
 from moorage.config import ConfigError, UpstreamSettings
@@ -53,6 +51,7 @@ def proxy_for(environ: dict[str, str], url: str) -> str | None:
         (".example.com", "https://example.com/v2/", False),
         ("*.example.com", "https://example.com/v2/", False),
         ("example.com.", "https://example.com/v2/", True),
+        ("example.com", "https://example.com./v2/", True),
         ("Registry.Internal:5000", "https://registry.internal:5000/v2/", True),
         ("registry.internal:5000", "https://registry.internal/v2/", False),
         ("registry.internal:443", "https://registry.internal/v2/", True),
@@ -115,6 +114,11 @@ def test_proxy_variables_are_read_as_curl_reads_them(environ: dict[str, str], ur
         ({"HTTP_PROXY": "http://u:s3cret@127.0.0.1:99999"}, "HTTP_PROXY: not a proxy URL: port 99999 is out of range"),
         ({"HTTP_PROXY": "http://u:s3cret@:3128"}, "HTTP_PROXY: not a proxy URL: it names no host"),
         ({"ALL_PROXY": "socks5://u:s3cret@h:1"}, "ALL_PROXY: only HTTP proxies"),
+        (
+            {"HTTPS_PROXY": PROXY, "ALL_PROXY": "socks5://u:s3cret@h:1"},
+            "ALL_PROXY: only HTTP proxies (http:// or https://) are supported, not socks5://"
+            " (read for http:// URLs: HTTP_PROXY is unset)",
+        ),
     ],
 )
 def test_a_proxy_that_cannot_be_used_is_refused_naming_the_variable_read(environ: dict[str, str], message: str) -> None:
@@ -147,44 +151,80 @@ async def test_an_upstream_in_a_no_proxy_range_is_reached_directly_on_the_wide_r
     assert max(sizes) > 64 * KiB, "an exempted upstream's body came through httpx's 64 KiB reads"
 
 
-@pytest.fixture
-async def refusing_proxy() -> AsyncIterator[TestServer]:
-    """A forwarding proxy that wants credentials no request has."""
+class TroubledProxy:
+    """A forwarding proxy in trouble, on a real socket: one that wants credentials no request
+    has (407), or one that takes connections and never answers; it counts what it was asked."""
 
-    async def refuse(request: web.Request) -> web.Response:
-        return web.Response(status=407, headers={"Proxy-Authenticate": 'Basic realm="proxy"'})
+    def __init__(self, answers: bool) -> None:
+        self.answers = answers
+        self.asked = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", refuse)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.asked += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if self.answers:
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+            else:
+                await asyncio.Event().wait()  # no answer: the client's read timeout ends it
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+    async def __aenter__(self) -> TroubledProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
 
 
-@pytest.mark.parametrize("where", ["refusing", "down"])
+@pytest.mark.parametrize("where", ["refusing", "silent", "down"])
 async def test_a_failing_proxy_is_named_in_the_upstream_error(
-    where: str, refusing_proxy: TestServer, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+    where: str, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A proxy's 407 came out as the upstream's "unexpected HTTP 407", and a proxy that was down
-    as the upstream's connection failing: an operator looked at the registry."""
+    """A proxy's 407 came out as the upstream's "unexpected HTTP 407", retried, and a proxy
+    that was down, or never answered, as the upstream failing: an operator looked at the
+    registry."""
     digest = parse_digest(upstream.add_blob(b"x"))
-    port = refusing_proxy.port if where == "refusing" else 9
-    monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@127.0.0.1:{port}")
     monkeypatch.delenv("http_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    client = client_for(upstream)
-    try:
-        with pytest.raises(UpstreamUnavailable) as raised:
-            await read_blob(client, digest)
-    finally:
-        await client.aclose()
+    async with TroubledProxy(answers=where == "refusing") as proxy:
+        port = proxy.port if where != "down" else 9
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:s3cret@127.0.0.1:{port}")
+        client = client_for(upstream, retries={"attempts": 3, "max_wait": 0.01}, timeouts={"read": 0.3})
+        try:
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await read_blob(client, digest)
+        finally:
+            await client.aclose()
     text = str(raised.value)
-    refused = "the proxy HTTP_PROXY names asked for credentials"
-    assert (refused if where == "refusing" else "through the proxy HTTP_PROXY names") in text, text
+    said = {
+        "refusing": "the proxy HTTP_PROXY names asked for credentials",
+        "silent": "timed out (ReadTimeout) (through the proxy HTTP_PROXY names)",
+        "down": "(through the proxy HTTP_PROXY names)",
+    }
+    assert said[where] in text, text
     assert "s3cret" not in text and "127.0.0.1" not in text
     assert upstream.count("GET") == 0
+    if where == "refusing":
+        assert proxy.asked == 1, "credentials that are missing do not come with a retry"
 
 
 async def test_a_proxy_that_cannot_be_used_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
