@@ -993,8 +993,10 @@ class Cache:
             self._observer.on_stored("manifest", len(fetched.body), digest)
         if failure is not None:  # verified, so it is served all the same; only not kept
             self._not_kept("manifest served but not stored", failure, digest=str(digest))
-            if isinstance(failure, IndexFailure):  # in the store: remembered here, not asked for again
-                self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
+            if isinstance(failure, IndexFailure):  # in the store: remembered here, not asked for again,
+                # and recorded by the next pull's batch once the index takes writes again
+                stored = StoredManifest(fetched.body, fetched.media_type, recorded=False)
+                self._remember(tag, entry, stored, digest)
             return digest, False
         self._stored_lately[digest] = self._clock()
         self._routes.learn(digest, (upstream, str(repository)))

@@ -53,6 +53,8 @@ async def test_a_batch_the_index_refused_is_written_with_the_next(
     cache._pulled[key] = 1000.0
     cache._routes.learn(digest, ("docker.io", "library/alpine"))
     cache._observer.on_stored("blob", 10, Digest.of(b"10"))
+    manifest = Digest.of(b"a manifest the index no longer records")
+    cache._unrecorded[manifest] = "application/vnd.oci.image.manifest.v1+json"
     await cache.flush()  # refused: logged, kept
     assert index.usage() == {}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
@@ -66,6 +68,7 @@ async def test_a_batch_the_index_refused_is_written_with_the_next(
     assert index.pulled_at(key) == 1000.0
     assert index.routes(digest) == (("docker.io", "library/alpine"),)
     assert index.store_totals() == (10, 1), "the store size too, once"
+    assert index.manifest_media_type(manifest) == "application/vnd.oci.image.manifest.v1+json"
     await cache.aclose()
     index.close()
 
