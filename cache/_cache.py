@@ -612,6 +612,11 @@ class Cache:
                 "store_bytes_before": before,
                 "store_bytes_after": self.store_bytes,
                 "max_size": self.max_size,
+                # How long what it removed last had sat unread, at the least: minutes, pass
+                # after pass, is a cap below what clients pull (each removal a refetch).
+                "newest_removed_idle_seconds": None
+                if result.newest_removed_use is None
+                else max(0, round(time.time() - result.newest_removed_use)),
             },
         )
         # Judged by what the walk saw: content stored during it is the next pass's (_pass_again).

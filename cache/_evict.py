@@ -126,6 +126,9 @@ class EvictionResult:
     #: The blobs walked that were written at or after the pass's ``fresh_since`` (see
     #: :class:`~._store.WalkCount`).
     fresh: frozenset[Digest] = frozenset()
+    #: The last use (epoch seconds) of the most recently used blob it removed; None when none.
+    #: Minutes ago, and pass after pass, means a cap below what clients use.
+    newest_removed_use: float | None = None
 
 
 def evict_to(
@@ -171,9 +174,10 @@ def evict_to(
     others = [blob for blob in candidates if blob[0] not in in_use_texts]
     evicted: list[Digest] = []
     freed = 0
+    newest_use: float | None = None
     # Each candidate with how small the store must still get for it to go: under the target
     # first, then (content in use) under the ceiling. Under the target is under both.
-    for (text, _, _), floor in itertools.chain(((b, target_bytes) for b in others), ((b, ceiling) for b in in_use)):
+    for (text, _, mtime), floor in itertools.chain(((b, target_bytes) for b in others), ((b, ceiling) for b in in_use)):
         if total - freed <= floor:
             break
         digest = parse_digest(text)
@@ -181,6 +185,8 @@ def evict_to(
         if size is not None:
             evicted.append(digest)
             freed += size
+            used = max(mtime, seen.get(text, mtime))
+            newest_use = used if newest_use is None else max(newest_use, used)
     if evicted:
         try:
             index.forget(set(evicted))
@@ -192,7 +198,7 @@ def evict_to(
     for held in (candidates, in_use, others):
         held.clear()
     release(entries)
-    return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted), fresh)
+    return EvictionResult(tuple(evicted), freed, total - freed, count - len(evicted), fresh, newest_use)
 
 
 def _by_last_use(blobs: list[_Walked], seen: Mapping[str, float]) -> Iterator[_Walked]:

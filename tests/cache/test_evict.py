@@ -46,6 +46,9 @@ def test_least_recently_used_go_first_down_to_the_target(
     assert all(store.size_of(d) is not None for d in blobs[5:])
     assert result.store_bytes <= 550 * KiB and result.store_entries == 5
     assert result.freed_bytes == sum(100 * KiB + 1 for _ in range(5))
+    # What an operator reads to tell a cap below what clients use: the fifth had sat 56 min.
+    assert result.newest_removed_use is not None
+    assert 3360 - 5 < time.time() - result.newest_removed_use < 3360 + 60
 
 
 def test_reads_not_yet_written_back_count_and_recent_or_filling_blobs_stay(tmp_path: Path) -> None:
