@@ -19,10 +19,11 @@ A fresh tag costs no upstream request; a stale one costs one HEAD; only a change
 costs a GET. Upstream errors reach the caller only when the cache has nothing to answer with.
 
 :class:`Cache` also keeps what the answers cost and change: usage counters, pull and read
-times and store totals, written to the index in one batch every 10 s (``flush``); it decides
-when a size-cap pass runs (``_schedule_eviction``: over the high watermark, one pass at a time,
-held off while all that is left is in use) and drives the scheduled passes (``every``: gc,
-lifecycle, stale temporaries) whose walks live in ``_evict``, ``_gc`` and ``_lifecycle``.
+times and store totals (``_totals``), written to the index in one batch every 10 s
+(``flush``); it decides when a size-cap pass runs (``_schedule_eviction``: over the high
+watermark, one pass at a time, held off while all that is left is in use) and drives the
+scheduled passes (``every``: gc, lifecycle, stale temporaries) whose walks live in
+``_evict``, ``_gc`` and ``_lifecycle``.
 :func:`open_cache` opens a store for serving (through :func:`open_store`, which creates one
 that is not there yet), with its background tasks.
 """
@@ -82,6 +83,7 @@ from ._serving import ServingLock
 from ._source import Source
 from ._stale import BACKING_OFF, StaleWindows
 from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
+from ._totals import Batch, StoreTotals
 from ._verify import counted_size, hash_file
 from .errors import CacheError, ClientGone, DigestMismatch, IndexFailure, StoreFailure, error_text
 
@@ -120,9 +122,6 @@ REFERENCED_SECONDS: Final = 300.0
 #: half of what the last one freed: when it was not the cache that filled the disk again (others
 #: write there, or a blob is larger than the disk), pass after pass would only empty the store.
 DISK_FULL_PASS_SECONDS: Final = 60.0
-#: A blob stored while a walk of the store ran was last written at most this long before it
-#: was put in place (its fsync); the walk reports what it saw written since then.
-WALK_SLACK_SECONDS: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +196,8 @@ class Cache:
         self._index = index
         self._clock = clock
         self._observer = _Bookkeeping(self, observer or NullCacheObserver())
-        totals = index.store_totals() or (0, 0)
-        #: Bytes and entries in the blob store, kept as blobs are stored and removed, and
-        #: brought up to date at each flush with what other processes changed in the index.
-        self.store_bytes, self.store_entries = max(0, totals[0]), max(0, totals[1])
-        #: The totals the index held after the last flush: a flush adds what changed since.
-        self._flushed_totals = totals
-        #: How many eviction walks counted the store; a flush writes the count of the last.
-        self._counts = 0
-        self._counts_flushed = 0
+        #: Bytes and entries in the blob store (``_totals``).
+        self.totals = StoreTotals(index.store_totals())
         self._flushing = asyncio.Lock()
         #: Whether the last flush wrote its batch (a clean stop needs the last one to).
         self.flushed = True
@@ -238,8 +230,6 @@ class Cache:
         self._stored_since_disk_full_pass = 0  # bytes
         #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
         self._maintenance = asyncio.Lock()
-        #: What was stored while a walk of the store ran (digest -> size), to count once.
-        self._stored_during_walk: dict[Digest, int] | None = None
         #: Set when a store took the store over its cap while a pass ran: one more pass then.
         self._pass_again = False
         #: When (the cache's clock) a size pass last ended above the high watermark; None once
@@ -271,6 +261,22 @@ class Cache:
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
         self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
+
+    @property
+    def store_bytes(self) -> int:
+        return self.totals.bytes
+
+    @store_bytes.setter
+    def store_bytes(self, value: int) -> None:
+        self.totals.bytes = value
+
+    @property
+    def store_entries(self) -> int:
+        return self.totals.entries
+
+    @store_entries.setter
+    def store_entries(self, value: int) -> None:
+        self.totals.entries = value
 
     async def aclose(self) -> None:
         self._closing = True
@@ -346,12 +352,7 @@ class Cache:
         await asyncio.to_thread(self._guard.prune)
         self._recent_stores()  # forgets the older ones: the map stays small between passes
         self._served = {digest: when for digest, when in self._served.items() if within(when, now, REFERENCED_SECONDS)}
-        totals = (self.store_bytes, self.store_entries)
-        counts = self._counts
-        # Since the last flush: what this process stored and removed, or, after an eviction
-        # walk counted the store, that count (with what was stored meanwhile).
-        counted = totals if counts != self._counts_flushed else None
-        change = (totals[0] - self._flushed_totals[0], totals[1] - self._flushed_totals[1])
+        batch = self.totals.batch()
         trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
         routes = self._routes.take_learnt()
 
@@ -360,7 +361,7 @@ class Cache:
             if isinstance(self._store, DirectoryStore):
                 fingerprints.update(touch(self._store, self._index, accessed, trusted))
             held = self._index.write_batch(
-                usage, pulled, change, fingerprints, routes, counted_totals=counted, manifests=unrecorded
+                usage, pulled, batch.change, fingerprints, routes, counted_totals=batch.counted, manifests=unrecorded
             )
             return fingerprints, held
 
@@ -372,7 +373,7 @@ class Cache:
             # what it wrote, or the last flush would add this batch's store change again.
             await asyncio.gather(writing, return_exceptions=True)
             if writing.exception() is None:
-                self._note_written(*writing.result(), counts, totals, unrecorded)
+                self._note_written(*writing.result(), batch, unrecorded)
             else:
                 self._keep_for_next_flush(usage, pulled, accessed, routes, unrecorded)
             raise
@@ -386,20 +387,18 @@ class Cache:
             if is_disk_full(exc):  # with no fill failing, nothing else would free space
                 self._schedule_eviction("disk_full")
             return
-        self._note_written(written, held, counts, totals, unrecorded)
+        self._note_written(written, held, batch, unrecorded)
         self.flushed = True
 
     def _note_written(
         self,
         written: dict[Digest, Fingerprint],
         held: tuple[int, int],
-        counts: int,
-        totals: tuple[int, int],
+        batch: Batch,
         recorded: Mapping[Digest, str],
     ) -> None:
         """After a batch is in the index: ``held`` is the store totals it holds now, written
-        from ``totals`` (this process's, taken when the batch was) and ``counts`` walks;
-        ``recorded``, the manifests it recorded again."""
+        from ``batch``; ``recorded``, the manifests it recorded again."""
         for digest, fingerprint in written.items():  # in the index now; newer ones stay
             if self._trusted.get(digest) == fingerprint:
                 del self._trusted[digest]
@@ -407,15 +406,8 @@ class Cache:
             stored = self._hot.manifest(digest)
             if stored is not None:
                 self._hot.put_manifest(digest, replace(stored, recorded=True))
-        self._counts_flushed = counts
-        if counts == self._counts:  # no walk counted the store meanwhile: take in the others'
-            # What other processes changed (moorage gc or verify --repair run beside this
-            # daemon) is in ``held`` and not in ``totals``.
-            self.store_bytes = max(0, self.store_bytes + held[0] - totals[0])
-            self.store_entries = max(0, self.store_entries + held[1] - totals[1])
-            if held[0] > totals[0]:  # what the others stored may take the store over its cap
-                self._schedule_eviction()
-        self._flushed_totals = held
+        if self.totals.written(batch, held):  # what the others stored may take the store over its cap
+            self._schedule_eviction()
 
     def _keep_for_next_flush(
         self,
@@ -512,23 +504,6 @@ class Cache:
                 return
             reason = "size"
 
-    def _walk_began(self) -> float:
-        """Start counting what is stored while a walk of the store runs; the ``fresh_since``
-        to give the walk. The slack covers a large blob's fsync between its last write (its
-        mtime) and its being put in place."""
-        self._stored_during_walk = {}
-        return time.time() - WALK_SLACK_SECONDS
-
-    def _walk_ended(self, walked_bytes: int, walked_entries: int, fresh: frozenset[Digest]) -> None:
-        """The store's totals from a walk's count, plus what was stored meanwhile that the walk
-        did not see: a blob put in place before the walk reached its directory is in both."""
-        stored = self._stored_during_walk or {}
-        self._stored_during_walk = None
-        unseen = [size for digest, size in stored.items() if digest not in fresh]
-        self.store_bytes = walked_bytes + sum(unseen)
-        self.store_entries = walked_entries + len(unseen)
-        self._counts += 1
-
     async def recount(self, *, crashed: bool = True) -> None:
         """Count the store again (after a daemon stopped without writing its last totals, or
         where the index keeps no totals of its blobs), then evict if that shows it above its
@@ -538,17 +513,17 @@ class Cache:
         store = self._store
         async with self._maintenance:
             before = self.store_bytes
-            fresh_since = self._walk_began()
+            fresh_since = self.totals.walk_began()
             try:
                 counted = await asyncio.to_thread(store.walk_count, fresh_since)
             except Exception as exc:  # the count stays owed: the next start tries again
-                self._stored_during_walk = None
+                self.totals.walk_failed()
                 log.error(
                     "store not counted",
                     extra={"event": "maintenance_failed", "task": "count", "error": error_text(exc)},
                 )
                 return
-            self._walk_ended(counted.bytes, counted.entries, counted.fresh)
+            self.totals.walk_ended(counted.bytes, counted.entries, counted.fresh)
             self.count_pending = False
         log.warning(
             "the last run did not stop cleanly (or kept no mark of it); the store was counted again"
@@ -574,7 +549,7 @@ class Cache:
         # Reads and the manifests served lately order the pass; a blob read while it runs is
         # skipped when its turn comes (the read guard).
         seen = self._eviction_order()
-        fresh_since = self._walk_began()
+        fresh_since = self.totals.walk_began()
         try:
             result = await asyncio.to_thread(
                 evict_to,
@@ -590,11 +565,11 @@ class Cache:
                 fresh_since,
             )
         except BaseException:
-            self._stored_during_walk = None
+            self.totals.walk_failed()
             raise
         # The walk counted what is on disk, which also corrects any drift of the running
         # totals (two writers of one manifest both counting it).
-        self._walk_ended(result.store_bytes, result.store_entries, result.fresh)
+        self.totals.walk_ended(result.store_bytes, result.store_entries, result.fresh)
         self.fills.forget_committed(result.evicted)
         for digest in result.evicted:
             self._forget(digest)
@@ -716,8 +691,7 @@ class Cache:
 
     def _removed(self, digests: list[Digest], freed: int, reason: str) -> None:
         """Account for blobs a maintenance pass removed."""
-        self.store_bytes = max(0, self.store_bytes - freed)
-        self.store_entries = max(0, self.store_entries - len(digests))
+        self.totals.removed(freed, len(digests))
         self.fills.forget_committed(digests)
         for digest in digests:
             self._forget(digest)
@@ -1303,8 +1277,7 @@ class Cache:
     def _account_quarantined(self) -> None:
         while self._quarantined:
             digest, size, kind = self._quarantined.popleft()
-            self.store_bytes = max(0, self.store_bytes - size)
-            self.store_entries = max(0, self.store_entries - 1)
+            self.totals.removed(size)
             self.fills.forget_committed([digest])
             self._forget(digest)
             self._observer.on_evicted("corrupt", 1, size)
@@ -1463,10 +1436,7 @@ class _Bookkeeping:
         self._observer.on_fill_failed(upstream)
 
     def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
-        self._cache.store_bytes += size
-        self._cache.store_entries += 1
-        if self._cache._stored_during_walk is not None:
-            self._cache._stored_during_walk[digest] = size
+        self._cache.totals.stored(digest, size)
         evicting = self._cache._evicting
         if evicting is not None and not evicting.done():  # its walk may have missed this
             self._cache._pass_again = True
