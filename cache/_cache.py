@@ -266,17 +266,9 @@ class Cache:
     def store_bytes(self) -> int:
         return self.totals.bytes
 
-    @store_bytes.setter
-    def store_bytes(self, value: int) -> None:
-        self.totals.bytes = value
-
     @property
     def store_entries(self) -> int:
         return self.totals.entries
-
-    @store_entries.setter
-    def store_entries(self, value: int) -> None:
-        self.totals.entries = value
 
     async def aclose(self) -> None:
         self._closing = True

@@ -222,7 +222,7 @@ async def test_a_bookkeeping_write_that_finds_the_disk_full_starts_an_eviction_p
     for age, digest in enumerate(blobs):
         os.utime(store.path_of(digest), (time.time() - 3600 + age, time.time() - 3600 + age))
     cache = Cache(store, index)
-    cache.store_bytes, cache.store_entries = store.count()
+    cache.totals.bytes, cache.totals.entries = store.count()
     await cache.flush()  # SQLite's disk full
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "bookkeeping not written; kept for the next try"
