@@ -203,47 +203,63 @@ def read_images(
 
 def _tags_by_digest(answers: dict[str, dict[str, tuple[str, float]]], images: list[CachedImage]) -> dict[str, set[str]]:
     """The tags of each digest of a repository, from each tag's answers (``answers``: by tag,
-    the digest named for each class of client, and when the upstream last confirmed it). A
-    tag's answer for clients that take no index names one platform's manifest of the image its
-    answer for the others names. Where the two name different images, the tag moved since
-    clients of one kind last asked: the tag is the one confirmed last, and the other answer no
-    longer makes its manifest a tagged image of its own (kept as one, an old release's platform
-    manifest was judged alone and expired while the index listing it stayed; and an image only
-    clients that take no index pulled since the move was judged untagged)."""
-    parts_of = {str(image.digest): [str(child) for child in image.children] for image in images}
+    the digest named for each class of client, and when the upstream last confirmed it).
 
-    def holds(whole: str, part: str) -> bool:
-        seen, waiting = set(), [whole]
+    A tag's answer for clients that take no index names one platform's manifest of the image
+    its answer for the others names. Where the two name different images, the tag moved since
+    clients of one kind last asked: its current answer is the one confirmed last (the one for
+    clients that take indexes, on a tie). The tag is then that answer's manifest's, and every
+    cached manifest's that holds it (a platform manifest answered to old clients cannot tell
+    which index it was for: each one holding it keeps the tag, the safe side), and another
+    answer's only where it names a part of the current one. Kept as the tag's, an old
+    release's platform manifest was judged alone and expired while the index listing it
+    stayed; taken for the current one, a stale answer made the image the tag names now
+    untagged."""
+    parents_of: dict[str, list[str]] = defaultdict(list)
+    for image in images:
+        for child in image.children:
+            parents_of[str(child)].append(str(image.digest))
+
+    def holders(part: str) -> set[str]:
+        """``part``, and every cached manifest holding it, through what holds those."""
+        found: set[str] = set()
+        waiting = [part]
         while waiting:
             digest = waiting.pop()
-            if digest == part:
-                return True
-            if digest not in seen:
-                seen.add(digest)
-                waiting.extend(parts_of.get(digest, ()))
-        return False
+            if digest not in found:
+                found.add(digest)
+                waiting.extend(parents_of.get(digest, ()))
+        return found
 
     tags: dict[str, set[str]] = defaultdict(set)
     for tag, by_class in answers.items():
-        current, _ = max(by_class.values(), key=lambda answer: answer[1])
+        _, (current, _) = max(by_class.items(), key=lambda item: (item[1][1], item[0] == "index"))
+        for digest in holders(current):
+            tags[digest].add(tag)
         for digest, _ in by_class.values():
-            if holds(current, digest) or holds(digest, current):
+            if current in holders(digest):
                 tags[digest].add(tag)
     return tags
 
 
 def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
-    """A platform manifest an index of the repository refers to is part of that image when it
-    has no tags the index lacks (a tag cached for old clients as the platform manifest is
-    the same tag); so is an index within the index, with what it holds, and a referrer (a
-    signature, an SBOM) of any of them with no tags of its own. The image then carries them
+    """A platform manifest the indexes of the repository refer to is part of each of those
+    images when it has no tags they all lack (a tag cached for old clients as the platform
+    manifest is the same tag; two releases sharing their amd64 manifest, each tag answered to
+    old clients with it, share it); so is an index within the index, with what it holds, and
+    a referrer (a signature, an SBOM) of any of them with no tags of its own. The image then carries them
     as children, and none is judged alone: expired alone, an inner index's platform manifests
     stayed behind for good, and an untagged-images rule took an image's signatures from it."""
     tags_of = {image.digest: image.tags for image in images}
     folded: dict[Digest, set[Digest]] = {}
+    listed_by: dict[Digest, list[CachedImage]] = defaultdict(list)
     for parent in images:
         for child in parent.children:
-            if child in tags_of and child != parent.digest and tags_of[child] <= parent.tags:
+            if child in tags_of and child != parent.digest:
+                listed_by[child].append(parent)
+    for child, parents in listed_by.items():
+        if tags_of[child] <= frozenset().union(*(parent.tags for parent in parents)):
+            for parent in parents:
                 folded.setdefault(parent.digest, set()).add(child)
     for referrer in images:
         subject = referrer.subject
@@ -366,20 +382,25 @@ def apply_expiries(
     # Tag answers pointing at an expired image in its repository, whatever the accept class:
     # at its index, or at a platform manifest it carries (the answer for clients that take
     # no index), which would otherwise keep that part of the image, and its layers, behind.
-    # And every answer of a tag an expired image had, whatever it names: the tag expired. An
-    # answer for the other class of clients left behind (one the tag had moved away from) made
-    # its manifest the tag again at the next pass, judged alone.
+    # And every answer of a tag whose current answer (the one confirmed last) goes: the tag
+    # expired. An answer for the other class of clients left behind (one the tag had moved
+    # away from) made its manifest the tag again at the next pass, judged alone. A tag whose
+    # current answer stays keeps it, whatever else an expired image was tagged with.
     expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in e.going}
-    expired_tags = {(e.image.upstream, e.image.repository, tag) for e in expiries for tag in e.image.tags}
+    answers: dict[IndexKey, list[tuple[IndexKey, str, float]]] = defaultdict(list)
+    for key, value in index.entries(frozenset({"tag"})):
+        if (entry := tag_entry(value)) is not None:
+            answers[key[:4]].append((key, str(entry.digest), entry.checked_at))
     tag_keys: list[IndexKey] = []
     answered: set[IndexKey] = set()  # tags an answer is left for
-    for key, value in index.entries(frozenset({"tag"})):
-        if isinstance(value, tuple) and (
-            (key[1], key[2], str(value[0])) in expired_in or (key[1], key[2], key[3]) in expired_tags
-        ):
-            tag_keys.append(key)
-        else:
-            answered.add(pulled_key_of(key))
+    for tag, listed in answers.items():
+        _, current, _ = max(listed, key=lambda answer: (answer[2], answer[0][4] == "index"))
+        expired = (tag[1], tag[2], current) in expired_in
+        for key, named, _ in listed:
+            if expired or (tag[1], tag[2], named) in expired_in:
+                tag_keys.append(key)
+            else:
+                answered.add(pulled_key_of(key))
     # A tag's pull time is the tag's, whichever class of client pulled it: it goes with its
     # last answer (``moorage ls`` showed none for a tag still cached for the others).
     pulled_keys = {pulled_key_of(key) for key in tag_keys} - answered

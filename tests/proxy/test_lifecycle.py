@@ -660,3 +660,86 @@ async def test_an_expired_tag_leaves_no_answer_that_makes_an_old_platform_manife
     await cache.flush()
     assert [sorted(e.image.tags) for e in (await cache.apply_lifecycle(resolver)).expired] == [["app"]]
     assert (await cache.apply_lifecycle(resolver)).expired == [], "nothing is the tag any more"
+
+
+KEEP_ONE_RELEASE_AND_UNTAGGED_FOR_A_DAY = [
+    {"tagStatus": "tagged", "tagPrefixList": ["v"], "countType": "imageCountMoreThan", "countNumber": 1},
+    {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days", "countNumber": 1},
+]
+
+
+async def with_rules(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, selections: list[dict[str, object]]
+) -> tuple[Client, Path, PolicyFor]:
+    """:func:`with_policy` for a policy of several rules, in the order given (the resolver reads
+    the file at its first use)."""
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, selections[0])
+    rules = [_rule(selection) | {"rulePriority": n} for n, selection in enumerate(selections, 1)]
+    (tmp_path / "lifecycle.json").write_text(json.dumps({"rules": rules}))
+    return moorage, store, resolver
+
+
+async def test_two_releases_sharing_their_amd64_manifest_keep_the_current_one(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """Only arm64 changed between v1.2 and v1.3; clients that take no index pulled both tags
+    and got the same amd64 manifest. Tagged with both, it was judged alone and expired with
+    v1.2, taking v1.3's answer for the other clients along: v1.3 was then untagged, and went
+    a day later with its layers, while every node still pulled it."""
+    rules = KEEP_ONE_RELEASE_AND_UNTAGGED_FOR_A_DAY
+    moorage, store, resolver = await with_rules(start_moorage, upstream, tmp_path, rules)
+    amd = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    arm = {}
+    old_client = {"Accept": OCI_MANIFEST}
+    for release in ("v1.2", "v1.3"):
+        arm[release] = upstream.add_image(
+            "team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST
+        )
+        platforms = [(amd.digest, "linux", "amd64"), (arm[release].digest, "linux", "arm64")]
+        upstream.add_index("team/app", release, platforms, OCI_INDEX)
+        advance_clock(moorage, 86400)
+        await pull_index(moorage, "team/app", release, arm[release].digest)
+        response = await moorage.get(f"/v2/team/app/manifests/{release}", headers=old_client)
+        assert response.headers["Docker-Content-Digest"] == amd.digest
+        await pull(moorage, "team/app", amd.digest)
+    cache = moorage.app[CACHE]
+    for _ in range(3):
+        await cache.flush()
+        await cache.apply_lifecycle(resolver)
+        advance_clock(moorage, 86400)
+    upstream.reset_requests()
+    await pull_index(moorage, "team/app", "v1.3", arm["v1.3"].digest)
+    await pull(moorage, "team/app", amd.digest)
+    assert upstream.count("GET") == 0, "the current release, whole"
+    assert not stored(store, arm["v1.2"].digest), "the last one went"
+
+
+async def test_a_tag_moved_to_an_index_reusing_its_amd64_manifest_keeps_the_new_index(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
+) -> None:
+    """After the move only clients that take no index pulled the tag: their answer, the shared
+    amd64 manifest, confirmed last, held the old index too, and the tag stayed with it while
+    the new index (cached by digest by an arm64 node) was judged untagged and expired."""
+    untagged = KEEP_ONE_RELEASE_AND_UNTAGGED_FOR_A_DAY[1]
+    moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, untagged)
+    amd = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    first = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "v1", [(amd.digest, "linux", "amd64"), (first.digest, "linux", "arm64")], OCI_INDEX)
+    await pull_index(moorage, "team/app", "v1", first.digest)
+    advance_clock(moorage, 86400)
+    second = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
+    moved = upstream.add_index(
+        "team/app", "v1", [(amd.digest, "linux", "amd64"), (second.digest, "linux", "arm64")], OCI_INDEX
+    )
+    assert (await moorage.get(f"/v2/team/app/manifests/{moved}", headers=ALL)).status == 200
+    await pull(moorage, "team/app", second.digest)
+    advance_clock(moorage, 1.5 * 86400)
+    old_client = {"Accept": OCI_MANIFEST}
+    assert (await moorage.get("/v2/team/app/manifests/v1", headers=old_client)).headers[
+        "Docker-Content-Digest"
+    ] == amd.digest
+    cache = moorage.app[CACHE]
+    await cache.flush()
+    result = await cache.apply_lifecycle(resolver)
+    assert parse_digest(moved) not in [e.image.digest for e in result.expired]
+    assert stored(store, moved) and stored(store, second.digest)
