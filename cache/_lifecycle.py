@@ -151,10 +151,10 @@ def read_images(
     one walk of the index, and a read of those images' manifests alone. Blocks."""
     pushed: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     pulled: dict[tuple[str, str, str], float] = {}
-    #: The digest each tag's answer names and when the upstream last confirmed it, by the
-    #: class of client it answers (``index`` for those that take an index, ``image`` for those
-    #: that take none).
-    answers: dict[tuple[str, str, str], dict[str, tuple[str, float]]] = defaultdict(dict)
+    #: By repository and tag, the digest each answer names and when the upstream last confirmed
+    #: it, by the class of client it answers (``index`` for those that take an index, ``image``
+    #: for those that take none).
+    answers: dict[tuple[str, str], dict[str, dict[str, tuple[str, float]]]] = defaultdict(lambda: defaultdict(dict))
     for key, value in index.entries(frozenset({"image", "image-pulled", "tag"})):
         kind, upstream, repository = key[0], key[1], key[2]
         if kind == "image" and isinstance(value, int | float):
@@ -163,7 +163,7 @@ def read_images(
             pulled[upstream, repository, key[3]] = float(value)
         elif kind == "tag" and (entry := tag_entry(value)) is not None:  # one it cannot read is refetched
             tagged = str(entry.digest)
-            answers[upstream, repository, key[3]][str(key[4])] = (tagged, float(entry.checked_at))
+            answers[upstream, repository][key[3]][str(key[4])] = (tagged, float(entry.checked_at))
             known = pushed[upstream, repository]
             known.setdefault(tagged, float(entry.checked_at))  # a tag cached before image records were kept
     images: dict[tuple[str, str], list[CachedImage]] = {}
@@ -193,9 +193,7 @@ def read_images(
                     subject,
                 )
             )
-        tags = _tags_by_digest(
-            {tag: by_class for (u, r, tag), by_class in answers.items() if (u, r) == (upstream, repository)}, found
-        )
+        tags = _tags_by_digest(answers.get((upstream, repository), {}), found)
         found = [replace(image, tags=frozenset(tags.get(str(image.digest), ()))) for image in found]
         images[upstream, repository] = _fold_platforms(found)
     return images
@@ -247,9 +245,10 @@ def _fold_platforms(images: list[CachedImage]) -> list[CachedImage]:
     images when it has no tags they all lack (a tag cached for old clients as the platform
     manifest is the same tag; two releases sharing their amd64 manifest, each tag answered to
     old clients with it, share it); so is an index within the index, with what it holds, and
-    a referrer (a signature, an SBOM) of any of them with no tags of its own. The image then carries them
-    as children, and none is judged alone: expired alone, an inner index's platform manifests
-    stayed behind for good, and an untagged-images rule took an image's signatures from it."""
+    a referrer (a signature, an SBOM) of any of them with no tags of its own. The image then
+    carries them as children, and none is judged alone: expired alone, an inner index's
+    platform manifests stayed behind for good, and an untagged-images rule took an image's
+    signatures from it."""
     tags_of = {image.digest: image.tags for image in images}
     folded: dict[Digest, set[Digest]] = {}
     listed_by: dict[Digest, list[CachedImage]] = defaultdict(list)
