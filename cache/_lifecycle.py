@@ -88,6 +88,9 @@ class Expiry:
     #: Of its children, those an image of the repository that stays carries too (an index
     #: tagged anew over some of the same platform manifests): they stay with that image.
     shared: frozenset[Digest] = frozenset()
+    #: Of its tags, those no image of the repository that stays has: every answer of these
+    #: goes with it (see :func:`apply_expiries`).
+    tags_going: frozenset[str] = frozenset()
 
     @property
     def going(self) -> list[Digest]:
@@ -138,8 +141,16 @@ def evaluate(policy: LifecyclePolicy, images: Iterable[CachedImage], now: float)
                 expired[image.digest] = Expiry(image, rule)
         seen.update(image.digest for image in identified)
     staying = {part for image in images if image.digest not in expired for part in (image.digest, *image.children)}
+    staying_tags = {tag for image in images if image.digest not in expired for tag in image.tags}
     return sorted(
-        (replace(expiry, shared=frozenset(staying.intersection(expiry.image.children))) for expiry in expired.values()),
+        (
+            replace(
+                expiry,
+                shared=frozenset(staying.intersection(expiry.image.children)),
+                tags_going=expiry.image.tags - staying_tags,
+            )
+            for expiry in expired.values()
+        ),
         key=lambda expiry: expiry.image.pushed_at,
     )
 
@@ -206,36 +217,35 @@ def _tags_by_digest(answers: dict[str, dict[str, tuple[str, float]]], images: li
     A tag's answer for clients that take no index names one platform's manifest of the image
     its answer for the others names. Where the two name different images, the tag moved since
     clients of one kind last asked: its current answer is the one confirmed last (the one for
-    clients that take indexes, on a tie). The tag is then that answer's manifest's, and every
-    cached manifest's that holds it (a platform manifest answered to old clients cannot tell
-    which index it was for: each one holding it keeps the tag, the safe side), and another
-    answer's only where it names a part of the current one. Kept as the tag's, an old
-    release's platform manifest was judged alone and expired while the index listing it
-    stayed; taken for the current one, a stale answer made the image the tag names now
-    untagged."""
-    parents_of: dict[str, list[str]] = defaultdict(list)
-    for image in images:
-        for child in image.children:
-            parents_of[str(child)].append(str(image.digest))
+    clients that take indexes, on a tie). The tag is that answer's manifest's, and another
+    answer's only where it names a part of it or holds it. Kept as the tag's, an old release's
+    platform manifest was judged alone and expired while the index listing it stayed; taken
+    for the current one, a stale answer made the image the tag names now untagged.
 
-    def holders(part: str) -> set[str]:
-        """``part``, and every cached manifest holding it, through what holds those."""
-        found: set[str] = set()
-        waiting = [part]
-        while waiting:
-            digest = waiting.pop()
-            if digest not in found:
-                found.add(digest)
-                waiting.extend(parents_of.get(digest, ()))
-        return found
+    Only the answers' own manifests take the tag: a platform manifest several releases share
+    gave it to every cached index holding it, and no rule ever expired an old release again
+    (nor did a quadratic pass end soon over thousands of them)."""
+    children_of = {str(image.digest): [str(child) for child in image.children] for image in images}
+    holdings: dict[str, set[str]] = {}
+
+    def holding(whole: str) -> set[str]:
+        """``whole`` and everything it holds, through what it holds; once per digest."""
+        if whole not in holdings:
+            found: set[str] = set()
+            waiting = [whole]
+            while waiting:
+                digest = waiting.pop()
+                if digest not in found:
+                    found.add(digest)
+                    waiting.extend(children_of.get(digest, ()))
+            holdings[whole] = found
+        return holdings[whole]
 
     tags: dict[str, set[str]] = defaultdict(set)
     for tag, by_class in answers.items():
         _, (current, _) = max(by_class.items(), key=lambda item: (item[1][1], item[0] == "index"))
-        for digest in holders(current):
-            tags[digest].add(tag)
         for digest, _ in by_class.values():
-            if current in holders(digest):
+            if digest in holding(current) or current in holding(digest):
                 tags[digest].add(tag)
     return tags
 
@@ -381,25 +391,22 @@ def apply_expiries(
     # Tag answers pointing at an expired image in its repository, whatever the accept class:
     # at its index, or at a platform manifest it carries (the answer for clients that take
     # no index), which would otherwise keep that part of the image, and its layers, behind.
-    # And every answer of a tag whose current answer (the one confirmed last) goes: the tag
-    # expired. An answer for the other class of clients left behind (one the tag had moved
-    # away from) made its manifest the tag again at the next pass, judged alone. A tag whose
-    # current answer stays keeps it, whatever else an expired image was tagged with.
+    # And every answer of a tag the expired image had and no image that stays has, whatever it
+    # names: the tag expired. An answer for the other class of clients left behind (one the
+    # tag had moved away from, or a platform manifest the staying release shares) made its
+    # manifest the tag again at the next pass, judged alone. A tag an image that stays has
+    # keeps its answers but those naming what goes.
     expired_in = {(e.image.upstream, e.image.repository, str(digest)) for e in expiries for digest in e.going}
-    answers: dict[IndexKey, list[tuple[IndexKey, str, float]]] = defaultdict(list)
-    for key, value in index.entries(frozenset({"tag"})):
-        if (entry := tag_entry(value)) is not None:
-            answers[key[:4]].append((key, str(entry.digest), entry.checked_at))
+    expired_tags = {(e.image.upstream, e.image.repository, tag) for e in expiries for tag in e.tags_going}
     tag_keys: list[IndexKey] = []
     answered: set[IndexKey] = set()  # tags an answer is left for
-    for tag, listed in answers.items():
-        _, current, _ = max(listed, key=lambda answer: (answer[2], answer[0][4] == "index"))
-        expired = (tag[1], tag[2], current) in expired_in
-        for key, named, _ in listed:
-            if expired or (tag[1], tag[2], named) in expired_in:
-                tag_keys.append(key)
-            else:
-                answered.add(pulled_key_of(key))
+    for key, value in index.entries(frozenset({"tag"})):
+        if isinstance(value, tuple) and (
+            (key[1], key[2], str(value[0])) in expired_in or (key[1], key[2], key[3]) in expired_tags
+        ):
+            tag_keys.append(key)
+        else:
+            answered.add(pulled_key_of(key))
     # A tag's pull time is the tag's, whichever class of client pulled it: it goes with its
     # last answer (``moorage ls`` showed none for a tag still cached for the others).
     pulled_keys = {pulled_key_of(key) for key in tag_keys} - answered

@@ -714,32 +714,29 @@ async def test_two_releases_sharing_their_amd64_manifest_keep_the_current_one(
     assert not stored(store, arm["v1.2"].digest), "the last one went"
 
 
-async def test_a_tag_moved_to_an_index_reusing_its_amd64_manifest_keeps_the_new_index(
+async def test_releases_sharing_an_amd64_manifest_do_not_all_keep_the_tag(
     start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path
 ) -> None:
-    """After the move only clients that take no index pulled the tag: their answer, the shared
-    amd64 manifest, confirmed last, held the old index too, and the tag stayed with it while
-    the new index (cached by digest by an arm64 node) was judged untagged and expired."""
+    """``latest`` moves daily to a new index reusing the same amd64 manifest; clients that take
+    no index pull it after the others, so their answer is the one confirmed last. Given to
+    every cached index holding that manifest, the tag kept each old release, none untagged,
+    and the store grew for good."""
     untagged = KEEP_ONE_RELEASE_AND_UNTAGGED_FOR_A_DAY[1]
     moorage, store, resolver = await with_policy(start_moorage, upstream, tmp_path, untagged)
     amd = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
-    first = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
-    upstream.add_index("team/app", "v1", [(amd.digest, "linux", "amd64"), (first.digest, "linux", "arm64")], OCI_INDEX)
-    await pull_index(moorage, "team/app", "v1", first.digest)
-    advance_clock(moorage, 86400)
-    second = upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
-    moved = upstream.add_index(
-        "team/app", "v1", [(amd.digest, "linux", "amd64"), (second.digest, "linux", "arm64")], OCI_INDEX
-    )
-    assert (await moorage.get(f"/v2/team/app/manifests/{moved}", headers=ALL)).status == 200
-    await pull(moorage, "team/app", second.digest)
-    advance_clock(moorage, 1.5 * 86400)
-    old_client = {"Accept": OCI_MANIFEST}
-    assert (await moorage.get("/v2/team/app/manifests/v1", headers=old_client)).headers[
-        "Docker-Content-Digest"
-    ] == amd.digest
     cache = moorage.app[CACHE]
-    await cache.flush()
-    result = await cache.apply_lifecycle(resolver)
-    assert parse_digest(moved) not in [e.image.digest for e in result.expired]
-    assert stored(store, moved) and stored(store, second.digest)
+    arm = []
+    for _ in range(4):
+        arm.append(
+            upstream.add_image("team/app", None, [os.urandom(2000)], architecture="arm64", media_type=OCI_MANIFEST)
+        )
+        upstream.add_index(
+            "team/app", "latest", [(amd.digest, "linux", "amd64"), (arm[-1].digest, "linux", "arm64")], OCI_INDEX
+        )
+        advance_clock(moorage, 86400)
+        await pull_index(moorage, "team/app", "latest", arm[-1].digest)
+        response = await moorage.get("/v2/team/app/manifests/latest", headers={"Accept": OCI_MANIFEST})
+        assert response.headers["Docker-Content-Digest"] == amd.digest
+        await cache.flush()
+        await cache.apply_lifecycle(resolver)
+    assert [stored(store, image.digest) for image in arm] == [False, False, False, True], "the current one alone"
