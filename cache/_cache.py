@@ -653,8 +653,11 @@ class Cache:
             unreadable: set[str] = set()
 
             def run() -> LifecycleResult:
-                expiries = plan(store, self._index, policy_for, self._clock(), unreadable=unreadable)
-                return apply_expiries(store, self._index, expiries, protected=protected, guard=self._guard)
+                now = self._clock()
+                expiries = plan(store, self._index, policy_for, now, unreadable=unreadable)
+                return apply_expiries(
+                    store, self._index, expiries, protected=protected, guard=self._guard, planned_at=now
+                )
 
             result = await asyncio.to_thread(run)
             for error in sorted(unreadable):  # its repositories wait; the other policies applied

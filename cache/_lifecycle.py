@@ -371,9 +371,11 @@ def apply_expiries(
     *,
     protected: frozenset[Digest] = frozenset(),
     guard: ReadGuard | None = None,
+    planned_at: float | None = None,
 ) -> LifecycleResult:
     """Expire images: drop their tags and records, then remove the blobs nothing else reaches.
-    Blocks."""
+    ``planned_at``: the time ``expiries`` were planned at (the clock tag answers are stamped
+    with); an answer confirmed since is a client's pull during the pass, kept. Blocks."""
     result = LifecycleResult(expired=list(expiries))
     if not expiries:
         return result
@@ -401,9 +403,11 @@ def apply_expiries(
     tag_keys: list[IndexKey] = []
     answered: set[IndexKey] = set()  # tags an answer is left for
     for key, value in index.entries(frozenset({"tag"})):
-        if isinstance(value, tuple) and (
-            (key[1], key[2], str(value[0])) in expired_in or (key[1], key[2], key[3]) in expired_tags
-        ):
+        if (entry := tag_entry(value)) is None:
+            answered.add(pulled_key_of(key))  # one it cannot read is refetched, and replaced
+            continue
+        planned = planned_at is None or entry.checked_at < planned_at  # not a pull during the pass
+        if (key[1], key[2], str(entry.digest)) in expired_in or ((key[1], key[2], key[3]) in expired_tags and planned):
             tag_keys.append(key)
         else:
             answered.add(pulled_key_of(key))

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,7 +22,7 @@ from moorage.cache import policy_resolver, read_catalog
 from moorage.cache._cache import first_pass_delay
 from moorage.cache._index import Index
 from moorage.cache._keys import image_key
-from moorage.cache._lifecycle import PolicyFor
+from moorage.cache._lifecycle import Expiry, PolicyFor
 from moorage.config import UpstreamSettings
 from moorage.proxy._state import CACHE
 from moorage.proxy.cli import main
@@ -740,3 +741,38 @@ async def test_releases_sharing_an_amd64_manifest_do_not_all_keep_the_tag(
         await cache.flush()
         await cache.apply_lifecycle(resolver)
     assert [stored(store, image.digest) for image in arm] == [False, False, False, True], "the current one alone"
+
+
+async def test_a_pull_while_a_pass_runs_keeps_the_tag_it_recorded(
+    start_moorage: StartMoorage, upstream: FakeRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass planned to expire ``latest`` with the old release; a client pulled the tag,
+    moved upstream, between the plan and its application, and the pass dropped the answer just
+    recorded (every answer of the tag went): the current release was left untagged, and the
+    next pull was a GET upstream."""
+    selection = {"tagStatus": "tagged", "tagPrefixList": ["latest"], "countType": "sinceImagePushed"}
+    moorage, _, resolver = await with_policy(
+        start_moorage, upstream, tmp_path, selection | {"countUnit": "days", "countNumber": 1}
+    )
+    first = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    upstream.add_index("team/app", "latest", [(first.digest, "linux", "amd64")], OCI_INDEX)
+    await pull_index(moorage, "team/app", "latest", first.digest)
+    advance_clock(moorage, 2 * 86400)
+    second = upstream.add_image("team/app", None, [os.urandom(2000)], media_type=OCI_MANIFEST)
+    moved = upstream.add_index("team/app", "latest", [(second.digest, "linux", "amd64")], OCI_INDEX)
+    loop = asyncio.get_running_loop()
+    planned = cache_module.plan  # type: ignore[attr-defined]  # the name _cache calls
+
+    def plan_then_a_pull(*args: Any, **kwargs: Any) -> list[Expiry]:
+        expiries = planned(*args, **kwargs)
+        asyncio.run_coroutine_threadsafe(pull_index(moorage, "team/app", "latest", second.digest), loop).result()
+        return expiries
+
+    monkeypatch.setattr(cache_module, "plan", plan_then_a_pull)
+    cache = moorage.app[CACHE]
+    result = await cache.apply_lifecycle(resolver)
+    assert [sorted(e.image.tags) for e in result.expired] == [["latest"]]
+    upstream.reset_requests()
+    response = await moorage.get("/v2/team/app/manifests/latest", headers=ALL)
+    assert response.headers["Docker-Content-Digest"] == moved
+    assert upstream.count("GET") == 0, "answered from the store"
