@@ -284,8 +284,6 @@ class RegistryClient:
         self.settings = settings
         if trust is None:
             trust = trust_for(None, settings)
-        if proxies is None and transport is None:
-            proxies = ProxyEnvironment.read()
         self.host = settings.host
         self._observer: UpstreamObserver = observer or NullObserver()
         timeout = httpx.Timeout(
@@ -310,19 +308,22 @@ class RegistryClient:
             "transport": transport,
             "verify": trust,
         }
+        token_transport = transport
         if transport is None:
+            environment = proxies or ProxyEnvironment.read()
             # Blob bodies come through this client: its reads ask for 1 MiB (``_network``), on
             # every connection that goes straight to its host (not through a proxy).
-            common["transport"] = routed_transport(wide_read_transport(limits, trust), limits, trust, proxies)
+            common["transport"] = routed_transport(wide_read_transport(limits, trust), limits, trust, environment)
+            token_transport = routed_transport(
+                httpx.AsyncHTTPTransport(verify=trust, limits=limits), limits, trust, environment
+            )
         self._http = httpx.AsyncClient(
             base_url=settings.url,
             follow_redirects=True,
             event_hooks={"response": [self._observe_response]},
             **common,  # type: ignore[arg-type]
         )
-        common["transport"] = transport or routed_transport(
-            httpx.AsyncHTTPTransport(verify=trust, limits=limits), limits, trust, proxies
-        )
+        common["transport"] = token_transport
         self._token_http = httpx.AsyncClient(
             follow_redirects=True,
             event_hooks={"response": [self._observe_token_response, self._refuse_downgrade]},

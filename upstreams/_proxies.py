@@ -235,12 +235,11 @@ def routed_transport(
     direct: httpx.AsyncBaseTransport,
     limits: httpx.Limits,
     trust: ssl.SSLContext,
-    environment: ProxyEnvironment | None = None,
+    environment: ProxyEnvironment,
 ) -> httpx.AsyncBaseTransport:
-    """``direct`` where no proxy is named (``environment``, by default the process's), else a
-    transport that sends each request directly or through its proxy (with ``limits``, checking
-    certificates with ``trust``) as ``NO_PROXY`` says."""
-    environment = environment or ProxyEnvironment.read()
+    """``direct`` where ``environment`` names no proxy, else a transport that sends each
+    request directly or through its proxy (with ``limits``, checking certificates with
+    ``trust``) as ``NO_PROXY`` says."""
     if not environment.proxies or environment.exempt_all:
         return direct
     return _RoutedTransport(direct, environment, limits, trust)
