@@ -5,10 +5,14 @@ or with a wrong password, each is refused."""
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -17,8 +21,10 @@ import pytest
 
 from .harness import images
 from .harness.clients import ClientError, Containerd, Podman, skopeo_copy
+from .harness.httpclient import request
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
+from .harness.tools import require_tool
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-for-ci"
@@ -79,6 +85,55 @@ def test_skopeo_and_podman_pull_with_credentials_and_not_without(tmp_path: Path)
             assert PASSWORD not in moorage.log_path.read_text()
             grep = subprocess.run(["grep", "-r", PASSWORD, str(moorage.store)], capture_output=True, check=False)
             assert grep.returncode == 1, "the password is in no stored file"
+
+
+def token_from(moorage: MoorageProcess, repository: str, user: str, password: str) -> str:
+    """A pull token for ``repository``, signed in as a client does: challenged by ``/v2/``,
+    then a GET to the realm it names with the password."""
+    challenge = request("GET", f"{moorage.url}/v2/").header("WWW-Authenticate")
+    realm = re.search(r'realm="([^"]+)"', challenge)
+    service = re.search(r'service="([^"]+)"', challenge)
+    assert realm and service, challenge
+    query = urllib.parse.urlencode({"service": service[1], "scope": f"repository:{repository}:pull"})
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    answer = request("GET", f"{realm[1]}?{query}", headers={"Authorization": f"Basic {basic}"})
+    assert answer.status == 200, answer.body
+    token: str = json.loads(answer.body)["token"]
+    return token
+
+
+def test_replicas_sharing_a_signing_key_take_each_others_tokens(tmp_path: Path) -> None:
+    """Replicas behind one Service (each a cache on its own store): a client signed in at one
+    pulls through another with that token when they share ``token_signing_key_file``, made as
+    the README says; with the key each store makes for itself, the other refuses it."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"ci:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(5)).decode()}\n")
+    key = tmp_path / "token-key.pem"
+    openssl = require_tool("openssl")
+    subprocess.run(
+        [openssl, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)], check=True
+    )
+    shared = {"htpasswd_file": str(htpasswd), "token_signing_key_file": str(key)}
+    with RealRegistry(tmp_path / "registry") as registry:
+        layout = tmp_path / "layout"
+        images.write_oci_image(layout, "app", [images.random_layer(64 * 1024, 53)])
+        images.push(layout, "app", registry.host, "library/app", "1")
+        upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
+        with (
+            MoorageProcess(tmp_path / "a", upstreams, auth=shared) as first,
+            MoorageProcess(tmp_path / "b", upstreams, auth=shared) as second,
+            MoorageProcess(tmp_path / "c", upstreams, auth={"htpasswd_file": str(htpasswd)}) as own_key,
+        ):
+            token = token_from(first, "app", "ci", PASSWORD)  # the name as the client writes it
+            skopeo_copy(f"{second.host}/app:1", f"dir:{tmp_path / 'pulled'}", extra=["--src-registry-token", token])
+            assert {path.name for path in (tmp_path / "pulled").iterdir()} >= {"manifest.json"}
+            pulls = [line for line in second.log_lines() if line.get("event") == "pull"]
+            assert pulls and {line.get("user") for line in pulls} == {"ci"}
+            with pytest.raises(ClientError, match=r"authentication|unauthorized|401"):
+                skopeo_copy(
+                    f"{own_key.host}/app:1", f"dir:{tmp_path / 'refused'}", extra=["--src-registry-token", token]
+                )
+            assert (own_key.store / "auth" / "token-key.pem").exists(), "the key it made for itself"
 
 
 def seed_team_and_open(registry: RealRegistry, tmp_path: Path, seed: int) -> None:

@@ -66,6 +66,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "image": {"repository": "registry.example.com/moorage", "tag": "0.1.0"},
     },
     "tls": {"tls": {"enabled": True, "secretName": "moorage-tls"}, "auth": {"htpasswdSecret": "moorage-users"}},
+    "replicas": {
+        "replicaCount": 3,
+        "auth": {"htpasswdSecret": "moorage-users", "tokenSigningKeySecret": "moorage-token-key"},
+        "ingress": {"enabled": True, "className": "nginx", "host": "moorage.example.com"},
+        "podDisruptionBudget": {"enabled": True},
+    },
     "policy": {
         "auth": {
             "htpasswdSecret": "moorage-users",
@@ -167,7 +173,7 @@ def test_renders_objects_that_kubernetes_accepts(name: str) -> None:
             assert endpoints == [{"port": "http", "path": "/metrics", "interval": "30s"}]
             continue
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
-    expected = {"defaults": 3, "exposed": 7, "upstreams": 3, "tls": 3, "policy": 3}[name]
+    expected = {"defaults": 3, "exposed": 7, "upstreams": 3, "tls": 3, "policy": 3, "replicas": 5}[name]
     assert len(objects) == expected
 
 
@@ -266,6 +272,44 @@ def test_credentials_of_upstreams_with_like_names_are_volumes_of_their_own() -> 
         assert rendered["password_file"] == f"{mount_of[volume]}/password" and ":" not in mount_of[volume]
 
 
+def test_replicas_are_caches_of_their_own_and_a_client_stays_on_one() -> None:
+    """Several replicas never share a store (SQLite on one volume); a node pulling an image
+    through two of them would have each fetch its blobs, through the Service or the Ingress
+    (ingress-nginx sends to the pods themselves, past the Service's affinity)."""
+    objects = render(VALUE_SETS["replicas"])
+    statefulset = by_kind(objects, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]  # one claim per pod: data-<name>-<ordinal>
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert not [v for v in statefulset["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert by_kind(objects, "Service")["spec"]["sessionAffinity"] == "ClientIP"
+    annotations = by_kind(objects, "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$remote_addr"
+    one = render({"ingress": {"enabled": True, "host": "moorage.example.com"}})
+    assert "sessionAffinity" not in by_kind(one, "Service")["spec"], "one replica: nothing to keep to"
+    assert "nginx.ingress.kubernetes.io/upstream-hash-by" not in by_kind(one, "Ingress")["metadata"]["annotations"]
+    # Every replica signs and checks tokens with the one key the Secret holds.
+    config = yaml.safe_load(by_kind(objects, "ConfigMap")["data"]["config.yaml"])
+    assert config["auth"]["token_signing_key_file"] == "/etc/moorage/token-key/token-key.pem"
+    pod = statefulset["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    (key_volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "moorage-token-key"]
+    assert key_volume["secret"]["items"] == [{"key": "token-key.pem", "path": "token-key.pem"}]
+    assert mounts[key_volume["name"]] == "/etc/moorage/token-key"
+    # Without users there are no tokens to share, and no key is needed.
+    assert by_kind(render({"replicaCount": 2}), "StatefulSet")["spec"]["replicas"] == 2
+
+
+def test_replicas_with_users_and_no_shared_key_are_refused_with_the_key_to_set() -> None:
+    """Each replica would make a key of its own: a token one issued is refused by the others."""
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render({"replicaCount": 2, "auth": {"htpasswdSecret": "moorage-users"}})
+    assert "auth.tokenSigningKeySecret: required with auth.htpasswdSecret and more than one replica" in str(
+        caught.value
+    )
+    assert by_kind(render({"auth": {"htpasswdSecret": "moorage-users"}}), "StatefulSet")["spec"]["replicas"] == 1
+
+
 def test_the_pod_runs_locked_down_with_probes() -> None:
     statefulset = by_kind(render({}), "StatefulSet")
     pod = statefulset["spec"]["template"]["spec"]
@@ -289,7 +333,10 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
     ("values", "message"),
     [
         pytest.param({"replicaCount": "2"}, "/replicaCount", id="string_replicas"),
-        pytest.param({"replicaCount": 3}, "/replicaCount", id="replicas_on_one_volume"),
+        pytest.param({"replicaCount": 17}, "/replicaCount", id="replicas_beyond_the_schema"),
+        pytest.param(
+            {"auth": {"tokenSigningKeySecret": "Token_Key"}}, "/auth/tokenSigningKeySecret", id="key_secret_name"
+        ),
         pytest.param({"service": {"type": "Internal"}}, "/service/type", id="service_type"),
         pytest.param({"service": {"port": 70000}}, "/service/port", id="port_range"),
         pytest.param({"upstreams": [{"host": "quay.io"}]}, "url", id="upstream_without_url"),

@@ -41,10 +41,15 @@ log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_delay: {{ include "moorage.number" .Values.config.shutdownDelay | quote }}
 shutdown_timeout: {{ include "moorage.number" .Values.config.shutdownTimeout | quote }}
-{{- if or .Values.auth.htpasswdSecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
+{{- if or .Values.auth.htpasswdSecret .Values.auth.tokenSigningKeySecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
 auth:
   {{- if .Values.auth.htpasswdSecret }}
   htpasswd_file: /etc/moorage/auth/htpasswd
+  {{- end }}
+  {{- if .Values.auth.tokenSigningKeySecret }}
+  token_signing_key_file: /etc/moorage/token-key/token-key.pem
+  {{- else if and .Values.auth.htpasswdSecret (gt (int .Values.replicaCount) 1) }}
+  {{- fail "auth.tokenSigningKeySecret: required with auth.htpasswdSecret and more than one replica (replicaCount): every replica must sign tokens with one key, or a token one replica issued is refused by the others part-way through a pull (see values.yaml)" }}
   {{- end }}
   {{- if .Values.auth.groups }}
   groups_file: /etc/moorage/settings/groups
