@@ -20,10 +20,9 @@ costs a GET. Upstream errors reach the caller only when the cache has nothing to
 
 :class:`Cache` also keeps what the answers cost and change: usage counters, pull and read
 times and store totals (``_totals``), written to the index in one batch every 10 s
-(``flush``); it decides when a size-cap pass runs (``_schedule_eviction``: over the high
-watermark, one pass at a time, held off while all that is left is in use) and drives the
-scheduled passes (``every``: gc, lifecycle, stale temporaries) whose walks live in
-``_evict``, ``_gc`` and ``_lifecycle``.
+(``flush``), tells the size cap (``_size_cap``, which decides when a pass runs) what is
+stored and what clients are using (``_in_use``), and drives the scheduled passes (``every``:
+gc, lifecycle, stale temporaries) whose walks live in ``_evict``, ``_gc`` and ``_lifecycle``.
 :func:`open_cache` opens a store for serving (through :func:`open_store`, which creates one
 that is not there yet), with its background tasks.
 """
@@ -35,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -58,11 +57,12 @@ from moorage.upstreams.reference import (
 )
 
 from ._clock import within
-from ._evict import RECENT_SECONDS, ReadGuard, evict_to, touch
+from ._evict import RECENT_SECONDS, ReadGuard, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._gc import GcReport, default_platform, parts, sweep
+from ._gc import GcReport, default_platform, sweep
 from ._hot import HotAnswers, StoredManifest
+from ._in_use import InUse
 from ._index import Index, TagEntry, Usage, is_disk_full
 from ._keys import (
     IndexKey,
@@ -80,6 +80,7 @@ from ._observer import CacheObserver, ContentKind, NullCacheObserver
 from ._prefetch import Prefetcher
 from ._routes import ContentRoute, MayRead, RouteBook
 from ._serving import ServingLock
+from ._size_cap import SizeCap
 from ._source import Source
 from ._stale import BACKING_OFF, StaleWindows
 from ._store import BlobStore, DirectoryStore, Fingerprint, WriteCheck
@@ -114,14 +115,6 @@ MAX_REVALIDATIONS: Final = 16
 #: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
 #: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
-#: Manifests whose references are remembered, and how long a served manifest keeps its blobs
-#: ahead in the eviction order (they are what its client asks for next).
-MAX_REFERENCED_MANIFESTS: Final = 4096
-REFERENCED_SECONDS: Final = 300.0
-#: Passes for a full disk at most this often, and only once the cache has stored again at least
-#: half of what the last one freed: when it was not the cache that filled the disk again (others
-#: write there, or a blob is larger than the disk), pass after pass would only empty the store.
-DISK_FULL_PASS_SECONDS: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,29 +206,10 @@ class Cache:
         self._accessed: dict[Digest, float] = {}
         #: Reads of stored files, for sweepers: a file a client found is not removed under it.
         self._guard = ReadGuard()
-        #: Manifests served for reading lately, and when: the eviction order counts what they
-        #: name as read then, so that a pass does not remove an image's config or layers between
-        #: its manifest and its client's next requests. In memory only.
-        self._served: dict[Digest, float] = {}
-        #: Content stored in the last seconds, and when: its client has just read it (a fill's
-        #: readers are not stored-file reads), so no size pass removes it under them.
-        self._stored_lately: dict[Digest, float] = {}
-        #: What each manifest names (child manifests, config, layers), least recently served first.
-        self._references: OrderedDict[Digest, tuple[Digest, ...]] = OrderedDict()
-        self.max_size = max_size
-        self._high, self._low = watermarks
-        self._evicting: asyncio.Task[None] | None = None
-        self._disk_full_pass: float | None = None  # when the last one ended (monotonic)
-        self._disk_full_freed = 0  # what it freed
-        self._stored_since_disk_full_pass = 0  # bytes
+        #: Images being pulled and content stored just now, which size passes take out last.
+        self._in_use = InUse(lambda: self._clock())  # noqa: PLW0108 (a test may move the clock)
         #: One maintenance pass (eviction, garbage collection, lifecycle) at a time.
         self._maintenance = asyncio.Lock()
-        #: Set when a store took the store over its cap while a pass ran: one more pass then.
-        self._pass_again = False
-        #: When (the cache's clock) a size pass last ended above the high watermark; None once
-        #: one got under it (see ``_held_off``).
-        self._short_since: float | None = None
-        self._closing = False
         #: Stale tags and listings: how long their revalidation is waited for, and back-offs.
         self._stale = StaleWindows(revalidate_timeout, stale_backoff)
         #: Places for revalidations in flight, by upstream (see ``MAX_REVALIDATIONS``).
@@ -250,6 +224,21 @@ class Cache:
         self._routes = RouteBook()
         self._route_flights: SingleFlight[IndexKey, None] = SingleFlight()
         self.fills = Fills(store, self._observer, on_commit=self._committed)
+        self.size_cap = SizeCap(
+            store,
+            index,
+            totals=self.totals,
+            fills=self.fills,
+            guard=self._guard,
+            maintenance=self._maintenance,
+            in_use=self._in_use,
+            accessed=lambda: self._accessed,
+            removed=self._gone,
+            observer=self._observer,
+            clock=lambda: self._clock(),  # noqa: PLW0108 (a test may move the clock)
+            max_size=max_size,
+            watermarks=watermarks,
+        )
         #: Blobs prefetched at once per image, by upstream host (absent: no prefetch).
         self._prefetch_at_once = dict(prefetch or {})
         self.prefetches = Prefetcher(
@@ -271,9 +260,7 @@ class Cache:
         return self.totals.entries
 
     async def aclose(self) -> None:
-        self._closing = True
-        if self._evicting is not None:
-            await asyncio.gather(self._evicting, return_exceptions=True)
+        await self.size_cap.aclose()
         await self.prefetches.aclose()
         await self.fills.aclose()
         await self._manifest_flights.aclose()
@@ -289,7 +276,7 @@ class Cache:
     def disk_full(self) -> None:
         """Something found the store's disk full (a readiness probe): an eviction pass, as
         often as the full disk's passes may run."""
-        self._schedule_eviction("disk_full")
+        self.size_cap.schedule("disk_full")
 
     async def sweep_stale_temporaries(self) -> None:
         """Remove temporaries nothing wrote for ``STALE_TEMPORARY_SECONDS``: a process that
@@ -342,8 +329,7 @@ class Cache:
         # On a thread: a sweeper holds the guard's lock while it unlinks, which for a file of
         # gigabytes takes a while.
         await asyncio.to_thread(self._guard.prune)
-        self._recent_stores()  # forgets the older ones: the map stays small between passes
-        self._served = {digest: when for digest, when in self._served.items() if within(when, now, REFERENCED_SECONDS)}
+        self._in_use.prune(now)
         batch = self.totals.batch()
         trusted = self._trusted  # live: touch renews entries in it for serves meanwhile
         routes = self._routes.take_learnt()
@@ -377,7 +363,7 @@ class Cache:
                 extra={"event": "flush_failed", "error": error_text(exc)},
             )
             if is_disk_full(exc):  # with no fill failing, nothing else would free space
-                self._schedule_eviction("disk_full")
+                self.size_cap.schedule("disk_full")
             return
         self._note_written(written, held, batch, unrecorded)
         self.flushed = True
@@ -399,7 +385,7 @@ class Cache:
             if stored is not None:
                 self._hot.put_manifest(digest, replace(stored, recorded=True))
         if self.totals.written(batch, held):  # what the others stored may take the store over its cap
-            self._schedule_eviction()
+            self.size_cap.schedule()
 
     def _keep_for_next_flush(
         self,
@@ -429,15 +415,14 @@ class Cache:
         """A fill stored a blob fetched through ``origin``."""
         self._trust(digest, fingerprint)
         self._routes.learn(digest, origin)
-        self._stored_lately[digest] = self._clock()
+        self._in_use.stored(digest)
 
-    def _recent_stores(self) -> set[Digest]:
-        """What was stored in the last ``RECENT_SECONDS`` (and forget the rest)."""
-        now = self._clock()
-        self._stored_lately = {
-            digest: when for digest, when in self._stored_lately.items() if within(when, now, RECENT_SECONDS)
-        }
-        return set(self._stored_lately)
+    def _gone(self, digests: Iterable[Digest]) -> None:
+        """Content a maintenance pass removed: nothing in memory holds it any longer."""
+        digests = list(digests)
+        self.fills.forget_committed(digests)
+        for digest in digests:
+            self._forget(digest)
 
     def _forget(self, digest: Digest) -> None:
         """What the event loop holds of content that left the store."""
@@ -446,55 +431,15 @@ class Cache:
         self._routes.forget(digest)
         self._unclaimed.pop(digest, None)
 
-    # -- the size cap ---------------------------------------------------------------------------
+    # -- the size cap (``_size_cap``) ------------------------------------------------------------
 
-    def _over_cap(self) -> bool:
-        return self.max_size is not None and self.store_bytes > self.max_size * self._high
-
-    def _schedule_eviction(self, reason: str = "size") -> None:
-        if self._closing:  # the last flush of a stop: no pass may start after aclose waited for one
-            return
-        if reason == "disk_full":
-            last = self._disk_full_pass
-            wanted = last is None or (
-                time.monotonic() - last >= DISK_FULL_PASS_SECONDS
-                and self._stored_since_disk_full_pass * 2 >= self._disk_full_freed
-            )
-        else:
-            wanted = self._over_cap() and not self._held_off()
-        if wanted and (self._evicting is None or self._evicting.done()):
-            self._evicting = asyncio.get_running_loop().create_task(self.evict(reason))
-
-    def _held_off(self) -> bool:
-        """The last size pass ended above the high watermark less than ``RECENT_SECONDS`` ago.
-        What it left was in use (read in the last seconds, being filled, or an image served
-        lately), and no pass takes it out before some of that ages. Each pass walks the whole
-        store: one per stored blob meanwhile had kept a core walking it."""
-        return self._short_since is not None and within(self._short_since, self._clock(), RECENT_SECONDS)
+    @property
+    def max_size(self) -> int | None:
+        return self.size_cap.max_size
 
     async def evict(self, reason: str = "size") -> None:
-        """One pass: least recently used content out until the store is under the low watermark
-        of its cap (``size``), or of what it holds now when the disk filled up (``disk_full``)."""
-        if not isinstance(self._store, DirectoryStore):
-            return
-        while True:
-            async with self._maintenance:
-                self._pass_again = False
-                try:
-                    await self._evict(self._store, reason)
-                except Exception as exc:  # an index that cannot write, a walk that failed: next pass
-                    log.error(
-                        "eviction pass failed",
-                        extra={"event": "maintenance_failed", "task": "evict", "error": error_text(exc)},
-                    )
-                    if reason == "disk_full":  # tried again in a minute, not at every probe
-                        self._disk_full_pass, self._disk_full_freed = time.monotonic(), 0
-                    return  # the next store asks again
-            # Content stored while the pass ran took the store over its cap again: without
-            # another pass it would stay there until the next store.
-            if self._closing or not (self._pass_again and self._over_cap()) or self._held_off():
-                return
-            reason = "size"
+        """One size-cap pass (see ``SizeCap.evict``)."""
+        await self.size_cap.evict(reason)
 
     async def recount(self, *, crashed: bool = True) -> None:
         """Count the store again (after a daemon stopped without writing its last totals, or
@@ -523,87 +468,7 @@ class Cache:
             else "the index kept no totals of the store's blobs (moved aside, or new); the store was counted",
             extra={"event": "store_counted", "store_bytes_before": before, "store_bytes": self.store_bytes},
         )
-        self._schedule_eviction()
-
-    async def _evict(self, store: DirectoryStore, reason: str) -> None:
-        if reason == "disk_full":
-            target = ceiling = short = int(min(self.max_size or self.store_bytes, self.store_bytes) * self._low)
-        elif self.max_size is not None:
-            # Content in use goes last, and only down to halfway between the watermarks: an
-            # image being pulled is not taken apart, and passes stay as far apart as that.
-            target, short = int(self.max_size * self._low), int(self.max_size * self._high)
-            ceiling = (target + short) // 2
-        else:
-            return
-        protected = set(self.fills.digests)
-        recent = self._recent_stores() | self._in_use()
-        before = self.store_bytes
-        # Reads and the manifests served lately order the pass; a blob read while it runs is
-        # skipped when its turn comes (the read guard).
-        seen = self._eviction_order()
-        fresh_since = self.totals.walk_began()
-        try:
-            result = await asyncio.to_thread(
-                evict_to,
-                store,
-                self._index,
-                target,
-                protected,
-                seen,
-                self._guard,
-                recent,
-                ceiling,
-                set(self._served),
-                fresh_since,
-            )
-        except BaseException:
-            self.totals.walk_failed()
-            raise
-        # The walk counted what is on disk, which also corrects any drift of the running
-        # totals (two writers of one manifest both counting it).
-        self.totals.walk_ended(result.store_bytes, result.store_entries, result.fresh)
-        self.fills.forget_committed(result.evicted)
-        for digest in result.evicted:
-            self._forget(digest)
-        if reason == "disk_full":  # throttled from a pass that went through: a failed one is tried again
-            self._disk_full_pass, self._disk_full_freed = time.monotonic(), result.freed_bytes
-            self._stored_since_disk_full_pass = 0
-        self._observer.on_evicted(reason, len(result.evicted), result.freed_bytes)
-        log.info(
-            "evicted",
-            extra={
-                "event": "evicted",
-                "reason": reason,
-                "blobs": len(result.evicted),
-                "freed_bytes": result.freed_bytes,
-                "store_bytes_before": before,
-                "store_bytes_after": self.store_bytes,
-                "max_size": self.max_size,
-                # How long what it removed last had sat unread, at the least: minutes, pass
-                # after pass, is a cap below what clients pull (each removal a refetch).
-                "newest_removed_idle_seconds": None
-                if result.newest_removed_use is None
-                else max(0, round(time.time() - result.newest_removed_use)),
-            },
-        )
-        # Judged by what the walk saw: content stored during it is the next pass's (_pass_again).
-        ended_short = result.store_bytes > short
-        # Said once until a pass gets under again: passes while it lasts would repeat it.
-        first_short = ended_short and (reason != "size" or self._short_since is None)
-        if reason == "size":
-            self._short_since = self._clock() if ended_short else None
-        if first_short:
-            log.warning(
-                "eviction left the store above its limit: what is left was read in the last seconds,"
-                " is being filled or belongs to an image served lately",
-                extra={
-                    "event": "eviction_short",
-                    "reason": reason,
-                    "store_bytes": self.store_bytes,
-                    "limit_bytes": short,
-                    "target_bytes": target,
-                },
-            )
+        self.size_cap.schedule()
 
     # -- garbage collection and lifecycle policies ------------------------------------------------
 
@@ -685,11 +550,9 @@ class Cache:
         return result
 
     def _removed(self, digests: list[Digest], freed: int, reason: str) -> None:
-        """Account for blobs a maintenance pass removed."""
+        """Account for blobs a gc or lifecycle pass removed."""
         self.totals.removed(freed, len(digests))
-        self.fills.forget_committed(digests)
-        for digest in digests:
-            self._forget(digest)
+        self._gone(digests)
         if digests:
             self._observer.on_evicted(reason, len(digests), freed)
 
@@ -765,42 +628,9 @@ class Cache:
             # A read, for the size cap's order, whatever the answer (the one place manifests are
             # counted): a tag pulled less often than its TTL is answered "revalidated".
             self._accessed[answer.digest] = now
-        if reading:
-            self._mark_references(answer, now)
+        if reading:  # what it names comes next: the size cap keeps it (``_in_use``)
+            self._in_use.served_for_reading(answer.digest, answer.body, now)
         return answer
-
-    def _mark_references(self, answer: ManifestAnswer, now: float) -> None:
-        """Note a manifest served for reading, and what it names (parsed once per digest), for
-        the eviction order (see ``_served``)."""
-        self._served[answer.digest] = now
-        if answer.digest in self._references:
-            self._references.move_to_end(answer.digest)
-            return
-        try:
-            children, config, layers = parts(answer.body)
-        except Exception:  # bookkeeping: an odd manifest must never fail its pull
-            log.exception("references not read", extra={"event": "internal_error", "digest": str(answer.digest)})
-            return
-        self._references[answer.digest] = (*children, *config, *layers)
-        while len(self._references) > MAX_REFERENCED_MANIFESTS:
-            self._references.popitem(last=False)
-
-    def _in_use(self) -> set[Digest]:
-        """Manifests served for reading in the last ``REFERENCED_SECONDS`` and what they name:
-        the images being pulled, however long their pulls take."""
-        used = set(self._served)
-        for manifest in self._served:
-            used.update(self._references.get(manifest, ()))
-        return used
-
-    def _eviction_order(self) -> dict[Digest, float]:
-        """When each digest was last read, or named by a manifest served for reading."""
-        seen = dict(self._accessed)
-        for manifest, when in self._served.items():
-            for digest in self._references.get(manifest, ()):
-                if seen.get(digest, 0.0) < when:
-                    seen[digest] = when
-        return seen
 
     async def _manifest(
         self,
@@ -972,7 +802,7 @@ class Cache:
                 stored = StoredManifest(fetched.body, fetched.media_type, recorded=False)
                 self._remember(tag, entry, stored, digest)
             return digest, False
-        self._stored_lately[digest] = self._clock()
+        self._in_use.stored(digest)
         self._routes.learn(digest, (upstream, str(repository)))
         self._remember(tag, entry, StoredManifest(fetched.body, fetched.media_type), digest)
         return digest, True
@@ -1432,12 +1262,8 @@ class _Bookkeeping:
 
     def on_stored(self, kind: ContentKind, size: int, digest: Digest) -> None:
         self._cache.totals.stored(digest, size)
-        evicting = self._cache._evicting
-        if evicting is not None and not evicting.done():  # its walk may have missed this
-            self._cache._pass_again = True
         self._observer.on_stored(kind, size, digest)
-        self._cache._stored_since_disk_full_pass += size
-        self._cache._schedule_eviction()
+        self._cache.size_cap.stored(size)
 
     def on_evicted(self, reason: str, count: int, size: int) -> None:
         self._observer.on_evicted(reason, count, size)
@@ -1445,7 +1271,7 @@ class _Bookkeeping:
     def on_store_failure(self, disk_full: bool) -> None:
         self._observer.on_store_failure(disk_full)
         if disk_full:  # a permission error or a vanished temporary file frees nothing by evicting
-            self._cache._schedule_eviction("disk_full")
+            self._cache.size_cap.schedule("disk_full")
 
     def on_images_expired(self, upstream: str, rule: int, count: int) -> None:
         self._observer.on_images_expired(upstream, rule, count)
@@ -1506,7 +1332,7 @@ async def open_cache(
         # Prefetches take at most half an upstream's download slots: clients' own come first.
         prefetch_limits={upstream.host: max(1, upstream.max_concurrent_fills // 2) for upstream in upstreams},
     )
-    cache._schedule_eviction()  # a cap lowered since the last run applies at once
+    cache.size_cap.schedule()  # a cap lowered since the last run applies at once
     loop = asyncio.get_running_loop()
     tasks = [
         loop.create_task(cache.flush_every(FLUSH_INTERVAL)),

@@ -201,8 +201,8 @@ async def test_a_store_over_the_cap_while_a_pass_runs_gets_another_pass(tmp_path
     during = put(store, os.urandom(3000))
     cache._observer.on_stored("blob", 3000, during)  # 12,800 while the pass walks
     store.go.set()
-    assert cache._evicting is not None
-    await cache._evicting
+    assert cache.size_cap.running is not None
+    await cache.size_cap.running
     store.held = False
     on_disk = store.count()
     assert on_disk[0] <= 9500, f"{on_disk[0]} bytes stored under a cap of 10,000"
@@ -228,8 +228,8 @@ async def test_a_bookkeeping_write_that_finds_the_disk_full_starts_an_eviction_p
         "bookkeeping not written; kept for the next try"
     ]
     caplog.clear()  # the one error this test expects
-    assert cache._evicting is not None, "a pass was asked for"
-    await cache._evicting
+    assert cache.size_cap.running is not None, "a pass was asked for"
+    await cache.size_cap.running
     assert store.size_of(blobs[0]) is None and store.size_of(blobs[-1]) is not None, "the oldest went"
     await cache.aclose()
     index.close()
@@ -246,8 +246,8 @@ async def test_what_another_daemon_stored_past_the_cap_starts_a_pass_here(tmp_pa
     index.write_batch({}, {}, (9000, 1))
     await cache.flush()
     assert cache.store_bytes == 12_000
-    assert cache._evicting is not None, "a pass was asked for"
-    await cache._evicting
+    assert cache.size_cap.running is not None, "a pass was asked for"
+    await cache.size_cap.running
     assert store.count()[0] <= 9500
     await cache.aclose()
     index.close()

@@ -101,7 +101,7 @@ async def until_settled(client: TestClient[web.Request, web.Application], within
     client has the last byte before the blob is made durable and put in place) and the
     eviction pass, with the one it may ask for after it, ended."""
     cache = client.app[CACHE]
-    await until(lambda: len(cache.fills) == 0 and (cache._evicting is None or cache._evicting.done()), within=within)
+    await until(lambda: len(cache.fills) == 0 and cache.size_cap.running is None, within=within)
 
 
 def advance_clock(client: TestClient[web.Request, web.Application], seconds: float) -> None:

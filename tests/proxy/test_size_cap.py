@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from moorage.cache import _cache as cache_module
 from moorage.cache import _evict
+from moorage.cache import _size_cap as size_cap_module
 from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
@@ -187,13 +187,13 @@ async def test_a_tag_answered_revalidated_is_a_read_for_the_cap(
     revalidated_at = cache._clock()
     # HEAD: a poller's check, not recorded as an image being pulled; a read all the same.
     assert (await moorage.head("/v2/often/manifests/1")).headers["X-Moorage-Cache"] == "revalidated"
-    order = cache._eviction_order()
+    order = cache._in_use.order(cache._accessed)
     assert order[parse_digest(often.digest)] >= revalidated_at > order[parse_digest(once.digest)]
     await upstream.stop_listening()
     advance_clock(moorage, 3601)
     stale_at = cache._clock()
     assert (await moorage.head("/v2/once/manifests/1")).headers["X-Moorage-Cache"] == "stale"
-    assert cache._eviction_order()[parse_digest(once.digest)] >= stale_at
+    assert cache._in_use.order(cache._accessed)[parse_digest(once.digest)] >= stale_at
 
 
 async def test_a_store_held_above_its_cap_by_content_in_use_is_not_walked_per_stored_blob(
@@ -217,7 +217,7 @@ async def test_a_store_held_above_its_cap_by_content_in_use_is_not_walked_per_st
         walks.append(1)
         return walk(*args)
 
-    monkeypatch.setattr(cache_module, "evict_to", all_in_use)
+    monkeypatch.setattr(size_cap_module, "evict_to", all_in_use)
     caplog.set_level("INFO", logger="moorage.cache")
     store = tmp_path / "store"
     moorage = await start_moorage(storage={"path": str(store), "max_size": "1MiB"})
@@ -250,7 +250,7 @@ async def test_a_store_held_above_its_cap_by_content_in_use_is_not_walked_per_st
     short = [record for record in caplog.records if getattr(record, "event", "") == "eviction_short"]
     assert len(short) == 1, "said once, not at every pass"
 
-    monkeypatch.setattr(cache_module, "evict_to", evicting)
+    monkeypatch.setattr(size_cap_module, "evict_to", evicting)
     await five_seconds_on_one_more_stored()
     assert len(walks) == 4
     assert store_bytes(store) <= 0.95 * 1024 * KiB, "the next pass got under the cap"
