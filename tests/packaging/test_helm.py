@@ -5,8 +5,10 @@ refused by the chart's schema with a message that names the key."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from moorage.config import load_settings
+from moorage.config import LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy, load_settings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "moorage"
 KUBERNETES = "1.30"
@@ -419,6 +421,83 @@ def test_bad_values_fail_the_schema(values: dict[str, Any], message: str) -> Non
     with pytest.raises(helm.HelmValuesError) as caught:
         render(values)
     assert message in str(caught.value)
+
+
+def _rule(**selection: Any) -> dict[str, Any]:
+    """A rule expiring what was not pulled for 30 days, its selection changed by ``selection``
+    (a value of None drops the key)."""
+    chosen = {"tagStatus": "any", "countType": "sinceImagePulled", "countUnit": "days", "countNumber": 30}
+    chosen.update(selection)
+    return {
+        "rulePriority": 1,
+        "selection": {key: value for key, value in chosen.items() if value is not None},
+        "action": {"type": "expire"},
+    }
+
+
+BAD_RULES = {
+    "unit_misspelt": _rule(countUnit="day"),
+    "count_type_unknown": _rule(countType="sinceImageBuilt"),
+    "count_not_positive": _rule(countNumber=0),
+    "count_as_text": _rule(countNumber="30"),
+    "key_misspelt": _rule(tagStatuz="any"),
+    "tagged_without_a_list": _rule(tagStatus="tagged"),
+    "tagged_with_both_lists": _rule(tagStatus="tagged", tagPrefixList=["v"], tagPatternList=["v*"]),
+    "untagged_with_a_list": _rule(tagStatus="untagged", tagPrefixList=["v"]),
+    "empty_prefix": _rule(tagStatus="tagged", tagPrefixList=[""]),
+    "five_wildcards": _rule(tagStatus="tagged", tagPatternList=["*a*b*c*d*"]),
+    "count_with_a_unit": _rule(countType="imageCountMoreThan"),
+    "age_without_a_unit": _rule(countUnit=None),
+    "action_unknown": {**_rule(), "action": {"type": "delete"}},
+    "priority_zero": {**_rule(), "rulePriority": 0},
+}
+GOOD_RULES = {
+    "any_not_pulled": _rule(),
+    "tagged_by_prefix_kept_five": _rule(
+        tagStatus="tagged", tagPrefixList=["v"], countType="imageCountMoreThan", countUnit=None, countNumber=5
+    ),
+    "tagged_by_pattern_pushed": _rule(tagStatus="tagged", tagPatternList=["*a*b*c*d"], countType="sinceImagePushed"),
+    "untagged_described": {**_rule(tagStatus="untagged"), "description": "old builds"},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_RULES) + list(GOOD_RULES))
+def test_the_schema_refuses_the_lifecycle_rules_moorage_refuses(name: str, tmp_path: Path) -> None:
+    """A policy change in the settings files restarts nothing: one the schema let through ran
+    on, skipped at every pass, until the next restart refused it and left the cache down."""
+    bad = name in BAD_RULES
+    policy = {"rules": [(BAD_RULES if bad else GOOD_RULES)[name]]}
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    upstream = {"host": "docker.io", "url": "https://registry-1.docker.io", "default": True}
+    for values in (
+        {"upstreams": [{**upstream, "lifecyclePolicy": policy}]},
+        {"upstreams": [{**upstream, "lifecyclePolicies": [{"repositories": "library/*", "policy": policy}]}]},
+    ):
+        if bad:
+            with pytest.raises(LifecyclePolicyError):
+                load_lifecycle_policy(path)
+            with pytest.raises(helm.HelmValuesError) as caught:
+                render(values)
+            assert "/upstreams/0/lifecyclePolic" in str(caught.value)
+        else:
+            assert load_lifecycle_policy(path).rules
+            assert by_kind(render(values), "ConfigMap")
+
+
+def test_the_schema_names_the_lifecycle_values_moorage_takes() -> None:
+    """The schema's lists of names are the policy model's, so neither refuses what the other takes."""
+    definitions = json.loads((CHART / "values.schema.json").read_text())["definitions"]
+    selection = definitions["lifecycleSelection"]["properties"]
+    for field in ("tagStatus", "countType", "countUnit"):
+        annotation = Selection.model_fields[field].annotation
+        if typing.get_origin(annotation) is not typing.Literal:  # Literal[...] | None
+            (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        assert selection[field]["enum"] == list(typing.get_args(annotation)), field
+    assert set(selection) == set(Selection.model_fields)
+    rule = definitions["lifecycleRule"]["properties"]
+    assert set(rule) == set(LifecycleRule.model_fields)
+    assert rule["action"]["properties"]["type"]["enum"] == ["expire"]
 
 
 def test_lint_finds_no_error() -> None:
