@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import socket
@@ -96,7 +97,20 @@ def _close_stalled_connections(site: web.TCPSite, seconds: float) -> None:
             return
 
 
+def _stop_at_once(signum: int, _frame: object) -> None:
+    """SIGTERM or SIGINT before serving takes them over: the process ends as by their default
+    action, which the kernel does not take for a container's first process (PID 1). A start
+    that hung there (an index another process held locked) had let the kubelet's SIGTERM
+    pass, and the pod was killed only at the end of its grace period."""
+    name = signal.Signals(signum).name
+    log.warning("stopped by a signal before serving", extra={"event": "start_interrupted", "signal": name})
+    logging.shutdown()  # the log writer's thread writes what waits
+    os._exit(128 + signum)
+
+
 async def serve(settings: Settings, version: str) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until serving takes them over, once listening
+        signal.signal(signum, _stop_at_once)
     app = build_app(settings)
     runners: list[web.AppRunner] = []
     main_runner = _runner(app, settings)
@@ -134,8 +148,8 @@ async def serve(settings: Settings, version: str) -> None:
             "listening",
             extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},
         )
-        # Taken over once listening: until then a signal ends the process as by default (a
-        # start that hangs or fails must stay stoppable).
+        # Taken over once listening: until then a signal ends the process at once (a start
+        # that hangs or fails must stay stoppable, also as PID 1: see ``_stop_at_once``).
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

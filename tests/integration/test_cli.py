@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +20,13 @@ import bcrypt
 import pytest
 import yaml
 
+from moorage.cache._layout import index_files
+
 from .harness import images
 from .harness.clients import Containerd, Podman, skopeo_copy
 from .harness.moorage import MoorageProcess
 from .harness.registry import RealRegistry
-from .harness.tools import closed_port, free_port
+from .harness.tools import closed_port, free_port, require_tool
 
 pytestmark = pytest.mark.integration
 KiB = 1024
@@ -364,3 +370,44 @@ def test_warm_with_referrers_takes_the_signatures_along_where_the_upstream_has_n
             skopeo_copy(f"docker://{daemon.host}/signed:{tag}", f"dir:{tmp_path / tag}")
             assert (tmp_path / tag / only_there.removeprefix("sha256:")).exists()
         assert registry.requests_since(mark) == [], "the signatures were warmed with the image: no upstream needed"
+
+
+def test_serve_stopped_before_it_listens_ends_at_once_as_pid_1(tmp_path: Path) -> None:
+    """In a container Moorage is PID 1, for which the kernel takes no default action on
+    SIGTERM: a start held up (here by an index another process holds locked) let the kubelet's
+    SIGTERM pass, and the pod was killed only at the end of its grace period."""
+    upstreams = [{"host": "docker.io", "url": f"http://127.0.0.1:{closed_port()}", "default": True}]
+    with MoorageProcess(tmp_path / "m", upstreams) as moorage:  # makes the store
+        pass
+    _, database = index_files(moorage.store)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    log = tmp_path / "pid1.log"
+    unshare = [require_tool("unshare"), "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    command = [*unshare, sys.executable, "-m", "moorage.proxy", "serve", "--config", str(moorage.config_path)]
+    with log.open("w") as output:
+        outer = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while '"event":"starting"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (pid_1,) = (int(pid) for pid in subprocess.check_output(["pgrep", "-P", str(outer.pid)]).split())
+        (ns_pids,) = [
+            line for line in Path(f"/proc/{pid_1}/status").read_text().splitlines() if line.startswith("NSpid:")
+        ]
+        assert ns_pids.split()[-1] == "1", ns_pids
+        time.sleep(0.5)  # held up in the index's lock, not yet listening
+        os.kill(pid_1, signal.SIGTERM)
+        assert outer.wait(5) == 128 + signal.SIGTERM
+    finally:
+        if outer.poll() is None:
+            subprocess.run(["pkill", "-KILL", "-P", str(outer.pid)], check=False)
+            outer.wait(10)
+        holder.execute("ROLLBACK")
+        holder.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert "listening" not in events and events[-1] == "start_interrupted", events
+    assert lines[-1]["signal"] == "SIGTERM"
