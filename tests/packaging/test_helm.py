@@ -529,6 +529,9 @@ def test_the_notes_tell_nodes_the_address_they_reach(values: dict[str, Any], url
     text = notes(values)
     assert f'[host."{url}"]' in text and f'endpoint: ["{url}"]' in text and f"--url {url}" in text
     assert ("jsonpath='{.spec.ports[0].nodePort}'" in text) is hint
+    # A node resolves names with its own resolver: the Service's DNS name sent pulls past the cache.
+    cluster_ip = values.get("service", {}).get("type", "ClusterIP") == "ClusterIP"
+    assert ("jsonpath='{.spec.clusterIP}'" in text) is cluster_ip
     tls = url.startswith("https")
     assert ('ca = "../moorage-ca.crt"' in text) is tls, "containerd must be told the CA, or it pulls past the cache"
     assert ("--ca ca.crt" in text) is tls
