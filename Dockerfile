@@ -36,6 +36,12 @@ RUN mkdir -p /etc/moorage \
       '  path: /var/lib/moorage' \
       'log_format: json' \
     > /etc/moorage/config.yaml
+# The official python images ship the standard library without its bytecode; compiled once
+# here, a read-only root does not compile it at every start and every HEALTHCHECK (half a
+# second more each). Files that do not compile (tests with bad syntax on purpose) stay as
+# they are.
+RUN python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \
+      > /dev/null || true
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/moorage --no-create-home moorage \
  && mkdir -p /var/lib/moorage \
  && chown 10001:10001 /var/lib/moorage
