@@ -126,10 +126,16 @@ def index_problem(root: Path) -> str | None:
 
 
 def _read_only(database: Path, key: IndexKey) -> object:
-    """``key``'s value in diskcache's ``database``, opened read-only, as diskcache reads it."""
+    """``key``'s value in diskcache's ``database``, opened read-only, as diskcache reads it;
+    None in a database diskcache has not set up yet (serving sets it up)."""
     connection = sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)
     try:
-        protocol = connection.execute("SELECT value FROM Settings WHERE key = 'disk_pickle_protocol'").fetchone()
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "Cache" not in tables:  # an index begun and never set up (a first start killed at once)
+            return None
+        protocol = None
+        if "Settings" in tables:
+            protocol = connection.execute("SELECT value FROM Settings WHERE key = 'disk_pickle_protocol'").fetchone()
         disk = diskcache.Disk(
             str(database.parent), pickle_protocol=protocol[0] if protocol else pickle.HIGHEST_PROTOCOL
         )

@@ -9,9 +9,11 @@ import json
 import os
 import resource
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -715,6 +717,43 @@ def test_a_store_of_a_later_format_is_refused_by_every_command(tmp_path: Path) -
     assert after.get(("tag", "docker.io", "library/alpine", "3", "image")) == {"a later": "layout"}
     after.close()
     assert corrupt.read_bytes() == b"not what its name says", "left in place"
+
+
+@pytest.mark.parametrize("begun", ["empty_file", "no_tables"])
+def test_an_index_begun_and_never_set_up_is_checked_ok_and_served(tmp_path: Path, begun: str) -> None:
+    """A first start killed as SQLite made the index file (or a disk that filled then) left a
+    file with no tables, which serving sets up. The check before serving took it for damaged
+    and refused to start, until someone deleted the file by hand."""
+    store = tmp_path / "store"
+    (store / "index").mkdir(parents=True)
+    database = store / "index" / "cache.db"
+    if begun == "empty_file":
+        database.touch()
+    else:
+        sqlite3.connect(database).close()  # a database, no table in it
+    config = tmp_path / "config.yaml"
+    config.write_text(f"storage: {{path: {store}}}\nlisten: 127.0.0.1:{closed_port()}\n")
+    checked = CliRunner().invoke(main, ["check-config", str(config)], env={"MOORAGE_CONFIG": ""})
+    assert checked.exit_code == 0, checked.output
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        serving = subprocess.Popen(
+            [sys.executable, "-m", "moorage.proxy", "serve", "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MOORAGE_CONFIG": ""},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while '"event":"listening"' not in log.read_text() and serving.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert '"event":"listening"' in log.read_text(), log.read_text()
+    finally:
+        serving.terminate()
+        serving.wait(30)
+    index = diskcache.Cache(str(store / "index"))
+    assert index.get(FORMAT_KEY) == STORE_FORMAT, "set up by serving"
+    index.close()
 
 
 def test_ls_prints_one_aligned_row_per_tag(tmp_path: Path) -> None:
