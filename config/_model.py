@@ -367,7 +367,7 @@ class UpstreamSettings(_Section):
         # password with a "/" in it ends the address before its "@", where urlsplit finds none.
         if "@" in value or parts.username is not None or parts.password is not None:
             raise ValueError("credentials do not go in the URL: set username and password_file or password_env")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
             bare = re.split(r"[?#]", value, maxsplit=1)[0]
             shown = "" if "@" in value else f": {bare!r}"  # no user:pass@host
             raise ValueError(f"not a URL{shown} (expected http://… or https://…)")
@@ -408,11 +408,19 @@ class UpstreamSettings(_Section):
         return self.host == "docker.io"
 
 
+#: A registry host as the reference grammar writes one: DNS labels joined by dots, or an IPv6
+#: address in brackets, and an optional port.
+_REGISTRY_HOST: Final = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?"
+)
+
+
 def _host_name(value: str) -> str:
     """A registry's name as image references and ``?ns=`` give it (``ghcr.io``,
     ``registry.local:5000``), lowercased."""
     value = value.strip().lower()
-    if not value or "/" in value or any(c.isspace() for c in value):
+    host = _REGISTRY_HOST.fullmatch(value)
+    if host is None or (host[1] is not None and not 0 < int(host[1]) < 65536):
         raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
     return value
 

@@ -144,6 +144,26 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
         pytest.param(
             "upstreams:\n  - url: https://a.io\n", "upstreams[0].host: required key missing", id="missing_host"
         ),
+        pytest.param(
+            "upstreams:\n  - {host: '...', url: 'https://a.io'}\n",
+            "upstreams[0].host: not a registry host name: '...'",
+            id="dots_for_a_host",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: 'q.io:', url: 'https://q.io'}\n",
+            "upstreams[0].host: not a registry host name: 'q.io:'",
+            id="host_with_an_empty_port",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: 'q.io:70000', url: 'https://q.io'}\n",
+            "upstreams[0].host: not a registry host name: 'q.io:70000'",
+            id="host_with_a_port_out_of_range",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: q.io, url: 'https://q .io'}\n",
+            "upstreams[0].url: not a URL: 'https://q .io' (expected http://… or https://…)",
+            id="url_with_a_space",
+        ),
         pytest.param("storage:\n  size: 1\n", "storage.size: unknown key", id="nested_unknown"),
         pytest.param("a: " + "[" * 1000 + "]" * 1000 + "\n", "not valid YAML: nested too deep", id="too_deep"),
         pytest.param(
