@@ -353,6 +353,8 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
         pytest.param({"auth": {"anonymous": "none"}}, "/auth/htpasswdSecret", id="nobody_may_pull"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": "lots"}}, "/persistence/maxSize", id="max_size"),
+        pytest.param({"persistence": {"size": "1Gi", "maxSize": "45"}}, "/persistence/maxSize", id="max_size_45_bytes"),
+        pytest.param({"persistence": {"size": "1Gi", "maxSize": 45}}, "/persistence/maxSize", id="max_size_45_number"),
         pytest.param({"auth": {"policy": [{"effect": "permit"}]}}, "/auth/policy/0/effect", id="policy_effect"),
         pytest.param({"auth": {"policy": [{"effect": "deny", "who": "me"}]}}, "who", id="policy_unknown_key"),
         pytest.param({"auth": {"groups": {"ml": "alice"}}}, "/auth/groups/ml", id="groups_not_a_list"),
