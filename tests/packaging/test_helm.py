@@ -353,6 +353,7 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"auth": {"anonymous": "maybe"}}, "/auth/anonymous", id="anonymous_policy"),
         pytest.param({"auth": {"anonymous": "none"}}, "/auth/htpasswdSecret", id="nobody_may_pull"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": "lots"}}, "/persistence/maxSize", id="max_size"),
+        pytest.param({"metrics": {"port": 5000}}, "/metrics/port", id="metrics_on_the_main_port"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": "45"}}, "/persistence/maxSize", id="max_size_45_bytes"),
         pytest.param({"persistence": {"size": "1Gi", "maxSize": 45}}, "/persistence/maxSize", id="max_size_45_number"),
         pytest.param({"auth": {"policy": [{"effect": "permit"}]}}, "/auth/policy/0/effect", id="policy_effect"),
@@ -576,6 +577,51 @@ def test_every_reference_to_the_port_names_what_it_speaks(tls: bool) -> None:
     assert backend["service"]["port"] == {"name": name}
     assert by_kind(objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == name
     assert by_kind(objects, "NetworkPolicy")["spec"]["ingress"][0]["ports"][0]["port"] == name
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_metrics_on_a_port_of_their_own_are_scraped_there_and_kept_off_node_ports(tls: bool, tmp_path: Path) -> None:
+    """metrics_listen set through extraEnv (the README's way for keys the chart had no value
+    for) moved /metrics off the main port, where the ServiceMonitor went on scraping a 404,
+    and no Service or NetworkPolicy had its port."""
+    values: dict[str, Any] = {
+        "service": {"type": "NodePort"},
+        "ingress": {"enabled": True, "host": "moorage.example.com"},
+        "metrics": {"port": 9090, "serviceMonitor": {"enabled": True}},
+        "networkPolicy": {"enabled": True},
+    }
+    if tls:
+        values["tls"] = {"enabled": True, "secretName": "moorage-tls"}
+    objects = render(values)
+    for obj in objects:
+        if obj["kind"] != "ServiceMonitor":
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(by_kind(objects, "ConfigMap")["data"]["config.yaml"])
+    assert load_settings(config).metrics_listen == "0.0.0.0:9090"
+    services = {service["metadata"]["name"]: service for service in objects if service["kind"] == "Service"}
+    main, metrics = services["cache-moorage"], services["cache-moorage-metrics"]
+    assert [port["name"] for port in main["spec"]["ports"]] == ["https" if tls else "http"], "no node port for it"
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert [(port["name"], port["port"], port["targetPort"]) for port in metrics["spec"]["ports"]] == [
+        ("metrics", 9090, "metrics")
+    ]
+    (container,) = by_kind(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    monitor = by_kind(objects, "ServiceMonitor")["spec"]
+    assert monitor["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}], "plain HTTP"
+    # It selects the metrics Service alone: the main one has no port of that name.
+    selected = [
+        name
+        for name, service in services.items()
+        if monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ]
+    assert selected == ["cache-moorage-metrics"]
+    assert [port["port"] for port in by_kind(objects, "NetworkPolicy")["spec"]["ingress"][0]["ports"]] == [
+        "https" if tls else "http",
+        "metrics",
+    ]
+    assert "cache-moorage-metrics" not in str(by_kind(objects, "Ingress"))
 
 
 def test_a_node_port_may_keep_the_clients_address() -> None:

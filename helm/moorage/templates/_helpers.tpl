@@ -41,6 +41,9 @@ log_level: {{ .Values.config.logLevel }}
 log_format: json
 shutdown_delay: {{ include "moorage.number" .Values.config.shutdownDelay | quote }}
 shutdown_timeout: {{ include "moorage.number" .Values.config.shutdownTimeout | quote }}
+{{- with .Values.metrics.port }}
+metrics_listen: {{ printf "0.0.0.0:%d" (int .) | quote }}
+{{- end }}
 {{- if or .Values.auth.htpasswdSecret .Values.auth.tokenSigningKeySecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
 auth:
   {{- if .Values.auth.htpasswdSecret }}
