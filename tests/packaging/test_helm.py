@@ -322,6 +322,10 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # A slow start (a large index, a crashed run's downloads to sweep) is not killed by liveness.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == container["livenessProbe"]["httpGet"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 300
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # /readyz writes on the volume, which network storage may take a second or more to do.
     assert container["readinessProbe"]["timeoutSeconds"] == container["livenessProbe"]["timeoutSeconds"] == 5
