@@ -45,6 +45,7 @@ from moorage.config import ConfigError, StorageSettings, UpstreamSettings
 from moorage.upstreams import FetchedManifest, HeadRefused, UpstreamError, UpstreamNotFound
 from moorage.upstreams.reference import (
     IMAGE_MEDIA_TYPES,
+    INDEX_MEDIA_TYPES,
     MAX_MANIFEST_BYTES,
     AcceptClass,
     Digest,
@@ -60,7 +61,7 @@ from ._clock import within
 from ._evict import RECENT_SECONDS, ReadGuard, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._gc import GcReport, default_platform, sweep
+from ._gc import GcReport, default_platform, index_platforms, sweep
 from ._hot import HotAnswers, StoredManifest
 from ._in_use import InUse
 from ._index import Index, TagEntry, Usage, is_disk_full
@@ -881,8 +882,53 @@ class Cache:
             return replace(answer, result="revalidated")
         held = await self._stored_manifest(current)
         if held is not None:  # moved back, or to what another tag pulled: no GET
+            if stored is not None:
+                await self._fetch_platforms_in_use(ask, stored, held.body)
             return await self._moved_to_stored(ask, current, held)
+        if stored is not None and stored.media_type in INDEX_MEDIA_TYPES:
+            return await self._refresh_index(ask, stored, changed)
         return await self._fetch_tag(ask, result=changed)
+
+    async def _refresh_index(self, ask: _TagAsk, stored: StoredManifest, changed: CacheResult) -> ManifestAnswer:
+        """A tag that named a cached index moved: the new answer is fetched and kept, and the
+        tag recorded to it only once the platforms clients pulled of the old index are kept
+        too (see ``_fetch_platforms_in_use``)."""
+        fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
+        where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
+        digest, kept = await self._keep(ask.source.host, ask.repository, fetched, where, None, None)
+        self._prefetch(ask.source, ask.repository, fetched)
+        if not kept:  # served all the same, as a tag's answer the store could not keep
+            return ManifestAnswer(digest, fetched.media_type, fetched.body, changed, stored=False)
+        await self._fetch_platforms_in_use(ask, stored, fetched.body)
+        held = StoredManifest(fetched.body, fetched.media_type)
+        return replace(await self._moved_to_stored(ask, digest, held), result=changed)
+
+    async def _fetch_platforms_in_use(self, ask: _TagAsk, old: StoredManifest, new_body: bytes) -> None:
+        """Before a tag moves from a cached index to another: the new one's manifests for the
+        platforms clients pulled of the old one (those the store holds), fetched and kept.
+        Recorded at once, a moved tag had sent its next pull to the upstream for them, and
+        where that failed (a 429 once the index's GET spent the last of a pull budget, an
+        outage just after a poller's HEAD) every pull of the tag failed until it recovered,
+        with the old release whole in the store. One that cannot be fetched now fails the
+        move, and the old index is served stale meanwhile."""
+        before = index_platforms(old.body)
+        after = index_platforms(new_body)
+        if not before or not after:
+            return
+        in_memory = {digest for digest in before if self._hot.manifest(digest) is not None}
+        rest = [digest for digest in before if digest not in in_memory]
+        on_disk = await asyncio.to_thread(lambda: {digest for digest in rest if self._is_stored(digest)})
+        pulled = {before[digest] for digest in in_memory | on_disk}
+        wanted = [digest for digest, platform in after.items() if platform in pulled]
+        if not wanted:
+            return
+        source, repository = ask.source, ask.repository
+
+        async def fetch(digest: Digest) -> None:
+            with contextlib.suppress(UpstreamNotFound):  # as a client would be told: not ours to hide
+                await self._manifest_by_digest(source, repository, digest)
+
+        await asyncio.gather(*(fetch(digest) for digest in wanted))
 
     async def _moved_to_stored(self, ask: _TagAsk, digest: Digest, held: StoredManifest) -> ManifestAnswer:
         """The tag now names ``digest``, a manifest the store holds: recorded, and answered

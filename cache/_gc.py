@@ -26,7 +26,7 @@ from ._index import Index
 from ._layout import index_dir
 from ._store import BlobStore, DirectoryStore
 
-__all__ = ["GcReport", "collect_garbage", "mark", "parts", "references", "sweep"]
+__all__ = ["GcReport", "Platform", "collect_garbage", "index_platforms", "mark", "parts", "references", "sweep"]
 
 
 @dataclass
@@ -108,6 +108,32 @@ def default_platform(body: bytes) -> Digest | None:
             except InvalidReference:
                 return None
     return None
+
+
+#: A platform as an index entry gives it: os, architecture and variant ("" where unsaid).
+Platform = tuple[str, str, str]
+
+
+def index_platforms(body: bytes) -> dict[Digest, Platform]:
+    """The manifests an index lists with a platform, and each one's; {} for a manifest that
+    is no index, or that cannot be read."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return {}
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    found: dict[Digest, Platform] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        platform = entry.get("platform") if isinstance(entry, dict) else None
+        if not isinstance(platform, dict):
+            continue
+        try:
+            digest = parse_digest(str(entry.get("digest", "")))
+        except InvalidReference:
+            continue
+        said = [str(platform.get(key) or "") for key in ("os", "architecture", "variant")]
+        found[digest] = (said[0], said[1], said[2])
+    return found
 
 
 def mark(store: BlobStore, roots: Iterable[str]) -> set[str]:

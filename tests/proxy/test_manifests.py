@@ -218,6 +218,71 @@ async def test_a_tag_moved_to_a_manifest_the_store_holds_costs_a_head_and_no_get
     assert again.headers["Docker-Content-Digest"] == new.digest and upstream.requests == []
 
 
+@pytest.mark.parametrize("fault", [429, 503])
+async def test_a_moved_index_tag_keeps_its_old_release_until_the_platforms_pulled_are_kept(
+    start_moorage: StartMoorage, upstream: FakeRegistry, fault: int
+) -> None:
+    """A stale multi-platform tag that moved was recorded to the new index at once; its
+    platform manifests were left for the clients' next requests. When those failed (a 429
+    once the index's GET spent the last of a pull budget; an outage just after), every pull
+    of the tag failed until the upstream recovered, with the old release whole in the store.
+    The tag moves once the new index's manifests for the platforms clients pulled are kept."""
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s")
+    old_amd = upstream.add_image("library/app", None, [b"amd64 v1"])
+    old_arm = upstream.add_image("library/app", None, [b"arm64 v1"], architecture="arm64")
+    old = upstream.add_index(
+        "library/app", "1", [(old_amd.digest, "linux", "amd64"), (old_arm.digest, "linux", "arm64")]
+    )
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{old_amd.digest}", headers=ALL)).status == 200  # amd64 nodes
+    new_amd = upstream.add_image("library/app", None, [b"amd64 v2"])
+    new_arm = upstream.add_image("library/app", None, [b"arm64 v2"], architecture="arm64")
+    new = upstream.add_index(
+        "library/app", "1", [(new_amd.digest, "linux", "amd64"), (new_arm.digest, "linux", "arm64")]
+    )
+    advance_clock(moorage, 3601)
+    # A 429 whose Retry-After outlasts the retries' waits fails at once; a 503, every retry.
+    retry_after = 3600 if fault == 429 else None
+    upstream.fail_next(1 if fault == 429 else 3, fault, retry_after=retry_after, paths=f"/manifests/{new_amd.digest}")
+    upstream.reset_requests()
+    during = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert during.status == 200 and during.headers["Docker-Content-Digest"] == old
+    assert during.headers["X-Moorage-Cache"] == "stale" and "Warning" in during.headers
+    platform = await moorage.get(f"/v2/app/manifests/{old_amd.digest}", headers=ALL)
+    assert platform.status == 200 and platform.headers["X-Moorage-Cache"] == "hit", "the old release pulls whole"
+    if fault == 429:  # backed off for the hour its Retry-After asked
+        return
+    await asyncio.sleep(0.3)  # the back-off over, and the upstream answering again
+    upstream.reset_requests()
+    after = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert after.headers["Docker-Content-Digest"] == new and after.headers["X-Moorage-Cache"] == "revalidated"
+    assert upstream.count("GET", f"/manifests/{new_amd.digest}") == 1, "kept before the tag moved"
+    amd = await moorage.get(f"/v2/app/manifests/{new_amd.digest}", headers=ALL)
+    assert amd.status == 200 and amd.headers["X-Moorage-Cache"] == "hit"
+    assert upstream.count("GET", f"/manifests/{new_arm.digest}") == 0, "no client pulled arm64: not fetched"
+
+
+async def test_a_moved_index_tag_with_its_platforms_at_hand_is_refreshed_in_one_pass(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """With the upstream well, a moved multi-platform tag costs what the clients' pulls would
+    have: the index and the platform they pull, fetched once, and answered refreshed."""
+    moorage = await start_moorage(tag_ttl="1h")
+    old_amd = upstream.add_image("library/app", None, [b"amd64 v1"])
+    upstream.add_index("library/app", "1", [(old_amd.digest, "linux", "amd64")])
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{old_amd.digest}", headers=ALL)).status == 200
+    new_amd = upstream.add_image("library/app", None, [b"amd64 v2"])
+    new = upstream.add_index("library/app", "1", [(new_amd.digest, "linux", "amd64")])
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "refreshed"
+    amd = await moorage.get(f"/v2/app/manifests/{new_amd.digest}", headers=ALL)
+    assert amd.status == 200 and amd.headers["X-Moorage-Cache"] == "hit"
+    assert upstream.count("GET", "/manifests/") == 2 and upstream.count("HEAD", "/manifests/") == 1
+
+
 @pytest.mark.parametrize("status", [400, 405, 501])
 async def test_an_upstream_that_refuses_head_is_revalidated_with_get(
     start_moorage: StartMoorage, upstream: FakeRegistry, status: int
