@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Final, Literal
 
 from moorage.config import ConfigError, StorageSettings, UpstreamSettings
-from moorage.upstreams import FetchedManifest, HeadRefused, UpstreamError, UpstreamNotFound
+from moorage.upstreams import (
+    FetchedManifest,
+    HeadRefused,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from moorage.upstreams.reference import (
     IMAGE_MEDIA_TYPES,
     INDEX_MEDIA_TYPES,
@@ -61,7 +68,7 @@ from ._clock import within
 from ._evict import RECENT_SECONDS, ReadGuard, touch
 from ._fill import FillReader, Fills
 from ._flight import SingleFlight
-from ._gc import GcReport, default_platform, index_platforms, sweep
+from ._gc import GcReport, Platform, default_platform, index_platforms, sweep
 from ._hot import HotAnswers, StoredManifest
 from ._in_use import InUse
 from ._index import Index, TagEntry, Usage, is_disk_full
@@ -113,6 +120,10 @@ OVERDUE_PASS_DELAY: Final = 60.0
 #: upstream for three minutes, and pulls of images with no fault waited 54 s for one. A tag
 #: that finds no place is answered stale once its clients' ``revalidate_timeout`` is up.
 MAX_REVALIDATIONS: Final = 16
+#: How long a tag's move to a new index waits at most for a platform manifest the upstream
+#: keeps failing (but 429s: those wait for the budget); tags held at once, at most.
+MOVE_HOLD_SECONDS: Final = 600.0
+MAX_HELD_MOVES: Final = 4096
 #: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
 #: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
@@ -248,6 +259,9 @@ class Cache:
         #: Prefetched blob -> the upstream host whose prefetch fetched it, until claimed.
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
+        #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``):
+        #: the new index, and since when (monotonic).
+        self._held_moves: dict[IndexKey, tuple[Digest, float]] = {}
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
         self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
@@ -905,30 +919,63 @@ class Cache:
 
     async def _fetch_platforms_in_use(self, ask: _TagAsk, old: StoredManifest, new_body: bytes) -> None:
         """Before a tag moves from a cached index to another: the new one's manifests for the
-        platforms clients pulled of the old one (those the store holds), fetched and kept.
-        Recorded at once, a moved tag had sent its next pull to the upstream for them, and
-        where that failed (a 429 once the index's GET spent the last of a pull budget, an
-        outage just after a poller's HEAD) every pull of the tag failed until it recovered,
-        with the old release whole in the store. One that cannot be fetched now fails the
-        move, and the old index is served stale meanwhile."""
-        before = index_platforms(old.body)
+        platforms clients pulled of the old one, fetched and kept. Recorded at once, a moved
+        tag had sent its next pull to the upstream for them, and where that failed (a 429 once
+        the index's GET spent the last of a pull budget, an outage just after a poller's HEAD)
+        every pull of the tag failed until it recovered, with the old release whole in the
+        store. A platform counts as pulled when a client pulled the old one's manifest (a pull
+        time is recorded; what a move fetched has none), and only the first entry for it is
+        fetched (the one a client picks); attestations (``unknown/unknown``) never are.
+
+        A fetch the upstream refuses for now (a 429, an outage, a timeout) fails the move, and
+        the old index is served stale meanwhile: for as long as 429s last (the budget comes
+        back), for at most ``MOVE_HOLD_SECONDS`` of other failures (a platform the upstream
+        keeps failing must not hold the tag for ever). Any other failure (a digest mismatch,
+        a manifest too large, gone) lets the tag move: its clients are told, as before."""
+        before = {
+            digest: platform for digest, platform in index_platforms(old.body).items() if platform[0] != "unknown"
+        }
         after = index_platforms(new_body)
         if not before or not after:
             return
-        in_memory = {digest for digest in before if self._hot.manifest(digest) is not None}
-        rest = [digest for digest in before if digest not in in_memory]
-        on_disk = await asyncio.to_thread(lambda: {digest for digest in rest if self._is_stored(digest)})
-        pulled = {before[digest] for digest in in_memory | on_disk}
-        wanted = [digest for digest, platform in after.items() if platform in pulled]
+        host, repository = ask.source.host, ask.repository
+        keys = {digest: image_pulled_key(host, repository, digest) for digest in before}
+        lately = {digest for digest, key in keys.items() if key in self._pulled}
+        earlier = {digest: key for digest, key in keys.items() if digest not in lately}
+        recorded = await asyncio.to_thread(
+            lambda: {digest for digest, key in earlier.items() if self._index.pulled_at(key) is not None}
+        )
+        pulled = {before[digest] for digest in lately | recorded}
+        wanted: dict[Platform, Digest] = {}
+        for digest, platform in after.items():
+            if platform in pulled:
+                wanted.setdefault(platform, digest)
         if not wanted:
             return
-        source, repository = ask.source, ask.repository
 
         async def fetch(digest: Digest) -> None:
-            with contextlib.suppress(UpstreamNotFound):  # as a client would be told: not ours to hide
-                await self._manifest_by_digest(source, repository, digest)
+            try:
+                await self._manifest_by_digest(ask.source, repository, digest)
+            except (UpstreamUnavailable, UpstreamRateLimited, TimeoutError):
+                raise
+            except (UpstreamError, CacheError):  # lasting: its clients hear of it as before
+                return
 
-        await asyncio.gather(*(fetch(digest) for digest in wanted))
+        moving_to = Digest.of(new_body)
+        try:
+            await asyncio.gather(*(fetch(digest) for digest in wanted.values()))
+        except UpstreamRateLimited:
+            raise
+        except (UpstreamUnavailable, TimeoutError):
+            now = time.monotonic()
+            held = self._held_moves.get(ask.key)
+            if held is None or held[0] != moving_to:
+                if len(self._held_moves) >= MAX_HELD_MOVES:
+                    self._held_moves.clear()
+                self._held_moves[ask.key] = held = (moving_to, now)
+            if now - held[1] < MOVE_HOLD_SECONDS:
+                raise
+        self._held_moves.pop(ask.key, None)
 
     async def _moved_to_stored(self, ask: _TagAsk, digest: Digest, held: StoredManifest) -> ManifestAnswer:
         """The tag now names ``digest``, a manifest the store holds: recorded, and answered

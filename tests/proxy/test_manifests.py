@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from moorage.cache import _cache as cache_module
 from moorage.proxy._handlers import _named
 from moorage.proxy._state import CACHE
 from moorage.upstreams.reference import (
@@ -281,6 +282,85 @@ async def test_a_moved_index_tag_with_its_platforms_at_hand_is_refreshed_in_one_
     amd = await moorage.get(f"/v2/app/manifests/{new_amd.digest}", headers=ALL)
     assert amd.status == 200 and amd.headers["X-Moorage-Cache"] == "hit"
     assert upstream.count("GET", "/manifests/") == 2 and upstream.count("HEAD", "/manifests/") == 1
+
+
+def _release(upstream: FakeRegistry, version: str, *platforms: str) -> tuple[str, dict[str, str]]:
+    """``library/app:1`` as an index of one image per platform (``unknown`` for an attestation,
+    ``amd64-twin`` for a second amd64 entry, as a zstd copy is listed); its digest and theirs."""
+    images: dict[str, str] = {}
+    for platform in platforms:
+        architecture = platform.split("-")[0]
+        image = upstream.add_image("library/app", None, [f"{platform} {version}".encode()], architecture=architecture)
+        images[platform] = image.digest
+    entries = [(digest, "unknown" if p == "unknown" else "linux", p.split("-")[0]) for p, digest in images.items()]
+    return upstream.add_index("library/app", "1", entries), images
+
+
+async def test_a_moved_index_tag_fetches_the_first_entry_of_each_platform_pulled_since(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A platform counts as pulled when a client pulled it, not when the store holds it: what a
+    move fetched had counted at every later move, an arm64 pulled once cost a GET at each, and
+    one held attestation fetched every attestation of the next index. Of entries for one
+    platform (a zstd twin) only the first is fetched: the one a client picks."""
+    moorage = await start_moorage(tag_ttl="1h")
+    _, first = _release(upstream, "v1", "amd64", "arm64", "unknown")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    for platform in ("amd64", "arm64", "unknown"):  # an arm64 node once; a verifier read the attestation
+        assert (await moorage.get(f"/v2/app/manifests/{first[platform]}", headers=ALL)).status == 200
+    _, second = _release(upstream, "v2", "amd64", "amd64-twin", "arm64", "unknown")
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "refreshed"
+    fetched = {p for p, digest in second.items() if upstream.count("GET", f"/manifests/{digest}")}
+    assert fetched == {"amd64", "arm64"}, "pulled before: each platform's first entry, no attestation"
+    assert (await moorage.get(f"/v2/app/manifests/{second['amd64']}", headers=ALL)).status == 200  # amd64 only now
+    _, third = _release(upstream, "v3", "amd64", "arm64", "unknown")
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "refreshed"
+    assert {p for p, digest in third.items() if upstream.count("GET", f"/manifests/{digest}")} == {"amd64"}, (
+        "the arm64 the last move fetched was pulled by no client"
+    )
+
+
+async def test_a_moved_index_tag_waits_a_bounded_time_for_a_platform_that_keeps_failing(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A platform manifest the upstream keeps failing (an outage of its own) held every client
+    that takes indexes on the old release for ever; a 429 waits for the budget to come back."""
+    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 0.5)
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s")
+    _, first = _release(upstream, "v1", "amd64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
+    new, second = _release(upstream, "v2", "amd64")
+    advance_clock(moorage, 3601)
+    upstream.fail_next(1000, 500, paths=f"/manifests/{second['amd64']}")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    await asyncio.sleep(0.6)  # past the back-off and the hold
+    moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "revalidated"
+    assert (await moorage.get(f"/v2/app/manifests/{second['amd64']}", headers=ALL)).status >= 500
+
+
+async def test_a_moved_index_tag_moves_past_a_platform_that_fails_for_good(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A platform manifest whose bytes do not match its digest will not be kept however often
+    it is asked for: the tag moves, and that platform's clients are told, as before."""
+    moorage = await start_moorage(tag_ttl="1h")
+    _, first = _release(upstream, "v1", "amd64", "arm64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    for platform in ("amd64", "arm64"):
+        assert (await moorage.get(f"/v2/app/manifests/{first[platform]}", headers=ALL)).status == 200
+    new, second = _release(upstream, "v2", "amd64", "arm64")
+    upstream.corrupt_manifest(second["arm64"])
+    advance_clock(moorage, 3601)
+    moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "refreshed"
+    amd = await moorage.get(f"/v2/app/manifests/{second['amd64']}", headers=ALL)
+    assert amd.status == 200 and amd.headers["X-Moorage-Cache"] == "hit"
 
 
 @pytest.mark.parametrize("status", [400, 405, 501])
