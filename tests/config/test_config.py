@@ -91,6 +91,12 @@ def test_environment_overrides_scalars_and_list_entries(tmp_path: Path) -> None:
     assert settings.upstreams[1].host == "ghcr.io" and settings.upstreams[1].username == "octocat"
 
 
+@pytest.mark.parametrize("host", ["ghcr.io", "Registry.Local:5000", "registry_1:5000", "[::1]:5000", "localhost"])
+def test_registry_hosts_as_references_and_earlier_versions_write_them(tmp_path: Path, host: str) -> None:
+    settings = load_settings(write(tmp_path, f"upstreams:\n  - {{host: '{host}', url: 'https://a.io'}}\n"))
+    assert settings.upstreams[0].host == host.lower()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

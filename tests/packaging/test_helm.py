@@ -349,6 +349,11 @@ def test_the_pod_runs_locked_down_with_probes() -> None:
         pytest.param({"upstreams": [{"host": "q.io", "url": "ftp://q.io"}]}, "/upstreams/0/url", id="upstream_url"),
         pytest.param({"upstreams": [{"host": "...", "url": "https://q.io"}]}, "/upstreams/0/host", id="dots_host"),
         pytest.param({"upstreams": [{"host": "q.io:", "url": "https://q.io"}]}, "/upstreams/0/host", id="empty_port"),
+        pytest.param(
+            {"upstreams": [{"host": "q.io:70000", "url": "https://q.io"}]}, "/upstreams/0/host", id="port_70000"
+        ),
+        pytest.param({"metrics": {"port": 80}}, "/metrics/port", id="metrics_port_below_1024"),
+        pytest.param({"persistence": {"size": "1Gi", "maxSize": "45K"}}, "/persistence/maxSize", id="max_size_45k"),
         pytest.param({"upstreams": [{"host": "q.io", "url": "https://q .io"}]}, "/upstreams/0/url", id="url_space"),
         pytest.param({"config": {"tagTtl": "soon"}}, "/config/tagTtl", id="bad_duration"),
         pytest.param({"replicas": 2}, "replicas", id="unknown_key"),
@@ -468,6 +473,19 @@ GOOD_RULES = {
     ),
     "tagged_by_pattern_pushed": _rule(tagStatus="tagged", tagPatternList=["*a*b*c*d"], countType="sinceImagePushed"),
     "untagged_described": {**_rule(tagStatus="untagged"), "description": "old builds"},
+    "nulls_for_what_is_unsaid": {  # as YAML's ~ writes them; Moorage takes None for unset
+        **_rule(tagStatus="untagged", countType="imageCountMoreThan", countUnit=None),
+        "selection": {
+            "tagStatus": "untagged",
+            "tagPrefixList": None,
+            "tagPatternList": None,
+            "countType": "imageCountMoreThan",
+            "countUnit": None,
+            "countNumber": 3,
+        },
+    },
+    "tagged_with_a_null_other_list": _rule(tagStatus="tagged", tagPrefixList=["v"])
+    | {"selection": {**_rule(tagStatus="tagged", tagPrefixList=["v"])["selection"], "tagPatternList": None}},
 }
 
 
@@ -501,9 +519,11 @@ def test_the_schema_names_the_lifecycle_values_moorage_takes() -> None:
     selection = definitions["lifecycleSelection"]["properties"]
     for field in ("tagStatus", "countType", "countUnit"):
         annotation = Selection.model_fields[field].annotation
-        if typing.get_origin(annotation) is not typing.Literal:  # Literal[...] | None
+        unset: list[None] = []
+        if typing.get_origin(annotation) is not typing.Literal:  # Literal[...] | None: null taken too
             (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-        assert selection[field]["enum"] == list(typing.get_args(annotation)), field
+            unset = [None]
+        assert selection[field]["enum"] == [*typing.get_args(annotation), *unset], field
     assert set(selection) == set(Selection.model_fields)
     rule = definitions["lifecycleRule"]["properties"]
     assert set(rule) == set(LifecycleRule.model_fields)
