@@ -1,7 +1,8 @@
 """The registry token dance, as an ``httpx.Auth``.
 
 A request goes out with the cached Bearer token for its scope (``repository:<name>:pull``),
-or bare. On a 401 from the upstream's own host the challenge is read:
+or with one fetched for it first from the token service the registry named last, or bare
+before any challenge. On a 401 from the upstream's own host the challenge is read:
 
 - ``Bearer realm=…,service=…[,scope=…]``: a token is fetched from the realm (anonymously or
   with Basic credentials), cached per scope until shortly before it expires (``expires_in``,
@@ -106,6 +107,9 @@ class RegistryAuth(httpx.Auth):
         #: The scope the registry's challenges name when it is not a repository's (see
         #: ``async_auth_flow``): its token serves every path.
         self._registry_scope: str | None = None
+        #: The token service the registry's last Bearer challenge named (realm, service): a
+        #: request for a scope with no token gets one before it goes, not after a 401.
+        self._token_service: dict[str, str] | None = None
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
         #: Refusals of the configured credentials held: by the scope a token service refused
@@ -235,6 +239,10 @@ class RegistryAuth(httpx.Auth):
         token = self._cached(scope) if scope else None
         if token is None and self._registry_scope is not None:
             token = self._cached(self._registry_scope)
+        if token is None and scope and self._registry_scope is None and self._token_service is not None:
+            # Sent bare, it would be refused and sent again: at every token's expiry (5 minutes
+            # on Docker Hub) one more request to the registry, and a round trip more to wait.
+            token = await self._token(self._token_service, scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._basic_up_front and self._credentials:
@@ -246,6 +254,7 @@ class RegistryAuth(httpx.Auth):
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
+            self._token_service = {key: params[key] for key in ("realm", "service") if params.get(key)}
             path_scope, scope = scope, params.get("scope") or scope
             fresh = self._cached(scope) if scope else None
             if fresh is None or fresh == token:

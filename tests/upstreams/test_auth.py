@@ -91,6 +91,25 @@ async def test_a_token_for_the_registrys_own_scope_is_sent_up_front_next_time() 
     assert list(auth._tokens) == ["aws"]
 
 
+async def test_a_scope_without_a_token_gets_one_before_it_goes() -> None:
+    """Sent bare once its token had expired (5 minutes on Docker Hub), each request was refused
+    and sent again: a 401 and one more request to the registry at every expiry, and at each
+    repository's first request; a round trip more for every revalidation of a stale tag."""
+    upstream = Upstream(expires_in=1)
+    client, _ = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    assert upstream.challenged == 1, "the first: no token service known yet"
+    assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # alpine's token expired (kept 0.9 s of its 1)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    assert upstream.challenged == 1 and upstream.tokens_issued == 3
+    assert [request.url.params["scope"] for request in upstream.token_requests] == [
+        "repository:library/alpine:pull",
+        "repository:library/busybox:pull",
+        "repository:library/alpine:pull",
+    ]
+
+
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
     upstream = Upstream()
     client, _ = make(upstream)
