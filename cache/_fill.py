@@ -56,6 +56,12 @@ WRITE_QUEUE: Final = 3
 #: have kept flowing. Bytes that came before a pause wait for the next chunk.
 PIECE_AGE: Final = 0.5
 RECENTLY_COMMITTED: Final = 1024
+#: A body that brings less than ``SLOW_BODY_BYTES`` in ``SLOW_BODY_SECONDS`` counts as cut and
+#: is resumed (on another connection, as any cut): one that trickles never goes silent for a
+#: whole read timeout, and had held its clients (kubelets have no deadline of their own) and a
+#: download slot for as long as it took, days for a layer at a few bytes a second.
+SLOW_BODY_SECONDS = 60.0
+SLOW_BODY_BYTES = 64 * 1024
 #: Seconds between looks, while a client waits for its download to begin, at whether it left.
 CLIENT_GONE_POLL: Final = 0.5
 log = logging.getLogger("moorage.cache")
@@ -288,9 +294,18 @@ class Fill:
         queued = self.received = self.written
         piece: list[bytes] = []
         piece_size = 0
-        last_piece = time.monotonic()
+        last_piece = window = time.monotonic()
+        window_from = self.received
         try:
             async for received in chunks:
+                now = time.monotonic()
+                if now - window >= SLOW_BODY_SECONDS:
+                    if self.received - window_from < SLOW_BODY_BYTES:
+                        raise UpstreamUnavailable(
+                            upstream,
+                            f"blob {self.digest}: body slower than {SLOW_BODY_BYTES} bytes in {SLOW_BODY_SECONDS:g} s",
+                        )
+                    window, window_from = now, self.received
                 chunk = received
                 if skip:  # the upstream ignored Range: drop what we already hold
                     dropped = min(skip, len(chunk))
