@@ -59,9 +59,11 @@ RECENTLY_COMMITTED: Final = 1024
 #: A body that brings less than ``SLOW_BODY_BYTES`` in ``SLOW_BODY_SECONDS`` counts as cut and
 #: is resumed (on another connection, as any cut): one that trickles never goes silent for a
 #: whole read timeout, and had held its clients (kubelets have no deadline of their own) and a
-#: download slot for as long as it took, days for a layer at a few bytes a second.
+#: download slot for as long as it took, days for a layer at a few bytes a second. Low enough
+#: for a slow link shared by every download at once: 32 fills over 256 kbit/s get 60 KiB a
+#: minute each.
 SLOW_BODY_SECONDS = 60.0
-SLOW_BODY_BYTES = 64 * 1024
+SLOW_BODY_BYTES = 16 * 1024
 #: Seconds between looks, while a client waits for its download to begin, at whether it left.
 CLIENT_GONE_POLL: Final = 0.5
 log = logging.getLogger("moorage.cache")

@@ -125,17 +125,17 @@ async def test_a_trickling_body_is_resumed_on_another_connection(
 ) -> None:
     """A body that never went silent for a whole read timeout but brought a few bytes a second
     held its clients (kubelets have no deadline) and a download slot for as long as it took."""
-    monkeypatch.setattr(fill_module, "SLOW_BODY_SECONDS", 0.5)  # 64 KiB in 0.5 s at the least
+    monkeypatch.setattr(fill_module, "SLOW_BODY_SECONDS", 0.5)  # 16 KiB in 0.5 s at the least
     caplog.set_level("INFO", logger="moorage.cache")
     data = os.urandom(MiB)
     digest = upstream.add_blob(data)
-    upstream.slow_blob(digest, chunk=1024, delay=0.05, times=1)  # 20 KiB/s: 50 s for it all
+    upstream.slow_blob(digest, chunk=512, delay=0.05, times=1)  # 10 KiB/s: 100 s for it all
     response = await moorage.get(f"/v2/alpine/blobs/{digest}")
     assert await asyncio.wait_for(response.read(), 20) == data
     gets = [r for r in upstream.requests if r.method == "GET" and digest in r.path]
     assert len(gets) == 2 and int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-")) > 0
     (resumed,) = [r for r in caplog.records if getattr(r, "event", None) == "fill_resume"]
-    assert "body slower than 65536 bytes in 0.5 s" in resumed.__dict__["error"]
+    assert "body slower than 16384 bytes in 0.5 s" in resumed.__dict__["error"]
 
 
 async def test_cut_body_is_refetched_when_upstream_ignores_range(moorage: Client, upstream: FakeRegistry) -> None:
