@@ -6,7 +6,9 @@ naming the variable; a proxy's failures named as the proxy's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import ssl
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ from moorage.upstreams import UpstreamUnavailable, open_upstreams
 from moorage.upstreams._proxies import ProxyEnvironment
 from moorage.upstreams.reference import parse_digest
 from tests.fakes import FakeRegistry
+from tests.integration.harness.tools import self_signed_certificate
 
 from .clients import KiB, MiB, client_for, read_blob
 
@@ -192,6 +195,95 @@ class TroubledProxy:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
+
+
+class ForwardingProxy:
+    """A forwarding proxy that clients reach over TLS (an ``https://`` proxy URL), on a real
+    socket: each connection's requests go, as sent (absolute-form), to the host and port the
+    first one names; it counts the connections it forwarded."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.load_cert_chain(cert, key)
+        self.forwarded = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            target = httpx.URL(head.split(b" ", 2)[1].decode())
+            assert target.host and target.port
+            upstream_reader, upstream_writer = await asyncio.open_connection(target.host, target.port)
+            self.forwarded += 1
+            upstream_writer.write(head)
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+                sink.close()
+
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            for opened in (writer, upstream_writer):
+                if opened is not None:
+                    opened.close()
+                    with contextlib.suppress(Exception):
+                        await opened.wait_closed()
+            self._handlers.discard(task)
+
+    async def __aenter__(self) -> ForwardingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["ca_file", "unknown_ca"])
+async def test_an_https_proxy_is_trusted_as_the_upstream_is(
+    trusted: bool, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An ``https://`` proxy's certificate is checked against the CAs the upstream trusts (its
+    ``ca_file`` beside the system's), as a company's TLS proxy is signed by the company's CA;
+    one signed by no CA the upstream trusts is refused, and the error names the proxy."""
+    data = os.urandom(2 * MiB)
+    digest = parse_digest(upstream.add_blob(data))
+    cert, key = self_signed_certificate(tmp_path / "proxy")
+    for name in ("http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with ForwardingProxy(cert, key) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"https://127.0.0.1:{proxy.port}")
+        client = client_for(upstream, **({"ca_file": str(cert)} if trusted else {}))
+        try:
+            if trusted:
+                body, _ = await read_blob(client, digest)
+            else:
+                with pytest.raises(UpstreamUnavailable) as raised:
+                    await read_blob(client, digest)
+        finally:
+            await client.aclose()
+    if trusted:
+        assert body == data and proxy.forwarded >= 1
+        assert upstream.count("GET", f"/blobs/{digest}") == 1
+    else:
+        assert "CERTIFICATE_VERIFY_FAILED" in str(raised.value) or "certificate" in str(raised.value).lower()
+        assert "(through the proxy HTTP_PROXY names)" in str(raised.value)
+        assert proxy.forwarded == 0 and upstream.count("GET") == 0
 
 
 @pytest.mark.parametrize("where", ["refusing", "silent", "down"])
