@@ -10,6 +10,7 @@ import contextlib
 import os
 import ssl
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -154,16 +155,41 @@ async def test_an_upstream_in_a_no_proxy_range_is_reached_directly_on_the_wide_r
     assert max(sizes) > 64 * KiB, "an exempted upstream's body came through httpx's 64 KiB reads"
 
 
-class TroubledProxy:
-    """A forwarding proxy in trouble, on a real socket: one that wants credentials no request
-    has (407), or one that takes connections and never answers; it counts what it was asked."""
+class SocketProxy:
+    """A proxy on a real socket of 127.0.0.1 (over TLS with ``tls``); the tasks serving its
+    connections end with it."""
 
-    def __init__(self, answers: bool) -> None:
-        self.answers = answers
-        self.asked = 0
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.port = 0
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+class TroubledProxy(SocketProxy):
+    """A forwarding proxy in trouble: one that wants credentials no request has (407), or one
+    that takes connections and never answers; it counts what it was asked."""
+
+    def __init__(self, answers: bool) -> None:
+        super().__init__()
+        self.answers = answers
+        self.asked = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.asked += 1
@@ -183,32 +209,17 @@ class TroubledProxy:
             writer.close()
             self._handlers.discard(task)
 
-    async def __aenter__(self) -> TroubledProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-
-class ForwardingProxy:
-    """A forwarding proxy that clients reach over TLS (an ``https://`` proxy URL), on a real
-    socket: each connection's requests go, as sent (absolute-form), to the host and port the
-    first one names; it counts the connections it forwarded."""
+class ForwardingProxy(SocketProxy):
+    """A forwarding proxy that clients reach over TLS (an ``https://`` proxy URL): each
+    connection's requests go, as sent (absolute-form), to the host and port the first one
+    names; it counts the connections it forwarded."""
 
     def __init__(self, cert: Path, key: Path) -> None:
-        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._tls.load_cert_chain(cert, key)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+        super().__init__(tls)
         self.forwarded = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -239,19 +250,6 @@ class ForwardingProxy:
                     with contextlib.suppress(Exception):
                         await opened.wait_closed()
             self._handlers.discard(task)
-
-    async def __aenter__(self) -> ForwardingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["ca_file", "unknown_ca"])
