@@ -297,17 +297,20 @@ class Fill:
         piece: list[bytes] = []
         piece_size = 0
         last_piece = window = time.monotonic()
-        window_from = self.received
+        # Bytes off the wire, those skipped too: an upstream that ignores Range sends the
+        # prefix again, at the link's pace.
+        wire = window_from = 0
         try:
             async for received in chunks:
                 now = time.monotonic()
                 if now - window >= SLOW_BODY_SECONDS:
-                    if self.received - window_from < SLOW_BODY_BYTES:
+                    if wire - window_from < SLOW_BODY_BYTES:
                         raise UpstreamUnavailable(
                             upstream,
                             f"blob {self.digest}: body slower than {SLOW_BODY_BYTES} bytes in {SLOW_BODY_SECONDS:g} s",
                         )
-                    window, window_from = now, self.received
+                    window, window_from = now, wire
+                wire += len(received)
                 chunk = received
                 if skip:  # the upstream ignored Range: drop what we already hold
                     dropped = min(skip, len(chunk))

@@ -138,6 +138,22 @@ async def test_a_trickling_body_is_resumed_on_another_connection(
     assert "body slower than 16384 bytes in 0.5 s" in resumed.__dict__["error"]
 
 
+async def test_a_resume_that_reads_the_prefix_again_is_no_trickle(
+    moorage: Client, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that ignores Range sends what the cache holds again, at the link's pace:
+    those bytes count, or every cut past a minute's worth of link failed the pull."""
+    monkeypatch.setattr(fill_module, "SLOW_BODY_SECONDS", 0.5)  # 16 KiB in 0.5 s at the least
+    upstream.support_ranges = False
+    data = os.urandom(3 * MiB)
+    digest = upstream.add_blob(data)
+    upstream.cut_blob(digest, after_bytes=2 * MiB)
+    upstream.slow_blob(digest, chunk=64 * 1024, delay=0.05)  # 1.3 MB/s: the prefix takes 1.6 s
+    response = await moorage.get(f"/v2/alpine/blobs/{digest}")
+    assert await asyncio.wait_for(response.read(), 30) == data
+    assert upstream.count("GET", f"/blobs/{digest}") == 2
+
+
 async def test_cut_body_is_refetched_when_upstream_ignores_range(moorage: Client, upstream: FakeRegistry) -> None:
     upstream.support_ranges = False
     data = os.urandom(3 * MiB)
