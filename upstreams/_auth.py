@@ -1,8 +1,8 @@
 """The registry token dance, as an ``httpx.Auth``.
 
-A request goes out with the cached Bearer token for its scope (``repository:<name>:pull``),
-or with one fetched for it first from the token service the registry named last, or bare
-before any challenge. On a 401 from the upstream's own host the challenge is read:
+A request goes out with the cached Bearer token for its scope (``repository:<name>:pull``);
+or, for a scope whose token expired, with one fetched first from the token service its
+challenge named; or bare. On a 401 from the upstream's own host the challenge is read:
 
 - ``Bearer realm=…,service=…[,scope=…]``: a token is fetched from the realm (anonymously or
   with Basic credentials), cached per scope until shortly before it expires (``expires_in``,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -107,9 +108,10 @@ class RegistryAuth(httpx.Auth):
         #: The scope the registry's challenges name when it is not a repository's (see
         #: ``async_auth_flow``): its token serves every path.
         self._registry_scope: str | None = None
-        #: The token service the registry's last Bearer challenge named (realm, service): a
-        #: request for a scope with no token gets one before it goes, not after a 401.
-        self._token_service: dict[str, str] | None = None
+        #: The token service each scope was sent to (realm, service), by its challenge: once
+        #: its token expires, the next request for it gets another before it goes, not after
+        #: a 401. A scope never challenged (a repository served without a token) goes bare.
+        self._token_services: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
         #: Refusals of the configured credentials held: by the scope a token service refused
@@ -239,10 +241,13 @@ class RegistryAuth(httpx.Auth):
         token = self._cached(scope) if scope else None
         if token is None and self._registry_scope is not None:
             token = self._cached(self._registry_scope)
-        if token is None and scope and self._registry_scope is None and self._token_service is not None:
+        service = self._token_services.get(scope) if token is None and scope else None
+        if service is not None and scope:
             # Sent bare, it would be refused and sent again: at every token's expiry (5 minutes
             # on Docker Hub) one more request to the registry, and a round trip more to wait.
-            token = await self._token(self._token_service, scope)
+            # A token service that fails now leaves the request to go bare, as before.
+            with contextlib.suppress(UpstreamUnavailable, UpstreamRateLimited, UpstreamProtocolError):
+                token = await self._token(service, scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._basic_up_front and self._credentials:
@@ -254,8 +259,14 @@ class RegistryAuth(httpx.Auth):
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
-            self._token_service = {key: params[key] for key in ("realm", "service") if params.get(key)}
             path_scope, scope = scope, params.get("scope") or scope
+            service = {key: params[key] for key in ("realm", "service") if params.get(key)}
+            for challenged in {scope, path_scope} - {None}:  # the path's, where the challenge names another
+                assert challenged is not None
+                self._token_services[challenged] = service
+                self._token_services.move_to_end(challenged)
+            while len(self._token_services) > MAX_CACHED_SCOPES:
+                self._token_services.popitem(last=False)
             fresh = self._cached(scope) if scope else None
             if fresh is None or fresh == token:
                 # No token yet, or the one we sent was refused: fetch one. A token another

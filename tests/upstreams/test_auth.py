@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from moorage.upstreams import UpstreamAuthFailed, UpstreamProtocolError, UpstreamRateLimited
+from moorage.upstreams import UpstreamAuthFailed, UpstreamProtocolError, UpstreamRateLimited, UpstreamUnavailable
 from moorage.upstreams._auth import RegistryAuth, parse_challenge, scope_for_path
 
 REGISTRY = "https://registry.test"
@@ -91,23 +91,60 @@ async def test_a_token_for_the_registrys_own_scope_is_sent_up_front_next_time() 
     assert list(auth._tokens) == ["aws"]
 
 
-async def test_a_scope_without_a_token_gets_one_before_it_goes() -> None:
+async def test_a_scope_whose_token_expired_gets_another_before_it_goes() -> None:
     """Sent bare once its token had expired (5 minutes on Docker Hub), each request was refused
-    and sent again: a 401 and one more request to the registry at every expiry, and at each
-    repository's first request; a round trip more for every revalidation of a stale tag."""
+    and sent again: a 401 and one more request to the registry at every expiry, a round trip
+    more for nearly every revalidation of a stale tag."""
     upstream = Upstream(expires_in=1)
     client, _ = make(upstream)
     assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
-    assert upstream.challenged == 1, "the first: no token service known yet"
     assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 200
-    await asyncio.sleep(1.0)  # alpine's token expired (kept 0.9 s of its 1)
+    assert upstream.challenged == 2, "a scope's first request goes bare: it may need no token"
+    await asyncio.sleep(1.0)  # their tokens expired (kept 0.9 s of 1)
     assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
-    assert upstream.challenged == 1 and upstream.tokens_issued == 3
-    assert [request.url.params["scope"] for request in upstream.token_requests] == [
+    assert (await client.get("/v2/library/busybox/manifests/2")).status_code == 200
+    assert upstream.challenged == 2, "no 401 once a scope's token service is known"
+    assert [request.url.params["scope"] for request in upstream.token_requests[-2:]] == [
         "repository:library/alpine:pull",
         "repository:library/busybox:pull",
-        "repository:library/alpine:pull",
     ]
+
+
+class Mixed(Upstream):
+    """A registry that serves ``public/*`` with no token and sends each other namespace to a
+    token service of its own (``https://auth.test/<namespace>``); ``services_down`` fails them."""
+
+    services_down = False
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test" and self.services_down:
+            return httpx.Response(503)
+        if request.url.host == "auth.test":
+            assert request.url.params["scope"].startswith(f"repository:{request.url.path.strip('/')}/")
+            return await super().__call__(request)
+        path = request.url.path
+        if path.startswith("/v2/public/"):
+            return httpx.Response(200, content=b"ok")
+        namespace = path.split("/")[2]
+        self.challenge = f'Bearer realm="https://auth.test/{namespace}",service="registry.test"'
+        return await super().__call__(request)
+
+
+async def test_a_repository_served_without_a_token_or_by_another_token_service_is_asked_as_before() -> None:
+    """The token service is learnt per scope: a public repository beside challenged ones, or a
+    namespace with a token service of its own, was sent for a token it did not need or could
+    not get, and failed where it had been served."""
+    upstream = Mixed(expires_in=1)
+    client, _ = make(upstream)
+    assert (await client.get("/v2/team-a/app/manifests/1")).status_code == 200
+    assert (await client.get("/v2/team-b/app/manifests/1")).status_code == 200
+    upstream.services_down = True
+    assert (await client.get("/v2/public/app/manifests/1")).status_code == 200
+    assert [request.url.path for request in upstream.token_requests] == ["/team-a", "/team-b"]
+    await asyncio.sleep(1.0)  # both tokens expired, and their token services are down
+    assert (await client.get("/v2/public/other/manifests/1")).status_code == 200
+    with pytest.raises(UpstreamUnavailable):  # bare, refused, no token to be had: as before
+        await client.get("/v2/team-a/app/manifests/1")
 
 
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
