@@ -259,9 +259,9 @@ class Cache:
         #: Prefetched blob -> the upstream host whose prefetch fetched it, until claimed.
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
-        #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``):
-        #: the new index, and since when (monotonic).
-        self._held_moves: dict[IndexKey, tuple[Digest, float]] = {}
+        #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``),
+        #: and since when (monotonic); until a move or the tag confirmed unchanged.
+        self._held_moves: dict[IndexKey, float] = {}
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
         self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
@@ -882,6 +882,7 @@ class Cache:
             # Unchanged, but fetched all the same: not a change, and no answer from the store.
             return replace(answer, result="miss") if answer.digest == entry.digest else answer
         if current == entry.digest:
+            self._held_moves.pop(ask.key, None)  # moved back: a later move is held anew
             confirmed = replace(entry, checked_at=self._clock())
             try:
                 await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
@@ -924,7 +925,8 @@ class Cache:
         the index's GET spent the last of a pull budget, an outage just after a poller's HEAD)
         every pull of the tag failed until it recovered, with the old release whole in the
         store. A platform counts as pulled when a client pulled the old one's manifest (a pull
-        time is recorded; what a move fetched has none), and only the first entry for it is
+        time is recorded; what a move fetched has none), a platform as a client matches it
+        (``_gc.Platform``: a Windows node its own build), and only the first entry for it is
         fetched (the one a client picks); attestations (``unknown/unknown``) never are.
 
         A fetch the upstream refuses for now (a 429, an outage, a timeout) fails the move, and
@@ -961,19 +963,19 @@ class Cache:
             except (UpstreamError, CacheError):  # lasting: its clients hear of it as before
                 return
 
-        moving_to = Digest.of(new_body)
         try:
             await asyncio.gather(*(fetch(digest) for digest in wanted.values()))
         except UpstreamRateLimited:
             raise
         except (UpstreamUnavailable, TimeoutError):
+            # Since the first failure of a move of this tag, wherever it moved meanwhile (a
+            # tag pushed more often than the hold would be held for ever); with the table
+            # full, a new one moves at once rather than restart every hold.
             now = time.monotonic()
-            held = self._held_moves.get(ask.key)
-            if held is None or held[0] != moving_to:
-                if len(self._held_moves) >= MAX_HELD_MOVES:
-                    self._held_moves.clear()
-                self._held_moves[ask.key] = held = (moving_to, now)
-            if now - held[1] < MOVE_HOLD_SECONDS:
+            since = self._held_moves.get(ask.key)
+            if since is None and len(self._held_moves) < MAX_HELD_MOVES:
+                self._held_moves[ask.key] = since = now
+            if since is not None and now - since < MOVE_HOLD_SECONDS:
                 raise
         self._held_moves.pop(ask.key, None)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from moorage.upstreams.reference import MAX_MANIFEST_BYTES, Digest, InvalidReference, descriptors, parse_digest
 
@@ -110,8 +110,11 @@ def default_platform(body: bytes) -> Digest | None:
     return None
 
 
-#: A platform as an index entry gives it: os, architecture and variant ("" where unsaid).
-Platform = tuple[str, str, str]
+#: A platform as an index entry gives it, as a client matches it: os, architecture, variant
+#: (arm64's unsaid one is v8, arm's v7) and the os.version's major.minor.build (a Windows node
+#: takes the entry of its own build; the revision changes with every patch release).
+Platform = tuple[str, str, str, str]
+_DEFAULT_VARIANTS: Final = {"arm64": "v8", "arm": "v7"}
 
 
 def index_platforms(body: bytes) -> dict[Digest, Platform]:
@@ -131,8 +134,11 @@ def index_platforms(body: bytes) -> dict[Digest, Platform]:
             digest = parse_digest(str(entry.get("digest", "")))
         except InvalidReference:
             continue
-        said = [str(platform.get(key) or "") for key in ("os", "architecture", "variant")]
-        found[digest] = (said[0], said[1], said[2])
+        os_name, architecture, variant, version = (
+            str(platform.get(key) or "") for key in ("os", "architecture", "variant", "os.version")
+        )
+        variant = variant or _DEFAULT_VARIANTS.get(architecture, "")
+        found[digest] = (os_name, architecture, variant, ".".join(version.split(".")[:3]))
     return found
 
 

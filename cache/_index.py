@@ -475,7 +475,7 @@ class Index:
                     self._db.delete(key)
 
     def pulled_at(self, key: IndexKey) -> float | None:
-        value = self._db.get(key)
+        value = self._read(key)
         return float(value) if isinstance(value, int | float) else None
 
     def forget(self, digests: set[Digest]) -> int:

@@ -327,13 +327,60 @@ async def test_a_moved_index_tag_fetches_the_first_entry_of_each_platform_pulled
     )
 
 
+def _index_of(upstream: FakeRegistry, tag: str, entries: list[tuple[str, dict[str, str]]]) -> str:
+    """``library/app:<tag>`` as an index of (manifest digest, platform) entries, as written."""
+    manifests = []
+    for digest, platform in entries:
+        body = upstream.manifest(digest)
+        manifests.append({"mediaType": DOCKER_MANIFEST_V2, "size": len(body), "digest": digest, "platform": platform})
+    document = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": manifests}
+    return upstream.add_manifest("library/app", tag, json.dumps(document).encode(), DOCKER_MANIFEST_LIST)
+
+
+async def test_a_moved_index_tag_fetches_the_platform_a_node_matches(
+    start_moorage: StartMoorage, upstream: FakeRegistry
+) -> None:
+    """A Windows node takes the entry of its own build, among several windows/amd64 ones: the
+    move fetched the first (another build's) and left the node's to fail. arm64 written with
+    and without its v8 variant is one platform."""
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s")
+    builds = {"ltsc2019": "10.0.17763.6414", "ltsc2022": "10.0.20348.2762"}
+
+    def release(version: str) -> tuple[str, dict[str, str]]:
+        images = {
+            name: upstream.add_image("library/app", None, [f"{name} {version}".encode()], os="windows").digest
+            for name in builds
+        }
+        images["arm64"] = upstream.add_image("library/app", None, [f"arm64 {version}".encode()]).digest
+        arm = {"os": "linux", "architecture": "arm64"} | ({"variant": "v8"} if version == "v2" else {})
+        entries = [
+            (images[name], {"os": "windows", "architecture": "amd64", "os.version": build})
+            for name, build in builds.items()
+        ]
+        return _index_of(upstream, "1", [*entries, (images["arm64"], arm)]), images
+
+    _, first = release("v1")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    for name in ("ltsc2022", "arm64"):
+        assert (await moorage.get(f"/v2/app/manifests/{first[name]}", headers=ALL)).status == 200
+    _, second = release("v2")
+    advance_clock(moorage, 3601)
+    upstream.reset_requests()
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "refreshed"
+    assert {name for name, digest in second.items() if upstream.count("GET", f"/manifests/{digest}")} == {
+        "ltsc2022",
+        "arm64",
+    }
+
+
 async def test_a_moved_index_tag_waits_a_bounded_time_for_a_platform_that_keeps_failing(
     start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A platform manifest the upstream keeps failing (an outage of its own) held every client
     that takes indexes on the old release for ever; a 429 waits for the budget to come back."""
-    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 0.5)
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s")
+    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 2.0)
+    # One try each: the hold's bounds are timed here, and retries' waits would blur them.
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
     _, first = _release(upstream, "v1", "amd64")
     assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
     assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
@@ -341,10 +388,17 @@ async def test_a_moved_index_tag_waits_a_bounded_time_for_a_platform_that_keeps_
     advance_clock(moorage, 3601)
     upstream.fail_next(1000, 500, paths=f"/manifests/{second['amd64']}")
     assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
-    await asyncio.sleep(0.6)  # past the back-off and the hold
+    await asyncio.sleep(1.5)  # past the back-off: the tag moved again meanwhile, still held
+    newer, third = _release(upstream, "v3", "amd64")
+    upstream.fail_next(1000, 500, paths=f"/manifests/{third['amd64']}")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    # Past the hold, counted from the first failure of a move of this tag (not of this move:
+    # a tag pushed more often than the hold lasts had been held for ever).
+    await asyncio.sleep(0.8)
     moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
-    assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "revalidated"
-    assert (await moorage.get(f"/v2/app/manifests/{second['amd64']}", headers=ALL)).status >= 500
+    assert moved.headers["Docker-Content-Digest"] == newer and moved.headers["X-Moorage-Cache"] == "revalidated"
+    assert (await moorage.get(f"/v2/app/manifests/{third['amd64']}", headers=ALL)).status >= 500
+    assert new != newer
 
 
 async def test_a_moved_index_tag_moves_past_a_platform_that_fails_for_good(
