@@ -17,7 +17,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from moorage.config import LifecyclePolicyError, LifecycleRule, Selection, load_lifecycle_policy, load_settings
+from moorage.config import (
+    ConfigError,
+    LifecyclePolicyError,
+    LifecycleRule,
+    Selection,
+    load_lifecycle_policy,
+    load_settings,
+)
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "moorage"
 KUBERNETES = "1.30"
@@ -528,6 +535,33 @@ def test_the_schema_names_the_lifecycle_values_moorage_takes() -> None:
     rule = definitions["lifecycleRule"]["properties"]
     assert set(rule) == set(LifecycleRule.model_fields)
     assert rule["action"]["properties"]["type"]["enum"] == ["expire"]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        *("ghcr.io", "Registry.Local:5000", "[FE80::1]:5000", "q.io:05000", "registry_1:5000"),
+        *("q.io:70000", "q.io:0", "q.io:", "...", "ghcr.io.", "a b.io"),
+    ],
+)
+def test_the_schema_takes_the_hosts_moorage_takes(host: str, tmp_path: Path) -> None:
+    """What the schema refuses fails the install; what it takes and Moorage refuses fails the
+    pod after an upgrade. The two agree on every host."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"upstreams": [{"host": host, "url": "https://q.io", "default": True}]}))
+    try:
+        load_settings(config)
+    except ConfigError:
+        moorage_takes = False
+    else:
+        moorage_takes = True
+    try:
+        render({"upstreams": [{"host": host, "url": "https://q.io", "default": True}]})
+    except helm.HelmValuesError:
+        schema_takes = False
+    else:
+        schema_takes = True
+    assert schema_takes == moorage_takes, (host, schema_takes, moorage_takes)
 
 
 def test_lint_finds_no_error() -> None:
