@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import math
@@ -108,10 +107,12 @@ class RegistryAuth(httpx.Auth):
         #: The scope the registry's challenges name when it is not a repository's (see
         #: ``async_auth_flow``): its token serves every path.
         self._registry_scope: str | None = None
-        #: The token service each scope was sent to (realm, service), by its challenge: once
-        #: its token expires, the next request for it gets another before it goes, not after
-        #: a 401. A scope never challenged (a repository served without a token) goes bare.
-        self._token_services: OrderedDict[str, dict[str, str]] = OrderedDict()
+        #: For each path's scope that was challenged: the token service its challenge named
+        #: (realm, service), and the scope a token was asked for (the challenge's, which may be
+        #: another: public.ecr.aws names "aws"). Once that token expires, the next request gets
+        #: another before it goes, not after a 401. A scope never challenged (a repository
+        #: served without a token) goes bare.
+        self._token_services: OrderedDict[str, tuple[dict[str, str], str]] = OrderedDict()
         self._fetching: dict[str, asyncio.Task[str]] = {}
         self._basic_up_front = False
         #: Refusals of the configured credentials held: by the scope a token service refused
@@ -241,13 +242,9 @@ class RegistryAuth(httpx.Auth):
         token = self._cached(scope) if scope else None
         if token is None and self._registry_scope is not None:
             token = self._cached(self._registry_scope)
-        service = self._token_services.get(scope) if token is None and scope else None
-        if service is not None and scope:
-            # Sent bare, it would be refused and sent again: at every token's expiry (5 minutes
-            # on Docker Hub) one more request to the registry, and a round trip more to wait.
-            # A token service that fails now leaves the request to go bare, as before.
-            with contextlib.suppress(UpstreamUnavailable, UpstreamRateLimited, UpstreamProtocolError):
-                token = await self._token(service, scope)
+        failed_ahead: tuple[tuple[str, str, str], UpstreamError] | None = None
+        if token is None and scope:
+            token, failed_ahead = await self._token_ahead(scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._basic_up_front and self._credentials:
@@ -260,17 +257,18 @@ class RegistryAuth(httpx.Auth):
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
             path_scope, scope = scope, params.get("scope") or scope
-            service = {key: params[key] for key in ("realm", "service") if params.get(key)}
-            for challenged in {scope, path_scope} - {None}:  # the path's, where the challenge names another
-                assert challenged is not None
-                self._token_services[challenged] = service
-                self._token_services.move_to_end(challenged)
-            while len(self._token_services) > MAX_CACHED_SCOPES:
-                self._token_services.popitem(last=False)
+            if path_scope and scope:
+                self._learn_token_service(path_scope, params, scope)
             fresh = self._cached(scope) if scope else None
             if fresh is None or fresh == token:
                 # No token yet, or the one we sent was refused: fetch one. A token another
                 # request fetched while this one waited for its 401 is used as it is.
+                if failed_ahead is not None and failed_ahead[0] == (
+                    params.get("realm", ""),
+                    params.get("service", ""),
+                    scope,
+                ):
+                    raise failed_ahead[1]
                 if scope:
                     self._tokens.pop(scope, None)
                 fresh = await self._token(params, scope)
@@ -291,6 +289,33 @@ class RegistryAuth(httpx.Auth):
                 self._refused(None, "the registry refused the configured credentials (HTTP 401)", 401)
         elif response.status_code < 400 and self._credentials:
             self._accepted(None, refusals_before)
+
+    async def _token_ahead(self, scope: str) -> tuple[str | None, tuple[tuple[str, str, str], UpstreamError] | None]:
+        """A token for a path's scope that was challenged before, fetched before its request
+        goes: sent bare, the request would be refused and sent again, at every token's expiry
+        (5 minutes on Docker Hub) one more request to the registry and a round trip more. A
+        token service that fails leaves the request to go bare, as before (a registry that no
+        longer asks for tokens serves it), with the failure and what it was asked, so that
+        the challenge is not sent to the same failing service again."""
+        known = self._token_services.get(scope)
+        if known is None:
+            return None, None
+        self._token_services.move_to_end(scope)
+        service, asked = known
+        token = self._cached(asked)
+        if token is not None:
+            return token, None
+        try:
+            return await self._token(service, asked), None
+        except (UpstreamUnavailable, UpstreamRateLimited, UpstreamProtocolError) as exc:
+            return None, ((service.get("realm", ""), service.get("service", ""), asked), exc)
+
+    def _learn_token_service(self, path_scope: str, challenge: dict[str, str], scope: str) -> None:
+        service = {key: challenge[key] for key in ("realm", "service") if challenge.get(key)}
+        self._token_services[path_scope] = (service, scope)
+        self._token_services.move_to_end(path_scope)
+        while len(self._token_services) > MAX_CACHED_SCOPES:
+            self._token_services.popitem(last=False)
 
     async def _token(self, challenge: dict[str, str], scope: str | None) -> str:
         held = self._holding(scope)

@@ -91,11 +91,23 @@ async def test_a_token_for_the_registrys_own_scope_is_sent_up_front_next_time() 
     assert list(auth._tokens) == ["aws"]
 
 
+class PerPath(Upstream):
+    """A registry whose challenge names the scope of the path asked for, as Docker Hub's does."""
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host != "auth.test":
+            name = request.url.path.removeprefix("/v2/").rsplit("/", 2)[0]
+            self.challenge = (
+                f'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:{name}:pull"'
+            )
+        return await super().__call__(request)
+
+
 async def test_a_scope_whose_token_expired_gets_another_before_it_goes() -> None:
     """Sent bare once its token had expired (5 minutes on Docker Hub), each request was refused
     and sent again: a 401 and one more request to the registry at every expiry, a round trip
     more for nearly every revalidation of a stale tag."""
-    upstream = Upstream(expires_in=1)
+    upstream = PerPath(expires_in=1)
     client, _ = make(upstream)
     assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
     assert (await client.get("/v2/library/busybox/manifests/1")).status_code == 200
@@ -145,6 +157,50 @@ async def test_a_repository_served_without_a_token_or_by_another_token_service_i
     assert (await client.get("/v2/public/other/manifests/1")).status_code == 200
     with pytest.raises(UpstreamUnavailable):  # bare, refused, no token to be had: as before
         await client.get("/v2/team-a/app/manifests/1")
+
+
+async def test_a_registry_scope_is_fetched_ahead_once_for_every_repository() -> None:
+    """public.ecr.aws's tokens are for its scope "aws", not a repository's: fetched ahead per
+    repository, each expiry had cost a token per repository against a registry that allows
+    anonymous clients about one request a second."""
+    upstream = Upstream(
+        expires_in=1, challenge='Bearer realm="https://auth.test/token",service="public.ecr.aws",scope="aws"'
+    )
+    client, auth = make(upstream)
+    for _ in range(2):
+        for number in range(5):
+            assert (await client.get(f"/v2/team/app-{number}/manifests/1")).status_code == 200
+        await asyncio.sleep(1.0)  # the token expired
+    assert [request.url.params["scope"] for request in upstream.token_requests] == ["aws", "aws"]
+    assert upstream.challenged == 1 and list(auth._tokens) == ["aws"]
+
+
+async def test_a_challenge_naming_another_scope_is_asked_for_that_scope_ahead() -> None:
+    """A registry whose challenge names a scope other than the path's: the token is the
+    challenge's, and so is the one fetched ahead (the path's was refused by its token service)."""
+    upstream = Upstream(expires_in=1)  # challenges always name library/alpine
+    client, _ = make(upstream)
+    for _ in range(3):
+        assert (await client.get("/v2/alpine/manifests/1")).status_code == 200
+        await asyncio.sleep(1.0)
+    assert {request.url.params["scope"] for request in upstream.token_requests} == {"repository:library/alpine:pull"}
+    assert upstream.challenged == 1
+
+
+async def test_a_failing_token_service_is_asked_once_per_request() -> None:
+    """A token service that fails when a token expired was asked ahead, then once more after
+    the bare request's 401: twice the wait for one that hangs, twice the requests to one that
+    limits them."""
+    upstream = PerPath(expires_in=1)
+    client, _ = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # the token expired
+    upstream.answer = b"<html>bad gateway</html>"  # the token service answers no token
+    asked = len(upstream.token_requests)
+    with pytest.raises(UpstreamProtocolError):
+        await client.get("/v2/library/alpine/manifests/1")
+    assert len(upstream.token_requests) - asked == 1
+    assert upstream.challenged == 2, "sent bare after the failure: a registry that asks no token serves it"
 
 
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
