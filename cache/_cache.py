@@ -259,9 +259,9 @@ class Cache:
         #: Prefetched blob -> the upstream host whose prefetch fetched it, until claimed.
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
-        #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``),
-        #: and since when (monotonic); until a move or the tag confirmed unchanged.
-        self._held_moves: dict[IndexKey, float] = {}
+        #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``):
+        #: the first and the last failure (monotonic); until a move or the tag confirmed unchanged.
+        self._held_moves: dict[IndexKey, tuple[float, float]] = {}
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
         self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
@@ -968,16 +968,27 @@ class Cache:
         except UpstreamRateLimited:
             raise
         except (UpstreamUnavailable, TimeoutError):
-            # Since the first failure of a move of this tag, wherever it moved meanwhile (a
-            # tag pushed more often than the hold would be held for ever); with the table
-            # full, a new one moves at once rather than restart every hold.
-            now = time.monotonic()
-            since = self._held_moves.get(ask.key)
-            if since is None and len(self._held_moves) < MAX_HELD_MOVES:
-                self._held_moves[ask.key] = since = now
-            if since is not None and now - since < MOVE_HOLD_SECONDS:
+            if self._still_held(ask.key):
                 raise
         self._held_moves.pop(ask.key, None)
+
+    def _still_held(self, key: IndexKey) -> bool:
+        """Whether a tag's move that just failed stays held: for ``MOVE_HOLD_SECONDS`` from the
+        first failure of a move of the tag, wherever it moved meanwhile (a tag pushed more often
+        than the hold lasts had been held for ever), unless the last failure is older than that
+        (a hold that ended with no pull since: a later outage is held anew)."""
+        now = time.monotonic()
+        first, last = self._held_moves.get(key, (now, now))
+        if now - last >= MOVE_HOLD_SECONDS:
+            first = now
+        if key not in self._held_moves and len(self._held_moves) >= MAX_HELD_MOVES:
+            self._held_moves = {
+                held: times for held, times in self._held_moves.items() if now - times[1] < MOVE_HOLD_SECONDS
+            }
+            if len(self._held_moves) >= MAX_HELD_MOVES:  # all in force: this tag moves, no other restarts
+                return False
+        self._held_moves[key] = (first, now)
+        return now - first < MOVE_HOLD_SECONDS
 
     async def _moved_to_stored(self, ask: _TagAsk, digest: Digest, held: StoredManifest) -> ManifestAnswer:
         """The tag now names ``digest``, a manifest the store holds: recorded, and answered

@@ -401,6 +401,28 @@ async def test_a_moved_index_tag_waits_a_bounded_time_for_a_platform_that_keeps_
     assert new != newer
 
 
+async def test_a_hold_that_ended_with_no_pull_since_does_not_cut_the_next_one_short(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nightly tag held through one night's outage, then left unpulled: its next move in an
+    outage went through at once onto a platform that could not be fetched."""
+    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 1.0)
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
+    _, first = _release(upstream, "v1", "amd64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
+    old = upstream.tags("library/app")["1"]
+    _, second = _release(upstream, "v2", "amd64")
+    advance_clock(moorage, 3601)
+    upstream.fail_next(1, 503, paths=f"/manifests/{second['amd64']}")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    await asyncio.sleep(1.2)  # the hold's time over, with no pull (and no failure) since
+    _, third = _release(upstream, "v3", "amd64")
+    upstream.fail_next(1000, 503, paths=f"/manifests/{third['amd64']}")
+    held = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert held.headers["X-Moorage-Cache"] == "stale" and held.headers["Docker-Content-Digest"] == old
+
+
 async def test_a_moved_index_tag_moves_past_a_platform_that_fails_for_good(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
