@@ -412,7 +412,7 @@ class UpstreamSettings(_Section):
 #: address in brackets, and an optional port. Labels may hold "_" too (a compose service's
 #: name), which earlier versions took and a route by prefix or default still reaches.
 _REGISTRY_HOST: Final = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?"
+    r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\])(?::([0-9]+))?"
 )
 
 

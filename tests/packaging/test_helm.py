@@ -540,8 +540,8 @@ def test_the_schema_names_the_lifecycle_values_moorage_takes() -> None:
 @pytest.mark.parametrize(
     "host",
     [
-        *("ghcr.io", "Registry.Local:5000", "[FE80::1]:5000", "q.io:05000", "registry_1:5000"),
-        *("q.io:70000", "q.io:0", "q.io:", "...", "ghcr.io.", "a b.io"),
+        *("ghcr.io", "Registry.Local:5000", "[FE80::1]:5000", "q.io:05000", "q.io:0000000443", "registry_1:5000"),
+        *("q.io:70000", "q.io:0", "q.io:000", "q.io:", "...", "ghcr.io.", "a b.io"),
     ],
 )
 def test_the_schema_takes_the_hosts_moorage_takes(host: str, tmp_path: Path) -> None:
