@@ -260,8 +260,9 @@ class Cache:
         self._unclaimed: OrderedDict[Digest, str] = OrderedDict()
         self._manifest_flights: SingleFlight[IndexKey, ManifestAnswer] = SingleFlight()
         #: Tags whose move to a new index waits for its platforms (``_fetch_platforms_in_use``):
-        #: the first and the last failure (monotonic); until a move or the tag confirmed unchanged.
-        self._held_moves: dict[IndexKey, tuple[float, float]] = {}
+        #: the first and the last failure (monotonic) and the index of the last; until a move or
+        #: the tag confirmed unchanged.
+        self._held_moves: dict[IndexKey, tuple[float, float, Digest]] = {}
         #: Tag lists and referrers lists (see ``_listings``), on this cache's clock as it is at
         #: each call (a test may move it).
         self.listings = Listings(self._index, lambda: self._clock(), self._stale, self._not_kept, self._known_under)  # noqa: PLW0108
@@ -968,18 +969,21 @@ class Cache:
         except UpstreamRateLimited:
             raise
         except (UpstreamUnavailable, TimeoutError):
-            if self._still_held(ask.key):
+            if self._still_held(ask.key, Digest.of(new_body)):
                 raise
         self._held_moves.pop(ask.key, None)
 
-    def _still_held(self, key: IndexKey) -> bool:
-        """Whether a tag's move that just failed stays held: for ``MOVE_HOLD_SECONDS`` from the
-        first failure of a move of the tag, wherever it moved meanwhile (a tag pushed more often
-        than the hold lasts had been held for ever), unless the last failure is older than that
-        (a hold that ended with no pull since: a later outage is held anew)."""
+    def _still_held(self, key: IndexKey, moving_to: Digest) -> bool:
+        """Whether a tag's move to ``moving_to`` that just failed stays held: for
+        ``MOVE_HOLD_SECONDS`` from the first failure of a move of the tag, wherever it moved
+        meanwhile (a tag pushed more often than the hold lasts had been held for ever). A
+        failure of the same move counts from its first however far apart they come (a tag
+        pulled less often than the hold lasts, or a long ``stale_backoff``, had held it for
+        ever); a move elsewhere after a hold that ended with no failure since is held anew (a
+        nightly tag held through one night's outage, its next outage)."""
         now = time.monotonic()
-        first, last = self._held_moves.get(key, (now, now))
-        if now - last >= MOVE_HOLD_SECONDS:
+        first, last, before = self._held_moves.get(key, (now, now, moving_to))
+        if before != moving_to and now - last >= MOVE_HOLD_SECONDS:
             first = now
         if key not in self._held_moves and len(self._held_moves) >= MAX_HELD_MOVES:
             self._held_moves = {
@@ -987,7 +991,7 @@ class Cache:
             }
             if len(self._held_moves) >= MAX_HELD_MOVES:  # all in force: this tag moves, no other restarts
                 return False
-        self._held_moves[key] = (first, now)
+        self._held_moves[key] = (first, now, moving_to)
         return now - first < MOVE_HOLD_SECONDS
 
     async def _moved_to_stored(self, ask: _TagAsk, digest: Digest, held: StoredManifest) -> ManifestAnswer:

@@ -423,6 +423,26 @@ async def test_a_hold_that_ended_with_no_pull_since_does_not_cut_the_next_one_sh
     assert held.headers["X-Moorage-Cache"] == "stale" and held.headers["Docker-Content-Digest"] == old
 
 
+async def test_a_hold_of_the_same_move_seen_rarely_ends_all_the_same(
+    start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag pulled less often than the hold lasts (most tags), or revalidated that seldom (a
+    long stale_backoff): each failure of the same move had opened a hold of its own, and the
+    tag never moved."""
+    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 1.0)
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
+    _, first = _release(upstream, "v1", "amd64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
+    new, second = _release(upstream, "v2", "amd64")
+    advance_clock(moorage, 3601)
+    upstream.fail_next(100000, 500, paths=f"/manifests/{second['amd64']}")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    await asyncio.sleep(1.1)  # the next pull, past the hold
+    moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "revalidated"
+
+
 async def test_a_moved_index_tag_moves_past_a_platform_that_fails_for_good(
     start_moorage: StartMoorage, upstream: FakeRegistry
 ) -> None:
