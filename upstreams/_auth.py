@@ -251,6 +251,8 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic_header()
         response = yield request
         if response.status_code != 401 or not self._is_ours(response.url):
+            if failed_ahead is not None and scope and self._is_ours(response.url):
+                self._token_services.pop(scope, None)  # served bare: it asks no token any more
             if response.status_code < 400 and self._credentials:
                 self._accepted(None, refusals_before)
             return
@@ -268,7 +270,8 @@ class RegistryAuth(httpx.Auth):
                     params.get("service", ""),
                     scope,
                 ):
-                    raise failed_ahead[1]
+                    failure = failed_ahead[1]
+                    raise self._refusal(failure, scope) if isinstance(failure, _RefusedAhead) else failure
                 if scope:
                     self._tokens.pop(scope, None)
                 fresh = await self._token(params, scope)
@@ -294,9 +297,11 @@ class RegistryAuth(httpx.Auth):
         """A token for a path's scope that was challenged before, fetched before its request
         goes: sent bare, the request would be refused and sent again, at every token's expiry
         (5 minutes on Docker Hub) one more request to the registry and a round trip more. A
-        token service that fails leaves the request to go bare, as before (a registry that no
-        longer asks for tokens serves it), with the failure and what it was asked, so that
-        the challenge is not sent to the same failing service again."""
+        token service that fails, or refuses, leaves the request to go bare, as before (a
+        registry that no longer asks for tokens serves it, and is no longer asked for one),
+        with the failure and what it was asked: the registry's challenge raises it, not the
+        same service asked again. A refusal ahead holds nothing and logs nothing until the
+        registry's challenge says a token is needed."""
         known = self._token_services.get(scope)
         if known is None:
             return None, None
@@ -306,8 +311,8 @@ class RegistryAuth(httpx.Auth):
         if token is not None:
             return token, None
         try:
-            return await self._token(service, asked), None
-        except (UpstreamUnavailable, UpstreamRateLimited, UpstreamProtocolError) as exc:
+            return await self._token(service, asked, ahead=True), None
+        except UpstreamError as exc:
             return None, ((service.get("realm", ""), service.get("service", ""), asked), exc)
 
     def _learn_token_service(self, path_scope: str, challenge: dict[str, str], scope: str) -> None:
@@ -317,7 +322,7 @@ class RegistryAuth(httpx.Auth):
         while len(self._token_services) > MAX_CACHED_SCOPES:
             self._token_services.popitem(last=False)
 
-    async def _token(self, challenge: dict[str, str], scope: str | None) -> str:
+    async def _token(self, challenge: dict[str, str], scope: str | None, *, ahead: bool = False) -> str:
         held = self._holding(scope)
         if held is not None:
             raise held
@@ -327,7 +332,19 @@ class RegistryAuth(httpx.Auth):
             task = asyncio.get_running_loop().create_task(self._fetch_token(challenge, scope))
             self._fetching[key] = task
             task.add_done_callback(lambda _: self._fetching.pop(key, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except _RefusedAhead as refused:
+            if ahead:
+                raise
+            raise self._refusal(refused, scope) from None
+
+    def _refusal(self, refused: _RefusedAhead, scope: str | None) -> UpstreamError:
+        """The token service's refusal, once a token is known to be needed: held and logged
+        once for every request that shared the fetch."""
+        if refused.converted is None:
+            refused.converted = self._token_refused(refused.status, scope)
+        return refused.converted
 
     def _token_refused(self, status: int, scope: str | None) -> UpstreamError:
         """The token service's 401 or 403. A repository not granted is no outage: ghcr.io,
@@ -374,7 +391,9 @@ class RegistryAuth(httpx.Auth):
         except httpx.HTTPError as exc:  # what is not the network's (a body it cannot decode)
             raise UpstreamUnavailable(self._upstream, f"token service at {realm.host}: {type(exc).__name__}") from None
         if status in (401, 403):
-            raise self._token_refused(status, scope)
+            # Held and logged by ``_refusal`` once a token is known to be needed: a fetch
+            # ahead may be for a registry that asks for none any more.
+            raise _RefusedAhead(self._upstream, f"token service answered HTTP {status}", status=status)
         if status == 429:  # the registry's rate limit, at its token service (auth.docker.io)
             raise UpstreamRateLimited(
                 self._upstream,
@@ -406,6 +425,13 @@ class RegistryAuth(httpx.Auth):
                 self._tokens.popitem(last=False)
         self._next_hold.pop(scope, None)  # granted: a later refusal of this scope holds 30 s again
         return token
+
+
+class _RefusedAhead(UpstreamAuthFailed):
+    """The token service's 401 or 403, before it is known whether a token is needed (see
+    ``RegistryAuth._refusal``)."""
+
+    converted: UpstreamError | None = None
 
 
 def _expires_in(value: object) -> float:

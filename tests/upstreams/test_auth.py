@@ -203,6 +203,70 @@ async def test_a_failing_token_service_is_asked_once_per_request() -> None:
     assert upstream.challenged == 2, "sent bare after the failure: a registry that asks no token serves it"
 
 
+class StoppedAsking(PerPath):
+    """A registry that stops asking for tokens (moved to htpasswd or to anonymous pulls) while
+    its old token service still answers, refusing: ``stopped``."""
+
+    stopped = False
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.stopped and request.url.host == "auth.test":
+            self.token_requests.append(request)
+            return httpx.Response(401, json={"details": "no such user"})
+        if self.stopped:
+            return httpx.Response(200, content=b"ok")
+        return await super().__call__(request)
+
+
+@pytest.mark.parametrize("credentials", [None, ("robot", "s3cret")], ids=["anonymous", "credentials"])
+async def test_a_registry_that_stops_asking_for_tokens_is_served_bare(credentials: tuple[str, str] | None) -> None:
+    """A token fetched ahead from the old token service was refused, and the refusal failed
+    every request the registry would have served (with credentials, holding them as refused
+    and logging so); each request waited for the token service first, for good."""
+    upstream = StoppedAsking(expires_in=1)
+    client, auth = make(upstream, credentials)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # the token expired
+    upstream.stopped = True
+    for _ in range(3):
+        assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    assert len(upstream.token_requests) == 2, "asked once ahead; served bare, it is asked no more"
+    assert auth._holding("repository:library/alpine:pull") is None and auth._holding(None) is None
+
+
+class Revoked(PerPath):
+    """A registry whose token service refuses the credentials once ``revoked``."""
+
+    revoked = False
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.revoked and request.url.host == "auth.test":
+            self.token_requests.append(request)
+            return httpx.Response(401, json={"details": "incorrect username or password"})
+        return await super().__call__(request)
+
+
+@pytest.mark.logs_errors("the upstream refused the configured credentials")
+async def test_credentials_refused_ahead_are_held_once_the_registry_asks_for_a_token(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused ahead, the credentials are held only once the registry's challenge says a token
+    is needed; then as always, and said once, so a registry that locks accounts after failed
+    sign-ins does not lock the cache's."""
+    upstream = Revoked(expires_in=1)
+    client, _ = make(upstream, ("robot", "s3cret"))
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # the token expired; the credentials were revoked meanwhile
+    upstream.revoked = True
+    asked = len(upstream.token_requests)
+    for _ in range(3):
+        with pytest.raises(UpstreamAuthFailed):
+            await client.get("/v2/library/alpine/manifests/1")
+    assert len(upstream.token_requests) - asked == 1, "asked ahead once, then held"
+    refused = [r for r in caplog.records if r.getMessage() == "the upstream refused the configured credentials"]
+    assert len(refused) == 1
+
+
 async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
     upstream = Upstream()
     client, _ = make(upstream)
