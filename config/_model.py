@@ -421,7 +421,8 @@ def _host_name(value: str) -> str:
     ``registry.local:5000``), lowercased."""
     value = value.strip().lower()
     host = _REGISTRY_HOST.fullmatch(value)
-    if host is None or (host[1] is not None and not 0 < int(host[1]) < 65536):
+    port = host[1].lstrip("0") if host is not None and host[1] is not None else None
+    if host is None or (port is not None and not (len(port) <= 5 and 0 < int(port or "0") < 65536)):
         raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
     return value
 

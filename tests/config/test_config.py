@@ -161,6 +161,11 @@ def test_registry_hosts_as_references_and_earlier_versions_write_them(tmp_path: 
             id="host_with_an_empty_port",
         ),
         pytest.param(
+            "upstreams:\n  - {host: 'q.io:" + "9" * 5000 + "', url: 'https://q.io'}\n",
+            "upstreams[0].host: not a registry host name: 'q.io:99999",
+            id="host_with_a_port_of_5000_digits",
+        ),
+        pytest.param(
             "upstreams:\n  - {host: 'q.io:70000', url: 'https://q.io'}\n",
             "upstreams[0].host: not a registry host name: 'q.io:70000'",
             id="host_with_a_port_out_of_range",
