@@ -373,21 +373,37 @@ async def test_a_moved_index_tag_fetches_the_platform_a_node_matches(
     }
 
 
+async def _held_move(
+    start_moorage: StartMoorage,
+    upstream: FakeRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    hold: float,
+    fault: int,
+    times: int,
+) -> tuple[Client, str, str, dict[str, str]]:
+    """``library/app:1`` pulled by an amd64 node, then moved to a release whose amd64 manifest
+    fails ``times`` times with ``fault``: the move is held and the old index answered stale.
+    One try per request: the hold's bounds are timed, and retries' waits would blur them.
+    Returns the client, the old index, the new one and the new release's manifests."""
+    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", hold)
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
+    old, first = _release(upstream, "v1", "amd64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
+    new, second = _release(upstream, "v2", "amd64")
+    advance_clock(moorage, 3601)
+    upstream.fail_next(times, fault, paths=f"/manifests/{second['amd64']}")
+    held = await moorage.get("/v2/app/manifests/1", headers=ALL)
+    assert held.headers["X-Moorage-Cache"] == "stale" and held.headers["Docker-Content-Digest"] == old
+    return moorage, old, new, second
+
+
 async def test_a_moved_index_tag_waits_a_bounded_time_for_a_platform_that_keeps_failing(
     start_moorage: StartMoorage, upstream: FakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A platform manifest the upstream keeps failing (an outage of its own) held every client
     that takes indexes on the old release for ever; a 429 waits for the budget to come back."""
-    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 2.0)
-    # One try each: the hold's bounds are timed here, and retries' waits would blur them.
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
-    _, first = _release(upstream, "v1", "amd64")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
-    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
-    new, second = _release(upstream, "v2", "amd64")
-    advance_clock(moorage, 3601)
-    upstream.fail_next(1000, 500, paths=f"/manifests/{second['amd64']}")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    moorage, _, new, _ = await _held_move(start_moorage, upstream, monkeypatch, hold=2.0, fault=500, times=1000)
     await asyncio.sleep(1.5)  # past the back-off: the tag moved again meanwhile, still held
     newer, third = _release(upstream, "v3", "amd64")
     upstream.fail_next(1000, 500, paths=f"/manifests/{third['amd64']}")
@@ -406,16 +422,7 @@ async def test_a_hold_that_ended_with_no_pull_since_does_not_cut_the_next_one_sh
 ) -> None:
     """A nightly tag held through one night's outage, then left unpulled: its next move in an
     outage went through at once onto a platform that could not be fetched."""
-    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 1.0)
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
-    _, first = _release(upstream, "v1", "amd64")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
-    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
-    old = upstream.tags("library/app")["1"]
-    _, second = _release(upstream, "v2", "amd64")
-    advance_clock(moorage, 3601)
-    upstream.fail_next(1, 503, paths=f"/manifests/{second['amd64']}")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    moorage, old, _, _ = await _held_move(start_moorage, upstream, monkeypatch, hold=1.0, fault=503, times=1)
     await asyncio.sleep(1.2)  # the hold's time over, with no pull (and no failure) since
     _, third = _release(upstream, "v3", "amd64")
     upstream.fail_next(1000, 503, paths=f"/manifests/{third['amd64']}")
@@ -429,15 +436,7 @@ async def test_a_hold_of_the_same_move_seen_rarely_ends_all_the_same(
     """A tag pulled less often than the hold lasts (most tags), or revalidated that seldom (a
     long stale_backoff): each failure of the same move had opened a hold of its own, and the
     tag never moved."""
-    monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", 1.0)
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
-    _, first = _release(upstream, "v1", "amd64")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
-    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
-    new, second = _release(upstream, "v2", "amd64")
-    advance_clock(moorage, 3601)
-    upstream.fail_next(100000, 500, paths=f"/manifests/{second['amd64']}")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).headers["X-Moorage-Cache"] == "stale"
+    moorage, _, new, _ = await _held_move(start_moorage, upstream, monkeypatch, hold=1.0, fault=500, times=100000)
     await asyncio.sleep(1.1)  # the next pull, past the hold
     moved = await moorage.get("/v2/app/manifests/1", headers=ALL)
     assert moved.headers["Docker-Content-Digest"] == new and moved.headers["X-Moorage-Cache"] == "revalidated"
