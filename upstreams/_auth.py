@@ -251,7 +251,7 @@ class RegistryAuth(httpx.Auth):
             request.headers["Authorization"] = self._basic_header()
         response = yield request
         if response.status_code != 401 or not self._is_ours(response.url):
-            if failed_ahead is not None and scope and self._is_ours(response.url):
+            if failed_ahead is not None and scope and response.status_code < 400 and self._is_ours(response.url):
                 self._token_services.pop(scope, None)  # served bare: it asks no token any more
             if response.status_code < 400 and self._credentials:
                 self._accepted(None, refusals_before)

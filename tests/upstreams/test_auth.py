@@ -234,6 +234,23 @@ async def test_a_registry_that_stops_asking_for_tokens_is_served_bare(credential
     assert auth._holding("repository:library/alpine:pull") is None and auth._holding(None) is None
 
 
+async def test_a_registry_failing_bare_after_a_failure_ahead_is_still_asked_for_tokens() -> None:
+    """A 5xx to the bare request says nothing of tokens: the scope's token service is kept."""
+    upstream = StoppedAsking(expires_in=1)
+    client, auth = make(upstream)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # the token expired
+    upstream.answer = b"no token"  # the token service fails ahead
+    calls = upstream.__call__
+
+    async def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503) if request.url.host != "auth.test" else await calls(request)
+
+    client._transport = httpx.MockTransport(down)
+    assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 503
+    assert "repository:library/alpine:pull" in auth._token_services
+
+
 class Revoked(PerPath):
     """A registry whose token service refuses the credentials once ``revoked``."""
 
