@@ -143,7 +143,11 @@ async def test_repair_goes_on_past_a_blob_it_can_neither_move_nor_remove(
     blobs after it were neither checked nor repaired, and none was listed."""
     store = tmp_path / "store"
     moorage = await start_moorage()
-    blobs = [upstream.add_blob(os.urandom(200_000)) for _ in range(3)]
+    blobs: list[str] = []
+    while len(blobs) < 3:  # each in a directory of its own: the stuck one's holds no other
+        digest = upstream.add_blob(os.urandom(200_000))
+        if digest[7:9] not in {other[7:9] for other in blobs}:
+            blobs.append(digest)
     for digest in blobs:
         await (await moorage.get(f"/v2/alpine/blobs/{digest}")).read()
     await until_settled(moorage)  # stored: a client has its last byte before the blob is put in place
