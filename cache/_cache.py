@@ -899,7 +899,7 @@ class Cache:
         held = await self._stored_manifest(current)
         if held is not None:  # moved back, or to what another tag pulled: no GET
             if stored is not None:
-                await self._fetch_platforms_in_use(ask, stored, held.body)
+                await self._fetch_platforms_in_use(ask, stored, held.body, current)
             return await self._moved_to_stored(ask, current, held)
         if stored is not None and stored.media_type in INDEX_MEDIA_TYPES:
             return await self._refresh_index(ask, stored, changed)
@@ -915,11 +915,13 @@ class Cache:
         self._prefetch(ask.source, ask.repository, fetched)
         if not kept:  # served all the same, as a tag's answer the store could not keep
             return ManifestAnswer(digest, fetched.media_type, fetched.body, changed, stored=False)
-        await self._fetch_platforms_in_use(ask, stored, fetched.body)
+        await self._fetch_platforms_in_use(ask, stored, fetched.body, digest)
         held = StoredManifest(fetched.body, fetched.media_type)
         return replace(await self._moved_to_stored(ask, digest, held), result=changed)
 
-    async def _fetch_platforms_in_use(self, ask: _TagAsk, old: StoredManifest, new_body: bytes) -> None:
+    async def _fetch_platforms_in_use(
+        self, ask: _TagAsk, old: StoredManifest, new_body: bytes, moving_to: Digest
+    ) -> None:
         """Before a tag moves from a cached index to another: the new one's manifests for the
         platforms clients pulled of the old one, fetched and kept. Recorded at once, a moved
         tag had sent its next pull to the upstream for them, and where that failed (a 429 once
@@ -969,7 +971,7 @@ class Cache:
         except UpstreamRateLimited:
             raise
         except (UpstreamUnavailable, TimeoutError):
-            if self._still_held(ask.key, Digest.of(new_body)):
+            if self._still_held(ask.key, moving_to):
                 raise
         self._held_moves.pop(ask.key, None)
 

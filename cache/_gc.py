@@ -95,19 +95,7 @@ def subject_of(body: bytes) -> Digest | None:
 def default_platform(body: bytes) -> Digest | None:
     """The manifest an index names for linux/amd64 (its first such entry), which Docker Hub and
     Distribution answer a client that takes no index with; None for anything else."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    entries = document.get("manifests") if isinstance(document, dict) else None
-    for entry in entries if isinstance(entries, list) else []:
-        platform = entry.get("platform") if isinstance(entry, dict) else None
-        if isinstance(platform, dict) and platform.get("os") == "linux" and platform.get("architecture") == "amd64":
-            try:
-                return parse_digest(str(entry.get("digest", "")))
-            except InvalidReference:
-                return None
-    return None
+    return next((digest for digest, platform in index_platforms(body).items() if platform[:2] == LINUX_AMD64), None)
 
 
 #: A platform as an index entry gives it, as a client matches it: os, architecture, variant
@@ -115,6 +103,7 @@ def default_platform(body: bytes) -> Digest | None:
 #: takes the entry of its own build; the revision changes with every patch release).
 Platform = tuple[str, str, str, str]
 _DEFAULT_VARIANTS: Final = {"arm64": "v8", "arm": "v7"}
+LINUX_AMD64: Final = ("linux", "amd64")
 
 
 def index_platforms(body: bytes) -> dict[Digest, Platform]:
