@@ -124,6 +124,8 @@ MAX_REVALIDATIONS: Final = 16
 #: keeps failing (but 429s: those wait for the budget); tags held at once, at most.
 MOVE_HOLD_SECONDS: Final = 600.0
 MAX_HELD_MOVES: Final = 4096
+#: Indexes within indexes followed for a moved tag's platforms (a node pulls through each).
+MAX_INDEX_NESTING: Final = 4
 #: Prefetched blobs no client of their upstream has asked for yet, remembered to answer the
 #: first one "prefetched".
 MAX_UNCLAIMED_PREFETCHES: Final = 4096
@@ -211,6 +213,9 @@ class Cache:
         self._hot = HotAnswers()
         self._usage: Usage = {}
         self._pulled: dict[IndexKey, float] = {}
+        #: The pulls of the batch being written: in neither ``_pulled`` nor the index until
+        #: it is (a tag's move asks both which platforms clients pulled).
+        self._pulled_writing: dict[IndexKey, float] = {}
         #: Manifests pulled from the store that the index does not record (see
         #: ``StoredManifest.recorded``), by media type; recorded with the next batch.
         self._unrecorded: dict[Digest, str] = {}
@@ -331,11 +336,15 @@ class Cache:
         """Write usage counters, pull times, store totals, read times and fingerprints of
         files known good, in one batch."""
         async with self._flushing:  # one at a time: each adds what changed since the last
-            await self._flush()
+            try:
+                await self._flush()
+            finally:
+                self._pulled_writing = {}  # written, or back in ``_pulled`` for the next try
 
     async def _flush(self) -> None:
         usage, self._usage = self._usage, {}
         pulled, self._pulled = self._pulled, {}
+        self._pulled_writing = pulled
         unrecorded, self._unrecorded = self._unrecorded, {}
         accessed = self._accessed
         # What was read in the last seconds stays in the live map: it protects those blobs from
@@ -879,17 +888,13 @@ class Cache:
         except HeadRefused:
             current = None
         if current is None:  # a HEAD that names no digest, or none taken: the GET tells
+            if stored is not None and stored.media_type in INDEX_MEDIA_TYPES:
+                return await self._refresh_index(ask, entry, stored, changed)
             answer = await self._fetch_tag(ask, result=changed)
             # Unchanged, but fetched all the same: not a change, and no answer from the store.
             return replace(answer, result="miss") if answer.digest == entry.digest else answer
         if current == entry.digest:
-            self._held_moves.pop(ask.key, None)  # moved back: a later move is held anew
-            confirmed = replace(entry, checked_at=self._clock())
-            try:
-                await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
-            except StoreFailure as failure:  # confirmed all the same: this process remembers it
-                self._not_kept("tag revalidated but not recorded", failure, digest=str(entry.digest))
-            self._hot.put_tag(ask.key, confirmed)
+            await self._confirm_tag(ask, entry)
             if stored is not None:
                 return ManifestAnswer(entry.digest, stored.media_type, stored.body, "revalidated")
             answer = await self._fetch_by_digest(ask.source, ask.repository, entry.digest)
@@ -897,22 +902,39 @@ class Cache:
                 return answer
             return replace(answer, result="revalidated")
         held = await self._stored_manifest(current)
-        if held is not None:  # moved back, or to what another tag pulled: no GET
-            if stored is not None:
-                await self._fetch_platforms_in_use(ask, stored, held.body, current)
-            return await self._moved_to_stored(ask, current, held)
+        if held is not None:  # moved back, or to what another tag pulled: no GET of it
+            fetched = stored is not None and await self._fetch_platforms_in_use(ask, stored, held.body, current)
+            moved = await self._moved_to_stored(ask, current, held)
+            return replace(moved, result=changed) if fetched else moved
         if stored is not None and stored.media_type in INDEX_MEDIA_TYPES:
-            return await self._refresh_index(ask, stored, changed)
+            return await self._refresh_index(ask, entry, stored, changed)
         return await self._fetch_tag(ask, result=changed)
 
-    async def _refresh_index(self, ask: _TagAsk, stored: StoredManifest, changed: CacheResult) -> ManifestAnswer:
-        """A tag that named a cached index moved: the new answer is fetched and kept, and the
-        tag recorded to it only once the platforms clients pulled of the old index are kept
-        too (see ``_fetch_platforms_in_use``)."""
+    async def _confirm_tag(self, ask: _TagAsk, entry: TagEntry) -> None:
+        """The upstream says the tag still names ``entry``'s digest: fresh from now."""
+        self._held_moves.pop(ask.key, None)  # moved back: a later move is held anew
+        confirmed = replace(entry, checked_at=self._clock())
+        try:
+            await asyncio.to_thread(self._index.put_tag, ask.key, confirmed)
+        except StoreFailure as failure:  # confirmed all the same: this process remembers it
+            self._not_kept("tag revalidated but not recorded", failure, digest=str(entry.digest))
+        self._hot.put_tag(ask.key, confirmed)
+
+    async def _refresh_index(
+        self, ask: _TagAsk, entry: TagEntry, stored: StoredManifest, changed: CacheResult
+    ) -> ManifestAnswer:
+        """A tag that named a cached index moved, or may have (its upstream's ``HEAD`` named no
+        digest): the new answer is fetched and kept, and the tag recorded to it only once the
+        platforms clients pulled of the old index are kept too (see
+        ``_fetch_platforms_in_use``). Recorded from the ``GET`` at once, a ``HEAD`` that names no
+        digest had moved the tag past a platform the upstream was failing."""
         fetched = await ask.source.get_manifest(ask.repository, ask.tag, ask.accept)
         where = f"manifest {ask.repository}:{ask.tag} from {ask.source.host}"
         digest, kept = await self._keep(ask.source.host, ask.repository, fetched, where, None, None)
         self._prefetch(ask.source, ask.repository, fetched)
+        if digest == entry.digest:  # unchanged, but fetched all the same: no answer from the store
+            await self._confirm_tag(ask, entry)
+            return ManifestAnswer(digest, fetched.media_type, fetched.body, "miss", stored=kept)
         if not kept:  # served all the same, as a tag's answer the store could not keep
             return ManifestAnswer(digest, fetched.media_type, fetched.body, changed, stored=False)
         await self._fetch_platforms_in_use(ask, stored, fetched.body, digest)
@@ -921,7 +943,7 @@ class Cache:
 
     async def _fetch_platforms_in_use(
         self, ask: _TagAsk, old: StoredManifest, new_body: bytes, moving_to: Digest
-    ) -> None:
+    ) -> bool:
         """Before a tag moves from a cached index to another: the new one's manifests for the
         platforms clients pulled of the old one, fetched and kept. Recorded at once, a moved
         tag had sent its next pull to the upstream for them, and where that failed (a 429 once
@@ -930,22 +952,25 @@ class Cache:
         store. A platform counts as pulled when a client pulled the old one's manifest (a pull
         time is recorded; what a move fetched has none), a platform as a client matches it
         (``_gc.Platform``: a Windows node its own build), and only the first entry for it is
-        fetched (the one a client picks); attestations (``unknown/unknown``) never are.
+        fetched (the one a client picks); attestations (``unknown/unknown``) never are. Where
+        that entry is itself an index, its own entry for the platform is fetched too (a node
+        pulls through both). Returns whether the upstream was asked for any.
 
         A fetch the upstream refuses for now (a 429, an outage, a timeout) fails the move, and
         the old index is served stale meanwhile: for as long as 429s last (the budget comes
         back), for at most ``MOVE_HOLD_SECONDS`` of other failures (a platform the upstream
         keeps failing must not hold the tag for ever). Any other failure (a digest mismatch,
-        a manifest too large, gone) lets the tag move: its clients are told, as before."""
+        a manifest too large, gone) lets the tag move: its clients are told, as before. A hold
+        that ends so is logged (``tag_move_unheld``): the platform's clients get errors next."""
         before = {
             digest: platform for digest, platform in index_platforms(old.body).items() if platform[0] != "unknown"
         }
         after = index_platforms(new_body)
         if not before or not after:
-            return
+            return False
         host, repository = ask.source.host, ask.repository
         keys = {digest: image_pulled_key(host, repository, digest) for digest in before}
-        lately = {digest for digest, key in keys.items() if key in self._pulled}
+        lately = {digest for digest, key in keys.items() if key in self._pulled or key in self._pulled_writing}
         earlier = {digest: key for digest, key in keys.items() if digest not in lately}
         recorded = await asyncio.to_thread(
             lambda: {digest for digest, key in earlier.items() if self._index.pulled_at(key) is not None}
@@ -956,24 +981,46 @@ class Cache:
             if platform in pulled:
                 wanted.setdefault(platform, digest)
         if not wanted:
-            return
+            return False
+        asked: list[Digest] = []
 
-        async def fetch(digest: Digest) -> None:
+        async def fetch(platform: Platform, digest: Digest, depth: int = 0) -> None:
             try:
-                await self._manifest_by_digest(ask.source, repository, digest)
+                answer = await self._manifest_by_digest(ask.source, repository, digest)
             except (UpstreamUnavailable, UpstreamRateLimited, TimeoutError):
+                asked.append(digest)
                 raise
             except (UpstreamError, CacheError):  # lasting: its clients hear of it as before
+                asked.append(digest)
                 return
+            if answer.result != "hit":
+                asked.append(digest)
+            if answer.media_type in INDEX_MEDIA_TYPES and depth < MAX_INDEX_NESTING:
+                inner = next((d for d, p in index_platforms(answer.body).items() if p == platform), None)
+                if inner is not None:
+                    await fetch(platform, inner, depth + 1)
 
         try:
-            await asyncio.gather(*(fetch(digest) for digest in wanted.values()))
+            await asyncio.gather(*(fetch(platform, digest) for platform, digest in wanted.items()))
         except UpstreamRateLimited:
             raise
-        except (UpstreamUnavailable, TimeoutError):
+        except (UpstreamUnavailable, TimeoutError) as exc:
             if self._still_held(ask.key, moving_to):
                 raise
+            log.warning(
+                "a moved tag's platform manifest could not be fetched for the whole hold: the tag moves,"
+                " and that platform's clients get the upstream's error",
+                extra={
+                    "event": "tag_move_unheld",
+                    "upstream": host,
+                    "repository": str(repository),
+                    "tag": str(ask.tag),
+                    "digest": str(moving_to),
+                    "error": error_text(exc),
+                },
+            )
         self._held_moves.pop(ask.key, None)
+        return bool(asked)
 
     def _still_held(self, key: IndexKey, moving_to: Digest) -> bool:
         """Whether a tag's move to ``moving_to`` that just failed stays held: for
