@@ -64,7 +64,9 @@ REFUSED_HOLD: Final = 30.0
 REFUSED_HOLD_MAX: Final = 900.0
 #: What a token must be to go in a header: visible ASCII (RFC 6750's b64token and more).
 _TOKEN_RE: Final = re.compile(r"[\x21-\x7e]+")
-_SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+#: Anchored at the end, as the routes are: a name may hold a component ``blobs`` or ``tags``
+#: (an upstream's URL may have a path before ``/v2/``).
+_SCOPE_PATH_RE: Final = re.compile(r"/v2/(.+)/(?:manifests/[^/]+|blobs/[^/]+|tags/list|referrers/[^/]+)$")
 
 
 log = logging.getLogger("moorage.upstreams")
@@ -105,8 +107,10 @@ class RegistryAuth(httpx.Auth):
         self._on_token_fetch = on_token_fetch
         self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: The scope the registry's challenges name when it is not a repository's (see
-        #: ``async_auth_flow``): its token serves every path.
+        #: ``async_auth_flow``): its token serves every path, and once it expires the next
+        #: request of any path gets another first, from the token service it came from.
         self._registry_scope: str | None = None
+        self._registry_service: tuple[dict[str, str], str] | None = None
         #: For each path's scope that was challenged: the token service its challenge named
         #: (realm, service), and the scope a token was asked for (the challenge's, which may be
         #: another: public.ecr.aws names "aws"). Once that token expires, the next request gets
@@ -243,18 +247,16 @@ class RegistryAuth(httpx.Auth):
         if token is None and self._registry_scope is not None:
             token = self._cached(self._registry_scope)
         failed_ahead: tuple[tuple[str, str, str], UpstreamError] | None = None
+        fetched_ahead: tuple[str, str, str] | None = None
         if token is None and scope:
-            token, failed_ahead = await self._token_ahead(scope)
+            token, fetched_ahead, failed_ahead = await self._token_ahead(scope)
         if token:
             request.headers["Authorization"] = f"Bearer {token}"
         elif self._basic_up_front and self._credentials:
             request.headers["Authorization"] = self._basic_header()
         response = yield request
         if response.status_code != 401 or not self._is_ours(response.url):
-            if failed_ahead is not None and scope and response.status_code < 400 and self._is_ours(response.url):
-                self._token_services.pop(scope, None)  # served bare: it asks no token any more
-            if response.status_code < 400 and self._credentials:
-                self._accepted(None, refusals_before)
+            self._unchallenged(response, scope, failed_ahead, refusals_before)
             return
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
         if scheme == "bearer" and params.get("realm"):
@@ -262,14 +264,13 @@ class RegistryAuth(httpx.Auth):
             if path_scope and scope:
                 self._learn_token_service(path_scope, params, scope)
             fresh = self._cached(scope) if scope else None
+            asked = (params.get("realm", ""), params.get("service", ""), scope or "")
+            if fresh is not None and fresh == token and fetched_ahead == asked:
+                return  # fetched for this request from this very service, and refused: no other
             if fresh is None or fresh == token:
                 # No token yet, or the one we sent was refused: fetch one. A token another
                 # request fetched while this one waited for its 401 is used as it is.
-                if failed_ahead is not None and failed_ahead[0] == (
-                    params.get("realm", ""),
-                    params.get("service", ""),
-                    scope,
-                ):
+                if failed_ahead is not None and failed_ahead[0] == asked:
                     failure = failed_ahead[1]
                     raise self._refusal(failure, scope) if isinstance(failure, _RefusedAhead) else failure
                 if scope:
@@ -279,6 +280,7 @@ class RegistryAuth(httpx.Auth):
                 # A registry whose challenge names a scope of its own (public.ecr.aws: "aws"):
                 # its token is sent up front next time, not after another 401.
                 self._registry_scope = scope
+                self._registry_service = ({key: params[key] for key in ("realm", "service") if params.get(key)}, scope)
             token = fresh
             request.headers["Authorization"] = f"Bearer {token}"
             yield request
@@ -293,7 +295,26 @@ class RegistryAuth(httpx.Auth):
         elif response.status_code < 400 and self._credentials:
             self._accepted(None, refusals_before)
 
-    async def _token_ahead(self, scope: str) -> tuple[str | None, tuple[tuple[str, str, str], UpstreamError] | None]:
+    def _unchallenged(
+        self,
+        response: httpx.Response,
+        scope: str | None,
+        failed_ahead: tuple[tuple[str, str, str], UpstreamError] | None,
+        refusals_before: int,
+    ) -> None:
+        """An answer that is no challenge of the registry's own."""
+        if response.status_code >= 400:
+            return
+        if failed_ahead is not None and scope and self._is_ours(response.url):
+            self._token_services.pop(scope, None)  # served bare: it asks no token any more
+            if failed_ahead[0][2] == self._registry_scope:
+                self._registry_service = None
+        if self._credentials:
+            self._accepted(None, refusals_before)
+
+    async def _token_ahead(
+        self, scope: str
+    ) -> tuple[str | None, tuple[str, str, str] | None, tuple[tuple[str, str, str], UpstreamError] | None]:
         """A token for a path's scope that was challenged before, fetched before its request
         goes: sent bare, the request would be refused and sent again, at every token's expiry
         (5 minutes on Docker Hub) one more request to the registry and a round trip more. A
@@ -301,19 +322,28 @@ class RegistryAuth(httpx.Auth):
         registry that no longer asks for tokens serves it, and is no longer asked for one),
         with the failure and what it was asked: the registry's challenge raises it, not the
         same service asked again. A refusal ahead holds nothing and logs nothing until the
-        registry's challenge says a token is needed."""
+        registry's challenge says a token is needed. A path never challenged goes with the
+        registry's own scope's token where its challenges name one (public.ecr.aws: every
+        repository served with one token, each had gone bare at its expiry).
+
+        Returns the token, what was asked for it when fetched now (realm, service, scope), and
+        a failure with what was asked."""
         known = self._token_services.get(scope)
         if known is None:
-            return None, None
-        self._token_services.move_to_end(scope)
-        service, asked = known
-        token = self._cached(asked)
+            known = self._registry_service
+            if known is None:
+                return None, None, None
+        else:
+            self._token_services.move_to_end(scope)
+        service, scope_asked = known
+        token = self._cached(scope_asked)
         if token is not None:
-            return token, None
+            return token, None, None
+        asked = (service.get("realm", ""), service.get("service", ""), scope_asked)
         try:
-            return await self._token(service, asked, ahead=True), None
+            return await self._token(service, scope_asked, ahead=True), asked, None
         except UpstreamError as exc:
-            return None, ((service.get("realm", ""), service.get("service", ""), asked), exc)
+            return None, None, (asked, exc)
 
     def _learn_token_service(self, path_scope: str, challenge: dict[str, str], scope: str) -> None:
         service = {key: challenge[key] for key in ("realm", "service") if challenge.get(key)}

@@ -175,6 +175,23 @@ async def test_a_registry_scope_is_fetched_ahead_once_for_every_repository() -> 
     assert upstream.challenged == 1 and list(auth._tokens) == ["aws"]
 
 
+async def test_a_registry_scope_that_expired_serves_repositories_never_challenged_without_a_401() -> None:
+    """Repositories served with the registry's own scope's token, never challenged themselves,
+    went bare once it expired: at once, a 401 and a second request each, at a registry that
+    allows anonymous clients about one request a second."""
+    upstream = Upstream(
+        expires_in=1, challenge='Bearer realm="https://auth.test/token",service="public.ecr.aws",scope="aws"'
+    )
+    client, _ = make(upstream)
+    for number in range(20):
+        assert (await client.get(f"/v2/team/app-{number}/manifests/1")).status_code == 200
+    assert upstream.challenged == 1
+    await asyncio.sleep(1.0)  # the token expired
+    answers = await asyncio.gather(*(client.get(f"/v2/team/app-{n}/manifests/1") for n in range(1, 20)))
+    assert [answer.status_code for answer in answers] == [200] * 19
+    assert upstream.challenged == 1 and len(upstream.token_requests) == 2
+
+
 async def test_a_challenge_naming_another_scope_is_asked_for_that_scope_ahead() -> None:
     """A registry whose challenge names a scope other than the path's: the token is the
     challenge's, and so is the one fetched ahead (the path's was refused by its token service)."""
@@ -232,6 +249,28 @@ async def test_a_registry_that_stops_asking_for_tokens_is_served_bare(credential
         assert (await client.get("/v2/library/alpine/manifests/1")).status_code == 200
     assert len(upstream.token_requests) == 2, "asked once ahead; served bare, it is asked no more"
     assert auth._holding("repository:library/alpine:pull") is None and auth._holding(None) is None
+
+
+class StoppedAskingForItsScope(StoppedAsking):
+    """As ``StoppedAsking``, for a registry whose challenges named a scope of its own."""
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not self.stopped and request.url.host != "auth.test":
+            return await Upstream.__call__(self, request)  # the challenge given: "aws"
+        return await super().__call__(request)
+
+
+async def test_a_registry_that_stops_asking_for_its_own_scope_s_token_is_asked_no_more() -> None:
+    upstream = StoppedAskingForItsScope(
+        expires_in=1, challenge='Bearer realm="https://auth.test/token",service="public.ecr.aws",scope="aws"'
+    )
+    client, _ = make(upstream)
+    assert (await client.get("/v2/team/app-0/manifests/1")).status_code == 200
+    await asyncio.sleep(1.0)  # the token expired
+    upstream.stopped = True
+    for number in range(1, 4):  # repositories never challenged: the registry scope's token ahead
+        assert (await client.get(f"/v2/team/app-{number}/manifests/1")).status_code == 200
+    assert len(upstream.token_requests) == 2, "asked once ahead; served bare, it is asked no more"
 
 
 async def test_a_registry_failing_bare_after_a_failure_ahead_is_still_asked_for_tokens() -> None:
@@ -294,6 +333,66 @@ async def test_a_late_401_uses_the_token_another_request_fetched() -> None:
     upstream.hold_401.set()
     assert first.status_code == 200 and (await late).status_code == 200
     assert upstream.tokens_issued == 1
+
+
+class Unheld(PerPath):
+    """Docker Hub for a name it does not have: a token is granted, and refused there."""
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host != "auth.test" and "/ghost/" in request.url.path:
+            self.challenged += 1
+            challenge = 'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:ghost:pull"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge + ',error="insufficient_scope"'})
+        return await super().__call__(request)
+
+
+async def test_a_token_fetched_ahead_and_refused_is_not_fetched_again_for_the_same_request() -> None:
+    """The token fetched for this very request from the service its challenge names: a second
+    fetch gets the same refusal, a token service round trip more at each expiry."""
+    upstream = Unheld(expires_in=1)
+    client, _ = make(upstream)
+    assert (await client.get("/v2/ghost/manifests/1")).status_code == 401
+    assert (len(upstream.token_requests), upstream.challenged) == (1, 2)  # bare, then with a token
+    await asyncio.sleep(1.0)  # expired
+    assert (await client.get("/v2/ghost/manifests/1")).status_code == 401
+    assert (len(upstream.token_requests), upstream.challenged) == (2, 3), "one token, one request"
+
+
+class GrantsAsked(PerPath):
+    """Each token grants the repository it was asked for, and no other (as Distribution's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.granted: dict[str, str] = {}
+        self.sent_for_another = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.test":
+            response = await super().__call__(request)
+            self.granted[f"t{self.tokens_issued}"] = request.url.params["scope"].split(":")[1]
+            return response
+        name = request.url.path.removeprefix("/v2/").rsplit("/", 2)[0]
+        granted = self.granted.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        if granted is not None and granted != name:
+            self.sent_for_another += 1
+            self.challenged += 1
+            challenge = f'Bearer realm="https://auth.test/token",service="registry.test",scope="repository:{name}:pull"'
+            return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+        return await super().__call__(request)
+
+
+async def test_a_repository_with_a_component_named_blobs_or_tags_has_a_token_of_its_own() -> None:
+    """``acme/blobs`` read as ``acme`` (the first ``/blobs/`` of the path): the two shared one
+    token, each request sent the other's and refused, and sent again."""
+    assert scope_for_path("/v2/acme/blobs/manifests/1") == "repository:acme/blobs:pull"
+    assert scope_for_path("/v2/acme/tags/blobs/sha256:x") == "repository:acme/tags:pull"
+    assert scope_for_path("/v2/acme/manifests/app/tags/list") == "repository:acme/manifests/app:pull"
+    upstream = GrantsAsked()
+    client, _ = make(upstream)
+    for _ in range(5):
+        assert (await client.get("/v2/acme/manifests/1")).status_code == 200
+        assert (await client.get("/v2/acme/blobs/manifests/1")).status_code == 200
+    assert upstream.sent_for_another == 0 and upstream.challenged == 2
 
 
 async def test_a_refused_token_is_replaced_once() -> None:
