@@ -28,6 +28,7 @@ import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -43,7 +44,7 @@ from ._paths import parse_v2_path
 from ._policy import AccessDenied, Requester, allows, authorize
 from ._sign_in_limits import RATE_LIMITER, CheckSlots
 from ._state import FAILURE_LINES, METRICS, notes
-from ._tokens import SERVICE, Grant, TokenInvalid, TokenKeys
+from ._tokens import SERVICE, Grant, TokenExpired, TokenInvalid, TokenKeys
 from .errors import Handler, OCIError, TooManyRequests
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
     "Unauthorized",
     "auth_middleware",
     "authorize_pull",
-    "check_password",
+    "sign_in_refusal",
 ]
 
 log = logging.getLogger("moorage")
@@ -314,12 +315,35 @@ class Authenticator:
     def login_grant(self, password: str) -> Grant | None:
         """What a login token given as a password grants (``moorage login-password``); None
         for anything else, the user's real password among them."""
-        if self.tokens is None or password.count(".") != 2 or not password.startswith("eyJ"):
+        if self.tokens is None or not _shaped_as_token(password):
             return None
         try:
             return self.tokens.verify(password, "login")
         except TokenInvalid:
             return None  # not one of ours: it may still be the user's real password
+
+    def ended_login_token(self, user: str, password: str) -> str | None:
+        """Why a login token of this cache, given as ``user``'s password, no longer signs in:
+        it expired, or its user was removed or changed password since. None for anything
+        else. Such a token cannot be a guess (its signature is this cache's): it was checked
+        as a password, charged to the client's budget of failed sign-ins and answered "wrong
+        password", and a CI fleet still holding yesterday's token throttled the jobs that
+        had today's."""
+        if self.tokens is None or not _shaped_as_token(password):
+            return None
+        try:
+            grant = self.tokens.verify(password, "login")
+        except TokenExpired as expired:
+            when = datetime.fromtimestamp(expired.expired_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return f"the login token expired at {when}; get another with moorage login-password"
+        except TokenInvalid:
+            return None
+        if grant.user == user and not self.still_valid(grant):
+            return (
+                f"the login token's user {user!r} was removed or changed password since it was issued;"
+                " get another with moorage login-password"
+            )
+        return None
 
     def still_valid(self, grant: Grant) -> bool:
         """A token's user still exists with the same password; an anonymous token only while
@@ -348,6 +372,11 @@ class Authenticator:
         return Unauthorized(message, headers=self.challenge(request, error))
 
 
+def _shaped_as_token(password: str) -> bool:
+    """Whether a password may be a token this cache signed (a JWT: three parts, a JSON header)."""
+    return password.count(".") == 2 and password.startswith("eyJ")
+
+
 def _note_kind(request: web.Request) -> None:
     """A pull refused before its handler is counted under its route's kind (a manifest's 401
     among manifests), not as ``other``; as the handler does, pushes and other methods stay
@@ -360,14 +389,19 @@ def _note_kind(request: web.Request) -> None:
             notes(request).kind = target.kind
 
 
-async def check_password(request: web.Request, user: str, password: str) -> bool:
-    """A sign-in's password, charged to the client's budget of failures (``/token`` and ``/v2/``
-    alike) before the check and refunded when it succeeds; 429 once that budget is spent. A
-    success already remembered costs nothing, and a sign-in being checked for another request
-    is waited for, not charged again."""
+async def sign_in_refusal(request: web.Request, user: str, password: str) -> str | None:
+    """Why a sign-in is refused, or None when it succeeds. Its password is charged to the
+    client's budget of failures (``/token`` and ``/v2/`` alike) before the check and refunded
+    when it succeeds; 429 once that budget is spent. A success already remembered costs
+    nothing, a sign-in being checked for another request is waited for, not charged again,
+    and a login token of this cache that ended is refused, saying so, and not charged."""
     authenticator = request.app[AUTHENTICATOR]
     if authenticator.users is not None and authenticator.users.remembered(user, password):
-        return True
+        return None
+    ended = authenticator.ended_login_token(user, password)
+    if ended is not None:
+        _log_auth_failed(request, user, ended)
+        return ended
     limiter, client = request.app[RATE_LIMITER], request.remote or ""
     running = authenticator.check_running(user, password)
     charged = running is None
@@ -394,7 +428,13 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
     if await asyncio.shield(running):  # a request that leaves does not end others' check
         if charged:
             limiter.refund(client, user)
-        return True
+        return None
+    refusal = "unknown user or wrong password"
+    _log_auth_failed(request, user, refusal)
+    return refusal
+
+
+def _log_auth_failed(request: web.Request, user: str, refusal: str) -> None:
     log.info(
         "authentication failed",
         extra={
@@ -403,9 +443,9 @@ async def check_password(request: web.Request, user: str, password: str) -> bool
             "client": request.remote,
             "request_id": notes(request).request_id,
             "path": request.path[:200],
+            "error": refusal,
         },
     )
-    return False
 
 
 def auth_middleware(authenticator: Authenticator) -> Middleware:
@@ -453,8 +493,9 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
         if credentials is None or authenticator.users is None:
             raise authenticator.refuse(request, "only credentials of a configured user are accepted")
         user, password = credentials
-        if not await check_password(request, user, password):
-            raise authenticator.refuse(request, "unknown user or wrong password")
+        refusal = await sign_in_refusal(request, user, password)
+        if refusal is not None:
+            raise authenticator.refuse(request, refusal)
         notes(request).user = user
         return await handler(request)
 

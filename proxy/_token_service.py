@@ -23,7 +23,7 @@ from aiohttp import web
 
 from moorage.upstreams.reference import InvalidReference, parse_repository
 
-from ._auth import AUTHENTICATOR, basic_credentials, check_password
+from ._auth import AUTHENTICATOR, basic_credentials, sign_in_refusal
 from ._state import SETTINGS, notes
 from .errors import OCIError
 
@@ -99,11 +99,11 @@ async def token_endpoint(request: web.Request) -> web.Response:
         if not authenticator.settings.anonymous_may_pull:
             raise TokenRefused("credentials required", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
         subject = ""
-    elif await check_password(request, user, password):
+    elif (refusal := await sign_in_refusal(request, user, password)) is None:
         subject = user
         notes(request).user = user
     else:
-        raise TokenRefused("unknown user or wrong password", headers={"WWW-Authenticate": 'Basic realm="moorage"'})
+        raise TokenRefused(refusal, headers={"WWW-Authenticate": 'Basic realm="moorage"'})
     lifetime = authenticator.settings.token_lifetime
     login = authenticator.login_grant(password) if subject and password else None
     if login is not None:  # a token from a login token ends with it, not token_lifetime after

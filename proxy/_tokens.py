@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from moorage.config import Settings
 
-__all__ = ["SERVICE", "Grant", "TokenInvalid", "TokenKeys", "key_path"]
+__all__ = ["SERVICE", "Grant", "TokenExpired", "TokenInvalid", "TokenKeys", "key_path"]
 
 SERVICE: Final = "moorage"
 ISSUER: Final = "moorage"
@@ -48,6 +48,15 @@ TokenKind = Literal["access", "login"]
 
 class TokenInvalid(Exception):
     """A token that is malformed, forged, expired, or of the other kind."""
+
+
+class TokenExpired(TokenInvalid):
+    """A token this cache signed, of the kind asked for, whose time is up at ``expired_at``
+    (seconds since the epoch)."""
+
+    def __init__(self, expired_at: float) -> None:
+        super().__init__("the token has expired")
+        self.expired_at = expired_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,18 +139,24 @@ class TokenKeys:
         remembered = self._verified.get(token) if kind == "access" else None
         if remembered is not None and remembered.expires_at > time.time() - LEEWAY:
             return remembered
+        audience = SERVICE if kind == "access" else LOGIN_AUDIENCE
         try:
             claims = jwt.decode(
                 token,
                 self._public,
                 algorithms=["ES256"],
-                audience=SERVICE if kind == "access" else LOGIN_AUDIENCE,
+                audience=audience,
                 issuer=ISSUER,
                 leeway=LEEWAY,
                 options={"require": ["exp", "iss", "aud", "sub"], "verify_iat": False, "verify_nbf": False},
             )
         except jwt.ExpiredSignatureError:
-            raise TokenInvalid("the token has expired") from None
+            # Signed by this key (the signature is checked first), but its expiry is checked
+            # before its audience and issuer: an expired token of the other kind is no such one.
+            claims = jwt.decode(token, options={"verify_signature": False})
+            if claims.get("aud") != audience or claims.get("iss") != ISSUER:
+                raise TokenInvalid("the token is not valid here: it is of another kind") from None
+            raise TokenExpired(float(claims["exp"])) from None
         except jwt.DecodeError:  # unreadable, or signed by another key: the decoder's words help no one
             raise TokenInvalid("the token is not one this cache issued") from None
         except jwt.InvalidTokenError as exc:

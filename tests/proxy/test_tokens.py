@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import moorage.proxy._tokens as tokens_module
 from moorage.config import PolicyRule
-from moorage.proxy._auth import USERS
+from moorage.proxy._auth import AUTHENTICATOR, USERS
 from moorage.proxy._logging import MalformedRequests
 from moorage.proxy._policy import AccessDenied, Requester, authorize
 from moorage.proxy._sign_in_limits import RATE_LIMITER, RateLimiter
-from moorage.proxy._tokens import TokenInvalid, TokenKeys
+from moorage.proxy._tokens import TokenExpired, TokenInvalid, TokenKeys
 from moorage.proxy.cli import main
 from moorage.upstreams.reference import ACCEPT_ALL_MANIFESTS
 from tests.fakes import FakeRegistry
@@ -520,6 +520,30 @@ async def test_failed_basic_sign_ins_on_v2_share_the_token_budget(
     assert (await moorage.get("/token", headers=basic("ci", PASSWORD))).status == 429
 
 
+async def test_a_login_token_that_ended_says_so_and_costs_no_sign_in_budget(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """An expired login token was checked as a password, answered "unknown user or wrong
+    password" and charged as a failed sign-in: a CI fleet behind one address still holding
+    yesterday's token throttled the jobs that had today's with 429s."""
+    moorage = await start_moorage(auth={**auth_files, "token_requests_per_minute": 3})
+    authenticator = moorage.app[AUTHENTICATOR]
+    assert authenticator.tokens is not None and authenticator.users is not None
+    version = authenticator.users.password_version("ci") or ""
+    expired = authenticator.tokens.issue("ci", frozenset(), -60, "login", password_version=version)
+    revoked = authenticator.tokens.issue("ci", frozenset(), 3600, "login", password_version="an older password")
+    for _ in range(5):
+        on_api = await moorage.get("/v2/", headers=basic("ci", expired))
+        assert on_api.status == 401 and "login token expired at" in await on_api.text()
+        on_token = await moorage.get("/token", headers=basic("ci", revoked))
+        assert on_token.status == 401 and "changed password since" in await on_token.text()
+    today = authenticator.tokens.issue("ci", frozenset(), 3600, "login", password_version=version)
+    assert (await moorage.get("/v2/", headers=basic("ci", today))).status == 200
+    assert (await moorage.get("/token", headers=basic("ci", today))).status == 200
+    guesses = [(await moorage.get("/v2/", headers=basic("ci", f"guess {n}"))).status for n in range(4)]
+    assert guesses == [401, 401, 401, 429], "a password guess is charged as before"
+
+
 async def test_the_challenge_takes_nothing_unchecked_from_the_request(
     start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
 ) -> None:
@@ -581,6 +605,23 @@ def test_a_token_remembered_as_verified_still_expires(monkeypatch: pytest.Monkey
     time.sleep(2.1)  # past its expiry, whichever second it was issued in
     with pytest.raises(TokenInvalid, match="expired"):
         keys.verify(token)
+
+
+def test_an_expired_token_of_the_other_kind_is_no_expired_token_of_this_one() -> None:
+    """The signature is checked before the expiry, the expiry before the kind: an expired
+    access token given as a password must not read as an expired login token."""
+    keys = TokenKeys(ec.generate_private_key(ec.SECP256R1()))
+    access = keys.issue("ci", frozenset({"alpine"}), lifetime=-60)
+    login = keys.issue("ci", frozenset(), lifetime=-60, kind="login")
+    with pytest.raises(TokenInvalid) as raised:
+        keys.verify(access, "login")
+    assert not isinstance(raised.value, TokenExpired)
+    with pytest.raises(TokenExpired) as expired:
+        keys.verify(login, "login")
+    assert time.time() - 70 < expired.value.expired_at < time.time() - 50
+    forged = TokenKeys(ec.generate_private_key(ec.SECP256R1())).issue("ci", frozenset(), -60, "login")
+    with pytest.raises(TokenInvalid, match="not one this cache issued"):
+        keys.verify(forged, "login")
 
 
 def test_a_token_issued_by_a_clock_ahead_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
