@@ -448,9 +448,11 @@ def preview(
     upstream: str | None = None,
     repository: str | None = None,
     now: float | None = None,
+    unreadable: set[str] | None = None,
 ) -> list[Expiry]:
     """``moorage lifecycle preview``: what a pass would expire now, changing nothing. Blocks;
-    safe beside a serving daemon."""
+    safe beside a serving daemon. A policy file that cannot be read raises, unless
+    ``unreadable`` collects its error, as a pass does (see :func:`plan`)."""
 
     def wanted(host: str, name: str) -> bool:
         return upstream in (None, host) and (repository is None or fnmatch.fnmatchcase(name, repository))
@@ -458,7 +460,14 @@ def preview(
     store = DirectoryStore(root)
     index = Index(index_dir(root))
     try:
-        return plan(store, index, policy_resolver(upstreams), time.time() if now is None else now, wanted=wanted)
+        return plan(
+            store,
+            index,
+            policy_resolver(upstreams),
+            time.time() if now is None else now,
+            wanted=wanted,
+            unreadable=unreadable,
+        )
     finally:
         index.close()
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from ._describe import describe_error, without_echoes
 from ._files import UnreadableFile, read_text
-from ._model import DEFAULT_UPSTREAMS, DURATION_KEYS, SKIP_FILES, Settings
+from ._model import DEFAULT_UPSTREAMS, DURATION_KEYS, SKIP_FILES, SKIP_POLICIES, Settings
 
 __all__ = ["CONFIG_ENV", "ConfigError", "load_settings", "settings_source"]
 
@@ -85,11 +85,16 @@ def settings_source(path: Path | None, environ: Mapping[str, str] | None = None)
 
 
 def load_settings(
-    path: Path | None = None, environ: Mapping[str, str] | None = None, *, skip_files: bool = False
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    skip_files: bool = False,
+    skip_policies: bool = False,
 ) -> Settings:
     """The settings from ``path`` (optional) overlaid with ``environ``'s ``MOORAGE_*`` keys.
     ``skip_files``: checked away from the machine that serves them, a lifecycle policy file
-    that is not there is passed over (one that is there is still checked)."""
+    that is not there is passed over (one that is there is still checked). ``skip_policies``:
+    for a command that reads each policy file where it uses it, none is read here."""
     environ = environ or {}
     data: dict[str, Any] = {}
     source = settings_source(path, environ)
@@ -99,7 +104,7 @@ def load_settings(
     for name in sorted(overrides):
         _apply_override(data, name, overrides[name], str(path) if path is not None else None)
     try:
-        return Settings.model_validate(data, context={SKIP_FILES: skip_files})
+        return Settings.model_validate(data, context={SKIP_FILES: skip_files, SKIP_POLICIES: skip_policies})
     except ValidationError as exc:
         raise ConfigError(
             source, [_with_variable(error, overrides) for error in without_echoes(exc.errors())]

@@ -268,11 +268,18 @@ class LifecycleBinding(_Section):
 
 #: Validation context of settings checked away from the machine that serves them.
 SKIP_FILES: Final = "skip_files"
+#: Validation context of settings loaded by a command that reads no policy, or reads each
+#: where it uses it (``login-password``, ``ls``, ``lifecycle preview``): a policy file a live
+#: edit broke holds back its own repositories in the daemon, not every other command.
+SKIP_POLICIES: Final = "skip_policies"
 
 
 def _check_policy(path: Path, info: ValidationInfo) -> None:
     """A policy file must load when the settings do (it is read again at every pass). Checked
-    away from the serving machine (``SKIP_FILES``), one that is not there is passed over."""
+    away from the serving machine (``SKIP_FILES``), one that is not there is passed over;
+    with ``SKIP_POLICIES``, none is read."""
+    if info.context and info.context.get(SKIP_POLICIES):
+        return
     if info.context and info.context.get(SKIP_FILES) and not path.exists():
         return
     try:

@@ -30,6 +30,7 @@ import click
 from prometheus_client.parser import text_string_to_metric_families
 
 from moorage.cache import (
+    Expiry,
     StoreFailure,
     StoreSummary,
     collect_garbage,
@@ -43,7 +44,6 @@ from moorage.config import (
     CONFIG_ENV,
     AuthSettings,
     ConfigError,
-    LifecyclePolicyError,
     Settings,
     UnreadableFile,
     duration_text,
@@ -96,11 +96,13 @@ def settings_file(config: Path | None) -> Path | None:
     return config
 
 
-def settings_from(config: Path | None, code: int = EXIT_USAGE) -> Settings:
+def settings_from(config: Path | None, code: int = EXIT_USAGE, *, policies: bool = False) -> Settings:
     """The settings from ``--config``, else ``$MOORAGE_CONFIG``, else defaults; overlaid with
-    ``MOORAGE_*``. A bad file ends the command with exit code ``code`` (2)."""
+    ``MOORAGE_*``. A bad file ends the command with exit code ``code`` (2). Lifecycle policy
+    files are checked only with ``policies`` (serving): other commands read none, or each
+    where they use it, so one that a live edit broke stops none of them."""
     try:
-        return load_settings(settings_file(config), os.environ)
+        return load_settings(settings_file(config), os.environ, skip_policies=not policies)
     except ConfigError as error:
         fail(str(error), code)
 
@@ -206,7 +208,7 @@ def serve_command(config: Path | None) -> None:
     registry.k8s.io, gcr.io, public.ecr.aws and mcr.microsoft.com on 0.0.0.0:5000, with the
     store in ./moorage-data.
     """
-    settings = settings_from(config)
+    settings = settings_from(config, policies=True)
     source = settings_source(settings_file(config), os.environ)
     doubts = check_files(settings, source)
     configure_logging(settings.log_level, settings.log_format)
@@ -746,10 +748,18 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
     _require_store(path)
     if not any(u.lifecycle for u in settings.upstreams):
         click.echo("moorage: no upstream has a lifecycle policy (lifecycle_policy_file, lifecycle_policies)", err=True)
-    try:
-        expiries = preview_lifecycle(path, settings.upstreams, upstream=upstream, repository=repository)
-    except LifecyclePolicyError as error:
-        fail(str(error))
+    unreadable: set[str] = set()
+    expiries = preview_lifecycle(
+        path, settings.upstreams, upstream=upstream, repository=repository, unreadable=unreadable
+    )
+    for error in sorted(unreadable):  # as the daemon does: their repositories are left as they are
+        click.echo(f"moorage: error: {error}: the repositories it binds are left out", err=True)
+    _print_expiries(expiries, output)
+    if unreadable:
+        sys.exit(1)
+
+
+def _print_expiries(expiries: list[Expiry], output: str) -> None:
     if output == "json":
         for expiry in expiries:
             image = expiry.image

@@ -273,6 +273,17 @@ async def test_pulls_succeed_while_gc_eviction_and_lifecycle_run(
         await pull(moorage, "team/app", tag)
 
 
+KEEP_ONE_RELEASE = {
+    "rules": [
+        {
+            "rulePriority": 1,
+            "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 1},
+            "action": {"type": "expire"},
+        }
+    ]
+}
+
+
 def cache_upstreams(policy: Path) -> list[UpstreamSettings]:
     return [UpstreamSettings(host="docker.io", url="http://127.0.0.1:9", lifecycle_policy_file=policy)]
 
@@ -304,6 +315,21 @@ async def test_a_policy_file_broken_by_an_edit_holds_back_only_its_own_repositor
     [failed] = [r for r in caplog.records if getattr(r, "event", "") == "maintenance_failed"]
     assert "team.json: not valid JSON" in failed.__dict__["error"]
     caplog.clear()  # the one error this test expects
+
+    # The commands beside the daemon: each had refused to run, login-password among them.
+    await moorage.app[CACHE].flush()
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(settings.model_dump(mode="json")))
+    listed = CliRunner().invoke(main, ["ls", "--config", str(config)])
+    assert listed.exit_code == 0 and "team/app" in listed.output, listed.output
+    other.write_text(json.dumps(KEEP_ONE_RELEASE))  # v1 expired: this expires v2 too
+    preview = CliRunner().invoke(main, ["lifecycle", "preview", "--config", str(config), "--format", "json"])
+    assert preview.exit_code == 1
+    assert "team.json: not valid JSON" in preview.stderr and "left out" in preview.stderr
+    assert [json.loads(line)["tags"] for line in preview.stdout.splitlines()] == [["v2"]]
+    for command in (["check-config", str(config)], ["serve", "--config", str(config)]):
+        refused = CliRunner().invoke(main, command)  # a (re)start refuses it: the file is to mend
+        assert refused.exit_code == 2 and "team.json: not valid JSON" in refused.output, command
 
 
 async def with_policy(
