@@ -260,6 +260,13 @@ class LifecycleBinding(_Section):
     repositories: str = "*"
     policy_file: RequiredPath
 
+    @field_validator("repositories")
+    @classmethod
+    def _lower_case(cls, value: str) -> str:
+        if value != value.lower():  # as the access policy's globs: it never matched, silently
+            raise ValueError(f"{value!r} can never match: repository names are lower case, write {value.lower()!r}")
+        return value
+
     @model_validator(mode="after")
     def _readable(self, info: ValidationInfo) -> LifecycleBinding:
         _check_policy(self.policy_file, info)
@@ -350,6 +357,28 @@ class UpstreamSettings(_Section):
         if value is not None:
             _check_policy(value, info)
         return value
+
+    @model_validator(mode="after")
+    def _bindings_can_match(self) -> UpstreamSettings:
+        """Globs that can never match this upstream's repository names, refused as the access
+        policy's are: an ECR user writing the host form of ``auth.policy`` (``ghcr.io/team/*``),
+        or Docker Hub's short name (``alpine``, stored as ``library/alpine``), had a policy
+        that never applied, and the preview's "0 images would expire" looked like success."""
+        hosts = {name for name in (self.host, *self.aliases) if "." in name or ":" in name}
+        for position, binding in enumerate(self.lifecycle_policies):
+            glob, key = binding.repositories, f"lifecycle_policies[{position}].repositories"
+            head, _, rest = glob.partition("/")
+            if head in hosts and rest:
+                raise ValueError(
+                    f"{key}: {glob!r} names this upstream's host; the globs here are over its repository"
+                    f" names alone: write {rest!r}"
+                )
+            if self.adds_library_prefix and "/" not in glob and not any(mark in glob for mark in "*?["):
+                raise ValueError(
+                    f"{key}: {glob!r} can never match: one-component names of this upstream are stored as"
+                    f" library/<name>: write 'library/{glob}'"
+                )
+        return self
 
     @property
     def lifecycle(self) -> tuple[LifecycleBinding, ...]:

@@ -520,6 +520,40 @@ def test_the_schema_refuses_the_lifecycle_rules_moorage_refuses(name: str, tmp_p
             assert by_kind(render(values), "ConfigMap")
 
 
+@pytest.mark.parametrize(
+    ("host", "glob", "said"),
+    [
+        ("ghcr.io", "Team/*", "lower case"),
+        ("ghcr.io", "ghcr.io/team/*", "upstream's host"),
+        ("docker.io", "alpine", "library/<name>"),
+    ],
+)
+def test_lifecycle_globs_that_can_never_match_are_refused_by_the_chart_and_the_settings(
+    host: str, glob: str, said: str, tmp_path: Path
+) -> None:
+    """A glob in the host form of the access policy, with a capital, or Docker Hub's short
+    name: the policy never applied, and nothing said so (a preview's "0 images would expire"
+    reads as success). Refused alike by the chart and at the pod's start."""
+    policy = {"rules": [GOOD_RULES["any_not_pulled"]]}
+    upstream = {"host": host, "url": f"https://{host}", "lifecyclePolicies": [{"repositories": glob, "policy": policy}]}
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as caught:
+        render({"upstreams": [upstream]})
+    assert said in str(caught.value) or "does not match" in str(caught.value)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    config = tmp_path / "config.yaml"
+    binding = {"repositories": glob, "policy_file": str(path)}
+    config.write_text(
+        json.dumps({"upstreams": [{"host": host, "url": f"https://{host}", "lifecycle_policies": [binding]}]})
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_settings(config)
+    assert said in str(refused.value) and "lifecycle_policies[0].repositories" in str(refused.value)
+    fixed = {"Team/*": "team/*", "ghcr.io/team/*": "team/*", "alpine": "library/alpine"}[glob]
+    upstream["lifecyclePolicies"] = [{"repositories": fixed, "policy": policy}]
+    assert by_kind(render({"upstreams": [upstream]}), "ConfigMap")
+
+
 def test_the_schema_names_the_lifecycle_values_moorage_takes() -> None:
     """The schema's lists of names are the policy model's, so neither refuses what the other takes."""
     definitions = json.loads((CHART / "values.schema.json").read_text())["definitions"]

@@ -108,6 +108,13 @@ upstreams:
     {{- with .lifecyclePolicies }}
     lifecycle_policies:
     {{- range $i, $binding := . }}
+    {{- /* As the settings refuse them at the pod's start: globs that can never match. */}}
+    {{- if hasPrefix (printf "%s/" $host) $binding.repositories }}
+    {{- fail (printf "upstreams: %s: lifecyclePolicies[%d].repositories %q names the upstream's host; the globs are over its repository names alone" $host $i $binding.repositories) }}
+    {{- end }}
+    {{- if and (eq $host "docker.io") (not (regexMatch "[/*?\\[]" $binding.repositories)) }}
+    {{- fail (printf "upstreams: docker.io: lifecyclePolicies[%d].repositories %q can never match: one-component names are stored as library/<name>" $i $binding.repositories) }}
+    {{- end }}
       - repositories: {{ $binding.repositories | quote }}
         policy_file: {{ printf "/etc/moorage/settings/%s" (include "moorage.lifecycleFile" (list $host $i)) | quote }}
     {{- end }}
