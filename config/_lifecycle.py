@@ -9,7 +9,9 @@ images, a pattern has at most four ``*``, ``countUnit`` (``days``) goes with the
 types only, ``countNumber`` is at least 1.
 
 One difference, because a cache has no archive tier: ``sinceImagePulled`` may ``expire``
-(in ECR it may only ``transition``). Evaluation lives in ``moorage.cache``.
+(in ECR it may only ``transition``). ECR's ``storageClass: standard`` (every cached image is
+standard) is taken and changes nothing; ``archive``, ``sinceImageTransitioned`` and the
+``transition`` action are refused, saying why. Evaluation lives in ``moorage.cache``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from ._describe import describe_error, without_echoes
 from ._files import UnreadableFile, read_text
@@ -27,6 +29,7 @@ from ._files import UnreadableFile, read_text
 __all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
 
 MAX_WILDCARDS = 4
+_NO_ARCHIVE = "the cache has no archive tier"
 
 
 class LifecyclePolicyError(ValueError):
@@ -44,6 +47,22 @@ class Selection(_Strict):
     countType: Literal["imageCountMoreThan", "sinceImagePushed", "sinceImagePulled"]
     countUnit: Literal["days"] | None = None
     countNumber: StrictInt = Field(ge=1)
+    #: ECR's storage class of the images selected: every cached image is ``standard``.
+    storageClass: Literal["standard"] | None = None
+
+    @field_validator("storageClass", mode="before")
+    @classmethod
+    def _no_archive(cls, value: object) -> object:
+        if value == "archive":
+            raise ValueError(f"archive: {_NO_ARCHIVE} (every cached image is standard)")
+        return value
+
+    @field_validator("countType", mode="before")
+    @classmethod
+    def _no_transitions(cls, value: object) -> object:
+        if value == "sinceImageTransitioned":
+            raise ValueError(f"sinceImageTransitioned: {_NO_ARCHIVE}, so no image is ever transitioned")
+        return value
 
     @model_validator(mode="after")
     def _ecr_rules(self) -> Selection:
@@ -85,6 +104,13 @@ def _pattern(text: str) -> re.Pattern[str]:
 
 class Action(_Strict):
     type: Literal["expire"]
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _no_transition(cls, value: object) -> object:
+        if value == "transition":
+            raise ValueError(f"transition: {_NO_ARCHIVE} to move images to; use expire")
+        return value
 
 
 class LifecycleRule(_Strict):

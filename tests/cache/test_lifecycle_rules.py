@@ -229,6 +229,33 @@ def test_ecr_refuses_these_policies_and_so_do_we(rules: list[dict[str, Any]], pr
     assert problem in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"selection": {"storageClass": "archive"}}, "archive: the cache has no archive tier"),
+        ({"selection": {"countType": "sinceImageTransitioned"}}, "sinceImageTransitioned: the cache has no archive"),
+        ({"action": {"type": "transition", "targetStorageClass": "archive"}}, "transition: the cache has no archive"),
+    ],
+)
+def test_rules_of_the_archive_tier_are_refused_saying_why(
+    change: dict[str, dict[str, str]], problem: str, tmp_path: Path
+) -> None:
+    """ECR's current template writes storageClass: standard, taken as it is (every cached
+    image is standard); it had been refused as an unknown key, with every policy copied
+    from an ECR console. What needs an archive tier is refused, saying that is why."""
+    path = tmp_path / "policy.json"
+    standard = rule(1, "any", "sinceImagePulled", 30)
+    standard["selection"]["storageClass"] = "standard"
+    path.write_text(json.dumps({"rules": [standard]}))
+    assert load_lifecycle_policy(path).rules[0].selection.storageClass == "standard"
+    archived = rule(1, "any", "sinceImagePulled", 30)
+    for part, values in change.items():
+        archived[part] = {**archived[part], **values}
+    path.write_text(json.dumps({"rules": [archived]}))
+    with pytest.raises(LifecyclePolicyError, match=problem):
+        load_lifecycle_policy(path)
+
+
 def test_count_unit_goes_with_the_since_types_only(tmp_path: Path) -> None:
     path = tmp_path / "policy.json"
     with_unit = rule(1, "untagged", "sinceImagePushed", 1)

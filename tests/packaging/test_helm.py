@@ -472,6 +472,9 @@ BAD_RULES = {
     "age_without_a_unit": _rule(countUnit=None),
     "action_unknown": {**_rule(), "action": {"type": "delete"}},
     "priority_zero": {**_rule(), "rulePriority": 0},
+    "archive_selected": _rule(storageClass="archive"),
+    "since_transitioned": _rule(countType="sinceImageTransitioned"),
+    "transition": {**_rule(), "action": {"type": "transition", "targetStorageClass": "archive"}},
 }
 GOOD_RULES = {
     "any_not_pulled": _rule(),
@@ -480,6 +483,7 @@ GOOD_RULES = {
     ),
     "tagged_by_pattern_pushed": _rule(tagStatus="tagged", tagPatternList=["*a*b*c*d"], countType="sinceImagePushed"),
     "untagged_described": {**_rule(tagStatus="untagged"), "description": "old builds"},
+    "standard_storage_class": _rule(storageClass="standard"),  # ECR's template writes it
     "nulls_for_what_is_unsaid": {  # as YAML's ~ writes them; Moorage takes None for unset
         **_rule(tagStatus="untagged", countType="imageCountMoreThan", countUnit=None),
         "selection": {
