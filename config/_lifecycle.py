@@ -173,5 +173,21 @@ def load_lifecycle_policy(path: Path) -> LifecyclePolicy:
     try:
         return LifecyclePolicy.model_validate(document)
     except ValidationError as exc:
-        problems = [describe_error(error) for error in without_echoes(exc.errors())]
+        problems = [
+            _with_priority(describe_error(error), error["loc"], document) for error in without_echoes(exc.errors())
+        ]
         raise LifecyclePolicyError(f"{path}: " + "; ".join(problems)) from None
+
+
+def _with_priority(line: str, where: tuple[int | str, ...], document: object) -> str:
+    """``rules[1]…`` as ``rules[1] (rulePriority 20)…``: preview and the logs name rules by
+    priority, and with priorities 10, 20, 30 a position is easily misread as one."""
+    if len(where) < 2 or where[0] != "rules" or not isinstance(where[1], int) or not isinstance(document, dict):
+        return line
+    rules = document.get("rules")
+    entry = rules[where[1]] if isinstance(rules, list) and where[1] < len(rules) else None
+    priority = entry.get("rulePriority") if isinstance(entry, dict) else None
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        return line
+    position = f"rules[{where[1]}]"
+    return line.replace(position, f"{position} (rulePriority {priority})", 1)

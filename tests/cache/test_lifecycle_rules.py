@@ -256,6 +256,19 @@ def test_rules_of_the_archive_tier_are_refused_saying_why(
         load_lifecycle_policy(path)
 
 
+def test_an_error_names_the_rule_by_its_priority_too(tmp_path: Path) -> None:
+    """Preview and the logs name rules by priority; with priorities 10 and 20, rules[1] read
+    as rule 1."""
+    path = tmp_path / "policy.json"
+    rules = [
+        rule(10, "tagged", "imageCountMoreThan", 1, tagPrefixList=["v"]),
+        rule(20, "tagged", "sinceImagePushed", 1),
+    ]
+    path.write_text(json.dumps({"rules": rules}))
+    with pytest.raises(LifecyclePolicyError, match=r"rules\[1\] \(rulePriority 20\)\.selection: tagStatus tagged"):
+        load_lifecycle_policy(path)
+
+
 def test_count_unit_goes_with_the_since_types_only(tmp_path: Path) -> None:
     path = tmp_path / "policy.json"
     with_unit = rule(1, "untagged", "sinceImagePushed", 1)
@@ -281,7 +294,7 @@ def test_a_bad_policy_file_is_a_config_error_naming_the_key_and_the_file(tmp_pat
         load_settings(config)
     message = str(caught.value)
     assert str(config) in message
-    assert f"upstreams[0].lifecycle_policy_file: {policy}: rules[0].selection: " in message
+    assert f"upstreams[0].lifecycle_policy_file: {policy}: rules[0] (rulePriority 1).selection: " in message
     assert "tagStatus tagged needs exactly one" in message
 
 

@@ -333,7 +333,8 @@ def test_a_policy_rule_in_error_is_reported_once(tmp_path: Path) -> None:
     path = write(tmp_path, f"upstreams:\n  - {{host: a.io, url: 'https://a.io', lifecycle_policy_file: {policy}}}\n")
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
-    assert str(caught.value).endswith(f"{policy}: rules[0].selection.countNumber: must be at least 1, not 0")
+    said = f"{policy}: rules[0] (rulePriority 1).selection.countNumber: must be at least 1, not 0"
+    assert str(caught.value).endswith(said)
     empty = tmp_path / "empty.json"
     empty.write_text('{"rules": []}')
     with pytest.raises(ConfigError, match="rules: must list at least 1 entry"):
