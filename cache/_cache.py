@@ -1007,8 +1007,9 @@ class Cache:
         except (UpstreamUnavailable, TimeoutError) as exc:
             if self._still_held(ask.key, moving_to):
                 raise
+            held = self._held_moves.get(ask.key)  # none: too many tags held at once to hold it
             log.warning(
-                "a moved tag's platform manifest could not be fetched for the whole hold: the tag moves,"
+                "a moved tag's platform manifest could not be fetched and its hold is over: the tag moves,"
                 " and that platform's clients get the upstream's error",
                 extra={
                     "event": "tag_move_unheld",
@@ -1016,6 +1017,7 @@ class Cache:
                     "repository": str(repository),
                     "tag": str(ask.tag),
                     "digest": str(moving_to),
+                    "held_seconds": round(held[1] - held[0], 1) if held is not None else 0,
                     "error": error_text(exc),
                 },
             )

@@ -373,7 +373,7 @@ class UpstreamSettings(_Section):
                     f"{key}: {glob!r} names this upstream's host; the globs here are over its repository"
                     f" names alone: write {rest!r}"
                 )
-            if self.adds_library_prefix and "/" not in glob and not any(mark in glob for mark in "*?["):
+            if self.adds_library_prefix and "/" not in glob and glob[:1] not in ("*", "?", "["):
                 raise ValueError(
                     f"{key}: {glob!r} can never match: one-component names of this upstream are stored as"
                     f" library/<name>: write 'library/{glob}'"

@@ -44,9 +44,11 @@ from moorage.config import (
     CONFIG_ENV,
     AuthSettings,
     ConfigError,
+    LifecyclePolicyError,
     Settings,
     UnreadableFile,
     duration_text,
+    load_lifecycle_policy,
     load_settings,
     parse_duration,
     parse_size,
@@ -749,6 +751,12 @@ def preview(upstream: str | None, repository: str | None, output: str, config: P
     if not any(u.lifecycle for u in settings.upstreams):
         click.echo("moorage: no upstream has a lifecycle policy (lifecycle_policy_file, lifecycle_policies)", err=True)
     unreadable: set[str] = set()
+    for host in settings.upstreams:  # each read now: one covering nothing stored yet is said too
+        for binding in host.lifecycle if upstream in (None, host.host) else ():
+            try:
+                load_lifecycle_policy(binding.policy_file)
+            except LifecyclePolicyError as problem:
+                unreadable.add(str(problem))
     expiries = preview_lifecycle(
         path, settings.upstreams, upstream=upstream, repository=repository, unreadable=unreadable
     )

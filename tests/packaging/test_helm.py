@@ -530,6 +530,8 @@ def test_the_schema_refuses_the_lifecycle_rules_moorage_refuses(name: str, tmp_p
         ("ghcr.io", "Team/*", "lower case"),
         ("ghcr.io", "ghcr.io/team/*", "upstream's host"),
         ("docker.io", "alpine", "library/<name>"),
+        ("docker.io", "alp*", "library/<name>"),
+        ("registry.k8s.io", "k8s.gcr.io/pause", "upstream's host"),  # by an alias
     ],
 )
 def test_lifecycle_globs_that_can_never_match_are_refused_by_the_chart_and_the_settings(
@@ -539,21 +541,24 @@ def test_lifecycle_globs_that_can_never_match_are_refused_by_the_chart_and_the_s
     name: the policy never applied, and nothing said so (a preview's "0 images would expire"
     reads as success). Refused alike by the chart and at the pod's start."""
     policy = {"rules": [GOOD_RULES["any_not_pulled"]]}
-    upstream = {"host": host, "url": f"https://{host}", "lifecyclePolicies": [{"repositories": glob, "policy": policy}]}
+    aliases = ["k8s.gcr.io"] if host == "registry.k8s.io" else []
+    binding = {"repositories": glob, "policy": policy}
+    upstream = {"host": host, "url": f"https://{host}", "aliases": aliases, "lifecyclePolicies": [binding]}
     with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as caught:
         render({"upstreams": [upstream]})
     assert said in str(caught.value) or "does not match" in str(caught.value)
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(policy))
     config = tmp_path / "config.yaml"
-    binding = {"repositories": glob, "policy_file": str(path)}
-    config.write_text(
-        json.dumps({"upstreams": [{"host": host, "url": f"https://{host}", "lifecycle_policies": [binding]}]})
-    )
+    bound = {"repositories": glob, "policy_file": str(path)}
+    settings = {"host": host, "url": f"https://{host}", "aliases": aliases, "lifecycle_policies": [bound]}
+    config.write_text(json.dumps({"upstreams": [settings]}))
     with pytest.raises(ConfigError) as refused:
         load_settings(config)
     assert said in str(refused.value) and "lifecycle_policies[0].repositories" in str(refused.value)
-    fixed = {"Team/*": "team/*", "ghcr.io/team/*": "team/*", "alpine": "library/alpine"}[glob]
+    fixed = {"Team/*": "team/*", "ghcr.io/team/*": "team/*", "alpine": "library/alpine", "alp*": "*/alp*"}.get(
+        glob, "pause"
+    )
     upstream["lifecyclePolicies"] = [{"repositories": fixed, "policy": policy}]
     assert by_kind(render({"upstreams": [upstream]}), "ConfigMap")
 

@@ -327,6 +327,10 @@ async def test_a_policy_file_broken_by_an_edit_holds_back_only_its_own_repositor
     assert preview.exit_code == 1
     assert "team.json: not valid JSON" in preview.stderr and "left out" in preview.stderr
     assert [json.loads(line)["tags"] for line in preview.stdout.splitlines()] == [["v2"]]
+    # A broken file covering nothing the preview looks at is said all the same: a policy tried
+    # with preview before any of its repositories is cached had read as "0 images would expire".
+    narrowed = CliRunner().invoke(main, ["lifecycle", "preview", "--config", str(config), "--repository", "other/*"])
+    assert narrowed.exit_code == 1 and "team.json: not valid JSON" in narrowed.stderr
     for command in (["check-config", str(config)], ["serve", "--config", str(config)]):
         refused = CliRunner().invoke(main, command)  # a (re)start refuses it: the file is to mend
         assert refused.exit_code == 2 and "team.json: not valid JSON" in refused.output, command

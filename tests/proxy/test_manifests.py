@@ -583,6 +583,7 @@ async def test_a_hold_that_ends_with_the_platform_still_failing_is_logged(
     (unheld,) = [r for r in caplog.records if getattr(r, "event", "") == "tag_move_unheld"]
     assert unheld.levelno == logging.WARNING
     assert (unheld.tag, unheld.digest) == ("1", new) and "503" in unheld.error  # type: ignore[attr-defined]
+    assert unheld.held_seconds >= 1.0  # type: ignore[attr-defined]
     assert await metric(moorage, "moorage_cache_results_total", kind="manifest", result="refreshed") == 1
 
 

@@ -102,6 +102,7 @@ upstreams:
     ca_file: {{ printf "/etc/moorage/ca/%d/ca.crt" $i | quote }}
     {{- end }}
     {{- $host := .host }}
+    {{- $aliases := .aliases | default list }}
     {{- if .lifecyclePolicy }}
     lifecycle_policy_file: {{ printf "/etc/moorage/settings/%s" (include "moorage.lifecycleFile" (list $host "all")) | quote }}
     {{- end }}
@@ -109,10 +110,12 @@ upstreams:
     lifecycle_policies:
     {{- range $i, $binding := . }}
     {{- /* As the settings refuse them at the pod's start: globs that can never match. */}}
-    {{- if hasPrefix (printf "%s/" $host) $binding.repositories }}
+    {{- range $name := prepend $aliases $host }}
+    {{- if and (regexMatch "[.:]" $name) (hasPrefix (printf "%s/" $name) $binding.repositories) }}
     {{- fail (printf "upstreams: %s: lifecyclePolicies[%d].repositories %q names the upstream's host; the globs are over its repository names alone" $host $i $binding.repositories) }}
     {{- end }}
-    {{- if and (eq $host "docker.io") (not (regexMatch "[/*?\\[]" $binding.repositories)) }}
+    {{- end }}
+    {{- if and (eq $host "docker.io") (not (contains "/" $binding.repositories)) (not (regexMatch "^[*?\\[]" $binding.repositories)) }}
     {{- fail (printf "upstreams: docker.io: lifecyclePolicies[%d].repositories %q can never match: one-component names are stored as library/<name>" $i $binding.repositories) }}
     {{- end }}
       - repositories: {{ $binding.repositories | quote }}
