@@ -31,7 +31,7 @@ COPY --from=builder /opt/moorage /opt/moorage
 # or replaced by mounting another file at /etc/moorage/config.yaml.
 RUN mkdir -p /etc/moorage \
  && printf '%s\n' \
-      'listen: "0.0.0.0:5000"' \
+      'listen: ":5000"' \
       'storage:' \
       '  path: /var/lib/moorage' \
       'log_format: json' \

@@ -2,12 +2,13 @@
 
 One frozen pydantic model per section. Unknown keys are errors (a typo such as ``tag_tll``
 must not pass silently). Defaults run with no file at all: Docker Hub as the default upstream
-plus the other big public registries, anonymously, on ``0.0.0.0:5000`` with the store in
+plus the other big public registries, anonymously, on port 5000 of every address with the store in
 ``./moorage-data``. Each room receives only its own section.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -485,8 +486,8 @@ MAX_SEND_TIMEOUT: Final = (2**31 - 1) // 1000
 
 
 class Settings(_Section):
-    #: ``host:port`` to listen on.
-    listen: str = "0.0.0.0:5000"
+    #: ``host:port`` to listen on; no host (``:5000``): every address, IPv4 and IPv6.
+    listen: str = ":5000"
     storage: StorageSettings = StorageSettings()
     #: Default freshness of a tag→digest answer; older answers are revalidated with HEAD.
     tag_ttl: Seconds = 900.0
@@ -524,7 +525,7 @@ class Settings(_Section):
     @classmethod
     def _port_alone(cls, value: object) -> object:
         if isinstance(value, int) and not isinstance(value, bool):  # listen: 5000
-            raise ValueError(f'must be host:port, quoted, e.g. "0.0.0.0:{value}", not {value}')
+            raise ValueError(f'must be host:port, quoted, e.g. ":{value}" (every address), not {value}')
         return value
 
     @field_validator("listen", "metrics_listen")
@@ -532,9 +533,16 @@ class Settings(_Section):
     def _listen(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        _, sep, port = value.rpartition(":")
+        host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"not a listen address: {value!r} (expected host:port, e.g. 0.0.0.0:5000)")
+            raise ValueError(
+                f"not a listen address: {value!r} (expected host:port, e.g. :5000 for every address, 0.0.0.0:5000)"
+            )
+        bracketed = host.startswith("[") and host.endswith("]")
+        if ":" in host and not bracketed:  # fd00::2:5000: which part is the port?
+            raise ValueError(f"not a listen address: {value!r} (an IPv6 address goes in brackets: [{host}]:{port})")
+        if bracketed and not _is_ipv6(host[1:-1]):
+            raise ValueError(f"not a listen address: {value!r} ({host} is no IPv6 address)")
         return value
 
     @field_validator("metrics_listen")
@@ -545,8 +553,8 @@ class Settings(_Section):
         if value is None or listen is None:
             return value
         (host, port), (pull_host, pull_port) = split_address(value), split_address(listen)
-        every = {"0.0.0.0", "::"}
-        if port == pull_port != 0 and (host == pull_host or host in every or pull_host in every):
+        every = {"", "0.0.0.0", "::"}
+        if port == pull_port != 0 and (_same_host(host, pull_host) or host in every or pull_host in every):
             raise ValueError(
                 f"{value!r} is the address listen takes ({listen!r}): give the metrics a port of their own,"
                 " or leave metrics_listen unset to serve /metrics on listen"
@@ -624,9 +632,25 @@ def _host_like(name: str) -> bool:
 
 
 def split_address(value: str) -> tuple[str, int]:
-    """(host, port) of a validated ``host:port``; an empty host means every address."""
+    """(host, port) of a validated ``host:port``, an IPv6 address without its brackets; an
+    empty host means every address, IPv4 and IPv6."""
     host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]"), int(port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _same_host(one: str, other: str) -> bool:
+    """Whether two listen hosts are one (``::1`` and ``0:0::1`` are)."""
+    try:
+        return ipaddress.ip_address(one) == ipaddress.ip_address(other)
+    except ValueError:
+        return one == other
 
 
 def _duration_keys(*sections: type[BaseModel]) -> frozenset[str]:

@@ -222,6 +222,12 @@ def client_warnings(
             f"kind's nodes are containers, where {host} is the node itself: give an address the nodes "
             "reach, such as the host's address on the kind network (docker network inspect kind)"
         )
+    if ":" in host and client != "docker":  # an IPv6 address, in brackets in the URL
+        if client == "podman":
+            what = "podman 4 refuses a mirror location with an IPv6 address, and fails every pull it mirrors"
+        else:
+            what = "containerd before 2.0 cannot read an IPv6 address in brackets, and pulls past the cache"
+        warnings.append(f"{what}: give the cache a name the nodes resolve (/etc/hosts) and use it in --url")
     if client == "podman":
         for upstream in upstreams:
             if _unnamed_by_path(upstream, default):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -70,11 +72,26 @@ class ListenFailed(Exception):
     """A listener could not be opened; the message names its setting and address."""
 
 
-async def _start(site: web.TCPSite, key: str, address: str) -> None:
+async def _listen(
+    runner: web.AppRunner, key: str, address: str, ssl_context: ssl.SSLContext | None = None
+) -> web.TCPSite:
+    """A started site on ``address`` (``settings.listen`` or ``metrics_listen``). No host means
+    every address, IPv4 and IPv6 (as a Go server's ``:5000``: a pod of an IPv6-only cluster is
+    probed and reached on its IPv6 address); where the machine has no IPv6, IPv4 alone."""
+    host, port = split_address(address)
+    site = web.TCPSite(runner, host or None, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as error:
-        raise ListenFailed(f"cannot listen on {address} ({key}): {error.strerror or error}") from None
+        if host or error.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            raise ListenFailed(f"cannot listen on {address} ({key}): {error.strerror or error}") from None
+        await site.stop()
+        log.warning(
+            "no IPv6 here: listening on IPv4 addresses alone",
+            extra={"event": "listen_ipv4_only", "listen": address, "error": error.strerror or str(error)},
+        )
+        return await _listen(runner, key, f"0.0.0.0:{port}", ssl_context)
+    return site
 
 
 def _close_stalled_connections(site: web.TCPSite, seconds: float) -> None:
@@ -131,19 +148,13 @@ async def serve(settings: Settings, version: str) -> None:
     loop = asyncio.get_running_loop()
     try:
         await main_runner.setup()
-        site = web.TCPSite(
-            main_runner, settings.listen_host, settings.listen_port, ssl_context=tls.context if tls else None
-        )
-        await _start(site, "listen", settings.listen)
+        site = await _listen(main_runner, "listen", settings.listen, tls.context if tls else None)
         _close_stalled_connections(site, settings.client_send_timeout)
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(metrics_app(app), access_log=None)
             runners.append(metrics_runner)
             await metrics_runner.setup()
-            metrics_host, metrics_port = split_address(settings.metrics_listen)
-            await _start(
-                web.TCPSite(metrics_runner, metrics_host, metrics_port), "metrics_listen", settings.metrics_listen
-            )
+            await _listen(metrics_runner, "metrics_listen", settings.metrics_listen)
         log.info(
             "listening",
             extra={"event": "listening", "listen": settings.listen, "metrics_listen": settings.metrics_listen},

@@ -207,7 +207,7 @@ def serve_command(config: Path | None) -> None:
     """Run the cache.
 
     With no settings file it mirrors Docker Hub (the default upstream) and ghcr.io, quay.io,
-    registry.k8s.io, gcr.io, public.ecr.aws and mcr.microsoft.com on 0.0.0.0:5000, with the
+    registry.k8s.io, gcr.io, public.ecr.aws and mcr.microsoft.com on port 5000, with the
     store in ./moorage-data.
     """
     settings = settings_from(config, policies=True)
@@ -282,7 +282,7 @@ def healthcheck(url: str | None, timeout: str, config: Path | None) -> None:
         settings = settings_from(config, unhealthy)
         host, port = settings.listen_host, settings.listen_port
         scheme = "https" if settings.tls is not None else "http"
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # asyncio binds "::" to IPv6 alone
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # "::" is IPv6 alone
         url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"  # an IPv6 address in brackets
         if settings.tls is not None:  # its own listener: the name in the certificate may differ
             context = ssl.create_default_context()

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.integration.harness import images
 from tests.integration.harness.moorage import MoorageProcess
@@ -31,7 +32,7 @@ def main() -> None:
         images.push_blob(registry.url, "library/t", blob)
         blob.unlink()
         for tls in (False, True):
-            settings = {"tls": {"cert_file": str(cert), "key_file": str(key)}} if tls else {}
+            settings: dict[str, Any] = {"tls": {"cert_file": str(cert), "key_file": str(key)}} if tls else {}
             upstreams = [{"host": "docker.io", "url": registry.url, "default": True}]
             with MoorageProcess(work / f"moorage-{tls}", upstreams, **settings) as moorage:
                 url = f"{moorage.url}/v2/t/blobs/{digest}"

@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_mirror_docker_hub_and_the_big_public_registries() -> None:
     settings = load_settings()
-    assert settings.listen == "0.0.0.0:5000"
+    assert settings.listen == ":5000"
     assert settings.storage.path == Path("./moorage-data")
     assert settings.tag_ttl == 900
     hosts = [u.host for u in settings.upstreams]
@@ -108,7 +108,16 @@ def test_registry_hosts_as_references_and_earlier_versions_write_them(tmp_path: 
         pytest.param("tag_tll: 1m\n", "tag_tll: unknown key", id="typo_key"),
         pytest.param("tag_ttl: soon\n", "tag_ttl: not a duration", id="bad_duration"),
         pytest.param("listen: localhost\n", "listen: not a listen address", id="bad_listen"),
-        pytest.param("listen: 5000\n", 'listen: must be host:port, quoted, e.g. "0.0.0.0:5000"', id="listen_a_port"),
+        pytest.param("listen: 5000\n", 'listen: must be host:port, quoted, e.g. ":5000"', id="listen_a_port"),
+        pytest.param(
+            "listen: 'fd00::2:5000'\n", "an IPv6 address goes in brackets: [fd00::2]:5000", id="listen_ipv6_unbracketed"
+        ),
+        pytest.param("listen: '[fd00::zz]:5000'\n", "[fd00::zz] is no IPv6 address", id="listen_ipv6_not_an_address"),
+        pytest.param(
+            "listen: '[::1]:5002'\nmetrics_listen: '[0:0::1]:5002'\n",
+            "is the address listen takes ('[::1]:5002')",
+            id="metrics_on_the_same_address_written_otherwise",
+        ),
         pytest.param(
             "auth:\n  policy:\n    - {effect: deny, repositories: [R1.Local/team/Secret]}\n",
             "auth.policy[0]: repositories: 'R1.Local/team/Secret' can never match: names are lower case,"

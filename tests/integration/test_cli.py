@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,39 @@ def test_a_metrics_listener_that_cannot_listen_is_named(upstream: Upstream, tmp_
         result = moorage("serve", config=config, check=False)
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{busy} (metrics_listen)" in result.stderr, result.stderr
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_listen_address_without_a_host_takes_ipv4_and_ipv6_clients(upstream: Upstream, tmp_path: Path) -> None:
+    """The default was 0.0.0.0:5000, IPv4 alone, and "[::]" is IPv6 alone: in an IPv6-only
+    cluster the kubelet probes the pod's IPv6 address and the Service sends IPv6, so the
+    chart's pod never got ready. ":5000" (the default now, the chart's too) takes both, as a
+    Go server's does; a machine without IPv6 gets IPv4 alone, said in the log."""
+    metrics_port = free_port()
+    daemon = MoorageProcess(
+        tmp_path, upstream_settings(upstream.registry), listen_host="", metrics_listen=f":{metrics_port}"
+    )
+    port = daemon.port
+    try:
+        families = ["127.0.0.1", "[::1]"] if _ipv6_loopback() else ["127.0.0.1"]
+        for host in families:
+            for at, path in ((port, "/healthz"), (metrics_port, "/metrics")):
+                with urllib.request.urlopen(f"http://{host}:{at}{path}", timeout=5) as answer:
+                    assert answer.status == 200, (host, at)
+        if len(families) == 1:
+            assert any(line.get("event") == "listen_ipv4_only" for line in daemon.log_lines())
+        config = tmp_path / "config.yaml"
+        assert moorage("healthcheck", config=config, check=False).returncode == 0
+    finally:
+        daemon.stop()
 
 
 def test_warm_sends_short_names_to_the_configured_default_upstream(upstream: Upstream, tmp_path: Path) -> None:

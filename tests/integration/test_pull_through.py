@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
         yield Seeded(registry, app, app_docker, multi, multi_docker, tool)
 
 
-def start_moorage(workdir: Path, registry: RealRegistry, **settings: object) -> MoorageProcess:
+def start_moorage(workdir: Path, registry: RealRegistry, **settings: Any) -> MoorageProcess:
     return MoorageProcess(
         workdir,
         [

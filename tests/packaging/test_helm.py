@@ -204,7 +204,7 @@ def test_the_pod_gets_a_config_moorage_accepts(name: str, tmp_path: Path) -> Non
     path = tmp_path / "config.yaml"
     path.write_text(config_map["data"]["config.yaml"].replace(SETTINGS_DIR, str(tmp_path)))
     settings = load_settings(path)
-    assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == "0.0.0.0:5000"
+    assert str(settings.storage.path) == "/var/lib/moorage" and settings.listen == ":5000"
     # The secrets the pod mounts (certificate, htpasswd, credentials) exist only in a cluster.
     checked = subprocess.run(
         [sys.executable, "-m", "moorage.proxy", "check-config", "--skip-files", str(path)],
@@ -699,7 +699,7 @@ def test_metrics_on_a_port_of_their_own_are_scraped_there_and_kept_off_node_port
             kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     config = tmp_path / "config.yaml"
     config.write_text(by_kind(objects, "ConfigMap")["data"]["config.yaml"])
-    assert load_settings(config).metrics_listen == "0.0.0.0:9090"
+    assert load_settings(config).metrics_listen == ":9090"
     services = {service["metadata"]["name"]: service for service in objects if service["kind"] == "Service"}
     main, metrics = services["cache-moorage"], services["cache-moorage-metrics"]
     assert [port["name"] for port in main["spec"]["ports"]] == ["https" if tls else "http"], "no node port for it"

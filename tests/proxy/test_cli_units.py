@@ -4,6 +4,7 @@ stats table."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import json
 import os
@@ -22,6 +23,7 @@ import bcrypt
 import diskcache
 import pytest
 import yaml
+from aiohttp import web
 from click.testing import CliRunner
 
 from moorage.cache import DirectoryStore
@@ -29,6 +31,7 @@ from moorage.cache._index import Index, TagEntry
 from moorage.cache._keys import FORMAT_KEY, STORE_FORMAT
 from moorage.config import DEFAULT_UPSTREAMS, UpstreamSettings
 from moorage.proxy._client_config import ClientOptions, client_files, client_warnings
+from moorage.proxy._serve import ListenFailed, _listen
 from moorage.proxy._warm import platform_matches
 from moorage.proxy.cli import StatsReport, _stats_table, main, url_problem
 from moorage.upstreams.reference import OCI_IMAGE_MANIFEST, Digest, InvalidReference, parse_image_reference
@@ -458,6 +461,19 @@ def test_kind_is_warned_that_localhost_is_the_node_itself() -> None:
     assert client_warnings("containerd", "http://localhost:5000", REGISTRIES) == [], "a host's containerd reaches it"
 
 
+def test_clients_that_cannot_read_an_ipv6_mirror_address_are_warned() -> None:
+    """containerd 1.x cannot read [host."http://[fd00::1]:5000"] (go-toml) and pulls past the
+    cache without a word; podman 4 refuses the location and fails every mirrored pull."""
+    url = "http://[fd00::1]:5000"
+    for client in ("containerd", "k3s", "kind"):
+        (warning,) = client_warnings(client, url, REGISTRIES)
+        assert "containerd before 2.0" in warning and "/etc/hosts" in warning
+    (podman,) = client_warnings("podman", url, REGISTRIES)
+    assert "podman 4 refuses" in podman
+    assert client_warnings("docker", url, REGISTRIES) == []
+    assert client_warnings("containerd", "http://10.0.0.8:5000", REGISTRIES) == []
+
+
 def test_podman_is_warned_of_a_registry_it_cannot_name() -> None:
     portal = UpstreamSettings(host="registry.local:5999", url="http://10.0.0.8:5999")
     (warning,) = client_warnings("podman", URL, [HUB, portal], "docker.io")
@@ -777,3 +793,35 @@ def test_ls_prints_one_aligned_row_per_tag(tmp_path: Path) -> None:
     for title in ("TAG", "DIGEST", "SIZE"):
         column = header.index(title)
         assert all(row[column - 2 : column] == "  " and row[column] != " " for row in rows), title
+
+
+async def test_a_machine_without_ipv6_listens_on_ipv4_alone_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``:5000`` takes every address; where IPv6 is switched off, binding "::" fails with
+    EADDRNOTAVAIL (or the family is missing), and the cache serves IPv4 instead of not at all."""
+    started = web.TCPSite.start
+
+    async def no_ipv6(site: web.TCPSite) -> None:
+        if site._host is None:  # every address: IPv6 among them
+            await web.BaseSite.start(site)  # registered with its runner, as aiohttp does first
+            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+        await started(site)
+
+    monkeypatch.setattr(web.TCPSite, "start", no_ipv6)
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    try:
+        site = await _listen(runner, "listen", f":{closed_port()}")
+        assert site._host == "0.0.0.0"
+        [said] = [r for r in caplog.records if getattr(r, "event", "") == "listen_ipv4_only"]
+        assert said.levelname == "WARNING"
+        with pytest.raises(ListenFailed, match=r"cannot listen on 127.0.0.1:\d+ \(listen\)"):
+            monkeypatch.setattr(web.TCPSite, "start", _refused)
+            await _listen(runner, "listen", f"127.0.0.1:{closed_port()}")
+    finally:
+        await runner.cleanup()
+
+
+async def _refused(site: web.TCPSite) -> None:
+    raise OSError(errno.EADDRINUSE, "Address already in use")

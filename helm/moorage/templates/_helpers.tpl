@@ -30,7 +30,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The settings file the pod reads; upstream passwords are files from Secrets. */}}
 {{- define "moorage.config" -}}
-listen: "0.0.0.0:5000"
+listen: ":5000"
 storage:
   path: /var/lib/moorage
   max_size: {{ include "moorage.maxSize" . | quote }}
@@ -42,7 +42,7 @@ log_format: json
 shutdown_delay: {{ include "moorage.number" .Values.config.shutdownDelay | quote }}
 shutdown_timeout: {{ include "moorage.number" .Values.config.shutdownTimeout | quote }}
 {{- with .Values.metrics.port }}
-metrics_listen: {{ printf "0.0.0.0:%d" (int .) | quote }}
+metrics_listen: {{ printf ":%d" (int .) | quote }}
 {{- end }}
 {{- if or .Values.auth.htpasswdSecret .Values.auth.tokenSigningKeySecret .Values.auth.anonymous .Values.auth.groups .Values.auth.policy .Values.auth.tokenRealm }}
 auth:

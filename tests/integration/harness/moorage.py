@@ -31,6 +31,7 @@ class MoorageProcess:
         upstreams: list[dict[str, Any]],
         *,
         client_cert: Any = None,  # (cert, key) for the readiness probe under mutual TLS
+        listen_host: str = "127.0.0.1",  # "": every address; probed on 127.0.0.1 all the same
         **settings: Any,
     ) -> None:
         self.client_cert = client_cert
@@ -41,7 +42,7 @@ class MoorageProcess:
         self.log_path = self.workdir / "moorage.log"
         self.config_path = self.workdir / "config.yaml"
         config = {
-            "listen": f"127.0.0.1:{self.port}",
+            "listen": f"{listen_host}:{self.port}",
             "storage": {"path": str(self.store)},
             "upstreams": upstreams,
             **settings,
