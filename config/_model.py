@@ -150,6 +150,21 @@ class PolicyRule(_Section):
     #: Globs over ``<upstream host>/<repository>`` (``docker.io/library/*``, ``nvcr.io/*``).
     repositories: tuple[str, ...] = ("*",)
 
+    @field_validator("cidrs")
+    @classmethod
+    def _mapped_as_ipv4(cls, networks: tuple[IPvAnyNetwork, ...]) -> tuple[IPvAnyNetwork, ...]:
+        """``::ffff:10.0.0.0/104`` as ``10.0.0.0/8``: an IPv4 client of a dual-stack listener is
+        matched by its IPv4 address, which no IPv6 network holds, so a deny written so denied
+        nothing."""
+        return tuple(
+            ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+            if isinstance(network, ipaddress.IPv6Network)
+            and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped is not None
+            else network
+            for network in networks
+        )
+
     @model_validator(mode="after")
     def _someone(self) -> PolicyRule:
         if not self.repositories:
@@ -206,11 +221,16 @@ class AuthSettings(_Section):
         every sign-in (skopeo: unsupported protocol scheme)."""
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in value:
+        try:
+            parts = urlsplit(value)
+            port_ok = parts.port != 0  # raises on a port out of range, or an IPv6 address unbracketed
+        except ValueError:
+            parts, port_ok = urlsplit(""), False
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in value or not port_ok:
             shown = "" if "@" in value else f": {value[:100]!r}"  # no user:pass@host
             raise ValueError(
-                f"not a URL clients can sign in at{shown} (expected e.g. https://cache.example/token, no credentials)"
+                f"not a URL clients can sign in at{shown} (expected e.g. https://cache.example/token or"
+                " http://[fd00::1]:5000/token, no credentials)"
             )
         return value
 
@@ -461,6 +481,8 @@ def _host_name(value: str) -> str:
     port = host[1].lstrip("0") if host is not None and host[1] is not None else None
     if host is None or (port is not None and not (len(port) <= 5 and 0 < int(port or "0") < 65536)):
         raise ValueError(f"not a registry host name: {value!r} (expected e.g. ghcr.io)")
+    if value.startswith("[") and not _is_ipv6(value[1 : value.index("]")]):
+        raise ValueError(f"not a registry host name: {value!r} (no IPv6 address in its brackets)")
     return value
 
 

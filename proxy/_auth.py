@@ -64,7 +64,10 @@ CHECK_SECONDS: Final = 10.0
 REALM: Final = "moorage"
 #: A bcrypt hash as htpasswd -B writes it: variant, a cost bcrypt takes (4 to 31), salt and hash.
 _BCRYPT_HASH: Final = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
-_SAFE_HOST: Final = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")
+#: A Host header fit for the token realm's URL: a name (a compose service's may hold "_") or
+#: an IPv4 address, or an IPv6 address in brackets, and a port. Anything else (a header
+#: injection, a bracket left open) is answered with the address the client connected to.
+_SAFE_HOST: Final = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
 class Unauthorized(OCIError):
@@ -356,8 +359,7 @@ class Authenticator:
     def challenge(self, request: web.Request, error: str | None = None) -> dict[str, str]:
         if self.tokens is None:
             return {"WWW-Authenticate": f'Basic realm="{REALM}"'}
-        host = request.host if _SAFE_HOST.fullmatch(request.host) else "localhost"  # no header injection
-        realm = self.settings.token_realm or f"{request.scheme}://{host}/token"
+        realm = self.settings.token_realm or f"{request.scheme}://{_realm_host(request)}/token"
         value = f'Bearer realm="{realm}",service="{SERVICE}"'
         target = parse_v2_path(request.raw_path)
         if target is not None and target.name:
@@ -370,6 +372,19 @@ class Authenticator:
     def refuse(self, request: web.Request, message: str, error: str | None = None) -> Unauthorized:
         _note_kind(request)
         return Unauthorized(message, headers=self.challenge(request, error))
+
+
+def _realm_host(request: web.Request) -> str:
+    """The host and port of the token realm the challenge names: the request's own Host, or
+    where that is unfit for a URL, the address the client connected to. ("localhost" had
+    stood in, with no port: a client sent its credentials to its own port 80.)"""
+    if _SAFE_HOST.fullmatch(request.host):
+        return request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return "localhost"
+    address, port = str(sockname[0]).partition("%")[0], int(sockname[1])
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _shaped_as_token(password: str) -> bool:

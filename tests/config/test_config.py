@@ -236,6 +236,21 @@ def test_registry_hosts_as_references_and_earlier_versions_write_them(tmp_path: 
             "auth.token_realm: not a URL clients can sign in at",
             id="token_realm_with_credentials",
         ),
+        pytest.param(
+            "auth: {token_realm: 'http://fd00::1:5000/token'}\n",
+            "auth.token_realm: not a URL clients can sign in at",
+            id="token_realm_ipv6_unbracketed",
+        ),
+        pytest.param(
+            "auth: {token_realm: 'http://[::1/token'}\n",
+            "auth.token_realm: not a URL clients can sign in at",
+            id="token_realm_bracket_left_open",
+        ),
+        pytest.param(
+            "upstreams:\n  - {host: '[:]', url: 'http://[::1]:5000'}\n",
+            "no IPv6 address in its brackets",
+            id="host_brackets_of_no_address",
+        ),
         pytest.param("tag_ttl: .nan\n", "tag_ttl: not a duration", id="duration_nan"),
         pytest.param("shutdown_delay: .inf\n", "shutdown_delay: not a duration", id="duration_infinite"),
         pytest.param("tag_ttl: 99999999999999999999d\n", "tag_ttl: not a duration", id="duration_absurd"),

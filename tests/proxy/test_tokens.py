@@ -556,10 +556,41 @@ async def test_the_challenge_takes_nothing_unchecked_from_the_request(
     assert "scope=" not in bad_name.headers["WWW-Authenticate"], "no scope made of an invalid name"
 
 
+async def test_the_token_realm_is_a_url_whatever_host_the_client_named(
+    start_moorage: StartMoorage, images: FakeRegistry, auth_files: dict[str, str]
+) -> None:
+    """A Host with a bracket left open made the realm "http://[::1/token", no URL; one with a
+    "_" (a compose service's name) or a zone made it "http://localhost/token", with no port:
+    the client sent its credentials to its own port 80."""
+    moorage = await start_moorage(auth=auth_files)
+    served_at = f"127.0.0.1:{moorage.port}"
+
+    async def realm(host: str) -> str:
+        answer = await moorage.get("/v2/", headers={"Host": host})
+        challenge = answer.headers["WWW-Authenticate"]
+        return challenge.split('realm="', 1)[1].split('"', 1)[0]
+
+    assert await realm("my_cache:5000") == "http://my_cache:5000/token"
+    assert await realm("[fd00::2]:5000") == "http://[fd00::2]:5000/token"
+    assert await realm("cache.example") == "http://cache.example/token"
+    for unfit in ("[::1", "[fe80::1%eth0]:5000", 'x",realm="http://evil'):
+        assert await realm(unfit) == f"http://{served_at}/token", unfit
+
+
 def test_cidr_rules_see_ipv4_clients_of_a_dual_stack_listener() -> None:
     rule = PolicyRule(effect="deny", description="the lab", cidrs=(ipaddress.ip_network("10.0.0.0/8"),))
     with pytest.raises(AccessDenied, match="rule 1 \\(the lab\\)"):
         authorize((rule,), Requester(None, frozenset(), "::ffff:10.1.2.3"), "docker.io", "library/alpine")
+    authorize((rule,), Requester(None, frozenset(), "192.168.1.1"), "docker.io", "library/alpine")
+
+
+def test_a_cidr_written_as_ipv4_mapped_ipv6_matches_ipv4_clients() -> None:
+    """::ffff:10.0.0.0/104 held no IPv4 address, so a deny written so denied nothing."""
+    rule = PolicyRule.model_validate({"effect": "deny", "description": "the lab", "cidrs": ["::ffff:10.0.0.0/104"]})
+    assert rule.cidrs == (ipaddress.ip_network("10.0.0.0/8"),)
+    for client in ("10.1.2.3", "::ffff:10.1.2.3"):
+        with pytest.raises(AccessDenied, match="rule 1 \\(the lab\\)"):
+            authorize((rule,), Requester(None, frozenset(), client), "docker.io", "library/alpine")
     authorize((rule,), Requester(None, frozenset(), "192.168.1.1"), "docker.io", "library/alpine")
 
 
