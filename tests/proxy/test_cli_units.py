@@ -486,6 +486,7 @@ def test_podman_is_warned_of_a_registry_it_cannot_name() -> None:
     [
         ("http://127.0.0.1:5000", None),
         ("https://[::1]:5000/", None),
+        ("http://fd00::1", "Port could not be cast"),  # an IPv6 address unbracketed
         ("http://[::1", "Invalid IPv6 URL"),
         ("http://127.0.0.1:99999", "Port out of range"),
         ("127.0.0.1:5000", "expected the cache's base URL"),
