@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from ._describe import describe_error, without_echoes
 from ._files import UnreadableFile, read_text
@@ -29,7 +29,19 @@ from ._files import UnreadableFile, read_text
 __all__ = ["LifecyclePolicy", "LifecyclePolicyError", "LifecycleRule", "Selection", "load_lifecycle_policy"]
 
 MAX_WILDCARDS = 4
-_NO_ARCHIVE = "the cache has no archive tier"
+#: Values of ECR's archive tier, and why each is refused here.
+_ARCHIVE_TIER = {
+    "archive": "every cached image is standard",
+    "sinceImageTransitioned": "no image is ever transitioned",
+    "transition": "there is nowhere to move images to; use expire",
+}
+
+
+def _no_archive_tier(value: object) -> object:
+    """A value of ECR's archive tier refused saying why, not as an unknown value."""
+    if isinstance(value, str) and value in _ARCHIVE_TIER:
+        raise ValueError(f"{value}: the cache has no archive tier: {_ARCHIVE_TIER[value]}")
+    return value
 
 
 class LifecyclePolicyError(ValueError):
@@ -44,25 +56,13 @@ class Selection(_Strict):
     tagStatus: Literal["tagged", "untagged", "any"]  # ECR's own key names
     tagPrefixList: tuple[str, ...] | None = None
     tagPatternList: tuple[str, ...] | None = None
-    countType: Literal["imageCountMoreThan", "sinceImagePushed", "sinceImagePulled"]
+    countType: Annotated[
+        Literal["imageCountMoreThan", "sinceImagePushed", "sinceImagePulled"], BeforeValidator(_no_archive_tier)
+    ]
     countUnit: Literal["days"] | None = None
     countNumber: StrictInt = Field(ge=1)
     #: ECR's storage class of the images selected: every cached image is ``standard``.
-    storageClass: Literal["standard"] | None = None
-
-    @field_validator("storageClass", mode="before")
-    @classmethod
-    def _no_archive(cls, value: object) -> object:
-        if value == "archive":
-            raise ValueError(f"archive: {_NO_ARCHIVE} (every cached image is standard)")
-        return value
-
-    @field_validator("countType", mode="before")
-    @classmethod
-    def _no_transitions(cls, value: object) -> object:
-        if value == "sinceImageTransitioned":
-            raise ValueError(f"sinceImageTransitioned: {_NO_ARCHIVE}, so no image is ever transitioned")
-        return value
+    storageClass: Annotated[Literal["standard"] | None, BeforeValidator(_no_archive_tier)] = None
 
     @model_validator(mode="after")
     def _ecr_rules(self) -> Selection:
@@ -103,14 +103,7 @@ def _pattern(text: str) -> re.Pattern[str]:
 
 
 class Action(_Strict):
-    type: Literal["expire"]
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _no_transition(cls, value: object) -> object:
-        if value == "transition":
-            raise ValueError(f"transition: {_NO_ARCHIVE} to move images to; use expire")
-        return value
+    type: Annotated[Literal["expire"], BeforeValidator(_no_archive_tier)]
 
 
 class LifecycleRule(_Strict):

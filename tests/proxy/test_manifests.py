@@ -374,6 +374,22 @@ async def test_a_moved_index_tag_fetches_the_platform_a_node_matches(
     }
 
 
+async def _moved_past_a_failing_platform(
+    start_moorage: StartMoorage, upstream: FakeRegistry, fault: int, times: int
+) -> tuple[Client, str, str, dict[str, str]]:
+    """``library/app:1`` pulled by an amd64 node, then moved to a release whose amd64 manifest
+    fails ``times`` times with ``fault``, the tag stale. Returns the client, the old index,
+    the new one and the new release's manifests."""
+    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
+    old, first = _release(upstream, "v1", "amd64")
+    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
+    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
+    new, second = _release(upstream, "v2", "amd64")
+    advance_clock(moorage, 3601)
+    upstream.fail_next(times, fault, paths=f"/manifests/{second['amd64']}")
+    return moorage, old, new, second
+
+
 async def _held_move(
     start_moorage: StartMoorage,
     upstream: FakeRegistry,
@@ -387,13 +403,7 @@ async def _held_move(
     One try per request: the hold's bounds are timed, and retries' waits would blur them.
     Returns the client, the old index, the new one and the new release's manifests."""
     monkeypatch.setattr(cache_module, "MOVE_HOLD_SECONDS", hold)
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
-    old, first = _release(upstream, "v1", "amd64")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
-    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
-    new, second = _release(upstream, "v2", "amd64")
-    advance_clock(moorage, 3601)
-    upstream.fail_next(times, fault, paths=f"/manifests/{second['amd64']}")
+    moorage, old, new, second = await _moved_past_a_failing_platform(start_moorage, upstream, fault, times)
     held = await moorage.get("/v2/app/manifests/1", headers=ALL)
     assert held.headers["X-Moorage-Cache"] == "stale" and held.headers["Docker-Content-Digest"] == old
     return moorage, old, new, second
@@ -544,13 +554,7 @@ async def test_a_platform_pulled_while_the_bookkeeping_is_being_written_counts_f
 ) -> None:
     """A pull recorded since the last batch, while that batch was being written (a busy
     disk), was in neither memory nor the index: a move then skipped that platform."""
-    moorage = await start_moorage(tag_ttl="1h", stale_backoff="0.2s", upstream_settings={"retries": {"attempts": 1}})
-    old, first = _release(upstream, "v1", "amd64")
-    assert (await moorage.get("/v2/app/manifests/1", headers=ALL)).status == 200
-    assert (await moorage.get(f"/v2/app/manifests/{first['amd64']}", headers=ALL)).status == 200
-    _, second = _release(upstream, "v2", "amd64")
-    advance_clock(moorage, 3601)
-    upstream.fail_next(1000, 503, paths=f"/manifests/{second['amd64']}")
+    moorage, old, _, _ = await _moved_past_a_failing_platform(start_moorage, upstream, 503, 1000)
     writing, write_batch = asyncio.Event(), Index.write_batch
     loop = asyncio.get_running_loop()
 
